@@ -1,0 +1,7 @@
+"""specdec.ref -- the readable reference: pure PyTorch, step by step.
+
+Every decoder is one file you can read top to bottom. The fast path (:mod:`specdec.fast`) has
+the same public names and must produce token-identical greedy output.
+"""
+
+from specdec.ref.attention import masked_attention, tree_attention, tree_attention_merged, tree_attention_full  # noqa: F401
