@@ -1,0 +1,106 @@
+"""Helpers shared by the Triton kernels: interpreter detection, input checks, launch heuristics.
+
+Nothing here launches a kernel. The checks run in Python before every launch so that a bad
+argument raises ``TypeError``/``ValueError`` naming the problem instead of reaching the GPU as an
+illegal memory access.
+
+Running on CPU: Triton kernels run there only under the Triton interpreter, which is chosen when
+the ``@triton.jit`` functions are *defined*, i.e. ``TRITON_INTERPRET=1`` must be in the environment
+before ``specdec.fast.kernels`` is first imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "interpreter_active",
+    "check_tensor",
+    "check_device",
+    "check_int_tensor",
+    "graph_capturing",
+    "sm_count",
+    "next_pow2",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+
+
+def interpreter_active() -> bool:
+    """True when our ``@triton.jit`` kernels were built for the Triton interpreter (CPU tensors).
+
+    This is decided once, when :mod:`specdec.fast.kernels` is imported: set ``TRITON_INTERPRET=1``
+    before that import to run the kernels on CPU.
+    """
+    from .tree_attention import _split_attention_kernel  # local import: avoid a cycle
+
+    return type(_split_attention_kernel).__name__ == "InterpretedFunction"
+
+
+def check_tensor(name: str, t, ndim: int) -> None:
+    """``t`` is a tensor of rank ``ndim`` with a supported floating dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+
+
+def check_device(*named: tuple[str, torch.Tensor]) -> torch.device:
+    """All tensors on one device, and that device can run our kernels.
+
+    CUDA tensors need a real GPU run (not the interpreter); CPU tensors need the interpreter.
+    """
+    dev = named[0][1].device
+    for name, t in named[1:]:
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but {named[0][0]} is on {dev}; put all inputs on one device")
+    interp = interpreter_active()
+    if dev.type == "cpu" and not interp:
+        raise ValueError(
+            "the Triton kernels got CPU tensors but are not running under the Triton interpreter: "
+            "move the tensors to CUDA, or set TRITON_INTERPRET=1 before importing specdec.fast.kernels"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {dev}; use CUDA (or CPU with TRITON_INTERPRET=1)")
+    if dev.type == "cuda" and interp:
+        raise ValueError("specdec.fast.kernels was imported with TRITON_INTERPRET=1; pass CPU tensors or unset it")
+    return dev
+
+
+def check_int_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """``t`` is an integer tensor of exactly ``shape``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def graph_capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured: then value checks (host syncs) are skipped."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device``; a small stand-in (4) under the interpreter."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))

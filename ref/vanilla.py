@@ -1,0 +1,70 @@
+"""Plain autoregressive decoding with a KV cache -- the baseline every speculative decoder must match.
+
+Steps:
+1. Prefill: run the whole prompt once (causal mask); its last logit gives the first token.
+2. Decode: feed the last token, read the next logit, pick the next token (argmax, or a draw from
+   the processed distribution when temperature > 0); stop at EOS or ``max_gen_len``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from specdec.ref.model import Model, forward_step, new_cache
+from specdec.shared.result import GenerationResult, finalize_output, normalize_eos
+from specdec.shared.sampling import SamplingParams, sample
+from specdec.shared.validate import check_prompt
+
+__all__ = ["vanilla_generate"]
+
+
+@torch.inference_mode()
+def vanilla_generate(
+    model: Model,
+    input_ids: torch.Tensor,
+    prompt_length: int,
+    max_gen_len: int = 64,
+    eos_id: int | list[int] | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> GenerationResult:
+    """Generate up to ``max_gen_len`` tokens after ``input_ids[:, :prompt_length]``.
+
+    ``eos_id``: None = the model's EOS ids, an int or list of ints, or [] to never stop.
+    Batches of equal-length prompts are supported; rows that finished early are padded with their EOS.
+    """
+    sp = SamplingParams(temperature, top_k, top_p)
+    prompt = check_prompt(input_ids, prompt_length, max_gen_len, model.config, device=model.device)
+    eos = normalize_eos(eos_id, model.config.eos_token_ids)
+    b = prompt.shape[0]
+    cache = new_cache(model, b)
+
+    # 1. Prefill: the prompt in one pass; the last position's logit predicts the first new token.
+    t0 = time.perf_counter()
+    logits = forward_step(model, prompt, cache)
+    token = sample(logits[:, -1], sp.temperature, sp.top_k, sp.top_p, generator)  # [B]
+    prefill_time = time.perf_counter() - t0
+    generated = [token]
+    done = torch.isin(token, torch.tensor(eos, dtype=torch.long, device=token.device))
+    num = 1
+
+    # 2. Decode one token per target pass.
+    t1 = time.perf_counter()
+    while len(generated) < max_gen_len and not bool(done.all()):
+        logits = forward_step(model, token[:, None], cache)
+        token = sample(logits[:, -1], sp.temperature, sp.top_k, sp.top_p, generator)
+        generated.append(token)
+        num += 1
+        done |= torch.isin(token, torch.tensor(eos, dtype=torch.long, device=token.device))
+    elapsed = time.perf_counter() - t1
+
+    # 3. Cut each row after its first EOS; pad finished rows with that EOS to a rectangle.
+    seqs = torch.stack(generated, dim=1).tolist()
+    rows = [finalize_output(s, [False] * len(s), eos, max_gen_len)[0] for s in seqs]
+    n = max(len(r) for r in rows)
+    out = torch.tensor([r + [r[-1]] * (n - len(r)) for r in rows], dtype=torch.long)
+    return GenerationResult(out, 0, num, elapsed, torch.zeros_like(out, dtype=torch.bool), prefill_time, [1] * num)

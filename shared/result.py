@@ -1,0 +1,86 @@
+"""The result every decoder returns (ref and fast alike).
+
+``GenerationResult`` unpacks exactly like the LongSpec seed's tuple::
+
+    output_ids, count, num, elapsed_time, spec_mask = res
+
+* ``output_ids`` [B, n] long: generated tokens only, cut after the first EOS and at max_gen_len;
+* ``count``: accepted draft tokens (== ``spec_mask.sum()``);
+* ``num``: target forward passes that produced output (the prefill counts as one);
+* ``elapsed_time``: seconds of decoding, excluding the prefill;
+* ``spec_mask`` [B, n] bool: True where the token is a draft token the target accepted.
+
+Extra fields: ``prefill_time`` (time to first token), ``accept_lengths`` (tokens emitted by each
+target pass, the prefill's 1 first), and :attr:`tau` = tokens emitted / ``num``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["GenerationResult", "finalize_output", "normalize_eos"]
+
+
+@dataclass
+class GenerationResult:
+    output_ids: torch.Tensor
+    count: int
+    num: int
+    elapsed_time: float
+    spec_mask: torch.Tensor
+    prefill_time: float = 0.0
+    accept_lengths: list[int] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter((self.output_ids, self.count, self.num, self.elapsed_time, self.spec_mask))
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, i):
+        return (self.output_ids, self.count, self.num, self.elapsed_time, self.spec_mask)[i]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens emitted (first row)."""
+        return int(self.output_ids.shape[-1])
+
+    @property
+    def tau(self) -> float:
+        """Mean accepted length: tokens emitted per target forward pass."""
+        return self.num_tokens / self.num if self.num else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput excluding the prefill (tokens after the first / elapsed)."""
+        return (self.num_tokens - 1) / self.elapsed_time if self.elapsed_time > 0 and self.num_tokens > 1 else 0.0
+
+    def tolist(self) -> list[int]:
+        return self.output_ids[0].tolist()
+
+
+def normalize_eos(eos_id, default: list[int]) -> list[int]:
+    """eos_id: None -> the model's eos ids; an int or a list of ints -> those ([] = never stop)."""
+    if eos_id is None:
+        return list(default)
+    if isinstance(eos_id, bool):
+        raise TypeError("eos_id must be an int, a list of ints, or None")
+    if isinstance(eos_id, int):
+        return [eos_id]
+    try:
+        ids = [int(t) for t in eos_id]
+    except TypeError:
+        raise TypeError(f"eos_id must be an int, a list of ints, or None, got {type(eos_id).__name__}") from None
+    return ids
+
+
+def finalize_output(tokens: list[int], spec: list[bool], eos_ids: list[int], max_gen_len: int) -> tuple[list[int], list[bool]]:
+    """Cut a generated token list at ``max_gen_len`` and right after the first EOS (first in *position*)."""
+    tokens, spec = tokens[:max_gen_len], spec[:max_gen_len]
+    eos = set(eos_ids)
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1], spec[: i + 1]
+    return tokens, spec

@@ -1,0 +1,202 @@
+"""Sampling rules (pure functions, never mutate their inputs) and romsto-style processors.
+
+The processed distribution used everywhere (target p and draft q alike) is::
+
+    probs = softmax(top_p(top_k(logits / temperature)))
+
+with top-k and top-p defined exactly as ``transformers``' ``TopKLogitsWarper`` and
+``TopPLogitsWarper``. ``temperature == 0`` means greedy: argmax of the *raw* logits (the lowest
+index wins ties, as ``torch.argmax``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SamplingParams",
+    "check_sampling_args",
+    "apply_temperature",
+    "top_k_filter",
+    "top_p_filter",
+    "process_logits",
+    "logits_to_probs",
+    "sample_from_probs",
+    "sample",
+    "greedy",
+    "LogitsProcessor",
+    "GreedyProcessor",
+    "MultinomialProcessor",
+    "TopKProcessor",
+    "NucleusProcessor",
+    "TopKNucleusProcessor",
+]
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    """Raise ValueError for out-of-range sampling parameters."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not temperature >= 0:  # also rejects nan
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+        raise TypeError(f"top_p must be a number, got {type(top_p).__name__}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature (0 = greedy), top_k (0 = off), top_p (1 = off)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError("apply_temperature needs temperature > 0; temperature 0 is greedy (use greedy())")
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the ``top_k`` largest logits (ties with the k-th kept), set the rest to -inf. 0 = off."""
+    if top_k <= 0:
+        return logits
+    k = min(top_k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: drop the lowest-probability tokens whose total mass is <= 1 - top_p."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum <= (1 - top_p)
+    remove_sorted[..., -1:] = False  # always keep the most likely token
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """temperature -> top-k -> top-p, in fp32, returning new processed logits (input untouched)."""
+    x = apply_temperature(logits.float(), temperature)
+    return top_p_filter(top_k_filter(x, top_k), top_p)
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The processed distribution (fp32). For temperature 0: one-hot at the argmax of raw logits."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(greedy(logits), logits.shape[-1]).float()
+    return torch.softmax(process_logits(logits, temperature, top_k, top_p), dim=-1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax of the raw logits over the last dim (lowest index wins ties)."""
+    return torch.argmax(logits, dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of ``probs`` [..., V] -> [...] (long)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    out = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+    return out.reshape(probs.shape[:-1])
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token(s) from ``logits`` [..., V]: greedy when temperature == 0, else a draw from the processed p."""
+    if temperature == 0:
+        return greedy(logits)
+    return sample_from_probs(logits_to_probs(logits, temperature, top_k, top_p), generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# romsto-style processors (seed 003): __call__(logits) -> probs, .sample(probs) -> token [..., 1]
+# ---------------------------------------------------------------------------------------------
+
+
+class LogitsProcessor:
+    """Base class: a sampling rule as an object, ``probs = proc(logits)``, ``tok = proc.sample(probs)``.
+
+    Each processor exposes :attr:`params` (a :class:`SamplingParams`) so decoders apply exactly
+    the same rule. Unlike the seed, processing never modifies ``logits`` in place.
+    """
+
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
+        self.params = SamplingParams(temperature, top_k, top_p)
+
+    @property
+    def temperature(self) -> float:
+        return self.params.temperature
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        return logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
+
+    def sample(self, probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return sample_from_probs(probs, generator).unsqueeze(-1)
+
+    def __repr__(self) -> str:
+        p = self.params
+        return f"{type(self).__name__}(temperature={p.temperature}, top_k={p.top_k}, top_p={p.top_p})"
+
+
+class GreedyProcessor(LogitsProcessor):
+    """Argmax of the raw logits (``temperature`` is accepted for seed compatibility and ignored)."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        check_sampling_args(temperature, 0, 1.0)
+        self.params = SamplingParams(0.0, 0, 1.0)
+
+    def sample(self, probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.argmax(probs, dim=-1, keepdim=True)
+
+
+class MultinomialProcessor(LogitsProcessor):
+    """Plain sampling at ``temperature``."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if not temperature > 0:
+            raise ValueError(f"MultinomialProcessor needs temperature > 0, got {temperature}")
+        super().__init__(temperature)
+
+
+class TopKProcessor(MultinomialProcessor):
+    def __init__(self, temperature: float = 1.0, top_k: int = 20) -> None:
+        if top_k < 1:
+            raise ValueError(f"TopKProcessor needs top_k >= 1, got {top_k}")
+        LogitsProcessor.__init__(self, temperature, top_k=top_k)
+        if not temperature > 0:
+            raise ValueError(f"TopKProcessor needs temperature > 0, got {temperature}")
+
+
+class NucleusProcessor(MultinomialProcessor):
+    def __init__(self, temperature: float = 1.0, top_p: float = 0.9) -> None:
+        LogitsProcessor.__init__(self, temperature, top_p=top_p)
+        if not temperature > 0:
+            raise ValueError(f"NucleusProcessor needs temperature > 0, got {temperature}")
+
+
+class TopKNucleusProcessor(MultinomialProcessor):
+    def __init__(self, temperature: float = 1.0, top_k: int = 20, top_p: float = 0.9) -> None:
+        if top_k < 1:
+            raise ValueError(f"TopKNucleusProcessor needs top_k >= 1, got {top_k}")
+        LogitsProcessor.__init__(self, temperature, top_k=top_k, top_p=top_p)
+        if not temperature > 0:
+            raise ValueError(f"TopKNucleusProcessor needs temperature > 0, got {temperature}")
