@@ -114,8 +114,12 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One draw per row of ``probs`` [..., V] -> [...] (long)."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    out = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+    flat = probs.reshape(-1, probs.shape[-1]).float()
+    if generator is not None and generator.device != flat.device:
+        # draw where the generator lives so a CPU generator can drive CUDA decoding reproducibly
+        out = torch.multinomial(flat.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
+    else:
+        out = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
     return out.reshape(probs.shape[:-1])
 
 

@@ -1,0 +1,198 @@
+"""The speculative round, written once. Every speculative decoder is a *drafter* plugged into it.
+
+One round, step by step:
+
+1. **Draft.** The drafter proposes a token tree. Node 0 is the *root*: the last emitted token,
+   whose KV the target has not computed yet. A chain of ``gamma`` drafts is the tree
+   ``parents = [-1, 0, 1, ..., gamma - 1]``.
+2. **Verify.** The target runs all M nodes in ONE forward pass: positions ``L + depth`` (L =
+   verified cache length) and a mask that lets every node see the whole verified prefix plus its
+   own ancestors (:meth:`Tree.ancestor_mask`). Row ``u`` of the logits is the target's
+   distribution after node ``u``.
+3. **Accept.** A rule from :mod:`specdec.shared.acceptance` picks a root-to-node path and one
+   more token (greedy match, chain rejection sampling with draft probabilities, or the
+   deterministic-candidate tree rule).
+4. **Compact.** The cache keeps rows ``[0, L)`` plus the accepted path's rows, in EVERY layer;
+   the rejected nodes' KV is dropped.
+5. **Emit.** The accepted drafts (``spec_mask`` True) and the extra token (False) are appended;
+   the extra token is the root of the next round.
+
+The loop stops after the first EOS or once ``max_gen_len`` tokens were emitted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from specdec.ref.model import KVCache, Model, forward_step, new_cache
+from specdec.shared.acceptance import chain_rejection_accept, greedy_accept, tree_sampling_accept
+from specdec.shared.result import GenerationResult, finalize_output, normalize_eos
+from specdec.shared.sampling import SamplingParams, logits_to_probs, sample
+from specdec.shared.tree import Tree
+from specdec.shared.validate import check_batch_one, check_prompt
+
+__all__ = ["Draft", "RoundState", "Drafter", "RoundRecord", "verify_tree", "accept_draft", "run_speculative"]
+
+
+@dataclass
+class Draft:
+    """A proposed token tree.
+
+    Attributes:
+        tokens: [M] long, node tokens; ``tokens[0]`` is the root (the last emitted token).
+        tree: topology of the M nodes (parents first).
+        q: optional [M, V] draft probabilities: ``q[j]`` is the distribution node ``j``'s token was
+           sampled from (chains drafted by a separate model). Without ``q`` the candidates are
+           deterministic and the tree rule is used when sampling.
+    """
+
+    tokens: torch.Tensor
+    tree: Tree
+    q: torch.Tensor | None = None
+
+
+@dataclass
+class RoundState:
+    """Everything a drafter may look at when proposing.
+
+    ``tokens`` is the whole sequence so far (prompt + emitted); ``tokens[-1]`` is the root.
+    ``target_cache`` holds the verified prefix ``tokens[:-1]`` (length L = len(tokens) - 1).
+    ``last_logits`` [V] are the target logits that produced the root (LogitSpec reads guesses
+    for the token after the root from them). ``budget`` is how many tokens may still be emitted.
+    """
+
+    tokens: list[int]
+    target: Model
+    target_cache: KVCache
+    last_logits: torch.Tensor | None
+    params: SamplingParams
+    generator: torch.Generator | None
+    budget: int
+
+
+class Drafter(Protocol):
+    def propose(self, state: RoundState) -> Draft: ...
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round (for debugging, notebooks and the bench's accept histograms)."""
+
+    draft: Draft
+    path: list[int]
+    next_token: int
+
+    @property
+    def accepted(self) -> int:
+        return len(self.path) - 1
+
+
+def verify_tree(target: Model, cache: KVCache, draft: Draft) -> torch.Tensor:
+    """Step 2: score all M nodes in one pass; returns logits [M, V]. Appends M rows to ``cache``."""
+    L, m, dev = cache.length, draft.tree.size, target.device
+    positions = draft.tree.positions(L, dev)  # RoPE position of each node = L + depth
+    # Mask [M, L + M]: the whole verified prefix, then ancestor-or-self among the nodes.
+    mask = torch.cat([torch.ones(m, L, dtype=torch.bool, device=dev), draft.tree.ancestor_mask(dev)], dim=1)
+    logits = forward_step(target, draft.tokens.to(dev)[None], cache, positions=positions, mask=mask)
+    return logits[0]
+
+
+def accept_draft(draft: Draft, logits: torch.Tensor, params: SamplingParams, generator, skip_sample_adjustment: bool = False) -> tuple[list[int], int]:
+    """Step 3: pick the rule and apply it. Returns (accepted path of node indices, next token)."""
+    if params.greedy:
+        return greedy_accept(draft.tree, draft.tokens.to(logits.device), logits)
+    p = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
+    if draft.q is not None:
+        # A chain sampled from a draft model: Leviathan/Chen rejection sampling with q.
+        n, next_token = chain_rejection_accept(draft.tokens[1:].tolist(), draft.q[1:].to(p.device), p, generator, skip_sample_adjustment)
+        return list(range(n + 1)), next_token
+    return tree_sampling_accept(draft.tree, draft.tokens, p, generator)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def run_speculative(
+    target: Model,
+    drafter: Drafter,
+    input_ids: torch.Tensor,
+    prompt_length: int,
+    max_gen_len: int = 64,
+    eos_id: int | list[int] | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    method: str = "speculative decoding",
+    first_target: bool = True,
+    skip_sample_adjustment: bool = False,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> GenerationResult:
+    """The speculative decoding loop around any drafter (batch size 1)."""
+    params = SamplingParams(temperature, top_k, top_p)
+    prompt = check_prompt(input_ids, prompt_length, max_gen_len, target.config, device=target.device)
+    check_batch_one(prompt, method)
+    eos = set(normalize_eos(eos_id, target.config.eos_token_ids))
+    tokens: list[int] = prompt[0].tolist()
+    cache = new_cache(target, 1)
+    emitted: list[int] = []
+    spec: list[bool] = []
+    accept_lengths: list[int] = []
+    num = 0
+
+    # 0. Prefill. With first_target (default) the target reads the prompt and picks the first token,
+    #    which becomes the first root. Without it, the prompt's last token is the first root.
+    t0 = time.perf_counter()
+    if first_target:
+        logits = forward_step(target, prompt, cache)
+        last_logits = logits[0, -1]
+        first = int(sample(last_logits, params.temperature, params.top_k, params.top_p, generator))
+        tokens.append(first)
+        emitted.append(first)
+        spec.append(False)
+        accept_lengths.append(1)
+        num = 1
+    else:
+        last_logits = forward_step(target, prompt[:, :-1], cache)[0, -1] if prompt.shape[1] > 1 else None
+    _sync(target.device)
+    prefill_time = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    while len(emitted) < max_gen_len and not (eos & set(emitted)):
+        L = cache.length
+        state = RoundState(tokens, target, cache, last_logits, params, generator, max_gen_len - len(emitted))
+        # 1. Draft a tree whose root is the last emitted token.
+        draft = drafter.propose(state)
+        if int(draft.tokens[0]) != tokens[-1]:
+            raise RuntimeError("drafter bug: the draft's root must be the last emitted token")
+        # 2. Verify every node in one target pass.
+        logits = verify_tree(target, cache, draft)
+        num += 1
+        # 3. Accept a path and one more token.
+        path, next_token = accept_draft(draft, logits, params, generator, skip_sample_adjustment)
+        # 4. Compact the KV cache: verified prefix + the accepted path's rows, in every layer.
+        keep = torch.cat([torch.arange(L), L + torch.tensor(path)]).to(target.device)
+        cache.keep(keep)
+        # 5. Emit the accepted drafts and the extra token; the latter is the next root.
+        accepted = [int(draft.tokens[j]) for j in path[1:]]
+        emitted += accepted + [next_token]
+        spec += [True] * len(accepted) + [False]
+        tokens += accepted + [next_token]
+        accept_lengths.append(len(accepted) + 1)
+        last_logits = logits[path[-1]]
+        if on_round is not None:
+            on_round(RoundRecord(draft, path, next_token))
+    _sync(target.device)
+    elapsed = time.perf_counter() - t1
+
+    out, mask = finalize_output(emitted, spec, sorted(eos), max_gen_len)
+    out_t = torch.tensor([out], dtype=torch.long)
+    mask_t = torch.tensor([mask], dtype=torch.bool)
+    return GenerationResult(out_t, int(mask_t.sum()), num, elapsed, mask_t, prefill_time, accept_lengths)
