@@ -43,6 +43,8 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    o_proj_bias: bool = False  # bias on o_proj (Llama with attention_bias=True; never Qwen2)
+    mlp_bias: bool = False  # bias on gate/up/down projections (Llama's mlp_bias)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -113,6 +115,9 @@ class ModelConfig:
             eos_token_ids=eos,
             bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
             pad_token_id=cfg.get("pad_token_id") if isinstance(cfg.get("pad_token_id"), int) else None,
+            # transformers' Llama puts attention_bias on o_proj too, and has an optional mlp_bias; Qwen2 has neither.
+            o_proj_bias=model_type == "llama" and bool(cfg.get("attention_bias", False)),
+            mlp_bias=model_type == "llama" and bool(cfg.get("mlp_bias", False)),
         )
 
 

@@ -5,9 +5,9 @@ Canonical names are the Hugging Face names without the ``model.`` prefix::
     embed_tokens.weight                      [V, H]
     layers.{i}.input_layernorm.weight        [H]
     layers.{i}.self_attn.{q,k,v}_proj.weight [Hq*D | Hkv*D, H]   (+ .bias when config.attention_bias)
-    layers.{i}.self_attn.o_proj.weight       [H, Hq*D]
+    layers.{i}.self_attn.o_proj.weight       [H, Hq*D]   (+ .bias when config.o_proj_bias: Llama attention_bias)
     layers.{i}.post_attention_layernorm.weight
-    layers.{i}.mlp.{gate,up,down}_proj.weight
+    layers.{i}.mlp.{gate,up,down}_proj.weight      (+ .bias when config.mlp_bias)
     norm.weight                              [H]
     lm_head.weight                           [V, H]  (the same tensor as embed_tokens when tied)
 
@@ -94,9 +94,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.q_proj.bias"] = (hq,)
             shapes[p + "self_attn.k_proj.bias"] = (hkv,)
             shapes[p + "self_attn.v_proj.bias"] = (hkv,)
+        if config.o_proj_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
         shapes[p + "mlp.gate_proj.weight"] = (f, h)
         shapes[p + "mlp.up_proj.weight"] = (f, h)
         shapes[p + "mlp.down_proj.weight"] = (h, f)
+        if config.mlp_bias:
+            shapes[p + "mlp.gate_proj.bias"] = (f,)
+            shapes[p + "mlp.up_proj.bias"] = (f,)
+            shapes[p + "mlp.down_proj.bias"] = (h,)
     return shapes
 
 
