@@ -1,0 +1,34 @@
+"""Triton kernels of the fast path (DESIGN section 6).
+
+* :func:`tree_attention` -- split-KV tree attention for verification (matches
+  :func:`specdec.ref.attention.tree_attention`);
+* :func:`glide_self_attention`, :func:`glide_cross_attention` -- the GLIDE draft's sliding-window
+  self-attention and its cross-attention over the target cache, on the same kernel;
+* :func:`compact_kv` -- move the accepted tree rows of every layer's KV cache into place, one launch.
+
+On CPU the kernels run only under the Triton interpreter: set ``TRITON_INTERPRET=1`` *before*
+importing this package (:func:`interpreter_active` tells which mode was picked).
+"""
+
+from ._common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreter_active
+from .glide_attention import (
+    glide_cross_attention,
+    glide_cross_attention_ref,
+    glide_self_attention,
+    glide_self_attention_ref,
+)
+from .kv_compact import compact_kv, compact_kv_ref
+from .tree_attention import tree_attention
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "interpreter_active",
+    "tree_attention",
+    "glide_self_attention",
+    "glide_self_attention_ref",
+    "glide_cross_attention",
+    "glide_cross_attention_ref",
+    "compact_kv",
+    "compact_kv_ref",
+]
