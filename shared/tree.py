@@ -16,6 +16,7 @@ From ``parents`` everything else follows:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,7 +30,12 @@ def validate_parents(parents: Sequence[int]) -> list[int]:
 
     Raises ``ValueError`` unless ``parents[0] == -1`` and ``0 <= parents[i] < i`` for ``i >= 1``.
     """
-    parents = [int(p) for p in parents]
+    if isinstance(parents, (str, bytes)) or not hasattr(parents, "__iter__"):
+        raise TypeError(f"parents must be a sequence of ints, got {type(parents).__name__}")
+    try:
+        parents = [operator.index(p) for p in parents]  # ints only: 0.5 must not become 0
+    except TypeError:
+        raise TypeError(f"parents must hold integers, got {list(parents)!r}") from None
     if len(parents) == 0:
         raise ValueError("a tree needs at least the root node (parents=[-1])")
     if parents[0] != -1:
@@ -78,6 +84,10 @@ class Tree:
     """
 
     parents: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        # validate on every construction path (Tree(...) directly too), store as a tuple of ints
+        object.__setattr__(self, "parents", tuple(validate_parents(self.parents)))
 
     @staticmethod
     def from_parents(parents: Sequence[int]) -> "Tree":
