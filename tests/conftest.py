@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import specdec  # noqa: F401  -- first: picks the Triton interpreter on CPU before anything imports triton
+
 import pytest
 import torch
 

@@ -1,0 +1,381 @@
+"""The fast target model: fused weights, a static preallocated KV cache, Triton attention, CUDA graphs.
+
+Same math as :mod:`specdec.ref.model` (which it must match token for token in fp32), organised
+for speed the way gpt-fast is:
+
+* weights are fused once at load: ``wqkv`` [(Hq + 2 Hkv) D, H] and ``w13`` [2 F, H];
+* the KV cache is ONE preallocated tensor per K and V, ``[n_layers, B, Hkv, capacity, D]``;
+  new rows are written in place at ``prefix_len + i`` (no concatenation, no reallocation), and
+  the accepted tree rows of every layer are compacted in one launch
+  (:func:`specdec.fast.kernels.compact_kv`);
+* every step that scores ``M <= 128`` new tokens against the cache -- a decode step (M = 1), a
+  chain or tree verification (M = gamma + 1, 69, a padded LogitSpec tree) -- runs attention
+  through the Triton :func:`~specdec.fast.kernels.tree_attention` kernel, and on CUDA is
+  captured once per (model, M) as a CUDA graph and replayed with new inputs;
+* long prompts prefill in chunks (SDPA over the cache so far), so peak activation memory is
+  bounded by the chunk, and only the last position goes through ``lm_head``.
+
+RoPE comes from :mod:`specdec.shared.rope` (one source of truth): a cos/sin table is built once
+for the whole capacity (``dynamic`` scaling, whose frequencies depend on the call's length, is
+computed per call and runs without graphs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from specdec.shared.config import ModelConfig
+from specdec.shared.rope import rope_cos_sin
+from specdec.shared.weights import Model, load_checkpoint, model_from_hf, resolve_dtype
+
+__all__ = ["FastModel", "StaticKVCache", "alloc_cache", "load_model", "as_fast_model", "step_forward", "prefill", "run_step", "commit", "MAX_TREE_NODES"]
+
+MAX_TREE_NODES = 128  # the Triton tree kernel is validated up to M = 128
+
+
+def _kernels():
+    from specdec.fast import kernels  # imported lazily: the package sets up the interpreter first
+
+    return kernels
+
+
+@dataclass
+class StaticKVCache:
+    """Preallocated K/V for every layer: ``k``, ``v`` [n_layers, B, Hkv, capacity, D].
+
+    ``length`` is the number of verified rows (host int, the only length the host tracks);
+    ``length_t`` mirrors it on the device ([B] int32) for kernels and CUDA graphs.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+    length_t: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def set_length(self, n: int) -> None:
+        self.length = n
+        self.length_t.fill_(n)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass
+class FastModel:
+    """A target (or draft) LM prepared for the fast path. Build with :func:`load_model` or :func:`as_fast_model`."""
+
+    config: ModelConfig
+    w: dict[str, torch.Tensor]
+    source: str = ""
+    graphs: dict = field(default_factory=dict)
+    cache: StaticKVCache | None = None
+    rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+    use_graphs: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.w["embed"].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w["embed"].dtype
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"FastModel({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
+                f"vocab={c.vocab_size}, dtype={self.dtype}, device={self.device})")
+
+    # -----------------------------------------------------------------------------------------
+    # Cache management
+    # -----------------------------------------------------------------------------------------
+
+    def ensure_cache(self, batch: int, capacity: int) -> StaticKVCache:
+        """The model's main cache with room for ``capacity`` rows x ``batch``, emptied.
+
+        Reuses the existing one (and its CUDA graphs) when it is big enough.
+        """
+        if self.cache is not None and self.cache.k.shape[1] == batch and self.cache.capacity >= capacity:
+            self.cache.set_length(0)
+            return self.cache
+        self.cache = None
+        self.graphs.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cache = alloc_cache(self, batch, capacity)
+        if self.config.rope_type != "dynamic":
+            pos = torch.arange(self.cache.capacity + MAX_TREE_NODES + 1, device=self.device)
+            self.rope_table = rope_cos_sin(self.config, pos, dtype=self.dtype)
+        return self.cache
+
+
+def alloc_cache(fm: FastModel, batch: int, capacity: int) -> StaticKVCache:
+    """A new empty :class:`StaticKVCache` (capacity rounded up to 256 rows).
+
+    Checks free GPU memory first and raises a clear ValueError instead of an allocator failure.
+    """
+    c = fm.config
+    capacity = _round_up(capacity, 256)
+    shape = (c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim)
+    need = 2 * torch.Size(shape).numel() * torch.finfo(fm.dtype).bits // 8
+    if fm.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(fm.device)
+        if need > free * 0.9:
+            raise ValueError(
+                f"the KV cache for {capacity} positions x batch {batch} needs {need / 2**30:.2f} GiB but only "
+                f"{free / 2**30:.2f} GiB of GPU memory is free; shorten the prompt or max_gen_len"
+            )
+    k = torch.zeros(shape, dtype=fm.dtype, device=fm.device)
+    v = torch.zeros(shape, dtype=fm.dtype, device=fm.device)
+    return StaticKVCache(k, v, 0, torch.zeros(batch, dtype=torch.int32, device=fm.device))
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _fuse(model: Model) -> dict[str, torch.Tensor]:
+    """Canonical weights -> fused fast-path weights (copies; the source Model is untouched)."""
+    c, w = model.config, model.weights
+    out = {"embed": w["embed_tokens.weight"], "norm": w["norm.weight"], "lm_head": w["lm_head.weight"]}
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        a = p + "self_attn."
+        out[p + "wqkv"] = torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]], dim=0)
+        if a + "q_proj.bias" in w:
+            out[p + "bqkv"] = torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]], dim=0)
+        out[p + "wo"] = w[a + "o_proj.weight"]
+        if a + "o_proj.bias" in w:
+            out[p + "bo"] = w[a + "o_proj.bias"]
+        out[p + "w13"] = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], dim=0)
+        out[p + "w2"] = w[p + "mlp.down_proj.weight"]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if p + f"mlp.{name}.bias" in w:
+                raise ValueError("MLP biases are not supported by the fast path")
+        out[p + "attn_norm"] = w[p + "input_layernorm.weight"]
+        out[p + "mlp_norm"] = w[p + "post_attention_layernorm.weight"]
+    return out
+
+
+def as_fast_model(obj, dtype=None, device=None) -> FastModel:
+    """Accept a :class:`FastModel`, a reference :class:`Model`, or a ``transformers`` causal LM."""
+    if isinstance(obj, FastModel):
+        return obj
+    if not isinstance(obj, Model):
+        obj = model_from_hf(obj, dtype=dtype, device=device)
+    if obj.config.head_dim not in (64, 80, 96, 128):
+        raise ValueError(f"the fast path supports head dims 64, 80, 96, 128; this model has head_dim={obj.config.head_dim} "
+                         "(use specdec.ref for it)")
+    fm = FastModel(obj.config, _fuse(obj), source=obj.source)
+    fm.use_graphs = fm.device.type == "cuda" and os.environ.get("SPECDEC_NO_GRAPHS", "0") != "1"
+    return fm
+
+
+def load_model(path, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str | None = None) -> FastModel:
+    """Load a local HF-format model directory (or ``"default"``) for the fast path.
+
+    Defaults: bf16 on CUDA when available, fp32 on CPU (kernels under the Triton interpreter).
+    """
+    from specdec.shared.assets import resolve_model_path
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = resolve_dtype(dtype)
+    if torch.device(device).type == "cpu" and dt != torch.float32:
+        dt = torch.float32  # CPU matmuls in half precision are slow and not what the reference runs
+    return as_fast_model(load_checkpoint(resolve_model_path(path), dtype=dt, device=device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes
+# ---------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same arithmetic as :func:`specdec.ref.model.rms_norm`."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated by cos/sin [B, T, D]; matches :func:`specdec.shared.rope.apply_rope`."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if fm.rope_table is None:
+        return rope_cos_sin(fm.config, positions, dtype=fm.dtype)
+    cos, sin = fm.rope_table
+    return cos[positions], sin[positions]
+
+
+def _qkv(fm: FastModel, i: int, x: torch.Tensor, cos, sin):
+    c, w, p = fm.config, fm.w, f"layers.{i}."
+    h = rms_norm(x, w[p + "attn_norm"], c.rms_norm_eps)
+    qkv = F.linear(h, w[p + "wqkv"], w.get(p + "bqkv"))
+    dq, dkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    q, k, v = qkv.split([dq, dkv, dkv], dim=-1)
+    q = rearrange(q, "b t (h d) -> b h t d", d=c.head_dim)
+    k = rearrange(k, "b t (h d) -> b h t d", d=c.head_dim)
+    v = rearrange(v, "b t (h d) -> b h t d", d=c.head_dim)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    c, w, p = fm.config, fm.w, f"layers.{i}."
+    x = x + F.linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"))
+    h = rms_norm(x, w[p + "mlp_norm"], c.rms_norm_eps)
+    gate, up = F.linear(h, w[p + "w13"]).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w[p + "w2"])
+
+
+def _logits(fm: FastModel, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(rms_norm(x, fm.w["norm"], fm.config.rms_norm_eps), fm.w["lm_head"]).float()
+
+
+def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
+    """Score ``M`` new tokens against the cache: the body of every decode/verify step (graph-capturable).
+
+    Args:
+        tokens: [B, M] long.
+        positions: [B, M] long RoPE positions (``prefix_len + depth`` for trees).
+        tree_mask: [B, M, M] bool ancestor-or-self mask among the new tokens.
+        prefix_len: [B] int32, rows already in the cache; the new K/V go to rows prefix_len + j.
+
+    Returns logits [B, M, V] (fp32). Matches :func:`specdec.ref.model.forward_step` with the mask
+    ``[all prefix | tree_mask]`` (what :func:`specdec.ref.engine.verify_tree` builds).
+    """
+    kern = _kernels()
+    b, m = tokens.shape
+    cos, sin = _cos_sin(fm, positions)
+    rows = prefix_len.long()[:, None] + torch.arange(m, device=tokens.device)[None, :]  # [B, M]
+    x = F.embedding(tokens, fm.w["embed"])
+    for i in range(fm.config.num_layers):
+        q, k, v = _qkv(fm, i, x, cos, sin)
+        # write the new K/V in place: cache[i, b, :, rows[b, j]] = k[b, :, j]
+        for bi in range(b):
+            cache.k[i, bi].index_copy_(1, rows[bi], k[bi])
+            cache.v[i, bi].index_copy_(1, rows[bi], v[bi])
+        attn = kern.tree_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask)
+        x = _finish_layer(fm, i, x, attn)
+    return _logits(fm, x)
+
+
+def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int = 2048, all_logits: bool = False) -> torch.Tensor:
+    """Append the prompt's K/V to the cache in chunks; return the last position's logits [B, V]
+    (or every position's [B, T, V] with ``all_logits``).
+
+    Each chunk attends causally to everything before it through SDPA with a boolean mask, so the
+    largest activation is ``chunk_size`` rows, never the whole prompt.
+    """
+    b, t = tokens.shape
+    start = cache.length
+    x_last, outs = None, []
+    for s in range(0, t, chunk_size):
+        chunk = tokens[:, s : s + chunk_size]
+        n = chunk.shape[1]
+        p0 = start + s
+        positions = torch.arange(p0, p0 + n, device=tokens.device)[None].expand(b, n)
+        cos, sin = _cos_sin(fm, positions)
+        x = F.embedding(chunk, fm.w["embed"])
+        cols = torch.arange(p0 + n, device=tokens.device)
+        mask = cols[None, :] <= (torch.arange(n, device=tokens.device) + p0)[:, None]  # [n, p0 + n]
+        for i in range(fm.config.num_layers):
+            q, k, v = _qkv(fm, i, x, cos, sin)
+            cache.k[i, :, :, p0 : p0 + n] = k
+            cache.v[i, :, :, p0 : p0 + n] = v
+            attn = F.scaled_dot_product_attention(
+                q, cache.k[i, :, :, : p0 + n], cache.v[i, :, :, : p0 + n], attn_mask=mask,
+                enable_gqa=fm.config.num_heads != fm.config.num_kv_heads,
+            )
+            x = _finish_layer(fm, i, x, attn)
+        x_last = x[:, -1:]
+        if all_logits:
+            outs.append(_logits(fm, x))
+    cache.set_length(start + t)
+    return torch.cat(outs, dim=1) if all_logits else _logits(fm, x_last)[:, 0]
+
+
+def forward(fm: FastModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full-sequence logits [B, T, V] (fp32) through a temporary cache (for tests)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    cache = alloc_cache(fm, input_ids.shape[0], input_ids.shape[1])
+    return prefill(fm, cache, input_ids.to(fm.device), all_logits=True)
+
+
+class _Graph:
+    """A CUDA graph of :func:`step_forward` for a fixed (B, M), with static input/output buffers."""
+
+    def __init__(self, fm: FastModel, cache: StaticKVCache, b: int, m: int):
+        dev = fm.device
+        self.tokens = torch.zeros(b, m, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(b, m, dtype=torch.long, device=dev)
+        self.mask = torch.ones(b, m, m, dtype=torch.bool, device=dev).tril_()
+        self.prefix = cache.length_t
+        # warm up on a side stream (compiles the kernels), then capture
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                step_forward(fm, cache, self.tokens, self.positions, self.mask, self.prefix)
+        torch.cuda.current_stream(dev).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step_forward(fm, cache, self.tokens, self.positions, self.mask, self.prefix)
+
+    def __call__(self, tokens, positions, mask) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.mask.copy_(mask)
+        self.graph.replay()
+        return self.logits
+
+
+def run_step(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+    """One decode/verify step against ``cache`` (new rows from ``cache.length``); CUDA graph when possible.
+
+    Does NOT advance ``cache.length``: the caller decides what to keep (see :func:`commit`).
+    """
+    b, m = tokens.shape
+    if m > MAX_TREE_NODES:
+        raise ValueError(f"a step may score at most {MAX_TREE_NODES} tokens, got {m}")
+    if cache.length + m > cache.capacity:
+        raise ValueError(f"KV cache overflow: {cache.length} + {m} rows > capacity {cache.capacity}")
+    if fm.use_graphs and fm.rope_table is not None:
+        key = (id(cache), b, m)
+        g = fm.graphs.get(key)
+        if g is None:
+            g = fm.graphs[key] = _Graph(fm, cache, b, m)
+        return g(tokens, positions, tree_mask)
+    return step_forward(fm, cache, tokens, positions, tree_mask, cache.length_t)
+
+
+def commit(cache: StaticKVCache, path: torch.Tensor | None, n: int) -> None:
+    """Keep ``n`` scored rows: the accepted path's rows move to ``[L, L + n)`` in every layer (one launch).
+
+    ``path`` [B, n] holds node indices (0 = root) of the rows to keep; ``None`` keeps rows in place
+    (a decode step or a fully accepted chain prefix).
+    """
+    L = cache.length
+    if path is not None:
+        src = (path + L).to(torch.int32)
+        _kernels().compact_kv(cache.k, cache.v, src, L)
+    cache.set_length(L + n)

@@ -1,0 +1,72 @@
+"""Fast plain decoding: static cache, chunked prefill, one CUDA-graph replay per token.
+
+Must match :func:`specdec.ref.vanilla.vanilla_generate` token for token (greedy, fp32).
+The loop keeps the next token on the device; the host reads it once per step only to check EOS.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from specdec.fast.model import FastModel, as_fast_model, prefill, run_step
+from specdec.shared.result import GenerationResult, finalize_output, normalize_eos
+from specdec.shared.sampling import SamplingParams, sample
+from specdec.shared.validate import check_prompt
+
+__all__ = ["vanilla_generate"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def vanilla_generate(
+    model,
+    input_ids: torch.Tensor,
+    prompt_length: int,
+    max_gen_len: int = 64,
+    eos_id: int | list[int] | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> GenerationResult:
+    """Same contract as :func:`specdec.ref.vanilla_generate` (batches of equal-length prompts)."""
+    fm: FastModel = as_fast_model(model)
+    sp = SamplingParams(temperature, top_k, top_p)
+    prompt = check_prompt(input_ids, prompt_length, max_gen_len, fm.config, device=fm.device)
+    eos = normalize_eos(eos_id, fm.config.eos_token_ids)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=fm.device)
+    b, t = prompt.shape
+    cache = fm.ensure_cache(b, t + max_gen_len + 1)
+
+    t0 = time.perf_counter()
+    logits = prefill(fm, cache, prompt)
+    token = sample(logits, sp.temperature, sp.top_k, sp.top_p, generator)  # [B]
+    _sync(fm.device)
+    prefill_time = time.perf_counter() - t0
+    generated = [token]
+    done = torch.isin(token, eos_t)
+    mask = torch.ones(b, 1, 1, dtype=torch.bool, device=fm.device)
+
+    t1 = time.perf_counter()
+    while len(generated) < max_gen_len and not bool(done.all()):  # one host sync per token (EOS check)
+        pos = torch.full((b, 1), cache.length, dtype=torch.long, device=fm.device)
+        logits = run_step(fm, cache, token[:, None], pos, mask)
+        cache.set_length(cache.length + 1)
+        token = sample(logits[:, -1], sp.temperature, sp.top_k, sp.top_p, generator)
+        generated.append(token)
+        done |= torch.isin(token, eos_t)
+    _sync(fm.device)
+    elapsed = time.perf_counter() - t1
+
+    seqs = torch.stack(generated, dim=1).tolist()
+    rows = [finalize_output(s, [False] * len(s), eos, max_gen_len)[0] for s in seqs]
+    n = max(len(r) for r in rows)
+    out = torch.tensor([r + [r[-1]] * (n - len(r)) for r in rows], dtype=torch.long)
+    num = len(generated)
+    return GenerationResult(out, 0, num, elapsed, torch.zeros_like(out, dtype=torch.bool), prefill_time, [1] * num)
