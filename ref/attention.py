@@ -68,6 +68,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     if mask.dim() == 2:
         mask = mask.unsqueeze(0)
     scores = scores.masked_fill(~mask[:, None, :, :], float("-inf"))
+    # Rows no query may see (e.g. unused cache rows of a ragged batch) must not leak NaN/inf via 0 * v.
+    v = v.masked_fill(~mask.any(dim=-2)[:, None, :, None], 0)
     # 3. Log-sum-exp per row and the normalised weights (a fully masked row gets weight 0).
     lse = torch.logsumexp(scores, dim=-1)
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
