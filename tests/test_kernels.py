@@ -16,6 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.machinery  # noqa: E402
 import importlib.util  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -26,8 +27,11 @@ import pytest  # noqa: E402
 import specdec  # noqa: E402
 
 if importlib.util.find_spec("specdec.fast") is None:  # fast/__init__.py not there yet: namespace stand-in
+    _path = [os.path.join(os.path.dirname(os.path.dirname(specdec.__file__)), "fast")]
+    _spec = importlib.machinery.ModuleSpec("specdec.fast", None, is_package=True)
+    _spec.submodule_search_locations = _path
     _fast = types.ModuleType("specdec.fast")
-    _fast.__path__ = [os.path.join(os.path.dirname(os.path.dirname(specdec.__file__)), "fast")]
+    _fast.__spec__, _fast.__path__ = _spec, _path
     sys.modules["specdec.fast"] = _fast
 
 from specdec.fast import kernels as K  # noqa: E402
