@@ -1,0 +1,129 @@
+"""Speculative decoding with a separate draft model (Leviathan et al. 2023; Chen et al. 2023).
+
+A small LM with the *same vocabulary* as the target guesses ``gamma`` tokens one at a time; the
+target checks all of them in one forward pass and keeps the longest acceptable prefix plus one
+token of its own. At temperature 0 the output is exactly greedy decoding of the target; when
+sampling, it has exactly the target's sampling distribution (lossless).
+
+One round, read top to bottom:
+
+1. **Catch up.** The draft model keeps its own KV cache. It holds the KV of some prefix of the
+   sequence; tokens it has not seen (the target's correction or bonus token, and anything after a
+   rejected draft) are fed now, after rolling the cache back to the longest prefix that is still
+   right. The last fed token is the root: its logits give the first draft distribution.
+2. **Draft.** ``gamma`` times: process the draft logits exactly like the target's (temperature,
+   top-k, top-p) into ``q``, pick ``x ~ q`` (greedy: the argmax), feed ``x`` to get the next ``q``.
+   The chain ``[root, x_1, ..., x_gamma]`` and every ``q`` go to the engine.
+3. **Verify and accept** (:func:`specdec.ref.engine.run_speculative`): the target scores the chain
+   in one pass; greedy keeps drafts while they equal the target's argmax; sampling accepts
+   ``x_i`` with probability ``min(1, p(x_i) / q(x_i))`` and on the first rejection draws from
+   ``norm(max(p - q, 0))``; if all drafts pass, a bonus token comes from ``p``.
+
+``skip_sample_adjustment=True`` draws a rejected position from ``p`` instead of the residual
+``norm(max(p - q, 0))``, as the romsto seed allows. **This is LOSSY**: tokens the draft likes
+too much get extra probability. It exists only to compare against the correct rule.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from specdec.ref.engine import Draft, RoundState, run_speculative
+from specdec.ref.model import Model, forward_step, new_cache
+from specdec.shared.result import GenerationResult
+from specdec.shared.sampling import logits_to_probs, sample_from_probs
+from specdec.shared.tree import Tree
+from specdec.shared.validate import check_positive_int, check_same_vocab
+
+__all__ = ["DraftModelDrafter", "speculative_generate"]
+
+
+class DraftModelDrafter:
+    """Proposes a chain of ``gamma`` tokens sampled from a draft model, with its own rolled-back KV cache."""
+
+    def __init__(self, draft_model: Model, gamma: int) -> None:
+        self.model = draft_model
+        self.gamma = gamma
+        self.cache = new_cache(draft_model, 1)
+        self.cached: list[int] = []  # the tokens whose KV is in self.cache, in order
+
+    def _catch_up(self, tokens: list[int]) -> torch.Tensor:
+        """Step 1: roll the draft cache back to what is still right and feed the rest; logits after tokens[-1]."""
+        # Longest common prefix of what the cache saw and the real sequence ...
+        keep = 0
+        for seen, real in zip(self.cached, tokens):
+            if seen != real:
+                break
+            keep += 1
+        # ... but always re-feed at least the root: we need the logits after it.
+        keep = min(keep, len(tokens) - 1)
+        self.cache.truncate(keep)
+        new = torch.tensor(tokens[keep:], dtype=torch.long, device=self.model.device)
+        logits = forward_step(self.model, rearrange(new, "t -> 1 t"), self.cache)
+        self.cached = list(tokens)
+        return logits[0, -1]
+
+    def propose(self, state: RoundState) -> Draft:
+        p = state.params
+        # Never draft more than can still be emitted (the round adds one token of its own).
+        gamma = max(0, min(self.gamma, state.budget - 1))
+        logits = self._catch_up(state.tokens)
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
+        # Step 2: draft gamma tokens, each from the processed draft distribution q.
+        for i in range(gamma):
+            q = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)  # greedy: one-hot argmax
+            x = int(torch.argmax(q)) if p.greedy else int(sample_from_probs(q, state.generator))
+            drafts.append(x)
+            qs.append(q)
+            if i + 1 < gamma:  # the last draft's logits are never needed
+                step = torch.tensor([[x]], dtype=torch.long, device=self.model.device)
+                logits = forward_step(self.model, step, self.cache)[0, -1]
+                self.cached.append(x)
+        # The root's row of q is never used (the root is not a draft); keep it zero.
+        vocab = self.model.config.vocab_size
+        q_all = torch.stack([torch.zeros(vocab, device=self.model.device)] + qs)
+        tokens = torch.tensor([state.tokens[-1]] + drafts, dtype=torch.long)
+        return Draft(tokens=tokens, tree=Tree.chain(len(drafts)), q=q_all)
+
+
+def speculative_generate(
+    target: Model,
+    draft_model: Model,
+    input_ids: torch.Tensor,
+    prompt_length: int,
+    gamma: int = 5,
+    max_gen_len: int = 64,
+    eos_id: int | list[int] | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    first_target: bool = True,
+    skip_sample_adjustment: bool = False,
+) -> GenerationResult:
+    """Speculative decoding of ``input_ids[:, :prompt_length]`` (batch size 1) with a draft model.
+
+    Args:
+        target: the model whose output we want.
+        draft_model: a smaller model with the same vocabulary (checked).
+        gamma: drafts per round (>= 1).
+        max_gen_len: new tokens to generate at most.
+        eos_id: None (the target's EOS ids), an int, or a list of ints ([] = never stop).
+        temperature, top_k, top_p: sampling rule for target AND draft (temperature 0 = greedy).
+        generator: torch.Generator for every random draw (drafts, acceptance, corrections).
+        first_target: the target picks the first token from the prompt before drafting starts
+            (default); otherwise the first round drafts right after the prompt.
+        skip_sample_adjustment: LOSSY, see the module docstring. Default False.
+
+    Returns:
+        :class:`~specdec.shared.result.GenerationResult` (``output_ids, count, num, elapsed_time, spec_mask``).
+    """
+    check_same_vocab(target.config, draft_model.config)
+    check_positive_int("gamma", gamma)
+    drafter = DraftModelDrafter(draft_model, gamma)
+    return run_speculative(
+        target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p, generator,
+        method="speculative decoding", first_target=first_target, skip_sample_adjustment=skip_sample_adjustment,
+    )
