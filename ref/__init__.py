@@ -8,3 +8,7 @@ from specdec.ref.attention import masked_attention, tree_attention, tree_attenti
 from specdec.ref.model import KVCache, Model, as_model, forward, forward_step, load_model  # noqa: F401,E402
 from specdec.ref.vanilla import vanilla_generate  # noqa: F401,E402
 from specdec.ref.engine import Draft, RoundRecord, RoundState, run_speculative  # noqa: F401,E402
+from specdec.ref.speculative import speculative_generate  # noqa: F401,E402
+from specdec.ref.pld import pld_generate  # noqa: F401,E402
+from specdec.ref.logitspec import logitspec_generate  # noqa: F401,E402
+from specdec.ref import romsto  # noqa: F401,E402  (seed-003 compatible speculative_generate / autoregressive_generate)

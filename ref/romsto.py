@@ -1,0 +1,178 @@
+"""romsto-compatible entry points (seed 003): ``speculative_generate(inputs, drafter, target, ...)``.
+
+The seed's usage example runs unchanged except for the import line::
+
+    from specdec.ref.romsto import speculative_generate, GreedyProcessor, NucleusProcessor
+
+    output_ids, accept_rate = speculative_generate(inputs, drafter, target, tokenizer=tokenizer, gamma=5,
+                                                   logits_processor=GreedyProcessor(), max_gen_len=100,
+                                                   eos_tokens_id=[tokenizer.eos_token_id])
+
+``drafter`` and ``target`` may be :class:`~specdec.ref.model.Model` objects or ``transformers``
+Llama/Qwen2 causal LMs; the latter are converted once (cached per object, so repeated calls are
+cheap; convert again by passing a new object if you change its weights). Everything runs on the draft-model
+drafter of :mod:`specdec.ref.speculative` in the one engine (:mod:`specdec.ref.engine`), with the seed's bugs
+fixed: greedy is an exact argmax match (identical to greedy decoding), the KV cache is always
+used and rolled back properly, several EOS ids stop at the first one *by position*,
+``max_gen_len`` 1 and 2 work, and logits are never modified in place.
+
+Differences from the seed worth knowing: ``use_cache`` and ``pad_token_id`` are accepted and
+ignored (the KV cache is always on; nothing is padded); ``max_gen_len`` counts new tokens; the
+acceptance rate is accepted drafts / drafted tokens over all rounds (0.0 when nothing was drafted).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from specdec.ref.engine import RoundRecord, run_speculative
+from specdec.ref.model import Model, as_model
+from specdec.ref.speculative import DraftModelDrafter
+from specdec.ref.vanilla import vanilla_generate
+from specdec.shared.sampling import (  # noqa: F401  (re-exported for the seed's imports)
+    GreedyProcessor,
+    LogitsProcessor,
+    MultinomialProcessor,
+    NucleusProcessor,
+    TopKNucleusProcessor,
+    TopKProcessor,
+)
+from specdec.shared.validate import check_batch_one, check_positive_int, check_same_vocab
+
+__all__ = [
+    "speculative_generate",
+    "autoregressive_generate",
+    "GreedyProcessor",
+    "LogitsProcessor",
+    "MultinomialProcessor",
+    "NucleusProcessor",
+    "TopKNucleusProcessor",
+    "TopKProcessor",
+]
+
+GREEN, RED, RESET = "\033[92m", "\033[91m", "\033[0m"
+
+# id(transformers model) -> (weak reference to it, converted Model)
+_CONVERTED: dict[int, tuple[weakref.ref, Model]] = {}
+
+
+def _to_model(obj) -> Model:
+    """A Model as is; a transformers model converted once per object."""
+    if isinstance(obj, Model):
+        return obj
+    hit = _CONVERTED.get(id(obj))
+    if hit is not None and hit[0]() is obj:
+        return hit[1]
+    model = as_model(obj)
+    key = id(obj)
+    try:
+        ref = weakref.ref(obj, lambda _r, key=key: _CONVERTED.pop(key, None))
+    except TypeError:  # not weak-referenceable: do not cache
+        return model
+    _CONVERTED[key] = (ref, model)
+    return model
+
+
+def _params(logits_processor):
+    params = getattr(logits_processor, "params", None)
+    if params is None:
+        raise TypeError(
+            f"logits_processor must be one of GreedyProcessor, MultinomialProcessor, TopKProcessor, NucleusProcessor, "
+            f"TopKNucleusProcessor (from specdec.ref.romsto), got {type(logits_processor).__name__}"
+        )
+    return params
+
+
+def _eos_list(eos_tokens_id) -> list[int]:
+    if eos_tokens_id is None:
+        return []
+    if isinstance(eos_tokens_id, int):
+        return [eos_tokens_id]
+    return [int(t) for t in eos_tokens_id]
+
+
+def _inputs_tensor(inputs) -> torch.Tensor:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.long()
+    return torch.tensor(inputs, dtype=torch.long)
+
+
+def _show(tokens: list[int], tokenizer) -> str:
+    if tokenizer is None:
+        return " ".join(str(t) for t in tokens)
+    return tokenizer.decode(tokens)
+
+
+@torch.no_grad()
+def speculative_generate(
+    inputs: list[int],
+    drafter,
+    target,
+    tokenizer=None,
+    gamma: int = 5,
+    logits_processor: LogitsProcessor = GreedyProcessor(),
+    max_gen_len: int = 40,
+    eos_tokens_id: int | list[int] = 1,
+    pad_token_id: int = 0,
+    use_cache: bool = False,
+    skip_sample_adjustment: bool = False,
+    first_target: bool = True,
+    debug: bool = False,
+) -> tuple[list[int], float]:
+    """Speculative decoding with the seed's signature. Returns (generated ids without the prompt, acceptance rate).
+
+    ``skip_sample_adjustment=True`` is LOSSY (samples a rejected position from p instead of
+    norm(max(p - q, 0))); ``debug=True`` prints every round's accepted drafts in green and
+    rejected drafts in red, decoded with ``tokenizer`` when given.
+    """
+    target_m, drafter_m = _to_model(target), _to_model(drafter)
+    params = _params(logits_processor)
+    prompt = _inputs_tensor(inputs)
+    stats = {"drafted": 0, "accepted": 0, "round": 0}
+
+    def on_round(rec: RoundRecord) -> None:
+        drafts = rec.draft.tokens[1:].tolist()
+        stats["drafted"] += len(drafts)
+        stats["accepted"] += rec.accepted
+        stats["round"] += 1
+        if debug:
+            ok, bad = drafts[: rec.accepted], drafts[rec.accepted:]
+            print(f"round {stats['round']}: {GREEN}{_show(ok, tokenizer)}{RESET}"
+                  f"{RED}{_show(bad, tokenizer)}{RESET} -> {_show([rec.next_token], tokenizer)}")
+
+    check_same_vocab(target_m.config, drafter_m.config)
+    check_positive_int("gamma", gamma)
+    res = run_speculative(
+        target_m, DraftModelDrafter(drafter_m, gamma), prompt, prompt.shape[-1], max_gen_len, _eos_list(eos_tokens_id),
+        params.temperature, params.top_k, params.top_p, None, method="speculative decoding",
+        first_target=first_target, skip_sample_adjustment=skip_sample_adjustment, on_round=on_round,
+    )
+    rate = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
+    return res.tolist(), rate
+
+
+@torch.no_grad()
+def autoregressive_generate(
+    inputs: list[int],
+    model,
+    max_gen_len: int = 40,
+    logits_processor: LogitsProcessor = GreedyProcessor(),
+    eos_tokens_id: int | list[int] = 1,
+    pad_token_id: int = 0,
+    use_cache: bool = False,
+    debug: bool = False,
+) -> list[int]:
+    """Plain decoding with the seed's signature; returns the generated ids (without the prompt)."""
+    m = _to_model(model)
+    params = _params(logits_processor)
+    prompt = _inputs_tensor(inputs)
+    if prompt.dim() == 2:
+        check_batch_one(prompt, "autoregressive_generate")
+    res = vanilla_generate(m, prompt, prompt.shape[-1], max_gen_len, _eos_list(eos_tokens_id),
+                           params.temperature, params.top_k, params.top_p, None)
+    out = res.tolist()
+    if debug:
+        print(f"generated {len(out)} tokens: {out}")
+    return out
