@@ -1,0 +1,172 @@
+"""The speculative round on the fast path: the same five steps as :mod:`specdec.ref.engine`,
+with a static cache, fixed-size (CUDA-graph) verification and device-side greedy acceptance.
+
+Per round:
+
+1. **Draft** -- the drafter returns a :class:`~specdec.ref.engine.Draft` (root first).
+2. **Verify** -- the tree is padded to the decoder's fixed size ``M`` with dummy nodes (children
+   of the root that only see themselves and can never be accepted), so one CUDA graph per
+   ``M`` serves every round; positions ``L + depth`` and the ancestor mask come from a per-shape
+   cache of device tensors.
+3. **Accept** -- greedy: :func:`specdec.shared.acceptance.greedy_best_node` on the device, then
+   ONE host synchronisation reads the accepted node, the next token and the path. Sampling uses
+   the same shared rules as the reference (on the device's probabilities).
+4. **Compact** -- :func:`specdec.fast.model.commit` moves the accepted rows of every layer into
+   place in one kernel launch (nothing to move when the path is already contiguous).
+5. **Emit** -- as in the reference.
+
+Greedy output is token-identical to :func:`specdec.ref.engine.run_speculative` with the same
+drafter logic.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from specdec.fast.model import FastModel, MAX_TREE_NODES, commit, prefill, run_step
+from specdec.ref.engine import Draft, RoundRecord, RoundState, accept_draft
+from specdec.shared.acceptance import greedy_best_node
+from specdec.shared.result import GenerationResult, finalize_output, normalize_eos
+from specdec.shared.sampling import SamplingParams, sample
+from specdec.shared.tree import Tree
+from specdec.shared.validate import check_batch_one, check_prompt
+
+__all__ = ["run_speculative_fast", "TreeTensors"]
+
+
+class TreeTensors:
+    """Device tensors of a (padded) tree topology, built once per distinct ``parents`` tuple."""
+
+    _cache: dict = {}
+
+    def __init__(self, tree: Tree, size: int, device: torch.device):
+        m = tree.size
+        parents = list(tree.parents) + [0] * (size - m)  # dummy nodes hang off the root
+        depth = tree.depth + [1] * (size - m)
+        anc = torch.zeros(size, size, dtype=torch.bool)
+        anc[:m, :m] = tree.ancestor_mask()
+        anc[m:, m:] = torch.eye(size - m, dtype=torch.bool)  # a dummy sees the prefix and itself only
+        self.size, self.real = size, m
+        self.parents = torch.tensor(parents, dtype=torch.long, device=device)
+        self.depth = torch.tensor(depth, dtype=torch.long, device=device)
+        self.ancestor = anc.to(device)
+        self.mask = self.ancestor[None]  # [1, M, M]
+        self.valid = (torch.arange(size) < m).to(device)
+
+    @classmethod
+    def get(cls, tree: Tree, size: int, device: torch.device) -> "TreeTensors":
+        key = (tree.parents, size, str(device))
+        t = cls._cache.get(key)
+        if t is None:
+            if len(cls._cache) > 4096:
+                cls._cache.clear()
+            t = cls._cache[key] = TreeTensors(tree, size, device)
+        return t
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def run_speculative_fast(
+    target: FastModel,
+    drafter,
+    input_ids: torch.Tensor,
+    prompt_length: int,
+    max_gen_len: int = 64,
+    eos_id: int | list[int] | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    method: str = "speculative decoding",
+    tree_size: int = MAX_TREE_NODES,
+    first_target: bool = True,
+    skip_sample_adjustment: bool = False,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> GenerationResult:
+    """The fast speculative loop around any drafter (batch size 1).
+
+    ``tree_size`` is the fixed number of verified nodes per round (root included): drafts are
+    padded up to it; a larger draft is an error.
+    """
+    params = SamplingParams(temperature, top_k, top_p)
+    dev = target.device
+    prompt = check_prompt(input_ids, prompt_length, max_gen_len, target.config, device=dev)
+    check_batch_one(prompt, method)
+    if not 1 <= tree_size <= MAX_TREE_NODES:
+        raise ValueError(f"the verified tree must have 1..{MAX_TREE_NODES} nodes, got {tree_size}")
+    eos = set(normalize_eos(eos_id, target.config.eos_token_ids))
+    tokens: list[int] = prompt[0].tolist()
+    # room for the prompt, every emitted token, and one round of tree rows past the end
+    cache = target.ensure_cache(1, prompt.shape[1] + max_gen_len + tree_size + 1)
+    emitted: list[int] = []
+    spec: list[bool] = []
+    accept_lengths: list[int] = []
+    num = 0
+
+    t0 = time.perf_counter()
+    if first_target:
+        last_logits = prefill(target, cache, prompt)[0]
+        first = int(sample(last_logits, params.temperature, params.top_k, params.top_p, generator))
+        tokens.append(first)
+        emitted.append(first)
+        spec.append(False)
+        accept_lengths.append(1)
+        num = 1
+    else:
+        last_logits = prefill(target, cache, prompt[:, :-1])[0] if prompt.shape[1] > 1 else None
+    _sync(dev)
+    prefill_time = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    while len(emitted) < max_gen_len and not (eos & set(emitted)):
+        L = cache.length
+        state = RoundState(tokens, target, cache, last_logits, params, generator, max_gen_len - len(emitted))
+        # 1. Draft.
+        draft: Draft = drafter.propose(state)
+        m = draft.tree.size
+        if m > tree_size:
+            raise RuntimeError(f"drafter bug: a draft of {m} nodes exceeds the fixed tree size {tree_size}")
+        tt = TreeTensors.get(draft.tree, tree_size, dev)
+        node_tokens = torch.zeros(tree_size, dtype=torch.long, device=dev)
+        node_tokens[:m] = draft.tokens.to(dev)
+        # 2. Verify all nodes (padded to tree_size) in one graph-replayed pass.
+        logits = run_step(target, cache, node_tokens[None], (tt.depth + L)[None], tt.mask)[0]
+        num += 1
+        # 3. Accept.
+        if params.greedy:
+            target_argmax = torch.argmax(logits, dim=-1)
+            accept_tokens = torch.where(tt.valid, node_tokens, torch.full_like(node_tokens, -1))
+            best = greedy_best_node(tt.ancestor, tt.depth, accept_tokens, target_argmax, tt.parents)
+            # the one host synchronisation of the round: accepted node, next token, its path
+            packed = torch.cat([best[None], target_argmax[best][None], tt.ancestor[best].long()]).tolist()
+            next_token = packed[1]
+            path = [j for j, on in enumerate(packed[2:]) if on]
+        else:
+            path, next_token = accept_draft(draft, logits[:m], params, generator, skip_sample_adjustment)
+        # 4. Compact: the accepted rows of every layer move to [L, L + len(path)).
+        contiguous = path == list(range(len(path)))
+        commit(cache, None if contiguous else torch.tensor([path], dtype=torch.int32, device=dev), len(path))
+        # 5. Emit.
+        draft_tokens = draft.tokens.tolist()
+        accepted = [draft_tokens[j] for j in path[1:]]
+        emitted += accepted + [next_token]
+        spec += [True] * len(accepted) + [False]
+        tokens += accepted + [next_token]
+        accept_lengths.append(len(accepted) + 1)
+        last_logits = logits[path[-1]]
+        if on_round is not None:
+            on_round(RoundRecord(draft, path, next_token))
+    _sync(dev)
+    elapsed = time.perf_counter() - t1
+
+    out, mask = finalize_output(emitted, spec, sorted(eos), max_gen_len)
+    out_t = torch.tensor([out], dtype=torch.long)
+    mask_t = torch.tensor([mask], dtype=torch.bool)
+    return GenerationResult(out_t, int(mask_t.sum()), num, elapsed, mask_t, prefill_time, accept_lengths)
