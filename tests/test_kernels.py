@@ -17,8 +17,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.machinery  # noqa: E402
-import importlib.util  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 
@@ -26,16 +24,19 @@ import pytest  # noqa: E402
 
 import specdec  # noqa: E402
 
-if importlib.util.find_spec("specdec.fast") is None:  # fast/__init__.py not there yet: namespace stand-in
+try:
+    from specdec.fast import kernels as K
+except ImportError:  # the rest of specdec.fast does not import (yet): load the kernels package alone
     _path = [os.path.join(os.path.dirname(os.path.dirname(specdec.__file__)), "fast")]
     _spec = importlib.machinery.ModuleSpec("specdec.fast", None, is_package=True)
     _spec.submodule_search_locations = _path
     _fast = types.ModuleType("specdec.fast")
     _fast.__spec__, _fast.__path__ = _spec, _path
     sys.modules["specdec.fast"] = _fast
-
-from specdec.fast import kernels as K  # noqa: E402
-from specdec.ref.attention import masked_attention, tree_attention_full  # noqa: E402
+    for _name in [n for n in sys.modules if n.startswith("specdec.fast.")]:
+        del sys.modules[_name]
+    from specdec.fast import kernels as K
+from specdec.ref.attention import tree_attention_full  # noqa: E402
 from specdec.ref.attention import tree_attention as tree_attention_ref  # noqa: E402
 from specdec.shared.tree import Tree  # noqa: E402
 
