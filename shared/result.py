@@ -16,6 +16,7 @@ target pass, the prefill's 1 first), and :attr:`tau` = tokens emitted / ``num``.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -65,12 +66,15 @@ def normalize_eos(eos_id, default: list[int]) -> list[int]:
     """eos_id: None -> the model's eos ids; an int or a list of ints -> those ([] = never stop)."""
     if eos_id is None:
         return list(default)
-    if isinstance(eos_id, bool):
-        raise TypeError("eos_id must be an int, a list of ints, or None")
-    if isinstance(eos_id, int):
-        return [eos_id]
+    if isinstance(eos_id, (bool, str, bytes)):
+        raise TypeError(f"eos_id must be an int, a list of ints, or None, got {type(eos_id).__name__}")
+    if isinstance(eos_id, int) or hasattr(eos_id, "__index__"):  # also numpy ints, 0-d int tensors
+        try:
+            return [operator.index(eos_id)]
+        except TypeError:
+            pass  # e.g. a 1-d tensor: iterate below
     try:
-        ids = [int(t) for t in eos_id]
+        ids = [operator.index(t) for t in eos_id]  # ints only: 1.5 or "2" must not be converted
     except TypeError:
         raise TypeError(f"eos_id must be an int, a list of ints, or None, got {type(eos_id).__name__}") from None
     return ids
