@@ -1,0 +1,371 @@
+"""GLIDE drafting (LongSpec), the readable reference: one draft layer, chain and beam-tree speculation.
+
+The draft model (DESIGN section 4) is ONE decoder layer on top of the target's frozen embedding
+and lm_head::
+
+    x = embed_target(tokens)
+    x = x + SelfAttn(norm1(x))    # causal, sliding window over the draft's OWN K/V; q/k/v biased, o not
+    x = x + CrossAttn(norm2(x))   # q (biased) + o only; keys/values ARE the target's last-layer cache
+    x = x + MLP(norm3(x))         # SwiGLU
+    logits = lm_head_target(x)    # no final norm
+
+Visibility:
+
+* self-attention: a query at position t sees draft keys at positions s with t - window < s <= t
+  (among tree nodes: only its ancestors and itself);
+* cross-attention: the target's last-layer K/V are used as stored (already rotated by RoPE at their
+  positions); the draft query is rotated at its own position. A query at position t sees target
+  positions < t; every node of a draft tree sees the verified prefix [0, L).
+
+The draft's own cache is constant-size: :class:`GlideCache` keeps only the last ``window``
+positions. Each round the draft first *catches up*: it runs the tokens emitted since its last
+round (accepted drafts + the target's extra token, which is the new root) through the layer, so its
+self-attention sees the real prefix. Draft tree nodes are never written to that cache (they live
+in a per-round scratch list), so nothing needs rolling back.
+
+A round (``tree_shape = (4, 16, 16, 16, 16)``):
+
+1. catch up and run the root (position L): draft log-probs for the next token;
+2. level 1 = the top ``tree_shape[0]`` tokens at the root;
+3. level k + 1 = the best ``tree_shape[k]`` (node, token) pairs over ALL nodes of level k by
+   cumulative draft log-probability (:func:`specdec.shared.glide.beam_level`), one draft forward
+   per level (tree mask among draft nodes + window over the draft prefix + cross-attention over
+   target [0, L));
+4. the engine verifies root + all nodes in one target pass, accepts a path, compacts the KV
+   of every target layer and adds one token (:func:`specdec.ref.engine.run_speculative`).
+
+``spec_generate`` is the chain ``tree_shape = (1,) * gamma`` (each step the draft's argmax).
+
+Sampling (temperature > 0): the candidates are *deterministic* (argmax / beam of the draft), so
+the engine applies the deterministic-candidate tree rule (try children in order, accept child c with
+probability p(c), else zero it and renormalise) -- exactly lossless; no draft ``q`` is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from specdec.ref.attention import masked_attention
+from specdec.ref.engine import Draft, RoundRecord, RoundState, run_speculative
+from specdec.ref.model import Model, embed, linear, rms_norm, swiglu_mlp
+from specdec.shared.glide import GLIDE_WINDOW, Glide, GlideConfig, beam_level, load_glide_weights
+from specdec.shared.result import GenerationResult
+from specdec.shared.rope import apply_rope, rope_cos_sin
+from specdec.shared.tree import Tree, validate_tree_shape
+from specdec.shared.validate import check_positive_int
+
+__all__ = [
+    "Glide",
+    "GlideConfig",
+    "GlideCache",
+    "load_glide",
+    "check_glide_matches",
+    "glide_layer",
+    "glide_logits",
+    "glide_full_forward",
+    "window_mask",
+    "GlideDrafter",
+    "spec_generate",
+    "tree_spec_generate",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_glide(path: str | os.PathLike, target: Model, window: int | None = None, dtype=None) -> Glide:
+    """Load a GLIDE draft for ``target``: an HF-format dir (``sail/longspec-*`` layout) or a LongSpec
+    training ``state_dict`` (.pth, ``draft_model.`` prefix and the like stripped). Shapes are checked
+    against the target. Weights go to the target's device, in the target's dtype unless ``dtype``."""
+    return load_glide_weights(path, target.config, dtype=dtype or target.dtype, device=target.device, window=window)
+
+
+def check_glide_matches(target: Model, glide: Glide) -> None:
+    """Raise ValueError if the draft's sizes do not fit the target."""
+    want = GlideConfig.from_target(target.config, glide.config.window)
+    if want != glide.config:
+        raise ValueError(f"GLIDE draft {glide.config} does not match the target, which needs {want}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The draft layer
+# ---------------------------------------------------------------------------------------------
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """[..., T, S] bool: key position s is inside the causal window of query position t
+    (``t - window < s <= t``). ``q_pos`` [..., T], ``k_pos`` [..., S]."""
+    d = q_pos[..., :, None] - k_pos[..., None, :]
+    return (d >= 0) & (d < window)
+
+
+def glide_layer(
+    target: Model,
+    glide: Glide,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    past_k: torch.Tensor | None,
+    past_v: torch.Tensor | None,
+    self_mask: torch.Tensor,
+    target_k: torch.Tensor,
+    target_v: torch.Tensor,
+    cross_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The draft layer on new tokens, masks given explicitly (decoding, trees, training, tests).
+
+    Args:
+        input_ids: [B, T] new tokens; positions: [T] or [B, T] their RoPE positions.
+        past_k, past_v: [B, Hkv, P, D] draft keys/values the new tokens may read (or None).
+        self_mask: [T, P + T] or [B, T, P + T] bool over (past rows, new rows).
+        target_k, target_v: [B, Hkv, N, D] the target's last-layer cache (post-RoPE), as stored.
+        cross_mask: [T, N] or [B, T, N] bool over target rows.
+
+    Returns:
+        (hidden [B, T, H] before the lm_head, k_new, v_new [B, Hkv, T, D] the new tokens' draft K/V).
+    """
+    c, w = glide.config, glide.weights
+    cos, sin = rope_cos_sin(target.config, positions, dtype=glide.dtype)
+    # 1. Embed with the target's frozen embedding (no target hidden states are used).
+    x = embed(target, input_ids).to(glide.dtype)
+
+    # 2. Self-attention over the draft's own (windowed) K/V; RoPE at the true positions.
+    h = rms_norm(x, w["input_layernorm.weight"], c.rms_norm_eps)
+    q = rearrange(linear(h, w, "self_attn.q_proj"), "b t (h d) -> b h t d", d=c.head_dim)
+    k_new = rearrange(linear(h, w, "self_attn.k_proj"), "b t (h d) -> b h t d", d=c.head_dim)
+    v_new = rearrange(linear(h, w, "self_attn.v_proj"), "b t (h d) -> b h t d", d=c.head_dim)
+    q, k_new = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
+    k = k_new if past_k is None else torch.cat([past_k.to(k_new.dtype), k_new], dim=2)
+    v = v_new if past_v is None else torch.cat([past_v.to(v_new.dtype), v_new], dim=2)
+    o = masked_attention(q, k, v, self_mask)
+    x = x + linear(rearrange(o, "b h t d -> b t (h d)"), w, "self_attn.o_proj")
+
+    # 3. Cross-attention: only the query is projected (and rotated at its own position); keys and
+    #    values are the target's last-layer cache exactly as stored.
+    h = rms_norm(x, w["post_self_attention_layernorm.weight"], c.rms_norm_eps)
+    q = apply_rope(rearrange(linear(h, w, "cross_attn.q_proj"), "b t (h d) -> b h t d", d=c.head_dim), cos, sin)
+    o = masked_attention(q, target_k, target_v, cross_mask)
+    x = x + linear(rearrange(o, "b h t d -> b t (h d)"), w, "cross_attn.o_proj")
+
+    # 4. SwiGLU MLP.
+    x = x + swiglu_mlp(rms_norm(x, w["post_cross_attention_layernorm.weight"], c.rms_norm_eps), w, "mlp.")
+    return x, k_new, v_new
+
+
+def glide_logits(target: Model, hidden: torch.Tensor) -> torch.Tensor:
+    """The target's frozen lm_head on the draft's hidden states (no final norm) -> fp32 logits."""
+    lm_head = target.weights["lm_head.weight"]
+    return F.linear(hidden.to(lm_head.dtype), lm_head).float()
+
+
+def glide_full_forward(
+    target: Model,
+    glide: Glide,
+    input_ids: torch.Tensor,
+    target_k: torch.Tensor,
+    target_v: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    lag: int | torch.Tensor = 1,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Brute-force draft logits over whole sequences, no cache: the definition the incremental
+    decoding must match, and the training forward.
+
+    Query i (position ``positions[i]``) sees draft rows j with i - window < j <= i and target
+    rows j <= i - lag (decoding = lag 1: target positions < t). ``lag`` is an int or a [B] tensor.
+    ``target_k``/``target_v`` [B, Hkv, T, D] are the target's last-layer K/V over the same tokens.
+    Returns logits [B, T, V] fp32.
+    """
+    b, t = input_ids.shape
+    dev = input_ids.device
+    if positions is None:
+        positions = torch.arange(t, device=dev)
+    idx = torch.arange(t, device=dev)
+    # Windowed causal self-attention mask (by index: the tokens are consecutive).
+    self_mask = window_mask(idx, idx, glide.window if window is None else window)
+    # Cross-attention: query i sees target rows j <= i - lag (lag per sequence).
+    lag_t = torch.as_tensor(lag, device=dev).reshape(-1, 1, 1)
+    cross_mask = (idx[None, :, None] - idx[None, None, :]) >= lag_t  # [B or 1, T, T]
+    cross_mask = cross_mask.expand(b, t, t)
+    hidden, _, _ = glide_layer(target, glide, input_ids, positions, None, None, self_mask, target_k, target_v, cross_mask)
+    return glide_logits(target, hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# The draft's constant-size cache
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GlideCache:
+    """The draft's own K/V, at most ``window`` rows: k, v [1, Hkv, S, D] and their positions pos [S]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    window: int
+
+    @staticmethod
+    def empty(glide: Glide) -> "GlideCache":
+        c = glide.config
+        z = torch.empty(1, c.num_kv_heads, 0, c.head_dim, dtype=glide.dtype, device=glide.device)
+        return GlideCache(z, z.clone(), torch.empty(0, dtype=torch.long, device=glide.device), c.window)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Add rows, then drop all but the last ``window`` positions (older ones can never be read)."""
+        self.k = torch.cat([self.k, k], dim=2)[:, :, -self.window:]
+        self.v = torch.cat([self.v, v], dim=2)[:, :, -self.window:]
+        self.pos = torch.cat([self.pos, pos])[-self.window:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The drafter: catch-up, root, beam levels
+# ---------------------------------------------------------------------------------------------
+
+
+class GlideDrafter:
+    """Proposes a GLIDE beam tree each round (a chain when every level keeps 1 node)."""
+
+    def __init__(self, target: Model, glide: Glide, tree_shape: Sequence[int]):
+        check_glide_matches(target, glide)
+        self.target, self.glide = target, glide
+        self.tree_shape = validate_tree_shape(tree_shape)
+        self.cache = GlideCache.empty(glide)
+        self.processed = 0  # positions [0, processed) have been run through the draft layer
+
+    def _catch_up(self, tokens: list[int], target_k: torch.Tensor, target_v: torch.Tensor) -> torch.Tensor:
+        """Run positions [processed, L] (emitted since last round; L = the root) through the layer,
+        in chunks of at most ``window`` so memory stays bounded. Returns the root's hidden [H]."""
+        dev, window = self.glide.device, self.glide.window
+        L = len(tokens) - 1
+        hidden = None
+        for start in range(self.processed, L + 1, window):
+            stop = min(start + window, L + 1)
+            ids = torch.tensor(tokens[start:stop], dtype=torch.long, device=dev)[None]
+            pos = torch.arange(start, stop, device=dev)
+            # Self: window over (cache rows + new rows); causal among the new rows.
+            self_mask = window_mask(pos, torch.cat([self.cache.pos, pos]), window)
+            # Cross: a query at position t sees target positions < t (all of [0, L) for the root).
+            cross_mask = torch.arange(L, device=dev)[None, :] < pos[:, None]
+            h, k, v = glide_layer(self.target, self.glide, ids, pos, self.cache.k, self.cache.v, self_mask, target_k, target_v, cross_mask)
+            self.cache.append(k, v, pos)
+            hidden = h[0, -1]
+        self.processed = L + 1
+        return hidden
+
+    def propose(self, state: RoundState) -> Draft:
+        dev, window = self.glide.device, self.glide.window
+        L = state.target_cache.length
+        target_k, target_v = state.target_cache.k[-1], state.target_cache.v[-1]  # [1, Hkv, L, D], post-RoPE
+
+        # 1. Catch up on the emitted tokens and run the root: draft log-probs for the next token.
+        root_hidden = self._catch_up(state.tokens, target_k, target_v)
+        logprobs = torch.log_softmax(glide_logits(self.target, root_hidden[None]), dim=-1)  # [1, V]
+
+        # No more levels than could still be emitted (the extra token always is).
+        depth = min(len(self.tree_shape), max(state.budget - 1, 0))
+        tokens = [state.tokens[-1]]
+        parents = [-1]
+        level_nodes = [0]  # global indices of the current level (root)
+        cum = torch.zeros(1, device=dev)
+        tree_k = tree_v = None  # draft K/V of the nodes 1..M-1 of this round (scratch, not cached)
+        tree_pos = torch.empty(0, dtype=torch.long, device=dev)  # their positions
+        anc = torch.empty(0, 0, dtype=torch.bool, device=dev)  # ancestor-or-self among nodes 1..M-1
+        for level in range(depth):
+            # 2./3. Best (node, token) pairs over the whole level by cumulative log-probability.
+            parent_local, new_tokens, cum = beam_level(cum, logprobs, self.tree_shape[level])
+            first = len(tokens)
+            parent_global = [level_nodes[int(i)] for i in parent_local]
+            parents += parent_global
+            tokens += new_tokens.tolist()
+            level_nodes = list(range(first, len(tokens)))
+            if level == depth - 1:
+                break  # the last level needs no draft forward
+            # Ancestor-or-self rows of the new nodes: their parent's row plus themselves.
+            n = len(level_nodes)
+            parent_rows = anc[torch.tensor(parent_global, device=dev) - 1] if level > 0 else torch.zeros(n, 0, dtype=torch.bool, device=dev)
+            anc = torch.cat([torch.cat([anc, torch.zeros(anc.shape[0], n, dtype=torch.bool, device=dev)], dim=1),
+                             torch.cat([parent_rows, torch.eye(n, dtype=torch.bool, device=dev)], dim=1)], dim=0)
+            pos = torch.full((n,), L + level + 1, dtype=torch.long, device=dev)
+            tree_pos = torch.cat([tree_pos, pos])
+            # One draft forward over this level's nodes (all at position L + level + 1):
+            #    self: window over the cached prefix (root included) + ancestors-or-self among the nodes
+            self_mask = torch.cat([window_mask(pos, self.cache.pos, window), anc[first - 1:] & window_mask(pos, tree_pos, window)], dim=1)
+            #    cross: every node sees the verified prefix [0, L)
+            cross_mask = torch.ones(n, L, dtype=torch.bool, device=dev)
+            past_k = self.cache.k if tree_k is None else torch.cat([self.cache.k, tree_k], dim=2)
+            past_v = self.cache.v if tree_v is None else torch.cat([self.cache.v, tree_v], dim=2)
+            h, k, v = glide_layer(self.target, self.glide, new_tokens.to(dev)[None], pos, past_k, past_v, self_mask, target_k, target_v, cross_mask)
+            tree_k = k if tree_k is None else torch.cat([tree_k, k], dim=2)
+            tree_v = v if tree_v is None else torch.cat([tree_v, v], dim=2)
+            logprobs = torch.log_softmax(glide_logits(self.target, h[0]), dim=-1)  # [n, V]
+
+        return Draft(torch.tensor(tokens, dtype=torch.long), Tree.from_parents(parents))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public decoders
+# ---------------------------------------------------------------------------------------------
+
+
+def tree_spec_generate(
+    target: Model,
+    glide: Glide,
+    input_ids: torch.Tensor,
+    prompt_length: int,
+    tree_shape: Sequence[int] | None = (4, 16, 16, 16, 16),
+    max_gen_len: int = 64,
+    eos_id: int | list[int] | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> GenerationResult:
+    """GLIDE beam-tree speculative decoding (LongSpec). ``tree_shape`` = nodes per level
+    (None = the default ``(4, 16, 16, 16, 16)``: 68 drafts + root = 69 verified positions).
+
+    Lossless: greedy output equals :func:`specdec.ref.vanilla_generate`; with temperature > 0 the
+    deterministic-candidate rule keeps the target distribution exactly. Returns a
+    :class:`GenerationResult` (unpacks as ``output_ids, count, num, elapsed_time, spec_mask``).
+    """
+    shape = validate_tree_shape((4, 16, 16, 16, 16) if tree_shape is None else tree_shape)
+    drafter = GlideDrafter(target, glide, shape)
+    return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+                           generator, method="tree_spec_generate", on_round=on_round)
+
+
+def spec_generate(
+    target: Model,
+    glide: Glide,
+    input_ids: torch.Tensor,
+    prompt_length: int,
+    gamma: int = 4,
+    max_gen_len: int = 64,
+    eos_id: int | list[int] | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> GenerationResult:
+    """GLIDE chain speculative decoding: ``gamma`` drafts per round, each the draft's argmax
+    (the beam tree with ``tree_shape = (1,) * gamma``); verification as in :func:`tree_spec_generate`."""
+    check_positive_int("gamma", gamma)
+    drafter = GlideDrafter(target, glide, (1,) * gamma)
+    return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+                           generator, method="spec_generate", on_round=on_round)
+
+
+__all__ += ["GLIDE_WINDOW"]
