@@ -34,6 +34,7 @@ __all__ = [
     "write_bin_checkpoint",
     "make_tiny_tokenizer_dir",
     "TOKENIZER_CORPUS",
+    "CHAT_SPECIAL_TOKENS",
 ]
 
 FAMILIES = ("llama", "qwen2")
@@ -208,24 +209,38 @@ TOKENIZER_CORPUS = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
 ]
 
-SPECIAL_TOKENS = [
-    "<unk>", "<s>", "</s>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+BASE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+CHAT_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
     "<|im_start|>", "<|im_end|>", "<|endoftext|>",
 ]
 
 
-def make_tiny_tokenizer_dir(tmp_path: str | os.PathLike, name: str = "tok", vocab_size: int = 200, chat_template: str | None = None) -> str:
+def make_tiny_tokenizer_dir(
+    tmp_path: str | os.PathLike,
+    name: str = "tok",
+    vocab_size: int = 400,
+    chat_template: str | None = None,
+    specials: list[str] | None = None,
+    add_bos: bool = True,
+) -> str:
     """Train a tiny byte-level BPE on :data:`TOKENIZER_CORPUS`, wrap it in ``PreTrainedTokenizerFast``,
-    save it (optionally with ``chat_template``) and return the directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    save it (optionally with ``chat_template``) and return the directory.
+
+    ``specials``: special tokens besides ``<unk> <s> </s>`` (e.g. :data:`CHAT_SPECIAL_TOKENS`);
+    ``add_bos``: the tokenizer prepends ``<s>`` when ``add_special_tokens=True`` (like Llama's).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BASE_SPECIAL_TOKENS + list(specials or []),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     if chat_template is not None:
         fast.chat_template = chat_template
