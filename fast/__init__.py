@@ -16,3 +16,7 @@ if not _torch.cuda.is_available():
 from specdec.fast.model import FastModel, as_fast_model, forward, load_model  # noqa: E402,F401
 from specdec.fast.vanilla import vanilla_generate  # noqa: E402,F401
 from specdec.fast.kernels import tree_attention  # noqa: E402,F401
+from specdec.fast.engine import run_speculative_fast  # noqa: E402,F401
+from specdec.fast.speculative import speculative_generate  # noqa: E402,F401
+from specdec.fast.pld import pld_generate  # noqa: E402,F401
+from specdec.fast.logitspec import logitspec_generate  # noqa: E402,F401

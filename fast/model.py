@@ -77,7 +77,7 @@ class FastModel:
     w: dict[str, torch.Tensor]
     source: str = ""
     graphs: dict = field(default_factory=dict)
-    cache: StaticKVCache | None = None
+    caches: dict = field(default_factory=dict)
     rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
     use_graphs: bool = True
 
@@ -98,23 +98,32 @@ class FastModel:
     # Cache management
     # -----------------------------------------------------------------------------------------
 
-    def ensure_cache(self, batch: int, capacity: int) -> StaticKVCache:
-        """The model's main cache with room for ``capacity`` rows x ``batch``, emptied.
+    def ensure_cache(self, batch: int, capacity: int, name: str = "main") -> StaticKVCache:
+        """The model's cache called ``name``, with room for ``capacity`` rows x ``batch``, emptied.
 
-        Reuses the existing one (and its CUDA graphs) when it is big enough.
+        Reuses the existing one (and the CUDA graphs captured on it) when it is big enough. A model
+        used as its own draft keeps separate caches under separate names ("main", "draft", ...).
         """
-        if self.cache is not None and self.cache.k.shape[1] == batch and self.cache.capacity >= capacity:
-            self.cache.set_length(0)
-            return self.cache
-        self.cache = None
-        self.graphs.clear()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.cache = alloc_cache(self, batch, capacity)
-        if self.config.rope_type != "dynamic":
-            pos = torch.arange(self.cache.capacity + MAX_TREE_NODES + 1, device=self.device)
-            self.rope_table = rope_cos_sin(self.config, pos, dtype=self.dtype)
-        return self.cache
+        cache = self.caches.get(name)
+        if cache is not None and cache.k.shape[1] == batch and cache.capacity >= capacity:
+            cache.set_length(0)
+            return cache
+        if cache is not None:
+            del self.caches[name]
+            self.graphs = {k: g for k, g in self.graphs.items() if k[0] != id(cache)}
+            del cache
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        cache = self.caches[name] = alloc_cache(self, batch, capacity)
+        rows = cache.capacity + MAX_TREE_NODES + 1
+        if self.config.rope_type != "dynamic" and (self.rope_table is None or self.rope_table[0].shape[0] < rows):
+            self.rope_table = rope_cos_sin(self.config, torch.arange(rows, device=self.device), dtype=self.dtype)
+            self.graphs.clear()  # captured graphs read the old table
+        return cache
+
+    @property
+    def cache(self) -> StaticKVCache | None:
+        return self.caches.get("main")
 
 
 def alloc_cache(fm: FastModel, batch: int, capacity: int) -> StaticKVCache:

@@ -27,7 +27,7 @@ class FastDraftModelDrafter:
     def __init__(self, draft: FastModel, gamma: int, capacity: int) -> None:
         self.model = draft
         self.gamma = gamma
-        self.cache = draft.ensure_cache(1, capacity)
+        self.cache = draft.ensure_cache(1, capacity, name="draft")
         self.cached: list[int] = []  # tokens whose KV is in the draft cache
         self.pending: torch.Tensor | None = None  # drafts fed last round, still on the device
 

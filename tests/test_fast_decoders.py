@@ -1,0 +1,130 @@
+"""The fast path against the reference: token-identical greedy output for every decoder.
+
+On CPU the Triton kernels run under the interpreter (slow), so these use 1-layer models with
+head_dim 64 and short generations; ``-m gpu`` runs larger models for real on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec.fast as fast
+import specdec.ref as ref
+from lossless import lossless_check, tiny_model
+
+VOCAB = 64
+
+
+def _pair(family="llama", layers=1, seed=0, device="cpu", kv_heads=1):
+    m = tiny_model(family, vocab=VOCAB, layers=layers, hidden=128, heads=2, kv_heads=kv_heads, seed=seed, init_std=0.3)
+    if device != "cpu":
+        m.weights = {k: v.to(device) for k, v in m.weights.items()}
+    return m, fast.as_fast_model(m)
+
+
+REPETITIVE = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
+
+
+def _decoders(draft, fdraft):
+    """(name, ref call, fast call) for every decoder that needs no GLIDE checkpoint."""
+    return [
+        ("vanilla", lambda m, **kw: ref.vanilla_generate(m, **kw), lambda m, **kw: fast.vanilla_generate(m, **kw)),
+        ("speculative", lambda m, **kw: ref.speculative_generate(m, draft, gamma=3, **kw),
+         lambda m, **kw: fast.speculative_generate(m, fdraft, gamma=3, **kw)),
+        ("pld", lambda m, **kw: ref.pld_generate(m, num_pred_tokens=4, **kw),
+         lambda m, **kw: fast.pld_generate(m, num_pred_tokens=4, **kw)),
+        ("logitspec", lambda m, **kw: ref.logitspec_generate(m, draft_tree_capacity=8, num_pred_tokens=4, **kw),
+         lambda m, **kw: fast.logitspec_generate(m, draft_tree_capacity=8, num_pred_tokens=4, **kw)),
+    ]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fast_greedy_token_identical_to_ref_and_vanilla(family):
+    target, ftarget = _pair(family, seed=1)
+    draft, fdraft = _pair(family, seed=2)
+    ids = torch.tensor([REPETITIVE])
+    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=10, eos_id=[])
+    vanilla = ref.vanilla_generate(target, **kw).output_ids
+    for name, r, f in _decoders(draft, fdraft):
+        rr, ff = r(target, **kw), f(ftarget, **kw)
+        assert torch.equal(rr.output_ids, vanilla), name
+        assert torch.equal(ff.output_ids, rr.output_ids), name
+        assert ff.accept_lengths == rr.accept_lengths, name  # same drafts, same acceptance, round by round
+        assert ff.count == int(ff.spec_mask.sum())
+
+
+def test_fast_self_draft_accepts_everything():
+    target, ftarget = _pair(seed=3)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    res = fast.speculative_generate(ftarget, ftarget, ids, 4, gamma=3, max_gen_len=9, eos_id=[])
+    assert torch.equal(res.output_ids, ref.vanilla_generate(target, ids, 4, max_gen_len=9, eos_id=[]).output_ids)
+    assert res.accept_lengths == [1, 4, 4]  # always right: 3 drafts + bonus per round
+
+
+def test_fast_eos_inside_accepted_draft():
+    target, ftarget = _pair(seed=4)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    plain = ref.vanilla_generate(target, ids, 5, max_gen_len=8, eos_id=[]).output_ids[0].tolist()
+    eos = plain[4]
+    want = plain[: plain.index(eos) + 1]
+    res = fast.speculative_generate(ftarget, ftarget, ids, 5, gamma=3, max_gen_len=8, eos_id=eos)
+    assert res.output_ids[0].tolist() == want
+
+
+def test_fast_bad_input():
+    _, ftarget = _pair(seed=5)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="gamma"):
+        fast.speculative_generate(ftarget, ftarget, ids, 3, gamma=0)
+    with pytest.raises(ValueError, match="draft_tree_capacity"):
+        fast.logitspec_generate(ftarget, ids, 3, draft_tree_capacity=500)
+    with pytest.raises(ValueError, match="temperature"):
+        fast.vanilla_generate(ftarget, ids, 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        fast.vanilla_generate(ftarget, torch.zeros(1, 0, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="context"):
+        fast.vanilla_generate(ftarget, ids, 3, max_gen_len=10_000)
+    other = tiny_model("llama", vocab=VOCAB + 1, layers=1, hidden=128, heads=2, kv_heads=1)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        fast.speculative_generate(ftarget, fast.as_fast_model(other), ids, 3)
+    small = tiny_model("llama", vocab=VOCAB, layers=1, hidden=32, heads=4, kv_heads=2)
+    with pytest.raises(ValueError, match="head dims"):
+        fast.as_fast_model(small)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: a larger random model, fp32 token identity and lossless sampling for real
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gpu_fast_greedy_matches_ref_fp32(family):
+    target, ftarget = _pair(family, layers=4, seed=11, device="cuda", kv_heads=1)
+    draft, fdraft = _pair(family, layers=1, seed=12, device="cuda", kv_heads=1)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, VOCAB, (1, 40), generator=g)
+        ids[0, 20:34] = ids[0, 0:14]  # something for retrieval to find
+        kw = dict(input_ids=ids, prompt_length=40, max_gen_len=48, eos_id=[])
+        vanilla = ref.vanilla_generate(target, **kw).output_ids
+        assert torch.equal(fast.vanilla_generate(ftarget, **kw).output_ids, vanilla)
+        for name, r, f in _decoders(draft, fdraft):
+            assert torch.equal(f(ftarget, **kw).output_ids, vanilla), name
+
+
+@pytest.mark.gpu
+def test_gpu_fast_sampling_is_lossless():
+    target = tiny_model("llama", vocab=10, layers=1, hidden=128, heads=2, kv_heads=1, seed=21, init_std=0.5)
+    draft = tiny_model("llama", vocab=10, layers=1, hidden=128, heads=2, kv_heads=1, seed=22, init_std=0.5)
+    for m in (target, draft):
+        m.weights = {k: v.cuda() for k, v in m.weights.items()}
+    ft, fd = fast.as_fast_model(target), fast.as_fast_model(draft)
+    prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    for decode in (
+        lambda **kw: fast.speculative_generate(ft, fd, gamma=2, **kw),
+        lambda **kw: fast.pld_generate(ft, num_pred_tokens=2, max_ngram_size=2, **kw),
+        lambda **kw: fast.logitspec_generate(ft, draft_tree_capacity=6, num_pred_tokens=2, **kw),
+    ):
+        lossless_check(decode, target, prompt, n_samples=1500, temperature=1.0, top_k=6)
