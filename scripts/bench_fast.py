@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Fast-path step costs on big model shapes with random bf16 weights (speed does not depend on values).
+
+For each shape (Llama-3-8B: 128k vocabulary, GQA 32/8; Vicuna-7B: 32k vocabulary, MHA 32/32) and
+context (1k, 32k; 128k for Llama-3-8B) it measures, in one process:
+
+* chunked prefill time and peak GPU memory;
+* one vanilla decode step (M = 1, CUDA-graph replay): ms, tokens/s, bytes moved per step
+  (all weights + the KV cache read), and that bandwidth as a fraction of the device copy bandwidth
+  measured in the same run;
+* one verification step of the default 69-node tree (``tree_shape=(4, 16, 16, 16, 16)``), and its
+  cost relative to the vanilla step;
+* optionally (``--hf``) ``transformers`` eager ``generate`` tokens/s on the same weights at 1k.
+
+Prints a table and writes JSONL (``--out``).
+
+    python3 scripts/bench_fast.py --out runs/bench_fast.jsonl [--shapes llama3-8b vicuna-7b] [--contexts 1024 32768] [--hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from tabulate import tabulate
+
+from specdec.fast.engine import TreeTensors
+from specdec.fast.model import as_fast_model, prefill, run_step
+from specdec.shared.benchutil import MODEL_SHAPES, copy_bandwidth, cuda_time_ms, random_model
+from specdec.shared.tree import Tree
+
+
+def default_tree() -> Tree:
+    """The topology of a [4, 16, 16, 16, 16] beam tree (which nodes are parents does not change the cost)."""
+    parents = [-1] + [0] * 4
+    prev = list(range(1, 5))
+    for width in (16, 16, 16, 16):
+        start = len(parents)
+        parents += [prev[i % len(prev)] for i in range(width)]
+        prev = list(range(start, start + width))
+    return Tree.from_parents(parents)
+
+
+def hf_generate_tps(model, ctx: int, new_tokens: int = 32) -> float:
+    """transformers eager generate tokens/s (decode only) on the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                      head_dim=c.head_dim, rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+                      max_position_embeddings=c.max_position_embeddings)
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg)
+    hf = hf.to_empty(device="cuda").to(torch.bfloat16).eval()
+    sd = {("model." + k if k != "lm_head.weight" else k): v for k, v in model.weights.items()}
+    hf.load_state_dict(sd, strict=False, assign=True)
+    ids = torch.randint(0, c.vocab_size, (1, ctx), device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        torch.cuda.synchronize()
+        t_prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t
+    del hf
+    return (new_tokens - 1) / max(total - t_prefill, 1e-9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["llama3-8b", "vicuna-7b"], choices=sorted(MODEL_SHAPES))
+    ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 32768])
+    ap.add_argument("--long", type=int, default=131072, help="extra context for llama3-8b (0 = skip)")
+    ap.add_argument("--hf", action="store_true", help="also time transformers eager generate at 1k")
+    ap.add_argument("--out", default="runs/bench_fast.jsonl")
+    args = ap.parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    print(f"device {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    tree = default_tree()
+    rows = []
+    with open(args.out, "w") as out, torch.inference_mode():
+        for shape in args.shapes:
+            model = random_model(shape, device="cuda")
+            fm = as_fast_model(model)
+            c = fm.config
+            weight_bytes = sum(t.numel() * t.element_size() for k, t in fm.w.items())
+            contexts = list(args.contexts) + ([args.long] if shape == "llama3-8b" and args.long else [])
+            for ctx in contexts:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                cache = fm.ensure_cache(1, ctx + 256)
+                ids = torch.randint(0, c.vocab_size, (1, ctx), device=dev)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                prefill(fm, cache, ids, chunk_size=4096)
+                torch.cuda.synchronize()
+                t_prefill = time.perf_counter() - t
+                L = cache.length
+                one = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
+                tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+                pos = torch.full((1, 1), L, dtype=torch.long, device=dev)
+                ms_step = cuda_time_ms(lambda: run_step(fm, cache, tok, pos, one), reps=30)
+                tt = TreeTensors.get(tree, tree.size, dev)
+                toks = torch.zeros(1, tree.size, dtype=torch.long, device=dev)
+                tpos = (tt.depth + L)[None]
+                ms_tree = cuda_time_ms(lambda: run_step(fm, cache, toks, tpos, tt.mask), reps=30)
+                kv_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * L * 2
+                moved = weight_bytes + kv_bytes
+                row = dict(shape=shape, context=ctx, prefill_s=t_prefill, step_ms=ms_step, tok_s=1e3 / ms_step,
+                           bytes_per_step_gb=moved / 1e9, bw_frac=moved / (ms_step / 1e3) / bw,
+                           verify69_ms=ms_tree, verify69_over_step=ms_tree / ms_step,
+                           peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, copy_bw_tbs=bw / 1e12,
+                           device=torch.cuda.get_device_name())
+                if args.hf and ctx == min(args.contexts):
+                    fm.caches.clear(); fm.graphs.clear(); torch.cuda.empty_cache()
+                    row["hf_generate_tok_s"] = hf_generate_tps(model, ctx)
+                rows.append(row)
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                print(json.dumps(row), flush=True)
+            fm.caches.clear(); fm.graphs.clear()
+            del fm, model
+            torch.cuda.empty_cache()
+    headers = ["shape", "context", "prefill s", "step ms", "tok/s", "GB/step", "% copy BW", "verify-69 ms", "69/1", "peak GiB", "HF tok/s"]
+    table = [[r["shape"], r["context"], f"{r['prefill_s']:.2f}", f"{r['step_ms']:.2f}", f"{r['tok_s']:.1f}",
+              f"{r['bytes_per_step_gb']:.2f}", f"{100 * r['bw_frac']:.0f}%", f"{r['verify69_ms']:.2f}",
+              f"{r['verify69_over_step']:.2f}x", f"{r['peak_mem_gib']:.1f}",
+              f"{r['hf_generate_tok_s']:.1f}" if "hf_generate_tok_s" in r else "-"] for r in rows]
+    print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}")
+    print(tabulate(table, headers=headers))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Small measuring helpers for the benchmark scripts (never used by timed tests).
+
+* :func:`copy_bandwidth` -- device copy bandwidth in bytes/s (read + write), measured now;
+* :func:`cuda_time_ms` -- median milliseconds of a callable between CUDA events after warm-up;
+* :data:`MODEL_SHAPES` -- the reference architectures (random weights: cost does not depend on values);
+* :func:`random_model` -- a :class:`~specdec.shared.weights.Model` of such a shape with random weights
+  created directly on the device (no checkpoint, no Hugging Face model).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import torch
+
+from specdec.shared.config import ModelConfig
+from specdec.shared.weights import Model, expected_shapes
+
+__all__ = ["copy_bandwidth", "cuda_time_ms", "MODEL_SHAPES", "random_model"]
+
+MODEL_SHAPES = {
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                      num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      max_position_embeddings=131072 + 4096),
+    "vicuna-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                      num_heads=32, num_kv_heads=32, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-5,
+                      max_position_embeddings=32768 + 4096),
+}
+
+
+def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes per second of ``dst.copy_(src)`` on ``device``, counting read + write."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), reps=reps)
+    return 2 * nbytes / (ms / 1e3)
+
+
+def cuda_time_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> float:
+    """Median time of ``fn()`` in milliseconds, measured with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def random_model(shape: str | dict, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0, std: float = 0.02) -> Model:
+    """A model of a named shape (:data:`MODEL_SHAPES`) or config dict with random weights on ``device``."""
+    cfg = ModelConfig(**(MODEL_SHAPES[shape] if isinstance(shape, str) else shape))
+    g = torch.Generator(device=device).manual_seed(seed)
+    weights = {}
+    for name, shp in expected_shapes(cfg).items():
+        if name.endswith("norm.weight"):
+            weights[name] = torch.ones(shp, dtype=dtype, device=device)
+        else:
+            weights[name] = (torch.randn(shp, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
+    if cfg.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    return Model(cfg, weights, source=f"random:{shape if isinstance(shape, str) else 'custom'}")
