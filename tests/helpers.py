@@ -11,7 +11,7 @@ logits vary, exercises biases and norm weights, and gives greedy sequences with 
 
 Usage::
 
-    from tests.helpers import make_tiny_model_dir, make_hf_model
+    from helpers import make_tiny_model_dir, make_hf_model   # tests/ is on sys.path under pytest
     path = make_tiny_model_dir(tmp_path, family="qwen2", kv_heads=1)
     model = specdec.ref.load_model(path)
 """
