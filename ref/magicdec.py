@@ -47,7 +47,7 @@ def streaming_rows(length: int, sink_tokens: int, window: int, device=None) -> t
     """Cache rows of the StreamingLLM view of a verified prefix of ``length`` positions:
     ``[0, sink_tokens)`` then ``[max(sink_tokens, length - window), length)`` (1-D long, ascending)."""
     sinks = torch.arange(min(sink_tokens, length), device=device)
-    recent = torch.arange(max(sink_tokens, length - window), length, device=device)
+    recent = torch.arange(min(max(sink_tokens, length - window), length), length, device=device)
     return torch.cat([sinks, recent])
 
 
