@@ -128,3 +128,53 @@ def test_gpu_fast_sampling_is_lossless():
         lambda **kw: fast.logitspec_generate(ft, draft_tree_capacity=6, num_pred_tokens=2, **kw),
     ):
         lossless_check(decode, target, prompt, n_samples=1500, temperature=1.0, top_k=6)
+
+
+# ---------------------------------------------------------------------------------------------
+# GLIDE: the fast drafter proposes exactly the reference's trees (sliding window exercised)
+# ---------------------------------------------------------------------------------------------
+
+
+def _glide_pair(seed=1, window=8):
+    from specdec.shared.glide import init_glide_weights
+
+    target, ftarget = _pair(seed=seed)
+    return target, ftarget, init_glide_weights(target.config, window=window, seed=seed + 1, std=0.3)
+
+
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_fast_glide_drafts_equal_ref_drafts(mode):
+    target, ftarget, glide = _glide_pair()
+    ids = torch.tensor([REPETITIVE])  # 17 tokens + 8 new > 2 * window: the sliding cache shifts
+    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=8, eos_id=[])
+    seen = {"ref": [], "fast": []}
+
+    def rec(name):
+        return lambda r: seen[name].append((r.draft.tokens.tolist(), r.draft.tree.parents, r.path))
+
+    if mode == "tree":
+        rr = ref.tree_spec_generate(target, glide, tree_shape=(2, 3, 4), on_round=rec("ref"), **kw)
+        ff = fast.tree_spec_generate(ftarget, glide, tree_shape=(2, 3, 4), on_round=rec("fast"), **kw)
+    else:
+        rr = ref.spec_generate(target, glide, gamma=3, on_round=rec("ref"), **kw)
+        ff = fast.spec_generate(ftarget, glide, gamma=3, on_round=rec("fast"), **kw)
+    assert torch.equal(rr.output_ids, ref.vanilla_generate(target, **kw).output_ids)
+    assert torch.equal(ff.output_ids, rr.output_ids)
+    assert seen["fast"] == seen["ref"] and len(seen["ref"]) >= 3
+
+
+@pytest.mark.gpu
+def test_gpu_fast_glide_default_tree_matches_vanilla():
+    from specdec.shared.glide import init_glide_weights
+
+    target, ftarget = _pair(layers=4, seed=31, device="cuda")
+    glide = init_glide_weights(target.config, seed=32, std=0.3, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (1, 600), generator=g)  # longer than the 512 window
+    kw = dict(input_ids=ids, prompt_length=600, max_gen_len=64, eos_id=[])
+    vanilla = ref.vanilla_generate(target, **kw).output_ids
+    seen = {"ref": [], "fast": []}
+    rr = ref.tree_spec_generate(target, glide, on_round=lambda r: seen["ref"].append(r.draft.tokens.tolist()), **kw)
+    ff = fast.tree_spec_generate(ftarget, glide, on_round=lambda r: seen["fast"].append(r.draft.tokens.tolist()), **kw)
+    assert torch.equal(rr.output_ids, vanilla) and torch.equal(ff.output_ids, vanilla)
+    assert seen["fast"] == seen["ref"]
