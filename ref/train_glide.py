@@ -322,16 +322,17 @@ def train_glide(
             group["lr"] = _lr_at(step, steps, lr, warmup_steps)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             loss = glide_loss(target, glide, x, positions, lag)
+        loss_value = float(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(list(weights.values()), grad_clip)) if grad_clip else None
         opt.step()
 
-        rec = {"step": step + 1, "loss": float(loss), "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
+        rec = {"step": step + 1, "loss": loss_value, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm,
                "tokens": (step + 1) * batch_size * t, "elapsed_s": round(time.perf_counter() - t0, 3)}
         result.history.append(rec)
         log(rec)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}")
         if on_step is not None:
             on_step(rec)
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
