@@ -322,8 +322,9 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
     return torch.cat(outs, dim=1) if all_logits else _logits(fm, x_last)[:, 0]
 
 
-def forward(fm: FastModel, input_ids: torch.Tensor) -> torch.Tensor:
+def forward(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Full-sequence logits [B, T, V] (fp32) through a temporary cache (for tests)."""
+    fm = as_fast_model(model)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
     cache = alloc_cache(fm, input_ids.shape[0], input_ids.shape[1])

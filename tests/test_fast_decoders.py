@@ -36,6 +36,8 @@ def _decoders(draft, fdraft):
          lambda m, **kw: fast.pld_generate(m, num_pred_tokens=4, **kw)),
         ("logitspec", lambda m, **kw: ref.logitspec_generate(m, draft_tree_capacity=8, num_pred_tokens=4, **kw),
          lambda m, **kw: fast.logitspec_generate(m, draft_tree_capacity=8, num_pred_tokens=4, **kw)),
+        ("magicdec", lambda m, **kw: ref.magicdec_generate(m, gamma=3, sink_tokens=2, window=6, **kw),
+         lambda m, **kw: fast.magicdec_generate(m, gamma=3, sink_tokens=2, window=6, **kw)),
     ]
 
 
@@ -44,7 +46,7 @@ def test_fast_greedy_token_identical_to_ref_and_vanilla(family):
     target, ftarget = _pair(family, seed=1)
     draft, fdraft = _pair(family, seed=2)
     ids = torch.tensor([REPETITIVE])
-    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=10, eos_id=[])
+    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=8, eos_id=[])
     vanilla = ref.vanilla_generate(target, **kw).output_ids
     for name, r, f in _decoders(draft, fdraft):
         rr, ff = r(target, **kw), f(ftarget, **kw)
@@ -52,6 +54,22 @@ def test_fast_greedy_token_identical_to_ref_and_vanilla(family):
         assert torch.equal(ff.output_ids, rr.output_ids), name
         assert ff.accept_lengths == rr.accept_lengths, name  # same drafts, same acceptance, round by round
         assert ff.count == int(ff.spec_mask.sum())
+
+
+PUBLIC_API = ["load_model", "load_glide", "forward", "tree_attention", "vanilla_generate", "speculative_generate",
+              "spec_generate", "tree_spec_generate", "logitspec_generate", "magicdec_generate", "pld_generate"]
+
+
+@pytest.mark.parametrize("name", PUBLIC_API)
+def test_fast_exposes_the_ref_api(name):
+    """Switching is one import line: same names, same parameter names and defaults."""
+    import inspect
+
+    r, f = inspect.signature(getattr(ref, name)), inspect.signature(getattr(fast, name))
+    assert list(f.parameters)[: len(r.parameters)] == list(r.parameters) or name in ("load_model", "load_glide", "tree_attention")
+    for p in r.parameters.values():
+        if p.name in f.parameters and p.default is not inspect.Parameter.empty and name not in ("load_model",):
+            assert f.parameters[p.name].default == p.default, (name, p.name)
 
 
 def test_fast_self_draft_accepts_everything():

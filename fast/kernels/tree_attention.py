@@ -27,8 +27,9 @@ How it runs (two launches):
      ``tree_mask[b, node, j]`` applied to the scores.
    * Each program runs an online softmax in fp32 and writes a partial ``(o, lse)`` in fp32:
      ``o`` already normalised, ``lse`` the log-sum-exp of its scores.
-2. ``_merge_kernel``, grid ``(row_blocks, B * Hkv)``: ``o = sum_p 2^(lse_p - max) o_p / sum_p
-   2^(lse_p - max)`` over all partials, written in q's dtype into ``[B, Hq, M, D]``.
+2. ``_merge_kernel``, grid ``(M * G, B * Hkv)``, one program per packed row, all its partials
+   loaded as one tile: ``o = sum_p 2^(lse_p - max) o_p / sum_p 2^(lse_p - max)``, written in q's
+   dtype into ``[B, Hq, M, D]``.
 
 Log base: EVERY lse stored or combined here is base 2. Scores are scaled by
 ``sm_scale * log2(e)`` once (so ``exp(s * sm_scale) = exp2(s * qk_scale)``) and all exponentials
@@ -243,43 +244,48 @@ def _merge_kernel(
     stride_pz, stride_pp, stride_pr,
     stride_lz, stride_lp,
     stride_ob, stride_oh, stride_om, stride_od,
-    H_KV, M, NUM_PARTS,
+    H_KV, NUM_PARTS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
+    # one program per packed row: all its partials are loaded as one [BLOCK_P, BLOCK_D] tile
+    # (a loop over single partials would be a chain of dependent memory latencies)
+    r = tl.program_id(0)
     pid_z = tl.program_id(1)
     b = pid_z // H_KV
     hkv = pid_z % H_KV
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = offs_r < M * GROUP
+    offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    l_base = L_part + pid_z.to(tl.int64) * stride_lz + offs_r
-    o_base = O_part + pid_z.to(tl.int64) * stride_pz + offs_r[:, None] * stride_pr + offs_d[None, :]
+    l_base = L_part + pid_z.to(tl.int64) * stride_lz + r
+    o_base = O_part + pid_z.to(tl.int64) * stride_pz + r * stride_pr
 
-    # -- pass 1: the largest base-2 lse of every row over all partials ------------------------------
-    lse_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for p in range(0, NUM_PARTS):
-        lse_max = tl.maximum(lse_max, tl.load(l_base + p * stride_lp, mask=row_ok, other=float("-inf")))
-    ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)   # all partials empty: weights all 0
+    # -- pass 1: the largest base-2 lse over all partials ---------------------------------------
+    m_vec = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+    for p0 in range(0, NUM_PARTS, BLOCK_P):
+        p_ok = p0 + offs_p < NUM_PARTS
+        m_vec = tl.maximum(m_vec, tl.load(l_base + (p0 + offs_p) * stride_lp, mask=p_ok, other=float("-inf")))
+    m = tl.max(m_vec, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)   # all partials empty: every weight is exp2(-inf) = 0
 
-    # -- pass 2: weights 2^(lse_p - max) (0 for empty partials), weighted sum of normalised o_p ---
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    wsum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for p in range(0, NUM_PARTS):
-        w = tl.math.exp2(tl.load(l_base + p * stride_lp, mask=row_ok, other=float("-inf")) - ref)
-        o_p = tl.load(o_base + p * stride_pp, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += w[:, None] * o_p
-        wsum += w
-    out = acc / tl.where(wsum > 0.0, wsum, 1.0)[:, None]
+    # -- pass 2: weights 2^(lse_p - max), weighted sum of the normalised partial outputs ---------
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w_vec = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, NUM_PARTS, BLOCK_P):
+        p_ok = p0 + offs_p < NUM_PARTS
+        w = tl.math.exp2(tl.load(l_base + (p0 + offs_p) * stride_lp, mask=p_ok, other=float("-inf")) - m)
+        o_p = tl.load(o_base + (p0 + offs_p)[:, None] * stride_pp + offs_d[None, :],
+                      mask=p_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * o_p, 0)
+        w_vec += w
+    wsum = tl.sum(w_vec, 0)
+    out = acc / tl.where(wsum > 0.0, wsum, 1.0)
 
-    # -- write [B, Hq, M, D] in the output dtype ---------------------------------------------------
-    node = offs_r // GROUP
-    head = hkv * GROUP + offs_r % GROUP
-    o_ptrs = (Out + b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
-              + node[:, None] * stride_om + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    # -- write row r = node * GROUP + g of [B, Hq, M, D] in the output dtype ----------------------
+    node = r // GROUP
+    head = hkv * GROUP + r % GROUP
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + node * stride_om + offs_d * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,15 +423,15 @@ def split_attention(
         UPCAST_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    block_r = 32 if block_d <= 128 else 16
-    _merge_kernel[(triton.cdiv(rows, block_r), b * hkv)](
+    block_p = min(next_pow2(num_parts), 64)
+    _merge_kernel[(rows, b * hkv)](
         o_part, l_part, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         l_part.stride(0), l_part.stride(1),
         *out.stride(),
-        hkv, m, num_parts,
-        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=4,
+        hkv, num_parts,
+        GROUP=group, HEAD_DIM=d, BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=4 if block_p * block_d >= 4096 else 2,
     )
     return out
 
