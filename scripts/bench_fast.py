@@ -10,6 +10,9 @@ context (1k, 32k; 128k for Llama-3-8B) it measures, in one process:
   measured in the same run;
 * one verification step of the default 69-node tree (``tree_shape=(4, 16, 16, 16, 16)``), and its
   cost relative to the vanilla step;
+* one ``tree_spec_generate`` round broken down (``--glide``, a random GLIDE draft): the draft's
+  catch-up + root + beam levels, the 69-node verification, acceptance + KV compaction, and the
+  efficiency ``t_vanilla_step / t_round`` (the speedup is tau times this);
 * optionally (``--hf``) ``transformers`` eager ``generate`` tokens/s on the same weights at 1k.
 
 Prints a table and writes JSONL (``--out``).
@@ -75,12 +78,53 @@ def hf_generate_tps(model, ctx: int, new_tokens: int = 32) -> float:
     return (new_tokens - 1) / max(total - t_prefill, 1e-9)
 
 
+def glide_round_ms(fm, cache, tree: Tree, ms_verify: float) -> dict:
+    """Time the phases of one GLIDE tree round at the current cache length (random GLIDE weights)."""
+    from specdec.fast.glide import FastGlideDrafter, as_fast_glide
+    from specdec.fast.model import commit
+    from specdec.ref.engine import RoundState
+    from specdec.shared.acceptance import greedy_best_node
+    from specdec.shared.glide import init_glide_weights
+    from specdec.shared.sampling import SamplingParams
+
+    dev = fm.device
+    glide = as_fast_glide(init_glide_weights(fm.config, seed=1, dtype=fm.dtype, device=dev))
+    drafter = FastGlideDrafter(fm, glide, (4, 16, 16, 16, 16))
+    L = cache.length
+    tokens = torch.randint(0, fm.config.vocab_size, (L + 1,)).tolist()
+    state = RoundState(tokens, fm, cache, None, SamplingParams(), None, budget=1000)
+    drafter.propose(state)  # catches up on the whole prompt once
+
+    def draft_round():  # a typical round: catch up on the root only, then the beam levels
+        drafter.processed -= 1
+        drafter.cache.n -= 1
+        drafter.propose(state)
+
+    ms_draft = cuda_time_ms(draft_round, reps=20)
+    tt = TreeTensors.get(tree, tree.size, dev)
+    logits = torch.randn(tree.size, fm.config.vocab_size, device=dev)
+    toks = torch.randint(0, fm.config.vocab_size, (tree.size,), device=dev)
+    path = torch.tensor([[0, 1, 6, 22, 40]], dtype=torch.int32, device=dev)
+
+    def accept_compact():
+        am = torch.argmax(logits, dim=-1)
+        best = greedy_best_node(tt.ancestor, tt.depth, toks, am, tt.parents)
+        torch.cat([best[None], am[best][None], tt.ancestor[best].long()]).tolist()
+        commit(cache, path, 5)
+        cache.set_length(L)
+
+    ms_accept = cuda_time_ms(accept_compact, reps=20)
+    return dict(glide_draft_ms=ms_draft, glide_accept_compact_ms=ms_accept,
+                glide_round_ms=ms_draft + ms_verify + ms_accept)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["llama3-8b", "vicuna-7b"], choices=sorted(MODEL_SHAPES))
     ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 32768])
     ap.add_argument("--long", type=int, default=131072, help="extra context for llama3-8b (0 = skip)")
     ap.add_argument("--hf", action="store_true", help="also time transformers eager generate at 1k")
+    ap.add_argument("--glide", action="store_true", help="also break a GLIDE tree round down")
     ap.add_argument("--out", default="runs/bench_fast.jsonl")
     args = ap.parse_args()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -122,6 +166,9 @@ def main() -> None:
                            verify69_ms=ms_tree, verify69_over_step=ms_tree / ms_step,
                            peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, copy_bw_tbs=bw / 1e12,
                            device=torch.cuda.get_device_name())
+                if args.glide:
+                    row.update(glide_round_ms(fm, cache, tree, ms_tree))
+                    row["efficiency"] = ms_step / row["glide_round_ms"]
                 if args.hf and ctx == min(args.contexts):
                     fm.caches.clear(); fm.graphs.clear(); torch.cuda.empty_cache()
                     row["hf_generate_tok_s"] = hf_generate_tps(model, ctx)
@@ -132,10 +179,13 @@ def main() -> None:
             fm.caches.clear(); fm.graphs.clear()
             del fm, model
             torch.cuda.empty_cache()
-    headers = ["shape", "context", "prefill s", "step ms", "tok/s", "GB/step", "% copy BW", "verify-69 ms", "69/1", "peak GiB", "HF tok/s"]
+    headers = ["shape", "context", "prefill s", "step ms", "tok/s", "GB/step", "% copy BW", "verify-69 ms", "69/1",
+               "draft ms", "accept+compact ms", "t_step/t_round", "peak GiB", "HF tok/s"]
     table = [[r["shape"], r["context"], f"{r['prefill_s']:.2f}", f"{r['step_ms']:.2f}", f"{r['tok_s']:.1f}",
               f"{r['bytes_per_step_gb']:.2f}", f"{100 * r['bw_frac']:.0f}%", f"{r['verify69_ms']:.2f}",
-              f"{r['verify69_over_step']:.2f}x", f"{r['peak_mem_gib']:.1f}",
+              f"{r['verify69_over_step']:.2f}x", f"{r.get('glide_draft_ms', float('nan')):.2f}",
+              f"{r.get('glide_accept_compact_ms', float('nan')):.2f}", f"{r.get('efficiency', float('nan')):.2f}",
+              f"{r['peak_mem_gib']:.1f}",
               f"{r['hf_generate_tok_s']:.1f}" if "hf_generate_tok_s" in r else "-"] for r in rows]
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}")
     print(tabulate(table, headers=headers))
