@@ -129,7 +129,8 @@ def tune(flush, reps):
         1: [dict(block_m=16, block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
             [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 2)]],
         69: [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s) for bm, bn, w, s in
-             [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 2)]],
+             [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+              (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4)]],
     }
     results = []
     for prefix in (16384, 32768):
@@ -138,7 +139,7 @@ def tune(flush, reps):
             rows = m * HQ // HKV
             for cfg in configs:
                 per_split = HKV * math.ceil(rows / cfg["block_m"])
-                for waves in (1, 2, 4):
+                for waves in ((1, 2, 4, 8) if m == 1 else (1, 2, 4)):
                     splits = max(1, math.ceil(waves * sms / per_split))
                     try:
                         fn = lambda: K.tree_attention(q, k, v, prefix, mask, num_splits=splits, config=cfg)  # noqa: E731

@@ -27,8 +27,8 @@ How it runs (two launches):
      ``tree_mask[b, node, j]`` applied to the scores.
    * Each program runs an online softmax in fp32 and writes a partial ``(o, lse)`` in fp32:
      ``o`` already normalised, ``lse`` the log-sum-exp of its scores.
-2. ``_merge_kernel``, grid ``(M * G, B * Hkv)``, one program per packed row, all its partials
-   loaded as one tile: ``o = sum_p 2^(lse_p - max) o_p / sum_p 2^(lse_p - max)``, written in q's
+2. ``_merge_kernel``, grid ``(row chunks, B * Hkv)``, all partials of a few rows loaded as one
+   tile: ``o = sum_p 2^(lse_p - max) o_p / sum_p 2^(lse_p - max)``, written in q's
    dtype into ``[B, Hq, M, D]``.
 
 Log base: EVERY lse stored or combined here is base 2. Scores are scaled by
@@ -244,48 +244,53 @@ def _merge_kernel(
     stride_pz, stride_pp, stride_pr,
     stride_lz, stride_lp,
     stride_ob, stride_oh, stride_om, stride_od,
-    H_KV, NUM_PARTS,
+    H_KV, ROWS, NUM_PARTS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # one program per packed row: all its partials are loaded as one [BLOCK_P, BLOCK_D] tile
-    # (a loop over single partials would be a chain of dependent memory latencies)
-    r = tl.program_id(0)
+    # A program merges BLOCK_R packed rows; their partials are loaded as one [BLOCK_P, BLOCK_R,
+    # BLOCK_D] tile (a loop over single partials would be a chain of dependent memory latencies).
+    pid_r = tl.program_id(0)
     pid_z = tl.program_id(1)
     b = pid_z // H_KV
     hkv = pid_z % H_KV
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < ROWS
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    l_base = L_part + pid_z.to(tl.int64) * stride_lz + r
-    o_base = O_part + pid_z.to(tl.int64) * stride_pz + r * stride_pr
+    l_base = L_part + pid_z.to(tl.int64) * stride_lz + offs_r[None, :]                          # [1, R]
+    o_base = (O_part + pid_z.to(tl.int64) * stride_pz + offs_r[None, :, None] * stride_pr
+              + offs_d[None, None, :])                                                        # [1, R, D]
 
-    # -- pass 1: the largest base-2 lse over all partials ---------------------------------------
-    m_vec = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+    # -- pass 1: the largest base-2 lse of every row over all partials ---------------------------
+    m_tile = tl.full([BLOCK_P, BLOCK_R], float("-inf"), dtype=tl.float32)
     for p0 in range(0, NUM_PARTS, BLOCK_P):
-        p_ok = p0 + offs_p < NUM_PARTS
-        m_vec = tl.maximum(m_vec, tl.load(l_base + (p0 + offs_p) * stride_lp, mask=p_ok, other=float("-inf")))
-    m = tl.max(m_vec, 0)
+        p_ok = (p0 + offs_p < NUM_PARTS)[:, None] & r_ok[None, :]
+        lse = tl.load(l_base + (p0 + offs_p)[:, None] * stride_lp, mask=p_ok, other=float("-inf"))
+        m_tile = tl.maximum(m_tile, lse)
+    m = tl.max(m_tile, 0)
     m = tl.where(m == float("-inf"), 0.0, m)   # all partials empty: every weight is exp2(-inf) = 0
 
     # -- pass 2: weights 2^(lse_p - max), weighted sum of the normalised partial outputs ---------
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    w_vec = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    w_tile = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
     for p0 in range(0, NUM_PARTS, BLOCK_P):
-        p_ok = p0 + offs_p < NUM_PARTS
-        w = tl.math.exp2(tl.load(l_base + (p0 + offs_p) * stride_lp, mask=p_ok, other=float("-inf")) - m)
-        o_p = tl.load(o_base + (p0 + offs_p)[:, None] * stride_pp + offs_d[None, :],
-                      mask=p_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * o_p, 0)
-        w_vec += w
-    wsum = tl.sum(w_vec, 0)
-    out = acc / tl.where(wsum > 0.0, wsum, 1.0)
+        p_ok = (p0 + offs_p < NUM_PARTS)[:, None] & r_ok[None, :]
+        w = tl.math.exp2(tl.load(l_base + (p0 + offs_p)[:, None] * stride_lp, mask=p_ok, other=float("-inf")) - m[None, :])
+        o_p = tl.load(o_base + (p0 + offs_p)[:, None, None] * stride_pp,
+                      mask=p_ok[:, :, None] & d_ok[None, None, :], other=0.0)
+        acc += tl.sum(w[:, :, None] * o_p, 0)
+        w_tile += w
+    wsum = tl.sum(w_tile, 0)
+    out = acc / tl.where(wsum > 0.0, wsum, 1.0)[:, None]
 
-    # -- write row r = node * GROUP + g of [B, Hq, M, D] in the output dtype ----------------------
-    node = r // GROUP
-    head = hkv * GROUP + r % GROUP
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + node * stride_om + offs_d * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok)
+    # -- write rows r = node * GROUP + g of [B, Hq, M, D] in the output dtype ---------------------
+    node = offs_r // GROUP
+    head = hkv * GROUP + offs_r % GROUP
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
+              + node[:, None] * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,15 +428,18 @@ def split_attention(
         UPCAST_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    # merge: about 8k fp32 per program on a GPU (registers), 64k under the interpreter (fewer programs)
     block_p = min(next_pow2(num_parts), 64)
-    _merge_kernel[(rows, b * hkv)](
+    budget = 65536 if q.device.type == "cpu" else 8192
+    block_r = max(1, min(next_pow2(rows), budget // (block_p * block_d)))
+    _merge_kernel[(triton.cdiv(rows, block_r), b * hkv)](
         o_part, l_part, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         l_part.stride(0), l_part.stride(1),
         *out.stride(),
-        hkv, num_parts,
-        GROUP=group, HEAD_DIM=d, BLOCK_P=block_p, BLOCK_D=block_d,
-        num_warps=4 if block_p * block_d >= 4096 else 2,
+        hkv, rows, num_parts,
+        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_D=block_d,
+        num_warps=4,
     )
     return out
 
