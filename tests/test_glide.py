@@ -22,7 +22,6 @@ from specdec.ref.glide import (
 from specdec.ref.model import forward_step, new_cache
 from specdec.ref.vanilla import vanilla_generate
 from specdec.shared.glide import Glide, GlideConfig, beam_level, glide_expected_shapes, init_glide_weights, load_glide_weights, save_glide
-from specdec.shared.sampling import SamplingParams
 
 
 @pytest.fixture(autouse=True, scope="module")
