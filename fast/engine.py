@@ -57,6 +57,25 @@ class TreeTensors:
         self.valid = (torch.arange(size) < m).to(device)
 
     @classmethod
+    def from_device(cls, tree, size: int) -> "TreeTensors":
+        """Pad a device-side tree (``parents``/``depth``/``ancestor`` tensors) to ``size`` nodes, on the device."""
+        t = cls.__new__(cls)
+        m = tree.parents.shape[0]
+        dev = tree.parents.device
+        t.size, t.real = size, m
+        if m == size:
+            t.parents, t.depth, t.ancestor = tree.parents, tree.depth, tree.ancestor
+        else:
+            t.parents = torch.cat([tree.parents, torch.zeros(size - m, dtype=torch.long, device=dev)])
+            t.depth = torch.cat([tree.depth, torch.ones(size - m, dtype=torch.long, device=dev)])
+            t.ancestor = torch.zeros(size, size, dtype=torch.bool, device=dev)
+            t.ancestor[:m, :m] = tree.ancestor
+            t.ancestor[m:, m:] = torch.eye(size - m, dtype=torch.bool, device=dev)
+        t.mask = t.ancestor[None]
+        t.valid = torch.arange(size, device=dev) < m
+        return t
+
+    @classmethod
     def get(cls, tree: Tree, size: int, device: torch.device) -> "TreeTensors":
         key = (tree.parents, size, str(device))
         t = cls._cache.get(key)
@@ -128,12 +147,12 @@ def run_speculative_fast(
     while len(emitted) < max_gen_len and not (eos & set(emitted)):
         L = cache.length
         state = RoundState(tokens, target, cache, last_logits, params, generator, max_gen_len - len(emitted))
-        # 1. Draft.
+        # 1. Draft (a host Tree, or a DeviceTree built on the device by the drafter).
         draft: Draft = drafter.propose(state)
         m = draft.tree.size
         if m > tree_size:
             raise RuntimeError(f"drafter bug: a draft of {m} nodes exceeds the fixed tree size {tree_size}")
-        tt = TreeTensors.get(draft.tree, tree_size, dev)
+        tt = TreeTensors.get(draft.tree, tree_size, dev) if isinstance(draft.tree, Tree) else TreeTensors.from_device(draft.tree, tree_size)
         node_tokens = torch.zeros(tree_size, dtype=torch.long, device=dev)
         node_tokens[:m] = draft.tokens.to(dev)
         # 2. Verify all nodes (padded to tree_size) in one graph-replayed pass.
@@ -144,17 +163,21 @@ def run_speculative_fast(
             target_argmax = torch.argmax(logits, dim=-1)
             accept_tokens = torch.where(tt.valid, node_tokens, torch.full_like(node_tokens, -1))
             best = greedy_best_node(tt.ancestor, tt.depth, accept_tokens, target_argmax, tt.parents)
-            # the one host synchronisation of the round: accepted node, next token, its path
-            packed = torch.cat([best[None], target_argmax[best][None], tt.ancestor[best].long()]).tolist()
+            # the one host synchronisation of the round: accepted node, next token, its path, the draft
+            packed = torch.cat([best[None], target_argmax[best][None], tt.ancestor[best].long(),
+                                node_tokens[:m], tt.parents[:m]]).tolist()
             next_token = packed[1]
-            path = [j for j, on in enumerate(packed[2:]) if on]
+            path = [j for j, on in enumerate(packed[2 : 2 + tree_size]) if on]
+            draft_tokens = packed[2 + tree_size : 2 + tree_size + m]
+            parents = packed[2 + tree_size + m :]
         else:
-            path, next_token = accept_draft(draft, logits[:m], params, generator, skip_sample_adjustment)
+            draft_tokens, parents = draft.tokens.tolist(), tt.parents[:m].tolist()
+            host = Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), draft.q)
+            path, next_token = accept_draft(host, logits[:m], params, generator, skip_sample_adjustment)
         # 4. Compact: the accepted rows of every layer move to [L, L + len(path)).
         contiguous = path == list(range(len(path)))
         commit(cache, None if contiguous else torch.tensor([path], dtype=torch.int32, device=dev), len(path))
         # 5. Emit.
-        draft_tokens = draft.tokens.tolist()
         accepted = [draft_tokens[j] for j in path[1:]]
         emitted += accepted + [next_token]
         spec += [True] * len(accepted) + [False]
@@ -162,7 +185,7 @@ def run_speculative_fast(
         accept_lengths.append(len(accepted) + 1)
         last_logits = logits[path[-1]]
         if on_round is not None:
-            on_round(RoundRecord(draft, path, next_token))
+            on_round(RoundRecord(Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), draft.q), path, next_token))
     _sync(dev)
     elapsed = time.perf_counter() - t1
 

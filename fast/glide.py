@@ -30,11 +30,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from specdec.fast.engine import run_speculative_fast
-from specdec.fast.model import MAX_TREE_NODES, FastModel, as_fast_model, rms_norm
+from specdec.fast.model import MAX_TREE_NODES, FastModel, _cos_sin, as_fast_model, rms_norm
 from specdec.ref.engine import Draft, RoundRecord, RoundState
 from specdec.shared.glide import Glide, GlideConfig, beam_level, load_glide_weights
 from specdec.shared.result import GenerationResult
-from specdec.shared.rope import rope_cos_sin
 from specdec.shared.tree import Tree, tree_shape_num_nodes, validate_tree_shape
 from specdec.shared.validate import check_positive_int
 
@@ -130,20 +129,21 @@ class SlidingCache:
 
 def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.Tensor, positions: torch.Tensor,
                 rows: torch.Tensor, q_rows: torch.Tensor, target_k: torch.Tensor, target_v: torch.Tensor, kv_bound,
-                tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+                tree_mask: torch.Tensor | None = None, tree_start=None) -> torch.Tensor:
     """The draft layer on new tokens [1, T]; matches :func:`specdec.ref.glide.glide_layer` with the
     masks the reference builds. Returns hidden [1, T, H].
 
     * K/V of the new tokens are written to buffer ``rows`` [T];
-    * self-attention: query i sees prefix rows in ``(q_rows[i] - window, q_rows[i]]`` (row = position -
-      base); with ``tree_mask`` [1, T, n_tree] the prefix part is cut at ``cache.n`` and the tree
-      block (rows ``[cache.n, cache.n + n_tree)``) is masked by ancestry;
+    * self-attention: query i sees prefix rows in ``(q_rows[0, i] - window, q_rows[0, i]]`` (row =
+      position - base); with ``tree_mask`` [1, T, n_tree] the prefix part is cut at ``tree_start``
+      (int or [1] tensor: the prefix row count) and the tree block (rows ``[tree_start,
+      tree_start + n_tree)``) is masked by ancestry;
     * cross-attention: query i sees target rows ``[0, kv_bound)`` (an int, or [1, T]).
     """
     kern = _kernels()
     c = g.config
-    cos, sin = rope_cos_sin(fm.config, positions, dtype=g.dtype)  # [T, D], true positions
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = _cos_sin(fm, positions)  # [T, D], true positions (the target's table: no host sync)
+    cos, sin = cos[None, None].to(g.dtype), sin[None, None].to(g.dtype)
     half = c.head_dim // 2
 
     def rope(x):
@@ -162,7 +162,7 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
     if tree_mask is None:
         o = kern.glide_self_attention(q, cache.k, cache.v, q_rows, g.window)
     else:
-        o = kern.glide_self_attention(q, cache.k, cache.v, q_rows, g.window, tree_mask=tree_mask, tree_start=cache.n)
+        o = kern.glide_self_attention(q, cache.k, cache.v, q_rows, g.window, tree_mask=tree_mask, tree_start=tree_start)
     x = x + F.linear(rearrange(o, "b h t d -> b t (h d)"), g.w["wo"])
     # 2. Cross-attention over the target's last-layer cache, as stored (query projected + rotated only).
     h = rms_norm(x, g.w["norm2"], c.rms_norm_eps)
@@ -175,8 +175,34 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
     return x + F.linear(F.silu(gate) * up, g.w["w2"])
 
 
+@dataclass
+class DeviceTree:
+    """A draft tree whose topology lives on the device (no host sync to build it).
+
+    ``parents`` [M] long (root -1), ``depth`` [M] long, ``ancestor`` [M, M] bool (ancestor-or-self).
+    :func:`specdec.fast.engine.run_speculative_fast` verifies it as it is and reads it back to the
+    host in the round's single synchronisation.
+    """
+
+    parents: torch.Tensor
+    depth: torch.Tensor
+    ancestor: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.parents.shape[0]
+
+
 class FastGlideDrafter:
-    """GLIDE beam trees (chains when every level keeps one node) on the fast path."""
+    """GLIDE beam trees (chains when every level keeps one node) on the fast path.
+
+    A round is one function of device tensors, :meth:`_round_body`: catch up on the last ``k``
+    emitted tokens (root included), then one draft forward per beam level, the beam choice
+    (:func:`specdec.shared.glide.beam_level`) and the tree mask all on the device. On CUDA it is
+    captured once per ``k`` as a CUDA graph (the graphs live on the :class:`FastGlide` and are reused
+    across calls); elsewhere it runs eagerly. Only the first round's long catch-up (the prompt)
+    runs outside it, in window-sized chunks.
+    """
 
     def __init__(self, target: FastModel, glide: FastGlide, tree_shape: Sequence[int]):
         want = GlideConfig.from_target(target.config, glide.config.window)
@@ -184,68 +210,135 @@ class FastGlideDrafter:
             raise ValueError(f"GLIDE draft {glide.config} does not match the target, which needs {want}")
         self.target, self.glide = target, glide
         self.tree_shape = validate_tree_shape(tree_shape)
-        self.cache = SlidingCache(glide)
+        # the sliding cache and the captured rounds persist on the glide object across calls
+        store = glide.__dict__.setdefault("_fast_state", {})
+        if "cache" not in store:
+            store["cache"] = SlidingCache(glide)
+            store["graphs"] = {}
+        self.cache, self.graphs = store["cache"], store["graphs"]
+        self.cache.n, self.cache.base = 0, 0
         self.processed = 0
+        self.use_graphs = target.use_graphs and target.rope_table is not None
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden.to(self.target.dtype), self.target.w["lm_head"]).float()  # no final norm
         return torch.log_softmax(logits, dim=-1)
 
-    def _catch_up(self, tokens: list[int], target_k, target_v) -> torch.Tensor:
-        """Run positions [processed, L] through the layer (chunks of <= window). Root hidden [H]."""
+    def _catch_up_prefix(self, tokens: list[int], stop_at: int, target_k, target_v) -> None:
+        """Run positions [processed, stop_at) through the layer in window-sized chunks (the prompt)."""
         dev, window, cache = self.glide.device, self.glide.window, self.cache
-        L = len(tokens) - 1
-        hidden = None
-        for start in range(self.processed, L + 1, window):
-            stop = min(start + window, L + 1)
+        for start in range(self.processed, stop_at, window):
+            stop = min(start + window, stop_at)
             cache.make_room(stop - start)
             pos = torch.arange(start, stop, device=dev)
             rows = pos - cache.base
             ids = torch.tensor(tokens[start:stop], dtype=torch.long, device=dev)[None]
-            h = glide_layer(self.target, self.glide, cache, ids, pos, rows, rows, target_k, target_v, pos.to(torch.int32)[None])
+            glide_layer(self.target, self.glide, cache, ids, pos, rows, rows[None], target_k, target_v,
+                        pos.to(torch.int32)[None], tree_start=None)
             cache.n = stop - cache.base
-            hidden = h[0, -1]
-        self.processed = L + 1
-        return hidden
+        self.processed = max(self.processed, stop_at)
+
+    def _round_body(self, buf: dict, shape: tuple[int, ...]) -> None:
+        """Catch-up of ``buf['tokens']`` + the beam levels of ``shape``; writes buf['out_*'] (graph-capturable)."""
+        dev, cache = self.glide.device, self.cache
+        tk, tv = buf["target_k"], buf["target_v"]
+        # 1. Catch up: the last k emitted tokens, root last; query at position t sees target rows < t.
+        h = glide_layer(self.target, self.glide, cache, buf["tokens"][None], buf["pos"], buf["rows"], buf["rows"][None],
+                        tk, tv, buf["bound"][None], tree_start=None)
+        logprobs = self._logprobs(h[0, -1:])  # [1, V] after the root
+        n_tree = sum(shape)
+        anc = torch.zeros(n_tree, n_tree, dtype=torch.bool, device=dev)  # among drafts (root excluded)
+        cum = torch.zeros(1, device=dev)
+        level_nodes = torch.zeros(1, dtype=torch.long, device=dev)  # global ids of the current level
+        toks, parents = [buf["tokens"][-1:]], [torch.full((1,), -1, dtype=torch.long, device=dev)]
+        first = 1
+        for level, width in enumerate(shape):
+            # 2. Best (node, token) pairs over the whole level.
+            parent_local, new_tokens, cum = beam_level(cum, logprobs, width)
+            parent_global = level_nodes[parent_local]
+            n = new_tokens.shape[0]
+            lo = first - 1
+            if level > 0:
+                anc[lo : lo + n, :lo] = anc[parent_global - 1, :lo]
+            anc[lo : lo + n, lo : lo + n] = torch.eye(n, dtype=torch.bool, device=dev)
+            toks.append(new_tokens)
+            parents.append(parent_global)
+            level_nodes = torch.arange(first, first + n, device=dev)
+            first += n
+            if level == len(shape) - 1:
+                break
+            # 3. One draft forward over this level (tree rows follow the prefix rows in the cache).
+            pos = buf["L"].long() + (level + 1)
+            h = glide_layer(self.target, self.glide, cache, new_tokens[None], pos.expand(n),
+                            buf["n"].long() + lo + torch.arange(n, device=dev),
+                            (buf["n"].long() - 1 + level + 1).expand(n)[None], tk, tv, buf["L"],
+                            tree_mask=anc[lo : lo + n, : lo + n][None], tree_start=buf["n"])
+            logprobs = self._logprobs(h[0])
+        m = first
+        full = torch.zeros(m, m, dtype=torch.bool, device=dev)
+        full[:, 0] = True
+        full[1:, 1:] = anc
+        buf["out_tokens"], buf["out_parents"], buf["out_anc"] = torch.cat(toks), torch.cat(parents), full
 
     def propose(self, state: RoundState) -> Draft:
         dev, cache = self.glide.device, self.cache
         L = state.target_cache.length
         target_k = state.target_cache.k[-1]  # [1, Hkv, capacity, D]: rows [0, L) are verified
         target_v = state.target_cache.v[-1]
-        # 1. Catch up and run the root.
-        root_hidden = self._catch_up(state.tokens, target_k, target_v)
-        logprobs = self._logprobs(root_hidden[None])
         depth = min(len(self.tree_shape), max(state.budget - 1, 0))
-        token_chunks = [torch.tensor([state.tokens[-1]], dtype=torch.long, device=dev)]
-        parents = [-1]
-        level_nodes = [0]
-        cum = torch.zeros(1, device=dev)
-        n_tree = sum(self.tree_shape[: max(depth - 1, 0)])
-        anc = torch.zeros(max(n_tree, 1), max(n_tree, 1), dtype=torch.bool, device=dev)
-        for level in range(depth):
-            # 2. Best (node, token) pairs over the whole level (shared rule).
-            parent_local, new_tokens, cum = beam_level(cum, logprobs, self.tree_shape[level])
-            first = len(parents)
-            parent_global = [level_nodes[i] for i in parent_local.tolist()]
-            parents += parent_global
-            token_chunks.append(new_tokens)
-            level_nodes = list(range(first, len(parents)))
-            if level == depth - 1:
-                break
-            # 3. One draft forward over this level's nodes (tree rows follow the prefix rows).
-            n = len(level_nodes)
-            lo = first - 1  # row offset of this level inside the tree block (root excluded)
-            if level > 0:
-                anc[lo : lo + n, :lo] = anc[torch.tensor(parent_global, device=dev) - 1, :lo]
-            anc[lo : lo + n, lo : lo + n] = torch.eye(n, dtype=torch.bool, device=dev)
-            pos = torch.full((n,), L + level + 1, dtype=torch.long, device=dev)
-            rows = torch.arange(cache.n + lo, cache.n + lo + n, device=dev)
-            q_rows = torch.full((n,), cache.n - 1 + level + 1, dtype=torch.long, device=dev)  # row coordinate of position L + level + 1
-            h = glide_layer(self.target, self.glide, cache, new_tokens.to(dev)[None], pos, rows, q_rows,
-                            target_k, target_v, L, tree_mask=anc[lo : lo + n, : lo + n][None])
-            logprobs = self._logprobs(h[0])
-        return Draft(torch.cat(token_chunks), Tree.from_parents(parents))
+        shape = self.tree_shape[:depth]
+        # Long catch-ups (the prompt) run in chunks; the last <= depth + 1 tokens go into the round body.
+        k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
+        self._catch_up_prefix(state.tokens, L + 1 - k, target_k, target_v)
+        cache.make_room(k)
+        pos = torch.arange(L + 1 - k, L + 1)
+        inputs = {
+            "tokens": torch.tensor(state.tokens[L + 1 - k :], dtype=torch.long),
+            "pos": pos, "rows": pos - cache.base, "bound": pos.to(torch.int32),
+            "L": torch.tensor([L], dtype=torch.int32), "n": torch.tensor([L + 1 - cache.base], dtype=torch.int32),
+        }
+        cache.n = L + 1 - cache.base
+        self.processed = L + 1
+        if not shape:  # nothing may be drafted: just the root
+            self._catch_up_tail(inputs, target_k, target_v)
+            return Draft(torch.tensor([state.tokens[-1]], dtype=torch.long), Tree.from_parents([-1]))
+        key = (id(target_k.untyped_storage()), k, shape)
+        if self.use_graphs and shape == self.tree_shape:
+            g = self.graphs.get(key)
+            if g is None:
+                g = self.graphs[key] = self._capture(inputs, shape, target_k, target_v)
+            for name, t in inputs.items():
+                g["buf"][name].copy_(t, non_blocking=True)
+            g["graph"].replay()
+            buf = g["buf"]
+        else:
+            buf = {name: t.to(dev) for name, t in inputs.items()}
+            buf["target_k"], buf["target_v"] = target_k, target_v
+            self._round_body(buf, shape)
+        depth_t = torch.tensor([0] + [lv + 1 for lv, w in enumerate(shape) for _ in range(w)], device=dev)
+        return Draft(buf["out_tokens"], DeviceTree(buf["out_parents"], depth_t, buf["out_anc"]))
+
+    def _catch_up_tail(self, inputs, target_k, target_v) -> None:
+        dev = self.glide.device
+        b = {name: t.to(dev) for name, t in inputs.items()}
+        glide_layer(self.target, self.glide, self.cache, b["tokens"][None], b["pos"], b["rows"], b["rows"][None],
+                    target_k, target_v, b["bound"][None], tree_start=None)
+
+    def _capture(self, inputs: dict, shape, target_k, target_v) -> dict:
+        """Capture :meth:`_round_body` for this catch-up length as a CUDA graph (static buffers)."""
+        dev = self.glide.device
+        buf = {name: t.to(dev) for name, t in inputs.items()}
+        buf["target_k"], buf["target_v"] = target_k, target_v
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up: compiles kernels (writes the same K/V rows again: harmless)
+                self._round_body(buf, shape)
+        torch.cuda.current_stream(dev).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._round_body(buf, shape)
+        return {"graph": graph, "buf": buf}
 
 
 def tree_spec_generate(

@@ -17,7 +17,7 @@ VOCAB = 64
 
 
 def _pair(family="llama", layers=1, seed=0, device="cpu", kv_heads=1):
-    m = tiny_model(family, vocab=VOCAB, layers=layers, hidden=128, heads=2, kv_heads=kv_heads, seed=seed, init_std=0.3)
+    m = tiny_model(family, vocab=VOCAB, layers=layers, hidden=128, heads=2, kv_heads=kv_heads, seed=seed, init_std=0.3, max_pos=2048)
     if device != "cpu":
         m.weights = {k: v.to(device) for k, v in m.weights.items()}
     return m, fast.as_fast_model(m)
@@ -140,7 +140,12 @@ def test_gpu_fast_sampling_is_lossless():
         m.weights = {k: v.cuda() for k, v in m.weights.items()}
     ft, fd = fast.as_fast_model(target), fast.as_fast_model(draft)
     prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    from specdec.shared.glide import init_glide_weights
+
+    glide = init_glide_weights(target.config, seed=23, std=0.5, device="cuda")
     for decode in (
+        lambda **kw: fast.tree_spec_generate(ft, glide, tree_shape=(3, 4), **kw),
+        lambda **kw: fast.magicdec_generate(ft, gamma=2, sink_tokens=1, window=2, **kw),
         lambda **kw: fast.speculative_generate(ft, fd, gamma=2, **kw),
         lambda **kw: fast.pld_generate(ft, num_pred_tokens=2, max_ngram_size=2, **kw),
         lambda **kw: fast.logitspec_generate(ft, draft_tree_capacity=6, num_pred_tokens=2, **kw),
