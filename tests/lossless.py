@@ -271,20 +271,29 @@ def collect_samples(
     seed: int = 0,
     max_gen_len: int | None = None,
 ) -> list[tuple[int, ...]]:
-    """Run ``decode_fn`` ``n_samples`` times with one generator seeded with ``seed``; first ``n_tokens`` of each."""
+    """Run ``decode_fn`` ``n_samples`` times with one generator seeded with ``seed``; first ``n_tokens`` of each.
+
+    Runs with one CPU thread (restored afterwards): for tiny models thread start-up dominates, and
+    on a shared 2-core machine this is several times faster.
+    """
     prompt = torch.as_tensor(prompt, dtype=torch.long)
     if prompt.dim() == 1:
         prompt = prompt[None]
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(n_samples):
-        res = decode_fn(input_ids=prompt, prompt_length=prompt.shape[1], max_gen_len=max_gen_len or n_tokens,
-                        eos_id=[], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-        ids = res.output_ids if hasattr(res, "output_ids") else res[0]
-        toks = tuple(int(t) for t in torch.as_tensor(ids).reshape(-1)[:n_tokens].tolist())
-        if len(toks) != n_tokens:
-            raise AssertionError(f"decoder returned {len(toks)} tokens, expected at least {n_tokens}")
-        out.append(toks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(n_samples):
+            res = decode_fn(input_ids=prompt, prompt_length=prompt.shape[1], max_gen_len=max_gen_len or n_tokens,
+                            eos_id=[], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+            ids = res.output_ids if hasattr(res, "output_ids") else res[0]
+            toks = tuple(int(t) for t in torch.as_tensor(ids).reshape(-1)[:n_tokens].tolist())
+            if len(toks) != n_tokens:
+                raise AssertionError(f"decoder returned {len(toks)} tokens, expected at least {n_tokens}")
+            out.append(toks)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

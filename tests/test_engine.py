@@ -5,13 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lossless import tiny_model
+from lossless import chi_square_test, collect_samples, exact_sequence_distribution, lossless_check, tiny_model
+import specdec.ref.engine as engine
 from specdec.ref import vanilla_generate
 from specdec.ref.engine import Draft, RoundState, run_speculative
 from specdec.ref.model import forward
+from specdec.shared.sampling import sample_from_probs
 from specdec.shared.tree import Tree
 
 V = 48
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: thread start-up costs more than the math, and CI machines are shared
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +33,8 @@ def target():
 class OracleDrafter:
     """Proposes the target's own greedy continuation (always right) -- optionally with wrong siblings."""
 
-    def __init__(self, gamma: int, wrong_siblings: bool = False):
-        self.gamma, self.wrong_siblings = gamma, wrong_siblings
+    def __init__(self, gamma: int, wrong_siblings: bool = False, vocab: int = V):
+        self.gamma, self.wrong_siblings, self.vocab = gamma, wrong_siblings, vocab
 
     def propose(self, state: RoundState) -> Draft:
         seq = list(state.tokens)
@@ -35,7 +46,7 @@ class OracleDrafter:
         # root -> wrong, right -> wrong', right' ... : the right path is not the lowest-index child.
         tokens, parents, prev = [state.tokens[-1]], [-1], 0
         for t in chain:
-            tokens += [(t + 1) % V, t]
+            tokens += [(t + 1) % self.vocab, t]
             parents += [prev, prev]
             prev = len(tokens) - 1
         return Draft(torch.tensor(tokens), Tree.from_parents(parents))
@@ -127,3 +138,26 @@ def test_drafter_root_must_match(target):
 def test_batch_size_one_only(target):
     with pytest.raises(ValueError, match="batch size"):
         run_speculative(target, OracleDrafter(2), torch.zeros(2, 4, dtype=torch.long), 4, max_gen_len=4)
+
+
+def test_tree_sampling_lossless_and_test_has_power(monkeypatch):
+    """Sampling with a tree of high-probability deterministic candidates (the target's argmax path, each
+    node with a wrong sibling tried first) matches the exact distribution; breaking the tree rule (no
+    renormalisation after rejected children) is caught by the same test."""
+    t = tiny_model("llama", vocab=8, seed=0, init_std=0.4, layers=1)
+    p = torch.tensor([[1, 2, 3, 1, 2]])
+    exact = exact_sequence_distribution(t, p, 3, 1.0)
+    decode = lambda **a: run_speculative(t, OracleDrafter(2, wrong_siblings=True, vocab=8), **a)  # noqa: E731
+    lossless_check(decode, t, p, n_samples=400, seed=1, exact=exact)
+
+    rule = engine.tree_sampling_accept
+
+    def broken(tree, tokens, probs, generator=None):
+        path, nxt = rule(tree, tokens, probs, generator)
+        if len(path) == 1:  # all children rejected: draw from the full p instead of what is left of it
+            nxt = int(sample_from_probs(probs[0], generator))
+        return path, nxt
+
+    monkeypatch.setattr(engine, "tree_sampling_accept", broken)
+    res = chi_square_test(collect_samples(decode, p, 400, 3, 1.0, seed=1), exact)
+    assert res.pvalue < 1e-6, res
