@@ -1,0 +1,797 @@
+"""``specdec bench``: Spec-Bench-style speed runs of every decoder (and ``transformers`` peers).
+
+What it does, per method (``--methods``, vanilla included by default)::
+
+    load target (+ draft model / GLIDE draft when the method needs one)
+    warm up (untimed): one short generation, then one at the longest prompt the run will see,
+        so that caches, CUDA graphs and Triton kernels are built before the clock starts
+    for each question of the prompt set (tqdm progress bar):
+        for each turn: prompt = the conversation so far (turn k sees the model's own answers to
+            turns < k), encoded once; synchronize; t0; generate; synchronize; wall = now - t0
+    write <out-dir>/<method>.jsonl: one line per question
+
+Prompt sets are Spec-Bench ``question.jsonl`` files: ``{"question_id", "category", "turns": [...]}``.
+``--bench`` takes a file, a folder holding ``question.jsonl`` (e.g. ``../shared/data/spec_bench``),
+or the name of a set shipped in ``specdec/shared/assets/prompts/`` (see :data:`SHIPPED_SETS`):
+
+* ``stdlib_code``: code completion on Python standard-library files the embedded model did NOT
+  train on (the held-out rule of ``scripts/default_corpus.py``): a file's opening lines, or the
+  code before a ``def ...:`` line, to be continued;
+* ``stdlib_long``: the held-out files concatenated (``# ===== path =====`` headers) into prompts of
+  about 4k, 16k and 32k tokens, ending at a ``def ...:`` line. The embedded model was trained at
+  2048 positions: run it with ``--max-context`` (RoPE past its training length; speed is still
+  meaningful, acceptance falls).
+
+Answer file (Spec-Bench compatible: its ``evaluation/speed.py`` reads it), one line per question::
+
+    {"question_id", "category", "model_id", "method", "backend", "tstamp",
+     "choices": [{"index": 0,
+                  "turns": [text per turn], "new_tokens": [...], "wall_time": [s, whole call],
+                  "prefill_time": [s, time to first token], "decode_time": [s, wall - prefill],
+                  "prompt_tokens": [...], "decoding_steps": [target passes per turn],
+                  "accept_lengths": [tokens per target pass, all turns, prefill's 1 included],
+                  "output_ids": [[token ids per turn]]}],
+     "meta": {method, function, backend, device, dtype, target, draft, glide, options, sampling, ...}}
+
+``accept_lengths`` are the decoder's own per-round counts, clipped so that they sum to
+``new_tokens`` (a last round cut by ``max_new_tokens`` or EOS counts what was emitted); hence
+``sum / len`` = tokens per target forward pass = :attr:`GenerationResult.tau`.
+
+Peers (``--peers``), each written as a method of its own on the same prompts and model:
+
+* ``hf_generate``: ``transformers`` ``model.generate`` (greedy, or sampling at ``--temperature``);
+* ``hf_assisted``: assisted generation with the same draft model (``assistant_model=``);
+* ``hf_pld``: prompt lookup decoding (``prompt_lookup_num_tokens=``, ``max_matching_ngram_size=``
+  from ``--num-pred-tokens`` / ``--max-ngram-size``, defaults those of ``pld_generate``: 10 and 3).
+
+The models are loaded with ``AutoModelForCausalLM.from_pretrained(dir, dtype=...)`` from the same
+local directories. Their time to first token and per-round token counts come from a small
+streamer (``transformers`` calls ``streamer.put`` once per round with the tokens it accepted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "SHIPPED_SETS",
+    "METHODS",
+    "PEERS",
+    "PROMPTS_DIR",
+    "resolve_bench",
+    "load_questions",
+    "conversation_prompt",
+    "clip_accept_lengths",
+    "TurnResult",
+    "add_bench_args",
+    "run_bench",
+    "bench_main",
+    "build_stdlib_prompt_sets",
+]
+
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "prompts")
+SHIPPED_SETS = {
+    "stdlib_code": "stdlib_code.jsonl",
+    "stdlib_long": "stdlib_long.jsonl",
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    function: str  # name in specdec.ref / specdec.fast
+    needs: str | None  # "draft" (a separate LM), "glide", or None
+    options: tuple[str, ...]  # knobs taken from the command line when given
+
+
+METHODS: dict[str, MethodSpec] = {
+    "vanilla": MethodSpec("vanilla_generate", None, ()),
+    "speculative": MethodSpec("speculative_generate", "draft", ("gamma",)),
+    "spec": MethodSpec("spec_generate", "glide", ("gamma",)),
+    "tree_spec": MethodSpec("tree_spec_generate", "glide", ("tree_shape",)),
+    "logitspec": MethodSpec("logitspec_generate", None, ("max_ngram_size", "num_pred_tokens", "draft_tree_capacity")),
+    "magicdec": MethodSpec("magicdec_generate", None, ("gamma", "sink_tokens", "window")),
+    "pld": MethodSpec("pld_generate", None, ("max_ngram_size", "num_pred_tokens")),
+}
+PEERS = ("hf_generate", "hf_assisted", "hf_pld")
+_ALIASES = {spec.function: name for name, spec in METHODS.items()}  # "tree_spec_generate" -> "tree_spec"
+
+
+def canonical_method(name: str) -> str:
+    n = name.strip()
+    n = _ALIASES.get(n, n)
+    if n not in METHODS and n not in PEERS:
+        raise ValueError(f"unknown method {name!r}: choose from {list(METHODS) + list(PEERS)} (or 'all')")
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt sets and conversations
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_bench(bench: str) -> str:
+    """A ``question.jsonl`` path from a file, a folder, or a shipped set name."""
+    if bench in SHIPPED_SETS:
+        p = os.path.join(PROMPTS_DIR, SHIPPED_SETS[bench])
+        if not os.path.isfile(p):
+            raise ValueError(f"the shipped prompt set {bench!r} is missing from this installation ({p})")
+        return p
+    if os.path.isdir(bench):
+        p = os.path.join(bench, "question.jsonl")
+        if not os.path.isfile(p):
+            raise ValueError(f"{bench!r} is a folder without question.jsonl")
+        return p
+    if os.path.isfile(bench):
+        return bench
+    raise ValueError(f"prompt set {bench!r} not found: pass a question.jsonl file, a folder holding one, "
+                     f"or a shipped set ({', '.join(SHIPPED_SETS)})")
+
+
+def load_questions(bench: str, begin: int | None = None, end: int | None = None) -> list[dict]:
+    """Questions of a prompt set (Spec-Bench format), sliced ``[begin:end]`` like Spec-Bench."""
+    path = resolve_bench(bench)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            q = json.loads(line)
+            if not isinstance(q.get("turns"), list) or not q["turns"] or not all(isinstance(t, str) for t in q["turns"]):
+                raise ValueError(f"{path}:{i + 1}: a question needs 'turns', a non-empty list of strings")
+            q.setdefault("question_id", i)
+            q.setdefault("category", "default")
+            out.append(q)
+    return out[begin:end]
+
+
+def conversation_prompt(tokenizer, turns: Sequence[str], answers: Sequence[str], family: str | None = None,
+                        system: str | None = None) -> str:
+    """The prompt text for user turn ``len(answers)`` (0-based) after the earlier turns and the
+    model's answers to them (FastChat's conversation layout for the built-in templates)."""
+    from specdec.shared.tokenizer import VICUNA_SYSTEM, QWEN2_SYSTEM, format_prompt, guess_family
+
+    k = len(answers)
+    if k >= len(turns):
+        raise ValueError("conversation_prompt: no user turn left to answer")
+    if k == 0:
+        return format_prompt(tokenizer, turns[0], system=system, family=family)
+    if family is None and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "system", "content": system}] if system is not None else []
+        for q, a in zip(turns[:k], answers):
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        msgs.append({"role": "user", "content": turns[k]})
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    fam = (family or guess_family(tokenizer)).lower()
+    pairs = list(zip(turns[:k], answers))
+    q_last = turns[k]
+    if fam == "vicuna":
+        s = VICUNA_SYSTEM if system is None else system
+        out = f"{s} " if s else ""
+        for q, a in pairs:
+            out += f"USER: {q} ASSISTANT: {a}</s>"
+        return out + f"USER: {q_last} ASSISTANT:"
+    if fam == "llama2":
+        out = ""
+        for i, (q, a) in enumerate(pairs):
+            q = f"<<SYS>>\n{system}\n<</SYS>>\n\n{q}" if (i == 0 and system) else q
+            out += f"[INST] {q} [/INST] {a} </s><s>"
+        return out + f"[INST] {q_last} [/INST]"
+    if fam == "llama3":
+        out = "<|begin_of_text|>"
+        if system:
+            out += f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+        for q, a in pairs:
+            out += (f"<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>"
+                    f"<|start_header_id|>assistant<|end_header_id|>\n\n{a}<|eot_id|>")
+        return out + f"<|start_header_id|>user<|end_header_id|>\n\n{q_last}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    if fam == "qwen2":
+        s = QWEN2_SYSTEM if system is None else system
+        out = f"<|im_start|>system\n{s}<|im_end|>\n" if s else ""
+        for q, a in pairs:
+            out += f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
+        return out + f"<|im_start|>user\n{q_last}<|im_end|>\n<|im_start|>assistant\n"
+    # raw: a plain text continuation
+    out = format_prompt(tokenizer, turns[0], system=system, family="raw")
+    for i, a in enumerate(answers):
+        out += a + "\n\n" + turns[i + 1]
+    return out
+
+
+def clip_accept_lengths(accept_lengths: Sequence[int] | None, new_tokens: int) -> list[int] | None:
+    """Per-pass token counts cut so they sum to ``new_tokens`` (the tokens actually emitted)."""
+    if accept_lengths is None:
+        return None
+    out, total = [], 0
+    for a in accept_lengths:
+        if total >= new_tokens:
+            break
+        a = min(int(a), new_tokens - total)
+        out.append(a)
+        total += a
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Runners: one generation of one turn, timed
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TurnResult:
+    output_ids: list[int]
+    wall_time: float
+    prefill_time: float | None
+    accept_lengths: list[int] | None
+
+
+def _sync(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class SpecdecRunner:
+    """Calls one specdec decoder (ref or fast) on a prompt; times the whole call."""
+
+    def __init__(self, method: str, lib, target, extra, options: dict, sampling: dict, eos_ids: list[int], device):
+        self.method = method
+        self.fn = getattr(lib, METHODS[method].function)
+        self.target, self.extra = target, extra
+        self.options, self.sampling, self.eos_ids, self.device = options, sampling, eos_ids, device
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> TurnResult:
+        import torch
+
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        gen = None
+        if self.sampling["temperature"] > 0:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        args = (self.target,) if self.extra is None else (self.target, self.extra)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        res = self.fn(*args, ids, len(prompt_ids), max_gen_len=max_new_tokens, eos_id=self.eos_ids, generator=gen,
+                      **self.sampling, **self.options)
+        _sync(self.device)
+        wall = time.perf_counter() - t0
+        out = res.tolist()
+        return TurnResult(out, wall, float(res.prefill_time), clip_accept_lengths(res.accept_lengths, len(out)))
+
+
+class _RoundStreamer:
+    """``transformers`` streamer recording the time of the first generated token and how many
+    tokens each ``put`` (one per target pass: one token in ``generate``, the accepted drafts + one
+    in assisted / prompt-lookup generation) delivered. The first ``put`` is the prompt."""
+
+    def __init__(self):
+        self.t0 = 0.0
+        self.first_token_time: float | None = None
+        self.rounds: list[int] = []
+        self._seen_prompt = False
+
+    def put(self, value) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter() - self.t0
+        self.rounds.append(int(value.numel()))
+
+    def end(self) -> None:
+        pass
+
+
+class HFRunner:
+    """``transformers`` ``generate`` (plain, assisted with a draft model, or prompt lookup)."""
+
+    def __init__(self, method: str, model, gen_kwargs: dict, eos_ids: list[int], device):
+        self.method, self.model, self.kw, self.eos_ids, self.device = method, model, gen_kwargs, eos_ids, device
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> TurnResult:
+        import torch
+
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        mask = torch.ones_like(ids)
+        torch.manual_seed(seed)
+        streamer = _RoundStreamer()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        streamer.t0 = t0
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, streamer=streamer, **self.kw)
+        _sync(self.device)
+        wall = time.perf_counter() - t0
+        new = out[0, len(prompt_ids):].tolist()
+        eos = set(self.eos_ids)
+        for i, t in enumerate(new):  # generate stops at EOS; a batch of one has no padding after it
+            if t in eos:
+                new = new[: i + 1]
+                break
+        return TurnResult(new, wall, streamer.first_token_time, clip_accept_lengths(streamer.rounds, len(new)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve_dtype(name: str | None, device: str):
+    import torch
+
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown --dtype {name!r}: use one of {sorted(table)}")
+    return table[name]
+
+
+def _extend_context(model, max_context: int | None) -> None:
+    """Let a model take prompts past its trained length (RoPE extrapolation): raise the context
+    limit the decoders check. Used by the long-context runs of the small embedded model."""
+    if max_context and model is not None and hasattr(model, "config"):
+        if max_context > model.config.max_position_embeddings:
+            model.config.max_position_embeddings = int(max_context)
+
+
+def _hf_load(path: str, dtype, device):
+    from transformers import AutoModelForCausalLM
+
+    from specdec.shared.assets import resolve_model_path
+
+    p = resolve_model_path(path)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True)
+    except TypeError:  # older transformers
+        m = AutoModelForCausalLM.from_pretrained(p, torch_dtype=dtype, local_files_only=True)
+    return m.to(device).eval()
+
+
+def _method_options(method: str, args) -> dict:
+    """The options given on the command line that this method takes (others keep its defaults)."""
+    opts = {}
+    for name in METHODS[method].options:
+        v = getattr(args, name, None)
+        if v is not None:
+            opts[name] = tuple(v) if name == "tree_shape" else v
+    return opts
+
+
+def _effective_options(fn: Callable, given: dict) -> dict:
+    """Every method knob with the value used: the given ones, else the function's default."""
+    out = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in ("gamma", "tree_shape", "max_ngram_size", "num_pred_tokens", "draft_tree_capacity", "sink_tokens", "window"):
+            v = given.get(p.name, p.default)
+            out[p.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("--bench", default="stdlib_code",
+                    help="prompt set: question.jsonl file, folder holding one, or a shipped set "
+                         f"({', '.join(SHIPPED_SETS)}); default stdlib_code")
+    ap.add_argument("--methods", default="vanilla,speculative,spec,tree_spec,logitspec,magicdec,pld",
+                    help="comma-separated methods ('all' = every specdec decoder); vanilla is always added")
+    ap.add_argument("--peers", nargs="?", const="all", default=None,
+                    help="also run transformers peers: 'all' (hf_generate,hf_assisted,hf_pld) or a comma list")
+    ap.add_argument("--target", default="default", help="target model dir (default: the embedded model)")
+    ap.add_argument("--draft", default=None, help="draft LM dir for speculative / hf_assisted (default: default-draft with the embedded target)")
+    ap.add_argument("--glide", default=None, help="GLIDE draft for spec / tree_spec (default: default-glide with the embedded target)")
+    ap.add_argument("--backend", choices=("ref", "fast", "auto"), default="auto", help="auto = fast on CUDA, ref on CPU")
+    ap.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    ap.add_argument("--dtype", default="auto", help="auto = bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--out-dir", default="bench_out", help="one <method>.jsonl per method goes here")
+    ap.add_argument("--model-id", default=None, help="name recorded in the answer files (default: the target's folder name)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--question-begin", type=int, default=None)
+    ap.add_argument("--question-end", type=int, default=None)
+    ap.add_argument("--min-prompt-tokens", type=int, default=0,
+                    help="skip questions whose first-turn prompt is shorter (LongSpec's filter for long-context sets)")
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="raise the models' context limit to this many positions (RoPE past the trained length)")
+    ap.add_argument("--family", default=None, help="prompt template family (vicuna, llama2, llama3, qwen2, raw); default: the tokenizer's")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (0 = none)")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g = ap.add_argument_group("method options (each method's own default when not given)")
+    g.add_argument("--gamma", type=int, default=None, help="draft length: speculative (5), spec (4), magicdec (4)")
+    g.add_argument("--tree-shape", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                   help="tree_spec beam shape, e.g. 4,16,16,16,16")
+    g.add_argument("--max-ngram-size", type=int, default=None, help="logitspec / pld / hf_pld (3)")
+    g.add_argument("--num-pred-tokens", type=int, default=None, help="logitspec (20), pld and hf_pld (10)")
+    g.add_argument("--draft-tree-capacity", type=int, default=None, help="logitspec (64)")
+    g.add_argument("--sink-tokens", type=int, default=None, help="magicdec")
+    g.add_argument("--window", type=int, default=None, help="magicdec")
+    g.add_argument("--hf-assistant-tokens", type=int, default=None,
+                   help="hf_assisted: fixed num_assistant_tokens (constant schedule); default: transformers' own heuristic")
+    return ap
+
+
+def _parse_methods(methods: str, peers: str | None) -> list[str]:
+    names = list(METHODS) if methods.strip() == "all" else [canonical_method(m) for m in methods.split(",") if m.strip()]
+    if peers:
+        names += list(PEERS) if peers.strip() == "all" else [canonical_method(p) for p in peers.split(",") if p.strip()]
+    names = ["vanilla"] + [n for n in names if n != "vanilla"]
+    seen, out = set(), []
+    for n in names:
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Models:
+    """Lazily loaded models, shared by every method of the run."""
+
+    def __init__(self, args, device: str, dtype):
+        self.args, self.device, self.dtype = args, device, dtype
+        self.backend = args.backend if args.backend != "auto" else ("fast" if device.startswith("cuda") else "ref")
+        self._cache: dict[str, Any] = {}
+        embedded = args.target == "default"
+        self.draft_path = args.draft or ("default-draft" if embedded else None)
+        self.glide_path = args.glide or ("default-glide" if embedded else None)
+
+    @property
+    def lib(self):
+        if self.backend == "fast":
+            import specdec.fast as lib
+        else:
+            import specdec.ref as lib
+        return lib
+
+    def get(self, key: str):
+        if key in self._cache:
+            return self._cache[key]
+        a, lib = self.args, self.lib
+        if key == "target":
+            m = lib.load_model(a.target, dtype=self.dtype, device=self.device)
+            _extend_context(m, a.max_context)
+        elif key == "draft":
+            if not self.draft_path:
+                raise ValueError("this method needs a draft model: pass --draft DIR")
+            m = lib.load_model(self.draft_path, dtype=self.dtype, device=self.device)
+            _extend_context(m, a.max_context)
+        elif key == "glide":
+            if not self.glide_path:
+                raise ValueError("this method needs a GLIDE draft: pass --glide PATH")
+            m = lib.load_glide(self.glide_path, self.get("target"))
+        elif key == "hf_target":
+            m = _hf_load(a.target, self.dtype, self.device)
+        elif key == "hf_draft":
+            if not self.draft_path:
+                raise ValueError("hf_assisted needs a draft model: pass --draft DIR")
+            m = _hf_load(self.draft_path, self.dtype, self.device)
+        else:
+            raise KeyError(key)
+        self._cache[key] = m
+        return m
+
+    def drop_hf(self) -> None:
+        for k in ("hf_target", "hf_draft"):
+            self._cache.pop(k, None)
+
+
+def _make_runner(method: str, models: _Models, args, eos_ids: list[int], pad_id: int | None):
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    if method in METHODS:
+        spec = METHODS[method]
+        extra = models.get(spec.needs) if spec.needs else None
+        opts = _method_options(method, args)
+        runner = SpecdecRunner(method, models.lib, models.get("target"), extra, opts, sampling, eos_ids, models.device)
+        meta = {"function": spec.function, "backend": models.backend, "options": _effective_options(runner.fn, opts),
+                "draft": models.draft_path if spec.needs == "draft" else None,
+                "glide": models.glide_path if spec.needs == "glide" else None}
+        return runner, meta
+    # transformers peers
+    target = models.get("hf_target")
+    kw: dict[str, Any] = {"eos_token_id": eos_ids or None, "pad_token_id": pad_id if pad_id is not None else (eos_ids[0] if eos_ids else 0)}
+    if args.temperature > 0:
+        kw.update(do_sample=True, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+    else:
+        kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    meta: dict[str, Any] = {"function": "transformers.generate", "backend": "transformers",
+                            "attn_implementation": getattr(target.config, "_attn_implementation", None)}
+    options: dict[str, Any] = {}
+    if method == "hf_assisted":
+        draft = models.get("hf_draft")
+        kw["assistant_model"] = draft
+        if args.hf_assistant_tokens:
+            draft.generation_config.num_assistant_tokens = int(args.hf_assistant_tokens)
+            draft.generation_config.num_assistant_tokens_schedule = "constant"
+        options = {"num_assistant_tokens": draft.generation_config.num_assistant_tokens,
+                   "num_assistant_tokens_schedule": draft.generation_config.num_assistant_tokens_schedule}
+        meta["draft"] = models.draft_path
+    elif method == "hf_pld":
+        options = {"prompt_lookup_num_tokens": args.num_pred_tokens or 10, "max_matching_ngram_size": args.max_ngram_size or 3}
+        kw.update(options)
+    meta["options"] = options
+    return HFRunner(method, target, kw, eos_ids, models.device), meta
+
+
+def _versions() -> dict:
+    import torch
+
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import transformers
+
+        v["transformers"] = transformers.__version__
+    except Exception:
+        pass
+    return v
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def run_bench(args) -> dict[str, str]:
+    """Run the benchmark described by parsed ``args``; returns {method: answer file path}."""
+    import torch
+
+    from specdec.shared.assets import resolve_model_path
+    from specdec.shared.tokenizer import encode_prompt, load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _resolve_dtype(args.dtype, device)
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    methods = _parse_methods(args.methods, args.peers)
+    questions = load_questions(args.bench, args.question_begin, args.question_end)
+    tok = load_tokenizer(args.target)
+    tok.model_max_length = 10**9  # we check lengths ourselves; silence the long-sequence warning
+    models = _Models(args, device, dtype)
+    model_id = args.model_id or os.path.basename(os.path.normpath(resolve_model_path(args.target)))
+    if args.target == "default":
+        model_id = "specdec-default"
+
+    # the context limit and the too-short filter, on the first turn's prompt
+    target = models.get("target")
+    eos_ids = list(target.config.eos_token_ids) or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    ctx = target.config.max_position_embeddings
+    kept, short, too_long = [], 0, 0
+    for q in questions:
+        n = len(encode_prompt(tok, conversation_prompt(tok, q["turns"], [], args.family)))
+        if n < args.min_prompt_tokens:
+            short += 1
+        elif n + args.max_new_tokens > ctx:
+            too_long += 1
+        else:
+            kept.append(q)
+    if short or too_long:
+        _log(f"[bench] kept {len(kept)}/{len(questions)} questions: {short} shorter than --min-prompt-tokens "
+             f"{args.min_prompt_tokens}, {too_long} longer than the context ({ctx} positions"
+             f"{'' if args.max_context else '; raise it with --max-context'})")
+    if not kept:
+        raise ValueError("no question left to run (see the filters above)")
+    questions = kept
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    common = {"model_id": model_id, "target": args.target, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
+              "bench": args.bench, "max_new_tokens": args.max_new_tokens,
+              "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}, "seed": args.seed,
+              "max_context": args.max_context, **_versions()}
+    try:
+        common["gpu_name"] = torch.cuda.get_device_name() if device.startswith("cuda") else None
+    except Exception:
+        pass
+
+    # longest prompt the run can see (turn k also holds the earlier answers), for the warm-up
+    longest = max(questions, key=lambda q: len(encode_prompt(tok, conversation_prompt(tok, q["turns"], [], args.family))))
+    longest_ids = encode_prompt(tok, conversation_prompt(tok, longest["turns"], [], args.family))
+    extra_turns = sum(len(tok(t)["input_ids"]) + args.max_new_tokens + 32 for t in longest["turns"][1:])
+    warm_len = min(len(longest_ids) + extra_turns, ctx - args.max_new_tokens)
+
+    paths = {}
+    for method in methods:
+        runner, meta = _make_runner(method, models, args, eos_ids, tok.pad_token_id)
+        meta = {"method": method, **meta, **common}
+        _log(f"[bench] {method} ({meta['backend']}): warm-up")
+        for w in range(args.warmup):
+            first_ids = encode_prompt(tok, conversation_prompt(tok, questions[0]["turns"], [], args.family))
+            runner.generate(first_ids, min(args.max_new_tokens, 32), args.seed)
+            if warm_len > len(first_ids):  # size caches (and their CUDA graphs) for the longest prompt now
+                reps = -(-warm_len // len(longest_ids))
+                ids = (longest_ids * reps)[:warm_len]
+                runner.generate(ids, args.max_new_tokens, args.seed)
+        path = os.path.join(args.out_dir, f"{method}.jsonl")
+        paths[method] = path
+        iterator = questions
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(questions, desc=method, unit="q", file=sys.stderr, dynamic_ncols=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for qi, q in enumerate(iterator):
+                rec = _run_question(runner, tok, q, args, qi)
+                rec.update({"model_id": model_id, "method": method, "backend": meta["backend"], "meta": meta})
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+        _log(f"[bench] {method}: wrote {path}")
+        if method in PEERS and method == methods[-1]:
+            models.drop_hf()
+    return paths
+
+
+def _run_question(runner, tok, q: dict, args, qi: int) -> dict:
+    from specdec.shared.tokenizer import encode_prompt
+
+    answers: list[str] = []
+    ch: dict[str, list] = {k: [] for k in ("turns", "new_tokens", "wall_time", "prefill_time", "decode_time",
+                                           "prompt_tokens", "decoding_steps", "accept_lengths", "output_ids")}
+    for k in range(len(q["turns"])):
+        ids = encode_prompt(tok, conversation_prompt(tok, q["turns"], answers, args.family))
+        r = runner.generate(ids, args.max_new_tokens, args.seed + 1000 * qi + k)
+        text = tok.decode(r.output_ids, skip_special_tokens=True)
+        answers.append(text.strip())
+        ch["turns"].append(text)
+        ch["new_tokens"].append(len(r.output_ids))
+        ch["wall_time"].append(r.wall_time)
+        ch["prefill_time"].append(r.prefill_time)
+        ch["decode_time"].append(None if r.prefill_time is None else max(r.wall_time - r.prefill_time, 0.0))
+        ch["prompt_tokens"].append(len(ids))
+        ch["decoding_steps"].append(None if r.accept_lengths is None else len(r.accept_lengths))
+        if r.accept_lengths is not None:
+            ch["accept_lengths"].extend(r.accept_lengths)
+        ch["output_ids"].append(r.output_ids)
+    return {"question_id": q["question_id"], "category": q["category"], "tstamp": time.time(),
+            "choices": [{"index": 0, **ch}]}
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="specdec bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_bench_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        paths = run_bench(args)
+    except ValueError as e:
+        print(f"specdec bench: error: {e}", file=sys.stderr)
+        return 2
+    for m, p in paths.items():
+        print(f"{m}\t{p}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the shipped prompt sets (run once, in a source checkout)
+# ---------------------------------------------------------------------------------------------
+
+_DEF_RE = None
+
+
+def _def_lines(lines: list[str]) -> list[int]:
+    """Indices of one-line ``def ...:`` signatures followed by a body that is more than ``pass``."""
+    import re
+
+    global _DEF_RE
+    if _DEF_RE is None:
+        _DEF_RE = re.compile(r"^\s*(async\s+)?def \w+\(.*\)(\s*->\s*[^:]+)?:\s*$")
+    out = []
+    for i, line in enumerate(lines):
+        if _DEF_RE.match(line) and i + 2 < len(lines):
+            body = [ln.strip() for ln in lines[i + 1: i + 6] if ln.strip()]
+            if body and body[0] not in ("pass", "...") and not body[0].startswith("raise NotImplementedError"):
+                out.append(i)
+    return out
+
+
+def build_stdlib_prompt_sets(out_dir: str = PROMPTS_DIR, tokenizer: str = "default", root: str | None = None,
+                             long_lengths: Sequence[tuple[int, int]] = ((4096, 3), (16384, 2), (32768, 2)),
+                             context_tokens: int = 768) -> dict[str, int]:
+    """Write ``stdlib_code.jsonl`` and ``stdlib_long.jsonl`` from the held-out stdlib files.
+
+    Needs a source checkout (``scripts/default_corpus.py`` holds the held-out rule). The text is
+    stored in the files (not rebuilt at run time), so every machine benchmarks the same prompts
+    whatever its Python version. ``context_tokens``: the most tokens of code before a cut.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.join(os.path.dirname(here), "scripts"))
+    import default_corpus  # noqa: E402
+
+    from specdec.shared.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    tok.model_max_length = 10**9
+    root = root or default_corpus.stdlib_root()
+    _, held = default_corpus.split_corpus(root)
+    held = [h for h in held if default_corpus.is_heldout(h)]
+    texts = {h: default_corpus.read_text(os.path.join(root, h)) for h in held}
+    ntok = lambda s: len(tok(s)["input_ids"])  # noqa: E731
+    pyver = platform.python_version()
+
+    code, qid = [], 0
+    for h in held:
+        lines = texts[h].split("\n")
+        if len(lines) < 30:
+            continue
+        # 1) the file's opening lines (docstring, imports): continue the file
+        n_open = min(24, len(lines) // 3)
+        code.append({"question_id": qid, "category": "file_start", "turns": ["\n".join(lines[:n_open])],
+                     "source": {"file": h, "lines": [1, n_open]}})
+        qid += 1
+        # 2) a function body after up to `context_tokens` tokens of the code before it
+        defs = [i for i in _def_lines(lines) if i >= 8]
+        picks = sorted({defs[len(defs) // 3], defs[(2 * len(defs)) // 3]}) if len(defs) >= 2 else defs[:1]
+        for i in picks:
+            start = i
+            while start > 0 and ntok("\n".join(lines[start - 1: i + 1])) <= context_tokens:
+                start -= 1
+            code.append({"question_id": qid, "category": "func_body", "turns": ["\n".join(lines[start: i + 1])],
+                         "source": {"file": h, "lines": [start + 1, i + 1]}})
+            qid += 1
+    for q in code:
+        q["prompt_tokens"] = ntok(q["turns"][0])
+        q["python"] = pyver
+
+    # long context: whole held-out files concatenated (the codec tables excluded: mostly literals)
+    pool = [h for h in held if not (h.startswith("encodings/cp") or len(texts[h]) < 1500)]
+    longs, qid = [], 0
+    for target_len, count in long_lengths:
+        for j in range(count):
+            start = (j * 7 + target_len // 1024) % len(pool)
+            order = pool[start:] + pool[:start]
+            parts, files, total = [], [], 1
+            for h in order * 4:
+                piece = f"# ===== {h} =====\n\n" + texts[h].rstrip("\n") + "\n\n"
+                n = ntok(piece)
+                if total + n <= target_len:
+                    parts.append(piece)
+                    files.append(h)
+                    total += n
+                    continue
+                # the last file: cut right after a def line so the model writes its body
+                lines = piece.split("\n")
+                cut = None
+                for i in reversed(_def_lines(lines)):
+                    if total + ntok("\n".join(lines[: i + 1])) <= target_len:
+                        cut = i
+                        break
+                if cut is not None:
+                    parts.append("\n".join(lines[: cut + 1]))
+                    files.append(f"{h}:1-{cut - 1}")
+                    break
+            text = "".join(parts)
+            longs.append({"question_id": qid, "category": f"long_{target_len // 1024}k", "turns": [text],
+                          "source": {"files": files}, "prompt_tokens": ntok(text), "python": pyver})
+            qid += 1
+
+    os.makedirs(out_dir, exist_ok=True)
+    for name, rows in (("stdlib_code", code), ("stdlib_long", longs)):
+        with open(os.path.join(out_dir, SHIPPED_SETS[name]), "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return {"stdlib_code": len(code), "stdlib_long": len(longs)}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--build-prompt-sets"]:
+        print(build_stdlib_prompt_sets())
+        raise SystemExit(0)
+    raise SystemExit(bench_main())
