@@ -214,14 +214,16 @@ def load_model(path, dtype: torch.dtype | str = torch.bfloat16, device: torch.de
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Same arithmetic as :func:`specdec.ref.model.rms_norm`."""
+    """Same arithmetic as :func:`specdec.ref.model.rms_norm` (one Triton kernel on CUDA, torch on CPU)."""
+    if x.is_cuda:
+        return _kernels().rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] rotated by cos/sin [B, T, D]; matches :func:`specdec.shared.rope.apply_rope`."""
+    """x [B, H, T, D] rotated by cos/sin [B, T, D]; matches :func:`specdec.shared.rope.apply_rope` (unfused path)."""
     cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -235,28 +237,71 @@ def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torc
     return cos[positions], sin[positions]
 
 
-def _qkv(fm: FastModel, i: int, x: torch.Tensor, cos, sin):
+# A layer on the fused path (``fused=True``: CUDA, or CPU under the Triton interpreter) is
+#
+#   [add_rms_norm] -> wqkv GEMM (+bias) -> rope_qkv_write (q out; k, v into the cache) -> attention
+#   -> wo GEMM (+bias) -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> [add_rms_norm of the
+#   next layer's input, or the final norm]
+#
+# i.e. the residual add is folded into the following norm: each layer takes the normed input ``h``
+# and the residual stream ``x`` and returns the next (h, x). The unfused path (plain torch, used
+# for CPU prefill where the interpreter would be slow) runs the same arithmetic op by op.
+
+
+def _qkv(fm: FastModel, i: int, h: torch.Tensor, cos, sin, cache: StaticKVCache, rows: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Layer ``i``'s q [B, Hq, T, D] (rotated) from the normed input h [B, T, H]; writes k (rotated), v
+    into ``cache`` rows ``rows`` [B, T] of layer i."""
     c, w, p = fm.config, fm.w, f"layers.{i}."
-    h = rms_norm(x, w[p + "attn_norm"], c.rms_norm_eps)
     qkv = F.linear(h, w[p + "wqkv"], w.get(p + "bqkv"))
+    if fused:
+        return _kernels().rope_qkv_write(qkv, cos, sin, cache.k[i], cache.v[i], rows, check_rows=False)
     dq, dkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     q, k, v = qkv.split([dq, dkv, dkv], dim=-1)
     q = rearrange(q, "b t (h d) -> b h t d", d=c.head_dim)
     k = rearrange(k, "b t (h d) -> b h t d", d=c.head_dim)
     v = rearrange(v, "b t (h d) -> b h t d", d=c.head_dim)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
+    k = _rope(k, cos, sin)
+    for bi in range(h.shape[0]):  # cache[i, b, :, rows[b, j]] = k[b, :, j]
+        cache.k[i, bi].index_copy_(1, rows[bi].long(), k[bi])
+        cache.v[i, bi].index_copy_(1, rows[bi].long(), v[bi])
+    return _rope(q, cos, sin)
 
 
-def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual stream x [B, T, H] + attention output attn [B, Hq, T, D] through the rest of layer i.
+
+    Returns ``(h, x)``: the new residual stream x and h = its norm for the next layer (the final
+    norm after the last layer).
+    """
     c, w, p = fm.config, fm.w, f"layers.{i}."
-    x = x + F.linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"))
-    h = rms_norm(x, w[p + "mlp_norm"], c.rms_norm_eps)
-    gate, up = F.linear(h, w[p + "w13"]).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w[p + "w2"])
+    eps = c.rms_norm_eps
+    next_norm = w[f"layers.{i + 1}.attn_norm"] if i + 1 < c.num_layers else w["norm"]
+    o = F.linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"))
+    if fused:
+        kern = _kernels()
+        h, x = kern.add_rms_norm(o, x, w[p + "mlp_norm"], eps)
+        d = F.linear(kern.silu_mul(F.linear(h, w[p + "w13"])), w[p + "w2"])
+        return kern.add_rms_norm(d, x, next_norm, eps)
+    x = x + o
+    gate, up = F.linear(_rms_norm_torch(x, w[p + "mlp_norm"], eps), w[p + "w13"]).chunk(2, dim=-1)
+    x = x + F.linear(F.silu(gate) * up, w[p + "w2"])
+    return _rms_norm_torch(x, next_norm, eps), x
 
 
-def _logits(fm: FastModel, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(rms_norm(x, fm.w["norm"], fm.config.rms_norm_eps), fm.w["lm_head"]).float()
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _first_norm(fm: FastModel, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    norm = _kernels().rms_norm if fused else _rms_norm_torch
+    return norm(x, fm.w["layers.0.attn_norm"], fm.config.rms_norm_eps)
+
+
+def _logits(fm: FastModel, h: torch.Tensor) -> torch.Tensor:
+    """lm_head over the final-normed hidden states h (the norm is folded into the last layer)."""
+    return F.linear(h, fm.w["lm_head"]).float()
 
 
 def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
@@ -270,21 +315,25 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
 
     Returns logits [B, M, V] (fp32). Matches :func:`specdec.ref.model.forward_step` with the mask
     ``[all prefix | tree_mask]`` (what :func:`specdec.ref.engine.verify_tree` builds).
+
+    Per layer: add_rms_norm, wqkv GEMM, rope_qkv_write (rotates q/k, writes k/v rows in place),
+    tree_attention, wo GEMM, add_rms_norm, w13 GEMM, silu_mul, w2 GEMM -- see :mod:`.kernels.fused`.
     """
     kern = _kernels()
     b, m = tokens.shape
+    if not (tokens.is_cuda and torch.cuda.is_current_stream_capturing()) and b:
+        lo, hi = (int(v) for v in torch.stack([prefix_len.min(), prefix_len.max()]).tolist())
+        if lo < 0 or hi + m > cache.capacity:
+            raise ValueError(f"prefix_len must be in [0, capacity - M] = [0, {cache.capacity - m}]; got range [{lo}, {hi}]")
     cos, sin = _cos_sin(fm, positions)
-    rows = prefix_len.long()[:, None] + torch.arange(m, device=tokens.device)[None, :]  # [B, M]
+    rows = prefix_len.to(torch.int32)[:, None] + torch.arange(m, dtype=torch.int32, device=tokens.device)[None, :]  # [B, M]
     x = F.embedding(tokens, fm.w["embed"])
+    h = _first_norm(fm, x, True)
     for i in range(fm.config.num_layers):
-        q, k, v = _qkv(fm, i, x, cos, sin)
-        # write the new K/V in place: cache[i, b, :, rows[b, j]] = k[b, :, j]
-        for bi in range(b):
-            cache.k[i, bi].index_copy_(1, rows[bi], k[bi])
-            cache.v[i, bi].index_copy_(1, rows[bi], v[bi])
+        q = _qkv(fm, i, h, cos, sin, cache, rows, True)
         attn = kern.tree_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask)
-        x = _finish_layer(fm, i, x, attn)
-    return _logits(fm, x)
+        h, x = _finish_layer(fm, i, x, attn, True)
+    return _logits(fm, h)
 
 
 def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int = 2048, all_logits: bool = False) -> torch.Tensor:
@@ -292,34 +341,38 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
     (or every position's [B, T, V] with ``all_logits``).
 
     Each chunk attends causally to everything before it through SDPA with a boolean mask, so the
-    largest activation is ``chunk_size`` rows, never the whole prompt.
+    largest activation is ``chunk_size`` rows, never the whole prompt. On CUDA the layers run the
+    fused kernels (as :func:`step_forward`); on CPU plain torch (the Triton interpreter would be slow).
     """
     b, t = tokens.shape
     start = cache.length
-    x_last, outs = None, []
+    if start + t > cache.capacity:
+        raise ValueError(f"KV cache overflow: {start} + {t} prompt rows > capacity {cache.capacity}")
+    fused = tokens.is_cuda
+    h_last, outs = None, []
     for s in range(0, t, chunk_size):
         chunk = tokens[:, s : s + chunk_size]
         n = chunk.shape[1]
         p0 = start + s
         positions = torch.arange(p0, p0 + n, device=tokens.device)[None].expand(b, n)
+        rows = torch.arange(p0, p0 + n, dtype=torch.int32, device=tokens.device)[None].expand(b, n)
         cos, sin = _cos_sin(fm, positions)
         x = F.embedding(chunk, fm.w["embed"])
+        h = _first_norm(fm, x, fused)
         cols = torch.arange(p0 + n, device=tokens.device)
         mask = cols[None, :] <= (torch.arange(n, device=tokens.device) + p0)[:, None]  # [n, p0 + n]
         for i in range(fm.config.num_layers):
-            q, k, v = _qkv(fm, i, x, cos, sin)
-            cache.k[i, :, :, p0 : p0 + n] = k
-            cache.v[i, :, :, p0 : p0 + n] = v
+            q = _qkv(fm, i, h, cos, sin, cache, rows, fused)
             attn = F.scaled_dot_product_attention(
                 q, cache.k[i, :, :, : p0 + n], cache.v[i, :, :, : p0 + n], attn_mask=mask,
                 enable_gqa=fm.config.num_heads != fm.config.num_kv_heads,
             )
-            x = _finish_layer(fm, i, x, attn)
-        x_last = x[:, -1:]
+            h, x = _finish_layer(fm, i, x, attn, fused)
+        h_last = h[:, -1:]
         if all_logits:
-            outs.append(_logits(fm, x))
+            outs.append(_logits(fm, h))
     cache.set_length(start + t)
-    return torch.cat(outs, dim=1) if all_logits else _logits(fm, x_last)[:, 0]
+    return torch.cat(outs, dim=1) if all_logits else _logits(fm, h_last)[:, 0]
 
 
 def forward(model, input_ids: torch.Tensor) -> torch.Tensor:

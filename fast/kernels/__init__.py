@@ -32,3 +32,25 @@ __all__ = [
     "compact_kv",
     "compact_kv_ref",
 ]
+
+from .fused import (  # noqa: E402
+    add_rms_norm,
+    add_rms_norm_ref,
+    rms_norm,
+    rms_norm_ref,
+    rope_qkv_write,
+    rope_qkv_write_ref,
+    silu_mul,
+    silu_mul_ref,
+)
+
+__all__ += [
+    "rms_norm",
+    "rms_norm_ref",
+    "add_rms_norm",
+    "add_rms_norm_ref",
+    "rope_qkv_write",
+    "rope_qkv_write_ref",
+    "silu_mul",
+    "silu_mul_ref",
+]
