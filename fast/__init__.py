@@ -22,3 +22,4 @@ from specdec.fast.pld import pld_generate  # noqa: E402,F401
 from specdec.fast.logitspec import logitspec_generate  # noqa: E402,F401
 from specdec.fast.glide import load_glide, spec_generate, tree_spec_generate  # noqa: E402,F401
 from specdec.fast.magicdec import magicdec_generate  # noqa: E402,F401
+from specdec.fast.longspec import LlamaGlide, Qwen2Glide  # noqa: E402,F401

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from specdec.ref.glide import load_glide, spec_generate, tree_spec_generate
-from specdec.ref.magicdec import magicdec_generate
-from specdec.ref.model import load_model
-from specdec.ref.vanilla import vanilla_generate
+import specdec.ref.glide as _glide
+import specdec.ref.magicdec as _magicdec
+import specdec.ref.model as _model
+import specdec.ref.vanilla as _vanilla
 from specdec.shared.weights import resolve_dtype
 
 __all__ = ["LlamaGlide", "Qwen2Glide"]
@@ -57,9 +58,18 @@ def _config_dict(config: Any) -> dict[str, Any] | None:
 
 
 class _GlideModel:
-    """Target + GLIDE draft behind the seed's methods (see the module docstring)."""
+    """Target + GLIDE draft behind the seed's methods (see the module docstring).
+
+    The decoders come from ``backend`` (a namespace with the public decoder API): the reference
+    here; :mod:`specdec.fast.longspec` plugs in the fast path with the same classes.
+    """
 
     model_type = ""
+    backend = SimpleNamespace(
+        load_model=_model.load_model, load_glide=_glide.load_glide,
+        tree_spec_generate=_glide.tree_spec_generate, spec_generate=_glide.spec_generate,
+        magicdec_generate=_magicdec.magicdec_generate, vanilla_generate=_vanilla.vanilla_generate,
+    )
 
     def __init__(self, config, target_model_path, glide_path, dtype=None, device=None, window: int | None = None):
         cfg = _config_dict(config)
@@ -69,7 +79,7 @@ class _GlideModel:
             # LongSpec runs in half precision on the GPU; fp32 on CPU.
             dtype = (cfg or {}).get("torch_dtype") or (cfg or {}).get("dtype") or "bfloat16"
             dtype = resolve_dtype(dtype) if str(device).startswith("cuda") else torch.float32
-        self.target = load_model(target_model_path, dtype=dtype, device=device)
+        self.target = self.backend.load_model(target_model_path, dtype=dtype, device=device)
         tc = self.target.config
         if tc.model_type != self.model_type:
             raise ValueError(f"{type(self).__name__} needs a {self.model_type!r} target, but {target_model_path!r} is {tc.model_type!r}")
@@ -79,7 +89,7 @@ class _GlideModel:
                 if key in cfg and int(cfg[key]) != mine:
                     raise ValueError(f"config {key}={cfg[key]} does not match the target checkpoint at {target_model_path!r} ({key}={mine})")
         self.config = config
-        self.glide = load_glide(glide_path, self.target, window=window)
+        self.glide = self.backend.load_glide(glide_path, self.target, window=window)
 
     @property
     def device(self) -> torch.device:
@@ -87,23 +97,23 @@ class _GlideModel:
 
     def tree_spec_generate(self, input_ids, prompt_length, tree_shape=None, max_gen_len=64, eos_id=151645, temperature=0.0):
         """Beam-tree speculation; returns ``(output_ids, count, num, elapsed_time, spec_mask)``."""
-        return tree_spec_generate(self.target, self.glide, input_ids, prompt_length, tree_shape=tree_shape,
+        return self.backend.tree_spec_generate(self.target, self.glide, input_ids, prompt_length, tree_shape=tree_shape,
                                   max_gen_len=max_gen_len, eos_id=eos_id, temperature=temperature)
 
     def spec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=151645, temperature=0.0):
         """Chain speculation with ``gamma`` drafts; returns ``(output_ids, count, num, elapsed_time, spec_mask)``."""
-        return spec_generate(self.target, self.glide, input_ids, prompt_length, gamma=gamma, max_gen_len=max_gen_len,
+        return self.backend.spec_generate(self.target, self.glide, input_ids, prompt_length, gamma=gamma, max_gen_len=max_gen_len,
                              eos_id=eos_id, temperature=temperature)
 
     def magicdec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=151645, temperature=0.0,
                           sink_tokens=4, window=256):
         """MagicDec self-speculation (LongSpec's ``--method magicdec``); same 5-tuple."""
-        return magicdec_generate(self.target, input_ids, prompt_length, gamma=gamma, sink_tokens=sink_tokens, window=window,
+        return self.backend.magicdec_generate(self.target, input_ids, prompt_length, gamma=gamma, sink_tokens=sink_tokens, window=window,
                                  max_gen_len=max_gen_len, eos_id=eos_id, temperature=temperature)
 
     def vanilla_generate(self, input_ids, prompt_length, max_gen_len=64, eos_id=151645):
         """Greedy autoregressive baseline; returns ``(output_ids, num_tokens, elapsed_time)``."""
-        res = vanilla_generate(self.target, input_ids, prompt_length, max_gen_len=max_gen_len, eos_id=eos_id)
+        res = self.backend.vanilla_generate(self.target, input_ids, prompt_length, max_gen_len=max_gen_len, eos_id=eos_id)
         return res.output_ids, res.num_tokens, res.elapsed_time
 
     def __repr__(self) -> str:

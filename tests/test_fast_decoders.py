@@ -201,3 +201,23 @@ def test_gpu_fast_glide_default_tree_matches_vanilla():
     ff = fast.tree_spec_generate(ftarget, glide, on_round=lambda r: seen["fast"].append(r.draft.tokens.tolist()), **kw)
     assert torch.equal(rr.output_ids, vanilla) and torch.equal(ff.output_ids, vanilla)
     assert seen["fast"] == seen["ref"]
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.gpu)])
+def test_fast_longspec_classes_match_ref(tmp_path, family):
+    """``from specdec.fast import LlamaGlide`` is the only change: same tuples, same greedy tokens."""
+    from helpers import make_tiny_model_dir
+
+    from specdec.shared.glide import init_glide_weights, save_glide
+
+    target_dir = make_tiny_model_dir(tmp_path, family=family, vocab=VOCAB, layers=1, heads=2, kv_heads=1,
+                                     hidden=128, head_dim=64, seed=7)
+    glide_dir = save_glide(init_glide_weights(ref.load_model(target_dir).config, seed=8, std=0.3), tmp_path / "glide")
+    cls_ref, cls_fast = (ref.LlamaGlide, fast.LlamaGlide) if family == "llama" else (ref.Qwen2Glide, fast.Qwen2Glide)
+    r, f = cls_ref(None, target_dir, str(glide_dir)), cls_fast(None, target_dir, str(glide_dir))
+    ids = torch.tensor([REPETITIVE[:9]])
+    for method, kw in (("tree_spec_generate", dict(tree_shape=[2, 2])), ("spec_generate", dict(gamma=2))):
+        out_r = getattr(r, method)(input_ids=ids, prompt_length=9, max_gen_len=4, eos_id=-1, **kw)
+        out_f = getattr(f, method)(input_ids=ids, prompt_length=9, max_gen_len=4, eos_id=-1, **kw)
+        assert len(out_f) == 5 and torch.equal(out_f[0], out_r[0]), method
+    assert torch.equal(f.vanilla_generate(ids, 9, max_gen_len=4, eos_id=-1)[0], out_r[0])
