@@ -66,13 +66,23 @@ __all__ = [
     "silu_mul_ref",
 ]
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # the rounding dtype, as a constexpr
 _MAX_NORM_COLS = 65536
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_to(x, CODE: tl.constexpr):
+    """fp32 ``x`` rounded to fp32 (CODE 0), fp16 (1) or bf16 (2), returned as fp32."""
+    if CODE == 1:
+        x = x.to(tl.float16).to(tl.float32)
+    if CODE == 2:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -146,10 +156,8 @@ def _rope_qkv_write_kernel(
     # -- x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; every op rounded to CDT -------
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
-    o1 = (x1f * c1).to(CDT).to(tl.float32) - (x2f * s1).to(CDT).to(tl.float32)
-    o2 = (x2f * c2).to(CDT).to(tl.float32) + (x1f * s2).to(CDT).to(tl.float32)
-    o1 = o1.to(CDT).to(x1.dtype)
-    o2 = o2.to(CDT).to(x1.dtype)
+    o1 = _round_to(_round_to(x1f * c1, CDT) - _round_to(x2f * s1, CDT), CDT).to(x1.dtype)
+    o2 = _round_to(_round_to(x2f * c2, CDT) + _round_to(x1f * s2, CDT), CDT).to(x1.dtype)
 
     # -- q heads -> Q [B, Hq, M, D] ----------------------------------------------------------------
     is_q = h3 < HQ
@@ -380,7 +388,7 @@ def rope_qkv_write(
         *qkv.stride(), *cos.stride(), *sin.stride(), *q.stride(),
         *k_cache.stride(), *v_cache.stride(), *rows.stride(),
         m, hq, hkv,
-        HALF=half, BLOCK_HALF=block_half, BLOCK_T=block_t, BLOCK_H=block_h, CDT=_TL_DTYPE[cdt],
+        HALF=half, BLOCK_HALF=block_half, BLOCK_T=block_t, BLOCK_H=block_h, CDT=_DTYPE_CODE[cdt],
         num_warps=4, **_launch_opts(),
     )
     return q
