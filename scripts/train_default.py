@@ -305,25 +305,46 @@ def cmd_lm(args) -> None:
 
 
 def cmd_glide(args) -> None:
-    import inspect
-
-    from specdec.ref import train_glide as tg
+    """GLIDE draft for the shipped target with ``specdec.ref.train_glide`` (LongSpec recipe: frozen target,
+    its last-layer KV with a random lag 1..4, anchor-offset positions). Held-out = the stdlib held-out files.
+    With ``--minutes`` (and no ``--steps``) a short calibration run measures the step time first."""
+    from specdec.ref import load_model
+    from specdec.ref.train_glide import train_glide
+    from specdec.shared.glide import Glide, save_glide
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    target = load_model(args.target, dtype=dtype, device=device)
     train_s, held_s = load_streams(args.data)
-    fn = tg.train_glide
-    sig = inspect.signature(fn)
-    log(f"train_glide{sig}")
-    # Pass what the recipe accepts; everything it does not name is left at its default.
-    offered = dict(target=args.target, target_path=args.target, train_tokens=train_s, tokens=train_s, data=train_s,
-                   heldout_tokens=held_s, eval_tokens=held_s, out=args.out, output_dir=args.out, out_dir=args.out,
-                   steps=args.steps, max_steps=args.steps, minutes=args.minutes, time_budget_s=args.minutes * 60 if args.minutes else None,
-                   seq_len=args.seq, batch_size=args.batch, lr=args.lr, device=device, seed=args.seed, log_path=os.path.join(args.out, "glide_log.jsonl"))
-    kwargs = {k: v for k, v in offered.items() if k in sig.parameters and v is not None}
+    held_s = held_s[: (held_s.numel() // args.seq) * args.seq]  # whole windows only
+    common = dict(seq_len=args.seq, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup, weight_decay=0.0,
+                  amp=device.type == "cuda", seed=args.seed, progress=False)
+    steps = args.steps
+    if not steps:
+        n_cal = 12
+        times = []
+        train_glide(target, train_s, steps=n_cal, eval_every=None, eval_data=held_s[: args.seq * args.batch],
+                    on_step=lambda r: times.append(r["elapsed_s"]), **common)
+        per_step = (times[-1] - times[3]) / (len(times) - 4)
+        steps = max(10, int(args.minutes * 60 / per_step * 0.9))
+        log(f"[glide] {per_step * 1000:.1f} ms/step -> {steps} steps in {args.minutes} min")
     os.makedirs(args.out, exist_ok=True)
-    log(f"calling train_glide with {sorted(kwargs)}")
-    res = fn(**kwargs)
-    log(f"train_glide returned {type(res).__name__}")
+    t0 = time.time()
+    res = train_glide(target, train_s, eval_data=held_s, steps=steps, eval_every=args.eval_every,
+                      log_path=os.path.join(args.out, "glide_log.jsonl"), **common)
+    for rec in res.eval_history:
+        log(json.dumps({"model": "glide", **rec}))
+    # Ship in bf16 (half the bytes; the decoders cast to the target's dtype anyway).
+    glide = Glide(res.glide.config, {k: v.to(torch.bfloat16) for k, v in res.glide.weights.items()}, source="train_default")
+    save_glide(glide, os.path.join(args.out, "glide"))
+    summary = {"model": "glide", "steps": steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
+               "initial_heldout_loss": res.initial_eval_loss, "final_heldout_loss": res.final_eval_loss,
+               "train_minutes": round((time.time() - t0) / 60, 2)}
+    with open(os.path.join(args.out, "glide_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"[glide] done: {json.dumps(summary)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,11 +397,13 @@ def main(argv=None) -> None:
     s.add_argument("--out", default="runs/default_glide")
     s.add_argument("--device", default=None)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--minutes", type=float, default=None)
+    s.add_argument("--steps", type=int, default=0, help="optimizer steps (0: from --minutes)")
+    s.add_argument("--minutes", type=float, default=4.0)
     s.add_argument("--seq", type=int, default=1024)
-    s.add_argument("--batch", type=int, default=None)
-    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--warmup", type=int, default=50)
+    s.add_argument("--eval-every", type=int, default=200)
     s = sub.add_parser("eval", help="held-out loss of saved HF-format LMs")
     s.add_argument("--model", nargs="+", default=["shared/assets/default/target", "shared/assets/default/draft"])
     s.add_argument("--data", default="runs/default_data")
