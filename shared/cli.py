@@ -1,0 +1,502 @@
+"""The ``specdec`` command line (also ``python -m specdec``).
+
+``specdec generate`` runs one decoder on one prompt and prints the completion -- accepted draft
+tokens highlighted on a terminal (from the result's ``spec_mask``) -- and a table of tokens, tau,
+tokens/s and time to first token::
+
+    specdec generate "def fibonacci(n):"                       # GLIDE tree on the embedded default model
+    echo "import os" | specdec generate --method speculative --max-new-tokens 32
+    specdec generate --method pld --compare --json "class Stack:"
+    specdec generate --target path/to/llama --glide path/to/glide --backend fast "..."
+
+Methods: vanilla, speculative (draft LM chain), spec (GLIDE chain), tree (GLIDE beam tree),
+logitspec, magicdec, pld. ``--backend auto`` = ``fast`` when CUDA is available and
+:mod:`specdec.fast` imports, else ``ref``. Without ``--target`` the embedded default (a small
+Python-code Llama trained on the standard library) is used, with its draft LM and GLIDE draft. The
+prompt is used raw (a base code model has no chat template); ``--template`` picks one.
+
+Errors (bad arguments, missing model directories, invalid tree shapes, ...) are one line on stderr
+and exit code 2.
+
+Plugging in more subcommands
+----------------------------
+Other modules add subcommands without editing this file::
+
+    # specdec/shared/bench.py
+    from specdec.shared.cli import register_subcommand
+
+    def add_args(parser):            # an argparse.ArgumentParser for "specdec bench"
+        parser.add_argument("--methods", default="vanilla,tree")
+
+    def run(args) -> int:            # the parsed namespace; return the exit code
+        ...
+        return 0
+
+    register_subcommand("bench", add_args, run, help="benchmark decoders")
+
+:func:`main` imports the modules in :data:`PLUGIN_MODULES` (``specdec.shared.bench``,
+``specdec.shared.report``; a missing module is skipped) and any listed in the environment
+variable ``SPECDEC_CLI_PLUGINS`` (comma separated) before parsing, so their
+``register_subcommand`` calls run. ``run`` may raise ValueError/TypeError/FileNotFoundError for a
+one-line error with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["main", "register_subcommand", "SUBCOMMANDS", "METHODS", "PLUGIN_MODULES", "CLIError", "resolve_backend", "parse_tree_shape"]
+
+PLUGIN_MODULES = ("specdec.shared.bench", "specdec.shared.report")
+
+
+class CLIError(ValueError):
+    """A user error: printed as one line on stderr, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommand registry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Subcommand:
+    name: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    help: str | None = None
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register_subcommand(name: str, add_args: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int | None], help: str | None = None) -> None:
+    """Add ``specdec <name>``: ``add_args(parser)`` declares its options, ``run(args)`` returns the exit code.
+
+    Registering a name again replaces the earlier entry (so a module re-imported by tests is harmless).
+    """
+    if not isinstance(name, str) or not name or name.startswith("-"):
+        raise ValueError(f"invalid subcommand name {name!r}")
+    SUBCOMMANDS[name] = Subcommand(name, add_args, run, help)
+
+
+def _load_plugins() -> None:
+    names = list(PLUGIN_MODULES) + [m.strip() for m in os.environ.get("SPECDEC_CLI_PLUGINS", "").split(",") if m.strip()]
+    for mod in names:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # the plugin exists but one of its imports is missing
+                print(f"specdec: warning: could not load CLI plugin {mod}: {e}", file=sys.stderr)
+        except Exception as e:  # a broken plugin must not take `specdec generate` down
+            print(f"specdec: warning: could not load CLI plugin {mod}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as ONE line (``specdec generate: error: ...``) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401
+        e = CLIError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        e.formatted = True
+        raise e
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+# method -> (decoder name in specdec.ref / specdec.fast, what it drafts with)
+METHODS: dict[str, tuple[str, str | None]] = {
+    "vanilla": ("vanilla_generate", None),
+    "speculative": ("speculative_generate", "draft"),
+    "spec": ("spec_generate", "glide"),
+    "tree": ("tree_spec_generate", "glide"),
+    "logitspec": ("logitspec_generate", None),
+    "magicdec": ("magicdec_generate", None),
+    "pld": ("pld_generate", None),
+}
+DEFAULT_METHOD = "tree"
+_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+_GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
+
+
+def parse_tree_shape(text: str) -> tuple[int, ...]:
+    """'4,16,16,16,16' -> (4, 16, 16, 16, 16); every level >= 1."""
+    try:
+        shape = tuple(int(x) for x in str(text).replace(" ", "").split(",") if x != "")
+    except ValueError:
+        raise CLIError(f"--tree-shape must be comma-separated integers like 4,16,16,16,16, got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise CLIError(f"--tree-shape needs one or more levels, each >= 1 node, got {text!r}")
+    return shape
+
+
+def _parse_opt(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise CLIError(f"-O/--opt takes key=value (a decoder keyword argument), got {text!r}")
+    k, v = text.split("=", 1)
+    k = k.strip().replace("-", "_")
+    if not k.isidentifier():
+        raise CLIError(f"-O/--opt: {k!r} is not a keyword argument name")
+    low = v.strip().lower()
+    if low in ("true", "false"):
+        return k, low == "true"
+    if low in ("none", "null"):
+        return k, None
+    for conv in (int, float):
+        try:
+            return k, conv(v)
+        except ValueError:
+            pass
+    if "," in v:
+        try:
+            return k, tuple(int(x) for x in v.split(","))
+        except ValueError:
+            pass
+    return k, v
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt text; '-' or omitted: read it from stdin")
+    p.add_argument("--method", "-m", default=DEFAULT_METHOD, choices=list(METHODS), help=f"decoder (default {DEFAULT_METHOD}: GLIDE beam tree)")
+    p.add_argument("--backend", default="auto", choices=["auto", "ref", "fast"], help="ref (readable PyTorch), fast (Triton + CUDA graphs), auto (fast when CUDA is available)")
+    p.add_argument("--target", default="default", help="target model: a local HF-format dir (default: the embedded model)")
+    p.add_argument("--draft", default=None, help="draft LM dir for --method speculative (default: the embedded draft with the embedded target)")
+    p.add_argument("--glide", default=None, help="GLIDE draft dir or .pth for --method spec/tree (default: the embedded GLIDE with the embedded target)")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off; in (0, 1]")
+    p.add_argument("--tree-shape", default=None, help="GLIDE tree nodes per level, e.g. 4,16,16,16,16 (the default)")
+    p.add_argument("--gamma", type=int, default=None, help="draft chain length (speculative, spec, magicdec; default: the decoder's)")
+    p.add_argument("--opt", "-O", action="append", default=[], metavar="KEY=VALUE", help="extra decoder keyword argument, e.g. -O num_pred_tokens=20 (repeatable)")
+    p.add_argument("--eos", default=None, help="comma-separated EOS ids ('' = never stop; default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--dtype", default="auto", choices=list(_DTYPES), help="auto = fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--template", default="raw", help="prompt format: raw (default: the text as is), auto (the tokenizer's chat template), or vicuna/llama2/llama3/qwen2")
+    p.add_argument("--system", default=None, help="system prompt (with --template other than raw)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on the fast backend on CUDA, else 0)")
+    p.add_argument("--compare", action="store_true", help="also run vanilla decoding and print the speedup")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text and the table")
+    p.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="highlight accepted draft tokens (auto: on a terminal, unless NO_COLOR is set)")
+    p.add_argument("--echo", action="store_true", help="print the prompt (dimmed on a terminal) before the completion")
+
+
+def _check_generate_args(a: argparse.Namespace) -> None:
+    if a.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if not a.temperature >= 0 or a.temperature != a.temperature or a.temperature == float("inf"):
+        raise CLIError(f"--temperature must be a finite number >= 0, got {a.temperature}")
+    if a.top_k < 0:
+        raise CLIError(f"--top-k must be >= 0 (0 = off), got {a.top_k}")
+    if not 0 < a.top_p <= 1:
+        raise CLIError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.gamma is not None and a.gamma < 1:
+        raise CLIError(f"--gamma must be >= 1, got {a.gamma}")
+    if a.warmup is not None and a.warmup < 0:
+        raise CLIError(f"--warmup must be >= 0, got {a.warmup}")
+    a.tree_shape = parse_tree_shape(a.tree_shape) if a.tree_shape is not None else None
+    if a.tree_shape is not None and a.method != "tree":
+        raise CLIError(f"--tree-shape applies to --method tree, not {a.method}")
+    if a.gamma is not None and a.method not in ("speculative", "spec", "magicdec"):
+        raise CLIError(f"--gamma applies to --method speculative, spec or magicdec, not {a.method}")
+    a.opts = dict(_parse_opt(o) for o in a.opt)
+
+
+def resolve_backend(name: str, device: str):
+    """The decoder module for ``--backend`` (and the device): returns (name, module)."""
+    import torch
+
+    if name == "auto":
+        name = "ref"
+        if torch.cuda.is_available() and not str(device).startswith("cpu"):
+            try:
+                importlib.import_module("specdec.fast")
+                name = "fast"
+            except Exception:
+                name = "ref"
+    if name == "fast" and str(device).startswith("cpu"):
+        pass  # allowed: the fast path runs its kernels under the Triton interpreter on CPU (slow)
+    try:
+        return name, importlib.import_module(f"specdec.{name}")
+    except ImportError as e:
+        raise CLIError(f"backend {name!r} is not available: {e}") from None
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device: unknown device {device!r}") from None
+    return device
+
+
+def _check_dir(flag: str, path: str, kind: str = "dir") -> str:
+    from specdec.shared.assets import EMBEDDED_MODELS, resolve_model_path
+
+    if path in EMBEDDED_MODELS:
+        return resolve_model_path(path)
+    if not os.path.exists(path):
+        raise CLIError(f"{flag} {path!r} does not exist (expected a local Hugging Face-format model directory)")
+    if kind == "dir" and not os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is not a directory (expected a local Hugging Face-format model directory)")
+    return path
+
+
+_MODEL_CACHE: dict[tuple, Any] = {}
+
+
+def _cached(key: tuple, load: Callable[[], Any]):
+    """Models loaded once per process (``main`` may be called many times, e.g. by tests)."""
+    if key not in _MODEL_CACHE:
+        if len(_MODEL_CACHE) > 8:
+            _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = load()
+    return _MODEL_CACHE[key]
+
+
+def _model_key(path: str) -> tuple:
+    p = os.path.abspath(path)
+    try:
+        stamp = max(os.path.getmtime(os.path.join(p, f)) for f in os.listdir(p)) if os.path.isdir(p) else os.path.getmtime(p)
+    except (OSError, ValueError):
+        stamp = 0
+    return (p, stamp)
+
+
+def _read_prompt(a: argparse.Namespace, stdin) -> str:
+    if a.prompt is not None and a.prompt != "-":
+        text = a.prompt
+    else:
+        if a.prompt is None and getattr(stdin, "isatty", lambda: False)():
+            raise CLIError("no prompt: pass it as an argument or pipe it on stdin (e.g. echo 'def f(x):' | specdec generate)")
+        text = stdin.read()
+    if not text:
+        raise CLIError("empty prompt: give at least one character")
+    return text
+
+
+def _segments(tok, ids: list[int], mask: list[bool]) -> list[tuple[str, bool]]:
+    """Split the decoded completion into (text, accepted) pieces that concatenate to the full decode."""
+    full = tok.decode(ids, skip_special_tokens=True)
+    pieces: list[tuple[str, bool]] = []
+    prev = ""
+    for i in range(len(ids)):
+        cur = tok.decode(ids[: i + 1], skip_special_tokens=True)
+        if cur.startswith(prev) and "\ufffd" not in cur[len(prev):]:
+            piece = cur[len(prev):]
+            if piece:
+                pieces.append((piece, bool(mask[i])))
+            prev = cur
+    if prev != full:  # undecodable boundary (split UTF-8): fall back to the rest unhighlighted
+        pieces.append((full[len(prev):] if full.startswith(prev) else full, False))
+        if not full.startswith(prev):
+            pieces = [(full, False)]
+    return pieces
+
+
+def _render(tok, ids: list[int], mask: list[bool], color: bool) -> str:
+    if not color:
+        return tok.decode(ids, skip_special_tokens=True)
+    out = []
+    for text, acc in _segments(tok, ids, mask):
+        out.append(f"{_GREEN}{text}{_RESET}" if acc else text)
+    return "".join(out)
+
+
+def _stats(method: str, backend: str, res) -> dict[str, Any]:
+    n = int(res.output_ids.shape[-1])
+    return {
+        "method": method,
+        "backend": backend,
+        "tokens": n,
+        "accepted_drafts": int(res.count),
+        "target_passes": int(res.num),
+        "tau": round(float(res.tau), 4),
+        "tokens_per_s": round(float(res.tokens_per_second), 2),
+        "ttft_ms": round(float(res.prefill_time) * 1000, 2),
+        "decode_s": round(float(res.elapsed_time), 4),
+        "total_s": round(float(res.elapsed_time) + float(res.prefill_time), 4),
+    }
+
+
+def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
+    import torch
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    _check_generate_args(a)
+    device = _resolve_device(a.device)
+    backend, mod = resolve_backend(a.backend, device)
+    dtype_name = a.dtype if a.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    fn_name, needs = METHODS[a.method]
+    decoder = getattr(mod, fn_name, None)
+    if decoder is None:
+        raise CLIError(f"method {a.method!r} is not available in specdec.{backend} (no {fn_name})")
+
+    # Inputs and models (read the prompt first: a missing prompt should not wait for model loading).
+    text = _read_prompt(a, stdin)
+    embedded = a.target == "default"
+    target_dir = _check_dir("--target", a.target)
+    from specdec.shared.tokenizer import encode_prompt, format_prompt, load_tokenizer
+
+    tok = _cached(("tok",) + _model_key(target_dir), lambda: load_tokenizer(target_dir))
+    if a.template != "raw":
+        text = format_prompt(tok, text, system=a.system, family=None if a.template == "auto" else a.template)
+    ids = encode_prompt(tok, text)
+    target = _cached((backend, "model", dtype_name, device) + _model_key(target_dir), lambda: mod.load_model(target_dir, dtype=dtype, device=device))
+    args: list[Any] = [target]
+    if needs == "draft":
+        if a.draft is None and not embedded:
+            raise CLIError("--method speculative needs --draft DIR (a small LM with the target's tokenizer)")
+        draft_dir = _check_dir("--draft", a.draft or "default-draft")
+        args.append(_cached((backend, "model", dtype_name, device) + _model_key(draft_dir), lambda: mod.load_model(draft_dir, dtype=dtype, device=device)))
+    elif needs == "glide":
+        if a.glide is None and not embedded:
+            raise CLIError(f"--method {a.method} needs --glide PATH (a GLIDE draft trained for this target)")
+        glide_path = _check_dir("--glide", a.glide or "default-glide", kind="any")
+        args.append(_cached((backend, "glide", dtype_name, device, id(target)) + _model_key(glide_path), lambda: mod.load_glide(glide_path, target)))
+    kwargs: dict[str, Any] = dict(max_gen_len=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    if a.eos is not None:
+        try:
+            kwargs["eos_id"] = [int(x) for x in a.eos.split(",") if x.strip()]
+        except ValueError:
+            raise CLIError(f"--eos must be comma-separated token ids, got {a.eos!r}") from None
+    if a.gamma is not None:
+        kwargs["gamma"] = a.gamma
+    if a.tree_shape is not None:
+        kwargs["tree_shape"] = a.tree_shape
+    kwargs.update(a.opts)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+
+    def run(fn, fargs, kw):
+        gen = torch.Generator(device=device).manual_seed(a.seed) if a.temperature > 0 else None
+        torch.manual_seed(a.seed)
+        return fn(*fargs, input_ids, input_ids.shape[1], generator=gen, **kw)
+
+    warmup = a.warmup if a.warmup is not None else (1 if backend == "fast" and device.startswith("cuda") else 0)
+    for _ in range(warmup):
+        run(decoder, args, kwargs)
+    res = run(decoder, args, kwargs)
+    rows = [_stats(a.method, backend, res)]
+    vanilla = None
+    if a.compare:
+        base_kw = {k: v for k, v in kwargs.items() if k in ("max_gen_len", "temperature", "top_k", "top_p", "eos_id")}
+        for _ in range(warmup):
+            run(mod.vanilla_generate, [target], base_kw)
+        vanilla = run(mod.vanilla_generate, [target], base_kw)
+        rows.append(_stats("vanilla", backend, vanilla))
+    out_ids = res.output_ids[0].tolist()
+    mask = res.spec_mask[0].tolist()
+    completion = tok.decode(out_ids, skip_special_tokens=True)
+    speedup = None
+    if vanilla is not None:
+        v_tps, m_tps = rows[1]["tokens_per_s"], rows[0]["tokens_per_s"]
+        if v_tps > 0 and m_tps > 0:
+            speedup = round(m_tps / v_tps, 3)
+        elif rows[0]["total_s"] > 0:
+            speedup = round(rows[1]["total_s"] / rows[0]["total_s"], 3)
+
+    if a.json:
+        obj = dict(rows[0])
+        obj.update({
+            "device": device, "dtype": dtype_name, "target": os.path.abspath(target_dir) if not embedded else "default",
+            "prompt_tokens": len(ids), "completion": completion, "output_ids": out_ids, "spec_mask": [bool(x) for x in mask],
+        })
+        if vanilla is not None:
+            obj["vanilla"] = rows[1]
+            obj["speedup"] = speedup
+            obj["same_output_as_vanilla"] = vanilla.output_ids[0].tolist() == out_ids
+        stdout.write(json.dumps(obj) + "\n")
+        return 0
+
+    from tabulate import tabulate
+
+    is_tty = getattr(stdout, "isatty", lambda: False)()
+    color = a.color == "always" or (a.color == "auto" and is_tty and not os.environ.get("NO_COLOR"))
+    if a.echo:
+        stdout.write(f"{_DIM}{text}{_RESET}" if color else text)
+    stdout.write(_render(tok, out_ids, mask, color))
+    stdout.write("\n\n")
+    headers = ["method", "backend", "tokens", "tau", "tokens/s", "TTFT (ms)"]
+    table = [[r["method"], r["backend"], r["tokens"], f"{r['tau']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['ttft_ms']:.1f}"] for r in rows]
+    stdout.write(tabulate(table, headers=headers, tablefmt="simple") + "\n")
+    if speedup is not None:
+        stdout.write(f"speedup over vanilla: {speedup:.2f}x ({backend}, {device}, {dtype_name})\n")
+    if color:
+        stdout.write(f"{_GREEN}green{_RESET}: draft tokens the target accepted ({rows[0]['accepted_drafts']} of {rows[0]['tokens']})\n")
+    return 0
+
+
+register_subcommand("generate", _add_generate_args, run_generate, help="generate a completion with a speculative decoder")
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="specdec", description="Speculative decoding for Llama/Qwen2 LLMs (embedded default: a small Python-code model).")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, sc in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=sc.help, description=sc.help)
+        sc.add_args(sp)
+        sp.set_defaults(_subcommand=name)
+    return p
+
+
+def _version() -> str:
+    try:
+        from specdec import __version__
+
+        return f"specdec {__version__}"
+    except Exception:
+        return "specdec"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``specdec`` console script; returns the exit code (0 ok, 2 user error)."""
+    _load_plugins()
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help / --version
+            return int(e.code or 0) if not isinstance(e.code, str) else 2
+        if not getattr(args, "_subcommand", None):
+            parser.print_help(sys.stderr)
+            return 2
+        rc = SUBCOMMANDS[args._subcommand].run(args)
+        return int(rc or 0)
+    except (CLIError, ValueError, TypeError, FileNotFoundError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line
+        print(msg if getattr(e, "formatted", False) else f"specdec: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specdec: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""`specdec generate` (specdec.shared.cli.main called in-process) on the embedded default model, ref backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+
+import pytest
+import torch
+
+from specdec.shared import cli
+from specdec.shared.cli import main
+
+PROMPT = "import os\n\n\ndef list_files(root):\n"
+# method -> the reference module that implements it (its tests are skipped until it exists)
+METHOD_MODULES = {
+    "vanilla": "specdec.ref.vanilla",
+    "speculative": "specdec.ref.speculative",
+    "spec": "specdec.ref.glide",
+    "tree": "specdec.ref.glide",
+    "logitspec": "specdec.ref.logitspec",
+    "magicdec": "specdec.ref.magicdec",
+    "pld": "specdec.ref.pld",
+}
+
+
+def need(method: str) -> None:
+    mod = METHOD_MODULES[method]
+    if importlib.util.find_spec(mod) is None:
+        pytest.skip(f"{mod} (the decoder of --method {method}) has not landed yet")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(["generate", "--backend", "ref", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("method", list(METHOD_MODULES))
+def test_every_method_json(capsys, method):
+    need(method)
+    rc, out, err = run(capsys, "--method", method, "-n", "5", "--json", PROMPT)
+    assert rc == 0, err
+    obj = json.loads(out)
+    assert obj["method"] == method and obj["backend"] == "ref"
+    assert 1 <= obj["tokens"] == len(obj["output_ids"]) == len(obj["spec_mask"]) <= 5
+    assert obj["accepted_drafts"] == sum(obj["spec_mask"])
+    assert obj["tau"] >= 1.0 and obj["target_passes"] >= 1
+    assert set(obj) >= {"tokens_per_s", "ttft_ms", "completion", "prompt_tokens"}
+    if method == "vanilla":
+        assert obj["accepted_drafts"] == 0
+
+
+def test_text_output_and_table(capsys):
+    need("tree")
+    rc, out, err = run(capsys, "--method", "tree", "-n", "12", PROMPT)
+    assert rc == 0, err
+    assert "\x1b[" not in out  # not a terminal: plain text
+    for col in ("method", "backend", "tokens", "tau", "tokens/s", "TTFT (ms)"):
+        assert col in out
+    assert "tree" in out and "ref" in out
+
+
+def test_color_highlights_accepted_drafts(capsys):
+    need("magicdec")
+    # MagicDec drafts with the target itself over a window that holds the whole short prompt: drafts are accepted.
+    rc, out, err = run(capsys, "--method", "magicdec", "-n", "10", "--color", "always", "--json", PROMPT)
+    obj = json.loads(out)
+    assert obj["accepted_drafts"] > 0
+    rc, out, err = run(capsys, "--method", "magicdec", "-n", "10", "--color", "always", PROMPT)
+    assert rc == 0 and "\x1b[32m" in out
+    plain = out.rsplit("\n\nmethod ", 1)[0].replace("\x1b[32m", "").replace("\x1b[0m", "")
+    assert plain == obj["completion"]
+
+
+def test_compare_prints_speedup_and_is_lossless(capsys):
+    need("tree")
+    rc, out, err = run(capsys, "--method", "tree", "-n", "8", "--compare", PROMPT)
+    assert rc == 0, err
+    assert "speedup over vanilla:" in out and "vanilla" in out
+    rc, out, err = run(capsys, "--method", "tree", "-n", "8", "--compare", "--json", PROMPT)
+    obj = json.loads(out)
+    assert obj["speedup"] > 0 and obj["vanilla"]["method"] == "vanilla"
+    assert obj["same_output_as_vanilla"] is True  # greedy speculative decoding is lossless
+
+
+def test_stdin_prompt(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT))
+    rc, out, err = run(capsys, "--method", "vanilla", "-n", "3", "--json")
+    assert rc == 0, err
+    a = json.loads(out)
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT))
+    rc, out, err = run(capsys, "--method", "vanilla", "-n", "3", "--json", "-")
+    b = json.loads(out)
+    rc, out, err = run(capsys, "--method", "vanilla", "-n", "3", "--json", PROMPT)
+    c = json.loads(out)
+    assert a["output_ids"] == b["output_ids"] == c["output_ids"]
+
+
+def test_sampling_is_seeded(capsys):
+    need("speculative")
+    args = ("--method", "speculative", "-n", "6", "--temperature", "0.8", "--top-p", "0.9", "--json", PROMPT)
+    r1 = json.loads(run(capsys, *args, "--seed", "3")[1])
+    r2 = json.loads(run(capsys, *args, "--seed", "3")[1])
+    assert r1["output_ids"] == r2["output_ids"]
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--method", "tree", "--tree-shape", "0,1"], "--tree-shape"),
+        (["--method", "tree", "--tree-shape", "4,x"], "--tree-shape"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--temperature", "abc"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--method", "speculative", "--gamma", "0"], "--gamma"),
+        (["--method", "nope"], "--method"),
+        (["--target", "/nonexistent/model/dir"], "/nonexistent/model/dir"),
+        (["--method", "speculative", "--target", "/nonexistent/model/dir"], "does not exist"),
+        (["--method", "tree", "--glide", "/nonexistent/glide"], "/nonexistent/glide"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nodevice"], "--device"),
+        (["--opt", "novalue"], "key=value"),
+        (["--method", "pld", "-O", "no_such_kwarg=1"], "no_such_kwarg"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2(capsys, argv, fragment):
+    rc, out, err = run(capsys, "-n", "2", *argv, PROMPT)
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "error" in lines[0] and fragment in lines[0]
+    assert "Traceback" not in err and out == ""
+
+
+def test_empty_stdin_is_an_error(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    rc, out, err = run(capsys, "-n", "2", "-")
+    assert rc == 2 and "empty prompt" in err
+
+
+def test_register_subcommand(capsys):
+    seen = {}
+
+    def add_args(p):
+        p.add_argument("--x", type=int, default=1)
+
+    def run_fn(args):
+        seen["x"] = args.x
+        print("plugged in")
+        return 0
+
+    cli.register_subcommand("unittest-plugin", add_args, run_fn, help="test")
+    try:
+        assert main(["unittest-plugin", "--x", "7"]) == 0
+        assert seen["x"] == 7 and "plugged in" in capsys.readouterr().out
+        assert main(["unittest-plugin", "--x", "no"]) == 2
+    finally:
+        cli.SUBCOMMANDS.pop("unittest-plugin", None)
+
+
+def test_help_and_no_command(capsys):
+    assert main(["--help"]) == 0
+    assert "generate" in capsys.readouterr().out
+    assert main([]) == 2
