@@ -309,15 +309,18 @@ def pick_config(rows: int, head_dim: int, dtype: torch.dtype) -> dict:
     return dict(block_m=block_m, block_n=64, num_warps=4, num_stages=3)
 
 
-def pick_num_splits(max_span: int, programs_per_split: int, sms: int, block_n: int) -> int:
+def pick_num_splits(max_span: int, programs_per_split: int, sms: int, block_n: int, block_m: int = 16) -> int:
     """Prefix chunks per (batch, kv head, row block) so one launch fills ``sms`` SMs.
 
-    Aim for about two programs per SM, but keep every chunk at least ``4 * block_n`` keys (less
-    work than that does not pay for its partial write and merge).
+    Measured on H100 (scripts/bench_kernels.py --tune): small row blocks (decode-like, memory
+    bound, several programs per SM) do best with about one program per SM; 128-row blocks (one
+    program per SM, tensor-core bound) with about two. Every chunk keeps at least
+    ``4 * block_n`` keys (less work than that does not pay for its partial write and merge).
     """
     if max_span <= 0:
         return 1
-    want = triton.cdiv(2 * sms, max(1, programs_per_split))
+    target = 2 * sms if block_m >= 128 else sms
+    want = triton.cdiv(target, max(1, programs_per_split))
     most = triton.cdiv(max_span, 4 * block_n)
     return int(max(1, min(want, most, 4096)))
 
@@ -392,7 +395,7 @@ def split_attention(
     block_d = next_pow2(d)
     row_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
-        num_splits = pick_num_splits(max_span, b * hkv * row_blocks, sm_count(q.device), block_n)
+        num_splits = pick_num_splits(max_span, b * hkv * row_blocks, sm_count(q.device), block_n, block_m)
     has_tree = tree_mask is not None
     num_parts = num_splits + (1 if has_tree else 0)
 
