@@ -476,7 +476,9 @@ class _Models:
         elif key == "glide":
             if not self.glide_path:
                 raise ValueError("this method needs a GLIDE draft: pass --glide PATH")
-            m = lib.load_glide(self.glide_path, self.get("target"))
+            from specdec.shared.assets import resolve_model_path
+
+            m = lib.load_glide(resolve_model_path(self.glide_path), self.get("target"))
         elif key == "hf_target":
             m = _hf_load(a.target, self.dtype, self.device)
         elif key == "hf_draft":
