@@ -16,7 +16,8 @@ Python-code Llama trained on the standard library) is used, with its draft LM an
 prompt is used raw (a base code model has no chat template); ``--template`` picks one.
 
 Errors (bad arguments, missing model directories, invalid tree shapes, ...) are one line on stderr
-and exit code 2.
+and exit code 2. A failure inside the library (e.g. a CUDA error) is one line too, with exit code 1;
+``SPECDEC_DEBUG=1`` re-raises it with the full traceback.
 
 Plugging in more subcommands
 ----------------------------
@@ -496,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # a failure inside the library: still one line, unless SPECDEC_DEBUG is set
+        if os.environ.get("SPECDEC_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())[:400] or "(no message)"
+        print(f"specdec: internal error: {type(e).__name__}: {msg} (set SPECDEC_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

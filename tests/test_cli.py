@@ -142,6 +142,20 @@ def test_bad_arguments_one_line_exit_2(capsys, argv, fragment):
     assert "Traceback" not in err and out == ""
 
 
+def test_internal_error_is_one_line(capsys, monkeypatch):
+    import specdec.ref as R
+
+    def boom(*a, **k):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    monkeypatch.setattr(R, "pld_generate", boom)
+    rc, out, err = run(capsys, "--method", "pld", "-n", "2", PROMPT)
+    assert rc == 1 and err.count("\n") == 1 and "RuntimeError: kernel exploded second line" in err
+    monkeypatch.setenv("SPECDEC_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["generate", "--backend", "ref", "--method", "pld", "-n", "2", PROMPT])
+
+
 def test_empty_stdin_is_an_error(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     rc, out, err = run(capsys, "-n", "2", "-")
