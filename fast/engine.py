@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from specdec.fast.graphs import CapturedFn
 from specdec.fast.model import FastModel, MAX_TREE_NODES, commit, prefill, run_step
 from specdec.ref.engine import Draft, RoundRecord, RoundState, accept_draft
 from specdec.shared.acceptance import greedy_best_node
@@ -84,6 +85,31 @@ class TreeTensors:
                 cls._cache.clear()
             t = cls._cache[key] = TreeTensors(tree, size, device)
         return t
+
+
+def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid) -> torch.Tensor:
+    """Greedy acceptance and KV compaction with no host synchronisation (graph-capturable).
+
+    Applies :func:`specdec.shared.acceptance.greedy_best_node` (dummy nodes can never be accepted),
+    moves the accepted path's rows to ``[L, L + n)`` in every layer with one
+    :func:`specdec.fast.kernels.compact_kv` launch, and advances ``cache.length_t`` by ``n``.
+    Returns ``[best, next_token, path mask (M), node tokens (M), parents (M)]`` as one long tensor,
+    for the round's single read-back.
+    """
+    from specdec.fast.kernels import compact_kv
+
+    m = node_tokens.shape[0]
+    target_argmax = torch.argmax(logits, dim=-1)
+    accept_tokens = torch.where(valid, node_tokens, torch.full_like(node_tokens, -1))
+    best = greedy_best_node(ancestor, depth, accept_tokens, target_argmax, parents)
+    on_path = ancestor[best]  # [M] the accepted root-to-node path
+    n = on_path.sum().to(torch.int32).reshape(1)
+    idx = torch.arange(m, device=node_tokens.device)
+    order = torch.argsort(torch.where(on_path, idx, idx + m))  # path nodes first, parents before children
+    src = (cache.length_t[:1].long() + order).to(torch.int32)[None]
+    compact_kv(cache.k, cache.v, src, cache.length_t, n_accept=n)
+    cache.length_t += n
+    return torch.cat([best[None], target_argmax[best][None], on_path.long(), node_tokens, parents])
 
 
 def _sync(device: torch.device) -> None:
@@ -160,23 +186,33 @@ def run_speculative_fast(
         num += 1
         # 3. Accept.
         if params.greedy:
-            target_argmax = torch.argmax(logits, dim=-1)
-            accept_tokens = torch.where(tt.valid, node_tokens, torch.full_like(node_tokens, -1))
-            best = greedy_best_node(tt.ancestor, tt.depth, accept_tokens, target_argmax, tt.parents)
+            # 3-4 on the device (one graph replay on CUDA): accept, then compact the KV of every layer.
+            inputs = dict(logits=logits, node_tokens=node_tokens, parents=tt.parents, depth=tt.depth,
+                          ancestor=tt.ancestor, valid=tt.valid)
+            key = ("accept", id(cache), tree_size)
+            fn = target.graphs.get(key)
+            if fn is None and target.use_graphs:
+                # capturing runs the function twice to warm up: snapshot the state it mutates, restore after
+                snap = (cache.length_t.clone(), cache.k[:, :, :, L : L + tree_size].clone(), cache.v[:, :, :, L : L + tree_size].clone())
+                fn = target.graphs[key] = CapturedFn(lambda **kw: accept_and_compact(cache, **kw), inputs)
+                cache.length_t.copy_(snap[0])
+                cache.k[:, :, :, L : L + tree_size] = snap[1]
+                cache.v[:, :, :, L : L + tree_size] = snap[2]
+            packed_t = fn(**inputs) if fn is not None else accept_and_compact(cache, **inputs)
             # the one host synchronisation of the round: accepted node, next token, its path, the draft
-            packed = torch.cat([best[None], target_argmax[best][None], tt.ancestor[best].long(),
-                                node_tokens[:m], tt.parents[:m]]).tolist()
+            packed = packed_t.tolist()
             next_token = packed[1]
             path = [j for j, on in enumerate(packed[2 : 2 + tree_size]) if on]
             draft_tokens = packed[2 + tree_size : 2 + tree_size + m]
-            parents = packed[2 + tree_size + m :]
+            parents = packed[2 + 2 * tree_size : 2 + 2 * tree_size + m]
+            cache.length = L + len(path)  # the device mirror was advanced by accept_and_compact
         else:
             draft_tokens, parents = draft.tokens.tolist(), tt.parents[:m].tolist()
             host = Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), draft.q)
             path, next_token = accept_draft(host, logits[:m], params, generator, skip_sample_adjustment)
-        # 4. Compact: the accepted rows of every layer move to [L, L + len(path)).
-        contiguous = path == list(range(len(path)))
-        commit(cache, None if contiguous else torch.tensor([path], dtype=torch.int32, device=dev), len(path))
+            # 4. Compact: the accepted rows of every layer move to [L, L + len(path)).
+            contiguous = path == list(range(len(path)))
+            commit(cache, None if contiguous else torch.tensor([path], dtype=torch.int32, device=dev), len(path))
         # 5. Emit.
         accepted = [draft_tokens[j] for j in path[1:]]
         emitted += accepted + [next_token]

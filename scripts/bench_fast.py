@@ -80,10 +80,10 @@ def hf_generate_tps(model, ctx: int, new_tokens: int = 32) -> float:
 
 def glide_round_ms(fm, cache, tree: Tree, ms_verify: float) -> dict:
     """Time the phases of one GLIDE tree round at the current cache length (random GLIDE weights)."""
+    from specdec.fast.engine import accept_and_compact
     from specdec.fast.glide import FastGlideDrafter, as_fast_glide
-    from specdec.fast.model import commit
+    from specdec.fast.graphs import CapturedFn
     from specdec.ref.engine import RoundState
-    from specdec.shared.acceptance import greedy_best_node
     from specdec.shared.glide import init_glide_weights
     from specdec.shared.sampling import SamplingParams
 
@@ -104,13 +104,14 @@ def glide_round_ms(fm, cache, tree: Tree, ms_verify: float) -> dict:
     tt = TreeTensors.get(tree, tree.size, dev)
     logits = torch.randn(tree.size, fm.config.vocab_size, device=dev)
     toks = torch.randint(0, fm.config.vocab_size, (tree.size,), device=dev)
-    path = torch.tensor([[0, 1, 6, 22, 40]], dtype=torch.int32, device=dev)
+    # make a depth-4 path right so the compaction really moves rows
+    for node in tree.path(60)[1:]:
+        logits[tree.parents[node], toks[node]] = 1e4
+    inputs = dict(logits=logits, node_tokens=toks, parents=tt.parents, depth=tt.depth, ancestor=tt.ancestor, valid=tt.valid)
+    fn = CapturedFn(lambda **kw: accept_and_compact(cache, **kw), inputs)
 
-    def accept_compact():
-        am = torch.argmax(logits, dim=-1)
-        best = greedy_best_node(tt.ancestor, tt.depth, toks, am, tt.parents)
-        torch.cat([best[None], am[best][None], tt.ancestor[best].long()]).tolist()
-        commit(cache, path, 5)
+    def accept_compact():  # what the engine does: one graph replay, one read-back
+        fn(**inputs).tolist()
         cache.set_length(L)
 
     ms_accept = cuda_time_ms(accept_compact, reps=20)

@@ -311,6 +311,10 @@ def init_glide_weights(
     return Glide(cfg, weights, source="init")
 
 
+TIE_SLACK = 16
+"""Extra candidates :func:`beam_level` ranks beyond ``k`` so ties at the k-th score resolve by index."""
+
+
 def beam_level(cum_logprob: torch.Tensor, draft_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One level of the GLIDE beam tree: the best ``k`` (node, token) pairs over ALL nodes of a level.
 
@@ -333,6 +337,10 @@ def beam_level(cum_logprob: torch.Tensor, draft_logprobs: torch.Tensor, k: int) 
     if k < 1:
         raise ValueError(f"beam_level needs k >= 1, got {k}")
     scores = (cum_logprob.float()[:, None] + draft_logprobs.float()).reshape(-1)  # [n * V], node-major
-    # A stable sort of -score keeps equal scores in flat-index order: the deterministic tie-break.
-    order = torch.sort(-scores, stable=True).indices[:k]
+    # The k best of n * V pairs: take a few more than k with topk (fast, no full sort), then order those
+    # by score with a stable sort over ascending flat index -- equal scores keep flat-index order, the
+    # deterministic tie-break (exact unless more than TIE_SLACK pairs tie with the k-th best).
+    cand = torch.topk(scores, min(k + TIE_SLACK, n * v)).indices
+    cand = torch.sort(cand).values
+    order = cand[torch.sort(-scores[cand], stable=True).indices[:k]]
     return order // v, order % v, scores[order]
