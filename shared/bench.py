@@ -102,6 +102,7 @@ METHODS: dict[str, MethodSpec] = {
 }
 PEERS = ("hf_generate", "hf_assisted", "hf_pld")
 _ALIASES = {spec.function: name for name, spec in METHODS.items()}  # "tree_spec_generate" -> "tree_spec"
+_ALIASES["tree"] = "tree_spec"  # the name `specdec generate --method` uses
 
 
 def canonical_method(name: str) -> str:
@@ -490,10 +491,6 @@ class _Models:
         self._cache[key] = m
         return m
 
-    def drop_hf(self) -> None:
-        for k in ("hf_target", "hf_draft"):
-            self._cache.pop(k, None)
-
 
 def _make_runner(method: str, models: _Models, args, eos_ids: list[int], pad_id: int | None):
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
@@ -610,35 +607,63 @@ def run_bench(args) -> dict[str, str]:
     extra_turns = sum(len(tok(t)["input_ids"]) + args.max_new_tokens + 32 for t in longest["turns"][1:])
     warm_len = min(len(longest_ids) + extra_turns, ctx - args.max_new_tokens)
 
-    paths = {}
+    paths, failed = {}, []
     for method in methods:
-        runner, meta = _make_runner(method, models, args, eos_ids, tok.pad_token_id)
-        meta = {"method": method, **meta, **common}
-        _log(f"[bench] {method} ({meta['backend']}): warm-up")
-        for w in range(args.warmup):
-            first_ids = encode_prompt(tok, conversation_prompt(tok, questions[0]["turns"], [], args.family))
-            runner.generate(first_ids, min(args.max_new_tokens, 32), args.seed)
-            if warm_len > len(first_ids):  # size caches (and their CUDA graphs) for the longest prompt now
-                reps = -(-warm_len // len(longest_ids))
-                ids = (longest_ids * reps)[:warm_len]
-                runner.generate(ids, args.max_new_tokens, args.seed)
-        path = os.path.join(args.out_dir, f"{method}.jsonl")
-        paths[method] = path
-        iterator = questions
-        if not args.no_progress:
-            from tqdm import tqdm
+        try:
+            paths[method] = _run_method(method, models, args, tok, questions, eos_ids, model_id, common, longest_ids, warm_len, ctx)
+        except Exception as e:  # one broken method must not lose the others' results (a long GPU run)
+            if isinstance(e, ValueError) and len(methods) == 1:
+                raise
+            import traceback
 
-            iterator = tqdm(questions, desc=method, unit="q", file=sys.stderr, dynamic_ncols=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for qi, q in enumerate(iterator):
-                rec = _run_question(runner, tok, q, args, qi)
-                rec.update({"model_id": model_id, "method": method, "backend": meta["backend"], "meta": meta})
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-        _log(f"[bench] {method}: wrote {path}")
-        if method in PEERS and method == methods[-1]:
-            models.drop_hf()
+            traceback.print_exc()
+            _log(f"[bench] {method}: FAILED ({type(e).__name__}: {e}); continuing with the other methods")
+            failed.append(method)
+    if failed:
+        _log(f"[bench] failed methods: {', '.join(failed)}")
+        if not paths:
+            raise ValueError(f"every method failed ({', '.join(failed)})")
     return paths
+
+
+def _run_method(method, models, args, tok, questions, eos_ids, model_id, common, longest_ids, warm_len, ctx) -> str:
+    from specdec.shared.tokenizer import encode_prompt
+
+    runner, meta = _make_runner(method, models, args, eos_ids, tok.pad_token_id)
+    meta = {"method": method, **meta, **common}
+    t_warm = time.perf_counter()
+    for _ in range(args.warmup):
+        first_ids = encode_prompt(tok, conversation_prompt(tok, questions[0]["turns"], [], args.family))
+        runner.generate(first_ids, min(args.max_new_tokens, 32), args.seed)
+        if warm_len > len(first_ids):
+            # size the caches (and capture their CUDA graphs) for the longest prompt the run will see: a prompt
+            # of warm_len + max_new - 16 tokens and 16 new ones needs the same capacity at a fraction of the cost
+            n_new = min(16, args.max_new_tokens)
+            n = min(warm_len + args.max_new_tokens - n_new, ctx - n_new)
+            ids = (longest_ids * (-(-n // len(longest_ids))))[:n]
+            runner.generate(ids, n_new, args.seed)
+    _log(f"[bench] {method} ({meta['backend']}): warm-up {time.perf_counter() - t_warm:.1f}s")
+    path = os.path.join(args.out_dir, f"{method}.jsonl")
+    iterator = questions
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(questions, desc=method, unit="q", file=sys.stderr, dynamic_ncols=True)
+    tokens = wall = 0.0
+    passes = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for qi, q in enumerate(iterator):
+            rec = _run_question(runner, tok, q, args, qi)
+            rec.update({"model_id": model_id, "method": method, "backend": meta["backend"], "meta": meta})
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            ch = rec["choices"][0]
+            tokens += sum(ch["new_tokens"])
+            wall += sum(ch["wall_time"])
+            passes += len(ch["accept_lengths"])
+    _log(f"[bench] {method}: {len(questions)} questions, {int(tokens)} tokens in {wall:.2f}s "
+         f"({tokens / max(wall, 1e-9):.1f} tok/s pooled, tau {tokens / max(passes, 1):.2f}) -> {path}")
+    return path
 
 
 def _run_question(runner, tok, q: dict, args, qi: int) -> dict:
@@ -790,6 +815,20 @@ def build_stdlib_prompt_sets(out_dir: str = PROMPTS_DIR, tokenizer: str = "defau
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     return {"stdlib_code": len(code), "stdlib_long": len(longs)}
+
+
+def _cli_run(args) -> int:
+    for m, p in run_bench(args).items():
+        print(f"{m}\t{p}")
+    return 0
+
+
+try:  # `specdec bench` (shared/cli.py imports this module and calls the registered entry)
+    from specdec.shared.cli import register_subcommand
+
+    register_subcommand("bench", add_bench_args, _cli_run, help="Spec-Bench-style speed runs of decoders and transformers peers")
+except ImportError:  # pragma: no cover - a build without the CLI module
+    pass
 
 
 if __name__ == "__main__":

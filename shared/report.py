@@ -253,5 +253,18 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _cli_run(args) -> int:
+    print(run_report(args), end="")
+    return 0
+
+
+try:  # `specdec report` (shared/cli.py imports this module and calls the registered entry)
+    from specdec.shared.cli import register_subcommand
+
+    register_subcommand("report", add_report_args, _cli_run, help="speed tables from specdec bench answer files")
+except ImportError:  # pragma: no cover - a build without the CLI module
+    pass
+
+
 if __name__ == "__main__":
     raise SystemExit(report_main())
