@@ -211,7 +211,8 @@ def _check_silu(shape, dtype, kind, seed=0):
     gu = _strided(shape, dtype, _gen(seed), kind) * 3
     got = K.silu_mul(gu)
     assert got.shape == shape[:-1] + (shape[-1] // 2,) and got.is_contiguous()
-    assert_ulps(got, K.silu_mul_ref(gu), 8.0 if dtype == torch.float32 else 1.0, "silu_mul")
+    # the kernel's exp/division are not torch's: silu may land one ulp away, and the product one more
+    assert_ulps(got, K.silu_mul_ref(gu), 8.0 if dtype == torch.float32 else 2.0, "silu_mul")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
