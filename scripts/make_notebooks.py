@@ -836,25 +836,48 @@ print("--- output ([...] = draft tokens the target accepted) ---")
 print("".join(f"[{tok.decode([t])}]" if m else tok.decode([t]) for t, m in zip(out, mask)))
 
 # %% [markdown]
-# ## 4.3 Inside the best round: guesses, trie, accepted path
+# ## 4.3 Inside a round: guesses, trie, accepted path
+#
+# For every round: did the accepted path start with the retrieval branch (branch 0) or with a
+# next-next-token guess? Then a close look at the round that accepted the most drafts, and at the
+# best round won by a guess.
 
 # %%
+def first_source(rec, info):
+    """Where the accepted path's first draft came from: 'retrieval', 'guess' or 'none'."""
+    if rec.accepted == 0:
+        return "none"
+    return "retrieval" if info["branch0"][:1] == [int(rec.draft.tokens[rec.path[1]])] else "guess"
+
+
+source = [first_source(rec, info) for rec, info in zip(records, drafter.log)]
+print("first accepted draft from:", {k: source.count(k) for k in ("retrieval", "guess", "none")})
+
+
+def show_round(i):
+    rec, info = records[i], drafter.log[i]
+    probs = torch.softmax(info["logits"].float(), dim=-1)
+    print(f"=== round {i + 1}: root {tok.decode([info['root']])!r} (p = {probs[info['root']]:.2f} under the last logit)")
+    print(f"branch 0 (retrieval):  {tok.decode(info['branch0'])!r}")
+    print("next-next-token guesses (runner-ups of the same logit) and their branches:")
+    for rank, branch in enumerate(info["guesses"][:8], start=1):
+        print(f"  rank {rank:2d}  p = {probs[branch[0]]:.3f}  {tok.decode(branch[:1])!r:12s} -> branch {tok.decode(branch)!r}")
+    print(f"  ... {len(info['guesses'])} guess branches in all")
+    d_tokens = rec.draft.tokens.tolist()
+    print(f"trie: {rec.draft.tree.size} nodes (root + {rec.draft.tree.size - 1} drafts), depth {max(rec.draft.tree.depth)}")
+    print(f"accepted path {rec.path}: {tok.decode([d_tokens[j] for j in rec.path[1:]])!r} "
+          f"+ next {tok.decode([rec.next_token])!r}  (first draft from: {source[i]})\n")
+
+
 best = max(range(len(records)), key=lambda i: (records[i].accepted, -i))
-rec, info = records[best], drafter.log[best]
-probs = torch.softmax(info["logits"].float(), dim=-1)
-print(f"round {best + 1}: root {tok.decode([info['root']])!r} (p = {probs[info['root']]:.2f} under the last logit)")
-print(f"branch 0 (retrieval):  {tok.decode(info['branch0'])!r}")
-print("next-next-token guesses (runner-ups of the same logit) and their branches:")
-for rank, branch in enumerate(info["guesses"][:10], start=1):
-    print(f"  rank {rank:2d}  p = {probs[branch[0]]:.3f}  {tok.decode(branch[:1])!r:12s} -> branch {tok.decode(branch)!r}")
-print(f"  ... {len(info['guesses'])} guess branches in all")
-
-dtree, d_tokens = rec.draft.tree, rec.draft.tokens.tolist()
-accepted = [d_tokens[j] for j in rec.path[1:]]
-print(f"\ntrie: {dtree.size} nodes (root + {dtree.size - 1} drafts), depth {max(dtree.depth)}")
-print(f"accepted path {rec.path}: {tok.decode(accepted)!r} + next {tok.decode([rec.next_token])!r}")
+show_round(best)
+guess_rounds = [i for i in range(len(records)) if source[i] == "guess"]
+if guess_rounds:
+    show_round(max(guess_rounds, key=lambda i: (records[i].accepted, -i)))
 
 # %%
+rec = records[best]
+dtree, d_tokens = rec.draft.tree, rec.draft.tokens.tolist()
 depth = dtree.depth
 fig, ax = plt.subplots(figsize=(12, 4.5))
 xs = {}
@@ -873,26 +896,16 @@ for j in range(dtree.size):
                     fontsize=8, rotation=30, color="tab:red" if j in rec.path else "black")
 ax.set_yticks([-d for d in range(max(depth) + 1)], [f"depth {d}" for d in range(max(depth) + 1)])
 ax.set_xticks([])
-ax.set_title(f"round {best + 1}: the draft trie ({dtree.size} nodes); red = accepted path")
+ax.set_title(f"round {best + 1}: the draft trie ({dtree.size} nodes; branch 0 first, then the guesses); red = accepted path")
 plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 4.4 Where do the accepted tokens come from?
-#
-# For each round: was the accepted path's first draft the retrieval branch (branch 0) or a
-# next-next-token guess? And how long is what was accepted?
+# ## 4.4 Tokens per round, by source of the first accepted draft
 
 # %%
-source = []
-for rec, info in zip(records, drafter.log):
-    if rec.accepted == 0:
-        source.append("none")
-        continue
-    first = int(rec.draft.tokens[rec.path[1]])
-    source.append("retrieval" if info["branch0"][:1] == [first] else "guess")
 kinds = ["retrieval", "guess", "none"]
-fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 3.5))
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 3.5), gridspec_kw={"width_ratios": [2.5, 1]})
 colors = {"retrieval": "tab:blue", "guess": "tab:orange", "none": "0.7"}
 ax0.bar(range(1, len(records) + 1), [r.accepted + 1 for r in records], color=[colors[s] for s in source])
 for kind in kinds:
@@ -906,10 +919,6 @@ ax1.set_ylabel("rounds")
 plt.tight_layout()
 plt.show()
 '''
-
-# ---------------------------------------------------------------------------------------------
-# 05 -- results
-# ---------------------------------------------------------------------------------------------
 
 NB05 = r'''
 # %% [markdown]
