@@ -85,7 +85,9 @@ def load_glide(path: str | os.PathLike, target: Model, window: int | None = None
     """Load a GLIDE draft for ``target``: an HF-format dir (``sail/longspec-*`` layout) or a LongSpec
     training ``state_dict`` (.pth, ``draft_model.`` prefix and the like stripped). Shapes are checked
     against the target. Weights go to the target's device, in the target's dtype unless ``dtype``."""
-    return load_glide_weights(path, target.config, dtype=dtype or target.dtype, device=target.device, window=window)
+    from specdec.shared.assets import resolve_model_path
+
+    return load_glide_weights(resolve_model_path(path), target.config, dtype=dtype or target.dtype, device=target.device, window=window)
 
 
 def check_glide_matches(target: Model, glide: Glide) -> None:
