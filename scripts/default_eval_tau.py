@@ -62,7 +62,13 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=0, help="untimed runs of each method on the first prompt")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--out", default=None)
+    p.add_argument("--summarize", nargs="+", default=None, metavar="JSONL", help="print the table of existing JSONL results and exit")
     a = p.parse_args(argv)
+    if a.summarize:
+        for path in a.summarize:
+            with open(path) as f:
+                print(path + ": " + summarize([json.loads(line) for line in f if line.strip()]))
+        return
     torch.set_num_threads(a.threads)
 
     if a.dump_prompts:
@@ -130,21 +136,32 @@ def main(argv=None) -> None:
     if out:
         out.close()
 
-    from tabulate import tabulate
-
-    rows = []
-    van = {r["file"]: r for r in recs if r["method"] == "vanilla"}
-    for m in methods:
-        rs = [r for r in recs if r["method"] == m]
-        tau = sum(r["tokens"] for r in rs) / sum(r["passes"] for r in rs)
-        tps = statistics.median(r["tokens_per_s"] for r in rs)
-        sp = statistics.median(r["tokens_per_s"] / van[r["file"]]["tokens_per_s"] for r in rs if van[r["file"]]["tokens_per_s"] > 0)
-        rows.append([m, f"{tau:.2f}", f"{min(r['tau'] for r in rs):.2f}-{max(r['tau'] for r in rs):.2f}", f"{tps:.1f}", f"{sp:.2f}x",
-                     all(r["same_as_vanilla"] for r in rs)])
     print(f"\n{len(prompts)} held-out files, prompt <= {a.prompt_tokens} tokens, {a.max_new_tokens} new tokens, greedy, "
           f"specdec.{a.backend} on {a.device} ({dtype}), {time.time() - t_all:.0f}s")
-    print(tabulate(rows, headers=["method", "tau", "tau range", "tok/s (median)", "speedup (median)", "== vanilla"]))
+    print(summarize(recs))
 
+
+def summarize(recs: list[dict]) -> str:
+    """The table: tau = total tokens / total passes; tok/s median over files; speedup = median over files
+    of (method tok/s / vanilla tok/s on the same file). Only files where every method ran are counted."""
+    from tabulate import tabulate
+
+    methods = list(dict.fromkeys(r["method"] for r in recs))
+    per_file: dict[str, dict] = {}
+    for r in recs:
+        per_file.setdefault(r["file"], {})[r["method"]] = r
+    files = [f for f, d in per_file.items() if all(m in d for m in methods)]
+    rows = []
+    for m in methods:
+        rs = [per_file[f][m] for f in files]
+        van = [per_file[f]["vanilla"] for f in files]
+        tau = sum(r["tokens"] for r in rs) / sum(r["passes"] for r in rs)
+        tps = statistics.median(r["tokens_per_s"] for r in rs)
+        sp = statistics.median(r["tokens_per_s"] / v["tokens_per_s"] for r, v in zip(rs, van) if v["tokens_per_s"] > 0)
+        rows.append([m, f"{tau:.2f}", f"{statistics.median(r['tau'] for r in rs):.2f}", f"{min(r['tau'] for r in rs):.2f}-{max(r['tau'] for r in rs):.2f}",
+                     f"{tps:.1f}", f"{sp:.2f}x", all(r["same_as_vanilla"] for r in rs)])
+    head = f"{len(files)} files ({rs[0]['backend']}, {rs[0]['device']}, {rs[0]['dtype']})\n" if files else "no complete files\n"
+    return head + tabulate(rows, headers=["method", "tau", "tau (median file)", "tau range", "tok/s (median)", "speedup (median)", "== vanilla"])
 
 if __name__ == "__main__":
     main()
