@@ -101,15 +101,16 @@ def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, val
     m = node_tokens.shape[0]
     target_argmax = torch.argmax(logits, dim=-1)
     accept_tokens = torch.where(valid, node_tokens, torch.full_like(node_tokens, -1))
-    best = greedy_best_node(ancestor, depth, accept_tokens, target_argmax, parents)
-    on_path = ancestor[best]  # [M] the accepted root-to-node path
+    best = greedy_best_node(ancestor, depth, accept_tokens, target_argmax, parents).reshape(1)
+    # (index with a 1-element tensor: indexing with a 0-d tensor would read it back to the host)
+    on_path = ancestor.index_select(0, best)[0]  # [M] the accepted root-to-node path
     n = on_path.sum().to(torch.int32).reshape(1)
     idx = torch.arange(m, device=node_tokens.device)
     order = torch.argsort(torch.where(on_path, idx, idx + m))  # path nodes first, parents before children
     src = (cache.length_t[:1].long() + order).to(torch.int32)[None]
     compact_kv(cache.k, cache.v, src, cache.length_t, n_accept=n)
     cache.length_t += n
-    return torch.cat([best[None], target_argmax[best][None], on_path.long(), node_tokens, parents])
+    return torch.cat([best, target_argmax.index_select(0, best), on_path.long(), node_tokens, parents])
 
 
 def _sync(device: torch.device) -> None:
