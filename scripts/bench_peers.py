@@ -65,17 +65,35 @@ def main() -> int:
     ap.add_argument("--long-timeout", type=float, default=210)
     ap.add_argument("--skip-long", action="store_true")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--peers", default="all", help="transformers peers on the short set")
+    ap.add_argument("--long-peers", default="all", help="transformers peers on the long set")
+    ap.add_argument("--hf-assistant-tokens", type=int, default=None,
+                    help="hf_assisted: fixed draft length (default: transformers' own schedule)")
+    ap.add_argument("--tar", action="store_true", help="pack the answer files into <out>/answers.tar.gz")
     a = ap.parse_args()
-    bench = [sys.executable, "-m", "specdec.shared.bench", "--methods", METHODS, "--peers", "all", "--backend", a.backend,
+    bench = [sys.executable, "-m", "specdec.shared.bench", "--methods", METHODS, "--backend", a.backend,
              "--max-new-tokens", str(a.max_new_tokens), "--no-progress"]
+    if a.hf_assistant_tokens:
+        bench += ["--hf-assistant-tokens", str(a.hf_assistant_tokens)]
     short = os.path.join(a.out, "short")
-    run(bench + ["--bench", "stdlib_code", "--question-end", str(a.short_questions), "--out-dir", short], a.short_timeout)
+    run(bench + ["--peers", a.peers, "--bench", "stdlib_code", "--question-end", str(a.short_questions), "--out-dir", short],
+        a.short_timeout)
     report(short, os.path.join(a.out, "short.md"))
     if not a.skip_long:
         long = os.path.join(a.out, "long")
-        run(bench + ["--bench", "stdlib_long", "--max-context", str(a.max_context), "--min-prompt-tokens", str(a.min_long_tokens),
-                     "--out-dir", long], a.long_timeout)
+        run(bench + ["--peers", a.long_peers, "--bench", "stdlib_long", "--max-context", str(a.max_context),
+                     "--min-prompt-tokens", str(a.min_long_tokens), "--out-dir", long], a.long_timeout)
         report(long, os.path.join(a.out, "long.md"))
+    if a.tar:
+        import tarfile
+
+        with tarfile.open(os.path.join(a.out, "answers.tar.gz"), "w:gz") as t:
+            for d in ("short", "long"):
+                if os.path.isdir(os.path.join(a.out, d)):
+                    t.add(os.path.join(a.out, d), arcname=d)
+                    import shutil
+
+                    shutil.rmtree(os.path.join(a.out, d))
     return 0
 
 
