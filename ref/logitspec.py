@@ -75,7 +75,8 @@ class LogitSpecDrafter:
                     continue
                 rank += 1
                 keep = min(guess_branch_length(rank), depth)
-                branch = [g] + (self.pool.lookup(tokens + [g], limit=keep - 1) if keep > 1 else [])
+                suffix = tokens[-self.pool.max_ngram_size:]  # all the pool looks at (no copy of the whole context)
+                branch = [g] + (self.pool.lookup(suffix + [g], limit=keep - 1) if keep > 1 else [])
                 trie.insert(branch, max_new_nodes=capacity - trie.num_drafts)
         node_tokens, parents = trie.bfs()
         return Draft(tokens=torch.tensor(node_tokens, dtype=torch.long), tree=Tree.from_parents(parents))

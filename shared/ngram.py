@@ -79,7 +79,7 @@ class NgramPool:
 
     def lookup(self, query: Sequence[int], limit: int | None = None) -> list[int]:
         """Continuation of the longest suffix of ``query`` (length max_ngram_size .. 1) found in the pool."""
-        q = [int(t) for t in query]
+        q = [int(t) for t in query[-self.max_ngram_size:]]  # only the suffix matters: O(1) in the context length
         for l in range(min(self.max_ngram_size, len(q)), 0, -1):
             cont = self.continuation(q[-l:], limit)
             if cont:
