@@ -299,11 +299,8 @@ class FastGlideDrafter:
         }
         cache.n = L + 1 - cache.base
         self.processed = L + 1
-        if not shape:  # nothing may be drafted: just the root
-            self._catch_up_tail(inputs, target_k, target_v)
-            return Draft(torch.tensor([state.tokens[-1]], dtype=torch.long), Tree.from_parents([-1]))
         key = (id(target_k.untyped_storage()), k, shape)
-        if self.use_graphs and shape == self.tree_shape:
+        if self.use_graphs and shape == self.tree_shape:  # a shorter shape (the last rounds) runs eagerly
             g = self.graphs.get(key)
             if g is None:
                 g = self.graphs[key] = self._capture(inputs, shape, target_k, target_v)
@@ -317,12 +314,6 @@ class FastGlideDrafter:
             self._round_body(buf, shape)
         depth_t = torch.tensor([0] + [lv + 1 for lv, w in enumerate(shape) for _ in range(w)], device=dev)
         return Draft(buf["out_tokens"], DeviceTree(buf["out_parents"], depth_t, buf["out_anc"]))
-
-    def _catch_up_tail(self, inputs, target_k, target_v) -> None:
-        dev = self.glide.device
-        b = {name: t.to(dev) for name, t in inputs.items()}
-        glide_layer(self.target, self.glide, self.cache, b["tokens"][None], b["pos"], b["rows"], b["rows"][None],
-                    target_k, target_v, b["bound"][None], tree_start=None)
 
     def _capture(self, inputs: dict, shape, target_k, target_v) -> dict:
         """Capture :meth:`_round_body` for this catch-up length as a CUDA graph (static buffers)."""
