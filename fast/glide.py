@@ -34,7 +34,7 @@ from specdec.fast.model import MAX_TREE_NODES, FastModel, _cos_sin, as_fast_mode
 from specdec.ref.engine import Draft, RoundRecord, RoundState
 from specdec.shared.glide import Glide, GlideConfig, beam_level, load_glide_weights
 from specdec.shared.result import GenerationResult
-from specdec.shared.tree import Tree, tree_shape_num_nodes, validate_tree_shape
+from specdec.shared.tree import tree_shape_num_nodes, validate_tree_shape
 from specdec.shared.validate import check_positive_int
 
 __all__ = ["FastGlide", "SlidingCache", "as_fast_glide", "load_glide", "spec_generate", "tree_spec_generate"]

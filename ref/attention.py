@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange, repeat
+from einops import repeat
 
 __all__ = [
     "masked_attention",

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from specdec.ref.attention import masked_attention
-from specdec.shared.config import ModelConfig
 from specdec.shared.rope import apply_rope, rope_cos_sin
 from specdec.shared.weights import Model, load_checkpoint, model_from_hf
 

@@ -49,7 +49,6 @@ import importlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 

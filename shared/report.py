@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any, Sequence
 
 __all__ = ["load_answers", "question_stats", "aggregate", "compare", "format_report", "add_report_args", "run_report", "report_main"]

@@ -300,7 +300,6 @@ def _merge_kernel(
 
 def pick_config(rows: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes for ``rows = M * G`` packed query rows (measured on H100, see BENCHMARKS)."""
-    block_d = next_pow2(head_dim)
     block_m = min(max(16, next_pow2(rows)), 128 if dtype != torch.float32 else 64)
     if block_m >= 128:
         return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
