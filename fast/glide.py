@@ -73,6 +73,9 @@ def as_fast_glide(glide) -> FastGlide:
         return glide
     if not isinstance(glide, Glide):
         raise TypeError(f"expected a GLIDE draft (specdec load_glide), got {type(glide).__name__}")
+    cached = glide.extras.get("fast_glide")  # converted once per weights dict (keeps its graphs across calls)
+    if cached is not None and cached[0] is glide.weights:
+        return cached[1]
     w = glide.weights
     fw = {
         "wqkv": torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]),
@@ -87,7 +90,9 @@ def as_fast_glide(glide) -> FastGlide:
         "norm2": w["post_self_attention_layernorm.weight"],
         "norm3": w["post_cross_attention_layernorm.weight"],
     }
-    return FastGlide(glide.config, fw, glide.source)
+    fg = FastGlide(glide.config, fw, glide.source)
+    glide.extras["fast_glide"] = (glide.weights, fg)
+    return fg
 
 
 def load_glide(path: str | os.PathLike, target, window: int | None = None, dtype=None) -> FastGlide:

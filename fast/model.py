@@ -185,11 +185,17 @@ def as_fast_model(obj, dtype=None, device=None) -> FastModel:
         return obj
     if not isinstance(obj, Model):
         obj = model_from_hf(obj, dtype=dtype, device=device)
+    # A reference Model is converted once and the result kept on it, so repeated calls reuse the fused
+    # weights, caches and captured CUDA graphs (a new weights dict means a new conversion).
+    cached = obj.extras.get("fast_model")
+    if cached is not None and cached[0] is obj.weights:
+        return cached[1]
     if obj.config.head_dim not in (64, 80, 96, 128):
         raise ValueError(f"the fast path supports head dims 64, 80, 96, 128; this model has head_dim={obj.config.head_dim} "
                          "(use specdec.ref for it)")
     fm = FastModel(obj.config, _fuse(obj), source=obj.source)
     fm.use_graphs = fm.device.type == "cuda" and os.environ.get("SPECDEC_NO_GRAPHS", "0") != "1"
+    obj.extras["fast_model"] = (obj.weights, fm)
     return fm
 
 
