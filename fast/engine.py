@@ -30,7 +30,7 @@ from specdec.fast.graphs import CapturedFn
 from specdec.fast.model import FastModel, MAX_TREE_NODES, commit, prefill, run_step
 from specdec.ref.engine import Draft, RoundRecord, RoundState, accept_draft
 from specdec.shared.acceptance import greedy_best_node
-from specdec.shared.result import GenerationResult, finalize_output, normalize_eos
+from specdec.shared.result import GenerationResult, normalize_eos, sync
 from specdec.shared.sampling import SamplingParams, sample
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_batch_one, check_prompt
@@ -113,11 +113,6 @@ def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, val
     return torch.cat([best, target_argmax.index_select(0, best), on_path.long(), node_tokens, parents])
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def run_speculative_fast(
     target: FastModel,
@@ -167,7 +162,7 @@ def run_speculative_fast(
         num = 1
     else:
         last_logits = prefill(target, cache, prompt[:, :-1])[0] if prompt.shape[1] > 1 else None
-    _sync(dev)
+    sync(dev)
     prefill_time = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -223,10 +218,7 @@ def run_speculative_fast(
         last_logits = logits[path[-1]]
         if on_round is not None:
             on_round(RoundRecord(Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), draft.q), path, next_token))
-    _sync(dev)
+    sync(dev)
     elapsed = time.perf_counter() - t1
 
-    out, mask = finalize_output(emitted, spec, sorted(eos), max_gen_len)
-    out_t = torch.tensor([out], dtype=torch.long)
-    mask_t = torch.tensor([mask], dtype=torch.bool)
-    return GenerationResult(out_t, int(mask_t.sum()), num, elapsed, mask_t, prefill_time, accept_lengths)
+    return GenerationResult.from_rounds(emitted, spec, eos, max_gen_len, num, elapsed, prefill_time, accept_lengths)

@@ -11,16 +11,11 @@ import time
 import torch
 
 from specdec.fast.model import FastModel, as_fast_model, prefill, run_step
-from specdec.shared.result import GenerationResult, finalize_output, normalize_eos
+from specdec.shared.result import GenerationResult, normalize_eos, sync
 from specdec.shared.sampling import SamplingParams, sample
 from specdec.shared.validate import check_prompt
 
 __all__ = ["vanilla_generate"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -47,7 +42,7 @@ def vanilla_generate(
     t0 = time.perf_counter()
     logits = prefill(fm, cache, prompt)
     token = sample(logits, sp.temperature, sp.top_k, sp.top_p, generator)  # [B]
-    _sync(fm.device)
+    sync(fm.device)
     prefill_time = time.perf_counter() - t0
     generated = [token]
     done = torch.isin(token, eos_t)
@@ -61,12 +56,7 @@ def vanilla_generate(
         token = sample(logits[:, -1], sp.temperature, sp.top_k, sp.top_p, generator)
         generated.append(token)
         done |= torch.isin(token, eos_t)
-    _sync(fm.device)
+    sync(fm.device)
     elapsed = time.perf_counter() - t1
 
-    seqs = torch.stack(generated, dim=1).tolist()
-    rows = [finalize_output(s, [False] * len(s), eos, max_gen_len)[0] for s in seqs]
-    n = max(len(r) for r in rows)
-    out = torch.tensor([r + [r[-1]] * (n - len(r)) for r in rows], dtype=torch.long)
-    num = len(generated)
-    return GenerationResult(out, 0, num, elapsed, torch.zeros_like(out, dtype=torch.bool), prefill_time, [1] * num)
+    return GenerationResult.from_steps(generated, eos, max_gen_len, elapsed, prefill_time)

@@ -30,7 +30,7 @@ import torch
 
 from specdec.ref.model import KVCache, Model, forward_step, new_cache
 from specdec.shared.acceptance import chain_rejection_accept, greedy_accept, tree_sampling_accept
-from specdec.shared.result import GenerationResult, finalize_output, normalize_eos
+from specdec.shared.result import GenerationResult, normalize_eos, sync
 from specdec.shared.sampling import SamplingParams, logits_to_probs, sample
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_batch_one, check_prompt
@@ -113,11 +113,6 @@ def accept_draft(draft: Draft, logits: torch.Tensor, params: SamplingParams, gen
     return tree_sampling_accept(draft.tree, draft.tokens, p, generator)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def run_speculative(
     target: Model,
@@ -161,7 +156,7 @@ def run_speculative(
         num = 1
     else:
         last_logits = forward_step(target, prompt[:, :-1], cache)[0, -1] if prompt.shape[1] > 1 else None
-    _sync(target.device)
+    sync(target.device)
     prefill_time = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -189,10 +184,7 @@ def run_speculative(
         last_logits = logits[path[-1]]
         if on_round is not None:
             on_round(RoundRecord(draft, path, next_token))
-    _sync(target.device)
+    sync(target.device)
     elapsed = time.perf_counter() - t1
 
-    out, mask = finalize_output(emitted, spec, sorted(eos), max_gen_len)
-    out_t = torch.tensor([out], dtype=torch.long)
-    mask_t = torch.tensor([mask], dtype=torch.bool)
-    return GenerationResult(out_t, int(mask_t.sum()), num, elapsed, mask_t, prefill_time, accept_lengths)
+    return GenerationResult.from_rounds(emitted, spec, eos, max_gen_len, num, elapsed, prefill_time, accept_lengths)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from specdec.ref.model import Model, forward_step, new_cache
-from specdec.shared.result import GenerationResult, finalize_output, normalize_eos
+from specdec.shared.result import GenerationResult, normalize_eos
 from specdec.shared.sampling import SamplingParams, sample
 from specdec.shared.validate import check_prompt
 
@@ -50,7 +50,6 @@ def vanilla_generate(
     prefill_time = time.perf_counter() - t0
     generated = [token]
     done = torch.isin(token, torch.tensor(eos, dtype=torch.long, device=token.device))
-    num = 1
 
     # 2. Decode one token per target pass.
     t1 = time.perf_counter()
@@ -58,13 +57,8 @@ def vanilla_generate(
         logits = forward_step(model, token[:, None], cache)
         token = sample(logits[:, -1], sp.temperature, sp.top_k, sp.top_p, generator)
         generated.append(token)
-        num += 1
         done |= torch.isin(token, torch.tensor(eos, dtype=torch.long, device=token.device))
     elapsed = time.perf_counter() - t1
 
-    # 3. Cut each row after its first EOS; pad finished rows with that EOS to a rectangle.
-    seqs = torch.stack(generated, dim=1).tolist()
-    rows = [finalize_output(s, [False] * len(s), eos, max_gen_len)[0] for s in seqs]
-    n = max(len(r) for r in rows)
-    out = torch.tensor([r + [r[-1]] * (n - len(r)) for r in rows], dtype=torch.long)
-    return GenerationResult(out, 0, num, elapsed, torch.zeros_like(out, dtype=torch.bool), prefill_time, [1] * num)
+    # 3. Cut each row after its first EOS (finished rows padded with it); one target pass per token.
+    return GenerationResult.from_steps(generated, eos, max_gen_len, elapsed, prefill_time)

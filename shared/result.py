@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["GenerationResult", "finalize_output", "normalize_eos"]
+__all__ = ["GenerationResult", "finalize_output", "normalize_eos", "sync"]
 
 
 @dataclass
@@ -60,6 +60,32 @@ class GenerationResult:
 
     def tolist(self) -> list[int]:
         return self.output_ids[0].tolist()
+
+    @classmethod
+    def from_rounds(cls, emitted: list[int], spec: list[bool], eos_ids, max_gen_len: int, num: int, elapsed: float,
+                    prefill_time: float, accept_lengths: list[int]) -> "GenerationResult":
+        """A speculative run (batch 1): cut the emitted tokens (:func:`finalize_output`) and count accepted drafts."""
+        out, mask = finalize_output(emitted, spec, sorted(eos_ids), max_gen_len)
+        out_t = torch.tensor([out], dtype=torch.long)
+        mask_t = torch.tensor([mask], dtype=torch.bool)
+        return cls(out_t, int(mask_t.sum()), num, elapsed, mask_t, prefill_time, accept_lengths)
+
+    @classmethod
+    def from_steps(cls, steps: list[torch.Tensor], eos_ids, max_gen_len: int, elapsed: float, prefill_time: float) -> "GenerationResult":
+        """Plain decoding: ``steps`` are [B] token tensors, one per target pass. Each row is cut after its
+        first EOS; finished rows are padded with that EOS to a rectangle."""
+        seqs = torch.stack(steps, dim=1).tolist()
+        rows = [finalize_output(s, [False] * len(s), eos_ids, max_gen_len)[0] for s in seqs]
+        n = max(len(r) for r in rows)
+        out = torch.tensor([r + [r[-1]] * (n - len(r)) for r in rows], dtype=torch.long)
+        num = len(steps)
+        return cls(out, 0, num, elapsed, torch.zeros_like(out, dtype=torch.bool), prefill_time, [1] * num)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (so wall-clock timings include the queued GPU work); no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def normalize_eos(eos_id, default: list[int]) -> list[int]:
