@@ -35,7 +35,14 @@ from specdec.shared.sampling import SamplingParams, sample
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_batch_one, check_prompt
 
-__all__ = ["run_speculative_fast", "TreeTensors"]
+__all__ = ["run_speculative_fast", "TreeTensors", "check_drafts_fit"]
+
+
+def check_drafts_fit(name: str, drafts: int) -> None:
+    """The fast path verifies at most MAX_TREE_NODES nodes (root + drafts) per round."""
+    if drafts + 1 > MAX_TREE_NODES:
+        raise ValueError(f"{name} must be <= {MAX_TREE_NODES - 1} on the fast path (at most {MAX_TREE_NODES} "
+                         f"verified nodes per round), got {drafts}")
 
 
 class TreeTensors:

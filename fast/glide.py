@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from specdec.fast.engine import run_speculative_fast
+from specdec.fast.engine import check_drafts_fit, run_speculative_fast
 from specdec.fast.model import MAX_TREE_NODES, FastModel, _cos_sin, as_fast_model, rms_norm
 from specdec.ref.engine import Draft, RoundRecord, RoundState
 from specdec.shared.glide import Glide, GlideConfig, beam_level, load_glide_weights
@@ -354,8 +354,7 @@ def tree_spec_generate(
     """Same contract as :func:`specdec.ref.tree_spec_generate` (at most 127 draft nodes on the fast path)."""
     shape = validate_tree_shape((4, 16, 16, 16, 16) if tree_shape is None else tree_shape)
     size = tree_shape_num_nodes(shape)
-    if size > MAX_TREE_NODES:
-        raise ValueError(f"tree_shape {list(shape)} has {size} nodes; the fast path verifies at most {MAX_TREE_NODES}")
+    check_drafts_fit(f"the number of draft nodes of tree_shape {list(shape)}", size - 1)
     fm = as_fast_model(target)
     drafter = FastGlideDrafter(fm, as_fast_glide(glide), shape)
     return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
@@ -378,8 +377,7 @@ def spec_generate(
 ) -> GenerationResult:
     """Same contract as :func:`specdec.ref.spec_generate` (``gamma`` <= 127 on the fast path)."""
     check_positive_int("gamma", gamma)
-    if gamma + 1 > MAX_TREE_NODES:
-        raise ValueError(f"gamma must be <= {MAX_TREE_NODES - 1} on the fast path, got {gamma}")
+    check_drafts_fit("gamma", gamma)
     fm = as_fast_model(target)
     drafter = FastGlideDrafter(fm, as_fast_glide(glide), (1,) * gamma)
     return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from specdec.fast.engine import run_speculative_fast
-from specdec.fast.model import MAX_TREE_NODES, as_fast_model
+from specdec.fast.engine import check_drafts_fit, run_speculative_fast
+from specdec.fast.model import as_fast_model
 from specdec.ref.logitspec import LogitSpecDrafter
 from specdec.shared.ngram import check_ngram_args
 from specdec.shared.result import GenerationResult
@@ -37,8 +37,7 @@ def logitspec_generate(
     """Same contract as :func:`specdec.ref.logitspec_generate`; ``draft_tree_capacity`` <= 127 here."""
     check_ngram_args(max_ngram_size, num_pred_tokens)
     check_positive_int("draft_tree_capacity", draft_tree_capacity)
-    if draft_tree_capacity + 1 > MAX_TREE_NODES:
-        raise ValueError(f"draft_tree_capacity must be <= {MAX_TREE_NODES - 1} on the fast path, got {draft_tree_capacity}")
+    check_drafts_fit("draft_tree_capacity", draft_tree_capacity)
     fm = as_fast_model(target)
     drafter = LogitSpecDrafter(max_ngram_size, num_pred_tokens, draft_tree_capacity)
     return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,

@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from specdec.fast.engine import run_speculative_fast
-from specdec.fast.model import MAX_TREE_NODES, FastModel, as_fast_model, run_step
+from specdec.fast.engine import check_drafts_fit, run_speculative_fast
+from specdec.fast.model import FastModel, as_fast_model, run_step
 from specdec.ref.engine import Draft, RoundRecord, RoundState
 from specdec.ref.magicdec import streaming_rows
 from specdec.shared.result import GenerationResult
@@ -83,8 +83,7 @@ def magicdec_generate(
     check_positive_int("gamma", gamma)
     check_positive_int("sink_tokens", sink_tokens, minimum=0)
     check_positive_int("window", window)
-    if gamma + 1 > MAX_TREE_NODES:
-        raise ValueError(f"gamma must be <= {MAX_TREE_NODES - 1} on the fast path, got {gamma}")
+    check_drafts_fit("gamma", gamma)
     fm = as_fast_model(target)
     drafter = FastMagicDecDrafter(fm, gamma, sink_tokens, window)
     return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,

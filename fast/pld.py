@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from specdec.fast.engine import run_speculative_fast
-from specdec.fast.model import MAX_TREE_NODES, as_fast_model
+from specdec.fast.engine import check_drafts_fit, run_speculative_fast
+from specdec.fast.model import as_fast_model
 from specdec.ref.pld import PromptLookupDrafter
 from specdec.shared.ngram import check_ngram_args
 from specdec.shared.result import GenerationResult
@@ -32,8 +32,7 @@ def pld_generate(
 ) -> GenerationResult:
     """Same contract as :func:`specdec.ref.pld_generate`; ``num_pred_tokens`` <= 127 here."""
     check_ngram_args(max_ngram_size, num_pred_tokens)
-    if num_pred_tokens + 1 > MAX_TREE_NODES:
-        raise ValueError(f"num_pred_tokens must be <= {MAX_TREE_NODES - 1} on the fast path, got {num_pred_tokens}")
+    check_drafts_fit("num_pred_tokens", num_pred_tokens)
     fm = as_fast_model(target)
     drafter = PromptLookupDrafter(max_ngram_size, num_pred_tokens)
     return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.fast.engine import run_speculative_fast
+from specdec.fast.engine import check_drafts_fit, run_speculative_fast
 from specdec.fast.model import MAX_TREE_NODES, FastModel, as_fast_model, prefill, run_step
 from specdec.ref.engine import Draft, RoundState
 from specdec.shared.result import GenerationResult
@@ -105,8 +105,7 @@ def speculative_generate(
     tm, dm = as_fast_model(target), as_fast_model(draft_model)
     check_same_vocab(tm.config, dm.config)
     check_positive_int("gamma", gamma)
-    if gamma + 1 > MAX_TREE_NODES:
-        raise ValueError(f"gamma must be <= {MAX_TREE_NODES - 1} on the fast path, got {gamma}")
+    check_drafts_fit("gamma", gamma)
     n_prompt = input_ids.shape[-1] if hasattr(input_ids, "shape") else len(input_ids)
     drafter = FastDraftModelDrafter(dm, gamma, n_prompt + max_gen_len + gamma + 2)
     return run_speculative_fast(
