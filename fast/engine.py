@@ -73,12 +73,17 @@ class TreeTensors:
         t.size, t.real = size, m
         if m == size:
             t.parents, t.depth, t.ancestor = tree.parents, tree.depth, tree.ancestor
-        else:
-            t.parents = torch.cat([tree.parents, torch.zeros(size - m, dtype=torch.long, device=dev)])
-            t.depth = torch.cat([tree.depth, torch.ones(size - m, dtype=torch.long, device=dev)])
-            t.ancestor = torch.zeros(size, size, dtype=torch.bool, device=dev)
-            t.ancestor[:m, :m] = tree.ancestor
-            t.ancestor[m:, m:] = torch.eye(size - m, dtype=torch.bool, device=dev)
+            key = ("all-valid", size, str(dev))  # a constant: built once
+            t.valid = cls._cache.get(key)
+            if t.valid is None:
+                t.valid = cls._cache[key] = torch.ones(size, dtype=torch.bool, device=dev)
+            t.mask = t.ancestor[None]
+            return t
+        t.parents = torch.cat([tree.parents, torch.zeros(size - m, dtype=torch.long, device=dev)])
+        t.depth = torch.cat([tree.depth, torch.ones(size - m, dtype=torch.long, device=dev)])
+        t.ancestor = torch.zeros(size, size, dtype=torch.bool, device=dev)
+        t.ancestor[:m, :m] = tree.ancestor
+        t.ancestor[m:, m:] = torch.eye(size - m, dtype=torch.bool, device=dev)
         t.mask = t.ancestor[None]
         t.valid = torch.arange(size, device=dev) < m
         return t
@@ -182,8 +187,11 @@ def run_speculative_fast(
         if m > tree_size:
             raise RuntimeError(f"drafter bug: a draft of {m} nodes exceeds the fixed tree size {tree_size}")
         tt = TreeTensors.get(draft.tree, tree_size, dev) if isinstance(draft.tree, Tree) else TreeTensors.from_device(draft.tree, tree_size)
-        node_tokens = torch.zeros(tree_size, dtype=torch.long, device=dev)
-        node_tokens[:m] = draft.tokens.to(dev)
+        if m == tree_size and draft.tokens.device == dev and draft.tokens.dtype == torch.long:
+            node_tokens = draft.tokens  # a full device-side draft (GLIDE): nothing to pad
+        else:
+            node_tokens = torch.zeros(tree_size, dtype=torch.long, device=dev)
+            node_tokens[:m] = draft.tokens.to(dev)
         # 2. Verify all nodes (padded to tree_size) in one graph-replayed pass.
         logits = run_step(target, cache, node_tokens[None], (tt.depth + L)[None], tt.mask)[0]
         num += 1

@@ -22,18 +22,18 @@ greedy output; what changes is where the numbers live:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-
 from specdec.fast.engine import check_drafts_fit, run_speculative_fast
-from specdec.fast.model import MAX_TREE_NODES, FastModel, _cos_sin, as_fast_model, rms_norm
+from specdec.fast.model import MAX_TREE_NODES, FastModel, as_fast_model
 from specdec.ref.engine import Draft, RoundRecord, RoundState
 from specdec.shared.glide import Glide, GlideConfig, beam_level, load_glide_weights
 from specdec.shared.result import GenerationResult
+from specdec.shared.rope import rope_cos_sin
 from specdec.shared.tree import tree_shape_num_nodes, validate_tree_shape
 from specdec.shared.validate import check_positive_int
 
@@ -132,52 +132,81 @@ class SlidingCache:
         self.n, self.base = keep, self.base + drop
 
 
+@dataclass
+class GlideBounds:
+    """Which keys each query of one :func:`glide_layer` call sees (int32 device tensors).
+
+    Self-attention (the sliding cache): keys in rows ``[self_lo, self_hi)`` ([1] each), narrowed per
+    query by ``self_row_lo``/``self_row_hi`` [1, T] when given (the causal catch-up), plus the tree
+    block at ``tree_start`` [1] when the call passes a tree mask. Cross-attention (the target's last
+    layer): rows ``[0, cross_hi)`` ([1]), narrowed per query by ``cross_row_hi`` [1, T] when given
+    (``cross_row_lo`` is then a [1, T] tensor of zeros). ``cross_span`` (host int) bounds
+    ``cross_hi`` and only steers the kernel's split count (the cache capacity under graph capture).
+    """
+
+    self_lo: torch.Tensor
+    self_hi: torch.Tensor
+    cross_hi: torch.Tensor
+    cross_span: int
+    self_row_lo: torch.Tensor | None = None
+    self_row_hi: torch.Tensor | None = None
+    cross_row_lo: torch.Tensor | None = None
+    cross_row_hi: torch.Tensor | None = None
+    tree_start: torch.Tensor | None = None
+
+
+def catch_up_bounds(positions: Sequence[int], base: int, window: int) -> list[list[int]]:
+    """Host-side key ranges of a causal catch-up over consecutive ``positions`` (cache row = position - base).
+
+    Returns the int lists ``[rows, self_row_lo, self_row_hi, cross_row_hi, zeros, [self_lo, self_hi,
+    cross_hi]]``: query at position t sees draft rows ``(t - window, t]`` (as rows) and target rows
+    ``[0, t)`` -- the masks :func:`specdec.ref.glide.glide_layer` is given while decoding.
+    """
+    rows = [p - base for p in positions]
+    lo = [max(r - window + 1, 0) for r in rows]
+    hi = [r + 1 for r in rows]
+    return [rows, lo, hi, list(positions), [0] * len(rows), [min(lo), max(hi), max(positions)]]
+
+
 def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.Tensor, positions: torch.Tensor,
-                rows: torch.Tensor, q_rows: torch.Tensor, target_k: torch.Tensor, target_v: torch.Tensor, kv_bound,
-                tree_mask: torch.Tensor | None = None, tree_start=None) -> torch.Tensor:
+                rows: torch.Tensor, target_k: torch.Tensor, target_v: torch.Tensor, bounds: GlideBounds,
+                tree_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The draft layer on new tokens [1, T]; matches :func:`specdec.ref.glide.glide_layer` with the
     masks the reference builds. Returns hidden [1, T, H].
 
-    * K/V of the new tokens are written to buffer ``rows`` [T];
-    * self-attention: query i sees prefix rows in ``(q_rows[0, i] - window, q_rows[0, i]]`` (row =
-      position - base); with ``tree_mask`` [1, T, n_tree] the prefix part is cut at ``tree_start``
-      (int or [1] tensor: the prefix row count) and the tree block (rows ``[tree_start,
-      tree_start + n_tree)``) is masked by ancestry;
-    * cross-attention: query i sees target rows ``[0, kv_bound)`` (an int, or [1, T]).
+    ``positions`` [T] are the tokens' true positions (RoPE); their K/V are written to buffer rows
+    ``rows`` [1, T] (int32). ``bounds`` says which keys every query sees (see :class:`GlideBounds`);
+    with ``tree_mask`` [1, T, n_tree] the tree block (rows ``[tree_start, tree_start + n_tree)``)
+    is masked by ancestry. The same fused kernels as a target layer (:mod:`.kernels.fused`):
+
+        embed -> rms_norm -> wqkv GEMM -> rope_qkv_write (k, v into the sliding cache) -> windowed
+        self-attention -> wo GEMM -> add_rms_norm -> wq_x GEMM -> rope_q -> cross-attention over the
+        target cache -> wo_x GEMM -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> + residual
     """
+    from specdec.fast.kernels.tree_attention import split_attention
+
     kern = _kernels()
-    c = g.config
-    cos, sin = _cos_sin(fm, positions)  # [T, D], true positions (the target's table: no host sync)
-    cos, sin = cos[None, None].to(g.dtype), sin[None, None].to(g.dtype)
-    half = c.head_dim // 2
-
-    def rope(x):
-        return (x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin).to(x.dtype)
-
+    eps = g.config.rms_norm_eps
+    if fm.rope_table is not None:  # [T, D] at the true positions (the target's table: no host sync)
+        cos, sin = (t.index_select(0, positions) for t in fm.rope_table)
+    else:
+        cos, sin = rope_cos_sin(fm.config, positions.long(), dtype=fm.dtype)
+    cos, sin = cos[None].to(g.dtype), sin[None].to(g.dtype)
     x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)  # the target's frozen embedding
     # 1. Self-attention over the sliding cache (+ the tree block).
-    h = rms_norm(x, g.w["norm1"], c.rms_norm_eps)
-    dq, dkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    q, k, v = F.linear(h, g.w["wqkv"], g.w["bqkv"]).split([dq, dkv, dkv], dim=-1)
-    q = rope(rearrange(q, "b t (h d) -> b h t d", d=c.head_dim))
-    k = rope(rearrange(k, "b t (h d) -> b h t d", d=c.head_dim))
-    v = rearrange(v, "b t (h d) -> b h t d", d=c.head_dim)
-    cache.k[0].index_copy_(1, rows, k[0])
-    cache.v[0].index_copy_(1, rows, v[0])
-    if tree_mask is None:
-        o = kern.glide_self_attention(q, cache.k, cache.v, q_rows, g.window)
-    else:
-        o = kern.glide_self_attention(q, cache.k, cache.v, q_rows, g.window, tree_mask=tree_mask, tree_start=tree_start)
-    x = x + F.linear(rearrange(o, "b h t d -> b t (h d)"), g.w["wo"])
+    h = kern.rms_norm(x, g.w["norm1"], eps)
+    q = kern.rope_qkv_write(F.linear(h, g.w["wqkv"], g.w["bqkv"]), cos, sin, cache.k, cache.v, rows, check_rows=False)
+    o = split_attention(q, cache.k, cache.v, span_lo=bounds.self_lo, span_hi=bounds.self_hi,
+                        max_span=g.window + q.shape[2], row_lo=bounds.self_row_lo, row_hi=bounds.self_row_hi,
+                        tree_start=bounds.tree_start if tree_mask is not None else None, tree_mask=tree_mask)
+    h, x = kern.add_rms_norm(F.linear(rearrange(o, "b h t d -> b t (h d)"), g.w["wo"]), x, g.w["norm2"], eps)
     # 2. Cross-attention over the target's last-layer cache, as stored (query projected + rotated only).
-    h = rms_norm(x, g.w["norm2"], c.rms_norm_eps)
-    q = rope(rearrange(F.linear(h, g.w["wq_x"], g.w["bq_x"]), "b t (h d) -> b h t d", d=c.head_dim))
-    o = kern.glide_cross_attention(q, target_k, target_v, kv_bound)
-    x = x + F.linear(rearrange(o, "b h t d -> b t (h d)"), g.w["wo_x"])
+    q = kern.rope_q(F.linear(h, g.w["wq_x"], g.w["bq_x"]), cos, sin)
+    o = split_attention(q, target_k, target_v, span_hi=bounds.cross_hi, max_span=bounds.cross_span,
+                        row_lo=bounds.cross_row_lo, row_hi=bounds.cross_row_hi)
+    h, x = kern.add_rms_norm(F.linear(rearrange(o, "b h t d -> b t (h d)"), g.w["wo_x"]), x, g.w["norm3"], eps)
     # 3. SwiGLU MLP.
-    h = rms_norm(x, g.w["norm3"], c.rms_norm_eps)
-    gate, up = F.linear(h, g.w["w13"]).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, g.w["w2"])
+    return x + F.linear(kern.silu_mul(F.linear(h, g.w["w13"])), g.w["w2"])
 
 
 @dataclass
@@ -203,10 +232,12 @@ class FastGlideDrafter:
 
     A round is one function of device tensors, :meth:`_round_body`: catch up on the last ``k``
     emitted tokens (root included), then one draft forward per beam level, the beam choice
-    (:func:`specdec.shared.glide.beam_level`) and the tree mask all on the device. On CUDA it is
-    captured once per ``k`` as a CUDA graph (the graphs live on the :class:`FastGlide` and are reused
-    across calls); elsewhere it runs eagerly. Only the first round's long catch-up (the prompt)
-    runs outside it, in window-sized chunks.
+    (:func:`specdec.shared.glide.beam_level`) and the tree mask all on the device. Every integer
+    the round needs (tokens, positions, cache rows, key ranges) is computed on the host and sent in
+    ONE int32 copy (:meth:`_pack`). On CUDA the body is captured once per ``k`` as a CUDA graph
+    (the graphs live on the :class:`FastGlide` and are reused across calls); elsewhere it runs
+    eagerly. Only the first round's long catch-up (the prompt) runs outside it, in window-sized
+    chunks.
     """
 
     def __init__(self, target: FastModel, glide: FastGlide, tree_shape: Sequence[int]):
@@ -220,14 +251,15 @@ class FastGlideDrafter:
         if "cache" not in store:
             store["cache"] = SlidingCache(glide)
             store["graphs"] = {}
-        self.cache, self.graphs = store["cache"], store["graphs"]
+            store["depth"] = {}
+        self.cache, self.graphs, self._depth = store["cache"], store["graphs"], store["depth"]
         self.cache.n, self.cache.base = 0, 0
         self.processed = 0
         self.use_graphs = target.use_graphs and target.rope_table is not None
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden.to(self.target.dtype), self.target.w["lm_head"]).float()  # no final norm
-        return torch.log_softmax(logits, dim=-1)
+        logits = F.linear(hidden.to(self.target.dtype), self.target.w["lm_head"])  # no final norm
+        return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
 
     def _catch_up_prefix(self, tokens: list[int], stop_at: int, target_k, target_v) -> None:
         """Run positions [processed, stop_at) through the layer in window-sized chunks (the prompt)."""
@@ -235,27 +267,56 @@ class FastGlideDrafter:
         for start in range(self.processed, stop_at, window):
             stop = min(start + window, stop_at)
             cache.make_room(stop - start)
-            pos = torch.arange(start, stop, device=dev)
-            rows = pos - cache.base
-            ids = torch.tensor(tokens[start:stop], dtype=torch.long, device=dev)[None]
-            glide_layer(self.target, self.glide, cache, ids, pos, rows, rows[None], target_k, target_v,
-                        pos.to(torch.int32)[None], tree_start=None)
+            rows, lo, hi, pos, zeros, scalars = catch_up_bounds(range(start, stop), cache.base, window)
+            t = stop - start
+            p = torch.tensor(tokens[start:stop] + rows + lo + hi + pos + zeros + scalars, dtype=torch.int32).to(dev)
+            tok, rows_t, lo_t, hi_t, pos_t, zeros_t = (p[i * t : (i + 1) * t] for i in range(6))
+            sc = p[6 * t :]
+            bounds = GlideBounds(self_lo=sc[0:1], self_hi=sc[1:2], cross_hi=sc[2:3], cross_span=stop,
+                                 self_row_lo=lo_t[None], self_row_hi=hi_t[None],
+                                 cross_row_lo=zeros_t[None], cross_row_hi=pos_t[None])
+            glide_layer(self.target, self.glide, cache, tok[None], pos_t, rows_t[None], target_k, target_v, bounds)
             cache.n = stop - cache.base
         self.processed = max(self.processed, stop_at)
 
+    def _pack(self, tokens: list[int], L: int, k: int, shape: tuple[int, ...]) -> list[int]:
+        """Every integer of one round, for ONE host-to-device copy (layout: :meth:`_unpack`)."""
+        window, base = self.glide.window, self.cache.base
+        n = L + 1 - base  # prefix rows in the sliding cache after the catch-up (root included)
+        rows, lo, hi, pos, zeros, (self_lo, _, _) = catch_up_bounds(range(L + 1 - k, L + 1), base, window)
+        levels = len(shape)
+        # tree level l (depth l + 1, position L + l + 1, query row n + l) sees prefix rows
+        # (n + l - window, n) and the tree rows n + j of its ancestors
+        level_lo = [max(n + lv - window + 1, 0) for lv in range(levels)]
+        level_pos = [L + lv + 1 for lv in range(levels)]
+        tree_rows = [n + j for j in range(sum(shape))]
+        return tokens[L + 1 - k :] + rows + lo + hi + pos + zeros + [self_lo, n, L] + level_lo + level_pos + tree_rows
+
+    @staticmethod
+    def _unpack(p: torch.Tensor, k: int, levels: int) -> dict:
+        parts = dict(zip(("tokens", "rows", "row_lo", "row_hi", "pos", "zeros"), (p[i * k : (i + 1) * k] for i in range(6))))
+        o = 6 * k
+        parts.update(self_lo=p[o : o + 1], n=p[o + 1 : o + 2], L=p[o + 2 : o + 3])
+        o += 3
+        parts.update(level_lo=p[o : o + levels], level_pos=p[o + levels : o + 2 * levels], tree_rows=p[o + 2 * levels :])
+        return parts
+
     def _round_body(self, buf: dict, shape: tuple[int, ...]) -> None:
-        """Catch-up of ``buf['tokens']`` + the beam levels of ``shape``; writes buf['out_*'] (graph-capturable)."""
+        """Catch-up of the last ``k`` tokens + the beam levels of ``shape``; writes buf['out_*'] (graph-capturable)."""
         dev, cache = self.glide.device, self.cache
-        tk, tv = buf["target_k"], buf["target_v"]
+        tk, tv, span = buf["target_k"], buf["target_v"], buf["cross_span"]
+        u = self._unpack(buf["pack"], buf["k"], len(shape))
         # 1. Catch up: the last k emitted tokens, root last; query at position t sees target rows < t.
-        h = glide_layer(self.target, self.glide, cache, buf["tokens"][None], buf["pos"], buf["rows"], buf["rows"][None],
-                        tk, tv, buf["bound"][None], tree_start=None)
+        bounds = GlideBounds(self_lo=u["self_lo"], self_hi=u["n"], cross_hi=u["L"], cross_span=span,
+                             self_row_lo=u["row_lo"][None], self_row_hi=u["row_hi"][None],
+                             cross_row_lo=u["zeros"][None], cross_row_hi=u["pos"][None])
+        h = glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], tk, tv, bounds)
         logprobs = self._logprobs(h[0, -1:])  # [1, V] after the root
         n_tree = sum(shape)
         anc = torch.zeros(n_tree, n_tree, dtype=torch.bool, device=dev)  # among drafts (root excluded)
         cum = torch.zeros(1, device=dev)
         level_nodes = torch.zeros(1, dtype=torch.long, device=dev)  # global ids of the current level
-        toks, parents = [buf["tokens"][-1:]], [torch.full((1,), -1, dtype=torch.long, device=dev)]
+        toks, parents = [u["tokens"][-1:].long()], [torch.full((1,), -1, dtype=torch.long, device=dev)]
         first = 1
         for level, width in enumerate(shape):
             # 2. Best (node, token) pairs over the whole level.
@@ -272,12 +333,13 @@ class FastGlideDrafter:
             first += n
             if level == len(shape) - 1:
                 break
-            # 3. One draft forward over this level (tree rows follow the prefix rows in the cache).
-            pos = buf["L"].long() + (level + 1)
-            h = glide_layer(self.target, self.glide, cache, new_tokens[None], pos.expand(n),
-                            buf["n"].long() + lo + torch.arange(n, device=dev),
-                            (buf["n"].long() - 1 + level + 1).expand(n)[None], tk, tv, buf["L"],
-                            tree_mask=anc[lo : lo + n, : lo + n][None], tree_start=buf["n"])
+            # 3. One draft forward over this level (tree rows follow the prefix rows in the cache):
+            #    prefix rows (row - window, n) and the ancestors' tree rows; target rows [0, L).
+            bounds = GlideBounds(self_lo=u["level_lo"][level : level + 1], self_hi=u["n"], cross_hi=u["L"],
+                                 cross_span=span, tree_start=u["n"])
+            h = glide_layer(self.target, self.glide, cache, new_tokens[None], u["level_pos"][level : level + 1].expand(n),
+                            u["tree_rows"][lo : lo + n][None], tk, tv, bounds,
+                            tree_mask=anc[lo : lo + n, : lo + n][None])
             logprobs = self._logprobs(h[0])
         m = first
         full = torch.zeros(m, m, dtype=torch.bool, device=dev)
@@ -296,35 +358,32 @@ class FastGlideDrafter:
         k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
         self._catch_up_prefix(state.tokens, L + 1 - k, target_k, target_v)
         cache.make_room(k)
-        pos = torch.arange(L + 1 - k, L + 1)
-        inputs = {
-            "tokens": torch.tensor(state.tokens[L + 1 - k :], dtype=torch.long),
-            "pos": pos, "rows": pos - cache.base, "bound": pos.to(torch.int32),
-            "L": torch.tensor([L], dtype=torch.int32), "n": torch.tensor([L + 1 - cache.base], dtype=torch.int32),
-        }
+        pack = self._pack(state.tokens, L, k, shape)
         cache.n = L + 1 - cache.base
         self.processed = L + 1
         key = (id(target_k.untyped_storage()), k, shape)
         if self.use_graphs and shape == self.tree_shape:  # a shorter shape (the last rounds) runs eagerly
             g = self.graphs.get(key)
             if g is None:
-                g = self.graphs[key] = self._capture(inputs, shape, target_k, target_v)
-            for name, t in inputs.items():
-                g["buf"][name].copy_(t, non_blocking=True)
+                g = self.graphs[key] = self._capture(pack, k, shape, target_k, target_v)
+            g["host"].numpy()[:] = pack  # pinned staging buffer: the previous round's copy has completed
+            g["buf"]["pack"].copy_(g["host"], non_blocking=True)
             g["graph"].replay()
             buf = g["buf"]
         else:
-            buf = {name: t.to(dev) for name, t in inputs.items()}
-            buf["target_k"], buf["target_v"] = target_k, target_v
+            buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "k": k, "target_k": target_k,
+                       "target_v": target_v, "cross_span": L + 1}
             self._round_body(buf, shape)
-        depth_t = torch.tensor([0] + [lv + 1 for lv, w in enumerate(shape) for _ in range(w)], device=dev)
+        depth_t = self._depth.get(shape)
+        if depth_t is None or depth_t.device != dev:
+            depth_t = self._depth[shape] = torch.tensor([0] + [lv + 1 for lv, w in enumerate(shape) for _ in range(w)], device=dev)
         return Draft(buf["out_tokens"], DeviceTree(buf["out_parents"], depth_t, buf["out_anc"]))
 
-    def _capture(self, inputs: dict, shape, target_k, target_v) -> dict:
+    def _capture(self, pack: list[int], k: int, shape, target_k, target_v) -> dict:
         """Capture :meth:`_round_body` for this catch-up length as a CUDA graph (static buffers)."""
         dev = self.glide.device
-        buf = {name: t.to(dev) for name, t in inputs.items()}
-        buf["target_k"], buf["target_v"] = target_k, target_v
+        buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "k": k, "target_k": target_k, "target_v": target_v,
+                   "cross_span": target_k.shape[-2]}  # the split count must hold for any length: size it for the capacity
         s = torch.cuda.Stream(dev)
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
@@ -334,7 +393,7 @@ class FastGlideDrafter:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._round_body(buf, shape)
-        return {"graph": graph, "buf": buf}
+        return {"graph": graph, "buf": buf, "host": torch.empty(len(pack), dtype=torch.int32).pin_memory()}
 
 
 def tree_spec_generate(

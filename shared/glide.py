@@ -336,11 +336,20 @@ def beam_level(cum_logprob: torch.Tensor, draft_logprobs: torch.Tensor, k: int) 
     k = min(int(k), n * v)
     if k < 1:
         raise ValueError(f"beam_level needs k >= 1, got {k}")
-    scores = (cum_logprob.float()[:, None] + draft_logprobs.float()).reshape(-1)  # [n * V], node-major
+    scores2d = cum_logprob.float()[:, None] + draft_logprobs.float()  # [n, V]
+    scores = scores2d.reshape(-1)  # [n * V], node-major: flat index = node * V + token
     # The k best of n * V pairs: take a few more than k with topk (fast, no full sort), then order those
     # by score with a stable sort over ascending flat index -- equal scores keep flat-index order, the
     # deterministic tie-break (exact unless more than TIE_SLACK pairs tie with the k-th best).
-    cand = torch.topk(scores, min(k + TIE_SLACK, n * v)).indices
+    kk = min(k + TIE_SLACK, n * v)
+    if n > 1 and kk < v:
+        # two stages (same set): every pair among the kk best overall is among its own row's kk best,
+        # and n row-wise top-kk's run in parallel where one top-kk over n * V runs on one block
+        row_best = torch.topk(scores2d, kk, dim=1)
+        flat = (row_best.indices + torch.arange(n, device=scores.device)[:, None] * v).reshape(-1)
+        cand = flat[torch.topk(row_best.values.reshape(-1), kk).indices]
+    else:
+        cand = torch.topk(scores, kk).indices
     cand = torch.sort(cand).values
     order = cand[torch.sort(-scores[cand], stable=True).indices[:k]]
     return order // v, order % v, scores[order]

@@ -202,6 +202,35 @@ def test_rope_qkv_write_bad_inputs():
         K.rope_qkv_write(qkv, cos, sin, kc, vc, rows.float())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["contig", "slice"])
+def test_rope_q_matches_ref(dtype, kind):
+    """Query-only rotation (the GLIDE cross-attention query) == apply_rope, heads split out."""
+    gen = _gen(7)
+    b, m, hq, d = 2, 5, 3, 64
+    x = _strided((b, m, hq * d), dtype, gen, kind) * 3
+    cos, sin = _rope_tables(b, m, d, dtype, gen, kind=kind)
+    q = K.rope_q(x, cos, sin)
+    assert q.shape == (b, hq, m, d) and q.is_contiguous()
+    exact_or_ulp(q, K.rope_q_ref(x, cos, sin), "q")
+    # the same rotation as the q heads of rope_qkv_write
+    kc = torch.zeros(b, 1, m, d, dtype=dtype, device=DEV)
+    qkv = torch.cat([x, torch.zeros(b, m, 2 * d, dtype=dtype, device=DEV)], dim=-1)
+    rows = torch.arange(m, device=DEV)[None].expand(b, m).contiguous()
+    assert torch.equal(q, K.rope_qkv_write(qkv, cos, sin, kc, kc.clone(), rows))
+
+
+def test_rope_q_bad_inputs():
+    x = torch.randn(1, 2, 128, device=DEV)
+    cos = sin = torch.ones(1, 2, 64, device=DEV)
+    with pytest.raises(ValueError, match="Hq \\* D"):
+        K.rope_q(x[..., :100], cos, sin)
+    with pytest.raises(ValueError, match="cos"):
+        K.rope_q(x, cos[:, :1], sin)
+    with pytest.raises(ValueError, match="head dim"):
+        K.rope_q(x, cos[..., :32], sin[..., :32])
+
+
 # ---------------------------------------------------------------------------------------------
 # SiLU(gate) * up
 # ---------------------------------------------------------------------------------------------

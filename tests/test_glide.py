@@ -65,6 +65,23 @@ def test_beam_level_hand_checked_two_levels():
     assert list(zip(parent.tolist(), tok.tolist())) == [(0, 3), (1, 0), (1, 1), (0, 2)]
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_level_matches_full_sort(seed):
+    """The two-stage top-k (row-wise, then over the candidates) == a full stable sort of all n * V pairs,
+    ties included (scores quantised so many pairs tie)."""
+    g = torch.Generator().manual_seed(seed)
+    n, v, k = 6, 200, 16
+    lp = torch.log_softmax(torch.randn(n, v, generator=g), -1)
+    if seed % 2:
+        lp = (lp * 4).round() / 4  # many exact ties
+    cum = (torch.randn(n, generator=g) * 2).round() / 2
+    parent, tok, score = beam_level(cum, lp, k)
+    flat = (cum[:, None] + lp).reshape(-1)
+    order = torch.sort(-flat, stable=True).indices[:k]  # stable: equal scores keep flat-index order
+    assert torch.equal(parent, order // v) and torch.equal(tok, order % v)
+    assert torch.equal(score, flat[order])
+
+
 def test_beam_level_ties_and_clamp():
     lp = torch.zeros(2, 3)  # everything ties: flat order (node-major, then token)
     parent, tok, _ = beam_level(torch.zeros(2), lp, 10)  # k clamped to n * V = 6

@@ -40,6 +40,8 @@ from .fused import (  # noqa: E402
     rms_norm_ref,
     rope_qkv_write,
     rope_qkv_write_ref,
+    rope_q,
+    rope_q_ref,
     silu_mul,
     silu_mul_ref,
 )
@@ -51,6 +53,8 @@ __all__ += [
     "add_rms_norm_ref",
     "rope_qkv_write",
     "rope_qkv_write_ref",
+    "rope_q",
+    "rope_q_ref",
     "silu_mul",
     "silu_mul_ref",
 ]

@@ -63,6 +63,8 @@ __all__ = [
     "rms_norm_ref",
     "add_rms_norm_ref",
     "rope_qkv_write_ref",
+    "rope_q",
+    "rope_q_ref",
     "silu_mul_ref",
 ]
 
@@ -392,6 +394,65 @@ def rope_qkv_write(
         num_warps=4, **_launch_opts(),
     )
     return q
+
+
+def rope_q(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate query heads only (the GLIDE cross-attention query): one launch of the
+    :func:`rope_qkv_write` kernel with no K/V heads.
+
+    Args:
+        x: [B, M, Hq * D] projected queries, any strides.
+        cos, sin: [B, M, D] RoPE tables of the M tokens.
+    Returns q [B, Hq, M, D] (contiguous, x's dtype); matches :func:`rope_q_ref`.
+    """
+    check_tensor("x", x, 3)
+    check_tensor("cos", cos, 3)
+    check_tensor("sin", sin, 3)
+    b, m, width = x.shape
+    d = cos.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if width % d or width == 0:
+        raise ValueError(f"x's last dim must be Hq * D with D = {d}, Hq >= 1; got {width}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (b, m, d):
+            raise ValueError(f"{name} must have shape [B, M, D] = {[b, m, d]}, got {list(t.shape)}")
+    dev = check_device(("x", x), ("cos", cos), ("sin", sin))
+    hq = width // d
+    q = torch.empty((b, hq, m, d), dtype=x.dtype, device=dev)
+    if b == 0 or m == 0:
+        return q
+    cdt = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    half = d // 2
+    block_half = next_pow2(half)
+    if interpreter_active():
+        block_h = next_pow2(hq)
+        block_t = min(next_pow2(m), max(1, 16384 // (block_h * block_half)))
+    else:
+        block_h = min(next_pow2(hq), max(1, 1024 // block_half))
+        block_t = 1
+    # no K/V heads: the cache and row arguments are never read or written (a 1-element stand-in)
+    dummy = torch.empty((1, 1, 1, 1), dtype=x.dtype, device=dev)
+    rows = torch.empty((1, 1), dtype=torch.int32, device=dev)
+    grid = (b * triton.cdiv(m, block_t), triton.cdiv(hq, block_h))
+    _rope_qkv_write_kernel[grid](
+        x, cos, sin, q, dummy, dummy, rows,
+        *x.stride(), *cos.stride(), *sin.stride(), *q.stride(),
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        m, hq, 0,
+        HALF=half, BLOCK_HALF=block_half, BLOCK_T=block_t, BLOCK_H=block_h, CDT=_DTYPE_CODE[cdt],
+        num_warps=4, **_launch_opts(),
+    )
+    return q
+
+
+def rope_q_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`rope_q`: split heads, :func:`~specdec.shared.rope.apply_rope`."""
+    from specdec.shared.rope import apply_rope
+
+    b, m, width = x.shape
+    d = cos.shape[-1]
+    return apply_rope(x.reshape(b, m, width // d, d).transpose(1, 2), cos, sin).contiguous()
 
 
 def rope_qkv_write_ref(qkv, cos, sin, k_cache, v_cache, rows) -> torch.Tensor:

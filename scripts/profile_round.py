@@ -1,0 +1,154 @@
+"""Where does a speculative round's time go? (fast path, CUDA)
+
+For the embedded default model (or ``--target``/``--glide`` dirs) this measures, on the same
+prompt set:
+
+* vanilla fast decoding: wall time per token;
+* ``tree_spec_generate`` / ``spec_generate``: wall time per round, and an instrumented run that
+  synchronises around the three phases (draft, verification, acceptance + compaction + read-back)
+  to split the round's wall time between them;
+* a ``torch.profiler`` trace of a few rounds: GPU kernels launched per round and GPU busy time per
+  round against the round's wall time (the difference is host overhead the GPU waits on).
+
+    python3 scripts/profile_round.py --out runs/profile_round.jsonl
+
+Prints a table last; one JSONL line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from tabulate import tabulate
+
+import specdec.fast as F_
+from specdec.fast import engine as fe
+from specdec.fast import model as fm_mod
+import os
+
+from specdec.shared.assets import ASSETS_DIR
+from specdec.shared.tokenizer import load_tokenizer
+
+
+def prompts(n: int, tok) -> list[list[int]]:
+    rows = [json.loads(line) for line in open(os.path.join(ASSETS_DIR, "prompts", "stdlib_code.jsonl"))]
+    return [tok.encode(r["turns"][0]) for r in rows[:n]]
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+class PhaseTimer:
+    """Wrap drafter.propose / run_step / the accept read-back with synchronising timers."""
+
+    def __init__(self):
+        self.t = {"draft": 0.0, "verify": 0.0, "accept+readback+host": 0.0}
+        self.rounds = 0
+
+    def install(self):
+        orig_step = fe.run_step
+        orig_propose = F_.glide.FastGlideDrafter.propose
+        timer = self
+
+        def propose(self_, state):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = orig_propose(self_, state)
+            torch.cuda.synchronize()
+            timer.t["draft"] += time.perf_counter() - t
+            timer.rounds += 1
+            return out
+
+        def step(*a, **k):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = orig_step(*a, **k)
+            torch.cuda.synchronize()
+            timer.t["verify"] += time.perf_counter() - t
+            return out
+
+        fe.run_step = step
+        F_.glide.FastGlideDrafter.propose = propose
+        return lambda: (setattr(fe, "run_step", orig_step), setattr(F_.glide.FastGlideDrafter, "propose", orig_propose))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", default="default")
+    ap.add_argument("--glide", default="default-glide")
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    target = F_.load_model(args.target)
+    glide = F_.load_glide(args.glide, target)
+    tok = load_tokenizer(args.target)
+    ps = prompts(args.prompts, tok)
+    n = args.max_new_tokens
+    lines = []
+
+    def run(method, ids):
+        x = torch.tensor([ids], device="cuda")
+        if method == "vanilla":
+            return F_.vanilla_generate(target, x, len(ids), max_gen_len=n)
+        if method == "tree":
+            return F_.tree_spec_generate(target, glide, x, len(ids), max_gen_len=n)
+        return F_.spec_generate(target, glide, x, len(ids), max_gen_len=n)
+
+    for method in ("vanilla", "tree", "chain"):
+        run(method, ps[0]), run(method, ps[0])  # warm-up: graph captures
+        toks = rounds = 0
+        wall = 0.0
+        for ids in ps:
+            r, dt = timed(lambda: run(method, ids))
+            toks += r.num_tokens
+            rounds += r.num
+            wall += r.elapsed_time
+        lines.append(dict(kind="wall", method=method, tokens=toks, rounds=rounds, wall_s=wall))
+        print(lines[-1], flush=True)
+
+    # instrumented phases
+    for method in ("tree", "chain"):
+        pt = PhaseTimer()
+        undo = pt.install()
+        try:
+            for ids in ps:
+                run(method, ids)
+        finally:
+            undo()
+        lines.append(dict(kind="phases", method=method, rounds=pt.rounds, **{k: v for k, v in pt.t.items()}))
+        print(lines[-1], flush=True)
+
+    # profiler: kernels per round, GPU busy time
+    from torch.profiler import ProfilerActivity, profile
+
+    for method in ("vanilla", "tree"):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            r = run(method, ps[0])
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in evs) / 1e6
+        rounds = r.num
+        lines.append(dict(kind="profile", method=method, kernels=len(evs), rounds=rounds, gpu_busy_s=busy, wall_s=wall))
+        print(lines[-1], flush=True)
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=25), flush=True)
+
+    if args.out:
+        with open(args.out, "w") as fh:
+            for line in lines:
+                fh.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
