@@ -122,23 +122,26 @@ def kv_bytes(prefix: int, m: int) -> int:
     return 2 * HKV * (prefix + m) * D * torch.tensor([], dtype=DTYPE).element_size()
 
 
-def tune(flush, reps):
+def tune(flush, reps, tune_ms=(1, 69)):
     """Sweep tile configs and split counts; print the best per point."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cands = {
         1: [dict(block_m=16, block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
             [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 2)]],
-        69: [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s) for bm, bn, w, s in
-             [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-              (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4)]],
+        69: [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s, tail_m=t) for bm, bn, w, s, t in
+             [(128, 64, 8, 3, 0), (128, 64, 8, 3, 32), (128, 64, 8, 3, 64), (128, 64, 8, 4, 0), (128, 64, 8, 4, 32),
+              (128, 64, 8, 4, 64), (128, 64, 8, 2, 32), (128, 128, 8, 2, 32), (128, 128, 8, 2, 64),
+              (64, 64, 4, 3, 0), (64, 64, 4, 3, 32), (64, 128, 4, 2, 32)]],
     }
+    cands = {m: c for m, c in cands.items() if m in tune_ms}
     results = []
     for prefix in (16384, 32768):
         for m, configs in cands.items():
             q, k, v, mask = make_inputs(prefix, m)
             rows = m * HQ // HKV
             for cfg in configs:
-                per_split = HKV * math.ceil(rows / cfg["block_m"])
+                full, rem = divmod(rows, cfg["block_m"])
+                per_split = HKV * (full + (cfg.get("tail_m") or cfg["block_m"]) / cfg["block_m"] * (rem > 0))
                 for waves in ((1, 2, 4, 8) if m == 1 else (1, 2, 4)):
                     splits = max(1, math.ceil(waves * sms / per_split))
                     try:
@@ -162,6 +165,7 @@ def main():
     ap.add_argument("--ms", default="1,5,69")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tune", action="store_true", help="sweep tile configs / split counts first")
+    ap.add_argument("--tune-ms", default="1,69", help="which M the --tune sweep covers")
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference and SDPA")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -171,7 +175,7 @@ def main():
     flush = flush_buffer()
     copy_gbps = copy_bandwidth(flush)
     print(f"device: {dev_name}  torch {torch.__version__}  copy bandwidth (read+write): {copy_gbps:.0f} GB/s", flush=True)
-    tune_results = tune(flush, max(5, args.reps // 2)) if args.tune else []
+    tune_results = tune(flush, max(5, args.reps // 2), [int(x) for x in args.tune_ms.split(",")]) if args.tune else []
 
     rows = []
     with open(args.out, "w") as fh:
