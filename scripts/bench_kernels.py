@@ -128,10 +128,9 @@ def tune(flush, reps, tune_ms=(1, 69)):
     cands = {
         1: [dict(block_m=16, block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
             [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 2)]],
-        69: [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s, tail_m=t) for bm, bn, w, s, t in
-             [(128, 64, 8, 3, 0), (128, 64, 8, 3, 32), (128, 64, 8, 3, 64), (128, 64, 8, 4, 0), (128, 64, 8, 4, 32),
-              (128, 64, 8, 4, 64), (128, 64, 8, 2, 32), (128, 128, 8, 2, 32), (128, 128, 8, 2, 64),
-              (64, 64, 4, 3, 0), (64, 64, 4, 3, 32), (64, 128, 4, 2, 32)]],
+        69: [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s) for bm, bn, w, s in
+             [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+              (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4)]],
     }
     cands = {m: c for m, c in cands.items() if m in tune_ms}
     results = []
@@ -140,8 +139,7 @@ def tune(flush, reps, tune_ms=(1, 69)):
             q, k, v, mask = make_inputs(prefix, m)
             rows = m * HQ // HKV
             for cfg in configs:
-                full, rem = divmod(rows, cfg["block_m"])
-                per_split = HKV * (full + (cfg.get("tail_m") or cfg["block_m"]) / cfg["block_m"] * (rem > 0))
+                per_split = HKV * math.ceil(rows / cfg["block_m"])
                 for waves in ((1, 2, 4, 8) if m == 1 else (1, 2, 4)):
                     splits = max(1, math.ceil(waves * sms / per_split))
                     try:

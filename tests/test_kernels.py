@@ -87,8 +87,7 @@ def assert_close(out, ref, dtype, what=""):
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
-def run_tree_case(dtype, g, m, d, prefix, hkv=2, num_splits=None, seed=0, cap_extra=7, poison=float("nan"),
-                  config=None):
+def run_tree_case(dtype, g, m, d, prefix, hkv=2, num_splits=None, seed=0, cap_extra=7, poison=float("nan")):
     """Kernel vs reference on random trees, ragged prefixes, poisoned cache; returns the output."""
     gen = torch.Generator().manual_seed(seed)
     b = len(prefix)
@@ -103,9 +102,9 @@ def run_tree_case(dtype, g, m, d, prefix, hkv=2, num_splits=None, seed=0, cap_ex
     q = torch.randn(b, m, hq, d, generator=gen).to(dtype).to(DEV).transpose(1, 2)
     mask = random_tree_masks(b, m, gen)
     plen = torch.tensor(prefix, device=DEV)
-    out = K.tree_attention(q, k_view, v_view, plen, mask, num_splits=num_splits, config=config)
+    out = K.tree_attention(q, k_view, v_view, plen, mask, num_splits=num_splits)
     ref = tree_attention_ref(q, k_clean, v_clean, plen, mask)
-    assert_close(out, ref, dtype, f"tree dtype={dtype} G={g} M={m} D={d} prefix={prefix} config={config}")
+    assert_close(out, ref, dtype, f"tree dtype={dtype} G={g} M={m} D={d} prefix={prefix}")
     return out
 
 
@@ -132,56 +131,6 @@ def test_tree_attention_matches_reference(dtype, g, m, d, prefix, splits):
 
 def test_tree_attention_m128_huge_poison():
     run_tree_case(torch.float32, 1, 128, 64, [33], hkv=1, num_splits=2, poison=1e4)
-
-
-# -- row tiling: full BLOCK_M row blocks plus one smaller tail tile ------------------------------
-
-
-def test_pick_row_tiles():
-    from specdec.fast.kernels.tree_attention import pick_row_tiles
-
-    assert pick_row_tiles(276, 128) == (3, 2, 32)           # Llama-3-8B, M = 69: 2 x 128 + 32
-    assert pick_row_tiles(148, 64) == (3, 2, 32)            # remainder 20 -> 32
-    assert pick_row_tiles(140, 64) == (3, 2, 16)            # remainder 12 -> 16
-    assert pick_row_tiles(128, 64) == (2, 2, 64)            # no remainder: no tail
-    assert pick_row_tiles(20, 32) == (1, 1, 32)             # remainder needs the whole tile: no tail
-    assert pick_row_tiles(200, 128) == (2, 2, 128)          # remainder 72 -> 128 = block_m: no tail
-    assert pick_row_tiles(148, 64, 0) == (3, 3, 64)         # tail disabled
-    assert pick_row_tiles(148, 64, 64) == (3, 3, 64)        # tail as large as block_m: none
-    assert pick_row_tiles(140, 64, 32) == (3, 2, 32)        # forced larger tail
-    for bad in (8, 24, 16):                                 # < 16, not a power of two, < remainder 20
-        with pytest.raises(ValueError, match="tail_m"):
-            pick_row_tiles(148, 64, bad)
-
-
-@pytest.mark.parametrize(
-    "dtype,m,d,prefix,splits",
-    [
-        (torch.float32, 37, 64, [45, 20], 2),     # rows 148 = 2 x 64 + 20 -> tail tile of 32
-        (torch.bfloat16, 37, 80, [70, 3], None),  # same rows, bf16, padded head dim, auto splits
-        (torch.float32, 35, 64, [33, 64], 3),     # rows 140 = 2 x 64 + 12 -> tail tile of 16
-        (torch.bfloat16, 35, 128, [9, 40], 2),    # tail 16 in bf16
-        (torch.float32, 32, 64, [50, 17], 2),     # rows 128 = 2 x 64: no remainder, no tail
-    ],
-)
-def test_tree_attention_tail_tile(dtype, m, d, prefix, splits):
-    """G = 4 (Hq 8, Hkv 2) with block_m forced to 64: ragged prefixes, poisoned cache beyond them."""
-    run_tree_case(dtype, 4, m, d, prefix, num_splits=splits, seed=m, config={"block_m": 64})
-
-
-def test_tree_attention_tail_tile_default_config():
-    """The Llama-3-8B verification row count (M = 69, G = 4: 276 rows -> 2 x 128 + a 32-row tail)."""
-    run_tree_case(torch.bfloat16, 4, 69, 128, [40, 7], hkv=1, num_splits=2)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tree_attention_tail_disabled_matches(dtype):
-    """config tail_m=0 (every row block BLOCK_M rows) gives the result of the tail-tile default."""
-    cfg = {"block_m": 64}
-    out = run_tree_case(dtype, 4, 37, 64, [45, 20], num_splits=2, config=cfg)
-    out0 = run_tree_case(dtype, 4, 37, 64, [45, 20], num_splits=2, config={**cfg, "tail_m": 0})
-    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else TOL[dtype]
-    torch.testing.assert_close(out.float(), out0.float(), atol=atol, rtol=rtol)
 
 
 def test_tree_attention_int_prefix_scale_and_definition():
@@ -254,30 +203,6 @@ def test_glide_cross_attention_bounds(per_row):
     assert_close(out, ref, torch.bfloat16, "glide cross")
     if per_row:
         assert (out[0, :, 0] == 0).all()     # bound 0: nothing to see
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_glide_with_tail_tile(dtype):
-    """GLIDE self (tree level, per-row windows) and cross (per-row bounds) with a tail row tile:
-    G = 4, M = 11 -> 44 rows = 32 + a 16-row tail under block_m=32."""
-    gen = torch.Generator().manual_seed(9)
-    b, hq, hkv, m, d, n, t = 2, 8, 2, 11, 64, 120, 11
-    cfg = {"block_m": 32}
-    start = torch.tensor([60, 100], device=DEV)
-    depth = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 5], device=DEV)
-    pos = start[:, None] + depth
-    tmask = random_tree_masks(b, m, gen)
-    q, k, v, kc, vc = _glide_inputs(dtype, b, hq, hkv, m, d, n, gen, [60 + t, 100 + t])
-    out = K.glide_self_attention(q, k, v, pos, window=40, tree_mask=tmask, tree_start=start, num_splits=2, config=cfg)
-    ref = K.glide_self_attention_ref(q, kc, vc, pos, window=40, tree_mask=tmask, tree_start=start)
-    assert_close(out, ref, dtype, "glide self tree, tail tile")
-    bound = torch.randint(1, 72, (b, m), generator=gen).to(DEV)   # <= 71 = batch 0's valid rows
-    bound[1] = bound[1] // 3                                        # ragged: batch 1 sees fewer
-    bound[1, -1] = 0                                                # a tail-tile row that sees nothing
-    out = K.glide_cross_attention(q, k, v, bound, num_splits=3, config=cfg)
-    ref = K.glide_cross_attention_ref(q, kc, vc, bound)
-    assert_close(out, ref, dtype, "glide cross, tail tile")
-    assert (out[1, :, -1] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------

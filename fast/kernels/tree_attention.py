@@ -20,31 +20,20 @@ How it runs (two launches):
      row space, ``row = node * G + g``; a program owns ``BLOCK_M`` of those rows, so each K/V tile
      it loads serves all of them (and the row blocks of one split, being adjacent in launch
      order, share tiles through L2).
-   * Tail tile: ``rows = M * G`` is cut into ``FULL = rows // BLOCK_M`` full row blocks and, when
-     rows remain, ONE tail block of ``TAIL_M = max(16, next_pow2(rows - FULL * BLOCK_M))`` rows
-     (when that is still smaller than ``BLOCK_M``; otherwise the last block is a masked
-     ``BLOCK_M`` tile as before), so ``row_blocks = cdiv(rows, BLOCK_M)`` either way.
-     Llama-3-8B, M = 69, G = 4: 276 rows run as 2 x 128 + 32 = 288 rows of tensor-core work
-     instead of 3 x 128 = 384. Same launch: row block ``pid < FULL`` instantiates the body
-     (:func:`_row_block`) with ``BLOCK_M``, the last one with ``TAIL_M`` (row offset
-     ``pid * BLOCK_M`` in both); each instance stores its own partial. ``config={"tail_m": 0}``
-     turns the tail tile off (benchmarking).
    * Splits ``0 .. num_splits - 1`` (flash-decoding): the prefix ``[0, prefix_len[b])`` is cut into
      ``num_splits`` equal chunks (multiples of ``BLOCK_N``) so that a single sequence fills the
      GPU. Full ``BLOCK_N`` tiles run without masks; only the last tile of a chunk is masked.
    * Split ``num_splits``: the tree block, keys ``prefix_len[b] + j`` for ``j < M``, with
      ``tree_mask[b, node, j]`` applied to the scores.
    * Each program runs an online softmax in fp32 and writes a partial ``(o, lse)`` in fp32:
-     ``o`` already normalised, ``lse`` the log-sum-exp of its scores. Per key tile: the row max
-     is taken on the raw scores and scaled once, ``p = exp2(s * qk_scale - m)`` is one FMA per
-     score, and ``P @ V`` accumulates into ``acc * alpha`` inside the dot.
+     ``o`` already normalised, ``lse`` the log-sum-exp of its scores.
 2. ``_merge_kernel``, grid ``(row chunks, B * Hkv)``, all partials of a few rows loaded as one
    tile: ``o = sum_p 2^(lse_p - max) o_p / sum_p 2^(lse_p - max)``, written in q's
    dtype into ``[B, Hq, M, D]``.
 
 Log base: EVERY lse stored or combined here is base 2. Scores are scaled by
-``qk_scale = sm_scale * log2(e) > 0`` (so ``exp(s * sm_scale) = exp2(s * qk_scale)``) and all
-exponentials are ``exp2``. (The natural-log lse of the reference is ``lse_2 * ln 2``.)
+``sm_scale * log2(e)`` once (so ``exp(s * sm_scale) = exp2(s * qk_scale)``) and all exponentials
+are ``exp2``. (The natural-log lse of the reference is ``lse_2 * ln 2``.)
 
 Masking guards: a chunk or tree block in which a row sees no key (empty split, ragged
 ``prefix_len`` shorter than the split, a fully masked tree row) stores ``o = 0, lse = -inf``; the
@@ -73,7 +62,7 @@ from ._common import (
     sm_count,
 )
 
-__all__ = ["tree_attention", "split_attention", "pick_config", "pick_row_tiles", "pick_num_splits"]
+__all__ = ["tree_attention", "split_attention", "pick_config", "pick_num_splits"]
 
 LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
@@ -115,35 +104,34 @@ def _attend_tile(
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-    # -- raw scores s = q . k (the scale is folded into the softmax below) ------------------------
+    # -- scores in base-2 units: s * sm_scale * log2(e) --------------------------------------------
     if IS_FP32:
         qk = tl.dot(q, kT, input_precision="ieee")
     elif UPCAST_DOT:  # interpreter only: its bf16 tl.dot is wrong, so multiply in fp32
         qk = tl.dot(q.to(tl.float32), kT.to(tl.float32), input_precision="ieee")
     else:
         qk = tl.dot(q, kT)
+    qk = qk * qk_scale
     if SCORE_MASK:
         qk = tl.where(keep, qk, float("-inf"))
-    # -- online softmax in base-2 units (s * qk_scale, qk_scale = sm_scale * log2(e) > 0): the row
-    #    max is taken on raw scores and scaled once (max(s) * c == max(s * c) for c > 0; masked
-    #    -inf stays -inf); use 0 where a row has seen nothing yet (no -inf - -inf) ------------------
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    # -- online softmax: new running max; use 0 where a row has seen nothing yet (no -inf - -inf) --
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(qk * qk_scale - m_safe[:, None])      # one FMA per score; masked -> exp2(-inf) = 0
+    p = tl.math.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    # -- acc = acc * alpha + P @ V in fp32, accumulated inside the dot (in place on tensor cores) -----
+    # -- accumulate P @ V in fp32 ------------------------------------------------------------------
     if IS_FP32:
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     elif UPCAST_DOT:
-        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _row_block(
+def _split_attention_kernel(
     Q, K, V, O_part, L_part,
     SpanLo, SpanHi, RowLo, RowHi, TreeStart, TreeMask,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -153,20 +141,20 @@ def _row_block(
     stride_tb, stride_ti, stride_tj,
     stride_pz, stride_pp, stride_pr,
     stride_lz, stride_lp,
-    qk_scale, M, T, NUM_SPLITS,
-    row0, pid_s, pid_z, b, hkv,
+    qk_scale, H_KV, M, T, NUM_SPLITS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SPAN_LO: tl.constexpr, ROW_BOUNDS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """Packed rows ``[row0, row0 + BLOCK_M)`` of one (batch, kv head) against split ``pid_s``.
-
-    Runs the whole online softmax of one part and stores its partial ``(o, lse)`` itself: the kernel
-    instantiates it once per row-tile size (BLOCK_M, TAIL_M), so no BLOCK_M-shaped value leaves it.
-    """
+    # -- which rows, which part, which (batch, kv head) ----------------------------------------------
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)          # 0 .. NUM_SPLITS-1: prefix chunks; NUM_SPLITS: tree block
+    pid_z = tl.program_id(2)          # b * H_KV + kv head
+    b = pid_z // H_KV
+    hkv = pid_z % H_KV
     b64 = b.to(tl.int64)
 
-    offs_r = row0 + tl.arange(0, BLOCK_M)   # packed rows: row = node * GROUP + g
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # packed rows: row = node * GROUP + g
     row_ok = offs_r < M * GROUP
     node = offs_r // GROUP
     head = hkv * GROUP + offs_r % GROUP
@@ -251,58 +239,6 @@ def _row_block(
 
 
 @triton.jit
-def _split_attention_kernel(
-    Q, K, V, O_part, L_part,
-    SpanLo, SpanHi, RowLo, RowHi, TreeStart, TreeMask,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_rb, stride_rm,
-    stride_tb, stride_ti, stride_tj,
-    stride_pz, stride_pp, stride_pr,
-    stride_lz, stride_lp,
-    qk_scale, H_KV, M, T, NUM_SPLITS, FULL_BLOCKS,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SPAN_LO: tl.constexpr, ROW_BOUNDS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    # -- which rows, which part, which (batch, kv head) ----------------------------------------------
-    pid_m = tl.program_id(0)          # row block: 0 .. FULL_BLOCKS-1 full, FULL_BLOCKS the tail
-    pid_s = tl.program_id(1)          # 0 .. NUM_SPLITS-1: prefix chunks; NUM_SPLITS: tree block
-    pid_z = tl.program_id(2)          # b * H_KV + kv head
-    b = pid_z // H_KV
-    hkv = pid_z % H_KV
-    if TAIL_M == BLOCK_M:
-        # -- no tail tile: every row block is BLOCK_M rows (the last one masked) --------------------
-        _row_block(
-            Q, K, V, O_part, L_part, SpanLo, SpanHi, RowLo, RowHi, TreeStart, TreeMask,
-            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-            stride_vb, stride_vh, stride_vn, stride_vd, stride_rb, stride_rm, stride_tb, stride_ti, stride_tj,
-            stride_pz, stride_pp, stride_pr, stride_lz, stride_lp,
-            qk_scale, M, T, NUM_SPLITS, pid_m * BLOCK_M, pid_s, pid_z, b, hkv,
-            GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_SPAN_LO, ROW_BOUNDS, IS_FP32, UPCAST_DOT)
-    else:
-        if pid_m < FULL_BLOCKS:
-            # -- full row block: rows [pid_m * BLOCK_M, + BLOCK_M), all valid ------------------------
-            _row_block(
-                Q, K, V, O_part, L_part, SpanLo, SpanHi, RowLo, RowHi, TreeStart, TreeMask,
-                stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                stride_vb, stride_vh, stride_vn, stride_vd, stride_rb, stride_rm, stride_tb, stride_ti, stride_tj,
-                stride_pz, stride_pp, stride_pr, stride_lz, stride_lp,
-                qk_scale, M, T, NUM_SPLITS, pid_m * BLOCK_M, pid_s, pid_z, b, hkv,
-                GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, HAS_SPAN_LO, ROW_BOUNDS, IS_FP32, UPCAST_DOT)
-        else:
-            # -- tail: the remaining rows [FULL_BLOCKS * BLOCK_M, rows) in a TAIL_M-row tile ----------
-            _row_block(
-                Q, K, V, O_part, L_part, SpanLo, SpanHi, RowLo, RowHi, TreeStart, TreeMask,
-                stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                stride_vb, stride_vh, stride_vn, stride_vd, stride_rb, stride_rm, stride_tb, stride_ti, stride_tj,
-                stride_pz, stride_pp, stride_pr, stride_lz, stride_lp,
-                qk_scale, M, T, NUM_SPLITS, pid_m * BLOCK_M, pid_s, pid_z, b, hkv,
-                GROUP, HEAD_DIM, TAIL_M, BLOCK_N, BLOCK_D, HAS_SPAN_LO, ROW_BOUNDS, IS_FP32, UPCAST_DOT)
-
-
-@triton.jit
 def _merge_kernel(
     O_part, L_part, Out,
     stride_pz, stride_pp, stride_pr,
@@ -372,34 +308,9 @@ def pick_config(rows: int, head_dim: int, dtype: torch.dtype) -> dict:
     return dict(block_m=block_m, block_n=64, num_warps=4, num_stages=3)
 
 
-def pick_row_tiles(rows: int, block_m: int, tail_m: int | None = None) -> tuple[int, int, int]:
-    """How ``rows`` packed rows are cut into row blocks: ``(row_blocks, full_blocks, tail_m)``.
-
-    Rows ``[0, full_blocks * block_m)`` run in full ``block_m`` tiles; a nonzero remainder runs in
-    ONE tail tile of ``tail_m = max(16, next_pow2(remainder))`` rows (276 rows, block_m 128: 2 x 128
-    + 32 = 288 rows of work instead of 3 x 128 = 384). ``tail_m == block_m`` means no separate
-    tail tile (no remainder, or it needs a full tile anyway): every row block is ``block_m`` rows,
-    the last one masked. ``tail_m`` overrides the choice: 0 disables the tail tile; otherwise a
-    power of two >= 16 that covers the remainder (>= block_m also means none).
-    """
-    full_blocks, rem = divmod(rows, block_m)
-    if rem == 0:
-        return full_blocks, full_blocks, block_m
-    if tail_m is None:
-        tail_m = max(16, next_pow2(rem))
-    elif tail_m != 0 and (tail_m < 16 or tail_m & (tail_m - 1) or tail_m < rem):
-        raise ValueError(f"config tail_m={tail_m} must be 0 (no tail tile) or a power of two >= 16 covering "
-                         f"the {rem} rows left after {full_blocks} x block_m={block_m}")
-    if tail_m == 0 or tail_m >= block_m:
-        return full_blocks + 1, full_blocks + 1, block_m
-    return full_blocks + 1, full_blocks, tail_m
-
-
-def pick_num_splits(max_span: int, programs_per_split: float, sms: int, block_n: int, block_m: int = 16) -> int:
+def pick_num_splits(max_span: int, programs_per_split: int, sms: int, block_n: int, block_m: int = 16) -> int:
     """Prefix chunks per (batch, kv head, row block) so one launch fills ``sms`` SMs.
 
-    ``programs_per_split`` counts ``block_m``-row programs; a smaller tail tile counts as the
-    fraction ``tail_m / block_m`` of one (its share of the work).
     Measured on H100 (scripts/bench_kernels.py --tune): small row blocks (decode-like, memory
     bound, several programs per SM) do best with about one program per SM; 128-row blocks (one
     program per SM, tensor-core bound) with about two. Every chunk keeps at least
@@ -408,7 +319,7 @@ def pick_num_splits(max_span: int, programs_per_split: float, sms: int, block_n:
     if max_span <= 0:
         return 1
     target = 2 * sms if block_m >= 128 else sms
-    want = math.ceil(target / max(1.0, programs_per_split))
+    want = triton.cdiv(target, max(1, programs_per_split))
     most = triton.cdiv(max_span, 4 * block_n)
     return int(max(1, min(want, most, 4096)))
 
@@ -481,11 +392,9 @@ def split_attention(
         cfg.update(config)
     block_m, block_n = cfg["block_m"], cfg["block_n"]
     block_d = next_pow2(d)
-    # row blocks: full_blocks of block_m rows, then (when tail_m < block_m) one tail of tail_m rows
-    row_blocks, full_blocks, tail_m = pick_row_tiles(rows, block_m, cfg.get("tail_m"))
+    row_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
-        per_split = full_blocks + (row_blocks - full_blocks) * tail_m / block_m   # in block_m programs
-        num_splits = pick_num_splits(max_span, b * hkv * per_split, sm_count(q.device), block_n, block_m)
+        num_splits = pick_num_splits(max_span, b * hkv * row_blocks, sm_count(q.device), block_n, block_m)
     has_tree = tree_mask is not None
     num_parts = num_splits + (1 if has_tree else 0)
 
@@ -515,8 +424,8 @@ def split_attention(
         rs[0], rs[1], ts[0], ts[1], ts[2],
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         l_part.stride(0), l_part.stride(1),
-        scale * LOG2E, hkv, m, t_len, num_splits, full_blocks,
-        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, TAIL_M=tail_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        scale * LOG2E, hkv, m, t_len, num_splits,
+        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_SPAN_LO=span_lo is not None, ROW_BOUNDS=row_bounds, IS_FP32=q.dtype == torch.float32,
         UPCAST_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -562,8 +471,7 @@ def tree_attention(
         tree_mask: [B, M, M] bool, True = may attend.
         sm_scale: softmax scale, default 1/sqrt(D).
         num_splits: prefix chunks per (batch, kv head); default from SM count and prefix length.
-        config: override tile sizes (block_m, block_n, num_warps, num_stages; tail_m, 0 = no tail
-            tile, see :func:`pick_row_tiles`) -- for tuning.
+        config: override tile sizes (block_m, block_n, num_warps, num_stages) -- for tuning.
 
     Returns [B, Hq, M, D] in q's dtype. Internally every lse is base 2 (see module docstring).
     Under CUDA graph capture the value range of a tensor ``prefix_len`` is not checked (no host
