@@ -361,7 +361,9 @@ class FastGlideDrafter:
         pack = self._pack(state.tokens, L, k, shape)
         cache.n = L + 1 - cache.base
         self.processed = L + 1
-        key = (id(target_k.untyped_storage()), k, shape)
+        # one set of graphs per (target cache allocation, RoPE table): the graphs read both by address
+        table = self.target.rope_table[0].data_ptr() if self.target.rope_table is not None else 0
+        key = (target_k.data_ptr(), tuple(target_k.shape), table, k, shape)
         if self.use_graphs and shape == self.tree_shape:  # a shorter shape (the last rounds) runs eagerly
             g = self.graphs.get(key)
             if g is None:

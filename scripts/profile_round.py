@@ -111,6 +111,8 @@ def main() -> None:
         wall = 0.0
         for ids in ps:
             r, dt = timed(lambda: run(method, ids))
+            print(f"  {method}: prompt {len(ids)} tokens -> {r.num_tokens} tokens, {r.num} passes, "
+                  f"decode {r.elapsed_time * 1e3:.1f} ms, call {dt * 1e3:.1f} ms", flush=True)
             toks += r.num_tokens
             rounds += r.num
             wall += r.elapsed_time
@@ -132,12 +134,33 @@ def main() -> None:
     # profiler: kernels per round, GPU busy time
     from torch.profiler import ProfilerActivity, profile
 
+    from torch.profiler import record_function
+
+    from specdec.fast.graphs import CapturedFn
+
+    def labelled(label, fn):
+        def wrapper(*a, **k):
+            with record_function(label):
+                return fn(*a, **k)
+        return wrapper
+
+    patches = [(fe, "run_step", "phase:verify"), (F_.glide.FastGlideDrafter, "propose", "phase:draft"),
+               (CapturedFn, "__call__", "phase:accept")]
     for method in ("vanilla", "tree"):
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+        for obj, name, label in patches:
+            setattr(obj, name, labelled(label, getattr(obj, name)))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t = time.perf_counter()
             r = run(method, ps[0])
             torch.cuda.synchronize()
             wall = time.perf_counter() - t
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+        for e in prof.key_averages():
+            if e.key.startswith("phase:"):
+                print(f"  {method} {e.key}: {e.count} calls, host {e.cpu_time_total / max(e.count, 1):.1f} us/call", flush=True)
+                lines.append(dict(kind="host", method=method, phase=e.key, calls=e.count, host_us_per_call=e.cpu_time_total / max(e.count, 1)))
         evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.device_time for e in evs) / 1e6
         rounds = r.num

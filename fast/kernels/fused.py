@@ -87,7 +87,7 @@ def _round_to(x, CODE: tl.constexpr):
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(
     X, R, W, Out, ResOut,
     stride_xr, stride_xc, stride_rr, stride_rc, stride_w,
@@ -114,7 +114,7 @@ def _rms_norm_kernel(
     tl.store(Out + rows * stride_or + cols * stride_oc, out.to(Out.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_rb", "M"])
 def _rope_qkv_write_kernel(
     QKV, Cos, Sin, Q, KC, VC, Rows,
     stride_xb, stride_xm, stride_xc,
@@ -185,7 +185,7 @@ def _rope_qkv_write_kernel(
     tl.store(v_ptr + HALF * stride_vd, x2.to(VC.dtype.element_ty), mask=v_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _silu_mul_kernel(
     GU, Out,
     stride_gr, stride_gc, stride_or, stride_oc,

@@ -35,7 +35,7 @@ from ._common import SUPPORTED_DTYPES, check_device, check_int_tensor, graph_cap
 __all__ = ["compact_kv", "compact_kv_ref"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_sb", "J"])
 def _compact_kv_kernel(
     K, V, Src, DstStart, NAccept,
     stride_kl, stride_kb, stride_kh, stride_kn, stride_kd,

@@ -65,6 +65,10 @@ from ._common import (
 __all__ = ["tree_attention", "split_attention", "pick_config", "pick_num_splits"]
 
 LOG2E = 1.4426950408889634
+# Integer kernel arguments that change with the call's sizes (M, T, splits, prompt length): not
+# specialised (Triton would otherwise compile a new variant whenever one becomes 1 or a multiple of
+# 16 -- a stall of a second or more in the middle of decoding). K/V strides stay specialised.
+_VARYING = ["stride_lz", "stride_lp"]
 _INT32_MAX = 2**31 - 1
 
 
@@ -130,7 +134,7 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING + ["stride_rb", "stride_tb", "stride_ti", "M", "T", "NUM_SPLITS"])
 def _split_attention_kernel(
     Q, K, V, O_part, L_part,
     SpanLo, SpanHi, RowLo, RowHi, TreeStart, TreeMask,
@@ -238,7 +242,7 @@ def _split_attention_kernel(
     tl.store(L_part + pid_z.to(tl.int64) * stride_lz + pid_s * stride_lp + offs_r, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING + ["ROWS", "NUM_PARTS"])
 def _merge_kernel(
     O_part, L_part, Out,
     stride_pz, stride_pp, stride_pr,
