@@ -279,18 +279,24 @@ class FastGlideDrafter:
             cache.n = stop - cache.base
         self.processed = max(self.processed, stop_at)
 
-    def _pack(self, tokens: list[int], L: int, k: int, shape: tuple[int, ...]) -> list[int]:
-        """Every integer of one round, for ONE host-to-device copy (layout: :meth:`_unpack`)."""
+    def _pack(self, tokens: list[int], L: int, k: int, shape: tuple[int, ...], scratch: bool = False) -> list[int]:
+        """Every integer of one round, for ONE host-to-device copy (layout: :meth:`_unpack`).
+
+        ``scratch=True`` builds a stand-in round whose catch-up rows lie past the prefix (rows the
+        tree overwrites every round), for capturing graphs of other catch-up lengths harmlessly.
+        """
         window, base = self.glide.window, self.cache.base
         n = L + 1 - base  # prefix rows in the sliding cache after the catch-up (root included)
-        rows, lo, hi, pos, zeros, (self_lo, _, _) = catch_up_bounds(range(L + 1 - k, L + 1), base, window)
+        first = L + 1 if scratch else L + 1 - k
+        rows, lo, hi, pos, zeros, (self_lo, _, _) = catch_up_bounds(range(first, first + k), base, window)
         levels = len(shape)
         # tree level l (depth l + 1, position L + l + 1, query row n + l) sees prefix rows
         # (n + l - window, n) and the tree rows n + j of its ancestors
         level_lo = [max(n + lv - window + 1, 0) for lv in range(levels)]
         level_pos = [L + lv + 1 for lv in range(levels)]
         tree_rows = [n + j for j in range(sum(shape))]
-        return tokens[L + 1 - k :] + rows + lo + hi + pos + zeros + [self_lo, n, L] + level_lo + level_pos + tree_rows
+        head = [0] * k if scratch else tokens[L + 1 - k :]
+        return head + rows + lo + hi + pos + zeros + [self_lo, n, L] + level_lo + level_pos + tree_rows
 
     @staticmethod
     def _unpack(p: torch.Tensor, k: int, levels: int) -> dict:
@@ -365,9 +371,16 @@ class FastGlideDrafter:
         table = self.target.rope_table[0].data_ptr() if self.target.rope_table is not None else 0
         key = (target_k.data_ptr(), tuple(target_k.shape), table, k, shape)
         if self.use_graphs and shape == self.tree_shape:  # a shorter shape (the last rounds) runs eagerly
-            g = self.graphs.get(key)
-            if g is None:
-                g = self.graphs[key] = self._capture(pack, k, shape, target_k, target_v)
+            if key not in self.graphs:
+                # capture every catch-up length now (stand-in rounds on scratch rows), so no capture or
+                # kernel compilation stalls a later round
+                pool = torch.cuda.graph_pool_handle()  # rounds never overlap: one memory pool for all
+                for kk in range(1, len(self.tree_shape) + 2):
+                    kkey = key[:3] + (kk, shape)
+                    if kkey not in self.graphs:
+                        self.graphs[kkey] = self._capture(self._pack(state.tokens, L, kk, shape, scratch=True),
+                                                          kk, shape, target_k, target_v, pool)
+            g = self.graphs[key]
             g["host"].numpy()[:] = pack  # pinned staging buffer: the previous round's copy has completed
             g["buf"]["pack"].copy_(g["host"], non_blocking=True)
             g["graph"].replay()
@@ -381,7 +394,7 @@ class FastGlideDrafter:
             depth_t = self._depth[shape] = torch.tensor([0] + [lv + 1 for lv, w in enumerate(shape) for _ in range(w)], device=dev)
         return Draft(buf["out_tokens"], DeviceTree(buf["out_parents"], depth_t, buf["out_anc"]))
 
-    def _capture(self, pack: list[int], k: int, shape, target_k, target_v) -> dict:
+    def _capture(self, pack: list[int], k: int, shape, target_k, target_v, pool=None) -> dict:
         """Capture :meth:`_round_body` for this catch-up length as a CUDA graph (static buffers)."""
         dev = self.glide.device
         buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "k": k, "target_k": target_k, "target_v": target_v,
@@ -393,7 +406,7 @@ class FastGlideDrafter:
                 self._round_body(buf, shape)
         torch.cuda.current_stream(dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             self._round_body(buf, shape)
         return {"graph": graph, "buf": buf, "host": torch.empty(len(pack), dtype=torch.int32).pin_memory()}
 
