@@ -22,6 +22,7 @@ computed per call and runs without graphs).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -342,6 +343,16 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
     return _logits(fm, h)
 
 
+def _prefill_sdpa(device: torch.device):
+    """SDPA backends for prefill on CUDA: not cuDNN, which plans a new attention graph for every new
+    prompt length (a one-off stall per length); elsewhere the default choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+
+
 def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int = 2048, all_logits: bool = False) -> torch.Tensor:
     """Append the prompt's K/V to the cache in chunks; return the last position's logits [B, V]
     (or every position's [B, T, V] with ``all_logits``).
@@ -369,10 +380,11 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
         mask = cols[None, :] <= (torch.arange(n, device=tokens.device) + p0)[:, None]  # [n, p0 + n]
         for i in range(fm.config.num_layers):
             q = _qkv(fm, i, h, cos, sin, cache, rows, fused)
-            attn = F.scaled_dot_product_attention(
-                q, cache.k[i, :, :, : p0 + n], cache.v[i, :, :, : p0 + n], attn_mask=mask,
-                enable_gqa=fm.config.num_heads != fm.config.num_kv_heads,
-            )
+            with _prefill_sdpa(tokens.device):
+                attn = F.scaled_dot_product_attention(
+                    q, cache.k[i, :, :, : p0 + n], cache.v[i, :, :, : p0 + n], attn_mask=mask,
+                    enable_gqa=fm.config.num_heads != fm.config.num_kv_heads,
+                )
             h, x = _finish_layer(fm, i, x, attn, fused)
         h_last = h[:, -1:]
         if all_logits:

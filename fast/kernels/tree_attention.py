@@ -435,7 +435,9 @@ def split_attention(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     # merge: about 8k fp32 per program on a GPU (registers), 64k under the interpreter (fewer programs)
-    block_p = min(next_pow2(num_parts), 64)
+    # partials per load: two sizes only, so a new split count (it follows the prompt length) never
+    # compiles a new merge variant mid-generation
+    block_p = 16 if num_parts <= 16 else 64
     budget = 65536 if q.device.type == "cpu" else 8192
     block_r = max(1, min(next_pow2(rows), budget // (block_p * block_d)))
     _merge_kernel[(triton.cdiv(rows, block_r), b * hkv)](
