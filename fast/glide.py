@@ -168,6 +168,23 @@ def catch_up_bounds(positions: Sequence[int], base: int, window: int) -> list[li
     return [rows, lo, hi, list(positions), [0] * len(rows), [min(lo), max(hi), max(positions)]]
 
 
+def pack_ints(segments: dict[str, list[int]]) -> tuple[list[int], dict[str, tuple[int, int]]]:
+    """Concatenate named int lists for one host-to-device copy, each segment starting at a multiple of
+    4 int32 (16 bytes): Triton specialises kernels on pointer alignment, so unaligned views would
+    compile new kernel variants whenever a length changes. Returns (flat list, name -> (offset, length))."""
+    flat: list[int] = []
+    layout = {}
+    for name, values in segments.items():
+        layout[name] = (len(flat), len(values))
+        flat += values + [0] * (-len(values) % 4)
+    return flat, layout
+
+
+def unpack_ints(p: torch.Tensor, layout: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Views of the segments of :func:`pack_ints` in the device tensor ``p``."""
+    return {name: p[o : o + n] for name, (o, n) in layout.items()}
+
+
 def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.Tensor, positions: torch.Tensor,
                 rows: torch.Tensor, target_k: torch.Tensor, target_v: torch.Tensor, bounds: GlideBounds,
                 tree_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -267,20 +284,19 @@ class FastGlideDrafter:
         for start in range(self.processed, stop_at, window):
             stop = min(start + window, stop_at)
             cache.make_room(stop - start)
-            rows, lo, hi, pos, zeros, scalars = catch_up_bounds(range(start, stop), cache.base, window)
-            t = stop - start
-            p = torch.tensor(tokens[start:stop] + rows + lo + hi + pos + zeros + scalars, dtype=torch.int32).to(dev)
-            tok, rows_t, lo_t, hi_t, pos_t, zeros_t = (p[i * t : (i + 1) * t] for i in range(6))
-            sc = p[6 * t :]
-            bounds = GlideBounds(self_lo=sc[0:1], self_hi=sc[1:2], cross_hi=sc[2:3], cross_span=stop,
-                                 self_row_lo=lo_t[None], self_row_hi=hi_t[None],
-                                 cross_row_lo=zeros_t[None], cross_row_hi=pos_t[None])
-            glide_layer(self.target, self.glide, cache, tok[None], pos_t, rows_t[None], target_k, target_v, bounds)
+            rows, lo, hi, pos, zeros, (self_lo, self_hi, cross_hi) = catch_up_bounds(range(start, stop), cache.base, window)
+            flat, layout = pack_ints(dict(tokens=tokens[start:stop], rows=rows, row_lo=lo, row_hi=hi, pos=pos, zeros=zeros,
+                                          self_lo=[self_lo], self_hi=[self_hi], cross_hi=[cross_hi]))
+            u = unpack_ints(torch.tensor(flat, dtype=torch.int32).to(dev), layout)
+            bounds = GlideBounds(self_lo=u["self_lo"], self_hi=u["self_hi"], cross_hi=u["cross_hi"], cross_span=stop,
+                                 self_row_lo=u["row_lo"][None], self_row_hi=u["row_hi"][None],
+                                 cross_row_lo=u["zeros"][None], cross_row_hi=u["pos"][None])
+            glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], target_k, target_v, bounds)
             cache.n = stop - cache.base
         self.processed = max(self.processed, stop_at)
 
-    def _pack(self, tokens: list[int], L: int, k: int, shape: tuple[int, ...], scratch: bool = False) -> list[int]:
-        """Every integer of one round, for ONE host-to-device copy (layout: :meth:`_unpack`).
+    def _pack(self, tokens: list[int], L: int, k: int, shape: tuple[int, ...], scratch: bool = False):
+        """Every integer of one round, for ONE host-to-device copy: ``(flat list, layout)`` of :func:`pack_ints`.
 
         ``scratch=True`` builds a stand-in round whose catch-up rows lie past the prefix (rows the
         tree overwrites every round), for capturing graphs of other catch-up lengths harmlessly.
@@ -296,22 +312,14 @@ class FastGlideDrafter:
         level_pos = [L + lv + 1 for lv in range(levels)]
         tree_rows = [n + j for j in range(sum(shape))]
         head = [0] * k if scratch else tokens[L + 1 - k :]
-        return head + rows + lo + hi + pos + zeros + [self_lo, n, L] + level_lo + level_pos + tree_rows
-
-    @staticmethod
-    def _unpack(p: torch.Tensor, k: int, levels: int) -> dict:
-        parts = dict(zip(("tokens", "rows", "row_lo", "row_hi", "pos", "zeros"), (p[i * k : (i + 1) * k] for i in range(6))))
-        o = 6 * k
-        parts.update(self_lo=p[o : o + 1], n=p[o + 1 : o + 2], L=p[o + 2 : o + 3])
-        o += 3
-        parts.update(level_lo=p[o : o + levels], level_pos=p[o + levels : o + 2 * levels], tree_rows=p[o + 2 * levels :])
-        return parts
+        return pack_ints(dict(tokens=head, rows=rows, row_lo=lo, row_hi=hi, pos=pos, zeros=zeros, self_lo=[self_lo],
+                              n=[n], L=[L], level_lo=level_lo, level_pos=level_pos, tree_rows=tree_rows))
 
     def _round_body(self, buf: dict, shape: tuple[int, ...]) -> None:
         """Catch-up of the last ``k`` tokens + the beam levels of ``shape``; writes buf['out_*'] (graph-capturable)."""
         dev, cache = self.glide.device, self.cache
         tk, tv, span = buf["target_k"], buf["target_v"], buf["cross_span"]
-        u = self._unpack(buf["pack"], buf["k"], len(shape))
+        u = unpack_ints(buf["pack"], buf["layout"])
         # 1. Catch up: the last k emitted tokens, root last; query at position t sees target rows < t.
         bounds = GlideBounds(self_lo=u["self_lo"], self_hi=u["n"], cross_hi=u["L"], cross_span=span,
                              self_row_lo=u["row_lo"][None], self_row_hi=u["row_hi"][None],
@@ -364,7 +372,7 @@ class FastGlideDrafter:
         k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
         self._catch_up_prefix(state.tokens, L + 1 - k, target_k, target_v)
         cache.make_room(k)
-        pack = self._pack(state.tokens, L, k, shape)
+        pack, layout = self._pack(state.tokens, L, k, shape)
         cache.n = L + 1 - cache.base
         self.processed = L + 1
         # one set of graphs per (target cache allocation, RoPE table): the graphs read both by address
@@ -378,15 +386,15 @@ class FastGlideDrafter:
                 for kk in range(1, len(self.tree_shape) + 2):
                     kkey = key[:3] + (kk, shape)
                     if kkey not in self.graphs:
-                        self.graphs[kkey] = self._capture(self._pack(state.tokens, L, kk, shape, scratch=True),
-                                                          kk, shape, target_k, target_v, pool)
+                        self.graphs[kkey] = self._capture(*self._pack(state.tokens, L, kk, shape, scratch=True),
+                                                          shape, target_k, target_v, pool)
             g = self.graphs[key]
             g["host"].numpy()[:] = pack  # pinned staging buffer: the previous round's copy has completed
             g["buf"]["pack"].copy_(g["host"], non_blocking=True)
             g["graph"].replay()
             buf = g["buf"]
         else:
-            buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "k": k, "target_k": target_k,
+            buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "layout": layout, "target_k": target_k,
                        "target_v": target_v, "cross_span": L + 1}
             self._round_body(buf, shape)
         depth_t = self._depth.get(shape)
@@ -394,10 +402,10 @@ class FastGlideDrafter:
             depth_t = self._depth[shape] = torch.tensor([0] + [lv + 1 for lv, w in enumerate(shape) for _ in range(w)], device=dev)
         return Draft(buf["out_tokens"], DeviceTree(buf["out_parents"], depth_t, buf["out_anc"]))
 
-    def _capture(self, pack: list[int], k: int, shape, target_k, target_v, pool=None) -> dict:
+    def _capture(self, pack: list[int], layout: dict, shape, target_k, target_v, pool=None) -> dict:
         """Capture :meth:`_round_body` for this catch-up length as a CUDA graph (static buffers)."""
         dev = self.glide.device
-        buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "k": k, "target_k": target_k, "target_v": target_v,
+        buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "layout": layout, "target_k": target_k, "target_v": target_v,
                    "cross_span": target_k.shape[-2]}  # the split count must hold for any length: size it for the capacity
         s = torch.cuda.Stream(dev)
         s.wait_stream(torch.cuda.current_stream(dev))
