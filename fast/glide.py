@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from specdec.fast.engine import check_drafts_fit, run_speculative_fast
-from specdec.fast.model import MAX_TREE_NODES, FastModel, as_fast_model
+from specdec.fast.model import MAX_TREE_NODES, FastModel, _cos_sin, as_fast_model
 from specdec.ref.engine import Draft, RoundRecord, RoundState
 from specdec.shared.glide import Glide, GlideConfig, beam_level, load_glide_weights
 from specdec.shared.result import GenerationResult
-from specdec.shared.rope import rope_cos_sin
 from specdec.shared.tree import tree_shape_num_nodes, validate_tree_shape
 from specdec.shared.validate import check_positive_int
 
@@ -155,17 +154,27 @@ class GlideBounds:
     tree_start: torch.Tensor | None = None
 
 
-def catch_up_bounds(positions: Sequence[int], base: int, window: int) -> list[list[int]]:
-    """Host-side key ranges of a causal catch-up over consecutive ``positions`` (cache row = position - base).
+def catch_up_segments(tokens: list[int], first: int, base: int, window: int) -> dict[str, list[int]]:
+    """Host-side integers of a causal catch-up of ``tokens`` at positions ``first, first + 1, ...`` (cache
+    row = position - base), as :func:`pack_ints` segments read back by :func:`catch_up_glide_bounds`.
 
-    Returns the int lists ``[rows, self_row_lo, self_row_hi, cross_row_hi, zeros, [self_lo, self_hi,
-    cross_hi]]``: query at position t sees draft rows ``(t - window, t]`` (as rows) and target rows
-    ``[0, t)`` -- the masks :func:`specdec.ref.glide.glide_layer` is given while decoding.
+    Query at position t sees draft rows ``(t - window, t]`` (as rows) and target rows ``[0, t)`` -- the
+    masks :func:`specdec.ref.glide.glide_layer` is given while decoding. ``self_hi`` is the prefix row
+    count after the catch-up and ``cross_hi`` the last position.
     """
+    positions = list(range(first, first + len(tokens)))
     rows = [p - base for p in positions]
     lo = [max(r - window + 1, 0) for r in rows]
     hi = [r + 1 for r in rows]
-    return [rows, lo, hi, list(positions), [0] * len(rows), [min(lo), max(hi), max(positions)]]
+    return dict(tokens=list(tokens), rows=rows, row_lo=lo, row_hi=hi, pos=positions, zeros=[0] * len(rows),
+                self_lo=[min(lo)], self_hi=[max(hi)], cross_hi=[max(positions)])
+
+
+def catch_up_glide_bounds(u: dict[str, torch.Tensor], cross_span: int) -> GlideBounds:
+    """The :class:`GlideBounds` of a catch-up from the device views of :func:`catch_up_segments`."""
+    return GlideBounds(self_lo=u["self_lo"], self_hi=u["self_hi"], cross_hi=u["cross_hi"], cross_span=cross_span,
+                       self_row_lo=u["row_lo"][None], self_row_hi=u["row_hi"][None],
+                       cross_row_lo=u["zeros"][None], cross_row_hi=u["pos"][None])
 
 
 def pack_ints(segments: dict[str, list[int]]) -> tuple[list[int], dict[str, tuple[int, int]]]:
@@ -204,10 +213,7 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
 
     kern = _kernels()
     eps = g.config.rms_norm_eps
-    if fm.rope_table is not None:  # [T, D] at the true positions (the target's table: no host sync)
-        cos, sin = (t.index_select(0, positions) for t in fm.rope_table)
-    else:
-        cos, sin = rope_cos_sin(fm.config, positions.long(), dtype=fm.dtype)
+    cos, sin = _cos_sin(fm, positions)  # [T, D], true positions (the target's table: no host sync)
     cos, sin = cos[None].to(g.dtype), sin[None].to(g.dtype)
     x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)  # the target's frozen embedding
     # 1. Self-attention over the sliding cache (+ the tree block).
@@ -284,14 +290,10 @@ class FastGlideDrafter:
         for start in range(self.processed, stop_at, window):
             stop = min(start + window, stop_at)
             cache.make_room(stop - start)
-            rows, lo, hi, pos, zeros, (self_lo, self_hi, cross_hi) = catch_up_bounds(range(start, stop), cache.base, window)
-            flat, layout = pack_ints(dict(tokens=tokens[start:stop], rows=rows, row_lo=lo, row_hi=hi, pos=pos, zeros=zeros,
-                                          self_lo=[self_lo], self_hi=[self_hi], cross_hi=[cross_hi]))
+            flat, layout = pack_ints(catch_up_segments(tokens[start:stop], start, cache.base, window))
             u = unpack_ints(torch.tensor(flat, dtype=torch.int32).to(dev), layout)
-            bounds = GlideBounds(self_lo=u["self_lo"], self_hi=u["self_hi"], cross_hi=u["cross_hi"], cross_span=stop,
-                                 self_row_lo=u["row_lo"][None], self_row_hi=u["row_hi"][None],
-                                 cross_row_lo=u["zeros"][None], cross_row_hi=u["pos"][None])
-            glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], target_k, target_v, bounds)
+            glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], target_k, target_v,
+                        catch_up_glide_bounds(u, cross_span=stop))
             cache.n = stop - cache.base
         self.processed = max(self.processed, stop_at)
 
@@ -304,16 +306,17 @@ class FastGlideDrafter:
         window, base = self.glide.window, self.cache.base
         n = L + 1 - base  # prefix rows in the sliding cache after the catch-up (root included)
         first = L + 1 if scratch else L + 1 - k
-        rows, lo, hi, pos, zeros, (self_lo, _, _) = catch_up_bounds(range(first, first + k), base, window)
         levels = len(shape)
         # tree level l (depth l + 1, position L + l + 1, query row n + l) sees prefix rows
         # (n + l - window, n) and the tree rows n + j of its ancestors
         level_lo = [max(n + lv - window + 1, 0) for lv in range(levels)]
         level_pos = [L + lv + 1 for lv in range(levels)]
         tree_rows = [n + j for j in range(sum(shape))]
-        head = [0] * k if scratch else tokens[L + 1 - k :]
-        return pack_ints(dict(tokens=head, rows=rows, row_lo=lo, row_hi=hi, pos=pos, zeros=zeros, self_lo=[self_lo],
-                              n=[n], L=[L], level_lo=level_lo, level_pos=level_pos, tree_rows=tree_rows))
+        segments = catch_up_segments([0] * k if scratch else tokens[L + 1 - k :], first, base, window)
+        # the tree levels read n (prefix rows = tree_start) and L from the catch-up's self_hi / cross_hi; a real
+        # catch-up ends at row n - 1, position L, so these are its own values (a scratch one must not go past them)
+        segments.update(self_hi=[n], cross_hi=[L])
+        return pack_ints(dict(segments, level_lo=level_lo, level_pos=level_pos, tree_rows=tree_rows))
 
     def _round_body(self, buf: dict, shape: tuple[int, ...]) -> None:
         """Catch-up of the last ``k`` tokens + the beam levels of ``shape``; writes buf['out_*'] (graph-capturable)."""
@@ -321,10 +324,8 @@ class FastGlideDrafter:
         tk, tv, span = buf["target_k"], buf["target_v"], buf["cross_span"]
         u = unpack_ints(buf["pack"], buf["layout"])
         # 1. Catch up: the last k emitted tokens, root last; query at position t sees target rows < t.
-        bounds = GlideBounds(self_lo=u["self_lo"], self_hi=u["n"], cross_hi=u["L"], cross_span=span,
-                             self_row_lo=u["row_lo"][None], self_row_hi=u["row_hi"][None],
-                             cross_row_lo=u["zeros"][None], cross_row_hi=u["pos"][None])
-        h = glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], tk, tv, bounds)
+        h = glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], tk, tv,
+                        catch_up_glide_bounds(u, span))
         logprobs = self._logprobs(h[0, -1:])  # [1, V] after the root
         n_tree = sum(shape)
         anc = torch.zeros(n_tree, n_tree, dtype=torch.bool, device=dev)  # among drafts (root excluded)
@@ -349,8 +350,8 @@ class FastGlideDrafter:
                 break
             # 3. One draft forward over this level (tree rows follow the prefix rows in the cache):
             #    prefix rows (row - window, n) and the ancestors' tree rows; target rows [0, L).
-            bounds = GlideBounds(self_lo=u["level_lo"][level : level + 1], self_hi=u["n"], cross_hi=u["L"],
-                                 cross_span=span, tree_start=u["n"])
+            bounds = GlideBounds(self_lo=u["level_lo"][level : level + 1], self_hi=u["self_hi"], cross_hi=u["cross_hi"],
+                                 cross_span=span, tree_start=u["self_hi"])
             h = glide_layer(self.target, self.glide, cache, new_tokens[None], u["level_pos"][level : level + 1].expand(n),
                             u["tree_rows"][lo : lo + n][None], tk, tv, bounds,
                             tree_mask=anc[lo : lo + n, : lo + n][None])

@@ -47,10 +47,10 @@ def timed(fn):
 
 
 class PhaseTimer:
-    """Wrap drafter.propose / run_step / the accept read-back with synchronising timers."""
+    """Wrap drafter.propose and run_step with synchronising timers."""
 
     def __init__(self):
-        self.t = {"draft": 0.0, "verify": 0.0, "accept+readback+host": 0.0}
+        self.t = {"draft": 0.0, "verify": 0.0}
         self.rounds = 0
 
     def install(self):
