@@ -31,7 +31,7 @@ from einops import rearrange
 from specdec.fast.engine import check_drafts_fit, run_speculative_fast
 from specdec.fast.model import MAX_TREE_NODES, FastModel, _cos_sin, as_fast_model
 from specdec.ref.engine import Draft, RoundRecord, RoundState
-from specdec.shared.glide import Glide, GlideConfig, beam_level, load_glide_weights
+from specdec.shared.glide import Glide, GlideConfig, load_glide_weights
 from specdec.shared.result import GenerationResult
 from specdec.shared.tree import tree_shape_num_nodes, validate_tree_shape
 from specdec.shared.validate import check_positive_int
@@ -327,40 +327,36 @@ class FastGlideDrafter:
         h = glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], tk, tv,
                         catch_up_glide_bounds(u, span))
         logprobs = self._logprobs(h[0, -1:])  # [1, V] after the root
-        n_tree = sum(shape)
-        anc = torch.zeros(n_tree, n_tree, dtype=torch.bool, device=dev)  # among drafts (root excluded)
-        cum = torch.zeros(1, device=dev)
-        level_nodes = torch.zeros(1, dtype=torch.long, device=dev)  # global ids of the current level
-        toks, parents = [u["tokens"][-1:].long()], [torch.full((1,), -1, dtype=torch.long, device=dev)]
-        first = 1
+        # The tree buffers (global node ids, root = 0): every level's kernel writes its nodes' tokens,
+        # parents and ancestor-or-self rows in place (the root's entries with the first level).
+        m = 1 + sum(shape)
+        out_tokens = torch.empty(m, dtype=torch.long, device=dev)
+        out_parents = torch.empty(m, dtype=torch.long, device=dev)
+        full = torch.empty(m, m, dtype=torch.bool, device=dev)
+        cum = torch.empty(max(shape, default=1), dtype=torch.float32, device=dev)
+        if not shape:  # no draft level (the last round): the root alone
+            out_tokens.copy_(u["tokens"][-1:])
+            out_parents.fill_(-1)
+            full.fill_(True)
+        prev_first, prev_n, first = 0, 1, 1
         for level, width in enumerate(shape):
-            # 2. Best (node, token) pairs over the whole level.
-            parent_local, new_tokens, cum = beam_level(cum, logprobs, width)
-            parent_global = level_nodes[parent_local]
-            n = new_tokens.shape[0]
-            lo = first - 1
-            if level > 0:
-                anc[lo : lo + n, :lo] = anc[parent_global - 1, :lo]
-            anc[lo : lo + n, lo : lo + n] = torch.eye(n, dtype=torch.bool, device=dev)
-            toks.append(new_tokens)
-            parents.append(parent_global)
-            level_nodes = torch.arange(first, first + n, device=dev)
-            first += n
+            # 2. Best (node, token) pairs over the whole level (specdec.shared.glide.beam_level).
+            n = min(width, prev_n * logprobs.shape[-1])
+            _kernels().beam_select(cum[:prev_n] if level else None, logprobs, n, out_tokens, out_parents, cum, node_offset=first,
+                        parent_offset=prev_first, ancestor=full, root_token=u["tokens"][-1:] if level == 0 else None)
             if level == len(shape) - 1:
                 break
             # 3. One draft forward over this level (tree rows follow the prefix rows in the cache):
             #    prefix rows (row - window, n) and the ancestors' tree rows; target rows [0, L).
+            lo = first - 1  # tree row offset of this level (the root is a prefix row)
             bounds = GlideBounds(self_lo=u["level_lo"][level : level + 1], self_hi=u["self_hi"], cross_hi=u["cross_hi"],
                                  cross_span=span, tree_start=u["self_hi"])
-            h = glide_layer(self.target, self.glide, cache, new_tokens[None], u["level_pos"][level : level + 1].expand(n),
-                            u["tree_rows"][lo : lo + n][None], tk, tv, bounds,
-                            tree_mask=anc[lo : lo + n, : lo + n][None])
+            h = glide_layer(self.target, self.glide, cache, out_tokens[first : first + n][None],
+                            u["level_pos"][level : level + 1].expand(n), u["tree_rows"][lo : lo + n][None], tk, tv, bounds,
+                            tree_mask=full[first : first + n, 1 : first + n][None])
             logprobs = self._logprobs(h[0])
-        m = first
-        full = torch.zeros(m, m, dtype=torch.bool, device=dev)
-        full[:, 0] = True
-        full[1:, 1:] = anc
-        buf["out_tokens"], buf["out_parents"], buf["out_anc"] = torch.cat(toks), torch.cat(parents), full
+            prev_first, prev_n, first = first, n, first + n
+        buf["out_tokens"], buf["out_parents"], buf["out_anc"] = out_tokens, out_parents, full
 
     def propose(self, state: RoundState) -> Draft:
         dev, cache = self.glide.device, self.cache

@@ -312,7 +312,7 @@ def init_glide_weights(
 
 
 TIE_SLACK = 16
-"""Extra candidates :func:`beam_level` ranks beyond ``k`` so ties at the k-th score resolve by index."""
+"""Extra candidates :func:`beam_level` ranks beyond ``k`` before it checks for a tie at the cut."""
 
 
 def beam_level(cum_logprob: torch.Tensor, draft_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -326,9 +326,11 @@ def beam_level(cum_logprob: torch.Tensor, draft_logprobs: torch.Tensor, k: int) 
 
     Returns:
         (parent_idx [k] long: index into the current level, tokens [k] long, cum [k] fp32), best first.
-        Score of a pair = ``cum_logprob[node] + draft_logprobs[node, token]``; ties go to the lower
-        flat index ``node * V + token`` (lower node first, then lower token id), so the result is
-        deterministic. The pairs are distinct, so sibling tokens never repeat.
+        Score of a pair = ``cum_logprob[node] + draft_logprobs[node, token]`` (one fp32 add); the
+        order is score descending, ties to the lower flat index ``node * V + token`` (lower node
+        first, then lower token id) -- exactly, however many pairs tie -- so the result is
+        deterministic. The pairs are distinct, so sibling tokens never repeat. A NaN score counts
+        as -inf. The fast path's kernel (:func:`specdec.fast.kernels.beam_topk`) follows the same rule.
     """
     if draft_logprobs.dim() != 2 or cum_logprob.shape != draft_logprobs.shape[:1]:
         raise ValueError(f"beam_level needs cum_logprob [n] and draft_logprobs [n, V], got {tuple(cum_logprob.shape)} and {tuple(draft_logprobs.shape)}")
@@ -337,10 +339,10 @@ def beam_level(cum_logprob: torch.Tensor, draft_logprobs: torch.Tensor, k: int) 
     if k < 1:
         raise ValueError(f"beam_level needs k >= 1, got {k}")
     scores2d = cum_logprob.float()[:, None] + draft_logprobs.float()  # [n, V]
+    scores2d = torch.where(torch.isnan(scores2d), float("-inf"), scores2d)  # NaN counts as -inf
     scores = scores2d.reshape(-1)  # [n * V], node-major: flat index = node * V + token
     # The k best of n * V pairs: take a few more than k with topk (fast, no full sort), then order those
-    # by score with a stable sort over ascending flat index -- equal scores keep flat-index order, the
-    # deterministic tie-break (exact unless more than TIE_SLACK pairs tie with the k-th best).
+    # by score with a stable sort over ascending flat index -- equal scores keep flat-index order.
     kk = min(k + TIE_SLACK, n * v)
     if n > 1 and kk < v:
         # two stages (same set): every pair among the kk best overall is among its own row's kk best,
@@ -352,4 +354,8 @@ def beam_level(cum_logprob: torch.Tensor, draft_logprobs: torch.Tensor, k: int) 
         cand = torch.topk(scores, kk).indices
     cand = torch.sort(cand).values
     order = cand[torch.sort(-scores[cand], stable=True).indices[:k]]
+    if kk < n * v and bool(scores[cand].min() == scores[order[-1]]):
+        # the k-th score also ends the kk candidates: pairs tied with it may have been cut by topk (which
+        # breaks ties arbitrarily) -- rank every pair instead (rare: only with many exactly equal scores)
+        order = torch.sort(-scores, stable=True).indices[:k]
     return order // v, order % v, scores[order]

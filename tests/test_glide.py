@@ -88,6 +88,11 @@ def test_beam_level_ties_and_clamp():
     assert list(zip(parent.tolist(), tok.tolist())) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     with pytest.raises(ValueError):
         beam_level(torch.zeros(3), lp, 2)
+    # more ties at the cut than TIE_SLACK (two-stage path): still exactly the flat order
+    parent, tok, _ = beam_level(torch.zeros(4), torch.zeros(4, 100), 16)
+    assert parent.tolist() == [0] * 16 and tok.tolist() == list(range(16))
+    parent, tok, _ = beam_level(torch.tensor([-1.0, 0.0, 0.0, -1.0]), torch.zeros(4, 100), 120)
+    assert parent.tolist() == [1] * 100 + [2] * 20 and tok.tolist() == list(range(100)) + list(range(20))
 
 
 def test_tree_draft_is_the_documented_beam():

@@ -4,6 +4,8 @@
   :func:`specdec.ref.attention.tree_attention`);
 * :func:`glide_self_attention`, :func:`glide_cross_attention` -- the GLIDE draft's sliding-window
   self-attention and its cross-attention over the target cache, on the same kernel;
+* :func:`beam_select` / :func:`beam_topk` -- one GLIDE beam level (matches
+  :func:`specdec.shared.glide.beam_level`) written straight into the draft tree's buffers;
 * :func:`compact_kv` -- move the accepted tree rows of every layer's KV cache into place, one launch.
 
 On CPU the kernels run only under the Triton interpreter: set ``TRITON_INTERPRET=1`` *before*
@@ -17,6 +19,7 @@ from .glide_attention import (
     glide_self_attention,
     glide_self_attention_ref,
 )
+from .beam import beam_select, beam_topk
 from .kv_compact import compact_kv, compact_kv_ref
 from .tree_attention import tree_attention
 
@@ -31,6 +34,8 @@ __all__ = [
     "glide_cross_attention_ref",
     "compact_kv",
     "compact_kv_ref",
+    "beam_select",
+    "beam_topk",
 ]
 
 from .fused import (  # noqa: E402
