@@ -353,6 +353,23 @@ def _prefill_sdpa(device: torch.device):
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
 
 
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked prefill attention, q [B, Hq, n, D] over k/v [B, Hkv, T, D] (GQA: Hq a multiple of Hkv).
+
+    SDPA's memory-efficient backend takes the mask but not ``enable_gqa`` (masked GQA falls back to
+    the math backend, which materialises [B, Hq, n, T] fp32 scores: ~17 GiB for a 2048-row chunk at
+    32k context). So on CUDA the KV heads are repeated for their query heads first (a transient
+    [B, Hq, T, D] copy per layer) and the O(T)-memory kernel runs; on CPU SDPA's GQA path as is.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    with _prefill_sdpa(q.device):
+        if q.is_cuda and hq != hkv:
+            k = k.repeat_interleave(hq // hkv, dim=1)  # query head h reads KV head h // (Hq / Hkv)
+            v = v.repeat_interleave(hq // hkv, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hq != hkv)
+
+
 def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int = 2048, all_logits: bool = False) -> torch.Tensor:
     """Append the prompt's K/V to the cache in chunks; return the last position's logits [B, V]
     (or every position's [B, T, V] with ``all_logits``).
@@ -380,11 +397,7 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
         mask = cols[None, :] <= (torch.arange(n, device=tokens.device) + p0)[:, None]  # [n, p0 + n]
         for i in range(fm.config.num_layers):
             q = _qkv(fm, i, h, cos, sin, cache, rows, fused)
-            with _prefill_sdpa(tokens.device):
-                attn = F.scaled_dot_product_attention(
-                    q, cache.k[i, :, :, : p0 + n], cache.v[i, :, :, : p0 + n], attn_mask=mask,
-                    enable_gqa=fm.config.num_heads != fm.config.num_kv_heads,
-                )
+            attn = _prefill_attention(q, cache.k[i, :, :, : p0 + n], cache.v[i, :, :, : p0 + n], mask)
             h, x = _finish_layer(fm, i, x, attn, fused)
         h_last = h[:, -1:]
         if all_logits:
