@@ -11,6 +11,9 @@ Per round:
 3. **Accept** -- greedy: :func:`specdec.shared.acceptance.greedy_best_node` on the device, then
    ONE host synchronisation reads the accepted node, the next token and the path. Sampling uses
    the same shared rules as the reference (on the device's probabilities).
+   A drafter that builds its tree on the device may offer ``fused_round(state, tree_size)``: steps
+   1-4 of a greedy round captured as ONE CUDA graph (draft body + :func:`verify_and_accept`), so
+   the host launches one graph and reads one result per round.
 4. **Compact** -- :func:`specdec.fast.model.commit` moves the accepted rows of every layer into
    place in one kernel launch (nothing to move when the path is already contiguous).
 5. **Emit** -- as in the reference.
@@ -27,7 +30,7 @@ from typing import Callable
 import torch
 
 from specdec.fast.graphs import CapturedFn
-from specdec.fast.model import FastModel, MAX_TREE_NODES, commit, prefill, run_step
+from specdec.fast.model import FastModel, MAX_TREE_NODES, commit, prefill, run_step, step_forward
 from specdec.ref.engine import Draft, RoundRecord, RoundState, accept_draft
 from specdec.shared.acceptance import greedy_best_node
 from specdec.shared.result import GenerationResult, normalize_eos, sync
@@ -35,7 +38,7 @@ from specdec.shared.sampling import SamplingParams, sample
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_batch_one, check_prompt
 
-__all__ = ["run_speculative_fast", "TreeTensors", "check_drafts_fit"]
+__all__ = ["run_speculative_fast", "verify_and_accept", "TreeTensors", "check_drafts_fit"]
 
 
 def check_drafts_fit(name: str, drafts: int) -> None:
@@ -125,6 +128,19 @@ def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, val
     return torch.cat([best, target_argmax.index_select(0, best), on_path.long(), node_tokens, parents])
 
 
+def verify_and_accept(target: FastModel, cache, node_tokens, parents, depth, ancestor, valid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-4 of a greedy round on the device (graph-capturable): verify the ``M`` nodes at rows
+    ``[L, L + M)`` (``L`` = ``cache.length_t``), then :func:`accept_and_compact`.
+
+    Returns ``(logits [M, V], packed)`` -- ``packed`` as :func:`accept_and_compact` returns it. A
+    drafter that builds its tree on the device captures this after its own body, so a whole round is
+    one CUDA graph (see ``fused_round`` in :class:`specdec.fast.glide.FastGlideDrafter`).
+    """
+    positions = depth + cache.length_t[:1].long()
+    logits = step_forward(target, cache, node_tokens[None], positions[None], ancestor[None], cache.length_t)[0]
+    return logits, accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid)
+
+
 @torch.inference_mode()
 def run_speculative_fast(
     target: FastModel,
@@ -178,38 +194,48 @@ def run_speculative_fast(
     prefill_time = time.perf_counter() - t0
 
     t1 = time.perf_counter()
+    # A drafter with ``fused_round`` runs draft + verify + greedy accept as ONE graph per round.
+    fused = params.greedy and getattr(drafter, "fused_round", None)
     while len(emitted) < max_gen_len and not (eos & set(emitted)):
         L = cache.length
         state = RoundState(tokens, target, cache, last_logits, params, generator, max_gen_len - len(emitted))
-        # 1. Draft (a host Tree, or a DeviceTree built on the device by the drafter).
-        draft: Draft = drafter.propose(state)
-        m = draft.tree.size
-        if m > tree_size:
-            raise RuntimeError(f"drafter bug: a draft of {m} nodes exceeds the fixed tree size {tree_size}")
-        tt = TreeTensors.get(draft.tree, tree_size, dev) if isinstance(draft.tree, Tree) else TreeTensors.from_device(draft.tree, tree_size)
-        if m == tree_size and draft.tokens.device == dev and draft.tokens.dtype == torch.long:
-            node_tokens = draft.tokens  # a full device-side draft (GLIDE): nothing to pad
+        out = fused(state, tree_size) if fused else None
+        if out is not None:
+            # 1-4 in one graph replay; the round's one host synchronisation reads the packed result
+            packed_t, logits = out
+            m = tree_size
+            num += 1
         else:
-            node_tokens = torch.zeros(tree_size, dtype=torch.long, device=dev)
-            node_tokens[:m] = draft.tokens.to(dev)
-        # 2. Verify all nodes (padded to tree_size) in one graph-replayed pass.
-        logits = run_step(target, cache, node_tokens[None], (tt.depth + L)[None], tt.mask)[0]
-        num += 1
+            # 1. Draft (a host Tree, or a DeviceTree built on the device by the drafter).
+            draft: Draft = drafter.propose(state)
+            m = draft.tree.size
+            if m > tree_size:
+                raise RuntimeError(f"drafter bug: a draft of {m} nodes exceeds the fixed tree size {tree_size}")
+            tt = TreeTensors.get(draft.tree, tree_size, dev) if isinstance(draft.tree, Tree) else TreeTensors.from_device(draft.tree, tree_size)
+            if m == tree_size and draft.tokens.device == dev and draft.tokens.dtype == torch.long:
+                node_tokens = draft.tokens  # a full device-side draft (GLIDE): nothing to pad
+            else:
+                node_tokens = torch.zeros(tree_size, dtype=torch.long, device=dev)
+                node_tokens[:m] = draft.tokens.to(dev)
+            # 2. Verify all nodes (padded to tree_size) in one graph-replayed pass.
+            logits = run_step(target, cache, node_tokens[None], (tt.depth + L)[None], tt.mask)[0]
+            num += 1
+            if params.greedy:
+                # 3-4 on the device (one graph replay on CUDA): accept, then compact the KV of every layer.
+                inputs = dict(logits=logits, node_tokens=node_tokens, parents=tt.parents, depth=tt.depth,
+                              ancestor=tt.ancestor, valid=tt.valid)
+                key = ("accept", id(cache), tree_size)
+                fn = target.graphs.get(key)
+                if fn is None and target.use_graphs:
+                    # capturing runs the function twice to warm up: snapshot the state it mutates, restore after
+                    snap = (cache.length_t.clone(), cache.k[:, :, :, L : L + tree_size].clone(), cache.v[:, :, :, L : L + tree_size].clone())
+                    fn = target.graphs[key] = CapturedFn(lambda **kw: accept_and_compact(cache, **kw), inputs)
+                    cache.length_t.copy_(snap[0])
+                    cache.k[:, :, :, L : L + tree_size] = snap[1]
+                    cache.v[:, :, :, L : L + tree_size] = snap[2]
+                packed_t = fn(**inputs) if fn is not None else accept_and_compact(cache, **inputs)
         # 3. Accept.
         if params.greedy:
-            # 3-4 on the device (one graph replay on CUDA): accept, then compact the KV of every layer.
-            inputs = dict(logits=logits, node_tokens=node_tokens, parents=tt.parents, depth=tt.depth,
-                          ancestor=tt.ancestor, valid=tt.valid)
-            key = ("accept", id(cache), tree_size)
-            fn = target.graphs.get(key)
-            if fn is None and target.use_graphs:
-                # capturing runs the function twice to warm up: snapshot the state it mutates, restore after
-                snap = (cache.length_t.clone(), cache.k[:, :, :, L : L + tree_size].clone(), cache.v[:, :, :, L : L + tree_size].clone())
-                fn = target.graphs[key] = CapturedFn(lambda **kw: accept_and_compact(cache, **kw), inputs)
-                cache.length_t.copy_(snap[0])
-                cache.k[:, :, :, L : L + tree_size] = snap[1]
-                cache.v[:, :, :, L : L + tree_size] = snap[2]
-            packed_t = fn(**inputs) if fn is not None else accept_and_compact(cache, **inputs)
             # the one host synchronisation of the round: accepted node, next token, its path, the draft
             packed = packed_t.tolist()
             next_token = packed[1]
@@ -217,6 +243,7 @@ def run_speculative_fast(
             draft_tokens = packed[2 + tree_size : 2 + tree_size + m]
             parents = packed[2 + 2 * tree_size : 2 + 2 * tree_size + m]
             cache.length = L + len(path)  # the device mirror was advanced by accept_and_compact
+            q = None if out is not None else draft.q
         else:
             draft_tokens, parents = draft.tokens.tolist(), tt.parents[:m].tolist()
             host = Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), draft.q)
@@ -224,6 +251,7 @@ def run_speculative_fast(
             # 4. Compact: the accepted rows of every layer move to [L, L + len(path)).
             contiguous = path == list(range(len(path)))
             commit(cache, None if contiguous else torch.tensor([path], dtype=torch.int32, device=dev), len(path))
+            q = draft.q
         # 5. Emit.
         accepted = [draft_tokens[j] for j in path[1:]]
         emitted += accepted + [next_token]
@@ -232,7 +260,7 @@ def run_speculative_fast(
         accept_lengths.append(len(accepted) + 1)
         last_logits = logits[path[-1]]
         if on_round is not None:
-            on_round(RoundRecord(Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), draft.q), path, next_token))
+            on_round(RoundRecord(Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), q), path, next_token))
     sync(dev)
     elapsed = time.perf_counter() - t1
 

@@ -263,6 +263,9 @@ class FastGlideDrafter:
     chunks.
     """
 
+    fuse_rounds: bool = True
+    """Offer :meth:`fused_round` to the engine (profiling scripts turn it off to time the phases apart)."""
+
     def __init__(self, target: FastModel, glide: FastGlide, tree_shape: Sequence[int]):
         want = GlideConfig.from_target(target.config, glide.config.window)
         if want != glide.config:
@@ -358,13 +361,18 @@ class FastGlideDrafter:
             prev_first, prev_n, first = first, n, first + n
         buf["out_tokens"], buf["out_parents"], buf["out_anc"] = out_tokens, out_parents, full
 
-    def propose(self, state: RoundState) -> Draft:
-        dev, cache = self.glide.device, self.cache
+    def _prepare(self, state: RoundState):
+        """Host side of a round: catch up on the prompt (chunks), pack the round's integers.
+
+        Returns ``(k, shape, pack, layout, target_k, target_v, key)``: the catch-up length, the tree
+        shape of this round, the packed integers, and the graph key (target cache allocation, RoPE
+        table, ``k``, shape).
+        """
+        cache = self.cache
         L = state.target_cache.length
         target_k = state.target_cache.k[-1]  # [1, Hkv, capacity, D]: rows [0, L) are verified
         target_v = state.target_cache.v[-1]
-        depth = min(len(self.tree_shape), max(state.budget - 1, 0))
-        shape = self.tree_shape[:depth]
+        shape = self._shape(state)
         # Long catch-ups (the prompt) run in chunks; the last <= depth + 1 tokens go into the round body.
         k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
         self._catch_up_prefix(state.tokens, L + 1 - k, target_k, target_v)
@@ -374,45 +382,108 @@ class FastGlideDrafter:
         self.processed = L + 1
         # one set of graphs per (target cache allocation, RoPE table): the graphs read both by address
         table = self.target.rope_table[0].data_ptr() if self.target.rope_table is not None else 0
-        key = (target_k.data_ptr(), tuple(target_k.shape), table, k, shape)
+        return k, shape, pack, layout, target_k, target_v, (target_k.data_ptr(), tuple(target_k.shape), table, k, shape)
+
+    def _shape(self, state: RoundState) -> tuple[int, ...]:
+        """This round's tree shape: the full one, or fewer levels when fewer tokens may still be emitted."""
+        return self.tree_shape[: min(len(self.tree_shape), max(state.budget - 1, 0))]
+
+    def _depth_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
+        depth_t = self._depth.get(shape)
+        if depth_t is None or depth_t.device != self.glide.device:
+            depth_t = self._depth[shape] = torch.tensor([0] + [lv + 1 for lv, w in enumerate(shape) for _ in range(w)],
+                                                        device=self.glide.device)
+        return depth_t
+
+    def _replay(self, g: dict, pack: list[int]) -> dict:
+        g["host"].numpy()[:] = pack  # pinned staging buffer: the previous round's copy has completed
+        g["buf"]["pack"].copy_(g["host"], non_blocking=True)
+        g["graph"].replay()
+        return g["buf"]
+
+    def _capture_all(self, state: RoundState, key: tuple, shape, target_k, target_v, verify=None) -> None:
+        """Capture every catch-up length now (stand-in rounds on scratch rows), so no capture or kernel
+        compilation stalls a later round. ``key[:3] + (k,) + key[4:]`` names each graph."""
+        L = state.target_cache.length
+        pool = torch.cuda.graph_pool_handle()  # rounds never overlap: one memory pool for all
+        for kk in range(1, len(self.tree_shape) + 2):
+            kkey = key[:3] + (kk,) + key[4:]
+            if kkey not in self.graphs:
+                self.graphs[kkey] = self._capture(*self._pack(state.tokens, L, kk, shape, scratch=True), shape,
+                                                  target_k, target_v, pool, verify)
+
+    def propose(self, state: RoundState) -> Draft:
+        dev = self.glide.device
+        L = state.target_cache.length
+        k, shape, pack, layout, target_k, target_v, key = self._prepare(state)
         if self.use_graphs and shape == self.tree_shape:  # a shorter shape (the last rounds) runs eagerly
             if key not in self.graphs:
-                # capture every catch-up length now (stand-in rounds on scratch rows), so no capture or
-                # kernel compilation stalls a later round
-                pool = torch.cuda.graph_pool_handle()  # rounds never overlap: one memory pool for all
-                for kk in range(1, len(self.tree_shape) + 2):
-                    kkey = key[:3] + (kk, shape)
-                    if kkey not in self.graphs:
-                        self.graphs[kkey] = self._capture(*self._pack(state.tokens, L, kk, shape, scratch=True),
-                                                          shape, target_k, target_v, pool)
-            g = self.graphs[key]
-            g["host"].numpy()[:] = pack  # pinned staging buffer: the previous round's copy has completed
-            g["buf"]["pack"].copy_(g["host"], non_blocking=True)
-            g["graph"].replay()
-            buf = g["buf"]
+                self._capture_all(state, key, shape, target_k, target_v)
+            buf = self._replay(self.graphs[key], pack)
         else:
             buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "layout": layout, "target_k": target_k,
-                       "target_v": target_v, "cross_span": L + 1}
+                   "target_v": target_v, "cross_span": L + 1}
             self._round_body(buf, shape)
-        depth_t = self._depth.get(shape)
-        if depth_t is None or depth_t.device != dev:
-            depth_t = self._depth[shape] = torch.tensor([0] + [lv + 1 for lv, w in enumerate(shape) for _ in range(w)], device=dev)
-        return Draft(buf["out_tokens"], DeviceTree(buf["out_parents"], depth_t, buf["out_anc"]))
+        return Draft(buf["out_tokens"], DeviceTree(buf["out_parents"], self._depth_tensor(shape), buf["out_anc"]))
 
-    def _capture(self, pack: list[int], layout: dict, shape, target_k, target_v, pool=None) -> dict:
-        """Capture :meth:`_round_body` for this catch-up length as a CUDA graph (static buffers)."""
+    def fused_round(self, state: RoundState, tree_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A whole greedy round -- draft, verification, acceptance and KV compaction -- as ONE CUDA graph.
+
+        Returns ``(packed, logits)`` as :func:`specdec.fast.engine.verify_and_accept` does, or None
+        (nothing done) when the round cannot be fused: no graphs (CPU), or a shorter last round.
+        The graphs are captured per catch-up length on the first fused round of a target cache.
+        """
+        shape = self._shape(state)
+        cache = state.target_cache
+        if not (self.fuse_rounds and self.use_graphs and shape == self.tree_shape and tree_size == 1 + sum(shape)):
+            return None
+        if cache.length + tree_size > cache.capacity:
+            raise ValueError(f"KV cache overflow: {cache.length} + {tree_size} rows > capacity {cache.capacity}")
+        k, shape, pack, layout, target_k, target_v, key = self._prepare(state)
+        key = key + ("fused", cache.length_t.data_ptr())
+        if key not in self.graphs:
+            valid = torch.ones(tree_size, dtype=torch.bool, device=self.glide.device)
+            self._capture_all(state, key, shape, target_k, target_v, verify=(cache, self._depth_tensor(shape), valid))
+        buf = self._replay(self.graphs[key], pack)
+        return buf["packed"], buf["logits"]
+
+    def _capture(self, pack: list[int], layout: dict, shape, target_k, target_v, pool=None, verify=None) -> dict:
+        """Capture :meth:`_round_body` for this catch-up length as a CUDA graph (static buffers).
+
+        With ``verify = (target cache, depth, valid)`` the graph also verifies the tree and accepts
+        greedily (:func:`specdec.fast.engine.verify_and_accept`); the target rows and length that
+        the warm-up runs change are restored afterwards.
+        """
+        from specdec.fast.engine import verify_and_accept
+
         dev = self.glide.device
         buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "layout": layout, "target_k": target_k, "target_v": target_v,
                    "cross_span": target_k.shape[-2]}  # the split count must hold for any length: size it for the capacity
+
+        def body():
+            self._round_body(buf, shape)
+            if verify is not None:
+                tcache, depth, valid = verify
+                buf["logits"], buf["packed"] = verify_and_accept(self.target, tcache, buf["out_tokens"], buf["out_parents"],
+                                                                 depth, buf["out_anc"], valid)
+
+        snap = None
+        if verify is not None:
+            tcache, L, m = verify[0], verify[0].length, 1 + sum(shape)
+            snap = (tcache.length_t.clone(), tcache.k[:, :, :, L : L + m].clone(), tcache.v[:, :, :, L : L + m].clone())
         s = torch.cuda.Stream(dev)
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
             for _ in range(2):  # warm-up: compiles kernels (writes the same K/V rows again: harmless)
-                self._round_body(buf, shape)
+                body()
         torch.cuda.current_stream(dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            self._round_body(buf, shape)
+            body()
+        if snap is not None:
+            tcache.length_t.copy_(snap[0])
+            tcache.k[:, :, :, L : L + m] = snap[1]
+            tcache.v[:, :, :, L : L + m] = snap[2]
         return {"graph": graph, "buf": buf, "host": torch.empty(len(pack), dtype=torch.int32).pin_memory()}
 
 

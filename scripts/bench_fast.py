@@ -12,7 +12,8 @@ context (1k, 32k; 128k for Llama-3-8B) it measures, in one process:
   cost relative to the vanilla step;
 * one ``tree_spec_generate`` round broken down (``--glide``, a random GLIDE draft): the draft's
   catch-up + root + beam levels, the 69-node verification, acceptance + KV compaction, and the
-  efficiency ``t_vanilla_step / t_round`` (the speedup is tau times this);
+  efficiency ``t_vanilla_step / t_round`` (the speedup is tau times this); and the whole greedy round as
+  the engine runs it (``fused_round``: draft + verification + acceptance in one CUDA graph, one read-back);
 * optionally (``--hf``) ``transformers`` eager ``generate`` tokens/s on the same weights at 1k.
 
 Prints a table and writes JSONL (``--out``).
@@ -115,8 +116,16 @@ def glide_round_ms(fm, cache, tree: Tree, ms_verify: float) -> dict:
         cache.set_length(L)
 
     ms_accept = cuda_time_ms(accept_compact, reps=20)
+
+    def fused_round():  # the engine's greedy round: draft + verify + accept in one graph, one read-back
+        drafter.processed -= 1
+        drafter.cache.n -= 1
+        drafter.fused_round(state, tree.size)[0].tolist()
+        cache.set_length(L)
+
+    ms_fused = cuda_time_ms(fused_round, reps=20)
     return dict(glide_draft_ms=ms_draft, glide_accept_compact_ms=ms_accept,
-                glide_round_ms=ms_draft + ms_verify + ms_accept)
+                glide_round_ms=ms_draft + ms_verify + ms_accept, glide_fused_round_ms=ms_fused)
 
 
 def main() -> None:
@@ -170,6 +179,7 @@ def main() -> None:
                 if args.glide:
                     row.update(glide_round_ms(fm, cache, tree, ms_tree))
                     row["efficiency"] = ms_step / row["glide_round_ms"]
+                    row["efficiency_fused"] = ms_step / row["glide_fused_round_ms"]
                 if args.hf and ctx == min(args.contexts):
                     fm.caches.clear(); fm.graphs.clear(); torch.cuda.empty_cache()
                     row["hf_generate_tok_s"] = hf_generate_tps(model, ctx)
@@ -181,11 +191,12 @@ def main() -> None:
             del fm, model
             torch.cuda.empty_cache()
     headers = ["shape", "context", "prefill s", "step ms", "tok/s", "GB/step", "% copy BW", "verify-69 ms", "69/1",
-               "draft ms", "accept+compact ms", "t_step/t_round", "peak GiB", "HF tok/s"]
+               "draft ms", "accept+compact ms", "t_step/t_round", "fused round ms", "t_step/t_fused", "peak GiB", "HF tok/s"]
     table = [[r["shape"], r["context"], f"{r['prefill_s']:.2f}", f"{r['step_ms']:.2f}", f"{r['tok_s']:.1f}",
               f"{r['bytes_per_step_gb']:.2f}", f"{100 * r['bw_frac']:.0f}%", f"{r['verify69_ms']:.2f}",
               f"{r['verify69_over_step']:.2f}x", f"{r.get('glide_draft_ms', float('nan')):.2f}",
               f"{r.get('glide_accept_compact_ms', float('nan')):.2f}", f"{r.get('efficiency', float('nan')):.2f}",
+              f"{r.get('glide_fused_round_ms', float('nan')):.2f}", f"{r.get('efficiency_fused', float('nan')):.2f}",
               f"{r['peak_mem_gib']:.1f}",
               f"{r['hf_generate_tok_s']:.1f}" if "hf_generate_tok_s" in r else "-"] for r in rows]
     print(f"\ncopy bandwidth {bw / 1e12:.2f} TB/s on {torch.cuda.get_device_name()}")

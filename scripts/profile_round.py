@@ -119,15 +119,17 @@ def main() -> None:
         lines.append(dict(kind="wall", method=method, tokens=toks, rounds=rounds, wall_s=wall))
         print(lines[-1], flush=True)
 
-    # instrumented phases
+    # instrumented phases (rounds unfused, so that the draft and the verification can be timed apart)
     for method in ("tree", "chain"):
         pt = PhaseTimer()
         undo = pt.install()
+        F_.glide.FastGlideDrafter.fuse_rounds = False
         try:
             for ids in ps:
                 run(method, ids)
         finally:
             undo()
+            F_.glide.FastGlideDrafter.fuse_rounds = True
         lines.append(dict(kind="phases", method=method, rounds=pt.rounds, **{k: v for k, v in pt.t.items()}))
         print(lines[-1], flush=True)
 
@@ -145,7 +147,7 @@ def main() -> None:
         return wrapper
 
     patches = [(fe, "run_step", "phase:verify"), (F_.glide.FastGlideDrafter, "propose", "phase:draft"),
-               (CapturedFn, "__call__", "phase:accept")]
+               (CapturedFn, "__call__", "phase:accept"), (F_.glide.FastGlideDrafter, "fused_round", "phase:fused-round")]
     for method in ("vanilla", "tree"):
         saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
         for obj, name, label in patches:

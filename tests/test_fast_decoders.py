@@ -207,6 +207,39 @@ def test_gpu_fast_glide_default_tree_matches_vanilla():
     assert len(seen["fast"]) == len(seen["ref"]) and same >= 0.8 * len(seen["ref"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 16, 16, 16, 16), (1, 1, 1, 1)])
+def test_gpu_fused_rounds_equal_unfused(shape, monkeypatch):
+    """Greedy GLIDE rounds run as one graph (draft + verify + accept); the same rounds unfused (three
+    graphs) give identical drafts, paths and tokens, and the fused path is really taken."""
+    from specdec.fast.glide import FastGlideDrafter
+    from specdec.shared.glide import init_glide_weights
+
+    target, ftarget = _pair(layers=3, seed=41, device="cuda")
+    glide = init_glide_weights(target.config, seed=42, std=0.3, device="cuda")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (1, 90), generator=g)
+    kw = dict(input_ids=ids, prompt_length=90, max_gen_len=40, eos_id=[], tree_shape=shape)
+    calls = {"fused": 0}
+    orig = FastGlideDrafter.fused_round
+
+    def counting(self, state, tree_size):
+        out = orig(self, state, tree_size)
+        calls["fused"] += out is not None
+        return out
+
+    monkeypatch.setattr(FastGlideDrafter, "fused_round", counting)
+    runs = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(FastGlideDrafter, "fuse_rounds", fuse)
+        rounds = []
+        res = fast.tree_spec_generate(ftarget, glide, on_round=lambda r: rounds.append((r.draft.tokens.tolist(), r.path, r.next_token)), **kw)
+        runs[fuse] = (res.output_ids, rounds)
+    assert calls["fused"] >= len(runs[True][1]) - len(shape)  # all but the shorter last rounds
+    assert torch.equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]
+    assert torch.equal(runs[True][0], ref.vanilla_generate(target, **{k: v for k, v in kw.items() if k != "tree_shape"}).output_ids)
+
+
 @pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.gpu)])
 def test_fast_longspec_classes_match_ref(tmp_path, family):
     """``from specdec.fast import LlamaGlide`` is the only change: same tuples, same greedy tokens."""

@@ -171,7 +171,8 @@ def beam_select(
     k_pad = max(next_pow2(k), 2)
     items = n * v
     anc = ancestor.view(torch.int8) if ancestor is not None else tokens  # (dummy pointer when unused)
-    flags = dict(HAS_CUM=cum is not None, WRITE_ANC=ancestor is not None, K_PAD=k_pad, M_PAD=max(next_pow2(m), 16))
+    flags = dict(HAS_CUM=cum is not None, WRITE_ANC=ancestor is not None, K_PAD=k_pad,
+                 M_PAD=max(next_pow2(m), 128))  # one variant for every tree of <= 128 nodes (no compile per size)
     final_args = (k, tokens, parents, cum_out, anc, m, node_offset, parent_offset,
                   root_token if root_token is not None else tokens)
     cum_arg = cum if cum is not None else logprobs
