@@ -430,43 +430,49 @@ class FastGlideDrafter:
         """A whole greedy round -- draft, verification, acceptance and KV compaction -- as ONE CUDA graph.
 
         Returns ``(packed, logits)`` as :func:`specdec.fast.engine.verify_and_accept` does, or None
-        (nothing done) when the round cannot be fused: no graphs (CPU), or a shorter last round.
-        The graphs are captured per catch-up length on the first fused round of a target cache.
+        (nothing done) for a shorter last round. The graphs are captured per catch-up length on the
+        first fused round of a target cache; without graphs (CPU) the same body runs eagerly.
         """
         shape = self._shape(state)
         cache = state.target_cache
-        if not (self.fuse_rounds and self.use_graphs and shape == self.tree_shape and tree_size == 1 + sum(shape)):
+        if not (self.fuse_rounds and shape == self.tree_shape and tree_size == 1 + sum(shape)):
             return None
         if cache.length + tree_size > cache.capacity:
             raise ValueError(f"KV cache overflow: {cache.length} + {tree_size} rows > capacity {cache.capacity}")
+        L = cache.length
         k, shape, pack, layout, target_k, target_v, key = self._prepare(state)
-        key = key + ("fused", cache.length_t.data_ptr())
-        if key not in self.graphs:
-            valid = torch.ones(tree_size, dtype=torch.bool, device=self.glide.device)
-            self._capture_all(state, key, shape, target_k, target_v, verify=(cache, self._depth_tensor(shape), valid))
-        buf = self._replay(self.graphs[key], pack)
+        verify = (cache, self._depth_tensor(shape), torch.ones(tree_size, dtype=torch.bool, device=self.glide.device))
+        if not self.use_graphs:
+            buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=self.glide.device), "layout": layout,
+                   "target_k": target_k, "target_v": target_v, "cross_span": L + 1}
+            self._body(buf, shape, verify)
+        else:
+            key = key + ("fused", cache.length_t.data_ptr())
+            if key not in self.graphs:
+                self._capture_all(state, key, shape, target_k, target_v, verify=verify)
+            buf = self._replay(self.graphs[key], pack)
         return buf["packed"], buf["logits"]
 
-    def _capture(self, pack: list[int], layout: dict, shape, target_k, target_v, pool=None, verify=None) -> dict:
-        """Capture :meth:`_round_body` for this catch-up length as a CUDA graph (static buffers).
-
-        With ``verify = (target cache, depth, valid)`` the graph also verifies the tree and accepts
-        greedily (:func:`specdec.fast.engine.verify_and_accept`); the target rows and length that
-        the warm-up runs change are restored afterwards.
-        """
+    def _body(self, buf: dict, shape: tuple[int, ...], verify=None) -> None:
+        """:meth:`_round_body`, then (with ``verify = (target cache, depth, valid)``) the verification and
+        greedy acceptance of the drafted tree (:func:`specdec.fast.engine.verify_and_accept`)."""
         from specdec.fast.engine import verify_and_accept
 
+        self._round_body(buf, shape)
+        if verify is not None:
+            tcache, depth, valid = verify
+            buf["logits"], buf["packed"] = verify_and_accept(self.target, tcache, buf["out_tokens"], buf["out_parents"],
+                                                             depth, buf["out_anc"], valid)
+
+    def _capture(self, pack: list[int], layout: dict, shape, target_k, target_v, pool=None, verify=None) -> dict:
+        """Capture :meth:`_body` for this catch-up length as a CUDA graph (static buffers).
+
+        With ``verify`` the warm-up runs verify and compact too: the target rows and length they
+        change are restored afterwards.
+        """
         dev = self.glide.device
         buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "layout": layout, "target_k": target_k, "target_v": target_v,
                    "cross_span": target_k.shape[-2]}  # the split count must hold for any length: size it for the capacity
-
-        def body():
-            self._round_body(buf, shape)
-            if verify is not None:
-                tcache, depth, valid = verify
-                buf["logits"], buf["packed"] = verify_and_accept(self.target, tcache, buf["out_tokens"], buf["out_parents"],
-                                                                 depth, buf["out_anc"], valid)
-
         snap = None
         if verify is not None:
             tcache, L, m = verify[0], verify[0].length, 1 + sum(shape)
@@ -475,16 +481,17 @@ class FastGlideDrafter:
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
             for _ in range(2):  # warm-up: compiles kernels (writes the same K/V rows again: harmless)
-                body()
+                self._body(buf, shape, verify)
         torch.cuda.current_stream(dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            body()
+            self._body(buf, shape, verify)
         if snap is not None:
             tcache.length_t.copy_(snap[0])
             tcache.k[:, :, :, L : L + m] = snap[1]
             tcache.v[:, :, :, L : L + m] = snap[2]
-        return {"graph": graph, "buf": buf, "host": torch.empty(len(pack), dtype=torch.int32).pin_memory()}
+        # the graph reads every tensor it was captured with by address: keep the inputs made outside it alive
+        return {"graph": graph, "buf": buf, "inputs": verify, "host": torch.empty(len(pack), dtype=torch.int32).pin_memory()}
 
 
 def tree_spec_generate(
