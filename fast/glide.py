@@ -336,7 +336,8 @@ class FastGlideDrafter:
         out_tokens = torch.empty(m, dtype=torch.long, device=dev)
         out_parents = torch.empty(m, dtype=torch.long, device=dev)
         full = torch.empty(m, m, dtype=torch.bool, device=dev)
-        cum = torch.empty(max(shape, default=1), dtype=torch.float32, device=dev)
+        # cumulative log-probabilities of the current and the next level (two buffers: a level reads one, writes the other)
+        cums = torch.empty(2, -(-max(shape, default=1) // 4) * 4, dtype=torch.float32, device=dev)  # rows 16-byte aligned
         if not shape:  # no draft level (the last round): the root alone
             out_tokens.copy_(u["tokens"][-1:])
             out_parents.fill_(-1)
@@ -345,8 +346,9 @@ class FastGlideDrafter:
         for level, width in enumerate(shape):
             # 2. Best (node, token) pairs over the whole level (specdec.shared.glide.beam_level).
             n = min(width, prev_n * logprobs.shape[-1])
-            _kernels().beam_select(cum[:prev_n] if level else None, logprobs, n, out_tokens, out_parents, cum, node_offset=first,
-                        parent_offset=prev_first, ancestor=full, root_token=u["tokens"][-1:] if level == 0 else None)
+            _kernels().beam_select(cums[(level + 1) % 2, :prev_n] if level else None, logprobs, n, out_tokens, out_parents,
+                                   cums[level % 2], node_offset=first, parent_offset=prev_first, ancestor=full,
+                                   root_token=u["tokens"][-1:] if level == 0 else None)
             if level == len(shape) - 1:
                 break
             # 3. One draft forward over this level (tree rows follow the prefix rows in the cache):
