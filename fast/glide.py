@@ -255,12 +255,18 @@ class FastGlideDrafter:
 
     A round is one function of device tensors, :meth:`_round_body`: catch up on the last ``k``
     emitted tokens (root included), then one draft forward per beam level, the beam choice
-    (:func:`specdec.shared.glide.beam_level`) and the tree mask all on the device. Every integer
+    (:func:`specdec.fast.kernels.beam_select`, the rule of :func:`specdec.shared.glide.beam_level`)
+    writing the tree's tokens, parents and ancestor mask in place, all on the device. Every integer
     the round needs (tokens, positions, cache rows, key ranges) is computed on the host and sent in
     ONE int32 copy (:meth:`_pack`). On CUDA the body is captured once per ``k`` as a CUDA graph
     (the graphs live on the :class:`FastGlide` and are reused across calls); elsewhere it runs
     eagerly. Only the first round's long catch-up (the prompt) runs outside it, in window-sized
     chunks.
+
+    Greedy rounds go further (:meth:`fused_round`, used by
+    :func:`specdec.fast.engine.run_speculative_fast`): the draft body, the target's verification of
+    the tree and the device-side acceptance + KV compaction are ONE graph per ``k``, so a round is
+    one host-to-device copy, one graph launch and one read-back.
     """
 
     fuse_rounds: bool = True
