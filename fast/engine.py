@@ -32,7 +32,6 @@ import torch
 from specdec.fast.graphs import CapturedFn
 from specdec.fast.model import FastModel, MAX_TREE_NODES, commit, prefill, run_step, step_forward
 from specdec.ref.engine import Draft, RoundRecord, RoundState, accept_draft
-from specdec.shared.acceptance import greedy_best_node
 from specdec.shared.result import GenerationResult, normalize_eos, sync
 from specdec.shared.sampling import SamplingParams, sample
 from specdec.shared.tree import Tree
@@ -109,23 +108,15 @@ def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, val
     moves the accepted path's rows to ``[L, L + n)`` in every layer with one
     :func:`specdec.fast.kernels.compact_kv` launch, and advances ``cache.length_t`` by ``n``.
     Returns ``[best, next_token, path mask (M), node tokens (M), parents (M)]`` as one long tensor,
-    for the round's single read-back.
+    for the round's single read-back. Three launches: :func:`specdec.fast.kernels.row_argmax`,
+    :func:`specdec.fast.kernels.greedy_accept` and the compaction.
     """
-    from specdec.fast.kernels import compact_kv
+    from specdec.fast import kernels as K
 
-    m = node_tokens.shape[0]
-    target_argmax = torch.argmax(logits, dim=-1)
-    accept_tokens = torch.where(valid, node_tokens, torch.full_like(node_tokens, -1))
-    best = greedy_best_node(ancestor, depth, accept_tokens, target_argmax, parents).reshape(1)
-    # (index with a 1-element tensor: indexing with a 0-d tensor would read it back to the host)
-    on_path = ancestor.index_select(0, best)[0]  # [M] the accepted root-to-node path
-    n = on_path.sum().to(torch.int32).reshape(1)
-    idx = torch.arange(m, device=node_tokens.device)
-    order = torch.argsort(torch.where(on_path, idx, idx + m))  # path nodes first, parents before children
-    src = (cache.length_t[:1].long() + order).to(torch.int32)[None]
-    compact_kv(cache.k, cache.v, src, cache.length_t, n_accept=n)
-    cache.length_t += n
-    return torch.cat([best, target_argmax.index_select(0, best), on_path.long(), node_tokens, parents])
+    amax = K.row_argmax(logits) if logits.is_cuda else torch.argmax(logits, dim=-1)
+    packed, src, dst, n = K.greedy_accept(amax, node_tokens, parents, depth, ancestor, valid, cache.length_t)
+    K.compact_kv(cache.k, cache.v, src[None], dst, n_accept=n)
+    return packed
 
 
 def verify_and_accept(target: FastModel, cache, node_tokens, parents, depth, ancestor, valid) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,8 @@ prompt set:
 * ``tree_spec_generate`` / ``spec_generate``: wall time per round, and an instrumented run that
   synchronises around the three phases (draft, verification, acceptance + compaction + read-back)
   to split the round's wall time between them;
+* the GPU time of one replay of the greedy round's CUDA graph (draft + verification + acceptance,
+  catch-up length 1) against the round's wall time: what is left is host work and launch latency;
 * a ``torch.profiler`` trace of a few rounds: GPU kernels launched per round and GPU busy time per
   round against the round's wall time (the difference is host overhead the GPU waits on).
 
@@ -117,6 +119,30 @@ def main() -> None:
             rounds += r.num
             wall += r.elapsed_time
         lines.append(dict(kind="wall", method=method, tokens=toks, rounds=rounds, wall_s=wall))
+        print(lines[-1], flush=True)
+
+    # the greedy GLIDE round's graph alone: GPU time of one replay (CUDA events, no host work in between)
+    # against the round's wall time above -- the difference is host time per round plus launch latency
+    for method, shape in (("tree", (4, 16, 16, 16, 16)), ("chain", (1, 1, 1, 1))):
+        cache = target.caches["main"]
+        live = (cache.k[-1].data_ptr(), "fused", cache.length_t.data_ptr())  # graphs of the current cache only
+        rec = next(iter(g for key, g in glide._fast_state["graphs"].items()
+                        if key[3] == 1 and key[4] == shape and (key[0],) + key[-2:] == live), None)
+        if rec is None:
+            continue
+        length = cache.length_t.clone()
+        times = []
+        for _ in range(50):
+            cache.length_t.copy_(length)  # the replay compacts and advances the cache: start from the same row
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            rec["graph"].replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        cache.length_t.copy_(length)
+        times.sort()
+        lines.append(dict(kind="graph", method=method, replay_ms_median=times[len(times) // 2], replay_ms_min=times[0]))
         print(lines[-1], flush=True)
 
     # instrumented phases (rounds unfused, so that the draft and the verification can be timed apart)

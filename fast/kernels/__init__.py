@@ -6,6 +6,8 @@
   self-attention and its cross-attention over the target cache, on the same kernel;
 * :func:`beam_select` / :func:`beam_topk` -- one GLIDE beam level (matches
   :func:`specdec.shared.glide.beam_level`) written straight into the draft tree's buffers;
+* :func:`row_argmax`, :func:`greedy_accept` -- greedy acceptance of a verified tree in two launches
+  (matches :func:`specdec.shared.acceptance.greedy_best_node`);
 * :func:`compact_kv` -- move the accepted tree rows of every layer's KV cache into place, one launch.
 
 On CPU the kernels run only under the Triton interpreter: set ``TRITON_INTERPRET=1`` *before*
@@ -19,6 +21,7 @@ from .glide_attention import (
     glide_self_attention,
     glide_self_attention_ref,
 )
+from .accept import greedy_accept, greedy_accept_ref, row_argmax
 from .beam import beam_select, beam_topk
 from .kv_compact import compact_kv, compact_kv_ref
 from .tree_attention import tree_attention
@@ -36,6 +39,9 @@ __all__ = [
     "compact_kv_ref",
     "beam_select",
     "beam_topk",
+    "row_argmax",
+    "greedy_accept",
+    "greedy_accept_ref",
 ]
 
 from .fused import (  # noqa: E402
