@@ -48,6 +48,30 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+@torch.inference_mode()
+def graph_replay_ms(target, glide, shape, reps: int = 50) -> list[float]:
+    """Sorted CUDA-event times (ms) of replaying the fused greedy round graph (catch-up length 1) of
+    ``shape`` on the target's current cache; [] when there is none."""
+    cache = target.caches["main"]
+    live = (cache.k[-1].data_ptr(), "fused", cache.length_t.data_ptr())  # graphs of the current cache only
+    rec = next(iter(g for key, g in glide._fast_state["graphs"].items()
+                    if key[3] == 1 and key[4] == shape and (key[0],) + key[-2:] == live), None)
+    if rec is None:
+        return []
+    length = cache.length_t.clone()
+    times = []
+    for _ in range(reps):
+        cache.length_t.copy_(length)  # the replay compacts and advances the cache: start from the same row
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        rec["graph"].replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    cache.length_t.copy_(length)
+    return sorted(times)
+
+
 class PhaseTimer:
     """Wrap drafter.propose and run_step with synchronising timers."""
 
@@ -124,26 +148,10 @@ def main() -> None:
     # the greedy GLIDE round's graph alone: GPU time of one replay (CUDA events, no host work in between)
     # against the round's wall time above -- the difference is host time per round plus launch latency
     for method, shape in (("tree", (4, 16, 16, 16, 16)), ("chain", (1, 1, 1, 1))):
-        cache = target.caches["main"]
-        live = (cache.k[-1].data_ptr(), "fused", cache.length_t.data_ptr())  # graphs of the current cache only
-        rec = next(iter(g for key, g in glide._fast_state["graphs"].items()
-                        if key[3] == 1 and key[4] == shape and (key[0],) + key[-2:] == live), None)
-        if rec is None:
-            continue
-        length = cache.length_t.clone()
-        times = []
-        for _ in range(50):
-            cache.length_t.copy_(length)  # the replay compacts and advances the cache: start from the same row
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            rec["graph"].replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        cache.length_t.copy_(length)
-        times.sort()
-        lines.append(dict(kind="graph", method=method, replay_ms_median=times[len(times) // 2], replay_ms_min=times[0]))
-        print(lines[-1], flush=True)
+        times = graph_replay_ms(target, glide, shape)
+        if times:
+            lines.append(dict(kind="graph", method=method, replay_ms_median=times[len(times) // 2], replay_ms_min=times[0]))
+            print(lines[-1], flush=True)
 
     # instrumented phases (rounds unfused, so that the draft and the verification can be timed apart)
     for method in ("tree", "chain"):
