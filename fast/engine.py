@@ -13,7 +13,7 @@ Per round:
    the same shared rules as the reference (on the device's probabilities).
    A drafter that builds its tree on the device may offer ``fused_round(state, tree_size)``: steps
    1-4 of a greedy round captured as ONE CUDA graph (draft body + :func:`verify_and_accept`), so
-   the host launches one graph and reads one result per round.
+   the host launches one graph and reads one result per round; it returns ``(packed, logits, m)``.
 4. **Compact** -- :func:`specdec.fast.model.commit` moves the accepted rows of every layer into
    place in one kernel launch (nothing to move when the path is already contiguous).
 5. **Emit** -- as in the reference.
@@ -193,8 +193,7 @@ def run_speculative_fast(
         out = fused(state, tree_size) if fused else None
         if out is not None:
             # 1-4 in one graph replay; the round's one host synchronisation reads the packed result
-            packed_t, logits = out
-            m = tree_size
+            packed_t, logits, m = out  # m: nodes of this round's tree (fewer in the last rounds)
             num += 1
         else:
             # 1. Draft (a host Tree, or a DeviceTree built on the device by the drafter).

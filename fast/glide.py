@@ -306,11 +306,13 @@ class FastGlideDrafter:
             cache.n = stop - cache.base
         self.processed = max(self.processed, stop_at)
 
-    def _pack(self, tokens: list[int], L: int, k: int, shape: tuple[int, ...], scratch: bool = False):
+    def _pack(self, tokens: list[int], L: int, k: int, shape: tuple[int, ...], scratch: bool = False,
+              depth_limit: int | None = None):
         """Every integer of one round, for ONE host-to-device copy: ``(flat list, layout)`` of :func:`pack_ints`.
 
         ``scratch=True`` builds a stand-in round whose catch-up rows lie past the prefix (rows the
         tree overwrites every round), for capturing graphs of other catch-up lengths harmlessly.
+        ``depth_limit`` (default: every level) is the deepest level a fused round may accept.
         """
         window, base = self.glide.window, self.cache.base
         n = L + 1 - base  # prefix rows in the sliding cache after the catch-up (root included)
@@ -325,7 +327,8 @@ class FastGlideDrafter:
         # the tree levels read n (prefix rows = tree_start) and L from the catch-up's self_hi / cross_hi; a real
         # catch-up ends at row n - 1, position L, so these are its own values (a scratch one must not go past them)
         segments.update(self_hi=[n], cross_hi=[L])
-        return pack_ints(dict(segments, level_lo=level_lo, level_pos=level_pos, tree_rows=tree_rows))
+        max_depth = [levels if depth_limit is None else depth_limit]
+        return pack_ints(dict(segments, level_lo=level_lo, level_pos=level_pos, tree_rows=tree_rows, max_depth=max_depth))
 
     def _round_body(self, buf: dict, shape: tuple[int, ...]) -> None:
         """Catch-up of the last ``k`` tokens + the beam levels of ``shape``; writes buf['out_*'] (graph-capturable)."""
@@ -369,23 +372,23 @@ class FastGlideDrafter:
             prev_first, prev_n, first = first, n, first + n
         buf["out_tokens"], buf["out_parents"], buf["out_anc"] = out_tokens, out_parents, full
 
-    def _prepare(self, state: RoundState):
+    def _prepare(self, state: RoundState, shape: tuple[int, ...] | None = None, depth_limit: int | None = None):
         """Host side of a round: catch up on the prompt (chunks), pack the round's integers.
 
         Returns ``(k, shape, pack, layout, target_k, target_v, key)``: the catch-up length, the tree
-        shape of this round, the packed integers, and the graph key (target cache allocation, RoPE
-        table, ``k``, shape).
+        shape of this round (default: :meth:`_shape`), the packed integers, and the graph key (target
+        cache allocation, RoPE table, ``k``, shape).
         """
         cache = self.cache
         L = state.target_cache.length
         target_k = state.target_cache.k[-1]  # [1, Hkv, capacity, D]: rows [0, L) are verified
         target_v = state.target_cache.v[-1]
-        shape = self._shape(state)
+        shape = self._shape(state) if shape is None else shape
         # Long catch-ups (the prompt) run in chunks; the last <= depth + 1 tokens go into the round body.
         k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
         self._catch_up_prefix(state.tokens, L + 1 - k, target_k, target_v)
         cache.make_room(k)
-        pack, layout = self._pack(state.tokens, L, k, shape)
+        pack, layout = self._pack(state.tokens, L, k, shape, depth_limit=depth_limit)
         cache.n = L + 1 - cache.base
         self.processed = L + 1
         # one set of graphs per (target cache allocation, RoPE table): the graphs read both by address
@@ -434,22 +437,27 @@ class FastGlideDrafter:
             self._round_body(buf, shape)
         return Draft(buf["out_tokens"], DeviceTree(buf["out_parents"], self._depth_tensor(shape), buf["out_anc"]))
 
-    def fused_round(self, state: RoundState, tree_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def fused_round(self, state: RoundState, tree_size: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """A whole greedy round -- draft, verification, acceptance and KV compaction -- as ONE CUDA graph.
 
-        Returns ``(packed, logits)`` as :func:`specdec.fast.engine.verify_and_accept` does, or None
-        (nothing done) for a shorter last round. The graphs are captured per catch-up length on the
-        first fused round of a target cache; without graphs (CPU) the same body runs eagerly.
+        Returns ``(packed, logits, m)``: ``packed`` and ``logits`` as
+        :func:`specdec.fast.engine.verify_and_accept` returns them, ``m`` the number of nodes of this
+        round's tree. The last rounds (fewer tokens left than levels) replay the same full-shape graph
+        with acceptance limited to the first ``d`` levels, whose nodes are exactly the tree the shorter
+        shape would draft (the levels are chosen one after another) -- same path, same tokens. The
+        graphs are captured per catch-up length on the first fused round of a target cache; without
+        graphs (CPU) the same body runs eagerly. None when fusing is off or the size does not match.
         """
-        shape = self._shape(state)
+        shape = self.tree_shape
         cache = state.target_cache
-        if not (self.fuse_rounds and shape == self.tree_shape and tree_size == 1 + sum(shape)):
+        if not (self.fuse_rounds and tree_size == 1 + sum(shape)):
             return None
         if cache.length + tree_size > cache.capacity:
             raise ValueError(f"KV cache overflow: {cache.length} + {tree_size} rows > capacity {cache.capacity}")
         L = cache.length
-        k, shape, pack, layout, target_k, target_v, key = self._prepare(state)
-        verify = (cache, self._depth_tensor(shape), torch.ones(tree_size, dtype=torch.bool, device=self.glide.device))
+        d = len(self._shape(state))  # levels this round may accept
+        k, shape, pack, layout, target_k, target_v, key = self._prepare(state, shape=shape, depth_limit=d)
+        verify = (cache, self._depth_tensor(shape))
         if not self.use_graphs:
             buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=self.glide.device), "layout": layout,
                    "target_k": target_k, "target_v": target_v, "cross_span": L + 1}
@@ -459,16 +467,18 @@ class FastGlideDrafter:
             if key not in self.graphs:
                 self._capture_all(state, key, shape, target_k, target_v, verify=verify)
             buf = self._replay(self.graphs[key], pack)
-        return buf["packed"], buf["logits"]
+        return buf["packed"], buf["logits"], 1 + sum(shape[:d])
 
     def _body(self, buf: dict, shape: tuple[int, ...], verify=None) -> None:
-        """:meth:`_round_body`, then (with ``verify = (target cache, depth, valid)``) the verification and
-        greedy acceptance of the drafted tree (:func:`specdec.fast.engine.verify_and_accept`)."""
+        """:meth:`_round_body`, then (with ``verify = (target cache, depth)``) the verification and greedy
+        acceptance of the drafted tree (:func:`specdec.fast.engine.verify_and_accept`); nodes deeper than
+        the pack's ``max_depth`` can never be accepted."""
         from specdec.fast.engine import verify_and_accept
 
         self._round_body(buf, shape)
         if verify is not None:
-            tcache, depth, valid = verify
+            tcache, depth = verify
+            valid = depth <= buf["pack"][buf["layout"]["max_depth"][0]]
             buf["logits"], buf["packed"] = verify_and_accept(self.target, tcache, buf["out_tokens"], buf["out_parents"],
                                                              depth, buf["out_anc"], valid)
 
