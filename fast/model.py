@@ -79,7 +79,8 @@ class FastModel:
     source: str = ""
     graphs: dict = field(default_factory=dict)
     caches: dict = field(default_factory=dict)
-    rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+    rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [rows, D]: views of rope_cs
+    rope_cs: torch.Tensor | None = None  # [rows, 2, D]: cos and sin side by side (one gather per step)
     use_graphs: bool = True
 
     @property
@@ -118,7 +119,8 @@ class FastModel:
         cache = self.caches[name] = alloc_cache(self, batch, capacity)
         rows = cache.capacity + MAX_TREE_NODES + 1
         if self.config.rope_type != "dynamic" and (self.rope_table is None or self.rope_table[0].shape[0] < rows):
-            self.rope_table = rope_cos_sin(self.config, torch.arange(rows, device=self.device), dtype=self.dtype)
+            self.rope_cs = torch.stack(rope_cos_sin(self.config, torch.arange(rows, device=self.device), dtype=self.dtype), dim=1)
+            self.rope_table = (self.rope_cs[:, 0], self.rope_cs[:, 1])
             self.graphs.clear()  # captured graphs read the old table
         return cache
 
@@ -238,10 +240,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if fm.rope_table is None:
+    """cos, sin [..., D] at ``positions`` [...] (strided views of one gather from the cached table)."""
+    if fm.rope_cs is None:
         return rope_cos_sin(fm.config, positions, dtype=fm.dtype)
-    cos, sin = fm.rope_table
-    return cos[positions], sin[positions]
+    cs = fm.rope_cs[positions]  # [..., 2, D]
+    return cs[..., 0, :], cs[..., 1, :]
 
 
 # A layer on the fused path (``fused=True``: CUDA, or CPU under the Triton interpreter) is

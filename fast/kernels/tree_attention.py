@@ -382,13 +382,16 @@ def split_attention(
     when given, ``row_lo[b, i] <= n < row_hi[b, i]``), plus the tree rows ``tree_start[b] + j``
     with ``tree_mask[b, i, j]``. ``span_*``/``row_*``/``tree_start`` are int32 tensors on q's
     device (row bounds may be expanded views); ``max_span`` (a host int bounding
-    ``span_hi - span_lo``) only steers the number of splits.
+    ``span_hi - span_lo``) only steers the number of splits. Returns [B, Hq, M, D] as a view of a
+    [B, M, Hq, D]-contiguous tensor (so "b h t d -> b t (h d)" needs no copy).
     """
     b, hq, m, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     rows = m * group
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # the output is a [B, Hq, M, D] view of [B, M, Hq, D] memory: the o-projection's input
+    # "b h t d -> b t (h d)" is then a free reshape instead of a copy kernel
+    out = torch.empty((b, m, hq, d), device=q.device, dtype=q.dtype).transpose(1, 2)
     if b == 0:
         return out
     cfg = dict(pick_config(rows, d, q.dtype))
@@ -479,7 +482,7 @@ def tree_attention(
         num_splits: prefix chunks per (batch, kv head); default from SM count and prefix length.
         config: override tile sizes (block_m, block_n, num_warps, num_stages) -- for tuning.
 
-    Returns [B, Hq, M, D] in q's dtype. Internally every lse is base 2 (see module docstring).
+    Returns [B, Hq, M, D] in q's dtype (a view of [B, M, Hq, D] memory). Internally every lse is base 2 (see module docstring).
     Under CUDA graph capture the value range of a tensor ``prefix_len`` is not checked (no host
     sync) and the split count is sized for ``N``.
     """
