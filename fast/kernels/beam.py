@@ -21,11 +21,13 @@ Shapes: ``cum`` [P] fp32 (or None for the root level: all zero), ``logprobs`` [P
 may be strided), ``k <= P * V``. The tree buffers: ``tokens``/``parents`` [M] int64, ``ancestor``
 [M, M] bool (contiguous).
 
-How: the P * V scores are cut into blocks; each program keeps its block's best ``K_PAD``
-(= next power of two >= k) by repeated selection -- the next pick is the largest score among the
-entries that come *after* the previous pick in the total order (score desc, index asc), the
-smallest index among equal scores -- and writes them as candidates; passes over the candidates
-repeat until one block holds them all, whose program writes the result. Every pass keeps each
+How: every (score, flat index) becomes one int64 key whose integer order is the total order (score
+desc, index asc): the score's fp32 bits mapped to an order-preserving signed integer in the high half,
+``2**31 - 1 - index`` in the low half. The P * V keys are cut into blocks; each program keeps its
+block's best ``K_PAD`` (= next power of two >= k) by repeated selection -- the next pick is the
+largest key below the previous pick, one max-reduction per pick -- and writes them as candidates;
+passes over the candidates repeat until one block holds them all, whose program decodes the keys and
+writes the result. Every pass keeps each
 block's best in the same total order, so the result is the exact top ``k``: ties go to the lower
 flat index however many entries tie (the reference is exact too). A NaN score counts as -inf.
 
@@ -51,12 +53,30 @@ _MAX_FINAL = 8192  # a block the single final program selects from
 _MAX_ITEMS = 2**31 - 2
 
 
+@triton.jit
+def _to_key(val, idx):
+    """(score, flat index) -> one int64 whose order is (score descending, index ascending) as ``>``.
+
+    High 32 bits: the fp32 bits mapped to a signed integer with the float's order (negative floats get
+    their magnitude bits flipped; -0.0 is first made +0.0 so equal scores tie). Low 32 bits: 2**31 - 1 -
+    index (a lower index is a larger key). Invalid entries get the smallest int64."""
+    bits = (val + 0.0).to(tl.int32, bitcast=True)
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (mono.to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)
+    return tl.where(idx != 2147483647, key, _min_key())
+
+
+@triton.jit
+def _min_key():
+    return tl.full([], -2147483648, tl.int32).to(tl.int64) << 32
+
+
 @triton.jit(do_not_specialize=["lp_stride", "n_items", "V", "k", "m_total", "node_off", "parent_off"])
 def _beam_pass_kernel(
-    in_val_ptr, in_idx_ptr,  # candidates of the previous pass (FROM_SCORES = False)
+    in_key_ptr,  # candidates of the previous pass (FROM_SCORES = False): int64 keys
     cum_ptr, lp_ptr, lp_stride,  # scores (FROM_SCORES = True)
     n_items, V,
-    out_val_ptr, out_idx_ptr,  # this pass's candidates (FINAL = False): [programs, K_PAD]
+    out_key_ptr,  # this pass's candidates (FINAL = False): [programs, K_PAD] int64 keys
     k, tok_ptr, par_ptr, cum_out_ptr, anc_ptr, m_total, node_off, parent_off, root_ptr,  # FINAL outputs
     FROM_SCORES: tl.constexpr, HAS_CUM: tl.constexpr, FINAL: tl.constexpr, WRITE_ANC: tl.constexpr,
     WRITE_ROOT: tl.constexpr, BLOCK: tl.constexpr, K_PAD: tl.constexpr, M_PAD: tl.constexpr,
@@ -71,10 +91,9 @@ def _beam_pass_kernel(
         if HAS_CUM:
             val = tl.load(cum_ptr + row, mask=live, other=0.0).to(tl.float32) + val
         val = tl.where(val != val, float("-inf"), val)  # NaN counts as -inf
-        idx = tl.where(live, offs, 2147483647)
+        key = _to_key(val, tl.where(live, offs, 2147483647))
     else:
-        val = tl.load(in_val_ptr + offs, mask=live, other=float("-inf"))
-        idx = tl.load(in_idx_ptr + offs, mask=live, other=2147483647)
+        key = tl.load(in_key_ptr + offs, mask=live, other=_min_key())
     if FINAL:
         if WRITE_ROOT:  # the root: node 0, parent -1, ancestor row {0}, token = the last emitted one
             one = tl.arange(0, 1)
@@ -83,15 +102,16 @@ def _beam_pass_kernel(
             if WRITE_ANC:
                 cols0 = tl.arange(0, M_PAD)
                 tl.store(anc_ptr + cols0, (cols0 == 0).to(tl.int8), mask=cols0 < m_total)
-    prev_v = float("inf")
-    prev_i = -1
+    prev = tl.full([], 9223372036854775807, tl.int64)
     for j in range(K_PAD):
-        # entries after (prev_v, prev_i) in the order (score desc, index asc)
-        after = (idx != 2147483647) & ((val < prev_v) | ((val == prev_v) & (idx > prev_i)))
-        best_v = tl.max(tl.where(after, val, float("-inf")), axis=0)
-        best_i = tl.min(tl.where(after & (val == best_v), idx, 2147483647), axis=0)
+        # the next entry in the order (score desc, index asc): the largest key below the previous pick
+        best = tl.max(tl.where(key < prev, key, _min_key()), axis=0)
+        prev = best
         if FINAL:
             if j < k:
+                best_i = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
+                mono = (best >> 32).to(tl.int32)
+                best_v = (mono ^ ((mono >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
                 p = best_i // V
                 node = node_off + j
                 tl.store(tok_ptr + node, (best_i - p * V).to(tl.int64))
@@ -105,10 +125,7 @@ def _beam_pass_kernel(
                     r = (prow != 0) | (cols == 0) | (cols == node)
                     tl.store(anc_ptr + node * m_total + cols, r.to(tl.int8), mask=cols < m_total)
         else:
-            tl.store(out_val_ptr + pid * K_PAD + j, best_v)
-            tl.store(out_idx_ptr + pid * K_PAD + j, best_i)
-        prev_v = best_v
-        prev_i = best_i
+            tl.store(out_key_ptr + pid * K_PAD + j, best)
 
 
 def _warps(block: int) -> int:
@@ -178,30 +195,28 @@ def beam_select(
     cum_arg = cum if cum is not None else logprobs
     if items <= _MAX_FINAL:
         block = max(next_pow2(items), 16)
-        _beam_pass_kernel[(1,)](logprobs, tokens, cum_arg, logprobs, logprobs.stride(0), items, v, logprobs, tokens,
+        _beam_pass_kernel[(1,)](tokens, cum_arg, logprobs, logprobs.stride(0), items, v, tokens,
                                 *final_args, FROM_SCORES=True, FINAL=True, WRITE_ROOT=root_token is not None,
                                 BLOCK=block, num_warps=_warps(block), **flags)
         return
     # pass 1: per-block best K_PAD of the scores; blocks sized so the candidates fit one final block
     block = min(max(1024, next_pow2(-(-items * k_pad // _MAX_FINAL))), 16384)
     grid = -(-items // block)
-    val = torch.empty(grid * k_pad, dtype=torch.float32, device=logprobs.device)
-    idx = torch.empty(grid * k_pad, dtype=torch.int32, device=logprobs.device)
-    _beam_pass_kernel[(grid,)](logprobs, tokens, cum_arg, logprobs, logprobs.stride(0), items, v, val, idx,
+    keys = torch.empty(grid * k_pad, dtype=torch.int64, device=logprobs.device)
+    _beam_pass_kernel[(grid,)](tokens, cum_arg, logprobs, logprobs.stride(0), items, v, keys,
                                *final_args, FROM_SCORES=True, FINAL=False, WRITE_ROOT=False,
                                BLOCK=block, num_warps=_warps(block), **flags)
     items = grid * k_pad
     while items > _MAX_FINAL:  # only for very wide levels: reduce the candidates further
         block = _MAX_FINAL
         grid = -(-items // block)
-        nval = torch.empty(grid * k_pad, dtype=torch.float32, device=logprobs.device)
-        nidx = torch.empty(grid * k_pad, dtype=torch.int32, device=logprobs.device)
-        _beam_pass_kernel[(grid,)](val, idx, cum_arg, logprobs, 0, items, v, nval, nidx, *final_args,
+        nkeys = torch.empty(grid * k_pad, dtype=torch.int64, device=logprobs.device)
+        _beam_pass_kernel[(grid,)](keys, cum_arg, logprobs, 0, items, v, nkeys, *final_args,
                                    FROM_SCORES=False, FINAL=False, WRITE_ROOT=False, BLOCK=block,
                                    num_warps=_warps(block), **flags)
-        val, idx, items = nval, nidx, grid * k_pad
+        keys, items = nkeys, grid * k_pad
     block = max(next_pow2(items), 16)
-    _beam_pass_kernel[(1,)](val, idx, cum_arg, logprobs, 0, items, v, val, idx, *final_args,
+    _beam_pass_kernel[(1,)](keys, cum_arg, logprobs, 0, items, v, keys, *final_args,
                             FROM_SCORES=False, FINAL=True, WRITE_ROOT=root_token is not None,
                             BLOCK=block, num_warps=_warps(block), **flags)
 
