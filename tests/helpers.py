@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "kernel_device",
     "FAMILIES",
     "make_hf_config",
     "make_hf_model",
@@ -247,3 +248,18 @@ def make_tiny_tokenizer_dir(
     path = os.path.join(os.fspath(tmp_path), name)
     fast.save_pretrained(path)
     return path
+
+
+def kernel_device() -> str:
+    """Where a Triton-kernel test module runs: "cuda", or "cpu" under the Triton interpreter (which
+    ``import specdec`` selects on a machine without CUDA); skips the whole module when neither works."""
+    import pytest
+
+    import specdec  # noqa: F401  -- picks the interpreter before the kernels are imported
+    from specdec.fast import kernels
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if not kernels.interpreter_active():
+        pytest.skip("specdec.fast.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA", allow_module_level=True)
+    return "cpu"

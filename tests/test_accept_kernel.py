@@ -8,26 +8,16 @@ interpreter; ``-m gpu`` adds the real vocabulary sizes.
 
 from __future__ import annotations
 
-import os
 import random
 
+import pytest
 import torch
+from helpers import kernel_device
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from specdec.fast import kernels as K
+from specdec.shared.tree import Tree
 
-import pytest  # noqa: E402
-
-import specdec  # noqa: E402,F401
-from specdec.fast import kernels as K  # noqa: E402
-from specdec.shared.tree import Tree  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-
-if not CUDA and not K.interpreter_active():
-    pytest.skip("specdec.fast.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA",
-                allow_module_level=True)
+DEV = kernel_device()
 
 
 def _case(m: int, real: int, seed: int, vocab: int = 7):
