@@ -14,7 +14,7 @@ prompt set:
 
     python3 scripts/profile_round.py --out runs/profile_round.jsonl
 
-Prints a table last; one JSONL line per measurement.
+Prints each measurement as it is taken (and the profiler's kernel tables); one JSONL line per measurement.
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ import json
 import time
 
 import torch
-from tabulate import tabulate
 
 import specdec.fast as F_
 from specdec.fast import engine as fe
-from specdec.fast import model as fm_mod
 import os
 
 from specdec.shared.assets import ASSETS_DIR

@@ -255,7 +255,7 @@ def kernel_device() -> str:
     ``import specdec`` selects on a machine without CUDA); skips the whole module when neither works."""
     import pytest
 
-    import specdec  # noqa: F401  -- picks the interpreter before the kernels are imported
+    import specdec  # noqa: F401 -- picks the interpreter before the kernels are imported
     from specdec.fast import kernels
 
     if torch.cuda.is_available():

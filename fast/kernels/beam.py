@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, graph_capturing, next_pow2
+from ._common import check_device, next_pow2
 
 __all__ = ["beam_select", "beam_topk"]
 
