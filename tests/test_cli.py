@@ -31,12 +31,7 @@ def need(method: str) -> None:
         pytest.skip(f"{mod} (the decoder of --method {method}) has not landed yet")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

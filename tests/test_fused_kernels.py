@@ -13,27 +13,17 @@ checked to within a few ulps instead of bitwise.
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+from helpers import kernel_device
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from specdec.fast import kernels as K
+from specdec.shared.config import ModelConfig
+from specdec.shared.rope import rope_cos_sin
 
-import pytest  # noqa: E402
-
-import specdec  # noqa: E402,F401
-from specdec.fast import kernels as K  # noqa: E402
-from specdec.shared.rope import rope_cos_sin  # noqa: E402
-from specdec.shared.config import ModelConfig  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
+DEV = kernel_device()
+CUDA = DEV == "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-if not CUDA and not K.interpreter_active():
-    pytest.skip("specdec.fast.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA",
-                allow_module_level=True)
 
 
 def assert_ulps(got: torch.Tensor, want: torch.Tensor, ulps: float, what: str = "") -> None:

@@ -24,13 +24,7 @@ from specdec.ref.vanilla import vanilla_generate
 from specdec.shared.glide import Glide, GlideConfig, beam_level, glide_expected_shapes, init_glide_weights, load_glide_weights, save_glide
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread fan-out only costs time on a busy 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pair(family: str, seed: int, vocab: int = 16, window: int = 8, std: float = 0.5):

@@ -8,45 +8,18 @@ Every attention test poisons the cache outside the valid range (NaN / 1e4 rows b
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+from helpers import kernel_device
 
-# The interpreter is chosen when the @triton.jit functions are defined: set it before importing them.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from specdec.fast import kernels as K
+from specdec.ref.attention import tree_attention_full
+from specdec.ref.attention import tree_attention as tree_attention_ref
+from specdec.shared.tree import Tree
 
-import importlib.machinery  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
-
-import pytest  # noqa: E402
-
-import specdec  # noqa: E402
-
-try:
-    from specdec.fast import kernels as K
-except ImportError:  # the rest of specdec.fast does not import (yet): load the kernels package alone
-    _path = [os.path.join(os.path.dirname(os.path.dirname(specdec.__file__)), "fast")]
-    _spec = importlib.machinery.ModuleSpec("specdec.fast", None, is_package=True)
-    _spec.submodule_search_locations = _path
-    _fast = types.ModuleType("specdec.fast")
-    _fast.__spec__, _fast.__path__ = _spec, _path
-    sys.modules["specdec.fast"] = _fast
-    for _name in [n for n in sys.modules if n.startswith("specdec.fast.")]:
-        del sys.modules[_name]
-    from specdec.fast import kernels as K
-from specdec.ref.attention import tree_attention_full  # noqa: E402
-from specdec.ref.attention import tree_attention as tree_attention_ref  # noqa: E402
-from specdec.shared.tree import Tree  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
+DEV = kernel_device()
+CUDA = DEV == "cuda"
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
-
-if not CUDA and not K.interpreter_active():
-    pytest.skip("specdec.fast.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA",
-                allow_module_level=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,12 +10,7 @@ from specdec.ref import LlamaGlide, Qwen2Glide, load_model
 from specdec.shared.glide import init_glide_weights, save_glide
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ from specdec.ref.magicdec import magicdec_generate, streaming_rows
 from specdec.ref.vanilla import vanilla_generate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _prompt(vocab: int, n: int, seed: int) -> torch.Tensor:
