@@ -14,9 +14,16 @@ Per step, for a batch of token sequences x [B, T]:
    draft: drafts inside a round see only the verified prefix). Self-attention is causal with the
    sliding window.
 4. **Loss.** Cross-entropy of the draft's logits (through the target's frozen lm_head) at t against
-   token t + 1. AdamW on the draft layer only; linear warm-up, cosine decay to 10 %.
+   token t + 1. With ``distill = w > 0`` (self-distillation) the loss is
+   ``(1 - w) * CE + w * KL(p_target || p_draft)``, where ``p_target`` is the frozen target's own
+   next-token distribution at t (same positions): a draft is accepted when it predicts what the
+   TARGET says, not what the text says, so matching the target's distribution raises acceptance
+   even where the target is wrong. AdamW on the draft layer only; linear warm-up, cosine decay to 10 %.
 
-Held-out loss is measured in the decoding condition (lag 1, natural positions 0..T-1).
+Held-out metrics are measured in the decoding condition (lag 1, natural positions 0..T-1): the
+cross-entropy against the text (``eval_loss``) and the top-1 agreement with the target's greedy
+token (``eval_agree``, the fraction of positions where both argmaxes match -- what greedy
+acceptance of a chain's first token rewards).
 
 API::
 
@@ -48,11 +55,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from specdec.ref.glide import glide_full_forward
-from specdec.ref.model import Model, attention_layer, causal_mask, embed, linear, rms_norm, swiglu_mlp
+from specdec.ref.model import Model, attention_layer, causal_mask, embed, forward_step, linear, new_cache, rms_norm, swiglu_mlp
 from specdec.shared.glide import GLIDE_WINDOW, Glide, init_glide_weights, load_glide_weights, save_glide
 from specdec.shared.rope import apply_rope, rope_cos_sin
 
-__all__ = ["TrainGlideResult", "train_glide", "tokenize_corpus", "make_chunks", "anchor_offset_positions", "target_last_layer_kv", "glide_loss", "evaluate_glide"]
+__all__ = ["TrainGlideResult", "train_glide", "tokenize_corpus", "make_chunks", "anchor_offset_positions", "target_last_layer_kv", "target_kv_and_logits", "glide_loss",
+           "evaluate_glide", "glide_agreement"]
 
 
 @dataclass
@@ -161,11 +169,37 @@ def target_last_layer_kv(target: Model, input_ids: torch.Tensor, positions: torc
 # ---------------------------------------------------------------------------------------------
 
 
-def glide_loss(target: Model, glide: Glide, input_ids: torch.Tensor, positions: torch.Tensor | None = None, lag: int | torch.Tensor = 1) -> torch.Tensor:
-    """Mean next-token cross-entropy of the draft over ``input_ids`` [B, T] (target K/V at ``positions``)."""
-    tk, tv = target_last_layer_kv(target, input_ids, positions)
+@torch.no_grad()
+def target_kv_and_logits(target: Model, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A full causal pass of the target at ``positions``: its last layer's keys and values
+    [B, Hkv, T, D] (as :func:`target_last_layer_kv`) and its logits [B, T, V] (fp32)."""
+    cache = new_cache(target, input_ids.shape[0])
+    logits = forward_step(target, input_ids, cache, positions=positions)
+    return cache.k[-1], cache.v[-1], logits
+
+
+def glide_loss(target: Model, glide: Glide, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+               lag: int | torch.Tensor = 1, distill: float = 0.0) -> torch.Tensor:
+    """The draft's training loss over ``input_ids`` [B, T] (target K/V at ``positions``).
+
+    ``distill = 0``: mean next-token cross-entropy against the text. ``distill = w`` in (0, 1]:
+    ``(1 - w) * CE + w * KL(p_target || p_draft)``, the target's distribution taken at the same
+    positions (module docstring, step 4).
+    """
+    if distill > 0:
+        tk, tv, target_logits = target_kv_and_logits(target, input_ids, positions)
+    else:
+        tk, tv = target_last_layer_kv(target, input_ids, positions)
     logits = glide_full_forward(target, glide, input_ids, tk, tv, positions=positions, lag=lag)
-    return F.cross_entropy(rearrange(logits[:, :-1], "b t v -> (b t) v"), rearrange(input_ids[:, 1:], "b t -> (b t)"))
+    # 1. Cross-entropy: the draft's logits at t against the text's token t + 1.
+    draft = rearrange(logits[:, :-1], "b t v -> (b t) v").float()
+    loss = F.cross_entropy(draft, rearrange(input_ids[:, 1:], "b t -> (b t)")) if distill < 1 else 0.0
+    if distill > 0:
+        # 2. KL(p_target || p_draft) per position, averaged over positions.
+        teacher = torch.log_softmax(rearrange(target_logits[:, :-1], "b t v -> (b t) v").float(), dim=-1)
+        kl = F.kl_div(torch.log_softmax(draft, dim=-1), teacher, log_target=True, reduction="batchmean")
+        loss = (1 - distill) * loss + distill * kl
+    return loss
 
 
 @torch.no_grad()
@@ -178,6 +212,20 @@ def evaluate_glide(target: Model, glide: Glide, chunks: torch.Tensor, batch_size
         total += float(loss) * x.shape[0] * (x.shape[1] - 1)
         n += x.shape[0] * (x.shape[1] - 1)
     return total / max(n, 1)
+
+
+@torch.no_grad()
+def glide_agreement(target: Model, glide: Glide, chunks: torch.Tensor, batch_size: int = 4) -> float:
+    """Top-1 agreement in the decoding condition (lag 1, natural positions): the fraction of positions
+    where the draft's argmax equals the target's greedy next token."""
+    same, n = 0, 0
+    for i in range(0, chunks.shape[0], batch_size):
+        x = chunks[i : i + batch_size].to(target.device)
+        tk, tv, target_logits = target_kv_and_logits(target, x)
+        logits = glide_full_forward(target, glide, x, tk, tv, lag=1)
+        same += int((logits.argmax(-1) == target_logits.argmax(-1)).sum())
+        n += x.numel()
+    return same / max(n, 1)
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -222,6 +270,7 @@ def train_glide(
     log_path: str | os.PathLike | None = None,
     seed: int = 0,
     amp: bool = False,
+    distill: float = 0.0,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainGlideResult:
@@ -247,7 +296,12 @@ def train_glide(
         log_path: JSONL loss log (one line per step, eval lines carry ``eval_loss``);
             default ``save_dir/train_log.jsonl`` when ``save_dir`` is given.
         amp: bf16 autocast for the draft on CUDA.
+        distill: weight in [0, 1] of KL(p_target || p_draft) in the loss (the rest is the text's
+            cross-entropy); 0 = the plain LongSpec loss. Evaluations then also log ``eval_agree``.
     """
+    if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not 0.0 <= float(distill) <= 1.0:
+        raise ValueError(f"distill must be a number in [0, 1] (weight of the target-distillation term), got {distill!r}")
+    distill = float(distill)
     dev = target.device
     g = torch.Generator().manual_seed(seed)
 
@@ -296,6 +350,8 @@ def train_glide(
             return None
         loss = evaluate_glide(target, glide, eval_chunks, batch_size)
         rec = {"step": step, "eval_loss": loss}
+        if distill > 0:
+            rec["eval_agree"] = glide_agreement(target, glide, eval_chunks, batch_size)
         result.eval_history.append(rec)
         log(rec)
         return loss
@@ -317,11 +373,11 @@ def train_glide(
         else:
             positions = torch.arange(t, device=dev)[None].expand(batch_size, t)
         lag = torch.randint(1, max_lag + 1, (batch_size,), generator=g).to(dev)
-        # 2.-4. Frozen target K/V, draft forward, cross-entropy, AdamW step.
+        # 2.-4. Frozen target K/V (and logits when distilling), draft forward, loss, AdamW step.
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup_steps)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss = glide_loss(target, glide, x, positions, lag)
+            loss = glide_loss(target, glide, x, positions, lag, distill=distill)
         loss_value = float(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -320,7 +320,7 @@ def cmd_glide(args) -> None:
     train_s, held_s = load_streams(args.data)
     held_s = held_s[: (held_s.numel() // args.seq) * args.seq]  # whole windows only
     common = dict(seq_len=args.seq, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup, weight_decay=0.0,
-                  amp=device.type == "cuda", seed=args.seed, progress=False)
+                  amp=device.type == "cuda", seed=args.seed, progress=False, distill=args.distill, glide=args.init)
     steps = args.steps
     if not steps:
         n_cal = 12
@@ -340,6 +340,7 @@ def cmd_glide(args) -> None:
     glide = Glide(res.glide.config, {k: v.to(torch.bfloat16) for k, v in res.glide.weights.items()}, source="train_default")
     save_glide(glide, os.path.join(args.out, "glide"))
     summary = {"model": "glide", "steps": steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
+               "distill": args.distill, "init": args.init, "final_heldout_agree": (res.eval_history[-1].get("eval_agree") if res.eval_history else None),
                "initial_heldout_loss": res.initial_eval_loss, "final_heldout_loss": res.final_eval_loss,
                "train_minutes": round((time.time() - t0) / 60, 2)}
     with open(os.path.join(args.out, "glide_summary.json"), "w") as f:
@@ -404,6 +405,9 @@ def main(argv=None) -> None:
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--warmup", type=int, default=50)
     s.add_argument("--eval-every", type=int, default=200)
+    s.add_argument("--distill", type=float, default=0.0,
+                   help="weight of KL(target || GLIDE) in the loss (self-distillation; 0 = the plain LongSpec loss)")
+    s.add_argument("--init", default=None, help="start from this GLIDE draft dir (e.g. the shipped one) instead of a fresh init")
     s = sub.add_parser("eval", help="held-out loss of saved HF-format LMs")
     s.add_argument("--model", nargs="+", default=["shared/assets/default/target", "shared/assets/default/draft"])
     s.add_argument("--data", default="runs/default_data")

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the draft (CUDA)")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="weight in [0, 1] of KL(target || draft) in the loss (self-distillation; 0 = text cross-entropy only)")
     args = ap.parse_args(argv)
 
     from specdec.ref.model import load_model
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         window=args.window, seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None,
         max_lag=args.max_lag, anchor_offset=not args.no_anchor_offset, eval_every=args.eval_every,
-        save_dir=args.output, save_every=args.save_every, seed=args.seed, amp=args.amp,
+        save_dir=args.output, save_every=args.save_every, seed=args.seed, amp=args.amp, distill=args.distill,
     )
     print(json.dumps({"output": args.output, "initial_eval_loss": res.initial_eval_loss, "final_eval_loss": res.final_eval_loss,
                       "final_train_loss": res.history[-1]["loss"] if res.history else None}))

@@ -129,3 +129,39 @@ def test_script_runs(byte_target, byte_text, tmp_path):
     rc = script.main(["--target", str(tdir), "--tokens", str(tmp_path / "train.pt"), "--eval-tokens", str(tmp_path / "val.pt"),
                       "--output", str(tmp_path / "out"), "--seq-len", "32", "--steps", "3", "--batch-size", "2", "--window", "16", "--device", "cpu"])
     assert rc == 0 and os.path.isfile(tmp_path / "out" / "model.safetensors")
+
+
+def test_distill_loss_is_the_mix_of_ce_and_kl(byte_target, byte_text):
+    """glide_loss(distill=w) = (1 - w) CE(text) + w KL(p_target || p_draft), the teacher from a full target pass."""
+    import torch.nn.functional as F
+
+    from specdec.ref.glide import glide_full_forward
+    from specdec.ref.model import forward
+    from specdec.ref.train_glide import glide_loss
+
+    train, _ = byte_text
+    x = torch.stack([train[:48], train[100:148]])
+    g = init_glide_weights(byte_target.config, window=32, std=0.05)
+    tk, tv = target_last_layer_kv(byte_target, x)
+    logp = torch.log_softmax(glide_full_forward(byte_target, g, x, tk, tv).float()[:, :-1], -1).reshape(-1, 256)
+    teacher = torch.log_softmax(forward(byte_target, x).float()[:, :-1], -1).reshape(-1, 256)
+    ce = F.nll_loss(logp, x[:, 1:].reshape(-1))
+    kl = (teacher.exp() * (teacher - logp)).sum(-1).mean()
+    torch.testing.assert_close(glide_loss(byte_target, g, x), ce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(glide_loss(byte_target, g, x, distill=1.0), kl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(glide_loss(byte_target, g, x, distill=0.25), 0.75 * ce + 0.25 * kl, atol=1e-5, rtol=1e-5)
+
+
+def test_distillation_raises_agreement(byte_target, byte_text):
+    from specdec.ref.train_glide import glide_agreement
+
+    train, held = byte_text
+    res = train_glide(byte_target, [train], eval_data=[held], seq_len=64, batch_size=8, steps=60, lr=4e-3, warmup_steps=10,
+                      window=32, init_std=0.05, eval_every=None, distill=1.0, progress=False)
+    first, last = res.eval_history[0], res.eval_history[-1]
+    assert "eval_agree" in first and "eval_agree" in last
+    assert last["eval_agree"] > first["eval_agree"] + 0.2, (first, last)
+    chunks = make_chunks([held], 64)
+    assert glide_agreement(byte_target, res.glide, chunks) == pytest.approx(last["eval_agree"])
+    with pytest.raises(ValueError, match="distill"):
+        train_glide(byte_target, [train], steps=1, distill=1.5, progress=False)
