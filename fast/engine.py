@@ -14,6 +14,10 @@ Per round:
    A drafter that builds its tree on the device may offer ``fused_round(state, tree_size)``: steps
    1-4 of a greedy round captured as ONE CUDA graph (draft body + :func:`verify_and_accept`), so
    the host launches one graph and reads one result per round; it returns ``(packed, logits, m)``.
+   If it also offers device-driven rounds (``can_run_ahead`` / ``launch_ahead`` /
+   ``ahead_round_read``, see :class:`specdec.fast.glide.FastGlideDrafter`), the loop launches the
+   next round BEFORE reading the current one (:func:`_run_fused_greedy`): the GPU runs rounds back
+   to back while the host reads results one round behind.
 4. **Compact** -- :func:`specdec.fast.model.commit` moves the accepted rows of every layer into
    place in one kernel launch (nothing to move when the path is already contiguous).
 5. **Emit** -- as in the reference.
@@ -38,6 +42,43 @@ from specdec.shared.tree import Tree
 from specdec.shared.validate import check_batch_one, check_prompt
 
 __all__ = ["run_speculative_fast", "verify_and_accept", "TreeTensors", "check_drafts_fit"]
+
+
+def _read_packed(packed: list[int], tree_size: int, m: int) -> tuple[int, list[int], list[int], list[int]]:
+    """(next token, accepted path, draft tokens, parents) from :func:`accept_and_compact`'s read-back."""
+    path = [j for j, on in enumerate(packed[2 : 2 + tree_size]) if on]
+    return packed[1], path, packed[2 + tree_size : 2 + tree_size + m], packed[2 + 2 * tree_size : 2 + 2 * tree_size + m]
+
+
+class _Emitted:
+    """What the loop has produced so far (step 5, emit): the sequence, the emitted tokens and the
+    per-token / per-round bookkeeping :class:`GenerationResult` needs."""
+
+    def __init__(self, tokens: list[int], on_round):
+        self.tokens, self.on_round = tokens, on_round
+        self.emitted: list[int] = []
+        self.spec: list[bool] = []
+        self.accept_lengths: list[int] = []
+
+    def first(self, token: int) -> None:
+        self.tokens.append(token)
+        self.emitted.append(token)
+        self.spec.append(False)
+        self.accept_lengths.append(1)
+
+    def round(self, draft_tokens: list[int], parents: list[int], path: list[int], next_token: int, q=None) -> None:
+        accepted = [draft_tokens[j] for j in path[1:]]
+        self.emitted += accepted + [next_token]
+        self.spec += [True] * len(accepted) + [False]
+        self.tokens += accepted + [next_token]
+        self.accept_lengths.append(len(accepted) + 1)
+        if self.on_round is not None:
+            self.on_round(RoundRecord(Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), q), path, next_token))
+
+    def done(self, max_gen_len: int, eos: set[int], new: int | None = None) -> bool:
+        """Budget spent, or an EOS among the emitted tokens (only the last ``new`` ones are checked)."""
+        tail = self.emitted if new is None else self.emitted[-new:]
+        return len(self.emitted) >= max_gen_len or bool(eos.intersection(tail))
 
 
 def check_drafts_fit(name: str, drafts: int) -> None:
@@ -101,25 +142,26 @@ class TreeTensors:
         return t
 
 
-def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid) -> torch.Tensor:
+def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid, seq=None) -> torch.Tensor:
     """Greedy acceptance and KV compaction with no host synchronisation (graph-capturable).
 
     Applies :func:`specdec.shared.acceptance.greedy_best_node` (dummy nodes can never be accepted),
     moves the accepted path's rows to ``[L, L + n)`` in every layer with one
     :func:`specdec.fast.kernels.compact_kv` launch, and advances ``cache.length_t`` by ``n``.
     Returns ``[best, next_token, path mask (M), node tokens (M), parents (M)]`` as one long tensor,
-    for the round's single read-back. Three launches: :func:`specdec.fast.kernels.row_argmax`,
+    for the round's single read-back. With ``seq`` (int32, the sequence by position) the accepted
+    tokens and the next one are also written at their positions (for device-driven rounds). Three launches: :func:`specdec.fast.kernels.row_argmax`,
     :func:`specdec.fast.kernels.greedy_accept` and the compaction.
     """
     from specdec.fast import kernels as K
 
     amax = K.row_argmax(logits) if logits.is_cuda else torch.argmax(logits, dim=-1)
-    packed, src, dst, n = K.greedy_accept(amax, node_tokens, parents, depth, ancestor, valid, cache.length_t)
+    packed, src, dst, n = K.greedy_accept(amax, node_tokens, parents, depth, ancestor, valid, cache.length_t, seq=seq)
     K.compact_kv(cache.k, cache.v, src[None], dst, n_accept=n)
     return packed
 
 
-def verify_and_accept(target: FastModel, cache, node_tokens, parents, depth, ancestor, valid) -> tuple[torch.Tensor, torch.Tensor]:
+def verify_and_accept(target: FastModel, cache, node_tokens, parents, depth, ancestor, valid, seq=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 2-4 of a greedy round on the device (graph-capturable): verify the ``M`` nodes at rows
     ``[L, L + M)`` (``L`` = ``cache.length_t``), then :func:`accept_and_compact`.
 
@@ -129,7 +171,72 @@ def verify_and_accept(target: FastModel, cache, node_tokens, parents, depth, anc
     """
     positions = depth + cache.length_t[:1].long()
     logits = step_forward(target, cache, node_tokens[None], positions[None], ancestor[None], cache.length_t)[0]
-    return logits, accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid)
+    return logits, accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid, seq=seq)
+
+
+def _run_fused_greedy(target: FastModel, drafter, state: RoundState, first, out_: _Emitted, max_gen_len: int,
+                      eos: set[int], tree_size: int) -> int:
+    """Greedy fused rounds until the budget is spent or an EOS is emitted; returns the rounds read.
+
+    ``first`` is the ``(packed, logits, m)`` of a round just launched by ``drafter.fused_round``.
+    Each launched round's read-back is copied to one of two pinned buffers (with an event), so the
+    host can wait for ONE round while the next one already runs. Before reading a round, the loop
+    launches the next as a device-driven round when the drafter allows it
+    (``drafter.can_run_ahead``); otherwise (start, the draft window's shift, the last rounds) it
+    reads first and launches a host-packed round (``fused_round``). A device-driven round launched
+    past an EOS is dropped (its cache-length advance is undone).
+    """
+    from collections import deque
+
+    cache, dev = state.target_cache, target.device
+    cuda = dev.type == "cuda"
+    ahead_ok = all(hasattr(drafter, f) for f in ("can_run_ahead", "launch_ahead", "ahead_round_read"))
+    slots = [torch.empty(2 + 3 * tree_size, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+    inflight: deque = deque()  # (host slot, event, device-driven?, m) in launch order; at most two
+    turn = 0
+
+    def launched(packed_t: torch.Tensor, ahead: bool, m: int | None) -> None:
+        nonlocal turn
+        slot = slots[turn]
+        turn ^= 1
+        slot.copy_(packed_t, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        inflight.append((slot, event, ahead, m))
+
+    launched(first[0], False, first[2])
+    num = 0
+    L = cache.length  # the start length of the oldest round in flight
+    while inflight:
+        # 1-4 of the NEXT round go to the GPU now, before this round's result is read (no host input)
+        if ahead_ok and len(inflight) == 1 and drafter.can_run_ahead(L, len(out_.emitted), max_gen_len):
+            launched(drafter.launch_ahead()[0], True, None)
+        slot, event, ahead, m = inflight.popleft()
+        if event is not None:
+            event.synchronize()
+        if ahead:
+            m = drafter.ahead_round_read(L, len(out_.emitted), max_gen_len)
+        num += 1
+        next_token, path, draft_tokens, parents = _read_packed(slot.tolist(), tree_size, m)
+        L += len(path)
+        cache.length = L  # the device mirror was advanced by the round's acceptance kernel
+        out_.round(draft_tokens, parents, path, next_token)
+        if out_.done(max_gen_len, eos, new=len(path)):
+            break
+        if not inflight:
+            state = RoundState(out_.tokens, target, cache, None, state.params, state.generator, max_gen_len - len(out_.emitted))
+            launched(*_host_round(drafter, state, tree_size))
+    if inflight:  # a round launched past an EOS: its results are dropped
+        sync(dev)
+        cache.length_t.fill_(cache.length)
+    return num
+
+
+def _host_round(drafter, state: RoundState, tree_size: int) -> tuple[torch.Tensor, bool, int]:
+    packed_t, _, m = drafter.fused_round(state, tree_size)
+    return packed_t, False, m
 
 
 @torch.inference_mode()
@@ -162,22 +269,16 @@ def run_speculative_fast(
     if not 1 <= tree_size <= MAX_TREE_NODES:
         raise ValueError(f"the verified tree must have 1..{MAX_TREE_NODES} nodes, got {tree_size}")
     eos = set(normalize_eos(eos_id, target.config.eos_token_ids))
-    tokens: list[int] = prompt[0].tolist()
+    out_ = _Emitted(prompt[0].tolist(), on_round)
+    tokens = out_.tokens
     # room for the prompt, every emitted token, and one round of tree rows past the end
     cache = target.ensure_cache(1, prompt.shape[1] + max_gen_len + tree_size + 1)
-    emitted: list[int] = []
-    spec: list[bool] = []
-    accept_lengths: list[int] = []
     num = 0
 
     t0 = time.perf_counter()
     if first_target:
         last_logits = prefill(target, cache, prompt)[0]
-        first = int(sample(last_logits, params.temperature, params.top_k, params.top_p, generator))
-        tokens.append(first)
-        emitted.append(first)
-        spec.append(False)
-        accept_lengths.append(1)
+        out_.first(int(sample(last_logits, params.temperature, params.top_k, params.top_p, generator)))
         num = 1
     else:
         last_logits = prefill(target, cache, prompt[:, :-1])[0] if prompt.shape[1] > 1 else None
@@ -187,53 +288,46 @@ def run_speculative_fast(
     t1 = time.perf_counter()
     # A drafter with ``fused_round`` runs draft + verify + greedy accept as ONE graph per round.
     fused = params.greedy and getattr(drafter, "fused_round", None)
-    while len(emitted) < max_gen_len and not (eos & set(emitted)):
+    while not out_.done(max_gen_len, eos):
         L = cache.length
-        state = RoundState(tokens, target, cache, last_logits, params, generator, max_gen_len - len(emitted))
+        state = RoundState(tokens, target, cache, last_logits, params, generator, max_gen_len - len(out_.emitted))
         out = fused(state, tree_size) if fused else None
         if out is not None:
-            # 1-4 in one graph replay; the round's one host synchronisation reads the packed result
-            packed_t, logits, m = out  # m: nodes of this round's tree (fewer in the last rounds)
-            num += 1
+            # every remaining round is fused (1-4 in one graph replay); device-driven ones run ahead
+            num += _run_fused_greedy(target, drafter, state, out, out_, max_gen_len, eos, tree_size)
+            break
+        # 1. Draft (a host Tree, or a DeviceTree built on the device by the drafter).
+        draft: Draft = drafter.propose(state)
+        m = draft.tree.size
+        if m > tree_size:
+            raise RuntimeError(f"drafter bug: a draft of {m} nodes exceeds the fixed tree size {tree_size}")
+        tt = TreeTensors.get(draft.tree, tree_size, dev) if isinstance(draft.tree, Tree) else TreeTensors.from_device(draft.tree, tree_size)
+        if m == tree_size and draft.tokens.device == dev and draft.tokens.dtype == torch.long:
+            node_tokens = draft.tokens  # a full device-side draft (GLIDE): nothing to pad
         else:
-            # 1. Draft (a host Tree, or a DeviceTree built on the device by the drafter).
-            draft: Draft = drafter.propose(state)
-            m = draft.tree.size
-            if m > tree_size:
-                raise RuntimeError(f"drafter bug: a draft of {m} nodes exceeds the fixed tree size {tree_size}")
-            tt = TreeTensors.get(draft.tree, tree_size, dev) if isinstance(draft.tree, Tree) else TreeTensors.from_device(draft.tree, tree_size)
-            if m == tree_size and draft.tokens.device == dev and draft.tokens.dtype == torch.long:
-                node_tokens = draft.tokens  # a full device-side draft (GLIDE): nothing to pad
-            else:
-                node_tokens = torch.zeros(tree_size, dtype=torch.long, device=dev)
-                node_tokens[:m] = draft.tokens.to(dev)
-            # 2. Verify all nodes (padded to tree_size) in one graph-replayed pass.
-            logits = run_step(target, cache, node_tokens[None], (tt.depth + L)[None], tt.mask)[0]
-            num += 1
-            if params.greedy:
-                # 3-4 on the device (one graph replay on CUDA): accept, then compact the KV of every layer.
-                inputs = dict(logits=logits, node_tokens=node_tokens, parents=tt.parents, depth=tt.depth,
-                              ancestor=tt.ancestor, valid=tt.valid)
-                key = ("accept", id(cache), tree_size)
-                fn = target.graphs.get(key)
-                if fn is None and target.use_graphs:
-                    # capturing runs the function twice to warm up: snapshot the state it mutates, restore after
-                    snap = (cache.length_t.clone(), cache.k[:, :, :, L : L + tree_size].clone(), cache.v[:, :, :, L : L + tree_size].clone())
-                    fn = target.graphs[key] = CapturedFn(lambda **kw: accept_and_compact(cache, **kw), inputs)
-                    cache.length_t.copy_(snap[0])
-                    cache.k[:, :, :, L : L + tree_size] = snap[1]
-                    cache.v[:, :, :, L : L + tree_size] = snap[2]
-                packed_t = fn(**inputs) if fn is not None else accept_and_compact(cache, **inputs)
+            node_tokens = torch.zeros(tree_size, dtype=torch.long, device=dev)
+            node_tokens[:m] = draft.tokens.to(dev)
+        # 2. Verify all nodes (padded to tree_size) in one graph-replayed pass.
+        logits = run_step(target, cache, node_tokens[None], (tt.depth + L)[None], tt.mask)[0]
+        num += 1
         # 3. Accept.
         if params.greedy:
+            # 3-4 on the device (one graph replay on CUDA): accept, then compact the KV of every layer.
+            inputs = dict(logits=logits, node_tokens=node_tokens, parents=tt.parents, depth=tt.depth,
+                          ancestor=tt.ancestor, valid=tt.valid)
+            key = ("accept", id(cache), tree_size)
+            fn = target.graphs.get(key)
+            if fn is None and target.use_graphs:
+                # capturing runs the function twice to warm up: snapshot the state it mutates, restore after
+                snap = (cache.length_t.clone(), cache.k[:, :, :, L : L + tree_size].clone(), cache.v[:, :, :, L : L + tree_size].clone())
+                fn = target.graphs[key] = CapturedFn(lambda **kw: accept_and_compact(cache, **kw), inputs)
+                cache.length_t.copy_(snap[0])
+                cache.k[:, :, :, L : L + tree_size] = snap[1]
+                cache.v[:, :, :, L : L + tree_size] = snap[2]
+            packed_t = fn(**inputs) if fn is not None else accept_and_compact(cache, **inputs)
             # the one host synchronisation of the round: accepted node, next token, its path, the draft
-            packed = packed_t.tolist()
-            next_token = packed[1]
-            path = [j for j, on in enumerate(packed[2 : 2 + tree_size]) if on]
-            draft_tokens = packed[2 + tree_size : 2 + tree_size + m]
-            parents = packed[2 + 2 * tree_size : 2 + 2 * tree_size + m]
+            next_token, path, draft_tokens, parents = _read_packed(packed_t.tolist(), tree_size, m)
             cache.length = L + len(path)  # the device mirror was advanced by accept_and_compact
-            q = None if out is not None else draft.q
         else:
             draft_tokens, parents = draft.tokens.tolist(), tt.parents[:m].tolist()
             host = Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), draft.q)
@@ -241,17 +335,11 @@ def run_speculative_fast(
             # 4. Compact: the accepted rows of every layer move to [L, L + len(path)).
             contiguous = path == list(range(len(path)))
             commit(cache, None if contiguous else torch.tensor([path], dtype=torch.int32, device=dev), len(path))
-            q = draft.q
         # 5. Emit.
-        accepted = [draft_tokens[j] for j in path[1:]]
-        emitted += accepted + [next_token]
-        spec += [True] * len(accepted) + [False]
-        tokens += accepted + [next_token]
-        accept_lengths.append(len(accepted) + 1)
+        out_.round(draft_tokens, parents, path, next_token, draft.q)
         last_logits = logits[path[-1]]
-        if on_round is not None:
-            on_round(RoundRecord(Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), q), path, next_token))
     sync(dev)
     elapsed = time.perf_counter() - t1
+    emitted, spec, accept_lengths = out_.emitted, out_.spec, out_.accept_lengths
 
     return GenerationResult.from_rounds(emitted, spec, eos, max_gen_len, num, elapsed, prefill_time, accept_lengths)

@@ -271,6 +271,8 @@ class FastGlideDrafter:
 
     fuse_rounds: bool = True
     """Offer :meth:`fused_round` to the engine (profiling scripts turn it off to time the phases apart)."""
+    run_ahead: bool = True
+    """Offer device-driven rounds (:meth:`launch_ahead`) to the engine's fused loop."""
 
     def __init__(self, target: FastModel, glide: FastGlide, tree_shape: Sequence[int]):
         want = GlideConfig.from_target(target.config, glide.config.window)
@@ -288,6 +290,9 @@ class FastGlideDrafter:
         self.cache.n, self.cache.base = 0, 0
         self.processed = 0
         self.use_graphs = target.use_graphs and target.rope_table is not None
+        self._store = store
+        self._ahead_buf: dict | None = None  # the device-driven round of this call (graph or eager buffers)
+        self._seq_ready = False  # seq holds this call's tokens
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden.to(self.target.dtype), self.target.w["lm_head"])  # no final norm
@@ -456,18 +461,124 @@ class FastGlideDrafter:
             raise ValueError(f"KV cache overflow: {cache.length} + {tree_size} rows > capacity {cache.capacity}")
         L = cache.length
         d = len(self._shape(state))  # levels this round may accept
+        seq = self._sync_seq(state)
         k, shape, pack, layout, target_k, target_v, key = self._prepare(state, shape=shape, depth_limit=d)
-        verify = (cache, self._depth_tensor(shape))
+        self._set_ctl(L + state.budget)
+        verify = (cache, self._depth_tensor(shape), seq)
         if not self.use_graphs:
             buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=self.glide.device), "layout": layout,
                    "target_k": target_k, "target_v": target_v, "cross_span": L + 1}
             self._body(buf, shape, verify)
         else:
-            key = key + ("fused", cache.length_t.data_ptr())
+            key = key + ("fused", cache.length_t.data_ptr(), seq.data_ptr())
             if key not in self.graphs:
                 self._capture_all(state, key, shape, target_k, target_v, verify=verify)
+            if self.run_ahead and L + 1 - (len(shape) + 1) >= self.cache.base:
+                akey = key[:3] + ("ahead",) + key[4:]
+                if akey not in self.graphs:  # real rows of this length: see _capture
+                    self.graphs[akey] = self._capture(None, None, shape, target_k, target_v, verify=verify, ahead=True)
+                self._ahead_buf = self.graphs[akey]
             buf = self._replay(self.graphs[key], pack)
+        if not self.use_graphs and self.run_ahead and self._ahead_buf is None:
+            self._ahead_buf = self._ahead_buffers(target_k, target_v, verify)
         return buf["packed"], buf["logits"], 1 + sum(shape[:d])
+
+    # -- device-driven rounds ------------------------------------------------------------------------
+
+    def _sync_seq(self, state: RoundState) -> torch.Tensor:
+        """The device copy of the sequence by position (int32, sized for the target cache); on the first
+        fused round of a call it receives the host's tokens (prompt and first token)."""
+        cache, store = state.target_cache, self._store
+        key = (cache.k.data_ptr(), cache.capacity)
+        if "ctl" not in store:  # read by address by every device-driven graph: allocated once
+            store["ctl"] = torch.zeros(4, dtype=torch.int32, device=self.glide.device)
+        if store.get("seq_key") != key:
+            store["seq"] = torch.zeros(cache.capacity + 8, dtype=torch.int32, device=self.glide.device)
+            store["seq_key"] = key
+        seq = store["seq"]
+        if not self._seq_ready:
+            seq[: len(state.tokens)].copy_(torch.tensor(state.tokens, dtype=torch.int32))
+            self._seq_ready = True
+        return seq
+
+    def _set_ctl(self, end: int) -> None:
+        """``ctl = [base, end]`` for :func:`specdec.fast.kernels.round_pack` (``end``: the cache length at
+        which the call's budget is spent)."""
+        self._store["ctl"].copy_(torch.tensor([self.cache.base, end, 0, 0], dtype=torch.int32))
+
+    def _ahead_recipe(self, shape: tuple[int, ...]) -> tuple[list[list[int]], dict]:
+        """The :func:`specdec.fast.kernels.round_pack` recipe of a round that catches up on the last
+        ``len(shape) + 1`` positions: every entry of :meth:`_pack` (``k = len(shape) + 1``) written as a
+        function of the cache length ``L`` and the window base. Returns (5 field lists, layout)."""
+        from specdec.fast.kernels.round_pack import AFFINE, DEPTH, NO_CLAMP, TOKEN
+
+        k, w, levels = len(shape) + 1, self.glide.window, len(shape)
+
+        def aff(a: int, b: int, c: int, lo: int = NO_CLAMP) -> tuple[int, ...]:
+            return (AFFINE, a, b, c, lo)
+
+        # catch-up of positions L + 1 - k + i (i < k): rows = position - base, window (row - w, row]
+        entries = dict(
+            tokens=[(TOKEN, 0, 0, 1 - k + i, 0) for i in range(k)],
+            rows=[aff(1, -1, 1 - k + i) for i in range(k)],
+            row_lo=[aff(1, -1, 2 - k + i - w, 0) for i in range(k)],
+            row_hi=[aff(1, -1, 2 - k + i) for i in range(k)],
+            pos=[aff(1, 0, 1 - k + i) for i in range(k)],
+            zeros=[aff(0, 0, 0, 0)] * k,
+            self_lo=[aff(1, -1, 2 - k - w, 0)],
+            self_hi=[aff(1, -1, 1)],      # n = L + 1 - base prefix rows
+            cross_hi=[aff(1, 0, 0)],      # L
+            level_lo=[aff(1, -1, 2 + lv - w, 0) for lv in range(levels)],
+            level_pos=[aff(1, 0, lv + 1) for lv in range(levels)],
+            tree_rows=[aff(1, -1, 1 + j) for j in range(sum(shape))],
+            max_depth=[(DEPTH, 0, 0, levels, 0)],
+        )
+        fields, layout = [], None
+        for f in range(5):
+            flat, layout = pack_ints({name: [e[f] for e in es] for name, es in entries.items()})
+            fields.append(flat)
+        return fields, layout
+
+    def _ahead_buffers(self, target_k, target_v, verify) -> dict:
+        """Static buffers of a device-driven round (its pack is filled on the device)."""
+        fields, layout = self._ahead_recipe(self.tree_shape)
+        dev = self.glide.device
+        return {"buf": {"pack": torch.zeros(len(fields[0]), dtype=torch.int32, device=dev), "layout": layout,
+                        "target_k": target_k, "target_v": target_v, "cross_span": target_k.shape[-2],
+                        "recipe": torch.tensor(fields, dtype=torch.int32, device=dev)},
+                "inputs": verify}
+
+    def _ahead_body(self, buf: dict, shape: tuple[int, ...], verify) -> None:
+        """A device-driven round: the pack from the cache length (one launch), then :meth:`_body`."""
+        tcache, _, seq = verify
+        _kernels().round_pack(buf["recipe"], seq, tcache.length_t, self._store["ctl"], buf["pack"])
+        self._body(buf, shape, verify)
+
+    def can_run_ahead(self, L: int, emitted: int, max_gen_len: int) -> bool:
+        """May a device-driven round start right after the round in flight, which began at cache length
+        ``L`` with ``emitted`` tokens out? Only if that round cannot spend the budget (it emits at most
+        ``levels + 1`` tokens), the next catch-up starts at or after the window base, and the draft
+        window needs no host-side shift (:meth:`SlidingCache.make_room`) for any outcome."""
+        k, base, w = len(self.tree_shape) + 1, self.cache.base, self.glide.window
+        return (self.run_ahead and self._ahead_buf is not None and max_gen_len - emitted > k
+                and L + 2 - k >= base and L + k + 1 - base <= 2 * w)
+
+    def launch_ahead(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launch a device-driven round (see the class docstring); returns its ``(packed, logits)``."""
+        g = self._ahead_buf
+        if "graph" in g:
+            g["graph"].replay()
+        else:
+            self._ahead_body(g["buf"], self.tree_shape, g["inputs"])
+        return g["buf"]["packed"], g["buf"]["logits"]
+
+    def ahead_round_read(self, L: int, emitted: int, max_gen_len: int) -> int:
+        """Host bookkeeping after reading a device-driven round that began at cache length ``L``: its
+        catch-up covered positions up to ``L``. Returns the number of tree nodes it could accept from."""
+        self.processed = L + 1
+        self.cache.n = L + 1 - self.cache.base
+        d = min(len(self.tree_shape), max(max_gen_len - emitted - 1, 0))
+        return 1 + sum(self.tree_shape[:d])
 
     def _body(self, buf: dict, shape: tuple[int, ...], verify=None) -> None:
         """:meth:`_round_body`, then (with ``verify = (target cache, depth)``) the verification and greedy
@@ -477,20 +588,29 @@ class FastGlideDrafter:
 
         self._round_body(buf, shape)
         if verify is not None:
-            tcache, depth = verify
+            tcache, depth, seq = verify
             valid = depth <= buf["pack"][buf["layout"]["max_depth"][0]]
             buf["logits"], buf["packed"] = verify_and_accept(self.target, tcache, buf["out_tokens"], buf["out_parents"],
-                                                             depth, buf["out_anc"], valid)
+                                                             depth, buf["out_anc"], valid, seq=seq)
 
-    def _capture(self, pack: list[int], layout: dict, shape, target_k, target_v, pool=None, verify=None) -> dict:
+    def _capture(self, pack: list[int] | None, layout: dict | None, shape, target_k, target_v, pool=None, verify=None,
+                 ahead: bool = False) -> dict:
         """Capture :meth:`_body` for this catch-up length as a CUDA graph (static buffers).
 
         With ``verify`` the warm-up runs verify and compact too: the target rows and length they
-        change are restored afterwards.
+        change are restored afterwards. ``ahead=True`` captures the device-driven round
+        (:meth:`_ahead_body`) instead: its warm-up works on the real last ``levels + 1`` positions,
+        re-writing their draft K/V rows with the values they get anyway.
         """
         dev = self.glide.device
-        buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "layout": layout, "target_k": target_k, "target_v": target_v,
-                   "cross_span": target_k.shape[-2]}  # the split count must hold for any length: size it for the capacity
+        if ahead:
+            rec = self._ahead_buffers(target_k, target_v, verify)
+            buf = rec["buf"]
+            body = lambda: self._ahead_body(buf, shape, verify)  # noqa: E731
+        else:
+            buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "layout": layout, "target_k": target_k,
+                   "target_v": target_v, "cross_span": target_k.shape[-2]}  # the split count must hold for any length
+            body = lambda: self._body(buf, shape, verify)  # noqa: E731
         snap = None
         if verify is not None:
             tcache, L, m = verify[0], verify[0].length, 1 + sum(shape)
@@ -499,17 +619,18 @@ class FastGlideDrafter:
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
             for _ in range(2):  # warm-up: compiles kernels (writes the same K/V rows again: harmless)
-                self._body(buf, shape, verify)
+                body()
         torch.cuda.current_stream(dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            self._body(buf, shape, verify)
+            body()
         if snap is not None:
             tcache.length_t.copy_(snap[0])
             tcache.k[:, :, :, L : L + m] = snap[1]
             tcache.v[:, :, :, L : L + m] = snap[2]
         # the graph reads every tensor it was captured with by address: keep the inputs made outside it alive
-        return {"graph": graph, "buf": buf, "inputs": verify, "host": torch.empty(len(pack), dtype=torch.int32).pin_memory()}
+        host = torch.empty(len(pack) if pack is not None else 1, dtype=torch.int32).pin_memory()
+        return {"graph": graph, "buf": buf, "inputs": verify, "host": host}
 
 
 def tree_spec_generate(

@@ -48,13 +48,20 @@ def test_greedy_accept_matches_reference(m, real, seed):
     args = _case(m, real, seed=seed * 131 + m)
     length = torch.tensor([37], dtype=torch.int32, device=DEV)
     got_len, want_len = length.clone(), length.clone()
-    got = K.greedy_accept(*args, got_len)
-    want = K.greedy_accept_ref(*args, want_len)
+    seq = torch.full((37 + m + 8,), -5, dtype=torch.int32, device=DEV)  # poisoned: only [37, 37 + n] may change
+    got_seq, want_seq = seq.clone(), seq.clone()
+    got = K.greedy_accept(*args, got_len, seq=got_seq)
+    want = K.greedy_accept_ref(*args, want_len, seq=want_seq)
     packed, src, dst, n = got
     assert torch.equal(packed, want[0]), (packed[:2].tolist(), want[0][:2].tolist())
     k = int(want[3])
     assert int(n) == k and int(dst) == 37 and torch.equal(got_len, want_len)
     assert torch.equal(src, want[1])  # path rows in index order first, then the rest
+    # the sequence by position: root, accepted tokens in depth order, then the next token; nothing else touched
+    assert torch.equal(got_seq, want_seq)
+    path = [j for j, on in enumerate(packed[2 : 2 + m].tolist()) if on]
+    assert got_seq[37 : 38 + k].tolist() == [int(args[1][j]) for j in path] + [int(packed[1])]
+    assert (got_seq[:37] == -5).all() and (got_seq[38 + k :] == -5).all()
     best = int(packed[0])
     assert best < real or best == 0  # a padding node is never accepted
 

@@ -216,7 +216,8 @@ def test_fused_rounds_equal_unfused(device, shape, monkeypatch):
     """Greedy GLIDE rounds run as one graph on CUDA (draft + verify + accept; the same body eagerly on CPU);
     the same rounds unfused (draft, verification and acceptance apart) give identical drafts, paths and
     tokens -- the last rounds too, where the fused round limits the depth instead of drafting less -- and
-    the fused path is really taken."""
+    the fused path is really taken, device-driven rounds (launched before the previous round is read,
+    their integers built on the device) included."""
     from specdec.fast.glide import FastGlideDrafter
     from specdec.shared.glide import init_glide_weights
 
@@ -227,22 +228,28 @@ def test_fused_rounds_equal_unfused(device, shape, monkeypatch):
     n = 30 if cpu else 90
     ids = torch.randint(0, VOCAB, (1, n), generator=g)
     kw = dict(input_ids=ids, prompt_length=n, max_gen_len=10 if cpu else 40, eos_id=[], tree_shape=shape)
-    calls = {"fused": 0}
-    orig = FastGlideDrafter.fused_round
+    calls = {"fused": 0, "ahead": 0}
+    orig, orig_ahead = FastGlideDrafter.fused_round, FastGlideDrafter.launch_ahead
 
     def counting(self, state, tree_size):
         out = orig(self, state, tree_size)
         calls["fused"] += out is not None
         return out
 
+    def counting_ahead(self):
+        calls["ahead"] += 1
+        return orig_ahead(self)
+
     monkeypatch.setattr(FastGlideDrafter, "fused_round", counting)
+    monkeypatch.setattr(FastGlideDrafter, "launch_ahead", counting_ahead)
     runs = {}
     for fuse in (True, False):
         monkeypatch.setattr(FastGlideDrafter, "fuse_rounds", fuse)
         rounds = []
         res = fast.tree_spec_generate(ftarget, glide, on_round=lambda r: rounds.append((r.draft.tokens.tolist(), r.path, r.next_token)), **kw)
         runs[fuse] = (res.output_ids, rounds)
-    assert calls["fused"] >= len(runs[True][1]) - len(shape)  # all but the shorter last rounds
+    # all rounds but the last ones are fused; most of them device-driven (none dropped: no EOS)
+    assert calls["fused"] + calls["ahead"] == len(runs[True][1]) and calls["ahead"] >= len(runs[True][1]) // 2, calls
     assert torch.equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]
     assert torch.equal(runs[True][0], ref.vanilla_generate(target, **{k: v for k, v in kw.items() if k != "tree_shape"}).output_ids)
 

@@ -8,7 +8,9 @@
   :func:`specdec.shared.glide.beam_level`) written straight into the draft tree's buffers;
 * :func:`row_argmax`, :func:`greedy_accept` -- greedy acceptance of a verified tree in two launches
   (matches :func:`specdec.shared.acceptance.greedy_best_node`);
-* :func:`compact_kv` -- move the accepted tree rows of every layer's KV cache into place, one launch.
+* :func:`compact_kv` -- move the accepted tree rows of every layer's KV cache into place, one launch;
+* :func:`round_pack` -- the integers of a device-driven GLIDE round from the cache length (matches
+  ``FastGlideDrafter._pack``).
 
 On CPU the kernels run only under the Triton interpreter: set ``TRITON_INTERPRET=1`` *before*
 importing this package (:func:`interpreter_active` tells which mode was picked).
@@ -24,6 +26,7 @@ from .glide_attention import (
 from .accept import greedy_accept, greedy_accept_ref, row_argmax
 from .beam import beam_select, beam_topk
 from .kv_compact import compact_kv, compact_kv_ref
+from .round_pack import round_pack, round_pack_ref
 from .tree_attention import tree_attention
 
 __all__ = [
@@ -42,6 +45,8 @@ __all__ = [
     "row_argmax",
     "greedy_accept",
     "greedy_accept_ref",
+    "round_pack",
+    "round_pack_ref",
 ]
 
 from .fused import (  # noqa: E402

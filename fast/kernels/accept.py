@@ -12,9 +12,14 @@
       dst    [1] int32      = L                                                       (where they go)
       n      [1] int32      = number of path nodes (root included)
       length_t              <- L + n                                                  (in place)
+      seq (optional)        <- seq[L + r] = token of the r-th path node (r < n), seq[L + n] = next token
 
-  with ``L = length_t[0]`` on entry. :func:`specdec.fast.kernels.compact_kv` then moves rows
-  ``src[:n]`` to ``dst ..``; ``length_t`` already counts them.
+  with ``L = length_t[0]`` on entry. ``seq`` [capacity] int32 is a device copy of the sequence by
+  position (position ``L`` holds the root), so a device-driven next round can read its catch-up
+  tokens without the host (see ``FastGlideDrafter.launch_ahead``).
+
+  :func:`specdec.fast.kernels.compact_kv` then moves rows ``src[:n]`` to ``dst ..``; ``length_t``
+  already counts them.
 
 Shapes: tokens, parents (root -1), depth [M] int64; ancestor [M, M] bool (ancestor-or-self, unit
 column stride); valid [M] bool; length_t [>= 1] int32. Graph-capturable (no host synchronisation).
@@ -55,8 +60,8 @@ def _row_argmax_kernel(X, stride_m, V, Out, BLOCK_V: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "stride_a"])
-def _greedy_accept_kernel(Amax, Tok, Par, Depth, Anc, stride_a, Valid, LenT, Packed, Src, Dst, NAcc, M,
-                          BLOCK: tl.constexpr):
+def _greedy_accept_kernel(Amax, Tok, Par, Depth, Anc, stride_a, Valid, LenT, Packed, Src, Dst, NAcc, Seq, M,
+                          BLOCK: tl.constexpr, HAS_SEQ: tl.constexpr):
     i = tl.arange(0, BLOCK)
     ok = i < M
     one = tl.arange(0, 1)
@@ -92,6 +97,10 @@ def _greedy_accept_kernel(Amax, Tok, Par, Depth, Anc, stride_a, Valid, LenT, Pac
     tl.store(Packed + 2 + i, on.to(tl.int64), mask=ok)
     tl.store(Packed + 2 + M + i, tok, mask=ok)
     tl.store(Packed + 2 + 2 * M + i, par, mask=ok)
+    # 6. The sequence by position: the path's tokens at L .. L + n - 1 (rank order = depth order), then the next one.
+    if HAS_SEQ:
+        tl.store(Seq + L + rank, tok.to(tl.int32), mask=on)
+        tl.store(Seq + L + n + one, nxt.to(tl.int32))
 
 
 def row_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -128,9 +137,10 @@ def _check_tree(tokens, parents, depth, ancestor, valid) -> int:
     return m
 
 
-def greedy_accept(target_argmax, tokens, parents, depth, ancestor, valid, length_t):
+def greedy_accept(target_argmax, tokens, parents, depth, ancestor, valid, length_t, seq=None):
     """Greedy acceptance of a verified tree (module docstring). Returns ``(packed, src, dst, n)``;
-    advances ``length_t[0]`` by ``n`` in place."""
+    advances ``length_t[0]`` by ``n`` in place and, with ``seq`` (contiguous int32), writes the
+    accepted path and the next token at their positions ``L ..  L + n``."""
     m = _check_tree(tokens, parents, depth, ancestor, valid)
     check_int_tensor("target_argmax", target_argmax, (m,))
     if target_argmax.dtype != torch.int64 or target_argmax.stride(0) != 1:
@@ -139,17 +149,22 @@ def greedy_accept(target_argmax, tokens, parents, depth, ancestor, valid, length
         raise ValueError("length_t must be an int32 [B] tensor (the cache's device-side length)")
     dev = check_device(("target_argmax", target_argmax), ("tokens", tokens), ("parents", parents), ("depth", depth),
                        ("ancestor", ancestor), ("valid", valid), ("length_t", length_t))
+    if seq is not None:
+        if not isinstance(seq, torch.Tensor) or seq.dtype != torch.int32 or seq.dim() != 1 or seq.stride(0) != 1:
+            raise ValueError("seq must be a contiguous int32 [capacity] tensor (the sequence by position)")
+        check_device(("seq", seq), ("length_t", length_t))
     packed = torch.empty(2 + 3 * m, dtype=torch.long, device=dev)
     ma = -(-m // 4) * 4
     ints = torch.empty(ma + 8, dtype=torch.int32, device=dev)  # src | dst | n, each 16-byte aligned
     src, dst, n = ints[:m], ints[ma : ma + 1], ints[ma + 4 : ma + 5]
     _greedy_accept_kernel[(1,)](target_argmax, tokens, parents, depth, ancestor.view(torch.int8), ancestor.stride(0),
-                                valid.view(torch.int8), length_t, packed, src, dst, n, m,
-                                BLOCK=max(next_pow2(m), 16) if dev.type == "cpu" else MAX_NODES, num_warps=4)
+                                valid.view(torch.int8), length_t, packed, src, dst, n, seq if seq is not None else length_t, m,
+                                BLOCK=max(next_pow2(m), 16) if dev.type == "cpu" else MAX_NODES, HAS_SEQ=seq is not None,
+                                num_warps=4)
     return packed, src, dst, n
 
 
-def greedy_accept_ref(target_argmax, tokens, parents, depth, ancestor, valid, length_t):
+def greedy_accept_ref(target_argmax, tokens, parents, depth, ancestor, valid, length_t, seq=None):
     """Reference for :func:`greedy_accept`: torch ops and :func:`specdec.shared.acceptance.greedy_best_node`."""
     from specdec.shared.acceptance import greedy_best_node
 
@@ -164,4 +179,8 @@ def greedy_accept_ref(target_argmax, tokens, parents, depth, ancestor, valid, le
     src = (L.long() + order).to(torch.int32)
     length_t[:1] += n
     packed = torch.cat([best, target_argmax.index_select(0, best), on_path.long(), tokens, parents])
+    if seq is not None:
+        k = int(n)
+        seq[int(L) : int(L) + k] = tokens[order[:k]].to(torch.int32)
+        seq[int(L) + k] = target_argmax[best].to(torch.int32)
     return packed, src, L, n
