@@ -4,7 +4,8 @@ For the embedded default model (or ``--target``/``--glide`` dirs) this measures,
 prompt set:
 
 * vanilla fast decoding: wall time per token;
-* ``tree_spec_generate`` / ``spec_generate``: wall time per round, and an instrumented run that
+* ``tree_spec_generate`` / ``spec_generate``: wall time per round ("tree-sync": the tree rounds
+  without run-ahead, each launched after the previous one was read), and an instrumented run that
   synchronises around the three phases (draft, verification, acceptance + compaction + read-back)
   to split the round's wall time between them;
 * the GPU time of one replay of the greedy round's CUDA graph (draft + verification + acceptance,
@@ -128,20 +129,24 @@ def main() -> None:
             return F_.tree_spec_generate(target, glide, x, len(ids), max_gen_len=n)
         return F_.spec_generate(target, glide, x, len(ids), max_gen_len=n)
 
-    for method in ("vanilla", "tree", "chain"):
+    # "tree-sync": the same rounds, each launched only after the previous one was read (no run-ahead)
+    for label in ("vanilla", "tree", "tree-sync", "chain"):
+        method = "tree" if label == "tree-sync" else label
+        F_.glide.FastGlideDrafter.run_ahead = label != "tree-sync"
         longest = max(ps, key=len)  # warm-up on the longest prompt: the cache (and its graphs) then fits all
         run(method, longest), run(method, longest)
         toks = rounds = 0
         wall = 0.0
         for ids in ps:
             r, dt = timed(lambda: run(method, ids))
-            print(f"  {method}: prompt {len(ids)} tokens -> {r.num_tokens} tokens, {r.num} passes, "
+            print(f"  {label}: prompt {len(ids)} tokens -> {r.num_tokens} tokens, {r.num} passes, "
                   f"decode {r.elapsed_time * 1e3:.1f} ms, call {dt * 1e3:.1f} ms", flush=True)
             toks += r.num_tokens
             rounds += r.num
             wall += r.elapsed_time
-        lines.append(dict(kind="wall", method=method, tokens=toks, rounds=rounds, wall_s=wall))
+        lines.append(dict(kind="wall", method=label, tokens=toks, rounds=rounds, wall_s=wall))
         print(lines[-1], flush=True)
+    F_.glide.FastGlideDrafter.run_ahead = True
 
     # the greedy GLIDE round's graph alone: GPU time of one replay (CUDA events, no host work in between)
     # against the round's wall time above -- the difference is host time per round plus launch latency
