@@ -48,13 +48,15 @@ def timed(fn):
 
 
 @torch.inference_mode()
-def graph_replay_ms(target, glide, shape, reps: int = 50) -> list[float]:
-    """Sorted CUDA-event times (ms) of replaying the fused greedy round graph (catch-up length 1) of
-    ``shape`` on the target's current cache; [] when there is none."""
+def graph_replay_ms(target, glide, shape, which="k1", reps: int = 50) -> list[float]:
+    """Sorted CUDA-event times (ms) of replaying a fused greedy round graph of ``shape`` on the target's
+    current cache: ``which="k1"`` the host-packed round of catch-up length 1, ``"ahead"`` the
+    device-driven round (its integers built on the device); [] when there is none."""
     cache = target.caches["main"]
-    live = (cache.k[-1].data_ptr(), "fused", cache.length_t.data_ptr())  # graphs of the current cache only
+    want = 1 if which == "k1" else "ahead"
     rec = next(iter(g for key, g in glide._fast_state["graphs"].items()
-                    if key[3] == 1 and key[4] == shape and (key[0],) + key[-2:] == live), None)
+                    if key[3] == want and key[4] == shape and key[0] == cache.k[-1].data_ptr()
+                    and "fused" in key and cache.length_t.data_ptr() in key), None)  # graphs of the current cache only
     if rec is None:
         return []
     length = cache.length_t.clone()
@@ -111,6 +113,7 @@ def main() -> None:
     ap.add_argument("--glide", default="default-glide")
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--ab-reps", type=int, default=5, help="repetitions of the run-ahead on/off comparison")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -151,10 +154,26 @@ def main() -> None:
     # the greedy GLIDE round's graph alone: GPU time of one replay (CUDA events, no host work in between)
     # against the round's wall time above -- the difference is host time per round plus launch latency
     for method, shape in (("tree", (4, 16, 16, 16, 16)), ("chain", (1, 1, 1, 1))):
-        times = graph_replay_ms(target, glide, shape)
-        if times:
-            lines.append(dict(kind="graph", method=method, replay_ms_median=times[len(times) // 2], replay_ms_min=times[0]))
-            print(lines[-1], flush=True)
+        for which in ("k1", "ahead"):
+            times = graph_replay_ms(target, glide, shape, which)
+            if times:
+                lines.append(dict(kind="graph", method=method, graph=which, replay_ms_median=times[len(times) // 2],
+                                  replay_ms_min=times[0]))
+                print(lines[-1], flush=True)
+
+    # run-ahead on/off, interleaved (decode times of one call vary by ~20% from call to call): median ms per round
+    per_round: dict[str, list[float]] = {"tree": [], "tree-sync": []}
+    for _ in range(args.ab_reps):
+        for label in per_round:
+            F_.glide.FastGlideDrafter.run_ahead = label == "tree"
+            for ids in ps:
+                r = run("tree", ids)
+                per_round[label].append(r.elapsed_time / r.num * 1e3)
+    F_.glide.FastGlideDrafter.run_ahead = True
+    for label, v in per_round.items():
+        v.sort()
+        lines.append(dict(kind="ab", method=label, calls=len(v), ms_per_round_median=v[len(v) // 2], ms_per_round_min=v[0]))
+        print(lines[-1], flush=True)
 
     # instrumented phases (rounds unfused, so that the draft and the verification can be timed apart)
     for method in ("tree", "chain"):
