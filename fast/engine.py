@@ -282,6 +282,8 @@ def run_speculative_fast(
         num = 1
     else:
         last_logits = prefill(target, cache, prompt[:, :-1])[0] if prompt.shape[1] > 1 else None
+    if hasattr(drafter, "prefill"):  # the drafter's own pass over the prompt belongs to the prefill too
+        drafter.prefill(RoundState(tokens, target, cache, last_logits, params, generator, max_gen_len - len(out_.emitted)))
     sync(dev)
     prefill_time = time.perf_counter() - t0
 

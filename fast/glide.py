@@ -205,7 +205,7 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
     with ``tree_mask`` [1, T, n_tree] the tree block (rows ``[tree_start, tree_start + n_tree)``)
     is masked by ancestry. The same fused kernels as a target layer (:mod:`.kernels.fused`):
 
-        embed -> rms_norm -> wqkv GEMM -> rope_qkv_write (k, v into the sliding cache) -> windowed
+        embed_rms_norm -> wqkv GEMM -> rope_qkv_write (k, v into the sliding cache) -> windowed
         self-attention -> wo GEMM -> add_rms_norm -> wq_x GEMM -> rope_q -> cross-attention over the
         target cache -> wo_x GEMM -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> + residual
     """
@@ -215,9 +215,9 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
     eps = g.config.rms_norm_eps
     cos, sin = _cos_sin(fm, positions)  # [T, D], true positions (the target's table: no host sync)
     cos, sin = cos[None].to(g.dtype), sin[None].to(g.dtype)
-    x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)  # the target's frozen embedding
-    # 1. Self-attention over the sliding cache (+ the tree block).
-    h = kern.rms_norm(x, g.w["norm1"], eps)
+    # 1. Self-attention over the sliding cache (+ the tree block); the embedding is the target's frozen one
+    #    (the ids come from the round's own pack or beam kernels: no host-side range check)
+    h, x = kern.embed_rms_norm(tokens, fm.w["embed"], g.w["norm1"], eps, dtype=g.dtype, check_ids=False)
     q = kern.rope_qkv_write(F.linear(h, g.w["wqkv"], g.w["bqkv"]), cos, sin, cache.k, cache.v, rows, check_rows=False)
     o = split_attention(q, cache.k, cache.v, span_lo=bounds.self_lo, span_hi=bounds.self_hi,
                         max_span=g.window + q.shape[2], row_lo=bounds.self_row_lo, row_hi=bounds.self_row_hi,
@@ -310,6 +310,16 @@ class FastGlideDrafter:
                         catch_up_glide_bounds(u, cross_span=stop))
             cache.n = stop - cache.base
         self.processed = max(self.processed, stop_at)
+
+    def prefill(self, state: RoundState) -> None:
+        """The draft's pass over the prompt, called by the engine during the prefill (so it counts in the
+        time to first token, like the target's): every position but the last ``levels + 1``, which the
+        first round catches up on; greedy calls also copy the sequence to the device (``seq``)."""
+        cache = state.target_cache
+        k = len(self.tree_shape) + 1
+        self._catch_up_prefix(state.tokens, max(cache.length + 1 - k, 0), cache.k[-1], cache.v[-1])
+        if state.params.greedy and self.fuse_rounds:
+            self._sync_seq(state)
 
     def _pack(self, tokens: list[int], L: int, k: int, shape: tuple[int, ...], scratch: bool = False,
               depth_limit: int | None = None):

@@ -100,6 +100,29 @@ def test_rms_norm_shapes_and_promotion():
     assert K.rms_norm(empty, w, 1e-6).shape == (0, 64)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["contig", "slice"])
+def test_embed_rms_norm_matches_ref(dtype, kind):
+    """Embedding lookup + RMSNorm in one kernel: the gathered rows exactly, the norm as rms_norm."""
+    gen = _gen(5)
+    table = _strided((50, 96), torch.float32, gen, kind).to(dtype)
+    w = (torch.rand(96, generator=gen) + 0.5).to(dtype).to(DEV)
+    tokens = torch.randint(0, 50, (2, 7), generator=gen).to(DEV)
+    for out_dtype in (None, torch.float32):
+        normed, x = K.embed_rms_norm(tokens, table, w, 1e-5, dtype=out_dtype)
+        want_n, want_x = K.embed_rms_norm_ref(tokens, table, w, 1e-5, dtype=out_dtype)
+        assert x.shape == (2, 7, 96) and torch.equal(x, want_x)
+        assert_ulps(normed, want_n, 16.0 if want_n.dtype == torch.float32 else 2.0, "embed_rms_norm")
+    normed, x = K.embed_rms_norm(tokens[0, :1].int(), table, w, 1e-5)  # one int32 id
+    assert torch.equal(x, table[tokens[0, :1].long()])
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 49\]"):
+        K.embed_rms_norm(torch.tensor([3, 50], device=DEV), table, w, 1e-5)
+    with pytest.raises(TypeError, match="tokens"):
+        K.embed_rms_norm(tokens.float(), table, w, 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        K.embed_rms_norm(tokens, table, w[:64], 1e-5)
+
+
 def test_rms_norm_bad_inputs():
     x = torch.randn(2, 64, device=DEV)
     with pytest.raises(ValueError, match="weight"):

@@ -52,6 +52,8 @@ __all__ = [
 from .fused import (  # noqa: E402
     add_rms_norm,
     add_rms_norm_ref,
+    embed_rms_norm,
+    embed_rms_norm_ref,
     rms_norm,
     rms_norm_ref,
     rope_qkv_write,
@@ -67,6 +69,8 @@ __all__ += [
     "rms_norm_ref",
     "add_rms_norm",
     "add_rms_norm_ref",
+    "embed_rms_norm",
+    "embed_rms_norm_ref",
     "rope_qkv_write",
     "rope_qkv_write_ref",
     "rope_q",

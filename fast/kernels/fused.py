@@ -33,7 +33,10 @@ Every function is CUDA-graph capturable: shape/dtype checks are host-only, and t
 check (:func:`rope_qkv_write`'s ``rows`` range, a host sync) is skipped under capture or with
 ``check_rows=False``.
 
-References (the kernels must match them): :func:`rms_norm_ref`, :func:`add_rms_norm_ref`,
+* :func:`embed_rms_norm` ``(tokens, table [V, H], w, eps) -> (normed, x)`` -- the embedding lookup
+  and the first RMSNorm of a layer in one kernel (the GLIDE draft layer starts every level with it).
+
+References (the kernels must match them): :func:`rms_norm_ref`, :func:`add_rms_norm_ref`, :func:`embed_rms_norm_ref`,
 :func:`rope_qkv_write_ref`, :func:`silu_mul_ref`.
 """
 
@@ -89,16 +92,23 @@ def _round_to(x, CODE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(
-    X, R, W, Out, ResOut,
+    X, R, W, Out, ResOut, Idx,
     stride_xr, stride_xc, stride_rr, stride_rc, stride_w,
     stride_or, stride_oc, stride_sr, stride_sc,
     n_rows, n_cols, eps,
-    HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, GATHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     ok = (rows < n_rows) & (cols < n_cols)
-    x = tl.load(X + rows * stride_xr + cols * stride_xc, mask=ok, other=0.0)
+    if GATHER:
+        # the embedding lookup: row `rows` of the output is row Idx[rows] of the table X, cast to the
+        # residual stream's dtype (as `F.embedding(...).to(dtype)`) and stored as the residual stream
+        idx = tl.load(Idx + rows, mask=rows < n_rows, other=0).to(tl.int64)
+        x = tl.load(X + idx * stride_xr + cols * stride_xc, mask=ok, other=0.0).to(ResOut.dtype.element_ty)
+        tl.store(ResOut + rows * stride_sr + cols * stride_sc, x, mask=ok)
+    else:
+        x = tl.load(X + rows * stride_xr + cols * stride_xc, mask=ok, other=0.0)
     if HAS_RES:
         # the eager residual add: fp32 sum rounded to the residual stream's dtype
         r = tl.load(R + rows * stride_rr + cols * stride_rc, mask=ok, other=0.0)
@@ -268,14 +278,77 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: 
     block_r = min(next_pow2(n), max(1, 16384 // block)) if interpreter_active() else 1
     num_warps = 4 if block <= 1024 else (8 if block <= 8192 else 16)
     _rms_norm_kernel[(triton.cdiv(n, block_r),)](
-        x2, r2, w, o2, s2,
+        x2, r2, w, o2, s2, x2,
         x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), w.stride(0),
         o2.stride(0), o2.stride(1), s2.stride(0), s2.stride(1),
         n, h, float(eps),
-        HAS_RES=residual is not None, BLOCK_R=block_r, BLOCK=block,
+        HAS_RES=residual is not None, GATHER=False, BLOCK_R=block_r, BLOCK=block,
         num_warps=num_warps, **_launch_opts(),
     )
     return out, new_res
+
+
+def embed_rms_norm(tokens: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, eps: float,
+                   dtype: torch.dtype | None = None, check_ids: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x = F.embedding(tokens, table).to(dtype)``; ``normed = rms_norm(x, weight, eps)``, in one kernel.
+
+    Args:
+        tokens: [...] integer ids in ``[0, table.shape[0])``.
+        table: [V, H] the embedding table (unit-stride rows not required).
+        weight: [H]; eps: as :func:`rms_norm`.
+        dtype: the residual stream's dtype (default the table's).
+        check_ids: check the id range on the host first (a synchronisation; skipped under CUDA graph
+            capture). Callers whose ids come from the device's own kernels pass False.
+    Returns ``(normed, x)`` of shape ``[..., H]``; matches :func:`embed_rms_norm_ref`.
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"tokens must be an int32/int64 tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
+    _check_float("table", table)
+    _check_float("weight", weight)
+    if table.dim() != 2:
+        raise ValueError(f"table must be [V, H], got shape {tuple(table.shape)}")
+    v, h = table.shape
+    if weight.dim() != 1 or weight.shape[0] != h:
+        raise ValueError(f"weight must be [H] with H = {h}, got shape {tuple(weight.shape)}")
+    if h > _MAX_NORM_COLS:
+        raise ValueError(f"embed_rms_norm supports rows of at most {_MAX_NORM_COLS} elements, got {h}")
+    check_device(("tokens", tokens), ("table", table), ("weight", weight))
+    dtype = dtype or table.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {dtype} is not supported; supported: float16, bfloat16, float32")
+    ids = tokens.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
+    if check_ids and not capturing and ids.numel():
+        lo, hi = (int(t) for t in torch.stack([ids.min(), ids.max()]).tolist())
+        if lo < 0 or hi >= v:
+            raise ValueError(f"token ids must be in [0, {v - 1}] (the table's rows), got range [{lo}, {hi}]")
+    x = torch.empty((*tokens.shape, h), dtype=dtype, device=table.device)
+    out = torch.empty((*tokens.shape, h), dtype=torch.promote_types(weight.dtype, dtype), device=table.device)
+    n = ids.numel()
+    if n == 0:
+        return out, x
+    x2, o2 = x.view(-1, h), out.view(-1, h)
+    block = max(16, next_pow2(h))
+    block_r = min(next_pow2(n), max(1, 16384 // block)) if interpreter_active() else 1
+    num_warps = 4 if block <= 1024 else (8 if block <= 8192 else 16)
+    _rms_norm_kernel[(triton.cdiv(n, block_r),)](
+        table, x2, weight, o2, x2, ids,
+        table.stride(0), table.stride(1), x2.stride(0), x2.stride(1), weight.stride(0),
+        o2.stride(0), o2.stride(1), x2.stride(0), x2.stride(1),
+        n, h, float(eps),
+        HAS_RES=False, GATHER=True, BLOCK_R=block_r, BLOCK=block,
+        num_warps=num_warps, **_launch_opts(),
+    )
+    return out, x
+
+
+def embed_rms_norm_ref(tokens: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, eps: float,
+                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`embed_rms_norm`: the eager embedding, cast, and :func:`rms_norm_ref`."""
+    x = F.embedding(tokens.long(), table).to(dtype or table.dtype)
+    return rms_norm_ref(x, weight, eps), x
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
