@@ -272,20 +272,25 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: 
     x2, o2 = _rows2d(x), out.view(-1, h)
     r2 = _rows2d(residual) if residual is not None else x2
     s2 = new_res.view(-1, h) if new_res is not None else o2
-    n = x2.shape[0]
+    _launch_norm(x2, r2, w, o2, s2, None, eps, has_res=residual is not None)
+    return out, new_res
+
+
+def _launch_norm(x2, r2, w, o2, s2, ids, eps: float, has_res: bool) -> None:
+    """One :func:`_rms_norm_kernel` launch over the rows of the 2-D views (``ids``: gather x2's rows)."""
+    n, h = o2.shape
     block = max(16, next_pow2(h))
     # one row per program on the GPU; the interpreter runs programs one by one, so give it big tiles
     block_r = min(next_pow2(n), max(1, 16384 // block)) if interpreter_active() else 1
     num_warps = 4 if block <= 1024 else (8 if block <= 8192 else 16)
     _rms_norm_kernel[(triton.cdiv(n, block_r),)](
-        x2, r2, w, o2, s2, x2,
+        x2, r2, w, o2, s2, ids if ids is not None else x2,
         x2.stride(0), x2.stride(1), r2.stride(0), r2.stride(1), w.stride(0),
         o2.stride(0), o2.stride(1), s2.stride(0), s2.stride(1),
         n, h, float(eps),
-        HAS_RES=residual is not None, GATHER=False, BLOCK_R=block_r, BLOCK=block,
+        HAS_RES=has_res, GATHER=ids is not None, BLOCK_R=block_r, BLOCK=block,
         num_warps=num_warps, **_launch_opts(),
     )
-    return out, new_res
 
 
 def embed_rms_norm(tokens: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -326,21 +331,10 @@ def embed_rms_norm(tokens: torch.Tensor, table: torch.Tensor, weight: torch.Tens
             raise ValueError(f"token ids must be in [0, {v - 1}] (the table's rows), got range [{lo}, {hi}]")
     x = torch.empty((*tokens.shape, h), dtype=dtype, device=table.device)
     out = torch.empty((*tokens.shape, h), dtype=torch.promote_types(weight.dtype, dtype), device=table.device)
-    n = ids.numel()
-    if n == 0:
+    if ids.numel() == 0:
         return out, x
-    x2, o2 = x.view(-1, h), out.view(-1, h)
-    block = max(16, next_pow2(h))
-    block_r = min(next_pow2(n), max(1, 16384 // block)) if interpreter_active() else 1
-    num_warps = 4 if block <= 1024 else (8 if block <= 8192 else 16)
-    _rms_norm_kernel[(triton.cdiv(n, block_r),)](
-        table, x2, weight, o2, x2, ids,
-        table.stride(0), table.stride(1), x2.stride(0), x2.stride(1), weight.stride(0),
-        o2.stride(0), o2.stride(1), x2.stride(0), x2.stride(1),
-        n, h, float(eps),
-        HAS_RES=False, GATHER=True, BLOCK_R=block_r, BLOCK=block,
-        num_warps=num_warps, **_launch_opts(),
-    )
+    x2 = x.view(-1, h)
+    _launch_norm(table, x2, weight, out.view(-1, h), x2, ids, eps, has_res=False)
     return out, x
 
 
