@@ -272,3 +272,22 @@ def test_fast_longspec_classes_match_ref(tmp_path, family):
         out_f = getattr(f, method)(input_ids=ids, prompt_length=9, max_gen_len=4, eos_id=-1, **kw)
         assert len(out_f) == 5 and torch.equal(out_f[0], out_r[0]), method
     assert torch.equal(f.vanilla_generate(ids, 9, max_gen_len=4, eos_id=-1)[0], out_r[0])
+
+
+def test_run_ahead_round_dropped_at_eos():
+    """An EOS ends the greedy fused loop with a device-driven round already launched: the output still equals
+    the reference (stopped at the EOS) and the cache's device length is put back to the host's."""
+    from specdec.shared.glide import init_glide_weights
+
+    target, ftarget = _pair(layers=1, seed=43)
+    glide = init_glide_weights(target.config, seed=44, std=0.3)
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
+    kw = dict(input_ids=ids, prompt_length=30, max_gen_len=24, tree_shape=(2, 3, 3))
+    free = ref.vanilla_generate(target, eos_id=[], **{k: v for k, v in kw.items() if k != "tree_shape"}).output_ids[0].tolist()
+    # an EOS well past the first rounds (device-driven rounds are running by then), first seen there
+    eos = next(t for i, t in enumerate(free) if i >= 10 and t not in free[:i])
+    want = ref.tree_spec_generate(target, glide, eos_id=eos, **kw)
+    got = fast.tree_spec_generate(ftarget, glide, eos_id=eos, **kw)
+    assert torch.equal(got.output_ids, want.output_ids) and got.output_ids[0, -1].item() == eos
+    cache = ftarget.caches["main"]
+    assert int(cache.length_t[0]) == cache.length
