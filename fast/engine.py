@@ -150,8 +150,9 @@ def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, val
     :func:`specdec.fast.kernels.compact_kv` launch, and advances ``cache.length_t`` by ``n``.
     Returns ``[best, next_token, path mask (M), node tokens (M), parents (M)]`` as one long tensor,
     for the round's single read-back. With ``seq`` (int32, the sequence by position) the accepted
-    tokens and the next one are also written at their positions (for device-driven rounds). Three launches: :func:`specdec.fast.kernels.row_argmax`,
-    :func:`specdec.fast.kernels.greedy_accept` and the compaction.
+    tokens and the next one are also written at their positions (for device-driven rounds).
+    Three launches: :func:`specdec.fast.kernels.row_argmax`, :func:`specdec.fast.kernels.greedy_accept`
+    and the compaction.
     """
     from specdec.fast import kernels as K
 
@@ -225,18 +226,14 @@ def _run_fused_greedy(target: FastModel, drafter, state: RoundState, first, out_
         out_.round(draft_tokens, parents, path, next_token)
         if out_.done(max_gen_len, eos, new=len(path)):
             break
-        if not inflight:
+        if not inflight:  # nothing may run ahead: a host-packed round on the up-to-date state
             state = RoundState(out_.tokens, target, cache, None, state.params, state.generator, max_gen_len - len(out_.emitted))
-            launched(*_host_round(drafter, state, tree_size))
+            packed_t, _, m = drafter.fused_round(state, tree_size)
+            launched(packed_t, False, m)
     if inflight:  # a round launched past an EOS: its results are dropped
         sync(dev)
-        cache.length_t.fill_(cache.length)
+        cache.set_length(cache.length)
     return num
-
-
-def _host_round(drafter, state: RoundState, tree_size: int) -> tuple[torch.Tensor, bool, int]:
-    packed_t, _, m = drafter.fused_round(state, tree_size)
-    return packed_t, False, m
 
 
 @torch.inference_mode()
@@ -320,12 +317,8 @@ def run_speculative_fast(
             key = ("accept", id(cache), tree_size)
             fn = target.graphs.get(key)
             if fn is None and target.use_graphs:
-                # capturing runs the function twice to warm up: snapshot the state it mutates, restore after
-                snap = (cache.length_t.clone(), cache.k[:, :, :, L : L + tree_size].clone(), cache.v[:, :, :, L : L + tree_size].clone())
-                fn = target.graphs[key] = CapturedFn(lambda **kw: accept_and_compact(cache, **kw), inputs)
-                cache.length_t.copy_(snap[0])
-                cache.k[:, :, :, L : L + tree_size] = snap[1]
-                cache.v[:, :, :, L : L + tree_size] = snap[2]
+                with cache.restored_tree_rows(tree_size):  # capturing runs the function (twice to warm up)
+                    fn = target.graphs[key] = CapturedFn(lambda **kw: accept_and_compact(cache, **kw), inputs)
             packed_t = fn(**inputs) if fn is not None else accept_and_compact(cache, **inputs)
             # the one host synchronisation of the round: accepted node, next token, its path, the draft
             next_token, path, draft_tokens, parents = _read_packed(packed_t.tolist(), tree_size, m)
@@ -342,6 +335,4 @@ def run_speculative_fast(
         last_logits = logits[path[-1]]
     sync(dev)
     elapsed = time.perf_counter() - t1
-    emitted, spec, accept_lengths = out_.emitted, out_.spec, out_.accept_lengths
-
-    return GenerationResult.from_rounds(emitted, spec, eos, max_gen_len, num, elapsed, prefill_time, accept_lengths)
+    return GenerationResult.from_rounds(out_.emitted, out_.spec, eos, max_gen_len, num, elapsed, prefill_time, out_.accept_lengths)

@@ -21,6 +21,7 @@ greedy output; what changes is where the numbers live:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -267,6 +268,13 @@ class FastGlideDrafter:
     :func:`specdec.fast.engine.run_speculative_fast`): the draft body, the target's verification of
     the tree and the device-side acceptance + KV compaction are ONE graph per ``k``, so a round is
     one host-to-device copy, one graph launch and one read-back.
+
+    Device-driven rounds (:meth:`launch_ahead`): a round that catches up on the last
+    ``levels + 1`` positions whatever was accepted (re-writing K/V rows that are already there with
+    the same values) has ONE shape, and every integer it needs follows from the target cache length
+    (:func:`specdec.fast.kernels.round_pack` builds the pack on the device, the tokens come from
+    ``seq``, the sequence by position that the acceptance kernel writes). The engine launches it
+    before reading the previous round's result, so the GPU does not wait for the host between rounds.
     """
 
     fuse_rounds: bool = True
@@ -410,9 +418,14 @@ class FastGlideDrafter:
         table = self.target.rope_table[0].data_ptr() if self.target.rope_table is not None else 0
         return k, shape, pack, layout, target_k, target_v, (target_k.data_ptr(), tuple(target_k.shape), table, k, shape)
 
+    def _levels_left(self, budget: int) -> int:
+        """Levels a round may accept when ``budget`` tokens may still be emitted (one is the bonus token).
+        The device-driven rounds apply the same rule on the device (``round_pack``, kind 2)."""
+        return min(len(self.tree_shape), max(budget - 1, 0))
+
     def _shape(self, state: RoundState) -> tuple[int, ...]:
         """This round's tree shape: the full one, or fewer levels when fewer tokens may still be emitted."""
-        return self.tree_shape[: min(len(self.tree_shape), max(state.budget - 1, 0))]
+        return self.tree_shape[: self._levels_left(state.budget)]
 
     def _depth_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
         depth_t = self._depth.get(shape)
@@ -479,6 +492,8 @@ class FastGlideDrafter:
             buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=self.glide.device), "layout": layout,
                    "target_k": target_k, "target_v": target_v, "cross_span": L + 1}
             self._body(buf, shape, verify)
+            if self.run_ahead and self._ahead_buf is None:
+                self._ahead_buf = self._ahead_buffers(target_k, target_v, verify)
         else:
             key = key + ("fused", cache.length_t.data_ptr(), seq.data_ptr())
             if key not in self.graphs:
@@ -489,8 +504,6 @@ class FastGlideDrafter:
                     self.graphs[akey] = self._capture(None, None, shape, target_k, target_v, verify=verify, ahead=True)
                 self._ahead_buf = self.graphs[akey]
             buf = self._replay(self.graphs[key], pack)
-        if not self.use_graphs and self.run_ahead and self._ahead_buf is None:
-            self._ahead_buf = self._ahead_buffers(target_k, target_v, verify)
         return buf["packed"], buf["logits"], 1 + sum(shape[:d])
 
     # -- device-driven rounds ------------------------------------------------------------------------
@@ -502,6 +515,7 @@ class FastGlideDrafter:
         key = (cache.k.data_ptr(), cache.capacity)
         if "ctl" not in store:  # read by address by every device-driven graph: allocated once
             store["ctl"] = torch.zeros(4, dtype=torch.int32, device=self.glide.device)
+            store["ctl_value"] = None
         if store.get("seq_key") != key:
             store["seq"] = torch.zeros(cache.capacity + 8, dtype=torch.int32, device=self.glide.device)
             store["seq_key"] = key
@@ -514,7 +528,10 @@ class FastGlideDrafter:
     def _set_ctl(self, end: int) -> None:
         """``ctl = [base, end]`` for :func:`specdec.fast.kernels.round_pack` (``end``: the cache length at
         which the call's budget is spent)."""
-        self._store["ctl"].copy_(torch.tensor([self.cache.base, end, 0, 0], dtype=torch.int32))
+        value = (self.cache.base, end)
+        if self._store.get("ctl_value") != value:
+            self._store["ctl"].copy_(torch.tensor([*value, 0, 0], dtype=torch.int32))
+            self._store["ctl_value"] = value
 
     def _ahead_recipe(self, shape: tuple[int, ...]) -> tuple[list[list[int]], dict]:
         """The :func:`specdec.fast.kernels.round_pack` recipe of a round that catches up on the last
@@ -587,11 +604,10 @@ class FastGlideDrafter:
         catch-up covered positions up to ``L``. Returns the number of tree nodes it could accept from."""
         self.processed = L + 1
         self.cache.n = L + 1 - self.cache.base
-        d = min(len(self.tree_shape), max(max_gen_len - emitted - 1, 0))
-        return 1 + sum(self.tree_shape[:d])
+        return 1 + sum(self.tree_shape[: self._levels_left(max_gen_len - emitted)])
 
     def _body(self, buf: dict, shape: tuple[int, ...], verify=None) -> None:
-        """:meth:`_round_body`, then (with ``verify = (target cache, depth)``) the verification and greedy
+        """:meth:`_round_body`, then (with ``verify = (target cache, depth, seq)``) the verification and greedy
         acceptance of the drafted tree (:func:`specdec.fast.engine.verify_and_accept`); nodes deeper than
         the pack's ``max_depth`` can never be accepted."""
         from specdec.fast.engine import verify_and_accept
@@ -614,30 +630,23 @@ class FastGlideDrafter:
         """
         dev = self.glide.device
         if ahead:
-            rec = self._ahead_buffers(target_k, target_v, verify)
-            buf = rec["buf"]
+            buf = self._ahead_buffers(target_k, target_v, verify)["buf"]
             body = lambda: self._ahead_body(buf, shape, verify)  # noqa: E731
         else:
             buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "layout": layout, "target_k": target_k,
                    "target_v": target_v, "cross_span": target_k.shape[-2]}  # the split count must hold for any length
             body = lambda: self._body(buf, shape, verify)  # noqa: E731
-        snap = None
-        if verify is not None:
-            tcache, L, m = verify[0], verify[0].length, 1 + sum(shape)
-            snap = (tcache.length_t.clone(), tcache.k[:, :, :, L : L + m].clone(), tcache.v[:, :, :, L : L + m].clone())
-        s = torch.cuda.Stream(dev)
-        s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(s):
-            for _ in range(2):  # warm-up: compiles kernels (writes the same K/V rows again: harmless)
-                body()
-        torch.cuda.current_stream(dev).wait_stream(s)
+        restored = verify[0].restored_tree_rows(1 + sum(shape)) if verify is not None else contextlib.nullcontext()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            body()
-        if snap is not None:
-            tcache.length_t.copy_(snap[0])
-            tcache.k[:, :, :, L : L + m] = snap[1]
-            tcache.v[:, :, :, L : L + m] = snap[2]
+        with restored:
+            s = torch.cuda.Stream(dev)
+            s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(s):
+                for _ in range(2):  # warm-up: compiles kernels (writes the same K/V rows again: harmless)
+                    body()
+            torch.cuda.current_stream(dev).wait_stream(s)
+            with torch.cuda.graph(graph, pool=pool):
+                body()
         # the graph reads every tensor it was captured with by address: keep the inputs made outside it alive
         host = torch.empty(len(pack) if pack is not None else 1, dtype=torch.int32).pin_memory()
         return {"graph": graph, "buf": buf, "inputs": verify, "host": host}

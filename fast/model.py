@@ -69,6 +69,22 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    @contextlib.contextmanager
+    def restored_tree_rows(self, m: int):
+        """Run the block, then put back ``length_t`` and the rows ``[length, length + m)`` of every layer.
+
+        For warm-ups and CUDA graph captures of a verification + acceptance: they write the tree rows,
+        compact them and advance ``length_t``, which must not count as a real round.
+        """
+        L = self.length
+        snap = (self.length_t.clone(), self.k[:, :, :, L : L + m].clone(), self.v[:, :, :, L : L + m].clone())
+        try:
+            yield
+        finally:
+            self.length_t.copy_(snap[0])
+            self.k[:, :, :, L : L + m] = snap[1]
+            self.v[:, :, :, L : L + m] = snap[2]
+
 
 @dataclass
 class FastModel:
