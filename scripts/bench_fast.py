@@ -6,7 +6,8 @@ context (1k, 32k; 128k for Llama-3-8B) it measures, in one process:
 
 * chunked prefill time and peak GPU memory;
 * one vanilla decode step (M = 1, CUDA-graph replay): ms, tokens/s, bytes moved per step
-  (all weights + the KV cache read), and that bandwidth as a fraction of the device copy bandwidth
+  (every weight except the embedding table, of which one row; plus the KV cache read -- see
+  :func:`step_weight_bytes`), and that bandwidth as a fraction of the device copy bandwidth
   measured in the same run;
 * one verification step of the default 69-node tree (``tree_shape=(4, 16, 16, 16, 16)``), and its
   cost relative to the vanilla step;
@@ -46,6 +47,24 @@ def default_tree() -> Tree:
         parents += [prev[i % len(prev)] for i in range(width)]
         prev = list(range(start, start + width))
     return Tree.from_parents(parents)
+
+
+def step_weight_bytes(fm) -> int:
+    """Weight bytes one decode step really reads: every weight once, except the embedding table, of
+    which a step reads one row (its lm_head, even when tied to the embedding, is read in full).
+    Shared storages are counted once."""
+    seen, total = set(), 0
+    for name, t in fm.w.items():
+        if name == "embed":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    emb = fm.w["embed"]
+    if (emb.untyped_storage().data_ptr(), emb.storage_offset(), emb.numel()) not in seen:
+        total += emb.shape[1] * emb.element_size()  # the one embedding row of the new token
+    return total
 
 
 def hf_generate_tps(model, ctx: int, new_tokens: int = 32) -> float:
@@ -148,7 +167,7 @@ def main() -> None:
             model = random_model(shape, device="cuda")
             fm = as_fast_model(model)
             c = fm.config
-            weight_bytes = sum(t.numel() * t.element_size() for k, t in fm.w.items())
+            weight_bytes = step_weight_bytes(fm)
             contexts = list(args.contexts) + ([args.long] if shape == "llama3-8b" and args.long else [])
             for ctx in contexts:
                 torch.cuda.empty_cache()

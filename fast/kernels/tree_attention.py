@@ -27,9 +27,9 @@ How it runs (two launches):
      ``tree_mask[b, node, j]`` applied to the scores.
    * Each program runs an online softmax in fp32 and writes a partial ``(o, lse)`` in fp32:
      ``o`` already normalised, ``lse`` the log-sum-exp of its scores.
-2. ``_merge_kernel``, grid ``(row chunks, B * Hkv)``, all partials of a few rows loaded as one
-   tile: ``o = sum_p 2^(lse_p - max) o_p / sum_p 2^(lse_p - max)``, written in q's
-   dtype into ``[B, Hq, M, D]``.
+2. ``_merge_kernel``, grid ``(row chunks, B * Hkv)``, the partials of 8 rows streamed through a
+   software pipeline with a running max: ``o = sum_p 2^(lse_p - max) o_p / sum_p 2^(lse_p - max)``,
+   written in q's dtype into ``[B, Hq, M, D]``.
 
 Log base: EVERY lse stored or combined here is base 2. Scores are scaled by
 ``sm_scale * log2(e)`` once (so ``exp(s * sm_scale) = exp2(s * qk_scale)``) and all exponentials
@@ -250,44 +250,38 @@ def _merge_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H_KV, ROWS, NUM_PARTS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # A program merges BLOCK_R packed rows; their partials are loaded as one [BLOCK_P, BLOCK_R,
-    # BLOCK_D] tile (a loop over single partials would be a chain of dependent memory latencies).
+    # A program merges BLOCK_R packed rows, one partial per iteration with a running base-2
+    # max (the online-softmax rule once more). The loads of an iteration do not depend on the
+    # previous one, so the loop is software-pipelined (STAGES partials in flight): the merge costs
+    # about one memory latency instead of one per partial, and the partial count is a runtime
+    # bound (no new compilation when the split count changes with the prompt length).
     pid_r = tl.program_id(0)
     pid_z = tl.program_id(1)
     b = pid_z // H_KV
     hkv = pid_z % H_KV
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < ROWS
-    offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    l_base = L_part + pid_z.to(tl.int64) * stride_lz + offs_r[None, :]                          # [1, R]
-    o_base = (O_part + pid_z.to(tl.int64) * stride_pz + offs_r[None, :, None] * stride_pr
-              + offs_d[None, None, :])                                                        # [1, R, D]
+    l_base = L_part + pid_z.to(tl.int64) * stride_lz + offs_r                                   # [R]
+    o_base = O_part + pid_z.to(tl.int64) * stride_pz + offs_r[:, None] * stride_pr + offs_d[None, :]  # [R, D]
 
-    # -- pass 1: the largest base-2 lse of every row over all partials ---------------------------
-    m_tile = tl.full([BLOCK_P, BLOCK_R], float("-inf"), dtype=tl.float32)
-    for p0 in range(0, NUM_PARTS, BLOCK_P):
-        p_ok = (p0 + offs_p < NUM_PARTS)[:, None] & r_ok[None, :]
-        lse = tl.load(l_base + (p0 + offs_p)[:, None] * stride_lp, mask=p_ok, other=float("-inf"))
-        m_tile = tl.maximum(m_tile, lse)
-    m = tl.max(m_tile, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)   # all partials empty: every weight is exp2(-inf) = 0
-
-    # -- pass 2: weights 2^(lse_p - max), weighted sum of the normalised partial outputs ---------
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    w_tile = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
-    for p0 in range(0, NUM_PARTS, BLOCK_P):
-        p_ok = (p0 + offs_p < NUM_PARTS)[:, None] & r_ok[None, :]
-        w = tl.math.exp2(tl.load(l_base + (p0 + offs_p)[:, None] * stride_lp, mask=p_ok, other=float("-inf")) - m[None, :])
-        o_p = tl.load(o_base + (p0 + offs_p)[:, None, None] * stride_pp,
-                      mask=p_ok[:, :, None] & d_ok[None, None, :], other=0.0)
-        acc += tl.sum(w[:, :, None] * o_p, 0)
-        w_tile += w
-    wsum = tl.sum(w_tile, 0)
-    out = acc / tl.where(wsum > 0.0, wsum, 1.0)[:, None]
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)   # running max of the lse seen so far
+    wsum = tl.zeros([BLOCK_R], dtype=tl.float32)              # sum of 2^(lse_p - m)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)      # sum of 2^(lse_p - m) * o_p
+    for p in tl.range(0, NUM_PARTS, num_stages=STAGES):
+        lse = tl.load(l_base + p * stride_lp, mask=r_ok, other=float("-inf"))
+        o_p = tl.load(o_base + p * stride_pp, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # nothing seen yet: no -inf - -inf
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse - m_safe)                           # an empty partial (lse = -inf) weighs 0
+        acc = acc * alpha[:, None] + w[:, None] * o_p
+        wsum = wsum * alpha + w
+        m = m_new
+    out = acc / tl.where(wsum > 0.0, wsum, 1.0)[:, None]     # a row that saw no key at all -> 0
 
     # -- write rows r = node * GROUP + g of [B, Hq, M, D] in the output dtype ---------------------
     node = offs_r // GROUP
@@ -315,15 +309,19 @@ def pick_config(rows: int, head_dim: int, dtype: torch.dtype) -> dict:
 def pick_num_splits(max_span: int, programs_per_split: int, sms: int, block_n: int, block_m: int = 16) -> int:
     """Prefix chunks per (batch, kv head, row block) so one launch fills ``sms`` SMs.
 
-    Measured on H100 (scripts/bench_kernels.py --tune): small row blocks (decode-like, memory
-    bound, several programs per SM) do best with about one program per SM; 128-row blocks (one
-    program per SM, tensor-core bound) with about two. Every chunk keeps at least
-    ``4 * block_n`` keys (less work than that does not pay for its partial write and merge).
+    Measured on H100 (scripts/bench_kernels.py --tune; BENCHMARKS "Session 6"): small row blocks
+    (decode-like, memory bound, several programs per SM) do best with about one program per SM.
+    128-row blocks (tensor-core bound, one program per SM) do best as ONE full wave: as many splits
+    as fit in ``sms`` programs, never a second, partial wave (Vicuna-7B shape, M = 69, 32k: 4
+    splits 219 us, 9 splits 255 us; Llama-3-8B shape within 2% either way). Every chunk keeps at
+    least ``4 * block_n`` keys (less work than that does not pay for its partial write and merge).
     """
     if max_span <= 0:
         return 1
-    target = 2 * sms if block_m >= 128 else sms
-    want = triton.cdiv(target, max(1, programs_per_split))
+    if block_m >= 128:
+        want = sms // max(1, programs_per_split)
+    else:
+        want = triton.cdiv(sms, max(1, programs_per_split))
     most = triton.cdiv(max_span, 4 * block_n)
     return int(max(1, min(want, most, 4096)))
 
@@ -437,19 +435,16 @@ def split_attention(
         UPCAST_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    # merge: about 8k fp32 per program on a GPU (registers), 64k under the interpreter (fewer programs)
-    # partials per load: two sizes only, so a new split count (it follows the prompt length) never
-    # compiles a new merge variant mid-generation
-    block_p = 16 if num_parts <= 16 else 64
-    budget = 65536 if q.device.type == "cpu" else 8192
-    block_r = max(1, min(next_pow2(rows), budget // (block_p * block_d)))
+    # merge: 8 rows per program, partials streamed through a 3-deep pipeline (measured on H100,
+    # BENCHMARKS "Session 6": 2-9 us faster per call than one [parts, rows, D] tile per program)
+    block_r = 8
     _merge_kernel[(triton.cdiv(rows, block_r), b * hkv)](
         o_part, l_part, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         l_part.stride(0), l_part.stride(1),
         *out.stride(),
         hkv, rows, num_parts,
-        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_D=block_d,
+        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=block_d, STAGES=3,
         num_warps=4,
     )
     return out
