@@ -239,6 +239,28 @@ def _ok(b=1, hq=4, hkv=2, m=3, d=64, n=10, dtype=torch.float32):
     return q, k, v, mask
 
 
+@pytest.mark.parametrize("span", [0, 100, 1024, 4096, 32768, 131072])
+@pytest.mark.parametrize("pps,block_m,block_n", [(8, 16, 64), (32, 16, 64), (24, 128, 64), (32, 128, 64), (1, 128, 64)])
+def test_pick_num_splits_rules(span, pps, block_m, block_n):
+    """The split heuristic's documented rules on a 132-SM device: chunks of >= 4 * block_n keys;
+    128-row blocks never start a partial extra wave, and take two waves only for long chunks."""
+    from specdec.fast.kernels.tree_attention import pick_num_splits
+
+    sms = 132
+    s = pick_num_splits(span, pps, sms, block_n, block_m)
+    assert s >= 1
+    if span <= 4 * block_n:
+        assert s == 1
+    else:
+        assert s <= -(-span // (4 * block_n))
+    if block_m >= 128 and s > 1:
+        assert s * pps <= 2 * sms
+        if s * pps > sms:  # a second wave: only for long chunks
+            assert span // s >= 8192
+    if block_m < 128 and span >= 4 * block_n * sms:
+        assert s == -(-sms // pps)   # about one program per SM
+
+
 @pytest.mark.parametrize(
     "mutate,exc,match",
     [

@@ -311,17 +311,26 @@ def pick_num_splits(max_span: int, programs_per_split: int, sms: int, block_n: i
 
     Measured on H100 (scripts/bench_kernels.py --tune; BENCHMARKS "Session 6"): small row blocks
     (decode-like, memory bound, several programs per SM) do best with about one program per SM.
-    128-row blocks (tensor-core bound, one program per SM) do best as ONE full wave: as many splits
-    as fit in ``sms`` programs, never a second, partial wave (Vicuna-7B shape, M = 69, 32k: 4
-    splits 219 us, 9 splits 255 us; Llama-3-8B shape within 2% either way). Every chunk keeps at
-    least ``4 * block_n`` keys (less work than that does not pay for its partial write and merge).
+    128-row blocks (tensor-core bound, one program per SM) pay a fixed cost per program (the query
+    tile, a 64 KiB partial write, one more partial to merge), so they use ONE full wave of ``sms``
+    programs, never a second, partial one (Vicuna-7B shape, M = 69, 32k: 4 splits 219 us against 9
+    splits 255 us; Llama-3-8B shape at 16k: 5 splits 76 us against 11 splits 86 us). Only when two
+    full waves fill the SMs clearly better (> 5 points) and every chunk still holds >= 8192 keys do
+    they take two waves (Llama-3-8B shape at 128k: 24 programs per split -> 11 splits, 416 us,
+    against 5 splits, 445 us). Every chunk keeps at least ``4 * block_n`` keys (less work than that
+    does not pay for its partial write and merge).
     """
     if max_span <= 0:
         return 1
+    pps = max(1, programs_per_split)
     if block_m >= 128:
-        want = sms // max(1, programs_per_split)
+        def fill(s: int) -> float:  # share of the SMs busy over the launch's waves
+            return s * pps / (triton.cdiv(s * pps, sms) * sms)
+
+        one, two = max(1, sms // pps), max(1, 2 * sms // pps)
+        want = two if fill(two) > fill(one) + 0.05 and max_span // two >= 8192 else one
     else:
-        want = triton.cdiv(sms, max(1, programs_per_split))
+        want = triton.cdiv(sms, pps)
     most = triton.cdiv(max_span, 4 * block_n)
     return int(max(1, min(want, most, 4096)))
 
