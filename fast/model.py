@@ -269,6 +269,10 @@ def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torc
 #   -> wo GEMM (+bias) -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> [add_rms_norm of the
 #   next layer's input, or the final norm]
 #
+# where a single-row step (B = 1, M = 1: plain decoding, draft-model steps) runs every projection
+# and the lm_head as a Triton GEMV (``_linear``) and "w13 GEMM -> silu_mul" as one ``gemv_silu``;
+# several rows (verification, prefill) use cuBLAS.
+#
 # i.e. the residual add is folded into the following norm: each layer takes the normed input ``h``
 # and the residual stream ``x`` and returns the next (h, x). The unfused path (plain torch, used
 # for CPU prefill where the interpreter would be slow) runs the same arithmetic op by op.
@@ -278,7 +282,7 @@ def _qkv(fm: FastModel, i: int, h: torch.Tensor, cos, sin, cache: StaticKVCache,
     """Layer ``i``'s q [B, Hq, T, D] (rotated) from the normed input h [B, T, H]; writes k (rotated), v
     into ``cache`` rows ``rows`` [B, T] of layer i."""
     c, w, p = fm.config, fm.w, f"layers.{i}."
-    qkv = F.linear(h, w[p + "wqkv"], w.get(p + "bqkv"))
+    qkv = _linear(h, w[p + "wqkv"], w.get(p + "bqkv"), fused)
     if fused:
         return _kernels().rope_qkv_write(qkv, cos, sin, cache.k[i], cache.v[i], rows, check_rows=False)
     dq, dkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -302,16 +306,33 @@ def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fu
     c, w, p = fm.config, fm.w, f"layers.{i}."
     eps = c.rms_norm_eps
     next_norm = w[f"layers.{i + 1}.attn_norm"] if i + 1 < c.num_layers else w["norm"]
-    o = F.linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"))
+    o = _linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"), fused)
     if fused:
         kern = _kernels()
         h, x = kern.add_rms_norm(o, x, w[p + "mlp_norm"], eps)
-        d = F.linear(kern.silu_mul(F.linear(h, w[p + "w13"])), w[p + "w2"])
+        if _one_row(h):   # decode step: SwiGLU in the w13 GEMV's epilogue
+            d = kern.gemv(kern.gemv_silu(h, w[p + "w13"]), w[p + "w2"])
+        else:
+            d = F.linear(kern.silu_mul(F.linear(h, w[p + "w13"])), w[p + "w2"])
         return kern.add_rms_norm(d, x, next_norm, eps)
     x = x + o
     gate, up = F.linear(_rms_norm_torch(x, w[p + "mlp_norm"], eps), w[p + "w13"]).chunk(2, dim=-1)
     x = x + F.linear(F.silu(gate) * up, w[p + "w2"])
     return _rms_norm_torch(x, next_norm, eps), x
+
+
+def _one_row(x: torch.Tensor) -> bool:
+    """A single-token step (B = 1, M = 1): its projections are weight streams -> Triton GEMV."""
+    return x.numel() == x.shape[-1]
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    """``F.linear`` -- through :func:`specdec.fast.kernels.gemv` for one row on the fused path
+    (3-10% more bandwidth than cuBLAS's split-K kernels on the 8B shapes and no reduction kernel;
+    BENCHMARKS "Session 6"), cuBLAS for several rows (verification, prefill)."""
+    if fused and _one_row(x):
+        return _kernels().gemv(x, w, b)
+    return F.linear(x, w, b)
 
 
 def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -325,9 +346,9 @@ def _first_norm(fm: FastModel, x: torch.Tensor, fused: bool) -> torch.Tensor:
     return norm(x, fm.w["layers.0.attn_norm"], fm.config.rms_norm_eps)
 
 
-def _logits(fm: FastModel, h: torch.Tensor) -> torch.Tensor:
+def _logits(fm: FastModel, h: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """lm_head over the final-normed hidden states h (the norm is folded into the last layer)."""
-    return F.linear(h, fm.w["lm_head"]).float()
+    return _linear(h, fm.w["lm_head"], None, fused).float()
 
 
 def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
@@ -420,9 +441,9 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
             h, x = _finish_layer(fm, i, x, attn, fused)
         h_last = h[:, -1:]
         if all_logits:
-            outs.append(_logits(fm, h))
+            outs.append(_logits(fm, h, fused))
     cache.set_length(start + t)
-    return torch.cat(outs, dim=1) if all_logits else _logits(fm, h_last)[:, 0]
+    return torch.cat(outs, dim=1) if all_logits else _logits(fm, h_last, fused)[:, 0]
 
 
 def forward(model, input_ids: torch.Tensor) -> torch.Tensor:

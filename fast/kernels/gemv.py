@@ -1,0 +1,180 @@
+"""Matrix-vector products for one-token decode steps (M = 1), optionally with the SwiGLU activation.
+
+A decode step multiplies ONE hidden row by every weight matrix, so each GEMM is a pure weight stream
+(memory bound). cuBLAS serves these shapes with split-K kernels plus a separate reduction kernel;
+this plain Triton GEMV streams the weight once with a few rows per program and reaches 3-10% more
+bandwidth on the 8B shapes (H100, BENCHMARKS "Session 6"), with no reduction kernel. The SwiGLU
+variant also folds :func:`specdec.fast.kernels.silu_mul` into the ``w13`` product's epilogue.
+
+* :func:`gemv` ``(x [..., K], w [N, K], bias [N] | None) -> [..., N]`` -- ``F.linear(x, w, bias)``:
+  fp32 accumulation, bias added in fp32, one rounding to x's dtype. Grid ``(cdiv(N, BLOCK_N), R)``
+  for the R rows of x; a program owns ``BLOCK_N`` output features and streams their weight rows in
+  ``[BLOCK_N, BLOCK_K]`` tiles (full tiles unmasked along K, one masked tail tile).
+* :func:`gemv_silu` ``(x [..., K], w13 [2F, K], bias [2F] | None) -> [..., F]`` --
+  :func:`specdec.fast.kernels.silu_mul_ref` ``(F.linear(x, w13, bias))``: a program owns the gate
+  rows ``n`` and the up rows ``F + n`` of the same features, rounds both products to x's dtype (the
+  GEMM output), then ``silu`` in fp32 rounded to the dtype, times up, rounded once (as the eager ops).
+
+Must match: ``torch.nn.functional.linear`` (and :func:`gemv_silu_ref`) up to the summation order
+of the fp32 accumulation. Meant for R = 1 (each row re-reads the weight); the model uses it only
+for single-row steps and keeps cuBLAS for multi-row ones (verification, prefill, beams).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import SUPPORTED_DTYPES, check_device, interpreter_active, next_pow2
+
+__all__ = ["gemv", "gemv_silu", "gemv_silu_ref"]
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@triton.jit
+def _round(x, CODE: tl.constexpr):
+    """fp32 ``x`` rounded to fp32 (CODE 0), fp16 (1) or bf16 (2), kept as fp32."""
+    if CODE == 1:
+        x = x.to(tl.float16).to(tl.float32)
+    if CODE == 2:
+        x = x.to(tl.bfloat16).to(tl.float32)
+    return x
+
+
+@triton.jit(do_not_specialize=["N", "K", "stride_xr", "stride_yr"])
+def _gemv_kernel(
+    X, W, Bias, Y,
+    N, K, stride_xr, stride_wn, stride_yr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, CODE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_row = X + pid_r.to(tl.int64) * stride_xr
+    # gate (or plain) weight rows n; with SILU also the up rows N + n
+    w_g = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    w_u = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+
+    # -- full K tiles: no K mask; loads of the next STAGES tiles in flight -------------------------
+    k_full = K // BLOCK_K * BLOCK_K
+    for k0 in tl.range(0, k_full, BLOCK_K, num_stages=STAGES):
+        xk = tl.load(x_row + k0 + offs_k).to(tl.float32)
+        acc_g += tl.load(w_g + k0, mask=n_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
+        if SILU:
+            acc_u += tl.load(w_u + k0, mask=n_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
+    # -- the tail tile of K (K not a multiple of BLOCK_K) ------------------------------------------
+    if k_full < K:
+        k_ok = k_full + offs_k < K
+        xk = tl.load(x_row + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        wmask = n_ok[:, None] & k_ok[None, :]
+        acc_g += tl.load(w_g + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
+        if SILU:
+            acc_u += tl.load(w_u + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
+
+    # -- epilogue: bias in fp32, one rounding to the output dtype (as F.linear) ----------------------
+    y = tl.sum(acc_g, 1)
+    if HAS_BIAS:
+        y += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if SILU:
+        u = tl.sum(acc_u, 1)
+        if HAS_BIAS:
+            u += tl.load(Bias + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        g = _round(y, CODE)                           # the w13 GEMM's output rounding
+        u = _round(u, CODE)
+        act = _round(g / (1.0 + tl.exp(-g)), CODE)    # F.silu in fp32, rounded to the dtype
+        y = act * u                                   # `* up`, rounded once by the store
+    tl.store(Y + pid_r.to(tl.int64) * stride_yr + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
+
+
+def _config(rows_read: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages), from a sweep on H100 (scripts/_proto3 in session 6):
+    tall weights do best with 4 rows x 1024 columns per tile, short ones with 16 x 256."""
+    if interpreter_active():   # programs run one by one: few, big tiles
+        return min(64, next_pow2(n)), min(1024, next_pow2(k)), 4, 1
+    if rows_read >= 16384:
+        bn, bk, warps, stages = 4, 1024, 4, 4
+    elif rows_read >= 8192:
+        bn, bk, warps, stages = 8, 1024, 4, 3
+    else:
+        bn, bk, warps, stages = 16, 256, 4, 4
+    return min(bn, next_pow2(n)), min(bk, max(16, next_pow2(k))), warps, stages
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    for name, t in (("x", x), ("w", w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if x.dim() < 1 or w.dim() != 2:
+        raise ValueError(f"need x [..., K] and w [N, K]; got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"x and w must share one dtype, got {x.dtype} and {w.dtype}")
+    n_rows_w, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dim {x.shape[-1]} must equal w's K = {k} (w is [N, K] = {tuple(w.shape)})")
+    if silu and n_rows_w % 2:
+        raise ValueError(f"w13 must stack gate and up rows ([2F, K]); got an odd row count {n_rows_w}")
+    n = n_rows_w // 2 if silu else n_rows_w
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_rows_w,):
+            raise ValueError(f"bias must be a tensor of shape [{n_rows_w}], got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        check_device(("x", x), ("w", w), ("bias", bias))
+        bias = bias.contiguous()
+    else:
+        check_device(("x", x), ("w", w))
+    lead = x.shape[:-1]
+    out = torch.empty(lead + (n,), dtype=x.dtype, device=x.device)
+    r = out.numel() // n if n else 0
+    if out.numel() == 0:
+        return out
+    x2 = x.reshape(r, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    y2 = out.view(r, n)
+    bn, bk, warps, stages = _config(n_rows_w, n, k)
+    _gemv_kernel[(triton.cdiv(n, bn), r)](
+        x2, w, bias if bias is not None else w, y2,
+        n, k, x2.stride(0), w.stride(0), y2.stride(0),
+        HAS_BIAS=bias is not None, SILU=silu, CODE=_DTYPE_CODE[x.dtype],
+        BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
+    )
+    return out
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` as a weight-streaming GEMV (fp32 accumulation).
+
+    Args:
+        x: [..., K] fp16/bf16/fp32; meant for a single row (each row re-reads ``w``).
+        w: [N, K], x's dtype and device. bias: [N] or None.
+    Returns [..., N] in x's dtype (new contiguous tensor). CUDA-graph capturable.
+    """
+    return _launch(x, w, bias, silu=False)
+
+
+def gemv_silu(x: torch.Tensor, w13: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of ``gate, up = F.linear(x, w13, bias).chunk(2, -1)`` in one launch.
+
+    Args:
+        x: [..., K]; w13: [2F, K] (gate rows, then up rows); bias: [2F] or None.
+    Returns [..., F] in x's dtype. Matches :func:`gemv_silu_ref` up to the fp32 summation order.
+    """
+    return _launch(x, w13, bias, silu=True)
+
+
+def gemv_silu_ref(x: torch.Tensor, w13: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference for :func:`gemv_silu`: the eager ops (the GEMM, then ``silu(gate) * up``)."""
+    gate, up = F.linear(x, w13, bias).chunk(2, dim=-1)
+    return F.silu(gate) * up
