@@ -328,7 +328,7 @@ def _one_row(x: torch.Tensor) -> bool:
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, fused: bool) -> torch.Tensor:
     """``F.linear`` -- through :func:`specdec.fast.kernels.gemv` for one row on the fused path
-    (3-10% more bandwidth than cuBLAS's split-K kernels on the 8B shapes and no reduction kernel;
+    (faster than cuBLAS's kernels for one row on the 8B shapes, no split-K reduction kernel;
     BENCHMARKS "Session 6"), cuBLAS for several rows (verification, prefill)."""
     if fused and _one_row(x):
         return _kernels().gemv(x, w, b)

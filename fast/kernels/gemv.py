@@ -2,8 +2,9 @@
 
 A decode step multiplies ONE hidden row by every weight matrix, so each GEMM is a pure weight stream
 (memory bound). cuBLAS serves these shapes with split-K kernels plus a separate reduction kernel;
-this plain Triton GEMV streams the weight once with a few rows per program and reaches 3-10% more
-bandwidth on the 8B shapes (H100, BENCHMARKS "Session 6"), with no reduction kernel. The SwiGLU
+this plain Triton GEMV streams the weight once with a few rows per program, needs no reduction
+kernel, and on the 8B shapes moves 0-16% more bytes per second than cuBLAS when the calls run back
+to back as in a decode step (H100, BENCHMARKS "Session 6"). The SwiGLU
 variant also folds :func:`specdec.fast.kernels.silu_mul` into the ``w13`` product's epilogue.
 
 * :func:`gemv` ``(x [..., K], w [N, K], bias [N] | None) -> [..., N]`` -- ``F.linear(x, w, bias)``:
@@ -95,16 +96,18 @@ def _gemv_kernel(
 
 
 def _config(rows_read: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages), from a sweep on H100 (scripts/_proto3 in session 6):
-    tall weights do best with 4 rows x 1024 columns per tile, short ones with 16 x 256."""
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) from a sweep on H100 that times calls back to back
+    over distinct weight copies, as inside a decode step (BENCHMARKS "Session 6"): long rows (K >=
+    8192, the down projection) 4 x 512 tiles; tall weights (more than 8192 rows read: w13, lm_head,
+    MHA qkv) 2 x 2048; the rest 8 x 256."""
     if interpreter_active():   # programs run one by one: few, big tiles
         return min(64, next_pow2(n)), min(1024, next_pow2(k)), 4, 1
-    if rows_read >= 16384:
-        bn, bk, warps, stages = 4, 1024, 4, 4
-    elif rows_read >= 8192:
-        bn, bk, warps, stages = 8, 1024, 4, 3
+    if k >= 8192:
+        bn, bk, warps, stages = 4, 512, 4, 4
+    elif rows_read > 8192:
+        bn, bk, warps, stages = 2, 2048, 4, 3
     else:
-        bn, bk, warps, stages = 16, 256, 4, 4
+        bn, bk, warps, stages = 8, 256, 4, 4
     return min(bn, next_pow2(n)), min(bk, max(16, next_pow2(k))), warps, stages
 
 
