@@ -99,7 +99,7 @@ def _config(rows_read: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) from a sweep on H100 that times calls back to back
     over distinct weight copies, as inside a decode step (BENCHMARKS "Session 6"): long rows (K >=
     8192, the down projection) 4 x 512 tiles; tall weights (more than 8192 rows read: w13, lm_head,
-    MHA qkv) 2 x 2048; the rest 8 x 256."""
+    MHA qkv) 2 x 2048; the rest 8 x 256. Rows shorter than the tile take more rows per program."""
     if interpreter_active():   # programs run one by one: few, big tiles
         return min(64, next_pow2(n)), min(1024, next_pow2(k)), 4, 1
     if k >= 8192:
@@ -108,7 +108,10 @@ def _config(rows_read: int, n: int, k: int) -> tuple[int, int, int, int]:
         bn, bk, warps, stages = 2, 2048, 4, 3
     else:
         bn, bk, warps, stages = 8, 256, 4, 4
-    return min(bn, next_pow2(n)), min(bk, max(16, next_pow2(k))), warps, stages
+    area = bn * bk
+    bk = min(bk, max(16, next_pow2(k)))
+    bn = max(bn, area // bk)   # short rows (small K): more rows per program, same tile area
+    return min(bn, next_pow2(n)), bk, warps, stages
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
