@@ -29,20 +29,9 @@ import triton
 import triton.language as tl
 
 from ._common import SUPPORTED_DTYPES, check_device, interpreter_active, next_pow2
+from .fused import _DTYPE_CODE, _round_to
 
 __all__ = ["gemv", "gemv_silu", "gemv_silu_ref"]
-
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-@triton.jit
-def _round(x, CODE: tl.constexpr):
-    """fp32 ``x`` rounded to fp32 (CODE 0), fp16 (1) or bf16 (2), kept as fp32."""
-    if CODE == 1:
-        x = x.to(tl.float16).to(tl.float32)
-    if CODE == 2:
-        x = x.to(tl.bfloat16).to(tl.float32)
-    return x
 
 
 @triton.jit(do_not_specialize=["N", "K", "stride_xr", "stride_yr"])
@@ -88,9 +77,9 @@ def _gemv_kernel(
         u = tl.sum(acc_u, 1)
         if HAS_BIAS:
             u += tl.load(Bias + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        g = _round(y, CODE)                           # the w13 GEMM's output rounding
-        u = _round(u, CODE)
-        act = _round(g / (1.0 + tl.exp(-g)), CODE)    # F.silu in fp32, rounded to the dtype
+        g = _round_to(y, CODE)                           # the w13 GEMM's output rounding
+        u = _round_to(u, CODE)
+        act = _round_to(g / (1.0 + tl.exp(-g)), CODE)    # F.silu in fp32, rounded to the dtype
         y = act * u                                   # `* up`, rounded once by the store
     tl.store(Y + pid_r.to(tl.int64) * stride_yr + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
 

@@ -11,9 +11,12 @@ and the streamed merge (``_merge_loop``: one partial per pipelined iteration, a 
     python3 scripts/probes/merge_splits.py
 """
 from __future__ import annotations
-import json, math, os, statistics
+import json, math, os, statistics, sys
 import torch, triton, triton.language as tl
 from tabulate import tabulate
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_kernels import graphed, time_ms as _bench_time_ms  # noqa: E402  (the kernel benchmark's timers)
 from specdec.fast.kernels.tree_attention import tree_attention, pick_num_splits
 from specdec.fast.kernels._common import sm_count
 
@@ -105,22 +108,8 @@ def _merge_loop(O_part, L_part, Out, stride_pz, stride_pp, stride_pr, stride_lz,
 
 
 def time_ms(fn, flush, reps=30):
-    for _ in range(3): fn()
-    torch.cuda.synchronize(); ts = []
-    for _ in range(reps):
-        flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); e.synchronize(); ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
-
-
-def graphed(fn):
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s): fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g): fn()
-    return g.replay
+    """Median ms of ``fn()`` with L2 flushed before each rep (scripts/bench_kernels.py's timer)."""
+    return _bench_time_ms(fn, flush, reps)
 
 
 def main():

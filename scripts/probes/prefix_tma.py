@@ -25,6 +25,9 @@ import triton
 import triton.language as tl
 from tabulate import tabulate
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_kernels import graphed, time_ms as _bench_time_ms  # noqa: E402  (the kernel benchmark's timers)
+
 from specdec.fast.kernels.tree_attention import _merge_kernel, tree_attention, LOG2E
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -124,28 +127,8 @@ def proto_attention(q, k, v, span, cfg):
 
 
 def time_ms(fn, flush, reps=20):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); e.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
-
-
-def graphed(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    """Median ms of ``fn()`` with L2 flushed before each rep (scripts/bench_kernels.py's timer)."""
+    return _bench_time_ms(fn, flush, reps)
 
 
 def part_a(out, flush, prefixes=(16384, 32768), m=69):
