@@ -365,6 +365,8 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
 
     Per layer: add_rms_norm, wqkv GEMM, rope_qkv_write (rotates q/k, writes k/v rows in place),
     tree_attention, wo GEMM, add_rms_norm, w13 GEMM, silu_mul, w2 GEMM -- see :mod:`.kernels.fused`.
+    With B = M = 1 the GEMMs (and the lm_head) are Triton GEMVs and "w13 GEMM, silu_mul" is one
+    ``gemv_silu`` (:mod:`.kernels.gemv`).
     """
     kern = _kernels()
     b, m = tokens.shape
