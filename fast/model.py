@@ -310,10 +310,7 @@ def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fu
     if fused:
         kern = _kernels()
         h, x = kern.add_rms_norm(o, x, w[p + "mlp_norm"], eps)
-        if _one_row(h):   # decode step: SwiGLU in the w13 GEMV's epilogue
-            d = kern.gemv(kern.gemv_silu(h, w[p + "w13"]), w[p + "w2"])
-        else:
-            d = F.linear(kern.silu_mul(F.linear(h, w[p + "w13"])), w[p + "w2"])
+        d = _linear(_swiglu(h, w[p + "w13"]), w[p + "w2"], None, True)
         return kern.add_rms_norm(d, x, next_norm, eps)
     x = x + o
     gate, up = F.linear(_rms_norm_torch(x, w[p + "mlp_norm"], eps), w[p + "w13"]).chunk(2, dim=-1)
@@ -333,6 +330,13 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, fused: boo
     if fused and _one_row(x):
         return _kernels().gemv(x, w, b)
     return F.linear(x, w, b)
+
+
+def _swiglu(h: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of the fused w13 projection on the fused path: one ``gemv_silu`` for one
+    row (the activation in the GEMV's epilogue), cuBLAS + ``silu_mul`` for several (as ``_linear``)."""
+    kern = _kernels()
+    return kern.gemv_silu(h, w13) if _one_row(h) else kern.silu_mul(F.linear(h, w13))
 
 
 def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

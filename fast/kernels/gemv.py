@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, check_device, interpreter_active, next_pow2
-from .fused import _DTYPE_CODE, _round_to
+from ._common import check_device, interpreter_active, next_pow2
+from .fused import _DTYPE_CODE, _check_float, _round_to
 
 __all__ = ["gemv", "gemv_silu", "gemv_silu_ref"]
 
@@ -104,12 +104,9 @@ def _config(rows_read: int, n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
-    for name, t in (("x", x), ("w", w)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-    if x.dim() < 1 or w.dim() != 2:
+    _check_float("x", x)
+    _check_float("w", w)
+    if w.dim() != 2:
         raise ValueError(f"need x [..., K] and w [N, K]; got x {tuple(x.shape)}, w {tuple(w.shape)}")
     if w.dtype != x.dtype:
         raise TypeError(f"x and w must share one dtype, got {x.dtype} and {w.dtype}")
@@ -120,9 +117,10 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: b
         raise ValueError(f"w13 must stack gate and up rows ([2F, K]); got an odd row count {n_rows_w}")
     n = n_rows_w // 2 if silu else n_rows_w
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_rows_w,):
-            raise ValueError(f"bias must be a tensor of shape [{n_rows_w}], got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (n_rows_w,):
+            raise ValueError(f"bias must be a tensor of shape [{n_rows_w}], got {tuple(bias.shape)}")
         check_device(("x", x), ("w", w), ("bias", bias))
         bias = bias.contiguous()
     else:
