@@ -269,20 +269,23 @@ def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torc
 #   -> wo GEMM (+bias) -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> [add_rms_norm of the
 #   next layer's input, or the final norm]
 #
-# where a single-row step (B = 1, M = 1: plain decoding, draft-model steps) runs every projection
-# and the lm_head as a Triton GEMV (``_linear``) and "w13 GEMM -> silu_mul" as one ``gemv_silu``;
-# several rows (verification, prefill) use cuBLAS.
-#
 # i.e. the residual add is folded into the following norm: each layer takes the normed input ``h``
 # and the residual stream ``x`` and returns the next (h, x). The unfused path (plain torch, used
 # for CPU prefill where the interpreter would be slow) runs the same arithmetic op by op.
+#
+# A single-row step (B = M = 1: plain decoding, draft-model and MagicDec steps) is a pure weight
+# stream and runs :func:`_one_row_forward` instead: every projection is a Triton GEMV with the norm
+# before it and the residual add after it folded in (:mod:`.kernels.gemv`), so a layer is
+#
+#   norm+wqkv GEMV -> rope_qkv_write -> attention -> wo GEMV+add -> norm+w13 GEMV+SwiGLU -> w2 GEMV+add
+#
+# and the step ends with the final norm folded into the lm_head GEMV: no norm kernels at all.
 
 
-def _qkv(fm: FastModel, i: int, h: torch.Tensor, cos, sin, cache: StaticKVCache, rows: torch.Tensor, fused: bool) -> torch.Tensor:
-    """Layer ``i``'s q [B, Hq, T, D] (rotated) from the normed input h [B, T, H]; writes k (rotated), v
-    into ``cache`` rows ``rows`` [B, T] of layer i."""
-    c, w, p = fm.config, fm.w, f"layers.{i}."
-    qkv = _linear(h, w[p + "wqkv"], w.get(p + "bqkv"), fused)
+def _rope_write(fm: FastModel, i: int, qkv: torch.Tensor, cos, sin, cache: StaticKVCache, rows: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Layer ``i``'s q [B, Hq, T, D] (rotated) from its qkv projection [B, T, (Hq + 2 Hkv) D]; writes
+    k (rotated), v into ``cache`` rows ``rows`` [B, T] of layer i."""
+    c = fm.config
     if fused:
         return _kernels().rope_qkv_write(qkv, cos, sin, cache.k[i], cache.v[i], rows, check_rows=False)
     dq, dkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -291,7 +294,7 @@ def _qkv(fm: FastModel, i: int, h: torch.Tensor, cos, sin, cache: StaticKVCache,
     k = rearrange(k, "b t (h d) -> b h t d", d=c.head_dim)
     v = rearrange(v, "b t (h d) -> b h t d", d=c.head_dim)
     k = _rope(k, cos, sin)
-    for bi in range(h.shape[0]):  # cache[i, b, :, rows[b, j]] = k[b, :, j]
+    for bi in range(qkv.shape[0]):  # cache[i, b, :, rows[b, j]] = k[b, :, j]
         cache.k[i, bi].index_copy_(1, rows[bi].long(), k[bi])
         cache.v[i, bi].index_copy_(1, rows[bi].long(), v[bi])
     return _rope(q, cos, sin)
@@ -306,37 +309,16 @@ def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fu
     c, w, p = fm.config, fm.w, f"layers.{i}."
     eps = c.rms_norm_eps
     next_norm = w[f"layers.{i + 1}.attn_norm"] if i + 1 < c.num_layers else w["norm"]
-    o = _linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"), fused)
+    o = F.linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"))
     if fused:
         kern = _kernels()
         h, x = kern.add_rms_norm(o, x, w[p + "mlp_norm"], eps)
-        d = _linear(_swiglu(h, w[p + "w13"]), w[p + "w2"], None, True)
+        d = F.linear(kern.silu_mul(F.linear(h, w[p + "w13"])), w[p + "w2"])
         return kern.add_rms_norm(d, x, next_norm, eps)
     x = x + o
     gate, up = F.linear(_rms_norm_torch(x, w[p + "mlp_norm"], eps), w[p + "w13"]).chunk(2, dim=-1)
     x = x + F.linear(F.silu(gate) * up, w[p + "w2"])
     return _rms_norm_torch(x, next_norm, eps), x
-
-
-def _one_row(x: torch.Tensor) -> bool:
-    """A single-token step (B = 1, M = 1): its projections are weight streams -> Triton GEMV."""
-    return x.numel() == x.shape[-1]
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, fused: bool) -> torch.Tensor:
-    """``F.linear`` -- through :func:`specdec.fast.kernels.gemv` for one row on the fused path
-    (faster than cuBLAS's kernels for one row on the 8B shapes, no split-K reduction kernel;
-    BENCHMARKS "Session 6"), cuBLAS for several rows (verification, prefill)."""
-    if fused and _one_row(x):
-        return _kernels().gemv(x, w, b)
-    return F.linear(x, w, b)
-
-
-def _swiglu(h: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of the fused w13 projection on the fused path: one ``gemv_silu`` for one
-    row (the activation in the GEMV's epilogue), cuBLAS + ``silu_mul`` for several (as ``_linear``)."""
-    kern = _kernels()
-    return kern.gemv_silu(h, w13) if _one_row(h) else kern.silu_mul(F.linear(h, w13))
 
 
 def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -350,9 +332,31 @@ def _first_norm(fm: FastModel, x: torch.Tensor, fused: bool) -> torch.Tensor:
     return norm(x, fm.w["layers.0.attn_norm"], fm.config.rms_norm_eps)
 
 
-def _logits(fm: FastModel, h: torch.Tensor, fused: bool = True) -> torch.Tensor:
+def _logits(fm: FastModel, h: torch.Tensor) -> torch.Tensor:
     """lm_head over the final-normed hidden states h (the norm is folded into the last layer)."""
-    return _linear(h, fm.w["lm_head"], None, fused).float()
+    return F.linear(h, fm.w["lm_head"]).float()
+
+
+def _one_row_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, cos, sin, rows: torch.Tensor,
+                     prefix_len: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`step_forward` for B = M = 1 on the fused path: logits [1, 1, V] (fp32).
+
+    The same layer as the multi-row path, op for op, but each projection is one GEMV launch that
+    also does the RMSNorm before it or the residual add after it (:func:`specdec.fast.kernels.gemv`;
+    matches :func:`specdec.fast.kernels.gemv_ref`), so the step launches no norm kernel.
+    """
+    kern, c, w = _kernels(), fm.config, fm.w
+    eps = c.rms_norm_eps
+    x = F.embedding(tokens, w["embed"])  # [1, 1, H] the residual stream
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        qkv = kern.gemv(x, w[p + "wqkv"], w.get(p + "bqkv"), norm_weight=w[p + "attn_norm"], eps=eps)
+        q = _rope_write(fm, i, qkv, cos, sin, cache, rows, True)
+        attn = kern.tree_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask)
+        x = kern.gemv(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"), residual=x)
+        act = kern.gemv_silu(x, w[p + "w13"], norm_weight=w[p + "mlp_norm"], eps=eps)
+        x = kern.gemv(act, w[p + "w2"], residual=x)
+    return kern.gemv(x, w["lm_head"], norm_weight=w["norm"], eps=eps).float()
 
 
 def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
@@ -369,8 +373,8 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
 
     Per layer: add_rms_norm, wqkv GEMM, rope_qkv_write (rotates q/k, writes k/v rows in place),
     tree_attention, wo GEMM, add_rms_norm, w13 GEMM, silu_mul, w2 GEMM -- see :mod:`.kernels.fused`.
-    With B = M = 1 the GEMMs (and the lm_head) are Triton GEMVs and "w13 GEMM, silu_mul" is one
-    ``gemv_silu`` (:mod:`.kernels.gemv`).
+    With B = M = 1 (:func:`_one_row_forward`) every projection and the lm_head are Triton GEMVs with
+    the norms and residual adds folded in (:mod:`.kernels.gemv`).
     """
     kern = _kernels()
     b, m = tokens.shape
@@ -380,10 +384,13 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
             raise ValueError(f"prefix_len must be in [0, capacity - M] = [0, {cache.capacity - m}]; got range [{lo}, {hi}]")
     cos, sin = _cos_sin(fm, positions)
     rows = prefix_len.to(torch.int32)[:, None] + torch.arange(m, dtype=torch.int32, device=tokens.device)[None, :]  # [B, M]
+    if b == 1 and m == 1:
+        return _one_row_forward(fm, cache, tokens, cos, sin, rows, prefix_len, tree_mask)
     x = F.embedding(tokens, fm.w["embed"])
     h = _first_norm(fm, x, True)
     for i in range(fm.config.num_layers):
-        q = _qkv(fm, i, h, cos, sin, cache, rows, True)
+        qkv = F.linear(h, fm.w[f"layers.{i}.wqkv"], fm.w.get(f"layers.{i}.bqkv"))
+        q = _rope_write(fm, i, qkv, cos, sin, cache, rows, True)
         attn = kern.tree_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask)
         h, x = _finish_layer(fm, i, x, attn, True)
     return _logits(fm, h)
@@ -442,14 +449,15 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
         cols = torch.arange(p0 + n, device=tokens.device)
         mask = cols[None, :] <= (torch.arange(n, device=tokens.device) + p0)[:, None]  # [n, p0 + n]
         for i in range(fm.config.num_layers):
-            q = _qkv(fm, i, h, cos, sin, cache, rows, fused)
+            qkv = F.linear(h, fm.w[f"layers.{i}.wqkv"], fm.w.get(f"layers.{i}.bqkv"))
+            q = _rope_write(fm, i, qkv, cos, sin, cache, rows, fused)
             attn = _prefill_attention(q, cache.k[i, :, :, : p0 + n], cache.v[i, :, :, : p0 + n], mask)
             h, x = _finish_layer(fm, i, x, attn, fused)
         h_last = h[:, -1:]
         if all_logits:
-            outs.append(_logits(fm, h, fused))
+            outs.append(_logits(fm, h))
     cache.set_length(start + t)
-    return torch.cat(outs, dim=1) if all_logits else _logits(fm, h_last, fused)[:, 0]
+    return torch.cat(outs, dim=1) if all_logits else _logits(fm, h_last)[:, 0]
 
 
 def forward(model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -98,28 +98,36 @@ def hf_generate_tps(model, ctx: int, new_tokens: int = 32) -> float:
     return (new_tokens - 1) / max(total - t_prefill, 1e-9)
 
 
-def glide_round_ms(fm, cache, tree: Tree, ms_verify: float) -> dict:
-    """Time the phases of one GLIDE tree round at the current cache length (random GLIDE weights)."""
-    from specdec.fast.engine import accept_and_compact
+def glide_drafter(fm, cache):
+    """A random GLIDE draft for ``fm`` caught up on ``cache``'s context: ``(drafter, state, draft_round)``,
+    where ``draft_round()`` runs one typical round's draft (catch up on the root, then the beam levels)."""
     from specdec.fast.glide import FastGlideDrafter, as_fast_glide
-    from specdec.fast.graphs import CapturedFn
     from specdec.ref.engine import RoundState
     from specdec.shared.glide import init_glide_weights
     from specdec.shared.sampling import SamplingParams
 
-    dev = fm.device
-    glide = as_fast_glide(init_glide_weights(fm.config, seed=1, dtype=fm.dtype, device=dev))
+    glide = as_fast_glide(init_glide_weights(fm.config, seed=1, dtype=fm.dtype, device=fm.device))
     drafter = FastGlideDrafter(fm, glide, (4, 16, 16, 16, 16))
-    L = cache.length
-    tokens = torch.randint(0, fm.config.vocab_size, (L + 1,)).tolist()
+    tokens = torch.randint(0, fm.config.vocab_size, (cache.length + 1,)).tolist()
     state = RoundState(tokens, fm, cache, None, SamplingParams(), None, budget=1000)
     drafter.propose(state)  # catches up on the whole prompt once
 
-    def draft_round():  # a typical round: catch up on the root only, then the beam levels
+    def draft_round():
         drafter.processed -= 1
         drafter.cache.n -= 1
         drafter.propose(state)
 
+    return drafter, state, draft_round
+
+
+def glide_round_ms(fm, cache, tree: Tree, ms_verify: float) -> dict:
+    """Time the phases of one GLIDE tree round at the current cache length (random GLIDE weights)."""
+    from specdec.fast.engine import accept_and_compact
+    from specdec.fast.graphs import CapturedFn
+
+    dev = fm.device
+    L = cache.length
+    drafter, state, draft_round = glide_drafter(fm, cache)
     ms_draft = cuda_time_ms(draft_round, reps=20)
     tt = TreeTensors.get(tree, tree.size, dev)
     logits = torch.randn(tree.size, fm.config.vocab_size, device=dev)

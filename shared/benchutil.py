@@ -2,6 +2,7 @@
 
 * :func:`copy_bandwidth` -- device copy bandwidth in bytes/s (read + write), measured now;
 * :func:`cuda_time_ms` -- median milliseconds of a callable between CUDA events after warm-up;
+* :func:`kernel_totals` -- ``torch.profiler`` GPU time per kernel name of a callable, per call;
 * :data:`MODEL_SHAPES` -- the reference architectures (random weights: cost does not depend on values);
 * :func:`random_model` -- a :class:`~specdec.shared.weights.Model` of such a shape with random weights
   created directly on the device (no checkpoint, no Hugging Face model).
@@ -17,7 +18,33 @@ import torch
 from specdec.shared.config import ModelConfig
 from specdec.shared.weights import Model, expected_shapes
 
-__all__ = ["copy_bandwidth", "cuda_time_ms", "MODEL_SHAPES", "random_model"]
+__all__ = ["copy_bandwidth", "cuda_time_ms", "kernel_totals", "MODEL_SHAPES", "random_model"]
+
+def kernel_totals(fn: Callable[[], object], reps: int = 5, warmup: int = 2, width: int = 70) -> tuple[float, list[list]]:
+    """GPU kernel time of one ``fn()`` call, from ``torch.profiler`` over ``reps`` calls.
+
+    Returns ``(total_ms, rows)`` with rows ``[kernel name (first `width` chars), launches per call,
+    ms per call]``, largest first. Kernels inside CUDA-graph replays are listed one by one.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    agg: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        a = agg.setdefault(ev.name[:width], [0, 0.0])
+        a[0] += 1
+        a[1] += (ev.device_time if hasattr(ev, "device_time") else ev.cuda_time) / 1e3
+    rows = sorted(([k, v[0] / reps, v[1] / reps] for k, v in agg.items()), key=lambda r: -r[2])
+    return sum(r[2] for r in rows), rows
+
 
 MODEL_SHAPES = {
     "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,

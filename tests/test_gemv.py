@@ -81,6 +81,87 @@ def test_gemv_silu_matches_eager_ops(dtype, f, k, bias):
     assert ref.shape == got.shape
 
 
+def _rms_scaled(x, g, eps):
+    """The exactly-normed input of the folded RMSNorm (in fp64, never rounded -- as the kernel)."""
+    xd = x.double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(37, 100), (130, 2100)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_norm_prologue(dtype, n, k, bias):
+    """norm_weight: the product of the (unrounded) RMSNorm of x, within the GEMV's own bound."""
+    x, w, b = _inputs(n, k, dtype, bias=bias, seed=2)
+    x = x * 3.0 + 0.5                                   # a row far from unit RMS: the scale matters
+    g = (torch.rand(k, generator=torch.Generator().manual_seed(3)) + 0.5).to(dtype).to(DEV)
+    got = K.gemv(x, w, b, norm_weight=g, eps=1e-5)
+    assert got.shape == (1, 1, n) and got.dtype == dtype
+    hn = _rms_scaled(x, g, 1e-5)
+    want = F.linear(hn, w.double(), None if b is None else b.double())
+    mag = F.linear(hn.abs(), w.double().abs(), None if b is None else b.double().abs())
+    eps = torch.finfo(dtype).eps * (1.0 if CUDA or dtype != torch.bfloat16 else 2.0)
+    tol = eps * want.abs() + 4 * k * torch.finfo(torch.float32).eps * mag + 1e-30
+    assert ((got.double() - want).abs() <= tol).all(), (got.double() - want).abs().max()
+    # and within rounding of the eager reference (which rounds the normed row to the dtype)
+    ref = K.gemv_ref(x, w, b, norm_weight=g, eps=1e-5)
+    scale = ref.double().abs().max()
+    assert (got.double() - ref.double()).abs().max() <= 8 * torch.finfo(dtype).eps * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_residual_epilogue_is_the_eager_add(dtype):
+    """residual: the rounded product plus the residual, rounded once -- bitwise the eager add."""
+    x, w, b = _inputs(70, 300, dtype, bias=True, seed=4)
+    res = torch.randn(1, 1, 70, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEV)
+    plain = K.gemv(x, w, b)
+    got = K.gemv(x, w, b, residual=res)
+    g = torch.ones(300, dtype=dtype, device=DEV)
+    both = K.gemv(x, w, b, norm_weight=g, eps=1e-6, residual=res)   # the kernel allows both at once
+    pairs = [(got, res + plain), (both, res + K.gemv(x, w, b, norm_weight=g, eps=1e-6))]
+    for a, want in pairs:
+        if CUDA or dtype != torch.bfloat16:
+            assert torch.equal(a, want)
+        else:  # the interpreter's bf16 casts truncate instead of rounding to nearest: one ulp
+            assert ((a.double() - want.double()).abs() <= 2**-7 * want.double().abs()).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_silu_norm_prologue(dtype):
+    f, k = 45, 700
+    x, w, b = _inputs(2 * f, k, dtype, bias=True, seed=6)
+    g = (torch.rand(k, generator=torch.Generator().manual_seed(7)) + 0.5).to(dtype).to(DEV)
+    got = K.gemv_silu(x * 2.0, w, b, norm_weight=g, eps=1e-6)
+    ref = K.gemv_silu_ref(x * 2.0, w, b, norm_weight=g, eps=1e-6)
+    assert got.shape == ref.shape == (1, 1, f)
+    # the activation of the exact normed product, rounded like the eager ops (gate/up, silu, product)
+    gu = F.linear(_rms_scaled(x * 2.0, g, 1e-6), w.double(), b.double())
+    gate, up = gu.to(dtype).float().chunk(2, dim=-1)
+    want = (F.silu(gate).to(dtype).float() * up.float()).to(dtype)
+    scale = want.double().abs().max().clamp_min(1e-3)
+    ulps = 4 if dtype != torch.float32 else 64
+    assert (got.double() - want.double()).abs().max() <= ulps * torch.finfo(dtype).eps * scale
+    assert (got.double() - ref.double()).abs().max() <= 16 * torch.finfo(dtype).eps * scale
+
+
+def test_gemv_norm_and_residual_bad_inputs():
+    x, w, _ = _inputs(8, 32, torch.float32)
+    g = torch.ones(32, device=DEV)
+    with pytest.raises(ValueError, match=r"norm_weight must be a tensor of shape \[K\] = \[32\]"):
+        K.gemv(x, w, norm_weight=g[:31])
+    with pytest.raises(TypeError, match="norm_weight must be a torch.Tensor"):
+        K.gemv(x, w, norm_weight=[1.0] * 32)
+    for bad in (-1e-6, float("nan"), float("inf"), True, "1e-6"):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            K.gemv(x, w, norm_weight=g, eps=bad)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(1, 1, 8\)"):
+        K.gemv(x, w, residual=torch.zeros(1, 9, device=DEV))
+    with pytest.raises(TypeError, match="residual must have x's dtype"):
+        K.gemv(x, w, residual=torch.zeros(1, 1, 8, device=DEV, dtype=torch.float16))
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        K.gemv_silu(x, torch.randn(8, 32, device=DEV), norm_weight=g[:5])
+
+
 def test_gemv_bad_inputs():
     x, w, b = _inputs(8, 32, torch.float32)
     with pytest.raises(ValueError, match="K = 32"):
@@ -136,3 +217,17 @@ def test_gpu_gemv_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert not torch.equal(out, eager)
     _check_linear(out, x, w, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(12288, 4096), (128256, 4096)])
+def test_gpu_gemv_norm_and_residual_8b_shapes(n, k):
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    x, w, _ = _inputs(n, k, torch.bfloat16, bias=False, seed=8)
+    g = (torch.rand(k, device=DEV) + 0.5).to(torch.bfloat16)
+    got = K.gemv(x * 4.0, w, norm_weight=g, eps=1e-5)
+    ref = K.gemv_ref(x * 4.0, w, norm_weight=g, eps=1e-5)
+    assert (got.float() - ref.float()).abs().max() <= 8 * 2**-8 * ref.float().abs().max()
+    res = torch.randn(1, 1, n, device=DEV, dtype=torch.bfloat16)
+    assert torch.equal(K.gemv(x, w, residual=res), res + K.gemv(x, w))

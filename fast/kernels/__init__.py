@@ -10,7 +10,8 @@
   (matches :func:`specdec.shared.acceptance.greedy_best_node`);
 * :func:`compact_kv` -- move the accepted tree rows of every layer's KV cache into place, one launch;
 * :func:`gemv`, :func:`gemv_silu` -- one-row (decode) projections streaming the weight once, the
-  second with the SwiGLU activation in its epilogue (match ``F.linear`` / :func:`gemv_silu_ref`);
+  second with the SwiGLU activation in its epilogue; either may fold in the RMSNorm before it, and
+  :func:`gemv` the residual add after it (match :func:`gemv_ref` / :func:`gemv_silu_ref`);
 * :func:`round_pack` -- the integers of a device-driven GLIDE round from the cache length (matches
   ``FastGlideDrafter._pack``).
 
@@ -27,7 +28,7 @@ from .glide_attention import (
 )
 from .accept import greedy_accept, greedy_accept_ref, row_argmax
 from .beam import beam_select, beam_topk
-from .gemv import gemv, gemv_silu, gemv_silu_ref
+from .gemv import gemv, gemv_ref, gemv_silu, gemv_silu_ref
 from .kv_compact import compact_kv, compact_kv_ref
 from .round_pack import round_pack, round_pack_ref
 from .tree_attention import tree_attention
@@ -51,6 +52,7 @@ __all__ = [
     "round_pack",
     "round_pack_ref",
     "gemv",
+    "gemv_ref",
     "gemv_silu",
     "gemv_silu_ref",
 ]

@@ -16,8 +16,17 @@ variant also folds :func:`specdec.fast.kernels.silu_mul` into the ``w13`` produc
   rows ``n`` and the up rows ``F + n`` of the same features, rounds both products to x's dtype (the
   GEMM output), then ``silu`` in fp32 rounded to the dtype, times up, rounded once (as the eager ops).
 
-Must match: ``torch.nn.functional.linear`` (and :func:`gemv_silu_ref`) up to the summation order
-of the fp32 accumulation. Meant for R = 1 (each row re-reads the weight); the model uses it only
+* Both take ``norm_weight`` (+ ``eps``): the RMSNorm that precedes every projection of a decoder
+  layer, folded in. Every program reads the whole input row anyway, so it gathers the row's sum of
+  squares on the way, multiplies by ``x * norm_weight`` and scales its dot products by
+  ``rsqrt(mean(x^2) + eps)`` in the epilogue -- no norm kernel, no extra pass over the row (the
+  normed row is not rounded to the dtype, unlike the eager ops: agreement within output rounding).
+* :func:`gemv` takes ``residual`` [..., N]: ``residual + F.linear(...)`` with the product rounded
+  to the dtype first, then added in fp32 and rounded once (bitwise the eager add). With both, a
+  decode step's layer is four launches around attention: norm+wqkv, wo+add, norm+w13+SwiGLU, w2+add.
+
+Must match: :func:`gemv_ref` (``F.linear`` with the optional ``rms_norm_ref`` before and residual
+add after) and :func:`gemv_silu_ref`, up to the summation order of the fp32 accumulation. Meant for R = 1 (each row re-reads the weight); the model uses it only
 for single-row steps and keeps cuBLAS for multi-row ones (verification, prefill, beams).
 """
 
@@ -29,16 +38,16 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, interpreter_active, next_pow2
-from .fused import _DTYPE_CODE, _check_float, _round_to
+from .fused import _DTYPE_CODE, _check_float, _round_to, rms_norm_ref
 
-__all__ = ["gemv", "gemv_silu", "gemv_silu_ref"]
+__all__ = ["gemv", "gemv_ref", "gemv_silu", "gemv_silu_ref"]
 
 
-@triton.jit(do_not_specialize=["N", "K", "stride_xr", "stride_yr"])
+@triton.jit(do_not_specialize=["N", "K", "stride_xr", "stride_yr", "stride_rr"])
 def _gemv_kernel(
-    X, W, Bias, Y,
-    N, K, stride_xr, stride_wn, stride_yr,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, CODE: tl.constexpr,
+    X, W, Bias, Y, G, Res,
+    N, K, stride_xr, stride_wn, stride_yr, stride_rr, eps,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -52,11 +61,17 @@ def _gemv_kernel(
     w_u = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ssq = tl.zeros([BLOCK_K], dtype=tl.float32)   # NORM: the row's sum of squares, gathered on the way
 
     # -- full K tiles: no K mask; loads of the next STAGES tiles in flight -------------------------
+    # (NORM: the product runs on x * g and is scaled by rsqrt(mean(x^2) + eps) at the end, so the
+    #  row is read once -- every program reads the whole row anyway)
     k_full = K // BLOCK_K * BLOCK_K
     for k0 in tl.range(0, k_full, BLOCK_K, num_stages=STAGES):
         xk = tl.load(x_row + k0 + offs_k).to(tl.float32)
+        if NORM:
+            ssq += xk * xk
+            xk = xk * tl.load(G + k0 + offs_k).to(tl.float32)
         acc_g += tl.load(w_g + k0, mask=n_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
         if SILU:
             acc_u += tl.load(w_u + k0, mask=n_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
@@ -64,23 +79,35 @@ def _gemv_kernel(
     if k_full < K:
         k_ok = k_full + offs_k < K
         xk = tl.load(x_row + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            ssq += xk * xk
+            xk = xk * tl.load(G + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         wmask = n_ok[:, None] & k_ok[None, :]
         acc_g += tl.load(w_g + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
         if SILU:
             acc_u += tl.load(w_u + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
 
-    # -- epilogue: bias in fp32, one rounding to the output dtype (as F.linear) ----------------------
+    # -- epilogue: RMSNorm scale, bias in fp32, one rounding to the output dtype (as F.linear) ------
     y = tl.sum(acc_g, 1)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(ssq, 0) / K + eps)
+        y = y * rstd
     if HAS_BIAS:
         y += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if SILU:
         u = tl.sum(acc_u, 1)
+        if NORM:
+            u = u * rstd
         if HAS_BIAS:
             u += tl.load(Bias + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         g = _round_to(y, CODE)                           # the w13 GEMM's output rounding
         u = _round_to(u, CODE)
         act = _round_to(g / (1.0 + tl.exp(-g)), CODE)    # F.silu in fp32, rounded to the dtype
         y = act * u                                   # `* up`, rounded once by the store
+    if RESID:
+        # the eager residual add: the GEMM output rounded to the dtype, plus the residual in fp32,
+        # rounded once by the store (exactly `residual + F.linear(...)`)
+        y = _round_to(y, CODE) + tl.load(Res + pid_r.to(tl.int64) * stride_rr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(Y + pid_r.to(tl.int64) * stride_yr + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
 
 
@@ -103,7 +130,9 @@ def _config(rows_read: int, n: int, k: int) -> tuple[int, int, int, int]:
     return min(bn, next_pow2(n)), bk, warps, stages
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+            norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     _check_float("x", x)
     _check_float("w", w)
     if w.dim() != 2:
@@ -116,16 +145,31 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: b
     if silu and n_rows_w % 2:
         raise ValueError(f"w13 must stack gate and up rows ([2F, K]); got an odd row count {n_rows_w}")
     n = n_rows_w // 2 if silu else n_rows_w
+    named = [("x", x), ("w", w)]
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (n_rows_w,):
             raise ValueError(f"bias must be a tensor of shape [{n_rows_w}], got {tuple(bias.shape)}")
-        check_device(("x", x), ("w", w), ("bias", bias))
+        named.append(("bias", bias))
         bias = bias.contiguous()
-    else:
-        check_device(("x", x), ("w", w))
+    if norm_weight is not None:
+        _check_float("norm_weight", norm_weight)
+        if tuple(norm_weight.shape) != (k,):
+            raise ValueError(f"norm_weight must be a tensor of shape [K] = [{k}], got {tuple(norm_weight.shape)}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) < float("inf"):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        named.append(("norm_weight", norm_weight))
+        norm_weight = norm_weight.contiguous()
     lead = x.shape[:-1]
+    if residual is not None:
+        _check_float("residual", residual)
+        if tuple(residual.shape) != tuple(lead) + (n,):
+            raise ValueError(f"residual must have the output's shape {tuple(lead) + (n,)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+        named.append(("residual", residual))
+    check_device(*named)
     out = torch.empty(lead + (n,), dtype=x.dtype, device=x.device)
     r = out.numel() // n if n else 0
     if out.numel() == 0:
@@ -136,38 +180,69 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: b
     if w.stride(1) != 1:
         w = w.contiguous()
     y2 = out.view(r, n)
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(r, n)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
     bn, bk, warps, stages = _config(n_rows_w, n, k)
     _gemv_kernel[(triton.cdiv(n, bn), r)](
         x2, w, bias if bias is not None else w, y2,
-        n, k, x2.stride(0), w.stride(0), y2.stride(0),
-        HAS_BIAS=bias is not None, SILU=silu, CODE=_DTYPE_CODE[x.dtype],
-        BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
+        norm_weight if norm_weight is not None else w, r2 if r2 is not None else y2,
+        n, k, x2.stride(0), w.stride(0), y2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps),
+        HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None, RESID=residual is not None,
+        CODE=_DTYPE_CODE[x.dtype], BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
     )
     return out
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, w, bias)`` as a weight-streaming GEMV (fp32 accumulation).
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+         norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` as a weight-streaming GEMV (fp32 accumulation), optionally with the
+    RMSNorm before it and the residual add after it folded in (see :func:`gemv_ref`).
 
     Args:
         x: [..., K] fp16/bf16/fp32; meant for a single row (each row re-reads ``w``).
         w: [N, K], x's dtype and device. bias: [N] or None.
+        norm_weight: [K] or None. If given, the product runs on ``rms_norm(x, norm_weight, eps)``
+            (computed as ``rsqrt(mean(x^2) + eps) * (w @ (x * norm_weight))`` in fp32, so the normed
+            row is never rounded -- within an output rounding of the two kernels, not bitwise).
+        eps: RMSNorm epsilon (>= 0), used with ``norm_weight``.
+        residual: [..., N] in x's dtype or None. If given, returns ``residual + F.linear(...)`` with
+            the product rounded to the dtype first (exactly the eager add).
     Returns [..., N] in x's dtype (new contiguous tensor). CUDA-graph capturable.
     """
-    return _launch(x, w, bias, silu=False)
+    return _launch(x, w, bias, False, norm_weight, eps, residual)
 
 
-def gemv_silu(x: torch.Tensor, w13: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv_silu(x: torch.Tensor, w13: torch.Tensor, bias: torch.Tensor | None = None, *,
+              norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """``silu(gate) * up`` of ``gate, up = F.linear(x, w13, bias).chunk(2, -1)`` in one launch.
 
     Args:
         x: [..., K]; w13: [2F, K] (gate rows, then up rows); bias: [2F] or None.
+        norm_weight, eps: as :func:`gemv` (the RMSNorm before the projection, folded in).
     Returns [..., F] in x's dtype. Matches :func:`gemv_silu_ref` up to the fp32 summation order.
     """
-    return _launch(x, w13, bias, silu=True)
+    return _launch(x, w13, bias, True, norm_weight, eps)
 
 
-def gemv_silu_ref(x: torch.Tensor, w13: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference for :func:`gemv_silu`: the eager ops (the GEMM, then ``silu(gate) * up``)."""
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+             norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference for :func:`gemv`: the eager ops (:func:`~specdec.fast.kernels.rms_norm_ref`, the
+    GEMM, the residual add)."""
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, eps)
+    y = F.linear(x, w, bias)
+    return y if residual is None else residual + y
+
+
+def gemv_silu_ref(x: torch.Tensor, w13: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Reference for :func:`gemv_silu`: the eager ops ([RMSNorm,] the GEMM, then ``silu(gate) * up``)."""
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, eps)
     gate, up = F.linear(x, w13, bias).chunk(2, dim=-1)
     return F.silu(gate) * up
