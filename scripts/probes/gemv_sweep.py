@@ -6,7 +6,10 @@ w13 rows are timed with the SwiGLU epilogue (cuBLAS: the GEMM, then ``silu(gate)
 Sweeps the GEMV tile configs (BLOCK_N, BLOCK_K, warps, stages); prints a table, writes
 ``$OUT/probe_gemv.jsonl``.
 
-    python3 scripts/probes/gemv_sweep.py
+    python3 scripts/probes/gemv_sweep.py           # the tile sweep (session 6)
+    python3 scripts/probes/gemv_sweep.py fold      # session 7: the library GEMV plain vs with the folded
+                                                   # RMSNorm (norm_weight) / residual add, same timing
+    python3 scripts/probes/gemv_sweep.py step      # session 7: a whole decode step, folded vs norm kernels
 """
 from __future__ import annotations
 import json, os, statistics
@@ -61,8 +64,9 @@ def main():
                 continue
             def tri(bn=bn, bk=bk, wp=wp, st=st):
                 for i in range(calls):
-                    _gemv_kernel[(triton.cdiv(nout, bn), 1)](x, ws[i % copies], ws[0], y, nout, k, k, ws[0].stride(0), nout,
-                                                           HAS_BIAS=False, SILU=silu, CODE=2, BLOCK_N=bn, BLOCK_K=bk, STAGES=st, num_warps=wp)
+                    _gemv_kernel[(triton.cdiv(nout, bn), 1)](x, ws[i % copies], ws[0], y, ws[0], y, nout, k, k, ws[0].stride(0), nout, 0, 0.0,
+                                                           HAS_BIAS=False, SILU=silu, NORM=False, RESID=False, CODE=2,
+                                                           BLOCK_N=bn, BLOCK_K=bk, STAGES=st, num_warps=wp)
             try:
                 t = graph_ms(tri) / calls
             except Exception as e:  # noqa
@@ -79,5 +83,111 @@ def main():
                    headers=["weight", "cuBLAS us/call", "GB/s", "GEMV best us", "GB/s", "cfg"], tablefmt="github"))
 
 
+def fold():
+    """Per call: the library's ``gemv`` plain, with ``norm_weight`` and with ``residual`` (and the
+    separate ``rms_norm`` / ``add_rms_norm`` kernels they replace), back to back as in a step."""
+    from specdec.fast import kernels as K
+    from specdec.fast.kernels import gemv as G
+
+    shapes = {"llama wqkv": (6144, 4096, False), "llama wo": (4096, 4096, False), "llama w13": (28672, 4096, True),
+              "llama w2": (4096, 14336, False), "llama lm_head": (128256, 4096, False),
+              "vicuna wqkv": (12288, 4096, False), "vicuna w13": (22016, 4096, True), "vicuna w2": (4096, 11008, False)}
+    cfgs = [None, (2, 2048, 4, 3), (4, 1024, 4, 3), (4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 4), (2, 1024, 4, 4)]
+    res = []
+    lib_config = G._config
+    for name, (n, k, silu) in shapes.items():
+        copies = 8 if n * k < 200e6 else 4
+        if name.endswith("lm_head"):
+            copies = 2
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        g = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+        nout = n // 2 if silu else n
+        r = torch.randn(1, 1, nout, device="cuda", dtype=torch.bfloat16)
+        calls = 2 * copies
+        op = K.gemv_silu if silu else K.gemv
+        row = dict(name=name)
+        t_norm = graph_ms(lambda: [K.rms_norm(x, g, 1e-5) for _ in range(calls)]) / calls
+        t_add = graph_ms(lambda: [K.add_rms_norm(x, x, g, 1e-5) for _ in range(calls)]) / calls
+        row.update(rms_norm_us=t_norm * 1e3, add_rms_norm_us=t_add * 1e3)
+        for cfg in cfgs:
+            if cfg is not None and cfg[1] > k:
+                continue
+            G._config = lib_config if cfg is None else (lambda *a, cfg=cfg: cfg)
+            tag = "lib" if cfg is None else "bn%d bk%d w%d s%d" % cfg
+            try:
+                row[f"{tag} plain"] = graph_ms(lambda: [op(x, ws[i % copies]) for i in range(calls)]) / calls * 1e3
+                row[f"{tag} norm"] = graph_ms(lambda: [op(x, ws[i % copies], norm_weight=g, eps=1e-5) for i in range(calls)]) / calls * 1e3
+                if not silu:
+                    row[f"{tag} resid"] = graph_ms(lambda: [op(x, ws[i % copies], residual=r) for i in range(calls)]) / calls * 1e3
+            except Exception as e:  # noqa
+                print(name, tag, type(e).__name__, str(e)[:80])
+            finally:
+                G._config = lib_config
+        res.append(row); print(json.dumps(row), flush=True)
+        del ws; torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "probe_gemv_fold.jsonl"), "w") as f:
+        for r_ in res: f.write(json.dumps(r_) + "\n")
+    keys = ["lib plain", "lib norm", "lib resid"]
+    table = []
+    for r_ in res:
+        best = min(((v, kk) for kk, v in r_.items() if kk.endswith(" norm") and isinstance(v, float)), default=(float("nan"), ""))
+        table.append([r_["name"], f"{r_['rms_norm_us']:.1f}", f"{r_['add_rms_norm_us']:.1f}"] + [f"{r_.get(kk, float('nan')):.1f}" for kk in keys] + [f"{best[0]:.1f}", best[1]])
+    print(tabulate(table, headers=["weight", "rms_norm us", "add_rms_norm us", "gemv us", "+norm us", "+resid us", "best +norm us", "cfg"], tablefmt="github"))
+
+
+def step_ab(shapes=("vicuna-7b", "llama3-8b"), ctx=1024):
+    """A decode step with the norms folded into the GEMVs (the library's ``step_forward``) against the
+    same step with separate ``rms_norm`` / ``add_rms_norm`` kernels (session 6's step), same process."""
+    from einops import rearrange
+    from specdec.fast import kernels as K
+    from specdec.fast.model import _cos_sin, _rope_write, as_fast_model, prefill, step_forward
+    from specdec.shared.benchutil import random_model
+
+    def unfolded(fm, cache, tokens, positions, mask, prefix_len):
+        c, w, eps = fm.config, fm.w, fm.config.rms_norm_eps
+        cos, sin = _cos_sin(fm, positions)
+        rows = prefix_len.to(torch.int32)[:, None]
+        x = F.embedding(tokens, w["embed"])
+        h = K.rms_norm(x, w["layers.0.attn_norm"], eps)
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            q = _rope_write(fm, i, K.gemv(h, w[p + "wqkv"], w.get(p + "bqkv")), cos, sin, cache, rows, True)
+            attn = K.tree_attention(q, cache.k[i], cache.v[i], prefix_len, mask)
+            h, x = K.add_rms_norm(K.gemv(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo")), x, w[p + "mlp_norm"], eps)
+            nxt = w[f"layers.{i + 1}.attn_norm"] if i + 1 < c.num_layers else w["norm"]
+            h, x = K.add_rms_norm(K.gemv(K.gemv_silu(h, w[p + "w13"]), w[p + "w2"]), x, nxt, eps)
+        return K.gemv(h, w["lm_head"]).float()
+
+    rows_out = []
+    for shape in shapes:
+        fm = as_fast_model(random_model(shape, device="cuda"))
+        cache = fm.ensure_cache(1, ctx + 64)
+        prefill(fm, cache, torch.randint(0, fm.config.vocab_size, (1, ctx), device="cuda"), chunk_size=4096)
+        L = cache.length
+        tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        pos = torch.full((1, 1), L, dtype=torch.long, device="cuda")
+        one = torch.ones(1, 1, 1, dtype=torch.bool, device="cuda")
+        pl = cache.length_t
+        a = step_forward(fm, cache, tok, pos, one, pl)
+        b = unfolded(fm, cache, tok, pos, one, pl)
+        agree = float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        t = {}
+        for rep in range(3):   # interleaved, to see drift
+            t.setdefault("folded", []).append(graph_ms(lambda: step_forward(fm, cache, tok, pos, one, pl), reps=30))
+            t.setdefault("unfolded", []).append(graph_ms(lambda: unfolded(fm, cache, tok, pos, one, pl), reps=30))
+        row = dict(shape=shape, ctx=L, folded_ms=min(t["folded"]), unfolded_ms=min(t["unfolded"]), all=t, rel_diff=agree)
+        rows_out.append(row); print(json.dumps(row), flush=True)
+        fm.caches.clear(); fm.graphs.clear(); del fm; torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "probe_step_fold.jsonl"), "w") as f:
+        for r_ in rows_out: f.write(json.dumps(r_) + "\n")
+    print(tabulate([[r["shape"], r["ctx"], f"{r['unfolded_ms']:.3f}", f"{r['folded_ms']:.3f}", f"{r['rel_diff']:.2e}"] for r in rows_out],
+                   headers=["shape", "ctx", "norm kernels ms", "folded ms", "max rel logit diff"], tablefmt="github"))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] == ["step"]:
+        step_ab()
+        sys.exit()
+    fold() if sys.argv[1:] == ["fold"] else main()
