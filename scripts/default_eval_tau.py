@@ -127,7 +127,8 @@ def main(argv=None) -> None:
             rec = {"file": pr["file"], "method": m, "backend": a.backend, "device": a.device, "dtype": dtype,
                    "prompt_tokens": len(pr["ids"]), "tokens": len(ids), "passes": int(res.num), "accepted": int(res.count),
                    "tau": res.tau, "decode_s": res.elapsed_time, "prefill_s": res.prefill_time,
-                   "tokens_per_s": res.tokens_per_second, "same_as_vanilla": ids == base}
+                   "tokens_per_s": res.tokens_per_second, "same_as_vanilla": ids == base,
+                   "agree_prefix": _common_prefix(ids, base)}
             recs.append(rec)
             if out:
                 out.write(json.dumps(rec) + "\n")
@@ -139,6 +140,16 @@ def main(argv=None) -> None:
     print(f"\n{len(prompts)} held-out files, prompt <= {a.prompt_tokens} tokens, {a.max_new_tokens} new tokens, greedy, "
           f"specdec.{a.backend} on {a.device} ({dtype}), {time.time() - t_all:.0f}s")
     print(summarize(recs))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens of ``a`` and ``b`` agree (the generated part of both: up to the first divergence)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def summarize(recs: list[dict]) -> str:
@@ -158,10 +169,13 @@ def summarize(recs: list[dict]) -> str:
         tau = sum(r["tokens"] for r in rs) / sum(r["passes"] for r in rs)
         tps = statistics.median(r["tokens_per_s"] for r in rs)
         sp = statistics.median(r["tokens_per_s"] / v["tokens_per_s"] for r, v in zip(rs, van) if v["tokens_per_s"] > 0)
+        same = sum(bool(r["same_as_vanilla"]) for r in rs)
+        agree = sum(r.get("agree_prefix", 0) for r in rs) / max(1, sum(r["tokens"] for r in rs))
         rows.append([m, f"{tau:.2f}", f"{statistics.median(r['tau'] for r in rs):.2f}", f"{min(r['tau'] for r in rs):.2f}-{max(r['tau'] for r in rs):.2f}",
-                     f"{tps:.1f}", f"{sp:.2f}x", all(r["same_as_vanilla"] for r in rs)])
+                     f"{tps:.1f}", f"{sp:.2f}x", f"{same}/{len(rs)}", f"{100 * agree:.0f}%"])
     head = f"{len(files)} files ({rs[0]['backend']}, {rs[0]['device']}, {rs[0]['dtype']})\n" if files else "no complete files\n"
-    return head + tabulate(rows, headers=["method", "tau", "tau (median file)", "tau range", "tok/s (median)", "speedup (median)", "== vanilla"])
+    return head + tabulate(rows, headers=["method", "tau", "tau (median file)", "tau range", "tok/s (median)", "speedup (median)",
+                                       "== vanilla (files)", "tokens before 1st divergence"])
 
 if __name__ == "__main__":
     main()

@@ -111,17 +111,19 @@ def _gemv_kernel(
     tl.store(Y + pid_r.to(tl.int64) * stride_yr + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
 
 
-def _config(rows_read: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) from a sweep on H100 that times calls back to back
-    over distinct weight copies, as inside a decode step (BENCHMARKS "Session 6"): long rows (K >=
-    8192, the down projection) 4 x 512 tiles; tall weights (more than 8192 rows read: w13, lm_head,
-    MHA qkv) 2 x 2048; the rest 8 x 256. Rows shorter than the tile take more rows per program."""
+def _config(rows_read: int, n: int, k: int, norm: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) from sweeps on H100 that time calls back to back
+    over distinct weight copies, as inside a decode step (BENCHMARKS "Session 6", "Session 7"): long
+    rows (K >= 8192, the down projection) 4 x 512 tiles; tall weights (more than 8192 rows read: w13,
+    lm_head, MHA qkv) 2 x 2048 -- but 8 x 512 with the folded RMSNorm, whose ``x * norm_weight``
+    tile is re-read per program (2 x 2048 then loses 6-35%, 8 x 512 stays within 1-2% of the plain
+    GEMV); the rest 8 x 256. Rows shorter than the tile take more rows per program."""
     if interpreter_active():   # programs run one by one: few, big tiles
         return min(64, next_pow2(n)), min(1024, next_pow2(k)), 4, 1
     if k >= 8192:
         bn, bk, warps, stages = 4, 512, 4, 4
     elif rows_read > 8192:
-        bn, bk, warps, stages = 2, 2048, 4, 3
+        bn, bk, warps, stages = (8, 512, 4, 3) if norm else (2, 2048, 4, 3)
     else:
         bn, bk, warps, stages = 8, 256, 4, 4
     area = bn * bk
@@ -185,7 +187,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: b
         r2 = residual.reshape(r, n)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
-    bn, bk, warps, stages = _config(n_rows_w, n, k)
+    bn, bk, warps, stages = _config(n_rows_w, n, k, norm=norm_weight is not None)
     _gemv_kernel[(triton.cdiv(n, bn), r)](
         x2, w, bias if bias is not None else w, y2,
         norm_weight if norm_weight is not None else w, r2 if r2 is not None else y2,

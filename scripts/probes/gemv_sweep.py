@@ -86,8 +86,10 @@ def main():
 def fold():
     """Per call: the library's ``gemv`` plain, with ``norm_weight`` and with ``residual`` (and the
     separate ``rms_norm`` / ``add_rms_norm`` kernels they replace), back to back as in a step."""
+    import importlib
+
     from specdec.fast import kernels as K
-    from specdec.fast.kernels import gemv as G
+    G = importlib.import_module("specdec.fast.kernels.gemv")
 
     shapes = {"llama wqkv": (6144, 4096, False), "llama wo": (4096, 4096, False), "llama w13": (28672, 4096, True),
               "llama w2": (4096, 14336, False), "llama lm_head": (128256, 4096, False),
@@ -113,7 +115,7 @@ def fold():
         for cfg in cfgs:
             if cfg is not None and cfg[1] > k:
                 continue
-            G._config = lib_config if cfg is None else (lambda *a, cfg=cfg: cfg)
+            G._config = lib_config if cfg is None else (lambda *a, _cfg=cfg, **kw: _cfg)
             tag = "lib" if cfg is None else "bn%d bk%d w%d s%d" % cfg
             try:
                 row[f"{tag} plain"] = graph_ms(lambda: [op(x, ws[i % copies]) for i in range(calls)]) / calls * 1e3
@@ -124,6 +126,14 @@ def fold():
                 print(name, tag, type(e).__name__, str(e)[:80])
             finally:
                 G._config = lib_config
+        # registers / spills of the library config's plain and norm variants
+        for norm in (False, True):
+            bn, bk, wp, st = lib_config(n, nout, k, norm=norm)
+            ck = _gemv_kernel[(triton.cdiv(nout, bn), 1)](x, ws[0], ws[0], torch.empty(1, 1, nout, device="cuda", dtype=torch.bfloat16),
+                                                      g, x, nout, k, k, ws[0].stride(0), nout, 0, 1e-5,
+                                                      HAS_BIAS=False, SILU=silu, NORM=norm, RESID=False, CODE=2,
+                                                      BLOCK_N=bn, BLOCK_K=bk, STAGES=st, num_warps=wp)
+            row[f"regs {'norm' if norm else 'plain'}"] = [getattr(ck, "n_regs", None), getattr(ck, "n_spills", None)]
         res.append(row); print(json.dumps(row), flush=True)
         del ws; torch.cuda.empty_cache()
     with open(os.path.join(OUT, "probe_gemv_fold.jsonl"), "w") as f:
