@@ -274,12 +274,15 @@ def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torc
 # for CPU prefill where the interpreter would be slow) runs the same arithmetic op by op.
 #
 # A single-row step (B = M = 1: plain decoding, draft-model and MagicDec steps) is a pure weight
-# stream and runs :func:`_one_row_forward` instead: every projection is a Triton GEMV with the norm
+# stream and runs :func:`_gemv_forward` instead: every projection is a Triton GEMV with the norm
 # before it and the residual add after it folded in (:mod:`.kernels.gemv`), so a layer is
 #
 #   norm+wqkv GEMV -> rope_qkv_write -> attention -> wo GEMV+add -> norm+w13 GEMV+SwiGLU -> w2 GEMV+add
 #
 # and the step ends with the final norm folded into the lm_head GEMV: no norm kernels at all.
+# Several rows take the same path on CUDA when the layer weights are so small that re-reading them
+# once per row (from L2) is cheaper than the norm / SwiGLU launches it saves (:func:`_gemv_rows_ok`:
+# the embedded default model, where every step is launch-bound); their lm_head stays one cuBLAS GEMM.
 
 
 def _rope_write(fm: FastModel, i: int, qkv: torch.Tensor, cos, sin, cache: StaticKVCache, rows: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -337,17 +340,34 @@ def _logits(fm: FastModel, h: torch.Tensor) -> torch.Tensor:
     return F.linear(h, fm.w["lm_head"]).float()
 
 
-def _one_row_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, cos, sin, rows: torch.Tensor,
-                     prefix_len: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
-    """:func:`step_forward` for B = M = 1 on the fused path: logits [1, 1, V] (fp32).
+# Most bytes of layer weights re-read by one row-wise GEMV call over all rows of a step (L2-sized).
+GEMV_ROWS_MAX_BYTES = 48 << 20
+
+
+def _gemv_rows_ok(fm: FastModel, rows: int, device: torch.device) -> bool:
+    """Run a step of ``rows`` token rows through :func:`_gemv_forward`? One row always (a pure weight
+    stream); several only on CUDA and only when ``rows`` x the largest layer weight stays within
+    :data:`GEMV_ROWS_MAX_BYTES` (each row re-reads the weight: a few-hundred-KB weight from L2)."""
+    if rows == 1:
+        return True
+    if device.type != "cuda":
+        return False
+    biggest = max(fm.w[f"layers.0.{n}"].numel() for n in ("wqkv", "wo", "w13", "w2")) * fm.w["embed"].element_size()
+    return rows * biggest <= GEMV_ROWS_MAX_BYTES
+
+
+def _gemv_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, cos, sin, rows: torch.Tensor,
+                  prefix_len: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`step_forward` with every layer projection a GEMV (fused path): logits [B, M, V] (fp32).
 
     The same layer as the multi-row path, op for op, but each projection is one GEMV launch that
     also does the RMSNorm before it or the residual add after it (:func:`specdec.fast.kernels.gemv`;
-    matches :func:`specdec.fast.kernels.gemv_ref`), so the step launches no norm kernel.
+    matches :func:`specdec.fast.kernels.gemv_ref`), so the layers launch no norm kernel. The lm_head
+    is a GEMV with the final norm folded in for one row, the norm kernel + one GEMM for several.
     """
     kern, c, w = _kernels(), fm.config, fm.w
     eps = c.rms_norm_eps
-    x = F.embedding(tokens, w["embed"])  # [1, 1, H] the residual stream
+    x = F.embedding(tokens, w["embed"])  # [B, M, H] the residual stream
     for i in range(c.num_layers):
         p = f"layers.{i}."
         qkv = kern.gemv(x, w[p + "wqkv"], w.get(p + "bqkv"), norm_weight=w[p + "attn_norm"], eps=eps)
@@ -356,7 +376,9 @@ def _one_row_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, 
         x = kern.gemv(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"), residual=x)
         act = kern.gemv_silu(x, w[p + "w13"], norm_weight=w[p + "mlp_norm"], eps=eps)
         x = kern.gemv(act, w[p + "w2"], residual=x)
-    return kern.gemv(x, w["lm_head"], norm_weight=w["norm"], eps=eps).float()
+    if x.numel() == x.shape[-1]:
+        return kern.gemv(x, w["lm_head"], norm_weight=w["norm"], eps=eps).float()
+    return _logits(fm, kern.rms_norm(x, w["norm"], eps))
 
 
 def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
@@ -373,8 +395,8 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
 
     Per layer: add_rms_norm, wqkv GEMM, rope_qkv_write (rotates q/k, writes k/v rows in place),
     tree_attention, wo GEMM, add_rms_norm, w13 GEMM, silu_mul, w2 GEMM -- see :mod:`.kernels.fused`.
-    With B = M = 1 (:func:`_one_row_forward`) every projection and the lm_head are Triton GEMVs with
-    the norms and residual adds folded in (:mod:`.kernels.gemv`).
+    With B = M = 1 (and for small models several rows, :func:`_gemv_rows_ok`) every projection is a
+    Triton GEMV with the norms and residual adds folded in (:func:`_gemv_forward`, :mod:`.kernels.gemv`).
     """
     kern = _kernels()
     b, m = tokens.shape
@@ -384,8 +406,8 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
             raise ValueError(f"prefix_len must be in [0, capacity - M] = [0, {cache.capacity - m}]; got range [{lo}, {hi}]")
     cos, sin = _cos_sin(fm, positions)
     rows = prefix_len.to(torch.int32)[:, None] + torch.arange(m, dtype=torch.int32, device=tokens.device)[None, :]  # [B, M]
-    if b == 1 and m == 1:
-        return _one_row_forward(fm, cache, tokens, cos, sin, rows, prefix_len, tree_mask)
+    if _gemv_rows_ok(fm, b * m, tokens.device):
+        return _gemv_forward(fm, cache, tokens, cos, sin, rows, prefix_len, tree_mask)
     x = F.embedding(tokens, fm.w["embed"])
     h = _first_norm(fm, x, True)
     for i in range(fm.config.num_layers):

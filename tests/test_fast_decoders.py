@@ -56,6 +56,34 @@ def test_fast_greedy_token_identical_to_ref_and_vanilla(family):
         assert ff.count == int(ff.spec_mask.sum())
 
 
+def test_fast_row_wise_gemv_steps_match_ref(monkeypatch):
+    """Several-row steps through the norm-folding GEMVs (the small-model rule of step_forward, which
+    picks them only on CUDA) keep every decoder token-identical to ref."""
+    import specdec.fast.model as fmod
+
+    target, ftarget = _pair("qwen2", seed=1)   # qkv bias: the GEMV's bias path too
+    draft, fdraft = _pair("qwen2", seed=2)
+    used = []
+    monkeypatch.setattr(fmod, "_gemv_rows_ok", lambda fm, rows, device: used.append(rows) or True)
+    ids = torch.tensor([REPETITIVE])
+    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=6, eos_id=[])
+    for name, r, f in _decoders(draft, fdraft):
+        assert torch.equal(f(ftarget, **kw).output_ids, r(target, **kw).output_ids), name
+    assert max(used) > 1  # verification steps of several rows went through the GEMVs
+
+
+def test_gemv_rows_rule():
+    import specdec.fast.model as fmod
+
+    _, fm = _pair()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fmod._gemv_rows_ok(fm, 1, cpu) and fmod._gemv_rows_ok(fm, 1, cuda)   # one row: always
+    assert not fmod._gemv_rows_ok(fm, 69, cpu)                                  # several: CUDA only
+    assert fmod._gemv_rows_ok(fm, 69, cuda)                                     # tiny weights: re-read from L2
+    biggest = 2 * fm.config.intermediate_size * fm.config.hidden_size * fm.w["embed"].element_size()   # w13 [2F, H]
+    assert not fmod._gemv_rows_ok(fm, fmod.GEMV_ROWS_MAX_BYTES // biggest + 1, cuda)
+
+
 PUBLIC_API = ["load_model", "load_glide", "forward", "tree_attention", "vanilla_generate", "speculative_generate",
               "spec_generate", "tree_spec_generate", "logitspec_generate", "magicdec_generate", "pld_generate"]
 
