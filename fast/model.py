@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -344,16 +345,20 @@ def _logits(fm: FastModel, h: torch.Tensor) -> torch.Tensor:
 GEMV_ROWS_MAX_BYTES = 48 << 20
 
 
-def _gemv_rows_ok(fm: FastModel, rows: int, device: torch.device) -> bool:
-    """Run a step of ``rows`` token rows through :func:`_gemv_forward`? One row always (a pure weight
-    stream); several only on CUDA and only when ``rows`` x the largest layer weight stays within
-    :data:`GEMV_ROWS_MAX_BYTES` (each row re-reads the weight: a few-hundred-KB weight from L2)."""
+def _gemv_rows_ok(weights: Iterable[torch.Tensor], rows: int, device: torch.device) -> bool:
+    """Project ``rows`` token rows through norm-folding GEMVs (:mod:`.kernels.gemv`) rather than
+    norm kernels + GEMMs? One row always (a pure weight stream); several only on CUDA and only when
+    ``rows`` x the largest of ``weights`` (bytes) stays within :data:`GEMV_ROWS_MAX_BYTES` (each row
+    re-reads the weight: a few-hundred-KB weight, from L2)."""
     if rows == 1:
         return True
     if device.type != "cuda":
         return False
-    biggest = max(fm.w[f"layers.0.{n}"].numel() for n in ("wqkv", "wo", "w13", "w2")) * fm.w["embed"].element_size()
-    return rows * biggest <= GEMV_ROWS_MAX_BYTES
+    return rows * max(t.numel() * t.element_size() for t in weights) <= GEMV_ROWS_MAX_BYTES
+
+
+def _layer_weights(fm: FastModel) -> list[torch.Tensor]:
+    return [fm.w[f"layers.0.{n}"] for n in ("wqkv", "wo", "w13", "w2")]
 
 
 def _gemv_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, cos, sin, rows: torch.Tensor,
@@ -406,7 +411,7 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
             raise ValueError(f"prefix_len must be in [0, capacity - M] = [0, {cache.capacity - m}]; got range [{lo}, {hi}]")
     cos, sin = _cos_sin(fm, positions)
     rows = prefix_len.to(torch.int32)[:, None] + torch.arange(m, dtype=torch.int32, device=tokens.device)[None, :]  # [B, M]
-    if _gemv_rows_ok(fm, b * m, tokens.device):
+    if _gemv_rows_ok(_layer_weights(fm), b * m, tokens.device):
         return _gemv_forward(fm, cache, tokens, cos, sin, rows, prefix_len, tree_mask)
     x = F.embedding(tokens, fm.w["embed"])
     h = _first_norm(fm, x, True)

@@ -64,7 +64,7 @@ def test_fast_row_wise_gemv_steps_match_ref(monkeypatch):
     target, ftarget = _pair("qwen2", seed=1)   # qkv bias: the GEMV's bias path too
     draft, fdraft = _pair("qwen2", seed=2)
     used = []
-    monkeypatch.setattr(fmod, "_gemv_rows_ok", lambda fm, rows, device: used.append(rows) or True)
+    monkeypatch.setattr(fmod, "_gemv_rows_ok", lambda weights, rows, device: used.append(rows) or True)
     ids = torch.tensor([REPETITIVE])
     kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=6, eos_id=[])
     for name, r, f in _decoders(draft, fdraft):
@@ -76,12 +76,13 @@ def test_gemv_rows_rule():
     import specdec.fast.model as fmod
 
     _, fm = _pair()
+    ws = fmod._layer_weights(fm)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert fmod._gemv_rows_ok(fm, 1, cpu) and fmod._gemv_rows_ok(fm, 1, cuda)   # one row: always
-    assert not fmod._gemv_rows_ok(fm, 69, cpu)                                  # several: CUDA only
-    assert fmod._gemv_rows_ok(fm, 69, cuda)                                     # tiny weights: re-read from L2
+    assert fmod._gemv_rows_ok(ws, 1, cpu) and fmod._gemv_rows_ok(ws, 1, cuda)   # one row: always
+    assert not fmod._gemv_rows_ok(ws, 69, cpu)                                  # several: CUDA only
+    assert fmod._gemv_rows_ok(ws, 69, cuda)                                     # tiny weights: re-read from L2
     biggest = 2 * fm.config.intermediate_size * fm.config.hidden_size * fm.w["embed"].element_size()   # w13 [2F, H]
-    assert not fmod._gemv_rows_ok(fm, fmod.GEMV_ROWS_MAX_BYTES // biggest + 1, cuda)
+    assert not fmod._gemv_rows_ok(ws, fmod.GEMV_ROWS_MAX_BYTES // biggest + 1, cuda)
 
 
 PUBLIC_API = ["load_model", "load_glide", "forward", "tree_attention", "vanilla_generate", "speculative_generate",
@@ -193,8 +194,16 @@ def _glide_pair(seed=1, window=8):
     return target, ftarget, init_glide_weights(target.config, window=window, seed=seed + 1, std=0.3)
 
 
-@pytest.mark.parametrize("mode", ["tree", "chain"])
-def test_fast_glide_drafts_equal_ref_drafts(mode):
+@pytest.mark.parametrize("mode,gemv_rows", [("tree", False), ("chain", False), ("tree", True)])
+def test_fast_glide_drafts_equal_ref_drafts(mode, gemv_rows, monkeypatch):
+    """Same drafts, round by round; ``gemv_rows``: the draft layer and the verification on the
+    norm-folding GEMVs for every row count (the small-model rule, which picks them only on CUDA)."""
+    if gemv_rows:
+        import specdec.fast.glide as fglide
+        import specdec.fast.model as fmod
+
+        monkeypatch.setattr(fglide, "_gemv_rows_ok", lambda weights, rows, device: True)
+        monkeypatch.setattr(fmod, "_gemv_rows_ok", lambda weights, rows, device: True)
     target, ftarget, glide = _glide_pair()
     ids = torch.tensor([REPETITIVE])  # 17 tokens + 8 new > 2 * window: the sliding cache shifts
     kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=8, eos_id=[])
