@@ -341,8 +341,11 @@ def _logits(fm: FastModel, h: torch.Tensor) -> torch.Tensor:
     return F.linear(h, fm.w["lm_head"]).float()
 
 
-# Most bytes of layer weights re-read by one row-wise GEMV call over all rows of a step (L2-sized).
-GEMV_ROWS_MAX_BYTES = 48 << 20
+# Most bytes one row-wise GEMV call may re-read over all rows of a step (rows x weight bytes). From
+# the embedded default model on an H100 (BENCHMARKS "Session 7"): 4 MiB (its chain verification of
+# 5 rows and 4-row draft levels on GEMVs) made the GLIDE chain 1.47x -> 1.78x; 48 MiB (also the
+# 69-row tree verification: 35 MiB of L2 reads per w13 call) made the tree 1.77x -> 1.35x.
+GEMV_ROWS_MAX_BYTES = 4 << 20
 
 
 def _gemv_rows_ok(weights: Iterable[torch.Tensor], rows: int, device: torch.device) -> bool:
