@@ -278,7 +278,7 @@ def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torc
 # stream and runs :func:`_gemv_forward` instead: every projection is a Triton GEMV with the norm
 # before it and the residual add after it folded in (:mod:`.kernels.gemv`), so a layer is
 #
-#   norm+wqkv GEMV -> rope_qkv_write -> attention -> wo GEMV+add -> norm+w13 GEMV+SwiGLU -> w2 GEMV+add
+#   norm+wqkv GEMV+RoPE+KV write -> attention -> wo GEMV+add -> norm+w13 GEMV+SwiGLU -> w2 GEMV+add
 #
 # and the step ends with the final norm folded into the lm_head GEMV: no norm kernels at all.
 # Several rows take the same path on CUDA when the layer weights are so small that re-reading them
@@ -378,8 +378,8 @@ def _gemv_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, cos
     x = F.embedding(tokens, w["embed"])  # [B, M, H] the residual stream
     for i in range(c.num_layers):
         p = f"layers.{i}."
-        qkv = kern.gemv(x, w[p + "wqkv"], w.get(p + "bqkv"), norm_weight=w[p + "attn_norm"], eps=eps)
-        q = _rope_write(fm, i, qkv, cos, sin, cache, rows, True)
+        q = kern.gemv_qkv_rope(x, w[p + "wqkv"], w.get(p + "bqkv"), cos, sin, cache.k[i], cache.v[i], rows,
+                               norm_weight=w[p + "attn_norm"], eps=eps)
         attn = kern.tree_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask)
         x = kern.gemv(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"), residual=x)
         act = kern.gemv_silu(x, w[p + "w13"], norm_weight=w[p + "mlp_norm"], eps=eps)

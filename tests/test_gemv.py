@@ -162,6 +162,61 @@ def test_gemv_norm_and_residual_bad_inputs():
         K.gemv_silu(x, torch.randn(8, 32, device=DEV), norm_weight=g[:5])
 
 
+def _rope_case(dtype, b=1, m=1, hq=2, hkv=1, d=64, k=100, cap=9, bias=True, seed=9):
+    g = torch.Generator().manual_seed(seed)
+    width = (hq + 2 * hkv) * d
+    x = torch.randn(b, m, k, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(width, k, generator=g) / k**0.5).to(dtype).to(DEV)
+    bq = torch.randn(width, generator=g).to(dtype).to(DEV) if bias else None
+    ang = torch.rand(b, m, d // 2, generator=g) * 6.0
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype).to(DEV)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(dtype).to(DEV)
+    kc = torch.randn(b, hkv, cap, d, generator=g).to(dtype).to(DEV)
+    vc = torch.randn(b, hkv, cap, d, generator=g).to(dtype).to(DEV)
+    rows = torch.stack([torch.randperm(cap, generator=g)[:m] for _ in range(b)]).to(torch.int32).to(DEV)
+    nw = (torch.rand(k, generator=g) + 0.5).to(dtype).to(DEV)
+    return x, w, bq, cos, sin, kc, vc, rows, nw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,m,hq,hkv,norm,bias", [(1, 1, 2, 1, True, True), (1, 1, 3, 3, False, False), (2, 3, 4, 2, True, False)])
+def test_gemv_qkv_rope_matches_projection_then_rope(dtype, b, m, hq, hkv, norm, bias):
+    """q out, k (rotated) and v into their cache rows -- as gemv_ref + rope_qkv_write_ref; nothing else written."""
+    x, w, bq, cos, sin, kc, vc, rows, nw = _rope_case(dtype, b, m, hq, hkv, bias=bias)
+    kw = dict(norm_weight=nw, eps=1e-5) if norm else {}
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = K.gemv_qkv_rope(x, w, bq, cos, sin, kc, vc, rows, **kw)
+    q_ref = K.gemv_qkv_rope_ref(x, w, bq, cos, sin, kc2, vc2, rows, **kw)
+    assert q.shape == q_ref.shape == (b, hq, m, 64) and q.dtype == dtype
+    tol = (8 if dtype != torch.float32 else 64) * torch.finfo(dtype).eps
+    for got, want in ((q, q_ref), (kc, kc2), (vc, vc2)):
+        scale = want.double().abs().max()
+        assert (got.double() - want.double()).abs().max() <= tol * scale
+    written = torch.zeros_like(kc, dtype=torch.bool)
+    for bi in range(b):
+        written[bi, :, rows[bi].long()] = True
+    k0, v0 = _rope_case(dtype, b, m, hq, hkv, bias=bias)[5:7]     # the untouched caches
+    assert torch.equal(kc[~written], k0[~written]) and torch.equal(vc[~written], v0[~written])
+
+
+def test_gemv_qkv_rope_bad_inputs():
+    x, w, bq, cos, sin, kc, vc, rows, nw = _rope_case(torch.float32)
+    with pytest.raises(ValueError, match=r"wqkv's rows must be \(Hq \+ 2 Hkv\) \* D"):
+        K.gemv_qkv_rope(x, w[:128], None, cos, sin, kc, vc, rows)
+    with pytest.raises(ValueError, match="wqkv must be"):
+        K.gemv_qkv_rope(x, w[:, :50], None, cos, sin, kc, vc, rows)
+    with pytest.raises(ValueError, match=r"cos must have shape \[B, M, D\]"):
+        K.gemv_qkv_rope(x, w, bq, cos[..., :32], sin, kc, vc, rows)
+    with pytest.raises(ValueError, match="head dim"):
+        K.gemv_qkv_rope(x, w, bq, cos, sin, kc[..., :48], vc[..., :48], rows)
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        K.gemv_qkv_rope(x, w, bq, cos, sin, kc, vc, rows, norm_weight=nw[:5])
+    with pytest.raises(ValueError, match="bqkv must be"):
+        K.gemv_qkv_rope(x, w, bq[:7], cos, sin, kc, vc, rows)
+    with pytest.raises(TypeError, match="share one dtype"):
+        K.gemv_qkv_rope(x.half(), w, bq, cos, sin, kc, vc, rows)
+
+
 def test_gemv_bad_inputs():
     x, w, b = _inputs(8, 32, torch.float32)
     with pytest.raises(ValueError, match="K = 32"):

@@ -12,6 +12,8 @@
 * :func:`gemv`, :func:`gemv_silu` -- one-row (decode) projections streaming the weight once, the
   second with the SwiGLU activation in its epilogue; either may fold in the RMSNorm before it, and
   :func:`gemv` the residual add after it (match :func:`gemv_ref` / :func:`gemv_silu_ref`);
+  :func:`gemv_qkv_rope` -- the q|k|v projection with RoPE and the KV-cache write in its epilogue
+  (matches :func:`gemv_qkv_rope_ref`);
 * :func:`round_pack` -- the integers of a device-driven GLIDE round from the cache length (matches
   ``FastGlideDrafter._pack``).
 
@@ -28,7 +30,7 @@ from .glide_attention import (
 )
 from .accept import greedy_accept, greedy_accept_ref, row_argmax
 from .beam import beam_select, beam_topk
-from .gemv import gemv, gemv_ref, gemv_silu, gemv_silu_ref
+from .gemv import gemv, gemv_qkv_rope, gemv_qkv_rope_ref, gemv_ref, gemv_silu, gemv_silu_ref
 from .kv_compact import compact_kv, compact_kv_ref
 from .round_pack import round_pack, round_pack_ref
 from .tree_attention import tree_attention
@@ -52,6 +54,8 @@ __all__ = [
     "round_pack",
     "round_pack_ref",
     "gemv",
+    "gemv_qkv_rope",
+    "gemv_qkv_rope_ref",
     "gemv_ref",
     "gemv_silu",
     "gemv_silu_ref",

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_device, interpreter_active, next_pow2
-from .fused import _DTYPE_CODE, _check_float, _round_to, rms_norm_ref
+from ._common import SUPPORTED_HEAD_DIMS, check_device, check_int_tensor, check_tensor, interpreter_active, next_pow2
+from .fused import _DTYPE_CODE, _check_float, _round_to, rms_norm_ref, rope_qkv_write_ref
 
-__all__ = ["gemv", "gemv_ref", "gemv_silu", "gemv_silu_ref"]
+__all__ = ["gemv", "gemv_qkv_rope", "gemv_qkv_rope_ref", "gemv_ref", "gemv_silu", "gemv_silu_ref"]
 
 
 @triton.jit(do_not_specialize=["N", "K", "stride_xr", "stride_yr", "stride_rr"])
@@ -109,6 +109,96 @@ def _gemv_kernel(
         # rounded once by the store (exactly `residual + F.linear(...)`)
         y = _round_to(y, CODE) + tl.load(Res + pid_r.to(tl.int64) * stride_rr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(Y + pid_r.to(tl.int64) * stride_yr + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["N2", "K", "stride_xr", "M", "stride_rb"])
+def _gemv_qkv_rope_kernel(
+    X, W, Bias, G, Cos, Sin, Q, KC, VC, Rows,
+    N2, K, stride_xr, stride_wn, eps, M,
+    stride_cb, stride_cm, stride_cd, stride_sb, stride_sm, stride_sd,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_rb, stride_rm,
+    HQ, HKV,
+    HALF: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, CODE: tl.constexpr, CDT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    # A program owns BLOCK_N column PAIRS (j, j + HALF) of the fused q|k|v projection -- the two
+    # halves RoPE's rotate_half mixes -- for one token row r = b * M + m.
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # pair index in [0, N / 2)
+    p_ok = offs_p < N2
+    head = offs_p // HALF                              # q heads, then k heads, then v heads
+    j = offs_p % HALF
+    row_a = head * (2 * HALF) + j
+    row_b = row_a + HALF
+    offs_k = tl.arange(0, BLOCK_K)
+    x_row = X + pid_r.to(tl.int64) * stride_xr
+    w_a = W + row_a.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    w_b = W + row_b.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    acc_a = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ssq = tl.zeros([BLOCK_K], dtype=tl.float32)
+
+    # -- the GEMV (as _gemv_kernel: full K tiles pipelined, one masked tail tile) -------------------
+    k_full = K // BLOCK_K * BLOCK_K
+    for k0 in tl.range(0, k_full, BLOCK_K, num_stages=STAGES):
+        xk = tl.load(x_row + k0 + offs_k).to(tl.float32)
+        if NORM:
+            ssq += xk * xk
+            xk = xk * tl.load(G + k0 + offs_k).to(tl.float32)
+        acc_a += tl.load(w_a + k0, mask=p_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
+        acc_b += tl.load(w_b + k0, mask=p_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
+    if k_full < K:
+        k_ok = k_full + offs_k < K
+        xk = tl.load(x_row + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            ssq += xk * xk
+            xk = xk * tl.load(G + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        wmask = p_ok[:, None] & k_ok[None, :]
+        acc_a += tl.load(w_a + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
+        acc_b += tl.load(w_b + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
+    ya = tl.sum(acc_a, 1)
+    yb = tl.sum(acc_b, 1)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(ssq, 0) / K + eps)
+        ya = ya * rstd
+        yb = yb * rstd
+    if HAS_BIAS:
+        ya += tl.load(Bias + row_a, mask=p_ok, other=0.0).to(tl.float32)
+        yb += tl.load(Bias + row_b, mask=p_ok, other=0.0).to(tl.float32)
+    ya = _round_to(ya, CODE)                           # the projection's output in x's dtype
+    yb = _round_to(yb, CODE)
+
+    # -- RoPE of q and k heads, as rope_qkv_write: x * cos + rotate_half(x) * sin, each op rounded ----
+    b = (pid_r // M).to(tl.int64)
+    m = (pid_r % M).to(tl.int64)
+    c1 = tl.load(Cos + b * stride_cb + m * stride_cm + j * stride_cd, mask=p_ok, other=0.0).to(tl.float32)
+    c2 = tl.load(Cos + b * stride_cb + m * stride_cm + (j + HALF) * stride_cd, mask=p_ok, other=0.0).to(tl.float32)
+    s1 = tl.load(Sin + b * stride_sb + m * stride_sm + j * stride_sd, mask=p_ok, other=0.0).to(tl.float32)
+    s2 = tl.load(Sin + b * stride_sb + m * stride_sm + (j + HALF) * stride_sd, mask=p_ok, other=0.0).to(tl.float32)
+    o1 = _round_to(_round_to(ya * c1, CDT) - _round_to(yb * s1, CDT), CDT)
+    o2 = _round_to(_round_to(yb * c2, CDT) + _round_to(ya * s2, CDT), CDT)
+
+    # -- q heads -> Q [B, Hq, M, D]; k (rotated), v (raw) -> cache row rows[b, m] ------------------
+    is_q = p_ok & (head < HQ)
+    hq = tl.where(is_q, head, 0).to(tl.int64)
+    q_ptr = Q + b * stride_qb + hq * stride_qh + m * stride_qm + j * stride_qd
+    tl.store(q_ptr, o1.to(Q.dtype.element_ty), mask=is_q)
+    tl.store(q_ptr + HALF * stride_qd, o2.to(Q.dtype.element_ty), mask=is_q)
+    row = tl.load(Rows + b * stride_rb + m * stride_rm).to(tl.int64)
+    is_k = p_ok & (head >= HQ) & (head < HQ + HKV)
+    hk = tl.where(is_k, head - HQ, 0).to(tl.int64)
+    k_ptr = KC + b * stride_kb + hk * stride_kh + row * stride_kn + j * stride_kd
+    tl.store(k_ptr, o1.to(KC.dtype.element_ty), mask=is_k)
+    tl.store(k_ptr + HALF * stride_kd, o2.to(KC.dtype.element_ty), mask=is_k)
+    is_v = p_ok & (head >= HQ + HKV)
+    hv = tl.where(is_v, head - HQ - HKV, 0).to(tl.int64)
+    v_ptr = VC + b * stride_vb + hv * stride_vh + row * stride_vn + j * stride_vd
+    tl.store(v_ptr, ya.to(VC.dtype.element_ty), mask=is_v)
+    tl.store(v_ptr + HALF * stride_vd, yb.to(VC.dtype.element_ty), mask=is_v)
 
 
 def _config(rows_read: int, n: int, k: int, norm: bool = False) -> tuple[int, int, int, int]:
@@ -228,6 +318,97 @@ def gemv_silu(x: torch.Tensor, w13: torch.Tensor, bias: torch.Tensor | None = No
     Returns [..., F] in x's dtype. Matches :func:`gemv_silu_ref` up to the fp32 summation order.
     """
     return _launch(x, w13, bias, True, norm_weight, eps)
+
+
+def gemv_qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, *,
+                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """A layer's fused q|k|v projection, RoPE and KV-cache write in one launch (decode steps):
+    :func:`specdec.fast.kernels.rope_qkv_write` ``(gemv(x, wqkv, bqkv, norm_weight=..., eps=...), cos,
+    sin, k_cache, v_cache, rows)``.
+
+    A program owns column pairs ``(j, j + D/2)`` of the projection (the halves RoPE mixes), so the
+    rotation happens in the GEMV's epilogue and q goes straight out, k and v straight into the cache:
+    no qkv tensor, no ``rope_qkv_write`` launch.
+
+    Args:
+        x: [B, M, K] (meant for B * M = 1: each row re-reads the weight); wqkv: [(Hq + 2 Hkv) * D, K]
+            in x's dtype, heads laid out ``[q | k | v]``; bqkv: [(Hq + 2 Hkv) * D] or None.
+        cos, sin, k_cache, v_cache, rows: as :func:`~specdec.fast.kernels.rope_qkv_write` (rows are
+            not range-checked: the caller owns them, as the model's steps do).
+        norm_weight, eps: the RMSNorm before the projection, folded in (see :func:`gemv`).
+    Returns q [B, Hq, M, D] (contiguous, x's dtype). Matches :func:`gemv_qkv_rope_ref` up to the
+    GEMV's fp32 summation order (and one fp32 rounding of the rotation, which may use FMA here).
+    """
+    check_tensor("x", x, 3)
+    check_tensor("cos", cos, 3)
+    check_tensor("sin", sin, 3)
+    check_tensor("k_cache", k_cache, 4)
+    check_tensor("v_cache", v_cache, 4)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    b, m, k = x.shape
+    cb, hkv, _, d = k_cache.shape
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if cb != b:
+        raise ValueError(f"the cache has batch {cb} but x has batch {b}")
+    _check_float("wqkv", wqkv)
+    if wqkv.dim() != 2 or wqkv.shape[1] != k:
+        raise ValueError(f"wqkv must be [(Hq + 2 Hkv) * D, K] with K = {k}, got {tuple(wqkv.shape)}")
+    if wqkv.dtype != x.dtype:
+        raise TypeError(f"x and wqkv must share one dtype, got {x.dtype} and {wqkv.dtype}")
+    width = wqkv.shape[0]
+    if width % d or width // d <= 2 * hkv:
+        raise ValueError(f"wqkv's rows must be (Hq + 2 Hkv) * D with Hkv = {hkv}, D = {d}, Hq >= 1; got {width}")
+    hq = width // d - 2 * hkv
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (b, m, d):
+            raise ValueError(f"{name} must have shape [B, M, D] = {[b, m, d]}, got {list(t.shape)}")
+    check_int_tensor("rows", rows, (b, m))
+    named = [("x", x), ("wqkv", wqkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("rows", rows)]
+    if bqkv is not None:
+        if not isinstance(bqkv, torch.Tensor):
+            raise TypeError(f"bqkv must be a torch.Tensor or None, got {type(bqkv).__name__}")
+        if tuple(bqkv.shape) != (width,):
+            raise ValueError(f"bqkv must be a tensor of shape [{width}], got {tuple(bqkv.shape)}")
+        named.append(("bqkv", bqkv))
+        bqkv = bqkv.contiguous()
+    if norm_weight is not None:
+        _check_float("norm_weight", norm_weight)
+        if tuple(norm_weight.shape) != (k,):
+            raise ValueError(f"norm_weight must be a tensor of shape [K] = [{k}], got {tuple(norm_weight.shape)}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) < float("inf"):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        named.append(("norm_weight", norm_weight))
+        norm_weight = norm_weight.contiguous()
+    check_device(*named)
+    q = torch.empty((b, hq, m, d), dtype=x.dtype, device=x.device)
+    if b == 0 or m == 0:
+        return q
+    x2 = x.reshape(b * m, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if wqkv.stride(1) != 1:
+        wqkv = wqkv.contiguous()
+    n2 = width // 2
+    cdt = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    bn, bk, warps, stages = _config(width, n2, k, norm=norm_weight is not None)
+    _gemv_qkv_rope_kernel[(triton.cdiv(n2, bn), b * m)](
+        x2, wqkv, bqkv if bqkv is not None else wqkv, norm_weight if norm_weight is not None else wqkv,
+        cos, sin, q, k_cache, v_cache, rows,
+        n2, k, x2.stride(0), wqkv.stride(0), float(eps), m,
+        *cos.stride(), *sin.stride(), *q.stride(), *k_cache.stride(), *v_cache.stride(), *rows.stride(),
+        hq, hkv,
+        HALF=d // 2, HAS_BIAS=bqkv is not None, NORM=norm_weight is not None, CODE=_DTYPE_CODE[x.dtype],
+        CDT=_DTYPE_CODE[cdt], BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
+    )
+    return q
+
+
+def gemv_qkv_rope_ref(x, wqkv, bqkv, cos, sin, k_cache, v_cache, rows, *, norm_weight=None, eps: float = 1e-6) -> torch.Tensor:
+    """Reference for :func:`gemv_qkv_rope`: :func:`gemv_ref` then :func:`~specdec.fast.kernels.rope_qkv_write_ref`."""
+    return rope_qkv_write_ref(gemv_ref(x, wqkv, bqkv, norm_weight=norm_weight, eps=eps), cos, sin, k_cache, v_cache, rows)
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
