@@ -10,6 +10,7 @@ Sweeps the GEMV tile configs (BLOCK_N, BLOCK_K, warps, stages); prints a table, 
     python3 scripts/probes/gemv_sweep.py fold      # session 7: the library GEMV plain vs with the folded
                                                    # RMSNorm (norm_weight) / residual add, same timing
     python3 scripts/probes/gemv_sweep.py step      # session 7: a whole decode step, folded vs norm kernels
+    python3 scripts/probes/gemv_sweep.py rope      # session 7: gemv_qkv_rope vs GEMV + rope_qkv_write
 """
 from __future__ import annotations
 import json, os, statistics
@@ -195,8 +196,53 @@ def step_ab(shapes=("vicuna-7b", "llama3-8b"), ctx=1024):
                    headers=["shape", "ctx", "norm kernels ms", "folded ms", "max rel logit diff"], tablefmt="github"))
 
 
+def rope():
+    """Per call: norm+wqkv GEMV followed by rope_qkv_write, against gemv_qkv_rope over tile configs."""
+    import importlib
+
+    from specdec.fast import kernels as K
+    G = importlib.import_module("specdec.fast.kernels.gemv")
+    lib_config = G._config
+    shapes = {"llama wqkv": (32, 8), "vicuna wqkv": (32, 32)}
+    cfgs = [None, (4, 512, 4, 3), (4, 1024, 4, 3), (8, 256, 4, 4), (4, 256, 4, 4), (2, 1024, 4, 3), (2, 2048, 4, 3), (8, 512, 4, 3)]
+    res = []
+    for name, (hq, hkv) in shapes.items():
+        d, k = 128, 4096
+        n = (hq + 2 * hkv) * d
+        copies = 8
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        g = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+        cos = torch.rand(1, 1, d, device="cuda", dtype=torch.bfloat16)
+        sin = torch.rand(1, 1, d, device="cuda", dtype=torch.bfloat16)
+        kc = torch.zeros(1, hkv, 64, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.zeros_like(kc)
+        rows = torch.full((1, 1), 5, dtype=torch.int32, device="cuda")
+        calls = 2 * copies
+        row = dict(name=name)
+        row["gemv+rope_qkv_write"] = graph_ms(lambda: [K.rope_qkv_write(K.gemv(x, ws[i % copies], norm_weight=g, eps=1e-5), cos, sin, kc, vc, rows, check_rows=False) for i in range(calls)]) / calls * 1e3
+        for cfg in cfgs:
+            G._config = lib_config if cfg is None else (lambda *a, _cfg=cfg, **kw: _cfg)
+            tag = "lib" if cfg is None else "bn%d bk%d w%d s%d" % cfg
+            try:
+                row[f"fused {tag}"] = graph_ms(lambda: [K.gemv_qkv_rope(x, ws[i % copies], None, cos, sin, kc, vc, rows, norm_weight=g, eps=1e-5) for i in range(calls)]) / calls * 1e3
+            except Exception as e:  # noqa
+                print(name, tag, type(e).__name__, str(e)[:80])
+            finally:
+                G._config = lib_config
+        res.append(row); print(json.dumps(row), flush=True)
+        del ws; torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "probe_gemv_rope.jsonl"), "w") as f:
+        for r_ in res: f.write(json.dumps(r_) + "\n")
+    keys = [k_ for k_ in res[0] if k_ != "name"]
+    print(tabulate([[k_] + [f"{r_.get(k_, float('nan')):.1f}" for r_ in res] for k_ in keys], headers=["us per call"] + [r_["name"] for r_ in res], tablefmt="github"))
+
+
 if __name__ == "__main__":
     import sys
+    if sys.argv[1:] == ["rope"]:
+        rope()
+        sys.exit()
     if sys.argv[1:] == ["step"]:
         step_ab()
         sys.exit()
