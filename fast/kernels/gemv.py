@@ -222,6 +222,29 @@ def _config(rows_read: int, n: int, k: int, norm: bool = False) -> tuple[int, in
     return min(bn, next_pow2(n)), bk, warps, stages
 
 
+def _checked_bias(name: str, bias, rows: int) -> torch.Tensor | None:
+    """``bias`` validated as a [rows] tensor (or None), contiguous."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (rows,):
+        raise ValueError(f"{name} must be a tensor of shape [{rows}], got {tuple(bias.shape)}")
+    return bias.contiguous()
+
+
+def _checked_norm(norm_weight, eps, k: int) -> torch.Tensor | None:
+    """``norm_weight`` validated as a float [K] tensor (or None) and ``eps`` as a finite number >= 0."""
+    if norm_weight is None:
+        return None
+    _check_float("norm_weight", norm_weight)
+    if tuple(norm_weight.shape) != (k,):
+        raise ValueError(f"norm_weight must be a tensor of shape [K] = [{k}], got {tuple(norm_weight.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return norm_weight.contiguous()
+
+
 def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool,
             norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
             residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,22 +260,9 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: b
     if silu and n_rows_w % 2:
         raise ValueError(f"w13 must stack gate and up rows ([2F, K]); got an odd row count {n_rows_w}")
     n = n_rows_w // 2 if silu else n_rows_w
-    named = [("x", x), ("w", w)]
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (n_rows_w,):
-            raise ValueError(f"bias must be a tensor of shape [{n_rows_w}], got {tuple(bias.shape)}")
-        named.append(("bias", bias))
-        bias = bias.contiguous()
-    if norm_weight is not None:
-        _check_float("norm_weight", norm_weight)
-        if tuple(norm_weight.shape) != (k,):
-            raise ValueError(f"norm_weight must be a tensor of shape [K] = [{k}], got {tuple(norm_weight.shape)}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) < float("inf"):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-        named.append(("norm_weight", norm_weight))
-        norm_weight = norm_weight.contiguous()
+    bias = _checked_bias("bias", bias, n_rows_w)
+    norm_weight = _checked_norm(norm_weight, eps, k)
+    named = [("x", x), ("w", w)] + [(nm, t) for nm, t in (("bias", bias), ("norm_weight", norm_weight)) if t is not None]
     lead = x.shape[:-1]
     if residual is not None:
         _check_float("residual", residual)
@@ -366,22 +376,10 @@ def gemv_qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None
         if tuple(t.shape) != (b, m, d):
             raise ValueError(f"{name} must have shape [B, M, D] = {[b, m, d]}, got {list(t.shape)}")
     check_int_tensor("rows", rows, (b, m))
+    bqkv = _checked_bias("bqkv", bqkv, width)
+    norm_weight = _checked_norm(norm_weight, eps, k)
     named = [("x", x), ("wqkv", wqkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("rows", rows)]
-    if bqkv is not None:
-        if not isinstance(bqkv, torch.Tensor):
-            raise TypeError(f"bqkv must be a torch.Tensor or None, got {type(bqkv).__name__}")
-        if tuple(bqkv.shape) != (width,):
-            raise ValueError(f"bqkv must be a tensor of shape [{width}], got {tuple(bqkv.shape)}")
-        named.append(("bqkv", bqkv))
-        bqkv = bqkv.contiguous()
-    if norm_weight is not None:
-        _check_float("norm_weight", norm_weight)
-        if tuple(norm_weight.shape) != (k,):
-            raise ValueError(f"norm_weight must be a tensor of shape [K] = [{k}], got {tuple(norm_weight.shape)}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) < float("inf"):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-        named.append(("norm_weight", norm_weight))
-        norm_weight = norm_weight.contiguous()
+    named += [(nm, t) for nm, t in (("bqkv", bqkv), ("norm_weight", norm_weight)) if t is not None]
     check_device(*named)
     q = torch.empty((b, hq, m, d), dtype=x.dtype, device=x.device)
     if b == 0 or m == 0:
