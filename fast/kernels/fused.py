@@ -389,6 +389,30 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_rope_qkv(src_name: str, src: torch.Tensor, width: int, width_what: str, cos, sin, k_cache, v_cache, rows):
+    """Shape checks shared by :func:`rope_qkv_write` and :func:`~specdec.fast.kernels.gemv_qkv_rope`:
+    ``src`` [B, M, ...] (checked by the caller) whose q|k|v width is ``width``. Returns (b, m, hq, hkv, capacity, d)."""
+    check_tensor("cos", cos, 3)
+    check_tensor("sin", sin, 3)
+    check_tensor("k_cache", k_cache, 4)
+    check_tensor("v_cache", v_cache, 4)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    b, m = src.shape[:2]
+    cb, hkv, cap, d = k_cache.shape
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if cb != b:
+        raise ValueError(f"the cache has batch {cb} but {src_name} has batch {b}")
+    if width % d or width // d <= 2 * hkv:
+        raise ValueError(f"{width_what} must be (Hq + 2 Hkv) * D with Hkv = {hkv}, D = {d}, Hq >= 1; got {width}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (b, m, d):
+            raise ValueError(f"{name} must have shape [B, M, D] = {[b, m, d]}, got {list(t.shape)}")
+    check_int_tensor("rows", rows, (b, m))
+    return b, m, width // d - 2 * hkv, hkv, cap, d
+
+
 def rope_qkv_write(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -414,25 +438,7 @@ def rope_qkv_write(
     :func:`rope_qkv_write_ref`.
     """
     check_tensor("qkv", qkv, 3)
-    check_tensor("cos", cos, 3)
-    check_tensor("sin", sin, 3)
-    check_tensor("k_cache", k_cache, 4)
-    check_tensor("v_cache", v_cache, 4)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    b, m, width = qkv.shape
-    cb, hkv, cap, d = k_cache.shape
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    if cb != b:
-        raise ValueError(f"the cache has batch {cb} but qkv has batch {b}")
-    if width % d or width // d <= 2 * hkv:
-        raise ValueError(f"qkv's last dim must be (Hq + 2 Hkv) * D with Hkv = {hkv}, D = {d}, Hq >= 1; got {width}")
-    hq = width // d - 2 * hkv
-    for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) != (b, m, d):
-            raise ValueError(f"{name} must have shape [B, M, D] = {[b, m, d]}, got {list(t.shape)}")
-    check_int_tensor("rows", rows, (b, m))
+    b, m, hq, hkv, cap, d = _check_rope_qkv("qkv", qkv, qkv.shape[-1], "qkv's last dim", cos, sin, k_cache, v_cache, rows)
     dev = check_device(("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("rows", rows))
     q = torch.empty((b, hq, m, d), dtype=qkv.dtype, device=dev)
     if b == 0 or m == 0:

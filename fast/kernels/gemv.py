@@ -37,8 +37,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_HEAD_DIMS, check_device, check_int_tensor, check_tensor, interpreter_active, next_pow2
-from .fused import _DTYPE_CODE, _check_float, _round_to, rms_norm_ref, rope_qkv_write_ref
+from ._common import check_device, check_tensor, interpreter_active, next_pow2
+from .fused import _DTYPE_CODE, _check_float, _check_rope_qkv, _round_to, rms_norm_ref, rope_qkv_write_ref
 
 __all__ = ["gemv", "gemv_qkv_rope", "gemv_qkv_rope_ref", "gemv_ref", "gemv_silu", "gemv_silu_ref"]
 
@@ -351,31 +351,14 @@ def gemv_qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None
     GEMV's fp32 summation order (and one fp32 rounding of the rotation, which may use FMA here).
     """
     check_tensor("x", x, 3)
-    check_tensor("cos", cos, 3)
-    check_tensor("sin", sin, 3)
-    check_tensor("k_cache", k_cache, 4)
-    check_tensor("v_cache", v_cache, 4)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    b, m, k = x.shape
-    cb, hkv, _, d = k_cache.shape
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    if cb != b:
-        raise ValueError(f"the cache has batch {cb} but x has batch {b}")
     _check_float("wqkv", wqkv)
+    k = x.shape[-1]
     if wqkv.dim() != 2 or wqkv.shape[1] != k:
         raise ValueError(f"wqkv must be [(Hq + 2 Hkv) * D, K] with K = {k}, got {tuple(wqkv.shape)}")
     if wqkv.dtype != x.dtype:
         raise TypeError(f"x and wqkv must share one dtype, got {x.dtype} and {wqkv.dtype}")
     width = wqkv.shape[0]
-    if width % d or width // d <= 2 * hkv:
-        raise ValueError(f"wqkv's rows must be (Hq + 2 Hkv) * D with Hkv = {hkv}, D = {d}, Hq >= 1; got {width}")
-    hq = width // d - 2 * hkv
-    for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) != (b, m, d):
-            raise ValueError(f"{name} must have shape [B, M, D] = {[b, m, d]}, got {list(t.shape)}")
-    check_int_tensor("rows", rows, (b, m))
+    b, m, hq, hkv, _, d = _check_rope_qkv("x", x, width, "wqkv's rows", cos, sin, k_cache, v_cache, rows)
     bqkv = _checked_bias("bqkv", bqkv, width)
     norm_weight = _checked_norm(norm_weight, eps, k)
     named = [("x", x), ("wqkv", wqkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("rows", rows)]
