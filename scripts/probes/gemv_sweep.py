@@ -20,6 +20,16 @@ from tabulate import tabulate
 from specdec.fast.kernels.gemv import _gemv_kernel
 
 OUT = os.environ.get("OUT", "/tmp")
+# (rows, K, SwiGLU epilogue) of every decode-step weight of the two 8B shapes
+SHAPES = {"llama wqkv": (6144, 4096, False), "llama wo": (4096, 4096, False), "llama w13": (28672, 4096, True),
+          "llama w2": (4096, 14336, False), "llama lm_head": (128256, 4096, False),
+          "vicuna wqkv": (12288, 4096, False), "vicuna w13": (22016, 4096, True), "vicuna w2": (4096, 11008, False)}
+
+
+def weight_copies(name: str, n: int, k: int) -> list[torch.Tensor]:
+    """Enough distinct copies of an [n, k] bf16 weight that back-to-back calls never find theirs in L2."""
+    copies = 2 if name.endswith("lm_head") else (8 if n * k < 200e6 else 4)
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
 
 
 def graph_ms(fn, reps=20):
@@ -37,16 +47,11 @@ def graph_ms(fn, reps=20):
 
 
 def main():
-    shapes = {"llama wqkv": (6144, 4096, False), "llama wo": (4096, 4096, False), "llama w13": (28672, 4096, True),
-              "llama w2": (4096, 14336, False), "llama lm_head": (128256, 4096, False),
-              "vicuna wqkv": (12288, 4096, False), "vicuna w13": (22016, 4096, True), "vicuna w2": (4096, 11008, False)}
     cfgs = [(4, 1024, 4, 4), (8, 1024, 4, 3), (8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (32, 512, 8, 3), (2, 2048, 4, 3), (4, 512, 4, 4), (8, 256, 4, 4)]
     res = []
-    for name, (n, k, silu) in shapes.items():
-        copies = 8 if n * k < 200e6 else 4
-        if name.endswith("lm_head"):
-            copies = 2
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    for name, (n, k, silu) in SHAPES.items():
+        ws = weight_copies(name, n, k)
+        copies = len(ws)
         x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
         calls = 2 * copies
         nout = n // 2 if silu else n
@@ -92,17 +97,12 @@ def fold():
     from specdec.fast import kernels as K
     G = importlib.import_module("specdec.fast.kernels.gemv")
 
-    shapes = {"llama wqkv": (6144, 4096, False), "llama wo": (4096, 4096, False), "llama w13": (28672, 4096, True),
-              "llama w2": (4096, 14336, False), "llama lm_head": (128256, 4096, False),
-              "vicuna wqkv": (12288, 4096, False), "vicuna w13": (22016, 4096, True), "vicuna w2": (4096, 11008, False)}
     cfgs = [None, (2, 2048, 4, 3), (4, 1024, 4, 3), (4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (16, 256, 4, 4), (2, 1024, 4, 4)]
     res = []
     lib_config = G._config
-    for name, (n, k, silu) in shapes.items():
-        copies = 8 if n * k < 200e6 else 4
-        if name.endswith("lm_head"):
-            copies = 2
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    for name, (n, k, silu) in SHAPES.items():
+        ws = weight_copies(name, n, k)
+        copies = len(ws)
         x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
         g = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
         nout = n // 2 if silu else n
