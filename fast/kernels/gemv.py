@@ -43,6 +43,49 @@ from .fused import _DTYPE_CODE, _check_float, _check_rope_qkv, _round_to, rms_no
 __all__ = ["gemv", "gemv_qkv_rope", "gemv_qkv_rope_ref", "gemv_ref", "gemv_silu", "gemv_silu_ref"]
 
 
+@triton.jit
+def _stream_rows(x_row, G, w_a, w_b, r_ok, K, eps,
+                 TWO: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 STAGES: tl.constexpr):
+    """The weight stream of every GEMV here: ``y_a[n] = sum_k w_a[n, k] * xn[k]`` in fp32 (and ``y_b``
+    for a second set of rows when TWO), ``xn`` = the row ``x_row[0:K]``, or with NORM its RMSNorm
+    with weight ``G`` folded in: the products run on ``x * g`` and are scaled by
+    ``rsqrt(mean(x^2) + eps)`` at the end (the sum of squares is gathered on the way: every program
+    reads the whole row anyway). ``w_a``/``w_b`` are [BLOCK_N, BLOCK_K] pointer tiles at k = 0;
+    ``r_ok`` [BLOCK_N] masks the rows. Full K tiles are unmasked along K with the next STAGES tiles
+    in flight; one masked tail tile."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_a = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ssq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    k_full = K // BLOCK_K * BLOCK_K
+    for k0 in tl.range(0, k_full, BLOCK_K, num_stages=STAGES):
+        xk = tl.load(x_row + k0 + offs_k).to(tl.float32)
+        if NORM:
+            ssq += xk * xk
+            xk = xk * tl.load(G + k0 + offs_k).to(tl.float32)
+        acc_a += tl.load(w_a + k0, mask=r_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
+        if TWO:
+            acc_b += tl.load(w_b + k0, mask=r_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
+    if k_full < K:
+        k_ok = k_full + offs_k < K
+        xk = tl.load(x_row + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            ssq += xk * xk
+            xk = xk * tl.load(G + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        wmask = r_ok[:, None] & k_ok[None, :]
+        acc_a += tl.load(w_a + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
+        if TWO:
+            acc_b += tl.load(w_b + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
+    y_a = tl.sum(acc_a, 1)
+    y_b = tl.sum(acc_b, 1)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(ssq, 0) / K + eps)
+        y_a = y_a * rstd
+        y_b = y_b * rstd
+    return y_a, y_b
+
+
 @triton.jit(do_not_specialize=["N", "K", "stride_xr", "stride_yr", "stride_rr"])
 def _gemv_kernel(
     X, W, Bias, Y, G, Res,
@@ -59,45 +102,13 @@ def _gemv_kernel(
     # gate (or plain) weight rows n; with SILU also the up rows N + n
     w_g = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     w_u = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    ssq = tl.zeros([BLOCK_K], dtype=tl.float32)   # NORM: the row's sum of squares, gathered on the way
+    # -- the weight stream (with NORM: the RMSNorm folded in) ---------------------------------------
+    y, u = _stream_rows(x_row, G, w_g, w_u, n_ok, K, eps, SILU, NORM, BLOCK_N, BLOCK_K, STAGES)
 
-    # -- full K tiles: no K mask; loads of the next STAGES tiles in flight -------------------------
-    # (NORM: the product runs on x * g and is scaled by rsqrt(mean(x^2) + eps) at the end, so the
-    #  row is read once -- every program reads the whole row anyway)
-    k_full = K // BLOCK_K * BLOCK_K
-    for k0 in tl.range(0, k_full, BLOCK_K, num_stages=STAGES):
-        xk = tl.load(x_row + k0 + offs_k).to(tl.float32)
-        if NORM:
-            ssq += xk * xk
-            xk = xk * tl.load(G + k0 + offs_k).to(tl.float32)
-        acc_g += tl.load(w_g + k0, mask=n_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
-        if SILU:
-            acc_u += tl.load(w_u + k0, mask=n_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
-    # -- the tail tile of K (K not a multiple of BLOCK_K) ------------------------------------------
-    if k_full < K:
-        k_ok = k_full + offs_k < K
-        xk = tl.load(x_row + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        if NORM:
-            ssq += xk * xk
-            xk = xk * tl.load(G + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        wmask = n_ok[:, None] & k_ok[None, :]
-        acc_g += tl.load(w_g + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
-        if SILU:
-            acc_u += tl.load(w_u + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
-
-    # -- epilogue: RMSNorm scale, bias in fp32, one rounding to the output dtype (as F.linear) ------
-    y = tl.sum(acc_g, 1)
-    if NORM:
-        rstd = 1.0 / tl.sqrt(tl.sum(ssq, 0) / K + eps)
-        y = y * rstd
+    # -- epilogue: bias in fp32, one rounding to the output dtype (as F.linear) ---------------------
     if HAS_BIAS:
         y += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if SILU:
-        u = tl.sum(acc_u, 1)
-        if NORM:
-            u = u * rstd
         if HAS_BIAS:
             u += tl.load(Bias + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         g = _round_to(y, CODE)                           # the w13 GEMM's output rounding
@@ -138,34 +149,8 @@ def _gemv_qkv_rope_kernel(
     x_row = X + pid_r.to(tl.int64) * stride_xr
     w_a = W + row_a.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     w_b = W + row_b.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    acc_a = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    ssq = tl.zeros([BLOCK_K], dtype=tl.float32)
-
-    # -- the GEMV (as _gemv_kernel: full K tiles pipelined, one masked tail tile) -------------------
-    k_full = K // BLOCK_K * BLOCK_K
-    for k0 in tl.range(0, k_full, BLOCK_K, num_stages=STAGES):
-        xk = tl.load(x_row + k0 + offs_k).to(tl.float32)
-        if NORM:
-            ssq += xk * xk
-            xk = xk * tl.load(G + k0 + offs_k).to(tl.float32)
-        acc_a += tl.load(w_a + k0, mask=p_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
-        acc_b += tl.load(w_b + k0, mask=p_ok[:, None], other=0.0).to(tl.float32) * xk[None, :]
-    if k_full < K:
-        k_ok = k_full + offs_k < K
-        xk = tl.load(x_row + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        if NORM:
-            ssq += xk * xk
-            xk = xk * tl.load(G + k_full + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        wmask = p_ok[:, None] & k_ok[None, :]
-        acc_a += tl.load(w_a + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
-        acc_b += tl.load(w_b + k_full, mask=wmask, other=0.0).to(tl.float32) * xk[None, :]
-    ya = tl.sum(acc_a, 1)
-    yb = tl.sum(acc_b, 1)
-    if NORM:
-        rstd = 1.0 / tl.sqrt(tl.sum(ssq, 0) / K + eps)
-        ya = ya * rstd
-        yb = yb * rstd
+    # -- the weight stream of both halves (with NORM: the RMSNorm folded in); bias; output rounding --
+    ya, yb = _stream_rows(x_row, G, w_a, w_b, p_ok, K, eps, True, NORM, BLOCK_N, BLOCK_K, STAGES)
     if HAS_BIAS:
         ya += tl.load(Bias + row_a, mask=p_ok, other=0.0).to(tl.float32)
         yb += tl.load(Bias + row_b, mask=p_ok, other=0.0).to(tl.float32)
