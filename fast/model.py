@@ -341,10 +341,11 @@ def _logits(fm: FastModel, h: torch.Tensor) -> torch.Tensor:
     return F.linear(h, fm.w["lm_head"]).float()
 
 
-# Most bytes one row-wise GEMV call may re-read over all rows of a step (rows x weight bytes). From
-# the embedded default model on an H100 (BENCHMARKS "Session 7"): 4 MiB (its chain verification of
-# 5 rows and 4-row draft levels on GEMVs) made the GLIDE chain 1.47x -> 1.78x; 48 MiB (also the
-# 69-row tree verification: 35 MiB of L2 reads per w13 call) made the tree 1.77x -> 1.35x.
+# Most bytes one row-wise GEMV call may re-read over all rows of a step (rows x weight bytes). Chosen
+# on the embedded default model on an H100 (BENCHMARKS "GPU, session 7"): at 4 MiB its 5-row chain
+# verifications and 4-row draft levels take the GEMVs (GLIDE chain 1.47x at 0 MiB, 1.78x at 4 MiB in
+# one comparison); at 48 MiB its 69-row tree verification did too (35 MiB of L2 reads per w13 call)
+# and the tree fell from 1.77x to 1.35x.
 GEMV_ROWS_MAX_BYTES = 4 << 20
 
 
