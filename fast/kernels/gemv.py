@@ -1,4 +1,4 @@
-"""Matrix-vector products for one-token decode steps (M = 1), optionally with the SwiGLU activation.
+"""Matrix-vector products for one-token decode steps (M = 1), with the neighbouring elementwise ops folded in.
 
 A decode step multiplies ONE hidden row by every weight matrix, so each GEMM is a pure weight stream
 (memory bound). cuBLAS serves these shapes with split-K kernels plus a separate reduction kernel;
@@ -22,12 +22,20 @@ variant also folds :func:`specdec.fast.kernels.silu_mul` into the ``w13`` produc
   ``rsqrt(mean(x^2) + eps)`` in the epilogue -- no norm kernel, no extra pass over the row (the
   normed row is not rounded to the dtype, unlike the eager ops: agreement within output rounding).
 * :func:`gemv` takes ``residual`` [..., N]: ``residual + F.linear(...)`` with the product rounded
-  to the dtype first, then added in fp32 and rounded once (bitwise the eager add). With both, a
-  decode step's layer is four launches around attention: norm+wqkv, wo+add, norm+w13+SwiGLU, w2+add.
+  to the dtype first, then added in fp32 and rounded once (bitwise the eager add).
+* :func:`gemv_qkv_rope` ``(x [B, M, K], wqkv, bqkv, cos, sin, k_cache, v_cache, rows) -> q`` -- the
+  fused q|k|v projection (with the folded norm) and :func:`specdec.fast.kernels.rope_qkv_write` in
+  one launch: a program owns column pairs ``(j, j + D/2)`` of the heads, the halves RoPE mixes, so
+  the rotation runs in the epilogue and q, k, v go straight to the attention input and the cache.
+
+A decode step's layer is then four launches around attention: norm+wqkv+RoPE+KV write, wo+add,
+norm+w13+SwiGLU, w2+add. All three share one weight stream (``_stream_rows``).
 
 Must match: :func:`gemv_ref` (``F.linear`` with the optional ``rms_norm_ref`` before and residual
-add after) and :func:`gemv_silu_ref`, up to the summation order of the fp32 accumulation. Meant for R = 1 (each row re-reads the weight); the model uses it only
-for single-row steps and keeps cuBLAS for multi-row ones (verification, prefill, beams).
+add after), :func:`gemv_silu_ref` and :func:`gemv_qkv_rope_ref`, up to the summation order of the
+fp32 accumulation. Meant for one row (each row re-reads the weight): the model uses these for
+single-row steps, and for several rows only when the weights are small enough to re-read from L2
+(``specdec.fast.model._gemv_rows_ok``); verification, prefill and beams of large models keep cuBLAS.
 """
 
 from __future__ import annotations
