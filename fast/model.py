@@ -380,7 +380,7 @@ def _gemv_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, cos
     for i in range(c.num_layers):
         p = f"layers.{i}."
         q = kern.gemv_qkv_rope(x, w[p + "wqkv"], w.get(p + "bqkv"), cos, sin, cache.k[i], cache.v[i], rows,
-                               norm_weight=w[p + "attn_norm"], eps=eps)
+                               norm_weight=w[p + "attn_norm"], eps=eps, check_rows=False)
         attn = kern.tree_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask)
         x = kern.gemv(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"), residual=x)
         act = kern.gemv_silu(x, w[p + "w13"], norm_weight=w[p + "mlp_norm"], eps=eps)

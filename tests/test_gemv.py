@@ -215,6 +215,10 @@ def test_gemv_qkv_rope_bad_inputs():
         K.gemv_qkv_rope(x, w, bq[:7], cos, sin, kc, vc, rows)
     with pytest.raises(TypeError, match="share one dtype"):
         K.gemv_qkv_rope(x.half(), w, bq, cos, sin, kc, vc, rows)
+    with pytest.raises(ValueError, match=r"rows must be in \[0, capacity\) = \[0, 9\); got range \[9, 9\]"):
+        K.gemv_qkv_rope(x, w, bq, cos, sin, kc, vc, torch.full_like(rows, 9))
+    with pytest.raises(ValueError, match=r"got range \[-1, -1\]"):
+        K.gemv_qkv_rope(x, w, bq, cos, sin, kc, vc, torch.full_like(rows, -1))
 
 
 def test_gemv_bad_inputs():

@@ -413,6 +413,14 @@ def _check_rope_qkv(src_name: str, src: torch.Tensor, width: int, width_what: st
     return b, m, width // d - 2 * hkv, hkv, cap, d
 
 
+def _check_cache_rows(rows: torch.Tensor, capacity: int, device: torch.device) -> None:
+    """Cache rows in [0, capacity) (a host sync; skipped under graph capture, where it cannot run)."""
+    if rows.numel() and not graph_capturing(device):
+        lo, hi = (int(x) for x in torch.stack([rows.min(), rows.max()]).tolist())
+        if lo < 0 or hi >= capacity:
+            raise ValueError(f"rows must be in [0, capacity) = [0, {capacity}); got range [{lo}, {hi}]")
+
+
 def rope_qkv_write(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -443,10 +451,8 @@ def rope_qkv_write(
     q = torch.empty((b, hq, m, d), dtype=qkv.dtype, device=dev)
     if b == 0 or m == 0:
         return q
-    if check_rows and not graph_capturing(dev):
-        lo, hi = (int(x) for x in torch.stack([rows.min(), rows.max()]).tolist())
-        if lo < 0 or hi >= cap:
-            raise ValueError(f"rows must be in [0, capacity) = [0, {cap}); got range [{lo}, {hi}]")
+    if check_rows:
+        _check_cache_rows(rows, cap, dev)
     cdt = torch.promote_types(torch.promote_types(qkv.dtype, cos.dtype), sin.dtype)
     half = d // 2
     block_half = next_pow2(half)

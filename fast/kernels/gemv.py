@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_tensor, interpreter_active, next_pow2
-from .fused import _DTYPE_CODE, _check_float, _check_rope_qkv, _round_to, rms_norm_ref, rope_qkv_write_ref
+from .fused import _DTYPE_CODE, _check_cache_rows, _check_float, _check_rope_qkv, _round_to, rms_norm_ref, rope_qkv_write_ref
 
 __all__ = ["gemv", "gemv_qkv_rope", "gemv_qkv_rope_ref", "gemv_ref", "gemv_silu", "gemv_silu_ref"]
 
@@ -325,7 +325,7 @@ def gemv_silu(x: torch.Tensor, w13: torch.Tensor, bias: torch.Tensor | None = No
 
 def gemv_qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, *,
-                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6, check_rows: bool = True) -> torch.Tensor:
     """A layer's fused q|k|v projection, RoPE and KV-cache write in one launch (decode steps):
     :func:`specdec.fast.kernels.rope_qkv_write` ``(gemv(x, wqkv, bqkv, norm_weight=..., eps=...), cos,
     sin, k_cache, v_cache, rows)``.
@@ -337,9 +337,9 @@ def gemv_qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None
     Args:
         x: [B, M, K] (meant for B * M = 1: each row re-reads the weight); wqkv: [(Hq + 2 Hkv) * D, K]
             in x's dtype, heads laid out ``[q | k | v]``; bqkv: [(Hq + 2 Hkv) * D] or None.
-        cos, sin, k_cache, v_cache, rows: as :func:`~specdec.fast.kernels.rope_qkv_write` (rows are
-            not range-checked: the caller owns them, as the model's steps do).
+        cos, sin, k_cache, v_cache, rows: as :func:`~specdec.fast.kernels.rope_qkv_write`.
         norm_weight, eps: the RMSNorm before the projection, folded in (see :func:`gemv`).
+        check_rows: verify the rows range (a host sync; always skipped under graph capture).
     Returns q [B, Hq, M, D] (contiguous, x's dtype). Matches :func:`gemv_qkv_rope_ref` up to the
     GEMV's fp32 summation order (and one fp32 rounding of the rotation, which may use FMA here).
     """
@@ -351,12 +351,14 @@ def gemv_qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None
     if wqkv.dtype != x.dtype:
         raise TypeError(f"x and wqkv must share one dtype, got {x.dtype} and {wqkv.dtype}")
     width = wqkv.shape[0]
-    b, m, hq, hkv, _, d = _check_rope_qkv("x", x, width, "wqkv's rows", cos, sin, k_cache, v_cache, rows)
+    b, m, hq, hkv, cap, d = _check_rope_qkv("x", x, width, "wqkv's rows", cos, sin, k_cache, v_cache, rows)
     bqkv = _checked_bias("bqkv", bqkv, width)
     norm_weight = _checked_norm(norm_weight, eps, k)
     named = [("x", x), ("wqkv", wqkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("rows", rows)]
     named += [(nm, t) for nm, t in (("bqkv", bqkv), ("norm_weight", norm_weight)) if t is not None]
     check_device(*named)
+    if check_rows:
+        _check_cache_rows(rows, cap, x.device)
     q = torch.empty((b, hq, m, d), dtype=x.dtype, device=x.device)
     if b == 0 or m == 0:
         return q
