@@ -212,8 +212,8 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
 
     or, when the layer's weights are small enough to re-read per row (the rule of the target's
     steps, :func:`specdec.fast.model._gemv_rows_ok`), every projection is one GEMV with the norm
-    before it or the residual add after it folded in (:mod:`.kernels.gemv`): no norm, SwiGLU or add
-    kernels.
+    before it or the residual add after it folded in, and the q|k|v one also does RoPE and the K/V
+    write (:mod:`.kernels.gemv`): no norm, RoPE-write, SwiGLU or add kernels.
     """
     from specdec.fast.kernels.tree_attention import split_attention
 
@@ -238,9 +238,9 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
     if _gemv_rows_ok([g.w[n] for n in ("wqkv", "wo", "wq_x", "wo_x", "w13", "w2")], tokens.numel(), tokens.device):
         x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)
         # 1. Self-attention. 2. Cross-attention (query projected + rotated only). 3. SwiGLU MLP.
-        qkv = kern.gemv(x, g.w["wqkv"], g.w["bqkv"], norm_weight=g.w["norm1"], eps=eps)
-        x = kern.gemv(self_attention(kern.rope_qkv_write(qkv, cos, sin, cache.k, cache.v, rows, check_rows=False)),
-                      g.w["wo"], residual=x)
+        q = kern.gemv_qkv_rope(x, g.w["wqkv"], g.w["bqkv"], cos, sin, cache.k, cache.v, rows,
+                               norm_weight=g.w["norm1"], eps=eps, check_rows=False)
+        x = kern.gemv(self_attention(q), g.w["wo"], residual=x)
         q = kern.rope_q(kern.gemv(x, g.w["wq_x"], g.w["bq_x"], norm_weight=g.w["norm2"], eps=eps), cos, sin)
         x = kern.gemv(cross_attention(q), g.w["wo_x"], residual=x)
         return kern.gemv(kern.gemv_silu(x, g.w["w13"], norm_weight=g.w["norm3"], eps=eps), g.w["w2"], residual=x)

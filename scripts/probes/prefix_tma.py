@@ -185,10 +185,8 @@ def part_a(out, flush, prefixes=(16384, 32768), m=69):
 
 
 def part_b(out, shapes=("vicuna-7b", "llama3-8b"), ctx=1024):
-    from torch.profiler import ProfilerActivity, profile
-
     from specdec.fast.model import as_fast_model, prefill, step_forward
-    from specdec.shared.benchutil import random_model
+    from specdec.shared.benchutil import kernel_totals, random_model
 
     for shape in shapes:
         fm = as_fast_model(random_model(shape, device="cuda"))
@@ -200,23 +198,7 @@ def part_b(out, shapes=("vicuna-7b", "llama3-8b"), ctx=1024):
             pos = torch.arange(m, device="cuda")[None] + cache.length
             mask = torch.ones(1, m, m, dtype=torch.bool, device="cuda").tril_()
             with torch.inference_mode():
-                for _ in range(3):
-                    step_forward(fm, cache, tok, pos, mask, cache.length_t)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        step_forward(fm, cache, tok, pos, mask, cache.length_t)
-                    torch.cuda.synchronize()
-            agg = {}
-            for ev in prof.events():
-                if ev.device_type.name != "CUDA":
-                    continue
-                key = ev.name[:70]
-                a = agg.setdefault(key, [0, 0.0])
-                a[0] += 1
-                a[1] += ev.device_time / 1e3 if hasattr(ev, "device_time") else ev.cuda_time / 1e3
-            total = sum(v[1] for v in agg.values()) / 5
-            rows = sorted(([k, v[0] // 5, v[1] / 5] for k, v in agg.items()), key=lambda r: -r[2])
+                total, rows = kernel_totals(lambda: step_forward(fm, cache, tok, pos, mask, cache.length_t), reps=5, warmup=3)
             print(f"\n{shape} ctx {ctx} M={m}: kernel ms per step {total:.3f}")
             print(tabulate([[r[0], r[1], f"{r[2]:.3f}"] for r in rows[:14]], headers=["kernel", "calls/step", "ms/step"], tablefmt="github"), flush=True)
             out.write(json.dumps(dict(kind="profile", shape=shape, ctx=ctx, m=m, total_ms=total, rows=rows[:20])) + "\n")
