@@ -3,7 +3,9 @@ with a static cache, fixed-size (CUDA-graph) verification and device-side greedy
 
 Per round:
 
-1. **Draft** -- the drafter returns a :class:`~specdec.ref.engine.Draft` (root first).
+1. **Draft** -- the drafter (:class:`FastDrafter`, or any :class:`specdec.shared.round.Drafter`) returns a
+   :class:`~specdec.shared.round.Draft` (root first) whose tree is a host :class:`~specdec.shared.tree.Tree` or a
+   :class:`DeviceTree` built on the device.
 2. **Verify** -- the tree is padded to the decoder's fixed size ``M`` with dummy nodes (children
    of the root that only see themselves and can never be accepted), so one CUDA graph per
    ``M`` serves every round; positions ``L + depth`` and the ancestor mask come from a per-shape
@@ -11,11 +13,11 @@ Per round:
 3. **Accept** -- greedy: :func:`specdec.shared.acceptance.greedy_best_node` on the device, then
    ONE host synchronisation reads the accepted node, the next token and the path. Sampling uses
    the same shared rules as the reference (on the device's probabilities).
-   A drafter that builds its tree on the device may offer ``fused_round(state, tree_size)``: steps
+   A drafter that builds its tree on the device may offer :meth:`FastDrafter.fused_round`: steps
    1-4 of a greedy round captured as ONE CUDA graph (draft body + :func:`verify_and_accept`), so
-   the host launches one graph and reads one result per round; it returns ``(packed, logits, m)``.
-   If it also offers device-driven rounds (``can_run_ahead`` / ``launch_ahead`` /
-   ``ahead_round_read``, see :class:`specdec.fast.glide.FastGlideDrafter`), the loop launches the
+   the host launches one graph and reads one result per round (a :class:`FusedRound`).
+   If it also offers device-driven rounds (:meth:`FastDrafter.run_ahead` returns a :class:`RunAhead`,
+   see :class:`specdec.fast.glide.FastGlideDrafter`), the loop launches the
    next round BEFORE reading the current one (:func:`_run_fused_greedy`): the GPU runs rounds back
    to back while the host reads results one round behind.
 4. **Compact** -- :func:`specdec.fast.model.commit` moves the accepted rows of every layer into
@@ -23,25 +25,29 @@ Per round:
 5. **Emit** -- as in the reference.
 
 Greedy output is token-identical to :func:`specdec.ref.engine.run_speculative` with the same
-drafter logic.
+drafter logic (checked by the tests, never by importing the reference).
 """
 
 from __future__ import annotations
 
+import abc
+import functools
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
 from specdec.fast.graphs import CapturedFn
 from specdec.fast.model import FastModel, MAX_TREE_NODES, commit, prefill, run_step, step_forward
-from specdec.ref.engine import Draft, RoundRecord, RoundState, accept_draft
 from specdec.shared.result import GenerationResult, normalize_eos, sync
+from specdec.shared.round import Draft, Drafter, RoundRecord, RoundState, accept_draft
 from specdec.shared.sampling import SamplingParams, sample
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_batch_one, check_prompt
 
-__all__ = ["run_speculative_fast", "verify_and_accept", "TreeTensors", "check_drafts_fit"]
+__all__ = ["run_speculative_fast", "verify_and_accept", "FastDrafter", "RunAhead", "FusedRound", "DeviceTree",
+           "TreeTensors", "tree_tensors", "check_drafts_fit"]
 
 
 def _read_packed(packed: list[int], tree_size: int, m: int) -> tuple[int, list[int], list[int], list[int]]:
@@ -79,6 +85,107 @@ class _Emitted:
         """Budget spent, or an EOS among the emitted tokens (only the last ``new`` ones are checked)."""
         tail = self.emitted if new is None else self.emitted[-new:]
         return len(self.emitted) >= max_gen_len or bool(eos.intersection(tail))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a fast drafter implements
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceTree:
+    """A draft tree whose topology lives on the device (no host sync to build it).
+
+    ``parents`` [M] long (root -1), ``depth`` [M] long, ``ancestor`` [M, M] bool (ancestor-or-self).
+    The other variant of ``Draft.tree`` besides the host :class:`~specdec.shared.tree.Tree`
+    (:func:`tree_tensors` takes both): :func:`run_speculative_fast` verifies it as it is and reads
+    it back to the host in the round's single synchronisation.
+    """
+
+    parents: torch.Tensor
+    depth: torch.Tensor
+    ancestor: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.parents.shape[0]
+
+
+class FusedRound(NamedTuple):
+    """A greedy round launched as one graph by :meth:`FastDrafter.fused_round` (results on the device).
+
+    ``packed``: the round's read-back as :func:`accept_and_compact` returns it; ``logits`` [M, V]:
+    the verification's rows; ``m``: the number of real nodes of this round's tree.
+    """
+
+    packed: torch.Tensor
+    logits: torch.Tensor
+    m: int
+
+
+class RunAhead(abc.ABC):
+    """Device-driven rounds: a round whose every input follows from the device state, so the loop can
+    launch it BEFORE reading the round in flight (:func:`_run_fused_greedy`)."""
+
+    @abc.abstractmethod
+    def can_run_ahead(self, L: int, emitted: int, max_gen_len: int) -> bool:
+        """May a device-driven round start right after the round in flight, which began at cache length
+        ``L`` with ``emitted`` tokens out of ``max_gen_len``?"""
+
+    @abc.abstractmethod
+    def launch_ahead(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launch one device-driven round; returns its ``(packed, logits)`` (device tensors)."""
+
+    @abc.abstractmethod
+    def ahead_round_read(self, L: int, emitted: int, max_gen_len: int) -> int:
+        """Host bookkeeping after reading a device-driven round that began at cache length ``L``;
+        returns the number of tree nodes it could accept from."""
+
+
+class FastDrafter(abc.ABC):
+    """What :func:`run_speculative_fast` calls on a drafter.
+
+    Required: :meth:`propose` (as :class:`specdec.shared.round.Drafter`). Optional capabilities,
+    each with a default that opts out: :meth:`prefill` (the drafter's own pass over the prompt),
+    :meth:`fused_round` (a greedy round as one graph) and :meth:`run_ahead` (device-driven rounds).
+    A plain :class:`specdec.shared.round.Drafter` (``propose`` only, e.g. the retrieval drafters of
+    :mod:`specdec.shared.retrieval`) is run as if it declared none of them.
+    """
+
+    @abc.abstractmethod
+    def propose(self, state: RoundState) -> Draft:
+        """Step 1: a token tree rooted at ``state.tokens[-1]``, at most ``tree_size`` nodes."""
+
+    def prefill(self, state: RoundState) -> None:  # noqa: B027 -- an optional hook: nothing by default
+        """The drafter's own pass over the prompt, timed with the prefill (after the target's)."""
+
+    def fused_round(self, state: RoundState, tree_size: int) -> FusedRound | None:
+        """Steps 1-4 of a greedy round as ONE graph launch, or None where this round cannot be fused
+        (the loop then runs :meth:`propose` and its own verification). Only called when greedy."""
+        return None
+
+    def run_ahead(self) -> RunAhead | None:
+        """The device-driven rounds this drafter offers after a fused round, or None."""
+        return None
+
+
+class _HostDrafter(FastDrafter):
+    """A :class:`specdec.shared.round.Drafter` (``propose`` only) seen as a :class:`FastDrafter`."""
+
+    def __init__(self, drafter):
+        self.drafter = drafter
+
+    def propose(self, state: RoundState) -> Draft:
+        return self.drafter.propose(state)
+
+
+def as_fast_drafter(drafter) -> FastDrafter:
+    """The drafter itself if it is a :class:`FastDrafter`, else a wrapper declaring no capabilities."""
+    if isinstance(drafter, FastDrafter):
+        return drafter
+    if not isinstance(drafter, Drafter):
+        raise TypeError(f"a drafter must implement propose(state) -> Draft, got {type(drafter).__name__}")
+    return _HostDrafter(drafter)
 
 
 def check_drafts_fit(name: str, drafts: int) -> None:
@@ -142,6 +249,22 @@ class TreeTensors:
         return t
 
 
+@functools.singledispatch
+def tree_tensors(tree, size: int, device: torch.device) -> TreeTensors:
+    """The device tensors of ``Draft.tree`` padded to ``size`` nodes: one function per declared variant."""
+    raise TypeError(f"Draft.tree must be a specdec.shared.tree.Tree or a DeviceTree, got {type(tree).__name__}")
+
+
+@tree_tensors.register
+def _(tree: Tree, size: int, device: torch.device) -> TreeTensors:
+    return TreeTensors.get(tree, size, device)
+
+
+@tree_tensors.register
+def _(tree: DeviceTree, size: int, device: torch.device) -> TreeTensors:
+    return TreeTensors.from_device(tree, size)
+
+
 def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid, seq=None) -> torch.Tensor:
     """Greedy acceptance and KV compaction with no host synchronisation (graph-capturable).
 
@@ -175,15 +298,15 @@ def verify_and_accept(target: FastModel, cache, node_tokens, parents, depth, anc
     return logits, accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid, seq=seq)
 
 
-def _run_fused_greedy(target: FastModel, drafter, state: RoundState, first, out_: _Emitted, max_gen_len: int,
-                      eos: set[int], tree_size: int) -> int:
+def _run_fused_greedy(target: FastModel, drafter: FastDrafter, state: RoundState, first: FusedRound, out_: _Emitted,
+                      max_gen_len: int, eos: set[int], tree_size: int) -> int:
     """Greedy fused rounds until the budget is spent or an EOS is emitted; returns the rounds read.
 
-    ``first`` is the ``(packed, logits, m)`` of a round just launched by ``drafter.fused_round``.
+    ``first`` is the :class:`FusedRound` just launched by ``drafter.fused_round``.
     Each launched round's read-back is copied to one of two pinned buffers (with an event), so the
     host can wait for ONE round while the next one already runs. Before reading a round, the loop
-    launches the next as a device-driven round when the drafter allows it
-    (``drafter.can_run_ahead``); otherwise (start, the draft window's shift, the last rounds) it
+    launches the next as a device-driven round when the drafter offers them (:meth:`FastDrafter.run_ahead`)
+    and allows this one (:meth:`RunAhead.can_run_ahead`); otherwise (start, the draft window's shift, the last rounds) it
     reads first and launches a host-packed round (``fused_round``). A device-driven round launched
     past an EOS is dropped (its cache-length advance is undone).
     """
@@ -191,7 +314,7 @@ def _run_fused_greedy(target: FastModel, drafter, state: RoundState, first, out_
 
     cache, dev = state.target_cache, target.device
     cuda = dev.type == "cuda"
-    ahead_ok = all(hasattr(drafter, f) for f in ("can_run_ahead", "launch_ahead", "ahead_round_read"))
+    ahead = drafter.run_ahead()
     slots = [torch.empty(2 + 3 * tree_size, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
     inflight: deque = deque()  # (host slot, event, device-driven?, m) in launch order; at most two
     turn = 0
@@ -207,18 +330,18 @@ def _run_fused_greedy(target: FastModel, drafter, state: RoundState, first, out_
             event.record()
         inflight.append((slot, event, ahead, m))
 
-    launched(first[0], False, first[2])
+    launched(first.packed, False, first.m)
     num = 0
     L = cache.length  # the start length of the oldest round in flight
     while inflight:
         # 1-4 of the NEXT round go to the GPU now, before this round's result is read (no host input)
-        if ahead_ok and len(inflight) == 1 and drafter.can_run_ahead(L, len(out_.emitted), max_gen_len):
-            launched(drafter.launch_ahead()[0], True, None)
-        slot, event, ahead, m = inflight.popleft()
+        if ahead is not None and len(inflight) == 1 and ahead.can_run_ahead(L, len(out_.emitted), max_gen_len):
+            launched(ahead.launch_ahead()[0], True, None)
+        slot, event, device_driven, m = inflight.popleft()
         if event is not None:
             event.synchronize()
-        if ahead:
-            m = drafter.ahead_round_read(L, len(out_.emitted), max_gen_len)
+        if device_driven:
+            m = ahead.ahead_round_read(L, len(out_.emitted), max_gen_len)
         num += 1
         next_token, path, draft_tokens, parents = _read_packed(slot.tolist(), tree_size, m)
         L += len(path)
@@ -228,8 +351,8 @@ def _run_fused_greedy(target: FastModel, drafter, state: RoundState, first, out_
             break
         if not inflight:  # nothing may run ahead: a host-packed round on the up-to-date state
             state = RoundState(out_.tokens, target, cache, None, state.params, state.generator, max_gen_len - len(out_.emitted))
-            packed_t, _, m = drafter.fused_round(state, tree_size)
-            launched(packed_t, False, m)
+            nxt = drafter.fused_round(state, tree_size)
+            launched(nxt.packed, False, nxt.m)
     if inflight:  # a round launched past an EOS: its results are dropped
         sync(dev)
         cache.set_length(cache.length)
@@ -239,7 +362,7 @@ def _run_fused_greedy(target: FastModel, drafter, state: RoundState, first, out_
 @torch.inference_mode()
 def run_speculative_fast(
     target: FastModel,
-    drafter,
+    drafter: FastDrafter | Drafter,
     input_ids: torch.Tensor,
     prompt_length: int,
     max_gen_len: int = 64,
@@ -257,8 +380,10 @@ def run_speculative_fast(
     """The fast speculative loop around any drafter (batch size 1).
 
     ``tree_size`` is the fixed number of verified nodes per round (root included): drafts are
-    padded up to it; a larger draft is an error.
+    padded up to it; a larger draft is an error. ``drafter`` is a :class:`FastDrafter` or a plain
+    :class:`specdec.shared.round.Drafter`.
     """
+    drafter = as_fast_drafter(drafter)
     params = SamplingParams(temperature, top_k, top_p)
     dev = target.device
     prompt = check_prompt(input_ids, prompt_length, max_gen_len, target.config, device=dev)
@@ -279,18 +404,17 @@ def run_speculative_fast(
         num = 1
     else:
         last_logits = prefill(target, cache, prompt[:, :-1])[0] if prompt.shape[1] > 1 else None
-    if hasattr(drafter, "prefill"):  # the drafter's own pass over the prompt belongs to the prefill too
-        drafter.prefill(RoundState(tokens, target, cache, last_logits, params, generator, max_gen_len - len(out_.emitted)))
+    # the drafter's own pass over the prompt belongs to the prefill too
+    drafter.prefill(RoundState(tokens, target, cache, last_logits, params, generator, max_gen_len - len(out_.emitted)))
     sync(dev)
     prefill_time = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    # A drafter with ``fused_round`` runs draft + verify + greedy accept as ONE graph per round.
-    fused = params.greedy and getattr(drafter, "fused_round", None)
     while not out_.done(max_gen_len, eos):
         L = cache.length
         state = RoundState(tokens, target, cache, last_logits, params, generator, max_gen_len - len(out_.emitted))
-        out = fused(state, tree_size) if fused else None
+        # A drafter offering fused rounds runs draft + verify + greedy accept as ONE graph per round.
+        out = drafter.fused_round(state, tree_size) if params.greedy else None
         if out is not None:
             # every remaining round is fused (1-4 in one graph replay); device-driven ones run ahead
             num += _run_fused_greedy(target, drafter, state, out, out_, max_gen_len, eos, tree_size)
@@ -300,7 +424,7 @@ def run_speculative_fast(
         m = draft.tree.size
         if m > tree_size:
             raise RuntimeError(f"drafter bug: a draft of {m} nodes exceeds the fixed tree size {tree_size}")
-        tt = TreeTensors.get(draft.tree, tree_size, dev) if isinstance(draft.tree, Tree) else TreeTensors.from_device(draft.tree, tree_size)
+        tt = tree_tensors(draft.tree, tree_size, dev)
         if m == tree_size and draft.tokens.device == dev and draft.tokens.dtype == torch.long:
             node_tokens = draft.tokens  # a full device-side draft (GLIDE): nothing to pad
         else:

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from specdec.fast.engine import check_drafts_fit, run_speculative_fast
+from specdec.fast.engine import DeviceTree, FastDrafter, FusedRound, RunAhead, check_drafts_fit, run_speculative_fast
 from specdec.fast.model import MAX_TREE_NODES, FastModel, _cos_sin, _gemv_rows_ok, as_fast_model
-from specdec.ref.engine import Draft, RoundRecord, RoundState
 from specdec.shared.glide import Glide, GlideConfig, load_glide_weights
 from specdec.shared.result import GenerationResult
+from specdec.shared.round import Draft, RoundRecord, RoundState
 from specdec.shared.tree import tree_shape_num_nodes, validate_tree_shape
 from specdec.shared.validate import check_positive_int
 
@@ -255,25 +255,7 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
     return x + F.linear(kern.silu_mul(F.linear(h, g.w["w13"])), g.w["w2"])
 
 
-@dataclass
-class DeviceTree:
-    """A draft tree whose topology lives on the device (no host sync to build it).
-
-    ``parents`` [M] long (root -1), ``depth`` [M] long, ``ancestor`` [M, M] bool (ancestor-or-self).
-    :func:`specdec.fast.engine.run_speculative_fast` verifies it as it is and reads it back to the
-    host in the round's single synchronisation.
-    """
-
-    parents: torch.Tensor
-    depth: torch.Tensor
-    ancestor: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        return self.parents.shape[0]
-
-
-class FastGlideDrafter:
+class FastGlideDrafter(FastDrafter, RunAhead):
     """GLIDE beam trees (chains when every level keeps one node) on the fast path.
 
     A round is one function of device tensors, :meth:`_round_body`: catch up on the last ``k``
@@ -301,7 +283,7 @@ class FastGlideDrafter:
 
     fuse_rounds: bool = True
     """Offer :meth:`fused_round` to the engine (profiling scripts turn it off to time the phases apart)."""
-    run_ahead: bool = True
+    ahead_rounds: bool = True
     """Offer device-driven rounds (:meth:`launch_ahead`) to the engine's fused loop."""
 
     def __init__(self, target: FastModel, glide: FastGlide, tree_shape: Sequence[int]):
@@ -487,10 +469,10 @@ class FastGlideDrafter:
             self._round_body(buf, shape)
         return Draft(buf["out_tokens"], DeviceTree(buf["out_parents"], self._depth_tensor(shape), buf["out_anc"]))
 
-    def fused_round(self, state: RoundState, tree_size: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    def fused_round(self, state: RoundState, tree_size: int) -> FusedRound | None:
         """A whole greedy round -- draft, verification, acceptance and KV compaction -- as ONE CUDA graph.
 
-        Returns ``(packed, logits, m)``: ``packed`` and ``logits`` as
+        Returns a :class:`~specdec.fast.engine.FusedRound` ``(packed, logits, m)``: ``packed`` and ``logits`` as
         :func:`specdec.fast.engine.verify_and_accept` returns them, ``m`` the number of nodes of this
         round's tree. The last rounds (fewer tokens left than levels) replay the same full-shape graph
         with acceptance limited to the first ``d`` levels, whose nodes are exactly the tree the shorter
@@ -514,19 +496,19 @@ class FastGlideDrafter:
             buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=self.glide.device), "layout": layout,
                    "target_k": target_k, "target_v": target_v, "cross_span": L + 1}
             self._body(buf, shape, verify)
-            if self.run_ahead and self._ahead_buf is None:
+            if self.ahead_rounds and self._ahead_buf is None:
                 self._ahead_buf = self._ahead_buffers(target_k, target_v, verify)
         else:
             key = key + ("fused", cache.length_t.data_ptr(), seq.data_ptr())
             if key not in self.graphs:
                 self._capture_all(state, key, shape, target_k, target_v, verify=verify)
-            if self.run_ahead and L + 1 - (len(shape) + 1) >= self.cache.base:
+            if self.ahead_rounds and L + 1 - (len(shape) + 1) >= self.cache.base:
                 akey = key[:3] + ("ahead",) + key[4:]
                 if akey not in self.graphs:  # real rows of this length: see _capture
                     self.graphs[akey] = self._capture(None, None, shape, target_k, target_v, verify=verify, ahead=True)
                 self._ahead_buf = self.graphs[akey]
             buf = self._replay(self.graphs[key], pack)
-        return buf["packed"], buf["logits"], 1 + sum(shape[:d])
+        return FusedRound(buf["packed"], buf["logits"], 1 + sum(shape[:d]))
 
     # -- device-driven rounds ------------------------------------------------------------------------
 
@@ -603,13 +585,17 @@ class FastGlideDrafter:
         _kernels().round_pack(buf["recipe"], seq, tcache.length_t, self._store["ctl"], buf["pack"])
         self._body(buf, shape, verify)
 
+    def run_ahead(self) -> RunAhead | None:
+        """This drafter runs its own device-driven rounds (unless :attr:`ahead_rounds` is off)."""
+        return self if self.ahead_rounds else None
+
     def can_run_ahead(self, L: int, emitted: int, max_gen_len: int) -> bool:
         """May a device-driven round start right after the round in flight, which began at cache length
         ``L`` with ``emitted`` tokens out? Only if that round cannot spend the budget (it emits at most
         ``levels + 1`` tokens), the next catch-up starts at or after the window base, and the draft
         window needs no host-side shift (:meth:`SlidingCache.make_room`) for any outcome."""
         k, base, w = len(self.tree_shape) + 1, self.cache.base, self.glide.window
-        return (self.run_ahead and self._ahead_buf is not None and max_gen_len - emitted > k
+        return (self.ahead_rounds and self._ahead_buf is not None and max_gen_len - emitted > k
                 and L + 2 - k >= base and L + k + 1 - base <= 2 * w)
 
     def launch_ahead(self) -> tuple[torch.Tensor, torch.Tensor]:

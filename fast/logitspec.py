@@ -11,9 +11,9 @@ import torch
 
 from specdec.fast.engine import check_drafts_fit, run_speculative_fast
 from specdec.fast.model import as_fast_model
-from specdec.ref.logitspec import LogitSpecDrafter
 from specdec.shared.ngram import check_ngram_args
 from specdec.shared.result import GenerationResult
+from specdec.shared.retrieval import LogitSpecDrafter
 from specdec.shared.validate import check_positive_int
 
 __all__ = ["logitspec_generate"]

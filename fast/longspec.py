@@ -1,7 +1,7 @@
 """LongSpec-compatible ``LlamaGlide`` / ``Qwen2Glide`` on the fast path.
 
-The classes of :mod:`specdec.ref.longspec` (seed 000's argument names, defaults and tuples) with the
-fast decoders plugged in: ``from specdec.fast import LlamaGlide`` is the only change from the
+LongSpec's classes (:class:`specdec.shared.longspec.GlideModel`: LongSpec's argument names, defaults and
+tuples) with the fast decoders plugged in: ``from specdec.fast import LlamaGlide`` is the only change from the
 reference, and greedy outputs are token-identical.
 """
 
@@ -13,7 +13,7 @@ from specdec.fast import glide as _glide
 from specdec.fast import magicdec as _magicdec
 from specdec.fast import model as _model
 from specdec.fast import vanilla as _vanilla
-from specdec.ref import longspec as _ref
+from specdec.shared.longspec import GlideModel
 
 __all__ = ["LlamaGlide", "Qwen2Glide"]
 
@@ -24,13 +24,15 @@ _FAST = SimpleNamespace(
 )
 
 
-class LlamaGlide(_ref.LlamaGlide):
-    """``LlamaGlide(config, target_model_path, glide_path)`` running the fast path."""
+class LlamaGlide(GlideModel):
+    """``LlamaGlide(config, target_model_path, glide_path)``: a Llama-family target + its GLIDE draft, fast path."""
 
+    model_type = "llama"
     backend = _FAST
 
 
-class Qwen2Glide(_ref.Qwen2Glide):
-    """``Qwen2Glide(config, target_model_path, glide_path)`` running the fast path."""
+class Qwen2Glide(GlideModel):
+    """``Qwen2Glide(config, target_model_path, glide_path)``: a Qwen2-family target + its GLIDE draft, fast path."""
 
+    model_type = "qwen2"
     backend = _FAST

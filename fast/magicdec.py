@@ -15,19 +15,19 @@ from typing import Callable
 
 import torch
 
-from specdec.fast.engine import check_drafts_fit, run_speculative_fast
+from specdec.fast.engine import FastDrafter, check_drafts_fit, run_speculative_fast
 from specdec.fast.model import FastModel, as_fast_model, run_step
-from specdec.ref.engine import Draft, RoundRecord, RoundState
-from specdec.ref.magicdec import streaming_rows
 from specdec.shared.result import GenerationResult
+from specdec.shared.round import Draft, RoundRecord, RoundState
 from specdec.shared.sampling import logits_to_probs, sample_from_probs
+from specdec.shared.streaming import streaming_rows
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_positive_int
 
 __all__ = ["magicdec_generate"]
 
 
-class FastMagicDecDrafter:
+class FastMagicDecDrafter(FastDrafter):
     def __init__(self, target: FastModel, gamma: int, sink_tokens: int, window: int):
         self.gamma, self.sink_tokens, self.window = gamma, sink_tokens, window
         self.target = target
@@ -36,7 +36,7 @@ class FastMagicDecDrafter:
     def propose(self, state: RoundState) -> Draft:
         fm, main, scratch, p = self.target, state.target_cache, self.scratch, state.params
         L, dev = main.length, fm.device
-        gamma = min(self.gamma, max(state.budget - 1, 0))
+        gamma = min(self.gamma, state.max_drafts)
         # 1. The compressed view: sink rows + recent window of every layer, in one gather per K and V.
         rows = streaming_rows(L, self.sink_tokens, self.window, dev)
         s = rows.numel()

@@ -10,9 +10,9 @@ import torch
 
 from specdec.fast.engine import check_drafts_fit, run_speculative_fast
 from specdec.fast.model import as_fast_model
-from specdec.ref.pld import PromptLookupDrafter
 from specdec.shared.ngram import check_ngram_args
 from specdec.shared.result import GenerationResult
+from specdec.shared.retrieval import PromptLookupDrafter
 
 __all__ = ["pld_generate"]
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from specdec.fast.engine import check_drafts_fit, run_speculative_fast
+from specdec.fast.engine import FastDrafter, check_drafts_fit, run_speculative_fast
 from specdec.fast.model import MAX_TREE_NODES, FastModel, as_fast_model, prefill, run_step
-from specdec.ref.engine import Draft, RoundState
 from specdec.shared.result import GenerationResult
+from specdec.shared.round import Draft, RoundState
 from specdec.shared.sampling import logits_to_probs, sample_from_probs
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_positive_int, check_same_vocab
@@ -21,7 +21,7 @@ from specdec.shared.validate import check_positive_int, check_same_vocab
 __all__ = ["FastDraftModelDrafter", "speculative_generate"]
 
 
-class FastDraftModelDrafter:
+class FastDraftModelDrafter(FastDrafter):
     """Chain of ``gamma`` drafts from a fast draft model whose static cache is rolled back, not rebuilt."""
 
     def __init__(self, draft: FastModel, gamma: int, capacity: int) -> None:
@@ -46,7 +46,7 @@ class FastDraftModelDrafter:
 
     def propose(self, state: RoundState) -> Draft:
         p = state.params
-        gamma = max(0, min(self.gamma, state.budget - 1))
+        gamma = min(self.gamma, state.max_drafts)
         # 1. Catch up: roll back to the longest still-right prefix (re-feeding at least the root).
         if self.pending is not None:
             self.cached += self.pending.tolist()

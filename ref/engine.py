@@ -11,7 +11,7 @@ One round, step by step:
    distribution after node ``u``.
 3. **Accept.** A rule from :mod:`specdec.shared.acceptance` picks a root-to-node path and one
    more token (greedy match, chain rejection sampling with draft probabilities, or the
-   deterministic-candidate tree rule).
+   deterministic-candidate tree rule); :func:`specdec.shared.round.accept_draft` chooses it.
 4. **Compact.** The cache keeps rows ``[0, L)`` plus the accepted path's rows, in EVERY layer;
    the rejected nodes' KV is dropped.
 5. **Emit.** The accepted drafts (``spec_mask`` True) and the extra token (False) are appended;
@@ -23,72 +23,17 @@ The loop stops after the first EOS or once ``max_gen_len`` tokens were emitted.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 from specdec.ref.model import KVCache, Model, forward_step, new_cache
-from specdec.shared.acceptance import chain_rejection_accept, greedy_accept, tree_sampling_accept
 from specdec.shared.result import GenerationResult, normalize_eos, sync
-from specdec.shared.sampling import SamplingParams, logits_to_probs, sample
-from specdec.shared.tree import Tree
+from specdec.shared.round import Draft, Drafter, RoundRecord, RoundState, accept_draft
+from specdec.shared.sampling import SamplingParams, sample
 from specdec.shared.validate import check_batch_one, check_prompt
 
 __all__ = ["Draft", "RoundState", "Drafter", "RoundRecord", "verify_tree", "accept_draft", "run_speculative"]
-
-
-@dataclass
-class Draft:
-    """A proposed token tree.
-
-    Attributes:
-        tokens: [M] long, node tokens; ``tokens[0]`` is the root (the last emitted token).
-        tree: topology of the M nodes (parents first).
-        q: optional [M, V] draft probabilities: ``q[j]`` is the distribution node ``j``'s token was
-           sampled from (chains drafted by a separate model). Without ``q`` the candidates are
-           deterministic and the tree rule is used when sampling.
-    """
-
-    tokens: torch.Tensor
-    tree: Tree
-    q: torch.Tensor | None = None
-
-
-@dataclass
-class RoundState:
-    """Everything a drafter may look at when proposing.
-
-    ``tokens`` is the whole sequence so far (prompt + emitted); ``tokens[-1]`` is the root.
-    ``target_cache`` holds the verified prefix ``tokens[:-1]`` (length L = len(tokens) - 1).
-    ``last_logits`` [V] are the target logits that produced the root (LogitSpec reads guesses
-    for the token after the root from them). ``budget`` is how many tokens may still be emitted.
-    """
-
-    tokens: list[int]
-    target: Model
-    target_cache: KVCache
-    last_logits: torch.Tensor | None
-    params: SamplingParams
-    generator: torch.Generator | None
-    budget: int
-
-
-class Drafter(Protocol):
-    def propose(self, state: RoundState) -> Draft: ...
-
-
-@dataclass
-class RoundRecord:
-    """What happened in one round (for debugging, notebooks and the bench's accept histograms)."""
-
-    draft: Draft
-    path: list[int]
-    next_token: int
-
-    @property
-    def accepted(self) -> int:
-        return len(self.path) - 1
 
 
 def verify_tree(target: Model, cache: KVCache, draft: Draft) -> torch.Tensor:
@@ -99,18 +44,6 @@ def verify_tree(target: Model, cache: KVCache, draft: Draft) -> torch.Tensor:
     mask = torch.cat([torch.ones(m, L, dtype=torch.bool, device=dev), draft.tree.ancestor_mask(dev)], dim=1)
     logits = forward_step(target, draft.tokens.to(dev)[None], cache, positions=positions, mask=mask)
     return logits[0]
-
-
-def accept_draft(draft: Draft, logits: torch.Tensor, params: SamplingParams, generator, skip_sample_adjustment: bool = False) -> tuple[list[int], int]:
-    """Step 3: pick the rule and apply it. Returns (accepted path of node indices, next token)."""
-    if params.greedy:
-        return greedy_accept(draft.tree, draft.tokens.to(logits.device), logits)
-    p = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
-    if draft.q is not None:
-        # A chain sampled from a draft model: Leviathan/Chen rejection sampling with q.
-        n, next_token = chain_rejection_accept(draft.tokens[1:].tolist(), draft.q[1:].to(p.device), p, generator, skip_sample_adjustment)
-        return list(range(n + 1)), next_token
-    return tree_sampling_accept(draft.tree, draft.tokens, p, generator)
 
 
 @torch.inference_mode()

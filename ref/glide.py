@@ -52,10 +52,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from specdec.ref.attention import masked_attention
-from specdec.ref.engine import Draft, RoundRecord, RoundState, run_speculative
+from specdec.ref.engine import run_speculative
 from specdec.ref.model import Model, embed, linear, rms_norm, swiglu_mlp
 from specdec.shared.glide import GLIDE_WINDOW, Glide, GlideConfig, beam_level, load_glide_weights
 from specdec.shared.result import GenerationResult
+from specdec.shared.round import Draft, RoundRecord, RoundState
 from specdec.shared.rope import apply_rope, rope_cos_sin
 from specdec.shared.tree import Tree, validate_tree_shape
 from specdec.shared.validate import check_positive_int
@@ -276,7 +277,7 @@ class GlideDrafter:
         logprobs = torch.log_softmax(glide_logits(self.target, root_hidden[None]), dim=-1)  # [1, V]
 
         # No more levels than could still be emitted (the extra token always is).
-        depth = min(len(self.tree_shape), max(state.budget - 1, 0))
+        depth = min(len(self.tree_shape), state.max_drafts)
         tokens = [state.tokens[-1]]
         parents = [-1]
         level_nodes = [0]  # global indices of the current level (root)

@@ -29,57 +29,14 @@ from __future__ import annotations
 
 import torch
 
-from specdec.ref.engine import Draft, RoundState, run_speculative
+from specdec.ref.engine import run_speculative
 from specdec.ref.model import Model
-from specdec.shared.ngram import NgramPool, Trie, check_ngram_args
+from specdec.shared.ngram import check_ngram_args
 from specdec.shared.result import GenerationResult
-from specdec.shared.tree import Tree
+from specdec.shared.retrieval import LogitSpecDrafter, guess_branch_length  # noqa: F401  (steps 1-4: host-side, shared by both paths)
 from specdec.shared.validate import check_positive_int
 
 __all__ = ["LogitSpecDrafter", "logitspec_generate", "guess_branch_length"]
-
-
-def guess_branch_length(rank: int) -> int:
-    """Tokens kept in the branch of the guess of rank ``rank`` (1 = best guess after the root)."""
-    if rank <= 8:
-        return 4
-    if rank <= 32:
-        return 3
-    return 1
-
-
-class LogitSpecDrafter:
-    """Draft trees from the n-gram pool and the last logit's next-next-token guesses."""
-
-    def __init__(self, max_ngram_size: int = 3, num_pred_tokens: int = 20, draft_tree_capacity: int = 64) -> None:
-        self.pool = NgramPool(max_ngram_size, num_pred_tokens)
-        self.capacity = draft_tree_capacity
-
-    def propose(self, state: RoundState) -> Draft:
-        tokens, root = state.tokens, state.tokens[-1]
-        depth = max(0, state.budget - 1)  # deeper drafts could never be emitted
-        capacity = self.capacity if depth > 0 else 0
-        # 1. Learn the newly emitted tokens.
-        self.pool.update(tokens)
-        trie = Trie(root)
-        # 2. Branch 0: continuation of the longest suffix of (context + root).
-        trie.insert(self.pool.lookup(tokens, limit=depth), max_new_nodes=capacity)
-        # 3-4. Guess branches from the same last logit, best first, until the tree is full.
-        if state.last_logits is not None:
-            order = torch.sort(state.last_logits.float().cpu(), descending=True, stable=True).indices.tolist()
-            rank = 0
-            for g in order:
-                if trie.num_drafts >= capacity:
-                    break
-                if g == root:
-                    continue
-                rank += 1
-                keep = min(guess_branch_length(rank), depth)
-                suffix = tokens[-self.pool.max_ngram_size:]  # all the pool looks at (no copy of the whole context)
-                branch = [g] + (self.pool.lookup(suffix + [g], limit=keep - 1) if keep > 1 else [])
-                trie.insert(branch, max_new_nodes=capacity - trie.num_drafts)
-        node_tokens, parents = trie.bfs()
-        return Draft(tokens=torch.tensor(node_tokens, dtype=torch.long), tree=Tree.from_parents(parents))
 
 
 def logitspec_generate(

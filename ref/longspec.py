@@ -1,6 +1,6 @@
-"""LongSpec-compatible entry points: ``LlamaGlide`` / ``Qwen2Glide`` (seed 000).
+"""LongSpec-compatible entry points: ``LlamaGlide`` / ``Qwen2Glide`` (LongSpec, sail-sg/LongSpec).
 
-The seed's usage example runs with only its import line changed (and local paths)::
+LongSpec's usage example runs with only its import line changed (and local paths)::
 
     from transformers import AutoConfig, AutoTokenizer
     from specdec.ref import LlamaGlide                     # was: from longspec.test.llama_glide import LlamaGlide
@@ -13,8 +13,8 @@ The seed's usage example runs with only its import line changed (and local paths
     output_ids, count, num, elapsed, mask = model.spec_generate(input_ids=input_ids, prompt_length=..., gamma=4)
     output_ids, num_tokens, elapsed = model.vanilla_generate(input_ids, prompt_length=...)
 
-The methods keep the seed's argument names and defaults (including ``eos_id=151645``, Qwen2's
-``<|im_end|>``, for both classes) and return the seed's tuples; underneath they are the reference
+The methods keep LongSpec's argument names and defaults (including ``eos_id=151645``, Qwen2's
+``<|im_end|>``, for both classes) and return its tuples; underneath they are the reference
 decoders :func:`specdec.ref.glide.tree_spec_generate`, :func:`specdec.ref.glide.spec_generate` and
 :func:`specdec.ref.vanilla.vanilla_generate` -- so unlike the original, sampling (temperature > 0)
 is lossless. ``prompt_length`` may be an int or a one-element tensor (LongSpec's scripts pass
@@ -23,110 +23,33 @@ is lossless. ``prompt_length`` may be an int or a one-element tensor (LongSpec's
 
 from __future__ import annotations
 
-import json
-import os
 from types import SimpleNamespace
-from typing import Any
-
-import torch
 
 import specdec.ref.glide as _glide
 import specdec.ref.magicdec as _magicdec
 import specdec.ref.model as _model
 import specdec.ref.vanilla as _vanilla
-from specdec.shared.weights import resolve_dtype
+from specdec.shared.longspec import GlideModel
 
 __all__ = ["LlamaGlide", "Qwen2Glide"]
 
-
-def _config_dict(config: Any) -> dict[str, Any] | None:
-    """A transformers config object, a dict, a config.json path or a model dir -> dict (None: not given)."""
-    if config is None:
-        return None
-    if isinstance(config, dict):
-        return dict(config)
-    if isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        cfg_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(cfg_file):
-            raise ValueError(f"config {path!r}: no config.json found")
-        with open(cfg_file) as f:
-            return json.load(f)
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    raise TypeError(f"config must be a transformers config, a dict or a path, got {type(config).__name__}")
+# The reference decoders behind LongSpec's methods (the classes' shared surface: specdec.shared.longspec).
+_REF = SimpleNamespace(
+    load_model=_model.load_model, load_glide=_glide.load_glide,
+    tree_spec_generate=_glide.tree_spec_generate, spec_generate=_glide.spec_generate,
+    magicdec_generate=_magicdec.magicdec_generate, vanilla_generate=_vanilla.vanilla_generate,
+)
 
 
-class _GlideModel:
-    """Target + GLIDE draft behind the seed's methods (see the module docstring).
-
-    The decoders come from ``backend`` (a namespace with the public decoder API): the reference
-    here; :mod:`specdec.fast.longspec` plugs in the fast path with the same classes.
-    """
-
-    model_type = ""
-    backend = SimpleNamespace(
-        load_model=_model.load_model, load_glide=_glide.load_glide,
-        tree_spec_generate=_glide.tree_spec_generate, spec_generate=_glide.spec_generate,
-        magicdec_generate=_magicdec.magicdec_generate, vanilla_generate=_vanilla.vanilla_generate,
-    )
-
-    def __init__(self, config, target_model_path, glide_path, dtype=None, device=None, window: int | None = None):
-        cfg = _config_dict(config)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:
-            # LongSpec runs in half precision on the GPU; fp32 on CPU.
-            dtype = (cfg or {}).get("torch_dtype") or (cfg or {}).get("dtype") or "bfloat16"
-            dtype = resolve_dtype(dtype) if str(device).startswith("cuda") else torch.float32
-        self.target = self.backend.load_model(target_model_path, dtype=dtype, device=device)
-        tc = self.target.config
-        if tc.model_type != self.model_type:
-            raise ValueError(f"{type(self).__name__} needs a {self.model_type!r} target, but {target_model_path!r} is {tc.model_type!r}")
-        if cfg is not None:
-            # The config the caller passed must describe the checkpoint we loaded.
-            for key, mine in (("vocab_size", tc.vocab_size), ("hidden_size", tc.hidden_size), ("num_hidden_layers", tc.num_layers)):
-                if key in cfg and int(cfg[key]) != mine:
-                    raise ValueError(f"config {key}={cfg[key]} does not match the target checkpoint at {target_model_path!r} ({key}={mine})")
-        self.config = config
-        self.glide = self.backend.load_glide(glide_path, self.target, window=window)
-
-    @property
-    def device(self) -> torch.device:
-        return self.target.device
-
-    def tree_spec_generate(self, input_ids, prompt_length, tree_shape=None, max_gen_len=64, eos_id=151645, temperature=0.0):
-        """Beam-tree speculation; returns ``(output_ids, count, num, elapsed_time, spec_mask)``."""
-        return self.backend.tree_spec_generate(self.target, self.glide, input_ids, prompt_length, tree_shape=tree_shape,
-                                  max_gen_len=max_gen_len, eos_id=eos_id, temperature=temperature)
-
-    def spec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=151645, temperature=0.0):
-        """Chain speculation with ``gamma`` drafts; returns ``(output_ids, count, num, elapsed_time, spec_mask)``."""
-        return self.backend.spec_generate(self.target, self.glide, input_ids, prompt_length, gamma=gamma, max_gen_len=max_gen_len,
-                             eos_id=eos_id, temperature=temperature)
-
-    def magicdec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=151645, temperature=0.0,
-                          sink_tokens=4, window=256):
-        """MagicDec self-speculation (LongSpec's ``--method magicdec``); same 5-tuple."""
-        return self.backend.magicdec_generate(self.target, input_ids, prompt_length, gamma=gamma, sink_tokens=sink_tokens, window=window,
-                                 max_gen_len=max_gen_len, eos_id=eos_id, temperature=temperature)
-
-    def vanilla_generate(self, input_ids, prompt_length, max_gen_len=64, eos_id=151645):
-        """Greedy autoregressive baseline; returns ``(output_ids, num_tokens, elapsed_time)``."""
-        res = self.backend.vanilla_generate(self.target, input_ids, prompt_length, max_gen_len=max_gen_len, eos_id=eos_id)
-        return res.output_ids, res.num_tokens, res.elapsed_time
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(target={self.target!r}, glide={self.glide!r})"
-
-
-class LlamaGlide(_GlideModel):
+class LlamaGlide(GlideModel):
     """``LlamaGlide(config, target_model_path, glide_path)``: a Llama-family target + its GLIDE draft."""
 
     model_type = "llama"
+    backend = _REF
 
 
-class Qwen2Glide(_GlideModel):
+class Qwen2Glide(GlideModel):
     """``Qwen2Glide(config, target_model_path, glide_path)``: a Qwen2-family target + its GLIDE draft."""
 
     model_type = "qwen2"
+    backend = _REF

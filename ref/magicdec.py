@@ -33,22 +33,16 @@ from typing import Callable
 
 import torch
 
-from specdec.ref.engine import Draft, RoundRecord, RoundState, run_speculative
+from specdec.ref.engine import run_speculative
 from specdec.ref.model import KVCache, Model, forward_step
 from specdec.shared.result import GenerationResult
+from specdec.shared.round import Draft, RoundRecord, RoundState
 from specdec.shared.sampling import logits_to_probs, sample_from_probs
+from specdec.shared.streaming import streaming_rows  # step 1's rows: sinks + recent window
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_positive_int
 
 __all__ = ["MagicDecDrafter", "streaming_rows", "magicdec_generate"]
-
-
-def streaming_rows(length: int, sink_tokens: int, window: int, device=None) -> torch.Tensor:
-    """Cache rows of the StreamingLLM view of a verified prefix of ``length`` positions:
-    ``[0, sink_tokens)`` then ``[max(sink_tokens, length - window), length)`` (1-D long, ascending)."""
-    sinks = torch.arange(min(sink_tokens, length), device=device)
-    recent = torch.arange(min(max(sink_tokens, length - window), length), length, device=device)
-    return torch.cat([sinks, recent])
 
 
 class MagicDecDrafter:
@@ -62,7 +56,7 @@ class MagicDecDrafter:
     def propose(self, state: RoundState) -> Draft:
         target, cache, p = state.target, state.target_cache, state.params
         L, dev = cache.length, target.device
-        gamma = min(self.gamma, max(state.budget - 1, 0))  # no drafts past what may still be emitted
+        gamma = min(self.gamma, state.max_drafts)  # no drafts past what may still be emitted
 
         # 1. Scratch cache: the sink rows and the recent window of every layer (positions kept).
         rows = streaming_rows(L, self.sink_tokens, self.window, dev)

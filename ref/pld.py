@@ -17,27 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from specdec.ref.engine import Draft, RoundState, run_speculative
+from specdec.ref.engine import run_speculative
 from specdec.ref.model import Model
-from specdec.shared.ngram import NgramPool, check_ngram_args
+from specdec.shared.ngram import check_ngram_args
 from specdec.shared.result import GenerationResult
-from specdec.shared.tree import Tree
+from specdec.shared.retrieval import PromptLookupDrafter  # steps 1 and 3: host-side, the same drafter on both paths
 
 __all__ = ["PromptLookupDrafter", "pld_generate"]
-
-
-class PromptLookupDrafter:
-    """Chain drafts copied from the most recent earlier occurrence of the context's longest matching suffix."""
-
-    def __init__(self, max_ngram_size: int = 3, num_pred_tokens: int = 10) -> None:
-        self.pool = NgramPool(max_ngram_size, num_pred_tokens)
-
-    def propose(self, state: RoundState) -> Draft:
-        # 3. (from the previous round) learn what was emitted; 1. look the context's suffix up.
-        self.pool.update(state.tokens)
-        drafts = self.pool.lookup(state.tokens, limit=max(0, state.budget - 1))
-        tokens = torch.tensor([state.tokens[-1]] + drafts, dtype=torch.long)
-        return Draft(tokens=tokens, tree=Tree.chain(len(drafts)))
 
 
 def pld_generate(

@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from specdec.ref.engine import RoundRecord, run_speculative
+from specdec.ref.engine import run_speculative
 from specdec.ref.model import Model, as_model
 from specdec.ref.speculative import DraftModelDrafter
 from specdec.ref.vanilla import vanilla_generate
@@ -39,6 +39,7 @@ from specdec.shared.sampling import (  # noqa: F401  (re-exported for the seed's
     TopKNucleusProcessor,
     TopKProcessor,
 )
+from specdec.shared.round import RoundRecord
 from specdec.shared.validate import check_batch_one, check_positive_int, check_same_vocab
 
 __all__ = [

@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from specdec.ref.engine import Draft, RoundState, run_speculative
+from specdec.ref.engine import run_speculative
 from specdec.ref.model import Model, forward_step, new_cache
 from specdec.shared.result import GenerationResult
+from specdec.shared.round import Draft, RoundState
 from specdec.shared.sampling import logits_to_probs, sample_from_probs
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_positive_int, check_same_vocab
@@ -67,7 +68,7 @@ class DraftModelDrafter:
     def propose(self, state: RoundState) -> Draft:
         p = state.params
         # Never draft more than can still be emitted (the round adds one token of its own).
-        gamma = max(0, min(self.gamma, state.budget - 1))
+        gamma = min(self.gamma, state.max_drafts)
         logits = self._catch_up(state.tokens)
         drafts: list[int] = []
         qs: list[torch.Tensor] = []

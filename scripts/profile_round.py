@@ -135,7 +135,7 @@ def main() -> None:
     # "tree-sync": the same rounds, each launched only after the previous one was read (no run-ahead)
     for label in ("vanilla", "tree", "tree-sync", "chain"):
         method = "tree" if label == "tree-sync" else label
-        F_.glide.FastGlideDrafter.run_ahead = label != "tree-sync"
+        F_.glide.FastGlideDrafter.ahead_rounds = label != "tree-sync"
         longest = max(ps, key=len)  # warm-up on the longest prompt: the cache (and its graphs) then fits all
         run(method, longest), run(method, longest)
         toks = rounds = 0
@@ -149,7 +149,7 @@ def main() -> None:
             wall += r.elapsed_time
         lines.append(dict(kind="wall", method=label, tokens=toks, rounds=rounds, wall_s=wall))
         print(lines[-1], flush=True)
-    F_.glide.FastGlideDrafter.run_ahead = True
+    F_.glide.FastGlideDrafter.ahead_rounds = True
 
     # the greedy GLIDE round's graph alone: GPU time of one replay (CUDA events, no host work in between)
     # against the round's wall time above -- the difference is host time per round plus launch latency
@@ -165,11 +165,11 @@ def main() -> None:
     per_round: dict[str, list[float]] = {"tree": [], "tree-sync": []}
     for _ in range(args.ab_reps):
         for label in per_round:
-            F_.glide.FastGlideDrafter.run_ahead = label == "tree"
+            F_.glide.FastGlideDrafter.ahead_rounds = label == "tree"
             for ids in ps:
                 r = run("tree", ids)
                 per_round[label].append(r.elapsed_time / r.num * 1e3)
-    F_.glide.FastGlideDrafter.run_ahead = True
+    F_.glide.FastGlideDrafter.ahead_rounds = True
     for label, v in per_round.items():
         v.sort()
         lines.append(dict(kind="ab", method=label, calls=len(v), ms_per_round_median=v[len(v) // 2], ms_per_round_min=v[0]))

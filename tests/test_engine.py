@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lossless import chi_square_test, collect_samples, exact_sequence_distribution, lossless_check, tiny_model
-import specdec.ref.engine as engine
+import specdec.shared.round as round_rules  # accept_draft picks the rule there
 from specdec.ref import vanilla_generate
 from specdec.ref.engine import Draft, RoundState, run_speculative
 from specdec.ref.model import forward
@@ -144,7 +144,7 @@ def test_tree_sampling_lossless_and_test_has_power(monkeypatch):
     decode = lambda **a: run_speculative(t, OracleDrafter(2, wrong_siblings=True, vocab=8), **a)  # noqa: E731
     lossless_check(decode, t, p, n_samples=400, seed=1, exact=exact)
 
-    rule = engine.tree_sampling_accept
+    rule = round_rules.tree_sampling_accept
 
     def broken(tree, tokens, probs, generator=None):
         path, nxt = rule(tree, tokens, probs, generator)
@@ -152,6 +152,6 @@ def test_tree_sampling_lossless_and_test_has_power(monkeypatch):
             nxt = int(sample_from_probs(probs[0], generator))
         return path, nxt
 
-    monkeypatch.setattr(engine, "tree_sampling_accept", broken)
+    monkeypatch.setattr(round_rules, "tree_sampling_accept", broken)
     res = chi_square_test(collect_samples(decode, p, 400, 3, 1.0, seed=1), exact)
     assert res.pvalue < 1e-6, res

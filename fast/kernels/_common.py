@@ -104,3 +104,27 @@ def sm_count(device: torch.device) -> int:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def masked_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         sm_scale: float | None = None) -> torch.Tensor:
+    """Test oracle: plain softmax attention with an explicit boolean mask, GQA aware, in fp32.
+
+    q [B, Hq, M, D], k/v [B, Hkv, N, D], mask [B, M, N] or [M, N] (True = attend) -> [B, Hq, M, D]
+    in q's dtype. A row that sees no key is zero. The kernels' ``*_ref`` functions build their mask
+    by brute force and call this; it computes what :func:`specdec.ref.attention.masked_attention`
+    computes (the fast path keeps its own oracle so that it never imports the reference).
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
+    kf = k.float().repeat_interleave(hq // hkv, dim=1)
+    vf = v.float().repeat_interleave(hq // hkv, dim=1)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    scores = torch.einsum("bhmd,bhnd->bhmn", q.float(), kf) * scale
+    visible = mask.to(q.device).bool()
+    visible = visible[None, None] if visible.dim() == 2 else visible[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    vf = vf.masked_fill(~visible.any(dim=-2)[..., None], 0.0)  # keys no query sees: no NaN/inf leaks in as 0 * v
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key: all -inf -> zeros
+    return torch.einsum("bhmn,bhnd->bhmd", probs, vf).to(q.dtype)

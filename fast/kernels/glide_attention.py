@@ -28,17 +28,16 @@ The GLIDE draft (one decoder layer) attends twice per layer (DESIGN section 6):
 Both are one launch of ``_split_attention_kernel`` (per-row bounds ``[row_lo, row_hi)`` inside the
 split range, optional tree block) plus the merge; all lse inside are base 2. A query that sees no
 key returns zeros. References: :func:`glide_self_attention_ref` and
-:func:`glide_cross_attention_ref`, both :func:`specdec.ref.attention.masked_attention` with an
-explicit [B, M, N] boolean mask; the kernels must match them.
+:func:`glide_cross_attention_ref`, both :func:`._common.masked_attention_ref` (what
+:func:`specdec.ref.attention.masked_attention` computes) with an explicit [B, M, N] boolean mask;
+the kernels must match them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from specdec.ref.attention import masked_attention
-
-from ._common import check_device, check_int_tensor, graph_capturing
+from ._common import check_device, check_int_tensor, graph_capturing, masked_attention_ref
 from .tree_attention import _check_qkv, split_attention
 
 __all__ = [
@@ -186,7 +185,7 @@ def glide_self_attention_ref(q, k, v, q_pos, window: int = 512, *, tree_mask=Non
     """Reference for :func:`glide_self_attention`: masked attention with the brute-force mask."""
     b, m = q.shape[0], q.shape[2]
     pos = q_pos if q_pos.dim() == 2 else q_pos[None, :].expand(b, m)
-    return masked_attention(q, k, v, glide_self_mask(pos, k.shape[2], window, tree_mask, tree_start), sm_scale)
+    return masked_attention_ref(q, k, v, glide_self_mask(pos, k.shape[2], window, tree_mask, tree_start), sm_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,4 +247,4 @@ def glide_cross_mask(kv_bound, b: int, m: int, n: int, device=None) -> torch.Ten
 def glide_cross_attention_ref(q, k, v, kv_bound, *, sm_scale=None):
     """Reference for :func:`glide_cross_attention`: masked attention with the brute-force mask."""
     mask = glide_cross_mask(kv_bound, q.shape[0], q.shape[2], k.shape[2], q.device)
-    return masked_attention(q, k, v, mask, sm_scale)
+    return masked_attention_ref(q, k, v, mask, sm_scale)

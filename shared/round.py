@@ -1,0 +1,119 @@
+"""The speculative round's vocabulary, shared by both paths (docs/design.md §5).
+
+Every speculative decoder is a *drafter* plugged into one loop per path
+(:func:`specdec.ref.engine.run_speculative`, :func:`specdec.fast.engine.run_speculative_fast`).
+This module holds what those loops and their drafters exchange, and nothing that computes a
+forward pass:
+
+* :class:`Draft` -- the proposed token tree (node 0 is the root, the last emitted token);
+* :class:`RoundState` -- what a drafter may look at when proposing, including the draft budget
+  (:attr:`RoundState.max_drafts`, the one place the "no drafts past what may still be emitted"
+  rule lives);
+* :class:`Drafter` -- the protocol every drafter implements (``propose``);
+* :class:`RoundRecord` -- what one round did (notebooks, tests, the bench's histograms);
+* :func:`accept_draft` -- step 3 of a round on the host: pick the acceptance rule of
+  :mod:`specdec.shared.acceptance` that fits the sampling parameters and the draft.
+
+``RoundState.target`` and ``RoundState.target_cache`` are whatever model and cache the path
+uses (the reference's ``Model`` and ``KVCache``, the fast path's ``FastModel`` and
+``StaticKVCache``); a drafter written for one path only reads the fields that path gives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from specdec.shared.acceptance import chain_rejection_accept, greedy_accept, tree_sampling_accept
+from specdec.shared.sampling import SamplingParams, logits_to_probs
+from specdec.shared.tree import Tree
+
+__all__ = ["Draft", "RoundState", "Drafter", "RoundRecord", "accept_draft"]
+
+
+@dataclass
+class Draft:
+    """A proposed token tree.
+
+    Attributes:
+        tokens: [M] long, node tokens; ``tokens[0]`` is the root (the last emitted token).
+        tree: topology of the M nodes (parents first). A host :class:`~specdec.shared.tree.Tree`
+            on both paths; the fast path also accepts a device-side tree (its ``DeviceTree``,
+            declared by :class:`specdec.fast.engine.FastDrafter`).
+        q: optional [M, V] draft probabilities: ``q[j]`` is the distribution node ``j``'s token was
+           sampled from (chains drafted by a separate model). Without ``q`` the candidates are
+           deterministic and the tree rule is used when sampling.
+    """
+
+    tokens: torch.Tensor
+    tree: Any
+    q: torch.Tensor | None = None
+
+
+@dataclass
+class RoundState:
+    """Everything a drafter may look at when proposing.
+
+    ``tokens`` is the whole sequence so far (prompt + emitted); ``tokens[-1]`` is the root.
+    ``target_cache`` holds the verified prefix ``tokens[:-1]`` (length L = len(tokens) - 1).
+    ``last_logits`` [V] are the target logits that produced the root (LogitSpec reads guesses
+    for the token after the root from them). ``budget`` is how many tokens may still be emitted.
+    """
+
+    tokens: list[int]
+    target: Any
+    target_cache: Any
+    last_logits: torch.Tensor | None
+    params: SamplingParams
+    generator: torch.Generator | None
+    budget: int
+
+    @property
+    def max_drafts(self) -> int:
+        """How many draft tokens deep this round may go: one token of the budget is always the
+        target's own (bonus or correction), so a draft deeper than ``budget - 1`` could never be
+        emitted. Drafters clip their depth to this; it is never negative."""
+        return max(self.budget - 1, 0)
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """What every drafter implements: propose a token tree rooted at ``state.tokens[-1]``.
+
+    The root must be the last emitted token (the loops check it) and the tree must not be
+    deeper than :attr:`RoundState.max_drafts`.
+    """
+
+    def propose(self, state: RoundState) -> Draft: ...
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round (for debugging, notebooks and the bench's accept histograms)."""
+
+    draft: Draft
+    path: list[int]
+    next_token: int
+
+    @property
+    def accepted(self) -> int:
+        return len(self.path) - 1
+
+
+def accept_draft(draft: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                 skip_sample_adjustment: bool = False) -> tuple[list[int], int]:
+    """Step 3 of a round: pick the acceptance rule and apply it.
+
+    ``draft.tree`` must be a host :class:`~specdec.shared.tree.Tree`; ``logits`` [M, V] are the
+    target's rows for the M nodes. Returns (accepted path of node indices, next token).
+    """
+    if params.greedy:
+        return greedy_accept(draft.tree, draft.tokens.to(logits.device), logits)
+    p = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
+    if draft.q is not None:
+        # A chain sampled from a draft model: Leviathan/Chen rejection sampling with q.
+        n, next_token = chain_rejection_accept(draft.tokens[1:].tolist(), draft.q[1:].to(p.device), p, generator, skip_sample_adjustment)
+        return list(range(n + 1)), next_token
+    return tree_sampling_accept(draft.tree, draft.tokens, p, generator)
