@@ -1,0 +1,217 @@
+"""Row-invariant GEMMs for the decode phase: every output row is computed bit for bit the same whatever M.
+
+A verification pass scores M tokens at once while a decode step scores one; for speculation to be
+exact in bf16 the row of a token must come out of both with the same bits (docs/design.md §8).
+cuBLAS picks its kernel, tiles and split-K from M, and the one-row GEMV (:mod:`.gemv`) reduces
+on CUDA cores in a different order than any tensor-core GEMM -- so neither can serve both. These
+kernels use ONE tile configuration per weight shape (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, warps
+and stages chosen from ``N``, ``K`` and the dtype, never from M), no split-K, and the K loop in one
+fixed order. Rows are padded up to ``BLOCK_M`` with masked loads instead of switching kernels, and
+tensor-core MMAs never mix rows, so a row's result depends only on that row's inputs.
+
+Grid ``(cdiv(M, BLOCK_M), programs over N)``, the M tiles varying fastest so the programs sharing
+a weight tile run together and read it from L2 once it has been streamed from memory.
+
+* :func:`row_linear` ``(x [..., K], w [N, K], bias [N] | None) -> [..., N]`` -- ``F.linear``;
+  fp32 accumulation, bias added in fp32, one rounding to x's dtype. With ``norm_weight`` (+ ``eps``)
+  the product runs on ``rms_norm_ref(x, norm_weight, eps)``, recomputed per tile from the row's
+  fp32 statistics (a first pass over the row) exactly as the eager two ops round it; with
+  ``residual`` it returns ``residual + F.linear(...)`` (the product rounded first, the add in fp32
+  rounded once, as the eager add). ``silu=True`` takes ``w13 [2F, K]`` and returns
+  ``silu(gate) * up`` [..., F] with the eager ops' roundings.
+
+Must match: :func:`specdec.fast.kernels.gemv_ref` / :func:`specdec.fast.kernels.gemv_silu_ref` up to
+the fp32 summation order of the product -- and itself, bitwise, for any M from 1 to
+:data:`MAX_ROWS` (``tests/test_rowgemm.py`` checks both, on the CPU under the Triton interpreter and
+on the GPU). fp32 inputs use IEEE fp32 products (no TF32), so fp32 results stay within the
+reference's rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, interpreter_active, next_pow2
+from .fused import _DTYPE_CODE, _check_float, _round_to
+from .gemv import _checked_bias, _checked_norm
+
+__all__ = ["MAX_ROWS", "row_linear", "row_linear_config"]
+
+MAX_ROWS = 128
+"""The most rows one call may take (the largest verification: the fast path's tree limit)."""
+
+
+@triton.jit
+def _norm_scale(X, offs_m, m_ok, stride_xm, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``rsqrt(mean(x^2) + eps)`` [BLOCK_M] of each row (fp32), in the kernel's fixed K order."""
+    ssq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + offs_k < K
+        xk = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        ssq += xk * xk
+    return 1.0 / tl.sqrt(tl.sum(ssq, 1) / K + eps)
+
+
+@triton.jit
+def _mma(x, w, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + x @ w^T`` (fp32 accumulator): tensor cores for fp16/bf16, IEEE fp32 products for fp32.
+    UPCAST (the CPU interpreter only, whose bf16 ``tl.dot`` is wrong): the same exact products of
+    the 16-bit values, taken in fp32."""
+    if IEEE:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    elif UPCAST:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym", "stride_rm"])
+def _row_linear_kernel(
+    X, W, Bias, Y, G, Res,
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    pid_m = tl.program_id(0)   # fastest: the M tiles of one weight tile run side by side
+    pid_n = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_ok = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # -- the RMSNorm's per-row scale (a first pass over the rows: they are tiny next to the weight) --
+    if NORM:
+        rstd = _norm_scale(X, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K)
+
+    # -- the weight stream: acc[m, n] += x[m, k-tile] @ w[n, k-tile]^T, k in one fixed order ---------
+    x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_g = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]          # gate (or plain) rows
+    w_u = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]    # up rows (SILU)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        k_ok = k0 + offs_k < K
+        xk = tl.load(x_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            # rms_norm_ref's arithmetic: (x_f32 * rstd) rounded to the dtype, times the weight, rounded
+            g = tl.load(G + k0 + offs_k, mask=k_ok, other=0.0)
+            xn = _round_to(xk.to(tl.float32) * rstd[:, None], CODE)
+            xk = (g.to(tl.float32) * xn).to(xk.dtype)
+        wk = tl.load(w_g + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _mma(xk, wk, acc, IEEE, UPCAST)
+        if SILU:
+            uk = tl.load(w_u + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc_u = _mma(xk, uk, acc_u, IEEE, UPCAST)
+
+    # -- epilogue: bias in fp32, the eager ops' roundings, one store per output --------------------
+    y = acc
+    if HAS_BIAS:
+        y += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        u = acc_u
+        if HAS_BIAS:
+            u += tl.load(Bias + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        gate = _round_to(y, CODE)                          # the w13 GEMM's output rounding
+        up = _round_to(u, CODE)
+        act = _round_to(gate / (1.0 + tl.exp(-gate)), CODE)  # F.silu in fp32, rounded to the dtype
+        y = act * up                                     # `* up`, rounded once by the store
+    if RESID:
+        res = tl.load(Res + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        y = _round_to(y, CODE) + res.to(tl.float32)
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def row_linear_config(n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for a weight of N output rows and K
+    columns -- a function of the weight's shape and dtype only, NEVER of the number of rows (that is
+    what makes every row's arithmetic independent of M)."""
+    if interpreter_active():   # programs run one by one: few, big tiles (still fixed per shape)
+        return 16, min(64, max(16, next_pow2(n))), min(256, max(16, next_pow2(k))), 4, 1
+    bm = 16
+    if k >= 8192:
+        bn, bk, warps, stages = 32, 256, 4, 4
+    else:
+        bn, bk, warps, stages = 32, 128, 4, 4
+    if dtype == torch.float32:
+        bk = min(bk, 64)
+    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), warps, stages
+
+
+def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+               norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+               residual: torch.Tensor | None = None, silu: bool = False,
+               config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` with every row computed the same whatever the number of rows.
+
+    Args:
+        x: [..., K] fp16/bf16/fp32 with at most :data:`MAX_ROWS` rows (the product of the leading dims).
+        w: [N, K] in x's dtype and device (with ``silu``: [2F, K], gate rows then up rows); bias [N] or None.
+        norm_weight, eps: the RMSNorm before the projection, folded in (see the module docstring).
+        residual: [..., N] in x's dtype, added after the projection (not with ``silu``).
+        silu: return ``silu(gate) * up`` [..., F] of the two halves of the product.
+        config: a tile configuration to use instead of :func:`row_linear_config` (probes and sweeps).
+    Returns [..., N] (or [..., F]) in x's dtype. CUDA-graph capturable (host-only checks).
+    """
+    _check_float("x", x)
+    _check_float("w", w)
+    if w.dim() != 2:
+        raise ValueError(f"need x [..., K] and w [N, K]; got x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"x and w must share one dtype, got {x.dtype} and {w.dtype}")
+    n_rows_w, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dim {x.shape[-1]} must equal w's K = {k} (w is [N, K] = {tuple(w.shape)})")
+    if silu and n_rows_w % 2:
+        raise ValueError(f"with silu=True, w must stack gate and up rows ([2F, K]); got an odd row count {n_rows_w}")
+    if silu and residual is not None:
+        raise ValueError("residual is not supported with silu=True")
+    n = n_rows_w // 2 if silu else n_rows_w
+    bias = _checked_bias("bias", bias, n_rows_w)
+    norm_weight = _checked_norm(norm_weight, eps, k)
+    lead = tuple(x.shape[:-1])
+    rows = 1
+    for s in lead:
+        rows *= s
+    if rows > MAX_ROWS:
+        raise ValueError(f"x has {rows} rows; row_linear takes at most MAX_ROWS = {MAX_ROWS} (a decode-phase pass)")
+    named = [("x", x), ("w", w)] + [(nm, t) for nm, t in (("bias", bias), ("norm_weight", norm_weight)) if t is not None]
+    if residual is not None:
+        _check_float("residual", residual)
+        if tuple(residual.shape) != lead + (n,):
+            raise ValueError(f"residual must have the output's shape {lead + (n,)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+        named.append(("residual", residual))
+    check_device(*named)
+    out = torch.empty(lead + (n,), dtype=x.dtype, device=x.device)
+    if rows == 0 or n == 0:
+        return out
+    x2 = x.reshape(rows, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    y2 = out.view(rows, n)
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(rows, n)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+    bm, bn, bk, warps, stages = config if config is not None else row_linear_config(n, k, x.dtype)
+    grid = (triton.cdiv(rows, bm), triton.cdiv(n, bn))
+    _row_linear_kernel[grid](
+        x2, w, bias if bias is not None else w, y2,
+        norm_weight if norm_weight is not None else w, r2 if r2 is not None else y2,
+        rows, n, k, x2.stride(0), w.stride(0), y2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps),
+        HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None, RESID=residual is not None,
+        CODE=_DTYPE_CODE[x.dtype], IEEE=x.dtype == torch.float32,
+        UPCAST=interpreter_active() and x.dtype != torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
+    )
+    return out

@@ -1,0 +1,94 @@
+"""Probe (session 8): the row-invariant GEMM (``specdec.fast.kernels.rowgemm.row_linear``) against the decode
+GEMV (M = 1) and cuBLAS ``F.linear`` (M = 1 and M = 69), on every decode-step weight of Llama-3-8B and
+Vicuna-7B in bf16, timed as inside a decode step (gemv_sweep's method: one CUDA graph of back-to-back calls
+over distinct weight copies, per-call time = graph time / calls, median of 20 replays).
+
+For every tile configuration it also checks the property the kernel exists for: the rows of an M = 69 call
+and of an M = 128 call are bitwise equal to the same rows computed alone (M = 1) and at M = 5.
+Prints a table, writes ``$OUT/probe_rowgemm.jsonl``.
+
+    python3 scripts/probes/rowgemm_sweep.py            # all configs
+    python3 scripts/probes/rowgemm_sweep.py quick      # the library's config only
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from gemv_sweep import SHAPES, graph_ms, weight_copies  # the sibling probe (this folder is sys.path[0])
+from specdec.fast.kernels import gemv, gemv_silu
+from specdec.fast.kernels.rowgemm import row_linear, row_linear_config
+
+OUT = os.environ.get("OUT", "/tmp")
+CONFIGS = [(16, 32, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 16, 256, 4, 4), (16, 64, 256, 4, 3),
+           (16, 32, 512, 4, 3), (32, 32, 128, 4, 4), (16, 128, 128, 8, 3), (64, 64, 64, 4, 4)]
+
+
+def invariant(w: torch.Tensor, silu: bool, cfg) -> bool:
+    """Rows of M = 69 and M = 128 calls equal the same rows at M = 1 and M = 5, bit for bit."""
+    k = w.shape[1]
+    x = torch.randn(128, k, device="cuda", dtype=torch.bfloat16)
+    full = row_linear(x, w, silu=silu, config=cfg)
+    mid = row_linear(x[:69], w, silu=silu, config=cfg)
+    five = row_linear(x[:5], w, silu=silu, config=cfg)
+    ok = torch.equal(mid, full[:69]) and torch.equal(five, full[:5])
+    for r in (0, 37, 68, 127):
+        ok = ok and torch.equal(row_linear(x[r:r + 1], w, silu=silu, config=cfg), full[r:r + 1])
+    return ok
+
+
+def main() -> None:
+    quick = len(sys.argv) > 1 and sys.argv[1] == "quick"
+    rows, log = [], []
+    for name, (n, k, silu) in SHAPES.items():
+        ws = weight_copies(name, n, k)
+        calls = 2 * len(ws)
+        x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x69 = torch.randn(69, k, device="cuda", dtype=torch.bfloat16)
+
+        def run(fn, x):
+            return lambda: [fn(x, ws[i % len(ws)]) for i in range(calls)]
+
+        def lin(x, w):
+            y = F.linear(x, w)
+            if silu:
+                g, u = y.chunk(2, -1)
+                y = F.silu(g) * u
+            return y
+
+        base = {
+            "gemv_1": graph_ms(run(gemv_silu if silu else gemv, x1)) / calls,
+            "cublas_1": graph_ms(run(lin, x1)) / calls,
+            "cublas_69": graph_ms(run(lin, x69)) / calls,
+        }
+        lib = row_linear_config(n // 2 if silu else n, k, torch.bfloat16)
+        for cfg in ([lib] if quick else [lib] + [c for c in CONFIGS if c != lib]):
+            try:
+                ok = invariant(ws[0], silu, cfg)
+                t1 = graph_ms(run(lambda x, w: row_linear(x, w, silu=silu, config=cfg), x1)) / calls
+                t69 = graph_ms(run(lambda x, w: row_linear(x, w, silu=silu, config=cfg), x69)) / calls
+            except Exception as e:  # a config that does not compile for this shape
+                print(f"{name} {cfg}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            rec = dict(shape=name, n=n, k=k, silu=silu, config=cfg, library=cfg == lib, invariant=ok,
+                       row_1_ms=t1, row_69_ms=t69, **{f"{kk}_ms": v for kk, v in base.items()})
+            log.append(rec)
+            rows.append([name, "x".join(map(str, cfg)) + (" *" if cfg == lib else ""), ok,
+                         f"{base['gemv_1'] * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{t1 / base['gemv_1']:.2f}",
+                         f"{base['cublas_69'] * 1e3:.1f}", f"{t69 * 1e3:.1f}", f"{t69 / base['cublas_69']:.2f}"])
+        del ws
+        torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "probe_rowgemm.jsonl"), "w") as f:
+        for r in log:
+            f.write(json.dumps(r) + "\n")
+    print(tabulate(rows, headers=["weight", "BMxBNxBKxWxS (* lib)", "row-invariant", "gemv M=1 us", "row M=1 us",
+                                  "row/gemv", "cuBLAS M=69 us", "row M=69 us", "row/cuBLAS"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The row-invariant GEMM (fast/kernels/rowgemm.py): a row's bits do not depend on M or on the other rows.
+
+On CPU the kernel runs under the Triton interpreter (small shapes); the GPU tests run the real
+tensor-core kernel on Llama-3-8B-shaped weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec  # noqa: F401  -- picks the Triton interpreter on CPU first
+from specdec.fast.kernels import gemv_ref, gemv_silu_ref
+from specdec.fast.kernels.rowgemm import MAX_ROWS, row_linear, row_linear_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _data(dtype, m=37, k=96, n=80, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype).to(device)
+    w = (torch.randn(n, k, generator=g) * 0.1).to(dtype).to(device)
+    b = torch.randn(n, generator=g).to(dtype).to(device)
+    nw = (torch.rand(k, generator=g) + 0.5).to(dtype).to(device)
+    res = torch.randn(m, n, generator=g).to(dtype).to(device)
+    return x, w, b, nw, res
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["plain", "norm_resid", "silu"])
+def test_rows_do_not_depend_on_m_or_neighbours(dtype, variant):
+    x, w, b, nw, res = _data(dtype)
+    if variant == "silu":
+        w = torch.cat([w, w.flip(0) * 0.5])
+
+    def run(rows):
+        if variant == "plain":
+            return row_linear(x[rows], w, b)
+        if variant == "norm_resid":
+            return row_linear(x[rows], w, b, norm_weight=nw, eps=1e-5, residual=res[rows])
+        return row_linear(x[rows], w, silu=True, norm_weight=nw, eps=1e-5)
+
+    full = run(slice(0, 37))
+    for m in (1, 5, 16, 17):
+        assert torch.equal(run(slice(0, m)), full[:m]), m
+    for r in (0, 20, 36):
+        assert torch.equal(run(slice(r, r + 1)), full[r:r + 1]), r
+    # the same row among different neighbours: rows 30..36 computed after shuffling the others
+    perm = torch.cat([torch.arange(30, 37), torch.randperm(30, generator=torch.Generator().manual_seed(1))])
+    shuffled = run(perm)
+    assert torch.equal(shuffled[:7], full[30:37])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_the_eager_ops(dtype):
+    x, w, b, nw, res = _data(dtype, m=9)
+    tol = TOL[dtype]
+    got = row_linear(x, w, b, norm_weight=nw, eps=1e-5, residual=res)
+    want = gemv_ref(x, w, b, norm_weight=nw, eps=1e-5, residual=res)
+    assert torch.allclose(got.float(), want.float(), atol=tol * 8, rtol=tol)
+    w13 = torch.cat([w, w * 0.7])
+    got = row_linear(x, w13, silu=True)
+    want = gemv_silu_ref(x, w13)
+    assert torch.allclose(got.float(), want.float(), atol=tol * 8, rtol=tol)
+    assert torch.allclose(row_linear(x, w).float(), torch.nn.functional.linear(x.float(), w.float()), atol=tol * 8, rtol=tol)
+
+
+def test_leading_dims_and_k_tail_poison():
+    """[B, M, K] inputs; x and w as views of wider buffers whose columns past K are NaN: a read past K
+    would poison every output."""
+    x, w, b, _, _ = _data(torch.float32, m=6, k=40, n=24)
+    xb = torch.full((6, 64), float("nan"))
+    xb[:, :40] = x
+    wb = torch.full((24, 72), float("nan"))
+    wb[:, :40] = w
+    got = row_linear(xb[:, :40].reshape(2, 3, 40), wb[:, :40], b)
+    assert got.shape == (2, 3, 24) and torch.isfinite(got).all()
+    assert torch.equal(got.reshape(6, 24), row_linear(x, w, b))
+
+
+def test_config_never_depends_on_rows():
+    assert row_linear_config(4096, 4096, torch.bfloat16) == row_linear_config(4096, 4096, torch.bfloat16)
+    import inspect
+
+    assert list(inspect.signature(row_linear_config).parameters) == ["n", "k", "dtype"]
+
+
+def test_bad_input():
+    x, w, b, nw, res = _data(torch.float32, m=4)
+    with pytest.raises(ValueError, match="MAX_ROWS"):
+        row_linear(torch.zeros(MAX_ROWS + 1, 96), w)
+    with pytest.raises(ValueError, match="K = 96"):
+        row_linear(torch.zeros(3, 95), w)
+    with pytest.raises(TypeError, match="one dtype"):
+        row_linear(x.half(), w)
+    with pytest.raises(ValueError, match="odd row count"):
+        row_linear(x, w[:79], silu=True)
+    with pytest.raises(ValueError, match="residual"):
+        row_linear(x, w, residual=res[:, :5])
+    with pytest.raises(ValueError, match="norm_weight"):
+        row_linear(x, w, norm_weight=nw[:5])
+    with pytest.raises(ValueError, match="bias"):
+        row_linear(x, w, b[:3])
+
+
+LLAMA_SHAPES = [(6144, 4096, False), (4096, 4096, False), (28672, 4096, True), (4096, 14336, False), (128256, 4096, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,silu", LLAMA_SHAPES)
+def test_gpu_rows_bitwise_across_m_llama3_8b_shapes(n, k, silu):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, generator=g, device="cuda").to(torch.bfloat16) * 0.02
+    x = torch.randn(MAX_ROWS, k, generator=g, device="cuda").to(torch.bfloat16)
+    full = row_linear(x, w, silu=silu)
+    for m in (1, 5, 69):
+        assert torch.equal(row_linear(x[:m], w, silu=silu), full[:m]), m
+    for r in (3, 68, 127):
+        assert torch.equal(row_linear(x[r:r + 1], w, silu=silu), full[r:r + 1]), r
