@@ -81,6 +81,20 @@ def test_leading_dims_and_k_tail_poison():
     assert torch.equal(got.reshape(6, 24), row_linear(x, w, b))
 
 
+def test_split_k_is_reduced_in_a_fixed_order_and_leaves_the_counts_at_zero():
+    """The interpreter's config splits K in two: a row still equals itself at every M, agrees with the
+    unsplit kernel to fp32 rounding, and the arrival counts are back at zero after every call."""
+    from specdec.fast.kernels import rowgemm
+
+    assert row_linear_config(80, 96, torch.float32)[5] == 2
+    x, w, b, nw, res = _data(torch.float32, m=20)
+    split = row_linear(x, w, b, norm_weight=nw, eps=1e-5, residual=res)
+    whole = row_linear(x, w, b, norm_weight=nw, eps=1e-5, residual=res, config=(16, 64, 32, 4, 1, 1))
+    assert torch.allclose(split, whole, atol=1e-5, rtol=1e-5)
+    assert torch.equal(row_linear(x[7:8], w, b, norm_weight=nw, eps=1e-5, residual=res[7:8]), split[7:8])
+    assert all(int(c.abs().sum()) == 0 for c in rowgemm._COUNTERS.values())
+
+
 def test_config_never_depends_on_rows():
     assert row_linear_config(4096, 4096, torch.bfloat16) == row_linear_config(4096, 4096, torch.bfloat16)
     import inspect

@@ -4,9 +4,10 @@ A verification pass scores M tokens at once while a decode step scores one; for 
 exact in bf16 the row of a token must come out of both with the same bits (docs/design.md §8).
 cuBLAS picks its kernel, tiles and split-K from M, and the one-row GEMV (:mod:`.gemv`) reduces
 on CUDA cores in a different order than any tensor-core GEMM -- so neither can serve both. These
-kernels use ONE tile configuration per weight shape (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, warps
-and stages chosen from ``N``, ``K`` and the dtype, never from M), no split-K, and the K loop in one
-fixed order. Rows are padded up to ``BLOCK_M`` with masked loads instead of switching kernels, and
+kernels use ONE tile configuration per weight shape (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, warps,
+stages and the K split chosen from ``N``, ``K`` and the dtype, never from M) and the K loop in one
+fixed order; a K split (for weights with few output tiles) stores fp32 partials that the last
+program to arrive sums in split order, so the split never changes with M either. Rows are padded up to ``BLOCK_M`` with masked loads instead of switching kernels, and
 tensor-core MMAs never mix rows, so a row's result depends only on that row's inputs.
 
 Grid ``(cdiv(M, BLOCK_M), programs over N)``, the M tiles varying fastest so the programs sharing
@@ -69,15 +70,37 @@ def _mma(x, w, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(x, tl.trans(w), acc)
 
 
-@triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym", "stride_rm"])
+@triton.jit
+def _epilogue(y, u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stride_rm,
+              HAS_BIAS: tl.constexpr, SILU: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr):
+    """Bias in fp32, the eager ops' roundings, one store per output (y: the product, u: the up half)."""
+    if HAS_BIAS:
+        y += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        if HAS_BIAS:
+            u += tl.load(Bias + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        gate = _round_to(y, CODE)                            # the w13 GEMM's output rounding
+        up = _round_to(u, CODE)
+        act = _round_to(gate / (1.0 + tl.exp(-gate)), CODE)  # F.silu in fp32, rounded to the dtype
+        y = act * up                                         # `* up`, rounded once by the store
+    if RESID:
+        res = tl.load(Res + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        y = _round_to(y, CODE) + res.to(tl.float32)
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym", "stride_rm", "rows_pad"])
 def _row_linear_kernel(
-    X, W, Bias, Y, G, Res,
-    M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps,
+    X, W, Bias, Y, G, Res, WS, Count,
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps, rows_pad, n_pad, k_split,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)   # fastest: the M tiles of one weight tile run side by side
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)   # the K split (a fixed number per weight shape)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_ok = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,14 +111,17 @@ def _row_linear_kernel(
     if NORM:
         rstd = _norm_scale(X, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K)
 
-    # -- the weight stream: acc[m, n] += x[m, k-tile] @ w[n, k-tile]^T, k in one fixed order ---------
+    # -- the weight stream over this split's K range [k_lo, k_hi), k in one fixed order -------------
+    #    acc[m, n] += x[m, k-tile] @ w[n, k-tile]^T
+    k_lo = pid_s * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
     x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_g = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]          # gate (or plain) rows
     w_u = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]    # up rows (SILU)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        k_ok = k0 + offs_k < K
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        k_ok = k0 + offs_k < k_hi
         xk = tl.load(x_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM:
             # rms_norm_ref's arithmetic: (x_f32 * rstd) rounded to the dtype, times the weight, rounded
@@ -108,31 +134,56 @@ def _row_linear_kernel(
             uk = tl.load(w_u + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc_u = _mma(xk, uk, acc_u, IEEE, UPCAST)
 
-    # -- epilogue: bias in fp32, the eager ops' roundings, one store per output --------------------
-    y = acc
-    if HAS_BIAS:
-        y += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if SILU:
-        u = acc_u
-        if HAS_BIAS:
-            u += tl.load(Bias + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        gate = _round_to(y, CODE)                          # the w13 GEMM's output rounding
-        up = _round_to(u, CODE)
-        act = _round_to(gate / (1.0 + tl.exp(-gate)), CODE)  # F.silu in fp32, rounded to the dtype
-        y = act * up                                     # `* up`, rounded once by the store
-    if RESID:
-        res = tl.load(Res + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        y = _round_to(y, CODE) + res.to(tl.float32)
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    if SPLIT == 1:
+        _epilogue(acc, acc_u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stride_rm,
+                  HAS_BIAS, SILU, RESID, CODE)
+    else:
+        # -- fixed-order split-K: every split stores its fp32 partial; the LAST program to arrive at
+        #    this output tile (an atomic count) sums the partials in split order 0, 1, ..., SPLIT - 1
+        #    -- the same order whichever program that is -- then runs the epilogue and resets the count.
+        #    WS is [SPLIT, rows_pad, n_pad] (twice n_pad with SILU: gate partials, then up partials);
+        #    the padding makes every tile's store in bounds without a mask.
+        n_ws = 2 * n_pad if SILU else n_pad
+        tile = WS + (pid_s * rows_pad + offs_m)[:, None] * n_ws + offs_n[None, :]
+        tl.store(tile, acc)
+        if SILU:
+            tl.store(tile + n_pad, acc_u)
+        count_ptr = Count + pid_n * tl.num_programs(0) + pid_m
+        arrived = tl.atomic_add(count_ptr, 1)          # acq_rel: this split's stores are visible first
+        if arrived == SPLIT - 1:
+            base = WS + offs_m[:, None] * n_ws + offs_n[None, :]
+            y = tl.load(base, cache_modifier=".cg")
+            u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if SILU:
+                u = tl.load(base + n_pad, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT):
+                y += tl.load(base + s * rows_pad * n_ws, cache_modifier=".cg")
+                if SILU:
+                    u += tl.load(base + s * rows_pad * n_ws + n_pad, cache_modifier=".cg")
+            tl.store(count_ptr, 0)                        # ready for the next call (and graph replays)
+            _epilogue(y, u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stride_rm,
+                      HAS_BIAS, SILU, RESID, CODE)
 
 
-def row_linear_config(n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for a weight of N output rows and K
-    columns -- a function of the weight's shape and dtype only, NEVER of the number of rows (that is
-    what makes every row's arithmetic independent of M)."""
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, needed: int) -> torch.Tensor:
+    """The split-K arrival counts of ``device`` (zeros; every call leaves them at zero again). One
+    buffer per device, grown when a larger grid needs it; reused across calls and graph replays."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < needed:
+        buf = _COUNTERS[device] = torch.zeros(max(needed, 1 << 16), dtype=torch.int32, device=device)
+    return buf
+
+
+def row_linear_config(n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT)`` for a weight of N output rows
+    and K columns -- a function of the weight's shape and dtype only, NEVER of the number of rows
+    (that is what makes every row's arithmetic independent of M). ``SPLIT`` K splits are reduced in
+    a fixed order, so they too are part of the row's fixed arithmetic."""
     if interpreter_active():   # programs run one by one: few, big tiles (still fixed per shape)
-        return 16, min(64, max(16, next_pow2(n))), min(256, max(16, next_pow2(k))), 4, 1
+        return 16, min(64, max(16, next_pow2(n))), 32, 4, 1, 2   # two K splits: CI checks the split path
     bm = 16
     if k >= 8192:
         bn, bk, warps, stages = 32, 256, 4, 4
@@ -140,13 +191,13 @@ def row_linear_config(n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int
         bn, bk, warps, stages = 32, 128, 4, 4
     if dtype == torch.float32:
         bk = min(bk, 64)
-    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), warps, stages
+    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), warps, stages, 1
 
 
 def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
                norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                residual: torch.Tensor | None = None, silu: bool = False,
-               config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+               config: tuple[int, ...] | None = None) -> torch.Tensor:
     """``F.linear(x, w, bias)`` with every row computed the same whatever the number of rows.
 
     Args:
@@ -155,7 +206,8 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         norm_weight, eps: the RMSNorm before the projection, folded in (see the module docstring).
         residual: [..., N] in x's dtype, added after the projection (not with ``silu``).
         silu: return ``silu(gate) * up`` [..., F] of the two halves of the product.
-        config: a tile configuration to use instead of :func:`row_linear_config` (probes and sweeps).
+        config: a tile configuration to use instead of :func:`row_linear_config` (probes and sweeps):
+            ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT])``.
     Returns [..., N] (or [..., F]) in x's dtype. CUDA-graph capturable (host-only checks).
     """
     _check_float("x", x)
@@ -203,15 +255,27 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         r2 = residual.reshape(rows, n)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
-    bm, bn, bk, warps, stages = config if config is not None else row_linear_config(n, k, x.dtype)
-    grid = (triton.cdiv(rows, bm), triton.cdiv(n, bn))
-    _row_linear_kernel[grid](
+    cfg = tuple(config) if config is not None else row_linear_config(n, k, x.dtype)
+    bm, bn, bk, warps, stages = cfg[:5]
+    split = cfg[5] if len(cfg) > 5 else 1
+    # K splits of a whole number of K tiles each; fewer splits if K is short (still fixed per shape)
+    k_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
+    split = triton.cdiv(k, k_split)
+    m_tiles, n_tiles = triton.cdiv(rows, bm), triton.cdiv(n, bn)
+    rows_pad, n_pad = m_tiles * bm, n_tiles * bn
+    if split > 1:
+        ws = torch.empty((split, rows_pad, 2 * n_pad if silu else n_pad), dtype=torch.float32, device=x.device)
+        count = _counters(x.device, m_tiles * n_tiles)
+    else:
+        ws = count = y2
+    _row_linear_kernel[(m_tiles, n_tiles, split)](
         x2, w, bias if bias is not None else w, y2,
-        norm_weight if norm_weight is not None else w, r2 if r2 is not None else y2,
+        norm_weight if norm_weight is not None else w, r2 if r2 is not None else y2, ws, count,
         rows, n, k, x2.stride(0), w.stride(0), y2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps),
+        rows_pad, n_pad, k_split,
         HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None, RESID=residual is not None,
         CODE=_DTYPE_CODE[x.dtype], IEEE=x.dtype == torch.float32,
-        UPCAST=interpreter_active() and x.dtype != torch.float32,
+        UPCAST=interpreter_active() and x.dtype != torch.float32, SPLIT=split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
     )
     return out

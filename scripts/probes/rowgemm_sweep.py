@@ -9,6 +9,9 @@ Prints a table, writes ``$OUT/probe_rowgemm.jsonl``.
 
     python3 scripts/probes/rowgemm_sweep.py            # all configs
     python3 scripts/probes/rowgemm_sweep.py quick      # the library's config only
+    python3 scripts/probes/rowgemm_sweep.py split      # fixed split-K configs: M = 1 (16-row tile) against the
+                                                       # GEMV, M = 69 (64- and 128-row tiles) against cuBLAS,
+                                                       # and the rows of all three bitwise equal
     python3 scripts/probes/rowgemm_sweep.py m69        # M = 69 with one 128-row tile (the weight read once),
                                                        # against cuBLAS at M = 1 / 69 / 128 (padding every
                                                        # decode pass to 128 rows is the other invariant design)
@@ -87,9 +90,57 @@ def main_m69() -> None:
                                   "M=1 us", "M=69 us", "M=128 us"]))
 
 
+SPLIT_CONFIGS = [(32, 128, 1), (32, 256, 2), (32, 128, 4), (64, 128, 4), (64, 128, 2), (64, 64, 4)]
+
+
+def main_split() -> None:
+    rows, log = [], []
+    for name, (n, k, silu) in SHAPES.items():
+        if not name.startswith("llama"):
+            continue
+        ws = weight_copies(name, n, k)
+        calls = 2 * len(ws)
+        x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x69 = torch.randn(69, k, device="cuda", dtype=torch.bfloat16)
+
+        def lin(x, w):
+            y = F.linear(x, w)
+            if silu:
+                g, u = y.chunk(2, -1)
+                y = F.silu(g) * u
+            return y
+
+        g1 = graph_ms(lambda: [(gemv_silu if silu else gemv)(x1, ws[i % len(ws)]) for i in range(calls)]) / calls
+        c69 = graph_ms(lambda: [lin(x69, ws[i % len(ws)]) for i in range(calls)]) / calls
+        for bn, bk, sp in SPLIT_CONFIGS:
+            c1, c64, c128 = (16, bn, bk, 4, 4, sp), (64, bn, bk, 4, 3, sp), (128, bn, bk, 8, 3, sp)
+            try:
+                alone = row_linear(x69[5:6], ws[0], silu=silu, config=c1)
+                same = all(torch.equal(row_linear(x69, ws[0], silu=silu, config=c)[5:6], alone) for c in (c64, c128))
+                t1 = graph_ms(lambda: [row_linear(x1, ws[i % len(ws)], silu=silu, config=c1) for i in range(calls)]) / calls
+                t64 = graph_ms(lambda: [row_linear(x69, ws[i % len(ws)], silu=silu, config=c64) for i in range(calls)]) / calls
+                t128 = graph_ms(lambda: [row_linear(x69, ws[i % len(ws)], silu=silu, config=c128) for i in range(calls)]) / calls
+            except Exception as e:
+                print(f"{name} {(bn, bk, sp)}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            rows.append([name, f"{bn}x{bk} split {sp}", same, f"{g1 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{t1 / g1:.2f}",
+                         f"{c69 * 1e3:.1f}", f"{t64 * 1e3:.1f}", f"{t128 * 1e3:.1f}", f"{min(t64, t128) / c69:.2f}"])
+            log.append(dict(shape=name, bn=bn, bk=bk, split=sp, rows_equal=same, gemv_1_ms=g1, row_1_ms=t1,
+                            cublas_69_ms=c69, row_69_bm64_ms=t64, row_69_bm128_ms=t128))
+        del ws
+        torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "probe_rowgemm_split.jsonl"), "w") as f:
+        for r in log:
+            f.write(json.dumps(r) + "\n")
+    print(tabulate(rows, headers=["weight", "BNxBK split", "rows equal (BM 16/64/128)", "gemv M=1 us", "row M=1 us",
+                                  "row/gemv", "cuBLAS M=69 us", "row BM64 us", "row BM128 us", "best/cuBLAS"]))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "m69":
         return main_m69()
+    if len(sys.argv) > 1 and sys.argv[1] == "split":
+        return main_split()
     quick = len(sys.argv) > 1 and sys.argv[1] == "quick"
     rows, log = [], []
     for name, (n, k, silu) in SHAPES.items():
