@@ -81,6 +81,16 @@ def test_leading_dims_and_k_tail_poison():
     assert torch.equal(got.reshape(6, 24), row_linear(x, w, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_even_shapes_take_the_unmasked_stream_with_the_same_rows(dtype):
+    """N a multiple of the tile and K of the split: the unmasked weight stream; rows still invariant
+    and equal to the eager product."""
+    x, w, _, _, _ = _data(dtype, m=20, k=128, n=64)
+    full = row_linear(x, w)
+    assert torch.equal(row_linear(x[11:12], w), full[11:12])
+    assert torch.allclose(full.float(), torch.nn.functional.linear(x.float(), w.float()), atol=TOL[dtype] * 8, rtol=TOL[dtype])
+
+
 def test_split_k_is_reduced_in_a_fixed_order_and_leaves_the_counts_at_zero():
     """The interpreter's config splits K in two: a row still equals itself at every M, agrees with the
     unsplit kernel to fp32 rounding, and the arrival counts are back at zero after every call."""

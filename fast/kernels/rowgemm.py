@@ -95,7 +95,7 @@ def _row_linear_kernel(
     X, W, Bias, Y, G, Res, WS, Count,
     M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps, rows_pad, n_pad, k_split,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)   # fastest: the M tiles of one weight tile run side by side
@@ -121,17 +121,28 @@ def _row_linear_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        # EVEN (N a multiple of BLOCK_N, every split a whole number of full K tiles): no K / N masks
+        # on the weight stream -- the same values as the masked loads, so the same arithmetic.
         k_ok = k0 + offs_k < k_hi
-        xk = tl.load(x_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if EVEN:
+            xk = tl.load(x_ptr + k0, mask=m_ok[:, None], other=0.0)
+        else:
+            xk = tl.load(x_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM:
             # rms_norm_ref's arithmetic: (x_f32 * rstd) rounded to the dtype, times the weight, rounded
             g = tl.load(G + k0 + offs_k, mask=k_ok, other=0.0)
             xn = _round_to(xk.to(tl.float32) * rstd[:, None], CODE)
             xk = (g.to(tl.float32) * xn).to(xk.dtype)
-        wk = tl.load(w_g + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if EVEN:
+            wk = tl.load(w_g + k0)
+        else:
+            wk = tl.load(w_g + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _mma(xk, wk, acc, IEEE, UPCAST)
         if SILU:
-            uk = tl.load(w_u + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if EVEN:
+                uk = tl.load(w_u + k0)
+            else:
+                uk = tl.load(w_u + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc_u = _mma(xk, uk, acc_u, IEEE, UPCAST)
 
     if SPLIT == 1:
@@ -276,6 +287,7 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None, RESID=residual is not None,
         CODE=_DTYPE_CODE[x.dtype], IEEE=x.dtype == torch.float32,
         UPCAST=interpreter_active() and x.dtype != torch.float32, SPLIT=split,
+        EVEN=(n % bn == 0 and k % k_split == 0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
     )
     return out
