@@ -44,7 +44,7 @@ from specdec.shared.result import GenerationResult, normalize_eos, sync
 from specdec.shared.round import Draft, Drafter, RoundRecord, RoundState, accept_draft
 from specdec.shared.sampling import SamplingParams, sample
 from specdec.shared.tree import Tree
-from specdec.shared.validate import check_batch_one, check_prompt
+from specdec.shared.validate import check_batch_one, check_generator, check_prompt
 
 __all__ = ["run_speculative_fast", "verify_and_accept", "FastDrafter", "RunAhead", "FusedRound", "DeviceTree",
            "TreeTensors", "tree_tensors", "check_drafts_fit"]
@@ -390,7 +390,8 @@ def run_speculative_fast(
     check_batch_one(prompt, method)
     if not 1 <= tree_size <= MAX_TREE_NODES:
         raise ValueError(f"the verified tree must have 1..{MAX_TREE_NODES} nodes, got {tree_size}")
-    eos = set(normalize_eos(eos_id, target.config.eos_token_ids))
+    check_generator(generator)
+    eos = set(normalize_eos(eos_id, target.config.eos_token_ids, target.config.vocab_size))
     out_ = _Emitted(prompt[0].tolist(), on_round)
     tokens = out_.tokens
     # room for the prompt, every emitted token, and one round of tree rows past the end

@@ -13,7 +13,7 @@ import torch
 from specdec.fast.model import FastModel, as_fast_model, prefill, run_step
 from specdec.shared.result import GenerationResult, normalize_eos, sync
 from specdec.shared.sampling import SamplingParams, sample
-from specdec.shared.validate import check_prompt
+from specdec.shared.validate import check_generator, check_prompt
 
 __all__ = ["vanilla_generate"]
 
@@ -34,7 +34,8 @@ def vanilla_generate(
     fm: FastModel = as_fast_model(model)
     sp = SamplingParams(temperature, top_k, top_p)
     prompt = check_prompt(input_ids, prompt_length, max_gen_len, fm.config, device=fm.device)
-    eos = normalize_eos(eos_id, fm.config.eos_token_ids)
+    check_generator(generator)
+    eos = normalize_eos(eos_id, fm.config.eos_token_ids, fm.config.vocab_size)
     eos_t = torch.tensor(eos, dtype=torch.long, device=fm.device)
     b, t = prompt.shape
     cache = fm.ensure_cache(b, t + max_gen_len + 1)

@@ -31,7 +31,7 @@ from specdec.ref.model import KVCache, Model, forward_step, new_cache
 from specdec.shared.result import GenerationResult, normalize_eos, sync
 from specdec.shared.round import Draft, Drafter, RoundRecord, RoundState, accept_draft
 from specdec.shared.sampling import SamplingParams, sample
-from specdec.shared.validate import check_batch_one, check_prompt
+from specdec.shared.validate import check_batch_one, check_generator, check_prompt
 
 __all__ = ["Draft", "RoundState", "Drafter", "RoundRecord", "verify_tree", "accept_draft", "run_speculative"]
 
@@ -67,7 +67,8 @@ def run_speculative(
     params = SamplingParams(temperature, top_k, top_p)
     prompt = check_prompt(input_ids, prompt_length, max_gen_len, target.config, device=target.device)
     check_batch_one(prompt, method)
-    eos = set(normalize_eos(eos_id, target.config.eos_token_ids))
+    check_generator(generator)
+    eos = set(normalize_eos(eos_id, target.config.eos_token_ids, target.config.vocab_size))
     tokens: list[int] = prompt[0].tolist()
     cache = new_cache(target, 1)
     emitted: list[int] = []

@@ -15,7 +15,7 @@ import torch
 from specdec.ref.model import Model, forward_step, new_cache
 from specdec.shared.result import GenerationResult, normalize_eos
 from specdec.shared.sampling import SamplingParams, sample
-from specdec.shared.validate import check_prompt
+from specdec.shared.validate import check_generator, check_prompt
 
 __all__ = ["vanilla_generate"]
 
@@ -39,7 +39,8 @@ def vanilla_generate(
     """
     sp = SamplingParams(temperature, top_k, top_p)
     prompt = check_prompt(input_ids, prompt_length, max_gen_len, model.config, device=model.device)
-    eos = normalize_eos(eos_id, model.config.eos_token_ids)
+    check_generator(generator)
+    eos = normalize_eos(eos_id, model.config.eos_token_ids, model.config.vocab_size)
     b = prompt.shape[0]
     cache = new_cache(model, b)
 

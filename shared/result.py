@@ -88,21 +88,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def normalize_eos(eos_id, default: list[int]) -> list[int]:
-    """eos_id: None -> the model's eos ids; an int or a list of ints -> those ([] = never stop)."""
+def normalize_eos(eos_id, default: list[int], vocab_size: int | None = None) -> list[int]:
+    """eos_id: None -> the model's eos ids; an int or a list of ints -> those ([] = never stop).
+
+    With ``vocab_size``, explicit ids must lie in ``[0, vocab_size)``: an id the model can never emit
+    would silently never stop generation (use ``[]`` for that).
+    """
     if eos_id is None:
         return list(default)
     if isinstance(eos_id, (bool, str, bytes)):
         raise TypeError(f"eos_id must be an int, a list of ints, or None, got {type(eos_id).__name__}")
+    ids = None
     if isinstance(eos_id, int) or hasattr(eos_id, "__index__"):  # also numpy ints, 0-d int tensors
         try:
-            return [operator.index(eos_id)]
+            ids = [operator.index(eos_id)]
         except TypeError:
             pass  # e.g. a 1-d tensor: iterate below
-    try:
-        ids = [operator.index(t) for t in eos_id]  # ints only: 1.5 or "2" must not be converted
-    except TypeError:
-        raise TypeError(f"eos_id must be an int, a list of ints, or None, got {type(eos_id).__name__}") from None
+    if ids is None:
+        try:
+            ids = [operator.index(t) for t in eos_id]  # ints only: 1.5 or "2" must not be converted
+        except TypeError:
+            raise TypeError(f"eos_id must be an int, a list of ints, or None, got {type(eos_id).__name__}") from None
+    if vocab_size is not None:
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"eos_id must be in [0, {vocab_size}) (the model's vocabulary), got {bad[0]}; "
+                             "pass eos_id=[] to never stop, or None for the model's own EOS ids")
     return ids
 
 

@@ -11,6 +11,7 @@ index wins ties, as ``torch.argmax``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +37,13 @@ __all__ = [
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ValueError for out-of-range sampling parameters."""
+    """Raise TypeError / ValueError for bad sampling parameters: temperature finite and >= 0, top_k an
+    int >= 0, top_p in (0, 1] (nan and inf rejected everywhere)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not temperature >= 0:  # also rejects nan
+    if not math.isfinite(temperature):  # inf would sample uniformly, nan garbage
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+    if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
@@ -47,7 +51,7 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
         raise TypeError(f"top_p must be a number, got {type(top_p).__name__}")
-    if not 0.0 < top_p <= 1.0:
+    if not 0.0 < top_p <= 1.0:  # also rejects nan
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
