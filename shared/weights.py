@@ -27,7 +27,8 @@ import torch
 
 from specdec.shared.config import ModelConfig, load_config
 
-__all__ = ["Model", "expected_shapes", "load_weights", "load_checkpoint", "model_from_hf", "resolve_dtype", "list_checkpoint_files"]
+__all__ = ["Model", "expected_shapes", "load_weights", "load_checkpoint", "model_from_hf", "resolve_dtype", "resolve_device",
+           "list_checkpoint_files"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -47,6 +48,25 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}")
+
+
+def resolve_device(device: torch.device | str | int) -> torch.device:
+    """``device`` ('cpu', 'cuda', 'cuda:1', a torch.device or a CUDA index) as a torch.device, checked:
+    a CUDA device needs CUDA to be available and the index to exist (torch would fail deep inside a copy)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"  # torch's meaning of a bare index
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but CUDA is not available on this machine "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device={str(device)!r} but this machine has {n} CUDA device(s): use cuda:0..cuda:{n - 1}")
+    return dev
 
 
 @dataclass
@@ -191,6 +211,7 @@ def load_weights(path: str, config: ModelConfig, dtype: torch.dtype = torch.floa
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu") -> Model:
     """Config + weights of a local HF-format model directory as a :class:`Model`."""
     path = os.fspath(path)
+    device = resolve_device(device)
     config = load_config(path)
     dt = resolve_dtype(dtype)
     return Model(config=config, weights=load_weights(path, config, dt, device), source=path)
@@ -210,7 +231,7 @@ def model_from_hf(hf_model, dtype: torch.dtype | str | None = None, device: torc
     sd = hf_model.state_dict()
     first = next(iter(sd.values()))
     dt = resolve_dtype(dtype, default=first.dtype if first.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32)
-    dev = device if device is not None else first.device
+    dev = resolve_device(device) if device is not None else first.device
     shapes = expected_shapes(config)
     weights = {}
     for name, t in sd.items():

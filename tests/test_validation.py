@@ -13,8 +13,8 @@ from helpers import make_tiny_model_dir
 from specdec.ref import forward, load_model, vanilla_generate
 from specdec.shared.config import ModelConfig, load_config
 from specdec.shared.result import GenerationResult, finalize_output, normalize_eos
-from specdec.shared.validate import check_batch_one, check_positive_int, check_prompt, check_same_vocab
-from specdec.shared.weights import model_from_hf, resolve_dtype
+from specdec.shared.validate import check_batch_one, check_generator, check_positive_int, check_prompt, check_same_vocab
+from specdec.shared.weights import model_from_hf, resolve_device, resolve_dtype
 
 VOCAB = 96
 MAX_POS = 64
@@ -305,3 +305,128 @@ def test_generation_result_unpacks_like_seed():
     assert output_ids is out and count == 2 and num == 2 and elapsed == 0.5 and spec_mask is mask
     assert len(res) == 5 and res[1] == 2 and res.tau == 2.0 and res.num_tokens == 4 and res.tolist() == [5, 6, 7, 8]
     assert res.tokens_per_second == pytest.approx(6.0) and res.prefill_time == 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# New-user review: every bad argument gets one clear error, on the ref and the fast decoders alike
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoders():
+    """(name, call(**kw)) for ref and fast plain and speculative decoding on one tiny model (head_dim 64,
+    as the fast path needs; vocabulary VOCAB, context MAX_POS). The checks run before any kernel does."""
+    import specdec.fast as fast
+    import specdec.ref as ref
+    from lossless import tiny_model
+
+    m = tiny_model("llama", vocab=VOCAB, layers=1, hidden=128, heads=2, kv_heads=1, max_pos=MAX_POS)
+    fm = fast.as_fast_model(m)
+    return [
+        ("ref.vanilla", lambda **kw: ref.vanilla_generate(m, **kw)),
+        ("fast.vanilla", lambda **kw: fast.vanilla_generate(fm, **kw)),
+        ("ref.speculative", lambda **kw: ref.speculative_generate(m, m, gamma=2, **kw)),
+        ("fast.speculative", lambda **kw: fast.speculative_generate(fm, fm, gamma=2, **kw)),
+    ]
+
+
+def _call_all(decoders, err, match, **kwargs):
+    args = dict(input_ids=PROMPT, prompt_length=8, max_gen_len=2)
+    args.update(kwargs)
+    for name, call in decoders:
+        with pytest.raises(err, match=match):
+            call(**args)
+            pytest.fail(f"{name} accepted {kwargs}")
+
+
+@pytest.mark.parametrize(
+    "prompt_length,err,match",
+    [
+        (torch.tensor([5.0]), TypeError, r"prompt_length must be an int or a 0-d / one-element integer tensor, got a torch.float32 tensor"),
+        (torch.tensor([5, 5]), ValueError, r"prompt_length must be an int or a 0-d / one-element integer tensor, got a tensor of shape \(2,\)"),
+        (torch.tensor([True]), TypeError, r"prompt_length must be .* got a torch.bool tensor"),
+        (torch.tensor([9]), ValueError, r"prompt_length must be in \[1, 8\]"),
+        ("8", TypeError, r"prompt_length must be an int .* got str"),
+    ],
+)
+def test_prompt_length_tensor_rejects(decoders, prompt_length, err, match):
+    _call_all(decoders, err, match, prompt_length=prompt_length)
+
+
+def test_prompt_length_tensor_accepted(model):
+    """A 0-d or one-element integer tensor (LongSpec's ``attention_mask.sum(-1)``) is the int it holds."""
+    import numpy as np
+
+    want = vanilla_generate(model, PROMPT, 5, max_gen_len=2, eos_id=[]).output_ids
+    mask = torch.ones(1, 5, dtype=torch.long)
+    for pl in (torch.tensor(5), torch.tensor([5]), torch.tensor([[5]], dtype=torch.int32), mask.sum(-1), np.int64(5)):
+        assert torch.equal(vanilla_generate(model, PROMPT, pl, max_gen_len=2, eos_id=[]).output_ids, want), pl
+    assert check_prompt(PROMPT, torch.tensor([5]), 4, model.config).shape == (1, 5)  # the one rule, fast path too
+
+
+@pytest.mark.parametrize("generator", [42, "seed", torch.tensor(0)])
+def test_generator_must_be_a_generator(decoders, generator):
+    _call_all(decoders, TypeError, r"generator must be a torch.Generator or None, got", generator=generator, temperature=1.0)
+
+
+def test_generator_int_hint_and_any_device_ok(model):
+    with pytest.raises(TypeError, match=r"got int \(to seed, pass torch.Generator\(\).manual_seed\(n\)\)"):
+        check_generator(42)
+    check_generator(None)
+    check_generator(torch.Generator())  # a CPU generator may drive a CUDA model: draws happen where it lives
+    a = vanilla_generate(model, PROMPT, 8, max_gen_len=3, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    b = vanilla_generate(model, PROMPT, 8, max_gen_len=3, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.output_ids, b.output_ids)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda(model_dir):
+    import specdec.fast as fast
+    import specdec.ref as ref
+    from helpers import make_hf_model
+
+    msg = r"device='cuda' but CUDA is not available on this machine"
+    for load in (ref.load_model, fast.load_model):
+        with pytest.raises(ValueError, match=msg):
+            load(model_dir, device="cuda")
+        with pytest.raises(ValueError, match=r"device='cuda:1' but CUDA is not available"):
+            load(model_dir, device=torch.device("cuda", 1))
+    with pytest.raises(ValueError, match=msg):
+        model_from_hf(make_hf_model("llama", vocab=VOCAB, layers=1), device="cuda")
+
+
+def test_bad_device_string(model_dir):
+    with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got 'gpu'"):
+        load_model(model_dir, device="gpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=float("inf")), r"temperature must be finite and >= 0 \(0 = greedy\), got inf"),
+        (dict(temperature=float("-inf")), r"temperature must be finite and >= 0"),
+        (dict(temperature=float("nan")), r"temperature must be finite and >= 0 \(0 = greedy\), got nan"),
+        (dict(temperature=1.0, top_p=float("nan")), r"top_p must be in \(0, 1\] \(1 = off\), got nan"),
+        (dict(temperature=1.0, top_p=float("inf")), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=1.0, top_k=-2), r"top_k must be >= 0 \(0 = off\), got -2"),
+    ],
+)
+def test_non_finite_sampling_args(decoders, kwargs, match):
+    _call_all(decoders, ValueError, match, **kwargs)
+
+
+def test_non_int_top_k(decoders):
+    _call_all(decoders, TypeError, r"top_k must be an int, got float", temperature=1.0, top_k=2.0)
+
+
+@pytest.mark.parametrize("eos_id,bad", [(99999, 99999), (-1, -1), (VOCAB, VOCAB), ([2, 150000], 150000), (torch.tensor([-3]), -3)])
+def test_eos_id_outside_vocabulary(decoders, eos_id, bad):
+    _call_all(decoders, ValueError, rf"eos_id must be in \[0, {VOCAB}\) \(the model's vocabulary\), got {bad}", eos_id=eos_id)
+
+
+def test_normalize_eos_vocab_range():
+    assert normalize_eos(95, [], vocab_size=96) == [95] and normalize_eos([], [], vocab_size=96) == []
+    assert normalize_eos(None, [151645], vocab_size=96) == [151645]  # the model's own ids are not second-guessed
+    with pytest.raises(ValueError, match=r"eos_id must be in \[0, 4096\)"):
+        normalize_eos(99999, [], vocab_size=4096)
