@@ -94,10 +94,29 @@ def _eos_list(eos_tokens_id) -> list[int]:
     return [int(t) for t in eos_tokens_id]
 
 
+_INPUTS = "a list of token ids (ints) or a 1-D integer tensor"
+
+
 def _inputs_tensor(inputs) -> torch.Tensor:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.long()
-    return torch.tensor(inputs, dtype=torch.long)
+    """The seed's ``inputs`` (a list of token ids) as a long tensor; a tensor must hold integers.
+    Nested lists / [B, T] tensors pass through (the decoders reject batch sizes other than 1)."""
+    if isinstance(inputs, (str, bytes)):
+        raise TypeError(f"inputs must be {_INPUTS}, got {type(inputs).__name__} (tokenize the text first: "
+                        "tokenizer(text).input_ids)")
+    if not isinstance(inputs, torch.Tensor):
+        if not isinstance(inputs, (list, tuple)) and not hasattr(inputs, "__array__"):  # numpy arrays are fine
+            raise TypeError(f"inputs must be {_INPUTS}, got {type(inputs).__name__}")
+        if len(inputs) == 0:
+            return torch.zeros(0, dtype=torch.long)  # the decoders say "empty prompt"
+        try:
+            inputs = torch.as_tensor(inputs)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"inputs must be {_INPUTS}, got a {type(inputs).__name__} holding other values") from None
+    if inputs.dtype.is_floating_point or inputs.dtype.is_complex or inputs.dtype == torch.bool:
+        raise TypeError(f"inputs must be {_INPUTS}, got {inputs.dtype} values")
+    if inputs.dim() not in (1, 2):
+        raise ValueError(f"inputs must be {_INPUTS}, got shape {tuple(inputs.shape)}")
+    return inputs.long()
 
 
 def _show(tokens: list[int], tokenizer) -> str:

@@ -146,3 +146,36 @@ def test_bad_input(setup):
         autoregressive_generate([[1, 2, 3], [4, 5, 6]], target)
     with pytest.raises(TypeError, match="logits_processor"):
         speculative_generate([1, 2, 3], drafter, target, logits_processor=lambda x: x)
+
+
+@pytest.mark.parametrize(
+    "inputs,err,match",
+    [
+        ("import os", TypeError, r"inputs must be a list of token ids \(ints\) or a 1-D integer tensor, got str"),
+        (b"\x01\x02", TypeError, r"inputs must be a list of token ids \(ints\) or a 1-D integer tensor, got bytes"),
+        (42, TypeError, r"inputs must be a list of token ids \(ints\) or a 1-D integer tensor, got int"),
+        ([1.5, 2.0], TypeError, r"inputs must be .* got torch.float32 values"),
+        (torch.tensor([1.0, 2.0]), TypeError, r"inputs must be .* got torch.float32 values"),
+        (["a", "b"], TypeError, r"inputs must be .* got a list holding other values"),
+        (torch.tensor(3), ValueError, r"inputs must be .* got shape \(\)"),
+    ],
+)
+def test_inputs_must_be_token_ids(setup, inputs, err, match):
+    target, drafter, _ = setup
+    with pytest.raises(err, match=match):
+        speculative_generate(inputs, drafter, target, max_gen_len=2)
+    with pytest.raises(err, match=match):
+        autoregressive_generate(inputs, target, max_gen_len=2)
+
+
+def test_inputs_int_tensor_and_tuple_accepted(setup):
+    target, drafter, _ = setup
+    want, _ = speculative_generate([5, 17, 33], drafter, target, max_gen_len=3, eos_tokens_id=[])
+    assert speculative_generate(torch.tensor([5, 17, 33], dtype=torch.int32), drafter, target, max_gen_len=3, eos_tokens_id=[])[0] == want
+    assert speculative_generate((5, 17, 33), drafter, target, max_gen_len=3, eos_tokens_id=[])[0] == want
+
+
+def test_eos_tokens_id_outside_vocabulary(setup):
+    target, drafter, _ = setup
+    with pytest.raises(ValueError, match=r"eos_id must be in \[0, 256\)"):
+        speculative_generate([1, 2, 3], drafter, target, max_gen_len=2, eos_tokens_id=[99999])
