@@ -2,22 +2,34 @@
 
 LongSpec's ``LlamaGlide(config, target_model_path, glide_path)`` / ``Qwen2Glide`` keep its
 argument names, defaults (``eos_id=151645``, Qwen2's ``<|im_end|>``, for both classes) and return
-tuples. :class:`GlideModel` holds that surface once; :mod:`specdec.ref.longspec` and
-:mod:`specdec.fast.longspec` subclass it with their own decoders (``backend``), so the shared
-ground never imports either path.
+tuples. On a model whose vocabulary is smaller the *default* falls back to the model's own EOS ids
+(with a warning); an explicit ``eos_id`` outside the vocabulary is a ValueError. :class:`GlideModel`
+holds that surface once; :mod:`specdec.ref.longspec` and :mod:`specdec.fast.longspec` subclass it
+with their own decoders (``backend``), so the shared ground never imports either path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
 
 from specdec.shared.weights import resolve_dtype
 
-__all__ = ["GlideModel"]
+__all__ = ["GlideModel", "LONGSPEC_EOS"]
+
+
+class _DefaultEos(int):
+    """LongSpec's default ``eos_id`` (151645, Qwen2's ``<|im_end|>``) marked as "not passed by the caller":
+    compared by identity, so an explicit ``eos_id=151645`` is still the caller's own choice."""
+
+    __slots__ = ()
+
+
+LONGSPEC_EOS = _DefaultEos(151645)
 
 
 def _config_dict(config: Any) -> dict[str, Any] | None:
@@ -76,25 +88,38 @@ class GlideModel:
     def device(self) -> torch.device:
         return self.target.device
 
-    def tree_spec_generate(self, input_ids, prompt_length, tree_shape=None, max_gen_len=64, eos_id=151645, temperature=0.0):
+    def _eos(self, eos_id):
+        """LongSpec's default eos_id when it fits the vocabulary; else (a smaller vocabulary, e.g. a Llama)
+        the model's own EOS ids, with a warning. Explicit ids go to the decoders, which check their range."""
+        if eos_id is not LONGSPEC_EOS:
+            return eos_id
+        tc = self.target.config
+        if int(eos_id) < tc.vocab_size:
+            return int(eos_id)
+        warnings.warn(f"{type(self).__name__}: LongSpec's default eos_id={int(eos_id)} is outside this model's vocabulary "
+                      f"of {tc.vocab_size} tokens; using the model's own EOS ids {tc.eos_token_ids} (pass eos_id= to choose)",
+                      stacklevel=3)
+        return None
+
+    def tree_spec_generate(self, input_ids, prompt_length, tree_shape=None, max_gen_len=64, eos_id=LONGSPEC_EOS, temperature=0.0):
         """Beam-tree speculation; returns ``(output_ids, count, num, elapsed_time, spec_mask)``."""
         return self.backend.tree_spec_generate(self.target, self.glide, input_ids, prompt_length, tree_shape=tree_shape,
-                                  max_gen_len=max_gen_len, eos_id=eos_id, temperature=temperature)
+                                  max_gen_len=max_gen_len, eos_id=self._eos(eos_id), temperature=temperature)
 
-    def spec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=151645, temperature=0.0):
+    def spec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=LONGSPEC_EOS, temperature=0.0):
         """Chain speculation with ``gamma`` drafts; returns ``(output_ids, count, num, elapsed_time, spec_mask)``."""
         return self.backend.spec_generate(self.target, self.glide, input_ids, prompt_length, gamma=gamma, max_gen_len=max_gen_len,
-                             eos_id=eos_id, temperature=temperature)
+                             eos_id=self._eos(eos_id), temperature=temperature)
 
-    def magicdec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=151645, temperature=0.0,
+    def magicdec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=LONGSPEC_EOS, temperature=0.0,
                           sink_tokens=4, window=256):
         """MagicDec self-speculation (LongSpec's ``--method magicdec``); same 5-tuple."""
         return self.backend.magicdec_generate(self.target, input_ids, prompt_length, gamma=gamma, sink_tokens=sink_tokens, window=window,
-                                 max_gen_len=max_gen_len, eos_id=eos_id, temperature=temperature)
+                                 max_gen_len=max_gen_len, eos_id=self._eos(eos_id), temperature=temperature)
 
-    def vanilla_generate(self, input_ids, prompt_length, max_gen_len=64, eos_id=151645):
+    def vanilla_generate(self, input_ids, prompt_length, max_gen_len=64, eos_id=LONGSPEC_EOS):
         """Greedy autoregressive baseline; returns ``(output_ids, num_tokens, elapsed_time)``."""
-        res = self.backend.vanilla_generate(self.target, input_ids, prompt_length, max_gen_len=max_gen_len, eos_id=eos_id)
+        res = self.backend.vanilla_generate(self.target, input_ids, prompt_length, max_gen_len=max_gen_len, eos_id=self._eos(eos_id))
         return res.output_ids, res.num_tokens, res.elapsed_time
 
     def __repr__(self) -> str:

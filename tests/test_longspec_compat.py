@@ -87,3 +87,47 @@ def test_config_as_path_and_checks(tiny_dirs):
     with pytest.raises(ValueError, match="GLIDE"):
         # a glide made for the qwen2 target has the same sizes -> loads; a target dir is not a glide
         LlamaGlide(None, target_path, target_path)
+
+
+def test_default_eos_outside_vocabulary_falls_back(tiny_dirs):
+    """LongSpec's default eos_id=151645 on a 256-token model: the model's own EOS ids, with a warning;
+    an explicit out-of-vocabulary eos_id is an error."""
+    _, dirs = tiny_dirs
+    target_path, glide_path = dirs["qwen2"]
+    model = Qwen2Glide(None, target_path, glide_path)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with pytest.warns(UserWarning, match=r"default eos_id=151645 is outside this model's vocabulary of 256 tokens; "
+                                         r"using the model's own EOS ids"):
+        out = model.spec_generate(ids, 5, gamma=2, max_gen_len=4)[0]
+    assert out.tolist() == model.spec_generate(ids, 5, gamma=2, max_gen_len=4, eos_id=None)[0].tolist()
+    with pytest.warns(UserWarning, match="eos_id=151645"):
+        model.vanilla_generate(ids, 5, max_gen_len=2)
+    for eos in (151645, -1):
+        for method in ("tree_spec_generate", "spec_generate", "magicdec_generate", "vanilla_generate"):
+            with pytest.raises(ValueError, match=rf"eos_id must be in \[0, 256\) \(the model's vocabulary\), got {eos}"):
+                getattr(model, method)(ids, 5, max_gen_len=2, eos_id=eos)
+
+
+def test_default_eos_kept_when_in_vocabulary():
+    from types import SimpleNamespace
+
+    from specdec.shared.longspec import LONGSPEC_EOS, GlideModel
+
+    qwen = SimpleNamespace(target=SimpleNamespace(config=SimpleNamespace(vocab_size=151936, eos_token_ids=[151643])))
+    assert GlideModel._eos(qwen, LONGSPEC_EOS) == 151645 and type(GlideModel._eos(qwen, LONGSPEC_EOS)) is int
+    assert GlideModel._eos(qwen, 7) == 7 and GlideModel._eos(qwen, None) is None
+
+
+def test_fast_classes_same_eos_rules(tmp_path):
+    import specdec.fast as fast
+
+    target_dir = make_tiny_model_dir(tmp_path, family="llama", vocab=64, layers=1, heads=2, kv_heads=1, hidden=128, head_dim=64, seed=7)
+    glide_dir = save_glide(init_glide_weights(load_model(target_dir).config, seed=8, std=0.3), tmp_path / "glide")
+    model = fast.LlamaGlide(None, target_dir, str(glide_dir))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    for method in ("tree_spec_generate", "spec_generate", "magicdec_generate", "vanilla_generate"):
+        with pytest.raises(ValueError, match=r"eos_id must be in \[0, 64\) \(the model's vocabulary\), got 151645"):
+            getattr(model, method)(ids, 5, max_gen_len=2, eos_id=151645)
+    with pytest.warns(UserWarning, match="eos_id=151645 is outside this model's vocabulary of 64 tokens"):
+        out, n, _ = model.vanilla_generate(ids, 5, max_gen_len=2)
+    assert n == 2
