@@ -307,10 +307,10 @@ def test_fast_longspec_classes_match_ref(tmp_path, family):
     r, f = cls_ref(None, target_dir, str(glide_dir)), cls_fast(None, target_dir, str(glide_dir))
     ids = torch.tensor([REPETITIVE[:9]])
     for method, kw in (("tree_spec_generate", dict(tree_shape=[2, 2])), ("spec_generate", dict(gamma=2))):
-        out_r = getattr(r, method)(input_ids=ids, prompt_length=9, max_gen_len=4, eos_id=-1, **kw)
-        out_f = getattr(f, method)(input_ids=ids, prompt_length=9, max_gen_len=4, eos_id=-1, **kw)
+        out_r = getattr(r, method)(input_ids=ids, prompt_length=9, max_gen_len=4, eos_id=[], **kw)
+        out_f = getattr(f, method)(input_ids=ids, prompt_length=9, max_gen_len=4, eos_id=[], **kw)
         assert len(out_f) == 5 and torch.equal(out_f[0], out_r[0]), method
-    assert torch.equal(f.vanilla_generate(ids, 9, max_gen_len=4, eos_id=-1)[0], out_r[0])
+    assert torch.equal(f.vanilla_generate(ids, 9, max_gen_len=4, eos_id=[])[0], out_r[0])
 
 
 def test_run_ahead_round_dropped_at_eos():
