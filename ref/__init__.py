@@ -11,7 +11,7 @@ from specdec.ref.engine import Draft, RoundRecord, RoundState, run_speculative  
 from specdec.ref.speculative import speculative_generate  # noqa: F401,E402
 from specdec.ref.pld import pld_generate  # noqa: F401,E402
 from specdec.ref.logitspec import logitspec_generate  # noqa: F401,E402
-from specdec.ref import romsto  # noqa: F401,E402  (seed-003 compatible speculative_generate / autoregressive_generate)
+from specdec.ref import romsto  # noqa: F401,E402  (romsto-compatible speculative_generate / autoregressive_generate)
 from specdec.ref.glide import load_glide, spec_generate, tree_spec_generate  # noqa: F401,E402
 from specdec.ref.magicdec import magicdec_generate  # noqa: F401,E402
 from specdec.ref.longspec import LlamaGlide, Qwen2Glide  # noqa: F401,E402

@@ -1,6 +1,6 @@
 """Attention, written out: the masked attention every layer uses, and tree attention.
 
-``tree_attention`` is the operation speculative verification needs (DESIGN section 6):
+``tree_attention`` is the operation speculative verification needs (docs/design.md §6):
 
     q     [B, Hq,  M, D]   the M tree nodes' queries
     k, v  [B, Hkv, N, D]   rows [0, prefix_len) = the verified prefix,

@@ -1,6 +1,6 @@
 """GLIDE drafting (LongSpec), the readable reference: one draft layer, chain and beam-tree speculation.
 
-The draft model (DESIGN section 4) is ONE decoder layer on top of the target's frozen embedding
+The draft model (docs/design.md §4) is ONE decoder layer on top of the target's frozen embedding
 and lm_head::
 
     x = embed_target(tokens)

@@ -1,6 +1,6 @@
-"""romsto-compatible entry points (seed 003): ``speculative_generate(inputs, drafter, target, ...)``.
+"""romsto-compatible entry points (romsto's Speculative-Decoding): ``speculative_generate(inputs, drafter, target, ...)``.
 
-The seed's usage example runs unchanged except for the import line::
+romsto's usage example runs unchanged except for the import line::
 
     from specdec.ref.romsto import speculative_generate, GreedyProcessor, NucleusProcessor
 
@@ -11,12 +11,12 @@ The seed's usage example runs unchanged except for the import line::
 ``drafter`` and ``target`` may be :class:`~specdec.ref.model.Model` objects or ``transformers``
 Llama/Qwen2 causal LMs; the latter are converted once (cached per object, so repeated calls are
 cheap; convert again by passing a new object if you change its weights). Everything runs on the draft-model
-drafter of :mod:`specdec.ref.speculative` in the one engine (:mod:`specdec.ref.engine`), with the seed's bugs
+drafter of :mod:`specdec.ref.speculative` in the one engine (:mod:`specdec.ref.engine`), with romsto's bugs
 fixed: greedy is an exact argmax match (identical to greedy decoding), the KV cache is always
 used and rolled back properly, several EOS ids stop at the first one *by position*,
 ``max_gen_len`` 1 and 2 work, and logits are never modified in place.
 
-Differences from the seed worth knowing: ``use_cache`` and ``pad_token_id`` are accepted and
+Differences from romsto worth knowing: ``use_cache`` and ``pad_token_id`` are accepted and
 ignored (the KV cache is always on; nothing is padded); ``max_gen_len`` counts new tokens; the
 acceptance rate is accepted drafts / drafted tokens over all rounds (0.0 when nothing was drafted).
 """
@@ -31,7 +31,7 @@ from specdec.ref.engine import run_speculative
 from specdec.ref.model import Model, as_model
 from specdec.ref.speculative import DraftModelDrafter
 from specdec.ref.vanilla import vanilla_generate
-from specdec.shared.sampling import (  # noqa: F401  (re-exported for the seed's imports)
+from specdec.shared.sampling import (  # noqa: F401  (re-exported for romsto's imports)
     GreedyProcessor,
     LogitsProcessor,
     MultinomialProcessor,
@@ -98,7 +98,7 @@ _INPUTS = "a list of token ids (ints) or a 1-D integer tensor"
 
 
 def _inputs_tensor(inputs) -> torch.Tensor:
-    """The seed's ``inputs`` (a list of token ids) as a long tensor; a tensor must hold integers.
+    """romsto's ``inputs`` (a list of token ids) as a long tensor; a tensor must hold integers.
     Nested lists / [B, T] tensors pass through (the decoders reject batch sizes other than 1)."""
     if isinstance(inputs, (str, bytes)):
         raise TypeError(f"inputs must be {_INPUTS}, got {type(inputs).__name__} (tokenize the text first: "
@@ -141,7 +141,7 @@ def speculative_generate(
     first_target: bool = True,
     debug: bool = False,
 ) -> tuple[list[int], float]:
-    """Speculative decoding with the seed's signature. Returns (generated ids without the prompt, acceptance rate).
+    """Speculative decoding with romsto's signature. Returns (generated ids without the prompt, acceptance rate).
 
     ``skip_sample_adjustment=True`` is LOSSY (samples a rejected position from p instead of
     norm(max(p - q, 0))); ``debug=True`` prints every round's accepted drafts in green and
@@ -184,7 +184,7 @@ def autoregressive_generate(
     use_cache: bool = False,
     debug: bool = False,
 ) -> list[int]:
-    """Plain decoding with the seed's signature; returns the generated ids (without the prompt)."""
+    """Plain decoding with romsto's signature; returns the generated ids (without the prompt)."""
     m = _to_model(model)
     params = _params(logits_processor)
     prompt = _inputs_tensor(inputs)

@@ -1,4 +1,4 @@
-"""Training a GLIDE draft for a frozen target (the LongSpec recipe, DESIGN section 4).
+"""Training a GLIDE draft for a frozen target (the LongSpec recipe, docs/design.md §4).
 
 Per step, for a batch of token sequences x [B, T]:
 

@@ -113,7 +113,7 @@ def chain_rejection_accept(
         p: [n + 1, V] target distributions: ``p[i]`` is the target's distribution for x_{i+1};
            ``p[n]`` is the bonus distribution after the last draft.
         skip_sample_adjustment: draw a rejected position from ``p`` instead of the residual
-           (the seed's option; LOSSY, kept only for comparison).
+           (romsto's option; LOSSY, kept only for comparison).
 
     Returns:
         (number of accepted drafts, the next token).

@@ -1,6 +1,6 @@
 """GLIDE draft (LongSpec): configuration, checkpoint I/O and the beam-tree rule (ref and fast share these).
 
-The GLIDE draft is ONE decoder layer that reuses the target's embedding and lm_head (DESIGN section 4)::
+The GLIDE draft is ONE decoder layer that reuses the target's embedding and lm_head (docs/design.md §4)::
 
     x = embed_target(tokens)
     x = x + SelfAttn(input_layernorm(x))                 # sliding window over the draft's own KV
@@ -32,7 +32,7 @@ holds the whole target model still loads the right tensors.
 
 :func:`save_glide` writes ``config.json`` + ``model.safetensors`` with canonical keys.
 
-:func:`beam_level` is the GLIDE beam-tree rule (DESIGN section 5), one pure function shared by the
+:func:`beam_level` is the GLIDE beam-tree rule (docs/design.md §5), one pure function shared by the
 reference and the fast path.
 """
 

@@ -51,7 +51,7 @@ def _config_dict(config: Any) -> dict[str, Any] | None:
 
 
 class GlideModel:
-    """Target + GLIDE draft behind the seed's methods (see the module docstring).
+    """Target + GLIDE draft behind LongSpec's methods (see the module docstring).
 
     The decoders come from ``backend``, a namespace with the public decoder API (``load_model``,
     ``load_glide``, ``tree_spec_generate``, ``spec_generate``, ``magicdec_generate``,

@@ -1,6 +1,6 @@
 """The result every decoder returns (ref and fast alike).
 
-``GenerationResult`` unpacks exactly like the LongSpec seed's tuple::
+``GenerationResult`` unpacks exactly like LongSpec's tuple::
 
     output_ids, count, num, elapsed_time, spec_mask = res
 

@@ -135,7 +135,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 
 
 # ---------------------------------------------------------------------------------------------
-# romsto-style processors (seed 003): __call__(logits) -> probs, .sample(probs) -> token [..., 1]
+# romsto-style processors (romsto's Speculative-Decoding): __call__(logits) -> probs, .sample(probs) -> token [..., 1]
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the fast path against their references (DESIGN sections 6 and 7).
+"""Triton kernels of the fast path against their references (docs/design.md §6, §7 and §9).
 
 Without CUDA the kernels run under the Triton interpreter on small shapes; ``@pytest.mark.gpu``
 tests run the full matrix (dtypes x GQA groups x tree sizes x head dims, long ragged prefixes).

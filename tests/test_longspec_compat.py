@@ -32,7 +32,7 @@ def test_seed_000_usage_example(tiny_dirs, cls):
 
     tok_dir, dirs = tiny_dirs
     target_path, glide_path = dirs[cls.model_type]
-    # --- seed 000's example, local paths (and no .cuda() on this CPU-only box) ---
+    # --- LongSpec's usage example, local paths (and no .cuda() on this CPU-only box) ---
     config = AutoConfig.from_pretrained(target_path)
     model = cls(config, target_path, glide_path)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)

@@ -1,4 +1,4 @@
-"""romsto seed compatibility (ref/romsto.py): the seed's usage example, its signature, its bugs fixed."""
+"""romsto compatibility (ref/romsto.py): romsto's usage example, its signature, its bugs fixed."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
 
 def test_seed_usage_example(setup, capsys):
     target, drafter, tokenizer = setup
-    # ---- the seed's example, steps 2-4, verbatim (only the import line changed) ----
+    # ---- romsto's example, steps 2-4, verbatim (only the import line changed) ----
     from specdec.ref.romsto import speculative_generate
     from specdec.ref.romsto import GreedyProcessor
 
@@ -91,7 +91,7 @@ def test_acceptance_rate_and_short_lengths(setup):
     inputs = [5, 17, 33, 4, 90, 12]
     out, rate = speculative_generate(inputs, target, target, gamma=4, max_gen_len=21, eos_tokens_id=[])
     assert rate == 1.0 and len(out) == 21  # the target as its own drafter: every draft accepted
-    for n in (1, 2):  # the seed divides by zero here
+    for n in (1, 2):  # romsto divides by zero here
         for first in (True, False):
             out, rate = speculative_generate(inputs, drafter, target, max_gen_len=n, eos_tokens_id=[], first_target=first)
             assert out == autoregressive_generate(inputs, target, max_gen_len=n, eos_tokens_id=[])

@@ -1,4 +1,4 @@
-"""Triton kernels of the fast path (DESIGN section 6).
+"""Triton kernels of the fast path (docs/design.md §6 and §7).
 
 * :func:`tree_attention` -- split-KV tree attention for verification (matches
   :func:`specdec.ref.attention.tree_attention`);

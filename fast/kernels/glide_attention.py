@@ -1,6 +1,6 @@
 """GLIDE draft attention on the split-KV kernel of :mod:`.tree_attention`.
 
-The GLIDE draft (one decoder layer) attends twice per layer (DESIGN section 6):
+The GLIDE draft (one decoder layer) attends twice per layer (docs/design.md §6):
 
 * :func:`glide_self_attention` -- causal sliding-window attention over the draft's OWN cache::
 

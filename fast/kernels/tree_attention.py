@@ -1,6 +1,6 @@
 """Tree attention for speculative verification, as Triton kernels (split-KV, GQA-packed).
 
-Computes exactly what :func:`specdec.ref.attention.tree_attention` computes (DESIGN section 6)::
+Computes exactly what :func:`specdec.ref.attention.tree_attention` computes (docs/design.md §6)::
 
     q     [B, Hq,  M, D]   the M tree nodes' queries
     k, v  [B, Hkv, N, D]   rows [0, prefix_len) = verified prefix,
