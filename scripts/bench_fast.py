@@ -34,7 +34,7 @@ from tabulate import tabulate
 
 from specdec.fast.engine import TreeTensors
 from specdec.fast.model import as_fast_model, prefill, run_step
-from specdec.shared.benchutil import MODEL_SHAPES, copy_bandwidth, cuda_time_ms, random_model
+from specdec.benchutil import MODEL_SHAPES, copy_bandwidth, cuda_time_ms, random_model
 from specdec.shared.tree import Tree
 
 

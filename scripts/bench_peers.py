@@ -47,7 +47,7 @@ def report(out_dir: str, md_path: str) -> None:
     for p in files:  # skip empty files (a method cut before its first question)
         if os.path.getsize(p) > 0:
             good.append(p)
-    cmd = [sys.executable, "-m", "specdec.shared.report", "--base", base, *good, "--markdown"]
+    cmd = [sys.executable, "-m", "specdec.report", "--base", base, *good, "--markdown"]
     with open(md_path, "w") as f:
         subprocess.run(cmd, stdout=f)
     subprocess.run(cmd[:-1] + ["--no-per-category"])
@@ -71,7 +71,7 @@ def main() -> int:
                     help="hf_assisted: fixed draft length (default: transformers' own schedule)")
     ap.add_argument("--tar", action="store_true", help="pack the answer files into <out>/answers.tar.gz")
     a = ap.parse_args()
-    bench = [sys.executable, "-m", "specdec.shared.bench", "--methods", METHODS, "--backend", a.backend,
+    bench = [sys.executable, "-m", "specdec.bench", "--methods", METHODS, "--backend", a.backend,
              "--max-new-tokens", str(a.max_new_tokens), "--no-progress"]
     if a.hf_assistant_tokens:
         bench += ["--hf-assistant-tokens", str(a.hf_assistant_tokens)]

@@ -85,7 +85,7 @@ def main(argv=None) -> None:
         prompts = make_prompts(a.prompt_tokens, a.max_files)
 
     from specdec.shared.assets import resolve_model_path
-    from specdec.shared.cli import METHODS
+    from specdec.cli import METHODS
 
     mod = importlib.import_module(f"specdec.{a.backend}")
     dtype = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")

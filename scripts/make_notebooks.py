@@ -12,7 +12,8 @@ reproduced with one command::
     python scripts/make_notebooks.py --check         # exit 1 if a committed notebook's cells differ from here
 
 The notebooks use only the public API (``specdec.ref``, ``specdec.fast`` and the public names of
-``specdec.shared.*``); ``tests/test_notebooks.py`` executes every notebook and checks that.
+``specdec.shared.*`` and of the app modules ``specdec.bench`` / ``specdec.report``); ``tests/test_notebooks.py``
+executes every notebook and checks that.
 """
 
 from __future__ import annotations
@@ -924,10 +925,10 @@ NB05 = r'''
 # %% [markdown]
 # # 5. Results: speedup and tau per method
 #
-# Every decoder is measured the same way by `specdec bench` (`specdec.shared.bench`), which writes one
+# Every decoder is measured the same way by `specdec bench` (`specdec.bench`), which writes one
 # Spec-Bench-style answer file per method (`<method>.jsonl`: per question the new tokens, wall time,
 # prefill time, the tokens emitted by every target pass (`accept_lengths`) and the output ids), and
-# summarised by `specdec report` (`specdec.shared.report`):
+# summarised by `specdec report` (`specdec.report`):
 #
 # * **tau** (mean accepted length) = tokens emitted per target forward pass, pooled over all passes
 #   (the prefill's pass included; vanilla = 1.0);
@@ -948,8 +949,8 @@ import io
 import tempfile
 
 from specdec.shared.assets import ASSETS_DIR, EMBEDDED_MODELS, resolve_model_path
-from specdec.shared.bench import bench_main
-from specdec.shared.report import compare, format_report, load_answers
+from specdec.bench import bench_main
+from specdec.report import compare, format_report, load_answers
 
 ANSWER_DIR = None  # a folder of committed `specdec bench` answer files (<method>.jsonl); None = run here
 METHODS = ["vanilla", "speculative", "spec", "tree_spec", "logitspec", "magicdec", "pld"]

@@ -1,6 +1,6 @@
 """``python -m specdec`` -- same as the ``specdec`` console script."""
 
-from specdec.shared.cli import main
+from specdec.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

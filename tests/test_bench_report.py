@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from specdec.shared import bench, report
+from specdec import bench, report
 from specdec.shared.assets import ASSETS_DIR, EMBEDDED_MODELS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

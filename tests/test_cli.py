@@ -1,4 +1,4 @@
-"""`specdec generate` (specdec.shared.cli.main called in-process) on the embedded default model, ref backend."""
+"""`specdec generate` (specdec.cli.main called in-process) on the embedded default model, ref backend."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from specdec.shared import cli
-from specdec.shared.cli import main
+from specdec import cli
+from specdec.cli import main
 
 PROMPT = "import os\n\n\ndef list_files(root):\n"
 # method -> the reference module that implements it (its tests are skipped until it exists)

@@ -7,7 +7,8 @@ interpreter cannot be picked up). Any cell error fails the test. matplotlib is r
 missing the tests fail (install the ``plot`` extra), they do not skip.
 
 "Public API" = the names ``specdec.ref`` and ``specdec.fast`` export (their ``__init__`` imports),
-and the ``__all__`` names of the ``specdec.shared.*`` modules; nothing starting with ``_``.
+and the ``__all__`` names of the ``specdec.shared.*`` modules and of the app modules
+(``specdec.cli``, ``specdec.bench``, ``specdec.report``, ``specdec.methods``); nothing starting with ``_``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NB_DIR = os.path.join(ROOT, "notebooks")
+APP_MODULES = ("cli", "bench", "report", "methods")  # specdec.<name>: the app layer over ref / fast
 NAMES = ["01_tree_attention", "02_lossless_sampling", "03_glide_tree_round", "04_logitspec", "05_results"]
 CELL_TIMEOUT_S = 600
 
@@ -65,7 +67,8 @@ def _public_names(module: str) -> set[str] | None:
     if module == "specdec.shared":
         return set()
     parts = module.split(".")
-    if len(parts) == 3 and parts[:2] == ["specdec", "shared"] and not parts[2].startswith("_"):
+    if (len(parts) == 3 and parts[:2] == ["specdec", "shared"] and not parts[2].startswith("_")) or (
+            len(parts) == 2 and parts[0] == "specdec" and parts[1] in APP_MODULES):
         try:
             mod = importlib.import_module(module)
         except ImportError:

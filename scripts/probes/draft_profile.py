@@ -27,7 +27,7 @@ from bench_fast import default_tree, glide_drafter  # noqa: E402
 
 from specdec.fast.engine import TreeTensors
 from specdec.fast.model import as_fast_model, prefill, run_step
-from specdec.shared.benchutil import cuda_time_ms, kernel_totals, random_model
+from specdec.benchutil import cuda_time_ms, kernel_totals, random_model
 
 
 def main() -> None:

@@ -153,7 +153,7 @@ def step_ab(shapes=("vicuna-7b", "llama3-8b"), ctx=1024):
     from einops import rearrange
     from specdec.fast import kernels as K
     from specdec.fast.model import _cos_sin, _rope_write, as_fast_model, prefill, step_forward
-    from specdec.shared.benchutil import random_model
+    from specdec.benchutil import random_model
 
     def unfolded(fm, cache, tokens, positions, mask, prefix_len):
         c, w, eps = fm.config, fm.w, fm.config.rms_norm_eps

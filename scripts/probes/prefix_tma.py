@@ -186,7 +186,7 @@ def part_a(out, flush, prefixes=(16384, 32768), m=69):
 
 def part_b(out, shapes=("vicuna-7b", "llama3-8b"), ctx=1024):
     from specdec.fast.model import as_fast_model, prefill, step_forward
-    from specdec.shared.benchutil import kernel_totals, random_model
+    from specdec.benchutil import kernel_totals, random_model
 
     for shape in shapes:
         fm = as_fast_model(random_model(shape, device="cuda"))

@@ -258,8 +258,8 @@ def _cli_run(args) -> int:
     return 0
 
 
-try:  # `specdec report` (shared/cli.py imports this module and calls the registered entry)
-    from specdec.shared.cli import register_subcommand
+try:  # `specdec report` (specdec/cli.py imports this module and calls the registered entry)
+    from specdec.cli import register_subcommand
 
     register_subcommand("report", add_report_args, _cli_run, help="speed tables from specdec bench answer files")
 except ImportError:  # pragma: no cover - a build without the CLI module

@@ -61,6 +61,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from specdec.shared.assets import ASSETS_DIR
+
 __all__ = [
     "SHIPPED_SETS",
     "METHODS",
@@ -77,7 +79,7 @@ __all__ = [
     "build_stdlib_prompt_sets",
 ]
 
-PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "prompts")
+PROMPTS_DIR = os.path.join(ASSETS_DIR, "prompts")  # package data of specdec.shared
 SHIPPED_SETS = {
     "stdlib_code": "stdlib_code.jsonl",
     "stdlib_long": "stdlib_long.jsonl",
@@ -823,8 +825,8 @@ def _cli_run(args) -> int:
     return 0
 
 
-try:  # `specdec bench` (shared/cli.py imports this module and calls the registered entry)
-    from specdec.shared.cli import register_subcommand
+try:  # `specdec bench` (specdec/cli.py imports this module and calls the registered entry)
+    from specdec.cli import register_subcommand
 
     register_subcommand("bench", add_bench_args, _cli_run, help="Spec-Bench-style speed runs of decoders and transformers peers")
 except ImportError:  # pragma: no cover - a build without the CLI module

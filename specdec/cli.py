@@ -23,8 +23,8 @@ Plugging in more subcommands
 ----------------------------
 Other modules add subcommands without editing this file::
 
-    # specdec/shared/bench.py
-    from specdec.shared.cli import register_subcommand
+    # specdec/bench.py
+    from specdec.cli import register_subcommand
 
     def add_args(parser):            # an argparse.ArgumentParser for "specdec bench"
         parser.add_argument("--methods", default="vanilla,tree")
@@ -35,8 +35,8 @@ Other modules add subcommands without editing this file::
 
     register_subcommand("bench", add_args, run, help="benchmark decoders")
 
-:func:`main` imports the modules in :data:`PLUGIN_MODULES` (``specdec.shared.bench``,
-``specdec.shared.report``; a missing module is skipped) and any listed in the environment
+:func:`main` imports the modules in :data:`PLUGIN_MODULES` (``specdec.bench``,
+``specdec.report``; a missing module is skipped) and any listed in the environment
 variable ``SPECDEC_CLI_PLUGINS`` (comma separated) before parsing, so their
 ``register_subcommand`` calls run. ``run`` may raise ValueError/TypeError/FileNotFoundError for a
 one-line error with exit code 2.
@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 __all__ = ["main", "register_subcommand", "SUBCOMMANDS", "METHODS", "PLUGIN_MODULES", "CLIError", "resolve_backend", "parse_tree_shape"]
 
-PLUGIN_MODULES = ("specdec.shared.bench", "specdec.shared.report")
+PLUGIN_MODULES = ("specdec.bench", "specdec.report")
 
 
 class CLIError(ValueError):
