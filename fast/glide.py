@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from specdec.fast.engine import DeviceTree, FastDrafter, FusedRound, RunAhead, check_drafts_fit, run_speculative_fast
+from specdec.fast.graphs import capture
 from specdec.fast.model import MAX_TREE_NODES, FastModel, _cos_sin, _gemv_rows_ok, as_fast_model
 from specdec.shared.glide import Glide, GlideConfig, load_glide_weights
 from specdec.shared.result import GenerationResult
@@ -645,16 +646,9 @@ class FastGlideDrafter(FastDrafter, RunAhead):
                    "target_v": target_v, "cross_span": target_k.shape[-2]}  # the split count must hold for any length
             body = lambda: self._body(buf, shape, verify)  # noqa: E731
         restored = verify[0].restored_tree_rows(1 + sum(shape)) if verify is not None else contextlib.nullcontext()
-        graph = torch.cuda.CUDAGraph()
         with restored:
-            s = torch.cuda.Stream(dev)
-            s.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(s):
-                for _ in range(2):  # warm-up: compiles kernels (writes the same K/V rows again: harmless)
-                    body()
-            torch.cuda.current_stream(dev).wait_stream(s)
-            with torch.cuda.graph(graph, pool=pool):
-                body()
+            # warm-up twice: compiles kernels (writes the same K/V rows again: harmless)
+            graph, _ = capture(body, device=dev, warmup=2, pool=pool)
         # the graph reads every tensor it was captured with by address: keep the inputs made outside it alive
         host = torch.empty(len(pack) if pack is not None else 1, dtype=torch.int32).pin_memory()
         return {"graph": graph, "buf": buf, "inputs": verify, "host": host}

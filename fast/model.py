@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from specdec.fast.graphs import capture
 from specdec.shared.config import ModelConfig
 from specdec.shared.rope import rope_cos_sin
 from specdec.shared.weights import Model, load_checkpoint, model_from_hf, resolve_dtype
@@ -509,16 +510,9 @@ class _Graph:
         self.positions = torch.zeros(b, m, dtype=torch.long, device=dev)
         self.mask = torch.ones(b, m, m, dtype=torch.bool, device=dev).tril_()
         self.prefix = cache.length_t
-        # warm up on a side stream (compiles the kernels), then capture
-        s = torch.cuda.Stream(dev)
-        s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                step_forward(fm, cache, self.tokens, self.positions, self.mask, self.prefix)
-        torch.cuda.current_stream(dev).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step_forward(fm, cache, self.tokens, self.positions, self.mask, self.prefix)
+        # warm up twice on a side stream (compiles the kernels), then capture
+        self.graph, self.logits = capture(
+            lambda: step_forward(fm, cache, self.tokens, self.positions, self.mask, self.prefix), device=dev, warmup=2)
 
     def __call__(self, tokens, positions, mask) -> torch.Tensor:
         self.tokens.copy_(tokens)
