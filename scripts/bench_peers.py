@@ -20,7 +20,9 @@ import subprocess
 import sys
 import time
 
-METHODS = "vanilla,speculative,spec,tree_spec,logitspec,magicdec,pld"
+from specdec.methods import METHODS as _METHODS
+
+METHODS = ",".join(_METHODS)  # every decoder, by its one name (specdec.methods)
 
 
 def run(cmd: list[str], timeout: float | None = None) -> int:

@@ -30,7 +30,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import default_corpus  # noqa: E402
 
-ALL_METHODS = ["vanilla", "speculative", "spec", "tree", "logitspec", "magicdec", "pld"]
+from specdec.methods import METHODS, canonical_method  # noqa: E402
+
+ALL_METHODS = list(METHODS)
 
 
 def make_prompts(prompt_tokens: int, max_files: int | None) -> list[dict]:
@@ -85,15 +87,14 @@ def main(argv=None) -> None:
         prompts = make_prompts(a.prompt_tokens, a.max_files)
 
     from specdec.shared.assets import resolve_model_path
-    from specdec.cli import METHODS
 
     mod = importlib.import_module(f"specdec.{a.backend}")
     dtype = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
     target = mod.load_model("default", dtype=dtype, device=a.device)
     extra = {}
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    methods = [canonical_method(m) for m in a.methods.split(",") if m.strip()]
     for m in methods:
-        fn_name, needs = METHODS[m]
+        fn_name, needs = METHODS[m].function, METHODS[m].needs
         if not hasattr(mod, fn_name):
             print(f"skipping {m}: specdec.{a.backend} has no {fn_name}")
             continue
@@ -101,12 +102,12 @@ def main(argv=None) -> None:
             extra["draft"] = mod.load_model("default-draft", dtype=dtype, device=a.device)
         if needs == "glide" and "glide" not in extra:
             extra["glide"] = mod.load_glide(resolve_model_path("default-glide"), target)
-    methods = [m for m in methods if hasattr(mod, METHODS[m][0])]
+    methods = [m for m in methods if hasattr(mod, METHODS[m].function)]
     if "vanilla" not in methods:
         methods.insert(0, "vanilla")
 
     def run(m, ids):
-        fn_name, needs = METHODS[m]
+        fn_name, needs = METHODS[m].function, METHODS[m].needs
         args = [target] + ([extra[needs]] if needs else [])
         x = torch.tensor([ids], dtype=torch.long, device=a.device)
         return getattr(mod, fn_name)(*args, x, x.shape[1], max_gen_len=a.max_new_tokens, eos_id=[])  # never stop early

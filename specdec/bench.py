@@ -61,6 +61,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from specdec import methods as _methods
+from specdec.methods import METHODS, OPTIONS
 from specdec.shared.assets import ASSETS_DIR
 
 __all__ = [
@@ -86,33 +88,16 @@ SHIPPED_SETS = {
 }
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    function: str  # name in specdec.ref / specdec.fast
-    needs: str | None  # "draft" (a separate LM), "glide", or None
-    options: tuple[str, ...]  # knobs taken from the command line when given
-
-
-METHODS: dict[str, MethodSpec] = {
-    "vanilla": MethodSpec("vanilla_generate", None, ()),
-    "speculative": MethodSpec("speculative_generate", "draft", ("gamma",)),
-    "spec": MethodSpec("spec_generate", "glide", ("gamma",)),
-    "tree_spec": MethodSpec("tree_spec_generate", "glide", ("tree_shape",)),
-    "logitspec": MethodSpec("logitspec_generate", None, ("max_ngram_size", "num_pred_tokens", "draft_tree_capacity")),
-    "magicdec": MethodSpec("magicdec_generate", None, ("gamma", "sink_tokens", "window")),
-    "pld": MethodSpec("pld_generate", None, ("max_ngram_size", "num_pred_tokens")),
-}
+# METHODS (name -> decoder function, what it drafts with, the knobs it takes): specdec.methods
 PEERS = ("hf_generate", "hf_assisted", "hf_pld")
-_ALIASES = {spec.function: name for name, spec in METHODS.items()}  # "tree_spec_generate" -> "tree_spec"
-_ALIASES["tree"] = "tree_spec"  # the name `specdec generate --method` uses
 
 
 def canonical_method(name: str) -> str:
-    n = name.strip()
-    n = _ALIASES.get(n, n)
-    if n not in METHODS and n not in PEERS:
-        raise ValueError(f"unknown method {name!r}: choose from {list(METHODS) + list(PEERS)} (or 'all')")
-    return n
+    """A method or peer name; a decoder function name maps to its method (``tree_spec_generate`` -> ``tree_spec``)."""
+    try:
+        return _methods.canonical_method(name, extra=PEERS)
+    except ValueError as e:
+        raise ValueError(f"{e} (or 'all')") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +358,7 @@ def _effective_options(fn: Callable, given: dict) -> dict:
     """Every method knob with the value used: the given ones, else the function's default."""
     out = {}
     for p in inspect.signature(fn).parameters.values():
-        if p.name in ("gamma", "tree_shape", "max_ngram_size", "num_pred_tokens", "draft_tree_capacity", "sink_tokens", "window"):
+        if p.name in OPTIONS:
             v = given.get(p.name, p.default)
             out[p.name] = list(v) if isinstance(v, tuple) else v
     return out
@@ -388,7 +373,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--bench", default="stdlib_code",
                     help="prompt set: question.jsonl file, folder holding one, or a shipped set "
                          f"({', '.join(SHIPPED_SETS)}); default stdlib_code")
-    ap.add_argument("--methods", default="vanilla,speculative,spec,tree_spec,logitspec,magicdec,pld",
+    ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated methods ('all' = every specdec decoder); vanilla is always added")
     ap.add_argument("--peers", nargs="?", const="all", default=None,
                     help="also run transformers peers: 'all' (hf_generate,hf_assisted,hf_pld) or a comma list")

@@ -9,9 +9,9 @@ tokens/s and time to first token::
     specdec generate --method pld --compare --json "class Stack:"
     specdec generate --target path/to/llama --glide path/to/glide --backend fast "..."
 
-Methods: vanilla, speculative (draft LM chain), spec (GLIDE chain), tree (GLIDE beam tree),
-logitspec, magicdec, pld. ``--backend auto`` = ``fast`` when CUDA is available and
-:mod:`specdec.fast` imports, else ``ref``. Without ``--target`` the embedded default (a small
+Methods (the table in :mod:`specdec.methods`): vanilla, speculative (draft LM chain), spec (GLIDE
+chain), tree_spec (GLIDE beam tree), logitspec, magicdec, pld. ``--backend auto`` = ``fast`` when
+CUDA is available and :mod:`specdec.fast` imports, else ``ref``. Without ``--target`` the embedded default (a small
 Python-code Llama trained on the standard library) is used, with its draft LM and GLIDE draft. The
 prompt is used raw (a base code model has no chat template); ``--template`` picks one.
 
@@ -27,7 +27,7 @@ Other modules add subcommands without editing this file::
     from specdec.cli import register_subcommand
 
     def add_args(parser):            # an argparse.ArgumentParser for "specdec bench"
-        parser.add_argument("--methods", default="vanilla,tree")
+        parser.add_argument("--methods", default="vanilla,tree_spec")
 
     def run(args) -> int:            # the parsed namespace; return the exit code
         ...
@@ -51,6 +51,8 @@ import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from specdec.methods import DEFAULT_METHOD, METHODS, methods_taking
 
 __all__ = ["main", "register_subcommand", "SUBCOMMANDS", "METHODS", "PLUGIN_MODULES", "CLIError", "resolve_backend", "parse_tree_shape"]
 
@@ -112,17 +114,7 @@ class _Parser(argparse.ArgumentParser):
 # generate
 # ---------------------------------------------------------------------------------------------
 
-# method -> (decoder name in specdec.ref / specdec.fast, what it drafts with)
-METHODS: dict[str, tuple[str, str | None]] = {
-    "vanilla": ("vanilla_generate", None),
-    "speculative": ("speculative_generate", "draft"),
-    "spec": ("spec_generate", "glide"),
-    "tree": ("tree_spec_generate", "glide"),
-    "logitspec": ("logitspec_generate", None),
-    "magicdec": ("magicdec_generate", None),
-    "pld": ("pld_generate", None),
-}
-DEFAULT_METHOD = "tree"
+# METHODS (name -> decoder function, what it drafts with, knobs) and DEFAULT_METHOD: specdec.methods
 _DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 _GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
@@ -166,11 +158,11 @@ def _parse_opt(text: str) -> tuple[str, Any]:
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt text; '-' or omitted: read it from stdin")
-    p.add_argument("--method", "-m", default=DEFAULT_METHOD, choices=list(METHODS), help=f"decoder (default {DEFAULT_METHOD}: GLIDE beam tree)")
+    p.add_argument("--method", "-m", default=DEFAULT_METHOD, choices=list(METHODS), help=f"decoder (default {DEFAULT_METHOD}: {METHODS[DEFAULT_METHOD].summary})")
     p.add_argument("--backend", default="auto", choices=["auto", "ref", "fast"], help="ref (readable PyTorch), fast (Triton + CUDA graphs), auto (fast when CUDA is available)")
     p.add_argument("--target", default="default", help="target model: a local HF-format dir (default: the embedded model)")
     p.add_argument("--draft", default=None, help="draft LM dir for --method speculative (default: the embedded draft with the embedded target)")
-    p.add_argument("--glide", default=None, help="GLIDE draft dir or .pth for --method spec/tree (default: the embedded GLIDE with the embedded target)")
+    p.add_argument("--glide", default=None, help="GLIDE draft dir or .pth for --method spec/tree_spec (default: the embedded GLIDE with the embedded target)")
     p.add_argument("--max-new-tokens", "-n", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -205,11 +197,15 @@ def _check_generate_args(a: argparse.Namespace) -> None:
     if a.warmup is not None and a.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {a.warmup}")
     a.tree_shape = parse_tree_shape(a.tree_shape) if a.tree_shape is not None else None
-    if a.tree_shape is not None and a.method != "tree":
-        raise CLIError(f"--tree-shape applies to --method tree, not {a.method}")
-    if a.gamma is not None and a.method not in ("speculative", "spec", "magicdec"):
-        raise CLIError(f"--gamma applies to --method speculative, spec or magicdec, not {a.method}")
+    for flag, knob in (("--tree-shape", "tree_shape"), ("--gamma", "gamma")):
+        if getattr(a, knob) is not None and knob not in METHODS[a.method].options:
+            raise CLIError(f"{flag} applies to --method {_or_list(methods_taking(knob))}, not {a.method}")
     a.opts = dict(_parse_opt(o) for o in a.opt)
+
+
+def _or_list(names: list[str]) -> str:
+    """['a'] -> 'a'; ['a', 'b', 'c'] -> 'a, b or c'."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def resolve_backend(name: str, device: str):
@@ -345,7 +341,7 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     backend, mod = resolve_backend(a.backend, device)
     dtype_name = a.dtype if a.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    fn_name, needs = METHODS[a.method]
+    fn_name, needs = METHODS[a.method].function, METHODS[a.method].needs
     decoder = getattr(mod, fn_name, None)
     if decoder is None:
         raise CLIError(f"method {a.method!r} is not available in specdec.{backend} (no {fn_name})")

@@ -34,6 +34,8 @@ import sys
 from collections import Counter
 from typing import Any, Sequence
 
+from specdec.methods import canonical_method
+
 __all__ = ["load_answers", "question_stats", "aggregate", "compare", "format_report", "add_report_args", "run_report", "report_main"]
 
 OVERALL = "overall"
@@ -60,8 +62,13 @@ def load_answers(path: str) -> list[dict]:
 
 
 def method_name(records: list[dict], path: str = "") -> str:
+    """The label of an answer file: its method (one name per method, :mod:`specdec.methods`) and backend."""
     r = records[0]
     name = r.get("method") or r.get("model_id") or path
+    try:  # a decoder function name recorded by another tool -> the method's name
+        name = canonical_method(name)
+    except ValueError:
+        pass  # a peer or another program's label: as recorded
     backend = r.get("backend")
     return f"{name} ({backend})" if backend and backend not in ("transformers",) and name not in ("",) else name
 

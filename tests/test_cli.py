@@ -18,7 +18,7 @@ METHOD_MODULES = {
     "vanilla": "specdec.ref.vanilla",
     "speculative": "specdec.ref.speculative",
     "spec": "specdec.ref.glide",
-    "tree": "specdec.ref.glide",
+    "tree_spec": "specdec.ref.glide",
     "logitspec": "specdec.ref.logitspec",
     "magicdec": "specdec.ref.magicdec",
     "pld": "specdec.ref.pld",
@@ -56,8 +56,8 @@ def test_every_method_json(capsys, method):
 
 
 def test_text_output_and_table(capsys):
-    need("tree")
-    rc, out, err = run(capsys, "--method", "tree", "-n", "12", PROMPT)
+    need("tree_spec")
+    rc, out, err = run(capsys, "--method", "tree_spec", "-n", "12", PROMPT)
     assert rc == 0, err
     assert "\x1b[" not in out  # not a terminal: plain text
     for col in ("method", "backend", "tokens", "tau", "tokens/s", "TTFT (ms)"):
@@ -78,11 +78,11 @@ def test_color_highlights_accepted_drafts(capsys):
 
 
 def test_compare_prints_speedup_and_is_lossless(capsys):
-    need("tree")
-    rc, out, err = run(capsys, "--method", "tree", "-n", "8", "--compare", PROMPT)
+    need("tree_spec")
+    rc, out, err = run(capsys, "--method", "tree_spec", "-n", "8", "--compare", PROMPT)
     assert rc == 0, err
     assert "speedup over vanilla:" in out and "vanilla" in out
-    rc, out, err = run(capsys, "--method", "tree", "-n", "8", "--compare", "--json", PROMPT)
+    rc, out, err = run(capsys, "--method", "tree_spec", "-n", "8", "--compare", "--json", PROMPT)
     obj = json.loads(out)
     assert obj["speedup"] > 0 and obj["vanilla"]["method"] == "vanilla"
     assert obj["same_output_as_vanilla"] is True  # greedy speculative decoding is lossless
@@ -112,8 +112,8 @@ def test_sampling_is_seeded(capsys):
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--method", "tree", "--tree-shape", "0,1"], "--tree-shape"),
-        (["--method", "tree", "--tree-shape", "4,x"], "--tree-shape"),
+        (["--method", "tree_spec", "--tree-shape", "0,1"], "--tree-shape"),
+        (["--method", "tree_spec", "--tree-shape", "4,x"], "--tree-shape"),
         (["--temperature", "-1"], "--temperature"),
         (["--temperature", "abc"], "--temperature"),
         (["--top-p", "0"], "--top-p"),
@@ -122,7 +122,7 @@ def test_sampling_is_seeded(capsys):
         (["--method", "nope"], "--method"),
         (["--target", "/nonexistent/model/dir"], "/nonexistent/model/dir"),
         (["--method", "speculative", "--target", "/nonexistent/model/dir"], "does not exist"),
-        (["--method", "tree", "--glide", "/nonexistent/glide"], "/nonexistent/glide"),
+        (["--method", "tree_spec", "--glide", "/nonexistent/glide"], "/nonexistent/glide"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nodevice"], "--device"),
         (["--opt", "novalue"], "key=value"),
         (["--method", "pld", "-O", "no_such_kwarg=1"], "no_such_kwarg"),
