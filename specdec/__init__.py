@@ -6,7 +6,9 @@ Two twin implementations with the same public API:
 * :mod:`specdec.fast` -- Triton kernels, static caches and CUDA graphs (swap into production).
 
 Rules both share (configs, weight loading, tree topology, sampling and acceptance) live in
-:mod:`specdec.shared`.
+:mod:`specdec.shared`, the ground floor (it imports neither path). The app sits on top of both:
+the ``specdec`` command line (:mod:`specdec.cli`; ``generate``, and ``bench`` / ``report`` from
+:mod:`specdec.bench` and :mod:`specdec.report`), with one table of methods in :mod:`specdec.methods`.
 
 On a machine without CUDA the fast path runs its Triton kernels under the Triton interpreter,
 which must be chosen before Triton is first imported (``transformers`` imports it); importing

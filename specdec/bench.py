@@ -22,6 +22,8 @@ or the name of a set shipped in ``specdec/shared/assets/prompts/`` (see :data:`S
   2048 positions: run it with ``--max-context`` (RoPE past its training length; speed is still
   meaningful, acceptance falls).
 
+Both are committed files, built once in a source checkout by ``scripts/build_prompt_sets.py``.
+
 Answer file (Spec-Bench compatible: its ``evaluation/speed.py`` reads it), one line per question::
 
     {"question_id", "category", "model_id", "method", "backend", "tstamp",
@@ -78,7 +80,6 @@ __all__ = [
     "add_bench_args",
     "run_bench",
     "bench_main",
-    "build_stdlib_prompt_sets",
 ]
 
 PROMPTS_DIR = os.path.join(ASSETS_DIR, "prompts")  # package data of specdec.shared
@@ -693,117 +694,6 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# Building the shipped prompt sets (run once, in a source checkout)
-# ---------------------------------------------------------------------------------------------
-
-_DEF_RE = None
-
-
-def _def_lines(lines: list[str]) -> list[int]:
-    """Indices of one-line ``def ...:`` signatures followed by a body that is more than ``pass``."""
-    import re
-
-    global _DEF_RE
-    if _DEF_RE is None:
-        _DEF_RE = re.compile(r"^\s*(async\s+)?def \w+\(.*\)(\s*->\s*[^:]+)?:\s*$")
-    out = []
-    for i, line in enumerate(lines):
-        if _DEF_RE.match(line) and i + 2 < len(lines):
-            body = [ln.strip() for ln in lines[i + 1: i + 6] if ln.strip()]
-            if body and body[0] not in ("pass", "...") and not body[0].startswith("raise NotImplementedError"):
-                out.append(i)
-    return out
-
-
-def build_stdlib_prompt_sets(out_dir: str = PROMPTS_DIR, tokenizer: str = "default", root: str | None = None,
-                             long_lengths: Sequence[tuple[int, int]] = ((4096, 3), (16384, 2), (32768, 2)),
-                             context_tokens: int = 768) -> dict[str, int]:
-    """Write ``stdlib_code.jsonl`` and ``stdlib_long.jsonl`` from the held-out stdlib files.
-
-    Needs a source checkout (``scripts/default_corpus.py`` holds the held-out rule). The text is
-    stored in the files (not rebuilt at run time), so every machine benchmarks the same prompts
-    whatever its Python version. ``context_tokens``: the most tokens of code before a cut.
-    """
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, os.path.join(os.path.dirname(here), "scripts"))
-    import default_corpus  # noqa: E402
-
-    from specdec.shared.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
-    tok.model_max_length = 10**9
-    root = root or default_corpus.stdlib_root()
-    _, held = default_corpus.split_corpus(root)
-    held = [h for h in held if default_corpus.is_heldout(h)]
-    texts = {h: default_corpus.read_text(os.path.join(root, h)) for h in held}
-    ntok = lambda s: len(tok(s)["input_ids"])  # noqa: E731
-    pyver = platform.python_version()
-
-    code, qid = [], 0
-    for h in held:
-        lines = texts[h].split("\n")
-        if len(lines) < 30:
-            continue
-        # 1) the file's opening lines (docstring, imports): continue the file
-        n_open = min(24, len(lines) // 3)
-        code.append({"question_id": qid, "category": "file_start", "turns": ["\n".join(lines[:n_open])],
-                     "source": {"file": h, "lines": [1, n_open]}})
-        qid += 1
-        # 2) a function body after up to `context_tokens` tokens of the code before it
-        defs = [i for i in _def_lines(lines) if i >= 8]
-        picks = sorted({defs[len(defs) // 3], defs[(2 * len(defs)) // 3]}) if len(defs) >= 2 else defs[:1]
-        for i in picks:
-            start = i
-            while start > 0 and ntok("\n".join(lines[start - 1: i + 1])) <= context_tokens:
-                start -= 1
-            code.append({"question_id": qid, "category": "func_body", "turns": ["\n".join(lines[start: i + 1])],
-                         "source": {"file": h, "lines": [start + 1, i + 1]}})
-            qid += 1
-    for q in code:
-        q["prompt_tokens"] = ntok(q["turns"][0])
-        q["python"] = pyver
-
-    # long context: whole held-out files concatenated (the codec tables excluded: mostly literals)
-    pool = [h for h in held if not (h.startswith("encodings/cp") or len(texts[h]) < 1500)]
-    longs, qid = [], 0
-    for target_len, count in long_lengths:
-        for j in range(count):
-            start = (j * 7 + target_len // 1024) % len(pool)
-            order = pool[start:] + pool[:start]
-            parts, files, total = [], [], 1
-            for h in order * 4:
-                piece = f"# ===== {h} =====\n\n" + texts[h].rstrip("\n") + "\n\n"
-                n = ntok(piece)
-                if total + n <= target_len:
-                    parts.append(piece)
-                    files.append(h)
-                    total += n
-                    continue
-                # the last file: cut right after a def line so the model writes its body
-                lines = piece.split("\n")
-                cut = None
-                for i in reversed(_def_lines(lines)):
-                    if total + ntok("\n".join(lines[: i + 1])) <= target_len:
-                        cut = i
-                        break
-                if cut is not None:
-                    parts.append("\n".join(lines[: cut + 1]))
-                    files.append(f"{h}:1-{cut - 1}")
-                    break
-            text = "".join(parts)
-            longs.append({"question_id": qid, "category": f"long_{target_len // 1024}k", "turns": [text],
-                          "source": {"files": files}, "prompt_tokens": ntok(text), "python": pyver})
-            qid += 1
-
-    os.makedirs(out_dir, exist_ok=True)
-    for name, rows in (("stdlib_code", code), ("stdlib_long", longs)):
-        with open(os.path.join(out_dir, SHIPPED_SETS[name]), "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    return {"stdlib_code": len(code), "stdlib_long": len(longs)}
-
-
 def _cli_run(args) -> int:
     for m, p in run_bench(args).items():
         print(f"{m}\t{p}")
@@ -819,7 +709,4 @@ except ImportError:  # pragma: no cover - a build without the CLI module
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--build-prompt-sets"]:
-        print(build_stdlib_prompt_sets())
-        raise SystemExit(0)
     raise SystemExit(bench_main())
