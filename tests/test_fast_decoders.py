@@ -201,7 +201,7 @@ def test_fast_glide_drafts_equal_ref_drafts(mode, gemv_rows, monkeypatch):
     """Same drafts, round by round; ``gemv_rows``: the draft layer and the verification on the
     norm-folding GEMVs for every row count (the small-model rule, which picks them only on CUDA)."""
     if gemv_rows:
-        import specdec.fast.glide as fglide
+        import specdec.fast.glide.layer as fglide
         import specdec.fast.model as fmod
 
         monkeypatch.setattr(fglide, "_gemv_rows_ok", lambda weights, rows, device: True)

@@ -1,259 +1,30 @@
-"""Fast GLIDE (LongSpec) decoding: the draft layer on Triton kernels with a constant-size cache.
+"""The GLIDE drafter of the fast path: :class:`FastGlideDrafter`.
 
-Same algorithm as :mod:`specdec.ref.glide` (read that file for the steps) and token-identical
-greedy output; what changes is where the numbers live:
-
-* :class:`FastGlide` -- the draft layer's weights fused once (``wqkv`` for self-attention,
-  ``w13`` for the MLP);
-* :class:`SlidingCache` -- the draft's own K/V in ONE buffer of ``2 * window + MAX_TREE_NODES``
-  rows whatever the context length: row ``r`` holds position ``base + r``; when the prefix would
-  overflow ``2 * window`` rows, the last ``window`` rows are moved to the front (one copy every
-  ``window`` tokens) and ``base`` advances. Tree nodes of the current round sit right after the
-  prefix rows and are simply overwritten next round;
-* self-attention: :func:`specdec.fast.kernels.glide_self_attention` (sliding window over the
-  prefix rows + the tree block with its ancestor mask), cross-attention:
-  :func:`specdec.fast.kernels.glide_cross_attention` over the target's last-layer cache (split over
-  its length; per-query bound = own position while catching up, the verified length ``L`` for
-  tree nodes);
-* verification, acceptance and compaction: :func:`specdec.fast.engine.run_speculative_fast`, the
-  tree padded to ``1 + sum(tree_shape)`` nodes so one CUDA graph serves every round.
+A round's body (catch-up + beam levels, all on the device), its capture as a CUDA graph per
+catch-up length (:func:`specdec.fast.graphs.capture`), greedy rounds fused with the target's
+verification and acceptance into one graph (:meth:`FastGlideDrafter.fused_round`), and the
+device-driven rounds whose integers are built on the device (:meth:`FastGlideDrafter.launch_ahead`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from specdec.fast.engine import DeviceTree, FastDrafter, FusedRound, RunAhead, check_drafts_fit, run_speculative_fast
+from specdec.fast.engine import DeviceTree, FastDrafter, FusedRound, RunAhead
+from specdec.fast.glide.cache import GlideBounds, SlidingCache
+from specdec.fast.glide.layer import glide_layer
+from specdec.fast.glide.packing import catch_up_glide_bounds, catch_up_segments, pack_ints, unpack_ints
+from specdec.fast.glide.weights import FastGlide
 from specdec.fast.graphs import capture
-from specdec.fast.model import MAX_TREE_NODES, FastModel, _cos_sin, _gemv_rows_ok, as_fast_model
-from specdec.shared.glide import Glide, GlideConfig, load_glide_weights
-from specdec.shared.result import GenerationResult
-from specdec.shared.round import Draft, RoundRecord, RoundState
-from specdec.shared.tree import tree_shape_num_nodes, validate_tree_shape
-from specdec.shared.validate import check_positive_int
+from specdec.fast.model import FastModel, _kernels
+from specdec.shared.glide import GlideConfig
+from specdec.shared.round import Draft, RoundState
+from specdec.shared.tree import validate_tree_shape
 
-__all__ = ["FastGlide", "SlidingCache", "as_fast_glide", "load_glide", "spec_generate", "tree_spec_generate"]
-
-
-def _kernels():
-    from specdec.fast import kernels
-
-    return kernels
-
-
-@dataclass
-class FastGlide:
-    """The GLIDE draft layer prepared for the fast path (see :func:`as_fast_glide`)."""
-
-    config: GlideConfig
-    w: dict[str, torch.Tensor]
-    source: str = ""
-
-    @property
-    def window(self) -> int:
-        return self.config.window
-
-    @property
-    def device(self) -> torch.device:
-        return self.w["wqkv"].device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.w["wqkv"].dtype
-
-
-def as_fast_glide(glide) -> FastGlide:
-    """Fuse a :class:`~specdec.shared.glide.Glide`'s weights (a FastGlide passes through)."""
-    if isinstance(glide, FastGlide):
-        return glide
-    if not isinstance(glide, Glide):
-        raise TypeError(f"expected a GLIDE draft (specdec load_glide), got {type(glide).__name__}")
-    cached = glide.extras.get("fast_glide")  # converted once per weights dict (keeps its graphs across calls)
-    if cached is not None and cached[0] is glide.weights:
-        return cached[1]
-    w = glide.weights
-    fw = {
-        "wqkv": torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]),
-        "bqkv": torch.cat([w["self_attn.q_proj.bias"], w["self_attn.k_proj.bias"], w["self_attn.v_proj.bias"]]),
-        "wo": w["self_attn.o_proj.weight"],
-        "wq_x": w["cross_attn.q_proj.weight"],
-        "bq_x": w["cross_attn.q_proj.bias"],
-        "wo_x": w["cross_attn.o_proj.weight"],
-        "w13": torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]),
-        "w2": w["mlp.down_proj.weight"],
-        "norm1": w["input_layernorm.weight"],
-        "norm2": w["post_self_attention_layernorm.weight"],
-        "norm3": w["post_cross_attention_layernorm.weight"],
-    }
-    fg = FastGlide(glide.config, fw, glide.source)
-    glide.extras["fast_glide"] = (glide.weights, fg)
-    return fg
-
-
-def load_glide(path: str | os.PathLike, target, window: int | None = None, dtype=None) -> FastGlide:
-    """Load a GLIDE draft for a fast ``target`` (HF-format dir or LongSpec ``.pth``); same formats as
-    :func:`specdec.ref.load_glide`."""
-    from specdec.shared.assets import resolve_model_path
-
-    fm = as_fast_model(target)
-    g = load_glide_weights(resolve_model_path(path), fm.config, dtype=dtype or fm.dtype, device=fm.device, window=window)
-    return as_fast_glide(g)
-
-
-class SlidingCache:
-    """The draft's constant-size K/V buffer: ``[1, Hkv, 2 * window + MAX_TREE_NODES, D]``.
-
-    Rows ``[0, n)`` hold positions ``[base, base + n)`` of the verified sequence (the last ones the
-    window can still reach); the rows after them are scratch for the current tree.
-    """
-
-    def __init__(self, glide: FastGlide):
-        c = glide.config
-        self.window = glide.window
-        rows = 2 * self.window + MAX_TREE_NODES
-        self.k = torch.zeros(1, c.num_kv_heads, rows, c.head_dim, dtype=glide.dtype, device=glide.device)
-        self.v = torch.zeros_like(self.k)
-        self.n = 0
-        self.base = 0
-
-    def make_room(self, count: int) -> None:
-        """Ensure ``count`` more prefix rows fit in ``2 * window`` rows by dropping unreachable ones."""
-        if self.n + count <= 2 * self.window:
-            return
-        keep = min(self.n, self.window)  # the next query can only see the last `window` positions
-        drop = self.n - keep
-        self.k[:, :, :keep] = self.k[:, :, drop : self.n].clone()
-        self.v[:, :, :keep] = self.v[:, :, drop : self.n].clone()
-        self.n, self.base = keep, self.base + drop
-
-
-@dataclass
-class GlideBounds:
-    """Which keys each query of one :func:`glide_layer` call sees (int32 device tensors).
-
-    Self-attention (the sliding cache): keys in rows ``[self_lo, self_hi)`` ([1] each), narrowed per
-    query by ``self_row_lo``/``self_row_hi`` [1, T] when given (the causal catch-up), plus the tree
-    block at ``tree_start`` [1] when the call passes a tree mask. Cross-attention (the target's last
-    layer): rows ``[0, cross_hi)`` ([1]), narrowed per query by ``cross_row_hi`` [1, T] when given
-    (``cross_row_lo`` is then a [1, T] tensor of zeros). ``cross_span`` (host int) bounds
-    ``cross_hi`` and only steers the kernel's split count (the cache capacity under graph capture).
-    """
-
-    self_lo: torch.Tensor
-    self_hi: torch.Tensor
-    cross_hi: torch.Tensor
-    cross_span: int
-    self_row_lo: torch.Tensor | None = None
-    self_row_hi: torch.Tensor | None = None
-    cross_row_lo: torch.Tensor | None = None
-    cross_row_hi: torch.Tensor | None = None
-    tree_start: torch.Tensor | None = None
-
-
-def catch_up_segments(tokens: list[int], first: int, base: int, window: int) -> dict[str, list[int]]:
-    """Host-side integers of a causal catch-up of ``tokens`` at positions ``first, first + 1, ...`` (cache
-    row = position - base), as :func:`pack_ints` segments read back by :func:`catch_up_glide_bounds`.
-
-    Query at position t sees draft rows ``(t - window, t]`` (as rows) and target rows ``[0, t)`` -- the
-    masks :func:`specdec.ref.glide.glide_layer` is given while decoding. ``self_hi`` is the prefix row
-    count after the catch-up and ``cross_hi`` the last position.
-    """
-    positions = list(range(first, first + len(tokens)))
-    rows = [p - base for p in positions]
-    lo = [max(r - window + 1, 0) for r in rows]
-    hi = [r + 1 for r in rows]
-    return dict(tokens=list(tokens), rows=rows, row_lo=lo, row_hi=hi, pos=positions, zeros=[0] * len(rows),
-                self_lo=[min(lo)], self_hi=[max(hi)], cross_hi=[max(positions)])
-
-
-def catch_up_glide_bounds(u: dict[str, torch.Tensor], cross_span: int) -> GlideBounds:
-    """The :class:`GlideBounds` of a catch-up from the device views of :func:`catch_up_segments`."""
-    return GlideBounds(self_lo=u["self_lo"], self_hi=u["self_hi"], cross_hi=u["cross_hi"], cross_span=cross_span,
-                       self_row_lo=u["row_lo"][None], self_row_hi=u["row_hi"][None],
-                       cross_row_lo=u["zeros"][None], cross_row_hi=u["pos"][None])
-
-
-def pack_ints(segments: dict[str, list[int]]) -> tuple[list[int], dict[str, tuple[int, int]]]:
-    """Concatenate named int lists for one host-to-device copy, each segment starting at a multiple of
-    4 int32 (16 bytes): Triton specialises kernels on pointer alignment, so unaligned views would
-    compile new kernel variants whenever a length changes. Returns (flat list, name -> (offset, length))."""
-    flat: list[int] = []
-    layout = {}
-    for name, values in segments.items():
-        layout[name] = (len(flat), len(values))
-        flat += values + [0] * (-len(values) % 4)
-    return flat, layout
-
-
-def unpack_ints(p: torch.Tensor, layout: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Views of the segments of :func:`pack_ints` in the device tensor ``p``."""
-    return {name: p[o : o + n] for name, (o, n) in layout.items()}
-
-
-def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.Tensor, positions: torch.Tensor,
-                rows: torch.Tensor, target_k: torch.Tensor, target_v: torch.Tensor, bounds: GlideBounds,
-                tree_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The draft layer on new tokens [1, T]; matches :func:`specdec.ref.glide.glide_layer` with the
-    masks the reference builds. Returns hidden [1, T, H].
-
-    ``positions`` [T] are the tokens' true positions (RoPE); their K/V are written to buffer rows
-    ``rows`` [1, T] (int32). ``bounds`` says which keys every query sees (see :class:`GlideBounds`);
-    with ``tree_mask`` [1, T, n_tree] the tree block (rows ``[tree_start, tree_start + n_tree)``)
-    is masked by ancestry. The same fused kernels as a target layer (:mod:`.kernels.fused`):
-
-        embed_rms_norm -> wqkv GEMM -> rope_qkv_write (k, v into the sliding cache) -> windowed
-        self-attention -> wo GEMM -> add_rms_norm -> wq_x GEMM -> rope_q -> cross-attention over the
-        target cache -> wo_x GEMM -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> + residual
-
-    or, when the layer's weights are small enough to re-read per row (the rule of the target's
-    steps, :func:`specdec.fast.model._gemv_rows_ok`), every projection is one GEMV with the norm
-    before it or the residual add after it folded in, and the q|k|v one also does RoPE and the K/V
-    write (:mod:`.kernels.gemv`): no norm, RoPE-write, SwiGLU or add kernels.
-    """
-    from specdec.fast.kernels.tree_attention import split_attention
-
-    kern = _kernels()
-    eps = g.config.rms_norm_eps
-    cos, sin = _cos_sin(fm, positions)  # [T, D], true positions (the target's table: no host sync)
-    cos, sin = cos[None].to(g.dtype), sin[None].to(g.dtype)
-
-    def self_attention(q):  # over the sliding cache (+ the tree block), [1, H, T, D] -> [1, T, H * D]
-        o = split_attention(q, cache.k, cache.v, span_lo=bounds.self_lo, span_hi=bounds.self_hi,
-                            max_span=g.window + q.shape[2], row_lo=bounds.self_row_lo, row_hi=bounds.self_row_hi,
-                            tree_start=bounds.tree_start if tree_mask is not None else None, tree_mask=tree_mask)
-        return rearrange(o, "b h t d -> b t (h d)")
-
-    def cross_attention(q):  # over the target's last-layer cache, as stored
-        o = split_attention(q, target_k, target_v, span_hi=bounds.cross_hi, max_span=bounds.cross_span,
-                            row_lo=bounds.cross_row_lo, row_hi=bounds.cross_row_hi)
-        return rearrange(o, "b h t d -> b t (h d)")
-
-    # The embedding is the target's frozen one (the ids come from the round's own pack or beam
-    # kernels: no host-side range check).
-    if _gemv_rows_ok([g.w[n] for n in ("wqkv", "wo", "wq_x", "wo_x", "w13", "w2")], tokens.numel(), tokens.device):
-        x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)
-        # 1. Self-attention. 2. Cross-attention (query projected + rotated only). 3. SwiGLU MLP.
-        q = kern.gemv_qkv_rope(x, g.w["wqkv"], g.w["bqkv"], cos, sin, cache.k, cache.v, rows,
-                               norm_weight=g.w["norm1"], eps=eps, check_rows=False)
-        x = kern.gemv(self_attention(q), g.w["wo"], residual=x)
-        q = kern.rope_q(kern.gemv(x, g.w["wq_x"], g.w["bq_x"], norm_weight=g.w["norm2"], eps=eps), cos, sin)
-        x = kern.gemv(cross_attention(q), g.w["wo_x"], residual=x)
-        return kern.gemv(kern.gemv_silu(x, g.w["w13"], norm_weight=g.w["norm3"], eps=eps), g.w["w2"], residual=x)
-    # 1. Self-attention over the sliding cache (+ the tree block)
-    h, x = kern.embed_rms_norm(tokens, fm.w["embed"], g.w["norm1"], eps, dtype=g.dtype, check_ids=False)
-    q = kern.rope_qkv_write(F.linear(h, g.w["wqkv"], g.w["bqkv"]), cos, sin, cache.k, cache.v, rows, check_rows=False)
-    h, x = kern.add_rms_norm(F.linear(self_attention(q), g.w["wo"]), x, g.w["norm2"], eps)
-    # 2. Cross-attention over the target's last-layer cache, as stored (query projected + rotated only).
-    q = kern.rope_q(F.linear(h, g.w["wq_x"], g.w["bq_x"]), cos, sin)
-    h, x = kern.add_rms_norm(F.linear(cross_attention(q), g.w["wo_x"]), x, g.w["norm3"], eps)
-    # 3. SwiGLU MLP.
-    return x + F.linear(kern.silu_mul(F.linear(h, g.w["w13"])), g.w["w2"])
+__all__ = ["FastGlideDrafter"]
 
 
 class FastGlideDrafter(FastDrafter, RunAhead):
@@ -652,50 +423,3 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         # the graph reads every tensor it was captured with by address: keep the inputs made outside it alive
         host = torch.empty(len(pack) if pack is not None else 1, dtype=torch.int32).pin_memory()
         return {"graph": graph, "buf": buf, "inputs": verify, "host": host}
-
-
-def tree_spec_generate(
-    target,
-    glide,
-    input_ids: torch.Tensor,
-    prompt_length: int,
-    tree_shape: Sequence[int] | None = (4, 16, 16, 16, 16),
-    max_gen_len: int = 64,
-    eos_id: int | list[int] | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    on_round: Callable[[RoundRecord], None] | None = None,
-) -> GenerationResult:
-    """Same contract as :func:`specdec.ref.tree_spec_generate` (at most 127 draft nodes on the fast path)."""
-    shape = validate_tree_shape((4, 16, 16, 16, 16) if tree_shape is None else tree_shape)
-    size = tree_shape_num_nodes(shape)
-    check_drafts_fit(f"the number of draft nodes of tree_shape {list(shape)}", size - 1)
-    fm = as_fast_model(target)
-    drafter = FastGlideDrafter(fm, as_fast_glide(glide), shape)
-    return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                                generator, method="tree_spec_generate", tree_size=size, on_round=on_round)
-
-
-def spec_generate(
-    target,
-    glide,
-    input_ids: torch.Tensor,
-    prompt_length: int,
-    gamma: int = 4,
-    max_gen_len: int = 64,
-    eos_id: int | list[int] | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    on_round: Callable[[RoundRecord], None] | None = None,
-) -> GenerationResult:
-    """Same contract as :func:`specdec.ref.spec_generate` (``gamma`` <= 127 on the fast path)."""
-    check_positive_int("gamma", gamma)
-    check_drafts_fit("gamma", gamma)
-    fm = as_fast_model(target)
-    drafter = FastGlideDrafter(fm, as_fast_glide(glide), (1,) * gamma)
-    return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                                generator, method="spec_generate", tree_size=gamma + 1, on_round=on_round)

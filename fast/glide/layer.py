@@ -1,0 +1,77 @@
+"""The GLIDE draft layer on new tokens, on the fast path's kernels: :func:`glide_layer`.
+
+Self-attention over the draft's :class:`~specdec.fast.glide.cache.SlidingCache` (+ the round's tree
+block), cross-attention over the target's last-layer cache, SwiGLU MLP; which keys each query sees
+comes in a :class:`~specdec.fast.glide.cache.GlideBounds`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from specdec.fast.glide.cache import GlideBounds, SlidingCache
+from specdec.fast.glide.weights import FastGlide
+from specdec.fast.model import FastModel, _cos_sin, _gemv_rows_ok, _kernels
+
+__all__ = ["glide_layer"]
+
+
+def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.Tensor, positions: torch.Tensor,
+                rows: torch.Tensor, target_k: torch.Tensor, target_v: torch.Tensor, bounds: GlideBounds,
+                tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The draft layer on new tokens [1, T]; matches :func:`specdec.ref.glide.glide_layer` with the
+    masks the reference builds. Returns hidden [1, T, H].
+
+    ``positions`` [T] are the tokens' true positions (RoPE); their K/V are written to buffer rows
+    ``rows`` [1, T] (int32). ``bounds`` says which keys every query sees (see :class:`GlideBounds`);
+    with ``tree_mask`` [1, T, n_tree] the tree block (rows ``[tree_start, tree_start + n_tree)``)
+    is masked by ancestry. The same fused kernels as a target layer (:mod:`.kernels.fused`):
+
+        embed_rms_norm -> wqkv GEMM -> rope_qkv_write (k, v into the sliding cache) -> windowed
+        self-attention -> wo GEMM -> add_rms_norm -> wq_x GEMM -> rope_q -> cross-attention over the
+        target cache -> wo_x GEMM -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> + residual
+
+    or, when the layer's weights are small enough to re-read per row (the rule of the target's
+    steps, :func:`specdec.fast.model._gemv_rows_ok`), every projection is one GEMV with the norm
+    before it or the residual add after it folded in, and the q|k|v one also does RoPE and the K/V
+    write (:mod:`.kernels.gemv`): no norm, RoPE-write, SwiGLU or add kernels.
+    """
+    from specdec.fast.kernels.tree_attention import split_attention
+
+    kern = _kernels()
+    eps = g.config.rms_norm_eps
+    cos, sin = _cos_sin(fm, positions)  # [T, D], true positions (the target's table: no host sync)
+    cos, sin = cos[None].to(g.dtype), sin[None].to(g.dtype)
+
+    def self_attention(q):  # over the sliding cache (+ the tree block), [1, H, T, D] -> [1, T, H * D]
+        o = split_attention(q, cache.k, cache.v, span_lo=bounds.self_lo, span_hi=bounds.self_hi,
+                            max_span=g.window + q.shape[2], row_lo=bounds.self_row_lo, row_hi=bounds.self_row_hi,
+                            tree_start=bounds.tree_start if tree_mask is not None else None, tree_mask=tree_mask)
+        return rearrange(o, "b h t d -> b t (h d)")
+
+    def cross_attention(q):  # over the target's last-layer cache, as stored
+        o = split_attention(q, target_k, target_v, span_hi=bounds.cross_hi, max_span=bounds.cross_span,
+                            row_lo=bounds.cross_row_lo, row_hi=bounds.cross_row_hi)
+        return rearrange(o, "b h t d -> b t (h d)")
+
+    # The embedding is the target's frozen one (the ids come from the round's own pack or beam
+    # kernels: no host-side range check).
+    if _gemv_rows_ok([g.w[n] for n in ("wqkv", "wo", "wq_x", "wo_x", "w13", "w2")], tokens.numel(), tokens.device):
+        x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)
+        # 1. Self-attention. 2. Cross-attention (query projected + rotated only). 3. SwiGLU MLP.
+        q = kern.gemv_qkv_rope(x, g.w["wqkv"], g.w["bqkv"], cos, sin, cache.k, cache.v, rows,
+                               norm_weight=g.w["norm1"], eps=eps, check_rows=False)
+        x = kern.gemv(self_attention(q), g.w["wo"], residual=x)
+        q = kern.rope_q(kern.gemv(x, g.w["wq_x"], g.w["bq_x"], norm_weight=g.w["norm2"], eps=eps), cos, sin)
+        x = kern.gemv(cross_attention(q), g.w["wo_x"], residual=x)
+        return kern.gemv(kern.gemv_silu(x, g.w["w13"], norm_weight=g.w["norm3"], eps=eps), g.w["w2"], residual=x)
+    # 1. Self-attention over the sliding cache (+ the tree block)
+    h, x = kern.embed_rms_norm(tokens, fm.w["embed"], g.w["norm1"], eps, dtype=g.dtype, check_ids=False)
+    q = kern.rope_qkv_write(F.linear(h, g.w["wqkv"], g.w["bqkv"]), cos, sin, cache.k, cache.v, rows, check_rows=False)
+    h, x = kern.add_rms_norm(F.linear(self_attention(q), g.w["wo"]), x, g.w["norm2"], eps)
+    # 2. Cross-attention over the target's last-layer cache, as stored (query projected + rotated only).
+    q = kern.rope_q(F.linear(h, g.w["wq_x"], g.w["bq_x"]), cos, sin)
+    h, x = kern.add_rms_norm(F.linear(cross_attention(q), g.w["wo_x"]), x, g.w["norm3"], eps)
+    # 3. SwiGLU MLP.
+    return x + F.linear(kern.silu_mul(F.linear(h, g.w["w13"])), g.w["w2"])
