@@ -54,9 +54,10 @@ def graph_replay_ms(target, glide, shape, which="k1", reps: int = 50) -> list[fl
     device-driven round (its integers built on the device); [] when there is none."""
     cache = target.caches["main"]
     want = 1 if which == "k1" else "ahead"
-    rec = next(iter(g for key, g in glide._fast_state["graphs"].items()
-                    if key[3] == want and key[4] == shape and key[0] == cache.k[-1].data_ptr()
-                    and "fused" in key and cache.length_t.data_ptr() in key), None)  # graphs of the current cache only
+    graphs = glide.runtime.graphs if glide.runtime is not None else {}
+    rec = next(iter(g for key, g in graphs.items()
+                    if key.k == want and key.shape == shape and key.target_k_ptr == cache.k[-1].data_ptr()
+                    and key.fused and key.length_ptr == cache.length_t.data_ptr()), None)  # graphs of the current cache only
     if rec is None:
         return []
     length = cache.length_t.clone()
@@ -65,7 +66,7 @@ def graph_replay_ms(target, glide, shape, which="k1", reps: int = 50) -> list[fl
         cache.length_t.copy_(length)  # the replay compacts and advances the cache: start from the same row
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        rec["graph"].replay()
+        rec.graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))

@@ -26,6 +26,8 @@ The package, by job:
 * :mod:`.layer` -- :func:`glide_layer`, the draft layer on new tokens;
 * :mod:`.drafter` -- :class:`FastGlideDrafter`: the round body, its CUDA graphs, fused and
   device-driven rounds;
+* :mod:`.state` -- the drafter's state as typed records: a round's buffers, captured rounds and
+  their keys, the :class:`~.state.GlideRuntime` a :class:`FastGlide` keeps across calls;
 * :mod:`.decoders` -- :func:`tree_spec_generate`, :func:`spec_generate`.
 
 Every name is importable from ``specdec.fast.glide`` itself.
@@ -36,6 +38,7 @@ from specdec.fast.glide.weights import FastGlide, as_fast_glide, load_glide  # n
 from specdec.fast.glide.cache import GlideBounds, SlidingCache  # noqa: F401
 from specdec.fast.glide.packing import catch_up_glide_bounds, catch_up_segments, pack_ints, unpack_ints  # noqa: F401
 from specdec.fast.glide.layer import glide_layer  # noqa: F401
+from specdec.fast.glide.state import CapturedRound, GlideRuntime, GraphKey, RoundBuffers, Verify  # noqa: F401
 from specdec.fast.glide.drafter import FastGlideDrafter  # noqa: F401
 from specdec.fast.glide.decoders import spec_generate, tree_spec_generate  # noqa: F401
 from specdec.fast.engine import DeviceTree  # noqa: F401 -- kernels.beam's docstring names it here

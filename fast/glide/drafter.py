@@ -17,6 +17,7 @@ from specdec.fast.engine import DeviceTree, FastDrafter, FusedRound, RunAhead
 from specdec.fast.glide.cache import GlideBounds, SlidingCache
 from specdec.fast.glide.layer import glide_layer
 from specdec.fast.glide.packing import catch_up_glide_bounds, catch_up_segments, pack_ints, unpack_ints
+from specdec.fast.glide.state import AHEAD, CapturedRound, GlideRuntime, GraphKey, RoundBuffers, Verify
 from specdec.fast.glide.weights import FastGlide
 from specdec.fast.graphs import capture
 from specdec.fast.model import FastModel, _kernels
@@ -36,7 +37,8 @@ class FastGlideDrafter(FastDrafter, RunAhead):
     writing the tree's tokens, parents and ancestor mask in place, all on the device. Every integer
     the round needs (tokens, positions, cache rows, key ranges) is computed on the host and sent in
     ONE int32 copy (:meth:`_pack`). On CUDA the body is captured once per ``k`` as a CUDA graph
-    (the graphs live on the :class:`FastGlide` and are reused across calls); elsewhere it runs
+    (the graphs live in the :class:`FastGlide`'s :attr:`~FastGlide.runtime`, a
+    :class:`~specdec.fast.glide.state.GlideRuntime`, and are reused across calls); elsewhere it runs
     eagerly. Only the first round's long catch-up (the prompt) runs outside it, in window-sized
     chunks.
 
@@ -65,17 +67,14 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         self.target, self.glide = target, glide
         self.tree_shape = validate_tree_shape(tree_shape)
         # the sliding cache and the captured rounds persist on the glide object across calls
-        store = glide.__dict__.setdefault("_fast_state", {})
-        if "cache" not in store:
-            store["cache"] = SlidingCache(glide)
-            store["graphs"] = {}
-            store["depth"] = {}
-        self.cache, self.graphs, self._depth = store["cache"], store["graphs"], store["depth"]
+        if glide.runtime is None:
+            glide.runtime = GlideRuntime(SlidingCache(glide))
+        self.runtime: GlideRuntime = glide.runtime
+        self.cache, self.graphs, self._depth = self.runtime.cache, self.runtime.graphs, self.runtime.depth
         self.cache.n, self.cache.base = 0, 0
         self.processed = 0
         self.use_graphs = target.use_graphs and target.rope_table is not None
-        self._store = store
-        self._ahead_buf: dict | None = None  # the device-driven round of this call (graph or eager buffers)
+        self._ahead_buf: CapturedRound | None = None  # the device-driven round of this call (graph or eager buffers)
         self._seq_ready = False  # seq holds this call's tokens
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -129,11 +128,11 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         max_depth = [levels if depth_limit is None else depth_limit]
         return pack_ints(dict(segments, level_lo=level_lo, level_pos=level_pos, tree_rows=tree_rows, max_depth=max_depth))
 
-    def _round_body(self, buf: dict, shape: tuple[int, ...]) -> None:
-        """Catch-up of the last ``k`` tokens + the beam levels of ``shape``; writes buf['out_*'] (graph-capturable)."""
+    def _round_body(self, buf: RoundBuffers, shape: tuple[int, ...]) -> None:
+        """Catch-up of the last ``k`` tokens + the beam levels of ``shape``; writes buf.out_* (graph-capturable)."""
         dev, cache = self.glide.device, self.cache
-        tk, tv, span = buf["target_k"], buf["target_v"], buf["cross_span"]
-        u = unpack_ints(buf["pack"], buf["layout"])
+        tk, tv, span = buf.target_k, buf.target_v, buf.cross_span
+        u = unpack_ints(buf.pack, buf.layout)
         # 1. Catch up: the last k emitted tokens, root last; query at position t sees target rows < t.
         h = glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], tk, tv,
                         catch_up_glide_bounds(u, span))
@@ -169,14 +168,14 @@ class FastGlideDrafter(FastDrafter, RunAhead):
                             tree_mask=full[first : first + n, 1 : first + n][None])
             logprobs = self._logprobs(h[0])
             prev_first, prev_n, first = first, n, first + n
-        buf["out_tokens"], buf["out_parents"], buf["out_anc"] = out_tokens, out_parents, full
+        buf.out_tokens, buf.out_parents, buf.out_anc = out_tokens, out_parents, full
 
     def _prepare(self, state: RoundState, shape: tuple[int, ...] | None = None, depth_limit: int | None = None):
         """Host side of a round: catch up on the prompt (chunks), pack the round's integers.
 
         Returns ``(k, shape, pack, layout, target_k, target_v, key)``: the catch-up length, the tree
-        shape of this round (default: :meth:`_shape`), the packed integers, and the graph key (target
-        cache allocation, RoPE table, ``k``, shape).
+        shape of this round (default: :meth:`_shape`), the packed integers, and the
+        :class:`~specdec.fast.glide.state.GraphKey` (target cache allocation, RoPE table, ``k``, shape).
         """
         cache = self.cache
         L = state.target_cache.length
@@ -192,7 +191,8 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         self.processed = L + 1
         # one set of graphs per (target cache allocation, RoPE table): the graphs read both by address
         table = self.target.rope_table[0].data_ptr() if self.target.rope_table is not None else 0
-        return k, shape, pack, layout, target_k, target_v, (target_k.data_ptr(), tuple(target_k.shape), table, k, shape)
+        key = GraphKey(target_k.data_ptr(), tuple(target_k.shape), table, k, shape)
+        return k, shape, pack, layout, target_k, target_v, key
 
     def _levels_left(self, budget: int) -> int:
         """Levels a round may accept when ``budget`` tokens may still be emitted (one is the bonus token).
@@ -210,19 +210,19 @@ class FastGlideDrafter(FastDrafter, RunAhead):
                                                         device=self.glide.device)
         return depth_t
 
-    def _replay(self, g: dict, pack: list[int]) -> dict:
-        g["host"].numpy()[:] = pack  # pinned staging buffer: the previous round's copy has completed
-        g["buf"]["pack"].copy_(g["host"], non_blocking=True)
-        g["graph"].replay()
-        return g["buf"]
+    def _replay(self, g: CapturedRound, pack: list[int]) -> RoundBuffers:
+        g.host.numpy()[:] = pack  # pinned staging buffer: the previous round's copy has completed
+        g.buf.pack.copy_(g.host, non_blocking=True)
+        g.graph.replay()
+        return g.buf
 
-    def _capture_all(self, state: RoundState, key: tuple, shape, target_k, target_v, verify=None) -> None:
+    def _capture_all(self, state: RoundState, key: GraphKey, shape, target_k, target_v, verify: Verify | None = None) -> None:
         """Capture every catch-up length now (stand-in rounds on scratch rows), so no capture or kernel
-        compilation stalls a later round. ``key[:3] + (k,) + key[4:]`` names each graph."""
+        compilation stalls a later round. ``key._replace(k=k)`` names each graph."""
         L = state.target_cache.length
         pool = torch.cuda.graph_pool_handle()  # rounds never overlap: one memory pool for all
         for kk in range(1, len(self.tree_shape) + 2):
-            kkey = key[:3] + (kk,) + key[4:]
+            kkey = key._replace(k=kk)
             if kkey not in self.graphs:
                 self.graphs[kkey] = self._capture(*self._pack(state.tokens, L, kk, shape, scratch=True), shape,
                                                   target_k, target_v, pool, verify)
@@ -236,10 +236,9 @@ class FastGlideDrafter(FastDrafter, RunAhead):
                 self._capture_all(state, key, shape, target_k, target_v)
             buf = self._replay(self.graphs[key], pack)
         else:
-            buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "layout": layout, "target_k": target_k,
-                   "target_v": target_v, "cross_span": L + 1}
+            buf = RoundBuffers(torch.tensor(pack, dtype=torch.int32, device=dev), layout, target_k, target_v, cross_span=L + 1)
             self._round_body(buf, shape)
-        return Draft(buf["out_tokens"], DeviceTree(buf["out_parents"], self._depth_tensor(shape), buf["out_anc"]))
+        return Draft(buf.out_tokens, DeviceTree(buf.out_parents, self._depth_tensor(shape), buf.out_anc))
 
     def fused_round(self, state: RoundState, tree_size: int) -> FusedRound | None:
         """A whole greedy round -- draft, verification, acceptance and KV compaction -- as ONE CUDA graph.
@@ -263,39 +262,39 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         seq = self._sync_seq(state)
         k, shape, pack, layout, target_k, target_v, key = self._prepare(state, shape=shape, depth_limit=d)
         self._set_ctl(L + state.budget)
-        verify = (cache, self._depth_tensor(shape), seq)
+        verify = Verify(cache, self._depth_tensor(shape), seq)
         if not self.use_graphs:
-            buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=self.glide.device), "layout": layout,
-                   "target_k": target_k, "target_v": target_v, "cross_span": L + 1}
+            buf = RoundBuffers(torch.tensor(pack, dtype=torch.int32, device=self.glide.device), layout, target_k, target_v,
+                               cross_span=L + 1)
             self._body(buf, shape, verify)
             if self.ahead_rounds and self._ahead_buf is None:
                 self._ahead_buf = self._ahead_buffers(target_k, target_v, verify)
         else:
-            key = key + ("fused", cache.length_t.data_ptr(), seq.data_ptr())
+            key = key._replace(fused=True, length_ptr=cache.length_t.data_ptr(), seq_ptr=seq.data_ptr())
             if key not in self.graphs:
                 self._capture_all(state, key, shape, target_k, target_v, verify=verify)
             if self.ahead_rounds and L + 1 - (len(shape) + 1) >= self.cache.base:
-                akey = key[:3] + ("ahead",) + key[4:]
+                akey = key._replace(k=AHEAD)
                 if akey not in self.graphs:  # real rows of this length: see _capture
                     self.graphs[akey] = self._capture(None, None, shape, target_k, target_v, verify=verify, ahead=True)
                 self._ahead_buf = self.graphs[akey]
             buf = self._replay(self.graphs[key], pack)
-        return FusedRound(buf["packed"], buf["logits"], 1 + sum(shape[:d]))
+        return FusedRound(buf.packed, buf.logits, 1 + sum(shape[:d]))
 
     # -- device-driven rounds ------------------------------------------------------------------------
 
     def _sync_seq(self, state: RoundState) -> torch.Tensor:
         """The device copy of the sequence by position (int32, sized for the target cache); on the first
         fused round of a call it receives the host's tokens (prompt and first token)."""
-        cache, store = state.target_cache, self._store
+        cache, rt = state.target_cache, self.runtime
         key = (cache.k.data_ptr(), cache.capacity)
-        if "ctl" not in store:  # read by address by every device-driven graph: allocated once
-            store["ctl"] = torch.zeros(4, dtype=torch.int32, device=self.glide.device)
-            store["ctl_value"] = None
-        if store.get("seq_key") != key:
-            store["seq"] = torch.zeros(cache.capacity + 8, dtype=torch.int32, device=self.glide.device)
-            store["seq_key"] = key
-        seq = store["seq"]
+        if rt.ctl is None:  # read by address by every device-driven graph: allocated once
+            rt.ctl = torch.zeros(4, dtype=torch.int32, device=self.glide.device)
+            rt.ctl_value = None
+        if rt.seq_key != key:
+            rt.seq = torch.zeros(cache.capacity + 8, dtype=torch.int32, device=self.glide.device)
+            rt.seq_key = key
+        seq = rt.seq
         if not self._seq_ready:
             seq[: len(state.tokens)].copy_(torch.tensor(state.tokens, dtype=torch.int32))
             self._seq_ready = True
@@ -305,9 +304,9 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         """``ctl = [base, end]`` for :func:`specdec.fast.kernels.round_pack` (``end``: the cache length at
         which the call's budget is spent)."""
         value = (self.cache.base, end)
-        if self._store.get("ctl_value") != value:
-            self._store["ctl"].copy_(torch.tensor([*value, 0, 0], dtype=torch.int32))
-            self._store["ctl_value"] = value
+        if self.runtime.ctl_value != value:
+            self.runtime.ctl.copy_(torch.tensor([*value, 0, 0], dtype=torch.int32))
+            self.runtime.ctl_value = value
 
     def _ahead_recipe(self, shape: tuple[int, ...]) -> tuple[list[list[int]], dict]:
         """The :func:`specdec.fast.kernels.round_pack` recipe of a round that catches up on the last
@@ -342,19 +341,17 @@ class FastGlideDrafter(FastDrafter, RunAhead):
             fields.append(flat)
         return fields, layout
 
-    def _ahead_buffers(self, target_k, target_v, verify) -> dict:
-        """Static buffers of a device-driven round (its pack is filled on the device)."""
+    def _ahead_buffers(self, target_k, target_v, verify: Verify) -> CapturedRound:
+        """Static buffers of a device-driven round (its pack is filled on the device), run eagerly (no graph)."""
         fields, layout = self._ahead_recipe(self.tree_shape)
         dev = self.glide.device
-        return {"buf": {"pack": torch.zeros(len(fields[0]), dtype=torch.int32, device=dev), "layout": layout,
-                        "target_k": target_k, "target_v": target_v, "cross_span": target_k.shape[-2],
-                        "recipe": torch.tensor(fields, dtype=torch.int32, device=dev)},
-                "inputs": verify}
+        buf = RoundBuffers(torch.zeros(len(fields[0]), dtype=torch.int32, device=dev), layout, target_k, target_v,
+                           cross_span=target_k.shape[-2], recipe=torch.tensor(fields, dtype=torch.int32, device=dev))
+        return CapturedRound(buf, verify)
 
-    def _ahead_body(self, buf: dict, shape: tuple[int, ...], verify) -> None:
+    def _ahead_body(self, buf: RoundBuffers, shape: tuple[int, ...], verify: Verify) -> None:
         """A device-driven round: the pack from the cache length (one launch), then :meth:`_body`."""
-        tcache, _, seq = verify
-        _kernels().round_pack(buf["recipe"], seq, tcache.length_t, self._store["ctl"], buf["pack"])
+        _kernels().round_pack(buf.recipe, verify.seq, verify.target_cache.length_t, self.runtime.ctl, buf.pack)
         self._body(buf, shape, verify)
 
     def run_ahead(self) -> RunAhead | None:
@@ -373,11 +370,11 @@ class FastGlideDrafter(FastDrafter, RunAhead):
     def launch_ahead(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Launch a device-driven round (see the class docstring); returns its ``(packed, logits)``."""
         g = self._ahead_buf
-        if "graph" in g:
-            g["graph"].replay()
+        if g.graph is not None:
+            g.graph.replay()
         else:
-            self._ahead_body(g["buf"], self.tree_shape, g["inputs"])
-        return g["buf"]["packed"], g["buf"]["logits"]
+            self._ahead_body(g.buf, self.tree_shape, g.inputs)
+        return g.buf.packed, g.buf.logits
 
     def ahead_round_read(self, L: int, emitted: int, max_gen_len: int) -> int:
         """Host bookkeeping after reading a device-driven round that began at cache length ``L``: its
@@ -386,40 +383,41 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         self.cache.n = L + 1 - self.cache.base
         return 1 + sum(self.tree_shape[: self._levels_left(max_gen_len - emitted)])
 
-    def _body(self, buf: dict, shape: tuple[int, ...], verify=None) -> None:
-        """:meth:`_round_body`, then (with ``verify = (target cache, depth, seq)``) the verification and greedy
+    def _body(self, buf: RoundBuffers, shape: tuple[int, ...], verify: Verify | None = None) -> None:
+        """:meth:`_round_body`, then (with ``verify``: target cache, depth, seq) the verification and greedy
         acceptance of the drafted tree (:func:`specdec.fast.engine.verify_and_accept`); nodes deeper than
         the pack's ``max_depth`` can never be accepted."""
         from specdec.fast.engine import verify_and_accept
 
         self._round_body(buf, shape)
         if verify is not None:
-            tcache, depth, seq = verify
-            valid = depth <= buf["pack"][buf["layout"]["max_depth"][0]]
-            buf["logits"], buf["packed"] = verify_and_accept(self.target, tcache, buf["out_tokens"], buf["out_parents"],
-                                                             depth, buf["out_anc"], valid, seq=seq)
+            valid = verify.depth <= buf.pack[buf.layout["max_depth"][0]]
+            buf.logits, buf.packed = verify_and_accept(self.target, verify.target_cache, buf.out_tokens, buf.out_parents,
+                                                       verify.depth, buf.out_anc, valid, seq=verify.seq)
 
-    def _capture(self, pack: list[int] | None, layout: dict | None, shape, target_k, target_v, pool=None, verify=None,
-                 ahead: bool = False) -> dict:
+    def _capture(self, pack: list[int] | None, layout: dict | None, shape, target_k, target_v, pool=None,
+                 verify: Verify | None = None, ahead: bool = False) -> CapturedRound:
         """Capture :meth:`_body` for this catch-up length as a CUDA graph (static buffers).
 
         With ``verify`` the warm-up runs verify and compact too: the target rows and length they
         change are restored afterwards. ``ahead=True`` captures the device-driven round
         (:meth:`_ahead_body`) instead: its warm-up works on the real last ``levels + 1`` positions,
         re-writing their draft K/V rows with the values they get anyway.
+        The warm-up and the capture are :func:`specdec.fast.graphs.capture` (side stream, twice, then
+        the capture into ``pool``).
         """
         dev = self.glide.device
         if ahead:
-            buf = self._ahead_buffers(target_k, target_v, verify)["buf"]
+            buf = self._ahead_buffers(target_k, target_v, verify).buf
             body = lambda: self._ahead_body(buf, shape, verify)  # noqa: E731
-        else:
-            buf = {"pack": torch.tensor(pack, dtype=torch.int32, device=dev), "layout": layout, "target_k": target_k,
-                   "target_v": target_v, "cross_span": target_k.shape[-2]}  # the split count must hold for any length
+        else:  # cross_span: the split count must hold for any length
+            buf = RoundBuffers(torch.tensor(pack, dtype=torch.int32, device=dev), layout, target_k, target_v,
+                               cross_span=target_k.shape[-2])
             body = lambda: self._body(buf, shape, verify)  # noqa: E731
-        restored = verify[0].restored_tree_rows(1 + sum(shape)) if verify is not None else contextlib.nullcontext()
+        restored = verify.target_cache.restored_tree_rows(1 + sum(shape)) if verify is not None else contextlib.nullcontext()
         with restored:
             # warm-up twice: compiles kernels (writes the same K/V rows again: harmless)
             graph, _ = capture(body, device=dev, warmup=2, pool=pool)
         # the graph reads every tensor it was captured with by address: keep the inputs made outside it alive
         host = torch.empty(len(pack) if pack is not None else 1, dtype=torch.int32).pin_memory()
-        return {"graph": graph, "buf": buf, "inputs": verify, "host": host}
+        return CapturedRound(buf, verify, graph, host)

@@ -9,11 +9,15 @@ values are the target's last-layer cache).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from specdec.fast.model import as_fast_model
 from specdec.shared.glide import Glide, GlideConfig, load_glide_weights
+
+if TYPE_CHECKING:
+    from specdec.fast.glide.state import GlideRuntime
 
 __all__ = ["FastGlide", "as_fast_glide", "load_glide"]
 
@@ -25,6 +29,11 @@ class FastGlide:
     config: GlideConfig
     w: dict[str, torch.Tensor]
     source: str = ""
+    runtime: GlideRuntime | None = field(default=None, repr=False, compare=False)
+    """What the fast drafter keeps across generate calls on these weights -- the sliding cache and the
+    captured CUDA graphs of its rounds (:class:`~specdec.fast.glide.state.GlideRuntime`), so a second
+    call replays the first call's graphs. None until the first
+    :class:`~specdec.fast.glide.drafter.FastGlideDrafter` on it."""
 
     @property
     def window(self) -> int:
