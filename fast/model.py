@@ -33,7 +33,7 @@ from einops import rearrange
 
 from specdec.fast.graphs import capture
 from specdec.shared.config import ModelConfig
-from specdec.shared.rope import rope_cos_sin
+from specdec.shared.rope import apply_rope, rope_cos_sin
 from specdec.shared.weights import Model, load_checkpoint, model_from_hf, resolve_dtype
 
 __all__ = ["FastModel", "StaticKVCache", "alloc_cache", "load_model", "as_fast_model", "step_forward", "prefill", "run_step", "commit", "MAX_TREE_NODES"]
@@ -241,20 +241,13 @@ def load_model(path, dtype: torch.dtype | str = torch.bfloat16, device: torch.de
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Same arithmetic as :func:`specdec.ref.model.rms_norm` (one Triton kernel on CUDA, torch on CPU)."""
+    """Same arithmetic as :func:`specdec.ref.model.rms_norm` (one Triton kernel on CUDA, torch on CPU:
+    the norm of the unfused CPU prefill)."""
     if x.is_cuda:
         return _kernels().rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] rotated by cos/sin [B, T, D]; matches :func:`specdec.shared.rope.apply_rope` (unfused path)."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
 
 
 def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,11 +291,11 @@ def _rope_write(fm: FastModel, i: int, qkv: torch.Tensor, cos, sin, cache: Stati
     q = rearrange(q, "b t (h d) -> b h t d", d=c.head_dim)
     k = rearrange(k, "b t (h d) -> b h t d", d=c.head_dim)
     v = rearrange(v, "b t (h d) -> b h t d", d=c.head_dim)
-    k = _rope(k, cos, sin)
+    k = apply_rope(k, cos, sin)  # cos/sin [B, T, D]
     for bi in range(qkv.shape[0]):  # cache[i, b, :, rows[b, j]] = k[b, :, j]
         cache.k[i, bi].index_copy_(1, rows[bi].long(), k[bi])
         cache.v[i, bi].index_copy_(1, rows[bi].long(), v[bi])
-    return _rope(q, cos, sin)
+    return apply_rope(q, cos, sin)
 
 
 def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,19 +314,13 @@ def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fu
         d = F.linear(kern.silu_mul(F.linear(h, w[p + "w13"])), w[p + "w2"])
         return kern.add_rms_norm(d, x, next_norm, eps)
     x = x + o
-    gate, up = F.linear(_rms_norm_torch(x, w[p + "mlp_norm"], eps), w[p + "w13"]).chunk(2, dim=-1)
+    gate, up = F.linear(rms_norm(x, w[p + "mlp_norm"], eps), w[p + "w13"]).chunk(2, dim=-1)
     x = x + F.linear(F.silu(gate) * up, w[p + "w2"])
-    return _rms_norm_torch(x, next_norm, eps), x
-
-
-def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return rms_norm(x, next_norm, eps), x
 
 
 def _first_norm(fm: FastModel, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    norm = _kernels().rms_norm if fused else _rms_norm_torch
+    norm = _kernels().rms_norm if fused else rms_norm
     return norm(x, fm.w["layers.0.attn_norm"], fm.config.rms_norm_eps)
 
 
