@@ -18,6 +18,10 @@ One round, step by step:
    the extra token is the root of the next round.
 
 The loop stops after the first EOS or once ``max_gen_len`` tokens were emitted.
+
+``sampling="keyed"`` (temperature > 0): the first token is the keyed choice at position T (the
+prompt length) and step 3 is the greedy rule on the target's rows perturbed by the keyed noise
+(row u at position ``L + depth(u) + 1``), so the output is exactly vanilla keyed sampling's.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import torch
 
 from specdec.ref.model import KVCache, Model, forward_step, new_cache
 from specdec.shared.result import GenerationResult, normalize_eos, sync
+from specdec.shared.keyed import resolve_sampling, sample_next
 from specdec.shared.round import Draft, Drafter, RoundRecord, RoundState, accept_draft
-from specdec.shared.sampling import SamplingParams, sample
+from specdec.shared.sampling import SamplingParams
 from specdec.shared.validate import check_batch_one, check_generator, check_prompt
 
 __all__ = ["Draft", "RoundState", "Drafter", "RoundRecord", "verify_tree", "accept_draft", "run_speculative"]
@@ -62,12 +67,16 @@ def run_speculative(
     first_target: bool = True,
     skip_sample_adjustment: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
-    """The speculative decoding loop around any drafter (batch size 1)."""
-    params = SamplingParams(temperature, top_k, top_p)
+    """The speculative decoding loop around any drafter (batch size 1). ``sampling`` and ``seed`` as in
+    :func:`specdec.ref.vanilla.vanilla_generate`; the drafter sees the resolved seed in ``state.params``."""
+    params = SamplingParams(temperature, top_k, top_p, sampling, seed)
     prompt = check_prompt(input_ids, prompt_length, max_gen_len, target.config, device=target.device)
     check_batch_one(prompt, method)
     check_generator(generator)
+    params, generator = resolve_sampling(params, generator, target.device)
     eos = set(normalize_eos(eos_id, target.config.eos_token_ids, target.config.vocab_size))
     tokens: list[int] = prompt[0].tolist()
     cache = new_cache(target, 1)
@@ -82,7 +91,7 @@ def run_speculative(
     if first_target:
         logits = forward_step(target, prompt, cache)
         last_logits = logits[0, -1]
-        first = int(sample(last_logits, params.temperature, params.top_k, params.top_p, generator))
+        first = int(sample_next(last_logits, params, generator, prompt.shape[1]))  # the token at position T
         tokens.append(first)
         emitted.append(first)
         spec.append(False)
@@ -105,7 +114,7 @@ def run_speculative(
         logits = verify_tree(target, cache, draft)
         num += 1
         # 3. Accept a path and one more token.
-        path, next_token = accept_draft(draft, logits, params, generator, skip_sample_adjustment)
+        path, next_token = accept_draft(draft, logits, params, generator, skip_sample_adjustment, root_position=L)
         # 4. Compact the KV cache: verified prefix + the accepted path's rows, in every layer.
         keep = torch.cat([torch.arange(L), L + torch.tensor(path)]).to(target.device)
         cache.keep(keep)

@@ -39,6 +39,13 @@ A round (``tree_shape = (4, 16, 16, 16, 16)``):
 Sampling (temperature > 0): the candidates are *deterministic* (argmax / beam of the draft), so
 the engine applies the deterministic-candidate tree rule (try children in order, accept child c with
 probability p(c), else zero it and renormalise) -- exactly lossless; no draft ``q`` is needed.
+
+Keyed sampling (``sampling="keyed"``, temperature > 0): the beam is ranked by *perturbed* draft
+scores -- the draft's processed log-probabilities plus the keyed noise of the position each
+candidate token would take (:func:`specdec.shared.keyed.perturbed_logprobs`; the root's children
+at L + 1, a depth-d node's children at L + d + 1) -- so a chain is the draft's keyed choice at
+every step, and the target accepts a draft iff it is its own keyed choice there: the output is
+exactly vanilla keyed sampling's.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from specdec.ref.attention import masked_attention
 from specdec.ref.engine import run_speculative
 from specdec.ref.model import Model, embed, linear, rms_norm, swiglu_mlp
 from specdec.shared.glide import GLIDE_WINDOW, Glide, GlideConfig, beam_level, load_glide_weights
+from specdec.shared.keyed import perturbed_logprobs
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundRecord, RoundState
 from specdec.shared.rope import apply_rope, rope_cos_sin
@@ -267,6 +275,16 @@ class GlideDrafter:
         self.processed = L + 1
         return hidden
 
+    @staticmethod
+    def _scores(logits: torch.Tensor, state: RoundState, position: int) -> torch.Tensor:
+        """What the beam ranks for the tokens after a level's nodes [n, V]: the draft's log-probs, or in
+        keyed mode its processed log-probs plus the keyed noise of the children's ``position``."""
+        p = state.params
+        if not p.keyed:
+            return torch.log_softmax(logits, dim=-1)
+        pos = torch.full(logits.shape[:1], position, dtype=torch.long, device=logits.device)
+        return perturbed_logprobs(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos)
+
     def propose(self, state: RoundState) -> Draft:
         dev, window = self.glide.device, self.glide.window
         L = state.target_cache.length
@@ -274,7 +292,7 @@ class GlideDrafter:
 
         # 1. Catch up on the emitted tokens and run the root: draft log-probs for the next token.
         root_hidden = self._catch_up(state.tokens, target_k, target_v)
-        logprobs = torch.log_softmax(glide_logits(self.target, root_hidden[None]), dim=-1)  # [1, V]
+        logprobs = self._scores(glide_logits(self.target, root_hidden[None]), state, L + 1)  # [1, V]
 
         # No more levels than could still be emitted (the extra token always is).
         depth = min(len(self.tree_shape), state.max_drafts)
@@ -312,7 +330,7 @@ class GlideDrafter:
             h, k, v = glide_layer(self.target, self.glide, new_tokens.to(dev)[None], pos, past_k, past_v, self_mask, target_k, target_v, cross_mask)
             tree_k = k if tree_k is None else torch.cat([tree_k, k], dim=2)
             tree_v = v if tree_v is None else torch.cat([tree_v, v], dim=2)
-            logprobs = torch.log_softmax(glide_logits(self.target, h[0]), dim=-1)  # [n, V]
+            logprobs = self._scores(glide_logits(self.target, h[0]), state, L + level + 2)  # [n, V]
 
         return Draft(torch.tensor(tokens, dtype=torch.long), Tree.from_parents(parents))
 
@@ -335,18 +353,21 @@ def tree_spec_generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
     """GLIDE beam-tree speculative decoding (LongSpec). ``tree_shape`` = nodes per level
     (None = the default ``(4, 16, 16, 16, 16)``: 68 drafts + root = 69 verified positions).
 
     Lossless: greedy output equals :func:`specdec.ref.vanilla_generate`; with temperature > 0 the
-    deterministic-candidate rule keeps the target distribution exactly. Returns a
-    :class:`GenerationResult` (unpacks as ``output_ids, count, num, elapsed_time, spec_mask``).
+    deterministic-candidate rule keeps the target distribution exactly; ``sampling="keyed"`` with a
+    ``seed`` gives exactly vanilla's keyed tokens (the beam ranked by keyed-perturbed draft scores).
+    Returns a :class:`GenerationResult` (unpacks as ``output_ids, count, num, elapsed_time, spec_mask``).
     """
     shape = validate_tree_shape((4, 16, 16, 16, 16) if tree_shape is None else tree_shape)
     drafter = GlideDrafter(target, glide, shape)
     return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                           generator, method="tree_spec_generate", on_round=on_round)
+                           generator, method="tree_spec_generate", on_round=on_round, sampling=sampling, seed=seed)
 
 
 def spec_generate(
@@ -362,13 +383,16 @@ def spec_generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
-    """GLIDE chain speculative decoding: ``gamma`` drafts per round, each the draft's argmax
-    (the beam tree with ``tree_shape = (1,) * gamma``); verification as in :func:`tree_spec_generate`."""
+    """GLIDE chain speculative decoding: ``gamma`` drafts per round, each the draft's argmax (keyed:
+    the draft's keyed choice) -- the beam tree with ``tree_shape = (1,) * gamma``; verification,
+    ``sampling`` and ``seed`` as in :func:`tree_spec_generate`."""
     check_positive_int("gamma", gamma)
     drafter = GlideDrafter(target, glide, (1,) * gamma)
     return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                           generator, method="spec_generate", on_round=on_round)
+                           generator, method="spec_generate", on_round=on_round, sampling=sampling, seed=seed)
 
 
 __all__ += ["GLIDE_WINDOW"]

@@ -53,6 +53,8 @@ def logitspec_generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     first_target: bool = True,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
     """LogitSpec decoding of ``input_ids[:, :prompt_length]`` (batch size 1), greedy or sampling (lossless).
 
@@ -66,4 +68,4 @@ def logitspec_generate(
     check_positive_int("draft_tree_capacity", draft_tree_capacity)
     drafter = LogitSpecDrafter(max_ngram_size, num_pred_tokens, draft_tree_capacity)
     return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                           generator, method="LogitSpec", first_target=first_target)
+                           generator, method="LogitSpec", first_target=first_target, sampling=sampling, seed=seed)

@@ -19,6 +19,10 @@ One round, step by step (L = verified cache length, the root sits at position L)
 4. The engine verifies root + drafts with the FULL cache in one pass; greedy match, or
    Leviathan/Chen rejection sampling with ``q`` (lossless), then compacts the KV of every layer.
 
+``sampling="keyed"`` (temperature > 0): step 2 proposes the keyed choice of the compressed view's
+logits at each draft position (no ``q``) and step 4 accepts a draft iff it is the full target's keyed
+choice there, so the output is exactly vanilla keyed sampling's.
+
 If ``sink_tokens + window >= L`` the compressed view is the whole cache, the draft equals the
 target and every draft is accepted (up to float round-off between one-token and many-token passes).
 
@@ -35,6 +39,7 @@ import torch
 
 from specdec.ref.engine import run_speculative
 from specdec.ref.model import KVCache, Model, forward_step
+from specdec.shared.keyed import keyed_choice
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundRecord, RoundState
 from specdec.shared.sampling import logits_to_probs, sample_from_probs
@@ -69,13 +74,16 @@ class MagicDecDrafter:
             logits = forward_step(target, torch.tensor([[tokens[-1]]], device=dev), scratch, positions=torch.tensor([L + i], device=dev))[0, -1]
             if p.greedy:
                 tokens.append(int(torch.argmax(logits)))
+            elif p.keyed:  # the compressed view's own keyed choice for position L + i + 1
+                pos = torch.tensor(L + i + 1, device=dev)
+                tokens.append(int(keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos)))
             else:
                 q = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
                 tokens.append(int(sample_from_probs(q, state.generator)))
                 qs.append(q)
 
         # 3. The scratch cache is dropped here; the engine verifies with the full cache.
-        q = torch.stack(qs) if not p.greedy and gamma > 0 else None
+        q = torch.stack(qs) if not p.greedy and not p.keyed and gamma > 0 else None
         return Draft(torch.tensor(tokens, dtype=torch.long), Tree.chain(gamma), q)
 
 
@@ -93,12 +101,15 @@ def magicdec_generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
     """MagicDec self-speculative decoding (Llama and Qwen2 targets; see the module docstring).
 
     Greedy output equals :func:`specdec.ref.vanilla_generate`; sampling is lossless (chain rejection
-    sampling with the compressed view's processed distribution ``q``).
+    sampling with the compressed view's processed distribution ``q``). ``sampling="keyed"`` with a
+    ``seed``: exactly :func:`specdec.ref.vanilla_generate`'s keyed tokens for that seed.
     """
     drafter = MagicDecDrafter(gamma, sink_tokens, window)
     return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                           generator, method="magicdec_generate", on_round=on_round)
+                           generator, method="magicdec_generate", on_round=on_round, sampling=sampling, seed=seed)

@@ -38,6 +38,8 @@ def pld_generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
     """Prompt lookup decoding of ``input_ids[:, :prompt_length]`` (batch size 1).
 
@@ -48,4 +50,4 @@ def pld_generate(
     check_ngram_args(max_ngram_size, num_pred_tokens)
     drafter = PromptLookupDrafter(max_ngram_size, num_pred_tokens)
     return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                           generator, method="prompt lookup decoding")
+                           generator, method="prompt lookup decoding", sampling=sampling, seed=seed)

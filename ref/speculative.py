@@ -19,6 +19,11 @@ One round, read top to bottom:
    ``x_i`` with probability ``min(1, p(x_i) / q(x_i))`` and on the first rejection draws from
    ``norm(max(p - q, 0))``; if all drafts pass, a bonus token comes from ``p``.
 
+``sampling="keyed"`` (temperature > 0): step 2 proposes the keyed choice of the DRAFT's logits at
+each draft position (:func:`specdec.shared.keyed.keyed_choice`, the same noise the target's row for
+that position gets), no ``q``; step 3 accepts a draft iff it is the target's keyed choice there
+(:func:`specdec.shared.round.accept_draft`). The output is exactly vanilla keyed sampling's.
+
 ``skip_sample_adjustment=True`` draws a rejected position from ``p`` instead of the residual
 ``norm(max(p - q, 0))``, as the romsto seed allows. **This is LOSSY**: tokens the draft likes
 too much get extra probability. It exists only to compare against the correct rule.
@@ -31,6 +36,7 @@ from einops import rearrange
 
 from specdec.ref.engine import run_speculative
 from specdec.ref.model import Model, forward_step, new_cache
+from specdec.shared.keyed import keyed_choice
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundState
 from specdec.shared.sampling import logits_to_probs, sample_from_probs
@@ -72,19 +78,25 @@ class DraftModelDrafter:
         logits = self._catch_up(state.tokens)
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
+        root_pos = len(state.tokens) - 1  # the root's absolute position L
         # Step 2: draft gamma tokens, each from the processed draft distribution q.
         for i in range(gamma):
-            q = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)  # greedy: one-hot argmax
-            x = int(torch.argmax(q)) if p.greedy else int(sample_from_probs(q, state.generator))
-            drafts.append(x)
-            qs.append(q)
+            if p.keyed:  # the draft's own keyed choice at position L + 1 + i; no q needed
+                pos = torch.tensor(root_pos + 1 + i, device=logits.device)
+                x = int(keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos))
+                drafts.append(x)
+            else:
+                q = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)  # greedy: one-hot argmax
+                x = int(torch.argmax(q)) if p.greedy else int(sample_from_probs(q, state.generator))
+                drafts.append(x)
+                qs.append(q)
             if i + 1 < gamma:  # the last draft's logits are never needed
                 step = torch.tensor([[x]], dtype=torch.long, device=self.model.device)
                 logits = forward_step(self.model, step, self.cache)[0, -1]
                 self.cached.append(x)
         # The root's row of q is never used (the root is not a draft); keep it zero.
         vocab = self.model.config.vocab_size
-        q_all = torch.stack([torch.zeros(vocab, device=self.model.device)] + qs)
+        q_all = None if p.keyed else torch.stack([torch.zeros(vocab, device=self.model.device)] + qs)
         tokens = torch.tensor([state.tokens[-1]] + drafts, dtype=torch.long)
         return Draft(tokens=tokens, tree=Tree.chain(len(drafts)), q=q_all)
 
@@ -103,6 +115,8 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     first_target: bool = True,
     skip_sample_adjustment: bool = False,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
     """Speculative decoding of ``input_ids[:, :prompt_length]`` (batch size 1) with a draft model.
 
@@ -116,7 +130,10 @@ def speculative_generate(
         generator: torch.Generator for every random draw (drafts, acceptance, corrections).
         first_target: the target picks the first token from the prompt before drafting starts
             (default); otherwise the first round drafts right after the prompt.
-        skip_sample_adjustment: LOSSY, see the module docstring. Default False.
+        skip_sample_adjustment: LOSSY, see the module docstring. Default False (no effect when keyed).
+        sampling: ``"rejection"`` (default) or ``"keyed"``: position-keyed sampling, the output equals
+            :func:`specdec.ref.vanilla_generate` with the same ``sampling="keyed"`` and ``seed``.
+        seed: the key of keyed sampling (None: the generator's initial seed, else torch's global RNG).
 
     Returns:
         :class:`~specdec.shared.result.GenerationResult` (``output_ids, count, num, elapsed_time, spec_mask``).
@@ -127,4 +144,5 @@ def speculative_generate(
     return run_speculative(
         target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p, generator,
         method="speculative decoding", first_target=first_target, skip_sample_adjustment=skip_sample_adjustment,
+        sampling=sampling, seed=seed,
     )

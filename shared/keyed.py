@@ -18,28 +18,33 @@ The hash is 32-bit integer arithmetic carried in int64 tensors (every intermedia
 2^63, so it is exact and identical on every device); the uniform is ``(h + 0.5) / 2^32`` and the
 noise ``-log(-log(u))`` in float64, rounded once to float32. Ties in the argmax go to the lowest
 index (``torch.argmax``).
+
+The decoders (``sampling="keyed"``, :class:`specdec.shared.sampling.SamplingParams`) use it like this:
+
+* the key is resolved once per call (:func:`resolve_seed`): an explicit ``seed``, else the
+  generator's ``initial_seed()``, else one draw from torch's global RNG;
+* vanilla decoding takes the token at position t of batch row b as :func:`keyed_choice` with
+  ``seq_id=b``, ``positions=t`` (:func:`sample_next`); a speculative decoder (batch size 1) is
+  sequence 0;
+* verification perturbs the target's row of node u with position ``L + depth(u) + 1`` and applies
+  the greedy rule (:func:`specdec.shared.round.accept_draft`);
+* drafters that have logits of their own (draft model, MagicDec, the reference GLIDE) propose the
+  keyed choice of their own logits at the same positions, so they guess right whenever their
+  processed distribution ranks like the target's under the same noise.
 """
 
 from __future__ import annotations
 
 import torch
 
-from specdec.shared.sampling import process_logits
+from dataclasses import replace
 
-__all__ = ["check_seed", "gumbel_noise", "keyed_choice", "perturbed_logits"]
+from specdec.shared.sampling import SamplingParams, check_seed, process_logits, sample
+
+__all__ = ["check_seed", "gumbel_noise", "keyed_choice", "perturbed_logits", "perturbed_logprobs", "resolve_seed",
+           "resolve_sampling", "sample_next"]
 
 _MASK32 = 0xFFFFFFFF
-
-
-def check_seed(seed) -> int:
-    """``seed`` validated: a Python int (or a 0-d integer tensor) in [0, 2^63)."""
-    if isinstance(seed, torch.Tensor) and seed.dim() == 0 and not seed.is_floating_point() and seed.dtype != torch.bool:
-        seed = int(seed)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return seed
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -59,13 +64,22 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _hash32_int(x: int) -> int:
+    """:func:`_hash32` on one Python int (host arithmetic, the same bits; no tensor launches)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
 def _key32(seed: int, seq_id: int) -> int:
     """The (seed, sequence id) part of the key, folded to 32 bits on the host."""
-    k = torch.tensor([seed & _MASK32, (seed >> 32) & _MASK32, seq_id & _MASK32, (seq_id >> 32) & _MASK32], dtype=torch.int64)
-    h = torch.zeros((), dtype=torch.int64)
-    for part in k:
-        h = _hash32(h ^ part)
-    return int(h)
+    h = 0
+    for part in (seed & _MASK32, (seed >> 32) & _MASK32, seq_id & _MASK32, (seq_id >> 32) & _MASK32):
+        h = _hash32_int(h ^ part)
+    return h
 
 
 def gumbel_noise(seed: int, seq_id: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -102,3 +116,64 @@ def keyed_choice(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
     return torch.argmax(perturbed_logits(logits, temperature, top_k, top_p, seed, seq_id, positions), dim=-1)
+
+
+def perturbed_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int, seq_id: int,
+                       positions: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(process_logits(logits)) + g`` [..., V] (fp32): a drafter's processed log-probabilities
+    plus the keyed noise of ``positions`` [...]. Its argmax is :func:`keyed_choice` (up to fp32 round-off of
+    the shift); a beam ranked by cumulative sums of it is the GLIDE keyed beam (ref/glide.py)."""
+    if temperature <= 0:
+        raise ValueError(f"keyed sampling needs temperature > 0 (temperature 0 is greedy), got {temperature}")
+    logp = torch.log_softmax(process_logits(logits.float(), temperature, top_k, top_p), dim=-1)
+    return logp + gumbel_noise(seed, seq_id, positions.to(logits.device), logits.shape[-1])
+
+
+def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    """The key of one keyed decoding call: ``seed`` when given (validated); else the generator's
+    ``initial_seed()`` (folded into [0, 2^63)); else ONE draw from torch's global RNG, so
+    ``torch.manual_seed(n)`` makes the call reproducible.
+
+    The generator's *initial* seed does not change as the generator is used: passing the same
+    generator to several keyed calls gives the same key (the same output) each time. Pass
+    ``seed=`` explicitly to vary it.
+    """
+    if seed is not None:
+        return check_seed(seed)
+    if generator is not None:
+        return int(generator.initial_seed()) & (2**63 - 1)
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def resolve_sampling(params: SamplingParams, generator: torch.Generator | None,
+                     device: torch.device | str | None = None) -> tuple[SamplingParams, torch.Generator | None]:
+    """Once per decoding call, before anything is drawn: the parameters and generator the call uses.
+
+    * keyed (``params.keyed``): ``params`` with the resolved seed (:func:`resolve_seed`); the
+      generator is returned unchanged and never drawn from.
+    * rejection with temperature > 0 and an explicit ``seed``: a fresh generator on ``device``
+      seeded with it (the seed wins over ``generator``), so ``seed=`` is reproducible in both modes.
+    * otherwise (greedy, or no seed): exactly what was passed -- nothing is drawn, nothing changes.
+    """
+    if params.keyed:
+        return replace(params, seed=resolve_seed(params.seed, generator)), generator
+    if params.seed is not None and not params.greedy:
+        return params, torch.Generator(device=device if device is not None else "cpu").manual_seed(params.seed)
+    return params, generator
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, position: int) -> torch.Tensor:
+    """The token at absolute ``position`` from ``logits`` [B, V] (row b = sequence b) -> [B], or [V]
+    (sequence 0) -> 0-d: the keyed choice when ``params.keyed`` (``params.seed`` resolved), else
+    :func:`specdec.shared.sampling.sample` with ``generator`` (greedy at temperature 0)."""
+    if not params.keyed:
+        return sample(logits, params.temperature, params.top_k, params.top_p, generator)
+    if params.seed is None:
+        raise ValueError("keyed sampling needs a resolved seed (resolve_sampling first)")
+    pos = torch.tensor(int(position), dtype=torch.long, device=logits.device)
+    p = params
+    if logits.dim() == 1:
+        return keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos)
+    rows = logits.reshape(-1, logits.shape[-1])
+    out = torch.stack([keyed_choice(row, p.temperature, p.top_k, p.top_p, p.seed, b, pos) for b, row in enumerate(rows)])
+    return out.reshape(logits.shape[:-1])

@@ -12,7 +12,8 @@ forward pass:
 * :class:`Drafter` -- the protocol every drafter implements (``propose``);
 * :class:`RoundRecord` -- what one round did (notebooks, tests, the bench's histograms);
 * :func:`accept_draft` -- step 3 of a round on the host: pick the acceptance rule of
-  :mod:`specdec.shared.acceptance` that fits the sampling parameters and the draft.
+  :mod:`specdec.shared.acceptance` that fits the sampling parameters and the draft (keyed
+  sampling: the greedy rule on the keyed-perturbed target logits).
 
 ``RoundState.target`` and ``RoundState.target_cache`` are whatever model and cache the path
 uses (the reference's ``Model`` and ``KVCache``, the fast path's ``FastModel`` and
@@ -27,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from specdec.shared.acceptance import chain_rejection_accept, greedy_accept, tree_sampling_accept
+from specdec.shared.keyed import perturbed_logits
 from specdec.shared.sampling import SamplingParams, logits_to_probs
 from specdec.shared.tree import Tree
 
@@ -103,14 +105,28 @@ class RoundRecord:
 
 
 def accept_draft(draft: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                 skip_sample_adjustment: bool = False) -> tuple[list[int], int]:
+                 skip_sample_adjustment: bool = False, root_position: int | None = None) -> tuple[list[int], int]:
     """Step 3 of a round: pick the acceptance rule and apply it.
 
     ``draft.tree`` must be a host :class:`~specdec.shared.tree.Tree`; ``logits`` [M, V] are the
     target's rows for the M nodes. Returns (accepted path of node indices, next token).
+
+    Rules: greedy (temperature 0) -> :func:`greedy_accept`; keyed sampling (``params.keyed``) ->
+    :func:`greedy_accept` on the target's rows perturbed by the keyed noise of sequence 0, row u at
+    position ``root_position + depth(u) + 1`` (``root_position`` = L, the root's position = the
+    verified cache length; required here): a draft is accepted iff it is the target's keyed choice
+    at its position, and the next token is the keyed choice after the accepted node, so the output
+    is vanilla keyed sampling's by construction (``q`` and ``skip_sample_adjustment`` play no part);
+    otherwise chain rejection sampling with ``draft.q``, or the deterministic-candidate tree rule.
     """
     if params.greedy:
         return greedy_accept(draft.tree, draft.tokens.to(logits.device), logits)
+    if params.keyed:
+        if root_position is None or params.seed is None:
+            raise ValueError("keyed acceptance needs the root's position (root_position) and a resolved seed (params.seed)")
+        positions = torch.tensor(draft.tree.depth, dtype=torch.long, device=logits.device) + (int(root_position) + 1)
+        perturbed = perturbed_logits(logits, params.temperature, params.top_k, params.top_p, params.seed, 0, positions)
+        return greedy_accept(draft.tree, draft.tokens.to(logits.device), perturbed)
     p = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
     if draft.q is not None:
         # A chain sampled from a draft model: Leviathan/Chen rejection sampling with q.

@@ -7,6 +7,12 @@ The processed distribution used everywhere (target p and draft q alike) is::
 with top-k and top-p defined exactly as ``transformers``' ``TopKLogitsWarper`` and
 ``TopPLogitsWarper``. ``temperature == 0`` means greedy: argmax of the *raw* logits (the lowest
 index wins ties, as ``torch.argmax``).
+
+How a sample is drawn (:attr:`SamplingParams.sampling`): ``"rejection"`` (the default) draws with
+``torch.multinomial`` from a ``torch.Generator`` and verifies drafts with the rejection rules of
+:mod:`specdec.shared.acceptance`; ``"keyed"`` takes the token at absolute position t as the
+Gumbel-max choice keyed by (seed, sequence, t) (:mod:`specdec.shared.keyed`), so every decoder
+emits exactly vanilla's tokens for the same seed (docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ import torch
 
 __all__ = [
     "SamplingParams",
+    "SAMPLING_MODES",
     "check_sampling_args",
+    "check_sampling_mode",
+    "check_seed",
     "apply_temperature",
     "top_k_filter",
     "top_p_filter",
@@ -55,20 +64,63 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
+SAMPLING_MODES = ("rejection", "keyed")
+"""The values of ``sampling``: ``"rejection"`` (multinomial draws + rejection-sampling verification, the
+default) and ``"keyed"`` (position-keyed Gumbel-max sampling, :mod:`specdec.shared.keyed`)."""
+
+
+def check_seed(seed) -> int:
+    """``seed`` validated: a Python int (or a 0-d integer tensor) in [0, 2^63)."""
+    if isinstance(seed, torch.Tensor) and seed.dim() == 0 and not seed.is_floating_point() and seed.dtype != torch.bool:
+        seed = int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def check_sampling_mode(sampling, seed) -> int | None:
+    """Raise TypeError / ValueError for a bad ``sampling`` mode (one of :data:`SAMPLING_MODES`) or ``seed``
+    (None, or an int in [0, 2^63)); returns the seed as a Python int (or None)."""
+    if not isinstance(sampling, str):
+        raise TypeError(f"sampling must be a str, one of {list(SAMPLING_MODES)}, got {type(sampling).__name__}")
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {list(SAMPLING_MODES)}, got {sampling!r}")
+    return None if seed is None else check_seed(seed)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature (0 = greedy), top_k (0 = off), top_p (1 = off)."""
+    """temperature (0 = greedy), top_k (0 = off), top_p (1 = off), how to sample and the seed.
+
+    ``sampling``: ``"rejection"`` (default; today's multinomial draws from the ``generator`` and
+    rejection-sampling verification) or ``"keyed"`` (position-keyed Gumbel-max: the same seed gives
+    exactly vanilla decoding's tokens in every decoder). With temperature 0 both are plain greedy
+    decoding (:attr:`keyed` is False). ``seed``: the key of keyed sampling (None: derived once per
+    call, see :func:`specdec.shared.keyed.resolve_seed`); in rejection mode a given seed seeds a
+    fresh generator for the call (:func:`specdec.shared.keyed.resolve_sampling`).
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    sampling: str = "rejection"
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         check_sampling_args(self.temperature, self.top_k, self.top_p)
+        object.__setattr__(self, "seed", check_sampling_mode(self.sampling, self.seed))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def keyed(self) -> bool:
+        """Position-keyed sampling is on: ``sampling == "keyed"`` and temperature > 0 (keyed at
+        temperature 0 is greedy decoding, exactly as ``"rejection"`` at temperature 0)."""
+        return self.sampling == "keyed" and self.temperature > 0
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
