@@ -24,6 +24,10 @@ Per round:
    place in one kernel launch (nothing to move when the path is already contiguous).
 5. **Emit** -- as in the reference.
 
+Keyed sampling (``sampling="keyed"``, temperature > 0) takes the host-side sampling path: the first
+token is the keyed choice at position T and :func:`specdec.shared.round.accept_draft` applies the greedy
+rule to the keyed-perturbed rows (root position L), exactly as the reference does.
+
 Greedy output is token-identical to :func:`specdec.ref.engine.run_speculative` with the same
 drafter logic (checked by the tests, never by importing the reference).
 """
@@ -40,9 +44,10 @@ import torch
 
 from specdec.fast.graphs import CapturedFn
 from specdec.fast.model import FastModel, MAX_TREE_NODES, commit, prefill, run_step, step_forward
+from specdec.shared.keyed import resolve_sampling, sample_next
 from specdec.shared.result import GenerationResult, normalize_eos, sync
 from specdec.shared.round import Draft, Drafter, RoundRecord, RoundState, accept_draft
-from specdec.shared.sampling import SamplingParams, sample
+from specdec.shared.sampling import SamplingParams
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_batch_one, check_generator, check_prompt
 
@@ -376,21 +381,25 @@ def run_speculative_fast(
     first_target: bool = True,
     skip_sample_adjustment: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
     """The fast speculative loop around any drafter (batch size 1).
 
     ``tree_size`` is the fixed number of verified nodes per round (root included): drafts are
     padded up to it; a larger draft is an error. ``drafter`` is a :class:`FastDrafter` or a plain
-    :class:`specdec.shared.round.Drafter`.
+    :class:`specdec.shared.round.Drafter`. ``sampling`` and ``seed`` as in
+    :func:`specdec.ref.engine.run_speculative` (the drafter sees the resolved seed in ``state.params``).
     """
     drafter = as_fast_drafter(drafter)
-    params = SamplingParams(temperature, top_k, top_p)
+    params = SamplingParams(temperature, top_k, top_p, sampling, seed)
     dev = target.device
     prompt = check_prompt(input_ids, prompt_length, max_gen_len, target.config, device=dev)
     check_batch_one(prompt, method)
     if not 1 <= tree_size <= MAX_TREE_NODES:
         raise ValueError(f"the verified tree must have 1..{MAX_TREE_NODES} nodes, got {tree_size}")
     check_generator(generator)
+    params, generator = resolve_sampling(params, generator, dev)
     eos = set(normalize_eos(eos_id, target.config.eos_token_ids, target.config.vocab_size))
     out_ = _Emitted(prompt[0].tolist(), on_round)
     tokens = out_.tokens
@@ -401,7 +410,7 @@ def run_speculative_fast(
     t0 = time.perf_counter()
     if first_target:
         last_logits = prefill(target, cache, prompt)[0]
-        out_.first(int(sample(last_logits, params.temperature, params.top_k, params.top_p, generator)))
+        out_.first(int(sample_next(last_logits, params, generator, prompt.shape[1])))  # the token at position T
         num = 1
     else:
         last_logits = prefill(target, cache, prompt[:, :-1])[0] if prompt.shape[1] > 1 else None
@@ -451,7 +460,7 @@ def run_speculative_fast(
         else:
             draft_tokens, parents = draft.tokens.tolist(), tt.parents[:m].tolist()
             host = Draft(torch.tensor(draft_tokens), Tree.from_parents(parents), draft.q)
-            path, next_token = accept_draft(host, logits[:m], params, generator, skip_sample_adjustment)
+            path, next_token = accept_draft(host, logits[:m], params, generator, skip_sample_adjustment, root_position=L)
             # 4. Compact: the accepted rows of every layer move to [L, L + len(path)).
             contiguous = path == list(range(len(path)))
             commit(cache, None if contiguous else torch.tensor([path], dtype=torch.int32, device=dev), len(path))

@@ -33,6 +33,8 @@ def logitspec_generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     first_target: bool = True,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
     """Same contract as :func:`specdec.ref.logitspec_generate`; ``draft_tree_capacity`` <= 127 here."""
     check_ngram_args(max_ngram_size, num_pred_tokens)
@@ -41,4 +43,5 @@ def logitspec_generate(
     fm = as_fast_model(target)
     drafter = LogitSpecDrafter(max_ngram_size, num_pred_tokens, draft_tree_capacity)
     return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                                generator, method="LogitSpec", tree_size=draft_tree_capacity + 1, first_target=first_target)
+                                generator, method="LogitSpec", tree_size=draft_tree_capacity + 1, first_target=first_target,
+                                sampling=sampling, seed=seed)

@@ -6,7 +6,8 @@ target (``sink_tokens + window + gamma`` rows, allocated once): each round ONE g
 sink rows and the recent window of every layer into it, then ``gamma`` graph-replayed one-token
 steps draft at the true positions ``L, L + 1, ...`` (keys keep their RoPE positions, so packing the
 rows together changes nothing). Greedy drafts stay on the device; the full-cache verification is
-:func:`specdec.fast.engine.run_speculative_fast`.
+:func:`specdec.fast.engine.run_speculative_fast`. Keyed sampling: each draft is the compressed
+view's keyed choice at its position, as the reference.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from specdec.fast.engine import FastDrafter, check_drafts_fit, run_speculative_fast
 from specdec.fast.model import FastModel, as_fast_model, run_step
+from specdec.shared.keyed import keyed_choice
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundRecord, RoundState
 from specdec.shared.sampling import logits_to_probs, sample_from_probs
@@ -53,6 +55,9 @@ class FastMagicDecDrafter(FastDrafter):
             scratch.set_length(scratch.length + 1)
             if p.greedy:
                 token = torch.argmax(logits)[None, None]
+            elif p.keyed:  # the compressed view's own keyed choice for position L + i + 1; no q
+                pos = torch.tensor(L + i + 1, device=dev)
+                token = keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos).reshape(1, 1)
             else:
                 q = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
                 token = sample_from_probs(q, state.generator).reshape(1, 1).to(dev)
@@ -78,6 +83,8 @@ def magicdec_generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
     """Same contract as :func:`specdec.ref.magicdec_generate` (``gamma`` <= 127 on the fast path)."""
     check_positive_int("gamma", gamma)
@@ -87,4 +94,5 @@ def magicdec_generate(
     fm = as_fast_model(target)
     drafter = FastMagicDecDrafter(fm, gamma, sink_tokens, window)
     return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                                generator, method="magicdec_generate", tree_size=gamma + 1, on_round=on_round)
+                                generator, method="magicdec_generate", tree_size=gamma + 1, on_round=on_round,
+                                sampling=sampling, seed=seed)

@@ -29,6 +29,8 @@ def pld_generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
     """Same contract as :func:`specdec.ref.pld_generate`; ``num_pred_tokens`` <= 127 here."""
     check_ngram_args(max_ngram_size, num_pred_tokens)
@@ -36,4 +38,5 @@ def pld_generate(
     fm = as_fast_model(target)
     drafter = PromptLookupDrafter(max_ngram_size, num_pred_tokens)
     return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                                generator, method="prompt lookup decoding", tree_size=num_pred_tokens + 1)
+                                generator, method="prompt lookup decoding", tree_size=num_pred_tokens + 1,
+                                sampling=sampling, seed=seed)

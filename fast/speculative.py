@@ -3,7 +3,8 @@ every draft step (M = 1) and every verification (M = gamma + 1) is a CUDA-graph 
 drafts stay on the device until the round's single synchronisation.
 
 Same algorithm and arguments as :mod:`specdec.ref.speculative` (read that file for the steps);
-must match :func:`specdec.ref.speculative.speculative_generate` token for token (greedy).
+must match :func:`specdec.ref.speculative.speculative_generate` token for token (greedy). Keyed
+sampling: the draft proposes the keyed choice of its own logits at each draft position, as the reference.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from specdec.fast.engine import FastDrafter, check_drafts_fit, run_speculative_fast
 from specdec.fast.model import MAX_TREE_NODES, FastModel, as_fast_model, prefill, run_step
+from specdec.shared.keyed import keyed_choice
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundState
 from specdec.shared.sampling import logits_to_probs, sample_from_probs
@@ -63,9 +65,13 @@ class FastDraftModelDrafter(FastDrafter):
         # 2. Draft gamma tokens; greedy drafts never leave the device.
         dev = self.model.device
         drafts, qs = [], []
+        root_pos = len(state.tokens) - 1  # the root's absolute position L
         for i in range(gamma):
             if p.greedy:
                 x = torch.argmax(logits, dim=-1, keepdim=True)
+            elif p.keyed:  # the draft's own keyed choice at position L + 1 + i; no q
+                pos = torch.tensor(root_pos + 1 + i, device=dev)
+                x = keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos).reshape(1)
             else:
                 q = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
                 x = sample_from_probs(q, state.generator).reshape(1).to(dev)
@@ -100,6 +106,8 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     first_target: bool = True,
     skip_sample_adjustment: bool = False,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
     """Same contract as :func:`specdec.ref.speculative_generate` (``gamma`` <= 127 on the fast path)."""
     tm, dm = as_fast_model(target), as_fast_model(draft_model)
@@ -111,5 +119,5 @@ def speculative_generate(
     return run_speculative_fast(
         tm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p, generator,
         method="speculative decoding", tree_size=gamma + 1, first_target=first_target,
-        skip_sample_adjustment=skip_sample_adjustment,
+        skip_sample_adjustment=skip_sample_adjustment, sampling=sampling, seed=seed,
     )

@@ -31,15 +31,22 @@ def tree_spec_generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
-    """Same contract as :func:`specdec.ref.tree_spec_generate` (at most 127 draft nodes on the fast path)."""
+    """Same contract as :func:`specdec.ref.tree_spec_generate` (at most 127 draft nodes on the fast path).
+
+    ``sampling="keyed"``: the output is exactly vanilla keyed sampling's (keyed verification), but the
+    fast drafter's beam is NOT yet ranked by the keyed noise (the reference's is), so its drafts --
+    and acceptance -- differ from the reference's in that mode."""
     shape = validate_tree_shape((4, 16, 16, 16, 16) if tree_shape is None else tree_shape)
     size = tree_shape_num_nodes(shape)
     check_drafts_fit(f"the number of draft nodes of tree_shape {list(shape)}", size - 1)
     fm = as_fast_model(target)
     drafter = FastGlideDrafter(fm, as_fast_glide(glide), shape)
     return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                                generator, method="tree_spec_generate", tree_size=size, on_round=on_round)
+                                generator, method="tree_spec_generate", tree_size=size, on_round=on_round,
+                                sampling=sampling, seed=seed)
 
 
 def spec_generate(
@@ -55,11 +62,15 @@ def spec_generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> GenerationResult:
-    """Same contract as :func:`specdec.ref.spec_generate` (``gamma`` <= 127 on the fast path)."""
+    """Same contract as :func:`specdec.ref.spec_generate` (``gamma`` <= 127 on the fast path); keyed
+    sampling as in :func:`tree_spec_generate` (exact output, drafts not yet coupled to the noise)."""
     check_positive_int("gamma", gamma)
     check_drafts_fit("gamma", gamma)
     fm = as_fast_model(target)
     drafter = FastGlideDrafter(fm, as_fast_glide(glide), (1,) * gamma)
     return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                                generator, method="spec_generate", tree_size=gamma + 1, on_round=on_round)
+                                generator, method="spec_generate", tree_size=gamma + 1, on_round=on_round,
+                                sampling=sampling, seed=seed)
