@@ -231,24 +231,29 @@ def _sync(device) -> None:
 class SpecdecRunner:
     """Calls one specdec decoder (ref or fast) on a prompt; times the whole call."""
 
-    def __init__(self, method: str, lib, target, extra, options: dict, sampling: dict, eos_ids: list[int], device):
+    def __init__(self, method: str, lib, target, extra, options: dict, sampling: dict, eos_ids: list[int], device,
+                 mode: str = "rejection"):
         self.method = method
         self.fn = getattr(lib, METHODS[method].function)
         self.target, self.extra = target, extra
         self.options, self.sampling, self.eos_ids, self.device = options, sampling, eos_ids, device
+        self.mode = mode  # --sampling: "rejection" (generator draws) or "keyed" (the turn's seed is the key)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> TurnResult:
         import torch
 
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         gen = None
+        keyed = {}
         if self.sampling["temperature"] > 0:
             gen = torch.Generator(device=self.device).manual_seed(seed)
+            if self.mode == "keyed":
+                keyed = {"sampling": "keyed", "seed": seed}
         args = (self.target,) if self.extra is None else (self.target, self.extra)
         _sync(self.device)
         t0 = time.perf_counter()
         res = self.fn(*args, ids, len(prompt_ids), max_gen_len=max_new_tokens, eos_id=self.eos_ids, generator=gen,
-                      **self.sampling, **self.options)
+                      **self.sampling, **keyed, **self.options)
         _sync(self.device)
         wall = time.perf_counter() - t0
         out = res.tolist()
@@ -390,6 +395,9 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--sampling", choices=("rejection", "keyed"), default="rejection",
+                    help="specdec methods at --temperature > 0: rejection (generator draws) or keyed (position-keyed: "
+                         "every method emits vanilla's tokens for the turn's seed); the transformers peers always draw")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--question-begin", type=int, default=None)
     ap.add_argument("--question-end", type=int, default=None)
@@ -486,7 +494,8 @@ def _make_runner(method: str, models: _Models, args, eos_ids: list[int], pad_id:
         spec = METHODS[method]
         extra = models.get(spec.needs) if spec.needs else None
         opts = _method_options(method, args)
-        runner = SpecdecRunner(method, models.lib, models.get("target"), extra, opts, sampling, eos_ids, models.device)
+        runner = SpecdecRunner(method, models.lib, models.get("target"), extra, opts, sampling, eos_ids, models.device,
+                               mode=args.sampling)
         meta = {"function": spec.function, "backend": models.backend, "options": _effective_options(runner.fn, opts),
                 "draft": models.draft_path if spec.needs == "draft" else None,
                 "glide": models.glide_path if spec.needs == "glide" else None}
@@ -549,6 +558,8 @@ def run_bench(args) -> dict[str, str]:
     dtype = _resolve_dtype(args.dtype, device)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    if args.sampling == "keyed" and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0 with --sampling keyed, got {args.seed}")
     methods = _parse_methods(args.methods, args.peers)
     questions = load_questions(args.bench, args.question_begin, args.question_end)
     tok = load_tokenizer(args.target)
@@ -582,7 +593,8 @@ def run_bench(args) -> dict[str, str]:
     os.makedirs(args.out_dir, exist_ok=True)
     common = {"model_id": model_id, "target": args.target, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
               "bench": args.bench, "max_new_tokens": args.max_new_tokens,
-              "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}, "seed": args.seed,
+              "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "mode": args.sampling},
+              "seed": args.seed,
               "max_context": args.max_context, **_versions()}
     try:
         common["gpu_name"] = torch.cuda.get_device_name() if device.startswith("cuda") else None

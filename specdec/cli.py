@@ -7,6 +7,7 @@ tokens/s and time to first token::
     specdec generate "def fibonacci(n):"                       # GLIDE tree on the embedded default model
     echo "import os" | specdec generate --method speculative --max-new-tokens 32
     specdec generate --method pld --compare --json "class Stack:"
+    specdec generate -t 0.8 --sampling keyed --seed 7 --compare "def f(x):"   # sampled, same tokens as vanilla
     specdec generate --target path/to/llama --glide path/to/glide --backend fast "..."
 
 Methods (the table in :mod:`specdec.methods`): vanilla, speculative (draft LM chain), spec (GLIDE
@@ -171,7 +172,10 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=int, default=None, help="draft chain length (speculative, spec, magicdec; default: the decoder's)")
     p.add_argument("--opt", "-O", action="append", default=[], metavar="KEY=VALUE", help="extra decoder keyword argument, e.g. -O num_pred_tokens=20 (repeatable)")
     p.add_argument("--eos", default=None, help="comma-separated EOS ids ('' = never stop; default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--sampling", default="rejection", choices=["rejection", "keyed"],
+                   help="how to sample when --temperature > 0: rejection (default; generator draws + rejection sampling) or "
+                        "keyed (position-keyed: every method emits exactly vanilla's tokens for the same --seed)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling, in [0, 2**63) (default 0; the key of --sampling keyed)")
     p.add_argument("--dtype", default="auto", choices=list(_DTYPES), help="auto = fp32 on CPU, bf16 on CUDA")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--template", default="raw", help="prompt format: raw (default: the text as is), auto (the tokenizer's chat template), or vicuna/llama2/llama3/qwen2")
@@ -196,6 +200,8 @@ def _check_generate_args(a: argparse.Namespace) -> None:
         raise CLIError(f"--gamma must be >= 1, got {a.gamma}")
     if a.warmup is not None and a.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {a.warmup}")
+    if not 0 <= a.seed < 2**63:
+        raise CLIError(f"--seed must be in [0, 2**63), got {a.seed}")
     a.tree_shape = parse_tree_shape(a.tree_shape) if a.tree_shape is not None else None
     for flag, knob in (("--tree-shape", "tree_shape"), ("--gamma", "gamma")):
         if getattr(a, knob) is not None and knob not in METHODS[a.method].options:
@@ -368,7 +374,8 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
             raise CLIError(f"--method {a.method} needs --glide PATH (a GLIDE draft trained for this target)")
         glide_path = _check_dir("--glide", a.glide or "default-glide", kind="any")
         args.append(_cached((backend, "glide", dtype_name, device, id(target)) + _model_key(glide_path), lambda: mod.load_glide(glide_path, target)))
-    kwargs: dict[str, Any] = dict(max_gen_len=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    kwargs: dict[str, Any] = dict(max_gen_len=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                  sampling=a.sampling, seed=a.seed)
     if a.eos is not None:
         try:
             kwargs["eos_id"] = [int(x) for x in a.eos.split(",") if x.strip()]
@@ -393,7 +400,7 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     rows = [_stats(a.method, backend, res)]
     vanilla = None
     if a.compare:
-        base_kw = {k: v for k, v in kwargs.items() if k in ("max_gen_len", "temperature", "top_k", "top_p", "eos_id")}
+        base_kw = {k: v for k, v in kwargs.items() if k in ("max_gen_len", "temperature", "top_k", "top_p", "eos_id", "sampling", "seed")}
         for _ in range(warmup):
             run(mod.vanilla_generate, [target], base_kw)
         vanilla = run(mod.vanilla_generate, [target], base_kw)
@@ -413,7 +420,7 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
         obj = dict(rows[0])
         obj.update({
             "device": device, "dtype": dtype_name, "target": os.path.abspath(target_dir) if not embedded else "default",
-            "prompt_tokens": len(ids), "completion": completion, "output_ids": out_ids, "spec_mask": [bool(x) for x in mask],
+            "sampling": a.sampling, "seed": a.seed, "prompt_tokens": len(ids), "completion": completion, "output_ids": out_ids, "spec_mask": [bool(x) for x in mask],
         })
         if vanilla is not None:
             obj["vanilla"] = rows[1]
