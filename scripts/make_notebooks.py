@@ -12,7 +12,7 @@ reproduced with one command::
     python scripts/make_notebooks.py --check         # exit 1 if a committed notebook's cells differ from here
 
 The notebooks use only the public API (``specdec.ref``, ``specdec.fast`` and the public names of
-``specdec.shared.*`` and of the app modules ``specdec.bench`` / ``specdec.report``); ``tests/test_notebooks.py``
+``specdec.shared.*`` and of the app modules ``specdec.bench`` / ``specdec.report``); ``tests/app/test_notebooks.py``
 executes every notebook and checks that.
 """
 

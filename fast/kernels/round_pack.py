@@ -24,7 +24,7 @@ int32, ctl [>= 2] int32, out [N] int32 (N <= 1024). One program, no host synchro
 (graph-capturable).
 
 Reference (must match): ``FastGlideDrafter._pack`` evaluated on the host for the same ``L``,
-``base`` and budget (``tests/test_round_pack.py``).
+``base`` and budget (``tests/fast/test_round_pack.py``).
 """
 
 from __future__ import annotations

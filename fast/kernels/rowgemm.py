@@ -23,7 +23,7 @@ a weight tile run together and read it from L2 once it has been streamed from me
 
 Must match: :func:`specdec.fast.kernels.gemv_ref` / :func:`specdec.fast.kernels.gemv_silu_ref` up to
 the fp32 summation order of the product -- and itself, bitwise, for any M from 1 to
-:data:`MAX_ROWS` (``tests/test_rowgemm.py`` checks both, on the CPU under the Triton interpreter and
+:data:`MAX_ROWS` (``tests/fast/test_rowgemm.py`` checks both, on the CPU under the Triton interpreter and
 on the GPU). fp32 inputs use IEEE fp32 products (no TF32), so fp32 results stay within the
 reference's rounding.
 """

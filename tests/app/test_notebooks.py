@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<layer>/ -> the repository
 NB_DIR = os.path.join(ROOT, "notebooks")
 APP_MODULES = ("cli", "bench", "report", "methods")  # specdec.<name>: the app layer over ref / fast
 NAMES = ["01_tree_attention", "02_lossless_sampling", "03_glide_tree_round", "04_logitspec", "05_results"]

@@ -107,7 +107,7 @@ def test_train_glide_lowers_loss_and_raises_tau(byte_target, byte_text, tmp_path
 def test_script_runs(byte_target, byte_text, tmp_path):
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
     try:
         import train_glide as script
     finally:

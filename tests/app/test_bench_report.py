@@ -12,7 +12,7 @@ import pytest
 from specdec import bench, report
 from specdec.shared.assets import ASSETS_DIR, EMBEDDED_MODELS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<layer>/ -> the repository
 
 
 # ---------------------------------------------------------------------------------------------

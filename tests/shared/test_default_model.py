@@ -14,7 +14,7 @@ import torch
 import specdec.ref as R
 from specdec.shared.assets import ASSETS_DIR, resolve_model_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<layer>/ -> the repository
 DEFAULT = os.path.join(ASSETS_DIR, "default")
 
 FALLBACK_SNIPPET = '''"""A small held-out style snippet (used when no held-out stdlib file is readable)."""
