@@ -32,7 +32,15 @@ from specdec.shared.keyed import perturbed_logits
 from specdec.shared.sampling import SamplingParams, logits_to_probs
 from specdec.shared.tree import Tree
 
-__all__ = ["Draft", "RoundState", "Drafter", "RoundRecord", "accept_draft"]
+__all__ = ["Draft", "RoundState", "Drafter", "RoundRecord", "accept_draft", "max_drafts"]
+
+
+def max_drafts(budget: int) -> int:
+    """How many draft tokens deep a round may go when ``budget`` tokens may still be emitted: one token
+    of the budget is always the target's own (bonus or correction), so a draft deeper than
+    ``budget - 1`` could never be emitted. Never negative. The one place this rule lives
+    (:attr:`RoundState.max_drafts`; the fast GLIDE drafter's device-driven rounds call it too)."""
+    return max(budget - 1, 0)
 
 
 @dataclass
@@ -74,10 +82,9 @@ class RoundState:
 
     @property
     def max_drafts(self) -> int:
-        """How many draft tokens deep this round may go: one token of the budget is always the
-        target's own (bonus or correction), so a draft deeper than ``budget - 1`` could never be
-        emitted. Drafters clip their depth to this; it is never negative."""
-        return max(self.budget - 1, 0)
+        """How many draft tokens deep this round may go (:func:`max_drafts` of the budget). Drafters
+        clip their depth to this."""
+        return max_drafts(self.budget)
 
 
 @runtime_checkable

@@ -22,7 +22,7 @@ from specdec.fast.glide.weights import FastGlide
 from specdec.fast.graphs import capture
 from specdec.fast.model import FastModel, _kernels
 from specdec.shared.glide import GlideConfig
-from specdec.shared.round import Draft, RoundState
+from specdec.shared.round import Draft, RoundState, max_drafts
 from specdec.shared.tree import validate_tree_shape
 
 __all__ = ["FastGlideDrafter"]
@@ -197,7 +197,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
     def _levels_left(self, budget: int) -> int:
         """Levels a round may accept when ``budget`` tokens may still be emitted (one is the bonus token).
         The device-driven rounds apply the same rule on the device (``round_pack``, kind 2)."""
-        return min(len(self.tree_shape), max(budget - 1, 0))
+        return min(len(self.tree_shape), max_drafts(budget))
 
     def _shape(self, state: RoundState) -> tuple[int, ...]:
         """This round's tree shape: the full one, or fewer levels when fewer tokens may still be emitted."""
