@@ -30,7 +30,9 @@ found by grouping the keys by "everything before a known suffix" and taking the 
 holds a ``cross_attn.q_proj.weight`` (target layers have no cross-attention), so a file that also
 holds the whole target model still loads the right tensors.
 
-:func:`save_glide` writes ``config.json`` + ``model.safetensors`` with canonical keys.
+:func:`save_glide` writes ``config.json`` + ``model.safetensors`` with canonical keys (and
+``acceptance.json``, the draft's measured acceptance by level and rank, when it has one; loading reads it
+into :attr:`Glide.acceptance`).
 
 :func:`beam_level` is the GLIDE beam-tree rule (docs/design.md §5), one pure function shared by the
 reference and the fast path.
@@ -46,6 +48,7 @@ from typing import Any
 import torch
 
 from specdec.shared.config import ModelConfig
+from specdec.shared.tree_search import AcceptanceStats, acceptance_file_for
 from specdec.shared.weights import iter_checkpoint, resolve_dtype
 
 __all__ = [
@@ -99,12 +102,16 @@ class GlideConfig:
 
 @dataclass
 class Glide:
-    """A GLIDE draft layer: config + flat dict of canonical weights (embedding/lm_head live in the target)."""
+    """A GLIDE draft layer: config + flat dict of canonical weights (embedding/lm_head live in the target).
+
+    ``acceptance``: the draft's measured acceptance by level and beam rank, which ``tree_shape="auto"``
+    uses (docs/design.md §12); read from ``acceptance.json`` next to the weights, None if there is none."""
 
     config: GlideConfig
     weights: dict[str, torch.Tensor]
     source: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    acceptance: AcceptanceStats | None = None
 
     @property
     def device(self) -> torch.device:
@@ -269,11 +276,14 @@ def load_glide_weights(
     missing = [k for k in shapes if k not in weights]
     if missing:
         raise ValueError(f"GLIDE checkpoint {path!r} (prefix {prefix!r}) is missing tensor(s) {missing}")
-    return Glide(cfg, weights, source=path, extras={"prefix": prefix})
+    stats_file = acceptance_file_for(path)
+    acceptance = AcceptanceStats.load(stats_file) if os.path.isfile(stats_file) else None
+    return Glide(cfg, weights, source=path, extras={"prefix": prefix}, acceptance=acceptance)
 
 
 def save_glide(glide: Glide, path: str | os.PathLike) -> str:
-    """Write ``config.json`` + ``model.safetensors`` (canonical keys) into directory ``path``."""
+    """Write ``config.json`` + ``model.safetensors`` (canonical keys) into directory ``path``, and
+    ``acceptance.json`` when the draft carries measured :attr:`Glide.acceptance`."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
@@ -282,6 +292,8 @@ def save_glide(glide: Glide, path: str | os.PathLike) -> str:
         json.dump(glide.config.to_dict(), f, indent=2)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in glide.weights.items()}
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if glide.acceptance is not None:
+        glide.acceptance.save(acceptance_file_for(path))
     return path
 
 

@@ -11,7 +11,9 @@
 * ``spec_mask`` [B, n] bool: True where the token is a draft token the target accepted.
 
 Extra fields: ``prefill_time`` (time to first token), ``accept_lengths`` (tokens emitted by each
-target pass, the prefill's 1 first), and :attr:`tau` = tokens emitted / ``num``.
+target pass, the prefill's 1 first), ``tree_shape`` (the GLIDE decoders: the beam shape the rounds
+used -- what ``tree_shape="auto"`` / ``gamma="auto"`` chose; None for the other decoders), and
+:attr:`tau` = tokens emitted / ``num``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class GenerationResult:
     spec_mask: torch.Tensor
     prefill_time: float = 0.0
     accept_lengths: list[int] = field(default_factory=list)
+    tree_shape: tuple[int, ...] | None = None
 
     def __iter__(self):
         return iter((self.output_ids, self.count, self.num, self.elapsed_time, self.spec_mask))
