@@ -66,7 +66,9 @@ from specdec.shared.keyed import perturbed_logprobs
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundRecord, RoundState
 from specdec.shared.rope import apply_rope, rope_cos_sin
+from specdec.shared import tree_search
 from specdec.shared.tree import Tree, validate_tree_shape
+from specdec.shared.tree_search import AcceptanceStats, CostModel
 from specdec.shared.validate import check_positive_int
 
 __all__ = [
@@ -82,7 +84,15 @@ __all__ = [
     "GlideDrafter",
     "spec_generate",
     "tree_spec_generate",
+    "DEFAULT_TREE_SHAPE",
+    "resolve_tree_shape",
+    "resolve_gamma",
+    "device_cost_model",
+    "measure_cost_model",
 ]
+
+DEFAULT_TREE_SHAPE = (4, 16, 16, 16, 16)
+"""LongSpec's beam: 68 drafts + root = 69 verified positions (``tree_shape=None`` means this)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +346,59 @@ class GlideDrafter:
 
 
 # ---------------------------------------------------------------------------------------------
+# "auto": the tree for this device (docs/design.md §12)
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_cost_model(target: Model, glide: Glide, reps: int = 2, shapes: Sequence[Sequence[int]] | None = None,
+                       max_gen_len: int = 24) -> CostModel:
+    """Time rounds of this path's :func:`tree_spec_generate` on the target's device (a random 128-token
+    prompt, greedy, the calibration shapes of :func:`specdec.shared.tree_search.calibration_shapes`) and fit
+    a :class:`~specdec.shared.tree_search.CostModel`. A few seconds for the default model on a CPU."""
+    c = target.config
+    timer = tree_search.round_timer(lambda *a, **kw: tree_spec_generate(target, glide, *a, **kw), c.vocab_size,
+                                    c.max_position_embeddings, stamps=True, max_gen_len=max_gen_len)
+    shapes = tree_search.calibration_shapes(c.vocab_size) if shapes is None else shapes
+    timer((1,))  # warm-up (allocator, first-call overheads)
+    meta = {"path": "ref", "device": tree_search.device_description(target.device), "dtype": str(target.dtype), "reps": reps}
+    return tree_search.measure_cost_model(timer, shapes, reps=reps, meta=meta)
+
+
+def device_cost_model(target: Model, glide: Glide, cache: bool = True) -> CostModel:
+    """:func:`measure_cost_model`, once per process and (``cache``) per device and model in
+    ``$XDG_CACHE_HOME/specdec/cost_models.json`` (:func:`specdec.shared.tree_search.cached_cost_model`)."""
+    key = tree_search.cost_cache_key("ref.glide", target.device, target.dtype, target.config, glide.config)
+    return tree_search.cached_cost_model(key, lambda: measure_cost_model(target, glide), cache=cache)
+
+
+def resolve_tree_shape(target: Model, glide: Glide, tree_shape: Sequence[int] | str | None = "auto",
+                       stats: AcceptanceStats | None = None, cost: CostModel | None = None, cache: bool = True) -> tuple[int, ...]:
+    """The concrete beam shape :func:`tree_spec_generate` runs for ``tree_shape``: a shape is validated,
+    None is :data:`DEFAULT_TREE_SHAPE`, ``"auto"`` is the shape with the most expected tokens per second
+    (:func:`specdec.shared.tree_search.best_tree_shape`) under ``stats`` (default: the draft's measured
+    :attr:`Glide.acceptance`, else :data:`~specdec.shared.tree_search.DEFAULT_PRIOR`) and ``cost`` (default:
+    :func:`device_cost_model`), with at most 127 draft nodes."""
+    if not tree_search.is_auto("tree_shape", tree_shape):
+        return validate_tree_shape(DEFAULT_TREE_SHAPE if tree_shape is None else tree_shape)
+    check_glide_matches(target, glide)
+    stats = stats or tree_search.acceptance_of(glide) or tree_search.DEFAULT_PRIOR
+    cost = cost or device_cost_model(target, glide, cache=cache)
+    return tree_search.best_tree_shape(stats, cost, vocab_size=target.config.vocab_size)
+
+
+def resolve_gamma(target: Model, glide: Glide, gamma: int | str = "auto", stats: AcceptanceStats | None = None,
+                  cost: CostModel | None = None, cache: bool = True) -> int:
+    """The chain length :func:`spec_generate` runs for ``gamma``: an int is checked, ``"auto"`` is
+    :func:`specdec.shared.tree_search.best_gamma` (stats and cost as in :func:`resolve_tree_shape`)."""
+    if not tree_search.is_auto("gamma", gamma):
+        return check_positive_int("gamma", gamma)
+    check_glide_matches(target, glide)
+    stats = stats or tree_search.acceptance_of(glide) or tree_search.DEFAULT_PRIOR
+    cost = cost or device_cost_model(target, glide, cache=cache)
+    return tree_search.best_gamma(stats, cost)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public decoders
 # ---------------------------------------------------------------------------------------------
 
@@ -345,7 +408,7 @@ def tree_spec_generate(
     glide: Glide,
     input_ids: torch.Tensor,
     prompt_length: int,
-    tree_shape: Sequence[int] | None = (4, 16, 16, 16, 16),
+    tree_shape: Sequence[int] | str | None = (4, 16, 16, 16, 16),
     max_gen_len: int = 64,
     eos_id: int | list[int] | None = None,
     temperature: float = 0.0,
@@ -357,17 +420,21 @@ def tree_spec_generate(
     seed: int | None = None,
 ) -> GenerationResult:
     """GLIDE beam-tree speculative decoding (LongSpec). ``tree_shape`` = nodes per level
-    (None = the default ``(4, 16, 16, 16, 16)``: 68 drafts + root = 69 verified positions).
+    (None = the default ``(4, 16, 16, 16, 16)``: 68 drafts + root = 69 verified positions; ``"auto"`` = the
+    shape with the most expected tokens per second on this device, :func:`resolve_tree_shape`; the
+    result's ``tree_shape`` says which shape ran).
 
     Lossless: greedy output equals :func:`specdec.ref.vanilla_generate`; with temperature > 0 the
     deterministic-candidate rule keeps the target distribution exactly; ``sampling="keyed"`` with a
     ``seed`` gives exactly vanilla's keyed tokens (the beam ranked by keyed-perturbed draft scores).
     Returns a :class:`GenerationResult` (unpacks as ``output_ids, count, num, elapsed_time, spec_mask``).
     """
-    shape = validate_tree_shape((4, 16, 16, 16, 16) if tree_shape is None else tree_shape)
+    shape = resolve_tree_shape(target, glide, tree_shape)
     drafter = GlideDrafter(target, glide, shape)
-    return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                           generator, method="tree_spec_generate", on_round=on_round, sampling=sampling, seed=seed)
+    res = run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+                          generator, method="tree_spec_generate", on_round=on_round, sampling=sampling, seed=seed)
+    res.tree_shape = shape
+    return res
 
 
 def spec_generate(
@@ -375,7 +442,7 @@ def spec_generate(
     glide: Glide,
     input_ids: torch.Tensor,
     prompt_length: int,
-    gamma: int = 4,
+    gamma: int | str = 4,
     max_gen_len: int = 64,
     eos_id: int | list[int] | None = None,
     temperature: float = 0.0,
@@ -387,12 +454,15 @@ def spec_generate(
     seed: int | None = None,
 ) -> GenerationResult:
     """GLIDE chain speculative decoding: ``gamma`` drafts per round, each the draft's argmax (keyed:
-    the draft's keyed choice) -- the beam tree with ``tree_shape = (1,) * gamma``; verification,
-    ``sampling`` and ``seed`` as in :func:`tree_spec_generate`."""
-    check_positive_int("gamma", gamma)
+    the draft's keyed choice) -- the beam tree with ``tree_shape = (1,) * gamma``; ``gamma="auto"``: the
+    chain length with the most expected tokens per second on this device (:func:`resolve_gamma`);
+    verification, ``sampling`` and ``seed`` as in :func:`tree_spec_generate`."""
+    gamma = resolve_gamma(target, glide, gamma)
     drafter = GlideDrafter(target, glide, (1,) * gamma)
-    return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                           generator, method="spec_generate", on_round=on_round, sampling=sampling, seed=seed)
+    res = run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+                          generator, method="spec_generate", on_round=on_round, sampling=sampling, seed=seed)
+    res.tree_shape = (1,) * gamma
+    return res
 
 
 __all__ += ["GLIDE_WINDOW"]

@@ -3,25 +3,25 @@
 Pure and model-free: the decoders (``tree_shape="auto"``, ``gamma="auto"``) feed it measured acceptance
 statistics and a measured round-cost curve; nothing here runs a model.
 
-**Expected tokens of a shape** (:class:`AcceptanceStats`). The GLIDE beam keeps, at level k, the best
-``tree_shape[k]`` (node, token) pairs by cumulative draft log-probability, best first; call a node's
-position in its level its *rank*. Measured with a wide reference tree, ``accept[k][r]`` is the fraction of
-rounds whose accepted path passes through the level-(k+1) node of rank r **among the rounds whose path
-reached level k** (level 0 = the root, always reached). With ``A_k(w) = sum(accept[k][:w])`` (the chance
-the path continues into the first w ranks of level k+1) the expected tokens of one round are::
+**Expected tokens of a shape** (:class:`AcceptanceStats`). The GLIDE beam keeps, at level k+1, the best
+``tree_shape[k]`` (node, token) pairs among the children of level k's nodes by cumulative draft
+log-probability, best first; call a pair's position in that order its *rank*. ``A_k(p, w)`` is the chance
+that the accepted path continues into the first w ranks of level k+1 given that it reached level k, which
+holds p nodes (the root level holds one). The expected tokens of one round are then::
 
-    E(shape) = 1 + A_0(s_0) + A_0(s_0) A_1(s_1) + ... + A_0(s_0) ... A_{D-1}(s_{D-1})
-             = 1 + A_0(s_0) (1 + A_1(s_1) (1 + ... (1 + A_{D-1}(s_{D-1}))))
+    E(shape) = 1 + A_0(s_0) (1 + A_1(s_0, s_1) (1 + ... (1 + A_{D-1}(s_{D-2}, s_{D-1}))))
 
-(the 1 is the target's own token; every further term is P(the path reaches that level)). Why these
-numbers describe a narrower beam: a narrower beam ranks a subset of the wide beam's candidates with the same
-scores, so a node the wide tree ranks r is ranked <= r there, and a path whose ranks fit the narrow shape
-level by level is in the narrow tree too. Two approximations, both documented: the product treats the rank
-at one level as independent of the ranks above it (as Sequoia's positional acceptance does), and a narrow
-beam can hold nodes the wide one had no room for, so E is if anything an underestimate. The conditional form
-is deliberate: the simpler marginal sum ``sum_k sum_{r < s_k} P(path passes level-k rank r)`` counts a
-deep node even when its ancestor's rank does not fit (e.g. ``(1, 16, 16)`` scored with paths whose first
-node had rank 2), and overrates shapes with a narrow top.
+(the 1 is the target's own token; term k is P(the path reaches level k)). ``A_k`` depends on p because a
+level's competitors are the children of ALL the nodes above: in a 32-wide beam the path's node at depth 5
+is rarely among the top 4 (measured: rank 0 in 7-20% of rounds), in a 4-wide beam it often is. So the
+statistics are measured per p: one wide tree per round is decoded (``scripts/measure_acceptance.py``) and,
+inside it, the beam that keeps p nodes per level is simulated for every p (:func:`_narrow_levels`; exact
+while the wide tree holds the narrow beam's candidates, else a lower bound), giving ``accept[k][p - 1][r]``.
+Under greedy acceptance the accepted path is the target's own continuation, so a narrower tree accepts
+exactly the part of it that it holds. Approximation (documented, like Sequoia's positional acceptance):
+``A_k`` depends on the widths above only through p = s_{k-1}, measured with every level above p wide. A
+simpler table by rank alone (``sum_k sum_{r < s_k} P(path passes level-k rank r)``) would also count a
+deep node whose ancestor's rank does not fit and would score narrow beams by a wide beam's ranks.
 
 **Round cost** (:class:`CostModel`): ``t(shape) = verify(n) + sum_{k < D-1} (level_fixed + level_per_node *
 s_k)`` with ``n = 1 + sum(shape)`` verified nodes. ``verify(n)`` is the measured cost of a whole round of a
@@ -32,13 +32,15 @@ rounds timed on the device (:func:`measure_cost_model`, driven by the paths' dec
 (path, device, model) in ``$XDG_CACHE_HOME/specdec/cost_models.json`` (:func:`cached_cost_model`).
 
 **The search** (:func:`best_tree_shape`): maximise ``E(shape) / t(shape)`` (tokens per second) exactly,
-over every shape of depth <= ``max_depth`` with ``sum(shape) <= max_nodes`` and widths <= the measured
-widths (a wider level adds no expected tokens under the stats and cost never falls with width, so nothing
-is lost) and <= ``vocab_size``. For a depth D and a last width w, the cost depends only on ``m =
-sum(shape[:-1])``; for every m a dynamic programme over the levels, from the deepest up, finds the widths
-with the largest E (``X_k(m) = max_s A_k(s) (1 + X_{k+1}(m - s))``: every factor is >= 0 and increasing
-in the inner value, so the best inner value for each m is all an outer level needs). Each (D, w, m) is then
-scored exactly; the best ratio wins, ties to fewer nodes, then fewer levels.
+over every shape of depth <= ``max_depth`` with ``sum(shape) <= max_nodes`` and widths <= what the stats
+resolve (a level wider than its measured ranks and than the next level's measured rows adds no expected
+tokens, and cost never falls with width, so nothing is lost) and <= ``vocab_size``. For a depth D and a last
+width w the cost depends only on ``m = sum(shape[:-1])``; a dynamic programme over the levels from the
+deepest up, with state (width of the level, nodes left), finds for every m the widths with the largest E
+(``H_k(p, m) = max_q A_{k+1}(p, q) (1 + H_{k+1}(q, m - q))``: every factor is >= 0 and increasing in
+the inner value, so the best inner value for each (q, m - q) is all an outer level needs). Each (D, w, m) is
+then scored exactly; the best ratio wins, ties to fewer nodes, then fewer levels. Brute force agrees on small
+cases (tests/shared/test_tree_search.py).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import os
 import platform
 import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -73,6 +76,7 @@ __all__ = [
     "device_description",
     "is_auto",
     "measure_cost_model",
+    "round_timer",
     "tokens_per_second",
 ]
 
@@ -106,48 +110,76 @@ def _finite(name: str, x, minimum: float = 0.0, strict: bool = False) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Acceptance by depth and rank
+# Acceptance by level, width and rank
 # ---------------------------------------------------------------------------------------------
+
+
+def _narrow_levels(levels: list[list[int]], parents: Sequence[int], p: int, depth: int):
+    """Simulate, inside a measured (wide) beam tree, the beam that keeps ``p`` nodes at every level.
+
+    Yields ``(j, in_level, candidates)`` for j = 0, 1, ...: the simulated level j (a set of node ids; level 0
+    = the root) and the wide tree's level-(j+1) nodes whose parent is in it, best first. The narrow level
+    j+1 is the first p candidates -- exactly the narrow beam's choice when there are at least p of them
+    (any pair outside the wide level scores no higher than all pairs in it); with fewer, the narrow level
+    would also hold pairs the wide tree has no room for, which are unknown and count as not accepted."""
+    in_level = {0}
+    for j in range(depth):
+        cands = [x for x in levels[j + 1] if parents[x] in in_level]
+        yield j, in_level, cands
+        in_level = set(cands[:p])
 
 
 @dataclass(frozen=True)
 class AcceptanceStats:
-    """P(the accepted path continues into the level-(k+1) node of beam rank r | it reached level k).
+    """Acceptance of the GLIDE beam's nodes by level, width and rank (see the module docstring).
+
+    ``accept[k][p - 1][r]``: P(the accepted path continues into the level-(k+1) node of rank r | it reached
+    level k of a beam that keeps p nodes per level), where the rank counts the beam's candidates for level
+    k+1 (children of the p level-k nodes) best first. Level 0 is the root: ``accept[0]`` has one row (p = 1).
+    Rows beyond the last measured p repeat the last row; ranks beyond a row's end have probability 0. Each
+    row sums to <= 1 (the rest: the path stops there).
 
     Attributes:
-        accept: ``accept[k][r]`` for levels k = 0..D-1 (k = 0: the root's children) and ranks r (0 = the
-            beam's best); each level sums to <= 1 (the rest: the path stops there).
+        accept: the probabilities, ``[level][p - 1][rank]``.
         rounds: rounds measured (0 for a prior).
-        reached, through: the counts ``accept`` came from, when measured: ``reached[k]`` rounds whose path
-            reached level k while level k+1 was drafted, ``through[k][r]`` of them continued through rank r.
+        reached, through: the counts ``accept`` came from, when measured: ``reached[k][p - 1]`` rounds whose
+            path reached level k of the p-wide beam while level k+1 was drafted, ``through[k][p - 1][r]`` of
+            them continued through rank r.
         meta: where the numbers come from (draft, prompts, tree, device, ...); not compared.
     """
 
-    accept: tuple[tuple[float, ...], ...]
+    accept: tuple[tuple[tuple[float, ...], ...], ...]
     rounds: int = 0
-    reached: tuple[int, ...] = ()
-    through: tuple[tuple[int, ...], ...] = ()
+    reached: tuple[tuple[int, ...], ...] = ()
+    through: tuple[tuple[tuple[int, ...], ...], ...] = ()
     meta: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.accept, (str, bytes)) or not hasattr(self.accept, "__iter__"):
-            raise TypeError(f"stats: accept must be a list of levels (lists of probabilities), got {type(self.accept).__name__}")
+        def seq(x, what):
+            if isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+                raise TypeError(f"stats: {what} must be a list, got {type(x).__name__}")
+            return list(x)
+
         acc = []
-        for k, level in enumerate(self.accept):
-            if isinstance(level, (str, bytes)) or not hasattr(level, "__iter__"):
-                raise TypeError(f"stats: accept[{k}] must be a list of probabilities, got {type(level).__name__}")
-            row = tuple(_finite(f"stats: accept[{k}][{r}]", p) for r, p in enumerate(level))
-            if not row:
-                raise ValueError(f"stats: accept[{k}] is empty (a level needs at least rank 0)")
-            if any(p > 1 for p in row) or sum(row) > 1 + 1e-9:
-                raise ValueError(f"stats: the probabilities of level {k} must lie in [0, 1] and sum to <= 1, got sum {sum(row):.6f}")
-            acc.append(row)
+        for k, level in enumerate(seq(self.accept, "accept")):
+            rows = []
+            for i, row in enumerate(seq(level, f"accept[{k}]")):
+                row = tuple(_finite(f"stats: accept[{k}][{i}][{r}]", q) for r, q in enumerate(seq(row, f"accept[{k}][{i}]")))
+                if not row:
+                    raise ValueError(f"stats: accept[{k}][{i}] is empty (a row needs at least rank 0)")
+                if any(q > 1 for q in row) or sum(row) > 1 + 1e-9:
+                    raise ValueError(f"stats: the probabilities of accept[{k}][{i}] must lie in [0, 1] and sum to <= 1, "
+                                     f"got sum {sum(row):.6f}")
+                rows.append(row)
+            if not rows:
+                raise ValueError(f"stats: accept[{k}] has no rows (level {k + 1} needs at least the row p = 1)")
+            acc.append(tuple(rows))
         if not acc:
             raise ValueError("stats: no levels (empty acceptance statistics); measure them (scripts/measure_acceptance.py) "
                              "or use DEFAULT_PRIOR")
         object.__setattr__(self, "accept", tuple(acc))
-        object.__setattr__(self, "reached", tuple(int(x) for x in self.reached))
-        object.__setattr__(self, "through", tuple(tuple(int(x) for x in row) for row in self.through))
+        object.__setattr__(self, "reached", tuple(tuple(int(x) for x in lv) for lv in self.reached))
+        object.__setattr__(self, "through", tuple(tuple(tuple(int(x) for x in row) for row in lv) for lv in self.through))
         if isinstance(self.rounds, bool) or int(self.rounds) < 0:
             raise ValueError(f"stats: rounds must be >= 0, got {self.rounds!r}")
         object.__setattr__(self, "rounds", int(self.rounds))
@@ -161,109 +193,140 @@ class AcceptanceStats:
 
     @property
     def widths(self) -> tuple[int, ...]:
-        """Ranks measured per level (wider levels add nothing under these stats)."""
-        return tuple(len(level) for level in self.accept)
+        """Ranks measured per level (a wider level adds nothing under these stats)."""
+        return tuple(max(len(row) for row in level) for level in self.accept)
 
-    def level_mass(self, k: int, width: int) -> float:
-        """``A_k(width)``: P(the path continues into the first ``width`` ranks of level k+1 | it reached level k)."""
+    def level_mass(self, k: int, p: int, width: int) -> float:
+        """``A_k(p, width)``: P(the path continues into the first ``width`` candidates of level k+1 | it reached
+        level k, which holds ``p`` nodes); ``p`` is ignored at the root (k = 0)."""
         if k >= self.depth or width < 1:
             return 0.0
-        return min(sum(self.accept[k][:width]), 1.0)
+        rows = self.accept[k]
+        row = rows[0] if k == 0 else rows[min(max(p, 1), len(rows)) - 1]
+        return min(sum(row[:width]), 1.0)
 
     def expected_tokens(self, tree_shape: Sequence[int]) -> float:
-        """Expected tokens emitted by one round of a beam tree of this shape (bonus token included)."""
+        """Expected tokens emitted by one round of a beam tree of this shape (the target's own token included):
+        ``1 + A_0(s_0) (1 + A_1(s_0, s_1) (1 + ... A_{D-1}(s_{D-2}, s_{D-1})))``."""
         shape = validate_tree_shape(tree_shape)
         inner = 0.0
         for k in reversed(range(len(shape))):
-            inner = self.level_mass(k, shape[k]) * (1.0 + inner)
+            inner = self.level_mass(k, shape[k - 1] if k else 1, shape[k]) * (1.0 + inner)
         return 1.0 + inner
 
-    def table(self, max_rank: int = 8) -> str:
-        """A markdown table: one row per level, conditional acceptance of ranks 0..max_rank-1, the rest, total."""
-        head = "| level | reached | " + " | ".join(f"r{r}" for r in range(max_rank)) + " | rest | total |"
-        lines = [head, "|" + "---|" * (max_rank + 4)]
+    def table(self, p: int | None = None, max_rank: int = 8) -> str:
+        """A markdown table, one line per level: ``accept[k][p - 1]`` for ranks 0..max_rank-1, the rest, the
+        total and the rounds behind it (``p`` None: the beam of width max_rank)."""
+        p = max_rank if p is None else p
+        lines = [f"| level | rounds | " + " | ".join(f"r{r}" for r in range(max_rank)) + " | rest | total |",
+                 "|" + "---|" * (max_rank + 4)]
         for k, level in enumerate(self.accept):
-            reached = str(self.reached[k]) if k < len(self.reached) else "-"
-            cells = [f"{level[r]:.3f}" if r < len(level) else "" for r in range(max_rank)]
-            lines.append(f"| {k + 1} | {reached} | " + " | ".join(cells) + f" | {sum(level[max_rank:]):.3f} | {sum(level):.3f} |")
+            i = 0 if k == 0 else min(p, len(level)) - 1
+            row = level[i]
+            n = str(self.reached[k][i]) if k < len(self.reached) and i < len(self.reached[k]) else "-"
+            cells = [f"{row[r]:.3f}" if r < len(row) else "0" for r in range(max_rank)]
+            lines.append(f"| {k + 1} | {n} | " + " | ".join(cells) + f" | {sum(row[max_rank:]):.3f} | {sum(row):.3f} |")
         return "\n".join(lines)
 
     # -- building ------------------------------------------------------------------------------
 
     @classmethod
-    def from_counts(cls, reached: Sequence[int], through: Sequence[Sequence[int]], rounds: int = 0,
+    def from_counts(cls, reached: Sequence[Sequence[int]], through: Sequence[Sequence[Sequence[int]]], rounds: int = 0,
                     meta: Mapping | None = None) -> "AcceptanceStats":
-        """From counts: ``accept[k][r] = through[k][r] / reached[k]``; trailing levels never reached are dropped."""
-        reached, through = [int(x) for x in reached], [[int(x) for x in row] for row in through]
-        if len(reached) != len(through):
-            raise ValueError(f"stats: reached has {len(reached)} levels but through has {len(through)}")
-        for k, (n, row) in enumerate(zip(reached, through)):
-            if n < 0 or any(c < 0 for c in row) or sum(row) > n:
-                raise ValueError(f"stats: level {k}: counts must be >= 0 and sum to <= reached ({sum(row)} > {n})")
-        while reached and reached[-1] == 0:
+        """From counts: ``accept[k][i][r] = through[k][i][r] / reached[k][i]`` (0 where nothing was reached);
+        trailing levels that no round reached are dropped."""
+        reached = [[int(x) for x in lv] for lv in reached]
+        through = [[[int(x) for x in row] for row in lv] for lv in through]
+        if len(reached) != len(through) or any(len(a) != len(b) for a, b in zip(reached, through)):
+            raise ValueError("stats: reached and through must have the same levels and rows")
+        for k, (lv_n, lv_c) in enumerate(zip(reached, through)):
+            for i, (n, row) in enumerate(zip(lv_n, lv_c)):
+                if n < 0 or any(c < 0 for c in row) or sum(row) > n:
+                    raise ValueError(f"stats: level {k}, row {i}: counts must be >= 0 and sum to <= reached ({sum(row)} > {n})")
+        while reached and not any(reached[-1]):
             reached.pop()
             through.pop()
         if not reached:
-            raise ValueError("stats: no round drafted a level (empty acceptance statistics)")
-        accept = [[c / n if n else 0.0 for c in (row or [0])] for n, row in zip(reached, through)]
-        return cls(tuple(map(tuple, accept)), rounds, tuple(reached), tuple(map(tuple, through)), dict(meta or {}))
+            raise ValueError("stats: no round reached a drafted level (empty acceptance statistics)")
+        accept = [tuple(tuple(c / n if n else 0.0 for c in (row or [0])) for n, row in zip(lv_n, lv_c))
+                  for lv_n, lv_c in zip(reached, through)]
+        return cls(tuple(accept), rounds, tuple(map(tuple, reached)), tuple(tuple(map(tuple, lv)) for lv in through),
+                   dict(meta or {}))
 
     @classmethod
-    def from_rounds(cls, records: Iterable, meta: Mapping | None = None) -> "AcceptanceStats":
-        """Measure from ``RoundRecord`` s (the decoders' ``on_round``): each record's draft tree and accepted path.
+    def from_rounds(cls, records: Iterable, meta: Mapping | None = None, max_width: int | None = None) -> "AcceptanceStats":
+        """Measure from ``RoundRecord`` s (the decoders' ``on_round``) of a wide beam tree, greedy.
 
-        A node's level is its depth and its rank its position among the nodes of that depth in index order
-        (the beam lists a level best first). A round counts for level k+1 only if it drafted that level
-        (rounds cut short by the budget draft fewer)."""
-        reached: list[int] = []
-        through: list[list[int]] = []
+        A node's level is its depth and the beam lists a level best first. For every width p up to the
+        widest level (or ``max_width``) the p-wide beam is simulated inside each round's tree
+        (:func:`_narrow_levels`) and the accepted path followed through it: a round counts for
+        ``reached[k][p - 1]`` if its path reached level k of that beam while level k+1 was drafted, and for
+        ``through[k][p - 1][r]`` if the path's next node is the r-th candidate. (Under greedy acceptance the
+        accepted path is the target's own continuation, so a narrower tree accepts exactly the part of it
+        that it holds.) Rounds cut short by the budget count only for the levels they drafted."""
+        reached: list[list[int]] = []
+        through: list[list[list[int]]] = []
         rounds = 0
         for rec in records:
+            parents = list(rec.draft.tree.parents)
             depth = rec.draft.tree.depth
             path = list(rec.path)
             if not path or path[0] != 0:
                 raise ValueError(f"records: an accepted path starts at the root (node 0), got {path}")
+            for k, node in enumerate(path):
+                if depth[node] != k:
+                    raise ValueError(f"records: accepted path node {node} has depth {depth[node]}, expected {k}")
             rounds += 1
-            first: dict[int, int] = {}
+            levels_n = max(depth)  # levels drafted this round
+            levels: list[list[int]] = [[] for _ in range(levels_n + 1)]
             for i, d in enumerate(depth):
-                first.setdefault(d, i)
-            levels = max(depth)  # levels drafted this round
-            while len(reached) < levels:
-                reached.append(0)
-                through.append([])
-            for k in range(levels):  # level k+1 was drafted
-                if len(path) - 1 < k:
-                    break  # the path stopped above level k
-                reached[k] += 1
-                if len(path) - 1 >= k + 1:
-                    node = path[k + 1]
-                    if depth[node] != k + 1:
-                        raise ValueError(f"records: path node {node} has depth {depth[node]}, expected {k + 1}")
-                    rank = node - first[k + 1]
-                    row = through[k]
-                    row.extend([0] * (rank + 1 - len(row)))
-                    row[rank] += 1
+                levels[d].append(i)
+            widest = max(len(lv) for lv in levels[1:]) if levels_n else 0
+            pmax = min(widest, max_width or widest)
+            while len(reached) < levels_n:
+                reached.append([0])
+                through.append([[]])
+            for p in range(1, pmax + 1):
+                for j, in_level, cands in _narrow_levels(levels, parents, p, levels_n):
+                    if j == 0 and p > 1:
+                        continue  # the root's row is the same for every p
+                    if len(path) - 1 < j or path[j] not in in_level:
+                        break  # the path left this beam above level j+1
+                    lv_n, lv_c = reached[j], through[j]
+                    while len(lv_n) < p:
+                        lv_n.append(0)
+                        lv_c.append([])
+                    i = 0 if j == 0 else p - 1
+                    lv_n[i] += 1
+                    if len(path) - 1 >= j + 1 and path[j + 1] in cands:
+                        r = cands.index(path[j + 1])
+                        row = lv_c[i]
+                        row.extend([0] * (r + 1 - len(row)))
+                        row[r] += 1
         if rounds == 0:
             raise ValueError("records: no rounds to measure (empty acceptance statistics)")
         return cls.from_counts(reached, through, rounds, meta)
 
     @classmethod
     def prior(cls, depth: int = 8, width: int = 16, mass: float = 0.8, ratio: float = 0.4) -> "AcceptanceStats":
-        """A geometric prior for a draft without measurements: at every level the path continues with
-        probability ``mass`` in all, into rank r with ``mass (1 - ratio) ratio^r`` (renormalised over
-        ``width`` ranks): with the defaults 0.48 for the beam's best, 0.19, 0.08, ... (:data:`DEFAULT_PRIOR`)."""
+        """A geometric prior for a draft without measurements, the same at every level and width: the path
+        continues with probability ``mass`` in all, into rank r with ``mass (1 - ratio) ratio^r`` (renormalised
+        over ``width`` ranks): with the defaults 0.48 for the beam's best, 0.19, 0.08, ... (:data:`DEFAULT_PRIOR`)."""
         w = [(1 - ratio) * ratio ** r for r in range(width)]
         z = sum(w)
-        level = tuple(mass * x / z for x in w)
-        return cls((level,) * depth, meta={"prior": {"depth": depth, "width": width, "mass": mass, "ratio": ratio}})
+        row = tuple(mass * x / z for x in w)
+        return cls(((row,),) * depth, meta={"prior": {"depth": depth, "width": width, "mass": mass, "ratio": ratio}})
 
     # -- files -----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"format": ACCEPTANCE_FORMAT, "rounds": self.rounds,
-                             "accept": [[round(p, 6) for p in level] for level in self.accept]}
+        """JSON-ready: the counts when measured (the probabilities follow from them), else the probabilities."""
+        d: dict[str, Any] = {"format": ACCEPTANCE_FORMAT, "rounds": self.rounds}
         if self.reached:
-            d["reached"], d["through"] = list(self.reached), [list(r) for r in self.through]
+            d["reached"] = [list(lv) for lv in self.reached]
+            d["through"] = [[list(row) for row in lv] for lv in self.through]
+        else:
+            d["accept"] = [[[round(q, 6) for q in row] for row in lv] for lv in self.accept]
         d["meta"] = dict(self.meta)
         return d
 
@@ -274,7 +337,7 @@ class AcceptanceStats:
                              f"expected {ACCEPTANCE_FORMAT!r})")
         if d.get("reached"):
             return cls.from_counts(d["reached"], d["through"], d.get("rounds", 0), d.get("meta"))
-        return cls(tuple(tuple(level) for level in d.get("accept", ())), d.get("rounds", 0), meta=dict(d.get("meta") or {}))
+        return cls(d.get("accept", ()), d.get("rounds", 0), meta=dict(d.get("meta") or {}))
 
     def save(self, path: str | os.PathLike) -> str:
         """Write JSON to ``path`` (a directory: ``path/acceptance.json``). Returns the file written."""
@@ -282,8 +345,7 @@ class AcceptanceStats:
         if os.path.isdir(path):
             path = os.path.join(path, ACCEPTANCE_FILE)
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
+            f.write(_compact_json(self.to_dict()))
         return path
 
     @classmethod
@@ -298,6 +360,12 @@ class AcceptanceStats:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d)
+
+
+def _compact_json(d: Mapping) -> str:
+    """One key per line, each list of numbers on one line (small files, readable diffs)."""
+    return "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':')) if k != 'meta' else json.dumps(v)}"
+                               for k, v in d.items()) + "\n}\n"
 
 
 DEFAULT_PRIOR = AcceptanceStats.prior()
@@ -466,57 +534,109 @@ def best_tree_shape(stats: AcceptanceStats, cost: CostModel, max_nodes: int = MA
     """The beam shape with the most expected tokens per second (exact over the space in the module docstring).
 
     Args:
-        stats: acceptance by level and rank; cost: seconds per round.
+        stats: acceptance by level, width and rank; cost: seconds per round.
         max_nodes: most draft nodes (``sum(shape)``; 127 = the fast path's limit).
         max_depth: most levels (default: the levels ``stats`` measured).
         vocab_size: caps every width (level 1 is a top-k of the root's vocabulary; capping every level keeps
             ``s_k <= s_{k-1} * vocab`` without coupling levels -- it only matters for toy vocabularies).
     """
     _check_search_args(stats, cost, max_nodes, max_depth)
+    key = (stats, cost, max_nodes, max_depth, vocab_size)
+    if key not in _SEARCHED:
+        _SEARCHED[key] = _search(stats, cost, max_nodes, max_depth, vocab_size)
+    return _SEARCHED[key]
+
+
+_SEARCHED: dict[tuple, tuple[int, ...]] = {}  # the decoders resolve "auto" on every call: search once per process
+
+
+def _search(stats: AcceptanceStats, cost: CostModel, max_nodes: int, max_depth: int | None, vocab_size: int | None) -> tuple[int, ...]:
     depth_cap = min(stats.depth, max_depth or stats.depth, max_nodes)
-    caps = [max(1, min(w, max_nodes, vocab_size or w)) for w in stats.widths]
-    big = max_nodes
-    verify = [0.0] + [cost.verify_time(n) for n in range(1, big + 2)]  # verify[n], n verified nodes
-    best = None  # (ratio, n, D, w, m, choices)
+    # a level wider than its measured ranks and than the next level's measured rows changes nothing
+    rows_next = [len(level) for level in stats.accept[1:]] + [1]
+    caps = [max(1, min(max(w, r), max_nodes, vocab_size or max(w, r))) for w, r in zip(stats.widths, rows_next)]
+    M, P = max_nodes, max(caps)
+    verify = torch.tensor([0.0] + [cost.verify_time(n) for n in range(1, M + 2)], dtype=torch.float64)  # verify[n]
+    ninf = -math.inf
+
+    # A[k][p - 1, q - 1] = A_k(p, q) for p, q <= P (cumulative sums of each row, saturating past its end)
+    A = []
+    for k, level in enumerate(stats.accept):
+        rows = torch.zeros(len(level), P, dtype=torch.float64)
+        for i, row in enumerate(level):
+            c = torch.tensor(row[:P], dtype=torch.float64).cumsum(0).clamp(max=1.0)
+            rows[i, : len(c)] = c
+            rows[i, len(c):] = c[-1]
+        A.append(rows[0:1].expand(P, P) if k == 0 else rows[torch.arange(P).clamp(max=len(level) - 1)])
+
+    def mass(k: int, p: int, q: int) -> float:
+        return float(A[k][p - 1, q - 1])
+
+    results = []  # (D, ratio [B, M + 1], top arg [B, M + 1], args per level)
     for D in range(1, depth_cap + 1):
-        wl = caps[D - 1]
-        # X[b, m]: best nested value of levels j..D-1 with last width b + 1 and m nodes in levels j..D-2
-        last = torch.tensor([stats.level_mass(D - 1, w) for w in range(1, wl + 1)], dtype=torch.float64)
-        X = torch.full((wl, big + 1), -math.inf, dtype=torch.float64)
-        X[:, 0] = last
-        choices = []
-        for j in range(D - 2, -1, -1):
-            bestX = torch.full_like(X, -math.inf)
-            arg = torch.zeros(X.shape, dtype=torch.long)
-            for s in range(1, caps[j] + 1):
-                a = stats.level_mass(j, s)
-                shifted = torch.full_like(X, -math.inf)
-                shifted[:, s:] = X[:, : big + 1 - s]
-                cand = torch.where(torch.isfinite(shifted), a * (1.0 + shifted), shifted)
-                better = cand > bestX
-                bestX = torch.where(better, cand, bestX)
-                arg = torch.where(better, torch.full_like(arg, s), arg)
-            X = bestX
-            choices.append(arg)
-        choices.reverse()  # choices[j] for level j = 0..D-2
-        for b in range(wl):
-            w = b + 1
-            for mi in range(big + 1 - w):
-                x = float(X[b, mi])
-                if not math.isfinite(x):
-                    continue
-                n = 1 + mi + w
-                t = verify[n] + (D - 1) * cost.level_fixed + cost.level_per_node * mi
-                ratio = (1.0 + x) / t
-                if best is None or ratio > best[0] * (1 + 1e-12) or (ratio >= best[0] * (1 - 1e-12) and (n, D) < (best[1], best[2])):
-                    best = (ratio, n, D, w, mi, choices)
-    _, _, D, w, mi, choices = best
-    shape = []
-    for j in range(D - 1):
-        s = int(choices[j][w - 1, mi])
-        shape.append(s)
-        mi -= s
-    return tuple(shape) + (w,)
+        B = caps[D - 1]  # the last level's width w = b + 1
+        if D == 1:
+            T = torch.full((B, M + 1), ninf, dtype=torch.float64)
+            T[:, 0] = A[0][0, :B]
+            top_arg, args = None, []
+        else:
+            # H[b, p - 1, m]: the best nested tail after a level of width p, m nodes in the levels between it and the last
+            H = torch.full((B, P, M + 1), ninf, dtype=torch.float64)
+            H[:, : caps[D - 2], 0] = A[D - 1][: caps[D - 2], :B].T
+            args = []
+            for k in range(D - 3, -1, -1):  # H_k from H_{k+1}: choose the width q of level k + 1
+                Ak = A[k + 1]
+                best = torch.full_like(H, ninf)
+                arg = torch.zeros(H.shape, dtype=torch.long)
+                for q in range(1, caps[k + 1] + 1):
+                    inner = torch.full((B, M + 1), ninf, dtype=torch.float64)
+                    inner[:, q:] = H[:, q - 1, : M + 1 - q]
+                    cand = Ak[:, q - 1][None, :, None] * (1.0 + inner[:, None, :])
+                    cand = torch.where(torch.isfinite(inner)[:, None, :], cand, ninf)
+                    better = cand > best
+                    best = torch.where(better, cand, best)
+                    arg = torch.where(better, q, arg)
+                best[:, caps[k]:, :] = ninf  # level k is at most caps[k] wide
+                H = best
+                args.append(arg)
+            args.reverse()  # args[k] chose level k + 1's width
+            T = torch.full((B, M + 1), ninf, dtype=torch.float64)
+            top_arg = torch.zeros((B, M + 1), dtype=torch.long)
+            for s0 in range(1, caps[0] + 1):
+                inner = torch.full((B, M + 1), ninf, dtype=torch.float64)
+                inner[:, s0:] = H[:, s0 - 1, : M + 1 - s0]
+                cand = torch.where(torch.isfinite(inner), mass(0, 1, s0) * (1.0 + inner), ninf)
+                better = cand > T
+                T = torch.where(better, cand, T)
+                top_arg = torch.where(better, s0, top_arg)
+        m = torch.arange(M + 1, dtype=torch.float64)[None, :]
+        w = torch.arange(1, B + 1)[:, None]
+        n = 1 + m.long() + w  # verified nodes
+        feasible = torch.isfinite(T) & (n <= M + 1)
+        t = verify[n.clamp(max=M + 1)] + (D - 1) * cost.level_fixed + cost.level_per_node * m
+        ratio = torch.where(feasible, (1.0 + T) / t, ninf)
+        results.append((D, ratio, n, top_arg, args))
+
+    best_ratio = max(float(r.max()) for _, r, _, _, _ in results)
+    pick = None  # ties: fewer nodes, then fewer levels, then a narrower last level
+    for D, ratio, n, top_arg, args in results:
+        near = ratio >= best_ratio * (1 - 1e-12)
+        if not bool(near.any()):
+            continue
+        n_min = int(torch.where(near, n, M + 2).min())
+        if pick is None or n_min < pick[1]:
+            b, mi = (near & (n == n_min)).nonzero()[0].tolist()
+            pick = (D, n_min, b, mi, top_arg, args)
+    D, _, b, mi, top_arg, args = pick
+    if D == 1:
+        return (b + 1,)
+    shape = [int(top_arg[b, mi])]
+    mi -= shape[0]
+    for k in range(D - 2):
+        q = int(args[k][b, shape[-1] - 1, mi])
+        shape.append(q)
+        mi -= q
+    return tuple(shape) + (b + 1,)
 
 
 def best_gamma(stats: AcceptanceStats, cost: CostModel, max_gamma: int = MAX_AUTO_NODES) -> int:
@@ -565,6 +685,32 @@ def measure_cost_model(time_round: Callable[[tuple[int, ...]], float], shapes: S
             time_round(shape)
         rows.append((shape, statistics.median(time_round(shape) for _ in range(reps))))
     return CostModel.fit(rows, meta)
+
+
+def round_timer(generate: Callable[..., Any], vocab_size: int, max_position: int, stamps: bool = False,
+                prompt_length: int = 128, max_gen_len: int = 24, seed: int = 0) -> Callable[[tuple[int, ...]], float]:
+    """``time_round(shape) -> seconds per round`` for :func:`measure_cost_model`, from a path's decoder:
+    ``generate(input_ids, prompt_length, tree_shape=, max_gen_len=, eos_id=, on_round=)`` (its
+    ``tree_spec_generate`` with the target and draft bound) on a random prompt, EOS off, greedy.
+
+    ``stamps=False``: the call's decode time over its rounds (``elapsed_time / (num - 1)``). ``stamps=True``:
+    the mean time between the ``on_round`` callbacks of rounds that drafted every level -- leaves out the
+    first round (where a drafter without a prefill hook catches up on the prompt) and the budget-cut last
+    ones, at the price of the callback's own host work (the reference path, whose rounds are slow anyway)."""
+    p = max(1, min(prompt_length, max_position - max_gen_len - 16))
+    ids = torch.randint(0, vocab_size, (1, p), generator=torch.Generator().manual_seed(seed))
+
+    def time_round(shape: tuple[int, ...]) -> float:
+        marks: list[tuple[float, int]] = []
+        hook = (lambda r: marks.append((time.perf_counter(), max(r.draft.tree.depth)))) if stamps else None
+        res = generate(ids, p, tree_shape=shape, max_gen_len=max_gen_len, eos_id=[], on_round=hook)
+        if stamps:
+            gaps = [t1 - t0 for (t0, _), (t1, d) in zip(marks, marks[1:]) if d == len(shape)]
+            if gaps:
+                return sum(gaps) / len(gaps)
+        return res.elapsed_time / max(res.num - 1, 1)
+
+    return time_round
 
 
 def device_description(device) -> str:
