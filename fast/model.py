@@ -93,12 +93,12 @@ class FastModel:
     """A target (or draft) LM prepared for the fast path. Build with :func:`load_model` or :func:`as_fast_model`."""
 
     config: ModelConfig
-    w: dict[str, torch.Tensor]
+    w: dict[str, torch.Tensor] = field(repr=False)
     source: str = ""
-    graphs: dict = field(default_factory=dict)
-    caches: dict = field(default_factory=dict)
-    rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [rows, D]: views of rope_cs
-    rope_cs: torch.Tensor | None = None  # [rows, 2, D]: cos and sin side by side (one gather per step)
+    graphs: dict = field(default_factory=dict, repr=False)
+    caches: dict = field(default_factory=dict, repr=False)
+    rope_table: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # (cos, sin) [rows, D]: views of rope_cs
+    rope_cs: torch.Tensor | None = field(default=None, repr=False)  # [rows, 2, D]: cos and sin side by side (one gather per step)
     use_graphs: bool = True
 
     @property
@@ -109,10 +109,14 @@ class FastModel:
     def dtype(self) -> torch.dtype:
         return self.w["embed"].dtype
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # one line: never print tensors
         c = self.config
+        try:
+            dtype, device = self.dtype, self.device
+        except (KeyError, AttributeError):  # weights not (yet) filled in
+            dtype = device = None
         return (f"FastModel({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
-                f"vocab={c.vocab_size}, dtype={self.dtype}, device={self.device})")
+                f"vocab={c.vocab_size}, dtype={dtype}, device={device}, source={self.source!r})")
 
     # -----------------------------------------------------------------------------------------
     # Cache management

@@ -108,9 +108,9 @@ class Glide:
     uses (docs/design.md §12); read from ``acceptance.json`` next to the weights, None if there is none."""
 
     config: GlideConfig
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] = field(repr=False)
     source: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
     acceptance: AcceptanceStats | None = None
 
     @property
@@ -125,10 +125,15 @@ class Glide:
     def window(self) -> int:
         return self.config.window
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # one line: never print tensors
         c = self.config
-        return (f"Glide(hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, head_dim={c.head_dim}, "
-                f"mlp={c.intermediate_size}, window={c.window}, dtype={self.dtype}, device={self.device}, source={self.source!r})")
+        try:
+            dtype, device = self.dtype, self.device
+        except (KeyError, AttributeError):  # weights not (yet) filled in
+            dtype = device = None
+        return (f"Glide(GLIDE draft layer, layers=1, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
+                f"head_dim={c.head_dim}, mlp={c.intermediate_size}, vocab={c.vocab_size}, window={c.window}, "
+                f"dtype={dtype}, device={device}, source={self.source!r})")
 
 
 def glide_expected_shapes(config: GlideConfig | ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -77,9 +77,9 @@ class Model:
     """
 
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor] = field(repr=False)
     source: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)  # e.g. tokenizer dir, caches of the fast path
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)  # e.g. tokenizer dir, caches of the fast path
 
     @property
     def device(self) -> torch.device:
@@ -89,10 +89,14 @@ class Model:
     def dtype(self) -> torch.dtype:
         return self.weights["embed_tokens.weight"].dtype
 
-    def __repr__(self) -> str:  # keep reprs short: never print tensors
+    def __repr__(self) -> str:  # one line: never print tensors
         c = self.config
+        try:
+            dtype, device = self.dtype, self.device
+        except (KeyError, AttributeError):  # weights not (yet) filled in
+            dtype = device = None
         return (f"Model({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
-                f"vocab={c.vocab_size}, dtype={self.dtype}, device={self.device}, source={self.source!r})")
+                f"vocab={c.vocab_size}, dtype={dtype}, device={device}, source={self.source!r})")
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -27,7 +27,7 @@ class FastGlide:
     """The GLIDE draft layer prepared for the fast path (see :func:`as_fast_glide`)."""
 
     config: GlideConfig
-    w: dict[str, torch.Tensor]
+    w: dict[str, torch.Tensor] = field(repr=False)
     source: str = ""
     runtime: GlideRuntime | None = field(default=None, repr=False, compare=False)
     """What the fast drafter keeps across generate calls on these weights -- the sliding cache and the
@@ -46,6 +46,16 @@ class FastGlide:
     @property
     def dtype(self) -> torch.dtype:
         return self.w["wqkv"].dtype
+
+    def __repr__(self) -> str:  # one line: never print tensors
+        c = self.config
+        try:
+            dtype, device = self.dtype, self.device
+        except (KeyError, AttributeError):  # weights not (yet) filled in
+            dtype = device = None
+        return (f"FastGlide(GLIDE draft layer, layers=1, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
+                f"head_dim={c.head_dim}, mlp={c.intermediate_size}, vocab={c.vocab_size}, window={c.window}, "
+                f"dtype={dtype}, device={device}, source={self.source!r})")
 
 
 def as_fast_glide(glide) -> FastGlide:
