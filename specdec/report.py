@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from typing import Any, Sequence
@@ -41,16 +42,37 @@ __all__ = ["load_answers", "question_stats", "aggregate", "compare", "format_rep
 OVERALL = "overall"
 
 
+_HINT = "pass a `specdec bench` answer file (<out-dir>/<method>.jsonl)"
+
+
 def load_answers(path: str) -> list[dict]:
-    """Records of an answer file (one JSON object per line; blank lines skipped)."""
+    """Records of an answer file (one JSON object per line; blank lines skipped).
+
+    Anything else is a one-line ValueError naming the file and the line: not found, a folder, not
+    UTF-8 text, a line that is not a JSON object, a record without ``choices`` (e.g. a question file)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder, not a bench answer file; pass one of its <method>.jsonl files")
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file; {_HINT}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            where = f"{path}: not a bench answer file"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: line {i + 1} is not UTF-8 text; {_HINT}") from None
             if not line.strip():
                 continue
-            rec = json.loads(line)
-            if "choices" not in rec or not rec["choices"]:
-                raise ValueError(f"{path}:{i + 1}: not an answer record (no 'choices')")
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: line {i + 1} is not JSON ({e.msg} at column {e.colno}); {_HINT}") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: line {i + 1} is a JSON {type(rec).__name__}, not an answer record; {_HINT}")
+            if "choices" not in rec or not rec["choices"] or not isinstance(rec["choices"], list) or not isinstance(rec["choices"][0], dict):
+                what = " (a Spec-Bench question: it has 'turns')" if "turns" in rec else ""
+                raise ValueError(f"{where}: line {i + 1} is not an answer record (no 'choices'){what}; {_HINT}")
             ch = rec["choices"][0]
             for key in ("new_tokens", "wall_time"):
                 if key not in ch:
@@ -228,12 +250,19 @@ def add_report_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
+def _load(flag: str, path: str) -> list[dict]:
+    try:
+        return load_answers(path)
+    except ValueError as e:
+        raise ValueError(f"{flag}{e}") from None
+
+
 def run_report(args) -> str:
-    base = load_answers(args.base)
+    base = _load("--base ", args.base)
     base_name = method_name(base, args.base)
     methods: dict[str, list[dict]] = {}
     for p in list(args.files) + list(args.file):
-        recs = load_answers(p)
+        recs = _load("", p)
         name = method_name(recs, p)
         while name in methods or name == base_name:
             name += "'"
