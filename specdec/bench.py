@@ -8,7 +8,9 @@ What it does, per method (``--methods``, vanilla included by default)::
     for each question of the prompt set (tqdm progress bar):
         for each turn: prompt = the conversation so far (turn k sees the model's own answers to
             turns < k), encoded once; synchronize; t0; generate; synchronize; wall = now - t0
-    write <out-dir>/<method>.jsonl: one line per question
+    write <out-dir>/<method>.jsonl: one line per FINISHED question (a question whose prompt + new
+        tokens would not fit the context is skipped, one stderr line each, and counted in the summary;
+        a method that finishes no question leaves no file)
 
 Prompt sets are Spec-Bench ``question.jsonl`` files: ``{"question_id", "category", "turns": [...]}``.
 ``--bench`` takes a file, a folder holding ``question.jsonl`` (e.g. ``../shared/data/spec_bench``),
@@ -375,6 +377,17 @@ def _effective_options(fn: Callable, given: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _tree_shape(text: str) -> tuple[int, ...]:
+    """argparse type of ``--tree-shape``: '4,16,16' -> (4, 16, 16), a clear message otherwise."""
+    try:
+        shape = tuple(int(x) for x in str(text).replace(" ", "").split(",") if x != "")
+    except ValueError:
+        shape = ()
+    if not shape or any(n < 1 for n in shape):
+        raise argparse.ArgumentTypeError(f"expected comma-separated node counts >= 1 per level, like 4,16,16,16,16; got {text!r}")
+    return shape
+
+
 def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--bench", default="stdlib_code",
                     help="prompt set: question.jsonl file, folder holding one, or a shipped set "
@@ -387,6 +400,8 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--draft", default=None, help="draft LM dir for speculative / hf_assisted (default: default-draft with the embedded target)")
     ap.add_argument("--glide", default=None, help="GLIDE draft for spec / tree_spec (default: default-glide with the embedded target)")
     ap.add_argument("--backend", choices=("ref", "fast", "auto"), default="auto", help="auto = fast on CUDA, ref on CPU")
+    ap.add_argument("--force-interpreter", action="store_true",
+                    help="allow --backend fast on the CPU: its Triton kernels then run in the Triton interpreter (a test tool, minutes per call)")
     ap.add_argument("--device", default=None, help="default cuda when available, else cpu")
     ap.add_argument("--dtype", default="auto", help="auto = bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--out-dir", default="bench_out", help="one <method>.jsonl per method goes here")
@@ -407,10 +422,10 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="raise the models' context limit to this many positions (RoPE past the trained length)")
     ap.add_argument("--family", default=None, help="prompt template family (vicuna, llama2, llama3, qwen2, raw); default: the tokenizer's")
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (0 = none)")
-    ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (it is shown only when stderr is a terminal)")
     g = ap.add_argument_group("method options (each method's own default when not given)")
     g.add_argument("--gamma", type=int, default=None, help="draft length: speculative (5), spec (4), magicdec (4)")
-    g.add_argument("--tree-shape", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+    g.add_argument("--tree-shape", type=_tree_shape, default=None,
                    help="tree_spec beam shape, e.g. 4,16,16,16,16")
     g.add_argument("--max-ngram-size", type=int, default=None, help="logitspec / pld / hf_pld (3)")
     g.add_argument("--num-pred-tokens", type=int, default=None, help="logitspec (20), pld and hf_pld (10)")
@@ -560,6 +575,10 @@ def run_bench(args) -> dict[str, str]:
         raise ValueError("--max-new-tokens must be >= 1")
     if args.sampling == "keyed" and args.seed < 0:
         raise ValueError(f"--seed must be >= 0 with --sampling keyed, got {args.seed}")
+    if args.backend == "fast":
+        from specdec.cli import check_fast_device
+
+        check_fast_device(device, getattr(args, "force_interpreter", False))
     methods = _parse_methods(args.methods, args.peers)
     questions = load_questions(args.bench, args.question_begin, args.question_end)
     tok = load_tokenizer(args.target)
@@ -570,6 +589,7 @@ def run_bench(args) -> dict[str, str]:
         model_id = "specdec-default"
 
     # the context limit and the too-short filter, on the first turn's prompt
+    _log(f"[bench] loading the target {args.target} ({models.backend}, {device}, {str(dtype).replace('torch.', '')}) ...")
     target = models.get("target")
     eos_ids = list(target.config.eos_token_ids) or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
     ctx = target.config.max_position_embeddings
@@ -580,6 +600,7 @@ def run_bench(args) -> dict[str, str]:
             short += 1
         elif n + args.max_new_tokens > ctx:
             too_long += 1
+            _log(f"[bench] skipping question {q['question_id']}: {_too_long(n, args.max_new_tokens, ctx, args.max_context)}")
         else:
             kept.append(q)
     if short or too_long:
@@ -607,10 +628,16 @@ def run_bench(args) -> dict[str, str]:
     extra_turns = sum(len(tok(t)["input_ids"]) + args.max_new_tokens + 32 for t in longest["turns"][1:])
     warm_len = min(len(longest_ids) + extra_turns, ctx - args.max_new_tokens)
 
-    paths, failed = {}, []
+    paths, failed, nothing, skipped = {}, [], [], {}
     for method in methods:
         try:
-            paths[method] = _run_method(method, models, args, tok, questions, eos_ids, model_id, common, longest_ids, warm_len, ctx)
+            paths[method], skipped[method] = _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
+                                                         longest_ids, warm_len, ctx)
+        except _NothingRan as e:  # every question skipped (reasons logged one per line): no answer file
+            if len(methods) == 1:
+                raise
+            _log(f"[bench] {method}: {e}")
+            nothing.append(method)
         except Exception as e:  # one broken method must not lose the others' results (a long GPU run)
             if isinstance(e, ValueError) and len(methods) == 1:
                 raise
@@ -621,9 +648,33 @@ def run_bench(args) -> dict[str, str]:
             failed.append(method)
     if failed:
         _log(f"[bench] failed methods: {', '.join(failed)}")
-        if not paths:
-            raise ValueError(f"every method failed ({', '.join(failed)})")
+    if not paths:
+        if failed:
+            raise ValueError(f"every method failed ({', '.join(failed + nothing)})")
+        raise ValueError(f"no question finished: every question was skipped (see the lines above; methods {', '.join(nothing)})")
+    notes = [f"{len(questions)} question(s) per method"]
+    if too_long:
+        notes.append(f"{too_long} skipped as longer than the context")
+    if sum(skipped.values()):
+        notes.append("skipped while running: " + ", ".join(f"{m} {n}" for m, n in skipped.items() if n))
+    if failed or nothing:
+        notes.append(f"no answers from {', '.join(failed + nothing)}")
+    _log(f"[bench] done: {len(paths)} answer file(s) in {args.out_dir} ({'; '.join(notes)})")
     return paths
+
+
+class _NothingRan(ValueError):
+    """A method finished no question (each one skipped, with its reason logged)."""
+
+
+class _Skip(Exception):
+    """This question cannot run (the reason is the message); it gets no answer line."""
+
+
+def _too_long(n: int, max_new: int, ctx: int, max_context: int | None, turn: int | None = None) -> str:
+    what = "its prompt" if turn is None else f"turn {turn + 1}'s prompt (with the earlier turns and answers)"
+    hint = "" if max_context else "; raise it with --max-context N"
+    return f"{what} is {n} tokens + --max-new-tokens {max_new} = {n + max_new} > the context of {ctx} positions{hint}"
 
 
 def _run_method(method, models, args, tok, questions, eos_ids, model_id, common, longest_ids, warm_len, ctx) -> str:
@@ -632,6 +683,8 @@ def _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
     runner, meta = _make_runner(method, models, args, eos_ids, tok.pad_token_id)
     meta = {"method": method, **meta, **common}
     t_warm = time.perf_counter()
+    if args.warmup:
+        _log(f"[bench] {method} ({meta['backend']}): warming up (untimed, {args.warmup} round(s), prompts up to {warm_len} tokens) ...")
     for _ in range(args.warmup):
         first_ids = encode_prompt(tok, conversation_prompt(tok, questions[0]["turns"], [], args.family))
         runner.generate(first_ids, min(args.max_new_tokens, 32), args.seed)
@@ -644,29 +697,43 @@ def _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
             runner.generate(ids, n_new, args.seed)
     _log(f"[bench] {method} ({meta['backend']}): warm-up {time.perf_counter() - t_warm:.1f}s")
     path = os.path.join(args.out_dir, f"{method}.jsonl")
-    iterator = questions
-    if not args.no_progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        iterator = tqdm(questions, desc=method, unit="q", file=sys.stderr, dynamic_ncols=True)
+    # on stderr, and only on a terminal (disable=None): logs and captured output get the summary lines alone
+    bar = tqdm(questions, desc=method, unit="q", file=sys.stderr, dynamic_ncols=True,
+               disable=True if args.no_progress else None)
     tokens = wall = 0.0
-    passes = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for qi, q in enumerate(iterator):
-            rec = _run_question(runner, tok, q, args, qi)
-            rec.update({"model_id": model_id, "method": method, "backend": meta["backend"], "meta": meta})
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            ch = rec["choices"][0]
-            tokens += sum(ch["new_tokens"])
-            wall += sum(ch["wall_time"])
-            passes += len(ch["accept_lengths"])
-    _log(f"[bench] {method}: {len(questions)} questions, {int(tokens)} tokens in {wall:.2f}s "
+    passes = done = skipped = 0
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            for qi, q in enumerate(bar):
+                try:
+                    rec = _run_question(runner, tok, q, args, qi, ctx)
+                except _Skip as e:
+                    skipped += 1
+                    tqdm.write(f"[bench] {method}: skipping question {q['question_id']}: {e}", file=sys.stderr)
+                    continue
+                rec.update({"model_id": model_id, "method": method, "backend": meta["backend"], "meta": meta})
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                done += 1
+                ch = rec["choices"][0]
+                tokens += sum(ch["new_tokens"])
+                wall += sum(ch["wall_time"])
+                passes += len(ch["accept_lengths"])
+    finally:
+        bar.close()
+        if not done and os.path.exists(path):
+            os.remove(path)  # never leave an empty answer file
+    if not done:
+        raise _NothingRan(f"no question finished ({skipped} skipped, see above); no answer file written")
+    _log(f"[bench] {method}: {done} question(s){f' ({skipped} skipped)' if skipped else ''}, {int(tokens)} tokens in {wall:.2f}s "
          f"({tokens / max(wall, 1e-9):.1f} tok/s pooled, tau {tokens / max(passes, 1):.2f}) -> {path}")
-    return path
+    return path, skipped
 
 
-def _run_question(runner, tok, q: dict, args, qi: int) -> dict:
+def _run_question(runner, tok, q: dict, args, qi: int, ctx: int | None = None) -> dict:
+    """One question, every turn; raises :class:`_Skip` when a turn's prompt + new tokens exceed ``ctx``."""
     from specdec.shared.tokenizer import encode_prompt
 
     answers: list[str] = []
@@ -674,6 +741,8 @@ def _run_question(runner, tok, q: dict, args, qi: int) -> dict:
                                            "prompt_tokens", "decoding_steps", "accept_lengths", "output_ids")}
     for k in range(len(q["turns"])):
         ids = encode_prompt(tok, conversation_prompt(tok, q["turns"], answers, args.family))
+        if ctx is not None and len(ids) + args.max_new_tokens > ctx:
+            raise _Skip(_too_long(len(ids), args.max_new_tokens, ctx, args.max_context, turn=k))
         r = runner.generate(ids, args.max_new_tokens, args.seed + 1000 * qi + k)
         text = tok.decode(r.output_ids, skip_special_tokens=True)
         answers.append(text.strip())
