@@ -12,9 +12,17 @@ tokens/s and time to first token::
 
 Methods (the table in :mod:`specdec.methods`): vanilla, speculative (draft LM chain), spec (GLIDE
 chain), tree_spec (GLIDE beam tree), logitspec, magicdec, pld. ``--backend auto`` = ``fast`` when
-CUDA is available and :mod:`specdec.fast` imports, else ``ref``. Without ``--target`` the embedded default (a small
+CUDA is available and :mod:`specdec.fast` imports, else ``ref``. ``--backend fast`` on the CPU would run
+the Triton kernels under the Triton interpreter (a test tool, minutes per call): it is refused unless
+``--force-interpreter`` is given. Without ``--target`` the embedded default (a small
 Python-code Llama trained on the standard library) is used, with its draft LM and GLIDE draft. The
-prompt is used raw (a base code model has no chat template); ``--template`` picks one.
+prompt is used raw (a base code model has no chat template); ``--template`` picks one. Stdin is read
+as UTF-8 bytes. ``--echo`` prints the prompt first (and adds ``prompt`` to ``--json``).
+
+Long prompts: prompt tokens + ``--max-new-tokens`` must fit the model's context (its config's
+``max_position_embeddings``). Past it, the default (``--truncate error``) is a one-line error;
+``--truncate left`` keeps the prompt's last tokens that fit (the BOS kept) and says so on stderr;
+``--max-context N`` sets the limit to N positions (above the trained length: RoPE extrapolation).
 
 Errors (bad arguments, missing model directories, invalid tree shapes, ...) are one line on stderr
 and exit code 2. A failure inside the library (e.g. a CUDA error) is one line too, with exit code 1;
@@ -55,7 +63,8 @@ from typing import Any, Callable
 
 from specdec.methods import DEFAULT_METHOD, METHODS, methods_taking
 
-__all__ = ["main", "register_subcommand", "SUBCOMMANDS", "METHODS", "PLUGIN_MODULES", "CLIError", "resolve_backend", "parse_tree_shape"]
+__all__ = ["main", "register_subcommand", "SUBCOMMANDS", "METHODS", "PLUGIN_MODULES", "CLIError", "resolve_backend", "parse_tree_shape",
+           "check_fast_device", "fit_context"]
 
 PLUGIN_MODULES = ("specdec.bench", "specdec.report")
 
@@ -161,10 +170,17 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt text; '-' or omitted: read it from stdin")
     p.add_argument("--method", "-m", default=DEFAULT_METHOD, choices=list(METHODS), help=f"decoder (default {DEFAULT_METHOD}: {METHODS[DEFAULT_METHOD].summary})")
     p.add_argument("--backend", default="auto", choices=["auto", "ref", "fast"], help="ref (readable PyTorch), fast (Triton + CUDA graphs), auto (fast when CUDA is available)")
+    p.add_argument("--force-interpreter", action="store_true",
+                   help="allow --backend fast without CUDA: its Triton kernels then run in the Triton interpreter (a test tool, minutes per call)")
     p.add_argument("--target", default="default", help="target model: a local HF-format dir (default: the embedded model)")
     p.add_argument("--draft", default=None, help="draft LM dir for --method speculative (default: the embedded draft with the embedded target)")
     p.add_argument("--glide", default=None, help="GLIDE draft dir or .pth for --method spec/tree_spec (default: the embedded GLIDE with the embedded target)")
     p.add_argument("--max-new-tokens", "-n", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="context limit in positions for prompt + new tokens (default: the model's max_position_embeddings; "
+                        "above it: RoPE past the trained length)")
+    p.add_argument("--truncate", default="error", choices=["error", "left"],
+                   help="a prompt too long for the context: error (default) or left (keep its last tokens that fit)")
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off; in (0, 1]")
@@ -184,7 +200,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="store_true", help="also run vanilla decoding and print the speedup")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text and the table")
     p.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="highlight accepted draft tokens (auto: on a terminal, unless NO_COLOR is set)")
-    p.add_argument("--echo", action="store_true", help="print the prompt (dimmed on a terminal) before the completion")
+    p.add_argument("--echo", action="store_true", help="print the prompt (dimmed on a terminal) before the completion; --json: a 'prompt' field")
 
 
 def _check_generate_args(a: argparse.Namespace) -> None:
@@ -202,6 +218,8 @@ def _check_generate_args(a: argparse.Namespace) -> None:
         raise CLIError(f"--warmup must be >= 0, got {a.warmup}")
     if not 0 <= a.seed < 2**63:
         raise CLIError(f"--seed must be in [0, 2**63), got {a.seed}")
+    if a.max_context is not None and a.max_context < 2:
+        raise CLIError(f"--max-context must be >= 2 positions, got {a.max_context}")
     a.tree_shape = parse_tree_shape(a.tree_shape) if a.tree_shape is not None else None
     for flag, knob in (("--tree-shape", "tree_shape"), ("--gamma", "gamma")):
         if getattr(a, knob) is not None and knob not in METHODS[a.method].options:
@@ -214,8 +232,25 @@ def _or_list(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def resolve_backend(name: str, device: str):
-    """The decoder module for ``--backend`` (and the device): returns (name, module)."""
+def check_fast_device(device: str, force_interpreter: bool = False, flag: str = "--force-interpreter") -> None:
+    """Refuse the fast path on the CPU unless ``force_interpreter``: its Triton kernels would run in the
+    Triton interpreter (``TRITON_INTERPRET=1``, chosen by ``import specdec`` without CUDA), a test tool
+    that takes minutes per call. On a CUDA machine without the interpreter they cannot run on the CPU at all."""
+    if not str(device).startswith("cpu"):
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise CLIError("--backend fast cannot run on the CPU here: its Triton kernels need CUDA (the Triton interpreter, "
+                       "TRITON_INTERPRET=1, is not active); use --backend ref, or a CUDA --device")
+    if not force_interpreter:
+        raise CLIError("--backend fast without CUDA would run its Triton kernels in the Triton interpreter (a test tool, "
+                       f"minutes per call): use --backend ref (or auto), or pass {flag} to run it anyway")
+
+
+def resolve_backend(name: str, device: str, force_interpreter: bool = False):
+    """The decoder module for ``--backend`` (and the device): returns (name, module).
+
+    ``auto`` is ``fast`` on a CUDA device (when :mod:`specdec.fast` imports), else ``ref``. ``fast`` on the
+    CPU raises :class:`CLIError` unless ``force_interpreter`` (see :func:`check_fast_device`)."""
     import torch
 
     if name == "auto":
@@ -226,12 +261,19 @@ def resolve_backend(name: str, device: str):
                 name = "fast"
             except Exception:
                 name = "ref"
-    if name == "fast" and str(device).startswith("cpu"):
-        pass  # allowed: the fast path runs its kernels under the Triton interpreter on CPU (slow)
+    if name == "fast":
+        check_fast_device(device, force_interpreter)
     try:
         return name, importlib.import_module(f"specdec.{name}")
     except ImportError as e:
         raise CLIError(f"backend {name!r} is not available: {e}") from None
+
+
+def _with_context(model, max_context: int | None):
+    """``--max-context`` above the model's trained length raises the limit the decoders check (RoPE extrapolation)."""
+    if max_context is not None and max_context > model.config.max_position_embeddings:
+        model.config.max_position_embeddings = int(max_context)
+    return model
 
 
 def _resolve_device(device: str) -> str:
@@ -281,16 +323,63 @@ def _model_key(path: str) -> tuple:
     return (p, stamp)
 
 
+def _decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{where} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} is invalid; "
+                       "give the prompt as UTF-8 (e.g. iconv -f latin1 -t utf-8 prompt.txt | specdec generate)") from None
+
+
+def _read_stdin(stdin) -> str:
+    """The whole of stdin as text: bytes decoded as UTF-8 (strictly; one-line error otherwise), newlines
+    normalised like text-mode reading (CRLF / CR -> LF). A stream without bytes (a StringIO) is read as is."""
+    buf = getattr(stdin, "buffer", None)
+    if buf is None:
+        return stdin.read()
+    text = _decode_utf8(buf.read(), "stdin")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _read_prompt(a: argparse.Namespace, stdin) -> str:
     if a.prompt is not None and a.prompt != "-":
         text = a.prompt
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates (surrogateescape)
+            text = _decode_utf8(os.fsencode(text), "the prompt argument")
     else:
         if a.prompt is None and getattr(stdin, "isatty", lambda: False)():
             raise CLIError("no prompt: pass it as an argument or pipe it on stdin (e.g. echo 'def f(x):' | specdec generate)")
-        text = stdin.read()
+        text = _read_stdin(stdin)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a text stream opened with errors="surrogateescape"
+            text = _decode_utf8(text.encode("utf-8", "surrogateescape"), "stdin")
     if not text:
         raise CLIError("empty prompt: give at least one character")
     return text
+
+
+def fit_context(ids: list[int], max_new_tokens: int, limit: int, truncate: str = "error", bos_id: int | None = None,
+                source: str = "the model's max_position_embeddings") -> tuple[list[int], int]:
+    """``ids`` made to fit ``len(ids) + max_new_tokens <= limit``: returns (ids, tokens dropped).
+
+    ``truncate="error"``: a :class:`CLIError` naming the limit, the prompt's token count, the new tokens and
+    the flags. ``"left"``: keep the last tokens that fit (a leading ``bos_id`` stays first)."""
+    n = len(ids)
+    if n + max_new_tokens <= limit:
+        return ids, 0
+    room = limit - max_new_tokens
+    keep_bos = bos_id is not None and n > 0 and ids[0] == bos_id
+    if truncate != "left" or room < 1 + int(keep_bos):
+        hint = (f"pass --truncate left to keep its last {room} tokens, " if room >= 1 + int(keep_bos) and truncate != "left"
+                else "")
+        raise CLIError(f"the prompt is {n} tokens and --max-new-tokens is {max_new_tokens}: {n + max_new_tokens} positions, "
+                       f"over the model's context of {limit} ({source}); shorten the prompt, lower --max-new-tokens, "
+                       f"{hint}or raise the limit with --max-context N (RoPE past the trained length)")
+    kept = ([ids[0]] + ids[n - room + 1:]) if keep_bos else ids[n - room:]
+    return kept, n - len(kept)
 
 
 def _segments(tok, ids: list[int], mask: list[bool]) -> list[tuple[str, bool]]:
@@ -344,7 +433,7 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     stdout = stdout or sys.stdout
     _check_generate_args(a)
     device = _resolve_device(a.device)
-    backend, mod = resolve_backend(a.backend, device)
+    backend, mod = resolve_backend(a.backend, device, force_interpreter=a.force_interpreter)
     dtype_name = a.dtype if a.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     fn_name, needs = METHODS[a.method].function, METHODS[a.method].needs
@@ -359,16 +448,21 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     from specdec.shared.tokenizer import encode_prompt, format_prompt, load_tokenizer
 
     tok = _cached(("tok",) + _model_key(target_dir), lambda: load_tokenizer(target_dir))
+    tok.model_max_length = 10**9  # the context is checked below (one line); silence transformers' long-sequence warning
     if a.template != "raw":
         text = format_prompt(tok, text, system=a.system, family=None if a.template == "auto" else a.template)
     ids = encode_prompt(tok, text)
-    target = _cached((backend, "model", dtype_name, device) + _model_key(target_dir), lambda: mod.load_model(target_dir, dtype=dtype, device=device))
+    target = _cached((backend, "model", dtype_name, device, a.max_context) + _model_key(target_dir),
+                     lambda: _with_context(mod.load_model(target_dir, dtype=dtype, device=device), a.max_context))
     args: list[Any] = [target]
+    limits = [(target.config.max_position_embeddings, "the target's max_position_embeddings")]
     if needs == "draft":
         if a.draft is None and not embedded:
             raise CLIError("--method speculative needs --draft DIR (a small LM with the target's tokenizer)")
         draft_dir = _check_dir("--draft", a.draft or "default-draft")
-        args.append(_cached((backend, "model", dtype_name, device) + _model_key(draft_dir), lambda: mod.load_model(draft_dir, dtype=dtype, device=device)))
+        args.append(_cached((backend, "model", dtype_name, device, a.max_context) + _model_key(draft_dir),
+                            lambda: _with_context(mod.load_model(draft_dir, dtype=dtype, device=device), a.max_context)))
+        limits.append((args[-1].config.max_position_embeddings, "the draft model's max_position_embeddings"))
     elif needs == "glide":
         if a.glide is None and not embedded:
             raise CLIError(f"--method {a.method} needs --glide PATH (a GLIDE draft trained for this target)")
@@ -386,6 +480,15 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     if a.tree_shape is not None:
         kwargs["tree_shape"] = a.tree_shape
     kwargs.update(a.opts)
+    limit, source = min(limits)
+    if a.max_context is not None:
+        limit, source = a.max_context, "--max-context"
+    n_prompt = len(ids)
+    ids, dropped = fit_context(ids, a.max_new_tokens, limit, a.truncate, getattr(tok, "bos_token_id", None), source)
+    if dropped:
+        print(f"specdec: note: the prompt's {n_prompt} tokens + {a.max_new_tokens} new tokens exceed the context of {limit} "
+              f"positions; dropped {dropped} tokens from its start, kept {len(ids)} (--truncate left)", file=sys.stderr)
+        text = tok.decode(ids, skip_special_tokens=True)  # what the model sees, for --echo
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
 
     def run(fn, fargs, kw):
@@ -399,7 +502,9 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     res = run(decoder, args, kwargs)
     rows = [_stats(a.method, backend, res)]
     vanilla = None
-    if a.compare:
+    if a.compare and a.method == "vanilla":  # the baseline itself: run and print it once
+        print("specdec: note: --compare with --method vanilla: vanilla is the baseline itself (run once)", file=sys.stderr)
+    elif a.compare:
         base_kw = {k: v for k, v in kwargs.items() if k in ("max_gen_len", "temperature", "top_k", "top_p", "eos_id", "sampling", "seed")}
         for _ in range(warmup):
             run(mod.vanilla_generate, [target], base_kw)
@@ -422,10 +527,17 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
             "device": device, "dtype": dtype_name, "target": os.path.abspath(target_dir) if not embedded else "default",
             "sampling": a.sampling, "seed": a.seed, "prompt_tokens": len(ids), "completion": completion, "output_ids": out_ids, "spec_mask": [bool(x) for x in mask],
         })
+        if a.echo:
+            obj["prompt"] = text
+        if dropped:
+            obj["prompt_tokens_dropped"] = dropped
         if vanilla is not None:
             obj["vanilla"] = rows[1]
             obj["speedup"] = speedup
             obj["same_output_as_vanilla"] = vanilla.output_ids[0].tolist() == out_ids
+        elif a.compare:  # --method vanilla: it is its own baseline
+            obj["speedup"] = 1.0
+            obj["same_output_as_vanilla"] = True
         stdout.write(json.dumps(obj) + "\n")
         return 0
 
