@@ -40,6 +40,8 @@ single-row steps, and for several rows only when the weights are small enough to
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -238,9 +240,27 @@ def _checked_norm(norm_weight, eps, k: int) -> torch.Tensor | None:
     return norm_weight.contiguous()
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool,
-            norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
+class LinearOperands(NamedTuple):
+    """The checked operands of a GEMV / row-invariant GEMM call, as 2-D row views with unit K strides."""
+
+    x2: torch.Tensor                  # [R, K] the input rows
+    w: torch.Tensor                   # [N_w, K] the weight (N_w = 2F with SwiGLU)
+    bias: torch.Tensor | None         # [N_w]
+    norm_weight: torch.Tensor | None  # [K]
+    r2: torch.Tensor | None           # [R, N] the residual rows
+    out: torch.Tensor                 # [..., N] the result (new, contiguous)
+    y2: torch.Tensor                  # [R, N] a view of ``out``
+    n: int
+    k: int
+    rows: int
+
+
+def linear_operands(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+                    norm_weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None,
+                    max_rows: int | None = None, who: str = "this call") -> LinearOperands:
+    """Validate ``F.linear``-style operands (x [..., K], w [N, K] or [2F, K] with ``silu``, bias,
+    the folded RMSNorm's weight, the residual) and return them as row views. One set of checks and
+    messages for :func:`gemv`, :func:`gemv_silu` and :func:`specdec.fast.kernels.rowgemm.row_linear`."""
     _check_float("x", x)
     _check_float("w", w)
     if w.dim() != 2:
@@ -252,34 +272,49 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: b
         raise ValueError(f"x's last dim {x.shape[-1]} must equal w's K = {k} (w is [N, K] = {tuple(w.shape)})")
     if silu and n_rows_w % 2:
         raise ValueError(f"w13 must stack gate and up rows ([2F, K]); got an odd row count {n_rows_w}")
+    if silu and residual is not None:
+        raise ValueError("residual is not supported with the SwiGLU epilogue")
     n = n_rows_w // 2 if silu else n_rows_w
     bias = _checked_bias("bias", bias, n_rows_w)
     norm_weight = _checked_norm(norm_weight, eps, k)
+    lead = tuple(x.shape[:-1])
+    rows = 1
+    for size in lead:
+        rows *= size
+    if max_rows is not None and rows > max_rows:
+        raise ValueError(f"x has {rows} rows; {who} takes at most {max_rows}")
     named = [("x", x), ("w", w)] + [(nm, t) for nm, t in (("bias", bias), ("norm_weight", norm_weight)) if t is not None]
-    lead = x.shape[:-1]
     if residual is not None:
         _check_float("residual", residual)
-        if tuple(residual.shape) != tuple(lead) + (n,):
-            raise ValueError(f"residual must have the output's shape {tuple(lead) + (n,)}, got {tuple(residual.shape)}")
+        if tuple(residual.shape) != lead + (n,):
+            raise ValueError(f"residual must have the output's shape {lead + (n,)}, got {tuple(residual.shape)}")
         if residual.dtype != x.dtype:
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
         named.append(("residual", residual))
     check_device(*named)
     out = torch.empty(lead + (n,), dtype=x.dtype, device=x.device)
-    r = out.numel() // n if n else 0
-    if out.numel() == 0:
-        return out
-    x2 = x.reshape(r, k)
+    if rows == 0 or n == 0:
+        return LinearOperands(x, w, bias, norm_weight, None, out, out, n, k, 0)
+    x2 = x.reshape(rows, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if w.stride(1) != 1:
         w = w.contiguous()
-    y2 = out.view(r, n)
     r2 = None
     if residual is not None:
-        r2 = residual.reshape(r, n)
+        r2 = residual.reshape(rows, n)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
+    return LinearOperands(x2, w, bias, norm_weight, r2, out, out.view(rows, n), n, k, rows)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+            norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    x2, w, bias, norm_weight, r2, out, y2, n, k, r = linear_operands(x, w, bias, silu, norm_weight, eps, residual)
+    if r == 0:
+        return out
+    n_rows_w = w.shape[0]
     bn, bk, warps, stages = _config(n_rows_w, n, k, norm=norm_weight is not None)
     _gemv_kernel[(triton.cdiv(n, bn), r)](
         x2, w, bias if bias is not None else w, y2,

@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, interpreter_active, next_pow2
-from .fused import _DTYPE_CODE, _check_float, _round_to
-from .gemv import _checked_bias, _checked_norm
+from ._common import interpreter_active, next_pow2
+from .fused import _DTYPE_CODE, _round_to
+from .gemv import linear_operands
 
 __all__ = ["MAX_ROWS", "row_linear", "row_linear_config"]
 
@@ -221,51 +221,10 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
             ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT])``.
     Returns [..., N] (or [..., F]) in x's dtype. CUDA-graph capturable (host-only checks).
     """
-    _check_float("x", x)
-    _check_float("w", w)
-    if w.dim() != 2:
-        raise ValueError(f"need x [..., K] and w [N, K]; got x {tuple(x.shape)}, w {tuple(w.shape)}")
-    if w.dtype != x.dtype:
-        raise TypeError(f"x and w must share one dtype, got {x.dtype} and {w.dtype}")
-    n_rows_w, k = w.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x's last dim {x.shape[-1]} must equal w's K = {k} (w is [N, K] = {tuple(w.shape)})")
-    if silu and n_rows_w % 2:
-        raise ValueError(f"with silu=True, w must stack gate and up rows ([2F, K]); got an odd row count {n_rows_w}")
-    if silu and residual is not None:
-        raise ValueError("residual is not supported with silu=True")
-    n = n_rows_w // 2 if silu else n_rows_w
-    bias = _checked_bias("bias", bias, n_rows_w)
-    norm_weight = _checked_norm(norm_weight, eps, k)
-    lead = tuple(x.shape[:-1])
-    rows = 1
-    for s in lead:
-        rows *= s
-    if rows > MAX_ROWS:
-        raise ValueError(f"x has {rows} rows; row_linear takes at most MAX_ROWS = {MAX_ROWS} (a decode-phase pass)")
-    named = [("x", x), ("w", w)] + [(nm, t) for nm, t in (("bias", bias), ("norm_weight", norm_weight)) if t is not None]
-    if residual is not None:
-        _check_float("residual", residual)
-        if tuple(residual.shape) != lead + (n,):
-            raise ValueError(f"residual must have the output's shape {lead + (n,)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-        named.append(("residual", residual))
-    check_device(*named)
-    out = torch.empty(lead + (n,), dtype=x.dtype, device=x.device)
-    if rows == 0 or n == 0:
+    x2, w, bias, norm_weight, r2, out, y2, n, k, rows = linear_operands(
+        x, w, bias, silu, norm_weight, eps, residual, max_rows=MAX_ROWS, who="row_linear (a decode-phase pass, MAX_ROWS)")
+    if rows == 0:
         return out
-    x2 = x.reshape(rows, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if w.stride(1) != 1:
-        w = w.contiguous()
-    y2 = out.view(rows, n)
-    r2 = None
-    if residual is not None:
-        r2 = residual.reshape(rows, n)
-        if r2.stride(-1) != 1:
-            r2 = r2.contiguous()
     cfg = tuple(config) if config is not None else row_linear_config(n, k, x.dtype)
     bm, bn, bk, warps, stages = cfg[:5]
     split = cfg[5] if len(cfg) > 5 else 1
