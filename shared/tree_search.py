@@ -70,6 +70,7 @@ __all__ = [
     "best_gamma",
     "best_tree_shape",
     "cached_cost_model",
+    "CALIBRATION_SHAPES",
     "calibration_shapes",
     "cost_cache_key",
     "cost_cache_path",
@@ -326,7 +327,7 @@ class AcceptanceStats:
             d["reached"] = [list(lv) for lv in self.reached]
             d["through"] = [[list(row) for row in lv] for lv in self.through]
         else:
-            d["accept"] = [[[round(q, 6) for q in row] for row in lv] for lv in self.accept]
+            d["accept"] = [[list(row) for row in lv] for lv in self.accept]
         d["meta"] = dict(self.meta)
         return d
 
@@ -662,11 +663,12 @@ CALIBRATION_SHAPES: tuple[tuple[int, ...], ...] = (
 """The shapes :func:`measure_cost_model` times (filtered by :func:`calibration_shapes`)."""
 
 
-def calibration_shapes(vocab_size: int, max_nodes: int = MAX_AUTO_NODES) -> list[tuple[int, ...]]:
-    """:data:`CALIBRATION_SHAPES` that a model with ``vocab_size`` tokens really drafts (level 1 <= vocab,
-    level k <= level k-1 * vocab) within ``max_nodes`` draft nodes."""
+def calibration_shapes(vocab_size: int, max_nodes: int = MAX_AUTO_NODES,
+                       shapes: Sequence[tuple[int, ...]] = CALIBRATION_SHAPES) -> list[tuple[int, ...]]:
+    """The ``shapes`` (default :data:`CALIBRATION_SHAPES`) that a model with ``vocab_size`` tokens really
+    drafts (level 1 <= vocab, level k <= level k-1 * vocab) within ``max_nodes`` draft nodes."""
     out = []
-    for s in CALIBRATION_SHAPES:
+    for s in shapes:
         if sum(s) <= max_nodes and s[0] <= vocab_size and all(b <= a * vocab_size for a, b in zip(s, s[1:])):
             out.append(s)
     return out

@@ -1,5 +1,7 @@
 """The GLIDE decoders of the fast path: :func:`tree_spec_generate` (beam trees) and
-:func:`spec_generate` (chains), same contracts as :mod:`specdec.ref.glide`'s."""
+:func:`spec_generate` (chains), same contracts as :mod:`specdec.ref.glide`'s, and their ``"auto"``
+shapes (:func:`resolve_tree_shape`, :func:`resolve_gamma`: docs/design.md §12) with this path's own
+round costs (:func:`measure_cost_model`, :func:`device_cost_model`)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,72 @@ from specdec.fast.engine import check_drafts_fit, run_speculative_fast
 from specdec.fast.glide.drafter import FastGlideDrafter
 from specdec.fast.glide.weights import as_fast_glide
 from specdec.fast.model import as_fast_model
+from specdec.shared import tree_search
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import RoundRecord
 from specdec.shared.tree import tree_shape_num_nodes, validate_tree_shape
+from specdec.shared.tree_search import AcceptanceStats, CostModel
 from specdec.shared.validate import check_positive_int
 
-__all__ = ["spec_generate", "tree_spec_generate"]
+__all__ = ["spec_generate", "tree_spec_generate", "resolve_tree_shape", "resolve_gamma", "device_cost_model",
+           "measure_cost_model", "DEFAULT_TREE_SHAPE"]
+
+DEFAULT_TREE_SHAPE = (4, 16, 16, 16, 16)
+"""LongSpec's beam: 68 drafts + root = 69 verified positions (``tree_shape=None`` means this)."""
+
+CPU_CALIBRATION_SHAPES = ((1,), (15,), (63,), (1, 1, 1, 1), (1, 16, 1))
+"""Without CUDA the kernels run in the Triton interpreter (about a second per round): a reduced calibration."""
+
+
+def measure_cost_model(target, glide, reps: int | None = None, shapes: Sequence[Sequence[int]] | None = None,
+                       max_gen_len: int | None = None) -> CostModel:
+    """Time rounds of this path's :func:`tree_spec_generate` on the target's device (a random 128-token
+    prompt, greedy, one untimed call per shape first: CUDA graphs and kernels are built there) and fit a
+    :class:`~specdec.shared.tree_search.CostModel`. On a CPU (Triton interpreter) a reduced set of shapes,
+    one call each: what it measures is the interpreter's cost."""
+    fm, fg = as_fast_model(target), as_fast_glide(glide)
+    c, cpu = fm.config, fm.device.type == "cpu"
+    if shapes is None:
+        shapes = tree_search.calibration_shapes(c.vocab_size, shapes=CPU_CALIBRATION_SHAPES if cpu else tree_search.CALIBRATION_SHAPES)
+    reps = reps or (1 if cpu else 3)
+    gen = max_gen_len or (6 if cpu else 32)
+    timer = tree_search.round_timer(lambda *a, **kw: tree_spec_generate(fm, fg, *a, **kw), c.vocab_size,
+                                    c.max_position_embeddings, stamps=False, max_gen_len=gen)
+    meta = {"path": "fast", "device": tree_search.device_description(fm.device), "dtype": str(fm.dtype), "reps": reps,
+            "graphs": bool(fm.use_graphs)}
+    return tree_search.measure_cost_model(timer, shapes, reps=reps, warmup=0 if cpu else 1, meta=meta)
+
+
+def device_cost_model(target, glide, cache: bool = True) -> CostModel:
+    """:func:`measure_cost_model`, once per process and (``cache``) per device and model in
+    ``$XDG_CACHE_HOME/specdec/cost_models.json`` (:func:`specdec.shared.tree_search.cached_cost_model`)."""
+    fm, fg = as_fast_model(target), as_fast_glide(glide)
+    key = tree_search.cost_cache_key("fast.glide", fm.device, fm.dtype, fm.config, fg.config, {"graphs": bool(fm.use_graphs)})
+    return tree_search.cached_cost_model(key, lambda: measure_cost_model(fm, fg), cache=cache)
+
+
+def resolve_tree_shape(target, glide, tree_shape: Sequence[int] | str | None = "auto", stats: AcceptanceStats | None = None,
+                       cost: CostModel | None = None, cache: bool = True) -> tuple[int, ...]:
+    """Same contract as :func:`specdec.ref.glide.resolve_tree_shape`, with this path's round costs: a shape
+    is validated, None is :data:`DEFAULT_TREE_SHAPE`, ``"auto"`` the shape (at most 127 draft nodes) with
+    the most expected tokens per second under ``stats`` (default: the draft's measured acceptance --
+    ``Glide.acceptance``, or ``acceptance.json`` next to its checkpoint -- else the documented prior) and
+    ``cost`` (default: :func:`device_cost_model`)."""
+    if not tree_search.is_auto("tree_shape", tree_shape):
+        return validate_tree_shape(DEFAULT_TREE_SHAPE if tree_shape is None else tree_shape)
+    stats = stats or tree_search.acceptance_of(glide) or tree_search.DEFAULT_PRIOR
+    cost = cost or device_cost_model(target, glide, cache=cache)
+    return tree_search.best_tree_shape(stats, cost, vocab_size=target.config.vocab_size)
+
+
+def resolve_gamma(target, glide, gamma: int | str = "auto", stats: AcceptanceStats | None = None,
+                  cost: CostModel | None = None, cache: bool = True) -> int:
+    """Same contract as :func:`specdec.ref.glide.resolve_gamma`, with this path's round costs."""
+    if not tree_search.is_auto("gamma", gamma):
+        return check_positive_int("gamma", gamma)
+    stats = stats or tree_search.acceptance_of(glide) or tree_search.DEFAULT_PRIOR
+    cost = cost or device_cost_model(target, glide, cache=cache)
+    return tree_search.best_gamma(stats, cost)
 
 
 def tree_spec_generate(
@@ -23,7 +85,7 @@ def tree_spec_generate(
     glide,
     input_ids: torch.Tensor,
     prompt_length: int,
-    tree_shape: Sequence[int] | None = (4, 16, 16, 16, 16),
+    tree_shape: Sequence[int] | str | None = (4, 16, 16, 16, 16),
     max_gen_len: int = 64,
     eos_id: int | list[int] | None = None,
     temperature: float = 0.0,
@@ -34,19 +96,23 @@ def tree_spec_generate(
     sampling: str = "rejection",
     seed: int | None = None,
 ) -> GenerationResult:
-    """Same contract as :func:`specdec.ref.tree_spec_generate` (at most 127 draft nodes on the fast path).
+    """Same contract as :func:`specdec.ref.tree_spec_generate` (at most 127 draft nodes on the fast path;
+    ``"auto"``: :func:`resolve_tree_shape`, with this path's round costs; the result's ``tree_shape`` says
+    which shape ran).
 
     ``sampling="keyed"``: the output is exactly vanilla keyed sampling's (keyed verification), but the
     fast drafter's beam is NOT yet ranked by the keyed noise (the reference's is), so its drafts --
     and acceptance -- differ from the reference's in that mode."""
-    shape = validate_tree_shape((4, 16, 16, 16, 16) if tree_shape is None else tree_shape)
+    shape = resolve_tree_shape(target, glide, tree_shape)
     size = tree_shape_num_nodes(shape)
     check_drafts_fit(f"the number of draft nodes of tree_shape {list(shape)}", size - 1)
     fm = as_fast_model(target)
     drafter = FastGlideDrafter(fm, as_fast_glide(glide), shape)
-    return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                                generator, method="tree_spec_generate", tree_size=size, on_round=on_round,
-                                sampling=sampling, seed=seed)
+    res = run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+                               generator, method="tree_spec_generate", tree_size=size, on_round=on_round,
+                               sampling=sampling, seed=seed)
+    res.tree_shape = shape
+    return res
 
 
 def spec_generate(
@@ -54,7 +120,7 @@ def spec_generate(
     glide,
     input_ids: torch.Tensor,
     prompt_length: int,
-    gamma: int = 4,
+    gamma: int | str = 4,
     max_gen_len: int = 64,
     eos_id: int | list[int] | None = None,
     temperature: float = 0.0,
@@ -65,12 +131,15 @@ def spec_generate(
     sampling: str = "rejection",
     seed: int | None = None,
 ) -> GenerationResult:
-    """Same contract as :func:`specdec.ref.spec_generate` (``gamma`` <= 127 on the fast path); keyed
-    sampling as in :func:`tree_spec_generate` (exact output, drafts not yet coupled to the noise)."""
-    check_positive_int("gamma", gamma)
+    """Same contract as :func:`specdec.ref.spec_generate` (``gamma`` <= 127 on the fast path; ``"auto"``:
+    :func:`resolve_gamma`); keyed sampling as in :func:`tree_spec_generate` (exact output, drafts not yet
+    coupled to the noise)."""
+    gamma = resolve_gamma(target, glide, gamma)
     check_drafts_fit("gamma", gamma)
     fm = as_fast_model(target)
     drafter = FastGlideDrafter(fm, as_fast_glide(glide), (1,) * gamma)
-    return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                                generator, method="spec_generate", tree_size=gamma + 1, on_round=on_round,
-                                sampling=sampling, seed=seed)
+    res = run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+                               generator, method="spec_generate", tree_size=gamma + 1, on_round=on_round,
+                               sampling=sampling, seed=seed)
+    res.tree_shape = (1,) * gamma
+    return res
