@@ -351,16 +351,19 @@ class GlideDrafter:
 
 
 def measure_cost_model(target: Model, glide: Glide, reps: int = 2, shapes: Sequence[Sequence[int]] | None = None,
-                       max_gen_len: int = 24) -> CostModel:
-    """Time rounds of this path's :func:`tree_spec_generate` on the target's device (a random 128-token
-    prompt, greedy, the calibration shapes of :func:`specdec.shared.tree_search.calibration_shapes`) and fit
-    a :class:`~specdec.shared.tree_search.CostModel`. A few seconds for the default model on a CPU."""
+                       max_gen_len: int = 24, prompt_length: int = 512) -> CostModel:
+    """Time rounds of this path's :func:`tree_spec_generate` on the target's device (a random prompt of
+    ``prompt_length`` tokens, greedy, the calibration shapes of
+    :func:`specdec.shared.tree_search.calibration_shapes`) and fit a
+    :class:`~specdec.shared.tree_search.CostModel`. About 20 s for the default model on one CPU thread."""
     c = target.config
     timer = tree_search.round_timer(lambda *a, **kw: tree_spec_generate(target, glide, *a, **kw), c.vocab_size,
-                                    c.max_position_embeddings, stamps=True, max_gen_len=max_gen_len)
+                                    c.max_position_embeddings, stamps=True, max_gen_len=max_gen_len,
+                                    prompt_length=prompt_length)
     shapes = tree_search.calibration_shapes(c.vocab_size) if shapes is None else shapes
     timer((1,))  # warm-up (allocator, first-call overheads)
-    meta = {"path": "ref", "device": tree_search.device_description(target.device), "dtype": str(target.dtype), "reps": reps}
+    meta = {"path": "ref", "device": tree_search.device_description(target.device), "dtype": str(target.dtype), "reps": reps,
+            "prompt_length": prompt_length}
     return tree_search.measure_cost_model(timer, shapes, reps=reps, meta=meta)
 
 

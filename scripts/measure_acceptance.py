@@ -53,11 +53,61 @@ def _recount(args) -> int:
         meta = json.loads(f.readline())["meta"]
         records = [SimpleNamespace(draft=SimpleNamespace(tree=Tree(tuple(p))), path=path)
                    for p, path in (json.loads(line) for line in f if line.strip())]
+    meta["counted_by"] = "python scripts/measure_acceptance.py " + " ".join(sys.argv[1:])
     stats = AcceptanceStats.from_rounds(records, meta)
     print(stats.table())
     if not args.dry_run:
         out = args.out or acceptance_file_for(resolve_model_path(args.glide))
         print(f"wrote {stats.save(out)}")
+    return 0
+
+
+def _validate(args) -> int:
+    """Predicted (statistics x cost model) vs measured tokens per round and tokens per second."""
+    from specdec.shared import tree_search
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lib = importlib.import_module(f"specdec.{args.backend}")
+    glide_mod = importlib.import_module("specdec.ref.glide" if args.backend == "ref" else "specdec.fast.glide.decoders")
+    target = lib.load_model(args.target, dtype=args.dtype, device=device)
+    glide = lib.load_glide(args.glide, target=target)
+    tok = load_tokenizer(args.tokenizer or args.target)
+    stats = tree_search.acceptance_of(glide) or tree_search.DEFAULT_PRIOR
+    t0 = time.perf_counter()
+    cost = glide_mod.device_cost_model(target, glide)
+    print(f"cost model ({time.perf_counter() - t0:.1f} s incl. measuring if not cached): "
+          f"{json.dumps({k: v for k, v in cost.to_dict().items() if k != 'meta'})}")
+    shape_auto = glide_mod.resolve_tree_shape(target, glide, "auto")
+    gamma_auto = glide_mod.resolve_gamma(target, glide, "auto")
+    begin, end = (int(x) for x in args.validate.split(":"))
+    prompts = [torch.tensor([encode_prompt(tok, conversation_prompt(tok, q["turns"], []))]) for q in load_questions(args.bench, begin, end)]
+    runs = [("vanilla", None), ("tree (4,16,16,16,16)", (4, 16, 16, 16, 16)), (f"tree auto {shape_auto}", shape_auto),
+            ("chain gamma 4", (1,) * 4), (f"chain auto gamma {gamma_auto}", (1,) * gamma_auto)]
+    print(f"| decoder | predicted tokens/round | measured tau | predicted ms/round | measured ms/round | "
+          f"predicted tok/s | measured tok/s | == vanilla |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = None
+    for name, shape in runs:
+        toks = passes = 0
+        secs = 0.0
+        outs = []
+        for ids in prompts:
+            if shape is None:
+                r = lib.vanilla_generate(target, ids, ids.shape[1], max_gen_len=args.max_new_tokens, eos_id=[])
+            else:
+                r = lib.tree_spec_generate(target, glide, ids, ids.shape[1], tree_shape=shape, max_gen_len=args.max_new_tokens, eos_id=[])
+            toks, passes, secs = toks + r.num_tokens - 1, passes + r.num - 1, secs + r.elapsed_time
+            outs.append(r.output_ids)
+        base = outs if base is None else base
+        same = all(torch.equal(a, b) for a, b in zip(outs, base))
+        tau, ms, tps = toks / passes, 1e3 * secs / passes, toks / secs
+        if shape is None:
+            print(f"| {name} | 1 | 1.00 | | {ms:.1f} | | {tps:.1f} | {same} |")
+        else:
+            e, t = stats.expected_tokens(shape), cost.round_time(shape)
+            print(f"| {name} | {e:.2f} | {tau:.2f} | {1e3 * t:.1f} | {ms:.1f} | {e / t:.1f} | {tps:.1f} | {same} |")
+    print(f"{len(prompts)} prompts (questions {begin}-{end - 1} of {args.bench}), {args.max_new_tokens} new tokens, EOS off, "
+          f"{args.backend} {device} {args.dtype}, {torch.get_num_threads()} threads, commit {_commit()}")
     return 0
 
 
@@ -79,12 +129,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     ap.add_argument("--save-rounds", default=None, help="also write every round's (parents, path) as JSON lines here")
     ap.add_argument("--from-rounds", default=None, help="count rounds saved by --save-rounds instead of decoding")
+    ap.add_argument("--validate", default=None, metavar="BEGIN:END",
+                    help="instead of measuring: decode these questions with the default tree, the auto tree, gamma 4 and "
+                         "auto gamma (the draft's stored statistics, this device's cost model) and print predicted vs measured")
     args = ap.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.from_rounds:
         return _recount(args)
+    if args.validate:
+        return _validate(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lib = importlib.import_module(f"specdec.{args.backend}")
     target = lib.load_model(args.target, dtype=args.dtype, device=device)

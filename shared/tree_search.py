@@ -12,8 +12,9 @@ holds p nodes (the root level holds one). The expected tokens of one round are t
     E(shape) = 1 + A_0(s_0) (1 + A_1(s_0, s_1) (1 + ... (1 + A_{D-1}(s_{D-2}, s_{D-1}))))
 
 (the 1 is the target's own token; term k is P(the path reaches level k)). ``A_k`` depends on p because a
-level's competitors are the children of ALL the nodes above: in a 32-wide beam the path's node at depth 5
-is rarely among the top 4 (measured: rank 0 in 7-20% of rounds), in a 4-wide beam it often is. So the
+level's competitors are the children of ALL the nodes above: for the default draft, the path's node at level 5
+is the best candidate in 41% of the rounds that reach level 4 of a 16-wide beam, in 77% for a chain
+(BENCHMARKS.md, "Session 8: acceptance by depth and rank"). So the
 statistics are measured per p: one wide tree per round is decoded (``scripts/measure_acceptance.py``) and,
 inside it, the beam that keeps p nodes per level is simulated for every p (:func:`_narrow_levels`; exact
 while the wide tree holds the narrow beam's candidates, else a lower bound), giving ``accept[k][p - 1][r]``.
@@ -26,7 +27,7 @@ deep node whose ancestor's rank does not fit and would score narrow beams by a w
 **Round cost** (:class:`CostModel`): ``t(shape) = verify(n) + sum_{k < D-1} (level_fixed + level_per_node *
 s_k)`` with ``n = 1 + sum(shape)`` verified nodes. ``verify(n)`` is the measured cost of a whole round of a
 one-level tree ``(n - 1,)`` (root draft forward, beam, target verification of n nodes, acceptance, host
-work), piecewise linear between the measured sizes; every further level is one draft forward over the
+work; at a 512-token context by default), piecewise linear between the measured sizes; every further level is one draft forward over the
 previous level's nodes, affine in their number (the last level needs no forward). It is fitted from whole
 rounds timed on the device (:func:`measure_cost_model`, driven by the paths' decoders) and cached per
 (path, device, model) in ``$XDG_CACHE_HOME/specdec/cost_models.json`` (:func:`cached_cost_model`).
@@ -690,10 +691,13 @@ def measure_cost_model(time_round: Callable[[tuple[int, ...]], float], shapes: S
 
 
 def round_timer(generate: Callable[..., Any], vocab_size: int, max_position: int, stamps: bool = False,
-                prompt_length: int = 128, max_gen_len: int = 24, seed: int = 0) -> Callable[[tuple[int, ...]], float]:
+                prompt_length: int = 512, max_gen_len: int = 24, seed: int = 0) -> Callable[[tuple[int, ...]], float]:
     """``time_round(shape) -> seconds per round`` for :func:`measure_cost_model`, from a path's decoder:
     ``generate(input_ids, prompt_length, tree_shape=, max_gen_len=, eos_id=, on_round=)`` (its
-    ``tree_spec_generate`` with the target and draft bound) on a random prompt, EOS off, greedy.
+    ``tree_spec_generate`` with the target and draft bound) on a random prompt of ``prompt_length`` tokens
+    (at most what the model's positions allow), EOS off, greedy. Costs grow with the context (on a CPU the
+    verification's attention does): 512 is the middle of the shipped short prompts; for long-context use,
+    measure at that length and pass the cost model explicitly.
 
     ``stamps=False``: the call's decode time over its rounds (``elapsed_time / (num - 1)``). ``stamps=True``:
     the mean time between the ``on_round`` callbacks of rounds that drafted every level -- leaves out the
@@ -733,10 +737,10 @@ def device_description(device) -> str:
 
 
 def cost_cache_key(path: str, device, dtype, *configs) -> str:
-    """``path | device | dtype | hash of the configs`` (the target's and the draft's)."""
+    """``path | device | dtype | hash of the configs (the target's and the draft's) | cost format``."""
     parts = [asdict(c) if is_dataclass(c) else c for c in configs]
     h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"{path}|{device_description(device)}|{str(dtype).replace('torch.', '')}|{h}"
+    return f"{path}|{device_description(device)}|{str(dtype).replace('torch.', '')}|{h}|{COST_FORMAT}"
 
 
 def cost_cache_path() -> str:

@@ -30,9 +30,9 @@ CPU_CALIBRATION_SHAPES = ((1,), (15,), (63,), (1, 1, 1, 1), (1, 16, 1))
 
 
 def measure_cost_model(target, glide, reps: int | None = None, shapes: Sequence[Sequence[int]] | None = None,
-                       max_gen_len: int | None = None) -> CostModel:
-    """Time rounds of this path's :func:`tree_spec_generate` on the target's device (a random 128-token
-    prompt, greedy, one untimed call per shape first: CUDA graphs and kernels are built there) and fit a
+                       max_gen_len: int | None = None, prompt_length: int = 512) -> CostModel:
+    """Time rounds of this path's :func:`tree_spec_generate` on the target's device (a random prompt of
+    ``prompt_length`` tokens, greedy, one untimed call per shape first: CUDA graphs and kernels are built there) and fit a
     :class:`~specdec.shared.tree_search.CostModel`. On a CPU (Triton interpreter) a reduced set of shapes,
     one call each: what it measures is the interpreter's cost."""
     fm, fg = as_fast_model(target), as_fast_glide(glide)
@@ -42,9 +42,9 @@ def measure_cost_model(target, glide, reps: int | None = None, shapes: Sequence[
     reps = reps or (1 if cpu else 3)
     gen = max_gen_len or (6 if cpu else 32)
     timer = tree_search.round_timer(lambda *a, **kw: tree_spec_generate(fm, fg, *a, **kw), c.vocab_size,
-                                    c.max_position_embeddings, stamps=False, max_gen_len=gen)
+                                    c.max_position_embeddings, stamps=False, max_gen_len=gen, prompt_length=prompt_length)
     meta = {"path": "fast", "device": tree_search.device_description(fm.device), "dtype": str(fm.dtype), "reps": reps,
-            "graphs": bool(fm.use_graphs)}
+            "graphs": bool(fm.use_graphs), "prompt_length": prompt_length}
     return tree_search.measure_cost_model(timer, shapes, reps=reps, warmup=0 if cpu else 1, meta=meta)
 
 
