@@ -1,0 +1,75 @@
+"""tree_shape="auto" / gamma="auto" on the fast path: the same resolution as the reference's, lossless.
+
+On a CPU the kernels run in the Triton interpreter (about a second per round), so the decoding tests hand the
+resolver a cost curve instead of measuring one; one short test drives the real measurement.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lossless import tiny_model
+
+import specdec.fast as fast
+import specdec.ref as ref
+from specdec.fast.glide import decoders as fdec
+from specdec.shared import tree_search as ts
+from specdec.shared.glide import init_glide_weights, save_glide
+from specdec.shared.tree_search import AcceptanceStats, CostModel
+
+VOCAB = 64
+FLAT = CostModel([(1, 1.0), (128, 1.0)])
+# a draft right at rank 0 or 1 only, two levels deep: under a flat cost the best beam is (2, 2), the best chain 2
+STATS = AcceptanceStats([[[0.5, 0.3]], [[0.5, 0.3], [0.4, 0.3]]])
+
+
+def _models(seed=1):
+    m = tiny_model("llama", vocab=VOCAB, layers=1, hidden=128, heads=2, kv_heads=1, seed=seed, init_std=0.3, max_pos=2048)
+    return m, fast.as_fast_model(m), init_glide_weights(m.config, window=8, seed=seed + 1, std=0.3)
+
+
+@pytest.fixture
+def flat_device(monkeypatch):
+    """The fast path's device costs are a flat curve (counted, never measured)."""
+    asked = []
+    monkeypatch.setattr(fdec, "device_cost_model", lambda target, glide, cache=True: asked.append(1) or FLAT)
+    return asked
+
+
+def test_fast_auto_is_lossless_and_matches_ref(flat_device):
+    target, ftarget, glide = _models()
+    glide.acceptance = STATS
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 5, 6, 7]])
+    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=6, eos_id=[])
+    res = fast.tree_spec_generate(ftarget, glide, tree_shape="auto", **kw)
+    assert res.tree_shape == (2, 2) and flat_device
+    want = ref.vanilla_generate(target, **kw).output_ids
+    assert torch.equal(res.output_ids, want)
+    assert torch.equal(ref.tree_spec_generate(target, glide, tree_shape=(2, 2), **kw).output_ids, res.output_ids)
+    chain = fast.spec_generate(ftarget, glide, gamma="auto", **dict(kw, max_gen_len=3))
+    assert chain.tree_shape == (1, 1) and torch.equal(chain.output_ids, want[:, :3])
+    assert fdec.resolve_tree_shape(ftarget, glide, None) == (4, 16, 16, 16, 16)
+
+
+def test_fast_auto_finds_statistics_next_to_the_checkpoint(flat_device, tmp_path):
+    """fast.load_glide returns fused weights without the field: the file next to the checkpoint is read."""
+    target, ftarget, glide = _models(seed=3)
+    glide.acceptance = STATS
+    d = save_glide(glide, tmp_path / "glide")
+    fg = fast.load_glide(d, target=ftarget)
+    assert ts.acceptance_of(fg) == STATS
+    assert fdec.resolve_tree_shape(ftarget, fg, "auto") == (2, 2)
+    assert fdec.resolve_gamma(ftarget, fg, "auto") == 2
+    with pytest.raises(ValueError, match="tree_shape"):
+        fast.tree_spec_generate(ftarget, fg, torch.tensor([[1, 2]]), 2, tree_shape="autox")
+    with pytest.raises(ValueError, match="gamma"):
+        fast.spec_generate(ftarget, fg, torch.tensor([[1, 2]]), 2, gamma="auto-4")
+
+
+def test_fast_cost_measurement_runs_the_decoder(tmp_path, monkeypatch):
+    """The real measurement, cut to two shapes of one round each (the interpreter is slow)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _, ftarget, glide = _models(seed=5)
+    cost = fdec.measure_cost_model(ftarget, glide, reps=1, shapes=[(3,), (1, 1)], max_gen_len=2, prompt_length=8)
+    assert [n for n, _ in cost.verify] == [4] and cost.meta["path"] == "fast"
+    assert cost.round_time((1, 1)) > 0
