@@ -130,12 +130,15 @@ _DTYPES = ("auto", "fp32", "bf16", "fp16")
 _GREEN, _DIM, _RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 
 
-def parse_tree_shape(text: str) -> tuple[int, ...]:
-    """'4,16,16,16,16' -> (4, 16, 16, 16, 16); every level >= 1."""
+def parse_tree_shape(text: str) -> tuple[int, ...] | str:
+    """'4,16,16,16,16' -> (4, 16, 16, 16, 16); every level >= 1. 'auto' stays 'auto' (the decoder picks the
+    shape with the most expected tokens per second on this device, docs/design.md §12)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
     try:
         shape = tuple(int(x) for x in str(text).replace(" ", "").split(",") if x != "")
     except ValueError:
-        raise CLIError(f"--tree-shape must be comma-separated integers like 4,16,16,16,16, got {text!r}") from None
+        raise CLIError(f"--tree-shape must be comma-separated integers like 4,16,16,16,16, or auto, got {text!r}") from None
     if not shape or any(s < 1 for s in shape):
         raise CLIError(f"--tree-shape needs one or more levels, each >= 1 node, got {text!r}")
     return shape
@@ -184,8 +187,11 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off; in (0, 1]")
-    p.add_argument("--tree-shape", default=None, help="GLIDE tree nodes per level, e.g. 4,16,16,16,16 (the default)")
-    p.add_argument("--gamma", type=int, default=None, help="draft chain length (speculative, spec, magicdec; default: the decoder's)")
+    p.add_argument("--tree-shape", default=None,
+                   help="GLIDE tree nodes per level, e.g. 4,16,16,16,16 (the default), or auto: the shape with the most "
+                        "expected tokens per second on this device (printed)")
+    p.add_argument("--gamma", type=_gamma_arg, default=None,
+                   help="draft chain length (speculative, spec, magicdec; default: the decoder's); auto for spec")
     p.add_argument("--opt", "-O", action="append", default=[], metavar="KEY=VALUE", help="extra decoder keyword argument, e.g. -O num_pred_tokens=20 (repeatable)")
     p.add_argument("--eos", default=None, help="comma-separated EOS ids ('' = never stop; default: the model's)")
     p.add_argument("--sampling", default="rejection", choices=["rejection", "keyed"],
@@ -203,6 +209,16 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--echo", action="store_true", help="print the prompt (dimmed on a terminal) before the completion; --json: a 'prompt' field")
 
 
+def _gamma_arg(text: str) -> int | str:
+    """--gamma: an int, or 'auto' (the GLIDE chain length with the most expected tokens per second)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
+
+
 def _check_generate_args(a: argparse.Namespace) -> None:
     if a.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
@@ -212,8 +228,10 @@ def _check_generate_args(a: argparse.Namespace) -> None:
         raise CLIError(f"--top-k must be >= 0 (0 = off), got {a.top_k}")
     if not 0 < a.top_p <= 1:
         raise CLIError(f"--top-p must be in (0, 1], got {a.top_p}")
-    if a.gamma is not None and a.gamma < 1:
+    if a.gamma is not None and a.gamma != "auto" and a.gamma < 1:
         raise CLIError(f"--gamma must be >= 1, got {a.gamma}")
+    if a.gamma == "auto" and a.method != "spec":
+        raise CLIError(f"--gamma auto applies to --method spec, not {a.method}")
     if a.warmup is not None and a.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {a.warmup}")
     if not 0 <= a.seed < 2**63:
@@ -423,6 +441,7 @@ def _stats(method: str, backend: str, res) -> dict[str, Any]:
         "ttft_ms": round(float(res.prefill_time) * 1000, 2),
         "decode_s": round(float(res.elapsed_time), 4),
         "total_s": round(float(res.elapsed_time) + float(res.prefill_time), 4),
+        **({"tree_shape": list(res.tree_shape)} if res.tree_shape else {}),
     }
 
 
@@ -552,6 +571,8 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     headers = ["method", "backend", "tokens", "tau", "tokens/s", "TTFT (ms)"]
     table = [[r["method"], r["backend"], r["tokens"], f"{r['tau']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['ttft_ms']:.1f}"] for r in rows]
     stdout.write(tabulate(table, headers=headers, tablefmt="simple") + "\n")
+    if "tree_shape" in rows[0] and "auto" in (a.tree_shape, a.gamma):
+        stdout.write(f"tree shape (auto): {','.join(map(str, rows[0]['tree_shape']))}\n")
     if speedup is not None:
         stdout.write(f"speedup over vanilla: {speedup:.2f}x ({backend}, {device}, {dtype_name})\n")
     if color:
