@@ -34,7 +34,7 @@ from einops import rearrange
 from specdec.fast.graphs import capture
 from specdec.shared.config import ModelConfig
 from specdec.shared.rope import apply_rope, rope_cos_sin
-from specdec.shared.weights import Model, load_checkpoint, model_from_hf, resolve_dtype
+from specdec.shared.weights import Model, load_checkpoint, model_from_hf, model_summary, one_line_repr, resolve_dtype
 
 __all__ = ["FastModel", "StaticKVCache", "alloc_cache", "load_model", "as_fast_model", "step_forward", "prefill", "run_step", "commit", "MAX_TREE_NODES"]
 
@@ -110,13 +110,7 @@ class FastModel:
         return self.w["embed"].dtype
 
     def __repr__(self) -> str:  # one line: never print tensors
-        c = self.config
-        try:
-            dtype, device = self.dtype, self.device
-        except (KeyError, AttributeError):  # weights not (yet) filled in
-            dtype = device = None
-        return (f"FastModel({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
-                f"vocab={c.vocab_size}, dtype={dtype}, device={device}, source={self.source!r})")
+        return one_line_repr(self, "FastModel", model_summary(self.config))
 
     # -----------------------------------------------------------------------------------------
     # Cache management

@@ -49,7 +49,7 @@ import torch
 
 from specdec.shared.config import ModelConfig
 from specdec.shared.tree_search import AcceptanceStats, acceptance_file_for
-from specdec.shared.weights import iter_checkpoint, resolve_dtype
+from specdec.shared.weights import iter_checkpoint, one_line_repr, resolve_dtype
 
 __all__ = [
     "GLIDE_WINDOW",
@@ -68,6 +68,13 @@ GLIDE_WINDOW = 512
 """Default sliding window of the draft's self-attention (query t sees draft positions (t - 512, t])."""
 
 GLIDE_CONFIG_TYPE = "specdec_glide"
+
+
+
+def glide_summary(c: "GlideConfig") -> str:
+    """The architecture part of a GLIDE draft's repr (both paths' draft objects use it)."""
+    return (f"GLIDE draft layer, layers=1, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
+            f"head_dim={c.head_dim}, mlp={c.intermediate_size}, vocab={c.vocab_size}, window={c.window}")
 
 
 @dataclass
@@ -126,14 +133,7 @@ class Glide:
         return self.config.window
 
     def __repr__(self) -> str:  # one line: never print tensors
-        c = self.config
-        try:
-            dtype, device = self.dtype, self.device
-        except (KeyError, AttributeError):  # weights not (yet) filled in
-            dtype = device = None
-        return (f"Glide(GLIDE draft layer, layers=1, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
-                f"head_dim={c.head_dim}, mlp={c.intermediate_size}, vocab={c.vocab_size}, window={c.window}, "
-                f"dtype={dtype}, device={device}, source={self.source!r})")
+        return one_line_repr(self, "Glide", glide_summary(self.config))
 
 
 def glide_expected_shapes(config: GlideConfig | ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -69,6 +69,22 @@ def resolve_device(device: torch.device | str | int) -> torch.device:
     return dev
 
 
+
+def one_line_repr(obj, name: str, summary: str) -> str:
+    """``name(summary, dtype=..., device=..., source=...)``: the one-line repr of every model and draft
+    object (never their tensors); dtype/device read as None while the weights are not filled in."""
+    try:
+        dtype, device = obj.dtype, obj.device
+    except (KeyError, AttributeError):
+        dtype = device = None
+    return f"{name}({summary}, dtype={dtype}, device={device}, source={obj.source!r})"
+
+
+def model_summary(c) -> str:
+    """The architecture part of a target model's repr."""
+    return (f"{c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
+            f"vocab={c.vocab_size}")
+
 @dataclass
 class Model:
     """A target (or draft) LM: its config and a flat dict of weights with canonical names.
@@ -90,13 +106,7 @@ class Model:
         return self.weights["embed_tokens.weight"].dtype
 
     def __repr__(self) -> str:  # one line: never print tensors
-        c = self.config
-        try:
-            dtype, device = self.dtype, self.device
-        except (KeyError, AttributeError):  # weights not (yet) filled in
-            dtype = device = None
-        return (f"Model({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
-                f"vocab={c.vocab_size}, dtype={dtype}, device={device}, source={self.source!r})")
+        return one_line_repr(self, "Model", model_summary(self.config))
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

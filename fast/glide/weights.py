@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from specdec.fast.model import as_fast_model
-from specdec.shared.glide import Glide, GlideConfig, load_glide_weights
+from specdec.shared.glide import Glide, GlideConfig, glide_summary, load_glide_weights
+from specdec.shared.weights import one_line_repr
 
 if TYPE_CHECKING:
     from specdec.fast.glide.state import GlideRuntime
@@ -48,14 +49,7 @@ class FastGlide:
         return self.w["wqkv"].dtype
 
     def __repr__(self) -> str:  # one line: never print tensors
-        c = self.config
-        try:
-            dtype, device = self.dtype, self.device
-        except (KeyError, AttributeError):  # weights not (yet) filled in
-            dtype = device = None
-        return (f"FastGlide(GLIDE draft layer, layers=1, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
-                f"head_dim={c.head_dim}, mlp={c.intermediate_size}, vocab={c.vocab_size}, window={c.window}, "
-                f"dtype={dtype}, device={device}, source={self.source!r})")
+        return one_line_repr(self, "FastGlide", glide_summary(self.config))
 
 
 def as_fast_glide(glide) -> FastGlide:
