@@ -69,7 +69,6 @@ from specdec.shared.rope import apply_rope, rope_cos_sin
 from specdec.shared import tree_search
 from specdec.shared.tree import Tree, validate_tree_shape
 from specdec.shared.tree_search import AcceptanceStats, CostModel
-from specdec.shared.validate import check_positive_int
 
 __all__ = [
     "Glide",
@@ -91,7 +90,7 @@ __all__ = [
     "measure_cost_model",
 ]
 
-DEFAULT_TREE_SHAPE = (4, 16, 16, 16, 16)
+DEFAULT_TREE_SHAPE = tree_search.DEFAULT_TREE_SHAPE  # LongSpec's beam tree
 """LongSpec's beam: 68 drafts + root = 69 verified positions (``tree_shape=None`` means this)."""
 
 
@@ -381,24 +380,19 @@ def resolve_tree_shape(target: Model, glide: Glide, tree_shape: Sequence[int] | 
     (:func:`specdec.shared.tree_search.best_tree_shape`) under ``stats`` (default: the draft's measured
     :attr:`Glide.acceptance`, else :data:`~specdec.shared.tree_search.DEFAULT_PRIOR`) and ``cost`` (default:
     :func:`device_cost_model`), with at most 127 draft nodes."""
-    if not tree_search.is_auto("tree_shape", tree_shape):
-        return validate_tree_shape(DEFAULT_TREE_SHAPE if tree_shape is None else tree_shape)
-    check_glide_matches(target, glide)
-    stats = stats or tree_search.acceptance_of(glide) or tree_search.DEFAULT_PRIOR
-    cost = cost or device_cost_model(target, glide, cache=cache)
-    return tree_search.best_tree_shape(stats, cost, vocab_size=target.config.vocab_size)
+    if tree_search.is_auto("tree_shape", tree_shape):
+        check_glide_matches(target, glide)
+    return tree_search.choose_tree_shape(tree_shape, glide, target.config.vocab_size, stats, cost,
+                                         lambda: device_cost_model(target, glide, cache=cache))
 
 
 def resolve_gamma(target: Model, glide: Glide, gamma: int | str = "auto", stats: AcceptanceStats | None = None,
                   cost: CostModel | None = None, cache: bool = True) -> int:
     """The chain length :func:`spec_generate` runs for ``gamma``: an int is checked, ``"auto"`` is
     :func:`specdec.shared.tree_search.best_gamma` (stats and cost as in :func:`resolve_tree_shape`)."""
-    if not tree_search.is_auto("gamma", gamma):
-        return check_positive_int("gamma", gamma)
-    check_glide_matches(target, glide)
-    stats = stats or tree_search.acceptance_of(glide) or tree_search.DEFAULT_PRIOR
-    cost = cost or device_cost_model(target, glide, cache=cache)
-    return tree_search.best_gamma(stats, cost)
+    if tree_search.is_auto("gamma", gamma):
+        check_glide_matches(target, glide)
+    return tree_search.choose_gamma(gamma, glide, stats, cost, lambda: device_cost_model(target, glide, cache=cache))
 
 
 # ---------------------------------------------------------------------------------------------

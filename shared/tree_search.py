@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from specdec.shared.tree import validate_tree_shape
+from specdec.shared.validate import check_positive_int
 
 __all__ = [
     "ACCEPTANCE_FILE",
@@ -790,3 +791,29 @@ def cached_cost_model(key: str, measure: Callable[[], CostModel], cache: bool = 
     except OSError:
         pass  # a read-only home: keep the process memo only
     return cost
+
+
+DEFAULT_TREE_SHAPE = (4, 16, 16, 16, 16)
+"""LongSpec's beam tree (69 verified nodes): what ``tree_shape=None`` means on both paths."""
+
+
+def choose_tree_shape(tree_shape: Sequence[int] | str | None, glide, vocab_size: int, stats: AcceptanceStats | None,
+                      cost: CostModel | None, measure: Callable[[], CostModel]) -> tuple[int, ...]:
+    """The concrete beam shape for ``tree_shape``: a shape is validated, None is :data:`DEFAULT_TREE_SHAPE`,
+    ``"auto"`` is :func:`best_tree_shape` under ``stats`` (default: the draft's measured acceptance, else
+    :data:`DEFAULT_PRIOR`) and ``cost`` (default: ``measure()``, the path's own round costs). One rule for
+    ``resolve_tree_shape`` of both paths."""
+    if not is_auto("tree_shape", tree_shape):
+        return validate_tree_shape(DEFAULT_TREE_SHAPE if tree_shape is None else tree_shape)
+    stats = stats or acceptance_of(glide) or DEFAULT_PRIOR
+    return best_tree_shape(stats, cost or measure(), vocab_size=vocab_size)
+
+
+def choose_gamma(gamma: int | str, glide, stats: AcceptanceStats | None, cost: CostModel | None,
+                 measure: Callable[[], CostModel]) -> int:
+    """The GLIDE chain length for ``gamma``: an int is checked (>= 1), ``"auto"`` is :func:`best_gamma`
+    (stats and cost as in :func:`choose_tree_shape`)."""
+    if not is_auto("gamma", gamma):
+        return check_positive_int("gamma", gamma)
+    stats = stats or acceptance_of(glide) or DEFAULT_PRIOR
+    return best_gamma(stats, cost or measure())

@@ -15,14 +15,13 @@ from specdec.fast.model import as_fast_model
 from specdec.shared import tree_search
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import RoundRecord
-from specdec.shared.tree import tree_shape_num_nodes, validate_tree_shape
+from specdec.shared.tree import tree_shape_num_nodes
 from specdec.shared.tree_search import AcceptanceStats, CostModel
-from specdec.shared.validate import check_positive_int
 
 __all__ = ["spec_generate", "tree_spec_generate", "resolve_tree_shape", "resolve_gamma", "device_cost_model",
            "measure_cost_model", "DEFAULT_TREE_SHAPE"]
 
-DEFAULT_TREE_SHAPE = (4, 16, 16, 16, 16)
+DEFAULT_TREE_SHAPE = tree_search.DEFAULT_TREE_SHAPE  # LongSpec's beam tree
 """LongSpec's beam: 68 drafts + root = 69 verified positions (``tree_shape=None`` means this)."""
 
 CPU_CALIBRATION_SHAPES = ((1,), (15,), (63,), (1, 1, 1, 1), (1, 16, 1))
@@ -63,21 +62,14 @@ def resolve_tree_shape(target, glide, tree_shape: Sequence[int] | str | None = "
     the most expected tokens per second under ``stats`` (default: the draft's measured acceptance --
     ``Glide.acceptance``, or ``acceptance.json`` next to its checkpoint -- else the documented prior) and
     ``cost`` (default: :func:`device_cost_model`)."""
-    if not tree_search.is_auto("tree_shape", tree_shape):
-        return validate_tree_shape(DEFAULT_TREE_SHAPE if tree_shape is None else tree_shape)
-    stats = stats or tree_search.acceptance_of(glide) or tree_search.DEFAULT_PRIOR
-    cost = cost or device_cost_model(target, glide, cache=cache)
-    return tree_search.best_tree_shape(stats, cost, vocab_size=target.config.vocab_size)
+    return tree_search.choose_tree_shape(tree_shape, glide, target.config.vocab_size, stats, cost,
+                                         lambda: device_cost_model(target, glide, cache=cache))
 
 
 def resolve_gamma(target, glide, gamma: int | str = "auto", stats: AcceptanceStats | None = None,
                   cost: CostModel | None = None, cache: bool = True) -> int:
     """Same contract as :func:`specdec.ref.glide.resolve_gamma`, with this path's round costs."""
-    if not tree_search.is_auto("gamma", gamma):
-        return check_positive_int("gamma", gamma)
-    stats = stats or tree_search.acceptance_of(glide) or tree_search.DEFAULT_PRIOR
-    cost = cost or device_cost_model(target, glide, cache=cache)
-    return tree_search.best_gamma(stats, cost)
+    return tree_search.choose_gamma(gamma, glide, stats, cost, lambda: device_cost_model(target, glide, cache=cache))
 
 
 def tree_spec_generate(
