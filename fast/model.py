@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -209,9 +208,9 @@ def as_fast_model(obj, dtype=None, device=None) -> FastModel:
     cached = obj.extras.get("fast_model")
     if cached is not None and cached[0] is obj.weights:
         return cached[1]
-    if obj.config.head_dim not in (64, 80, 96, 128):
-        raise ValueError(f"the fast path supports head dims 64, 80, 96, 128; this model has head_dim={obj.config.head_dim} "
-                         "(use specdec.ref for it)")
+    if obj.config.head_dim not in _kernels().SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"the fast path supports head dims that are multiples of 16 in [16, 256]; this model has "
+                         f"head_dim={obj.config.head_dim} (use specdec.ref for it)")
     fm = FastModel(obj.config, _fuse(obj), source=obj.source)
     fm.use_graphs = fm.device.type == "cuda" and os.environ.get("SPECDEC_NO_GRAPHS", "0") != "1"
     obj.extras["fast_model"] = (obj.weights, fm)
@@ -256,7 +255,8 @@ def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torc
     return cs[..., 0, :], cs[..., 1, :]
 
 
-# A layer on the fused path (``fused=True``: CUDA, or CPU under the Triton interpreter) is
+# A layer on the fused path (``fused=True``: CUDA, or CPU under the Triton interpreter) of the
+# PREFILL is
 #
 #   [add_rms_norm] -> wqkv GEMM (+bias) -> rope_qkv_write (q out; k, v into the cache) -> attention
 #   -> wo GEMM (+bias) -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> [add_rms_norm of the
@@ -266,16 +266,15 @@ def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torc
 # and the residual stream ``x`` and returns the next (h, x). The unfused path (plain torch, used
 # for CPU prefill where the interpreter would be slow) runs the same arithmetic op by op.
 #
-# A single-row step (B = M = 1: plain decoding, draft-model and MagicDec steps) is a pure weight
-# stream and runs :func:`_gemv_forward` instead: every projection is a Triton GEMV with the norm
-# before it and the residual add after it folded in (:mod:`.kernels.gemv`), so a layer is
+# The DECODE PHASE (every step after the prefill: a one-token step, a chain or tree verification,
+# B >= 1 rows) is :func:`step_forward`, one arithmetic for every row whatever M, the batch or the
+# method (docs/design.md §8): every projection is a row-invariant GEMM (:func:`.kernels.row_linear`,
+# the RMSNorm before it or the residual add after it folded in) and attention is the
+# position-aligned :func:`.kernels.decode_attention`, so a layer is
 #
-#   norm+wqkv GEMV+RoPE+KV write -> attention -> wo GEMV+add -> norm+w13 GEMV+SwiGLU -> w2 GEMV+add
+#   norm+wqkv -> rope_qkv_write -> decode_attention -> wo+add -> norm+w13+SwiGLU -> w2+add
 #
-# and the step ends with the final norm folded into the lm_head GEMV: no norm kernels at all.
-# Several rows take the same path on CUDA when the layer weights are so small that re-reading them
-# once per row (from L2) is cheaper than the norm / SwiGLU launches it saves (:func:`_gemv_rows_ok`:
-# the embedded default model, where every step is launch-bound); their lm_head stays one cuBLAS GEMM.
+# and the step ends with the final norm folded into the lm_head: no norm kernel at all.
 
 
 def _rope_write(fm: FastModel, i: int, qkv: torch.Tensor, cos, sin, cache: StaticKVCache, rows: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -327,73 +326,27 @@ def _logits(fm: FastModel, h: torch.Tensor) -> torch.Tensor:
     return F.linear(h, fm.w["lm_head"]).float()
 
 
-# Most bytes one row-wise GEMV call may re-read over all rows of a step (rows x weight bytes). Chosen
-# on the embedded default model on an H100 (BENCHMARKS "GPU, session 7"): at 4 MiB its 5-row chain
-# verifications and 4-row draft levels take the GEMVs (GLIDE chain 1.47x at 0 MiB, 1.78x at 4 MiB in
-# one comparison); at 48 MiB its 69-row tree verification did too (35 MiB of L2 reads per w13 call)
-# and the tree fell from 1.77x to 1.35x.
-GEMV_ROWS_MAX_BYTES = 4 << 20
-
-
-def _gemv_rows_ok(weights: Iterable[torch.Tensor], rows: int, device: torch.device) -> bool:
-    """Project ``rows`` token rows through norm-folding GEMVs (:mod:`.kernels.gemv`) rather than
-    norm kernels + GEMMs? One row always (a pure weight stream); several only on CUDA and only when
-    ``rows`` x the largest of ``weights`` (bytes) stays within :data:`GEMV_ROWS_MAX_BYTES` (each row
-    re-reads the weight: a few-hundred-KB weight, from L2)."""
-    if rows == 1:
-        return True
-    if device.type != "cuda":
-        return False
-    return rows * max(t.numel() * t.element_size() for t in weights) <= GEMV_ROWS_MAX_BYTES
-
-
-def _layer_weights(fm: FastModel) -> list[torch.Tensor]:
-    return [fm.w[f"layers.0.{n}"] for n in ("wqkv", "wo", "w13", "w2")]
-
-
-def _gemv_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, cos, sin, rows: torch.Tensor,
-                  prefix_len: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
-    """:func:`step_forward` with every layer projection a GEMV (fused path): logits [B, M, V] (fp32).
-
-    The same layer as the multi-row path, op for op, but each projection is one GEMV launch that
-    also does the RMSNorm before it or the residual add after it (:func:`specdec.fast.kernels.gemv`;
-    matches :func:`specdec.fast.kernels.gemv_ref`), so the layers launch no norm kernel. The lm_head
-    is a GEMV with the final norm folded in for one row, the norm kernel + one GEMM for several.
-    """
-    kern, c, w = _kernels(), fm.config, fm.w
-    eps = c.rms_norm_eps
-    x = F.embedding(tokens, w["embed"])  # [B, M, H] the residual stream
-    for i in range(c.num_layers):
-        p = f"layers.{i}."
-        q = kern.gemv_qkv_rope(x, w[p + "wqkv"], w.get(p + "bqkv"), cos, sin, cache.k[i], cache.v[i], rows,
-                               norm_weight=w[p + "attn_norm"], eps=eps, check_rows=False)
-        attn = kern.tree_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask)
-        x = kern.gemv(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"), residual=x)
-        act = kern.gemv_silu(x, w[p + "w13"], norm_weight=w[p + "mlp_norm"], eps=eps)
-        x = kern.gemv(act, w[p + "w2"], residual=x)
-    if x.numel() == x.shape[-1]:
-        return kern.gemv(x, w["lm_head"], norm_weight=w["norm"], eps=eps).float()
-    return _logits(fm, kern.rms_norm(x, w["norm"], eps))
-
-
 def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
     """Score ``M`` new tokens against the cache: the body of every decode/verify step (graph-capturable).
 
     Args:
         tokens: [B, M] long.
         positions: [B, M] long RoPE positions (``prefix_len + depth`` for trees).
-        tree_mask: [B, M, M] bool ancestor-or-self mask among the new tokens.
+        tree_mask: [B, M, M] bool ancestor-or-self mask among the new tokens, nodes in topological
+            order (a parent's index below its children's).
         prefix_len: [B] int32, rows already in the cache; the new K/V go to rows prefix_len + j.
 
     Returns logits [B, M, V] (fp32). Matches :func:`specdec.ref.model.forward_step` with the mask
     ``[all prefix | tree_mask]`` (what :func:`specdec.ref.engine.verify_tree` builds).
 
-    Per layer: add_rms_norm, wqkv GEMM, rope_qkv_write (rotates q/k, writes k/v rows in place),
-    tree_attention, wo GEMM, add_rms_norm, w13 GEMM, silu_mul, w2 GEMM -- see :mod:`.kernels.fused`.
-    With B = M = 1 (and for small models several rows, :func:`_gemv_rows_ok`) every projection is a
-    Triton GEMV with the norms and residual adds folded in (:func:`_gemv_forward`, :mod:`.kernels.gemv`).
+    The decode-phase contract (docs/design.md §8): row (b, j)'s logits -- and the K/V it writes --
+    are a function of its token, its position and the cache rows it may see, bit for bit, whatever
+    M, the other rows or the caller. Per layer: norm+wqkv (:func:`.kernels.row_linear`),
+    :func:`.kernels.rope_qkv_write`, :func:`.kernels.decode_attention`, wo+residual, norm+w13+SwiGLU,
+    w2+residual; then norm+lm_head. Each of these is row-invariant by construction.
     """
-    kern = _kernels()
+    kern, c, w = _kernels(), fm.config, fm.w
+    eps = c.rms_norm_eps
     b, m = tokens.shape
     if not (tokens.is_cuda and torch.cuda.is_current_stream_capturing()) and b:
         lo, hi = (int(v) for v in torch.stack([prefix_len.min(), prefix_len.max()]).tolist())
@@ -401,16 +354,16 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
             raise ValueError(f"prefix_len must be in [0, capacity - M] = [0, {cache.capacity - m}]; got range [{lo}, {hi}]")
     cos, sin = _cos_sin(fm, positions)
     rows = prefix_len.to(torch.int32)[:, None] + torch.arange(m, dtype=torch.int32, device=tokens.device)[None, :]  # [B, M]
-    if _gemv_rows_ok(_layer_weights(fm), b * m, tokens.device):
-        return _gemv_forward(fm, cache, tokens, cos, sin, rows, prefix_len, tree_mask)
-    x = F.embedding(tokens, fm.w["embed"])
-    h = _first_norm(fm, x, True)
-    for i in range(fm.config.num_layers):
-        qkv = F.linear(h, fm.w[f"layers.{i}.wqkv"], fm.w.get(f"layers.{i}.bqkv"))
-        q = _rope_write(fm, i, qkv, cos, sin, cache, rows, True)
-        attn = kern.tree_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask)
-        h, x = _finish_layer(fm, i, x, attn, True)
-    return _logits(fm, h)
+    x = F.embedding(tokens, w["embed"])  # [B, M, H] the residual stream
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        qkv = kern.row_linear(x, w[p + "wqkv"], w.get(p + "bqkv"), norm_weight=w[p + "attn_norm"], eps=eps)
+        q = kern.rope_qkv_write(qkv, cos, sin, cache.k[i], cache.v[i], rows, check_rows=False)
+        attn = kern.decode_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask)
+        x = kern.row_linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"), residual=x)
+        act = kern.row_linear(x, w[p + "w13"], norm_weight=w[p + "mlp_norm"], eps=eps, silu=True)
+        x = kern.row_linear(act, w[p + "w2"], residual=x)
+    return kern.row_linear(x, w["lm_head"], norm_weight=w["norm"], eps=eps).float()
 
 
 def _prefill_sdpa(device: torch.device):

@@ -7,12 +7,34 @@ comes in a :class:`~specdec.fast.glide.cache.GlideBounds`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from specdec.fast.glide.cache import GlideBounds, SlidingCache
 from specdec.fast.glide.weights import FastGlide
-from specdec.fast.model import FastModel, _cos_sin, _gemv_rows_ok, _kernels
+from specdec.fast.model import FastModel, _cos_sin, _kernels
+
+# Most bytes one row-wise GEMV call of the GLIDE draft layer may re-read over all rows of a call
+# (rows x weight bytes). Chosen on the embedded default model on an H100 (BENCHMARKS "GPU, session 7"): at 4 MiB its 5-row chain
+# verifications and 4-row draft levels take the GEMVs (GLIDE chain 1.47x at 0 MiB, 1.78x at 4 MiB in
+# one comparison); at 48 MiB its 69-row tree verification did too (35 MiB of L2 reads per w13 call)
+# and the tree fell from 1.77x to 1.35x.
+GEMV_ROWS_MAX_BYTES = 4 << 20
+
+
+def _gemv_rows_ok(weights: Iterable[torch.Tensor], rows: int, device: torch.device) -> bool:
+    """Project ``rows`` token rows through norm-folding GEMVs (:mod:`.kernels.gemv`) rather than
+    norm kernels + GEMMs? One row always (a pure weight stream); several only on CUDA and only when
+    ``rows`` x the largest of ``weights`` (bytes) stays within :data:`GEMV_ROWS_MAX_BYTES` (each row
+    re-reads the weight: a few-hundred-KB weight, from L2)."""
+    if rows == 1:
+        return True
+    if device.type != "cuda":
+        return False
+    return rows * max(t.numel() * t.element_size() for t in weights) <= GEMV_ROWS_MAX_BYTES
+
 
 __all__ = ["glide_layer"]
 
@@ -32,8 +54,7 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
         self-attention -> wo GEMM -> add_rms_norm -> wq_x GEMM -> rope_q -> cross-attention over the
         target cache -> wo_x GEMM -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> + residual
 
-    or, when the layer's weights are small enough to re-read per row (the rule of the target's
-    steps, :func:`specdec.fast.model._gemv_rows_ok`), every projection is one GEMV with the norm
+    or, when the layer's weights are small enough to re-read per row (:func:`_gemv_rows_ok`), every projection is one GEMV with the norm
     before it or the residual add after it folded in, and the q|k|v one also does RoPE and the K/V
     write (:mod:`.kernels.gemv`): no norm, RoPE-write, SwiGLU or add kernels.
     """

@@ -1,7 +1,12 @@
 """Triton kernels of the fast path (docs/design.md §6 and §7).
 
-* :func:`tree_attention` -- split-KV tree attention for verification (matches
-  :func:`specdec.ref.attention.tree_attention`);
+* :func:`decode_attention` -- the target's decode-phase attention (a step or a verification): tree
+  attention with position-aligned, row-invariant arithmetic (matches
+  :func:`specdec.ref.attention.tree_attention`; bitwise the same row whatever M);
+* :func:`row_linear` -- the decode phase's projections: a row-invariant GEMM with the RMSNorm /
+  residual / SwiGLU folded in (matches ``F.linear`` and the eager ops);
+* :func:`tree_attention` -- split-KV tree attention (the GLIDE draft's attentions run on its kernel;
+  matches :func:`specdec.ref.attention.tree_attention`);
 * :func:`glide_self_attention`, :func:`glide_cross_attention` -- the GLIDE draft's sliding-window
   self-attention and its cross-attention over the target cache, on the same kernel;
 * :func:`beam_select` / :func:`beam_topk` -- one GLIDE beam level (matches
@@ -34,12 +39,16 @@ from .gemv import gemv, gemv_qkv_rope, gemv_qkv_rope_ref, gemv_ref, gemv_silu, g
 from .kv_compact import compact_kv, compact_kv_ref
 from .round_pack import round_pack, round_pack_ref
 from .tree_attention import tree_attention
+from .decode_attention import decode_attention
+from .rowgemm import row_linear
 
 __all__ = [
     "SUPPORTED_DTYPES",
     "SUPPORTED_HEAD_DIMS",
     "interpreter_active",
     "tree_attention",
+    "decode_attention",
+    "row_linear",
     "glide_self_attention",
     "glide_self_attention_ref",
     "glide_cross_attention",

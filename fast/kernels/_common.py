@@ -29,7 +29,8 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
+"""Head dims the kernels take: every multiple of 16 up to 256 (tiles padded to the next power of two)."""
 
 
 def interpreter_active() -> bool:

@@ -28,7 +28,7 @@ Under a CUDA graph each still costs ~2 us, so they are folded here into four lau
   :func:`specdec.ref.model.swiglu_mlp`'s activation to within an ulp of the fp32 exp.
 
 All inputs may have any strides (2-D row views are used when the leading dims flatten without a
-copy); outputs are new contiguous tensors. fp16, bf16 and fp32; head dims 64, 80, 96, 128.
+copy); outputs are new contiguous tensors. fp16, bf16 and fp32; head dims: multiples of 16 up to 256.
 Every function is CUDA-graph capturable: shape/dtype checks are host-only, and the one value
 check (:func:`rope_qkv_write`'s ``rows`` range, a host sync) is skipped under capture or with
 ``check_rows=False``.
@@ -401,7 +401,7 @@ def _check_rope_qkv(src_name: str, src: torch.Tensor, width: int, width_what: st
     b, m = src.shape[:2]
     cb, hkv, cap, d = k_cache.shape
     if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+        raise ValueError(f"head dim {d} is not supported: it must be a multiple of 16 in [16, 256]")
     if cb != b:
         raise ValueError(f"the cache has batch {cb} but {src_name} has batch {b}")
     if width % d or width // d <= 2 * hkv:
@@ -490,7 +490,7 @@ def rope_q(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     b, m, width = x.shape
     d = cos.shape[-1]
     if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+        raise ValueError(f"head dim {d} is not supported: it must be a multiple of 16 in [16, 256]")
     if width % d or width == 0:
         raise ValueError(f"x's last dim must be Hq * D with D = {d}, Hq >= 1; got {width}")
     for name, t in (("cos", cos), ("sin", sin)):

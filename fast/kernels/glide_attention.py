@@ -109,7 +109,7 @@ def glide_self_attention(
     """Sliding-window causal self-attention of the GLIDE draft (see module docstring).
 
     Args:
-        q: [B, Hq, M, D]; k, v: [B, Hkv, N, D] (row s = position s), D in {64, 80, 96, 128}.
+        q: [B, Hq, M, D]; k, v: [B, Hkv, N, D] (row s = position s), D a multiple of 16 up to 256.
         q_pos: [B, M] or [M] integer positions, each in [0, N) (without a tree: its key is row q_pos).
         window: int >= 1; query at t sees rows (t - window, t].
         tree_mask: optional [B, M, T] bool; tree keys are rows [tree_start, tree_start + T).
@@ -206,7 +206,7 @@ def glide_cross_attention(
     """Cross-attention of draft queries over the target cache: query i sees rows [0, kv_bound[b, i]).
 
     Args:
-        q: [B, Hq, M, D]; k, v: [B, Hkv, N, D] target cache, D in {64, 80, 96, 128}.
+        q: [B, Hq, M, D]; k, v: [B, Hkv, N, D] target cache, D a multiple of 16 up to 256.
         kv_bound: int, [B] or [B, M] integer, each in [0, N]. A bound of 0 gives a zero output row.
     Returns [B, Hq, M, D] in q's dtype; matches :func:`glide_cross_attention_ref`.
     """

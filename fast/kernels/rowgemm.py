@@ -40,8 +40,9 @@ from .gemv import linear_operands
 
 __all__ = ["MAX_ROWS", "row_linear", "row_linear_config"]
 
-MAX_ROWS = 128
-"""The most rows one call may take (the largest verification: the fast path's tree limit)."""
+MAX_ROWS = 8192
+"""The most rows one call may take: a decode-phase pass of B x M rows (M up to the fast path's tree limit
+of 128 per sequence). Rows are independent, so this bounds only the fp32 split-K workspace."""
 
 
 @triton.jit

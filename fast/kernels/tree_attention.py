@@ -299,6 +299,8 @@ def _merge_kernel(
 def pick_config(rows: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes for ``rows = M * G`` packed query rows (measured on H100, see BENCHMARKS)."""
     block_m = min(max(16, next_pow2(rows)), 128 if dtype != torch.float32 else 64)
+    if head_dim > 128:   # a [BLOCK_M, 256] fp32 accumulator: half the rows per program
+        block_m = min(block_m, 64)
     if block_m >= 128:
         return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
     if dtype == torch.float32:
@@ -355,7 +357,7 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv} (grouped-query attention)")
     if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim D={d} is not supported; supported head dims: {list(SUPPORTED_HEAD_DIMS)}")
+        raise ValueError(f"head dim D={d} is not supported: it must be a multiple of 16 in [16, 256]")
     if m < 1:
         raise ValueError(f"q must hold at least one query row (M >= 1), got M={m}")
     check_device(("q", q), ("k", k), ("v", v))
@@ -478,7 +480,7 @@ def tree_attention(
     """Masked tree attention; matches :func:`specdec.ref.attention.tree_attention`.
 
     Args:
-        q: [B, Hq, M, D] fp16/bf16/fp32, D in {64, 80, 96, 128}, M >= 1.
+        q: [B, Hq, M, D] fp16/bf16/fp32, D a multiple of 16 up to 256, M >= 1.
         k, v: [B, Hkv, N, D], same dtype/device, Hq a multiple of Hkv; any strides (cache views).
         prefix_len: int or [B] integer tensor, each in [0, N - M].
         tree_mask: [B, M, M] bool, True = may attend.

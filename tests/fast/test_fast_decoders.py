@@ -56,35 +56,21 @@ def test_fast_greedy_token_identical_to_ref_and_vanilla(family):
         assert ff.count == int(ff.spec_mask.sum())
 
 
-def test_fast_row_wise_gemv_steps_match_ref(monkeypatch):
-    """Several-row steps through the norm-folding GEMVs (the small-model rule of step_forward, which
-    picks them only on CUDA) keep every decoder token-identical to ref."""
-    import specdec.fast.model as fmod
-
-    target, ftarget = _pair("qwen2", seed=1)   # qkv bias: the GEMV's bias path too
-    draft, fdraft = _pair("qwen2", seed=2)
-    used = []
-    monkeypatch.setattr(fmod, "_gemv_rows_ok", lambda weights, rows, device: used.append(rows) or True)
-    ids = torch.tensor([REPETITIVE])
-    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=6, eos_id=[])
-    for name, r, f in _decoders(draft, fdraft):
-        assert torch.equal(f(ftarget, **kw).output_ids, r(target, **kw).output_ids), name
-    assert max(used) > 1  # verification steps of several rows went through the GEMVs
-
-
-def test_gemv_rows_rule():
-    import specdec.fast.model as fmod
+def test_glide_gemv_rows_rule():
+    """The GLIDE draft layer's own rule for norm-folding GEMVs on several rows (the target's decode
+    phase has one arithmetic for every row count, :func:`specdec.fast.model.step_forward`)."""
+    import specdec.fast.glide.layer as fglide
 
     _, fm = _pair()
-    ws = fmod._layer_weights(fm)
+    ws = [fm.w[f"layers.0.{n}"] for n in ("wqkv", "wo", "w13", "w2")]
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert fmod._gemv_rows_ok(ws, 1, cpu) and fmod._gemv_rows_ok(ws, 1, cuda)   # one row: always
+    assert fglide._gemv_rows_ok(ws, 1, cpu) and fglide._gemv_rows_ok(ws, 1, cuda)   # one row: always
     biggest = 2 * fm.config.intermediate_size * fm.config.hidden_size * fm.w["embed"].element_size()   # w13 [2F, H]
-    most = fmod.GEMV_ROWS_MAX_BYTES // biggest
+    most = fglide.GEMV_ROWS_MAX_BYTES // biggest
     assert most >= 2
-    assert not fmod._gemv_rows_ok(ws, most, cpu)                                # several: CUDA only
-    assert fmod._gemv_rows_ok(ws, most, cuda)                                   # small weights: re-read from L2
-    assert not fmod._gemv_rows_ok(ws, most + 1, cuda)
+    assert not fglide._gemv_rows_ok(ws, most, cpu)                                # several: CUDA only
+    assert fglide._gemv_rows_ok(ws, most, cuda)                                   # small weights: re-read from L2
+    assert not fglide._gemv_rows_ok(ws, most + 1, cuda)
 
 
 PUBLIC_API = ["load_model", "load_glide", "forward", "tree_attention", "vanilla_generate", "speculative_generate",
@@ -198,14 +184,12 @@ def _glide_pair(seed=1, window=8):
 
 @pytest.mark.parametrize("mode,gemv_rows", [("tree", False), ("chain", False), ("tree", True)])
 def test_fast_glide_drafts_equal_ref_drafts(mode, gemv_rows, monkeypatch):
-    """Same drafts, round by round; ``gemv_rows``: the draft layer and the verification on the
-    norm-folding GEMVs for every row count (the small-model rule, which picks them only on CUDA)."""
+    """Same drafts, round by round; ``gemv_rows``: the draft layer on the norm-folding GEMVs for
+    every row count (the small-model rule, which picks them only on CUDA)."""
     if gemv_rows:
         import specdec.fast.glide.layer as fglide
-        import specdec.fast.model as fmod
 
         monkeypatch.setattr(fglide, "_gemv_rows_ok", lambda weights, rows, device: True)
-        monkeypatch.setattr(fmod, "_gemv_rows_ok", lambda weights, rows, device: True)
     target, ftarget, glide = _glide_pair()
     ids = torch.tensor([REPETITIVE])  # 17 tokens + 8 new > 2 * window: the sliding cache shifts
     kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=8, eos_id=[])

@@ -210,7 +210,7 @@ def test_rope_qkv_write_bad_inputs():
     with pytest.raises(ValueError, match="cos"):
         K.rope_qkv_write(qkv, cos[:, :1], sin, kc, vc, rows)
     with pytest.raises(ValueError, match="head dim"):
-        K.rope_qkv_write(qkv[..., : 4 * 32], cos[..., :32], sin[..., :32], kc[..., :32], vc[..., :32], rows)
+        K.rope_qkv_write(qkv[..., : 4 * 24], cos[..., :24], sin[..., :24], kc[..., :24], vc[..., :24], rows)   # not a multiple of 16
     with pytest.raises(TypeError, match="rows"):
         K.rope_qkv_write(qkv, cos, sin, kc, vc, rows.float())
 
@@ -241,7 +241,7 @@ def test_rope_q_bad_inputs():
     with pytest.raises(ValueError, match="cos"):
         K.rope_q(x, cos[:, :1], sin)
     with pytest.raises(ValueError, match="head dim"):
-        K.rope_q(x, cos[..., :32], sin[..., :32])
+        K.rope_q(x[..., :96], cos[..., :24], sin[..., :24])   # not a multiple of 16
 
 
 # ---------------------------------------------------------------------------------------------

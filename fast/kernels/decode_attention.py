@@ -1,0 +1,324 @@
+"""Decode-phase attention whose every query row is computed bit for bit the same whatever M (docs/design.md §8).
+
+Computes what :func:`specdec.ref.attention.tree_attention` computes (and what
+:func:`specdec.fast.kernels.tree_attention` computes), for the target model's decode phase::
+
+    q     [B, Hq,  M, D]   the M new tokens' queries (a decode step: M = 1; a verification: M tree nodes)
+    k, v  [B, Hkv, N, D]   cache rows [0, prefix_len) = verified prefix,
+                           rows [prefix_len, prefix_len + M) = the M new tokens (tree order)
+    tree_mask [B, M, M]    bool, True = node i may attend to node j (ancestor or self); nodes are in
+                           topological order (a parent's index is below its children's)
+    prefix_len             [B] int32
+    ->    [B, Hq, M, D]    in q's dtype
+
+with one more promise, the one speculation needs to be exact in bf16: **row i's output is a function
+of its query and of the key/value vectors at the positions it may see, in position order** -- the
+same bits as a one-token step (M = 1) at position ``prefix_len + depth_i`` after the node's
+ancestors have been written to the cache, whatever M, the tree, the batch or the tile size.
+
+How (one launch plus the merge of :mod:`.tree_attention`):
+
+* **Keys by absolute position.** Node i at depth d_i sits at position ``p_i = prefix_len + d_i``;
+  the key at position ``t <= p_i`` is cache row t for ``t < prefix_len`` and otherwise the tree row of
+  i's ancestor at depth ``t - prefix_len`` (``anc[i, t - prefix_len]``, from the mask). A key tile
+  holds positions ``[n0, n0 + BLOCK_N)`` with ``n0`` a multiple of ``BLOCK_N``: position t is always
+  in lane ``t % BLOCK_N`` (lane placement changes tensor-core rounding), and a lane the row may not
+  see holds an exact zero key and value with score -inf -- the same lanes in a decode step and in a
+  verification.
+* **Splits by absolute position.** Split s covers positions ``[s S, (s + 1) S)`` with a FIXED split
+  size ``S`` (:data:`SPLIT_KEYS`), never chosen from M, the batch or the prompt length; a row's
+  partials are merged in split order (an empty split is an exact no-op in the merge).
+* **One arithmetic per tile.** A tile wholly below ``prefix_len`` is shared by all rows of the
+  program (one ``q @ K^T`` for the packed ``BLOCK_M`` rows); a tile that reaches the tree is built
+  per node (a loop over the program's nodes, each with its own gathered K and V, the rows of other
+  nodes discarded). Both run the same instructions on the same lane contents, and tensor-core MMAs
+  never mix rows, so a row's bits do not depend on which branch, which other rows or which BLOCK_M.
+  Row sums that feed the softmax are taken by the MMA too (``p @ 1``), never by a register
+  reduction whose order would follow the tile's layout; the running max is exact in any order.
+
+Rows are packed as in :mod:`.tree_attention`: ``row = node * G + g`` for the ``G = Hq // Hkv``
+query heads of one KV head. The tests (``tests/fast/test_decode_attention.py``) check the values
+against :func:`specdec.fast.kernels._common.masked_attention_ref` and the row invariance bitwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, check_int_tensor, check_tensor, graph_capturing, interpreter_active, next_pow2
+from .tree_attention import LOG2E, _merge_kernel
+
+__all__ = ["decode_attention", "ancestor_table", "SPLIT_KEYS", "MAX_HEAD_DIM", "decode_attention_config"]
+
+SPLIT_KEYS = 1024
+"""Key positions per split (a multiple of every BLOCK_N used here). Fixed: a row's partial boundaries
+must not depend on anything but its position."""
+
+MAX_HEAD_DIM = 256
+"""Head dims: any multiple of 16 up to this (the tile is padded to the next power of two)."""
+
+
+@triton.jit
+def _qk(q, kT, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores ``q @ K^T`` [BLOCK_M, BLOCK_N] in fp32 (the interpreter's bf16 dot is wrong: UPCAST)."""
+    if IS_FP32:
+        return tl.dot(q, kT, input_precision="ieee")
+    elif UPCAST:
+        return tl.dot(q.to(tl.float32), kT.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(q, kT)
+
+
+@triton.jit
+def _pv(p, v, acc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + p @ v`` with p rounded to v's dtype first (the MMA accumulates into acc)."""
+    if IS_FP32:
+        return tl.dot(p, v, acc, input_precision="ieee")
+    elif UPCAST:
+        return tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(p.to(v.dtype), v, acc)
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, ones, IS_FP32: tl.constexpr, UPCAST: tl.constexpr, V_DTYPE: tl.constexpr):
+    """The online-softmax statistics for scores s [BLOCK_M, BLOCK_N] (base 2; -inf = not seen).
+
+    Returns (p, alpha, m_new, l_new). The row sum of p is an MMA against a ones tile, read back with
+    an exact max over identical columns, so it does not depend on how the tile is laid out."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    if IS_FP32:
+        row_sum = tl.max(_pv(p, ones, tl.zeros([s.shape[0], 16], dtype=tl.float32), IS_FP32, UPCAST), 1)
+    else:
+        row_sum = tl.max(_pv(p, ones.to(V_DTYPE), tl.zeros([s.shape[0], 16], dtype=tl.float32), IS_FP32, UPCAST), 1)
+    l_new = l_i * alpha + row_sum
+    return p, alpha, m_new, l_new
+
+
+@triton.jit(do_not_specialize=["stride_ab", "stride_ai", "stride_db", "M", "NUM_SPLITS", "stride_pz", "stride_pp",
+                               "stride_lz", "stride_lp"])
+def _decode_attention_kernel(
+    Q, K, V, O_part, L_part, PrefixLen, Anc, Depth,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ab, stride_ai, stride_db,
+    stride_pz, stride_pp, stride_pr,
+    stride_lz, stride_lp,
+    qk_scale, H_KV, M, NUM_SPLITS,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)   # a block of packed rows (row = node * GROUP + g)
+    pid_s = tl.program_id(1)   # split s: key positions [s * SPLIT, (s + 1) * SPLIT)
+    pid_z = tl.program_id(2)   # b * H_KV + kv head
+    b = pid_z // H_KV
+    hkv = pid_z % H_KV
+    b64 = b.to(tl.int64)
+
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < M * GROUP
+    node = offs_r // GROUP
+    head = hkv * GROUP + offs_r % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    arange_n = tl.arange(0, BLOCK_N)
+
+    # -- this block's rows: positions p = L + depth, the block's nodes [first, last] ---------------
+    L = tl.load(PrefixLen + b)
+    depth = tl.load(Depth + b64 * stride_db + node, mask=row_ok, other=0)
+    pos = L + depth
+    hi = tl.max(tl.where(row_ok, pos, -1), 0)        # the block's last visible position
+    first = (pid_m * BLOCK_M) // GROUP
+    last = tl.minimum(M - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GROUP)
+
+    q_ptrs = (Q + b64 * stride_qb + head.to(tl.int64)[:, None] * stride_qh
+              + node[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hkv.to(tl.int64) * stride_vh
+    a_base = Anc + b64 * stride_ab
+
+    ones = tl.full([BLOCK_N, 16], 1.0, dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    s_lo = pid_s * SPLIT
+    s_hi = tl.minimum(s_lo + SPLIT, hi + 1)
+    for n0 in range(s_lo, s_hi, BLOCK_N):
+        offs_n = n0 + arange_n
+        if n0 + BLOCK_N <= L:
+            # == a tile of the verified prefix: every row sees every lane; one K/V tile for all rows ==
+            kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
+            s = _qk(q, kT, IS_FP32, UPCAST) * qk_scale
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, ones, IS_FP32, UPCAST, V.dtype.element_ty)
+            acc = _pv(p, v, acc * alpha[:, None], IS_FP32, UPCAST)
+        else:
+            # == a tile that reaches the tree: lane t holds cache row t (t < L) or the row's ancestor at
+            #    depth t - L; built per node, each node's rows kept, the other rows discarded ==========
+            in_prefix = offs_n < L
+            t = offs_n - L
+            s = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
+            for j in range(first, last + 1):
+                d_j = tl.load(Depth + b64 * stride_db + j)
+                in_tree = (t >= 0) & (t <= d_j)
+                anc = tl.load(a_base + j * stride_ai + t, mask=in_tree, other=0)
+                src = tl.where(in_prefix, offs_n, L + anc)
+                lane_ok = in_prefix | in_tree
+                kT = tl.load(k_base + src[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                             mask=lane_ok[None, :] & d_ok[:, None], other=0.0)
+                s_j = _qk(q, kT, IS_FP32, UPCAST) * qk_scale
+                s = tl.where((node == j)[:, None] & lane_ok[None, :], s_j, s)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, ones, IS_FP32, UPCAST, V.dtype.element_ty)
+            acc_scaled = acc * alpha[:, None]
+            acc = acc_scaled
+            for j in range(first, last + 1):
+                d_j = tl.load(Depth + b64 * stride_db + j)
+                in_tree = (t >= 0) & (t <= d_j)
+                anc = tl.load(a_base + j * stride_ai + t, mask=in_tree, other=0)
+                src = tl.where(in_prefix, offs_n, L + anc)
+                lane_ok = in_prefix | in_tree
+                v = tl.load(v_base + src[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                            mask=lane_ok[:, None] & d_ok[None, :], other=0.0)
+                acc_j = _pv(p, v, acc_scaled, IS_FP32, UPCAST)
+                acc = tl.where((node == j)[:, None], acc_j, acc)
+
+    # -- partial: normalised o and base-2 lse; a row that saw nothing in this split -> (0, -inf) ----
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    p_ptrs = O_part + pid_z.to(tl.int64) * stride_pz + pid_s * stride_pp + offs_r[:, None] * stride_pr + offs_d[None, :]
+    tl.store(p_ptrs, o, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(L_part + pid_z.to(tl.int64) * stride_lz + pid_s * stride_lp + offs_r, lse, mask=row_ok)
+
+
+def ancestor_table(tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(anc [B, M, M] int32, depth [B, M] int32)`` from an ancestor-or-self mask [B, M, M].
+
+    ``anc[b, i, d]`` is the tree row of node i's ancestor at depth d (``d <= depth[b, i]``; the entry
+    at ``d = depth`` is i itself) -- the ancestors in index order, which is depth order for nodes in
+    topological order. Plain torch ops, no host synchronisation (CUDA-graph capturable).
+    """
+    m = tree_mask.shape[-1]
+    idx = torch.arange(m, dtype=torch.int32, device=tree_mask.device)
+    anc = torch.where(tree_mask, idx, m).sort(dim=-1).values.to(torch.int32)
+    depth = tree_mask.sum(dim=-1, dtype=torch.int32) - 1
+    return anc, depth
+
+
+def decode_attention_config(rows: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes for ``rows = M * G`` packed query rows. BLOCK_M follows the rows (an MMA never mixes
+    rows, and nothing here reduces across a tile's layout, so it does not change a row's bits);
+    BLOCK_N is fixed per dtype (lanes are positions: it is part of every row's arithmetic)."""
+    block_d = next_pow2(max(16, head_dim))
+    if interpreter_active():
+        return dict(block_m=16, block_n=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(block_m=min(max(16, next_pow2(rows)), 32), block_n=32, num_warps=4, num_stages=2)
+    block_m = min(max(16, next_pow2(rows)), 64 if block_d > 128 else 128)
+    return dict(block_m=block_m, block_n=64, num_warps=8 if block_m >= 128 else 4, num_stages=2)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    sm_scale: float | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Masked tree attention with position-aligned, row-invariant arithmetic (module docstring).
+
+    Args:
+        q: [B, Hq, M, D] fp16/bf16/fp32, D a multiple of 16 up to :data:`MAX_HEAD_DIM`, 1 <= M.
+        k, v: [B, Hkv, N, D] (cache views allowed), same dtype/device; Hq a multiple of Hkv.
+        prefix_len: [B] integer tensor, each in [0, N - M].
+        tree_mask: [B, M, M] bool ancestor-or-self mask, nodes in topological order.
+        sm_scale: softmax scale, default 1/sqrt(D).
+        config: tile override (block_m, block_n, num_warps, num_stages) -- for tests and sweeps;
+            block_n must divide :data:`SPLIT_KEYS`. Changing block_n changes the lanes, hence the bits.
+
+    Returns [B, Hq, M, D] in q's dtype (a view of [B, M, Hq, D] memory). Under CUDA graph capture the
+    range of ``prefix_len`` is not checked and the split count is sized for ``N``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, hq, m, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k/v must both be [B={b}, Hkv, N, D={d}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    hkv, n = k.shape[1], k.shape[2]
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv} (grouped-query attention)")
+    if d % 16 or not 16 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={d} is not supported: it must be a multiple of 16 in [16, {MAX_HEAD_DIM}]")
+    if m < 1:
+        raise ValueError(f"q must hold at least one query row (M >= 1), got M={m}")
+    if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.bool:
+        raise TypeError("tree_mask must be a bool tensor [B, M, M]")
+    if tuple(tree_mask.shape) != (b, m, m):
+        raise ValueError(f"tree_mask must have shape [B, M, M] = {[b, m, m]}, got {list(tree_mask.shape)}")
+    check_int_tensor("prefix_len", prefix_len, (b,))
+    check_device(("q", q), ("k", k), ("v", v), ("tree_mask", tree_mask), ("prefix_len", prefix_len))
+    plen = prefix_len.to(torch.int32)
+    if graph_capturing(q.device) or b == 0:
+        hi = n - 1
+    else:
+        lo, top = (int(x) for x in torch.stack([plen.min(), plen.max()]).tolist())
+        if lo < 0 or top > n - m:
+            raise ValueError(f"prefix_len must be in [0, N - M] = [0, {n - m}] so the M={m} new rows fit in k/v "
+                             f"(N={n}); got range [{lo}, {top}]")
+        hi = top + m - 1
+    out = torch.empty((b, m, hq, d), device=q.device, dtype=q.dtype).transpose(1, 2)
+    if b == 0:
+        return out
+    group = hq // hkv
+    rows = m * group
+    cfg = dict(decode_attention_config(rows, d, q.dtype))
+    if config:
+        cfg.update(config)
+    if SPLIT_KEYS % cfg["block_n"]:
+        raise ValueError(f"block_n={cfg['block_n']} must divide SPLIT_KEYS={SPLIT_KEYS}")
+    block_d = next_pow2(d)
+    num_splits = triton.cdiv(hi + 1, SPLIT_KEYS)
+    anc, depth = ancestor_table(tree_mask)
+    o_part = torch.empty((b * hkv, num_splits, rows, d), device=q.device, dtype=torch.float32)
+    l_part = torch.empty((b * hkv, num_splits, rows), device=q.device, dtype=torch.float32)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    grid = (triton.cdiv(rows, cfg["block_m"]), num_splits, b * hkv)
+    _decode_attention_kernel[grid](
+        q, k, v, o_part, l_part, plen, anc, depth,
+        *q.stride(), *k.stride(), *v.stride(),
+        anc.stride(0), anc.stride(1), depth.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        l_part.stride(0), l_part.stride(1),
+        scale * LOG2E, hkv, m, num_splits,
+        GROUP=group, HEAD_DIM=d, SPLIT=SPLIT_KEYS,
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
+        IS_FP32=q.dtype == torch.float32, UPCAST=q.dtype != torch.float32 and q.device.type == "cpu",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    block_r = 8
+    _merge_kernel[(triton.cdiv(rows, block_r), b * hkv)](
+        o_part, l_part, out,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        l_part.stride(0), l_part.stride(1),
+        *out.stride(),
+        hkv, rows, num_splits,
+        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=block_d, STAGES=3,
+        num_warps=4,
+    )
+    return out

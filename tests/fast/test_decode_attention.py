@@ -1,0 +1,200 @@
+"""The decode-phase attention (fast/kernels/decode_attention.py): right values, and a row's bits depend
+only on its query and the keys it may see -- not on M, the tree, the batch or the tile size.
+
+On CPU the kernel runs under the Triton interpreter (small shapes, CI); the GPU tests run the
+tensor-core kernel at Llama-3-8B / Qwen2-7B head shapes and long prefixes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec  # noqa: F401  -- picks the Triton interpreter on CPU first
+from specdec.fast.kernels import decode_attention
+from specdec.fast.kernels._common import masked_attention_ref
+from specdec.fast.kernels.decode_attention import MAX_HEAD_DIM, SPLIT_KEYS, ancestor_table
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def random_tree(m: int, gen: torch.Generator) -> list[int]:
+    """Parents of a random tree of m nodes in topological order (node 0 the root, parent -1)."""
+    return [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, m)]
+
+
+def tree_mask_of(parents: list[int]) -> torch.Tensor:
+    m = len(parents)
+    mask = torch.zeros(m, m, dtype=torch.bool)
+    for i in range(m):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parents[j]
+    return mask
+
+
+def depths_of(parents: list[int]) -> list[int]:
+    d = []
+    for p in parents:
+        d.append(0 if p < 0 else d[p] + 1)
+    return d
+
+
+def _case(b, hq, hkv, dim, prefix, parents_per_row, dtype, device, seed=0, capacity=None):
+    g = torch.Generator().manual_seed(seed)
+    m = len(parents_per_row[0])
+    n = capacity or max(prefix) + m + 5
+    q = torch.randn(b, hq, m, dim, generator=g).to(dtype).to(device)
+    k = torch.randn(b, hkv, n, dim, generator=g).to(dtype).to(device)
+    v = torch.randn(b, hkv, n, dim, generator=g).to(dtype).to(device)
+    mask = torch.stack([tree_mask_of(p) for p in parents_per_row]).to(device)
+    plen = torch.tensor(prefix, dtype=torch.int32, device=device)
+    return q, k, v, mask, plen
+
+
+def _dense_mask(mask, plen, n):
+    b, m, _ = mask.shape
+    full = torch.zeros(b, m, n, dtype=torch.bool, device=mask.device)
+    for bi in range(b):
+        L = int(plen[bi])
+        full[bi, :, :L] = True
+        full[bi, :, L:L + m] = mask[bi]
+    return full
+
+
+def _one_token_steps(q, k, v, mask, plen, bi, i, **kw):
+    """Row i of batch entry bi as a one-token step: its ancestors moved into the cache at L..L+d-1
+    (what acceptance + compaction does), itself at L+d, M = 1."""
+    L = int(plen[bi])
+    anc = [j for j in range(mask.shape[1]) if mask[bi, i, j]]   # index order = depth order
+    k1, v1 = k[bi:bi + 1].clone(), v[bi:bi + 1].clone()
+    for depth, j in enumerate(anc):
+        k1[:, :, L + depth] = k[bi, :, L + j]
+        v1[:, :, L + depth] = v[bi, :, L + j]
+    one = torch.ones(1, 1, 1, dtype=torch.bool, device=q.device)
+    p1 = torch.tensor([L + len(anc) - 1], dtype=torch.int32, device=q.device)
+    return decode_attention(q[bi:bi + 1, :, i:i + 1], k1, v1, p1, one, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,dim", [(4, 2, 64), (3, 1, 48), (6, 2, 80)])
+def test_matches_masked_attention(dtype, hq, hkv, dim):
+    gen = torch.Generator().manual_seed(hq * dim)
+    parents = [random_tree(7, gen), random_tree(7, gen)]
+    q, k, v, mask, plen = _case(2, hq, hkv, dim, [37, 70], parents, dtype, "cpu")
+    out = decode_attention(q, k, v, plen, mask)
+    want = masked_attention_ref(q, k, v, _dense_mask(mask, plen, k.shape[2]))
+    torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_equals_its_one_token_step(dtype):
+    """The verification row of every tree node == the one-token step at its position after its
+    ancestors are accepted, bitwise (prefixes chosen so trees straddle tile boundaries)."""
+    gen = torch.Generator().manual_seed(5)
+    parents = [random_tree(9, gen), [-1, 0, 1, 2, 3, 4, 5, 6, 7]]   # a tree and a chain
+    q, k, v, mask, plen = _case(2, 4, 2, 64, [29, 60], parents, dtype, "cpu", seed=1)
+    out = decode_attention(q, k, v, plen, mask)
+    for bi in range(2):
+        for i in range(9):
+            assert torch.equal(out[bi:bi + 1, :, i:i + 1], _one_token_steps(q, k, v, mask, plen, bi, i)), (bi, i)
+
+
+def test_row_does_not_depend_on_batch_mates_or_m():
+    gen = torch.Generator().manual_seed(6)
+    parents = [random_tree(6, gen) for _ in range(3)]
+    q, k, v, mask, plen = _case(3, 4, 2, 64, [40, 7, 33], parents, torch.bfloat16, "cpu", seed=2)
+    out = decode_attention(q, k, v, plen, mask)
+    alone = decode_attention(q[1:2], k[1:2], v[1:2], plen[1:2], mask[1:2])
+    assert torch.equal(out[1:2], alone)
+    first3 = decode_attention(q[:, :, :3], k, v, plen, mask[:, :3, :3])   # a sub-tree: the first 3 nodes
+    assert torch.equal(first3, out[:, :, :3])
+
+
+def test_splits_by_absolute_position():
+    """A prefix longer than one split: the row of a long verification still equals its one-token step."""
+    parents = [[-1, 0, 1, 1, 3]]
+    L = SPLIT_KEYS - 2                  # the tree straddles the split boundary
+    q, k, v, mask, plen = _case(1, 2, 1, 16, [L], parents, torch.float32, "cpu", seed=3)
+    out = decode_attention(q, k, v, plen, mask)
+    want = masked_attention_ref(q, k, v, _dense_mask(mask, plen, k.shape[2]))
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    for i in range(5):
+        assert torch.equal(out[:, :, i:i + 1], _one_token_steps(q, k, v, mask, plen, 0, i)), i
+
+
+def test_poisoned_memory_is_never_read():
+    """Cache rows past prefix + M, and rows a node may not see, hold NaN: the output is unchanged."""
+    gen = torch.Generator().manual_seed(8)
+    parents = [random_tree(6, gen)]
+    q, k, v, mask, plen = _case(1, 4, 2, 64, [21], parents, torch.float32, "cpu", seed=4, capacity=64)
+    out = decode_attention(q, k, v, plen, mask)
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, 21 + 6:] = float("nan")
+    vp[:, :, 21 + 6:] = float("nan")
+    bigk = torch.full((1, 2, 80, 96), float("nan"))
+    bigv = torch.full((1, 2, 80, 96), float("nan"))
+    bigk[:, :, :64, :64] = kp
+    bigv[:, :, :64, :64] = vp
+    assert torch.equal(decode_attention(q, bigk[:, :, :64, :64], bigv[:, :, :64, :64], plen, mask), out)
+
+
+def test_ancestor_table():
+    parents = [-1, 0, 0, 1, 3, 2]
+    anc, depth = ancestor_table(tree_mask_of(parents)[None])
+    assert depth[0].tolist() == depths_of(parents)
+    assert anc[0, 4, :4].tolist() == [0, 1, 3, 4]
+    assert anc[0, 5, :3].tolist() == [0, 2, 5]
+
+
+def test_bad_input():
+    q, k, v, mask, plen = _case(1, 4, 2, 64, [10], [[-1, 0]], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="head dim"):
+        decode_attention(q[..., :40], k[..., :40], v[..., :40], plen, mask)
+    with pytest.raises(ValueError, match="prefix_len"):
+        decode_attention(q, k, v, plen + 100, mask)
+    with pytest.raises(TypeError, match="tree_mask"):
+        decode_attention(q, k, v, plen, mask.int())
+    with pytest.raises(ValueError, match="Hq"):
+        decode_attention(q[:, :3], k, v, plen, mask)
+    assert MAX_HEAD_DIM == 256
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: tensor cores, real head shapes, long prefixes, tile sizes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("hq,hkv,dim", [(32, 8, 128), (28, 4, 128), (16, 16, 256), (12, 4, 80)])
+def test_gpu_rows_equal_one_token_steps(dtype, hq, hkv, dim):
+    gen = torch.Generator().manual_seed(dim + hq)
+    parents = [random_tree(69, gen), random_tree(69, gen)]
+    q, k, v, mask, plen = _case(2, hq, hkv, dim, [4100, 2070], parents, dtype, "cuda", seed=9)
+    out = decode_attention(q, k, v, plen, mask)
+    want = masked_attention_ref(q, k, v, _dense_mask(mask, plen, k.shape[2]))
+    torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    for bi in range(2):
+        for i in (0, 1, 5, 17, 40, 68):
+            assert torch.equal(out[bi:bi + 1, :, i:i + 1], _one_token_steps(q, k, v, mask, plen, bi, i)), (bi, i)
+    # the same rows whatever the tile height
+    for block_m in (16, 32, 64):
+        cfg = dict(block_m=block_m, num_warps=4)
+        assert torch.equal(decode_attention(q, k, v, plen, mask, config=cfg), out), block_m
+
+
+@pytest.mark.gpu
+def test_gpu_128_rows_and_batch_of_8():
+    gen = torch.Generator().manual_seed(11)
+    parents = [random_tree(128, gen) for _ in range(8)]
+    q, k, v, mask, plen = _case(8, 32, 8, 128, [33000 + 37 * i for i in range(8)], parents, torch.bfloat16, "cuda", seed=12)
+    out = decode_attention(q, k, v, plen, mask)
+    for bi in (0, 5):
+        assert torch.equal(decode_attention(q[bi:bi + 1], k[bi:bi + 1], v[bi:bi + 1], plen[bi:bi + 1], mask[bi:bi + 1]),
+                           out[bi:bi + 1])
+        for i in (0, 77, 127):
+            assert torch.equal(out[bi:bi + 1, :, i:i + 1], _one_token_steps(q, k, v, mask, plen, bi, i)), (bi, i)
