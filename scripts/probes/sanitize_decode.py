@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Run the decode-phase kernels once on small shapes, for ``compute-sanitizer --tool memcheck``.
+
+    compute-sanitizer --tool memcheck python3 scripts/probes/sanitize_decode.py
+
+Covers :func:`specdec.fast.kernels.decode_attention` (a tree straddling a tile and a split boundary,
+a ragged batch, head dims 80 and 256, K/V as views of a larger cache) and
+:func:`specdec.fast.kernels.row_linear` (plain, norm + residual, SwiGLU, a fixed K split), then one
+decode step of a tiny model end to end. Prints one line per case; the sanitizer prints its summary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdec.fast.kernels import decode_attention, row_linear
+from specdec.fast.kernels.decode_attention import SPLIT_KEYS
+
+
+def tree_mask(parents):
+    m = len(parents)
+    mask = torch.zeros(m, m, dtype=torch.bool)
+    for i in range(m):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parents[j]
+    return mask
+
+
+def main() -> None:
+    dev = "cuda"
+    g = torch.Generator().manual_seed(0)
+    for hq, hkv, d, dtype in ((8, 2, 80, torch.bfloat16), (4, 4, 256, torch.float16), (6, 2, 64, torch.float32)):
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, 21)]
+        m = len(parents)
+        mask = torch.stack([tree_mask(parents)] * 2).to(dev)
+        cap = SPLIT_KEYS + 96
+        k = torch.randn(2, hkv, cap + 7, d + 16, generator=g).to(dtype).to(dev)[:, :, :cap, :d]   # strided views
+        v = torch.randn(2, hkv, cap + 7, d + 16, generator=g).to(dtype).to(dev)[:, :, :cap, :d]
+        q = torch.randn(2, hq, m, d, generator=g).to(dtype).to(dev)
+        plen = torch.tensor([SPLIT_KEYS - 5, 40], dtype=torch.int32, device=dev)
+        out = decode_attention(q, k, v, plen, mask)
+        torch.cuda.synchronize()
+        print(f"decode_attention hq={hq} hkv={hkv} d={d} {dtype}: finite={bool(torch.isfinite(out).all())}")
+    for n, k_, kw in ((96, 80, {}), (200, 64, {"norm": True, "resid": True}), (2 * 96, 128, {"silu": True})):
+        x = torch.randn(37, k_, generator=g).to(torch.bfloat16).to(dev)
+        w = (torch.randn(n, k_, generator=g) * 0.1).to(torch.bfloat16).to(dev)
+        args = {}
+        if kw.get("norm"):
+            args.update(norm_weight=torch.ones(k_, dtype=torch.bfloat16, device=dev), eps=1e-6)
+        if kw.get("resid"):
+            args.update(residual=torch.randn(37, n, generator=g).to(torch.bfloat16).to(dev))
+        if kw.get("silu"):
+            args.update(silu=True)
+        for cfg in (None, (16, 32, 32, 4, 2, 2)):
+            y = row_linear(x, w, config=cfg, **args)
+            torch.cuda.synchronize()
+            print(f"row_linear n={n} k={k_} {kw} config={cfg}: finite={bool(torch.isfinite(y).all())}")
+    # one tiny model: prefill, a 5-node tree verification, a one-token step
+    from specdec.fast.model import as_fast_model, prefill, step_forward
+    from specdec.shared.weights import model_from_hf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    fm = as_fast_model(model_from_hf(hf, dtype=torch.bfloat16, device=dev))
+    fm.use_graphs = False
+    cache = fm.ensure_cache(1, 200)
+    prefill(fm, cache, torch.randint(0, 256, (1, 70), device=dev))
+    mask = tree_mask([-1, 0, 0, 1, 2]).to(dev)[None]
+    pos = cache.length + mask.sum(-1) - 1
+    logits = step_forward(fm, cache, torch.randint(0, 256, (1, 5), device=dev), pos, mask, cache.length_t)
+    torch.cuda.synchronize()
+    print(f"step_forward tree of 5: finite={bool(torch.isfinite(logits).all())}")
+
+
+if __name__ == "__main__":
+    main()
