@@ -355,11 +355,12 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
     cos, sin = _cos_sin(fm, positions)
     rows = prefix_len.to(torch.int32)[:, None] + torch.arange(m, dtype=torch.int32, device=tokens.device)[None, :]  # [B, M]
     x = F.embedding(tokens, w["embed"])  # [B, M, H] the residual stream
+    ancestors = kern.ancestor_table(tree_mask)   # once per step: every layer's attention reads it
     for i in range(c.num_layers):
         p = f"layers.{i}."
         qkv = kern.row_linear(x, w[p + "wqkv"], w.get(p + "bqkv"), norm_weight=w[p + "attn_norm"], eps=eps)
         q = kern.rope_qkv_write(qkv, cos, sin, cache.k[i], cache.v[i], rows, check_rows=False)
-        attn = kern.decode_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask)
+        attn = kern.decode_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask, ancestors=ancestors)
         x = kern.row_linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"), residual=x)
         act = kern.row_linear(x, w[p + "w13"], norm_weight=w[p + "mlp_norm"], eps=eps, silu=True)
         x = kern.row_linear(act, w[p + "w2"], residual=x)

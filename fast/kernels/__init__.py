@@ -39,7 +39,7 @@ from .gemv import gemv, gemv_qkv_rope, gemv_qkv_rope_ref, gemv_ref, gemv_silu, g
 from .kv_compact import compact_kv, compact_kv_ref
 from .round_pack import round_pack, round_pack_ref
 from .tree_attention import tree_attention
-from .decode_attention import decode_attention
+from .decode_attention import ancestor_table, decode_attention
 from .rowgemm import row_linear
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "interpreter_active",
     "tree_attention",
     "decode_attention",
+    "ancestor_table",
     "row_linear",
     "glide_self_attention",
     "glide_self_attention_ref",

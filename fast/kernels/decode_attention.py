@@ -25,9 +25,10 @@ How (one launch plus the merge of :mod:`.tree_attention`):
   in lane ``t % BLOCK_N`` (lane placement changes tensor-core rounding), and a lane the row may not
   see holds an exact zero key and value with score -inf -- the same lanes in a decode step and in a
   verification.
-* **Splits by absolute position.** Split s covers positions ``[s S, (s + 1) S)`` with a FIXED split
-  size ``S`` (:data:`SPLIT_KEYS`), never chosen from M, the batch or the prompt length; a row's
-  partials are merged in split order (an empty split is an exact no-op in the merge).
+* **Splits by absolute position.** Split s covers a FIXED range of positions (:data:`SPLIT_TIERS`:
+  256 keys each below position 4096, 1024 below 32768, 4096 beyond), never chosen from M, the batch
+  or the prompt length; a row's partials are merged in split order (an empty split is an exact
+  no-op in the merge).
 * **One arithmetic per tile.** A tile wholly below ``prefix_len`` is shared by all rows of the
   program (one ``q @ K^T`` for the packed ``BLOCK_M`` rows); a tile that reaches the tree is built
   per node (a loop over the program's nodes, each with its own gathered K and V, the rows of other
@@ -52,14 +53,57 @@ import triton.language as tl
 from ._common import check_device, check_int_tensor, check_tensor, graph_capturing, interpreter_active, next_pow2
 from .tree_attention import LOG2E, _merge_kernel
 
-__all__ = ["decode_attention", "ancestor_table", "SPLIT_KEYS", "MAX_HEAD_DIM", "decode_attention_config"]
+__all__ = ["decode_attention", "ancestor_table", "SPLIT_KEYS", "SPLIT_TIERS", "MAX_HEAD_DIM", "decode_attention_config",
+           "split_bounds", "num_splits_for"]
 
-SPLIT_KEYS = 1024
-"""Key positions per split (a multiple of every BLOCK_N used here). Fixed: a row's partial boundaries
-must not depend on anything but its position."""
+SPLIT_TIERS = ((4096, 256), (32768, 1024), (None, 4096))
+"""The fixed partition of key positions into splits: 256-key splits below position 4096, 1024-key splits
+below 32768, 4096-key splits beyond (every size a multiple of every BLOCK_N used here). A row's
+partial boundaries depend on nothing but positions; short contexts still get several splits (a
+one-token step fills the GPU), long ones not too many (a verification's partials stay small)."""
+SPLIT_KEYS = SPLIT_TIERS[0][1]
+"""The smallest split (tests place trees across its boundary)."""
+
+
+def split_bounds(s: int) -> tuple[int, int]:
+    """Key positions ``[lo, hi)`` of split ``s`` (host mirror of the kernel's ``_split_range``)."""
+    lo = 0
+    for end, size in SPLIT_TIERS:
+        count = None if end is None else (end - lo) // size
+        if count is None or s < count:
+            return lo + s * size, lo + (s + 1) * size
+        s -= count
+        lo = end
+    raise AssertionError("unreachable")
+
+
+def num_splits_for(positions: int) -> int:
+    """Splits covering key positions ``[0, positions)``."""
+    s, lo = 0, 0
+    for end, size in SPLIT_TIERS:
+        if end is None or positions <= end:
+            return s + triton.cdiv(max(positions - lo, 0), size)
+        s += (end - lo) // size
+        lo = end
+    raise AssertionError("unreachable")
 
 MAX_HEAD_DIM = 256
 """Head dims: any multiple of 16 up to this (the tile is padded to the next power of two)."""
+
+
+@triton.jit
+def _split_range(s):
+    """``(lo, hi)`` key positions of split s: the partition :data:`SPLIT_TIERS` (constants inlined)."""
+    if s < 16:                      # [0, 4096) in 256-key splits
+        lo = s * 256
+        hi = lo + 256
+    elif s < 44:                    # [4096, 32768) in 1024-key splits
+        lo = 4096 + (s - 16) * 1024
+        hi = lo + 1024
+    else:                           # [32768, ...) in 4096-key splits
+        lo = 32768 + (s - 44) * 4096
+        hi = lo + 4096
+    return lo, hi
 
 
 @triton.jit
@@ -113,12 +157,12 @@ def _decode_attention_kernel(
     stride_pz, stride_pp, stride_pr,
     stride_lz, stride_lp,
     qk_scale, H_KV, M, NUM_SPLITS,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)   # a block of packed rows (row = node * GROUP + g)
-    pid_s = tl.program_id(1)   # split s: key positions [s * SPLIT, (s + 1) * SPLIT)
+    pid_s = tl.program_id(1)   # split s: key positions _split_range(s)
     pid_z = tl.program_id(2)   # b * H_KV + kv head
     b = pid_z // H_KV
     hkv = pid_z % H_KV
@@ -152,8 +196,8 @@ def _decode_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    s_lo = pid_s * SPLIT
-    s_hi = tl.minimum(s_lo + SPLIT, hi + 1)
+    s_lo, s_end = _split_range(pid_s)
+    s_hi = tl.minimum(s_end, hi + 1)
     for n0 in range(s_lo, s_hi, BLOCK_N):
         offs_n = n0 + arange_n
         if n0 + BLOCK_N <= L:
@@ -238,6 +282,7 @@ def decode_attention(
     sm_scale: float | None = None,
     *,
     config: dict | None = None,
+    ancestors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Masked tree attention with position-aligned, row-invariant arithmetic (module docstring).
 
@@ -249,6 +294,8 @@ def decode_attention(
         sm_scale: softmax scale, default 1/sqrt(D).
         config: tile override (block_m, block_n, num_warps, num_stages) -- for tests and sweeps;
             block_n must divide :data:`SPLIT_KEYS`. Changing block_n changes the lanes, hence the bits.
+        ancestors: ``ancestor_table(tree_mask)`` when the caller has it already (one per step, shared by
+            every layer); not checked against the mask.
 
     Returns [B, Hq, M, D] in q's dtype (a view of [B, M, Hq, D] memory). Under CUDA graph capture the
     range of ``prefix_len`` is not checked and the split count is sized for ``N``.
@@ -293,8 +340,8 @@ def decode_attention(
     if SPLIT_KEYS % cfg["block_n"]:
         raise ValueError(f"block_n={cfg['block_n']} must divide SPLIT_KEYS={SPLIT_KEYS}")
     block_d = next_pow2(d)
-    num_splits = triton.cdiv(hi + 1, SPLIT_KEYS)
-    anc, depth = ancestor_table(tree_mask)
+    num_splits = num_splits_for(hi + 1)
+    anc, depth = ancestor_table(tree_mask) if ancestors is None else ancestors
     o_part = torch.empty((b * hkv, num_splits, rows, d), device=q.device, dtype=torch.float32)
     l_part = torch.empty((b * hkv, num_splits, rows), device=q.device, dtype=torch.float32)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
@@ -306,7 +353,7 @@ def decode_attention(
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         l_part.stride(0), l_part.stride(1),
         scale * LOG2E, hkv, m, num_splits,
-        GROUP=group, HEAD_DIM=d, SPLIT=SPLIT_KEYS,
+        GROUP=group, HEAD_DIM=d,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
         IS_FP32=q.dtype == torch.float32, UPCAST=q.dtype != torch.float32 and q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

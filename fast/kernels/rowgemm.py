@@ -47,7 +47,11 @@ of 128 per sequence). Rows are independent, so this bounds only the fp32 split-K
 
 @triton.jit
 def _norm_scale(X, offs_m, m_ok, stride_xm, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``rsqrt(mean(x^2) + eps)`` [BLOCK_M] of each row (fp32), in the kernel's fixed K order."""
+    """``rsqrt(mean(x^2) + eps)`` [BLOCK_M] of each row (fp32), in the kernel's fixed K order.
+
+    The final sum over the BLOCK_K columns is an IEEE fp32 dot with a ones tile (read back with an
+    exact max over identical columns), not ``tl.sum``: a register reduction's order follows the tile's
+    layout, which changes with BLOCK_M, and BLOCK_M follows the number of rows."""
     ssq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -55,7 +59,9 @@ def _norm_scale(X, offs_m, m_ok, stride_xm, K, eps, BLOCK_M: tl.constexpr, BLOCK
         xk = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
                      mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         ssq += xk * xk
-    return 1.0 / tl.sqrt(tl.sum(ssq, 1) / K + eps)
+    ones = tl.full([BLOCK_K, 16], 1.0, dtype=tl.float32)
+    total = tl.max(tl.dot(ssq, ones, input_precision="ieee"), 1)
+    return 1.0 / tl.sqrt(total / K + eps)
 
 
 @triton.jit
@@ -189,21 +195,29 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
     return buf
 
 
-def row_linear_config(n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
+def row_linear_config(n: int, k: int, dtype: torch.dtype, rows: int = 1) -> tuple[int, int, int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT)`` for a weight of N output rows
-    and K columns -- a function of the weight's shape and dtype only, NEVER of the number of rows
-    (that is what makes every row's arithmetic independent of M). ``SPLIT`` K splits are reduced in
-    a fixed order, so they too are part of the row's fixed arithmetic."""
+    and K columns. What a row's arithmetic depends on -- BLOCK_N, BLOCK_K, the K split and the
+    instruction type -- is a function of the weight's shape and dtype only, NEVER of the number of
+    rows; ``SPLIT`` K splits are reduced in a fixed order, so they too are part of that fixed
+    arithmetic. Only BLOCK_M (how many rows share one MMA, which never mixes rows) follows ``rows``
+    so that a verification reads each weight tile once (bitwise-checked at M = 1..128 on the GPU:
+    ``tests/fast/test_decode_phase.py``, ``tests/fast/test_rowgemm.py``).
+
+    The split-K choice is the session-8 sweep's (BENCHMARKS "a row-invariant GEMM"): short weights
+    (N < 8192) in 64 x 64 tiles with enough K splits to give ~512 programs at one row, tall ones
+    (w13, lm_head) in 32 x 128 tiles without a split."""
     if interpreter_active():   # programs run one by one: few, big tiles (still fixed per shape)
         return 16, min(64, max(16, next_pow2(n))), 32, 4, 1, 2   # two K splits: CI checks the split path
-    bm = 16
-    if k >= 8192:
-        bn, bk, warps, stages = 32, 256, 4, 4
+    bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    if n >= 8192:
+        bn, bk, split = 32, 128, 1
     else:
-        bn, bk, warps, stages = 32, 128, 4, 4
+        bn, bk = 64, 64
+        split = max(1, min(8, 512 // triton.cdiv(n, bn), triton.cdiv(k, 2 * bk)))
     if dtype == torch.float32:
         bk = min(bk, 64)
-    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), warps, stages, 1
+    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), 4, 4, split
 
 
 def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -226,7 +240,7 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         x, w, bias, silu, norm_weight, eps, residual, max_rows=MAX_ROWS, who="row_linear (a decode-phase pass, MAX_ROWS)")
     if rows == 0:
         return out
-    cfg = tuple(config) if config is not None else row_linear_config(n, k, x.dtype)
+    cfg = tuple(config) if config is not None else row_linear_config(n, k, x.dtype, rows)
     bm, bn, bk, warps, stages = cfg[:5]
     split = cfg[5] if len(cfg) > 5 else 1
     # K splits of a whole number of K tiles each; fewer splits if K is short (still fixed per shape)

@@ -13,7 +13,7 @@ import torch
 import specdec  # noqa: F401  -- picks the Triton interpreter on CPU first
 from specdec.fast.kernels import decode_attention
 from specdec.fast.kernels._common import masked_attention_ref
-from specdec.fast.kernels.decode_attention import MAX_HEAD_DIM, SPLIT_KEYS, ancestor_table
+from specdec.fast.kernels.decode_attention import MAX_HEAD_DIM, SPLIT_KEYS, ancestor_table, num_splits_for, split_bounds
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -114,10 +114,12 @@ def test_row_does_not_depend_on_batch_mates_or_m():
     assert torch.equal(first3, out[:, :, :3])
 
 
-def test_splits_by_absolute_position():
-    """A prefix longer than one split: the row of a long verification still equals its one-token step."""
+@pytest.mark.parametrize("L", [SPLIT_KEYS - 2, 4096 - 3])
+def test_splits_by_absolute_position(L):
+    """A prefix longer than one split: the row of a long verification still equals its one-token step
+    (trees straddling the first split boundary and the first tier boundary)."""
+    assert split_bounds(0) == (0, SPLIT_KEYS) and split_bounds(16) == (4096, 5120) and num_splits_for(4097) == 17
     parents = [[-1, 0, 1, 1, 3]]
-    L = SPLIT_KEYS - 2                  # the tree straddles the split boundary
     q, k, v, mask, plen = _case(1, 2, 1, 16, [L], parents, torch.float32, "cpu", seed=3)
     out = decode_attention(q, k, v, plen, mask)
     want = masked_attention_ref(q, k, v, _dense_mask(mask, plen, k.shape[2]))

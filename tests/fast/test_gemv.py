@@ -208,7 +208,7 @@ def test_gemv_qkv_rope_bad_inputs():
     with pytest.raises(ValueError, match=r"cos must have shape \[B, M, D\]"):
         K.gemv_qkv_rope(x, w, bq, cos[..., :32], sin, kc, vc, rows)
     with pytest.raises(ValueError, match="head dim"):
-        K.gemv_qkv_rope(x, w, bq, cos, sin, kc[..., :48], vc[..., :48], rows)
+        K.gemv_qkv_rope(x, w, bq, cos, sin, kc[..., :40], vc[..., :40], rows)   # not a multiple of 16
     with pytest.raises(ValueError, match="norm_weight must be"):
         K.gemv_qkv_rope(x, w, bq, cos, sin, kc, vc, rows, norm_weight=nw[:5])
     with pytest.raises(ValueError, match="bqkv must be"):
