@@ -269,8 +269,9 @@ def decode_attention_config(rows: int, head_dim: int, dtype: torch.dtype) -> dic
         return dict(block_m=16, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(block_m=min(max(16, next_pow2(rows)), 32), block_n=32, num_warps=4, num_stages=2)
-    block_m = min(max(16, next_pow2(rows)), 64 if block_d > 128 else 128)
-    return dict(block_m=block_m, block_n=64, num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    # at most 64 rows: a tile that reaches the tree costs two dots per node of the program
+    block_m = min(max(16, next_pow2(rows)), 64)
+    return dict(block_m=block_m, block_n=64, num_warps=4, num_stages=2)
 
 
 def decode_attention(

@@ -16,7 +16,8 @@ a weight tile run together and read it from L2 once it has been streamed from me
 * :func:`row_linear` ``(x [..., K], w [N, K], bias [N] | None) -> [..., N]`` -- ``F.linear``;
   fp32 accumulation, bias added in fp32, one rounding to x's dtype. With ``norm_weight`` (+ ``eps``)
   the product runs on ``rms_norm_ref(x, norm_weight, eps)``, recomputed per tile from the row's
-  fp32 statistics (a first pass over the row) exactly as the eager two ops round it; with
+  fp32 statistics (``_row_rstd_kernel``: one program per row, once per call) exactly as the eager
+  two ops round it; with
   ``residual`` it returns ``residual + F.linear(...)`` (the product rounded first, the add in fp32
   rounded once, as the eager add). ``silu=True`` takes ``w13 [2F, K]`` and returns
   ``silu(gate) * up`` [..., F] with the eager ops' roundings.
@@ -46,22 +47,16 @@ of 128 per sequence). Rows are independent, so this bounds only the fp32 split-K
 
 
 @triton.jit
-def _norm_scale(X, offs_m, m_ok, stride_xm, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``rsqrt(mean(x^2) + eps)`` [BLOCK_M] of each row (fp32), in the kernel's fixed K order.
-
-    The final sum over the BLOCK_K columns is an IEEE fp32 dot with a ones tile (read back with an
-    exact max over identical columns), not ``tl.sum``: a register reduction's order follows the tile's
-    layout, which changes with BLOCK_M, and BLOCK_M follows the number of rows."""
-    ssq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+def _row_rstd_kernel(X, R, K, stride_xm, eps, BLOCK_K: tl.constexpr):
+    """``R[m] = rsqrt(mean(x[m]^2) + eps)`` in fp32, one program per row: the RMSNorm statistics of
+    the rows, computed ONCE per call (not per output tile) and in an order fixed by K alone."""
+    m = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
+    ssq = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = k0 + offs_k < K
-        xk = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        xk = tl.load(X + m * stride_xm + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
         ssq += xk * xk
-    ones = tl.full([BLOCK_K, 16], 1.0, dtype=tl.float32)
-    total = tl.max(tl.dot(ssq, ones, input_precision="ieee"), 1)
-    return 1.0 / tl.sqrt(total / K + eps)
+    tl.store(R + m, 1.0 / tl.sqrt(tl.sum(ssq, 0) / K + eps))
 
 
 @triton.jit
@@ -99,7 +94,7 @@ def _epilogue(y, u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stri
 
 @triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym", "stride_rm", "rows_pad"])
 def _row_linear_kernel(
-    X, W, Bias, Y, G, Res, WS, Count,
+    X, W, Bias, Y, G, Rstd, Res, WS, Count,
     M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps, rows_pad, n_pad, k_split,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
@@ -114,9 +109,8 @@ def _row_linear_kernel(
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
-    # -- the RMSNorm's per-row scale (a first pass over the rows: they are tiny next to the weight) --
-    if NORM:
-        rstd = _norm_scale(X, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K)
+    if NORM:   # the rows' RMSNorm scales, from _row_rstd_kernel
+        rstd = tl.load(Rstd + offs_m, mask=m_ok, other=0.0)
 
     # -- the weight stream over this split's K range [k_lo, k_hi), k in one fixed order -------------
     #    acc[m, n] += x[m, k-tile] @ w[n, k-tile]^T
@@ -253,9 +247,13 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         count = _counters(x.device, m_tiles * n_tiles)
     else:
         ws = count = y2
+    rstd = y2
+    if norm_weight is not None:   # the rows' RMSNorm scales, once per call (one program per row)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        _row_rstd_kernel[(rows,)](x2, rstd, k, x2.stride(0), float(eps), BLOCK_K=min(4096, next_pow2(k)), num_warps=4)
     _row_linear_kernel[(m_tiles, n_tiles, split)](
         x2, w, bias if bias is not None else w, y2,
-        norm_weight if norm_weight is not None else w, r2 if r2 is not None else y2, ws, count,
+        norm_weight if norm_weight is not None else w, rstd, r2 if r2 is not None else y2, ws, count,
         rows, n, k, x2.stride(0), w.stride(0), y2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps),
         rows_pad, n_pad, k_split,
         HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None, RESID=residual is not None,
