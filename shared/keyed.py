@@ -28,9 +28,11 @@ The decoders (``sampling="keyed"``, :class:`specdec.shared.sampling.SamplingPara
   sequence 0;
 * verification perturbs the target's row of node u with position ``L + depth(u) + 1`` and applies
   the greedy rule (:func:`specdec.shared.round.accept_draft`);
-* drafters that have logits of their own (draft model, MagicDec, the reference GLIDE) propose the
-  keyed choice of their own logits at the same positions, so they guess right whenever their
-  processed distribution ranks like the target's under the same noise.
+* drafters that have logits of their own (draft model, MagicDec, the GLIDE beam of both paths)
+  propose the keyed choice of their own logits at the same positions, so they guess right whenever
+  their processed distribution ranks like the target's under the same noise. A drafter running
+  inside a captured CUDA graph carries the key (:func:`sequence_key`) and the positions in device
+  tensors (:func:`keyed_noise`, :func:`keyed_logprobs`), so the graph serves every seed.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from dataclasses import replace
 
 from specdec.shared.sampling import SamplingParams, check_seed, process_logits, sample
 
-__all__ = ["check_seed", "gumbel_noise", "keyed_choice", "perturbed_logits", "perturbed_logprobs", "resolve_seed",
-           "resolve_sampling", "sample_next"]
+__all__ = ["check_seed", "gumbel_noise", "keyed_choice", "keyed_logprobs", "keyed_noise", "perturbed_logits",
+           "perturbed_logprobs", "resolve_seed", "resolve_sampling", "sample_next", "sequence_key"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -82,21 +84,43 @@ def _key32(seed: int, seq_id: int) -> int:
     return h
 
 
-def gumbel_noise(seed: int, seq_id: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Standard Gumbel noise ``[..., V]`` (float32) for the absolute ``positions`` [...] (int tensor)
-    of sequence ``seq_id`` under ``seed``, on ``positions``' device. A function of its arguments only."""
+def sequence_key(seed: int, seq_id: int) -> int:
+    """The 32-bit key of sequence ``seq_id`` under ``seed`` (validated): with a position and a token id it
+    is all :func:`keyed_noise` hashes. A device-side decoder may carry it in a tensor (:func:`keyed_noise`
+    accepts either), so a captured CUDA graph can be replayed for another seed."""
     seed = check_seed(seed)
     if isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 0:
         raise ValueError(f"seq_id must be an int >= 0, got {seq_id!r}")
+    return _key32(seed, seq_id)
+
+
+def keyed_noise(key: int | torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Standard Gumbel noise ``[..., V]`` (float32) for the absolute ``positions`` [...] (int tensor) of the
+    sequence whose :func:`sequence_key` is ``key`` -- a Python int, or a 0-d integer tensor on ``positions``'
+    device holding it (then nothing here reads a value on the host: graph-capturable). A function of its
+    arguments only; :func:`gumbel_noise` is ``keyed_noise(sequence_key(seed, seq_id), positions, V)``."""
     if not isinstance(positions, torch.Tensor) or positions.is_floating_point():
         raise TypeError("positions must be an integer tensor")
+    if isinstance(key, torch.Tensor):
+        if key.dim() != 0 or key.is_floating_point() or key.dtype == torch.bool or key.device != positions.device:
+            raise TypeError(f"key must be an int or a 0-d integer tensor on {positions.device}, got {key.dtype} "
+                            f"{tuple(key.shape)} on {key.device}")
+        key = key.long() & _MASK32
+    elif isinstance(key, bool) or not isinstance(key, int) or not 0 <= key <= _MASK32:
+        raise TypeError(f"key must be an int in [0, 2**32) (sequence_key) or a 0-d integer tensor, got {key!r}")
     dev = positions.device
-    base = _key32(seed, seq_id)
-    pos = _hash32(positions.long() ^ base)                                  # [...]
+    pos = _hash32(positions.long() ^ key)                                   # [...]
     tok = torch.arange(vocab_size, device=dev, dtype=torch.int64)          # [V]
-    h = _hash32(_hash32(tok ^ pos[..., None]) ^ (base ^ 0x9E3779B9))        # [..., V]
+    h = _hash32(_hash32(tok ^ pos[..., None]) ^ (key ^ 0x9E3779B9))         # [..., V]
     u = (h.double() + 0.5) / 2.0**32                                       # (0, 1), never 0 or 1
     return (-torch.log(-torch.log(u))).float()
+
+
+def gumbel_noise(seed: int, seq_id: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Standard Gumbel noise ``[..., V]`` (float32) for the absolute ``positions`` [...] (int tensor)
+    of sequence ``seq_id`` under ``seed``, on ``positions``' device. A function of its arguments only."""
+    key = sequence_key(seed, seq_id)
+    return keyed_noise(key, positions, vocab_size)
 
 
 def perturbed_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int, seq_id: int,
@@ -123,10 +147,18 @@ def perturbed_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top
     """``log_softmax(process_logits(logits)) + g`` [..., V] (fp32): a drafter's processed log-probabilities
     plus the keyed noise of ``positions`` [...]. Its argmax is :func:`keyed_choice` (up to fp32 round-off of
     the shift); a beam ranked by cumulative sums of it is the GLIDE keyed beam (ref/glide.py)."""
+    return keyed_logprobs(logits, temperature, top_k, top_p, sequence_key(seed, seq_id), positions)
+
+
+def keyed_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, key: int | torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+    """:func:`perturbed_logprobs` with the sequence's :func:`sequence_key` given instead of (seed, seq_id):
+    an int, or a 0-d integer tensor on the logits' device (graph-capturable: no host reads, see
+    :func:`keyed_noise`). The same arithmetic, so the same bits."""
     if temperature <= 0:
         raise ValueError(f"keyed sampling needs temperature > 0 (temperature 0 is greedy), got {temperature}")
     logp = torch.log_softmax(process_logits(logits.float(), temperature, top_k, top_p), dim=-1)
-    return logp + gumbel_noise(seed, seq_id, positions.to(logits.device), logits.shape[-1])
+    return logp + keyed_noise(key, positions.to(logits.device), logits.shape[-1])
 
 
 def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:

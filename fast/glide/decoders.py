@@ -92,9 +92,10 @@ def tree_spec_generate(
     ``"auto"``: :func:`resolve_tree_shape`, with this path's round costs; the result's ``tree_shape`` says
     which shape ran).
 
-    ``sampling="keyed"``: the output is exactly vanilla keyed sampling's (keyed verification), but the
-    fast drafter's beam is NOT yet ranked by the keyed noise (the reference's is), so its drafts --
-    and acceptance -- differ from the reference's in that mode."""
+    ``sampling="keyed"``: the output is exactly vanilla keyed sampling's (keyed verification), and the beam
+    is ranked by the draft's processed log-probs plus the same keyed noise as the reference's
+    (:meth:`FastGlideDrafter._scores`, on the device: the key and positions travel in the round's pack, so
+    the captured round graphs serve every seed) -- in fp32 the same trees and acceptance as the reference."""
     shape = resolve_tree_shape(target, glide, tree_shape)
     size = tree_shape_num_nodes(shape)
     check_drafts_fit(f"the number of draft nodes of tree_shape {list(shape)}", size - 1)
@@ -124,8 +125,8 @@ def spec_generate(
     seed: int | None = None,
 ) -> GenerationResult:
     """Same contract as :func:`specdec.ref.spec_generate` (``gamma`` <= 127 on the fast path; ``"auto"``:
-    :func:`resolve_gamma`); keyed sampling as in :func:`tree_spec_generate` (exact output, drafts not yet
-    coupled to the noise)."""
+    :func:`resolve_gamma`); keyed sampling as in :func:`tree_spec_generate` (each draft the draft's keyed
+    choice, as on the reference)."""
     gamma = resolve_gamma(target, glide, gamma)
     check_drafts_fit("gamma", gamma)
     fm = as_fast_model(target)

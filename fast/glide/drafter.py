@@ -22,7 +22,9 @@ from specdec.fast.glide.weights import FastGlide
 from specdec.fast.graphs import capture
 from specdec.fast.model import FastModel, _kernels
 from specdec.shared.glide import GlideConfig
+from specdec.shared.keyed import keyed_logprobs, sequence_key
 from specdec.shared.round import Draft, RoundState, max_drafts
+from specdec.shared.sampling import SamplingParams
 from specdec.shared.tree import validate_tree_shape
 
 __all__ = ["FastGlideDrafter"]
@@ -77,9 +79,32 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         self._ahead_buf: CapturedRound | None = None  # the device-driven round of this call (graph or eager buffers)
         self._seq_ready = False  # seq holds this call's tokens
 
-    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _scores(self, hidden: torch.Tensor, keyed: tuple[float, int, float] | None, u: dict[str, torch.Tensor],
+                level: int) -> torch.Tensor:
+        """What the beam ranks for the children of the nodes whose draft hidden states are ``hidden`` [n, H]:
+        [n, V] fp32 -- must match :meth:`specdec.ref.glide.GlideDrafter._scores`.
+
+        * ``keyed`` None: the draft's log-probabilities, ``log_softmax(hidden @ lm_head^T)`` (no final norm).
+        * ``keyed = (temperature, top_k, top_p)``: the processed log-probabilities plus the keyed Gumbel noise
+          of the children's absolute position (:func:`specdec.shared.keyed.keyed_logprobs`): the root's
+          children (``level`` 0) at L + 1, the children of level ``level - 1``'s nodes at L + level + 1 --
+          ``u["level_pos"][level]``. The position and the sequence key (``u["noise_key"]``, sequence 0) are
+          read from the round's device pack, never on the host: the same captured graph serves every
+          round and every seed.
+        """
         logits = F.linear(hidden.to(self.target.dtype), self.target.w["lm_head"])  # no final norm
-        return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        if keyed is None:
+            return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        temperature, top_k, top_p = keyed
+        key = u["noise_key"][0]  # int32 on the device: the 32-bit key's bits (keyed_noise masks them)
+        positions = u["level_pos"][level : level + 1].expand(logits.shape[0])
+        return keyed_logprobs(logits, temperature, top_k, top_p, key, positions)
+
+    @staticmethod
+    def _keyed(params: SamplingParams) -> tuple[float, int, float] | None:
+        """The sampling constants a keyed round is built with (a graph bakes them in: part of its
+        :class:`~specdec.fast.glide.state.GraphKey`), or None when the beam ranks plain log-probabilities."""
+        return (params.temperature, params.top_k, params.top_p) if params.keyed else None
 
     def _catch_up_prefix(self, tokens: list[int], stop_at: int, target_k, target_v) -> None:
         """Run positions [processed, stop_at) through the layer in window-sized chunks (the prompt)."""
@@ -105,12 +130,14 @@ class FastGlideDrafter(FastDrafter, RunAhead):
             self._sync_seq(state)
 
     def _pack(self, tokens: list[int], L: int, k: int, shape: tuple[int, ...], scratch: bool = False,
-              depth_limit: int | None = None):
+              depth_limit: int | None = None, params: SamplingParams | None = None):
         """Every integer of one round, for ONE host-to-device copy: ``(flat list, layout)`` of :func:`pack_ints`.
 
         ``scratch=True`` builds a stand-in round whose catch-up rows lie past the prefix (rows the
         tree overwrites every round), for capturing graphs of other catch-up lengths harmlessly.
         ``depth_limit`` (default: every level) is the deepest level a fused round may accept.
+        Keyed ``params`` (seed resolved) add ``noise_key``: the 32-bit key of sequence 0
+        (:func:`specdec.shared.keyed.sequence_key`) as an int32's bits, which :meth:`_scores` reads.
         """
         window, base = self.glide.window, self.cache.base
         n = L + 1 - base  # prefix rows in the sliding cache after the catch-up (root included)
@@ -126,7 +153,11 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         # catch-up ends at row n - 1, position L, so these are its own values (a scratch one must not go past them)
         segments.update(self_hi=[n], cross_hi=[L])
         max_depth = [levels if depth_limit is None else depth_limit]
-        return pack_ints(dict(segments, level_lo=level_lo, level_pos=level_pos, tree_rows=tree_rows, max_depth=max_depth))
+        segments = dict(segments, level_lo=level_lo, level_pos=level_pos, tree_rows=tree_rows, max_depth=max_depth)
+        if params is not None and params.keyed:
+            key = sequence_key(params.seed, 0)
+            segments["noise_key"] = [key - (1 << 32) if key >= 1 << 31 else key]  # the same 32 bits as an int32
+        return pack_ints(segments)
 
     def _round_body(self, buf: RoundBuffers, shape: tuple[int, ...]) -> None:
         """Catch-up of the last ``k`` tokens + the beam levels of ``shape``; writes buf.out_* (graph-capturable)."""
@@ -136,7 +167,8 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         # 1. Catch up: the last k emitted tokens, root last; query at position t sees target rows < t.
         h = glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], tk, tv,
                         catch_up_glide_bounds(u, span))
-        logprobs = self._logprobs(h[0, -1:])  # [1, V] after the root
+        # the beam's scores for the root's children [1, V] (none without a level: the last round)
+        logprobs = self._scores(h[0, -1:], buf.keyed, u, 0) if shape else None
         # The tree buffers (global node ids, root = 0): every level's kernel writes its nodes' tokens,
         # parents and ancestor-or-self rows in place (the root's entries with the first level).
         m = 1 + sum(shape)
@@ -166,7 +198,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
             h = glide_layer(self.target, self.glide, cache, out_tokens[first : first + n][None],
                             u["level_pos"][level : level + 1].expand(n), u["tree_rows"][lo : lo + n][None], tk, tv, bounds,
                             tree_mask=full[first : first + n, 1 : first + n][None])
-            logprobs = self._logprobs(h[0])
+            logprobs = self._scores(h[0], buf.keyed, u, level + 1)  # the next level's children: L + level + 2
             prev_first, prev_n, first = first, n, first + n
         buf.out_tokens, buf.out_parents, buf.out_anc = out_tokens, out_parents, full
 
@@ -175,7 +207,8 @@ class FastGlideDrafter(FastDrafter, RunAhead):
 
         Returns ``(k, shape, pack, layout, target_k, target_v, key)``: the catch-up length, the tree
         shape of this round (default: :meth:`_shape`), the packed integers, and the
-        :class:`~specdec.fast.glide.state.GraphKey` (target cache allocation, RoPE table, ``k``, shape).
+        :class:`~specdec.fast.glide.state.GraphKey` (target cache allocation, RoPE table, ``k``, shape,
+        and the keyed sampling constants when the beam is keyed).
         """
         cache = self.cache
         L = state.target_cache.length
@@ -186,12 +219,12 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
         self._catch_up_prefix(state.tokens, L + 1 - k, target_k, target_v)
         cache.make_room(k)
-        pack, layout = self._pack(state.tokens, L, k, shape, depth_limit=depth_limit)
+        pack, layout = self._pack(state.tokens, L, k, shape, depth_limit=depth_limit, params=state.params)
         cache.n = L + 1 - cache.base
         self.processed = L + 1
         # one set of graphs per (target cache allocation, RoPE table): the graphs read both by address
         table = self.target.rope_table[0].data_ptr() if self.target.rope_table is not None else 0
-        key = GraphKey(target_k.data_ptr(), tuple(target_k.shape), table, k, shape)
+        key = GraphKey(target_k.data_ptr(), tuple(target_k.shape), table, k, shape, sampling=self._keyed(state.params))
         return k, shape, pack, layout, target_k, target_v, key
 
     def _levels_left(self, budget: int) -> int:
@@ -224,8 +257,8 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         for kk in range(1, len(self.tree_shape) + 2):
             kkey = key._replace(k=kk)
             if kkey not in self.graphs:
-                self.graphs[kkey] = self._capture(*self._pack(state.tokens, L, kk, shape, scratch=True), shape,
-                                                  target_k, target_v, pool, verify)
+                self.graphs[kkey] = self._capture(*self._pack(state.tokens, L, kk, shape, scratch=True, params=state.params),
+                                                  shape, target_k, target_v, pool, verify, keyed=key.sampling)
 
     def propose(self, state: RoundState) -> Draft:
         dev = self.glide.device
@@ -236,7 +269,8 @@ class FastGlideDrafter(FastDrafter, RunAhead):
                 self._capture_all(state, key, shape, target_k, target_v)
             buf = self._replay(self.graphs[key], pack)
         else:
-            buf = RoundBuffers(torch.tensor(pack, dtype=torch.int32, device=dev), layout, target_k, target_v, cross_span=L + 1)
+            buf = RoundBuffers(torch.tensor(pack, dtype=torch.int32, device=dev), layout, target_k, target_v, cross_span=L + 1,
+                               keyed=key.sampling)
             self._round_body(buf, shape)
         return Draft(buf.out_tokens, DeviceTree(buf.out_parents, self._depth_tensor(shape), buf.out_anc))
 
@@ -396,7 +430,8 @@ class FastGlideDrafter(FastDrafter, RunAhead):
                                                        verify.depth, buf.out_anc, valid, seq=verify.seq)
 
     def _capture(self, pack: list[int] | None, layout: dict | None, shape, target_k, target_v, pool=None,
-                 verify: Verify | None = None, ahead: bool = False) -> CapturedRound:
+                 verify: Verify | None = None, ahead: bool = False,
+                 keyed: tuple[float, int, float] | None = None) -> CapturedRound:
         """Capture :meth:`_body` for this catch-up length as a CUDA graph (static buffers).
 
         With ``verify`` the warm-up runs verify and compact too: the target rows and length they
@@ -412,7 +447,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
             body = lambda: self._ahead_body(buf, shape, verify)  # noqa: E731
         else:  # cross_span: the split count must hold for any length
             buf = RoundBuffers(torch.tensor(pack, dtype=torch.int32, device=dev), layout, target_k, target_v,
-                               cross_span=target_k.shape[-2])
+                               cross_span=target_k.shape[-2], keyed=keyed)
             body = lambda: self._body(buf, shape, verify)  # noqa: E731
         restored = verify.target_cache.restored_tree_rows(1 + sum(shape)) if verify is not None else contextlib.nullcontext()
         with restored:

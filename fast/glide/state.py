@@ -3,7 +3,7 @@
 * :class:`RoundBuffers` -- the tensors one round reads and writes (static under graph capture);
 * :class:`Verify` -- what a fused round verifies its tree against (the target cache, ...);
 * :class:`GraphKey` -- names one captured round (target cache allocation, RoPE table, catch-up
-  length, shape, and for fused rounds the tensors they read by address);
+  length, shape, keyed sampling constants, and for fused rounds the tensors they read by address);
 * :class:`CapturedRound` -- a captured round (its graph, buffers and what it must keep alive), or
   the eager buffers of a device-driven round where there are no graphs;
 * :class:`GlideRuntime` -- what a :class:`~specdec.fast.glide.weights.FastGlide` keeps across
@@ -43,6 +43,9 @@ class RoundBuffers:
     """Bound on the cross-attention's key count, steering its split count (the capacity under capture)."""
     recipe: torch.Tensor | None = None
     """Device-driven rounds: the :func:`specdec.fast.kernels.round_pack` recipe [5, N] that fills :attr:`pack`."""
+    keyed: tuple[float, int, float] | None = None
+    """Keyed sampling's ``(temperature, top_k, top_p)``: the beam ranks processed draft log-probs plus the keyed
+    noise (the key and positions come from :attr:`pack`); None: plain draft log-probs."""
     out_tokens: torch.Tensor | None = None
     """Output: the drafted tree's tokens [M] (long, root first)."""
     out_parents: torch.Tensor | None = None
@@ -94,6 +97,9 @@ class GraphKey(NamedTuple):
     """Fused rounds: ``data_ptr()`` of the target cache's ``length_t``."""
     seq_ptr: int = 0
     """Fused rounds: ``data_ptr()`` of :attr:`GlideRuntime.seq`."""
+    sampling: tuple[float, int, float] | None = None
+    """Keyed rounds: ``(temperature, top_k, top_p)``, constants the graph's noise step bakes in (the seed is
+    not: it travels in the pack); None: the beam ranks plain draft log-probabilities."""
 
 
 @dataclass

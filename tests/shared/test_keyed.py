@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lossless import chi_square_test
-from specdec.shared.keyed import check_seed, gumbel_noise, keyed_choice, perturbed_logits
+from specdec.shared.keyed import (check_seed, gumbel_noise, keyed_choice, keyed_logprobs, keyed_noise, perturbed_logits,
+                                  perturbed_logprobs, sequence_key)
 from specdec.shared.sampling import logits_to_probs
 
 LOGITS = torch.tensor([1.2, 0.3, -0.5, 2.0, 0.0, -1.5])
@@ -28,6 +29,29 @@ def test_noise_is_a_function_of_the_key_only():
     assert not torch.equal(a[0], a[1])
     # 64-bit seeds use their high half too
     assert not torch.equal(gumbel_noise(3 + (1 << 40), 0, pos, 50), a)
+
+
+def test_a_key_in_a_device_tensor_gives_the_same_bits():
+    """What a captured graph does (fast GLIDE): the sequence key in a 0-d tensor -- int64, or an int32 holding
+    its 32 bits -- instead of (seed, seq_id) on the host; the noise and the perturbed log-probs are identical."""
+    pos = torch.tensor([11, 12, 13])
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    cases = ((3, 0), (2**62 + 12345, 0), (7, 5), (12345678901234, 0))
+    assert any(sequence_key(*c) >= 1 << 31 for c in cases)  # an int32 holding a negative value is exercised
+    for seed, seq_id in cases:
+        key = sequence_key(seed, seq_id)
+        want = gumbel_noise(seed, seq_id, pos, 40)
+        as_int32 = torch.tensor(key - (1 << 32) if key >= 1 << 31 else key, dtype=torch.int32)
+        for k in (key, torch.tensor(key), as_int32):
+            assert torch.equal(keyed_noise(k, pos, 40), want)
+            assert torch.equal(keyed_logprobs(logits, 0.8, 5, 0.9, k, pos), perturbed_logprobs(logits, 0.8, 5, 0.9, seed, seq_id, pos))
+    for bad in (-1, 1 << 32, 1.5, True, torch.tensor([1]), torch.tensor(1.0)):
+        with pytest.raises(TypeError, match="key"):
+            keyed_noise(bad, pos, 40)
+    with pytest.raises(ValueError, match="temperature"):
+        keyed_logprobs(logits, 0.0, 0, 1.0, 3, pos)
+    with pytest.raises(TypeError, match="seed"):
+        sequence_key("3", 0)
 
 
 def test_noise_is_standard_gumbel():
