@@ -117,6 +117,37 @@ def test_glide_keyed_drafts_follow_the_noise(models):
     assert [r.draft.tokens.tolist() for r in rounds] != [r.draft.tokens.tolist() for r in greedy_rounds[: len(rounds)]]
 
 
+def test_glide_keyed_beam_accepts_more_on_the_default_model(monkeypatch):
+    """On the embedded default model and its trained GLIDE draft, the beam ranked by the keyed noise gets
+    more drafts accepted than the same beam ranked by the draft's processed log-probs alone (the noise
+    dropped); the output is keyed vanilla's either way. (The fast drafter's trees equal these:
+    tests/fast/test_fast_keyed_sampling.py.)"""
+    import specdec.ref.glide as ref_glide
+    from specdec.shared.sampling import process_logits
+    from specdec.shared.tokenizer import load_tokenizer
+
+    target = ref.load_model("default")
+    glide = ref.load_glide("default-glide", target=target)
+    tok = load_tokenizer("default")
+    prompts = [tok(text).input_ids for text in ("def fibonacci(n):\n    ", "import os\n\ndef read_lines(path):\n")]
+
+    def tau(seeds=range(3)):
+        emitted = passes = 0
+        for prompt in prompts:
+            for seed in seeds:
+                kw = _kw(prompt, 1.0, 0, 1.0, seed, max_gen_len=32)
+                res = ref.tree_spec_generate(target, glide, **kw)
+                assert torch.equal(res.output_ids, ref.vanilla_generate(target, **kw).output_ids)
+                emitted, passes = emitted + res.output_ids.shape[1], passes + res.num
+        return emitted / passes
+
+    coupled = tau()
+    monkeypatch.setattr(ref_glide, "perturbed_logprobs",
+                        lambda logits, t, k, p, seed, seq_id, pos: torch.log_softmax(process_logits(logits.float(), t, k, p), dim=-1))
+    uncoupled = tau()
+    assert coupled > uncoupled + 0.2, (coupled, uncoupled)  # measured: 2.70 against 2.09
+
+
 def test_keyed_vanilla_reproducible_seeded_and_batch_independent(models):
     target, _, _ = models
     kw = _kw(PROMPTS[0], 1.0, 0, 1.0, 7, max_gen_len=12)
