@@ -19,6 +19,12 @@ used and rolled back properly, several EOS ids stop at the first one *by positio
 Differences from romsto worth knowing: ``use_cache`` and ``pad_token_id`` are accepted and
 ignored (the KV cache is always on; nothing is padded); ``max_gen_len`` counts new tokens; the
 acceptance rate is accepted drafts / drafted tokens over all rounds (0.0 when nothing was drafted).
+
+Additions, keywords after romsto's arguments, passed to the decoders unchanged (so bad values raise
+their errors): ``generator`` (a ``torch.Generator`` the sampling draws from), ``sampling`` and
+``seed`` as in :func:`specdec.ref.vanilla.vanilla_generate` -- ``sampling="keyed"`` with a ``seed``
+makes :func:`speculative_generate` emit exactly :func:`autoregressive_generate`'s tokens for the same
+seed and processor (position-keyed sampling, docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -140,12 +146,16 @@ def speculative_generate(
     skip_sample_adjustment: bool = False,
     first_target: bool = True,
     debug: bool = False,
+    generator: torch.Generator | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> tuple[list[int], float]:
     """Speculative decoding with romsto's signature. Returns (generated ids without the prompt, acceptance rate).
 
     ``skip_sample_adjustment=True`` is LOSSY (samples a rejected position from p instead of
     norm(max(p - q, 0))); ``debug=True`` prints every round's accepted drafts in green and
-    rejected drafts in red, decoded with ``tokenizer`` when given.
+    rejected drafts in red, decoded with ``tokenizer`` when given. ``generator``, ``sampling``,
+    ``seed``: see the module docstring.
     """
     target_m, drafter_m = _to_model(target), _to_model(drafter)
     params = _params(logits_processor)
@@ -166,8 +176,9 @@ def speculative_generate(
     check_positive_int("gamma", gamma)
     res = run_speculative(
         target_m, DraftModelDrafter(drafter_m, gamma), prompt, prompt.shape[-1], max_gen_len, _eos_list(eos_tokens_id),
-        params.temperature, params.top_k, params.top_p, None, method="speculative decoding",
+        params.temperature, params.top_k, params.top_p, generator, method="speculative decoding",
         first_target=first_target, skip_sample_adjustment=skip_sample_adjustment, on_round=on_round,
+        sampling=sampling, seed=seed,
     )
     rate = stats["accepted"] / stats["drafted"] if stats["drafted"] else 0.0
     return res.tolist(), rate
@@ -183,15 +194,19 @@ def autoregressive_generate(
     pad_token_id: int = 0,
     use_cache: bool = False,
     debug: bool = False,
+    generator: torch.Generator | None = None,
+    sampling: str = "rejection",
+    seed: int | None = None,
 ) -> list[int]:
-    """Plain decoding with romsto's signature; returns the generated ids (without the prompt)."""
+    """Plain decoding with romsto's signature; returns the generated ids (without the prompt).
+    ``generator``, ``sampling``, ``seed``: see the module docstring."""
     m = _to_model(model)
     params = _params(logits_processor)
     prompt = _inputs_tensor(inputs)
     if prompt.dim() == 2:
         check_batch_one(prompt, "autoregressive_generate")
     res = vanilla_generate(m, prompt, prompt.shape[-1], max_gen_len, _eos_list(eos_tokens_id),
-                           params.temperature, params.top_k, params.top_p, None)
+                           params.temperature, params.top_k, params.top_p, generator, sampling=sampling, seed=seed)
     out = res.tolist()
     if debug:
         print(f"generated {len(out)} tokens: {out}")

@@ -3,8 +3,11 @@
 LongSpec's ``LlamaGlide(config, target_model_path, glide_path)`` / ``Qwen2Glide`` keep its
 argument names, defaults (``eos_id=151645``, Qwen2's ``<|im_end|>``, for both classes) and return
 tuples. On a model whose vocabulary is smaller the *default* falls back to the model's own EOS ids
-(with a warning); an explicit ``eos_id`` outside the vocabulary is a ValueError. :class:`GlideModel`
-holds that surface once; :mod:`specdec.ref.longspec` and :mod:`specdec.fast.longspec` subclass it
+(with a warning); an explicit ``eos_id`` outside the vocabulary is a ValueError. Every method also
+takes the decoders' ``generator``, ``sampling`` and ``seed`` as keywords after LongSpec's own arguments
+(``sampling="keyed"`` with a ``seed``: exactly the tokens of ``vanilla_generate`` with the same seed and
+temperature, docs/design.md §8); they are passed through unchanged, so bad values raise the decoders'
+errors. :class:`GlideModel` holds that surface once; :mod:`specdec.ref.longspec` and :mod:`specdec.fast.longspec` subclass it
 with their own decoders (``backend``), so the shared ground never imports either path.
 """
 
@@ -101,25 +104,34 @@ class GlideModel:
                       stacklevel=3)
         return None
 
-    def tree_spec_generate(self, input_ids, prompt_length, tree_shape=None, max_gen_len=64, eos_id=LONGSPEC_EOS, temperature=0.0):
+    def tree_spec_generate(self, input_ids, prompt_length, tree_shape=None, max_gen_len=64, eos_id=LONGSPEC_EOS, temperature=0.0,
+                           generator=None, sampling="rejection", seed=None):
         """Beam-tree speculation; returns ``(output_ids, count, num, elapsed_time, spec_mask)``."""
         return self.backend.tree_spec_generate(self.target, self.glide, input_ids, prompt_length, tree_shape=tree_shape,
-                                  max_gen_len=max_gen_len, eos_id=self._eos(eos_id), temperature=temperature)
+                                               max_gen_len=max_gen_len, eos_id=self._eos(eos_id), temperature=temperature,
+                                               generator=generator, sampling=sampling, seed=seed)
 
-    def spec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=LONGSPEC_EOS, temperature=0.0):
+    def spec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=LONGSPEC_EOS, temperature=0.0,
+                      generator=None, sampling="rejection", seed=None):
         """Chain speculation with ``gamma`` drafts; returns ``(output_ids, count, num, elapsed_time, spec_mask)``."""
         return self.backend.spec_generate(self.target, self.glide, input_ids, prompt_length, gamma=gamma, max_gen_len=max_gen_len,
-                             eos_id=self._eos(eos_id), temperature=temperature)
+                                          eos_id=self._eos(eos_id), temperature=temperature, generator=generator,
+                                          sampling=sampling, seed=seed)
 
     def magicdec_generate(self, input_ids, prompt_length, gamma=4, max_gen_len=64, eos_id=LONGSPEC_EOS, temperature=0.0,
-                          sink_tokens=4, window=256):
+                          sink_tokens=4, window=256, generator=None, sampling="rejection", seed=None):
         """MagicDec self-speculation (LongSpec's ``--method magicdec``); same 5-tuple."""
-        return self.backend.magicdec_generate(self.target, input_ids, prompt_length, gamma=gamma, sink_tokens=sink_tokens, window=window,
-                                 max_gen_len=max_gen_len, eos_id=self._eos(eos_id), temperature=temperature)
+        return self.backend.magicdec_generate(self.target, input_ids, prompt_length, gamma=gamma, sink_tokens=sink_tokens,
+                                              window=window, max_gen_len=max_gen_len, eos_id=self._eos(eos_id),
+                                              temperature=temperature, generator=generator, sampling=sampling, seed=seed)
 
-    def vanilla_generate(self, input_ids, prompt_length, max_gen_len=64, eos_id=LONGSPEC_EOS):
-        """Greedy autoregressive baseline; returns ``(output_ids, num_tokens, elapsed_time)``."""
-        res = self.backend.vanilla_generate(self.target, input_ids, prompt_length, max_gen_len=max_gen_len, eos_id=self._eos(eos_id))
+    def vanilla_generate(self, input_ids, prompt_length, max_gen_len=64, eos_id=LONGSPEC_EOS, temperature=0.0,
+                         generator=None, sampling="rejection", seed=None):
+        """Autoregressive baseline (LongSpec's is greedy: ``temperature=0``, the default); returns
+        ``(output_ids, num_tokens, elapsed_time)``."""
+        res = self.backend.vanilla_generate(self.target, input_ids, prompt_length, max_gen_len=max_gen_len,
+                                            eos_id=self._eos(eos_id), temperature=temperature, generator=generator,
+                                            sampling=sampling, seed=seed)
         return res.output_ids, res.num_tokens, res.elapsed_time
 
     def __repr__(self) -> str:

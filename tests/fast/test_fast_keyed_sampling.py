@@ -211,3 +211,36 @@ def test_gpu_fast_glide_keyed_graphs_serve_every_seed():
     # graphs were captured for the keyed rounds (one per catch-up length), not once per seed
     keyed = [k for k in fglide.runtime.graphs if k.sampling is not None]
     assert 0 < len(keyed) <= len(shape) + 1, keyed
+
+
+def test_fast_longspec_classes_pass_sampling_and_seed(tmp_path):
+    """``fast.LlamaGlide``'s methods take ``sampling`` / ``seed`` / ``generator`` like the functions: with the
+    same seed they emit keyed vanilla's tokens (the reference's); bad values raise the decoders' errors."""
+    from helpers import make_tiny_model_dir
+
+    from specdec.shared.glide import save_glide
+
+    target_dir = make_tiny_model_dir(tmp_path, family="llama", vocab=VOCAB, layers=1, heads=2, kv_heads=1,
+                                     hidden=128, head_dim=64, seed=7)
+    glide_dir = save_glide(init_glide_weights(ref.load_model(target_dir).config, seed=8, std=0.3), tmp_path / "glide")
+    model = fast.LlamaGlide(None, target_dir, str(glide_dir))
+    ids = torch.tensor([PROMPT])
+    n = ids.shape[1]
+    for seed, temperature in ((0, 1.0), (1, 0.7)):
+        kw = dict(max_gen_len=5, eos_id=[], temperature=temperature, sampling="keyed", seed=seed)
+        want = ref.vanilla_generate(ref.load_model(target_dir), ids, n, **kw).output_ids
+        assert torch.equal(model.vanilla_generate(ids, n, **kw)[0], want)
+        assert torch.equal(model.tree_spec_generate(ids, n, tree_shape=[2, 2], **kw)[0], want), seed
+        assert torch.equal(model.spec_generate(ids, n, gamma=2, **kw)[0], want), seed
+        assert torch.equal(model.magicdec_generate(ids, n, gamma=2, sink_tokens=1, window=4, **kw)[0], want), seed
+    kw = dict(max_gen_len=5, eos_id=[], temperature=1.0, sampling="keyed")
+    assert torch.equal(model.spec_generate(ids, n, gamma=2, generator=torch.Generator().manual_seed(1), **kw)[0],
+                       model.spec_generate(ids, n, gamma=2, seed=1, **kw)[0])
+    for method in ("tree_spec_generate", "spec_generate", "magicdec_generate", "vanilla_generate"):
+        call = getattr(model, method)
+        with pytest.raises(TypeError, match="seed"):
+            call(ids, n, max_gen_len=2, eos_id=[], temperature=1.0, sampling="keyed", seed=2.5)
+        with pytest.raises(ValueError, match="seed"):
+            call(ids, n, max_gen_len=2, eos_id=[], temperature=1.0, sampling="keyed", seed=2**63)
+        with pytest.raises(ValueError, match="sampling"):
+            call(ids, n, max_gen_len=2, eos_id=[], temperature=1.0, sampling="bogus")

@@ -131,3 +131,44 @@ def test_fast_classes_same_eos_rules(tmp_path):
     with pytest.warns(UserWarning, match="eos_id=151645 is outside this model's vocabulary of 64 tokens"):
         out, n, _ = model.vanilla_generate(ids, 5, max_gen_len=2)
     assert n == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_keyed_sampling_through_the_classes(tiny_dirs, family):
+    """``sampling`` / ``seed`` / ``generator`` reach the decoders: with the same seed every method emits the
+    class's keyed vanilla tokens (= the function decoder's); a generator's initial seed is the key; bad
+    values raise the decoders' named errors."""
+    import specdec.ref as ref
+
+    _, dirs = tiny_dirs
+    cls = {"llama": LlamaGlide, "qwen2": Qwen2Glide}[family]
+    model = cls(None, *dirs[family])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 5, 6]])
+    methods = {"tree_spec_generate": dict(tree_shape=[2, 2]), "spec_generate": dict(gamma=3),
+               "magicdec_generate": dict(gamma=3, sink_tokens=1, window=4)}
+    outputs = set()
+    for seed, temperature in ((0, 1.0), (1, 0.7), (2, 1.0), (3, 0.7)):
+        kw = dict(max_gen_len=8, eos_id=[], temperature=temperature, sampling="keyed", seed=seed)
+        want, n, _ = model.vanilla_generate(ids, 9, **kw)
+        assert n == 8 and torch.equal(want, ref.vanilla_generate(model.target, ids, 9, **kw).output_ids)
+        for method, extra in methods.items():
+            out = getattr(model, method)(ids, 9, **extra, **kw)
+            assert len(out) == 5 and torch.equal(out[0], want), (method, seed)
+        outputs.add(tuple(want[0].tolist()))
+    assert len(outputs) > 1  # the seed matters
+    # a generator's initial seed is the key; in rejection mode a seed seeds the draws
+    kw = dict(max_gen_len=8, eos_id=[], temperature=1.0)
+    keyed = model.spec_generate(ids, 9, gamma=3, sampling="keyed", seed=5, **kw)[0]
+    assert torch.equal(model.spec_generate(ids, 9, gamma=3, sampling="keyed", generator=torch.Generator().manual_seed(5), **kw)[0], keyed)
+    assert torch.equal(model.tree_spec_generate(ids, 9, tree_shape=[2], seed=9, **kw)[0],
+                       model.tree_spec_generate(ids, 9, tree_shape=[2], generator=torch.Generator().manual_seed(9), **kw)[0])
+    for method in ("tree_spec_generate", "spec_generate", "magicdec_generate", "vanilla_generate"):
+        call = getattr(model, method)
+        with pytest.raises(TypeError, match="seed"):
+            call(ids, 9, max_gen_len=2, eos_id=[], temperature=1.0, sampling="keyed", seed="7")
+        with pytest.raises(ValueError, match="seed"):
+            call(ids, 9, max_gen_len=2, eos_id=[], temperature=1.0, sampling="keyed", seed=-1)
+        with pytest.raises(ValueError, match="sampling"):
+            call(ids, 9, max_gen_len=2, eos_id=[], temperature=1.0, sampling="gumbel")
+        with pytest.raises(TypeError, match="generator"):
+            call(ids, 9, max_gen_len=2, eos_id=[], temperature=1.0, generator=5)

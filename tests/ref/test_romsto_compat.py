@@ -179,3 +179,48 @@ def test_eos_tokens_id_outside_vocabulary(setup):
     target, drafter, _ = setup
     with pytest.raises(ValueError, match=r"eos_id must be in \[0, 256\)"):
         speculative_generate([1, 2, 3], drafter, target, max_gen_len=2, eos_tokens_id=[99999])
+
+
+def test_keyed_sampling_seed_and_generator(setup):
+    """``sampling`` / ``seed`` / ``generator`` reach the decoders: keyed speculative decoding emits exactly
+    keyed autoregressive decoding's tokens for the same seed and processor (first_target either way); a
+    generator's initial seed is the key; in rejection mode a generator (or a seed) makes a call
+    reproducible; bad values raise the decoders' named errors."""
+    from specdec.ref.romsto import MultinomialProcessor, NucleusProcessor, TopKNucleusProcessor, TopKProcessor
+
+    target, drafter, _ = setup
+    inputs = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
+    processors = [MultinomialProcessor(temperature=1.0), NucleusProcessor(temperature=0.7, top_p=0.9),
+                  TopKProcessor(temperature=1.0, top_k=8), TopKNucleusProcessor(temperature=0.8, top_k=20, top_p=0.95)]
+    rates = []
+    for seed in range(10):
+        proc = processors[seed % len(processors)]
+        kw = dict(max_gen_len=12, logits_processor=proc, eos_tokens_id=[], sampling="keyed", seed=seed)
+        want = autoregressive_generate(inputs, target, **kw)
+        p = proc.params
+        fn = vanilla_generate(romsto._to_model(target), torch.tensor([inputs]), len(inputs), 12, [], p.temperature, p.top_k,
+                              p.top_p, sampling="keyed", seed=seed)
+        assert want == fn.output_ids[0].tolist()
+        out, rate = speculative_generate(inputs, drafter, target, gamma=4, first_target=seed % 2 == 0, **kw)
+        assert out == want, seed
+        rates.append(rate)
+    assert any(r > 0 for r in rates)  # the drafter's keyed guesses do get accepted
+    # the generator's initial seed is the key (keyed); a seeded generator or a seed repeats a rejection-mode call
+    kw = dict(max_gen_len=12, logits_processor=MultinomialProcessor(temperature=1.0), eos_tokens_id=[])
+    assert speculative_generate(inputs, drafter, target, sampling="keyed", generator=torch.Generator().manual_seed(3), **kw)[0] \
+        == speculative_generate(inputs, drafter, target, sampling="keyed", seed=3, **kw)[0]
+    a = speculative_generate(inputs, drafter, target, generator=torch.Generator().manual_seed(4), **kw)
+    assert a == speculative_generate(inputs, drafter, target, generator=torch.Generator().manual_seed(4), **kw)
+    assert a == speculative_generate(inputs, drafter, target, seed=4, **kw)
+    assert autoregressive_generate(inputs, target, seed=4, **kw) == \
+        autoregressive_generate(inputs, target, generator=torch.Generator().manual_seed(4), **kw)
+    for call in (lambda **k: speculative_generate(inputs, drafter, target, **kw, **k),
+                 lambda **k: autoregressive_generate(inputs, target, **kw, **k)):
+        with pytest.raises(TypeError, match="seed"):
+            call(sampling="keyed", seed="1")
+        with pytest.raises(ValueError, match="seed"):
+            call(sampling="keyed", seed=-3)
+        with pytest.raises(ValueError, match="sampling"):
+            call(sampling="bogus")
+        with pytest.raises(TypeError, match="generator"):
+            call(generator="g")
