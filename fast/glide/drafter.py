@@ -44,6 +44,11 @@ class FastGlideDrafter(FastDrafter, RunAhead):
     eagerly. Only the first round's long catch-up (the prompt) runs outside it, in window-sized
     chunks.
 
+    Keyed sampling (``sampling="keyed"``): the beam ranks the draft's processed log-probabilities plus the
+    keyed Gumbel noise of each child's absolute position, exactly :class:`specdec.ref.glide.GlideDrafter`'s
+    ranking (:meth:`_scores`); the sequence key and the positions are read from the pack on the device,
+    so the graphs (keyed by the sampling constants, not the seed) serve every seed and every round.
+
     Greedy rounds go further (:meth:`fused_round`, used by
     :func:`specdec.fast.engine.run_speculative_fast`): the draft body, the target's verification of
     the tree and the device-side acceptance + KV compaction are ONE graph per ``k``, so a round is
