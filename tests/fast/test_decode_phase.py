@@ -129,3 +129,23 @@ def test_gpu_rows_alone_in_batch_of_8_and_any_m():
         prefill(fm, c1, prompts[3:4])
         got = step_forward(fm, c1, toks[3:4, :m], pos[3:4, :m], chain[None, :m, :m].contiguous(), c1.length_t)
         assert torch.equal(got[0], full[3, :m]), m
+
+
+@pytest.mark.parametrize("hidden,heads", [(96, 2), (320, 2)])   # head dims 48 and 160
+def test_head_dims_beyond_the_classic_four_match_ref(hidden, heads):
+    """Any head dim that is a multiple of 16 up to 256 runs on the fast path, token-identical to ref."""
+    import specdec.fast as fast
+    import specdec.ref as ref
+
+    m = tiny_model("llama", vocab=64, layers=1, hidden=hidden, heads=heads, kv_heads=1, seed=3, init_std=0.3, max_pos=256)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]])
+    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=6, eos_id=[])
+    want = ref.vanilla_generate(m, **kw).output_ids
+    assert torch.equal(fast.vanilla_generate(m, **kw).output_ids, want)
+    assert torch.equal(fast.pld_generate(m, num_pred_tokens=3, **kw).output_ids, want)
+
+
+def test_head_dim_outside_the_supported_set_is_one_clear_error():
+    m = tiny_model("llama", vocab=64, layers=1, hidden=80, heads=2, kv_heads=1, seed=3, max_pos=64)   # head dim 40
+    with pytest.raises(ValueError, match="multiples of 16 in \\[16, 256\\].*head_dim=40"):
+        as_fast_model(m)

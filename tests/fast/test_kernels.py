@@ -267,7 +267,7 @@ def test_pick_num_splits_rules(span, pps, block_m, block_n):
         (lambda q, k, v, mk: (q[0], k, v, 2, mk), ValueError, "q must have 4 dims"),
         (lambda q, k, v, mk: (q, k[:, :, :, :32], v, 2, mk), ValueError, "same shape"),
         (lambda q, k, v, mk: (q[:, :3], k, v, 2, mk), ValueError, "multiple of Hkv"),
-        (lambda q, k, v, mk: (q[..., :48], k[..., :48], v[..., :48], 2, mk), ValueError, "head dim D=48"),
+        (lambda q, k, v, mk: (q[..., :40], k[..., :40], v[..., :40], 2, mk), ValueError, "head dim D=40"),
         (lambda q, k, v, mk: (q, k, v, 2, mk[:, :2]), ValueError, "tree_mask must have shape"),
         (lambda q, k, v, mk: (q, k, v, 2, mk.float()), TypeError, "tree_mask must be a bool"),
         (lambda q, k, v, mk: (q, k, v, 8, mk), ValueError, r"prefix_len must be in \[0, N - M\] = \[0, 7\]"),
