@@ -40,9 +40,14 @@ Sampling (temperature > 0): the candidates are *deterministic* (argmax / beam of
 the engine applies the deterministic-candidate tree rule (try children in order, accept child c with
 probability p(c), else zero it and renormalise) -- exactly lossless; no draft ``q`` is needed.
 
+A batch (docs/design.md §11): every row has its own :class:`GlideDrafter` (its own window cache),
+drafts its tree from its own row of the target cache (a per-row loop), and the engine verifies
+all rows' trees in one target pass, each over its own prefix length.
+
 Keyed sampling (``sampling="keyed"``, temperature > 0): the beam is ranked by *perturbed* draft
 scores -- the draft's processed log-probabilities plus the keyed noise of the position each
-candidate token would take (:func:`specdec.shared.keyed.perturbed_logprobs`; the root's children
+candidate token would take, keyed by the row's sequence id
+(:func:`specdec.shared.keyed.perturbed_logprobs`; the root's children
 at L + 1, a depth-d node's children at L + d + 1) -- so a chain is the draft's keyed choice at
 every step, and the target accepts a draft iff it is its own keyed choice there: the output is
 exactly vanilla keyed sampling's.
@@ -292,7 +297,7 @@ class GlideDrafter:
         if not p.keyed:
             return torch.log_softmax(logits, dim=-1)
         pos = torch.full(logits.shape[:1], position, dtype=torch.long, device=logits.device)
-        return perturbed_logprobs(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos)
+        return perturbed_logprobs(logits, p.temperature, p.top_k, p.top_p, p.seed, state.seq_id, pos)
 
     def propose(self, state: RoundState) -> Draft:
         dev, window = self.glide.device, self.glide.window
@@ -427,8 +432,9 @@ def tree_spec_generate(
     Returns a :class:`GenerationResult` (unpacks as ``output_ids, count, num, elapsed_time, spec_mask``).
     """
     shape = resolve_tree_shape(target, glide, tree_shape)
-    drafter = GlideDrafter(target, glide, shape)
-    res = run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+    GlideDrafter(target, glide, shape)  # check the draft against the target before anything runs
+    # One drafter per row of the batch: each keeps its own window cache of draft K/V.
+    res = run_speculative(target, lambda: GlideDrafter(target, glide, shape), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                           generator, method="tree_spec_generate", on_round=on_round, sampling=sampling, seed=seed)
     res.tree_shape = shape
     return res
@@ -455,8 +461,8 @@ def spec_generate(
     chain length with the most expected tokens per second on this device (:func:`resolve_gamma`);
     verification, ``sampling`` and ``seed`` as in :func:`tree_spec_generate`."""
     gamma = resolve_gamma(target, glide, gamma)
-    drafter = GlideDrafter(target, glide, (1,) * gamma)
-    res = run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+    GlideDrafter(target, glide, (1,) * gamma)  # check the draft against the target before anything runs
+    res = run_speculative(target, lambda: GlideDrafter(target, glide, (1,) * gamma), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                           generator, method="spec_generate", on_round=on_round, sampling=sampling, seed=seed)
     res.tree_shape = (1,) * gamma
     return res

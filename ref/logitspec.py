@@ -56,7 +56,7 @@ def logitspec_generate(
     sampling: str = "rejection",
     seed: int | None = None,
 ) -> GenerationResult:
-    """LogitSpec decoding of ``input_ids[:, :prompt_length]`` (batch size 1), greedy or sampling (lossless).
+    """LogitSpec decoding of ``input_ids[:, :prompt_length]`` (a batch of prompts, :mod:`specdec.shared.batch`), greedy or sampling (lossless).
 
     Args:
         max_ngram_size: longest n-gram in the pool (>= 1).
@@ -66,6 +66,9 @@ def logitspec_generate(
     """
     check_ngram_args(max_ngram_size, num_pred_tokens)
     check_positive_int("draft_tree_capacity", draft_tree_capacity)
-    drafter = LogitSpecDrafter(max_ngram_size, num_pred_tokens, draft_tree_capacity)
-    return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                           generator, method="LogitSpec", first_target=first_target, sampling=sampling, seed=seed)
+    # One drafter (its own n-gram pool) per row; every row's trie is padded to draft_tree_capacity + 1
+    # nodes with masked dummy nodes, so each round verifies one fixed shape.
+    return run_speculative(target, lambda: LogitSpecDrafter(max_ngram_size, num_pred_tokens, draft_tree_capacity),
+                           input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p, generator,
+                           method="LogitSpec", first_target=first_target, sampling=sampling, seed=seed,
+                           tree_size=draft_tree_capacity + 1)

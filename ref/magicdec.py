@@ -26,6 +26,9 @@ choice there, so the output is exactly vanilla keyed sampling's.
 If ``sink_tokens + window >= L`` the compressed view is the whole cache, the draft equals the
 target and every draft is accepted (up to float round-off between one-token and many-token passes).
 
+A batch (docs/design.md §11): each row drafts over its OWN compressed view (its sinks and the last
+``window`` rows of its own length), one row at a time; the target verifies all rows at once.
+
 Defaults: ``gamma=4``, ``sink_tokens=4`` (StreamingLLM's 4 sinks), ``window=256`` recent positions --
 a 260-row budget, small next to the long contexts MagicDec targets, large enough that short
 prompts draft almost perfectly.
@@ -76,7 +79,7 @@ class MagicDecDrafter:
                 tokens.append(int(torch.argmax(logits)))
             elif p.keyed:  # the compressed view's own keyed choice for position L + i + 1
                 pos = torch.tensor(L + i + 1, device=dev)
-                tokens.append(int(keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos)))
+                tokens.append(int(keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, state.seq_id, pos)))
             else:
                 q = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
                 tokens.append(int(sample_from_probs(q, state.generator)))
@@ -110,6 +113,7 @@ def magicdec_generate(
     sampling with the compressed view's processed distribution ``q``). ``sampling="keyed"`` with a
     ``seed``: exactly :func:`specdec.ref.vanilla_generate`'s keyed tokens for that seed.
     """
-    drafter = MagicDecDrafter(gamma, sink_tokens, window)
-    return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+    MagicDecDrafter(gamma, sink_tokens, window)  # check the arguments before anything runs
+    # One drafter per row: each reads its own row's cache (sinks + window of that row's length).
+    return run_speculative(target, lambda: MagicDecDrafter(gamma, sink_tokens, window), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                            generator, method="magicdec_generate", on_round=on_round, sampling=sampling, seed=seed)

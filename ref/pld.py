@@ -41,13 +41,16 @@ def pld_generate(
     sampling: str = "rejection",
     seed: int | None = None,
 ) -> GenerationResult:
-    """Prompt lookup decoding of ``input_ids[:, :prompt_length]`` (batch size 1).
+    """Prompt lookup decoding of a batch of prompts (:mod:`specdec.shared.batch`; each row looks up
+    its own text).
 
     ``max_ngram_size`` (>= 1): longest suffix looked up; ``num_pred_tokens`` (>= 1): drafts per round
     at most. Other arguments as :func:`specdec.ref.vanilla.vanilla_generate`; greedy output is
     identical to it, sampling has the same distribution.
     """
     check_ngram_args(max_ngram_size, num_pred_tokens)
-    drafter = PromptLookupDrafter(max_ngram_size, num_pred_tokens)
-    return run_speculative(target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
-                           generator, method="prompt lookup decoding", sampling=sampling, seed=seed)
+    # One drafter (its own n-gram pool) per row; every row's chain is padded to num_pred_tokens + 1
+    # nodes with masked dummy nodes, so each round verifies one fixed shape.
+    return run_speculative(target, lambda: PromptLookupDrafter(max_ngram_size, num_pred_tokens), input_ids, prompt_length,
+                           max_gen_len, eos_id, temperature, top_k, top_p, generator, method="prompt lookup decoding",
+                           sampling=sampling, seed=seed, tree_size=num_pred_tokens + 1)

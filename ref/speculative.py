@@ -20,9 +20,13 @@ One round, read top to bottom:
    ``norm(max(p - q, 0))``; if all drafts pass, a bonus token comes from ``p``.
 
 ``sampling="keyed"`` (temperature > 0): step 2 proposes the keyed choice of the DRAFT's logits at
-each draft position (:func:`specdec.shared.keyed.keyed_choice`, the same noise the target's row for
+each draft position (keyed by the row's sequence id) (:func:`specdec.shared.keyed.keyed_choice`, the same noise the target's row for
 that position gets), no ``q``; step 3 accepts a draft iff it is the target's keyed choice there
 (:func:`specdec.shared.round.accept_draft`). The output is exactly vanilla keyed sampling's.
+
+A batch (docs/design.md §11): every row has its own drafter and draft-model cache (a per-row loop
+for steps 1-2); the target verifies all rows' chains in one pass and each row accepts its own
+number of drafts (:func:`specdec.ref.engine.run_speculative`).
 
 ``skip_sample_adjustment=True`` draws a rejected position from ``p`` instead of the residual
 ``norm(max(p - q, 0))``, as the romsto seed allows. **This is LOSSY**: tokens the draft likes
@@ -83,7 +87,7 @@ class DraftModelDrafter:
         for i in range(gamma):
             if p.keyed:  # the draft's own keyed choice at position L + 1 + i; no q needed
                 pos = torch.tensor(root_pos + 1 + i, device=logits.device)
-                x = int(keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos))
+                x = int(keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, state.seq_id, pos))
                 drafts.append(x)
             else:
                 q = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)  # greedy: one-hot argmax
@@ -118,9 +122,11 @@ def speculative_generate(
     sampling: str = "rejection",
     seed: int | None = None,
 ) -> GenerationResult:
-    """Speculative decoding of ``input_ids[:, :prompt_length]`` (batch size 1) with a draft model.
+    """Speculative decoding of a batch of prompts with a draft model.
 
     Args:
+        input_ids, prompt_length: the prompts, [B, T] right-padded with one length or B lengths, or
+            a list of prompts (:mod:`specdec.shared.batch`); row b is keyed sampling's sequence b.
         target: the model whose output we want.
         draft_model: a smaller model with the same vocabulary (checked).
         gamma: drafts per round (>= 1).
@@ -140,9 +146,9 @@ def speculative_generate(
     """
     check_same_vocab(target.config, draft_model.config)
     check_positive_int("gamma", gamma)
-    drafter = DraftModelDrafter(draft_model, gamma)
+    # One drafter (with its own draft-model cache) per row of the batch.
     return run_speculative(
-        target, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p, generator,
+        target, lambda: DraftModelDrafter(draft_model, gamma), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p, generator,
         method="speculative decoding", first_target=first_target, skip_sample_adjustment=skip_sample_adjustment,
         sampling=sampling, seed=seed,
     )

@@ -24,8 +24,9 @@ The decoders (``sampling="keyed"``, :class:`specdec.shared.sampling.SamplingPara
 * the key is resolved once per call (:func:`resolve_seed`): an explicit ``seed``, else the
   generator's ``initial_seed()``, else one draw from torch's global RNG;
 * vanilla decoding takes the token at position t of batch row b as :func:`keyed_choice` with
-  ``seq_id=b``, ``positions=t`` (:func:`sample_next`); a speculative decoder (batch size 1) is
-  sequence 0;
+  ``seq_id=b``, ``positions=t`` (:func:`sample_next`); every decoder numbers the rows of a batch the
+  same way (row b is sequence b; the reference engine also takes explicit ``seq_ids``), so a row's
+  output depends on its prompt, the seed and its sequence id only, never on its batch-mates;
 * verification perturbs the target's row of node u with position ``L + depth(u) + 1`` and applies
   the greedy rule (:func:`specdec.shared.round.accept_draft`);
 * drafters that have logits of their own (draft model, MagicDec, the GLIDE beam of both paths)
@@ -194,18 +195,27 @@ def resolve_sampling(params: SamplingParams, generator: torch.Generator | None,
     return params, generator
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, position: int) -> torch.Tensor:
-    """The token at absolute ``position`` from ``logits`` [B, V] (row b = sequence b) -> [B], or [V]
-    (sequence 0) -> 0-d: the keyed choice when ``params.keyed`` (``params.seed`` resolved), else
-    :func:`specdec.shared.sampling.sample` with ``generator`` (greedy at temperature 0)."""
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, position,
+                seq_ids=None) -> torch.Tensor:
+    """The next token from ``logits`` [B, V] -> [B], or [V] (one sequence) -> 0-d: the keyed choice when
+    ``params.keyed`` (``params.seed`` resolved), else :func:`specdec.shared.sampling.sample` with
+    ``generator`` (greedy at temperature 0).
+
+    Keyed: row b is sequence ``seq_ids[b]`` (default: b; a [V] row is sequence ``seq_ids[0]``, default 0)
+    and its token sits at absolute ``position`` -- an int for every row, or one int per row (a batch of
+    prompts of different lengths)."""
     if not params.keyed:
         return sample(logits, params.temperature, params.top_k, params.top_p, generator)
     if params.seed is None:
         raise ValueError("keyed sampling needs a resolved seed (resolve_sampling first)")
-    pos = torch.tensor(int(position), dtype=torch.long, device=logits.device)
     p = params
-    if logits.dim() == 1:
-        return keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos)
     rows = logits.reshape(-1, logits.shape[-1])
-    out = torch.stack([keyed_choice(row, p.temperature, p.top_k, p.top_p, p.seed, b, pos) for b, row in enumerate(rows)])
+    n = rows.shape[0]
+    ids = list(range(n)) if seq_ids is None else [int(s) for s in seq_ids]
+    where = [int(position)] * n if isinstance(position, int) or not hasattr(position, "__len__") else [int(t) for t in position]
+    if len(ids) != n or len(where) != n:
+        raise ValueError(f"sample_next: {n} rows need {n} seq_ids and positions, got {len(ids)} and {len(where)}")
+    out = torch.stack([keyed_choice(row, p.temperature, p.top_k, p.top_p, p.seed, sid,
+                                    torch.tensor(t, dtype=torch.long, device=logits.device))
+                       for row, sid, t in zip(rows, ids, where)])
     return out.reshape(logits.shape[:-1])

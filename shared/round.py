@@ -70,6 +70,11 @@ class RoundState:
     ``target_cache`` holds the verified prefix ``tokens[:-1]`` (length L = len(tokens) - 1).
     ``last_logits`` [V] are the target logits that produced the root (LogitSpec reads guesses
     for the token after the root from them). ``budget`` is how many tokens may still be emitted.
+    ``seq_id`` is the row's sequence id for keyed sampling (row b of a batch: b, unless the engine
+    was given ``seq_ids``); a drafter that draws keyed noise keys it with this id.
+
+    In a batch every row has its own state: ``tokens`` and ``target_cache`` are that row's (the
+    reference engine hands each row's drafter a batch-of-one view of the row's cache).
     """
 
     tokens: list[int]
@@ -79,6 +84,7 @@ class RoundState:
     params: SamplingParams
     generator: torch.Generator | None
     budget: int
+    seq_id: int = 0
 
     @property
     def max_drafts(self) -> int:
@@ -105,6 +111,7 @@ class RoundRecord:
     draft: Draft
     path: list[int]
     next_token: int
+    row: int = 0  # the batch row this round served
 
     @property
     def accepted(self) -> int:
@@ -112,14 +119,14 @@ class RoundRecord:
 
 
 def accept_draft(draft: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                 skip_sample_adjustment: bool = False, root_position: int | None = None) -> tuple[list[int], int]:
+                 skip_sample_adjustment: bool = False, root_position: int | None = None, seq_id: int = 0) -> tuple[list[int], int]:
     """Step 3 of a round: pick the acceptance rule and apply it.
 
     ``draft.tree`` must be a host :class:`~specdec.shared.tree.Tree`; ``logits`` [M, V] are the
     target's rows for the M nodes. Returns (accepted path of node indices, next token).
 
     Rules: greedy (temperature 0) -> :func:`greedy_accept`; keyed sampling (``params.keyed``) ->
-    :func:`greedy_accept` on the target's rows perturbed by the keyed noise of sequence 0, row u at
+    :func:`greedy_accept` on the target's rows perturbed by the keyed noise of sequence ``seq_id``, row u at
     position ``root_position + depth(u) + 1`` (``root_position`` = L, the root's position = the
     verified cache length; required here): a draft is accepted iff it is the target's keyed choice
     at its position, and the next token is the keyed choice after the accepted node, so the output
@@ -132,7 +139,7 @@ def accept_draft(draft: Draft, logits: torch.Tensor, params: SamplingParams, gen
         if root_position is None or params.seed is None:
             raise ValueError("keyed acceptance needs the root's position (root_position) and a resolved seed (params.seed)")
         positions = torch.tensor(draft.tree.depth, dtype=torch.long, device=logits.device) + (int(root_position) + 1)
-        perturbed = perturbed_logits(logits, params.temperature, params.top_k, params.top_p, params.seed, 0, positions)
+        perturbed = perturbed_logits(logits, params.temperature, params.top_k, params.top_p, params.seed, seq_id, positions)
         return greedy_accept(draft.tree, draft.tokens.to(logits.device), perturbed)
     p = logits_to_probs(logits, params.temperature, params.top_k, params.top_p)
     if draft.q is not None:

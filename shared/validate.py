@@ -6,6 +6,7 @@ import operator
 
 import torch
 
+from specdec.shared.batch import normalize_prompts
 from specdec.shared.config import ModelConfig
 
 __all__ = ["check_prompt", "check_prompt_length", "check_generator", "check_positive_int", "check_batch_one", "check_same_vocab"]
@@ -48,44 +49,25 @@ def check_generator(generator) -> None:
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}{hint}")
 
 
-def check_prompt(input_ids, prompt_length: int, max_gen_len: int, config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """Validate and return the prompt tokens ``input_ids[:, :prompt_length]`` as a [B, T] long tensor.
+def check_prompt(input_ids, prompt_length, max_gen_len: int, config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Validate and return the prompt tokens as a [B, T] long tensor (``input_ids[:, :prompt_length]``).
 
-    Accepts a [B, T] or [T] tensor (or a list of ints). Checks: non-empty, integer tokens inside the
-    vocabulary, ``prompt_length`` an int (or a one-element integer tensor) with ``1 <= prompt_length <= T``, ``max_gen_len >= 1`` and
-    ``prompt_length + max_gen_len <= max_position_embeddings``.
+    Every input form of :mod:`specdec.shared.batch` is accepted and checked by
+    :func:`specdec.shared.batch.normalize_prompts` (non-empty, integer tokens inside the vocabulary,
+    ``1 <= prompt_length <= T`` per row, ``max_gen_len >= 1``, longest prompt + ``max_gen_len`` within
+    ``max_position_embeddings``). Prompts of different lengths come back right-padded with 0 to the
+    longest: a caller that batches ragged prompts uses :func:`~specdec.shared.batch.normalize_prompts`
+    itself to keep the lengths.
     """
-    if isinstance(input_ids, (list, tuple)):
-        input_ids = torch.tensor(input_ids, dtype=torch.long)
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a tensor [B, T] (or a list of ints), got {type(input_ids).__name__}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}; need at least one token")
-    prompt_length = check_prompt_length(prompt_length)
-    if not 1 <= prompt_length <= input_ids.shape[1]:
-        raise ValueError(f"prompt_length must be in [1, {input_ids.shape[1]}] (the length of input_ids), got {prompt_length}")
-    check_positive_int("max_gen_len", max_gen_len)
-    if prompt_length + max_gen_len > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt_length + max_gen_len = {prompt_length} + {max_gen_len} exceeds the model's context of "
-            f"{config.max_position_embeddings} positions; shorten the prompt or lower max_gen_len"
-        )
-    prompt = input_ids[:, :prompt_length].long()
-    lo, hi = int(prompt.min()), int(prompt.max())
-    if lo < 0 or hi >= config.vocab_size:
-        raise ValueError(f"token ids must be in [0, {config.vocab_size - 1}], got range [{lo}, {hi}]")
-    return prompt.to(device) if device is not None else prompt
+    return normalize_prompts(input_ids, prompt_length, max_gen_len, config, device).padded(0)
 
 
 def check_batch_one(prompt: torch.Tensor, method: str) -> None:
+    """The decoders that do not batch yet (the fast path's speculative decoders, romsto's layer) call this."""
     if prompt.shape[0] != 1:
-        raise ValueError(f"{method} supports batch size 1, got batch size {prompt.shape[0]}; call it once per prompt")
+        raise ValueError(f"{method} supports batch size 1, got batch size {prompt.shape[0]}: batching of this method "
+                         "is in the reference path only for now (specdec.ref, issue 19); call it once per prompt "
+                         "or use specdec.ref")
 
 
 def check_same_vocab(target_cfg: ModelConfig, draft_cfg: ModelConfig, what: str = "draft model") -> None:

@@ -233,7 +233,7 @@ def test_bad_input(models):
             fn(t, p, 3, max_ngram_size=0)
         with pytest.raises(ValueError, match="num_pred_tokens must be >= 1"):
             fn(t, p, 3, num_pred_tokens=0)
-        with pytest.raises(ValueError, match="batch size 1"):
-            fn(t, torch.cat([p, p]), 3)
+        with pytest.raises(ValueError, match=r"prompt_length\[0\] must be in \[1, 3\]"):  # batches are fine (issue 19), bad lengths not
+            fn(t, torch.cat([p, p]), [0, 3])
         with pytest.raises(ValueError, match="prompt_length"):
             fn(t, p, 4)

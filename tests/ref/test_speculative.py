@@ -164,7 +164,7 @@ def test_bad_input(models):
         speculative_generate(target, other, p, 4)
     with pytest.raises(ValueError, match="gamma must be >= 1"):
         speculative_generate(target, models["draft"], p, 4, gamma=0)
-    with pytest.raises(ValueError, match="batch size 1"):
-        speculative_generate(target, models["draft"], torch.cat([p, p]), 4)
+    with pytest.raises(ValueError, match=r"prompt_length\[1\] must be in \[1, 4\]"):  # batches are fine (issue 19), bad lengths not
+        speculative_generate(target, models["draft"], torch.cat([p, p]), [4, 5])
     with pytest.raises(ValueError, match="temperature"):
         speculative_generate(target, models["draft"], p, 4, temperature=-1.0)
