@@ -204,3 +204,31 @@ def test_bad_drafters_and_sequence_ids(setup):
         run_speculative(target, make, prompts, None, max_gen_len=2, seq_ids=[0, 1, 1])
     with pytest.raises(ValueError, match=r"seq_ids\[2\] must be an int >= 0"):
         run_speculative(target, make, prompts, None, max_gen_len=2, seq_ids=[0, 1, -1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Lossless sampling per row at B = 4 (rejection sampling, the default)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rejection_sampling_is_lossless_per_row_at_batch_4():
+    """Every row of a batch of 4 prompts of different lengths follows the target's exact distribution of
+    its first tokens (chi-square per row), for a chain with draft probabilities (speculative: the
+    Leviathan/Chen rule) and deterministic candidates (PLD: the tree rule)."""
+    from lossless import assert_matches, exact_sequence_distribution, tiny_model
+
+    target = tiny_model("llama", vocab=8, seed=1)
+    draft = tiny_model("llama", vocab=8, layers=1, seed=2)
+    prompts = [[3, 1, 4, 1, 5], [7], [2, 7, 2, 7, 2, 7], [6, 0]]
+    exact = [exact_sequence_distribution(target, torch.tensor([p]), 2, 1.0) for p in prompts]
+    decoders = [lambda **kw: ref.speculative_generate(target, draft, gamma=2, **kw),
+                lambda **kw: ref.pld_generate(target, max_ngram_size=2, num_pred_tokens=3, **kw)]
+    for fn in decoders:
+        gen = torch.Generator().manual_seed(0)
+        samples = [[] for _ in prompts]
+        for _ in range(150):
+            res = fn(input_ids=prompts, prompt_length=None, max_gen_len=3, eos_id=[], temperature=1.0, generator=gen)
+            for b in range(len(prompts)):
+                samples[b].append(tuple(res.output_ids[b, :2].tolist()))
+        for b in range(len(prompts)):
+            assert_matches(samples[b], exact[b])
