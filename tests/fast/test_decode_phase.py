@@ -74,7 +74,11 @@ def test_tree_rows_equal_one_token_steps(family, dtype):
     parents = random_tree(7, gen)
     tokens = torch.randint(0, 64, (7,), generator=gen).tolist()
     prompt = torch.randint(0, 64, (29,), generator=gen).tolist()   # the tree straddles a 32-key tile
-    _check_tree(fm, prompt, parents, tokens, nodes=range(7))
+    depths = tree_mask_of(parents).sum(-1) - 1
+    deepest = int(depths.argmax())
+    # the root, the deepest node (its path crosses the tile boundary) and the last node; every row of
+    # the attention alone is checked in test_decode_attention.py
+    _check_tree(fm, prompt, parents, tokens, nodes=sorted({0, deepest, 6}))
 
 
 def test_batch_rows_do_not_depend_on_each_other():
