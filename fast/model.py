@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from specdec.fast.graphs import capture
+from specdec.fast.tp import TensorParallel, shard_weights
 from specdec.shared.config import ModelConfig
 from specdec.shared.rope import apply_rope, rope_cos_sin
 from specdec.shared.weights import Model, load_checkpoint, model_from_hf, model_summary, one_line_repr, resolve_dtype
@@ -99,6 +100,7 @@ class FastModel:
     rope_table: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # (cos, sin) [rows, D]: views of rope_cs
     rope_cs: torch.Tensor | None = field(default=None, repr=False)  # [rows, 2, D]: cos and sin side by side (one gather per step)
     use_graphs: bool = True
+    tp: TensorParallel | None = None  # tensor parallelism: this rank's slice of every layer (fast/tp.py)
 
     @property
     def device(self) -> torch.device:
@@ -143,6 +145,16 @@ class FastModel:
     def cache(self) -> StaticKVCache | None:
         return self.caches.get("main")
 
+    @property
+    def world(self) -> int:
+        """Tensor-parallel ranks sharing this model (1 without TP)."""
+        return 1 if self.tp is None else self.tp.world
+
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads this rank caches and attends over (all of them without TP)."""
+        return self.config.num_kv_heads // self.world
+
 
 def alloc_cache(fm: FastModel, batch: int, capacity: int) -> StaticKVCache:
     """A new empty :class:`StaticKVCache` (capacity rounded up to 256 rows).
@@ -151,7 +163,7 @@ def alloc_cache(fm: FastModel, batch: int, capacity: int) -> StaticKVCache:
     """
     c = fm.config
     capacity = _round_up(capacity, 256)
-    shape = (c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim)
+    shape = (c.num_layers, batch, fm.local_kv_heads, capacity, c.head_dim)
     need = 2 * torch.Size(shape).numel() * torch.finfo(fm.dtype).bits // 8
     if fm.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(fm.device)
@@ -197,30 +209,44 @@ def _fuse(model: Model) -> dict[str, torch.Tensor]:
     return out
 
 
-def as_fast_model(obj, dtype=None, device=None) -> FastModel:
-    """Accept a :class:`FastModel`, a reference :class:`Model`, or a ``transformers`` causal LM."""
+def as_fast_model(obj, dtype=None, device=None, tp: TensorParallel | None = None) -> FastModel:
+    """Accept a :class:`FastModel`, a reference :class:`Model`, or a ``transformers`` causal LM.
+
+    ``tp``: keep only this rank's slice of every layer (:mod:`specdec.fast.tp`; a world of 1 is no TP).
+    """
     if isinstance(obj, FastModel):
+        if tp is not None and tp.world > 1 and obj.world != tp.world:
+            raise ValueError(f"this FastModel is split over {obj.world} rank(s), not {tp.world}; build it from the "
+                             "reference Model (or the checkpoint) with tp=")
         return obj
     if not isinstance(obj, Model):
         obj = model_from_hf(obj, dtype=dtype, device=device)
+    if tp is not None and tp.world == 1:
+        tp = None
     # A reference Model is converted once and the result kept on it, so repeated calls reuse the fused
     # weights, caches and captured CUDA graphs (a new weights dict means a new conversion).
     cached = obj.extras.get("fast_model")
-    if cached is not None and cached[0] is obj.weights:
+    if cached is not None and cached[0] is obj.weights and cached[1].tp == tp:
         return cached[1]
     if obj.config.head_dim not in _kernels().SUPPORTED_HEAD_DIMS:
         raise ValueError(f"the fast path supports head dims that are multiples of 16 in [16, 256]; this model has "
                          f"head_dim={obj.config.head_dim} (use specdec.ref for it)")
-    fm = FastModel(obj.config, _fuse(obj), source=obj.source)
+    fused = _fuse(obj)
+    if tp is not None:
+        fused = shard_weights(fused, obj.config, tp)
+    fm = FastModel(obj.config, fused, source=obj.source, tp=tp)
     fm.use_graphs = fm.device.type == "cuda" and os.environ.get("SPECDEC_NO_GRAPHS", "0") != "1"
     obj.extras["fast_model"] = (obj.weights, fm)
     return fm
 
 
-def load_model(path, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str | None = None) -> FastModel:
+def load_model(path, dtype: torch.dtype | str = torch.bfloat16, device: torch.device | str | None = None,
+               tp: TensorParallel | None = None) -> FastModel:
     """Load a local HF-format model directory (or ``"default"``) for the fast path.
 
     Defaults: bf16 on CUDA when available, fp32 on CPU (kernels under the Triton interpreter).
+    ``tp`` (:func:`specdec.fast.tp.init_tensor_parallel`): the checkpoint is read into host memory,
+    and only this rank's slice of every layer goes to ``device`` -- the full model never sits on one GPU.
     """
     from specdec.shared.assets import resolve_model_path
 
@@ -229,7 +255,12 @@ def load_model(path, dtype: torch.dtype | str = torch.bfloat16, device: torch.de
     dt = resolve_dtype(dtype)
     if torch.device(device).type == "cpu" and dt != torch.float32:
         dt = torch.float32  # CPU matmuls in half precision are slow and not what the reference runs
-    return as_fast_model(load_checkpoint(resolve_model_path(path), dtype=dt, device=device))
+    if tp is None or tp.world == 1:
+        return as_fast_model(load_checkpoint(resolve_model_path(path), dtype=dt, device=device))
+    host = as_fast_model(load_checkpoint(resolve_model_path(path), dtype=dt, device="cpu"), tp=tp)
+    fm = FastModel(host.config, {k: v.to(device) for k, v in host.w.items()}, source=host.source, tp=tp)
+    fm.use_graphs = fm.device.type == "cuda" and os.environ.get("SPECDEC_NO_GRAPHS", "0") != "1"
+    return fm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +314,8 @@ def _rope_write(fm: FastModel, i: int, qkv: torch.Tensor, cos, sin, cache: Stati
     c = fm.config
     if fused:
         return _kernels().rope_qkv_write(qkv, cos, sin, cache.k[i], cache.v[i], rows, check_rows=False)
-    dq, dkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    dkv = fm.local_kv_heads * c.head_dim     # this rank's heads (all of them without TP)
+    dq = qkv.shape[-1] - 2 * dkv
     q, k, v = qkv.split([dq, dkv, dkv], dim=-1)
     q = rearrange(q, "b t (h d) -> b h t d", d=c.head_dim)
     k = rearrange(k, "b t (h d) -> b h t d", d=c.head_dim)
@@ -304,16 +336,28 @@ def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fu
     c, w, p = fm.config, fm.w, f"layers.{i}."
     eps = c.rms_norm_eps
     next_norm = w[f"layers.{i + 1}.attn_norm"] if i + 1 < c.num_layers else w["norm"]
-    o = F.linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"))
+    o = _reduce(fm, F.linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo")))
     if fused:
         kern = _kernels()
         h, x = kern.add_rms_norm(o, x, w[p + "mlp_norm"], eps)
-        d = F.linear(kern.silu_mul(F.linear(h, w[p + "w13"])), w[p + "w2"])
+        d = _reduce(fm, F.linear(kern.silu_mul(F.linear(h, w[p + "w13"])), w[p + "w2"]))
         return kern.add_rms_norm(d, x, next_norm, eps)
     x = x + o
     gate, up = F.linear(rms_norm(x, w[p + "mlp_norm"], eps), w[p + "w13"]).chunk(2, dim=-1)
-    x = x + F.linear(F.silu(gate) * up, w[p + "w2"])
+    x = x + _reduce(fm, F.linear(F.silu(gate) * up, w[p + "w2"]))
     return rms_norm(x, next_norm, eps), x
+
+
+def _reduce(fm: FastModel, partial: torch.Tensor) -> torch.Tensor:
+    """A row-parallel projection's output: summed over the tensor-parallel ranks (as is without TP)."""
+    return partial if fm.tp is None else fm.tp.all_reduce(partial)
+
+
+def _gather_logits(fm: FastModel, logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from this rank's vocabulary slice (as is without TP)."""
+    if fm.tp is None:
+        return logits
+    return fm.tp.all_gather_last(logits)[..., : fm.config.vocab_size]
 
 
 def _first_norm(fm: FastModel, x: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -323,7 +367,7 @@ def _first_norm(fm: FastModel, x: torch.Tensor, fused: bool) -> torch.Tensor:
 
 def _logits(fm: FastModel, h: torch.Tensor) -> torch.Tensor:
     """lm_head over the final-normed hidden states h (the norm is folded into the last layer)."""
-    return F.linear(h, fm.w["lm_head"]).float()
+    return _gather_logits(fm, F.linear(h, fm.w["lm_head"])).float()
 
 
 def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
@@ -361,10 +405,17 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
         qkv = kern.row_linear(x, w[p + "wqkv"], w.get(p + "bqkv"), norm_weight=w[p + "attn_norm"], eps=eps)
         q = kern.rope_qkv_write(qkv, cos, sin, cache.k[i], cache.v[i], rows, check_rows=False)
         attn = kern.decode_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask, ancestors=ancestors)
-        x = kern.row_linear(rearrange(attn, "b h t d -> b t (h d)"), w[p + "wo"], w.get(p + "bo"), residual=x)
+        attn = rearrange(attn, "b h t d -> b t (h d)")
+        if fm.tp is None:
+            x = kern.row_linear(attn, w[p + "wo"], w.get(p + "bo"), residual=x)
+        else:   # row-parallel: sum the ranks' partial products, then the residual add
+            x = x + fm.tp.all_reduce(kern.row_linear(attn, w[p + "wo"], w.get(p + "bo")))
         act = kern.row_linear(x, w[p + "w13"], norm_weight=w[p + "mlp_norm"], eps=eps, silu=True)
-        x = kern.row_linear(act, w[p + "w2"], residual=x)
-    return kern.row_linear(x, w["lm_head"], norm_weight=w["norm"], eps=eps).float()
+        if fm.tp is None:
+            x = kern.row_linear(act, w[p + "w2"], residual=x)
+        else:
+            x = x + fm.tp.all_reduce(kern.row_linear(act, w[p + "w2"]))
+    return _gather_logits(fm, kern.row_linear(x, w["lm_head"], norm_weight=w["norm"], eps=eps)).float()
 
 
 def _prefill_sdpa(device: torch.device):

@@ -176,6 +176,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-interpreter", action="store_true",
                    help="allow --backend fast without CUDA: its Triton kernels then run in the Triton interpreter (a test tool, minutes per call)")
     p.add_argument("--target", default="default", help="target model: a local HF-format dir (default: the embedded model)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism over N processes (fast backend; launch with torchrun --nproc-per-node N -m specdec generate --tp N ...)")
     p.add_argument("--draft", default=None, help="draft LM dir for --method speculative (default: the embedded draft with the embedded target)")
     p.add_argument("--glide", default=None, help="GLIDE draft dir or .pth for --method spec/tree_spec (default: the embedded GLIDE with the embedded target)")
     p.add_argument("--max-new-tokens", "-n", type=int, default=128, help="tokens to generate at most (default 128)")
@@ -234,6 +236,13 @@ def _check_generate_args(a: argparse.Namespace) -> None:
         raise CLIError(f"--gamma auto applies to --method spec, not {a.method}")
     if a.warmup is not None and a.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {a.warmup}")
+    if a.tp < 1:
+        raise CLIError(f"--tp must be >= 1, got {a.tp}")
+    if a.tp > 1 and a.backend == "ref":
+        raise CLIError("--tp needs --backend fast (the reference path is single-process)")
+    if a.tp > 1 and METHODS[a.method].needs == "glide":
+        raise CLIError(f"--method {a.method} does not run tensor-parallel yet (the GLIDE draft is not sharded); "
+                       "use vanilla, speculative, pld, logitspec or magicdec with --tp")
     if not 0 <= a.seed < 2**63:
         raise CLIError(f"--seed must be in [0, 2**63), got {a.seed}")
     if a.max_context is not None and a.max_context < 2:
@@ -451,8 +460,20 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     _check_generate_args(a)
+    tp = None
+    if a.tp > 1:   # every rank runs this function; rank 0 prints
+        from specdec.fast.tp import init_tensor_parallel
+
+        try:
+            tp = init_tensor_parallel(a.tp)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        if a.device == "auto" and torch.cuda.is_available():
+            a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if tp.rank != 0:
+            stdout = open(os.devnull, "w")
     device = _resolve_device(a.device)
-    backend, mod = resolve_backend(a.backend, device, force_interpreter=a.force_interpreter)
+    backend, mod = resolve_backend("fast" if tp is not None else a.backend, device, force_interpreter=a.force_interpreter)
     dtype_name = a.dtype if a.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     fn_name, needs = METHODS[a.method].function, METHODS[a.method].needs
@@ -471,8 +492,9 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     if a.template != "raw":
         text = format_prompt(tok, text, system=a.system, family=None if a.template == "auto" else a.template)
     ids = encode_prompt(tok, text)
-    target = _cached((backend, "model", dtype_name, device, a.max_context) + _model_key(target_dir),
-                     lambda: _with_context(mod.load_model(target_dir, dtype=dtype, device=device), a.max_context))
+    load_kw = {"tp": tp} if tp is not None else {}
+    target = _cached((backend, "model", dtype_name, device, a.max_context, a.tp) + _model_key(target_dir),
+                     lambda: _with_context(mod.load_model(target_dir, dtype=dtype, device=device, **load_kw), a.max_context))
     args: list[Any] = [target]
     limits = [(target.config.max_position_embeddings, "the target's max_position_embeddings")]
     if needs == "draft":

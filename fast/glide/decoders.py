@@ -72,6 +72,15 @@ def resolve_gamma(target, glide, gamma: int | str = "auto", stats: AcceptanceSta
     return tree_search.choose_gamma(gamma, glide, stats, cost, lambda: device_cost_model(target, glide, cache=cache))
 
 
+def _untensor_parallel(fm):
+    """The GLIDE draft reads the target's lm_head and last-layer KV heads, which tensor parallelism splits
+    over the ranks (:mod:`specdec.fast.tp`): not supported yet -- one clear error instead of wrong drafts."""
+    if fm.tp is not None:
+        raise ValueError(f"the GLIDE decoders do not run on a tensor-parallel target yet ({fm.tp}); use vanilla, "
+                         "speculative, pld, logitspec or magicdec with tp, or tp=1")
+    return fm
+
+
 def tree_spec_generate(
     target,
     glide,
@@ -99,7 +108,7 @@ def tree_spec_generate(
     shape = resolve_tree_shape(target, glide, tree_shape)
     size = tree_shape_num_nodes(shape)
     check_drafts_fit(f"the number of draft nodes of tree_shape {list(shape)}", size - 1)
-    fm = as_fast_model(target)
+    fm = _untensor_parallel(as_fast_model(target))
     drafter = FastGlideDrafter(fm, as_fast_glide(glide), shape)
     res = run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                                generator, method="tree_spec_generate", tree_size=size, on_round=on_round,
@@ -129,7 +138,7 @@ def spec_generate(
     choice, as on the reference)."""
     gamma = resolve_gamma(target, glide, gamma)
     check_drafts_fit("gamma", gamma)
-    fm = as_fast_model(target)
+    fm = _untensor_parallel(as_fast_model(target))
     drafter = FastGlideDrafter(fm, as_fast_glide(glide), (1,) * gamma)
     res = run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                                generator, method="spec_generate", tree_size=gamma + 1, on_round=on_round,
