@@ -403,6 +403,8 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--force-interpreter", action="store_true",
                     help="allow --backend fast on the CPU: its Triton kernels then run in the Triton interpreter (a test tool, minutes per call)")
     ap.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    ap.add_argument("--tp", type=int, default=1, metavar="N",
+                    help="tensor parallelism over N processes (fast backend; torchrun --nproc-per-node N -m specdec bench --tp N ...; rank 0 writes the answers)")
     ap.add_argument("--dtype", default="auto", help="auto = bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--out-dir", default="bench_out", help="one <method>.jsonl per method goes here")
     ap.add_argument("--model-id", default=None, help="name recorded in the answer files (default: the target's folder name)")
@@ -457,8 +459,8 @@ def _log(msg: str) -> None:
 class _Models:
     """Lazily loaded models, shared by every method of the run."""
 
-    def __init__(self, args, device: str, dtype):
-        self.args, self.device, self.dtype = args, device, dtype
+    def __init__(self, args, device: str, dtype, tp=None):
+        self.args, self.device, self.dtype, self.tp = args, device, dtype, tp
         self.backend = args.backend if args.backend != "auto" else ("fast" if device.startswith("cuda") else "ref")
         self._cache: dict[str, Any] = {}
         embedded = args.target == "default"
@@ -478,7 +480,8 @@ class _Models:
             return self._cache[key]
         a, lib = self.args, self.lib
         if key == "target":
-            m = lib.load_model(a.target, dtype=self.dtype, device=self.device)
+            tp_kw = {"tp": self.tp} if self.tp is not None else {}
+            m = lib.load_model(a.target, dtype=self.dtype, device=self.device, **tp_kw)
             _extend_context(m, a.max_context)
         elif key == "draft":
             if not self.draft_path:
@@ -569,6 +572,27 @@ def run_bench(args) -> dict[str, str]:
     from specdec.shared.assets import resolve_model_path
     from specdec.shared.tokenizer import encode_prompt, load_tokenizer
 
+    tp = None
+    world = getattr(args, "tp", 1)
+    if world < 1:
+        raise ValueError(f"--tp must be >= 1, got {world}")
+    if world > 1:   # every rank runs the benchmark; rank 0 writes the answer files
+        if args.backend == "ref":
+            raise ValueError("--tp needs --backend fast (the reference path is single-process)")
+        glide_methods = [m for m in _parse_methods(args.methods, args.peers) if m in METHODS and METHODS[m].needs == "glide"]
+        if glide_methods:
+            raise ValueError(f"{', '.join(glide_methods)} do not run tensor-parallel yet (the GLIDE draft is not sharded)")
+        from specdec.fast.tp import init_tensor_parallel
+
+        tp = init_tensor_parallel(world)
+        args.backend = "fast"
+        if args.device is None and torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if tp.rank != 0:
+            import tempfile
+
+            args.out_dir = tempfile.mkdtemp(prefix=f"specdec-bench-rank{tp.rank}-")
+            args.no_progress = True
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _resolve_dtype(args.dtype, device)
     if args.max_new_tokens < 1:
@@ -583,7 +607,7 @@ def run_bench(args) -> dict[str, str]:
     questions = load_questions(args.bench, args.question_begin, args.question_end)
     tok = load_tokenizer(args.target)
     tok.model_max_length = 10**9  # we check lengths ourselves; silence the long-sequence warning
-    models = _Models(args, device, dtype)
+    models = _Models(args, device, dtype, tp)
     model_id = args.model_id or os.path.basename(os.path.normpath(resolve_model_path(args.target)))
     if args.target == "default":
         model_id = "specdec-default"

@@ -106,3 +106,16 @@ def test_cli_tp_errors(capsys):
     assert "not sharded" in capsys.readouterr().err
     assert main(["generate", "--tp", "2", "--backend", "fast", "--method", "vanilla", "--force-interpreter", "x"]) == 2
     assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
+
+
+def test_bench_tp_errors(capsys, tmp_path):
+    from specdec.bench import bench_main
+
+    out = ["--out-dir", str(tmp_path)]
+    assert bench_main(["--tp", "2", "--backend", "ref", "--methods", "vanilla", *out]) == 2
+    assert "--backend fast" in capsys.readouterr().err
+    assert bench_main(["--tp", "2", "--methods", "vanilla,tree_spec", *out]) == 2
+    assert "tree_spec do not run tensor-parallel" in capsys.readouterr().err
+    assert bench_main(["--tp", "2", "--methods", "vanilla,pld", *out]) == 2
+    assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
+    assert bench_main(["--tp", "0", *out]) == 2
