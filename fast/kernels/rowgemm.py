@@ -73,6 +73,22 @@ def _mma(x, w, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _mma_tile(x, w, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
+    """One K step of the product: ``acc [BLOCK_M, BLOCK_N] + x @ w^T``, or with SWAP (the weight tile as
+    the MMA's row operand, the rows of x as its columns: a wide weight tile per instruction when there
+    are few rows) ``acc [BLOCK_N, BLOCK_M] + w @ x^T``. Either way no MMA mixes two rows of x."""
+    if SWAP:
+        if IEEE:
+            return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        elif UPCAST:
+            return tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            return tl.dot(w, tl.trans(x), acc)
+    else:
+        return _mma(x, w, acc, IEEE, UPCAST)
+
+
+@triton.jit
 def _epilogue(y, u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stride_rm,
               HAS_BIAS: tl.constexpr, SILU: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr):
     """Bias in fp32, the eager ops' roundings, one store per output (y: the product, u: the up half)."""
@@ -97,7 +113,7 @@ def _row_linear_kernel(
     X, W, Bias, Y, G, Rstd, Res, WS, Count,
     M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps, rows_pad, n_pad, k_split,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)   # fastest: the M tiles of one weight tile run side by side
@@ -119,8 +135,12 @@ def _row_linear_kernel(
     x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_g = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]          # gate (or plain) rows
     w_u = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]    # up rows (SILU)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:   # accumulate the transposed tile: acc[n, m]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         # EVEN (N a multiple of BLOCK_N, every split a whole number of full K tiles): no K / N masks
         # on the weight stream -- the same values as the masked loads, so the same arithmetic.
@@ -138,13 +158,16 @@ def _row_linear_kernel(
             wk = tl.load(w_g + k0)
         else:
             wk = tl.load(w_g + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _mma(xk, wk, acc, IEEE, UPCAST)
+        acc = _mma_tile(xk, wk, acc, IEEE, UPCAST, SWAP)
         if SILU:
             if EVEN:
                 uk = tl.load(w_u + k0)
             else:
                 uk = tl.load(w_u + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc_u = _mma(xk, uk, acc_u, IEEE, UPCAST)
+            acc_u = _mma_tile(xk, uk, acc_u, IEEE, UPCAST, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
+        acc_u = tl.trans(acc_u)
 
     if SPLIT == 1:
         _epilogue(acc, acc_u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stride_rm,
@@ -227,7 +250,9 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         residual: [..., N] in x's dtype, added after the projection (not with ``silu``).
         silu: return ``silu(gate) * up`` [..., F] of the two halves of the product.
         config: a tile configuration to use instead of :func:`row_linear_config` (probes and sweeps):
-            ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT])``.
+            ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT[, SWAP]])``; SWAP = 1 runs the
+            weight tile as the MMA's row operand (``w @ x^T``; a design under measurement, see
+            ``scripts/probes/rowgemm_sweep.py swap``).
     Returns [..., N] (or [..., F]) in x's dtype. CUDA-graph capturable (host-only checks).
     """
     x2, w, bias, norm_weight, r2, out, y2, n, k, rows = linear_operands(
@@ -237,6 +262,7 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     cfg = tuple(config) if config is not None else row_linear_config(n, k, x.dtype, rows)
     bm, bn, bk, warps, stages = cfg[:5]
     split = cfg[5] if len(cfg) > 5 else 1
+    swap = bool(cfg[6]) if len(cfg) > 6 else False
     # K splits of a whole number of K tiles each; fewer splits if K is short (still fixed per shape)
     k_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
     split = triton.cdiv(k, k_split)
@@ -259,7 +285,7 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None, RESID=residual is not None,
         CODE=_DTYPE_CODE[x.dtype], IEEE=x.dtype == torch.float32,
         UPCAST=interpreter_active() and x.dtype != torch.float32, SPLIT=split,
-        EVEN=(n % bn == 0 and k % k_split == 0),
+        EVEN=(n % bn == 0 and k % k_split == 0), SWAP=swap,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
     )
     return out

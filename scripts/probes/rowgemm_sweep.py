@@ -12,6 +12,10 @@ Prints a table, writes ``$OUT/probe_rowgemm.jsonl``.
     python3 scripts/probes/rowgemm_sweep.py split      # fixed split-K configs: M = 1 (16-row tile) against the
                                                        # GEMV, M = 69 (64- and 128-row tiles) against cuBLAS,
                                                        # and the rows of all three bitwise equal
+    python3 scripts/probes/rowgemm_sweep.py swap       # (session 9) the SWAP design -- the weight tile as the MMA's
+                                                       # row operand, x rows as its columns (16 at M = 1, 128 at
+                                                       # M = 69: the weight read once) -- against the library's
+                                                       # config, the GEMV and cuBLAS; rows bitwise equal across
     python3 scripts/probes/rowgemm_sweep.py m69        # M = 69 with one 128-row tile (the weight read once),
                                                        # against cuBLAS at M = 1 / 69 / 128 (padding every
                                                        # decode pass to 128 rows is the other invariant design)
@@ -136,7 +140,59 @@ def main_split() -> None:
                                   "row/gemv", "cuBLAS M=69 us", "row BM64 us", "row BM128 us", "best/cuBLAS"]))
 
 
+SWAP_CONFIGS = [(bn, bk, sp, w, st) for bn in (64, 128) for bk in (64, 128) for sp in (1, 4) for w, st in ((4, 4), (8, 3))]
+
+
+def main_swap() -> None:
+    rows, log = [], []
+    for name, (n, k, silu) in SHAPES.items():
+        if not name.startswith("llama"):
+            continue
+        ws = weight_copies(name, n, k)
+        calls = 2 * len(ws)
+        x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x69 = torch.randn(69, k, device="cuda", dtype=torch.bfloat16)
+
+        def lin(x, w):
+            y = F.linear(x, w)
+            if silu:
+                g, u = y.chunk(2, -1)
+                y = F.silu(g) * u
+            return y
+
+        def timed(x, cfg):
+            return graph_ms(lambda: [row_linear(x, ws[i % len(ws)], silu=silu, config=cfg) for i in range(calls)]) / calls
+
+        g1 = graph_ms(lambda: [(gemv_silu if silu else gemv)(x1, ws[i % len(ws)]) for i in range(calls)]) / calls
+        c69 = graph_ms(lambda: [lin(x69, ws[i % len(ws)]) for i in range(calls)]) / calls
+        f = n // 2 if silu else n
+        lib1, lib69 = row_linear_config(f, k, torch.bfloat16, 1), row_linear_config(f, k, torch.bfloat16, 69)
+        cands = [("lib", lib1, lib69)] + [(f"swap {bn}x{bk} s{sp} w{w}/{st}", (16, bn, bk, w, st, sp, 1), (128, bn, bk, w, st, sp, 1))
+                                         for bn, bk, sp, w, st in SWAP_CONFIGS]
+        for label, c1, c69cfg in cands:
+            try:
+                alone = row_linear(x69[5:6], ws[0], silu=silu, config=c1)
+                same = torch.equal(row_linear(x69, ws[0], silu=silu, config=c69cfg)[5:6], alone)
+                t1, t69 = timed(x1, c1), timed(x69, c69cfg)
+            except Exception as e:
+                print(f"{name} {label}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            rows.append([name, label, same, f"{g1 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{t1 / g1:.2f}",
+                         f"{c69 * 1e3:.1f}", f"{t69 * 1e3:.1f}", f"{t69 / c69:.2f}"])
+            log.append(dict(shape=name, label=label, config_1=c1, config_69=c69cfg, rows_equal=same, gemv_1_ms=g1,
+                            row_1_ms=t1, cublas_69_ms=c69, row_69_ms=t69))
+        del ws
+        torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "probe_rowgemm_swap.jsonl"), "w") as f:
+        for r in log:
+            f.write(json.dumps(r) + "\n")
+    print(tabulate(rows, headers=["weight", "design", "rows equal (M 1 / 69)", "gemv M=1 us", "M=1 us", "/gemv",
+                                  "cuBLAS M=69 us", "M=69 us", "/cuBLAS"]))
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "swap":
+        return main_swap()
     if len(sys.argv) > 1 and sys.argv[1] == "m69":
         return main_m69()
     if len(sys.argv) > 1 and sys.argv[1] == "split":

@@ -153,3 +153,21 @@ def test_gpu_rows_bitwise_across_m_llama3_8b_shapes(n, k, silu):
     for r in (3, 68, 127):
         assert torch.equal(run(slice(r, r + 1)), full[r:r + 1]), r
     assert torch.equal(run(slice(0, 512))[:128], full)   # a batch of 512 rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swapped_operands_variant_is_row_invariant_and_right(dtype):
+    """The SWAP design (weight tile as the MMA's row operand) gives F.linear's values and the same row
+    bits whatever M (and its split path too)."""
+    x, w, b, nw, res = _data(dtype, m=37)
+    for cfg in ((16, 32, 32, 4, 1, 1, 1), (16, 64, 32, 4, 1, 2, 1)):
+        full = row_linear(x, w, b, norm_weight=nw, eps=1e-5, residual=res, config=cfg)
+        plain = row_linear(x, w, b, norm_weight=nw, eps=1e-5, residual=res, config=cfg[:6])
+        torch.testing.assert_close(full.float(), plain.float(), atol=TOL[dtype], rtol=TOL[dtype])
+        for r in (0, 17, 36):
+            one = row_linear(x[r:r + 1], w, b, norm_weight=nw, eps=1e-5, residual=res[r:r + 1], config=cfg)
+            assert torch.equal(one, full[r:r + 1]), (cfg, r)
+    w13 = torch.cat([w, w.flip(0) * 0.5])
+    full = row_linear(x, w13, silu=True, config=(16, 32, 32, 4, 1, 1, 1))
+    assert torch.equal(row_linear(x[5:6], w13, silu=True, config=(16, 32, 32, 4, 1, 1, 1)), full[5:6])
+    torch.testing.assert_close(full.float(), row_linear(x, w13, silu=True).float(), atol=TOL[dtype], rtol=TOL[dtype])
