@@ -44,7 +44,7 @@ Other modules add subcommands without editing this file::
 
     register_subcommand("bench", add_args, run, help="benchmark decoders")
 
-:func:`main` imports the modules in :data:`PLUGIN_MODULES` (``specdec.bench``,
+:func:`main` imports the modules in :data:`PLUGIN_MODULES` (``specdec.bench``, ``specdec.draft_vocab``,
 ``specdec.report``; a missing module is skipped) and any listed in the environment
 variable ``SPECDEC_CLI_PLUGINS`` (comma separated) before parsing, so their
 ``register_subcommand`` calls run. ``run`` may raise ValueError/TypeError/FileNotFoundError for a
@@ -66,7 +66,7 @@ from specdec.methods import DEFAULT_METHOD, METHODS, methods_taking
 __all__ = ["main", "register_subcommand", "SUBCOMMANDS", "METHODS", "PLUGIN_MODULES", "CLIError", "resolve_backend", "parse_tree_shape",
            "check_fast_device", "fit_context"]
 
-PLUGIN_MODULES = ("specdec.bench", "specdec.report")
+PLUGIN_MODULES = ("specdec.bench", "specdec.report", "specdec.draft_vocab")
 
 
 class CLIError(ValueError):
@@ -171,6 +171,10 @@ def _parse_opt(text: str) -> tuple[str, Any]:
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt text; '-' or omitted: read it from stdin")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="several prompts decoded as ONE batch: a text file with one prompt per line, or JSONL with a "
+                        "'prompt' (or Spec-Bench 'turns') field per line; prints each completion and tokens/s per "
+                        "request and in total")
     p.add_argument("--method", "-m", default=DEFAULT_METHOD, choices=list(METHODS), help=f"decoder (default {DEFAULT_METHOD}: {METHODS[DEFAULT_METHOD].summary})")
     p.add_argument("--backend", default="auto", choices=["auto", "ref", "fast"], help="ref (readable PyTorch), fast (Triton + CUDA graphs), auto (fast when CUDA is available)")
     p.add_argument("--force-interpreter", action="store_true",
@@ -238,6 +242,8 @@ def _check_generate_args(a: argparse.Namespace) -> None:
         raise CLIError(f"--warmup must be >= 0, got {a.warmup}")
     if a.tp < 1:
         raise CLIError(f"--tp must be >= 1, got {a.tp}")
+    if a.prompts_file is not None and a.prompt is not None:
+        raise CLIError("give either a prompt or --prompts-file, not both")
     if a.tp > 1 and a.backend == "ref":
         raise CLIError("--tp needs --backend fast (the reference path is single-process)")
     if a.tp > 1 and METHODS[a.method].needs == "glide":
@@ -388,6 +394,104 @@ def _read_prompt(a: argparse.Namespace, stdin) -> str:
     return text
 
 
+def _read_prompts_file(path: str) -> list[str]:
+    """The prompts of ``--prompts-file``: one per non-empty line, or per JSONL record ('prompt', 'text' or
+    the first of Spec-Bench's 'turns')."""
+    if not os.path.isfile(path):
+        raise CLIError(f"--prompts-file: no such file: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+    except UnicodeDecodeError:
+        raise CLIError(f"--prompts-file: {path} is not UTF-8 text") from None
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise CLIError(f"--prompts-file: {path} holds no prompt")
+    if not all(line.lstrip().startswith("{") for line in lines):
+        return lines
+    prompts = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--prompts-file: {path}:{i + 1}: not valid JSON ({e.msg})") from None
+        turns = rec.get("turns")
+        text = rec.get("prompt", rec.get("text", turns[0] if isinstance(turns, list) and turns else None))
+        if not isinstance(text, str) or not text:
+            raise CLIError(f"--prompts-file: {path}:{i + 1}: a record needs a non-empty 'prompt', 'text' or 'turns'")
+        prompts.append(text)
+    return prompts
+
+
+def _generate_batch(a, texts: list[str], tok, decoder, mod, args, kwargs, limit: int, source: str, backend: str,
+                    device: str, dtype_name: str, stdout) -> int:
+    """``generate --prompts-file``: every prompt in one batched call of the decoder (and of vanilla with
+    --compare); one completion per request, then tokens/s per request and in total."""
+    import torch
+    from tabulate import tabulate
+
+    from specdec.shared.tokenizer import encode_prompt, format_prompt
+
+    prompts = []
+    for i, text in enumerate(texts):
+        if a.template != "raw":
+            text = format_prompt(tok, text, system=a.system, family=None if a.template == "auto" else a.template)
+        ids, dropped = fit_context(encode_prompt(tok, text), a.max_new_tokens, limit, a.truncate,
+                                   getattr(tok, "bos_token_id", None), source)
+        if dropped:
+            print(f"specdec: note: prompt {i + 1}: dropped {dropped} tokens from its start (--truncate left)", file=sys.stderr)
+        prompts.append(torch.tensor(ids, dtype=torch.long, device=device))
+
+    def run(fn, fargs, kw):
+        gen = torch.Generator(device=device).manual_seed(a.seed) if a.temperature > 0 else None
+        torch.manual_seed(a.seed)
+        return fn(*fargs, prompts, None, generator=gen, **kw)
+
+    warmup = a.warmup if a.warmup is not None else (1 if backend == "fast" and device.startswith("cuda") else 0)
+    for _ in range(warmup):
+        run(decoder, args, kwargs)
+    res = run(decoder, args, kwargs)
+    vanilla = None
+    if a.compare and a.method != "vanilla":
+        base_kw = {k: v for k, v in kwargs.items() if k in ("max_gen_len", "temperature", "top_k", "top_p", "eos_id", "sampling", "seed")}
+        for _ in range(warmup):
+            run(mod.vanilla_generate, [args[0]], base_kw)
+        vanilla = run(mod.vanilla_generate, [args[0]], base_kw)
+    elapsed = float(res.elapsed_time) + float(res.prefill_time)
+    rows = []
+    for b in range(len(prompts)):
+        r = res.row(b)
+        ids = r.output_ids[0].tolist()
+        rows.append({"request": b + 1, "prompt_tokens": int(prompts[b].shape[0]), "tokens": len(ids),
+                     "tau": round(res.row_taus[b], 3), "tokens_per_s": round(len(ids) / elapsed, 2) if elapsed > 0 else 0.0,
+                     "completion": tok.decode(ids, skip_special_tokens=True), "output_ids": ids,
+                     **({"same_output_as_vanilla": vanilla.row(b).output_ids[0].tolist() == ids} if vanilla is not None
+                        else {"same_output_as_vanilla": True} if a.compare else {})})
+    total = {"method": a.method, "backend": backend, "device": device, "dtype": dtype_name, "requests": len(rows),
+             "tokens": sum(r["tokens"] for r in rows), "seconds": round(elapsed, 4),
+             "tokens_per_s": round(sum(r["tokens"] for r in rows) / elapsed, 2) if elapsed > 0 else 0.0}
+    if vanilla is not None:
+        v_elapsed = float(vanilla.elapsed_time) + float(vanilla.prefill_time)
+        total["vanilla_tokens_per_s"] = round(int(sum(vanilla.row_lengths)) / v_elapsed, 2) if v_elapsed > 0 else 0.0
+        total["speedup"] = round(v_elapsed / elapsed, 3) if elapsed > 0 else None
+    if a.json:
+        for r in rows:
+            stdout.write(json.dumps(r) + "\n")
+        stdout.write(json.dumps({"total": total}) + "\n")
+        return 0
+    for r in rows:
+        stdout.write(f"--- request {r['request']} ({r['prompt_tokens']} prompt tokens)\n{r['completion']}\n\n")
+    headers = ["request", "prompt tokens", "tokens", "tau", "tokens/s"] + (["== vanilla"] if vanilla is not None else [])
+    table = [[r["request"], r["prompt_tokens"], r["tokens"], f"{r['tau']:.2f}", f"{r['tokens_per_s']:.1f}"]
+             + ([r["same_output_as_vanilla"]] if vanilla is not None else []) for r in rows]
+    table.append(["total", "", total["tokens"], "", f"{total['tokens_per_s']:.1f}"] + ([""] if vanilla is not None else []))
+    stdout.write(tabulate(table, headers=headers, tablefmt="simple") + "\n")
+    stdout.write(f"{a.method} ({backend}, {device}, {dtype_name}): {len(rows)} requests in one batch, {total['seconds']:.2f} s\n")
+    if vanilla is not None and total.get("speedup"):
+        stdout.write(f"speedup over batched vanilla: {total['speedup']:.2f}x ({total['vanilla_tokens_per_s']:.1f} tokens/s)\n")
+    return 0
+
+
 def fit_context(ids: list[int], max_new_tokens: int, limit: int, truncate: str = "error", bos_id: int | None = None,
                 source: str = "the model's max_position_embeddings") -> tuple[list[int], int]:
     """``ids`` made to fit ``len(ids) + max_new_tokens <= limit``: returns (ids, tokens dropped).
@@ -482,7 +586,8 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
         raise CLIError(f"method {a.method!r} is not available in specdec.{backend} (no {fn_name})")
 
     # Inputs and models (read the prompt first: a missing prompt should not wait for model loading).
-    text = _read_prompt(a, stdin)
+    texts = _read_prompts_file(a.prompts_file) if a.prompts_file is not None else None
+    text = _read_prompt(a, stdin) if texts is None else texts[0]
     embedded = a.target == "default"
     target_dir = _check_dir("--target", a.target)
     from specdec.shared.tokenizer import encode_prompt, format_prompt, load_tokenizer
@@ -524,6 +629,8 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     limit, source = min(limits)
     if a.max_context is not None:
         limit, source = a.max_context, "--max-context"
+    if texts is not None:
+        return _generate_batch(a, texts, tok, decoder, mod, args, kwargs, limit, source, backend, device, dtype_name, stdout)
     n_prompt = len(ids)
     ids, dropped = fit_context(ids, a.max_new_tokens, limit, a.truncate, getattr(tok, "bos_token_id", None), source)
     if dropped:
