@@ -36,7 +36,7 @@ from specdec.shared.config import ModelConfig
 from specdec.shared.rope import apply_rope, rope_cos_sin
 from specdec.shared.weights import Model, load_checkpoint, model_from_hf, model_summary, one_line_repr, resolve_dtype
 
-__all__ = ["FastModel", "StaticKVCache", "alloc_cache", "load_model", "as_fast_model", "step_forward", "prefill", "run_step", "commit", "MAX_TREE_NODES"]
+__all__ = ["FastModel", "StaticKVCache", "alloc_cache", "check_cache_fits", "load_model", "as_fast_model", "step_forward", "prefill", "run_step", "commit", "MAX_TREE_NODES"]
 
 MAX_TREE_NODES = 128  # the Triton tree kernel is validated up to M = 128
 
@@ -167,14 +167,24 @@ def alloc_cache(fm: FastModel, batch: int, capacity: int) -> StaticKVCache:
     need = 2 * torch.Size(shape).numel() * torch.finfo(fm.dtype).bits // 8
     if fm.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(fm.device)
-        if need > free * 0.9:
-            raise ValueError(
-                f"the KV cache for {capacity} positions x batch {batch} needs {need / 2**30:.2f} GiB but only "
-                f"{free / 2**30:.2f} GiB of GPU memory is free; shorten the prompt or max_gen_len"
-            )
+        check_cache_fits(need, batch, capacity, free)
     k = torch.zeros(shape, dtype=fm.dtype, device=fm.device)
     v = torch.zeros(shape, dtype=fm.dtype, device=fm.device)
     return StaticKVCache(k, v, 0, torch.zeros(batch, dtype=torch.int32, device=fm.device))
+
+
+def check_cache_fits(need: int, batch: int, capacity: int, free: int) -> None:
+    """Raise one ValueError when a KV cache of ``need`` bytes (``batch`` rows x ``capacity`` positions)
+    would not fit in 90% of ``free`` bytes, naming the largest batch that fits at this capacity --
+    checked before anything is allocated."""
+    if need <= free * 0.9:
+        return
+    per_row = need / max(batch, 1)
+    fits = int(free * 0.9 // per_row)
+    hint = (f"the largest batch that fits at this length is {fits}" if fits >= 1
+            else "not even one row fits at this length: shorten the prompt or max_gen_len")
+    raise ValueError(f"the KV cache for {capacity} positions x batch {batch} needs {need / 2**30:.2f} GiB but only "
+                     f"{free / 2**30:.2f} GiB of GPU memory is free; {hint}")
 
 
 def _round_up(x: int, m: int) -> int:

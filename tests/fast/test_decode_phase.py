@@ -153,3 +153,13 @@ def test_head_dim_outside_the_supported_set_is_one_clear_error():
     m = tiny_model("llama", vocab=64, layers=1, hidden=80, heads=2, kv_heads=1, seed=3, max_pos=64)   # head dim 40
     with pytest.raises(ValueError, match="multiples of 16 in \\[16, 256\\].*head_dim=40"):
         as_fast_model(m)
+
+
+def test_cache_memory_check_names_the_largest_batch_that_fits():
+    from specdec.fast.model import check_cache_fits
+
+    check_cache_fits(need=8 << 30, batch=8, capacity=4096, free=10 << 30)          # fits: no error
+    with pytest.raises(ValueError, match="largest batch that fits at this length is 11"):
+        check_cache_fits(need=32 << 30, batch=32, capacity=4096, free=13 << 30)    # 1 GiB a row, 11.7 GiB usable
+    with pytest.raises(ValueError, match="not even one row fits"):
+        check_cache_fits(need=4 << 30, batch=1, capacity=131072, free=2 << 30)
