@@ -30,6 +30,15 @@ rule to the keyed-perturbed rows (root position L), exactly as the reference doe
 
 Greedy output is token-identical to :func:`specdec.ref.engine.run_speculative` with the same
 drafter logic (checked by the tests, never by importing the reference).
+
+**Batches** (B > 1, prompts of any lengths; docs/design.md §11): :func:`_run_batch` -- one drafter per
+row, every row's draft padded to the fixed tree size and verified in ONE target pass over the static
+[B, ...] cache with per-row prefix lengths (``cache.length_t``), ragged acceptance, every row's
+accepted rows compacted in ONE :func:`specdec.fast.kernels.compact_kv` launch (per-row destinations),
+one host synchronisation per greedy round (the [B, M] argmax). A finished row stays in the batch as a
+masked dummy (its verification rows are scratch) and stops being drafted for and emitted. Drafters
+that build device trees or fused rounds (GLIDE) are not batched yet. With the decode phase's
+row-invariant kernels (docs/design.md §8) a row's tokens do not depend on its batch-mates.
 """
 
 from __future__ import annotations
@@ -43,13 +52,15 @@ from typing import Callable, NamedTuple
 import torch
 
 from specdec.fast.graphs import CapturedFn
-from specdec.fast.model import FastModel, MAX_TREE_NODES, commit, prefill, run_step, step_forward
+from specdec.fast.model import FastModel, MAX_TREE_NODES, StaticKVCache, commit, prefill, run_step, step_forward
+from specdec.shared.acceptance import greedy_best_node
+from specdec.shared.batch import PromptBatch, normalize_prompts
 from specdec.shared.keyed import resolve_sampling, sample_next
 from specdec.shared.result import GenerationResult, normalize_eos, sync
 from specdec.shared.round import Draft, Drafter, RoundRecord, RoundState, accept_draft
 from specdec.shared.sampling import SamplingParams
 from specdec.shared.tree import Tree
-from specdec.shared.validate import check_batch_one, check_generator, check_prompt
+from specdec.shared.validate import check_generator
 
 __all__ = ["run_speculative_fast", "verify_and_accept", "FastDrafter", "RunAhead", "FusedRound", "DeviceTree",
            "TreeTensors", "tree_tensors", "check_drafts_fit"]
@@ -191,6 +202,137 @@ def as_fast_drafter(drafter) -> FastDrafter:
     if not isinstance(drafter, Drafter):
         raise TypeError(f"a drafter must implement propose(state) -> Draft, got {type(drafter).__name__}")
     return _HostDrafter(drafter)
+
+
+def _drafters_per_row(drafter, batch: int, method: str) -> list:
+    """One drafter per row: a list of B drafters, a factory (called once per row), or one drafter
+    object for a batch of one (a drafter keeps per-sequence state, so it cannot serve two rows)."""
+    if isinstance(drafter, (FastDrafter, Drafter)):
+        if batch != 1:
+            raise ValueError(f"{method} does not batch on the fast path yet (got batch size {batch}): batching of this "
+                             "method is in the reference path only for now (specdec.ref, issue 19); call it once per "
+                             "prompt or use specdec.ref. (Engine callers: pass one drafter per row, or a factory.)")
+        return [drafter]
+    if isinstance(drafter, (list, tuple)):
+        if len(drafter) != batch:
+            raise ValueError(f"drafter: got {len(drafter)} drafters for a batch of {batch} prompts; pass one per row of input_ids")
+        return list(drafter)
+    if callable(drafter):
+        return [drafter() for _ in range(batch)]
+    raise TypeError(f"drafter must be a drafter (propose(state)), a list of them or a factory, got {type(drafter).__name__}")
+
+
+def _row_view(cache: StaticKVCache, b: int, length: int) -> StaticKVCache:
+    """Row b of a batch cache as a batch-of-one cache (views: writes land in the batch's memory)."""
+    return StaticKVCache(cache.k[:, b:b + 1], cache.v[:, b:b + 1], length, cache.length_t[b:b + 1])
+
+
+def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_len: int, eos: set[int],
+               params: SamplingParams, generator, method: str, tree_size: int, first_target: bool,
+               skip_sample_adjustment: bool, on_round) -> GenerationResult:
+    """The speculative loop for B > 1 rows of any prompt lengths (module docstring, "Batches"); the same
+    five steps and rules as the batch-of-one loop, per row. Row b is keyed sampling's sequence b."""
+    dev, B, T = target.device, batch.size, tree_size
+    ids = list(range(B))
+    tokens = batch.tolists()                                   # row b: prompt + emitted
+    emitted: list[list[int]] = [[] for _ in range(B)]
+    spec: list[list[bool]] = [[] for _ in range(B)]
+    accept_lengths: list[list[int]] = [[] for _ in range(B)]
+    cache = target.ensure_cache(B, max(batch.lengths) + max_gen_len + T + 1)
+    num = 0
+
+    # 0. Prefill every row into its slice of the batch cache (rows of different lengths).
+    t0 = time.perf_counter()
+    fed = [r if first_target else r[:-1] for r in batch.rows]
+    lengths = [int(f.shape[0]) for f in fed]                   # L_b: row b's verified cache length
+    last_logits: list[torch.Tensor | None] = []
+    for b in range(B):
+        view = _row_view(cache, b, 0)
+        last_logits.append(prefill(target, view, fed[b][None])[0] if lengths[b] > 0 else None)
+        view.set_length(lengths[b])
+    if first_target:
+        firsts = sample_next(torch.stack(last_logits), params, generator, lengths, seq_ids=ids)   # position T_b
+        for b, tok in enumerate(firsts.tolist()):
+            tokens[b].append(int(tok))
+            emitted[b].append(int(tok))
+            spec[b].append(False)
+            accept_lengths[b].append(1)
+        num = 1
+    for b in range(B):
+        drafters[b].prefill(RoundState(tokens[b], target, _row_view(cache, b, lengths[b]), last_logits[b], params,
+                                       generator, max_gen_len - len(emitted[b]), ids[b]))
+    sync(dev)
+    prefill_time = time.perf_counter() - t0
+
+    def finished(b: int) -> bool:
+        return len(emitted[b]) >= max_gen_len or bool(eos & set(emitted[b]))
+
+    eye = torch.eye(T, dtype=torch.bool, device=dev)
+    t1 = time.perf_counter()
+    active = [b for b in range(B) if not finished(b)]
+    while active:
+        # 1. Draft: every unfinished row proposes a tree rooted at its last token (host trees).
+        drafts: dict[int, Draft] = {}
+        for b in active:
+            state = RoundState(tokens[b], target, _row_view(cache, b, lengths[b]), last_logits[b], params, generator,
+                               max_gen_len - len(emitted[b]), ids[b])
+            draft = drafters[b].propose(state)
+            if not isinstance(draft.tree, Tree):
+                raise ValueError(f"{method}: batched rounds need host trees; this drafter builds device trees "
+                                 "(GLIDE), which batch on the reference path only for now")
+            if draft.tree.size > T:
+                raise RuntimeError(f"drafter bug: a draft of {draft.tree.size} nodes exceeds the fixed tree size {T}")
+            drafts[b] = draft
+        # 2. Verify: every row padded to T nodes (a finished row: T dummy roots that see only
+        #    themselves), one target pass with per-row prefix lengths.
+        node_tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
+        positions = torch.tensor(lengths, dtype=torch.long, device=dev)[:, None].repeat(1, T)
+        masks = eye[None].repeat(B, 1, 1)
+        for b, draft in drafts.items():
+            tt = tree_tensors(draft.tree, T, dev)
+            node_tokens[b, : draft.tree.size] = draft.tokens.to(dev)
+            positions[b] = tt.depth + lengths[b]
+            masks[b] = tt.mask[0]
+        cache.length = max(lengths)
+        logits = run_step(target, cache, node_tokens, positions, masks)      # [B, T, V]
+        num += 1
+        amax = torch.argmax(logits, dim=-1).tolist() if params.greedy else None   # the round's one read-back
+        # 3. Accept per row; 4. compact every row's accepted rows in one launch; 5. emit.
+        src = torch.zeros(B, T, dtype=torch.int32)
+        n_acc = torch.zeros(B, dtype=torch.int32)
+        dst = torch.tensor(lengths, dtype=torch.int32)
+        for b, draft in drafts.items():
+            tree, m, L = draft.tree, draft.tree.size, lengths[b]
+            draft_tokens = draft.tokens.tolist()
+            if amax is not None:
+                best = int(greedy_best_node(tree.ancestor_mask("cpu"), tree.depth_tensor("cpu"),
+                                            torch.tensor(draft_tokens), torch.tensor(amax[b][:m]),
+                                            torch.tensor(tree.parents, dtype=torch.long)))
+                path, next_token = tree.path(best), int(amax[b][best])
+            else:
+                host = Draft(torch.tensor(draft_tokens), tree, draft.q)
+                path, next_token = accept_draft(host, logits[b, :m], params, generator, skip_sample_adjustment,
+                                                root_position=L, seq_id=ids[b])
+            src[b, : len(path)] = torch.tensor(path, dtype=torch.int32) + L
+            n_acc[b] = len(path)
+            lengths[b] = L + len(path)
+            accepted = [draft_tokens[j] for j in path[1:]]
+            emitted[b] += accepted + [next_token]
+            spec[b] += [True] * len(accepted) + [False]
+            tokens[b] += accepted + [next_token]
+            accept_lengths[b].append(len(accepted) + 1)
+            last_logits[b] = logits[b, path[-1]]
+            if on_round is not None:
+                on_round(RoundRecord(draft, path, next_token, b))
+        from specdec.fast import kernels as K
+
+        K.compact_kv(cache.k, cache.v, src.to(dev), dst.to(dev), n_accept=n_acc.to(dev))
+        cache.length_t.copy_(torch.tensor(lengths, dtype=torch.int32))
+        active = [b for b in active if not finished(b)]
+    sync(dev)
+    elapsed = time.perf_counter() - t1
+    row_nums = [len(a) for a in accept_lengths]
+    return GenerationResult.from_batch(emitted, spec, eos, max_gen_len, num, elapsed, prefill_time, accept_lengths, row_nums)
 
 
 def check_drafts_fit(name: str, drafts: int) -> None:
@@ -391,16 +533,20 @@ def run_speculative_fast(
     :class:`specdec.shared.round.Drafter`. ``sampling`` and ``seed`` as in
     :func:`specdec.ref.engine.run_speculative` (the drafter sees the resolved seed in ``state.params``).
     """
-    drafter = as_fast_drafter(drafter)
     params = SamplingParams(temperature, top_k, top_p, sampling, seed)
     dev = target.device
-    prompt = check_prompt(input_ids, prompt_length, max_gen_len, target.config, device=dev)
-    check_batch_one(prompt, method)
+    batch = normalize_prompts(input_ids, prompt_length, max_gen_len, target.config, device=dev)
+    drafters = [as_fast_drafter(d) for d in _drafters_per_row(drafter, batch.size, method)]
+    drafter = drafters[0]
+    prompt = batch.padded(0)
     if not 1 <= tree_size <= MAX_TREE_NODES:
         raise ValueError(f"the verified tree must have 1..{MAX_TREE_NODES} nodes, got {tree_size}")
     check_generator(generator)
     params, generator = resolve_sampling(params, generator, dev)
     eos = set(normalize_eos(eos_id, target.config.eos_token_ids, target.config.vocab_size))
+    if batch.size > 1:
+        return _run_batch(target, drafters, batch, max_gen_len, eos, params, generator, method, tree_size, first_target,
+                          skip_sample_adjustment, on_round)
     out_ = _Emitted(prompt[0].tolist(), on_round)
     tokens = out_.tokens
     # room for the prompt, every emitted token, and one round of tree rows past the end

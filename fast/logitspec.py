@@ -41,7 +41,6 @@ def logitspec_generate(
     check_positive_int("draft_tree_capacity", draft_tree_capacity)
     check_drafts_fit("draft_tree_capacity", draft_tree_capacity)
     fm = as_fast_model(target)
-    drafter = LogitSpecDrafter(max_ngram_size, num_pred_tokens, draft_tree_capacity)
-    return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+    return run_speculative_fast(fm, lambda: LogitSpecDrafter(max_ngram_size, num_pred_tokens, draft_tree_capacity), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                                 generator, method="LogitSpec", tree_size=draft_tree_capacity + 1, first_target=first_target,
                                 sampling=sampling, seed=seed)

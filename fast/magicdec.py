@@ -57,7 +57,7 @@ class FastMagicDecDrafter(FastDrafter):
                 token = torch.argmax(logits)[None, None]
             elif p.keyed:  # the compressed view's own keyed choice for position L + i + 1; no q
                 pos = torch.tensor(L + i + 1, device=dev)
-                token = keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos).reshape(1, 1)
+                token = keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, state.seq_id, pos).reshape(1, 1)
             else:
                 q = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
                 token = sample_from_probs(q, state.generator).reshape(1, 1).to(dev)
@@ -92,7 +92,6 @@ def magicdec_generate(
     check_positive_int("window", window)
     check_drafts_fit("gamma", gamma)
     fm = as_fast_model(target)
-    drafter = FastMagicDecDrafter(fm, gamma, sink_tokens, window)
-    return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+    return run_speculative_fast(fm, lambda: FastMagicDecDrafter(fm, gamma, sink_tokens, window), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                                 generator, method="magicdec_generate", tree_size=gamma + 1, on_round=on_round,
                                 sampling=sampling, seed=seed)

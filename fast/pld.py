@@ -36,7 +36,6 @@ def pld_generate(
     check_ngram_args(max_ngram_size, num_pred_tokens)
     check_drafts_fit("num_pred_tokens", num_pred_tokens)
     fm = as_fast_model(target)
-    drafter = PromptLookupDrafter(max_ngram_size, num_pred_tokens)
-    return run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+    return run_speculative_fast(fm, lambda: PromptLookupDrafter(max_ngram_size, num_pred_tokens), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                                 generator, method="prompt lookup decoding", tree_size=num_pred_tokens + 1,
                                 sampling=sampling, seed=seed)

@@ -9,10 +9,13 @@ sampling: the draft proposes the keyed choice of its own logits at each draft po
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from specdec.fast.engine import FastDrafter, check_drafts_fit, run_speculative_fast
 from specdec.fast.model import MAX_TREE_NODES, FastModel, as_fast_model, prefill, run_step
+from specdec.shared.batch import longest_prompt
 from specdec.shared.keyed import keyed_choice
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundState
@@ -26,10 +29,10 @@ __all__ = ["FastDraftModelDrafter", "speculative_generate"]
 class FastDraftModelDrafter(FastDrafter):
     """Chain of ``gamma`` drafts from a fast draft model whose static cache is rolled back, not rebuilt."""
 
-    def __init__(self, draft: FastModel, gamma: int, capacity: int) -> None:
+    def __init__(self, draft: FastModel, gamma: int, capacity: int, name: str = "draft") -> None:
         self.model = draft
         self.gamma = gamma
-        self.cache = draft.ensure_cache(1, capacity, name="draft")
+        self.cache = draft.ensure_cache(1, capacity, name=name)   # one cache per drafter (per batch row)
         self.cached: list[int] = []  # tokens whose KV is in the draft cache
         self.pending: torch.Tensor | None = None  # drafts fed last round, still on the device
 
@@ -71,7 +74,7 @@ class FastDraftModelDrafter(FastDrafter):
                 x = torch.argmax(logits, dim=-1, keepdim=True)
             elif p.keyed:  # the draft's own keyed choice at position L + 1 + i; no q
                 pos = torch.tensor(root_pos + 1 + i, device=dev)
-                x = keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, 0, pos).reshape(1)
+                x = keyed_choice(logits, p.temperature, p.top_k, p.top_p, p.seed, state.seq_id, pos).reshape(1)
             else:
                 q = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
                 x = sample_from_probs(q, state.generator).reshape(1).to(dev)
@@ -114,8 +117,13 @@ def speculative_generate(
     check_same_vocab(tm.config, dm.config)
     check_positive_int("gamma", gamma)
     check_drafts_fit("gamma", gamma)
-    n_prompt = input_ids.shape[-1] if hasattr(input_ids, "shape") else len(input_ids)
-    drafter = FastDraftModelDrafter(dm, gamma, n_prompt + max_gen_len + gamma + 2)
+    capacity = longest_prompt(input_ids) + max_gen_len + gamma + 2
+    rows = itertools.count()
+
+    def drafter():   # one per batch row, each with its own draft cache ("draft", "draft1", ...)
+        i = next(rows)
+        return FastDraftModelDrafter(dm, gamma, capacity, name="draft" if i == 0 else f"draft{i}")
+
     return run_speculative_fast(
         tm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p, generator,
         method="speculative decoding", tree_size=gamma + 1, first_target=first_target,

@@ -34,7 +34,7 @@ import torch
 
 from specdec.shared.config import ModelConfig
 
-__all__ = ["PromptBatch", "normalize_prompts", "prompt_lengths", "check_seq_ids"]
+__all__ = ["PromptBatch", "normalize_prompts", "prompt_lengths", "longest_prompt", "check_seq_ids"]
 
 _ONE = "an int or a 0-d / one-element integer tensor"
 
@@ -94,6 +94,13 @@ def _token_rows(input_ids) -> tuple[list[torch.Tensor], bool]:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
     return list(input_ids.unbind(0)), True
+
+
+def longest_prompt(input_ids) -> int:
+    """Tokens in the longest row of ``input_ids`` (any accepted form, before the lengths are applied):
+    what a drafter's own cache must hold for the prompt. Bad input raises as :func:`normalize_prompts`."""
+    rows, _ = _token_rows(input_ids)
+    return max((int(r.shape[0]) for r in rows), default=0)
 
 
 def prompt_lengths(prompt_length, available: Sequence[int]) -> list[int]:

@@ -1,9 +1,9 @@
 """Issue 19 on the fast path: the same input forms as the reference (shared/batch.py), one public API.
 
 Fast ``vanilla_generate`` decodes a batch of prompts of different lengths (row by row equal to the
-reference's batch and to each prompt alone, keyed sampling too); every other fast decoder refuses
-B > 1 with one ValueError pointing at the reference path (issue 19), and still takes a batch of
-one in any form. CPU: the kernels run under the Triton interpreter, so the models are tiny.
+reference's batch and to each prompt alone, keyed sampling too); so do the fast speculative, PLD,
+LogitSpec and MagicDec decoders (the engine's batched round); the GLIDE decoders refuse B > 1 with one
+ValueError pointing at the reference path (issue 19). CPU: the kernels run under the Triton interpreter, so the models are tiny.
 """
 
 from __future__ import annotations
@@ -58,23 +58,53 @@ def test_fast_vanilla_keyed_rows_keep_their_sequence_ids(pair):
     assert torch.equal(ff.row(0).output_ids, fast.vanilla_generate(ftarget, [PROMPTS[0]], None, **kw).output_ids)
 
 
-def test_fast_speculative_decoders_refuse_batches_with_one_message(pair):
-    target, ftarget = pair
-    calls = [
-        ("speculative decoding", lambda **kw: fast.speculative_generate(ftarget, ftarget, gamma=2, **kw)),
-        ("prompt lookup decoding", lambda **kw: fast.pld_generate(ftarget, num_pred_tokens=3, **kw)),
-        ("LogitSpec", lambda **kw: fast.logitspec_generate(ftarget, draft_tree_capacity=4, num_pred_tokens=3, **kw)),
-        ("magicdec_generate", lambda **kw: fast.magicdec_generate(ftarget, gamma=2, sink_tokens=1, window=4, **kw)),
+def _spec_calls(target, ftarget):
+    """(method, fast call, ref call): the decoders that batch on the fast path (host-tree drafters)."""
+    return [
+        ("speculative", lambda *a, **kw: fast.speculative_generate(ftarget, ftarget, *a, gamma=2, **kw),
+         lambda *a, **kw: ref.speculative_generate(target, target, *a, gamma=2, **kw)),
+        ("pld", lambda *a, **kw: fast.pld_generate(ftarget, *a, num_pred_tokens=3, **kw),
+         lambda *a, **kw: ref.pld_generate(target, *a, num_pred_tokens=3, **kw)),
+        ("logitspec", lambda *a, **kw: fast.logitspec_generate(ftarget, *a, draft_tree_capacity=4, num_pred_tokens=3, **kw),
+         lambda *a, **kw: ref.logitspec_generate(target, *a, draft_tree_capacity=4, num_pred_tokens=3, **kw)),
+        ("magicdec", lambda *a, **kw: fast.magicdec_generate(ftarget, *a, gamma=2, sink_tokens=1, window=4, **kw),
+         lambda *a, **kw: ref.magicdec_generate(target, *a, gamma=2, sink_tokens=1, window=4, **kw)),
     ]
-    ids, lengths = _padded(PROMPTS[:2])
-    for method, call in calls:
-        for form in (dict(input_ids=ids, prompt_length=lengths), dict(input_ids=PROMPTS[:2], prompt_length=None)):
-            with pytest.raises(ValueError, match=rf"{method} supports batch size 1, got batch size 2: batching of this "
-                                                 r"method is in the reference path only for now \(specdec.ref, issue 19\)"):
-                call(max_gen_len=3, eos_id=[], **form)
-        # a batch of one in any accepted form still runs, and equals the reference
-        one = call(input_ids=[PROMPTS[0]], prompt_length=[len(PROMPTS[0])], max_gen_len=3, eos_id=[])
-        assert torch.equal(one.output_ids, ref.vanilla_generate(target, PROMPTS[0], len(PROMPTS[0]), max_gen_len=3, eos_id=[]).output_ids), method
+
+
+def test_fast_speculative_decoders_batch_ragged_rows_like_ref(pair):
+    """Prompts of different lengths (one of length 1, one hitting EOS early) batched on the fast path:
+    every row equals the reference batch's row, ref vanilla's, and has the same acceptance per round."""
+    target, ftarget = pair
+    ids, lengths = _padded(PROMPTS)
+    alone = [ref.vanilla_generate(target, [p], None, max_gen_len=6, eos_id=[]).output_ids for p in PROMPTS]
+    kw = dict(max_gen_len=6, eos_id=[int(alone[2][0, 2])])
+    vanilla = ref.vanilla_generate(target, ids, lengths, **kw)
+    for method, f, r in _spec_calls(target, ftarget):
+        rr, ff = r(ids, lengths, **kw), f(ids, lengths, **kw)
+        assert torch.equal(ff.output_ids, rr.output_ids), method
+        assert torch.equal(ff.output_ids, vanilla.output_ids), method
+        assert ff.row_lengths == rr.row_lengths and ff.row_accept_lengths == rr.row_accept_lengths, method
+        assert torch.equal(f(PROMPTS, None, **kw).output_ids, ff.output_ids), method   # the list form
+
+
+def test_fast_batched_keyed_rows_equal_keyed_vanilla(pair):
+    target, ftarget = pair
+    kw = dict(max_gen_len=5, eos_id=[], temperature=1.0, sampling="keyed", seed=5)
+    want = ref.vanilla_generate(target, PROMPTS[:3], None, **kw).output_ids
+    for method, f, _ in _spec_calls(target, ftarget):
+        assert torch.equal(f(PROMPTS[:3], None, **kw).output_ids, want), method
+
+
+def test_fast_glide_decoders_refuse_batches_with_one_message(pair):
+    from specdec.shared.glide import init_glide_weights
+
+    target, ftarget = pair
+    glide = init_glide_weights(target.config, seed=3)
+    for call in (fast.tree_spec_generate, fast.spec_generate):
+        with pytest.raises(ValueError, match=r"does not batch on the fast path yet \(got batch size 2\): batching of this "
+                                             r"method is in the reference path only for now \(specdec.ref, issue 19\)"):
+            call(ftarget, glide, PROMPTS[:2], None, max_gen_len=3, eos_id=[])
 
 
 def test_fast_bad_lengths_name_the_argument(pair):
