@@ -261,6 +261,31 @@ class SpecdecRunner:
         out = res.tolist()
         return TurnResult(out, wall, float(res.prefill_time), clip_accept_lengths(res.accept_lengths, len(out)))
 
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[TurnResult]:
+        """All ``prompts`` in one batched call of the decoder; one :class:`TurnResult` per row, each with the
+        batch's wall and prefill time."""
+        import torch
+
+        rows = [torch.tensor(p, dtype=torch.long, device=self.device) for p in prompts]
+        gen, keyed = None, {}
+        if self.sampling["temperature"] > 0:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            if self.mode == "keyed":
+                keyed = {"sampling": "keyed", "seed": seed}
+        args = (self.target,) if self.extra is None else (self.target, self.extra)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        res = self.fn(*args, rows, None, max_gen_len=max_new_tokens, eos_id=self.eos_ids, generator=gen,
+                      **self.sampling, **keyed, **self.options)
+        _sync(self.device)
+        wall = time.perf_counter() - t0
+        out = []
+        for b in range(len(prompts)):
+            ids = res.row(b).output_ids[0].tolist()
+            acc = res.row_accept_lengths[b] if res.row_accept_lengths is not None else None
+            out.append(TurnResult(ids, wall, float(res.prefill_time), clip_accept_lengths(acc, len(ids))))
+        return out
+
 
 class _RoundStreamer:
     """``transformers`` streamer recording the time of the first generated token and how many
@@ -424,6 +449,10 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="raise the models' context limit to this many positions (RoPE past the trained length)")
     ap.add_argument("--family", default=None, help="prompt template family (vicuna, llama2, llama3, qwen2, raw); default: the tokenizer's")
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (0 = none)")
+    ap.add_argument("--batch-size", type=int, default=1, metavar="N",
+                    help="decode N questions at once (each turn of a group of N questions in one batched call; specdec "
+                         "methods only). A batched turn's wall time is the whole batch's; with --sampling keyed the "
+                         "group shares one seed and row b is sequence b")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (it is shown only when stderr is a terminal)")
     g = ap.add_argument_group("method options (each method's own default when not given)")
     g.add_argument("--gamma", type=int, default=None, help="draft length: speculative (5), spec (4), magicdec (4)")
@@ -597,6 +626,8 @@ def run_bench(args) -> dict[str, str]:
     dtype = _resolve_dtype(args.dtype, device)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    if getattr(args, "batch_size", 1) < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.sampling == "keyed" and args.seed < 0:
         raise ValueError(f"--seed must be >= 0 with --sampling keyed, got {args.seed}")
     if args.backend == "fast":
@@ -604,6 +635,10 @@ def run_bench(args) -> dict[str, str]:
 
         check_fast_device(device, getattr(args, "force_interpreter", False))
     methods = _parse_methods(args.methods, args.peers)
+    peers = [m for m in methods if m not in METHODS]
+    if getattr(args, "batch_size", 1) > 1 and peers:
+        raise ValueError(f"--batch-size > 1 batches the specdec methods only; {', '.join(peers)} run one prompt at a "
+                         "time (drop --peers, or bench them in a run with --batch-size 1)")
     questions = load_questions(args.bench, args.question_begin, args.question_end)
     tok = load_tokenizer(args.target)
     tok.model_max_length = 10**9  # we check lengths ourselves; silence the long-sequence warning
@@ -724,27 +759,40 @@ def _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
     from tqdm import tqdm
 
     # on stderr, and only on a terminal (disable=None): logs and captured output get the summary lines alone
-    bar = tqdm(questions, desc=method, unit="q", file=sys.stderr, dynamic_ncols=True,
+    bar = tqdm(total=len(questions), desc=method, unit="q", file=sys.stderr, dynamic_ncols=True,
                disable=True if args.no_progress else None)
     tokens = wall = 0.0
     passes = done = skipped = 0
     try:
         with open(path, "w", encoding="utf-8") as f:
-            for qi, q in enumerate(bar):
-                try:
-                    rec = _run_question(runner, tok, q, args, qi, ctx)
-                except _Skip as e:
-                    skipped += 1
-                    tqdm.write(f"[bench] {method}: skipping question {q['question_id']}: {e}", file=sys.stderr)
-                    continue
-                rec.update({"model_id": model_id, "method": method, "backend": meta["backend"], "meta": meta})
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                done += 1
-                ch = rec["choices"][0]
-                tokens += sum(ch["new_tokens"])
-                wall += sum(ch["wall_time"])
-                passes += len(ch["accept_lengths"])
+            size = max(1, getattr(args, "batch_size", 1))
+            groups = [list(range(i, min(i + size, len(questions)))) for i in range(0, len(questions), size)]
+            for group in groups:
+                if size == 1:
+                    qi = group[0]
+                    try:
+                        recs = [_run_question(runner, tok, questions[qi], args, qi, ctx)]
+                    except _Skip as e:
+                        recs = [e]
+                else:
+                    recs = _run_group(runner, tok, [questions[i] for i in group], args, group[0], ctx)
+                bar.update(len(group))
+                for q, rec in zip((questions[i] for i in group), recs):
+                    if isinstance(rec, _Skip):
+                        skipped += 1
+                        tqdm.write(f"[bench] {method}: skipping question {q['question_id']}: {rec}", file=sys.stderr)
+                        continue
+                    rec.update({"model_id": model_id, "method": method, "backend": meta["backend"], "meta": meta})
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
+                    done += 1
+                    ch = rec["choices"][0]
+                    tokens += sum(ch["new_tokens"])
+                    passes += len(ch["accept_lengths"])
+                    if size == 1:
+                        wall += sum(ch["wall_time"])
+                if size > 1:   # a batched turn's wall time is shared by its rows: count it once
+                    wall += sum(_group_walls(recs))
     finally:
         bar.close()
         if not done and os.path.exists(path):
@@ -782,6 +830,59 @@ def _run_question(runner, tok, q: dict, args, qi: int, ctx: int | None = None) -
         ch["output_ids"].append(r.output_ids)
     return {"question_id": q["question_id"], "category": q["category"], "tstamp": time.time(),
             "choices": [{"index": 0, **ch}]}
+
+
+def _group_walls(recs: list) -> list[float]:
+    """The wall time of each batched turn of a group, once (every row of a turn records the same)."""
+    walls: dict[int, float] = {}
+    for rec in recs:
+        if isinstance(rec, dict):
+            for k, w in enumerate(rec["choices"][0]["wall_time"]):
+                walls[k] = w
+    return list(walls.values())
+
+
+def _run_group(runner, tok, qs: list[dict], args, q0: int, ctx: int | None = None) -> list:
+    """Questions ``qs`` together (``--batch-size``): turn k of every question that has one, in one batched call.
+    Returns one record per question (as :func:`_run_question`), or the :class:`_Skip` that stopped it."""
+    from specdec.shared.tokenizer import encode_prompt
+
+    if not isinstance(runner, SpecdecRunner):
+        raise ValueError("--batch-size > 1 batches the specdec methods only (the transformers peers run one prompt at a time)")
+    answers: list[list[str]] = [[] for _ in qs]
+    chs = [{k: [] for k in ("turns", "new_tokens", "wall_time", "prefill_time", "decode_time", "prompt_tokens",
+                            "decoding_steps", "accept_lengths", "output_ids")} for _ in qs]
+    out: list = [None] * len(qs)
+    for k in range(max(len(q["turns"]) for q in qs)):
+        rows, prompts = [], []
+        for i, q in enumerate(qs):
+            if out[i] is not None or k >= len(q["turns"]):
+                continue
+            ids = encode_prompt(tok, conversation_prompt(tok, q["turns"], answers[i], args.family))
+            if ctx is not None and len(ids) + args.max_new_tokens > ctx:
+                out[i] = _Skip(_too_long(len(ids), args.max_new_tokens, ctx, args.max_context, turn=k))
+                continue
+            rows.append(i)
+            prompts.append(ids)
+        if not rows:
+            continue
+        for i, ids, r in zip(rows, prompts, runner.generate_batch(prompts, args.max_new_tokens, args.seed + 1000 * q0 + k)):
+            text = tok.decode(r.output_ids, skip_special_tokens=True)
+            answers[i].append(text.strip())
+            ch = chs[i]
+            ch["turns"].append(text)
+            ch["new_tokens"].append(len(r.output_ids))
+            ch["wall_time"].append(r.wall_time)
+            ch["prefill_time"].append(r.prefill_time)
+            ch["decode_time"].append(None if r.prefill_time is None else max(r.wall_time - r.prefill_time, 0.0))
+            ch["prompt_tokens"].append(len(ids))
+            ch["decoding_steps"].append(None if r.accept_lengths is None else len(r.accept_lengths))
+            if r.accept_lengths is not None:
+                ch["accept_lengths"].extend(r.accept_lengths)
+            ch["output_ids"].append(r.output_ids)
+    return [o if o is not None else {"question_id": q["question_id"], "category": q["category"], "tstamp": time.time(),
+                                     "batch_size": len(qs), "choices": [{"index": 0, **ch}]}
+            for q, o, ch in zip(qs, out, chs)]
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
