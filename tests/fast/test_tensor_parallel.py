@@ -20,9 +20,17 @@ PROMPT = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
 NEW = 6
 
 
+KEYED = dict(temperature=1.0, sampling="keyed", seed=3)
+BATCH = [[5, 6, 7, 8, 9, 5, 6, 7], [12, 13, 12, 13, 12]]
+
+
 def _decoders(fast, draft):
     return {
         "vanilla": lambda m, kw: fast.vanilla_generate(m, **kw),
+        "vanilla keyed": lambda m, kw: fast.vanilla_generate(m, **kw, **KEYED),
+        "magicdec keyed": lambda m, kw: fast.magicdec_generate(m, gamma=3, sink_tokens=2, window=6, **kw, **KEYED),
+        "pld batch": lambda m, kw: fast.pld_generate(m, BATCH, None, num_pred_tokens=4, max_gen_len=kw["max_gen_len"],
+                                                     eos_id=[]),
         "speculative": lambda m, kw: fast.speculative_generate(m, draft, gamma=3, **kw),
         "pld": lambda m, kw: fast.pld_generate(m, num_pred_tokens=4, **kw),
         "logitspec": lambda m, kw: fast.logitspec_generate(m, draft_tree_capacity=8, num_pred_tokens=4, **kw),
@@ -54,7 +62,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         assert fm.w["layers.0.wqkv"].shape[0] == (4 + 2 * 2) * 32 // world      # this rank's heads only
         ids = torch.tensor([PROMPT])
         kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=NEW, eos_id=[])
-        out = {name: run(fm, kw).output_ids for name, run in _decoders(fast, draft).items()}
+        out = {name: run(fm, kw).output_ids for name, run in _decoders(fast, draft).items() if name != "vanilla keyed"}
         with pytest.raises(ValueError, match="tensor-parallel"):
             from specdec.shared.glide import init_glide_weights
 
@@ -71,11 +79,14 @@ def test_tp2_gives_tp1_tokens_for_every_decoder():
     ids = torch.tensor([PROMPT])
     kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=NEW, eos_id=[])
     want = {name: run(target, kw).output_ids for name, run in _decoders(fast, draft).items()}
-    assert all(torch.equal(v, want["vanilla"]) for v in want.values())   # lossless at TP = 1 too
+    assert all(torch.equal(want[k], want["vanilla"]) for k in ("speculative", "pld", "logitspec", "magicdec"))   # lossless
+    assert torch.equal(want["magicdec keyed"], want["vanilla keyed"])
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_rank_main, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True, start_method="spawn")
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     for name, tokens in want.items():
+        if name == "vanilla keyed":   # the TP = 1 reference of "magicdec keyed" only
+            continue
         assert torch.equal(ranks[0][name], tokens), name
         assert torch.equal(ranks[1][name], tokens), name
 
