@@ -51,6 +51,14 @@ candidate token would take, keyed by the row's sequence id
 at L + 1, a depth-d node's children at L + d + 1) -- so a chain is the draft's keyed choice at
 every step, and the target accepts a draft iff it is its own keyed choice there: the output is
 exactly vanilla keyed sampling's.
+
+Truncated draft vocabulary (docs/design.md §12; :attr:`Glide.vocab_map`, N sorted target ids): the draft's
+logits cover only those N tokens -- ``hidden @ lm_head_target[vocab_map]^T``, a sliced copy of the rows
+kept with the draft (:func:`draft_lm_head`) -- the beam ranks draft ids, and each chosen draft id i
+becomes the target token ``vocab_map[i]`` before it is embedded, drafted from or verified. In keyed
+mode the noise added to draft id i is the noise of target token ``vocab_map[i]`` at that position, so
+the draft still guesses the target's keyed choice whenever that token is among the N. Verification
+is unchanged: still lossless.
 """
 
 from __future__ import annotations
@@ -83,6 +91,7 @@ __all__ = [
     "check_glide_matches",
     "glide_layer",
     "glide_logits",
+    "draft_lm_head",
     "glide_full_forward",
     "window_mask",
     "GlideDrafter",
@@ -107,10 +116,14 @@ DEFAULT_TREE_SHAPE = tree_search.DEFAULT_TREE_SHAPE  # LongSpec's beam tree
 def load_glide(path: str | os.PathLike, target: Model, window: int | None = None, dtype=None) -> Glide:
     """Load a GLIDE draft for ``target``: an HF-format dir (``sail/longspec-*`` layout) or a LongSpec
     training ``state_dict`` (.pth, ``draft_model.`` prefix and the like stripped). Shapes are checked
-    against the target. Weights go to the target's device, in the target's dtype unless ``dtype``."""
+    against the target. Weights go to the target's device, in the target's dtype unless ``dtype``.
+    A truncated draft vocabulary stored with it (:attr:`Glide.vocab_map`) is checked against the target
+    and its lm_head rows are sliced once (:func:`draft_lm_head`)."""
     from specdec.shared.assets import resolve_model_path
 
-    return load_glide_weights(resolve_model_path(path), target.config, dtype=dtype or target.dtype, device=target.device, window=window)
+    glide = load_glide_weights(resolve_model_path(path), target.config, dtype=dtype or target.dtype, device=target.device, window=window)
+    draft_lm_head(target, glide)  # the sliced copy, kept with the draft (a no-op for the full vocabulary)
+    return glide
 
 
 def check_glide_matches(target: Model, glide: Glide) -> None:
@@ -184,9 +197,24 @@ def glide_layer(
     return x, k_new, v_new
 
 
-def glide_logits(target: Model, hidden: torch.Tensor) -> torch.Tensor:
-    """The target's frozen lm_head on the draft's hidden states (no final norm) -> fp32 logits."""
+def draft_lm_head(target: Model, glide: Glide | None = None) -> torch.Tensor:
+    """The output layer the draft uses: the target's lm_head [V, H], or with a truncated draft vocabulary
+    its rows ``vocab_map`` [N, H] -- a sliced copy made once and kept with the draft (in ``glide.extras``,
+    remembered together with the target lm_head it was cut from)."""
     lm_head = target.weights["lm_head.weight"]
+    if glide is None or glide.vocab_map is None:
+        return lm_head
+    cached = glide.extras.get("draft_lm_head")
+    if cached is None or cached[0] is not lm_head or cached[1] is not glide.vocab_map:
+        cached = glide.extras["draft_lm_head"] = (lm_head, glide.vocab_map, lm_head[glide.vocab_map.to(lm_head.device)].clone())
+    return cached[2]
+
+
+def glide_logits(target: Model, hidden: torch.Tensor, glide: Glide | None = None) -> torch.Tensor:
+    """The target's frozen lm_head on the draft's hidden states (no final norm) -> fp32 logits [..., V];
+    with ``glide``'s truncated vocabulary only its N rows (:func:`draft_lm_head`) -> [..., N], column i
+    being target token ``glide.vocab_map[i]``."""
+    lm_head = draft_lm_head(target, glide)
     return F.linear(hidden.to(lm_head.dtype), lm_head).float()
 
 
@@ -206,7 +234,7 @@ def glide_full_forward(
     Query i (position ``positions[i]``) sees draft rows j with i - window < j <= i and target
     rows j <= i - lag (decoding = lag 1: target positions < t). ``lag`` is an int or a [B] tensor.
     ``target_k``/``target_v`` [B, Hkv, T, D] are the target's last-layer K/V over the same tokens.
-    Returns logits [B, T, V] fp32.
+    Returns logits [B, T, V] fp32 ([B, T, N] over the draft vocabulary when ``glide`` has one).
     """
     b, t = input_ids.shape
     dev = input_ids.device
@@ -220,7 +248,7 @@ def glide_full_forward(
     cross_mask = (idx[None, :, None] - idx[None, None, :]) >= lag_t  # [B or 1, T, T]
     cross_mask = cross_mask.expand(b, t, t)
     hidden, _, _ = glide_layer(target, glide, input_ids, positions, None, None, self_mask, target_k, target_v, cross_mask)
-    return glide_logits(target, hidden)
+    return glide_logits(target, hidden, glide)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,15 +317,24 @@ class GlideDrafter:
         self.processed = L + 1
         return hidden
 
-    @staticmethod
-    def _scores(logits: torch.Tensor, state: RoundState, position: int) -> torch.Tensor:
-        """What the beam ranks for the tokens after a level's nodes [n, V]: the draft's log-probs, or in
-        keyed mode its processed log-probs plus the keyed noise of the children's ``position``."""
+    def _scores(self, logits: torch.Tensor, state: RoundState, position: int) -> torch.Tensor:
+        """What the beam ranks for the tokens after a level's nodes [n, V] (or [n, N] over a truncated draft
+        vocabulary): the draft's log-probs, or in keyed mode its processed log-probs plus the keyed noise of
+        the children's ``position`` -- for draft id i the noise of target token ``vocab_map[i]``."""
         p = state.params
         if not p.keyed:
             return torch.log_softmax(logits, dim=-1)
         pos = torch.full(logits.shape[:1], position, dtype=torch.long, device=logits.device)
-        return perturbed_logprobs(logits, p.temperature, p.top_k, p.top_p, p.seed, state.seq_id, pos)
+        if self.glide.vocab_map is None:
+            return perturbed_logprobs(logits, p.temperature, p.top_k, p.top_p, p.seed, state.seq_id, pos)
+        # a truncated vocabulary: draft id i gets the noise of target token vocab_map[i]
+        return perturbed_logprobs(logits, p.temperature, p.top_k, p.top_p, p.seed, state.seq_id, pos,
+                                  token_ids=self.glide.vocab_map)
+
+    def _to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft ids -> target token ids (the identity without a truncated vocabulary)."""
+        vmap = self.glide.vocab_map
+        return draft_ids if vmap is None else vmap[draft_ids]
 
     def propose(self, state: RoundState) -> Draft:
         dev, window = self.glide.device, self.glide.window
@@ -306,7 +343,7 @@ class GlideDrafter:
 
         # 1. Catch up on the emitted tokens and run the root: draft log-probs for the next token.
         root_hidden = self._catch_up(state.tokens, target_k, target_v)
-        logprobs = self._scores(glide_logits(self.target, root_hidden[None]), state, L + 1)  # [1, V]
+        logprobs = self._scores(glide_logits(self.target, root_hidden[None], self.glide), state, L + 1)  # [1, V or N]
 
         # No more levels than could still be emitted (the extra token always is).
         depth = min(len(self.tree_shape), state.max_drafts)
@@ -319,7 +356,8 @@ class GlideDrafter:
         anc = torch.empty(0, 0, dtype=torch.bool, device=dev)  # ancestor-or-self among nodes 1..M-1
         for level in range(depth):
             # 2./3. Best (node, token) pairs over the whole level by cumulative log-probability.
-            parent_local, new_tokens, cum = beam_level(cum, logprobs, self.tree_shape[level])
+            parent_local, new_ids, cum = beam_level(cum, logprobs, self.tree_shape[level])
+            new_tokens = self._to_target(new_ids)  # draft ids -> target token ids
             first = len(tokens)
             parent_global = [level_nodes[int(i)] for i in parent_local]
             parents += parent_global
@@ -344,7 +382,7 @@ class GlideDrafter:
             h, k, v = glide_layer(self.target, self.glide, new_tokens.to(dev)[None], pos, past_k, past_v, self_mask, target_k, target_v, cross_mask)
             tree_k = k if tree_k is None else torch.cat([tree_k, k], dim=2)
             tree_v = v if tree_v is None else torch.cat([tree_v, v], dim=2)
-            logprobs = self._scores(glide_logits(self.target, h[0]), state, L + level + 2)  # [n, V]
+            logprobs = self._scores(glide_logits(self.target, h[0], self.glide), state, L + level + 2)  # [n, V or N]
 
         return Draft(torch.tensor(tokens, dtype=torch.long), Tree.from_parents(parents))
 
@@ -374,7 +412,8 @@ def measure_cost_model(target: Model, glide: Glide, reps: int = 2, shapes: Seque
 def device_cost_model(target: Model, glide: Glide, cache: bool = True) -> CostModel:
     """:func:`measure_cost_model`, once per process and (``cache``) per device and model in
     ``$XDG_CACHE_HOME/specdec/cost_models.json`` (:func:`specdec.shared.tree_search.cached_cost_model`)."""
-    key = tree_search.cost_cache_key("ref.glide", target.device, target.dtype, target.config, glide.config)
+    extra = () if glide.vocab_map is None else ({"draft_vocab": glide.draft_vocab_size},)  # a smaller lm_head costs less
+    key = tree_search.cost_cache_key("ref.glide", target.device, target.dtype, target.config, glide.config, *extra)
     return tree_search.cached_cost_model(key, lambda: measure_cost_model(target, glide), cache=cache)
 
 
@@ -387,7 +426,7 @@ def resolve_tree_shape(target: Model, glide: Glide, tree_shape: Sequence[int] | 
     :func:`device_cost_model`), with at most 127 draft nodes."""
     if tree_search.is_auto("tree_shape", tree_shape):
         check_glide_matches(target, glide)
-    return tree_search.choose_tree_shape(tree_shape, glide, target.config.vocab_size, stats, cost,
+    return tree_search.choose_tree_shape(tree_shape, glide, glide.draft_vocab_size, stats, cost,
                                          lambda: device_cost_model(target, glide, cache=cache))
 
 

@@ -20,6 +20,13 @@ Per step, for a batch of token sequences x [B, T]:
    TARGET says, not what the text says, so matching the target's distribution raises acceptance
    even where the target is wrong. AdamW on the draft layer only; linear warm-up, cosine decay to 10 %.
 
+**Truncated draft vocabulary** (``draft_vocab=`` or a draft that has a ``vocab_map``; docs/design.md §12):
+the draft's logits cover only the N mapped target tokens (the lm_head rows of those tokens), so the
+cross-entropy is over those N classes; a position whose next token lies OUTSIDE the N is skipped in the
+cross-entropy (the draft could never propose it; the loss is the mean over the positions that count,
+0 when none does). The distillation term compares the draft with the target's distribution restricted to
+the N tokens and renormalised over them. The saved draft keeps the map (``draft_vocab`` in its files).
+
 Held-out metrics are measured in the decoding condition (lag 1, natural positions 0..T-1): the
 cross-entropy against the text (``eval_loss``) and the top-1 agreement with the target's greedy
 token (``eval_agree``, the fraction of positions where both argmaxes match -- what greedy
@@ -56,11 +63,11 @@ from einops import rearrange
 
 from specdec.ref.glide import glide_full_forward
 from specdec.ref.model import Model, attention_layer, causal_mask, embed, forward_step, linear, new_cache, rms_norm, swiglu_mlp
-from specdec.shared.glide import GLIDE_WINDOW, Glide, init_glide_weights, load_glide_weights, save_glide
+from specdec.shared.glide import GLIDE_WINDOW, Glide, init_glide_weights, load_glide_weights, save_glide, with_draft_vocab
 from specdec.shared.rope import apply_rope, rope_cos_sin
 
 __all__ = ["TrainGlideResult", "train_glide", "tokenize_corpus", "make_chunks", "anchor_offset_positions", "target_last_layer_kv", "target_kv_and_logits", "glide_loss",
-           "evaluate_glide", "glide_agreement"]
+           "evaluate_glide", "glide_agreement", "to_draft_ids"]
 
 
 @dataclass
@@ -178,25 +185,46 @@ def target_kv_and_logits(target: Model, input_ids: torch.Tensor, positions: torc
     return cache.k[-1], cache.v[-1], logits
 
 
+def to_draft_ids(token_ids: torch.Tensor, vocab_map: torch.Tensor | None) -> torch.Tensor:
+    """Target token ids [...] -> draft ids [...] of the truncated vocabulary ``vocab_map`` [N] (sorted),
+    -100 (cross-entropy's ``ignore_index``) for tokens outside it; the ids unchanged without a map."""
+    if vocab_map is None:
+        return token_ids
+    vmap = vocab_map.to(token_ids.device)
+    pos = torch.searchsorted(vmap, token_ids).clamp(max=vmap.numel() - 1)  # where the id would sit in the sorted map
+    return torch.where(vmap[pos] == token_ids, pos, torch.full_like(pos, -100))
+
+
 def glide_loss(target: Model, glide: Glide, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                lag: int | torch.Tensor = 1, distill: float = 0.0) -> torch.Tensor:
     """The draft's training loss over ``input_ids`` [B, T] (target K/V at ``positions``).
 
     ``distill = 0``: mean next-token cross-entropy against the text. ``distill = w`` in (0, 1]:
     ``(1 - w) * CE + w * KL(p_target || p_draft)``, the target's distribution taken at the same
-    positions (module docstring, step 4).
+    positions (module docstring, step 4). With a truncated draft vocabulary (``glide.vocab_map``) the
+    cross-entropy is over the N draft tokens, positions whose next token is outside them skipped, and
+    the target's distribution is restricted to the N tokens and renormalised.
     """
     if distill > 0:
         tk, tv, target_logits = target_kv_and_logits(target, input_ids, positions)
     else:
         tk, tv = target_last_layer_kv(target, input_ids, positions)
-    logits = glide_full_forward(target, glide, input_ids, tk, tv, positions=positions, lag=lag)
-    # 1. Cross-entropy: the draft's logits at t against the text's token t + 1.
+    logits = glide_full_forward(target, glide, input_ids, tk, tv, positions=positions, lag=lag)  # [B, T, V or N]
+    # 1. Cross-entropy: the draft's logits at t against the text's token t + 1 (as a draft id; tokens
+    #    outside a truncated vocabulary are -100 and skipped).
     draft = rearrange(logits[:, :-1], "b t v -> (b t) v").float()
-    loss = F.cross_entropy(draft, rearrange(input_ids[:, 1:], "b t -> (b t)")) if distill < 1 else 0.0
+    labels = to_draft_ids(rearrange(input_ids[:, 1:], "b t -> (b t)"), glide.vocab_map)
+    if distill >= 1:
+        loss = 0.0
+    elif glide.vocab_map is None:
+        loss = F.cross_entropy(draft, labels)
+    else:  # mean over the positions whose next token the draft can propose (0 if none)
+        loss = F.cross_entropy(draft, labels, ignore_index=-100, reduction="sum") / max(int((labels != -100).sum()), 1)
     if distill > 0:
-        # 2. KL(p_target || p_draft) per position, averaged over positions.
-        teacher = torch.log_softmax(rearrange(target_logits[:, :-1], "b t v -> (b t) v").float(), dim=-1)
+        # 2. KL(p_target || p_draft) per position, averaged over positions (the target restricted to the
+        #    draft vocabulary's columns and renormalised over them when there is one).
+        teacher_logits = target_logits if glide.vocab_map is None else target_logits[..., glide.vocab_map.to(target_logits.device)]
+        teacher = torch.log_softmax(rearrange(teacher_logits[:, :-1], "b t v -> (b t) v").float(), dim=-1)
         kl = F.kl_div(torch.log_softmax(draft, dim=-1), teacher, log_target=True, reduction="batchmean")
         loss = (1 - distill) * loss + distill * kl
     return loss
@@ -217,13 +245,15 @@ def evaluate_glide(target: Model, glide: Glide, chunks: torch.Tensor, batch_size
 @torch.no_grad()
 def glide_agreement(target: Model, glide: Glide, chunks: torch.Tensor, batch_size: int = 4) -> float:
     """Top-1 agreement in the decoding condition (lag 1, natural positions): the fraction of positions
-    where the draft's argmax equals the target's greedy next token."""
+    where the draft's argmax (as a target id, through a truncated vocabulary's map) equals the target's
+    greedy next token."""
     same, n = 0, 0
     for i in range(0, chunks.shape[0], batch_size):
         x = chunks[i : i + batch_size].to(target.device)
         tk, tv, target_logits = target_kv_and_logits(target, x)
         logits = glide_full_forward(target, glide, x, tk, tv, lag=1)
-        same += int((logits.argmax(-1) == target_logits.argmax(-1)).sum())
+        guess = logits.argmax(-1) if glide.vocab_map is None else glide.vocab_map.to(logits.device)[logits.argmax(-1)]
+        same += int((guess == target_logits.argmax(-1)).sum())
         n += x.numel()
     return same / max(n, 1)
 
@@ -273,6 +303,7 @@ def train_glide(
     distill: float = 0.0,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    draft_vocab: torch.Tensor | Sequence[int] | None = None,
 ) -> TrainGlideResult:
     """Train a GLIDE draft layer for the frozen ``target`` (see the module docstring for the recipe).
 
@@ -298,6 +329,9 @@ def train_glide(
         amp: bf16 autocast for the draft on CUDA.
         distill: weight in [0, 1] of KL(p_target || p_draft) in the loss (the rest is the text's
             cross-entropy); 0 = the plain LongSpec loss. Evaluations then also log ``eval_agree``.
+        draft_vocab: train a draft with a truncated vocabulary: int64 [N] sorted target ids (validated,
+            :func:`specdec.shared.glide.validate_draft_vocab`); default: the starting ``glide``'s own map,
+            if any, else the full vocabulary. Loss: see the module docstring; the map is saved with the draft.
     """
     if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not 0.0 <= float(distill) <= 1.0:
         raise ValueError(f"distill must be a number in [0, 1] (weight of the target-distillation term), got {distill!r}")
@@ -327,8 +361,9 @@ def train_glide(
         glide = init_glide_weights(target.config, window=window, seed=seed, std=init_std, device=dev)
     elif not isinstance(glide, Glide):
         glide = load_glide_weights(glide, target.config, dtype=torch.float32, device=dev, window=window)
+    vocab_map = glide.vocab_map if draft_vocab is None else draft_vocab
     weights = {k: v.detach().to(device=dev, dtype=torch.float32).clone().requires_grad_(True) for k, v in glide.weights.items()}
-    glide = Glide(glide.config, weights, source="train_glide")
+    glide = with_draft_vocab(Glide(glide.config, weights, source="train_glide"), vocab_map)
     decay = [p for k, p in weights.items() if p.dim() >= 2]
     no_decay = [p for k, p in weights.items() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
@@ -409,4 +444,5 @@ def train_glide(
 
 
 def _detached(glide: Glide) -> Glide:
-    return Glide(glide.config, {k: v.detach().clone() for k, v in glide.weights.items()}, source=glide.source)
+    return Glide(glide.config, {k: v.detach().clone() for k, v in glide.weights.items()}, source=glide.source,
+                 vocab_map=glide.vocab_map)

@@ -13,6 +13,11 @@ Examples::
 
 The output directory gets ``config.json`` + ``model.safetensors`` (what ``specdec.ref.load_glide``
 reads), ``train_log.jsonl`` and, with ``--save-every``, ``checkpoint-{step}/`` folders.
+
+Truncated draft vocabulary (docs/design.md §12): ``--draft-vocab DIR`` takes the map stored in a GLIDE
+checkpoint (one ``specdec draft-vocab`` wrote); the draft then trains over those N tokens (positions whose
+next token is outside them are skipped in the loss) and is saved with the map. A ``--init`` checkpoint
+that carries a map trains with it by default.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-every", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the draft (CUDA)")
+    ap.add_argument("--draft-vocab", help="GLIDE checkpoint whose draft vocabulary (specdec draft-vocab) to train with")
     ap.add_argument("--distill", type=float, default=0.0,
                     help="weight in [0, 1] of KL(target || draft) in the loss (self-distillation; 0 = text cross-entropy only)")
     args = ap.parse_args(argv)
@@ -100,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
     data = _read_texts(args.data) if args.data else _read_tokens(args.tokens)
     eval_data = _read_texts(args.eval_data) if args.eval_data else (_read_tokens(args.eval_tokens) if args.eval_tokens else None)
+    draft_vocab = None
+    if args.draft_vocab:
+        from specdec.shared.glide import load_glide_weights
+
+        draft_vocab = load_glide_weights(args.draft_vocab, target.config).vocab_map
+        if draft_vocab is None:
+            print(f"train_glide: error: {args.draft_vocab} holds no draft vocabulary (build one with specdec draft-vocab)",
+                  file=sys.stderr)
+            return 2
 
     res = train_glide(
         target, data, tokenizer=tokenizer, glide=args.init, eval_data=eval_data, eval_fraction=args.eval_fraction,
@@ -107,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None,
         max_lag=args.max_lag, anchor_offset=not args.no_anchor_offset, eval_every=args.eval_every,
         save_dir=args.output, save_every=args.save_every, seed=args.seed, amp=args.amp, distill=args.distill,
+        draft_vocab=draft_vocab,
     )
     print(json.dumps({"output": args.output, "initial_eval_loss": res.initial_eval_loss, "final_eval_loss": res.final_eval_loss,
                       "final_train_loss": res.history[-1]["loss"] if res.history else None}))

@@ -34,6 +34,19 @@ holds the whole target model still loads the right tensors.
 ``acceptance.json``, the draft's measured acceptance by level and rank, when it has one; loading reads it
 into :attr:`Glide.acceptance`).
 
+**Truncated draft vocabulary** (optional; docs/design.md §12). A draft may propose only N of the
+target's V tokens (as EAGLE-3's draft vocabulary / FR-Spec): :attr:`Glide.vocab_map` is the int64 [N]
+tensor draft id -> target id, **sorted ascending** (draft id i is the i-th smallest kept target id), so
+ties in the beam still go to the lower target id and a map of all V ids is exactly the full vocabulary.
+The draft's logits are then ``hidden @ lm_head_target[vocab_map]^T`` (the path keeps a sliced copy of
+those rows) and its beam proposes ``vocab_map[draft id]``. Verification is unchanged, so every decoder
+stays lossless. On disk the map is the tensor ``draft_vocab`` (:data:`DRAFT_VOCAB_KEY`, int64 [N]) in the
+weights file, with ``draft_vocab_size`` = N and the target's ``vocab_size`` in ``config.json``; absent =
+the full vocabulary (today's behaviour, bit for bit). :func:`validate_draft_vocab` checks a map (shape,
+dtype, range, strictly increasing; the file's ``vocab_size`` against the target: a map built for another
+tokenizer fails at load). :func:`draft_vocab_from_counts` builds one from token counts (``specdec
+draft-vocab``, :mod:`specdec.draft_vocab`).
+
 :func:`beam_level` is the GLIDE beam-tree rule (docs/design.md §5), one pure function shared by the
 reference and the fast path.
 """
@@ -62,6 +75,11 @@ __all__ = [
     "save_glide",
     "init_glide_weights",
     "beam_level",
+    "DRAFT_VOCAB_KEY",
+    "validate_draft_vocab",
+    "with_draft_vocab",
+    "draft_vocab_from_counts",
+    "draft_vocab_size",
 ]
 
 GLIDE_WINDOW = 512
@@ -69,12 +87,74 @@ GLIDE_WINDOW = 512
 
 GLIDE_CONFIG_TYPE = "specdec_glide"
 
+DRAFT_VOCAB_KEY = "draft_vocab"
+"""Name of the draft-id -> target-id map (int64 [N], sorted ascending) in a GLIDE weights file."""
 
 
-def glide_summary(c: "GlideConfig") -> str:
+
+def glide_summary(c: "GlideConfig", vocab_map: torch.Tensor | None = None) -> str:
     """The architecture part of a GLIDE draft's repr (both paths' draft objects use it)."""
+    vocab = f"{c.vocab_size}" if vocab_map is None else f"{vocab_map.numel()} of {c.vocab_size}"
     return (f"GLIDE draft layer, layers=1, hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, "
-            f"head_dim={c.head_dim}, mlp={c.intermediate_size}, vocab={c.vocab_size}, window={c.window}")
+            f"head_dim={c.head_dim}, mlp={c.intermediate_size}, vocab={vocab}, window={c.window}")
+
+
+def draft_vocab_size(glide) -> int:
+    """N for a draft with a truncated vocabulary (its ``vocab_map``), else the target's V (any draft object
+    with ``config`` and ``vocab_map``: both paths' drafts)."""
+    vmap = getattr(glide, "vocab_map", None)
+    return int(vmap.numel()) if vmap is not None else int(glide.config.vocab_size)
+
+
+def validate_draft_vocab(vocab_map, vocab_size: int, where: str = "vocab_map") -> torch.Tensor:
+    """Check a draft-id -> target-id map for a target of ``vocab_size`` tokens; returns it as int64 [N] (CPU).
+
+    Raises TypeError unless it is a 1-D integer tensor (or a list of ints), ValueError unless
+    ``1 <= N <= vocab_size``, every id is in ``[0, vocab_size)`` and the ids are strictly increasing
+    (sorted, no repeats). ``where`` names the argument or file in the message."""
+    if isinstance(vocab_map, (list, tuple)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab_map):
+            raise TypeError(f"{where} must hold ints (target token ids)")
+        vocab_map = torch.tensor(vocab_map, dtype=torch.long)
+    if not isinstance(vocab_map, torch.Tensor) or vocab_map.is_floating_point() or vocab_map.dtype == torch.bool \
+            or vocab_map.is_complex():
+        raise TypeError(f"{where} must be an int64 tensor [N] of target token ids, got "
+                        f"{getattr(vocab_map, 'dtype', type(vocab_map).__name__)}")
+    if vocab_map.dim() != 1:
+        raise ValueError(f"{where} must be 1-D [N], got shape {tuple(vocab_map.shape)}")
+    n = vocab_map.numel()
+    if not 1 <= n <= vocab_size:
+        raise ValueError(f"{where} holds {n} ids; a draft vocabulary needs 1 <= N <= the target's {vocab_size} tokens")
+    ids = vocab_map.detach().to("cpu", torch.long)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{where} has target ids in [{lo}, {hi}], outside the target's vocabulary [0, {vocab_size - 1}]")
+    if n > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        raise ValueError(f"{where} must be strictly increasing (sorted target ids, no repeats)")
+    return ids
+
+
+def with_draft_vocab(glide: "Glide", vocab_map) -> "Glide":
+    """A copy of ``glide`` (same weight tensors, fresh ``extras``) that proposes only the target ids in
+    ``vocab_map`` (validated by :func:`validate_draft_vocab`; None = the full vocabulary)."""
+    vmap = None if vocab_map is None else validate_draft_vocab(vocab_map, glide.config.vocab_size).to(glide.device)
+    return Glide(glide.config, glide.weights, source=glide.source, extras={k: v for k, v in glide.extras.items()
+                 if k == "prefix"}, acceptance=glide.acceptance, vocab_map=vmap)
+
+
+def draft_vocab_from_counts(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size`` most frequent token ids of ``counts`` [V] (occurrences per target id) as a draft
+    vocabulary: int64 [size], sorted ascending. Equal counts go to the lower id.
+
+    Raises ValueError unless ``counts`` is 1-D and ``1 <= size <= V`` (naming the accepted range)."""
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1:
+        raise ValueError(f"counts must be a 1-D tensor [V], got {getattr(counts, 'shape', type(counts).__name__)}")
+    v = counts.numel()
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= v:
+        raise ValueError(f"size must be an int in [1, {v}] (the target's vocabulary), got {size!r}")
+    # stable sort by count, descending: equal counts keep ascending id order
+    order = torch.sort(-counts.to(torch.float64), stable=True).indices[:size]
+    return torch.sort(order.long()).values
 
 
 @dataclass
@@ -112,13 +192,18 @@ class Glide:
     """A GLIDE draft layer: config + flat dict of canonical weights (embedding/lm_head live in the target).
 
     ``acceptance``: the draft's measured acceptance by level and beam rank, which ``tree_shape="auto"``
-    uses (docs/design.md §12); read from ``acceptance.json`` next to the weights, None if there is none."""
+    uses (docs/design.md §12); read from ``acceptance.json`` next to the weights, None if there is none.
+
+    ``vocab_map``: the truncated draft vocabulary, int64 [N] target ids sorted ascending (draft id i
+    proposes target token ``vocab_map[i]``), on the weights' device; None = the full vocabulary.
+    Set it with :func:`with_draft_vocab` (validated)."""
 
     config: GlideConfig
     weights: dict[str, torch.Tensor] = field(repr=False)
     source: str = ""
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
     acceptance: AcceptanceStats | None = None
+    vocab_map: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -132,8 +217,13 @@ class Glide:
     def window(self) -> int:
         return self.config.window
 
+    @property
+    def draft_vocab_size(self) -> int:
+        """N, the tokens the draft can propose (the target's V without a truncated vocabulary)."""
+        return draft_vocab_size(self)
+
     def __repr__(self) -> str:  # one line: never print tensors
-        return one_line_repr(self, "Glide", glide_summary(self.config))
+        return one_line_repr(self, "Glide", glide_summary(self.config, self.vocab_map))
 
 
 def glide_expected_shapes(config: GlideConfig | ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -210,9 +300,9 @@ def _read_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def _read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], int | None]:
-    """All tensors of a GLIDE checkpoint (dir or file) and the window from its config.json, if any."""
-    window = None
+def _read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All tensors of a GLIDE checkpoint (dir or file) and its config.json (``{}`` without one)."""
+    cfg: dict[str, Any] = {}
     if os.path.isdir(path):
         cfg_file = os.path.join(path, "config.json")
         if os.path.isfile(cfg_file):
@@ -221,23 +311,23 @@ def _read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], int | None]:
                     cfg = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-            if isinstance(cfg.get("window"), int):
-                window = cfg["window"]
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
         pths = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pt")))
         has_hf = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
         if not has_hf and pths:
-            return _read_state_dict_file(os.path.join(path, pths[0])), window
+            return _read_state_dict_file(os.path.join(path, pths[0])), cfg
         tensors = {name: t for _, name, t in iter_checkpoint(path)}
-        return tensors, window
+        return tensors, cfg
     if os.path.isfile(path):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
             try:
-                return load_file(path), window
+                return load_file(path), cfg
             except Exception as e:  # noqa: BLE001
                 raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
-        return _read_state_dict_file(path), window
+        return _read_state_dict_file(path), cfg
     raise ValueError(f"GLIDE checkpoint {path!r} does not exist (expected an HF-format directory or a .pth state_dict)")
 
 
@@ -256,12 +346,18 @@ def load_glide_weights(
         dtype: weights dtype (default float32); device: where to put them.
         window: self-attention window; default = ``window`` in the checkpoint's config.json, else 512.
 
+    A ``draft_vocab`` tensor (:data:`DRAFT_VOCAB_KEY`, with or without the layer's prefix) becomes
+    :attr:`Glide.vocab_map` (on ``device``); without one the draft covers the full vocabulary.
+
     Raises:
         ValueError naming the tensor, the expected and the found shape when they differ; naming the
-        missing tensors when some are absent.
+        missing tensors when some are absent; for a draft vocabulary that is not a sorted set of ids of
+        this target (:func:`validate_draft_vocab`), whose size differs from config.json's
+        ``draft_vocab_size``, or that config.json says was built for another vocabulary size.
     """
     path = os.fspath(path)
-    tensors, file_window = _read_checkpoint(path)
+    tensors, file_cfg = _read_checkpoint(path)
+    file_window = file_cfg.get("window") if isinstance(file_cfg.get("window"), int) else None
     cfg = GlideConfig.from_target(target_config, window if window is not None else (file_window or GLIDE_WINDOW))
     prefix, names = strip_glide_prefix(list(tensors))
     shapes = glide_expected_shapes(cfg)
@@ -281,21 +377,51 @@ def load_glide_weights(
     missing = [k for k in shapes if k not in weights]
     if missing:
         raise ValueError(f"GLIDE checkpoint {path!r} (prefix {prefix!r}) is missing tensor(s) {missing}")
+    vocab_map = _load_draft_vocab(path, tensors, prefix, file_cfg, target_config.vocab_size)
     stats_file = acceptance_file_for(path)
     acceptance = AcceptanceStats.load(stats_file) if os.path.isfile(stats_file) else None
-    return Glide(cfg, weights, source=path, extras={"prefix": prefix}, acceptance=acceptance)
+    return Glide(cfg, weights, source=path, extras={"prefix": prefix}, acceptance=acceptance,
+                 vocab_map=None if vocab_map is None else vocab_map.to(device))
+
+
+def _load_draft_vocab(path: str, tensors: dict[str, torch.Tensor], prefix: str, file_cfg: dict[str, Any],
+                      vocab_size: int) -> torch.Tensor | None:
+    """The checkpoint's draft vocabulary (validated against the target), or None when it has none."""
+    name = next((n for n in (prefix + DRAFT_VOCAB_KEY, DRAFT_VOCAB_KEY) if n in tensors), None)
+    want_n = file_cfg.get("draft_vocab_size")
+    if name is None:
+        if want_n is not None:
+            raise ValueError(f"GLIDE checkpoint {path!r}: config.json says draft_vocab_size={want_n} but the weights "
+                             f"hold no {DRAFT_VOCAB_KEY!r} tensor")
+        return None
+    built_for = file_cfg.get("vocab_size")
+    if built_for is not None and built_for != vocab_size:
+        raise ValueError(f"GLIDE checkpoint {path!r}: its draft vocabulary was built for a {built_for}-token vocabulary, "
+                         f"but the target has {vocab_size} tokens (another tokenizer?)")
+    ids = validate_draft_vocab(tensors[name], vocab_size, where=f"GLIDE checkpoint {path!r}: {name!r}")
+    if want_n is not None and want_n != ids.numel():
+        raise ValueError(f"GLIDE checkpoint {path!r}: {name!r} holds {ids.numel()} ids but config.json says "
+                         f"draft_vocab_size={want_n}")
+    return ids
 
 
 def save_glide(glide: Glide, path: str | os.PathLike) -> str:
     """Write ``config.json`` + ``model.safetensors`` (canonical keys) into directory ``path``, and
-    ``acceptance.json`` when the draft carries measured :attr:`Glide.acceptance`."""
+    ``acceptance.json`` when the draft carries measured :attr:`Glide.acceptance`. A truncated draft
+    vocabulary (:attr:`Glide.vocab_map`) is written as the ``draft_vocab`` tensor, with
+    ``draft_vocab_size`` in config.json; without one the files are exactly as before."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+    cfg = glide.config.to_dict()
+    if glide.vocab_map is not None:
+        cfg["draft_vocab_size"] = int(glide.vocab_map.numel())
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(glide.config.to_dict(), f, indent=2)
+        json.dump(cfg, f, indent=2)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in glide.weights.items()}
+    if glide.vocab_map is not None:
+        sd[DRAFT_VOCAB_KEY] = validate_draft_vocab(glide.vocab_map, glide.config.vocab_size).contiguous()
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if glide.acceptance is not None:
         glide.acceptance.save(acceptance_file_for(path))

@@ -95,11 +95,16 @@ def sequence_key(seed: int, seq_id: int) -> int:
     return _key32(seed, seq_id)
 
 
-def keyed_noise(key: int | torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def keyed_noise(key: int | torch.Tensor, positions: torch.Tensor, vocab_size: int,
+                token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Standard Gumbel noise ``[..., V]`` (float32) for the absolute ``positions`` [...] (int tensor) of the
     sequence whose :func:`sequence_key` is ``key`` -- a Python int, or a 0-d integer tensor on ``positions``'
     device holding it (then nothing here reads a value on the host: graph-capturable). A function of its
-    arguments only; :func:`gumbel_noise` is ``keyed_noise(sequence_key(seed, seq_id), positions, V)``."""
+    arguments only; :func:`gumbel_noise` is ``keyed_noise(sequence_key(seed, seq_id), positions, V)``.
+
+    ``token_ids`` [N] (integer tensor on ``positions``' device; ``vocab_size`` is then ignored): the noise of
+    those token ids only, ``[..., N]`` -- bit for bit ``keyed_noise(key, positions, V)[..., token_ids]``
+    (a truncated draft vocabulary's noise, docs/design.md §12)."""
     if not isinstance(positions, torch.Tensor) or positions.is_floating_point():
         raise TypeError("positions must be an integer tensor")
     if isinstance(key, torch.Tensor):
@@ -111,7 +116,12 @@ def keyed_noise(key: int | torch.Tensor, positions: torch.Tensor, vocab_size: in
         raise TypeError(f"key must be an int in [0, 2**32) (sequence_key) or a 0-d integer tensor, got {key!r}")
     dev = positions.device
     pos = _hash32(positions.long() ^ key)                                   # [...]
-    tok = torch.arange(vocab_size, device=dev, dtype=torch.int64)          # [V]
+    if token_ids is None:
+        tok = torch.arange(vocab_size, device=dev, dtype=torch.int64)      # [V]
+    else:
+        if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or token_ids.dim() != 1:
+            raise TypeError(f"token_ids must be a 1-D integer tensor, got {getattr(token_ids, 'dtype', type(token_ids).__name__)}")
+        tok = token_ids.to(dev, torch.int64)                               # [N]
     h = _hash32(_hash32(tok ^ pos[..., None]) ^ (key ^ 0x9E3779B9))         # [..., V]
     u = (h.double() + 0.5) / 2.0**32                                       # (0, 1), never 0 or 1
     return (-torch.log(-torch.log(u))).float()
@@ -144,22 +154,26 @@ def keyed_choice(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
 
 
 def perturbed_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int, seq_id: int,
-                       positions: torch.Tensor) -> torch.Tensor:
+                       positions: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``log_softmax(process_logits(logits)) + g`` [..., V] (fp32): a drafter's processed log-probabilities
     plus the keyed noise of ``positions`` [...]. Its argmax is :func:`keyed_choice` (up to fp32 round-off of
-    the shift); a beam ranked by cumulative sums of it is the GLIDE keyed beam (ref/glide.py)."""
-    return keyed_logprobs(logits, temperature, top_k, top_p, sequence_key(seed, seq_id), positions)
+    the shift); a beam ranked by cumulative sums of it is the GLIDE keyed beam (ref/glide.py).
+    ``token_ids`` [N]: column i of ``logits`` [..., N] scores target token ``token_ids[i]`` (a truncated
+    draft vocabulary) and gets that token's noise (:func:`keyed_noise`)."""
+    return keyed_logprobs(logits, temperature, top_k, top_p, sequence_key(seed, seq_id), positions, token_ids=token_ids)
 
 
 def keyed_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, key: int | torch.Tensor,
-                   positions: torch.Tensor) -> torch.Tensor:
+                   positions: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`perturbed_logprobs` with the sequence's :func:`sequence_key` given instead of (seed, seq_id):
     an int, or a 0-d integer tensor on the logits' device (graph-capturable: no host reads, see
-    :func:`keyed_noise`). The same arithmetic, so the same bits."""
+    :func:`keyed_noise`). The same arithmetic, so the same bits. ``token_ids`` as in :func:`perturbed_logprobs`."""
     if temperature <= 0:
         raise ValueError(f"keyed sampling needs temperature > 0 (temperature 0 is greedy), got {temperature}")
+    if token_ids is not None and token_ids.numel() != logits.shape[-1]:
+        raise ValueError(f"token_ids holds {token_ids.numel()} ids for logits over {logits.shape[-1]} tokens")
     logp = torch.log_softmax(process_logits(logits.float(), temperature, top_k, top_p), dim=-1)
-    return logp + keyed_noise(key, positions.to(logits.device), logits.shape[-1])
+    return logp + keyed_noise(key, positions.to(logits.device), logits.shape[-1], token_ids=token_ids)
 
 
 def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:

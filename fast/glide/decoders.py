@@ -51,7 +51,10 @@ def device_cost_model(target, glide, cache: bool = True) -> CostModel:
     """:func:`measure_cost_model`, once per process and (``cache``) per device and model in
     ``$XDG_CACHE_HOME/specdec/cost_models.json`` (:func:`specdec.shared.tree_search.cached_cost_model`)."""
     fm, fg = as_fast_model(target), as_fast_glide(glide)
-    key = tree_search.cost_cache_key("fast.glide", fm.device, fm.dtype, fm.config, fg.config, {"graphs": bool(fm.use_graphs)})
+    extra = {"graphs": bool(fm.use_graphs)}
+    if fg.vocab_map is not None:  # a smaller lm_head costs less
+        extra["draft_vocab"] = fg.draft_vocab_size
+    key = tree_search.cost_cache_key("fast.glide", fm.device, fm.dtype, fm.config, fg.config, extra)
     return tree_search.cached_cost_model(key, lambda: measure_cost_model(fm, fg), cache=cache)
 
 
@@ -62,7 +65,7 @@ def resolve_tree_shape(target, glide, tree_shape: Sequence[int] | str | None = "
     the most expected tokens per second under ``stats`` (default: the draft's measured acceptance --
     ``Glide.acceptance``, or ``acceptance.json`` next to its checkpoint -- else the documented prior) and
     ``cost`` (default: :func:`device_cost_model`)."""
-    return tree_search.choose_tree_shape(tree_shape, glide, target.config.vocab_size, stats, cost,
+    return tree_search.choose_tree_shape(tree_shape, glide, as_fast_glide(glide).draft_vocab_size, stats, cost,
                                          lambda: device_cost_model(target, glide, cache=cache))
 
 

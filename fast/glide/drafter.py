@@ -49,6 +49,12 @@ class FastGlideDrafter(FastDrafter, RunAhead):
     ranking (:meth:`_scores`); the sequence key and the positions are read from the pack on the device,
     so the graphs (keyed by the sampling constants, not the seed) serve every seed and every round.
 
+    Truncated draft vocabulary (:attr:`FastGlide.vocab_map`, N target ids): the draft's logits are
+    ``hidden @ lm_head_target[vocab_map]^T`` [n, N] (:meth:`FastGlide.lm_head_for`), the beam kernel picks
+    draft ids and one gather turns them into target ids in the tree buffer, on the device
+    (:meth:`_to_target`); keyed noise is that of the mapped target ids. Same trees as
+    :class:`specdec.ref.glide.GlideDrafter`.
+
     Greedy rounds go further (:meth:`fused_round`, used by
     :func:`specdec.fast.engine.run_speculative_fast`): the draft body, the target's verification of
     the tree and the device-side acceptance + KV compaction are ONE graph per ``k``, so a round is
@@ -73,6 +79,14 @@ class FastGlideDrafter(FastDrafter, RunAhead):
             raise ValueError(f"GLIDE draft {glide.config} does not match the target, which needs {want}")
         self.target, self.glide = target, glide
         self.tree_shape = validate_tree_shape(tree_shape)
+        if glide.vocab_map is not None:  # the fixed-size tree must be fillable from N draft tokens per node
+            n_vocab, prev = glide.draft_vocab_size, 1
+            for level, width in enumerate(self.tree_shape):
+                if width > prev * n_vocab:
+                    raise ValueError(f"tree_shape level {level + 1} keeps {width} nodes, more than {prev} nodes x "
+                                     f"{n_vocab} draft tokens can fill (draft vocabulary of {n_vocab} tokens)")
+                prev = width
+        self.lm_head = glide.lm_head_for(target)  # the target's lm_head, or its draft-vocabulary rows
         # the sliding cache and the captured rounds persist on the glide object across calls
         if glide.runtime is None:
             glide.runtime = GlideRuntime(SlidingCache(glide))
@@ -87,7 +101,8 @@ class FastGlideDrafter(FastDrafter, RunAhead):
     def _scores(self, hidden: torch.Tensor, keyed: tuple[float, int, float] | None, u: dict[str, torch.Tensor],
                 level: int) -> torch.Tensor:
         """What the beam ranks for the children of the nodes whose draft hidden states are ``hidden`` [n, H]:
-        [n, V] fp32 -- must match :meth:`specdec.ref.glide.GlideDrafter._scores`.
+        [n, V] fp32 ([n, N] over a truncated draft vocabulary) -- must match
+        :meth:`specdec.ref.glide.GlideDrafter._scores`.
 
         * ``keyed`` None: the draft's log-probabilities, ``log_softmax(hidden @ lm_head^T)`` (no final norm).
         * ``keyed = (temperature, top_k, top_p)``: the processed log-probabilities plus the keyed Gumbel noise
@@ -95,15 +110,24 @@ class FastGlideDrafter(FastDrafter, RunAhead):
           children (``level`` 0) at L + 1, the children of level ``level - 1``'s nodes at L + level + 1 --
           ``u["level_pos"][level]``. The position and the sequence key (``u["noise_key"]``, sequence 0) are
           read from the round's device pack, never on the host: the same captured graph serves every
-          round and every seed.
+          round and every seed. With a truncated vocabulary draft id i gets the noise of target token
+          ``vocab_map[i]``.
         """
-        logits = F.linear(hidden.to(self.target.dtype), self.target.w["lm_head"])  # no final norm
+        logits = F.linear(hidden.to(self.target.dtype), self.lm_head)  # no final norm
         if keyed is None:
             return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         temperature, top_k, top_p = keyed
         key = u["noise_key"][0]  # int32 on the device: the 32-bit key's bits (keyed_noise masks them)
         positions = u["level_pos"][level : level + 1].expand(logits.shape[0])
-        return keyed_logprobs(logits, temperature, top_k, top_p, key, positions)
+        vocab = {} if self.glide.vocab_map is None else {"token_ids": self.glide.vocab_map}
+        return keyed_logprobs(logits, temperature, top_k, top_p, key, positions, **vocab)
+
+    def _to_target(self, tokens: torch.Tensor) -> None:
+        """Turn the draft ids the beam kernel wrote into ``tokens`` [n] (a view of the tree buffer) into target
+        ids, in place, on the device (graph-capturable); nothing without a truncated vocabulary. Matches
+        :meth:`specdec.ref.glide.GlideDrafter._to_target`."""
+        if self.glide.vocab_map is not None:
+            tokens.copy_(self.glide.vocab_map[tokens])
 
     @staticmethod
     def _keyed(params: SamplingParams) -> tuple[float, int, float] | None:
@@ -193,6 +217,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
             _kernels().beam_select(cums[(level + 1) % 2, :prev_n] if level else None, logprobs, n, out_tokens, out_parents,
                                    cums[level % 2], node_offset=first, parent_offset=prev_first, ancestor=full,
                                    root_token=u["tokens"][-1:] if level == 0 else None)
+            self._to_target(out_tokens[first : first + n])  # draft ids -> target ids (truncated vocabulary)
             if level == len(shape) - 1:
                 break
             # 3. One draft forward over this level (tree rows follow the prefix rows in the cache):
