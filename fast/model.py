@@ -402,10 +402,11 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
     kern, c, w = _kernels(), fm.config, fm.w
     eps = c.rms_norm_eps
     b, m = tokens.shape
+    max_prefix = cache.capacity - m   # under graph capture: size the attention splits for the whole cache
     if not (tokens.is_cuda and torch.cuda.is_current_stream_capturing()) and b:
-        lo, hi = (int(v) for v in torch.stack([prefix_len.min(), prefix_len.max()]).tolist())
-        if lo < 0 or hi + m > cache.capacity:
-            raise ValueError(f"prefix_len must be in [0, capacity - M] = [0, {cache.capacity - m}]; got range [{lo}, {hi}]")
+        lo, max_prefix = (int(v) for v in torch.stack([prefix_len.min(), prefix_len.max()]).tolist())
+        if lo < 0 or max_prefix + m > cache.capacity:
+            raise ValueError(f"prefix_len must be in [0, capacity - M] = [0, {cache.capacity - m}]; got range [{lo}, {max_prefix}]")
     cos, sin = _cos_sin(fm, positions)
     rows = prefix_len.to(torch.int32)[:, None] + torch.arange(m, dtype=torch.int32, device=tokens.device)[None, :]  # [B, M]
     x = F.embedding(tokens, w["embed"])  # [B, M, H] the residual stream
@@ -414,7 +415,8 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
         p = f"layers.{i}."
         qkv = kern.row_linear(x, w[p + "wqkv"], w.get(p + "bqkv"), norm_weight=w[p + "attn_norm"], eps=eps)
         q = kern.rope_qkv_write(qkv, cos, sin, cache.k[i], cache.v[i], rows, check_rows=False)
-        attn = kern.decode_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask, ancestors=ancestors)
+        attn = kern.decode_attention(q, cache.k[i], cache.v[i], prefix_len, tree_mask, ancestors=ancestors,
+                                     max_prefix=max_prefix)
         attn = rearrange(attn, "b h t d -> b t (h d)")
         if fm.tp is None:
             x = kern.row_linear(attn, w[p + "wo"], w.get(p + "bo"), residual=x)

@@ -809,27 +809,37 @@ def _run_question(runner, tok, q: dict, args, qi: int, ctx: int | None = None) -
     from specdec.shared.tokenizer import encode_prompt
 
     answers: list[str] = []
-    ch: dict[str, list] = {k: [] for k in ("turns", "new_tokens", "wall_time", "prefill_time", "decode_time",
-                                           "prompt_tokens", "decoding_steps", "accept_lengths", "output_ids")}
+    ch = _new_choice()
     for k in range(len(q["turns"])):
         ids = encode_prompt(tok, conversation_prompt(tok, q["turns"], answers, args.family))
         if ctx is not None and len(ids) + args.max_new_tokens > ctx:
             raise _Skip(_too_long(len(ids), args.max_new_tokens, ctx, args.max_context, turn=k))
         r = runner.generate(ids, args.max_new_tokens, args.seed + 1000 * qi + k)
-        text = tok.decode(r.output_ids, skip_special_tokens=True)
-        answers.append(text.strip())
-        ch["turns"].append(text)
-        ch["new_tokens"].append(len(r.output_ids))
-        ch["wall_time"].append(r.wall_time)
-        ch["prefill_time"].append(r.prefill_time)
-        ch["decode_time"].append(None if r.prefill_time is None else max(r.wall_time - r.prefill_time, 0.0))
-        ch["prompt_tokens"].append(len(ids))
-        ch["decoding_steps"].append(None if r.accept_lengths is None else len(r.accept_lengths))
-        if r.accept_lengths is not None:
-            ch["accept_lengths"].extend(r.accept_lengths)
-        ch["output_ids"].append(r.output_ids)
+        answers.append(_add_turn(ch, tok, ids, r))
     return {"question_id": q["question_id"], "category": q["category"], "tstamp": time.time(),
             "choices": [{"index": 0, **ch}]}
+
+
+def _new_choice() -> dict[str, list]:
+    """An answer record's ``choices[0]`` fields, empty (one entry per turn is added by :func:`_add_turn`)."""
+    return {k: [] for k in ("turns", "new_tokens", "wall_time", "prefill_time", "decode_time", "prompt_tokens",
+                            "decoding_steps", "accept_lengths", "output_ids")}
+
+
+def _add_turn(ch: dict[str, list], tok, ids: list[int], r: TurnResult) -> str:
+    """Record one answered turn (prompt ``ids``, result ``r``) in ``ch``; returns the answer for the next turn."""
+    text = tok.decode(r.output_ids, skip_special_tokens=True)
+    ch["turns"].append(text)
+    ch["new_tokens"].append(len(r.output_ids))
+    ch["wall_time"].append(r.wall_time)
+    ch["prefill_time"].append(r.prefill_time)
+    ch["decode_time"].append(None if r.prefill_time is None else max(r.wall_time - r.prefill_time, 0.0))
+    ch["prompt_tokens"].append(len(ids))
+    ch["decoding_steps"].append(None if r.accept_lengths is None else len(r.accept_lengths))
+    if r.accept_lengths is not None:
+        ch["accept_lengths"].extend(r.accept_lengths)
+    ch["output_ids"].append(r.output_ids)
+    return text.strip()
 
 
 def _group_walls(recs: list) -> list[float]:
@@ -850,8 +860,7 @@ def _run_group(runner, tok, qs: list[dict], args, q0: int, ctx: int | None = Non
     if not isinstance(runner, SpecdecRunner):
         raise ValueError("--batch-size > 1 batches the specdec methods only (the transformers peers run one prompt at a time)")
     answers: list[list[str]] = [[] for _ in qs]
-    chs = [{k: [] for k in ("turns", "new_tokens", "wall_time", "prefill_time", "decode_time", "prompt_tokens",
-                            "decoding_steps", "accept_lengths", "output_ids")} for _ in qs]
+    chs = [_new_choice() for _ in qs]
     out: list = [None] * len(qs)
     for k in range(max(len(q["turns"]) for q in qs)):
         rows, prompts = [], []
@@ -867,19 +876,7 @@ def _run_group(runner, tok, qs: list[dict], args, q0: int, ctx: int | None = Non
         if not rows:
             continue
         for i, ids, r in zip(rows, prompts, runner.generate_batch(prompts, args.max_new_tokens, args.seed + 1000 * q0 + k)):
-            text = tok.decode(r.output_ids, skip_special_tokens=True)
-            answers[i].append(text.strip())
-            ch = chs[i]
-            ch["turns"].append(text)
-            ch["new_tokens"].append(len(r.output_ids))
-            ch["wall_time"].append(r.wall_time)
-            ch["prefill_time"].append(r.prefill_time)
-            ch["decode_time"].append(None if r.prefill_time is None else max(r.wall_time - r.prefill_time, 0.0))
-            ch["prompt_tokens"].append(len(ids))
-            ch["decoding_steps"].append(None if r.accept_lengths is None else len(r.accept_lengths))
-            if r.accept_lengths is not None:
-                ch["accept_lengths"].extend(r.accept_lengths)
-            ch["output_ids"].append(r.output_ids)
+            answers[i].append(_add_turn(chs[i], tok, ids, r))
     return [o if o is not None else {"question_id": q["question_id"], "category": q["category"], "tstamp": time.time(),
                                      "batch_size": len(qs), "choices": [{"index": 0, **ch}]}
             for q, o, ch in zip(qs, out, chs)]

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_int_tensor, check_tensor, graph_capturing, interpreter_active, next_pow2
-from .tree_attention import LOG2E, _merge_kernel
+from .tree_attention import LOG2E, merge_partials
 
 __all__ = ["decode_attention", "ancestor_table", "SPLIT_KEYS", "SPLIT_TIERS", "MAX_HEAD_DIM", "decode_attention_config",
            "split_bounds", "num_splits_for"]
@@ -104,6 +104,16 @@ def _split_range(s):
         lo = 32768 + (s - 44) * 4096
         hi = lo + 4096
     return lo, hi
+
+
+@triton.jit
+def _node_lanes(Depth, a_base, depth_off, j, stride_ai, offs_n, t, in_prefix, L):
+    """Lanes of node j in a tile that reaches the tree: the cache row each lane reads (position t + L
+    of the prefix, or the tree row of j's ancestor at depth t) and whether j may see it."""
+    d_j = tl.load(Depth + depth_off + j)
+    in_tree = (t >= 0) & (t <= d_j)
+    anc = tl.load(a_base + j * stride_ai + t, mask=in_tree, other=0)
+    return tl.where(in_prefix, offs_n, L + anc), in_prefix | in_tree
 
 
 @triton.jit
@@ -214,11 +224,7 @@ def _decode_attention_kernel(
             t = offs_n - L
             s = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
             for j in range(first, last + 1):
-                d_j = tl.load(Depth + b64 * stride_db + j)
-                in_tree = (t >= 0) & (t <= d_j)
-                anc = tl.load(a_base + j * stride_ai + t, mask=in_tree, other=0)
-                src = tl.where(in_prefix, offs_n, L + anc)
-                lane_ok = in_prefix | in_tree
+                src, lane_ok = _node_lanes(Depth, a_base, b64 * stride_db, j, stride_ai, offs_n, t, in_prefix, L)
                 kT = tl.load(k_base + src[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                              mask=lane_ok[None, :] & d_ok[:, None], other=0.0)
                 s_j = _qk(q, kT, IS_FP32, UPCAST) * qk_scale
@@ -227,11 +233,7 @@ def _decode_attention_kernel(
             acc_scaled = acc * alpha[:, None]
             acc = acc_scaled
             for j in range(first, last + 1):
-                d_j = tl.load(Depth + b64 * stride_db + j)
-                in_tree = (t >= 0) & (t <= d_j)
-                anc = tl.load(a_base + j * stride_ai + t, mask=in_tree, other=0)
-                src = tl.where(in_prefix, offs_n, L + anc)
-                lane_ok = in_prefix | in_tree
+                src, lane_ok = _node_lanes(Depth, a_base, b64 * stride_db, j, stride_ai, offs_n, t, in_prefix, L)
                 v = tl.load(v_base + src[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                             mask=lane_ok[:, None] & d_ok[None, :], other=0.0)
                 acc_j = _pv(p, v, acc_scaled, IS_FP32, UPCAST)
@@ -264,7 +266,6 @@ def decode_attention_config(rows: int, head_dim: int, dtype: torch.dtype) -> dic
     """Tile sizes for ``rows = M * G`` packed query rows. BLOCK_M follows the rows (an MMA never mixes
     rows, and nothing here reduces across a tile's layout, so it does not change a row's bits);
     BLOCK_N is fixed per dtype (lanes are positions: it is part of every row's arithmetic)."""
-    block_d = next_pow2(max(16, head_dim))
     if interpreter_active():
         return dict(block_m=16, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -284,6 +285,7 @@ def decode_attention(
     *,
     config: dict | None = None,
     ancestors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_prefix: int | None = None,
 ) -> torch.Tensor:
     """Masked tree attention with position-aligned, row-invariant arithmetic (module docstring).
 
@@ -297,6 +299,8 @@ def decode_attention(
             block_n must divide :data:`SPLIT_KEYS`. Changing block_n changes the lanes, hence the bits.
         ancestors: ``ancestor_table(tree_mask)`` when the caller has it already (one per step, shared by
             every layer); not checked against the mask.
+        max_prefix: the largest ``prefix_len`` when the caller has checked the range already (one check per
+            step, not one host synchronisation per layer); it only sizes the split count.
 
     Returns [B, Hq, M, D] in q's dtype (a view of [B, M, Hq, D] memory). Under CUDA graph capture the
     range of ``prefix_len`` is not checked and the split count is sized for ``N``.
@@ -322,7 +326,9 @@ def decode_attention(
     check_int_tensor("prefix_len", prefix_len, (b,))
     check_device(("q", q), ("k", k), ("v", v), ("tree_mask", tree_mask), ("prefix_len", prefix_len))
     plen = prefix_len.to(torch.int32)
-    if graph_capturing(q.device) or b == 0:
+    if max_prefix is not None:
+        hi = max_prefix + m - 1
+    elif graph_capturing(q.device) or b == 0:
         hi = n - 1
     else:
         lo, top = (int(x) for x in torch.stack([plen.min(), plen.max()]).tolist())
@@ -359,14 +365,4 @@ def decode_attention(
         IS_FP32=q.dtype == torch.float32, UPCAST=q.dtype != torch.float32 and q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    block_r = 8
-    _merge_kernel[(triton.cdiv(rows, block_r), b * hkv)](
-        o_part, l_part, out,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        l_part.stride(0), l_part.stride(1),
-        *out.stride(),
-        hkv, rows, num_splits,
-        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=block_d, STAGES=3,
-        num_warps=4,
-    )
-    return out
+    return merge_partials(o_part, l_part, out, hkv, group)

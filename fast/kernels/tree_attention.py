@@ -446,16 +446,23 @@ def split_attention(
         UPCAST_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    # merge: 8 rows per program, partials streamed through a 3-deep pipeline (measured on H100,
-    # BENCHMARKS "Session 6": 2-9 us faster per call than one [parts, rows, D] tile per program)
+    return merge_partials(o_part, l_part, out, hkv, group)
+
+
+def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, hkv: int, group: int) -> torch.Tensor:
+    """Launch :func:`_merge_kernel`: the partials ``o_part`` [B*Hkv, parts, rows, D] / ``l_part`` [B*Hkv, parts,
+    rows] (base-2 lse) merged in part order into ``out`` [B, Hq, M, D]; returns ``out``. 8 rows per program,
+    partials streamed through a 3-deep pipeline (measured on H100, BENCHMARKS "Session 6": 2-9 us faster per
+    call than one [parts, rows, D] tile per program)."""
+    rows, d = o_part.shape[2], o_part.shape[3]
     block_r = 8
-    _merge_kernel[(triton.cdiv(rows, block_r), b * hkv)](
+    _merge_kernel[(triton.cdiv(rows, block_r), o_part.shape[0])](
         o_part, l_part, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         l_part.stride(0), l_part.stride(1),
         *out.stride(),
-        hkv, rows, num_parts,
-        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=block_d, STAGES=3,
+        hkv, rows, o_part.shape[1],
+        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=next_pow2(d), STAGES=3,
         num_warps=4,
     )
     return out

@@ -16,6 +16,7 @@ from tabulate import tabulate
 
 from specdec.benchutil import kernel_totals, random_model
 from specdec.fast.model import as_fast_model, prefill, step_forward
+from specdec.shared.tree import Tree
 
 
 def main() -> None:
@@ -27,13 +28,7 @@ def main() -> None:
     prefill(fm, cache, torch.randint(0, fm.config.vocab_size, (1, ctx), device="cuda"))
     for m in (1, 69):
         parents = [-1] + [max(0, (i - 1) // 4) for i in range(1, m)]
-        mask = torch.zeros(m, m, dtype=torch.bool)
-        for i in range(m):
-            j = i
-            while j >= 0:
-                mask[i, j] = True
-                j = parents[j]
-        mask = mask.cuda()[None]
+        mask = Tree.from_parents(parents).ancestor_mask("cuda")[None]
         pos = cache.length + mask.sum(-1) - 1
         toks = torch.randint(0, fm.config.vocab_size, (1, m), device="cuda")
         total, rows = kernel_totals(lambda: step_forward(fm, cache, toks, pos, mask, cache.length_t), reps=5)

@@ -15,17 +15,11 @@ import torch
 
 from specdec.fast.kernels import decode_attention, row_linear
 from specdec.fast.kernels.decode_attention import SPLIT_KEYS
+from specdec.shared.tree import Tree
 
 
 def tree_mask(parents):
-    m = len(parents)
-    mask = torch.zeros(m, m, dtype=torch.bool)
-    for i in range(m):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parents[j]
-    return mask
+    return Tree.from_parents(parents).ancestor_mask()
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import torch
 import specdec  # noqa: F401  -- picks the Triton interpreter on CPU first
 from specdec.fast.kernels import decode_attention
 from specdec.fast.kernels._common import masked_attention_ref
+from specdec.shared.tree import Tree
 from specdec.fast.kernels.decode_attention import MAX_HEAD_DIM, SPLIT_KEYS, ancestor_table, num_splits_for, split_bounds
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -26,21 +27,7 @@ def random_tree(m: int, gen: torch.Generator) -> list[int]:
 
 
 def tree_mask_of(parents: list[int]) -> torch.Tensor:
-    m = len(parents)
-    mask = torch.zeros(m, m, dtype=torch.bool)
-    for i in range(m):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parents[j]
-    return mask
-
-
-def depths_of(parents: list[int]) -> list[int]:
-    d = []
-    for p in parents:
-        d.append(0 if p < 0 else d[p] + 1)
-    return d
+    return Tree.from_parents(parents).ancestor_mask()
 
 
 def _case(b, hq, hkv, dim, prefix, parents_per_row, dtype, device, seed=0, capacity=None):
@@ -147,7 +134,7 @@ def test_poisoned_memory_is_never_read():
 def test_ancestor_table():
     parents = [-1, 0, 0, 1, 3, 2]
     anc, depth = ancestor_table(tree_mask_of(parents)[None])
-    assert depth[0].tolist() == depths_of(parents)
+    assert depth[0].tolist() == list(Tree.from_parents(parents).depth)
     assert anc[0, 4, :4].tolist() == [0, 1, 3, 4]
     assert anc[0, 5, :3].tolist() == [0, 2, 5]
 
