@@ -47,7 +47,7 @@ def main() -> None:
             args.update(residual=torch.randn(37, n, generator=g).to(torch.bfloat16).to(dev))
         if kw.get("silu"):
             args.update(silu=True)
-        for cfg in (None, (16, 32, 32, 4, 2, 2)):
+        for cfg in (None, (16, 32, 32, 4, 2, 2), (16, 32, 32, 4, 2, 2, 1)):
             y = row_linear(x, w, config=cfg, **args)
             torch.cuda.synchronize()
             print(f"row_linear n={n} k={k_} {kw} config={cfg}: finite={bool(torch.isfinite(y).all())}")
