@@ -212,20 +212,27 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
     return buf
 
 
-def row_linear_config(n: int, k: int, dtype: torch.dtype, rows: int = 1) -> tuple[int, int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT)`` for a weight of N output rows
-    and K columns. What a row's arithmetic depends on -- BLOCK_N, BLOCK_K, the K split and the
-    instruction type -- is a function of the weight's shape and dtype only, NEVER of the number of
-    rows; ``SPLIT`` K splits are reduced in a fixed order, so they too are part of that fixed
-    arithmetic. Only BLOCK_M (how many rows share one MMA, which never mixes rows) follows ``rows``
-    so that a verification reads each weight tile once (bitwise-checked at M = 1..128 on the GPU:
+def row_linear_config(n: int, k: int, dtype: torch.dtype, rows: int = 1) -> tuple[int, ...]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT, SWAP)`` for a weight of N output rows
+    and K columns. What a row's arithmetic depends on -- BLOCK_N, BLOCK_K, the K split, the operand
+    order (SWAP) and the instruction type -- is a function of the weight's shape and dtype only, NEVER
+    of the number of rows; ``SPLIT`` K splits are reduced in a fixed order, so they too are part of that
+    fixed arithmetic. Only BLOCK_M (how many rows share one MMA, which never mixes rows) follows ``rows``
+    so that a verification reads each weight tile few times (bitwise-checked at M = 1..128 on the GPU:
     ``tests/fast/test_decode_phase.py``, ``tests/fast/test_rowgemm.py``).
 
-    The split-K choice is the session-8 sweep's (BENCHMARKS "a row-invariant GEMM"): short weights
-    (N < 8192) in 64 x 64 tiles with enough K splits to give ~512 programs at one row, tall ones
-    (w13, lm_head) in 32 x 128 tiles without a split."""
+    Short weights (N < 8192: wqkv, wo, w2) keep the session-8 sweep's choice (BENCHMARKS "a row-invariant
+    GEMM"): 64 x 64 tiles with enough K splits to give ~512 programs at one row. Tall weights (w13 and
+    lm_head) run SWAPPED -- the weight tile is the MMA's row operand and the x rows its columns, so up to
+    128 rows share one weight tile -- in 64 x 64 tiles with 4 K splits (N < 32768) or 128 x 64 tiles
+    without a split (vocabulary heads). Session 10's sweep (BENCHMARKS "SWAP for the tall weights")
+    measured this no slower at one row and 1.3-2.5x faster at 69 rows than the unswapped tiles."""
     if interpreter_active():   # programs run one by one: few, big tiles (still fixed per shape)
-        return 16, min(64, max(16, next_pow2(n))), 32, 4, 1, 2   # two K splits: CI checks the split path
+        return 16, min(64, max(16, next_pow2(n))), 32, 4, 1, 2, 0   # two K splits: CI checks the split path
+    if n >= 8192 and dtype != torch.float32:
+        bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+        bn, bk, split = (128, 64, 1) if n >= 32768 else (64, 64, 4)
+        return bm, bn, min(bk, max(16, next_pow2(k))), 4, 4, split, 1
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
     if n >= 8192:
         bn, bk, split = 32, 128, 1
@@ -234,7 +241,7 @@ def row_linear_config(n: int, k: int, dtype: torch.dtype, rows: int = 1) -> tupl
         split = max(1, min(8, 512 // triton.cdiv(n, bn), triton.cdiv(k, 2 * bk)))
     if dtype == torch.float32:
         bk = min(bk, 64)
-    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), 4, 4, split
+    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), 4, 4, split, 0
 
 
 def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Probe (session 10): one decode step (M = 1) and one 69-node verification of the fast target under two
+``row_linear`` tile rules in the same process -- the session-8/9 rule (every weight unswapped) and the
+library's current ``row_linear_config`` -- timed as CUDA graphs (gemv_sweep.graph_ms, median of 30).
+Also checks the property the rule must keep: the verification's root row equals the one-token step's
+logits bit for bit. Prints a table, writes ``$OUT/probe_step_config_ab.jsonl``.
+
+    python3 scripts/probes/step_config_ab.py [shape ...] [--ctx N]     # default: llama3-8b, ctx 1024
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import triton
+from tabulate import tabulate
+
+from gemv_sweep import graph_ms   # the sibling probe (this folder is sys.path[0])
+import specdec.fast.kernels.rowgemm as RG
+from specdec.benchutil import random_model
+from specdec.fast.model import as_fast_model, prefill, step_forward
+from specdec.shared.tree import Tree
+
+OUT = os.environ.get("OUT", "/tmp")
+LIBRARY_RULE = RG.row_linear_config
+
+
+def unswapped_rule(n, k, dtype, rows=1):
+    """The session-8/9 rule: 64 x 64 split-K tiles below N = 8192, 32 x 128 tiles above, never swapped."""
+    bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    if n >= 8192:
+        bn, bk, split = 32, 128, 1
+    else:
+        bn, bk = 64, 64
+        split = max(1, min(8, 512 // triton.cdiv(n, bn), triton.cdiv(k, 2 * bk)))
+    if dtype == torch.float32:
+        bk = min(bk, 64)
+    return bm, min(bn, max(16, triton.next_power_of_2(n))), min(bk, max(16, triton.next_power_of_2(k))), 4, 4, split
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    ctx = 1024
+    if "--ctx" in args:
+        i = args.index("--ctx"); ctx = int(args[i + 1]); del args[i:i + 2]
+    shapes = args or ["llama3-8b"]
+    rows, log = [], []
+    for shape in shapes:
+        fm = as_fast_model(random_model(shape))
+        fm.use_graphs = False
+        cache = fm.ensure_cache(1, ctx + 200)
+        prefill(fm, cache, torch.randint(0, fm.config.vocab_size, (1, ctx), device="cuda"))
+        parents = [-1] + [max(0, (i - 1) // 4) for i in range(1, 69)]
+        mask69 = Tree.from_parents(parents).ancestor_mask("cuda")[None]
+        pos69 = cache.length + mask69.sum(-1) - 1
+        toks69 = torch.randint(0, fm.config.vocab_size, (1, 69), device="cuda")
+        one = mask69[:, :1, :1].contiguous()
+        res = {}
+        for label, rule in (("unswapped (s9)", unswapped_rule), ("library", LIBRARY_RULE)):
+            RG.row_linear_config = rule
+            try:
+                step = lambda: step_forward(fm, cache, toks69[:, :1], pos69[:, :1], one, cache.length_t)
+                verify = lambda: step_forward(fm, cache, toks69, pos69, mask69, cache.length_t)
+                same = torch.equal(step()[:, 0], verify()[:, 0])
+                t1 = min(graph_ms(step, reps=30) for _ in range(2))
+                t69 = min(graph_ms(verify, reps=30) for _ in range(2))
+            finally:
+                RG.row_linear_config = LIBRARY_RULE
+            res[label] = (t1, t69)
+            rows.append([shape, ctx, label, same, f"{t1:.3f}", f"{t69:.3f}", f"{t69 / t1:.2f}"])
+            log.append(dict(shape=shape, ctx=ctx, rule=label, root_row_equals_step=same, step_ms=t1, verify69_ms=t69))
+            print(json.dumps(log[-1]), flush=True)
+        del fm, cache
+        torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "probe_step_config_ab.jsonl"), "w") as f:
+        for r in log:
+            f.write(json.dumps(r) + "\n")
+    print(tabulate(rows, headers=["shape", "ctx", "row_linear rule", "root row == step", "step ms", "verify-69 ms",
+                                  "verify/step"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
