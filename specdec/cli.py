@@ -194,10 +194,12 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off; in (0, 1]")
     p.add_argument("--tree-shape", default=None,
-                   help="GLIDE tree nodes per level, e.g. 4,16,16,16,16 (the default), or auto: the shape with the most "
-                        "expected tokens per second on this device (printed)")
+                   help="GLIDE tree nodes per level, e.g. 4,16,16,16,16 (the Python API's default), or auto (the CLI's "
+                        "default): the shape with the most expected tokens per second on this device, from the draft's "
+                        "measured acceptance and a one-time cost calibration cached per device and model (printed)")
     p.add_argument("--gamma", type=_gamma_arg, default=None,
-                   help="draft chain length (speculative, spec, magicdec; default: the decoder's); auto for spec")
+                   help="draft chain length (speculative, spec, magicdec; default: the decoder's, auto for spec); "
+                        "auto: the GLIDE chain length with the most expected tokens per second (spec only)")
     p.add_argument("--opt", "-O", action="append", default=[], metavar="KEY=VALUE", help="extra decoder keyword argument, e.g. -O num_pred_tokens=20 (repeatable)")
     p.add_argument("--eos", default=None, help="comma-separated EOS ids ('' = never stop; default: the model's)")
     p.add_argument("--sampling", default="rejection", choices=["rejection", "keyed"],
@@ -257,6 +259,12 @@ def _check_generate_args(a: argparse.Namespace) -> None:
     for flag, knob in (("--tree-shape", "tree_shape"), ("--gamma", "gamma")):
         if getattr(a, knob) is not None and knob not in METHODS[a.method].options:
             raise CLIError(f"{flag} applies to --method {_or_list(methods_taking(knob))}, not {a.method}")
+    # The CLI's default for the GLIDE decoders is the shape that fits this device (the Python API keeps
+    # the seed's tree and gamma): "auto" for tree_spec's tree and spec's chain length.
+    if a.method == "tree_spec" and a.tree_shape is None:
+        a.tree_shape = "auto"
+    if a.method == "spec" and a.gamma is None:
+        a.gamma = "auto"
     a.opts = dict(_parse_opt(o) for o in a.opt)
 
 
@@ -701,7 +709,10 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     table = [[r["method"], r["backend"], r["tokens"], f"{r['tau']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['ttft_ms']:.1f}"] for r in rows]
     stdout.write(tabulate(table, headers=headers, tablefmt="simple") + "\n")
     if "tree_shape" in rows[0] and "auto" in (a.tree_shape, a.gamma):
-        stdout.write(f"tree shape (auto): {','.join(map(str, rows[0]['tree_shape']))}\n")
+        what = "gamma" if a.gamma == "auto" else "tree shape"
+        shape = rows[0]["tree_shape"]
+        chosen = str(len(shape)) if a.gamma == "auto" else ",".join(map(str, shape))
+        stdout.write(f"{what} (auto, chosen for this device): {chosen}\n")
     if speedup is not None:
         stdout.write(f"speedup over vanilla: {speedup:.2f}x ({backend}, {device}, {dtype_name})\n")
     if color:

@@ -19,20 +19,31 @@ PROMPT = "import os\n\n\ndef list_files(root):\n"
 
 
 @pytest.fixture
-def steep_costs(monkeypatch):
-    """Verification cost grows steeply with the tree, as on a CPU: auto must choose a small tree."""
-    cost = CostModel.fit([((1,), 0.010), ((4,), 0.020), ((16,), 0.060), ((64,), 0.220), ((4, 4), 0.035)])
+def steep_costs(fixed_cost_model):
+    """Verification cost grows steeply with the tree, as on a CPU (tests/app/conftest.py): auto must choose a
+    small tree."""
+    return fixed_cost_model
+
+
+@pytest.fixture
+def flat_costs(monkeypatch):
+    """Verification costs barely grow with the tree, as on a GPU: auto must choose a wide one."""
+    cost = CostModel.fit([((1,), 0.010), ((4,), 0.0101), ((16,), 0.0102), ((64,), 0.0105), ((4, 4), 0.0102)])
     monkeypatch.setattr(ref_glide, "device_cost_model", lambda target, glide, cache=True: cost)
     return cost
+
+
+def _auto_line(out: str, what: str = "tree shape") -> str:
+    lines = [ln for ln in out.splitlines() if ln.startswith(f"{what} (auto, chosen for this device): ")]
+    assert len(lines) == 1, out
+    return lines[0].split(": ")[1]
 
 
 def test_tree_shape_auto_is_printed_and_in_json(capsys, steep_costs):
     rc = main(["generate", "--backend", "ref", "--method", "tree_spec", "--tree-shape", "auto", "-n", "6", PROMPT])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    line = [ln for ln in out.splitlines() if ln.startswith("tree shape (auto): ")]
-    assert len(line) == 1, out
-    shape = tuple(int(x) for x in line[0].split(": ")[1].split(","))
+    shape = tuple(int(x) for x in _auto_line(out).split(","))
     assert 1 + sum(shape) < 69  # smaller than the default (4, 16, 16, 16, 16) under steep costs
     rc = main(["generate", "--backend", "ref", "--method", "tree_spec", "--tree-shape", "auto", "-n", "6", "--json", PROMPT])
     obj = json.loads(capsys.readouterr().out)
@@ -43,10 +54,40 @@ def test_gamma_auto_only_for_the_glide_chain(capsys, steep_costs):
     rc = main(["generate", "--backend", "ref", "--method", "spec", "--gamma", "auto", "-n", "6", PROMPT])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "tree shape (auto): " in out
+    gamma = int(_auto_line(out, "gamma"))
+    assert 1 <= gamma < 8
     rc = main(["generate", "--backend", "ref", "--method", "speculative", "--gamma", "auto", "-n", "4", PROMPT])
     err = capsys.readouterr().err
     assert rc == 2 and "--gamma auto applies to --method spec" in err and len(err.strip().splitlines()) == 1
     rc = main(["generate", "--backend", "ref", "--method", "spec", "--gamma", "x", "-n", "4", PROMPT])
     err = capsys.readouterr().err
     assert rc == 2 and "--gamma" in err and "auto" in err
+
+
+def test_cli_default_is_auto_and_printed(capsys, steep_costs):
+    """Without --tree-shape / --gamma the CLI runs the GLIDE decoders with auto (the shape printed); an explicit
+    shape runs as given and prints no auto line."""
+    rc = main(["generate", "--backend", "ref", "--method", "tree_spec", "-n", "6", "--json", PROMPT])
+    obj = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    auto_shape = tuple(obj["tree_shape"])
+    assert auto_shape != (4, 16, 16, 16, 16) and 1 + sum(auto_shape) < 69
+    rc = main(["generate", "--backend", "ref", "--method", "tree_spec", "-n", "6", PROMPT])
+    out = capsys.readouterr().out
+    assert rc == 0 and tuple(int(x) for x in _auto_line(out).split(",")) == auto_shape
+    rc = main(["generate", "--backend", "ref", "--method", "tree_spec", "--tree-shape", "4,16,16,16,16", "-n", "6", "--json", PROMPT])
+    obj = json.loads(capsys.readouterr().out)
+    assert rc == 0 and tuple(obj["tree_shape"]) == (4, 16, 16, 16, 16)
+    rc = main(["generate", "--backend", "ref", "--method", "tree_spec", "--tree-shape", "4,16,16,16,16", "-n", "6", PROMPT])
+    out = capsys.readouterr().out
+    assert rc == 0 and "(auto, chosen for this device)" not in out
+    rc = main(["generate", "--backend", "ref", "--method", "spec", "-n", "6", PROMPT])
+    out = capsys.readouterr().out
+    assert rc == 0 and int(_auto_line(out, "gamma")) >= 1
+
+
+def test_cli_auto_follows_the_cost_curve(capsys, flat_costs):
+    """Cheap verification (a GPU-like curve): the CLI's default tree is wider than under CPU-like costs."""
+    rc = main(["generate", "--backend", "ref", "--method", "tree_spec", "-n", "6", "--json", PROMPT])
+    obj = json.loads(capsys.readouterr().out)
+    assert rc == 0 and 1 + sum(obj["tree_shape"]) > 20, obj["tree_shape"]
