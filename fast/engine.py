@@ -37,7 +37,9 @@ row, every row's draft padded to the fixed tree size and verified in ONE target 
 accepted rows compacted in ONE :func:`specdec.fast.kernels.compact_kv` launch (per-row destinations),
 one host synchronisation per greedy round (the [B, M] argmax). A finished row stays in the batch as a
 masked dummy (its verification rows are scratch) and stops being drafted for and emitted. Drafters
-that build device trees or fused rounds (GLIDE) are not batched yet. With the decode phase's
+that build device trees (GLIDE) draft row by row, each on its row of the batch cache, and join the ONE
+batched verification; their trees are read back with the round's argmax (the fused single-graph round
+and run-ahead of a batch of one are not used for B > 1). With the decode phase's
 row-invariant kernels (docs/design.md §8) a row's tokens do not depend on its batch-mates.
 """
 
@@ -276,10 +278,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         for b in active:
             state = RoundState(tokens[b], target, _row_view(cache, b, lengths[b]), last_logits[b], params, generator,
                                max_gen_len - len(emitted[b]), ids[b])
-            draft = drafters[b].propose(state)
-            if not isinstance(draft.tree, Tree):
-                raise ValueError(f"{method}: batched rounds need host trees; this drafter builds device trees "
-                                 "(GLIDE), which batch on the reference path only for now")
+            draft = drafters[b].propose(state)   # a host Tree, or a DeviceTree (GLIDE: built on the device)
             if draft.tree.size > T:
                 raise RuntimeError(f"drafter bug: a draft of {draft.tree.size} nodes exceeds the fixed tree size {T}")
             drafts[b] = draft
@@ -302,7 +301,9 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         n_acc = torch.zeros(B, dtype=torch.int32)
         dst = torch.tensor(lengths, dtype=torch.int32)
         for b, draft in drafts.items():
-            tree, m, L = draft.tree, draft.tree.size, lengths[b]
+            # a device tree is read back here, after the round's argmax read-back (no extra wait)
+            tree = draft.tree if isinstance(draft.tree, Tree) else Tree.from_parents(draft.tree.parents.tolist())
+            m, L = tree.size, lengths[b]
             draft_tokens = draft.tokens.tolist()
             if amax is not None:
                 best = int(greedy_best_node(tree.ancestor_mask("cpu"), tree.depth_tensor("cpu"),
@@ -310,9 +311,8 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
                                             torch.tensor(tree.parents, dtype=torch.long)))
                 path, next_token = tree.path(best), int(amax[b][best])
             else:
-                host = Draft(torch.tensor(draft_tokens), tree, draft.q)
-                path, next_token = accept_draft(host, logits[b, :m], params, generator, skip_sample_adjustment,
-                                                root_position=L, seq_id=ids[b])
+                path, next_token = accept_draft(Draft(torch.tensor(draft_tokens), tree, draft.q), logits[b, :m], params,
+                                                generator, skip_sample_adjustment, root_position=L, seq_id=ids[b])
             src[b, : len(path)] = torch.tensor(path, dtype=torch.int32) + L
             n_acc[b] = len(path)
             lengths[b] = L + len(path)
@@ -323,7 +323,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
             accept_lengths[b].append(len(accepted) + 1)
             last_logits[b] = logits[b, path[-1]]
             if on_round is not None:
-                on_round(RoundRecord(draft, path, next_token, b))
+                on_round(RoundRecord(Draft(torch.tensor(draft_tokens), tree, draft.q), path, next_token, b))
         from specdec.fast import kernels as K
 
         K.compact_kv(cache.k, cache.v, src.to(dev), dst.to(dev), n_accept=n_acc.to(dev))

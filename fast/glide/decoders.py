@@ -5,6 +5,8 @@ round costs (:func:`measure_cost_model`, :func:`device_cost_model`)."""
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Callable, Sequence
 
 import torch
@@ -84,6 +86,13 @@ def _untensor_parallel(fm):
     return fm
 
 
+def _drafter_per_row(fm, fg, shape: tuple[int, ...]) -> Callable[[], FastGlideDrafter]:
+    """A factory the engine calls once per batch row: the k-th call drafts for row k (its own sliding cache
+    and graphs on ``fg``; a batch of one uses row 0, the runtime every call shares)."""
+    rows = itertools.count()
+    return lambda: FastGlideDrafter(fm, fg, shape, row=next(rows))
+
+
 def tree_spec_generate(
     target,
     glide,
@@ -112,7 +121,7 @@ def tree_spec_generate(
     size = tree_shape_num_nodes(shape)
     check_drafts_fit(f"the number of draft nodes of tree_shape {list(shape)}", size - 1)
     fm = _untensor_parallel(as_fast_model(target))
-    drafter = FastGlideDrafter(fm, as_fast_glide(glide), shape)
+    drafter = _drafter_per_row(fm, as_fast_glide(glide), shape)
     res = run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                                generator, method="tree_spec_generate", tree_size=size, on_round=on_round,
                                sampling=sampling, seed=seed)
@@ -142,7 +151,7 @@ def spec_generate(
     gamma = resolve_gamma(target, glide, gamma)
     check_drafts_fit("gamma", gamma)
     fm = _untensor_parallel(as_fast_model(target))
-    drafter = FastGlideDrafter(fm, as_fast_glide(glide), (1,) * gamma)
+    drafter = _drafter_per_row(fm, as_fast_glide(glide), (1,) * gamma)
     res = run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                                generator, method="spec_generate", tree_size=gamma + 1, on_round=on_round,
                                sampling=sampling, seed=seed)

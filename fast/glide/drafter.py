@@ -73,7 +73,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
     ahead_rounds: bool = True
     """Offer device-driven rounds (:meth:`launch_ahead`) to the engine's fused loop."""
 
-    def __init__(self, target: FastModel, glide: FastGlide, tree_shape: Sequence[int]):
+    def __init__(self, target: FastModel, glide: FastGlide, tree_shape: Sequence[int], row: int = 0):
         want = GlideConfig.from_target(target.config, glide.config.window)
         if want != glide.config:
             raise ValueError(f"GLIDE draft {glide.config} does not match the target, which needs {want}")
@@ -87,10 +87,18 @@ class FastGlideDrafter(FastDrafter, RunAhead):
                                      f"{n_vocab} draft tokens can fill (draft vocabulary of {n_vocab} tokens)")
                 prev = width
         self.lm_head = glide.lm_head_for(target)  # the target's lm_head, or its draft-vocabulary rows
-        # the sliding cache and the captured rounds persist on the glide object across calls
-        if glide.runtime is None:
-            glide.runtime = GlideRuntime(SlidingCache(glide))
-        self.runtime: GlideRuntime = glide.runtime
+        # the sliding cache and the captured rounds persist on the glide object across calls; row b > 0
+        # of a batch drafts with its own (two drafters never share a sliding cache within one call)
+        if row < 0:
+            raise ValueError(f"row must be >= 0 (the batch row this drafter serves), got {row}")
+        if row == 0:
+            if glide.runtime is None:
+                glide.runtime = GlideRuntime(SlidingCache(glide))
+            self.runtime: GlideRuntime = glide.runtime
+        else:
+            if row not in glide.row_runtimes:
+                glide.row_runtimes[row] = GlideRuntime(SlidingCache(glide))
+            self.runtime = glide.row_runtimes[row]
         self.cache, self.graphs, self._depth = self.runtime.cache, self.runtime.graphs, self.runtime.depth
         self.cache.n, self.cache.base = 0, 0
         self.processed = 0

@@ -46,6 +46,9 @@ class FastGlide:
     captured CUDA graphs of its rounds (:class:`~specdec.fast.glide.state.GlideRuntime`), so a second
     call replays the first call's graphs. None until the first
     :class:`~specdec.fast.glide.drafter.FastGlideDrafter` on it."""
+    row_runtimes: dict[int, GlideRuntime] = field(default_factory=dict, repr=False, compare=False)
+    """The runtimes of batch rows 1, 2, ... (row 0 uses :attr:`runtime`): each row of a batched call drafts
+    with its own sliding cache and graphs, kept across calls like :attr:`runtime`."""
 
     @property
     def window(self) -> int:

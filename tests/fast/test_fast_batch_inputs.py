@@ -2,8 +2,8 @@
 
 Fast ``vanilla_generate`` decodes a batch of prompts of different lengths (row by row equal to the
 reference's batch and to each prompt alone, keyed sampling too); so do the fast speculative, PLD,
-LogitSpec and MagicDec decoders (the engine's batched round); the GLIDE decoders refuse B > 1 with one
-ValueError pointing at the reference path (issue 19). CPU: the kernels run under the Triton interpreter, so the models are tiny.
+LogitSpec, MagicDec and GLIDE chain / tree decoders (the engine's batched round; GLIDE drafts row by row
+on the device). CPU: the kernels run under the Triton interpreter, so the models are tiny.
 """
 
 from __future__ import annotations
@@ -97,15 +97,37 @@ def test_fast_batched_keyed_rows_equal_keyed_vanilla(pair):
         assert torch.equal(f(PROMPTS[:3], None, **kw).output_ids, want), method
 
 
-def test_fast_glide_decoders_refuse_batches_with_one_message(pair):
+def test_fast_glide_decoders_batch_ragged_rows_like_ref(pair):
+    """The GLIDE chain and beam tree batched on the fast path (each row drafts on its row of the batch cache,
+    one batched verification): every row equals the reference batch's row and ref vanilla's, with the same
+    acceptance per round; a row alone gives the same tokens; keyed sampling gives keyed vanilla's tokens."""
     from specdec.shared.glide import init_glide_weights
 
     target, ftarget = pair
-    glide = init_glide_weights(target.config, seed=3)
-    for call in (fast.tree_spec_generate, fast.spec_generate):
-        with pytest.raises(ValueError, match=r"does not batch on the fast path yet \(got batch size 2\): batching of this "
-                                             r"method is in the reference path only for now \(specdec.ref, issue 19\)"):
-            call(ftarget, glide, PROMPTS[:2], None, max_gen_len=3, eos_id=[])
+    glide = init_glide_weights(target.config, seed=3, std=0.3)
+    ids, lengths = _padded(PROMPTS)
+    alone = [ref.vanilla_generate(target, [p], None, max_gen_len=6, eos_id=[]).output_ids for p in PROMPTS]
+    kw = dict(max_gen_len=6, eos_id=[int(alone[2][0, 2])])
+    vanilla = ref.vanilla_generate(target, ids, lengths, **kw)
+    calls = [("tree_spec", lambda m, *a, **k: m.tree_spec_generate(ftarget if m is fast else target, glide, *a, tree_shape=(2, 3), **k)),
+             ("spec", lambda m, *a, **k: m.spec_generate(ftarget if m is fast else target, glide, *a, gamma=3, **k))]
+    for method, call in calls:
+        seen = {"ref": [], "fast": []}
+
+        def rec(name):   # every row's draft, round by round: a row drafting from another row's state shows here
+            return lambda r: seen[name].append((r.row, r.draft.tokens.tolist(), list(r.draft.tree.parents), r.path))
+
+        rr, ff = call(ref, ids, lengths, on_round=rec("ref"), **kw), call(fast, ids, lengths, on_round=rec("fast"), **kw)
+        assert torch.equal(ff.output_ids, rr.output_ids), method
+        assert torch.equal(ff.output_ids, vanilla.output_ids), method
+        assert ff.row_lengths == rr.row_lengths and ff.row_accept_lengths == rr.row_accept_lengths, method
+        assert sorted(seen["fast"]) == sorted(seen["ref"]) and len({r[0] for r in seen["ref"]}) == len(PROMPTS), method
+        one = call(fast, [PROMPTS[0]], None, **kw)
+        assert torch.equal(ff.row(0).output_ids, one.output_ids), method
+    keyed = dict(max_gen_len=5, eos_id=[], temperature=1.0, sampling="keyed", seed=5)
+    want = ref.vanilla_generate(target, PROMPTS[:3], None, **keyed).output_ids
+    for method, call in calls:
+        assert torch.equal(call(fast, PROMPTS[:3], None, **keyed).output_ids, want), method
 
 
 def test_fast_bad_lengths_name_the_argument(pair):
