@@ -142,7 +142,9 @@ def main_split() -> None:
                                   "row/gemv", "cuBLAS M=69 us", "row BM64 us", "row BM128 us", "best/cuBLAS"]))
 
 
-SWAP_CONFIGS = [(bn, bk, sp, w, st) for bn in (64, 128) for bk in (64, 128) for sp in (1, 4) for w, st in ((4, 4),)]
+SWAP_CONFIGS = [(bn, bk, sp, w, st) for bn in (64, 128) for bk in (64, 128) for sp in (1, 4) for w, st in ((4, 4), (8, 3))]
+# session 10's first run measured the (4, 4) half (52 s on the H200); the (8, 3) half and a 64-row tile at
+# M = 69 (two tiles, fewer registers per program) are for the next run
 
 
 def main_swap() -> None:
@@ -170,8 +172,9 @@ def main_swap() -> None:
         c69 = graph_ms(lambda: [lin(x69, ws[i % len(ws)]) for i in range(calls)]) / calls
         f = n // 2 if silu else n
         lib1, lib69 = row_linear_config(f, k, torch.bfloat16, 1), row_linear_config(f, k, torch.bfloat16, 69)
-        cands = [("lib", lib1, lib69)] + [(f"swap {bn}x{bk} s{sp} w{w}/{st}", (16, bn, bk, w, st, sp, 1), (128, bn, bk, w, st, sp, 1))
-                                         for bn, bk, sp, w, st in SWAP_CONFIGS]
+        cands = [("lib", lib1, lib69)] + [(f"swap {bn}x{bk} s{sp} w{w}/{st} BM{bm}", (16, bn, bk, w, st, sp, 1),
+                                           (bm, bn, bk, w, st, sp, 1))
+                                          for bn, bk, sp, w, st in SWAP_CONFIGS for bm in (64, 128)]
         for label, c1, c69cfg in cands:
             try:
                 alone = row_linear(x69[5:6], ws[0], silu=silu, config=c1)
