@@ -186,6 +186,14 @@ class FastDrafter(abc.ABC):
         """The device-driven rounds this drafter offers after a fused round, or None."""
         return None
 
+    @classmethod
+    def propose_rows(cls, drafters: list["FastDrafter"], rows: list[int], states: list[RoundState],
+                     cache: StaticKVCache) -> list[Draft]:
+        """Step 1 for several rows of a batch (:func:`_run_batch`): ``drafters[i]`` (all of this class) drafts
+        for batch row ``rows[i]`` of ``cache`` with ``states[i]``. The default asks each row in turn; a drafter
+        whose draft steps are target passes overrides it to draft every row in ONE pass per step (MagicDec)."""
+        return [d.propose(st) for d, st in zip(drafters, states)]
+
 
 class _HostDrafter(FastDrafter):
     """A :class:`specdec.shared.round.Drafter` (``propose`` only) seen as a :class:`FastDrafter`."""
@@ -273,15 +281,15 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
     t1 = time.perf_counter()
     active = [b for b in range(B) if not finished(b)]
     while active:
-        # 1. Draft: every unfinished row proposes a tree rooted at its last token (host trees).
-        drafts: dict[int, Draft] = {}
-        for b in active:
-            state = RoundState(tokens[b], target, _row_view(cache, b, lengths[b]), last_logits[b], params, generator,
-                               max_gen_len - len(emitted[b]), ids[b])
-            draft = drafters[b].propose(state)   # a host Tree, or a DeviceTree (GLIDE: built on the device)
+        # 1. Draft: every unfinished row proposes a tree rooted at its last token -- a host Tree, or a
+        #    DeviceTree (GLIDE: built on the device); row by row, or all rows at once (propose_rows).
+        states = [RoundState(tokens[b], target, _row_view(cache, b, lengths[b]), last_logits[b], params, generator,
+                             max_gen_len - len(emitted[b]), ids[b]) for b in active]
+        drafts: dict[int, Draft] = dict(zip(active, type(drafters[active[0]]).propose_rows(
+            [drafters[b] for b in active], active, states, cache)))
+        for draft in drafts.values():
             if draft.tree.size > T:
                 raise RuntimeError(f"drafter bug: a draft of {draft.tree.size} nodes exceeds the fixed tree size {T}")
-            drafts[b] = draft
         # 2. Verify: every row padded to T nodes (a finished row: T dummy roots that see only
         #    themselves), one target pass with per-row prefix lengths.
         node_tokens = torch.zeros(B, T, dtype=torch.long, device=dev)

@@ -16,8 +16,10 @@ from typing import Callable
 
 import torch
 
+from einops import rearrange
+
 from specdec.fast.engine import FastDrafter, check_drafts_fit, run_speculative_fast
-from specdec.fast.model import FastModel, as_fast_model, run_step
+from specdec.fast.model import FastModel, StaticKVCache, as_fast_model, run_step
 from specdec.shared.keyed import keyed_choice
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundRecord, RoundState
@@ -67,6 +69,69 @@ class FastMagicDecDrafter(FastDrafter):
         tokens = torch.cat([torch.tensor([state.tokens[-1]], dtype=torch.long, device=dev)] + drafts)
         q_all = torch.stack([torch.zeros_like(qs[0])] + qs) if qs else None
         return Draft(tokens, Tree.chain(gamma), q_all)
+
+    @classmethod
+    def propose_rows(cls, drafters: list["FastMagicDecDrafter"], rows: list[int], states: list[RoundState],
+                     cache: StaticKVCache) -> list[Draft]:
+        """MagicDec's own regime: the drafts of several batch rows, each draft step ONE target pass over every
+        row's compressed view (the weights are read once per step for the whole batch, not once per row).
+
+        The same drafts as :meth:`propose` row by row: row ``rows[i]``'s view is its sink rows and recent window
+        of ``cache``, its steps run at its true positions, and the decode phase computes each row the same
+        whatever the batch (docs/design.md §8). Greedy and keyed; rejection sampling (whose draws come from
+        one generator in row order) drafts row by row. ``cache``: the batch's [B] target cache.
+        """
+        p = states[0].params
+        if not (p.greedy or p.keyed) or len(rows) == 1:
+            return [d.propose(st) for d, st in zip(drafters, states)]
+        d0 = drafters[0]
+        fm, dev = d0.target, d0.target.device
+        if any((d.target, d.sink_tokens, d.window) != (fm, d0.sink_tokens, d0.window) for d in drafters):
+            raise ValueError("propose_rows: the rows' MagicDec drafters must share the target, sink_tokens and window")
+        B, n_layers, hkv, _, head_dim = cache.k.shape[1], cache.k.shape[0], cache.k.shape[2], cache.k.shape[3], cache.k.shape[4]
+        gammas = [min(d.gamma, st.max_drafts) for d, st in zip(drafters, states)]
+        scratch = fm.ensure_cache(B, d0.sink_tokens + d0.window + max(d.gamma for d in drafters) + 1, name="magicdec_batch")
+        # 1. Every drafting row's compressed view, in ONE gather per K and V: row b's view rows, padded with
+        #    row 0 (past its length: never attended, and overwritten by its draft rows). Other rows: empty.
+        views = {b: streaming_rows(st.target_cache.length, d0.sink_tokens, d0.window) for b, st in zip(rows, states)}
+        width = max(v.numel() for v in views.values())
+        idx = torch.zeros(B, width, dtype=torch.long)
+        lens = torch.zeros(B, dtype=torch.int32)
+        for b, v in views.items():
+            idx[b, : v.numel()] = v
+            lens[b] = v.numel()
+        gather = rearrange(idx.to(dev), "b s -> 1 b 1 s 1").expand(n_layers, B, hkv, width, head_dim)
+        scratch.k[:, :, :, :width] = torch.gather(cache.k, 3, gather)
+        scratch.v[:, :, :, :width] = torch.gather(cache.v, 3, gather)
+        scratch.length_t.copy_(lens.to(dev))
+        scratch.length = width
+        # 2. max(gammas) draft steps, every row in one pass each, at the rows' true positions L_b + i.
+        token = torch.zeros(B, 1, dtype=torch.long)
+        start = torch.zeros(B, 1, dtype=torch.long)
+        for b, st in zip(rows, states):
+            token[b, 0], start[b, 0] = st.tokens[-1], st.target_cache.length
+        token, start = token.to(dev), start.to(dev)
+        one = torch.ones(B, 1, 1, dtype=torch.bool, device=dev)
+        drafted = []
+        for i in range(max(gammas)):
+            logits = run_step(fm, scratch, token, start + i, one)[:, -1]   # [B, V]
+            scratch.length_t += 1
+            scratch.length += 1
+            if p.greedy:
+                token = torch.argmax(logits, dim=-1, keepdim=True)
+            else:   # keyed: each row's own keyed choice for position L_b + i + 1
+                token = token.clone()
+                for b, st in zip(rows, states):
+                    pos = torch.tensor(st.target_cache.length + i + 1, device=dev)
+                    token[b, 0] = keyed_choice(logits[b], p.temperature, p.top_k, p.top_p, p.seed, st.seq_id, pos).reshape(())
+            drafted.append(token[:, 0])
+        steps = torch.stack(drafted, dim=1) if drafted else token.new_zeros(B, 0)   # [B, max gamma]
+        # 3. Row b's chain: its root and its first gamma_b drafts (nothing to roll back).
+        out = []
+        for b, g, st in zip(rows, gammas, states):
+            root = torch.tensor([st.tokens[-1]], dtype=torch.long, device=dev)
+            out.append(Draft(torch.cat([root, steps[b, :g]]), Tree.chain(g)))
+        return out
 
 
 def magicdec_generate(

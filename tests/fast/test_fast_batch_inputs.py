@@ -137,3 +137,29 @@ def test_fast_bad_lengths_name_the_argument(pair):
         fast.vanilla_generate(ftarget, ids, [9, 0], max_gen_len=2)
     with pytest.raises(ValueError, match=r"prompt_length = 9 is longer than row 1 of input_ids \(1 tokens\)"):
         fast.vanilla_generate(ftarget, PROMPTS[:2], 9, max_gen_len=2)
+
+
+def test_fast_magicdec_batch_drafts_every_row_in_one_pass_per_step(pair, monkeypatch):
+    """MagicDec's regime: in a batch, each draft step is ONE target pass over all rows' StreamingLLM views
+    (not one pass per row), and the drafts are the reference batch's, round by round and row by row."""
+    import specdec.fast.magicdec as fmagic
+
+    target, ftarget = pair
+    ids, lengths = _padded(PROMPTS)
+    kw = dict(max_gen_len=7, eos_id=[])
+    passes = []
+    real_run_step = fmagic.run_step
+    monkeypatch.setattr(fmagic, "run_step", lambda fm, cache, tokens, *a: passes.append(tokens.shape[0]) or
+                        real_run_step(fm, cache, tokens, *a))
+    seen = {"ref": [], "fast": []}
+
+    def rec(name):
+        return lambda r: seen[name].append((r.row, r.draft.tokens.tolist(), r.path))
+
+    rr = ref.magicdec_generate(target, ids, lengths, gamma=3, sink_tokens=1, window=4, on_round=rec("ref"), **kw)
+    ff = fast.magicdec_generate(ftarget, ids, lengths, gamma=3, sink_tokens=1, window=4, on_round=rec("fast"), **kw)
+    assert torch.equal(ff.output_ids, rr.output_ids)
+    assert sorted(seen["fast"]) == sorted(seen["ref"]) and len(seen["ref"]) >= len(PROMPTS)
+    assert passes and set(passes) == {len(PROMPTS)}, passes   # every draft pass carries the whole batch
+    rounds = len(seen["fast"]) // len(PROMPTS)
+    assert len(passes) <= 3 * (rounds + 1), (len(passes), rounds)   # gamma passes per round, not gamma x B
