@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.backends.cuda import SDPAParams, can_use_flash_attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from specdec.fast.graphs import capture
 from specdec.fast.tp import TensorParallel, shard_weights
@@ -430,41 +433,102 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
     return _gather_logits(fm, kern.row_linear(x, w["lm_head"], norm_weight=w["norm"], eps=eps)).float()
 
 
-def _prefill_sdpa(device: torch.device):
-    """SDPA backends for prefill on CUDA: not cuDNN, which plans a new attention graph for every new
-    prompt length (a one-off stall per length); elsewhere the default choice."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, contextlib.AbstractContextManager]:
+    """How :func:`_prefill_attention` runs SDPA on q [B, Hq, n, D], k/v [B, Hkv, T, D]: ``(flash, backends)``.
 
-    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+    ``flash`` is True when PyTorch's flash kernel takes these tensors as they are -- grouped KV heads
+    included (``enable_gqa``): CUDA, fp16/bf16, equal head dims <= 256, unit stride along D, and flash
+    not switched off by the caller (``torch.backends.cuda.enable_flash_sdp`` or an enclosing
+    ``sdpa_kernel``; checked by ``torch.backends.cuda.can_use_flash_attention`` outside any context set
+    here). ``backends`` is then FLASH_ATTENTION alone, so the first chunk's square ``is_causal`` call
+    cannot drift to another backend. Otherwise ``backends`` allows EFFICIENT_ATTENTION, FLASH_ATTENTION
+    and MATH on CUDA, and is PyTorch's default choice elsewhere.
 
-
-def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked prefill attention, q [B, Hq, n, D] over k/v [B, Hkv, T, D] (GQA: Hq a multiple of Hkv).
-
-    SDPA's memory-efficient backend takes the mask but not ``enable_gqa`` (masked GQA falls back to
-    the math backend, which materialises [B, Hq, n, T] fp32 scores: ~17 GiB for a 2048-row chunk at
-    32k context). So on CUDA the KV heads are repeated for their query heads first (a transient
-    [B, Hq, T, D] copy per layer) and the O(T)-memory kernel runs; on CPU SDPA's GQA path as is.
+    Never cuDNN: it builds an execution plan for every new sequence length (about 1 s each on an H100,
+    BENCHMARKS.md "GPU, session 3"), and a chunked prefill meets a new key length in every chunk.
     """
-    hq, hkv = q.shape[1], k.shape[1]
-    with _prefill_sdpa(q.device):
-        if q.is_cuda and hq != hkv:
-            k = k.repeat_interleave(hq // hkv, dim=1)  # query head h reads KV head h // (Hq / Hkv)
-            v = v.repeat_interleave(hq // hkv, dim=1)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hq != hkv)
+    if not q.is_cuda:
+        return False, contextlib.nullcontext()
+    gqa = q.shape[1] != k.shape[1]
+    flash = q.dtype in (torch.float16, torch.bfloat16) and can_use_flash_attention(
+        SDPAParams(q, k, v, None, 0.0, False, gqa))
+    if flash:
+        return True, sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    return False, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one prefill chunk whose n queries are the LAST n of the T positions in k/v.
+
+    Shapes: q [B, Hq, n, D]; k, v [B, Hkv, T, D] with T = p0 + n (rows [0, p0): the cached prefix, rows
+    [p0, T): the chunk itself, already written); Hq a multiple of Hkv, query head h reads KV head
+    h // (Hq / Hkv) (GQA); scale 1 / sqrt(D). Returns [B, Hq, n, D].
+
+    Query i sits at position p0 + i and sees keys [0, p0 + i]: the causal mask aligned to the bottom
+    right of the [n, T] score matrix, ``tril(ones(n, T), diagonal=p0)`` (the reference's
+    ``causal_mask(p0, n)``; with p0 = 0 it is plain ``is_causal``). It must match an explicit fp32
+    softmax under that mask up to the kernel's rounding (tests/fast/test_prefill_attention.py).
+
+    The mask is never a tensor here: SDPA gets ``torch.nn.attention.bias.causal_lower_right(n, T)``,
+    which PyTorch routes by backend (:func:`_prefill_sdpa` picks the backends):
+
+    * **CUDA, fp16/bf16 (the fast path):** the flash kernel, whose causal flag is bottom-right aligned
+      when n < T, reads the KV heads in place (it maps query heads to KV heads itself) and skips the
+      key tiles above the diagonal -- no mask, no KV copy, O(n) extra memory (output + log-sum-exp).
+    * **CUDA otherwise** (fp32, or inputs flash refuses): in torch 2.11 the memory-efficient kernel does
+      not take grouped KV heads, and the math kernel would materialise [B, Hq, n, T] fp32 scores (~17 GiB
+      for a 2048-row chunk at 32k), so the KV heads are repeated for their query heads first (a
+      transient [B, Hq, T, D] copy); the bias then runs as the memory-efficient kernel's built-in
+      bottom-right mask, or as a materialised boolean mask if that kernel refuses the inputs too.
+    * **CPU:** SDPA with the grouped heads as they are; the bias becomes ``is_causal`` when p0 = 0 and a
+      boolean [n, T] mask otherwise (what the fp32 reference comparisons run).
+
+    Where a repeat is needed it is per layer and chunk: it cannot be shared by a chunk's layers, since
+    each layer has its own K/V and its chunk rows exist only once that layer has written them.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k and v must be 4-D [B, H, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, hq, n, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k and v must both be [B={b}, Hkv, T, D={d}] like q [B, Hq, n, D]; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    hkv, t = k.shape[1], k.shape[2]
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"q's head count ({hq}) must be a multiple of k's ({hkv})")
+    if not 1 <= n <= t:
+        raise ValueError(f"q must hold 1 <= n <= T query rows, the last n of k's T = {t} positions; got n = {n}")
+    bias = causal_lower_right(n, t)
+    flash, backends = _prefill_sdpa(q, k, v)
+    gqa = hq != hkv
+    if gqa and q.is_cuda and not flash:
+        k = k.repeat_interleave(hq // hkv, dim=1)  # query head h reads KV head h // (Hq / Hkv)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+        gqa = False
+    with backends:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
 
 
 def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int = 2048, all_logits: bool = False) -> torch.Tensor:
-    """Append the prompt's K/V to the cache in chunks; return the last position's logits [B, V]
-    (or every position's [B, T, V] with ``all_logits``).
+    """Append the prompt ``tokens`` [B, T] to the cache after its ``cache.length`` rows; return the last
+    position's logits [B, V] fp32 (or every position's [B, T, V] with ``all_logits``).
 
-    Each chunk attends causally to everything before it through SDPA with a boolean mask, so the
-    largest activation is ``chunk_size`` rows, never the whole prompt. On CUDA the layers run the
-    fused kernels (as :func:`step_forward`); on CPU plain torch (the Triton interpreter would be slow).
+    The prompt runs in chunks of ``chunk_size`` positions, so the largest activation is one chunk, never
+    the whole prompt. For the chunk at positions [p0, p0 + n), each layer writes the chunk's K/V into
+    cache rows [p0, p0 + n) and its queries attend to that layer's rows [0, p0 + n) -- the prefix
+    already cached (by earlier chunks, or by an earlier call: a prompt may be prefilled in pieces) and the
+    chunk itself -- through :func:`_prefill_attention` (causal, bottom-right aligned; on CUDA in
+    fp16/bf16 the flash kernel with no mask tensor and no KV copy). On CUDA the layers run the fused
+    kernels (as :func:`step_forward`); on CPU plain torch (the Triton interpreter would be slow).
+
+    Must match :func:`specdec.ref.model.forward` over the whole sequence (in fp32 up to float rounding:
+    chunking changes the order of operations only), and the chunking must not change the logits or the
+    cache contents beyond rounding. Raises ValueError for tokens that are not [B, T >= 1], a
+    ``chunk_size`` below 1, and a prompt that does not fit the cache.
     """
+    if tokens.dim() != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must be [B, T] with T >= 1; got shape {tuple(tokens.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, t = tokens.shape
     start = cache.length
     if start + t > cache.capacity:
@@ -480,12 +544,10 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
         cos, sin = _cos_sin(fm, positions)
         x = F.embedding(chunk, fm.w["embed"])
         h = _first_norm(fm, x, fused)
-        cols = torch.arange(p0 + n, device=tokens.device)
-        mask = cols[None, :] <= (torch.arange(n, device=tokens.device) + p0)[:, None]  # [n, p0 + n]
         for i in range(fm.config.num_layers):
             qkv = F.linear(h, fm.w[f"layers.{i}.wqkv"], fm.w.get(f"layers.{i}.bqkv"))
             q = _rope_write(fm, i, qkv, cos, sin, cache, rows, fused)
-            attn = _prefill_attention(q, cache.k[i, :, :, : p0 + n], cache.v[i, :, :, : p0 + n], mask)
+            attn = _prefill_attention(q, cache.k[i, :, :, : p0 + n], cache.v[i, :, :, : p0 + n])
             h, x = _finish_layer(fm, i, x, attn, fused)
         h_last = h[:, -1:]
         if all_logits:

@@ -1,0 +1,236 @@
+"""The fast prefill's attention (:func:`specdec.fast.model._prefill_attention`) and the chunked
+:func:`specdec.fast.model.prefill` built on it.
+
+A prefill chunk's n queries are the LAST n of the T = p0 + n positions in the layer's K/V, so query i
+(position p0 + i) sees keys [0, p0 + i]: a causal mask aligned to the bottom right. The checks:
+
+* CPU, fp32: ``_prefill_attention`` equals an explicit float64 softmax under that boolean mask (GQA and
+  MHA, p0 = 0 and p0 > 0, one and several rows, K/V as views into a NaN-poisoned cache), and differs
+  from the top-left-aligned mask whenever the two differ (so the alignment is really tested);
+* a prompt prefilled in chunks of 3, or in two calls on one cache, gives the same logits and the same
+  cache rows as one chunk, and the whole-sequence logits equal :func:`specdec.ref.model.forward`;
+* bad input is a ValueError naming the argument;
+* GPU (``-m gpu``): in bf16 the flash path is taken, allocates no [B, Hq, T, D] copy of the KV heads,
+  and matches the pre-issue-20 path (KV heads repeated + dense boolean mask) within bf16 tolerance;
+  fp32 on CUDA takes the fallback and still matches the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import specdec.ref as ref
+from lossless import tiny_model
+from specdec.fast.model import _prefill_attention, _prefill_sdpa, alloc_cache, as_fast_model, prefill
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def _attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bottom_right: bool = True) -> torch.Tensor:
+    """Explicit float64 softmax attention, q [B, Hq, n, D] over k/v [B, Hkv, T, D], query head h on KV head
+    h // (Hq / Hkv). ``bottom_right``: query i sees keys j <= T - n + i (the prefill's mask); otherwise
+    j <= i (top-left, what ``is_causal`` means for n < T) -- used only to show the two differ."""
+    b, hq, n, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    offset = t - n if bottom_right else 0
+    visible = torch.arange(t)[None, :] <= (offset + torch.arange(n))[:, None]   # [n, T] bool
+    out = torch.empty(b, hq, n, d, dtype=torch.float64)
+    for h in range(hq):
+        kh = k[:, h // (hq // hkv)].double().cpu()
+        vh = v[:, h // (hq // hkv)].double().cpu()
+        s = q[:, h].double().cpu() @ kh.transpose(-1, -2) / math.sqrt(d)
+        out[:, h] = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ vh
+    return out
+
+
+def _qkv(b, hq, hkv, p0, n, d=16, seed=0, device="cpu", dtype=torch.float32, spare=5):
+    """q [B, Hq, n, D] and k, v [B, Hkv, p0 + n, D] as views into a longer NaN-filled buffer, like a
+    layer's rows of the static cache (rows past T must never be read)."""
+    g = torch.Generator().manual_seed(seed)
+    t = p0 + n
+    q = torch.randn(b, hq, n, d, generator=g)
+    kbuf = torch.full((b, hkv, t + spare, d), float("nan"))
+    vbuf = torch.full((b, hkv, t + spare, d), float("nan"))
+    kbuf[:, :, :t] = torch.randn(b, hkv, t, d, generator=g)
+    vbuf[:, :, :t] = torch.randn(b, hkv, t, d, generator=g)
+    cast = dict(device=device, dtype=dtype)
+    return q.to(**cast), kbuf.to(**cast)[:, :, :t], vbuf.to(**cast)[:, :, :t]
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("p0,n", [(0, 1), (0, 6), (5, 1), (5, 6)], ids=["first-1", "first-6", "after5-1", "after5-6"])
+def test_prefill_attention_equals_masked_softmax(hq, hkv, p0, n):
+    q, k, v = _qkv(2, hq, hkv, p0, n)
+    out = _prefill_attention(q, k, v)
+    assert out.shape == (2, hq, n, 16) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    want = _attention_ref(q, k, v)
+    assert torch.allclose(out.double(), want, atol=1e-5, rtol=1e-5), (out.double() - want).abs().max()
+    if p0 > 0:   # the alignment matters: the top-left mask (is_causal's meaning when n < T) is another answer
+        assert not torch.allclose(out.double(), _attention_ref(q, k, v, bottom_right=False), atol=1e-3)
+
+
+def test_prefill_attention_rejects_bad_shapes():
+    q, k, v = _qkv(1, 4, 2, 3, 2)
+    with pytest.raises(ValueError, match="4-D"):
+        _prefill_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="k and v"):
+        _prefill_attention(q, k, v[:, :, :-1])
+    with pytest.raises(ValueError, match="k and v"):
+        _prefill_attention(q, k[..., :8], v[..., :8])
+    with pytest.raises(ValueError, match="multiple"):
+        _prefill_attention(torch.randn(1, 3, 2, 16), k, v)
+    with pytest.raises(ValueError, match="n = 6"):
+        _prefill_attention(torch.randn(1, 4, 6, 16), k, v)   # more queries than positions
+
+
+def test_prefill_sdpa_cpu_takes_no_flash():
+    q, k, v = _qkv(1, 4, 2, 3, 2)
+    flash, _ = _prefill_sdpa(q, k, v)
+    assert flash is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked prefill of a model
+# ---------------------------------------------------------------------------------------------
+
+
+def _model(kv_heads: int, device="cpu", dtype=torch.float32):
+    m = tiny_model("llama", vocab=64, layers=2, hidden=64, heads=4, kv_heads=kv_heads, seed=3, init_std=0.3, max_pos=512)
+    m.weights = {name: w.to(device=device, dtype=dtype) for name, w in m.weights.items()}
+    return m, as_fast_model(m)
+
+
+PROMPT = [7, 3, 11, 60, 2, 2, 9, 41, 5, 33, 17]
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_chunked_prefill_equals_one_chunk_and_the_reference(kv_heads):
+    model, fm = _model(kv_heads)
+    ids = torch.tensor([PROMPT, PROMPT[::-1]])
+    t = ids.shape[1]
+    one = alloc_cache(fm, 2, t)
+    last_one = prefill(fm, one, ids)                   # a single chunk
+    chunked = alloc_cache(fm, 2, t)
+    last_chunked = prefill(fm, chunked, ids, chunk_size=3)  # chunks of 3, 3, 3, 2
+    assert one.length == chunked.length == t
+    assert last_one.shape == (2, 64)
+    assert torch.allclose(last_chunked, last_one, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(chunked.k[:, :, :, :t], one.k[:, :, :, :t], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(chunked.v[:, :, :, :t], one.v[:, :, :, :t], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(one.k[1, :, :, 1:t], one.k[1, :, :, : t - 1], atol=1e-3)   # rows are not all alike
+    every = prefill(fm, alloc_cache(fm, 2, t), ids, chunk_size=4, all_logits=True)
+    want = ref.forward(model, ids)
+    assert every.shape == want.shape == (2, t, 64)
+    assert torch.allclose(every, want, atol=1e-4, rtol=1e-4), (every - want).abs().max()
+    assert torch.allclose(every[:, -1], last_one, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_after_a_cached_prefix_equals_one_call():
+    """A prompt prefilled in two calls on one cache: the second call's chunks start at p0 > 0 and read
+    the rows the first call wrote (as the draft model's catch-up does)."""
+    _, fm = _model(2)
+    ids = torch.tensor([PROMPT])
+    t = ids.shape[1]
+    whole = alloc_cache(fm, 1, t)
+    want = prefill(fm, whole, ids)
+    pieces = alloc_cache(fm, 1, t)
+    prefill(fm, pieces, ids[:, :4])
+    assert pieces.length == 4
+    got = prefill(fm, pieces, ids[:, 4:], chunk_size=2)
+    assert pieces.length == t
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(pieces.k[:, :, :, :t], whole.k[:, :, :, :t], atol=1e-5, rtol=1e-5)
+    alone = prefill(fm, alloc_cache(fm, 1, t), ids[:, 4:])   # the same tokens without the prefix: another answer
+    assert not torch.allclose(alone, want, atol=1e-3)
+
+
+def test_prefill_rejects_bad_input():
+    _, fm = _model(2)
+    cache = alloc_cache(fm, 1, 16)
+    ids = torch.tensor([PROMPT])
+    with pytest.raises(ValueError, match="chunk_size"):
+        prefill(fm, cache, ids, chunk_size=0)
+    with pytest.raises(ValueError, match="tokens"):
+        prefill(fm, cache, ids[0])
+    with pytest.raises(ValueError, match="tokens"):
+        prefill(fm, cache, ids[:, :0])
+    cache.set_length(cache.capacity - 3)
+    with pytest.raises(ValueError, match="overflow"):
+        prefill(fm, cache, ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------------
+
+
+def _old_masked_attention(q, k, v):
+    """The CUDA prefill attention before issue 20: KV heads repeated for their query heads, a dense
+    boolean [n, T] mask, SDPA restricted to EFFICIENT / FLASH / MATH."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n, t = q.shape[2], k.shape[2]
+    g = q.shape[1] // k.shape[1]
+    mask = torch.ones(n, t, dtype=torch.bool, device=q.device).tril(diagonal=t - n)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), attn_mask=mask)
+
+
+def _extra_bytes(fn) -> tuple[torch.Tensor, int]:
+    """``fn()``'s result and the most memory it held beyond what was allocated before it (CUDA)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p0,n", [(0, 2048), (6144, 2048), (8000, 1)], ids=["first", "after-prefix", "one-row"])
+def test_cuda_bf16_flash_path_copies_no_kv_and_matches_old_path(p0, n):
+    """Llama-3-8B heads (32 query, 8 KV, D 128): the flash path is chosen; one call holds its output (and
+    a small log-sum-exp) beyond its inputs, less than the output plus half of ONE repeated K
+    ([B, Hq, T, D]) -- a bound the old path, which repeats K and V, exceeds; the result is the old path's."""
+    b, hq, hkv, d = 1, 32, 8, 128
+    q, k, v = _qkv(b, hq, hkv, p0, n, d=d, device="cuda", dtype=torch.bfloat16, spare=256)
+    assert _prefill_sdpa(q, k, v)[0] is True
+    _prefill_attention(q, k, v)   # warm up outside the measurement
+    _old_masked_attention(q, k, v)
+    out, extra = _extra_bytes(lambda: _prefill_attention(q, k, v))
+    old, extra_old = _extra_bytes(lambda: _old_masked_attention(q, k, v))
+    t = p0 + n
+    bound = out.numel() * out.element_size() + b * hq * t * d * 2 // 2
+    assert extra < bound < extra_old, (extra, bound, extra_old)
+    torch.testing.assert_close(out.float(), old.float(), atol=2e-2, rtol=2e-2)
+    if t <= 2048:   # and the float64 reference where it is cheap
+        torch.testing.assert_close(out.double().cpu(), _attention_ref(q, k, v), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+def test_cuda_fp32_fallback_matches_reference(hq, hkv):
+    q, k, v = _qkv(2, hq, hkv, 37, 19, d=64, device="cuda", dtype=torch.float32)
+    assert _prefill_sdpa(q, k, v)[0] is False   # flash takes fp16/bf16 only
+    out = _prefill_attention(q, k, v)
+    torch.testing.assert_close(out.double().cpu(), _attention_ref(q, k, v), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)], ids=["fp32", "bf16"])
+def test_cuda_chunked_prefill_equals_one_chunk(dtype, tol):
+    _, fm = _model(2, device="cuda", dtype=dtype)
+    ids = torch.tensor([PROMPT, PROMPT[::-1]], device="cuda")
+    t = ids.shape[1]
+    one = alloc_cache(fm, 2, t)
+    last_one = prefill(fm, one, ids)
+    chunked = alloc_cache(fm, 2, t)
+    last_chunked = prefill(fm, chunked, ids, chunk_size=3)
+    torch.testing.assert_close(last_chunked, last_one, atol=tol, rtol=tol)
+    torch.testing.assert_close(chunked.k[:, :, :, :t].float(), one.k[:, :, :, :t].float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(chunked.v[:, :, :, :t].float(), one.v[:, :, :, :t].float(), atol=tol, rtol=tol)
