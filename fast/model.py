@@ -441,8 +441,8 @@ def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bo
     not switched off by the caller (``torch.backends.cuda.enable_flash_sdp`` or an enclosing
     ``sdpa_kernel``; checked by ``torch.backends.cuda.can_use_flash_attention`` outside any context set
     here). ``backends`` is then FLASH_ATTENTION alone, so the first chunk's square ``is_causal`` call
-    cannot drift to another backend. Otherwise ``backends`` allows EFFICIENT_ATTENTION, FLASH_ATTENTION
-    and MATH on CUDA, and is PyTorch's default choice elsewhere.
+    cannot drift to another backend. Otherwise ``backends`` allows EFFICIENT_ATTENTION and MATH on CUDA
+    (flash refused these inputs, or the caller switched it off), and is PyTorch's default choice elsewhere.
 
     Never cuDNN: it builds an execution plan for every new sequence length (about 1 s each on an H100,
     BENCHMARKS.md "GPU, session 3"), and a chunked prefill meets a new key length in every chunk.
@@ -454,7 +454,7 @@ def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bo
         SDPAParams(q, k, v, None, 0.0, False, gqa))
     if flash:
         return True, sdpa_kernel([SDPBackend.FLASH_ATTENTION])
-    return False, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+    return False, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
