@@ -176,8 +176,6 @@ def anchor_attention(c, ctx: int, dev: torch.device, dtype: torch.dtype, backend
     except RuntimeError as e:   # backend not available for these inputs on this build / device
         print(f"  anchor {backend}: not available ({str(e).splitlines()[0][:120]})", flush=True)
         return None
-    finally:
-        del q, k, v
     return s * c.num_layers
 
 
