@@ -1,26 +1,39 @@
 #!/usr/bin/env python3
 """Train the embedded default model of specdec: a small Python-code LLM, its draft LM and its GLIDE draft.
 
-Everything is trained on the Python standard library's own source (see ``scripts/default_corpus.py``
-for the file list and the fixed held-out rule). Stages, each a subcommand::
+The corpus is Python source (``scripts/default_corpus.py``: sources ``stdlib`` -- the standard library --
+and ``packages`` -- the installed distributions' own ``.py`` files -- with their fixed held-out rules).
+Stages, each a subcommand (the defaults reproduce the shipped 2048-position stdlib model)::
 
     # 1. byte-level BPE tokenizer (CPU, ~1 min) -> tokenizer.json + tokenizer_config.json
     python scripts/train_default.py tokenizer --vocab 4096 --out shared/assets/default/target
     # 2. tokenize the corpus into int16 token streams (CPU, ~20 s) -> runs/default_data/{train,heldout}.pt
     python scripts/train_default.py pack --tokenizer shared/assets/default/target --out runs/default_data
+    #    (--sources stdlib,packages adds the installed packages; --stdlib-root a copied stdlib)
     # 3. target (14 layers) then draft LM (2 layers, distilled from the target) on the GPU
     python scripts/train_default.py lm --data runs/default_data --tokenizer shared/assets/default/target \
         --out runs/default_lm --target-minutes 5 --draft-minutes 1.5
+    #    (--seq 8192 --max-positions 8192 trains on 8192-token windows and saves an 8192-position config)
     # 4. GLIDE draft with the project's LongSpec recipe (specdec.ref.train_glide.train_glide)
     python scripts/train_default.py glide --target shared/assets/default/target --data runs/default_data --out runs/default_glide
-    # held-out loss of any saved HF-format LM (CPU or GPU)
+    # held-out loss of any saved HF-format LM (CPU or GPU), per source when the data has per-source streams
     python scripts/train_default.py eval --model shared/assets/default/target --data runs/default_data
 
-``lm`` and ``glide`` write ``*.jsonl`` logs (held-out loss over training) next to the weights. The
-weights are saved with ``save_pretrained(safe_serialization=True)`` in bf16. ``--steps`` fixes the
-number of optimizer steps (exact reproduction); without it, ``--*-minutes`` measures the step time
-after a warm-up and sets the step count from the time budget (the count is logged, so a run can be
-repeated with ``--steps``). The best held-out checkpoint is kept (the corpus is small: ~9M tokens).
+``pack`` writes ``train.pt`` and ``heldout.pt`` (every selected source, stdlib first), one held-out stream
+per source (``heldout_stdlib.pt``, ``heldout_packages.pt``), ``meta.json`` (token counts) and
+``manifest.json`` (the interpreter, and every distribution used by name and version with its file, byte and
+held-out counts). With ``--sources stdlib`` (the default) ``train.pt``/``heldout.pt`` are exactly what they
+were before the packages source existed.
+
+``lm`` and ``glide`` write ``*.jsonl`` logs (held-out loss over training; one loss per source and their
+unweighted mean when the data has several sources) next to the weights. The weights are saved with
+``save_pretrained(safe_serialization=True)`` in bf16, with ``--max-positions`` as the config's
+``max_position_embeddings`` (and the copied tokenizer's ``model_max_length``); windows never exceed it
+(RoPE is applied at positions 0..seq-1 of each window). ``--steps`` fixes the number of optimizer steps
+(exact reproduction); without it, ``--*-minutes`` measures the step time after a warm-up and sets the step
+count from the time budget (the count is logged, so a run can be repeated with ``--steps``). The checkpoint
+with the best held-out loss is kept (the stdlib alone is small: ~9M tokens). ``--eval-tokens`` caps each
+held-out stream during training to evenly spaced windows (the full streams: ``eval``).
 """
 
 from __future__ import annotations
@@ -44,7 +57,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Architectures (Llama, tied embeddings, head_dim 64 so the fast kernels apply).
 TARGET_ARCH = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=14, num_attention_heads=4, num_key_value_heads=2)
 DRAFT_ARCH = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1)
-MAX_POSITIONS = 2048
+MAX_POSITIONS = 2048  # the default --max-positions (the shipped model's); --seq may not exceed it
+ROPE_THETA = 10000.0
 
 
 def log(*a):
@@ -107,30 +121,141 @@ def encode_file(tok, text: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def pack(tokenizer: str, out: str, root: str | None = None) -> None:
+ENCODE_CHUNK_FILES = 256
+
+
+def encode_stream(tok, texts: list[str]) -> torch.Tensor:
+    """``<s>`` + tokens + ``</s>`` for every text, concatenated in order, as int16 (tokenized in chunks
+    of files, which gives the same ids as one call over all of them: each file is encoded alone)."""
+    if len(tok) > 2**15:
+        raise ValueError(f"vocabulary of {len(tok)} tokens does not fit the int16 streams")
+    parts = []
+    for i in range(0, len(texts), ENCODE_CHUNK_FILES):
+        enc = tok(texts[i:i + ENCODE_CHUNK_FILES])["input_ids"]
+        parts.append(torch.tensor([t for e in enc for t in e + [tok.eos_token_id]], dtype=torch.int16))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int16)
+
+
+def _cap_package_train(files: list, max_train_mb: float) -> list:
+    """At most ``max_train_mb`` MB of packages training files: the files whose sha256(key) comes first
+    (a deterministic sample that does not depend on what else is installed), kept in corpus order."""
+    if max_train_mb <= 0:
+        return files
+    import hashlib
+
+    budget, keep = max_train_mb * 1e6, set()
+    for c in sorted(files, key=lambda c: hashlib.sha256(c.key.encode("utf-8")).hexdigest()):
+        if budget - c.nbytes < 0:
+            continue
+        budget -= c.nbytes
+        keep.add(c.key)
+    return [c for c in files if c.key in keep]
+
+
+def _stats(n_files: int, nbytes: int, stream: torch.Tensor) -> dict:
+    n = stream.numel()
+    return {"files": n_files, "tokens": n, "bytes": nbytes, "bytes_per_token": round(nbytes / n, 3) if n else None}
+
+
+def pack(tokenizer: str, out: str, root: str | None = None, sources: str | list[str] = "stdlib",
+         dists=None, max_train_mb: float = 0.0) -> dict:
+    """Tokenize the selected sources into ``out``: ``train.pt``, ``heldout.pt`` (stdlib first, then
+    packages), ``heldout_<source>.pt`` per source, ``meta.json`` and ``manifest.json``. ``root``: the stdlib
+    tree (default this interpreter's); ``dists``: the distributions for ``packages`` (default the
+    installed ones); ``max_train_mb``: cap on the packages' training bytes (0: none). Returns meta."""
+    sources = default_corpus.parse_sources(sources)
+    if max_train_mb < 0:
+        raise ValueError(f"--max-train-mb: got {max_train_mb}; expected 0 (no cap) or a positive number of MB")
     root = root or default_corpus.stdlib_root()
     tok = load_hf_tokenizer(tokenizer)
-    train, held = default_corpus.split_corpus(root)
     os.makedirs(out, exist_ok=True)
-    meta = {"stdlib": root, "python": sys.version.split()[0], "vocab_size": len(tok)}
-    for name, files in (("train", train), ("heldout", held)):
-        texts = [default_corpus.read_text(os.path.join(root, r)) for r in files]
-        enc = tok(texts)["input_ids"]
-        ids = [t for e in enc for t in e + [tok.eos_token_id]]
-        nbytes = sum(len(t.encode("utf-8")) for t in texts)
-        torch.save(torch.tensor(ids, dtype=torch.int16), os.path.join(out, f"{name}.pt"))
-        meta[name] = {"files": len(files), "tokens": len(ids), "bytes": nbytes, "bytes_per_token": round(nbytes / len(ids), 3)}
+    t0 = time.time()
+    # Per source: (train texts, held-out texts, held-out names).
+    parts: dict[str, tuple[list[str], list[str], list[str]]] = {}
+    manifest: dict = {"python": sys.version.split()[0], "sources": sources, "stdlib_root": root}
+    version_file = os.path.join(root, "PYTHON_VERSION")  # written by default_corpus.export_stdlib
+    if os.path.isfile(version_file):
+        with open(version_file) as f:
+            manifest["stdlib_python"] = f.read().strip()
+    if "stdlib" in sources:
+        train, held = default_corpus.split_corpus(root)
+        parts["stdlib"] = ([default_corpus.read_text(os.path.join(root, r)) for r in train],
+                           [default_corpus.read_text(os.path.join(root, r)) for r in held], held)
+        manifest["stdlib"] = {"train_files": len(train), "heldout_files": len(held), "heldout": held}
+    if "packages" in sources:
+        corpus = default_corpus.select_packages(dists, stdlib=root)
+        n_before = len(corpus.train)
+        corpus = corpus._replace(train=_cap_package_train(corpus.train, max_train_mb))
+        manifest["packages"] = default_corpus.packages_manifest(corpus, root)
+        manifest["packages"]["max_train_mb"] = max_train_mb or None
+        manifest["packages"]["train_files_dropped_by_cap"] = n_before - len(corpus.train)
+        parts["packages"] = ([default_corpus.read_text(c.path) for c in corpus.train],
+                             [default_corpus.read_text(c.path) for c in corpus.heldout], [c.key for c in corpus.heldout])
+    meta: dict = {"stdlib": root, "python": sys.version.split()[0], "vocab_size": len(tok)}
+    streams: dict[str, list[torch.Tensor]] = {"train": [], "heldout": []}
+    totals = {"train": [0, 0], "heldout": [0, 0]}  # files, bytes
+    per_source: dict[str, dict] = {}
+    for src in sources:
+        tr_texts, he_texts, _ = parts[src]
+        per_source[src] = {}
+        for name, texts in (("train", tr_texts), ("heldout", he_texts)):
+            st = encode_stream(tok, texts)
+            nbytes = sum(len(t.encode("utf-8")) for t in texts)
+            streams[name].append(st)
+            totals[name][0] += len(texts)
+            totals[name][1] += nbytes
+            per_source[src][name] = _stats(len(texts), nbytes, st)
+            if name == "heldout":
+                torch.save(st, os.path.join(out, f"heldout_{src}.pt"))
+            log(f"{src} {name}: {len(texts)} files, {nbytes / 1e6:.2f} MB, {st.numel() / 1e6:.3f}M tokens")
+    for name in ("train", "heldout"):
+        st = torch.cat(streams[name])
+        torch.save(st, os.path.join(out, f"{name}.pt"))
+        meta[name] = _stats(totals[name][0], totals[name][1], st)
         if name == "heldout":
-            meta["heldout_files"] = files
-        log(f"{name}: {len(files)} files, {nbytes / 1e6:.2f} MB, {len(ids) / 1e6:.3f}M tokens ({nbytes / len(ids):.2f} bytes/token)")
+            meta["heldout_files"] = [n for src in sources for n in parts[src][2]]
+        log(f"{name}: {meta[name]['files']} files, {totals[name][1] / 1e6:.2f} MB, {st.numel() / 1e6:.3f}M tokens "
+            f"({meta[name]['bytes_per_token']} bytes/token)")
+    meta["sources"] = sources
+    meta["per_source"] = per_source
+    manifest["tokens"] = per_source
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    log(f"pack: {', '.join(sources)} -> {out} in {time.time() - t0:.1f}s")
+    return meta
 
 
 def load_streams(data: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) token streams of a ``pack`` directory, as int64."""
     tr = torch.load(os.path.join(data, "train.pt")).long()
     he = torch.load(os.path.join(data, "heldout.pt")).long()
     return tr, he
+
+
+def load_heldout_sources(data: str) -> dict[str, torch.Tensor]:
+    """The per-source held-out streams of a ``pack`` directory ({source: int64 stream}, non-empty ones,
+    in source order); ``{"heldout": heldout.pt}`` for a directory packed before per-source streams existed."""
+    out = {}
+    for src in default_corpus.SOURCES:
+        p = os.path.join(data, f"heldout_{src}.pt")
+        if os.path.isfile(p):
+            st = torch.load(p).long()
+            if st.numel() > 1:
+                out[src] = st
+    return out or {"heldout": torch.load(os.path.join(data, "heldout.pt")).long()}
+
+
+def window_starts(stream: torch.Tensor, seq: int, max_tokens: int = 0) -> list[int]:
+    """Starts of the non-overlapping ``seq``-token windows of ``stream`` used for evaluation: all of them
+    (with the tail) when ``max_tokens`` is 0 or covers the stream, else about ``max_tokens // seq``
+    windows spread evenly over it (no tail)."""
+    n = (stream.numel() - 1) // seq
+    if max_tokens <= 0 or stream.numel() <= max_tokens or n <= max(1, max_tokens // seq):
+        return [i * seq for i in range(n)]
+    k = max(1, max_tokens // seq)
+    return sorted({(j * n // k) * seq for j in range(k)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,11 +263,12 @@ def load_streams(data: str) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_config(arch: dict, tok):
+def make_config(arch: dict, tok, max_positions: int = MAX_POSITIONS, rope_theta: float = ROPE_THETA):
+    """The Llama config of ``arch`` with the tokenizer's specials, ``max_positions`` positions and RoPE base ``rope_theta``."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tok), max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, rope_theta=10000.0,
+        vocab_size=len(tok), max_position_embeddings=max_positions, rms_norm_eps=1e-5, rope_theta=rope_theta,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         head_dim=arch["hidden_size"] // arch["num_attention_heads"], hidden_act="silu", attention_bias=False, **arch,
     )
@@ -155,15 +281,21 @@ def get_batch(stream: torch.Tensor, batch: int, seq: int, gen: torch.Generator, 
 
 
 @torch.no_grad()
-def heldout_loss(model, stream: torch.Tensor, seq: int, device, batch: int = 16) -> float:
-    """Mean next-token cross-entropy (nats/token) over non-overlapping windows of the held-out stream."""
+def heldout_loss(model, stream: torch.Tensor, seq: int, device, batch: int | None = None, max_tokens: int = 0) -> float:
+    """Mean next-token cross-entropy (nats/token) over non-overlapping ``seq``-token windows of a held-out
+    stream (``window_starts``: all of them and the tail, or evenly spaced ones up to ``max_tokens``).
+    ``batch`` windows per forward (default 16k tokens' worth)."""
     model.eval()
+    batch = batch or max(1, 16384 // seq)
     n = (stream.numel() - 1) // seq
-    windows = torch.stack([stream[i * seq: i * seq + seq + 1] for i in range(n)])
-    tail = stream[n * seq:]
+    starts = window_starts(stream, seq, max_tokens)
+    chunks = [torch.stack([stream[i: i + seq + 1] for i in starts[j:j + batch]]) for j in range(0, len(starts), batch)]
+    if len(starts) == n:  # the whole stream: the tail too
+        tail = stream[n * seq:]
+        if tail.numel() > 1:
+            chunks.append(tail[None])
     total, count = 0.0, 0
     use_amp = device.type == "cuda"
-    chunks = [windows[i:i + batch] for i in range(0, n, batch)] + ([tail[None]] if tail.numel() > 1 else [])
     for w in chunks:
         w = w.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -175,11 +307,30 @@ def heldout_loss(model, stream: torch.Tensor, seq: int, device, batch: int = 16)
     return total / count
 
 
-def train_lm(name: str, arch: dict, tok, train_s, held_s, args, device, teacher=None) -> tuple[object, dict]:
+def heldout_losses(model, streams: dict[str, torch.Tensor], seq: int, device, max_tokens: int = 0) -> dict[str, float]:
+    """``heldout_loss`` per held-out stream, plus ``"mean"``: their unweighted mean (each source counts
+    the same, however many tokens it has)."""
+    out = {k: heldout_loss(model, v, seq, device, max_tokens=max_tokens) for k, v in streams.items()}
+    out["mean"] = sum(out.values()) / len(out)
+    return out
+
+
+def _loss_record(losses: dict[str, float]) -> dict[str, float]:
+    """Log fields: ``heldout_loss`` (the mean: what picks the best checkpoint) and, with several
+    sources, ``heldout_loss_<source>``."""
+    rec = {"heldout_loss": losses["mean"]}
+    if len(losses) > 2:
+        rec.update({f"heldout_loss_{k}": v for k, v in losses.items() if k != "mean"})
+    return rec
+
+
+def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor], args, device, teacher=None) -> tuple[object, dict]:
+    """Train one LM on random ``args.seq``-token windows of ``train_s`` (module docstring); returns the
+    best held-out checkpoint (by the mean over ``held``'s streams) and a summary."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(args.seed)
-    cfg = make_config(arch, tok)
+    cfg = make_config(arch, tok, args.max_positions, args.rope_theta)
     model = LlamaForCausalLM(cfg).to(device)
     model.config.use_cache = False
     nparams = sum(p.numel() for p in model.parameters())
@@ -196,7 +347,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held_s, args, device, teacher=
     warmup = args.warmup
     use_amp = device.type == "cuda"
     logf = open(os.path.join(args.out, f"{name}_log.jsonl"), "w")
-    best, best_state = float("inf"), None
+    best, best_state, best_losses = float("inf"), None, None
     t_start = time.time()
     step = 0
     tokens_seen = 0
@@ -238,25 +389,31 @@ def train_lm(name: str, arch: dict, tok, train_s, held_s, args, device, teacher=
         step += 1
         tokens_seen += inp.numel()
         if step % args.eval_every == 0 or step == total:
-            hl = heldout_loss(model, held_s, args.seq, device)
+            losses = heldout_losses(model, held, args.seq, device, max_tokens=args.eval_tokens)
+            hl = losses["mean"]
             rec = {"model": name, "step": step, "total_steps": total, "tokens": tokens_seen, "lr": cur, "train_ce": float(ce.detach()),
-                   "heldout_loss": hl, "elapsed_s": round(time.time() - t_start, 1)}
+                   **_loss_record(losses), "elapsed_s": round(time.time() - t_start, 1)}
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
             log(json.dumps(rec))
             if hl < best:
-                best = hl
+                best, best_losses = hl, losses
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     logf.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     summary = {"model": name, "params": nparams, "steps": total, "tokens": tokens_seen, "best_heldout_loss": best,
-               "train_minutes": round((time.time() - t_start) / 60, 2), "arch": arch, "batch": args.batch, "seq": args.seq, "lr": lr}
+               "train_minutes": round((time.time() - t_start) / 60, 2), "arch": arch, "batch": args.batch, "seq": args.seq, "lr": lr,
+               "max_positions": args.max_positions, "rope_theta": args.rope_theta}
+    if best_losses is not None and len(best_losses) > 2:
+        summary["best_heldout_loss_by_source"] = {k: v for k, v in best_losses.items() if k != "mean"}
     log(f"[{name}] done: {json.dumps(summary)}")
     return model, summary
 
 
 def save_lm(model, tok, out: str) -> None:
+    """bf16 safetensors + config + generation config + the tokenizer files, whose ``model_max_length``
+    follows the model's ``max_position_embeddings`` (the tokenizer itself is unchanged)."""
     from transformers import GenerationConfig
 
     os.makedirs(out, exist_ok=True)
@@ -267,6 +424,14 @@ def save_lm(model, tok, out: str) -> None:
     for fn in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(tok.name_or_path, fn)):
             shutil.copy(os.path.join(tok.name_or_path, fn), os.path.join(out, fn))
+    cfg_path = os.path.join(out, "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            tcfg = json.load(f)
+        if tcfg.get("model_max_length") != m.config.max_position_embeddings:
+            tcfg["model_max_length"] = m.config.max_position_embeddings
+            with open(cfg_path, "w") as f:
+                json.dump(tcfg, f, indent=2)
 
 
 def cmd_lm(args) -> None:
@@ -275,13 +440,18 @@ def cmd_lm(args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     tok = load_hf_tokenizer(args.tokenizer)
-    train_s, held_s = load_streams(args.data)
-    log(f"device {device}, torch {torch.__version__}, train {train_s.numel() / 1e6:.2f}M tokens, held-out {held_s.numel() / 1e3:.1f}k tokens")
+    train_s, _ = load_streams(args.data)
+    held = load_heldout_sources(args.data)
+    if train_s.numel() <= args.seq + 1:
+        raise ValueError(f"--seq: {args.seq} needs a training stream longer than {args.seq + 1} tokens; {args.data} has {train_s.numel()}")
+    log(f"device {device}, torch {torch.__version__}, train {train_s.numel() / 1e6:.2f}M tokens, held-out "
+        + ", ".join(f"{k} {v.numel() / 1e3:.1f}k" for k, v in held.items()) + " tokens"
+        + (f" (evaluated on <= {args.eval_tokens} tokens each during training)" if args.eval_tokens else ""))
     os.makedirs(args.out, exist_ok=True)
     summaries = []
     target = None
     if "target" in args.which:
-        target, s = train_lm("target", TARGET_ARCH, tok, train_s, held_s, args, device)
+        target, s = train_lm("target", args.target_arch, tok, train_s, held, args, device)
         summaries.append(s)
         save_lm(target, tok, os.path.join(args.out, "target"))
     if "draft" in args.which:
@@ -290,9 +460,12 @@ def cmd_lm(args) -> None:
 
             target = LlamaForCausalLM.from_pretrained(args.teacher or os.path.join(args.out, "target"), dtype=torch.float32).to(device)
         target = target.to(torch.float32).eval()
+        if args.seq > target.config.max_position_embeddings:
+            raise ValueError(f"--seq: {args.seq} exceeds the teacher's max_position_embeddings ({target.config.max_position_embeddings}); "
+                             "train the draft at --seq <= it (or give --teacher a longer-context target)")
         for p in target.parameters():
             p.requires_grad_(False)
-        draft, s = train_lm("draft", DRAFT_ARCH, tok, train_s, held_s, args, device, teacher=target if args.kd_weight > 0 else None)
+        draft, s = train_lm("draft", args.draft_arch, tok, train_s, held, args, device, teacher=target if args.kd_weight > 0 else None)
         summaries.append(s)
         save_lm(draft, tok, os.path.join(args.out, "draft"))
     with open(os.path.join(args.out, "summary.json"), "w") as f:
@@ -304,12 +477,26 @@ def cmd_lm(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def glide_eval_stream(held: dict[str, torch.Tensor], seq: int, max_tokens: int = 0) -> torch.Tensor:
+    """The GLIDE's held-out data: each held-out stream cut to whole ``seq``-token windows (all of them,
+    or about ``max_tokens`` worth spread evenly), concatenated so that no window straddles two sources."""
+    parts = []
+    for st in held.values():
+        if max_tokens <= 0 or st.numel() <= max_tokens:
+            parts.append(st[: (st.numel() // seq) * seq])
+        else:
+            parts.extend(st[i: i + seq] for i in window_starts(st, seq, max_tokens))
+    return torch.cat(parts)
+
+
 def cmd_glide(args) -> None:
-    """GLIDE draft for the shipped target with ``specdec.ref.train_glide`` (LongSpec recipe: frozen target,
-    its last-layer KV with a random lag 1..4, anchor-offset positions). Held-out = the stdlib held-out files.
-    With ``--minutes`` (and no ``--steps``) a short calibration run measures the step time first."""
+    """GLIDE draft for a target with ``specdec.ref.train_glide`` (LongSpec recipe: frozen target, its
+    last-layer KV with a random lag 1..4, anchor-offset positions up to ``--max-positions`` (default the
+    target's ``max_position_embeddings``) when ``--seq`` <= 1200, natural positions 0..seq-1 beyond). Held-out = the
+    held-out streams of ``--data`` (per source at the end). With ``--minutes`` (and no ``--steps``) a short
+    calibration run measures the step time first."""
     from specdec.ref import load_model
-    from specdec.ref.train_glide import train_glide
+    from specdec.ref.train_glide import evaluate_glide, train_glide
     from specdec.shared.glide import Glide, save_glide
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -317,10 +504,20 @@ def cmd_glide(args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     target = load_model(args.target, dtype=dtype, device=device)
-    train_s, held_s = load_streams(args.data)
-    held_s = held_s[: (held_s.numel() // args.seq) * args.seq]  # whole windows only
+    limit = target.config.max_position_embeddings
+    if args.seq > limit:
+        raise ValueError(f"--seq: {args.seq} exceeds the target's max_position_embeddings ({limit}, {args.target}); use --seq <= it")
+    max_pos = args.max_positions or limit
+    if not args.seq <= max_pos <= limit:
+        raise ValueError(f"--max-positions: got {max_pos}; expected --seq ({args.seq}) <= it <= the target's max_position_embeddings ({limit})")
+    train_s, _ = load_streams(args.data)
+    held = load_heldout_sources(args.data)
+    held_s = glide_eval_stream(held, args.seq, args.eval_tokens)  # whole windows only
+    if held_s.numel() < args.seq:
+        raise ValueError(f"--seq: {args.seq} is longer than the held-out data of {args.data} ({held_s.numel()} tokens)")
     common = dict(seq_len=args.seq, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup, weight_decay=0.0,
-                  amp=device.type == "cuda", seed=args.seed, progress=False, distill=args.distill, glide=args.init)
+                  amp=device.type == "cuda", seed=args.seed, progress=False, distill=args.distill, glide=args.init,
+                  max_offset_pos=max_pos)
     steps = args.steps
     if not steps:
         n_cal = 12
@@ -336,13 +533,24 @@ def cmd_glide(args) -> None:
                       log_path=os.path.join(args.out, "glide_log.jsonl"), **common)
     for rec in res.eval_history:
         log(json.dumps({"model": "glide", **rec}))
+    train_minutes = round((time.time() - t0) / 60, 2)
+    by_source = None
+    if len(held) > 1:  # the final draft's held-out loss (decoding condition) on each source separately
+        by_source = {}
+        for k, st in held.items():
+            ch = glide_eval_stream({k: st}, args.seq, args.eval_tokens)
+            by_source[k] = evaluate_glide(target, res.glide, ch[: (ch.numel() // args.seq) * args.seq].view(-1, args.seq), args.batch)
     # Ship in bf16 (half the bytes; the decoders cast to the target's dtype anyway).
     glide = Glide(res.glide.config, {k: v.to(torch.bfloat16) for k, v in res.glide.weights.items()}, source="train_default")
     save_glide(glide, os.path.join(args.out, "glide"))
-    summary = {"model": "glide", "steps": steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
-               "distill": args.distill, "init": args.init, "final_heldout_agree": (res.eval_history[-1].get("eval_agree") if res.eval_history else None),
+    summary = {"model": "glide", "steps": steps, "tokens": steps * args.batch * args.seq, "batch": args.batch, "seq": args.seq,
+               "lr": args.lr, "distill": args.distill, "init": args.init,
+               "max_positions": max_pos,
+               "final_heldout_agree": (res.eval_history[-1].get("eval_agree") if res.eval_history else None),
                "initial_heldout_loss": res.initial_eval_loss, "final_heldout_loss": res.final_eval_loss,
-               "train_minutes": round((time.time() - t0) / 60, 2)}
+               "train_minutes": train_minutes}
+    if by_source is not None:
+        summary["final_heldout_loss_by_source"] = by_source
     with open(os.path.join(args.out, "glide_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     log(f"[glide] done: {json.dumps(summary)}")
@@ -354,13 +562,68 @@ def cmd_glide(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    """One JSON line per model: held-out loss per source (``heldout_loss_<source>``, with several
+    sources), their unweighted mean (``heldout_loss``) and the tokens evaluated, at ``--seq`` windows."""
     from transformers import LlamaForCausalLM
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _, held_s = load_streams(args.data)
+    held = load_heldout_sources(args.data)
     for path in args.model:
         m = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-        log(json.dumps({"model": path, "heldout_loss": heldout_loss(m, held_s, args.seq, device), "heldout_tokens": held_s.numel()}))
+        losses = heldout_losses(m, held, args.seq, device, max_tokens=args.eval_tokens)
+        tokens = {k: (v.numel() if not args.eval_tokens else min(v.numel(), len(window_starts(v, args.seq, args.eval_tokens)) * args.seq))
+                  for k, v in held.items()}
+        rec = {"model": path, "seq": args.seq, **_loss_record(losses), "heldout_tokens": sum(tokens.values())}
+        if len(held) > 1:
+            rec["heldout_tokens_by_source"] = tokens
+        if args.seq > m.config.max_position_embeddings:
+            rec["note"] = f"windows longer than the model's max_position_embeddings ({m.config.max_position_embeddings})"
+        log(json.dumps(rec))
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _arch(base: dict, override: str | None, flag: str) -> dict:
+    """``base`` updated with the JSON object ``override`` (keys must be ``base``'s, values positive ints)."""
+    if not override:
+        return dict(base)
+    try:
+        upd = json.loads(override)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not a JSON object ({e}); e.g. '{{\"num_hidden_layers\": 12}}'") from None
+    if not isinstance(upd, dict) or any(k not in base for k in upd) or any(not isinstance(v, int) or v <= 0 for v in upd.values()):
+        raise ValueError(f"{flag}: got {override!r}; expected a JSON object with positive integer values for keys among {', '.join(base)}")
+    arch = {**base, **upd}
+    if arch["hidden_size"] % arch["num_attention_heads"] or arch["num_attention_heads"] % arch["num_key_value_heads"]:
+        raise ValueError(f"{flag}: hidden_size must be a multiple of num_attention_heads, and that of num_key_value_heads ({arch})")
+    return arch
+
+
+def check_args(args) -> None:
+    """ValueErrors (naming the flag and what it accepts) for bad values of ``lm``, ``glide`` and ``eval``."""
+    if getattr(args, "max_positions", None) is not None and args.max_positions < 2 and not (args.cmd == "glide" and args.max_positions == 0):
+        raise ValueError(f"--max-positions: got {args.max_positions}; expected an integer >= 2 (e.g. 2048 or 8192)")
+    if hasattr(args, "seq"):
+        limit = getattr(args, "max_positions", None) or None  # glide's 0: checked against the target later
+        if args.seq < 2 or (limit is not None and args.seq > limit):
+            raise ValueError(f"--seq: got {args.seq}; expected 2 <= --seq <= --max-positions ({limit})" if limit is not None
+                             else f"--seq: got {args.seq}; expected an integer >= 2")
+    if getattr(args, "eval_tokens", 0) < 0:
+        raise ValueError(f"--eval-tokens: got {args.eval_tokens}; expected 0 (every held-out token) or a positive token count")
+    if getattr(args, "rope_theta", 1.0) <= 0:
+        raise ValueError(f"--rope-theta: got {args.rope_theta}; expected a positive RoPE base (e.g. 10000)")
+    if getattr(args, "batch", 1) < 1:
+        raise ValueError(f"--batch: got {args.batch}; expected a positive integer")
+    if args.cmd == "lm":
+        which = [w.strip() for w in args.which.split(",") if w.strip()]
+        if not which or any(w not in ("target", "draft") for w in which):
+            raise ValueError(f"--which: got {args.which!r}; expected target, draft or target,draft")
+        args.which = which
+        args.target_arch = _arch(TARGET_ARCH, args.target_arch, "--target-arch")
+        args.draft_arch = _arch(DRAFT_ARCH, args.draft_arch, "--draft-arch")
 
 
 def main(argv=None) -> None:
@@ -372,6 +635,10 @@ def main(argv=None) -> None:
     s = sub.add_parser("pack", help="tokenize the corpus into train/held-out streams")
     s.add_argument("--tokenizer", default="shared/assets/default/target")
     s.add_argument("--out", default="runs/default_data")
+    s.add_argument("--sources", default="stdlib", help="comma-separated: stdlib, packages (default stdlib)")
+    s.add_argument("--stdlib-root", default=None, help="the stdlib tree to use (default this interpreter's; "
+                   "e.g. a copy from `python scripts/default_corpus.py export DIR`)")
+    s.add_argument("--max-train-mb", type=float, default=0.0, help="cap on the packages' training MB (0: none)")
     s = sub.add_parser("lm", help="train the target and the draft LM")
     s.add_argument("--data", default="runs/default_data")
     s.add_argument("--tokenizer", default="shared/assets/default/target")
@@ -381,7 +648,12 @@ def main(argv=None) -> None:
     s.add_argument("--device", default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch", type=int, default=32)
-    s.add_argument("--seq", type=int, default=1024)
+    s.add_argument("--seq", type=int, default=1024, help="training/eval window in tokens (<= --max-positions)")
+    s.add_argument("--max-positions", type=int, default=MAX_POSITIONS, help="the saved config's max_position_embeddings")
+    s.add_argument("--rope-theta", type=float, default=ROPE_THETA)
+    s.add_argument("--target-arch", default=None, help="JSON overrides of the target's shape, e.g. '{\"num_hidden_layers\": 12}'")
+    s.add_argument("--draft-arch", default=None, help="JSON overrides of the draft LM's shape")
+    s.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens per source evaluated during training (0: all)")
     s.add_argument("--lr", type=float, default=2e-3)
     s.add_argument("--draft-lr", type=float, default=3e-3)
     s.add_argument("--weight-decay", type=float, default=0.1)
@@ -400,8 +672,11 @@ def main(argv=None) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=0, help="optimizer steps (0: from --minutes)")
     s.add_argument("--minutes", type=float, default=4.0)
-    s.add_argument("--seq", type=int, default=1024)
+    s.add_argument("--seq", type=int, default=1024, help="training window (<= the target's max_position_embeddings)")
+    s.add_argument("--max-positions", type=int, default=0,
+                   help="anchor-offset positions reach this (windows <= 1200 tokens; 0: the target's max_position_embeddings)")
     s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens per source evaluated (0: all)")
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--warmup", type=int, default=50)
     s.add_argument("--eval-every", type=int, default=200)
@@ -413,13 +688,14 @@ def main(argv=None) -> None:
     s.add_argument("--data", default="runs/default_data")
     s.add_argument("--device", default=None)
     s.add_argument("--seq", type=int, default=1024)
+    s.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens per source (0: all), evenly spaced windows")
     args = p.parse_args(argv)
+    check_args(args)
     if args.cmd == "tokenizer":
         train_tokenizer(args.vocab, args.out)
     elif args.cmd == "pack":
-        pack(args.tokenizer, args.out)
+        pack(args.tokenizer, args.out, root=args.stdlib_root, sources=args.sources, max_train_mb=args.max_train_mb)
     elif args.cmd == "lm":
-        args.which = [w.strip() for w in args.which.split(",")]
         cmd_lm(args)
     elif args.cmd == "glide":
         cmd_glide(args)
