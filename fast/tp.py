@@ -22,7 +22,7 @@ How a layer is split over ``world`` ranks (rank r of world W):
 Where a greedy step needs only the argmax over the vocabulary, :meth:`TensorParallel.argmax` finds it
 from the ranks' vocabulary slices without gathering the logits: each rank reduces its slice to one
 (value, global index) pair per row, packed into one int64 order key (:func:`order_key`), and only those
-keys are all-gathered -- ``[..., ]`` int64 per rank instead of ``[..., V']`` floats. The result is
+keys are all-gathered -- one int64 per row and rank instead of ``V'`` floats. The result is
 ``torch.argmax`` of the full logits, bit for bit (ties and NaN included). The GLIDE beam uses the same
 keys for its top-k over a sharded vocabulary (:meth:`TensorParallel.beam_topk`), and the draft's
 log-softmax over the sharded vocabulary needs only each row's (max, sum of exp) per rank

@@ -20,7 +20,8 @@ greedy output; what changes is where the numbers live:
 
 The package, by job:
 
-* :mod:`.weights` -- :class:`FastGlide`, :func:`as_fast_glide`, :func:`load_glide`;
+* :mod:`.weights` -- :class:`FastGlide`, :func:`as_fast_glide`, :func:`load_glide`, :func:`shard_glide` (the
+  rank's slice of the layer on a tensor-parallel target);
 * :mod:`.cache` -- :class:`SlidingCache`, :class:`GlideBounds`;
 * :mod:`.packing` -- the round's integers in one host-to-device copy (:func:`pack_ints`, ...);
 * :mod:`.layer` -- :func:`glide_layer`, the draft layer on new tokens;
@@ -34,7 +35,7 @@ Every name is importable from ``specdec.fast.glide`` itself.
 """
 
 # Re-exports: every name importable from ``specdec.fast.glide`` when it was one module still is.
-from specdec.fast.glide.weights import FastGlide, as_fast_glide, load_glide  # noqa: F401
+from specdec.fast.glide.weights import FastGlide, as_fast_glide, load_glide, shard_glide  # noqa: F401
 from specdec.fast.glide.cache import GlideBounds, SlidingCache  # noqa: F401
 from specdec.fast.glide.packing import catch_up_glide_bounds, catch_up_segments, pack_ints, unpack_ints  # noqa: F401
 from specdec.fast.glide.layer import glide_layer  # noqa: F401

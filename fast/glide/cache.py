@@ -19,7 +19,8 @@ __all__ = ["SlidingCache", "GlideBounds"]
 
 
 class SlidingCache:
-    """The draft's constant-size K/V buffer: ``[1, Hkv, 2 * window + MAX_TREE_NODES, D]``.
+    """The draft's constant-size K/V buffer: ``[1, Hkv, 2 * window + MAX_TREE_NODES, D]`` (``Hkv``: the rank's
+    KV heads, :attr:`FastGlide.local_kv_heads`).
 
     Rows ``[0, n)`` hold positions ``[base, base + n)`` of the verified sequence (the last ones the
     window can still reach); the rows after them are scratch for the current tree.
@@ -29,7 +30,8 @@ class SlidingCache:
         c = glide.config
         self.window = glide.window
         rows = 2 * self.window + MAX_TREE_NODES
-        self.k = torch.zeros(1, c.num_kv_heads, rows, c.head_dim, dtype=glide.dtype, device=glide.device)
+        # this rank's KV heads under tensor parallelism (all of them without)
+        self.k = torch.zeros(1, glide.local_kv_heads, rows, c.head_dim, dtype=glide.dtype, device=glide.device)
         self.v = torch.zeros_like(self.k)
         self.n = 0
         self.base = 0

@@ -77,13 +77,16 @@ def resolve_gamma(target, glide, gamma: int | str = "auto", stats: AcceptanceSta
     return tree_search.choose_gamma(gamma, glide, stats, cost, lambda: device_cost_model(target, glide, cache=cache))
 
 
-def _untensor_parallel(fm):
-    """The GLIDE draft reads the target's lm_head and last-layer KV heads, which tensor parallelism splits
-    over the ranks (:mod:`specdec.fast.tp`): not supported yet -- one clear error instead of wrong drafts."""
-    if fm.tp is not None:
-        raise ValueError(f"the GLIDE decoders do not run on a tensor-parallel target yet ({fm.tp}); use vanilla, "
-                         "speculative, pld, logitspec or magicdec with tp, or tp=1")
-    return fm
+def _target_and_glide(target, glide, auto: str | None) -> tuple:
+    """``(fast target, fast GLIDE draft)`` for a call; on a tensor-parallel target the draft is this rank's
+    slice of the layer (:func:`specdec.fast.glide.shard_glide`). ``auto``: the name of the argument set to
+    ``"auto"``, if any -- refused under tensor parallelism, where every rank must run the same shape and a
+    shape chosen from per-process timings could differ between ranks."""
+    fm = as_fast_model(target)
+    if fm.tp is not None and auto is not None:
+        raise ValueError(f"{auto}='auto' is not supported on a tensor-parallel target ({fm.tp}): the ranks could "
+                         f"choose different shapes from their own timings; pass an explicit {auto}")
+    return fm, as_fast_glide(glide, tp=fm.tp)
 
 
 def _drafter_per_row(fm, fg, shape: tuple[int, ...]) -> Callable[[], FastGlideDrafter]:
@@ -117,11 +120,11 @@ def tree_spec_generate(
     is ranked by the draft's processed log-probs plus the same keyed noise as the reference's
     (:meth:`FastGlideDrafter._scores`, on the device: the key and positions travel in the round's pack, so
     the captured round graphs serve every seed) -- in fp32 the same trees and acceptance as the reference."""
+    fm, fg = _target_and_glide(target, glide, "tree_shape" if tree_search.is_auto("tree_shape", tree_shape) else None)
     shape = resolve_tree_shape(target, glide, tree_shape)
     size = tree_shape_num_nodes(shape)
     check_drafts_fit(f"the number of draft nodes of tree_shape {list(shape)}", size - 1)
-    fm = _untensor_parallel(as_fast_model(target))
-    drafter = _drafter_per_row(fm, as_fast_glide(glide), shape)
+    drafter = _drafter_per_row(fm, fg, shape)
     res = run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                                generator, method="tree_spec_generate", tree_size=size, on_round=on_round,
                                sampling=sampling, seed=seed)
@@ -148,10 +151,10 @@ def spec_generate(
     """Same contract as :func:`specdec.ref.spec_generate` (``gamma`` <= 127 on the fast path; ``"auto"``:
     :func:`resolve_gamma`); keyed sampling as in :func:`tree_spec_generate` (each draft the draft's keyed
     choice, as on the reference)."""
+    fm, fg = _target_and_glide(target, glide, "gamma" if tree_search.is_auto("gamma", gamma) else None)
     gamma = resolve_gamma(target, glide, gamma)
     check_drafts_fit("gamma", gamma)
-    fm = _untensor_parallel(as_fast_model(target))
-    drafter = _drafter_per_row(fm, as_fast_glide(glide), (1,) * gamma)
+    drafter = _drafter_per_row(fm, fg, (1,) * gamma)
     res = run_speculative_fast(fm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                                generator, method="spec_generate", tree_size=gamma + 1, on_round=on_round,
                                sampling=sampling, seed=seed)

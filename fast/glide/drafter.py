@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,18 @@ from specdec.shared.round import Draft, RoundState, max_drafts
 from specdec.shared.sampling import SamplingParams
 from specdec.shared.tree import validate_tree_shape
 
-__all__ = ["FastGlideDrafter"]
+__all__ = ["FastGlideDrafter", "ShardedLogprobs"]
+
+
+class ShardedLogprobs(NamedTuple):
+    """The draft's log-probabilities over the full vocabulary, as one tensor-parallel rank holds them."""
+
+    local: torch.Tensor
+    """fp32 [P, R]: the rank's R real vocabulary columns (global ids ``rank * local_width + j``)."""
+    vocab_size: int
+    """V, the whole vocabulary."""
+    local_width: int
+    """V', the columns of each rank's lm_head slice (the vocabulary padded to ``world * V'``)."""
 
 
 class FastGlideDrafter(FastDrafter, RunAhead):
@@ -55,6 +67,16 @@ class FastGlideDrafter(FastDrafter, RunAhead):
     (:meth:`_to_target`); keyed noise is that of the mapped target ids. Same trees as
     :class:`specdec.ref.glide.GlideDrafter`.
 
+    Tensor parallelism (a target split over ranks, :mod:`specdec.fast.tp`; the draft layer then holds the same
+    rank's heads, :func:`specdec.fast.glide.shard_glide`): every rank runs the same round on the same integers;
+    the layer's row-parallel projections are all-reduced (:func:`~specdec.fast.glide.layer.glide_layer`), and
+    the draft's logits come from the rank's slice of the vocab-parallel lm_head. With plain log-probabilities
+    and the full vocabulary the beam never gathers them: the log-softmax needs each row's (max, sum of exp) per
+    rank and each level's top-k a merge of every rank's best ``k`` (:meth:`_select`,
+    :meth:`specdec.fast.tp.TensorParallel.beam_topk`); keyed sampling (top-k / top-p over the whole
+    distribution) and a truncated draft vocabulary (its ids spread over the ranks) gather the logits and run
+    the one-process beam on every rank. Every rank then writes the same tree.
+
     Greedy rounds go further (:meth:`fused_round`, used by
     :func:`specdec.fast.engine.run_speculative_fast`): the draft body, the target's verification of
     the tree and the device-side acceptance + KV compaction are ONE graph per ``k``, so a round is
@@ -77,6 +99,9 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         want = GlideConfig.from_target(target.config, glide.config.window)
         if want != glide.config:
             raise ValueError(f"GLIDE draft {glide.config} does not match the target, which needs {want}")
+        if target.world != glide.world or (glide.tp is not None and glide.tp.rank != target.tp.rank):
+            raise ValueError(f"the GLIDE draft is split over {glide.world} rank(s) and the target over {target.world}: "
+                             "shard the draft for the target's ranks (as_fast_glide(glide, tp=target.tp))")
         self.target, self.glide = target, glide
         self.tree_shape = validate_tree_shape(tree_shape)
         if glide.vocab_map is not None:  # the fixed-size tree must be fillable from N draft tokens per node
@@ -107,10 +132,11 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         self._seq_ready = False  # seq holds this call's tokens
 
     def _scores(self, hidden: torch.Tensor, keyed: tuple[float, int, float] | None, u: dict[str, torch.Tensor],
-                level: int) -> torch.Tensor:
+                level: int) -> torch.Tensor | ShardedLogprobs:
         """What the beam ranks for the children of the nodes whose draft hidden states are ``hidden`` [n, H]:
         [n, V] fp32 ([n, N] over a truncated draft vocabulary) -- must match
-        :meth:`specdec.ref.glide.GlideDrafter._scores`.
+        :meth:`specdec.ref.glide.GlideDrafter._scores`. On a tensor-parallel target with plain log-probabilities
+        and the full vocabulary: the rank's slice of them, a :class:`ShardedLogprobs` (:meth:`_select` takes both).
 
         * ``keyed`` None: the draft's log-probabilities, ``log_softmax(hidden @ lm_head^T)`` (no final norm).
         * ``keyed = (temperature, top_k, top_p)``: the processed log-probabilities plus the keyed Gumbel noise
@@ -122,6 +148,14 @@ class FastGlideDrafter(FastDrafter, RunAhead):
           ``vocab_map[i]``.
         """
         logits = F.linear(hidden.to(self.target.dtype), self.lm_head)  # no final norm
+        tp = self.target.tp
+        if tp is not None:   # logits of this rank's vocabulary slice [n, V']
+            vocab = self.target.config.vocab_size
+            if keyed is None and self.glide.vocab_map is None:   # the beam merges the ranks' best (_select)
+                return ShardedLogprobs(tp.log_softmax(logits, vocab), vocab, logits.shape[-1])
+            logits = tp.all_gather_last(logits)[..., :vocab]     # the whole distribution on every rank
+            if self.glide.vocab_map is not None:
+                logits = logits[:, self.glide.vocab_map]
         if keyed is None:
             return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         temperature, top_k, top_p = keyed
@@ -129,6 +163,36 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         positions = u["level_pos"][level : level + 1].expand(logits.shape[0])
         vocab = {} if self.glide.vocab_map is None else {"token_ids": self.glide.vocab_map}
         return keyed_logprobs(logits, temperature, top_k, top_p, key, positions, **vocab)
+
+    def _select(self, cum: torch.Tensor | None, logprobs: torch.Tensor | ShardedLogprobs, n: int, tokens: torch.Tensor,
+                parents: torch.Tensor, cum_out: torch.Tensor, first: int, parent_first: int, ancestor: torch.Tensor,
+                root_token: torch.Tensor | None) -> None:
+        """One beam level written into the tree buffers (graph-capturable): the best ``n`` (node, token) pairs
+        by :func:`specdec.shared.glide.beam_level`'s order become nodes ``first .. first + n - 1`` (token,
+        parent = ``parent_first`` + the chosen node's index in the level, cumulative score in ``cum_out``,
+        ancestor-or-self row); ``root_token`` (the first level) also writes the root, node 0.
+
+        Full log-probabilities [P, V]: :func:`specdec.fast.kernels.beam_select` does all of it. A
+        :class:`ShardedLogprobs` (tensor parallelism): :meth:`specdec.fast.tp.TensorParallel.beam_topk` picks the
+        pairs (the same order: every rank gets the same pairs), then the same writes in torch ops."""
+        if not isinstance(logprobs, ShardedLogprobs):
+            _kernels().beam_select(cum, logprobs, n, tokens, parents, cum_out, node_offset=first, parent_offset=parent_first,
+                                   ancestor=ancestor, root_token=root_token)
+            return
+        parent, token, score = self.target.tp.beam_topk(cum, logprobs.local, logprobs.vocab_size, n, logprobs.local_width)
+        if root_token is not None:   # the root: node 0, parent -1, ancestor row {0}
+            tokens[:1].copy_(root_token)
+            parents[:1].fill_(-1)
+            ancestor[0].fill_(False)
+            ancestor[0, 0] = True
+        new = torch.arange(first, first + n, device=tokens.device)
+        tokens[first : first + n].copy_(token)
+        parents[first : first + n].copy_(parent + parent_first)
+        cum_out[:n].copy_(score)
+        rows = ancestor[parent + parent_first]          # the parents' rows (written by an earlier level or above)
+        rows[:, 0] = True
+        rows[torch.arange(n, device=rows.device), new] = True
+        ancestor[first : first + n] = rows
 
     def _to_target(self, tokens: torch.Tensor) -> None:
         """Turn the draft ids the beam kernel wrote into ``tokens`` [n] (a view of the tree buffer) into target
@@ -221,10 +285,10 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         prev_first, prev_n, first = 0, 1, 1
         for level, width in enumerate(shape):
             # 2. Best (node, token) pairs over the whole level (specdec.shared.glide.beam_level).
-            n = min(width, prev_n * logprobs.shape[-1])
-            _kernels().beam_select(cums[(level + 1) % 2, :prev_n] if level else None, logprobs, n, out_tokens, out_parents,
-                                   cums[level % 2], node_offset=first, parent_offset=prev_first, ancestor=full,
-                                   root_token=u["tokens"][-1:] if level == 0 else None)
+            vocab = logprobs.vocab_size if isinstance(logprobs, ShardedLogprobs) else logprobs.shape[-1]
+            n = min(width, prev_n * vocab)
+            self._select(cums[(level + 1) % 2, :prev_n] if level else None, logprobs, n, out_tokens, out_parents,
+                         cums[level % 2], first, prev_first, full, u["tokens"][-1:] if level == 0 else None)
             self._to_target(out_tokens[first : first + n])  # draft ids -> target ids (truncated vocabulary)
             if level == len(shape) - 1:
                 break

@@ -57,6 +57,11 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
     or, when the layer's weights are small enough to re-read per row (:func:`_gemv_rows_ok`), every projection is one GEMV with the norm
     before it or the residual add after it folded in, and the q|k|v one also does RoPE and the K/V
     write (:mod:`.kernels.gemv`): no norm, RoPE-write, SwiGLU or add kernels.
+
+    Under tensor parallelism (``g.tp``: the rank's heads and MLP slice, :func:`specdec.fast.glide.shard_glide`)
+    the attentions run over the rank's heads -- the cross-attention over the target cache's heads this rank
+    holds -- and the outputs of ``wo``, ``wo_x`` and ``w2`` are all-reduced before their residual adds, so
+    every rank returns the same hidden states.
     """
     from specdec.fast.kernels.tree_attention import split_attention
 
@@ -71,6 +76,15 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
                             tree_start=bounds.tree_start if tree_mask is not None else None, tree_mask=tree_mask)
         return rearrange(o, "b h t d -> b t (h d)")
 
+    def reduce(partial):  # a row-parallel projection's output: summed over the ranks (as is without TP)
+        return partial if g.tp is None else g.tp.all_reduce(partial)
+
+    def row_parallel(a, name, x):  # x + a @ w[name]^T as one GEMV with the residual folded in; under TP the
+        # ranks' partial products are summed first, then added (the residual must be added once)
+        if g.tp is None:
+            return kern.gemv(a, g.w[name], residual=x)
+        return x + g.tp.all_reduce(kern.gemv(a, g.w[name]))
+
     def cross_attention(q):  # over the target's last-layer cache, as stored
         o = split_attention(q, target_k, target_v, span_hi=bounds.cross_hi, max_span=bounds.cross_span,
                             row_lo=bounds.cross_row_lo, row_hi=bounds.cross_row_hi)
@@ -83,16 +97,16 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
         # 1. Self-attention. 2. Cross-attention (query projected + rotated only). 3. SwiGLU MLP.
         q = kern.gemv_qkv_rope(x, g.w["wqkv"], g.w["bqkv"], cos, sin, cache.k, cache.v, rows,
                                norm_weight=g.w["norm1"], eps=eps, check_rows=False)
-        x = kern.gemv(self_attention(q), g.w["wo"], residual=x)
+        x = row_parallel(self_attention(q), "wo", x)
         q = kern.rope_q(kern.gemv(x, g.w["wq_x"], g.w["bq_x"], norm_weight=g.w["norm2"], eps=eps), cos, sin)
-        x = kern.gemv(cross_attention(q), g.w["wo_x"], residual=x)
-        return kern.gemv(kern.gemv_silu(x, g.w["w13"], norm_weight=g.w["norm3"], eps=eps), g.w["w2"], residual=x)
+        x = row_parallel(cross_attention(q), "wo_x", x)
+        return row_parallel(kern.gemv_silu(x, g.w["w13"], norm_weight=g.w["norm3"], eps=eps), "w2", x)
     # 1. Self-attention over the sliding cache (+ the tree block)
     h, x = kern.embed_rms_norm(tokens, fm.w["embed"], g.w["norm1"], eps, dtype=g.dtype, check_ids=False)
     q = kern.rope_qkv_write(F.linear(h, g.w["wqkv"], g.w["bqkv"]), cos, sin, cache.k, cache.v, rows, check_rows=False)
-    h, x = kern.add_rms_norm(F.linear(self_attention(q), g.w["wo"]), x, g.w["norm2"], eps)
+    h, x = kern.add_rms_norm(reduce(F.linear(self_attention(q), g.w["wo"])), x, g.w["norm2"], eps)
     # 2. Cross-attention over the target's last-layer cache, as stored (query projected + rotated only).
     q = kern.rope_q(F.linear(h, g.w["wq_x"], g.w["bq_x"]), cos, sin)
-    h, x = kern.add_rms_norm(F.linear(cross_attention(q), g.w["wo_x"]), x, g.w["norm3"], eps)
+    h, x = kern.add_rms_norm(reduce(F.linear(cross_attention(q), g.w["wo_x"])), x, g.w["norm3"], eps)
     # 3. SwiGLU MLP.
-    return x + F.linear(kern.silu_mul(F.linear(h, g.w["w13"])), g.w["w2"])
+    return x + reduce(F.linear(kern.silu_mul(F.linear(h, g.w["w13"])), g.w["w2"]))

@@ -5,6 +5,12 @@ The fusion: ``wqkv``/``bqkv`` for the self-attention's q|k|v projection, ``w13``
 gate|up projection; the cross-attention keeps its own query and output projections (its keys and
 values are the target's last-layer cache).
 
+Tensor parallelism (:mod:`specdec.fast.tp`, docs/design.md §13): on a target split over W ranks, the draft
+layer is split the same way -- :func:`shard_glide` keeps rank r's query / KV heads of both attentions and its
+slice of the MLP (:func:`specdec.fast.tp.shard_weights`) -- so its cross-attention reads only the KV heads the
+rank caches for the target. :func:`as_fast_glide` with ``tp`` and :func:`load_glide` on a tensor-parallel
+target return that rank's :class:`FastGlide` (``tp`` set).
+
 A truncated draft vocabulary (:attr:`specdec.shared.glide.Glide.vocab_map`, N sorted target ids) travels
 along as :attr:`FastGlide.vocab_map`; the draft's output layer is then the sliced copy
 ``lm_head_target[vocab_map]`` [N, H] (:meth:`FastGlide.lm_head_for`), the rule of
@@ -19,13 +25,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from specdec.fast.model import as_fast_model
+from specdec.fast.tp import TensorParallel, shard_weights
 from specdec.shared.glide import Glide, GlideConfig, draft_vocab_size, glide_summary, load_glide_weights
 from specdec.shared.weights import one_line_repr
 
 if TYPE_CHECKING:
     from specdec.fast.glide.state import GlideRuntime
 
-__all__ = ["FastGlide", "as_fast_glide", "load_glide"]
+__all__ = ["FastGlide", "as_fast_glide", "load_glide", "shard_glide"]
 
 
 @dataclass
@@ -49,6 +56,10 @@ class FastGlide:
     row_runtimes: dict[int, GlideRuntime] = field(default_factory=dict, repr=False, compare=False)
     """The runtimes of batch rows 1, 2, ... (row 0 uses :attr:`runtime`): each row of a batched call drafts
     with its own sliding cache and graphs, kept across calls like :attr:`runtime`."""
+    tp: TensorParallel | None = field(default=None, compare=False)
+    """Tensor parallelism: these are rank ``tp.rank``'s slices of the layer (:func:`shard_glide`); None: the whole layer."""
+    shards: dict[tuple[int, int, int], FastGlide] = field(default_factory=dict, repr=False, compare=False)
+    """``(rank, world, id(group)) -> the sharded FastGlide`` made from these (whole) weights by :func:`shard_glide`."""
 
     @property
     def window(self) -> int:
@@ -63,6 +74,16 @@ class FastGlide:
         return self.w["wqkv"].dtype
 
     @property
+    def world(self) -> int:
+        """Tensor-parallel ranks sharing this layer (1 without TP)."""
+        return 1 if self.tp is None else self.tp.world
+
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads of the draft's self-attention this rank caches (all of them without TP)."""
+        return self.config.num_kv_heads // self.world
+
+    @property
     def draft_vocab_size(self) -> int:
         """N, the tokens the draft can propose (the target's V without a truncated vocabulary)."""
         return draft_vocab_size(self)
@@ -71,9 +92,11 @@ class FastGlide:
         """The draft's output layer for the fast target ``fm``: ``fm.w["lm_head"]`` [V, H], or with a
         truncated vocabulary its rows ``vocab_map`` [N, H] -- a sliced copy made once per target lm_head and
         kept in :attr:`sliced_heads`, before any graph reads it. Must match
-        :func:`specdec.ref.glide.draft_lm_head`."""
+        :func:`specdec.ref.glide.draft_lm_head`. On a tensor-parallel target always its own vocabulary slice
+        [V', H] (the rows of ``vocab_map`` are spread over the ranks: the drafter gathers the logits and picks
+        them, :meth:`specdec.fast.glide.FastGlideDrafter._scores`)."""
         lm_head = fm.w["lm_head"]
-        if self.vocab_map is None:
+        if self.vocab_map is None or fm.tp is not None:
             return lm_head
         entry = self.sliced_heads.get(id(lm_head))
         if entry is None or entry[0] is not lm_head:
@@ -84,15 +107,26 @@ class FastGlide:
         return one_line_repr(self, "FastGlide", glide_summary(self.config, self.vocab_map))
 
 
-def as_fast_glide(glide) -> FastGlide:
-    """Fuse a :class:`~specdec.shared.glide.Glide`'s weights (a FastGlide passes through)."""
+def as_fast_glide(glide, tp: TensorParallel | None = None) -> FastGlide:
+    """Fuse a :class:`~specdec.shared.glide.Glide`'s weights (a FastGlide passes through).
+
+    ``tp``: the rank's slices for a tensor-parallel target (:func:`shard_glide`; a world of 1 is no TP). A
+    FastGlide already sharded must have been sharded for this rank and world (ValueError otherwise)."""
+    if tp is not None and tp.world == 1:
+        tp = None
     if isinstance(glide, FastGlide):
-        return glide
+        if glide.tp is not None:
+            if tp is None or (glide.tp.rank, glide.tp.world) != (tp.rank, tp.world):
+                raise ValueError(f"this GLIDE draft is rank {glide.tp.rank}'s slice of a {glide.tp.world}-way split; the "
+                                 f"target is {'not split' if tp is None else f'rank {tp.rank} of {tp.world}'}: load the "
+                                 "draft for this target (load_glide(path, target)) or pass the unsplit one")
+            return glide
+        return glide if tp is None else shard_glide(glide, tp)
     if not isinstance(glide, Glide):
         raise TypeError(f"expected a GLIDE draft (specdec load_glide), got {type(glide).__name__}")
     cached = glide.extras.get("fast_glide")  # converted once per weights dict (keeps its graphs across calls)
     if cached is not None and cached[0] is glide.weights and cached[1].vocab_map is glide.vocab_map:
-        return cached[1]
+        return cached[1] if tp is None else shard_glide(cached[1], tp)
     w = glide.weights
     fw = {
         "wqkv": torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"]]),
@@ -109,7 +143,26 @@ def as_fast_glide(glide) -> FastGlide:
     }
     fg = FastGlide(glide.config, fw, glide.source, vocab_map=glide.vocab_map)
     glide.extras["fast_glide"] = (glide.weights, fg)
-    return fg
+    return fg if tp is None else shard_glide(fg, tp)
+
+
+def shard_glide(fg: FastGlide, tp: TensorParallel, device: torch.device | str | None = None) -> FastGlide:
+    """Rank ``tp.rank``'s slice of the whole draft layer ``fg`` (:func:`specdec.fast.tp.shard_weights`: query
+    and KV heads of the self-attention, query heads of the cross-attention, the MLP's columns / rows), on
+    ``device`` (default: ``fg``'s). Made once per (rank, world, group) and kept in ``fg.shards``, so the
+    sliding caches and graphs of its runtime persist across calls. Head counts and the MLP width must be
+    multiples of ``tp.world`` (ValueError otherwise: the target's own split needs the same)."""
+    if fg.tp is not None:
+        raise ValueError(f"shard_glide needs the whole draft layer, got rank {fg.tp.rank}'s slice")
+    key = (tp.rank, tp.world, id(tp.group))
+    sharded = fg.shards.get(key)
+    if sharded is None:
+        w = shard_weights(fg.w, fg.config, tp)
+        if device is not None:
+            w = {k: v.to(device) for k, v in w.items()}
+        vmap = fg.vocab_map if fg.vocab_map is None or device is None else fg.vocab_map.to(device)
+        sharded = fg.shards[key] = FastGlide(fg.config, w, fg.source, vocab_map=vmap, tp=tp)
+    return sharded
 
 
 def load_glide(path: str | os.PathLike, target, window: int | None = None, dtype=None) -> FastGlide:
@@ -119,6 +172,9 @@ def load_glide(path: str | os.PathLike, target, window: int | None = None, dtype
     from specdec.shared.assets import resolve_model_path
 
     fm = as_fast_model(target)
+    if fm.tp is not None:   # the whole layer in host memory, only this rank's slice on its device (as load_model)
+        g = load_glide_weights(resolve_model_path(path), fm.config, dtype=dtype or fm.dtype, device="cpu", window=window)
+        return shard_glide(as_fast_glide(g), fm.tp, device=fm.device)
     g = load_glide_weights(resolve_model_path(path), fm.config, dtype=dtype or fm.dtype, device=fm.device, window=window)
     fg = as_fast_glide(g)
     fg.lm_head_for(fm)

@@ -1,8 +1,12 @@
 """Tensor parallelism (fast/tp.py) on the CPU: two gloo processes, the Triton kernels under the interpreter.
 
-Every decoder that runs tensor-parallel gives the same greedy tokens at TP = 2 as at TP = 1 (fp32, a
-small model; bitwise equality of logits across TP degrees is not promised: the row-parallel sums are
-added in another order), the ranks agree with each other, and bad configurations are clear errors.
+Every decoder gives the same greedy tokens at TP = 2 as at TP = 1 (fp32, a small model; bitwise equality
+of logits across TP degrees is not promised: the row-parallel sums are added in another order), the ranks
+agree with each other, and bad configurations are clear errors. The GLIDE decoders (draft layer sharded
+like the target, fast/glide) also draft the same trees round by round: the chain and a tree on the
+sharded beam (per-rank top-k merged), and keyed sampling over a truncated draft vocabulary on the gathered
+logits (a vocabulary holding keyed vanilla's tokens, all on level 1: drafts are accepted every round). The vocab-sharded reductions (argmax, log_softmax, the beam's top-k) are checked with the real
+collectives against the full tensors' results.
 """
 
 from __future__ import annotations
@@ -24,8 +28,23 @@ KEYED = dict(temperature=1.0, sampling="keyed", seed=3)
 BATCH = [[5, 6, 7, 8, 9, 5, 6, 7], [12, 13, 12, 13, 12]]
 
 
-def _decoders(fast, draft):
+def _glide_decoders(fast, glide, small, trees: dict):
+    """The GLIDE decoders; each records its drafted trees (tokens, parents, accepted path) in ``trees[name]``."""
+    def rec(name):
+        trees[name] = []
+        return lambda r: trees[name].append((r.draft.tokens.tolist(), list(r.draft.tree.parents), r.path))
+
     return {
+        "spec": lambda m, kw: fast.spec_generate(m, glide, gamma=3, on_round=rec("spec"), **kw),
+        "tree": lambda m, kw: fast.tree_spec_generate(m, glide, tree_shape=(8, 8, 2), on_round=rec("tree"), **kw),
+        "tree keyed small vocab": lambda m, kw: fast.tree_spec_generate(m, small, tree_shape=(small.vocab_map.numel(), 4),
+                                                                        **kw, **KEYED, on_round=rec("tree keyed small vocab")),
+    }
+
+
+def _decoders(fast, draft, glides=None, trees=None):
+    glide = {} if glides is None else _glide_decoders(fast, *glides, trees)
+    return {**glide,
         "vanilla": lambda m, kw: fast.vanilla_generate(m, **kw),
         "vanilla keyed": lambda m, kw: fast.vanilla_generate(m, **kw, **KEYED),
         "magicdec keyed": lambda m, kw: fast.magicdec_generate(m, gamma=3, sink_tokens=2, window=6, **kw, **KEYED),
@@ -46,7 +65,44 @@ def _models():
     return target, draft
 
 
-def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _glides(target, keep: list[int]):
+    """A random GLIDE draft (window 8: the 17-token prompt + 6 new shift its sliding cache) and the same
+    draft over the truncated vocabulary ``keep`` plus ids at both ends of both ranks' vocabulary slices."""
+    from specdec.shared.glide import init_glide_weights, with_draft_vocab
+
+    glide = init_glide_weights(target.config, window=8, seed=3, std=0.3)
+    return glide, with_draft_vocab(glide, torch.tensor(sorted(set(keep) | {0, 33, 34, 66})))
+
+
+def _check_reductions(tp) -> None:
+    """TensorParallel.argmax / log_softmax / beam_topk with the real collectives == the full tensors' results."""
+    from specdec.shared.glide import beam_level
+
+    v = 67
+    width = -(-v // tp.world)
+    gen = torch.Generator().manual_seed(5)                     # the same data on every rank
+    full = torch.randint(-3, 3, (4, 5, v), generator=gen).float()
+    full[0, 0, width - 1] = full[0, 0, width] = 9.0            # a tie across the shard boundary: the lower id
+    full[0, 1, :] = -1.0                                        # all negative: the zero padding must not win
+    full[0, 2, v - 1] = float("nan")                            # NaN wins, as in torch.argmax
+    padded = torch.cat([full, torch.zeros(4, 5, tp.world * width - v)], dim=-1)
+    local = padded[..., tp.rank * width:(tp.rank + 1) * width]
+    assert torch.equal(tp.argmax(local, v), torch.argmax(full, dim=-1))
+    logits = torch.randn(3, v, generator=gen) * 4
+    local = torch.cat([logits, torch.zeros(3, tp.world * width - v)], dim=-1)[:, tp.rank * width:(tp.rank + 1) * width]
+    logp = tp.log_softmax(local, v)
+    want = torch.log_softmax(logits, dim=-1)[:, tp.rank * width:(tp.rank + 1) * width]
+    torch.testing.assert_close(logp, want, rtol=0, atol=2e-6)
+    logp = torch.randint(-4, 0, (3, v), generator=gen).float()      # many exact ties
+    cum = torch.tensor([-1.0, 0.0, -1.0])
+    local = logp[:, tp.rank * width:(tp.rank + 1) * width]
+    for k in (1, 16, 3 * v):
+        got = tp.beam_topk(cum, local, v, k, width)
+        for g, w in zip(got, beam_level(cum, logp, k)):
+            assert torch.equal(g, w)
+
+
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str, keep: list[int]) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -58,16 +114,23 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         target, draft = _models()
         tp = TensorParallel(rank=rank, world=world)
+        _check_reductions(tp)
         fm = fast.as_fast_model(target, tp=tp)
         assert fm.w["layers.0.wqkv"].shape[0] == (4 + 2 * 2) * 32 // world      # this rank's heads only
+        glides, trees = _glides(target, keep), {}
+        fg = fast.glide.as_fast_glide(glides[0], tp=tp)
+        assert fg.w["wqkv"].shape[0] == fg.w["wq_x"].shape[0] * 2 == (4 + 2 * 2) * 32 // world   # the draft's too
+        loaded = fast.load_glide(os.path.join(out_dir, "glide"), fm, window=8)           # from disk: the same slice
+        assert loaded.tp is tp and loaded.w.keys() == fg.w.keys() and all(torch.equal(loaded.w[k], fg.w[k]) for k in fg.w)
         ids = torch.tensor([PROMPT])
         kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=NEW, eos_id=[])
-        out = {name: run(fm, kw).output_ids for name, run in _decoders(fast, draft).items() if name != "vanilla keyed"}
-        with pytest.raises(ValueError, match="tensor-parallel"):
-            from specdec.shared.glide import init_glide_weights
-
-            fast.tree_spec_generate(fm, init_glide_weights(target.config, seed=3), **kw)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        out = {name: run(fm, kw).output_ids for name, run in _decoders(fast, draft, glides, trees).items()
+               if name != "vanilla keyed"}
+        with pytest.raises(ValueError, match="tree_shape='auto' is not supported on a tensor-parallel target"):
+            fast.tree_spec_generate(fm, glides[0], tree_shape="auto", **kw)
+        with pytest.raises(ValueError, match=f"rank {rank}'s slice of a 2-way split; the target is not split"):
+            fast.glide.as_fast_glide(fg)
+        torch.save((out, trees), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -78,17 +141,26 @@ def test_tp2_gives_tp1_tokens_for_every_decoder():
     target, draft = _models()
     ids = torch.tensor([PROMPT])
     kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=NEW, eos_id=[])
-    want = {name: run(target, kw).output_ids for name, run in _decoders(fast, draft).items()}
-    assert all(torch.equal(want[k], want["vanilla"]) for k in ("speculative", "pld", "logitspec", "magicdec"))   # lossless
-    assert torch.equal(want["magicdec keyed"], want["vanilla keyed"])
+    trees: dict = {}
+    keep = fast.vanilla_generate(target, **kw, **KEYED).output_ids[0].tolist()     # the small vocabulary holds these
+    want = {name: run(target, kw).output_ids for name, run in _decoders(fast, draft, _glides(target, keep), trees).items()}
+    assert all(torch.equal(want[k], want["vanilla"]) for k in ("speculative", "pld", "logitspec", "magicdec", "spec", "tree"))
+    assert torch.equal(want["magicdec keyed"], want["vanilla keyed"])               # lossless
+    assert torch.equal(want["tree keyed small vocab"], want["vanilla keyed"])
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_rank_main, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True, start_method="spawn")
+        from specdec.shared.glide import save_glide
+
+        save_glide(_glides(target, keep)[0], os.path.join(tmp, "glide"))
+        mp.start_processes(_rank_main, args=(2, os.path.join(tmp, "init"), tmp, keep), nprocs=2, join=True, start_method="spawn")
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     for name, tokens in want.items():
-        if name == "vanilla keyed":   # the TP = 1 reference of "magicdec keyed" only
+        if name == "vanilla keyed":   # the TP = 1 reference of the keyed decoders only
             continue
-        assert torch.equal(ranks[0][name], tokens), name
-        assert torch.equal(ranks[1][name], tokens), name
+        assert torch.equal(ranks[0][0][name], tokens), name
+        assert torch.equal(ranks[1][0][name], tokens), name
+    assert sum(len(path) - 1 for *_, path in trees["tree keyed small vocab"]) >= 2   # accepted drafts
+    for name, rounds in trees.items():                                               # the same trees, round by round
+        assert len(rounds) >= 2 and ranks[0][1][name] == rounds and ranks[1][1][name] == rounds, name
 
 
 def test_head_counts_not_divisible_are_a_clear_error():
@@ -100,6 +172,9 @@ def test_head_counts_not_divisible_are_a_clear_error():
         fast.as_fast_model(target, tp=TensorParallel(rank=0, world=3))
     with pytest.raises(ValueError, match=r"KV heads \(2\) to be a multiple of 4"):   # GQA: 4 query heads split, 2 KV heads not
         fast.as_fast_model(target, tp=TensorParallel(rank=0, world=4))
+    glide, _ = _glides(target, [])
+    with pytest.raises(ValueError, match=r"KV heads \(2\) to be a multiple of 4"):   # the GLIDE layer: the same rule
+        fast.glide.as_fast_glide(glide, tp=TensorParallel(rank=0, world=4))
     with pytest.raises(ValueError, match="tp must be an int >= 1"):
         init_tensor_parallel(0)
     with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
