@@ -608,9 +608,6 @@ def run_bench(args) -> dict[str, str]:
     if world > 1:   # every rank runs the benchmark; rank 0 writes the answer files
         if args.backend == "ref":
             raise ValueError("--tp needs --backend fast (the reference path is single-process)")
-        glide_methods = [m for m in _parse_methods(args.methods, args.peers) if m in METHODS and METHODS[m].needs == "glide"]
-        if glide_methods:
-            raise ValueError(f"{', '.join(glide_methods)} do not run tensor-parallel yet (the GLIDE draft is not sharded)")
         from specdec.fast.tp import init_tensor_parallel
 
         tp = init_tensor_parallel(world)

@@ -248,9 +248,6 @@ def _check_generate_args(a: argparse.Namespace) -> None:
         raise CLIError("give either a prompt or --prompts-file, not both")
     if a.tp > 1 and a.backend == "ref":
         raise CLIError("--tp needs --backend fast (the reference path is single-process)")
-    if a.tp > 1 and METHODS[a.method].needs == "glide":
-        raise CLIError(f"--method {a.method} does not run tensor-parallel yet (the GLIDE draft is not sharded); "
-                       "use vanilla, speculative, pld, logitspec or magicdec with --tp")
     if not 0 <= a.seed < 2**63:
         raise CLIError(f"--seed must be in [0, 2**63), got {a.seed}")
     if a.max_context is not None and a.max_context < 2:
@@ -260,11 +257,15 @@ def _check_generate_args(a: argparse.Namespace) -> None:
         if getattr(a, knob) is not None and knob not in METHODS[a.method].options:
             raise CLIError(f"{flag} applies to --method {_or_list(methods_taking(knob))}, not {a.method}")
     # The CLI's default for the GLIDE decoders is the shape that fits this device (the Python API keeps
-    # the seed's tree and gamma): "auto" for tree_spec's tree and spec's chain length.
-    if a.method == "tree_spec" and a.tree_shape is None:
+    # the seed's tree and gamma): "auto" for tree_spec's tree and spec's chain length -- on one process;
+    # under --tp every rank must run the same shape, so there the API's fixed defaults apply.
+    if a.method == "tree_spec" and a.tree_shape is None and a.tp == 1:
         a.tree_shape = "auto"
-    if a.method == "spec" and a.gamma is None:
+    if a.method == "spec" and a.gamma is None and a.tp == 1:
         a.gamma = "auto"
+    if a.tp > 1 and "auto" in (a.tree_shape, a.gamma):
+        raise CLIError("--tree-shape/--gamma auto is not supported with --tp (every rank must run the same shape); "
+                       "give an explicit shape, e.g. --tree-shape 4,16,16,16,16")
     a.opts = dict(_parse_opt(o) for o in a.opt)
 
 

@@ -188,8 +188,10 @@ def test_cli_tp_errors(capsys):
     assert "--tp must be >= 1" in capsys.readouterr().err
     assert main(["generate", "--tp", "2", "--backend", "ref", "x"]) == 2
     assert "--backend fast" in capsys.readouterr().err
-    assert main(["generate", "--tp", "2", "--backend", "fast", "--method", "tree_spec", "x"]) == 2
-    assert "not sharded" in capsys.readouterr().err
+    assert main(["generate", "--tp", "2", "--backend", "fast", "--method", "tree_spec", "--tree-shape", "auto", "x"]) == 2
+    assert "auto is not supported with --tp" in capsys.readouterr().err
+    assert main(["generate", "--tp", "2", "--backend", "fast", "--method", "tree_spec", "--force-interpreter", "x"]) == 2
+    assert "torchrun --nproc-per-node 2" in capsys.readouterr().err   # GLIDE is accepted: the launch is what is missing
     assert main(["generate", "--tp", "2", "--backend", "fast", "--method", "vanilla", "--force-interpreter", "x"]) == 2
     assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
 
@@ -201,7 +203,7 @@ def test_bench_tp_errors(capsys, tmp_path):
     assert bench_main(["--tp", "2", "--backend", "ref", "--methods", "vanilla", *out]) == 2
     assert "--backend fast" in capsys.readouterr().err
     assert bench_main(["--tp", "2", "--methods", "vanilla,tree_spec", *out]) == 2
-    assert "tree_spec do not run tensor-parallel" in capsys.readouterr().err
+    assert "torchrun --nproc-per-node 2" in capsys.readouterr().err   # GLIDE methods are accepted under TP
     assert bench_main(["--tp", "2", "--methods", "vanilla,pld", *out]) == 2
     assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
     assert bench_main(["--tp", "0", *out]) == 2
