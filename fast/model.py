@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from specdec.fast.graphs import capture
-from specdec.fast.tp import TensorParallel, shard_weights
+from specdec.fast.tp import TensorParallel, TPShard, shard_weights
 from specdec.shared.config import ModelConfig
 from specdec.shared.rope import apply_rope, rope_cos_sin
 from specdec.shared.weights import Model, load_checkpoint, model_from_hf, model_summary, one_line_repr, resolve_dtype
@@ -92,7 +92,7 @@ class StaticKVCache:
 
 
 @dataclass
-class FastModel:
+class FastModel(TPShard):
     """A target (or draft) LM prepared for the fast path. Build with :func:`load_model` or :func:`as_fast_model`."""
 
     config: ModelConfig
@@ -148,15 +148,6 @@ class FastModel:
     def cache(self) -> StaticKVCache | None:
         return self.caches.get("main")
 
-    @property
-    def world(self) -> int:
-        """Tensor-parallel ranks sharing this model (1 without TP)."""
-        return 1 if self.tp is None else self.tp.world
-
-    @property
-    def local_kv_heads(self) -> int:
-        """KV heads this rank caches and attends over (all of them without TP)."""
-        return self.config.num_kv_heads // self.world
 
 
 def alloc_cache(fm: FastModel, batch: int, capacity: int) -> StaticKVCache:

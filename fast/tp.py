@@ -50,7 +50,7 @@ import torch.distributed as dist
 from specdec.shared.config import ModelConfig
 from specdec.shared.glide import GlideConfig
 
-__all__ = ["TensorParallel", "init_tensor_parallel", "shard_weights", "check_divisible", "order_key", "decode_key",
+__all__ = ["TensorParallel", "TPShard", "init_tensor_parallel", "shard_weights", "check_divisible", "order_key", "decode_key",
            "local_argmax_key", "local_beam_keys", "merge_beam_keys", "shard_columns", "INVALID_KEY"]
 
 INVALID_KEY = torch.iinfo(torch.int64).min
@@ -151,6 +151,21 @@ def merge_beam_keys(keys: torch.Tensor, k: int, padded_vocab: int) -> tuple[torc
     top = torch.topk(keys.reshape(-1), k).values
     score, flat = decode_key(top)
     return flat // padded_vocab, flat % padded_vocab, score
+
+
+class TPShard:
+    """``world`` and ``local_kv_heads`` of a fast-path weight holder (FastModel, FastGlide): a class with a
+    ``config`` (``num_kv_heads``) and a ``tp`` (:class:`TensorParallel` or None) attribute."""
+
+    @property
+    def world(self) -> int:
+        """Tensor-parallel ranks sharing these weights (1 without TP)."""
+        return 1 if self.tp is None else self.tp.world
+
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads this rank caches and attends over (all of them without TP)."""
+        return self.config.num_kv_heads // self.world
 
 
 @dataclass(frozen=True)

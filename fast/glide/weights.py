@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from specdec.fast.model import as_fast_model
-from specdec.fast.tp import TensorParallel, shard_weights
+from specdec.fast.tp import TensorParallel, TPShard, shard_weights
 from specdec.shared.glide import Glide, GlideConfig, draft_vocab_size, glide_summary, load_glide_weights
 from specdec.shared.weights import one_line_repr
 
@@ -36,7 +36,7 @@ __all__ = ["FastGlide", "as_fast_glide", "load_glide", "shard_glide"]
 
 
 @dataclass
-class FastGlide:
+class FastGlide(TPShard):
     """The GLIDE draft layer prepared for the fast path (see :func:`as_fast_glide`)."""
 
     config: GlideConfig
@@ -73,15 +73,6 @@ class FastGlide:
     def dtype(self) -> torch.dtype:
         return self.w["wqkv"].dtype
 
-    @property
-    def world(self) -> int:
-        """Tensor-parallel ranks sharing this layer (1 without TP)."""
-        return 1 if self.tp is None else self.tp.world
-
-    @property
-    def local_kv_heads(self) -> int:
-        """KV heads of the draft's self-attention this rank caches (all of them without TP)."""
-        return self.config.num_kv_heads // self.world
 
     @property
     def draft_vocab_size(self) -> int:
