@@ -420,7 +420,8 @@ def _(tree: DeviceTree, size: int, device: torch.device) -> TreeTensors:
     return TreeTensors.from_device(tree, size)
 
 
-def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid, seq=None) -> torch.Tensor:
+def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid, seq=None, tp=None,
+                       vocab_size: int | None = None) -> torch.Tensor:
     """Greedy acceptance and KV compaction with no host synchronisation (graph-capturable).
 
     Applies :func:`specdec.shared.acceptance.greedy_best_node` (dummy nodes can never be accepted),
@@ -430,11 +431,16 @@ def accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, val
     for the round's single read-back. With ``seq`` (int32, the sequence by position) the accepted
     tokens and the next one are also written at their positions (for device-driven rounds).
     Three launches: :func:`specdec.fast.kernels.row_argmax`, :func:`specdec.fast.kernels.greedy_accept`
-    and the compaction.
+    and the compaction. With ``tp`` (a :class:`~specdec.fast.tp.TensorParallel`), ``logits`` is this rank's
+    vocabulary slice [M, V'] and the argmax is :meth:`~specdec.fast.tp.TensorParallel.argmax` over the
+    ``vocab_size`` real ids (one 8-byte key per row gathered, not the logits).
     """
     from specdec.fast import kernels as K
 
-    amax = K.row_argmax(logits) if logits.is_cuda else torch.argmax(logits, dim=-1)
+    if tp is not None:
+        amax = tp.argmax(logits, vocab_size)
+    else:
+        amax = K.row_argmax(logits) if logits.is_cuda else torch.argmax(logits, dim=-1)
     packed, src, dst, n = K.greedy_accept(amax, node_tokens, parents, depth, ancestor, valid, cache.length_t, seq=seq)
     K.compact_kv(cache.k, cache.v, src[None], dst, n_accept=n)
     return packed
@@ -444,13 +450,18 @@ def verify_and_accept(target: FastModel, cache, node_tokens, parents, depth, anc
     """Steps 2-4 of a greedy round on the device (graph-capturable): verify the ``M`` nodes at rows
     ``[L, L + M)`` (``L`` = ``cache.length_t``), then :func:`accept_and_compact`.
 
-    Returns ``(logits [M, V], packed)`` -- ``packed`` as :func:`accept_and_compact` returns it. A
+    Returns ``(logits [M, V], packed)`` -- ``packed`` as :func:`accept_and_compact` returns it; under tensor
+    parallelism the logits stay this rank's vocabulary slice [M, V'] (greedy acceptance needs only their
+    argmax, taken across the ranks without gathering them; the fused rounds never read the logits). A
     drafter that builds its tree on the device captures this after its own body, so a whole round is
     one CUDA graph (see ``fused_round`` in :class:`specdec.fast.glide.FastGlideDrafter`).
     """
     positions = depth + cache.length_t[:1].long()
-    logits = step_forward(target, cache, node_tokens[None], positions[None], ancestor[None], cache.length_t)[0]
-    return logits, accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid, seq=seq)
+    tp = target.tp
+    logits = step_forward(target, cache, node_tokens[None], positions[None], ancestor[None], cache.length_t,
+                          gather=tp is None)[0]
+    return logits, accept_and_compact(cache, logits, node_tokens, parents, depth, ancestor, valid, seq=seq, tp=tp,
+                                      vocab_size=target.config.vocab_size)
 
 
 def _run_fused_greedy(target: FastModel, drafter: FastDrafter, state: RoundState, first: FusedRound, out_: _Emitted,

@@ -374,7 +374,8 @@ def _logits(fm: FastModel, h: torch.Tensor) -> torch.Tensor:
     return _gather_logits(fm, F.linear(h, fm.w["lm_head"])).float()
 
 
-def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
+def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
+                 prefix_len: torch.Tensor, gather: bool = True) -> torch.Tensor:
     """Score ``M`` new tokens against the cache: the body of every decode/verify step (graph-capturable).
 
     Args:
@@ -385,7 +386,9 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
         prefix_len: [B] int32, rows already in the cache; the new K/V go to rows prefix_len + j.
 
     Returns logits [B, M, V] (fp32). Matches :func:`specdec.ref.model.forward_step` with the mask
-    ``[all prefix | tree_mask]`` (what :func:`specdec.ref.engine.verify_tree` builds).
+    ``[all prefix | tree_mask]`` (what :func:`specdec.ref.engine.verify_tree` builds). Under tensor
+    parallelism with ``gather=False``: this rank's vocabulary slice [B, M, V'] instead (for a caller that
+    only needs the argmax: :meth:`specdec.fast.tp.TensorParallel.argmax`, no logits gathered).
 
     The decode-phase contract (docs/design.md §8): row (b, j)'s logits -- and the K/V it writes --
     are a function of its token, its position and the cache rows it may see, bit for bit, whatever
@@ -421,7 +424,8 @@ def step_forward(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, posi
             x = kern.row_linear(act, w[p + "w2"], residual=x)
         else:
             x = x + fm.tp.all_reduce(kern.row_linear(act, w[p + "w2"]))
-    return _gather_logits(fm, kern.row_linear(x, w["lm_head"], norm_weight=w["norm"], eps=eps)).float()
+    logits = kern.row_linear(x, w["lm_head"], norm_weight=w["norm"], eps=eps)
+    return (_gather_logits(fm, logits) if gather else logits).float()
 
 
 def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, contextlib.AbstractContextManager]:
