@@ -88,7 +88,7 @@ class FastMagicDecDrafter(FastDrafter):
         fm, dev = d0.target, d0.target.device
         if any((d.target, d.sink_tokens, d.window) != (fm, d0.sink_tokens, d0.window) for d in drafters):
             raise ValueError("propose_rows: the rows' MagicDec drafters must share the target, sink_tokens and window")
-        B, n_layers, hkv, _, head_dim = cache.k.shape[1], cache.k.shape[0], cache.k.shape[2], cache.k.shape[3], cache.k.shape[4]
+        n_layers, B, hkv, _, head_dim = cache.k.shape
         gammas = [min(d.gamma, st.max_drafts) for d, st in zip(drafters, states)]
         scratch = fm.ensure_cache(B, d0.sink_tokens + d0.window + max(d.gamma for d in drafters) + 1, name="magicdec_batch")
         # 1. Every drafting row's compressed view, in ONE gather per K and V: row b's view rows, padded with

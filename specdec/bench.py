@@ -241,21 +241,26 @@ class SpecdecRunner:
         self.options, self.sampling, self.eos_ids, self.device = options, sampling, eos_ids, device
         self.mode = mode  # --sampling: "rejection" (generator draws) or "keyed" (the turn's seed is the key)
 
+
+    def _call_args(self, seed: int) -> tuple[tuple, dict]:
+        """The decoder's leading models and its keyword arguments for one call seeded with ``seed`` (a fresh
+        generator when sampling; keyed sampling also passes the seed itself)."""
+        import torch
+
+        kwargs = dict(eos_id=self.eos_ids, generator=None, **self.sampling, **self.options)
+        if self.sampling["temperature"] > 0:
+            kwargs["generator"] = torch.Generator(device=self.device).manual_seed(seed)
+            if self.mode == "keyed":
+                kwargs.update(sampling="keyed", seed=seed)
+        return ((self.target,) if self.extra is None else (self.target, self.extra)), kwargs
     def generate(self, prompt_ids: list[int], max_new_tokens: int, seed: int) -> TurnResult:
         import torch
 
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        gen = None
-        keyed = {}
-        if self.sampling["temperature"] > 0:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            if self.mode == "keyed":
-                keyed = {"sampling": "keyed", "seed": seed}
-        args = (self.target,) if self.extra is None else (self.target, self.extra)
+        args, kwargs = self._call_args(seed)
         _sync(self.device)
         t0 = time.perf_counter()
-        res = self.fn(*args, ids, len(prompt_ids), max_gen_len=max_new_tokens, eos_id=self.eos_ids, generator=gen,
-                      **self.sampling, **keyed, **self.options)
+        res = self.fn(*args, ids, len(prompt_ids), max_gen_len=max_new_tokens, **kwargs)
         _sync(self.device)
         wall = time.perf_counter() - t0
         out = res.tolist()
@@ -267,16 +272,10 @@ class SpecdecRunner:
         import torch
 
         rows = [torch.tensor(p, dtype=torch.long, device=self.device) for p in prompts]
-        gen, keyed = None, {}
-        if self.sampling["temperature"] > 0:
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            if self.mode == "keyed":
-                keyed = {"sampling": "keyed", "seed": seed}
-        args = (self.target,) if self.extra is None else (self.target, self.extra)
+        args, kwargs = self._call_args(seed)
         _sync(self.device)
         t0 = time.perf_counter()
-        res = self.fn(*args, rows, None, max_gen_len=max_new_tokens, eos_id=self.eos_ids, generator=gen,
-                      **self.sampling, **keyed, **self.options)
+        res = self.fn(*args, rows, None, max_gen_len=max_new_tokens, **kwargs)
         _sync(self.device)
         wall = time.perf_counter() - t0
         out = []

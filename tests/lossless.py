@@ -322,3 +322,26 @@ def lossless_check(
         exact = exact_sequence_distribution(model, prompt, n_tokens, temperature, top_k, top_p)
     samples = collect_samples(decode_fn, prompt, n_samples, n_tokens, temperature, top_k, top_p, seed, max_gen_len)
     return assert_matches(samples, exact, alpha)
+
+
+def glide_sampling_pvalue(kind: str, draft_vocab: list[int] | None = None) -> float:
+    """The chi-square p-value of the reference GLIDE decoders' sampled output (``kind`` "chain": gamma 2, "tree":
+    shape (3, 2)) against the exact distribution of a tiny Qwen2 target's next 2 tokens (T 0.9, top-k 4), 500
+    samples; ``draft_vocab``: the draft restricted to these target ids (a truncated draft vocabulary)."""
+    from specdec.ref.glide import spec_generate, tree_spec_generate
+    from specdec.shared.glide import init_glide_weights, with_draft_vocab
+
+    target = tiny_model("qwen2", vocab=8, seed=4)
+    glide = init_glide_weights(target.config, window=8, seed=5, std=0.5)
+    if draft_vocab is not None:
+        glide = with_draft_vocab(glide, draft_vocab)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    exact = exact_sequence_distribution(target, prompt, 2, temperature=0.9, top_k=4)
+    if kind == "chain":
+        def decode(**kw):
+            return spec_generate(target, glide, gamma=2, **kw)
+    else:
+        def decode(**kw):
+            return tree_spec_generate(target, glide, tree_shape=(3, 2), **kw)
+    return lossless_check(decode, target, prompt, n_samples=500, n_tokens=2, temperature=0.9, top_k=4, exact=exact,
+                          max_gen_len=3).pvalue
