@@ -563,7 +563,7 @@ def forward(model, input_ids: torch.Tensor) -> torch.Tensor:
 class _Graph:
     """A CUDA graph of :func:`step_forward` for a fixed (B, M), with static input/output buffers."""
 
-    def __init__(self, fm: FastModel, cache: StaticKVCache, b: int, m: int):
+    def __init__(self, fm: FastModel, cache: StaticKVCache, b: int, m: int, gather: bool = True):
         dev = fm.device
         self.tokens = torch.zeros(b, m, dtype=torch.long, device=dev)
         self.positions = torch.zeros(b, m, dtype=torch.long, device=dev)
@@ -571,7 +571,8 @@ class _Graph:
         self.prefix = cache.length_t
         # warm up twice on a side stream (compiles the kernels), then capture
         self.graph, self.logits = capture(
-            lambda: step_forward(fm, cache, self.tokens, self.positions, self.mask, self.prefix), device=dev, warmup=2)
+            lambda: step_forward(fm, cache, self.tokens, self.positions, self.mask, self.prefix, gather=gather),
+            device=dev, warmup=2)
 
     def __call__(self, tokens, positions, mask) -> torch.Tensor:
         self.tokens.copy_(tokens)
@@ -581,10 +582,13 @@ class _Graph:
         return self.logits
 
 
-def run_step(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+def run_step(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor,
+             gather: bool = True) -> torch.Tensor:
     """One decode/verify step against ``cache`` (new rows from ``cache.length``); CUDA graph when possible.
 
     Does NOT advance ``cache.length``: the caller decides what to keep (see :func:`commit`).
+    ``gather=False`` under tensor parallelism: this rank's vocabulary slice of the logits (see
+    :func:`step_forward`), for a caller that reduces it with :meth:`specdec.fast.tp.TensorParallel.argmax`.
     """
     b, m = tokens.shape
     if m > MAX_TREE_NODES:
@@ -592,12 +596,13 @@ def run_step(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, position
     if cache.length + m > cache.capacity:
         raise ValueError(f"KV cache overflow: {cache.length} + {m} rows > capacity {cache.capacity}")
     if fm.use_graphs and fm.rope_table is not None:
-        key = (id(cache), b, m)
+        gather = gather or fm.tp is None       # one graph per (cache, B, M) without TP
+        key = (id(cache), b, m) if gather else (id(cache), b, m, "local")
         g = fm.graphs.get(key)
         if g is None:
-            g = fm.graphs[key] = _Graph(fm, cache, b, m)
+            g = fm.graphs[key] = _Graph(fm, cache, b, m, gather)
         return g(tokens, positions, tree_mask)
-    return step_forward(fm, cache, tokens, positions, tree_mask, cache.length_t)
+    return step_forward(fm, cache, tokens, positions, tree_mask, cache.length_t, gather=gather)
 
 
 def commit(cache: StaticKVCache, path: torch.Tensor | None, n: int) -> None:

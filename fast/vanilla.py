@@ -2,6 +2,8 @@
 
 Must match :func:`specdec.ref.vanilla.vanilla_generate` token for token (greedy, fp32).
 The loop keeps the next token on the device; the host reads it once per step only to check EOS.
+Greedy under tensor parallelism (:mod:`specdec.fast.tp`) takes the argmax over the ranks' vocabulary
+slices without gathering the logits.
 ``sampling="keyed"``: the token at position t of row b is the keyed choice (seed, b, t), exactly as
 the reference (:func:`specdec.shared.keyed.sample_next`).
 
@@ -79,12 +81,18 @@ def _decode_group(fm: FastModel, prompt: torch.Tensor, seq_ids: list[int], max_g
     done = torch.isin(token, eos_t)
     mask = torch.ones(b, 1, 1, dtype=torch.bool, device=fm.device)
 
+    # Greedy under tensor parallelism: the argmax is taken across the ranks' vocabulary slices (one int64
+    # key per row and rank exchanged) instead of gathering every rank's logits.
+    sharded_argmax = fm.tp is not None and sp.greedy
     t1 = time.perf_counter()
     while len(generated) < max_gen_len and not bool(done.all()):  # one host sync per token (EOS check)
         pos = torch.full((b, 1), cache.length, dtype=torch.long, device=fm.device)
-        logits = run_step(fm, cache, token[:, None], pos, mask)
+        logits = run_step(fm, cache, token[:, None], pos, mask, gather=not sharded_argmax)
         cache.set_length(cache.length + 1)
-        token = sample_next(logits[:, -1], sp, generator, t + len(generated), seq_ids=seq_ids)
+        if sharded_argmax:
+            token = fm.tp.argmax(logits[:, -1], fm.config.vocab_size)
+        else:
+            token = sample_next(logits[:, -1], sp, generator, t + len(generated), seq_ids=seq_ids)
         generated.append(token)
         done |= torch.isin(token, eos_t)
     sync(fm.device)

@@ -102,6 +102,30 @@ def _check_reductions(tp) -> None:
             assert torch.equal(g, w)
 
 
+def _check_vanilla_argmax_is_sharded(fast, fm, tp, kw, want) -> None:
+    """Greedy vanilla under TP takes each step's argmax across the vocabulary shards: the logits are
+    gathered once (the prefill's), tp.argmax runs once per later token, and the tokens are unchanged."""
+    cls = type(tp)   # a frozen dataclass: count the calls on the class for this one run
+    calls = {"argmax": 0, "all_gather_last": 0}
+    real = {name: getattr(cls, name) for name in calls}
+
+    def counted(name):
+        def wrapper(self, *a, **k):
+            calls[name] += 1
+            return real[name](self, *a, **k)
+        return wrapper
+
+    for name in calls:
+        setattr(cls, name, counted(name))
+    try:
+        got = fast.vanilla_generate(fm, **kw).output_ids
+    finally:
+        for name in calls:
+            setattr(cls, name, real[name])
+    assert calls == {"argmax": NEW - 1, "all_gather_last": 1}, calls
+    assert torch.equal(got, want)
+
+
 def _rank_main(rank: int, world: int, init_file: str, out_dir: str, keep: list[int]) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
@@ -126,6 +150,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, keep: list[i
         kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=NEW, eos_id=[])
         out = {name: run(fm, kw).output_ids for name, run in _decoders(fast, draft, glides, trees).items()
                if name != "vanilla keyed"}
+        _check_vanilla_argmax_is_sharded(fast, fm, tp, kw, out["vanilla"])
         with pytest.raises(ValueError, match="tree_shape='auto' is not supported on a tensor-parallel target"):
             fast.tree_spec_generate(fm, glides[0], tree_shape="auto", **kw)
         with pytest.raises(ValueError, match=f"rank {rank}'s slice of a 2-way split; the target is not split"):
