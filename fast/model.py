@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from specdec.fast.graphs import capture
-from specdec.fast.tp import TensorParallel, TPShard, shard_weights
+from specdec.fast.tp import TensorParallel, TPShard, check_divisible, shard_canonical, shard_weights
 from specdec.shared.config import ModelConfig
 from specdec.shared.rope import apply_rope, rope_cos_sin
 from specdec.shared.weights import Model, load_checkpoint, model_from_hf, model_summary, one_line_repr, resolve_dtype
@@ -195,22 +195,54 @@ def _fuse(model: Model) -> dict[str, torch.Tensor]:
     c, w = model.config, model.weights
     out = {"embed": w["embed_tokens.weight"], "norm": w["norm.weight"], "lm_head": w["lm_head.weight"]}
     for i in range(c.num_layers):
-        p = f"layers.{i}."
-        a = p + "self_attn."
-        out[p + "wqkv"] = torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]], dim=0)
-        if a + "q_proj.bias" in w:
-            out[p + "bqkv"] = torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]], dim=0)
-        out[p + "wo"] = w[a + "o_proj.weight"]
-        if a + "o_proj.bias" in w:
-            out[p + "bo"] = w[a + "o_proj.bias"]
-        out[p + "w13"] = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], dim=0)
-        out[p + "w2"] = w[p + "mlp.down_proj.weight"]
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            if p + f"mlp.{name}.bias" in w:
-                raise ValueError("MLP biases are not supported by the fast path")
-        out[p + "attn_norm"] = w[p + "input_layernorm.weight"]
-        out[p + "mlp_norm"] = w[p + "post_attention_layernorm.weight"]
+        out.update(_fuse_layer(w, i))
     return out
+
+
+def _fuse_layer(w: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Layer ``i``'s fused weights (``layers.i.wqkv`` ...) from the canonical ``w`` (q/k/v and gate/up concatenated)."""
+    out: dict[str, torch.Tensor] = {}
+    p = f"layers.{i}."
+    a = p + "self_attn."
+    out[p + "wqkv"] = torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]], dim=0)
+    if a + "q_proj.bias" in w:
+        out[p + "bqkv"] = torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]], dim=0)
+    out[p + "wo"] = w[a + "o_proj.weight"]
+    if a + "o_proj.bias" in w:
+        out[p + "bo"] = w[a + "o_proj.bias"]
+    out[p + "w13"] = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], dim=0)
+    out[p + "w2"] = w[p + "mlp.down_proj.weight"]
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        if p + f"mlp.{name}.bias" in w:
+            raise ValueError("MLP biases are not supported by the fast path")
+    out[p + "attn_norm"] = w[p + "input_layernorm.weight"]
+    out[p + "mlp_norm"] = w[p + "post_attention_layernorm.weight"]
+    return out
+
+
+def _load_sharded(path: str, dtype: torch.dtype, device: torch.device | str, tp: TensorParallel) -> FastModel:
+    """Rank ``tp.rank``'s slice of a checkpoint as a FastModel, never holding the full model anywhere.
+
+    Each checkpoint tensor is read (memory-mapped safetensors, or an mmap'd ``.bin``), cut to this rank's
+    slice (:func:`specdec.fast.tp.shard_canonical`) and only that slice is converted and moved to ``device``;
+    then the layers are fused one by one, each layer's canonical slices freed as soon as it is fused. Peak
+    device memory: this rank's slices plus one fused layer."""
+    from specdec.shared.config import load_config
+    from specdec.shared.weights import load_weights
+
+    config = load_config(path)
+    _check_supported(config)
+    check_divisible(config, tp.world)
+    w = load_weights(path, config, dtype, device,
+                     transform=lambda key, t: shard_canonical(key, t, config, tp).contiguous())
+    if config.tie_word_embeddings:   # the output layer is the embedding's vocabulary slice
+        w["lm_head.weight"] = shard_canonical("lm_head.weight", w["embed_tokens.weight"], config, tp).contiguous()
+    fused = {"embed": w.pop("embed_tokens.weight"), "norm": w.pop("norm.weight"), "lm_head": w.pop("lm_head.weight")}
+    for i in range(config.num_layers):
+        fused.update(_fuse_layer(w, i))
+        for key in [k for k in w if k.startswith(f"layers.{i}.")]:
+            del w[key]
+    return _new_fast_model(config, fused, path, tp)
 
 
 def as_fast_model(obj, dtype=None, device=None, tp: TensorParallel | None = None) -> FastModel:
@@ -232,15 +264,25 @@ def as_fast_model(obj, dtype=None, device=None, tp: TensorParallel | None = None
     cached = obj.extras.get("fast_model")
     if cached is not None and cached[0] is obj.weights and cached[1].tp == tp:
         return cached[1]
-    if obj.config.head_dim not in _kernels().SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the fast path supports head dims that are multiples of 16 in [16, 256]; this model has "
-                         f"head_dim={obj.config.head_dim} (use specdec.ref for it)")
+    _check_supported(obj.config)
     fused = _fuse(obj)
     if tp is not None:
         fused = shard_weights(fused, obj.config, tp)
-    fm = FastModel(obj.config, fused, source=obj.source, tp=tp)
-    fm.use_graphs = fm.device.type == "cuda" and os.environ.get("SPECDEC_NO_GRAPHS", "0") != "1"
+    fm = _new_fast_model(obj.config, fused, obj.source, tp)
     obj.extras["fast_model"] = (obj.weights, fm)
+    return fm
+
+
+def _check_supported(config: ModelConfig) -> None:
+    if config.head_dim not in _kernels().SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"the fast path supports head dims that are multiples of 16 in [16, 256]; this model has "
+                         f"head_dim={config.head_dim} (use specdec.ref for it)")
+
+
+def _new_fast_model(config: ModelConfig, fused: dict[str, torch.Tensor], source: str, tp: TensorParallel | None) -> FastModel:
+    """A FastModel over fused weights, CUDA graphs on where they can run (``SPECDEC_NO_GRAPHS=1`` turns them off)."""
+    fm = FastModel(config, fused, source=source, tp=tp)
+    fm.use_graphs = fm.device.type == "cuda" and os.environ.get("SPECDEC_NO_GRAPHS", "0") != "1"
     return fm
 
 
@@ -249,8 +291,8 @@ def load_model(path, dtype: torch.dtype | str = torch.bfloat16, device: torch.de
     """Load a local HF-format model directory (or ``"default"``) for the fast path.
 
     Defaults: bf16 on CUDA when available, fp32 on CPU (kernels under the Triton interpreter).
-    ``tp`` (:func:`specdec.fast.tp.init_tensor_parallel`): the checkpoint is read into host memory,
-    and only this rank's slice of every layer goes to ``device`` -- the full model never sits on one GPU.
+    ``tp`` (:func:`specdec.fast.tp.init_tensor_parallel`): the checkpoint is read tensor by tensor and
+    only this rank's slice of each goes to ``device`` -- the full model is never held, on a GPU or on the host.
     """
     from specdec.shared.assets import resolve_model_path
 
@@ -261,10 +303,7 @@ def load_model(path, dtype: torch.dtype | str = torch.bfloat16, device: torch.de
         dt = torch.float32  # CPU matmuls in half precision are slow and not what the reference runs
     if tp is None or tp.world == 1:
         return as_fast_model(load_checkpoint(resolve_model_path(path), dtype=dt, device=device))
-    host = as_fast_model(load_checkpoint(resolve_model_path(path), dtype=dt, device="cpu"), tp=tp)
-    fm = FastModel(host.config, {k: v.to(device) for k, v in host.w.items()}, source=host.source, tp=tp)
-    fm.use_graphs = fm.device.type == "cuda" and os.environ.get("SPECDEC_NO_GRAPHS", "0") != "1"
-    return fm
+    return _load_sharded(resolve_model_path(path), dt, device, tp)
 
 
 # ---------------------------------------------------------------------------------------------

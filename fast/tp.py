@@ -51,7 +51,7 @@ from specdec.shared.config import ModelConfig
 from specdec.shared.glide import GlideConfig
 
 __all__ = ["TensorParallel", "TPShard", "init_tensor_parallel", "shard_weights", "check_divisible", "order_key", "decode_key",
-           "local_argmax_key", "local_beam_keys", "merge_beam_keys", "shard_columns", "INVALID_KEY"]
+           "local_argmax_key", "local_beam_keys", "merge_beam_keys", "shard_canonical", "shard_columns", "INVALID_KEY"]
 
 INVALID_KEY = torch.iinfo(torch.int64).min
 """The order key of "no entry": below every key :func:`order_key` makes."""
@@ -281,8 +281,46 @@ def check_divisible(config: ModelConfig | GlideConfig, world: int) -> None:
                              f"multiple of {world}; choose a tp that divides {value}")
 
 
-def _rows(t: torch.Tensor, start: int, size: int) -> torch.Tensor:
-    return t.narrow(0, start, size)
+def _part(t: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
+    """Rank ``rank``'s contiguous ``1 / world`` of ``t`` along ``dim`` (a view): the one split rule of every
+    column-parallel row block (a head group's q / k / v rows, a slice of the gate / up rows) and every
+    row-parallel column block (``wo``, ``w2``)."""
+    size = t.shape[dim] // world
+    return t.narrow(dim, rank * size, size)
+
+
+def _vocab_rows(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s ``ceil(V / world)`` rows of a [V, H] vocab-parallel output weight, zero-padded at the end."""
+    v_local = -(-t.shape[0] // world)
+    rows = t[rank * v_local:(rank + 1) * v_local]
+    if rows.shape[0] < v_local:
+        rows = torch.cat([rows, rows.new_zeros(v_local - rows.shape[0], rows.shape[1])])
+    return rows
+
+
+def shard_canonical(key: str, t: torch.Tensor, config: ModelConfig, tp: TensorParallel) -> torch.Tensor:
+    """Rank ``tp.rank``'s slice of ONE checkpoint tensor under its canonical name (``layers.i.self_attn.q_proj.weight``,
+    ...; :func:`specdec.shared.weights.expected_shapes`), as a view where possible.
+
+    The same split as :func:`shard_weights` applies to the fused weights, tensor by tensor, so a checkpoint can be
+    sharded while it is read (:func:`specdec.fast.model.load_model`): concatenating a layer's sliced q / k / v
+    (gate / up) gives exactly ``shard_weights``'s ``wqkv`` (``w13``) of that layer. Biases of q / k / v follow their
+    rows; ``o_proj``'s bias goes to rank 0 only (zeros elsewhere: the all-reduce adds it once)."""
+    check_divisible(config, tp.world)
+    r, W = tp.rank, tp.world
+    leaf = key.rsplit(".", 2)
+    proj, kind = leaf[-2], leaf[-1]
+    if proj in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        return _part(t, r, W)
+    if proj == "o_proj":
+        if kind == "bias":
+            return t if r == 0 else torch.zeros_like(t)
+        return _part(t, r, W, dim=1)
+    if proj == "down_proj":
+        return _part(t, r, W, dim=1)
+    if key == "lm_head.weight":
+        return _vocab_rows(t, r, W)
+    return t                                                     # embedding, norms: replicated
 
 
 def shard_weights(w: dict[str, torch.Tensor], config: ModelConfig | GlideConfig, tp: TensorParallel) -> dict[str, torch.Tensor]:
@@ -296,31 +334,21 @@ def shard_weights(w: dict[str, torch.Tensor], config: ModelConfig | GlideConfig,
     check_divisible(config, tp.world)
     r, W = tp.rank, tp.world
     d, hq, hkv, f = config.head_dim, config.num_heads, config.num_kv_heads, config.intermediate_size
-    q_local, kv_local, f_local = hq // W * d, hkv // W * d, f // W
     out: dict[str, torch.Tensor] = {}
     for name, t in w.items():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("wqkv", "bqkv"):
-            q, k, v = t.split([hq * d, hkv * d, hkv * d], dim=0)
-            out[name] = torch.cat([_rows(q, r * q_local, q_local), _rows(k, r * kv_local, kv_local),
-                                   _rows(v, r * kv_local, kv_local)], dim=0).contiguous()
+            out[name] = torch.cat([_part(p, r, W) for p in t.split([hq * d, hkv * d, hkv * d], dim=0)], dim=0)
         elif leaf in ("wq_x", "bq_x"):                          # the GLIDE cross-attention's query heads
-            out[name] = _rows(t, r * q_local, q_local).contiguous()
-        elif leaf in ("wo", "wo_x"):
-            out[name] = t[:, r * q_local:(r + 1) * q_local].contiguous()
+            out[name] = _part(t, r, W).contiguous()
+        elif leaf in ("wo", "wo_x", "w2"):
+            out[name] = _part(t, r, W, dim=1).contiguous()
         elif leaf == "bo":
             out[name] = t.clone() if r == 0 else torch.zeros_like(t)   # added once by the all-reduce
         elif leaf == "w13":
-            gate, up = t.split([f, f], dim=0)
-            out[name] = torch.cat([_rows(gate, r * f_local, f_local), _rows(up, r * f_local, f_local)], dim=0).contiguous()
-        elif leaf == "w2":
-            out[name] = t[:, r * f_local:(r + 1) * f_local].contiguous()
-        elif name == "lm_head":
-            v_local = -(-t.shape[0] // W)                        # ceil(V / W) rows per rank, zero-padded
-            rows = t[r * v_local:(r + 1) * v_local]
-            if rows.shape[0] < v_local:
-                rows = torch.cat([rows, rows.new_zeros(v_local - rows.shape[0], rows.shape[1])])
-            out[name] = rows.contiguous()
+            out[name] = torch.cat([_part(p, r, W) for p in t.split([f, f], dim=0)], dim=0)
+        elif name == "lm_head":                                  # ceil(V / W) rows per rank, zero-padded
+            out[name] = _vocab_rows(t, r, W).contiguous()
         else:                                                    # embedding, norms: replicated
             out[name] = t
     return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -196,8 +196,14 @@ def iter_checkpoint(path: str) -> Iterator[tuple[str, str, torch.Tensor]]:
                 yield fn, name, t
 
 
-def load_weights(path: str, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Load and validate every tensor ``config`` needs into a canonical flat dict."""
+def load_weights(path: str, config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Load and validate every tensor ``config`` needs into a canonical flat dict.
+
+    The checkpoint is read one tensor at a time. ``transform(key, tensor)``, if given, maps each validated
+    tensor (canonical name, shape checked, still on the host at its stored dtype) before it is converted
+    and moved -- e.g. to keep one tensor-parallel rank's slice, so the full model is never held anywhere.
+    A tied ``lm_head.weight`` is not transformed: it is the (transformed) embedding."""
     shapes = expected_shapes(config)
     weights: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
@@ -211,6 +217,8 @@ def load_weights(path: str, config: ModelConfig, dtype: torch.dtype = torch.floa
             continue  # unknown extras are ignored (e.g. a draft head stored beside the model)
         if tuple(t.shape) != shapes[key]:
             raise ValueError(f"{fn}: tensor {name!r} has shape {tuple(t.shape)}, but the config needs {shapes[key]}")
+        if transform is not None:
+            t = transform(key, t)
         weights[key] = t.to(device=device, dtype=dtype)
         where[key] = fn
     missing = [k for k in shapes if k not in weights]
