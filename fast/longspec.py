@@ -21,6 +21,7 @@ _FAST = SimpleNamespace(
     load_model=_model.load_model, load_glide=_glide.load_glide,
     tree_spec_generate=_glide.tree_spec_generate, spec_generate=_glide.spec_generate,
     magicdec_generate=_magicdec.magicdec_generate, vanilla_generate=_vanilla.vanilla_generate,
+    tensor_parallel=True,   # load_model(tp=): the draft follows the target's split (load_glide)
 )
 
 

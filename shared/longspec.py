@@ -65,9 +65,15 @@ class GlideModel:
     model_type = ""
     backend: Any = None
 
-    def __init__(self, config, target_model_path, glide_path, dtype=None, device=None, window: int | None = None):
+    def __init__(self, config, target_model_path, glide_path, dtype=None, device=None, window: int | None = None,
+                 tp: Any = None):
+        """``tp``: the fast path's tensor parallelism (:func:`specdec.fast.tp.init_tensor_parallel`; every rank
+        builds the object and calls the same methods, each holding its slice of the target and the draft);
+        the reference path is single-process and refuses it."""
         if self.backend is None or not self.model_type:
             raise TypeError(f"{type(self).__name__} is abstract: use LlamaGlide / Qwen2Glide from specdec.ref or specdec.fast")
+        if tp is not None and not getattr(self.backend, "tensor_parallel", False):
+            raise ValueError(f"tp needs the fast path (specdec.fast.{type(self).__name__}); the reference runs in one process")
         cfg = _config_dict(config)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,7 +81,8 @@ class GlideModel:
             # LongSpec runs in half precision on the GPU; fp32 on CPU.
             dtype = (cfg or {}).get("torch_dtype") or (cfg or {}).get("dtype") or "bfloat16"
             dtype = resolve_dtype(dtype) if str(device).startswith("cuda") else torch.float32
-        self.target = self.backend.load_model(target_model_path, dtype=dtype, device=device)
+        self.target = self.backend.load_model(target_model_path, dtype=dtype, device=device,
+                                              **({} if tp is None else {"tp": tp}))
         tc = self.target.config
         if tc.model_type != self.model_type:
             raise ValueError(f"{type(self).__name__} needs a {self.model_type!r} target, but {target_model_path!r} is {tc.model_type!r}")

@@ -36,7 +36,7 @@ def measure_cost_model(target, glide, reps: int | None = None, shapes: Sequence[
     ``prompt_length`` tokens, greedy, one untimed call per shape first: CUDA graphs and kernels are built there) and fit a
     :class:`~specdec.shared.tree_search.CostModel`. On a CPU (Triton interpreter) a reduced set of shapes,
     one call each: what it measures is the interpreter's cost."""
-    fm, fg = as_fast_model(target), as_fast_glide(glide)
+    fm, fg = _target_and_glide(target, glide, None)
     c, cpu = fm.config, fm.device.type == "cpu"
     if shapes is None:
         shapes = tree_search.calibration_shapes(c.vocab_size, shapes=CPU_CALIBRATION_SHAPES if cpu else tree_search.CALIBRATION_SHAPES)
@@ -52,7 +52,7 @@ def measure_cost_model(target, glide, reps: int | None = None, shapes: Sequence[
 def device_cost_model(target, glide, cache: bool = True) -> CostModel:
     """:func:`measure_cost_model`, once per process and (``cache``) per device and model in
     ``$XDG_CACHE_HOME/specdec/cost_models.json`` (:func:`specdec.shared.tree_search.cached_cost_model`)."""
-    fm, fg = as_fast_model(target), as_fast_glide(glide)
+    fm, fg = _target_and_glide(target, glide, None)
     extra = {"graphs": bool(fm.use_graphs)}
     if fg.vocab_map is not None:  # a smaller lm_head costs less
         extra["draft_vocab"] = fg.draft_vocab_size
@@ -67,7 +67,7 @@ def resolve_tree_shape(target, glide, tree_shape: Sequence[int] | str | None = "
     the most expected tokens per second under ``stats`` (default: the draft's measured acceptance --
     ``Glide.acceptance``, or ``acceptance.json`` next to its checkpoint -- else the documented prior) and
     ``cost`` (default: :func:`device_cost_model`)."""
-    return tree_search.choose_tree_shape(tree_shape, glide, as_fast_glide(glide).draft_vocab_size, stats, cost,
+    return tree_search.choose_tree_shape(tree_shape, glide, _target_and_glide(target, glide, None)[1].draft_vocab_size, stats, cost,
                                          lambda: device_cost_model(target, glide, cache=cache))
 
 

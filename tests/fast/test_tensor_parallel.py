@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lossless import tiny_model
+from lossless import tiny_hf_model, tiny_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
 NEW = 6
@@ -57,10 +57,17 @@ def _decoders(fast, draft, glides=None, trees=None):
     }
 
 
+TARGET = dict(vocab=67, layers=2, hidden=128, heads=4, kv_heads=2, seed=1, init_std=0.3, max_pos=256, intermediate=256)
+
+
+def _target_hf():
+    """The target as a transformers model (saved to disk for the per-rank checkpoint loading)."""
+    return tiny_hf_model("qwen2", **TARGET)
+
+
 def _models():
     # 4 query heads, 2 KV heads, MLP 256: divisible by 2 ranks; qwen2 for the q/k/v biases
-    target = tiny_model("qwen2", vocab=67, layers=2, hidden=128, heads=4, kv_heads=2, seed=1, init_std=0.3,
-                        max_pos=256, intermediate=256)   # vocab 67: the lm_head shards are padded
+    target = tiny_model("qwen2", **TARGET)   # vocab 67: the lm_head shards are padded
     draft = tiny_model("llama", vocab=67, layers=1, hidden=128, heads=2, kv_heads=1, seed=2, init_std=0.3, max_pos=256)
     return target, draft
 
@@ -151,6 +158,11 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, keep: list[i
         out = {name: run(fm, kw).output_ids for name, run in _decoders(fast, draft, glides, trees).items()
                if name != "vanilla keyed"}
         _check_vanilla_argmax_is_sharded(fast, fm, tp, kw, out["vanilla"])
+        lsg = fast.Qwen2Glide(None, os.path.join(out_dir, "target"), os.path.join(out_dir, "glide"), dtype=torch.float32,
+                              device="cpu", window=8, tp=tp)     # LongSpec's class, each rank loading its slice
+        assert lsg.target.tp is tp and lsg.glide.tp is tp
+        assert torch.equal(lsg.tree_spec_generate(ids, ids.shape[1], tree_shape=(8, 8, 2), max_gen_len=NEW, eos_id=[])[0],
+                           out["tree"])
         with pytest.raises(ValueError, match="tree_shape='auto' is not supported on a tensor-parallel target"):
             fast.tree_spec_generate(fm, glides[0], tree_shape="auto", **kw)
         with pytest.raises(ValueError, match=f"rank {rank}'s slice of a 2-way split; the target is not split"):
@@ -176,6 +188,7 @@ def test_tp2_gives_tp1_tokens_for_every_decoder():
         from specdec.shared.glide import save_glide
 
         save_glide(_glides(target, keep)[0], os.path.join(tmp, "glide"))
+        _target_hf().save_pretrained(os.path.join(tmp, "target"))
         mp.start_processes(_rank_main, args=(2, os.path.join(tmp, "init"), tmp, keep), nprocs=2, join=True, start_method="spawn")
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     for name, tokens in want.items():

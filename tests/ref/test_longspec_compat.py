@@ -172,3 +172,9 @@ def test_keyed_sampling_through_the_classes(tiny_dirs, family):
             call(ids, 9, max_gen_len=2, eos_id=[], temperature=1.0, sampling="gumbel")
         with pytest.raises(TypeError, match="generator"):
             call(ids, 9, max_gen_len=2, eos_id=[], temperature=1.0, generator=5)
+
+
+def test_reference_classes_refuse_tensor_parallelism(tiny_dirs):
+    target_dir, glide_dir = tiny_dirs[1]["llama"]
+    with pytest.raises(ValueError, match=r"tp needs the fast path \(specdec.fast.LlamaGlide\)"):
+        LlamaGlide(None, target_dir, glide_dir, tp=object())   # refused before anything is loaded
