@@ -106,7 +106,7 @@ def glide_drafter(fm, cache):
     from specdec.shared.glide import init_glide_weights
     from specdec.shared.sampling import SamplingParams
 
-    glide = as_fast_glide(init_glide_weights(fm.config, seed=1, dtype=fm.dtype, device=fm.device))
+    glide = as_fast_glide(init_glide_weights(fm.config, seed=1, dtype=fm.dtype, device=fm.device), tp=fm.tp)
     drafter = FastGlideDrafter(fm, glide, (4, 16, 16, 16, 16))
     tokens = torch.randint(0, fm.config.vocab_size, (cache.length + 1,)).tolist()
     state = RoundState(tokens, fm, cache, None, SamplingParams(), None, budget=1000)
