@@ -232,11 +232,6 @@ def _drafters_per_row(drafter, batch: int, method: str) -> list:
     raise TypeError(f"drafter must be a drafter (propose(state)), a list of them or a factory, got {type(drafter).__name__}")
 
 
-def _row_view(cache: StaticKVCache, b: int, length: int) -> StaticKVCache:
-    """Row b of a batch cache as a batch-of-one cache (views: writes land in the batch's memory)."""
-    return StaticKVCache(cache.k[:, b:b + 1], cache.v[:, b:b + 1], length, cache.length_t[b:b + 1])
-
-
 def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_len: int, eos: set[int],
                params: SamplingParams, generator, method: str, tree_size: int, first_target: bool,
                skip_sample_adjustment: bool, on_round) -> GenerationResult:
@@ -257,7 +252,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
     lengths = [int(f.shape[0]) for f in fed]                   # L_b: row b's verified cache length
     last_logits: list[torch.Tensor | None] = []
     for b in range(B):
-        view = _row_view(cache, b, 0)
+        view = cache.row(b, 0)
         last_logits.append(prefill(target, view, fed[b][None])[0] if lengths[b] > 0 else None)
         view.set_length(lengths[b])
     if first_target:
@@ -269,7 +264,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
             accept_lengths[b].append(1)
         num = 1
     for b in range(B):
-        drafters[b].prefill(RoundState(tokens[b], target, _row_view(cache, b, lengths[b]), last_logits[b], params,
+        drafters[b].prefill(RoundState(tokens[b], target, cache.row(b, lengths[b]), last_logits[b], params,
                                        generator, max_gen_len - len(emitted[b]), ids[b]))
     sync(dev)
     prefill_time = time.perf_counter() - t0
@@ -283,7 +278,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
     while active:
         # 1. Draft: every unfinished row proposes a tree rooted at its last token -- a host Tree, or a
         #    DeviceTree (GLIDE: built on the device); row by row, or all rows at once (propose_rows).
-        states = [RoundState(tokens[b], target, _row_view(cache, b, lengths[b]), last_logits[b], params, generator,
+        states = [RoundState(tokens[b], target, cache.row(b, lengths[b]), last_logits[b], params, generator,
                              max_gen_len - len(emitted[b]), ids[b]) for b in active]
         drafts: dict[int, Draft] = dict(zip(active, type(drafters[active[0]]).propose_rows(
             [drafters[b] for b in active], active, states, cache)))

@@ -71,6 +71,12 @@ class StaticKVCache:
         self.length = n
         self.length_t.fill_(n)
 
+    def row(self, b: int, length: int | None = None) -> "StaticKVCache":
+        """Row ``b`` as a batch-of-one cache of ``length`` verified rows (default: this cache's): views, so
+        writes land in this cache's memory (its ``length_t[b]`` included; its host ``length`` is not touched)."""
+        return StaticKVCache(self.k[:, b:b + 1], self.v[:, b:b + 1], self.length if length is None else length,
+                             self.length_t[b:b + 1])
+
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
@@ -558,6 +564,12 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
     chunking changes the order of operations only), and the chunking must not change the logits or the
     cache contents beyond rounding. Raises ValueError for tokens that are not [B, T >= 1], a
     ``chunk_size`` below 1, and a prompt that does not fit the cache.
+
+    A batch (B > 1) is prefilled one row at a time, each row exactly as if it were alone: the prefill's
+    GEMMs (cuBLAS) and attention choose their algorithms -- and so their rounding -- by the shapes they
+    get, so rows prefilled together would get other bits than the same prompt prefilled alone, and a
+    prompt's output would depend on its batch-mates (docs/design.md §11). One row's shapes never depend
+    on the batch; the cost is B launches sequences instead of one.
     """
     if tokens.dim() != 2 or tokens.shape[1] < 1:
         raise ValueError(f"tokens must be [B, T] with T >= 1; got shape {tuple(tokens.shape)}")
@@ -567,6 +579,17 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
     start = cache.length
     if start + t > cache.capacity:
         raise ValueError(f"KV cache overflow: {start} + {t} prompt rows > capacity {cache.capacity}")
+    if b > 1:
+        outs = [_prefill_rows(fm, cache.row(i), tokens[i:i + 1], chunk_size, all_logits) for i in range(b)]
+        cache.set_length(start + t)
+        return torch.cat(outs, dim=0)
+    return _prefill_rows(fm, cache, tokens, chunk_size, all_logits)
+
+
+def _prefill_rows(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int, all_logits: bool) -> torch.Tensor:
+    """The chunked prefill of :func:`prefill` for the rows ``tokens`` [B, T] together (arguments checked there)."""
+    b, t = tokens.shape
+    start = cache.length
     fused = tokens.is_cuda
     h_last, outs = None, []
     for s in range(0, t, chunk_size):

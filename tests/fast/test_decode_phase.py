@@ -163,3 +163,25 @@ def test_cache_memory_check_names_the_largest_batch_that_fits():
         check_cache_fits(need=32 << 30, batch=32, capacity=4096, free=13 << 30)    # 1 GiB a row, 11.7 GiB usable
     with pytest.raises(ValueError, match="not even one row fits"):
         check_cache_fits(need=4 << 30, batch=1, capacity=131072, free=2 << 30)
+
+
+@pytest.mark.gpu
+def test_gpu_a_row_never_depends_on_its_batch_mates_prefill_included():
+    """The embedded default model in bf16, a batch with prompts of EQUAL lengths (vanilla decodes a length
+    group together) and of other lengths: every row of batched vanilla == that prompt decoded alone, and
+    batched tree speculation and MagicDec == batched vanilla, bitwise. Equal-length rows once shared one
+    prefill whose GEMMs rounded differently from a lone prompt's (BENCHMARKS "batched decoding": B = 32)."""
+    import specdec.fast as fast
+
+    target = fast.load_model("default", dtype=torch.bfloat16, device="cuda")
+    glide = fast.load_glide("default-glide", target)
+    gen = torch.Generator().manual_seed(5)
+    lengths = [700, 700, 700, 131, 1024, 1024, 1024, 1024, 9]
+    prompts = [torch.randint(0, target.config.vocab_size, (n,), generator=gen) for n in lengths]
+    kw = dict(max_gen_len=48, eos_id=[])
+    batch = fast.vanilla_generate(target, prompts, None, **kw).output_ids
+    for i, p in enumerate(prompts):
+        alone = fast.vanilla_generate(target, p[None], len(p), **kw).output_ids[0]
+        assert torch.equal(batch[i], alone), f"row {i} (length {lengths[i]}) != the prompt alone"
+    assert torch.equal(fast.tree_spec_generate(target, glide, prompts, None, **kw).output_ids, batch)
+    assert torch.equal(fast.magicdec_generate(target, prompts, None, **kw).output_ids, batch)
