@@ -55,9 +55,22 @@ SHAPES = {
     "llama3-8b": MODEL_SHAPES["llama3-8b"],
     "llama3-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
                        num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192),
+    "default": None,   # the embedded default model (real weights, loaded per rank with load_model(tp=))
     "smoke": dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024),
 }
+
+
+def build_model(shape: str, tp: TensorParallel | None, dtype: torch.dtype, device, graphs: bool) -> FastModel:
+    """The embedded default model (``shape == "default"``) or a random one of ``shape``, this rank's slice."""
+    if shape == "default":
+        from specdec.fast import load_model
+
+        fm = load_model("default", dtype=dtype, device=str(device), tp=tp)
+    else:
+        fm = random_fast_model(ModelConfig(**SHAPES[shape]), tp, dtype, device)
+    fm.use_graphs = fm.use_graphs and graphs
+    return fm
 
 
 def random_fast_model(cfg: ModelConfig, tp: TensorParallel | None, dtype: torch.dtype, device, seed: int = 0) -> FastModel:
@@ -142,7 +155,6 @@ def agreed(ok: bool, dev) -> bool:
 
 def run_case(shape: str, degree: int, world: int, rank: int, args, bw: float, base_tokens: dict, dev, dtype) -> dict:
     """One (shape, TP degree) on ranks < degree; the others wait at the barrier. Returns rank 0's row."""
-    cfg = ModelConfig(**SHAPES[shape])
     row = dict(shape=shape, tp=degree, context=args.context)
     ok, err = True, ""
     if rank < degree:
@@ -151,10 +163,11 @@ def run_case(shape: str, degree: int, world: int, rank: int, args, bw: float, ba
             if degree not in (1, world):
                 raise ValueError(f"TP = {degree} needs a sub-group; run with --nproc-per-node {degree}")
             t0 = time.perf_counter()
-            fm = random_fast_model(cfg, tp, dtype, dev)
+            fm = build_model(shape, tp, dtype, dev, graphs=args.backend != "gloo")
             row["build_s"] = time.perf_counter() - t0
             with torch.inference_mode():
-                row.update(measure(fm, args.context, args.parts, bw, glide=True))
+                if "step" in args.parts:
+                    row.update(measure(fm, args.context, args.parts, bw, glide=True))
                 if "agree" in args.parts and args.agree_tokens:
                     toks = greedy_tokens(fm, args.agree_tokens)
                     if degree == 1:
@@ -186,25 +199,29 @@ def main() -> None:
     ap.add_argument("--agree-tokens", type=int, default=32, help="greedy tokens compared across TP degrees (0 = skip)")
     ap.add_argument("--out", default="runs/bench_tp.jsonl")
     ap.add_argument("--smoke", action="store_true", help="CPU / any device: the tiny shape, fp32, context 64")
+    ap.add_argument("--backend", default=None, choices=["nccl", "gloo"],
+                    help="collectives (default: nccl on CUDA, gloo on CPU); gloo on CUDA lets N ranks share ONE GPU for "
+                         "the agreement part (no CUDA graphs: gloo cannot be captured; timings then mean nothing)")
     args = ap.parse_args()
     if args.smoke:
         args.shapes, args.context = ["smoke"], 64
         os.environ.setdefault("TRITON_INTERPRET", "1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp = init_tensor_parallel(world) if world > 1 else None
+    tp = init_tensor_parallel(world, backend=args.backend) if world > 1 else None
     rank = tp.rank if tp else 0
     dev = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" and not args.smoke else torch.float32
     bw = copy_bandwidth(dev) if dev.type == "cuda" else 1e10
     degrees = args.degrees or sorted({1, world})
     meta = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
+                backend=dist.get_backend() if dist.is_initialized() else None,
                 world=world, dtype=str(dtype).removeprefix("torch."), copy_bw_tbs=bw / 1e12,
                 commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
     rows, base_tokens = [], {}
     for shape in args.shapes:
-        cfg = ModelConfig(**SHAPES[shape])
+        cfg = ModelConfig(**SHAPES[shape]) if SHAPES[shape] else None
         for degree in degrees:
-            bytes_per_rank = 2 * cfg.num_layers * (4 * cfg.hidden_size * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size) / degree
+            bytes_per_rank = 0 if cfg is None else 2 * cfg.num_layers * (4 * cfg.hidden_size * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size) / degree
             if dev.type == "cuda" and bytes_per_rank > 0.85 * torch.cuda.get_device_properties(dev).total_memory:
                 rows.append(dict(meta, shape=shape, tp=degree, error="skipped: does not fit one GPU at this degree"))
                 continue
