@@ -199,6 +199,8 @@ def main() -> None:
     ap.add_argument("--agree-tokens", type=int, default=32, help="greedy tokens compared across TP degrees (0 = skip)")
     ap.add_argument("--out", default="runs/bench_tp.jsonl")
     ap.add_argument("--smoke", action="store_true", help="CPU / any device: the tiny shape, fp32, context 64")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--backend", default=None, choices=["nccl", "gloo"],
                     help="collectives (default: nccl on CUDA, gloo on CPU); gloo on CUDA lets N ranks share ONE GPU for "
                          "the agreement part (no CUDA graphs: gloo cannot be captured; timings then mean nothing)")
@@ -210,7 +212,7 @@ def main() -> None:
     tp = init_tensor_parallel(world, backend=args.backend) if world > 1 else None
     rank = tp.rank if tp else 0
     dev = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if dev.type == "cuda" and not args.smoke else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" and not args.smoke else torch.float32)
     bw = copy_bandwidth(dev) if dev.type == "cuda" else 1e10
     degrees = args.degrees or sorted({1, world})
     meta = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
