@@ -108,7 +108,7 @@ def glide_drafter(fm, cache):
 
     glide = as_fast_glide(init_glide_weights(fm.config, seed=1, dtype=fm.dtype, device=fm.device), tp=fm.tp)
     drafter = FastGlideDrafter(fm, glide, (4, 16, 16, 16, 16))
-    tokens = torch.randint(0, fm.config.vocab_size, (cache.length + 1,)).tolist()
+    tokens = torch.randint(0, fm.config.vocab_size, (cache.length + 1,), generator=torch.Generator().manual_seed(1)).tolist()
     state = RoundState(tokens, fm, cache, None, SamplingParams(), None, budget=1000)
     drafter.propose(state)  # catches up on the whole prompt once
 

@@ -18,7 +18,8 @@ degree in ``--degrees`` that the shape fits (TP = 1 runs on rank 0 alone while t
 * ``glide``: the greedy GLIDE tree round as the engine runs it (``fused_round``: draft + verification +
   acceptance in one graph, one read-back; a random GLIDE layer sharded like the target) and the round
   efficiency ``t_step / t_round`` (the speedup is tau times it);
-* ``agree``: greedy vanilla tokens (``--agree-tokens`` from a fixed random prompt) at this degree against
+* ``agree``: greedy vanilla tokens (``--agree-tokens`` per prompt: four code prompts for the embedded model, a
+  fixed random prompt for random weights) at this degree against
   TP = 1's (positions equal, first divergence); bitwise equality across degrees is not promised (the
   row-parallel sums are added in another order).
 
@@ -134,11 +135,24 @@ def measure(fm: FastModel, context: int, parts: list[str], bw: float, glide: boo
     return row
 
 
-def greedy_tokens(fm: FastModel, n: int, prompt_len: int = 64) -> list[int]:
-    import specdec.fast as fast
+TEXT_PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef read_config(path):", "class Stack:\n    def __init__(self):",
+                "def quicksort(items):\n    if len(items) <= 1:"]
 
-    ids = torch.randint(0, fm.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(7))
-    out = fast.vanilla_generate(fm, ids, prompt_len, max_gen_len=n, eos_id=[]).output_ids[0].tolist()
+
+def greedy_tokens(fm: FastModel, n: int, text: bool) -> list[int]:
+    """Greedy vanilla tokens, ``n`` per prompt, concatenated: the code prompts TEXT_PROMPTS through the embedded
+    model's tokenizer (``text``) or one fixed random 64-token prompt (random weights have no text)."""
+    import specdec.fast as fast
+    from specdec.shared.tokenizer import encode_prompt, load_tokenizer
+
+    if text:
+        tok = load_tokenizer("default")
+        prompts = [torch.tensor([encode_prompt(tok, t)]) for t in TEXT_PROMPTS]
+    else:
+        prompts = [torch.randint(0, fm.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(7))]
+    out = []
+    for ids in prompts:
+        out += fast.vanilla_generate(fm, ids, ids.shape[1], max_gen_len=n, eos_id=[]).output_ids[0].tolist()
     fm.caches.clear()
     fm.graphs.clear()
     return out
@@ -169,7 +183,7 @@ def run_case(shape: str, degree: int, world: int, rank: int, args, bw: float, ba
                 if "step" in args.parts:
                     row.update(measure(fm, args.context, args.parts, bw, glide=True))
                 if "agree" in args.parts and args.agree_tokens:
-                    toks = greedy_tokens(fm, args.agree_tokens)
+                    toks = greedy_tokens(fm, args.agree_tokens, text=shape == "default")
                     if degree == 1:
                         base_tokens[shape] = toks
                     elif shape in base_tokens:
