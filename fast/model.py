@@ -497,6 +497,69 @@ def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bo
     return False, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+PREFILL_ATTENTION_CHOICES = ("flash", "cudnn-blocks")
+
+
+def prefill_attention_mode() -> str:
+    """How CUDA fp16/bf16 prefills run their attention: ``SPECDEC_PREFILL_ATTENTION`` = ``flash`` (default:
+    one flash call per chunk, bottom-right causal) or ``cudnn-blocks`` (:func:`_prefill_attention_blocks` on
+    cuDNN; measured faster in BENCHMARKS "attention designs for the prefill", not yet the default)."""
+    mode = os.environ.get("SPECDEC_PREFILL_ATTENTION", "flash")
+    if mode not in PREFILL_ATTENTION_CHOICES:
+        raise ValueError(f"SPECDEC_PREFILL_ATTENTION must be one of {PREFILL_ATTENTION_CHOICES}, got {mode!r}")
+    return mode
+
+
+def power_of_two_blocks(length: int) -> list[tuple[int, int]]:
+    """``[0, length)`` as consecutive ``(lo, hi)`` blocks whose sizes are the powers of two in ``length``'s
+    binary digits, largest first (6144 -> [(0, 4096), (4096, 6144)]): over a whole chunked prefill the block
+    sizes -- the shapes a kernel plans for -- are at most ``log2(length) + 1`` distinct values."""
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    blocks, lo = [], 0
+    for bit in reversed(range(length.bit_length())):
+        if length >> bit & 1:
+            blocks.append((lo, lo + (1 << bit)))
+            lo += 1 << bit
+    return blocks
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Softmax attention over the union of disjoint key blocks, from each block's ``(out, lse)``: ``out``
+    [..., n, D] normalised over that block's keys, ``lse`` [..., n] the natural log-sum-exp of its scaled
+    scores. Returns fp32 ``sum_i exp(lse_i - L) out_i`` with ``L = logsumexp_i lse_i``."""
+    lse = torch.stack([l for _, l in parts]).logsumexp(dim=0)
+    out = None
+    for o, l in parts:
+        term = torch.exp(l - lse)[..., None] * o.float()
+        out = term if out is None else out + term
+    return out
+
+
+def _prefill_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend) -> torch.Tensor:
+    """:func:`_prefill_attention` (same shapes and meaning) as few fixed-shape calls merged by log-sum-exp.
+
+    The chunk's n queries see (1) its own n keys ``[p0, T)`` -- a square block, plain causal (for a square
+    block top-left and bottom-right alignment agree) -- and (2) every key of the prefix ``[0, p0)``, split
+    into :func:`power_of_two_blocks`, each seen whole (no mask). ``attend(q, k, v, causal) -> (out, lse)``
+    runs one block; the blocks are merged by :func:`merge_attention`. Why: cuDNN's fused attention is ~1.6-2x
+    faster than the flash kernel on Hopper but builds an execution plan per shape and aligns ``is_causal``
+    top-left when n < T; this way a prefill needs only ~log2(T) + 2 shapes, each planned once per process."""
+    n, t = q.shape[2], k.shape[2]
+    p0 = t - n
+    parts = [attend(q, k[:, :, p0:], v[:, :, p0:], True)]
+    parts += [attend(q, k[:, :, lo:hi], v[:, :, lo:hi], False) for lo, hi in power_of_two_blocks(p0)]
+    return parts[0][0] if len(parts) == 1 else merge_attention(parts).to(q.dtype)
+
+
+def _cudnn_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of :func:`_prefill_attention_blocks` on cuDNN: ``(out [B, Hq, n, D], lse [B, Hq, n] fp32)``.
+    Grouped KV heads are read as they are (query head h -> KV head h // (Hq / Hkv)); scale 1 / sqrt(D)."""
+    b, h, n, d = q.shape
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=d ** -0.5)
+    return r[0], r[1].reshape(b, h, -1)[..., :n].float()
+
+
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of one prefill chunk whose n queries are the LAST n of the T positions in k/v.
 
@@ -525,6 +588,9 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
     Where a repeat is needed it is per layer and chunk: it cannot be shared by a chunk's layers, since
     each layer has its own K/V and its chunk rows exist only once that layer has written them.
+
+    With ``SPECDEC_PREFILL_ATTENTION=cudnn-blocks`` (:func:`prefill_attention_mode`), CUDA fp16/bf16 runs
+    :func:`_prefill_attention_blocks` on cuDNN instead (opt-in until its TTFT is measured in the library).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k and v must be 4-D [B, H, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -537,6 +603,8 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
         raise ValueError(f"q's head count ({hq}) must be a multiple of k's ({hkv})")
     if not 1 <= n <= t:
         raise ValueError(f"q must hold 1 <= n <= T query rows, the last n of k's T = {t} positions; got n = {n}")
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and prefill_attention_mode() == "cudnn-blocks":
+        return _prefill_attention_blocks(q, k, v, _cudnn_attend)
     bias = causal_lower_right(n, t)
     flash, backends = _prefill_sdpa(q, k, v)
     gqa = hq != hkv

@@ -4,6 +4,8 @@
 Issue 20 item 1. One process, random weights of a model shape (Llama-3-8B by default; bf16 on CUDA,
 fp32 on CPU), batch 1, for each context (ascending; a fresh cache of ``context + 256`` rows each):
 
+* ``blocks`` -- the opt-in blocked attention (``SPECDEC_PREFILL_ATTENTION=cudnn-blocks``: the chunk's square
+  block + power-of-two prefix blocks on cuDNN, merged by log-sum-exp; ``--paths old new blocks``);
 * ``old`` -- :func:`specdec.fast.model.prefill` with the attention it had before issue 20 patched in
   (:func:`old_prefill_attention` below, reachable only from this script: the KV heads repeated for their
   query heads, a dense boolean [n, T] mask built once per chunk, SDPA on EFFICIENT / FLASH / MATH);
@@ -95,9 +97,18 @@ def old_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 
 @contextlib.contextmanager
 def attention_path(name: str):
-    """Run the library's prefill with the ``old`` attention patched in, or as it is (``new``)."""
-    if name == "new":
-        yield
+    """Run the library's prefill with the ``old`` attention patched in, as it is (``new``: flash), or with
+    ``SPECDEC_PREFILL_ATTENTION=cudnn-blocks`` (``blocks``: power-of-two prefix blocks on cuDNN, LSE-merged)."""
+    if name in ("new", "blocks"):
+        saved_env = os.environ.get("SPECDEC_PREFILL_ATTENTION")
+        os.environ["SPECDEC_PREFILL_ATTENTION"] = "cudnn-blocks" if name == "blocks" else "flash"
+        try:
+            yield
+        finally:
+            if saved_env is None:
+                os.environ.pop("SPECDEC_PREFILL_ATTENTION")
+            else:
+                os.environ["SPECDEC_PREFILL_ATTENTION"] = saved_env
         return
     saved = fast_model._prefill_attention
     fast_model._prefill_attention = old_prefill_attention
@@ -241,10 +252,11 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--contexts", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk_size (the library's default: 2048)")
-    ap.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "new"])
+    ap.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "new", "blocks"],
+                    help="blocks: the cuDNN blocked attention (CUDA fp16/bf16; SPECDEC_PREFILL_ATTENTION=cudnn-blocks)")
     ap.add_argument("--reps", type=int, default=1, help="timed prefills per path and context (the fastest is reported)")
     ap.add_argument("--no-anchors", action="store_true", help="skip the attention / GEMM anchors")
-    ap.add_argument("--profile", nargs="*", choices=["old", "new"], default=None,
+    ap.add_argument("--profile", nargs="*", choices=["old", "new", "blocks"], default=None,
                     help="profile one prefill per named path (default: new) at --profile-context")
     ap.add_argument("--profile-context", type=int, default=None, help="default: 32768 if among --contexts, else the smallest")
     ap.add_argument("--top", type=int, default=20, help="kernels listed by --profile")
@@ -318,7 +330,7 @@ def main() -> None:
                 r = ttft(fm, cache, ids, args.chunk_size, path, args.reps)
                 results[path] = r
                 extra = {}
-                if path == "new" and "old" in results:
+                if path in ("new", "blocks") and "old" in results:
                     extra = dict(max_abs_dlogits=float((r["logits"] - results["old"]["logits"]).abs().max()),
                                  same_first_token=r["first_token"] == results["old"]["first_token"],
                                  speedup_vs_old=results["old"]["ttft_s"] / r["ttft_s"])

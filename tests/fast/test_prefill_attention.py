@@ -235,3 +235,68 @@ def test_cuda_chunked_prefill_equals_one_chunk(dtype, tol):
     torch.testing.assert_close(last_chunked, last_one, atol=tol, rtol=tol)
     torch.testing.assert_close(chunked.k[:, :, :, :t].float(), one.k[:, :, :, :t].float(), atol=tol, rtol=tol)
     torch.testing.assert_close(chunked.v[:, :, :, :t].float(), one.v[:, :, :, :t].float(), atol=tol, rtol=tol)
+
+
+# --- the blocked design (SPECDEC_PREFILL_ATTENTION=cudnn-blocks): power-of-two prefix blocks merged by LSE ---
+
+
+def _explicit_attend(q, k, v, causal):
+    """One block's (out, natural lse) by explicit fp64 softmax: the stand-in for the cuDNN call on the CPU."""
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    kk = k.double().repeat_interleave(hq // hkv, dim=1)
+    vv = v.double().repeat_interleave(hq // hkv, dim=1)
+    s = q.double() @ kk.transpose(-1, -2) / math.sqrt(d)
+    if causal:
+        s = s.masked_fill(~torch.ones(n, k.shape[2], dtype=torch.bool).tril(), float("-inf"))
+    lse = s.logsumexp(-1)
+    return torch.exp(s - lse[..., None]) @ vv, lse
+
+
+def test_power_of_two_blocks_cover_the_prefix_with_few_sizes():
+    from specdec.fast.model import power_of_two_blocks
+
+    assert power_of_two_blocks(0) == []
+    assert power_of_two_blocks(6144) == [(0, 4096), (4096, 6144)]
+    assert power_of_two_blocks(13) == [(0, 8), (8, 12), (12, 13)]
+    sizes = set()
+    for p0 in range(0, 131072, 2048):          # every chunk start of a 128k prompt in 2048-token chunks
+        blocks = power_of_two_blocks(p0)
+        if blocks:   # consecutive, from 0 to p0
+            assert [lo for lo, _ in blocks] == [0] + [hi for _, hi in blocks[:-1]] and blocks[-1][1] == p0
+        sizes |= {hi - lo for lo, hi in blocks}
+    assert len(sizes) == 6                     # 2048 ... 65536: six shapes plan the whole prefill's prefix blocks
+    with pytest.raises(ValueError, match="length must be >= 0"):
+        power_of_two_blocks(-1)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("p0,n", [(0, 6), (5, 6), (13, 4), (16, 1), (7, 9)])
+def test_blocked_prefill_attention_equals_masked_softmax(hq, hkv, p0, n):
+    from specdec.fast.model import _prefill_attention_blocks
+
+    q, k, v = _qkv(2, hq, hkv, p0, n, dtype=torch.float64)
+    got = _prefill_attention_blocks(q, k, v, _explicit_attend)       # blocks in fp64, merged in fp32
+    torch.testing.assert_close(got.double(), _attention_ref(q, k, v), atol=1e-6, rtol=1e-6)
+
+
+def test_prefill_attention_mode_is_checked(monkeypatch):
+    from specdec.fast.model import prefill_attention_mode
+
+    assert prefill_attention_mode() == "flash"
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match=r"SPECDEC_PREFILL_ATTENTION must be one of \('flash', 'cudnn-blocks'\)"):
+        prefill_attention_mode()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p0,n", [(0, 2048), (6144, 2048), (8000, 1), (10240, 777)], ids=["first", "after-prefix", "one-row", "ragged"])
+def test_cuda_bf16_cudnn_blocks_match_flash(p0, n, monkeypatch):
+    """Llama-3-8B heads: the blocked cuDNN attention (grouped KV heads read in place, LSE merge) equals the
+    flash path within bf16 rounding, on cache-like views with NaN rows past T."""
+    q, k, v = _qkv(1, 32, 8, p0, n, d=128, device="cuda", dtype=torch.bfloat16, spare=256)
+    want = _prefill_attention(q, k, v)
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn-blocks")
+    got = _prefill_attention(q, k, v)
+    assert got.dtype == want.dtype and got.shape == want.shape and not got.isnan().any()
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
