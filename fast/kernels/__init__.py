@@ -20,7 +20,9 @@
   :func:`gemv_qkv_rope` -- the q|k|v projection with RoPE and the KV-cache write in its epilogue
   (matches :func:`gemv_qkv_rope_ref`);
 * :func:`round_pack` -- the integers of a device-driven GLIDE round from the cache length (matches
-  ``FastGlideDrafter._pack``).
+  ``FastGlideDrafter._pack``);
+* :func:`keyed_noise` -- keyed sampling's Gumbel noise in one launch (matches
+  :func:`specdec.shared.keyed.keyed_noise` bit for bit; not yet used by the decoders).
 
 On CPU the kernels run only under the Triton interpreter: set ``TRITON_INTERPRET=1`` *before*
 importing this package (:func:`interpreter_active` tells which mode was picked).
@@ -38,6 +40,7 @@ from .beam import beam_select, beam_topk
 from .gemv import gemv, gemv_qkv_rope, gemv_qkv_rope_ref, gemv_ref, gemv_silu, gemv_silu_ref
 from .kv_compact import compact_kv, compact_kv_ref
 from .round_pack import round_pack, round_pack_ref
+from .keyed import keyed_noise
 from .tree_attention import tree_attention
 from .decode_attention import ancestor_table, decode_attention
 from .rowgemm import row_linear
@@ -63,6 +66,7 @@ __all__ = [
     "greedy_accept_ref",
     "round_pack",
     "round_pack_ref",
+    "keyed_noise",
     "gemv",
     "gemv_qkv_rope",
     "gemv_qkv_rope_ref",
