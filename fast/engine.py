@@ -36,7 +36,8 @@ row, every row's draft padded to the fixed tree size and verified in ONE target 
 [B, ...] cache with per-row prefix lengths (``cache.length_t``), ragged acceptance, every row's
 accepted rows compacted in ONE :func:`specdec.fast.kernels.compact_kv` launch (per-row destinations),
 one host synchronisation per greedy round (the [B, M] argmax). A finished row stays in the batch as a
-masked dummy (its verification rows are scratch) and stops being drafted for and emitted. Drafters
+masked dummy (its verification rows are scratch; its prefix length is 0 for the pass, so its attention
+reads none of its cache) and stops being drafted for and emitted. Drafters
 that build device trees (GLIDE) draft row by row, each on its row of the batch cache, and join the ONE
 batched verification; their trees are read back with the round's argmax (the fused single-graph round
 and run-ahead of a batch of one are not used for B > 1). With the decode phase's
@@ -296,6 +297,12 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
             positions[b] = tt.depth + lengths[b]
             masks[b] = tt.mask[0]
         cache.length = max(lengths)
+        # A finished row's dummy roots see only themselves: its prefix length is 0 for this pass, so the
+        # attention reads none of its cache (they write rows [0, T) of it, which nothing reads again), and a
+        # finished row costs only its T GEMM rows. The lengths are put back after the round.
+        finished_rows = [b for b in range(B) if b not in drafts]
+        if finished_rows:
+            cache.length_t[finished_rows] = 0
         logits = run_step(target, cache, node_tokens, positions, masks)      # [B, T, V]
         num += 1
         amax = torch.argmax(logits, dim=-1).tolist() if params.greedy else None   # the round's one read-back

@@ -163,3 +163,29 @@ def test_fast_magicdec_batch_drafts_every_row_in_one_pass_per_step(pair, monkeyp
     assert passes and set(passes) == {len(PROMPTS)}, passes   # every draft pass carries the whole batch
     rounds = len(seen["fast"]) // len(PROMPTS)
     assert len(passes) <= 3 * (rounds + 1), (len(passes), rounds)   # gamma passes per round, not gamma x B
+
+
+def test_fast_finished_rows_read_none_of_their_cache(pair, monkeypatch):
+    """A row that finished early stays in the batch as dummy roots with prefix length 0 (its attention reads
+    no cache rows; masking at near-zero cost), the others keep theirs, and every row still equals vanilla."""
+    import specdec.fast.engine as engine
+
+    target, ftarget = pair
+    ids, lengths = _padded(PROMPTS)
+    alone = [ref.vanilla_generate(target, [p], None, max_gen_len=8, eos_id=[]).output_ids for p in PROMPTS]
+    others = {int(t) for b in (0, 1, 3) for t in alone[b][0]}
+    stop = next(j for j in range(1, 4) if int(alone[2][0, j]) not in others)   # a token only row 2 emits
+    kw = dict(max_gen_len=8, eos_id=[int(alone[2][0, stop])])          # row 2 stops early, the others run on
+    prefixes = []
+    real = engine.run_step
+
+    def recording(fm, cache, *a, **k):
+        prefixes.append(cache.length_t.tolist())
+        return real(fm, cache, *a, **k)
+
+    monkeypatch.setattr(engine, "run_step", recording)
+    got = fast.pld_generate(ftarget, ids, lengths, num_pred_tokens=3, **kw)
+    assert torch.equal(got.output_ids, ref.vanilla_generate(target, ids, lengths, **kw).output_ids)
+    assert got.row_lengths[2] <= stop + 1 < 8 == min(got.row_lengths[b] for b in (0, 1, 3))
+    assert all(x > 0 for x in prefixes[0])                            # the first round: every row running
+    assert any(p[2] == 0 and all(p[b] > 0 for b in (0, 1, 3)) for p in prefixes)   # row 2 done, reads nothing
