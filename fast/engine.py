@@ -187,6 +187,13 @@ class FastDrafter(abc.ABC):
         """The device-driven rounds this drafter offers after a fused round, or None."""
         return None
 
+    @property
+    def reads_last_logits(self) -> bool:
+        """Whether :meth:`propose` reads ``state.last_logits`` (the root's full target logits). When no drafter
+        does, a greedy round under tensor parallelism takes its argmax across the vocabulary shards without
+        gathering the logits (``last_logits`` is then None)."""
+        return False
+
     @classmethod
     def propose_rows(cls, drafters: list["FastDrafter"], rows: list[int], states: list[RoundState],
                      cache: StaticKVCache) -> list[Draft]:
@@ -204,6 +211,10 @@ class _HostDrafter(FastDrafter):
 
     def propose(self, state: RoundState) -> Draft:
         return self.drafter.propose(state)
+
+    @property
+    def reads_last_logits(self) -> bool:
+        return bool(getattr(self.drafter, "reads_last_logits", False))
 
 
 def as_fast_drafter(drafter) -> FastDrafter:
@@ -274,6 +285,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         return len(emitted[b]) >= max_gen_len or bool(eos & set(emitted[b]))
 
     eye = torch.eye(T, dtype=torch.bool, device=dev)
+    tp_local = target.tp is not None and params.greedy and not any(d.reads_last_logits for d in drafters)  # as B = 1
     t1 = time.perf_counter()
     active = [b for b in range(B) if not finished(b)]
     while active:
@@ -303,9 +315,12 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         finished_rows = [b for b in range(B) if b not in drafts]
         if finished_rows:
             cache.length_t[finished_rows] = 0
-        logits = run_step(target, cache, node_tokens, positions, masks)      # [B, T, V]
+        logits = run_step(target, cache, node_tokens, positions, masks, gather=not tp_local)   # [B, T, V (or V')]
         num += 1
-        amax = torch.argmax(logits, dim=-1).tolist() if params.greedy else None   # the round's one read-back
+        if params.greedy:                                                    # the round's one read-back
+            amax = (target.tp.argmax(logits, target.config.vocab_size) if tp_local else torch.argmax(logits, dim=-1)).tolist()
+        else:
+            amax = None
         # 3. Accept per row; 4. compact every row's accepted rows in one launch; 5. emit.
         src = torch.zeros(B, T, dtype=torch.int32)
         n_acc = torch.zeros(B, dtype=torch.int32)
@@ -331,7 +346,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
             spec[b] += [True] * len(accepted) + [False]
             tokens[b] += accepted + [next_token]
             accept_lengths[b].append(len(accepted) + 1)
-            last_logits[b] = logits[b, path[-1]]
+            last_logits[b] = None if tp_local else logits[b, path[-1]]
             if on_round is not None:
                 on_round(RoundRecord(Draft(torch.tensor(draft_tokens), tree, draft.q), path, next_token, b))
         from specdec.fast import kernels as K
@@ -586,6 +601,9 @@ def run_speculative_fast(
     sync(dev)
     prefill_time = time.perf_counter() - t0
 
+    # Greedy under tensor parallelism: acceptance needs only the argmax, taken across the vocabulary shards
+    # (tp.argmax: one 8-byte key per row crosses the ranks), unless the drafter reads the root's logits.
+    tp_local = target.tp is not None and params.greedy and not drafter.reads_last_logits
     t1 = time.perf_counter()
     while not out_.done(max_gen_len, eos):
         L = cache.length
@@ -608,19 +626,20 @@ def run_speculative_fast(
             node_tokens = torch.zeros(tree_size, dtype=torch.long, device=dev)
             node_tokens[:m] = draft.tokens.to(dev)
         # 2. Verify all nodes (padded to tree_size) in one graph-replayed pass.
-        logits = run_step(target, cache, node_tokens[None], (tt.depth + L)[None], tt.mask)[0]
+        logits = run_step(target, cache, node_tokens[None], (tt.depth + L)[None], tt.mask, gather=not tp_local)[0]
         num += 1
         # 3. Accept.
         if params.greedy:
             # 3-4 on the device (one graph replay on CUDA): accept, then compact the KV of every layer.
             inputs = dict(logits=logits, node_tokens=node_tokens, parents=tt.parents, depth=tt.depth,
                           ancestor=tt.ancestor, valid=tt.valid)
-            key = ("accept", id(cache), tree_size)
+            sharded = dict(tp=target.tp, vocab_size=target.config.vocab_size) if tp_local else {}
+            key = ("accept", id(cache), tree_size, tp_local)
             fn = target.graphs.get(key)
             if fn is None and target.use_graphs:
                 with cache.restored_tree_rows(tree_size):  # capturing runs the function (twice to warm up)
-                    fn = target.graphs[key] = CapturedFn(lambda **kw: accept_and_compact(cache, **kw), inputs)
-            packed_t = fn(**inputs) if fn is not None else accept_and_compact(cache, **inputs)
+                    fn = target.graphs[key] = CapturedFn(lambda **kw: accept_and_compact(cache, **kw, **sharded), inputs)
+            packed_t = fn(**inputs) if fn is not None else accept_and_compact(cache, **inputs, **sharded)
             # the one host synchronisation of the round: accepted node, next token, its path, the draft
             next_token, path, draft_tokens, parents = _read_packed(packed_t.tolist(), tree_size, m)
             cache.length = L + len(path)  # the device mirror was advanced by accept_and_compact
@@ -633,7 +652,7 @@ def run_speculative_fast(
             commit(cache, None if contiguous else torch.tensor([path], dtype=torch.int32, device=dev), len(path))
         # 5. Emit.
         out_.round(draft_tokens, parents, path, next_token, draft.q)
-        last_logits = logits[path[-1]]
+        last_logits = None if tp_local else logits[path[-1]]
     sync(dev)
     elapsed = time.perf_counter() - t1
     return GenerationResult.from_rounds(out_.emitted, out_.spec, eos, max_gen_len, num, elapsed, prefill_time, out_.accept_lengths)

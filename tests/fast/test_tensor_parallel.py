@@ -109,9 +109,8 @@ def _check_reductions(tp) -> None:
             assert torch.equal(g, w)
 
 
-def _check_vanilla_argmax_is_sharded(fast, fm, tp, kw, want) -> None:
-    """Greedy vanilla under TP takes each step's argmax across the vocabulary shards: the logits are
-    gathered once (the prefill's), tp.argmax runs once per later token, and the tokens are unchanged."""
+def _count_tp_calls(tp, fn):
+    """``(fn(), {"argmax": n, "all_gather_last": n})``: how often ``fn`` took a sharded argmax and gathered logits."""
     cls = type(tp)   # a frozen dataclass: count the calls on the class for this one run
     calls = {"argmax": 0, "all_gather_last": 0}
     real = {name: getattr(cls, name) for name in calls}
@@ -125,12 +124,30 @@ def _check_vanilla_argmax_is_sharded(fast, fm, tp, kw, want) -> None:
     for name in calls:
         setattr(cls, name, counted(name))
     try:
-        got = fast.vanilla_generate(fm, **kw).output_ids
+        return fn(), calls
     finally:
         for name in calls:
             setattr(cls, name, real[name])
-    assert calls == {"argmax": NEW - 1, "all_gather_last": 1}, calls
-    assert torch.equal(got, want)
+
+
+def _check_greedy_argmax_is_sharded(fast, fm, tp, draft, kw, out) -> None:
+    """Greedy decoding under TP takes each pass's argmax across the vocabulary shards: the logits are gathered
+    only by the prefill (once per prompt row) -- vanilla's steps, and the verifications of the drafters that
+    do not read the root's logits (PLD, a draft model; one prompt and a batch) -- and the tokens are unchanged.
+    LogitSpec reads the root's full logits, so its verifications keep gathering them."""
+    runs = {
+        "vanilla": (lambda: fast.vanilla_generate(fm, **kw).output_ids, 1),
+        "pld": (lambda: fast.pld_generate(fm, num_pred_tokens=4, **kw).output_ids, 1),
+        "speculative": (lambda: fast.speculative_generate(fm, draft, gamma=3, **kw).output_ids, 1),
+        "pld batch": (lambda: fast.pld_generate(fm, BATCH, None, num_pred_tokens=4, max_gen_len=kw["max_gen_len"],
+                                                eos_id=[]).output_ids, len(BATCH)),
+    }
+    for name, (run, prefills) in runs.items():
+        got, calls = _count_tp_calls(tp, run)
+        assert calls["all_gather_last"] == prefills and calls["argmax"] >= 1, (name, calls)
+        assert torch.equal(got, out[name]), name
+    got, calls = _count_tp_calls(tp, lambda: fast.logitspec_generate(fm, draft_tree_capacity=8, num_pred_tokens=4, **kw))
+    assert calls["all_gather_last"] > 1 and torch.equal(got.output_ids, out["logitspec"]), calls
 
 
 def _rank_main(rank: int, world: int, init_file: str, out_dir: str, keep: list[int]) -> None:
@@ -157,7 +174,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, keep: list[i
         kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=NEW, eos_id=[])
         out = {name: run(fm, kw).output_ids for name, run in _decoders(fast, draft, glides, trees).items()
                if name != "vanilla keyed"}
-        _check_vanilla_argmax_is_sharded(fast, fm, tp, kw, out["vanilla"])
+        _check_greedy_argmax_is_sharded(fast, fm, tp, draft, kw, out)
         lsg = fast.Qwen2Glide(None, os.path.join(out_dir, "target"), os.path.join(out_dir, "glide"), dtype=torch.float32,
                               device="cpu", window=8, tp=tp)     # LongSpec's class, each rank loading its slice
         assert lsg.target.tp is tp and lsg.glide.tp is tp
