@@ -65,7 +65,7 @@ from specdec.shared.sampling import SamplingParams
 from specdec.shared.tree import Tree
 from specdec.shared.validate import check_generator
 
-__all__ = ["run_speculative_fast", "verify_and_accept", "FastDrafter", "RunAhead", "FusedRound", "DeviceTree",
+__all__ = ["run_speculative_fast", "verify_and_accept", "FastDrafter", "HostDrafter", "RunAhead", "FusedRound", "DeviceTree",
            "TreeTensors", "tree_tensors", "check_drafts_fit"]
 
 
@@ -203,18 +203,22 @@ class FastDrafter(abc.ABC):
         return [d.propose(st) for d, st in zip(drafters, states)]
 
 
-class _HostDrafter(FastDrafter):
-    """A :class:`specdec.shared.round.Drafter` (``propose`` only) seen as a :class:`FastDrafter`."""
+class HostDrafter(FastDrafter):
+    """A :class:`specdec.shared.round.Drafter` (``propose`` only) seen as a :class:`FastDrafter`.
 
-    def __init__(self, drafter):
+    ``reads_last_logits``: whether its ``propose`` reads ``state.last_logits``; a plain Drafter may, so the
+    default is True -- a caller that knows its drafter does not (PLD) says so."""
+
+    def __init__(self, drafter, reads_last_logits: bool = True):
         self.drafter = drafter
+        self._reads_last_logits = reads_last_logits
 
     def propose(self, state: RoundState) -> Draft:
         return self.drafter.propose(state)
 
     @property
     def reads_last_logits(self) -> bool:
-        return bool(getattr(self.drafter, "reads_last_logits", False))
+        return self._reads_last_logits
 
 
 def as_fast_drafter(drafter) -> FastDrafter:
@@ -223,7 +227,7 @@ def as_fast_drafter(drafter) -> FastDrafter:
         return drafter
     if not isinstance(drafter, Drafter):
         raise TypeError(f"a drafter must implement propose(state) -> Draft, got {type(drafter).__name__}")
-    return _HostDrafter(drafter)
+    return HostDrafter(drafter)
 
 
 def _drafters_per_row(drafter, batch: int, method: str) -> list:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.fast.engine import check_drafts_fit, run_speculative_fast
+from specdec.fast.engine import HostDrafter, check_drafts_fit, run_speculative_fast
 from specdec.fast.model import as_fast_model
 from specdec.shared.ngram import check_ngram_args
 from specdec.shared.result import GenerationResult
@@ -36,6 +36,6 @@ def pld_generate(
     check_ngram_args(max_ngram_size, num_pred_tokens)
     check_drafts_fit("num_pred_tokens", num_pred_tokens)
     fm = as_fast_model(target)
-    return run_speculative_fast(fm, lambda: PromptLookupDrafter(max_ngram_size, num_pred_tokens), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
+    return run_speculative_fast(fm, lambda: HostDrafter(PromptLookupDrafter(max_ngram_size, num_pred_tokens), reads_last_logits=False), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p,
                                 generator, method="prompt lookup decoding", tree_size=num_pred_tokens + 1,
                                 sampling=sampling, seed=seed)

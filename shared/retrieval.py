@@ -49,8 +49,6 @@ def guess_branch_length(rank: int) -> int:
 class LogitSpecDrafter:
     """Draft trees from the n-gram pool and the last logit's next-next-token guesses."""
 
-    reads_last_logits = True   # the guesses rank the root's full target logits (fast engine: keep them gathered)
-
     def __init__(self, max_ngram_size: int = 3, num_pred_tokens: int = 20, draft_tree_capacity: int = 64) -> None:
         self.pool = NgramPool(max_ngram_size, num_pred_tokens)
         self.capacity = draft_tree_capacity
