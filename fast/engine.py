@@ -248,6 +248,13 @@ def _drafters_per_row(drafter, batch: int, method: str) -> list:
     raise TypeError(f"drafter must be a drafter (propose(state)), a list of them or a factory, got {type(drafter).__name__}")
 
 
+def _sharded_greedy(target: FastModel, params: SamplingParams, drafters: list[FastDrafter]) -> bool:
+    """Whether this call's verifications keep the logits sharded: greedy under tensor parallelism needs only the
+    argmax, taken across the vocabulary shards (tp.argmax: one 8-byte key per row crosses the ranks), unless a
+    drafter reads the root's full logits."""
+    return target.tp is not None and params.greedy and not any(d.reads_last_logits for d in drafters)
+
+
 def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_len: int, eos: set[int],
                params: SamplingParams, generator, method: str, tree_size: int, first_target: bool,
                skip_sample_adjustment: bool, on_round) -> GenerationResult:
@@ -289,7 +296,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         return len(emitted[b]) >= max_gen_len or bool(eos & set(emitted[b]))
 
     eye = torch.eye(T, dtype=torch.bool, device=dev)
-    tp_local = target.tp is not None and params.greedy and not any(d.reads_last_logits for d in drafters)  # as B = 1
+    tp_local = _sharded_greedy(target, params, drafters)
     t1 = time.perf_counter()
     active = [b for b in range(B) if not finished(b)]
     while active:
@@ -605,9 +612,7 @@ def run_speculative_fast(
     sync(dev)
     prefill_time = time.perf_counter() - t0
 
-    # Greedy under tensor parallelism: acceptance needs only the argmax, taken across the vocabulary shards
-    # (tp.argmax: one 8-byte key per row crosses the ranks), unless the drafter reads the root's logits.
-    tp_local = target.tp is not None and params.greedy and not drafter.reads_last_logits
+    tp_local = _sharded_greedy(target, params, [drafter])
     t1 = time.perf_counter()
     while not out_.done(max_gen_len, eos):
         L = cache.length

@@ -527,7 +527,9 @@ def power_of_two_blocks(length: int) -> list[tuple[int, int]]:
 def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Softmax attention over the union of disjoint key blocks, from each block's ``(out, lse)``: ``out``
     [..., n, D] normalised over that block's keys, ``lse`` [..., n] the natural log-sum-exp of its scaled
-    scores. Returns fp32 ``sum_i exp(lse_i - L) out_i`` with ``L = logsumexp_i lse_i``."""
+    scores. Returns fp32 ``sum_i exp(lse_i - L) out_i`` with ``L = logsumexp_i lse_i`` -- what
+    :func:`specdec.ref.attention.merge_attention` gives folded pairwise over the blocks (every block here has
+    at least one visible key per row, so no -inf case arises)."""
     lse = torch.stack([l for _, l in parts]).logsumexp(dim=0)
     out = None
     for o, l in parts:
