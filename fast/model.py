@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -497,17 +498,31 @@ def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bo
     return False, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-PREFILL_ATTENTION_CHOICES = ("flash", "cudnn-blocks")
+PREFILL_ATTENTION_CHOICES = ("auto", "flash", "cudnn-blocks")
+_CUDNN_UNUSABLE: set[tuple] = set()   # (device index, dtype, head dim) where "auto" saw cuDNN refuse the inputs
 
 
 def prefill_attention_mode() -> str:
-    """How CUDA fp16/bf16 prefills run their attention: ``SPECDEC_PREFILL_ATTENTION`` = ``flash`` (default:
-    one flash call per chunk, bottom-right causal) or ``cudnn-blocks`` (:func:`_prefill_attention_blocks` on
-    cuDNN; measured faster in BENCHMARKS "attention designs for the prefill", not yet the default)."""
-    mode = os.environ.get("SPECDEC_PREFILL_ATTENTION", "flash")
+    """How CUDA fp16/bf16 prefills run their attention: ``SPECDEC_PREFILL_ATTENTION`` =
+
+    * ``auto`` (default): ``cudnn-blocks`` on a Hopper-or-newer GPU with cuDNN (measured there: 1.50 vs
+      1.57 s TTFT at 32k, 11.2 vs 16.1 s at 128k, BENCHMARKS "Long-context prefill"), ``flash`` elsewhere,
+      and ``flash`` from then on for inputs cuDNN refuses (one warning);
+    * ``flash``: one flash call per chunk, bottom-right causal;
+    * ``cudnn-blocks``: :func:`_prefill_attention_blocks` on cuDNN, errors raised as they come."""
+    mode = os.environ.get("SPECDEC_PREFILL_ATTENTION", "auto")
     if mode not in PREFILL_ATTENTION_CHOICES:
         raise ValueError(f"SPECDEC_PREFILL_ATTENTION must be one of {PREFILL_ATTENTION_CHOICES}, got {mode!r}")
     return mode
+
+
+def _use_cudnn_blocks(q: torch.Tensor) -> bool:
+    """Whether this CUDA fp16/bf16 chunk runs :func:`_prefill_attention_blocks` (:func:`prefill_attention_mode`)."""
+    mode = prefill_attention_mode()
+    if mode != "auto":
+        return mode == "cudnn-blocks"
+    return (torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and (q.device.index, q.dtype, q.shape[-1]) not in _CUDNN_UNUSABLE)
 
 
 def power_of_two_blocks(length: int) -> list[tuple[int, int]]:
@@ -591,8 +606,9 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     Where a repeat is needed it is per layer and chunk: it cannot be shared by a chunk's layers, since
     each layer has its own K/V and its chunk rows exist only once that layer has written them.
 
-    With ``SPECDEC_PREFILL_ATTENTION=cudnn-blocks`` (:func:`prefill_attention_mode`), CUDA fp16/bf16 runs
-    :func:`_prefill_attention_blocks` on cuDNN instead (opt-in until its TTFT is measured in the library).
+    By default on a Hopper-or-newer GPU (:func:`prefill_attention_mode`: ``auto``), CUDA fp16/bf16 runs
+    :func:`_prefill_attention_blocks` on cuDNN instead -- the same attention within bf16 rounding, measured
+    faster (docs/design.md §8); ``SPECDEC_PREFILL_ATTENTION=flash`` keeps the flash call above.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k and v must be 4-D [B, H, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -605,8 +621,15 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
         raise ValueError(f"q's head count ({hq}) must be a multiple of k's ({hkv})")
     if not 1 <= n <= t:
         raise ValueError(f"q must hold 1 <= n <= T query rows, the last n of k's T = {t} positions; got n = {n}")
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and prefill_attention_mode() == "cudnn-blocks":
-        return _prefill_attention_blocks(q, k, v, _cudnn_attend)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _use_cudnn_blocks(q):
+        try:
+            return _prefill_attention_blocks(q, k, v, _cudnn_attend)
+        except RuntimeError as err:                    # cuDNN has no kernel for these inputs
+            if prefill_attention_mode() != "auto":
+                raise
+            _CUDNN_UNUSABLE.add((q.device.index, q.dtype, q.shape[-1]))
+            warnings.warn(f"prefill: cuDNN attention refused {q.dtype} head dim {q.shape[-1]} on {q.device} "
+                          f"({str(err).splitlines()[0][:120]}); using flash attention for these from now on")
     bias = causal_lower_right(n, t)
     flash, backends = _prefill_sdpa(q, k, v)
     gqa = hq != hkv

@@ -53,8 +53,8 @@
 # GLIDE_LONG_MIN=2, TARGET_STEPS/DRAFT_STEPS/GLIDE_SHORT_STEPS/GLIDE_LONG_STEPS (0: from the minutes),
 # EVAL_TOKENS=262144 (held-out tokens per source evaluated during training; `eval` uses all),
 # TARGET_ARCH/DRAFT_ARCH (JSON overrides of the shapes; the 24 MiB budget leaves ~0.6M parameters of room),
-# DEVICE (default: cuda if available). $OUT (the device's return folder), when set, receives a copy of
-# everything under $RUN except the token streams, at $OUT/retrain.
+# DEVICE (default: cuda if available). $OUT (the device's return folder), when set, receives everything
+# under $RUN except the token streams and ship/ as one tar in 15 MiB parts, $OUT/retrain_state.tar.partNN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -98,11 +98,12 @@ done
 [ ${#stages[@]} -gt 0 ] || { echo "usage: scripts/retrain_default.sh [--install] STAGE... (--help)" >&2; exit 2; }
 mkdir -p "$RUN/logs"
 
-mirror() {  # copy $RUN (without the token streams) to $OUT/retrain, when the device gave us an $OUT
+mirror() {  # pack $RUN (without the token streams and the staged ship) into $OUT, when the device gave us one
+  # The device returns at most 8 files of <= 16 MiB, <= 2 folders down: one tar in 15 MiB parts.
+  # Unpack here with: cat <files_at>/retrain_state.tar.part* | tar -C runs/retrain -xf -
   [ -n "${OUT:-}" ] || return 0
-  mkdir -p "$OUT/retrain"
-  (cd "$RUN" && find . -type f ! -name '*.pt' -print0 | while IFS= read -r -d '' f; do
-     mkdir -p "$OUT/retrain/$(dirname "$f")"; cp "$f" "$OUT/retrain/$f"; done)
+  rm -f "$OUT"/retrain_state.tar.part*
+  tar -C "$RUN" --exclude='*.pt' --exclude=./ship -cf - . | split -b 15m -d -a 2 - "$OUT/retrain_state.tar.part"
 }
 
 step() {  # step NAME CMD...: run, log to $RUN/logs/NAME.log, mirror
@@ -117,6 +118,7 @@ step() {  # step NAME CMD...: run, log to $RUN/logs/NAME.log, mirror
 stdlib_root() {
   if [ -n "${STDLIB_ROOT:-}" ]; then echo "$STDLIB_ROOT"
   elif [ -d runs/stdlib_py311 ]; then echo runs/stdlib_py311
+  elif [ -f runs/stdlib_py311.tar.xz ]; then tar -C runs -xJf runs/stdlib_py311.tar.xz && echo runs/stdlib_py311
   else
     echo "WARNING: no runs/stdlib_py311 (run 'prep' on the CPU machine and carry it): using this interpreter's" \
          "stdlib; its held-out set is not the 29 files today's 1.745 was measured on" >&2
@@ -153,7 +155,9 @@ install_ship() {  # install_ship DIR: replace shared/assets/default/{target,draf
 for st in "${stages[@]}"; do
   case "$st" in
     prep)
-      $PY scripts/default_corpus.py export runs/stdlib_py311 ;;
+      $PY scripts/default_corpus.py export runs/stdlib_py311
+      # 31 MB of sources -> ~5 MB to carry (the device call's working tree is limited to 64 MiB)
+      tar -C runs -cf - stdlib_py311 | xz -T0 -6 > runs/stdlib_py311.tar.xz ;;
     setup)
       step setup $PY -m pip install -q --no-build-isolation --no-deps -e . ;;
     corpus)

@@ -5,7 +5,8 @@
 
 Covers :func:`specdec.fast.kernels.decode_attention` (a tree straddling a tile and a split boundary,
 a ragged batch, head dims 80 and 256, K/V as views of a larger cache) and
-:func:`specdec.fast.kernels.row_linear` (plain, norm + residual, SwiGLU, a fixed K split), then one
+:func:`specdec.fast.kernels.row_linear` (plain, norm + residual, SwiGLU, a fixed K split),
+:func:`specdec.fast.kernels.keyed.keyed_noise` (issue 22), then one
 decode step of a tiny model end to end. Prints one line per case; the sanitizer prints its summary.
 """
 
@@ -51,6 +52,15 @@ def main() -> None:
             y = row_linear(x, w, config=cfg, **args)
             torch.cuda.synchronize()
             print(f"row_linear n={n} k={k_} {kw} config={cfg}: finite={bool(torch.isfinite(y).all())}")
+    # the keyed-noise kernel (issue 22): a vocabulary over one block and not a multiple of it, token ids
+    from specdec.fast.kernels.keyed import keyed_noise
+    from specdec.shared.keyed import sequence_key
+
+    pos = torch.randint(0, 2**31 - 1, (37,), generator=g).to(dev)
+    for vocab, ids in ((1500, None), (128256, None), (4096, torch.tensor([0, 3, 4095, 77, 2**33 + 1], device=dev))):
+        noise = keyed_noise(sequence_key(5, 1), pos, vocab, token_ids=ids)
+        torch.cuda.synchronize()
+        print(f"keyed_noise V={vocab} ids={ids is not None}: finite={bool(torch.isfinite(noise).all())}")
     # one tiny model: prefill, a 5-node tree verification, a one-token step
     from specdec.fast.model import as_fast_model, prefill, step_forward
     from specdec.shared.weights import model_from_hf

@@ -279,9 +279,10 @@ def test_blocked_prefill_attention_equals_masked_softmax(hq, hkv, p0, n):
 def test_prefill_attention_mode_is_checked(monkeypatch):
     from specdec.fast.model import prefill_attention_mode
 
-    assert prefill_attention_mode() == "flash"
+    monkeypatch.delenv("SPECDEC_PREFILL_ATTENTION", raising=False)
+    assert prefill_attention_mode() == "auto"
     monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn")
-    with pytest.raises(ValueError, match=r"SPECDEC_PREFILL_ATTENTION must be one of \('flash', 'cudnn-blocks'\)"):
+    with pytest.raises(ValueError, match=r"SPECDEC_PREFILL_ATTENTION must be one of \('auto', 'flash', 'cudnn-blocks'\)"):
         prefill_attention_mode()
 
 
@@ -291,8 +292,35 @@ def test_cuda_bf16_cudnn_blocks_match_flash(p0, n, monkeypatch):
     """Llama-3-8B heads: the blocked cuDNN attention (grouped KV heads read in place, LSE merge) equals the
     flash path within bf16 rounding, on cache-like views with NaN rows past T."""
     q, k, v = _qkv(1, 32, 8, p0, n, d=128, device="cuda", dtype=torch.bfloat16, spare=256)
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "flash")
     want = _prefill_attention(q, k, v)
     monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn-blocks")
     got = _prefill_attention(q, k, v)
     assert got.dtype == want.dtype and got.shape == want.shape and not got.isnan().any()
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_auto_falls_back_to_flash_when_cudnn_refuses(monkeypatch):
+    """``auto`` (the default): cuDNN refusing the inputs costs one warning and the flash result, every time
+    after that too; an explicit ``cudnn-blocks`` raises instead."""
+    import specdec.fast.model as fmod
+
+    q, k, v = _qkv(1, 8, 2, 300, 64, d=64, device="cuda", dtype=torch.bfloat16, spare=16)
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "flash")
+    want = _prefill_attention(q, k, v)
+
+    def refuse(*args):
+        raise RuntimeError("cuDNN Frontend error: no valid execution plans built")
+
+    monkeypatch.setattr(fmod, "_cudnn_attend", refuse)
+    monkeypatch.setattr(fmod, "_CUDNN_UNUSABLE", set())
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn-blocks")
+    with pytest.raises(RuntimeError, match="no valid execution plans"):
+        _prefill_attention(q, k, v)
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "auto")
+    if torch.cuda.get_device_capability()[0] >= 9:
+        with pytest.warns(UserWarning, match="cuDNN attention refused torch.bfloat16 head dim 64"):
+            got = _prefill_attention(q, k, v)
+        assert torch.equal(got, want)
+    assert torch.equal(_prefill_attention(q, k, v), want)     # no second try, no second warning
