@@ -49,7 +49,9 @@
 #
 # Environment (defaults): RUN=runs/retrain, STDLIB_ROOT=runs/stdlib_py311 if present (else this
 # interpreter's stdlib, with a warning: then the stdlib held-out set is not today's 29 files),
-# SOURCES=stdlib,packages, SEQ=8192, MAXPOS=8192, TARGET_MIN=6, DRAFT_MIN=2, GLIDE_SHORT_MIN=2.5,
+# SOURCES=stdlib,packages, STDLIB_REPEAT=1 (the stdlib's training stream this many times in the mixture:
+# session 12's run with 1 had the stdlib at 7.5 % and lost 0.2-0.4 nats on its held-out files), SEQ=8192,
+# MAXPOS=8192, TARGET_MIN=6, DRAFT_MIN=2, GLIDE_SHORT_MIN=2.5,
 # GLIDE_LONG_MIN=2, TARGET_STEPS/DRAFT_STEPS/GLIDE_SHORT_STEPS/GLIDE_LONG_STEPS (0: from the minutes),
 # EVAL_TOKENS=262144 (held-out tokens per source evaluated during training; `eval` uses all),
 # TARGET_ARCH/DRAFT_ARCH (JSON overrides of the shapes; the 24 MiB budget leaves ~0.6M parameters of room),
@@ -60,6 +62,7 @@ cd "$(dirname "$0")/.."
 
 RUN=${RUN:-runs/retrain}
 SOURCES=${SOURCES:-stdlib,packages}
+STDLIB_REPEAT=${STDLIB_REPEAT:-1}
 SEQ=${SEQ:-8192}
 MAXPOS=${MAXPOS:-8192}
 TARGET_MIN=${TARGET_MIN:-6}
@@ -161,7 +164,8 @@ for st in "${stages[@]}"; do
     setup)
       step setup $PY -m pip install -q --no-build-isolation --no-deps -e . ;;
     corpus)
-      step corpus $TD pack --tokenizer "$TOK" --out "$RUN/data" --sources "$SOURCES" --stdlib-root "$(stdlib_root)"
+      step corpus $TD pack --tokenizer "$TOK" --out "$RUN/data" --sources "$SOURCES" --stdlib-root "$(stdlib_root)" \
+        --stdlib-repeat "$STDLIB_REPEAT"
       $PY -c "import json; m = json.load(open('$RUN/data/manifest.json')); t = (m.get('packages') or {}).get('totals');
 print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']), 'packages', t); print(json.dumps(m['tokens']))" ;;
     target)

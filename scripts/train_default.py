@@ -158,14 +158,18 @@ def _stats(n_files: int, nbytes: int, stream: torch.Tensor) -> dict:
 
 
 def pack(tokenizer: str, out: str, root: str | None = None, sources: str | list[str] = "stdlib",
-         dists=None, max_train_mb: float = 0.0) -> dict:
+         dists=None, max_train_mb: float = 0.0, stdlib_repeat: int = 1) -> dict:
     """Tokenize the selected sources into ``out``: ``train.pt``, ``heldout.pt`` (stdlib first, then
     packages), ``heldout_<source>.pt`` per source, ``meta.json`` and ``manifest.json``. ``root``: the stdlib
     tree (default this interpreter's); ``dists``: the distributions for ``packages`` (default the
-    installed ones); ``max_train_mb``: cap on the packages' training bytes (0: none). Returns meta."""
+    installed ones); ``max_train_mb``: cap on the packages' training bytes (0: none); ``stdlib_repeat``: the
+    stdlib's training stream appears that many times in ``train.pt`` (its weight in the random windows of a
+    mixture; held-out streams are never repeated). Returns meta."""
     sources = default_corpus.parse_sources(sources)
     if max_train_mb < 0:
         raise ValueError(f"--max-train-mb: got {max_train_mb}; expected 0 (no cap) or a positive number of MB")
+    if isinstance(stdlib_repeat, bool) or not isinstance(stdlib_repeat, int) or not 1 <= stdlib_repeat <= 100:
+        raise ValueError(f"--stdlib-repeat: got {stdlib_repeat!r}; expected an int in [1, 100]")
     root = root or default_corpus.stdlib_root()
     tok = load_hf_tokenizer(tokenizer)
     os.makedirs(out, exist_ok=True)
@@ -201,7 +205,7 @@ def pack(tokenizer: str, out: str, root: str | None = None, sources: str | list[
         for name, texts in (("train", tr_texts), ("heldout", he_texts)):
             st = encode_stream(tok, texts)
             nbytes = sum(len(t.encode("utf-8")) for t in texts)
-            streams[name].append(st)
+            streams[name].append(st.repeat(stdlib_repeat) if (src, name) == ("stdlib", "train") else st)
             totals[name][0] += len(texts)
             totals[name][1] += nbytes
             per_source[src][name] = _stats(len(texts), nbytes, st)
@@ -217,8 +221,10 @@ def pack(tokenizer: str, out: str, root: str | None = None, sources: str | list[
         log(f"{name}: {meta[name]['files']} files, {totals[name][1] / 1e6:.2f} MB, {st.numel() / 1e6:.3f}M tokens "
             f"({meta[name]['bytes_per_token']} bytes/token)")
     meta["sources"] = sources
+    meta["stdlib_repeat"] = stdlib_repeat
     meta["per_source"] = per_source
     manifest["tokens"] = per_source
+    manifest["stdlib_repeat"] = stdlib_repeat
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     with open(os.path.join(out, "manifest.json"), "w") as f:
@@ -639,6 +645,8 @@ def main(argv=None) -> None:
     s.add_argument("--stdlib-root", default=None, help="the stdlib tree to use (default this interpreter's; "
                    "e.g. a copy from `python scripts/default_corpus.py export DIR`)")
     s.add_argument("--max-train-mb", type=float, default=0.0, help="cap on the packages' training MB (0: none)")
+    s.add_argument("--stdlib-repeat", type=int, default=1, help="the stdlib's training stream this many times in the "
+                   "mixture (1-100; default 1)")
     s = sub.add_parser("lm", help="train the target and the draft LM")
     s.add_argument("--data", default="runs/default_data")
     s.add_argument("--tokenizer", default="shared/assets/default/target")
@@ -694,7 +702,8 @@ def main(argv=None) -> None:
     if args.cmd == "tokenizer":
         train_tokenizer(args.vocab, args.out)
     elif args.cmd == "pack":
-        pack(args.tokenizer, args.out, root=args.stdlib_root, sources=args.sources, max_train_mb=args.max_train_mb)
+        pack(args.tokenizer, args.out, root=args.stdlib_root, sources=args.sources, max_train_mb=args.max_train_mb,
+             stdlib_repeat=args.stdlib_repeat)
     elif args.cmd == "lm":
         cmd_lm(args)
     elif args.cmd == "glide":

@@ -298,6 +298,25 @@ def test_pack_stdlib_unchanged_and_union(tmp_path, stdlib, td, monkeypatch):
         td.pack(TOKENIZER, str(tmp_path / "d3"), root=stdlib["root"], sources="stdlib,conda")
 
 
+def test_pack_stdlib_repeat_weights_the_mixture(tmp_path, stdlib, td):
+    """``stdlib_repeat=3``: the stdlib's training stream three times, then the packages'; held-out untouched."""
+    old_train, old_held = _old_pack_streams(stdlib["root"])
+    a_rel = _find(lambda r: not dc.is_package_heldout("rrr", r), "rrr/a{}.py")
+    dists = [_dist(tmp_path, "rrr", "0.1", {a_rel: _code("ra")})]
+    out1, out3 = str(tmp_path / "r1"), str(tmp_path / "r3")
+    td.pack(TOKENIZER, out1, root=stdlib["root"], sources="stdlib,packages", dists=dists)
+    meta = td.pack(TOKENIZER, out3, root=stdlib["root"], sources="stdlib,packages", dists=dists, stdlib_repeat=3)
+    t1, t3 = torch.load(os.path.join(out1, "train.pt")), torch.load(os.path.join(out3, "train.pt"))
+    n = old_train.numel()
+    assert torch.equal(t3[: 3 * n], old_train.repeat(3)) and torch.equal(t3[3 * n:], t1[n:])
+    assert torch.equal(torch.load(os.path.join(out3, "heldout.pt")), torch.load(os.path.join(out1, "heldout.pt")))
+    assert meta["stdlib_repeat"] == 3 and meta["train"]["tokens"] == t3.numel()
+    assert json.load(open(os.path.join(out3, "manifest.json")))["stdlib_repeat"] == 3
+    for bad in (0, 101, 2.0, True):
+        with pytest.raises(ValueError, match=r"--stdlib-repeat: got .*; expected an int in \[1, 100\]"):
+            td.pack(TOKENIZER, str(tmp_path / "bad"), root=stdlib["root"], stdlib_repeat=bad)
+
+
 def test_eval_windows(td):
     s = torch.arange(1000)
     assert td.window_starts(s, 100) == [i * 100 for i in range(9)]
