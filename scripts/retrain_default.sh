@@ -25,18 +25,19 @@
 #               (e.g. the one the device returned) without rebuilding it.
 #   all         setup corpus target draft glide eval ship
 #
-# Time budget (the GPU session has 30 min of device time in all, tests included): training is
-# TARGET_MIN 6 + DRAFT_MIN 2 + GLIDE_SHORT_MIN 2.5 + GLIDE_LONG_MIN 2 = 12.5 min; with corpus (~1-2 min),
-# eval (~1 min), acceptance (~2-4 min on the GPU, a guess) and start-up, ~20 min. Each device call may run
-# 10 min at most, so run it as four calls (the machine keeps $RUN between calls while warm):
+# Time budget (the GPU session has 30 min of device time in all): session 12 ran it as three device calls
+# of <= 10 min on one warm H200 (the machine keeps $RUN between calls while warm -- it goes back after 30 s
+# idle, so have each next call ready), 17.7 min of device time with start-up, then `ship` on the CPU:
 #   CPU:      scripts/retrain_default.sh prep
-#   device 1: scripts/retrain_default.sh setup corpus                  (carry: runs/stdlib_py311)
-#   device 2: scripts/retrain_default.sh target                        (~7 min)
-#   device 3: scripts/retrain_default.sh draft glide                   (~8 min)
-#   device 4: scripts/retrain_default.sh eval acceptance ship          (~4-6 min)
-#   CPU:      SHIP_DIR=<returned>/retrain/ship scripts/retrain_default.sh --install ship-only
-# If the machine went cold between calls, rerun `setup corpus` first (packing is deterministic) and carry
-# the returned $RUN/lm (the draft and GLIDE need the target).
+#   device 1: corpus, then target for the rest of the call      (carry: runs/stdlib_py311.tar.xz; 501 s)
+#             scripts/retrain_default.sh corpus; TARGET_MIN=<(545 s - elapsed) / 60 - 0.6> scripts/retrain_default.sh target
+#   device 2: draft glide, the minutes split 0.22 / 0.27 / 0.22 of ~560 s  (433 s)
+#   device 3: eval acceptance                                   (128 s; GPU tests can run beside it)
+#   CPU:      cat <files_at>/retrain_state.tar.part* | tar -C runs/retrain -xf -
+#             scripts/retrain_default.sh ship  (check; with --install it replaces shared/assets/default)
+# Each call returns $RUN (no token streams, no ship/) as $OUT/retrain_state.tar.partNN. If the machine went
+# cold between calls, start the next one with `setup corpus` (packing is deterministic) and carry the
+# unpacked runs/retrain/lm (and glide_*) back: carry replaces those paths there.
 #
 # Token counts, ESTIMATED from the shipped run (H100, 1024-token windows: target 62.8 ms per 32k-token step
 # with evaluations, draft 37 ms, GLIDE 51.8 / 63.9 ms per 16k-token step plain / distilled; see
