@@ -4,7 +4,7 @@
 tokens highlighted on a terminal (from the result's ``spec_mask``) -- and a table of tokens, tau,
 tokens/s and time to first token::
 
-    specdec generate "def fibonacci(n):"                       # GLIDE tree on the embedded default model
+    specdec generate "def read_config(path):"                  # GLIDE tree on the embedded default model
     echo "import os" | specdec generate --method speculative --max-new-tokens 32
     specdec generate --method pld --compare --json "class Stack:"
     specdec generate -t 0.8 --sampling keyed --seed 7 --compare "def f(x):"   # sampled, same tokens as vanilla
