@@ -569,6 +569,23 @@ def _prefill_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return parts[0][0] if len(parts) == 1 else merge_attention(parts).to(q.dtype)
 
 
+def _try_cudnn_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """:func:`_prefill_attention_blocks` on cuDNN when :func:`_use_cudnn_blocks` says so, else None (the caller
+    runs flash). Under ``auto`` a cuDNN refusal (RuntimeError) marks these inputs' (device, dtype, head dim)
+    unusable with one warning and returns None; under an explicit ``cudnn-blocks`` it propagates."""
+    if not _use_cudnn_blocks(q):
+        return None
+    try:
+        return _prefill_attention_blocks(q, k, v, _cudnn_attend)
+    except RuntimeError as err:                    # cuDNN has no kernel for these inputs
+        if prefill_attention_mode() != "auto":
+            raise
+        _CUDNN_UNUSABLE.add((q.device.index, q.dtype, q.shape[-1]))
+        warnings.warn(f"prefill: cuDNN attention refused {q.dtype} head dim {q.shape[-1]} on {q.device} "
+                      f"({str(err).splitlines()[0][:120]}); using flash attention for these from now on")
+        return None
+
+
 def _cudnn_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of :func:`_prefill_attention_blocks` on cuDNN: ``(out [B, Hq, n, D], lse [B, Hq, n] fp32)``.
     Grouped KV heads are read as they are (query head h -> KV head h // (Hq / Hkv)); scale 1 / sqrt(D)."""
@@ -621,15 +638,10 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
         raise ValueError(f"q's head count ({hq}) must be a multiple of k's ({hkv})")
     if not 1 <= n <= t:
         raise ValueError(f"q must hold 1 <= n <= T query rows, the last n of k's T = {t} positions; got n = {n}")
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _use_cudnn_blocks(q):
-        try:
-            return _prefill_attention_blocks(q, k, v, _cudnn_attend)
-        except RuntimeError as err:                    # cuDNN has no kernel for these inputs
-            if prefill_attention_mode() != "auto":
-                raise
-            _CUDNN_UNUSABLE.add((q.device.index, q.dtype, q.shape[-1]))
-            warnings.warn(f"prefill: cuDNN attention refused {q.dtype} head dim {q.shape[-1]} on {q.device} "
-                          f"({str(err).splitlines()[0][:120]}); using flash attention for these from now on")
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = _try_cudnn_blocks(q, k, v)
+        if out is not None:
+            return out
     bias = causal_lower_right(n, t)
     flash, backends = _prefill_sdpa(q, k, v)
     gqa = hq != hkv

@@ -286,6 +286,43 @@ def test_prefill_attention_mode_is_checked(monkeypatch):
         prefill_attention_mode()
 
 
+def test_auto_mode_picks_blocks_on_hopper_and_falls_back_once(monkeypatch):
+    """The decision and the fallback of ``auto``, on the CPU with the device queries and cuDNN stood in: blocks on
+    capability >= 9 with cuDNN, not below; a refusal warns once, is remembered, and yields None (-> flash);
+    an explicit ``cudnn-blocks`` raises it; ``flash`` never tries."""
+    import specdec.fast.model as fmod
+
+    q, k, v = _qkv(1, 4, 2, 40, 8)
+    monkeypatch.setattr(fmod, "_CUDNN_UNUSABLE", set())
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    cap = {"major": 9}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (cap["major"], 0))
+    monkeypatch.delenv("SPECDEC_PREFILL_ATTENTION", raising=False)
+    assert fmod._use_cudnn_blocks(q)
+    cap["major"] = 8
+    assert not fmod._use_cudnn_blocks(q)
+    cap["major"] = 9
+    calls = []
+    monkeypatch.setattr(fmod, "_cudnn_attend", lambda *a: (_explicit_attend(*a), calls.append(1))[0])
+    got = fmod._try_cudnn_blocks(q, k, v)          # works: the blocked result (here on the stand-in kernel)
+    torch.testing.assert_close(got.double(), _attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+
+    def refuse(*args):
+        raise RuntimeError("cuDNN Frontend error: no valid execution plans built\nmore")
+
+    monkeypatch.setattr(fmod, "_cudnn_attend", refuse)
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn-blocks")
+    with pytest.raises(RuntimeError, match="no valid execution plans"):
+        fmod._try_cudnn_blocks(q, k, v)
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "auto")
+    with pytest.warns(UserWarning, match=r"cuDNN attention refused torch.float32 head dim 16 .*no valid execution plans built\)"):
+        assert fmod._try_cudnn_blocks(q, k, v) is None
+    assert fmod._CUDNN_UNUSABLE == {(None, torch.float32, 16)}
+    assert not fmod._use_cudnn_blocks(q)            # remembered: no second try, no second warning
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "flash")
+    assert fmod._try_cudnn_blocks(q, k, v) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("p0,n", [(0, 2048), (6144, 2048), (8000, 1), (10240, 777)], ids=["first", "after-prefix", "one-row", "ragged"])
 def test_cuda_bf16_cudnn_blocks_match_flash(p0, n, monkeypatch):
