@@ -52,7 +52,9 @@
 # interpreter's stdlib, with a warning: then the stdlib held-out set is not today's 29 files),
 # SOURCES=stdlib,packages, STDLIB_REPEAT=1 (the stdlib's training stream this many times in the mixture:
 # session 12's run with 1 had the stdlib at 7.5 % and lost 0.2-0.4 nats on its held-out files), SEQ=8192,
-# MAXPOS=8192, TARGET_MIN=6, DRAFT_MIN=2, GLIDE_SHORT_MIN=2.5,
+# MAXPOS=8192, TARGET_MIN=6, TARGET_SEQ1 (unset: one target phase at SEQ; e.g. 1024: a first phase at those
+# windows for TARGET_FRAC1=0.75 of TARGET_MIN, then SEQ-token windows from its weights at TARGET_LR2=6e-4 -- less
+# long-window copying, still real 8192 positions), DRAFT_MIN=2, GLIDE_SHORT_MIN=2.5,
 # GLIDE_LONG_MIN=2, TARGET_STEPS/DRAFT_STEPS/GLIDE_SHORT_STEPS/GLIDE_LONG_STEPS (0: from the minutes),
 # EVAL_TOKENS=262144 (held-out tokens per source evaluated during training; `eval` uses all),
 # TARGET_ARCH/DRAFT_ARCH (JSON overrides of the shapes; the 24 MiB budget leaves ~0.6M parameters of room),
@@ -64,6 +66,9 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/retrain}
 SOURCES=${SOURCES:-stdlib,packages}
 STDLIB_REPEAT=${STDLIB_REPEAT:-1}
+TARGET_SEQ1=${TARGET_SEQ1:-}
+TARGET_FRAC1=${TARGET_FRAC1:-0.75}
+TARGET_LR2=${TARGET_LR2:-6e-4}
 SEQ=${SEQ:-8192}
 MAXPOS=${MAXPOS:-8192}
 TARGET_MIN=${TARGET_MIN:-6}
@@ -170,9 +175,20 @@ for st in "${stages[@]}"; do
       $PY -c "import json; m = json.load(open('$RUN/data/manifest.json')); t = (m.get('packages') or {}).get('totals');
 print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']), 'packages', t); print(json.dumps(m['tokens']))" ;;
     target)
-      step target $TD lm --which target --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} \
-        --seq "$SEQ" --max-positions "$MAXPOS" --batch $((32768 / SEQ)) --lr 2e-3 --warmup 100 \
-        --target-minutes "$TARGET_MIN" --steps "$TARGET_STEPS" --eval-every 250 --eval-tokens "$EVAL_TOKENS"
+      if [ -z "$TARGET_SEQ1" ]; then  # one phase at $SEQ
+        step target $TD lm --which target --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} \
+          --seq "$SEQ" --max-positions "$MAXPOS" --batch $((32768 / SEQ)) --lr 2e-3 --warmup 100 \
+          --target-minutes "$TARGET_MIN" --steps "$TARGET_STEPS" --eval-every 250 --eval-tokens "$EVAL_TOKENS"
+      else  # phase 1 at $TARGET_SEQ1 for TARGET_FRAC1 of the time, phase 2 at $SEQ from its weights
+        m1=$($PY -c "print(round($TARGET_MIN * $TARGET_FRAC1, 2))"); m2=$($PY -c "print(round($TARGET_MIN * (1 - $TARGET_FRAC1), 2))")
+        step target_phase1 $TD lm --which target --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm_phase1" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
+          ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$TARGET_SEQ1" --max-positions "$TARGET_SEQ1" --batch $((32768 / TARGET_SEQ1)) \
+          --lr 2e-3 --warmup 100 --target-minutes "$m1" --eval-every 250 --eval-tokens "$EVAL_TOKENS"
+        cp "$RUN/lm_phase1/summary.json" "$RUN/lm_phase1/target_summary.json"
+        step target $TD lm --which target --init "$RUN/lm_phase1/target" --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" \
+          ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" \
+          --batch $((32768 / SEQ)) --lr "$TARGET_LR2" --warmup 20 --target-minutes "$m2" --eval-every 250 --eval-tokens "$EVAL_TOKENS"
+      fi
       cp "$RUN/lm/summary.json" "$RUN/lm/target_summary.json"; mirror ;;
     draft)
       step draft $TD lm --which draft --teacher "$RUN/lm/target" --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" \
@@ -204,6 +220,7 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       cp -r "$RUN/lm/draft" "$ship/draft"
       cp -r "$RUN/glide_long/glide" "$ship/glide"
       cp "$RUN/lm/target_log.jsonl" "$RUN/lm/draft_log.jsonl" "$ship/logs/"
+      if [ -f "$RUN/lm_phase1/target_log.jsonl" ]; then cp "$RUN/lm_phase1/target_log.jsonl" "$ship/logs/target_phase1_log.jsonl"; fi
       cp "$RUN/glide_short/glide_log.jsonl" "$ship/logs/glide_log.jsonl"
       cp "$RUN/glide_long/glide_log.jsonl" "$ship/logs/glide_long_log.jsonl"
       cp "$RUN/data/manifest.json" "$ship/logs/corpus_manifest.json"
@@ -212,7 +229,8 @@ import json, os, sys
 run, out = sys.argv[1:]
 def load(p):
     return json.load(open(p)) if os.path.isfile(p) else None
-s = [x for p in ("lm/target_summary.json", "lm/draft_summary.json") for x in (load(os.path.join(run, p)) or [])]
+s = [x for p in ("lm_phase1/target_summary.json", "lm/target_summary.json", "lm/draft_summary.json")
+     for x in (load(os.path.join(run, p)) or [])]
 for p, what in (("glide_short/glide_summary.json", ""), ("glide_long/glide_summary.json", ", shipped")):
     g = load(os.path.join(run, p))
     if g:

@@ -337,7 +337,18 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
 
     torch.manual_seed(args.seed)
     cfg = make_config(arch, tok, args.max_positions, args.rope_theta)
-    model = LlamaForCausalLM(cfg).to(device)
+    init = getattr(args, "init", None) if teacher is None else None
+    if init:  # continue a saved target (e.g. a short-window phase) at this run's windows and positions
+        model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
+        got = {k: getattr(model.config, k) for k in arch}
+        if got != dict(arch) or model.config.vocab_size != cfg.vocab_size:
+            raise ValueError(f"--init: {init} has shape {got} and vocabulary {model.config.vocab_size}; this run trains "
+                             f"{dict(arch)} over {cfg.vocab_size} tokens (give the same --target-arch)")
+        model.config.max_position_embeddings = args.max_positions
+        model = model.to(device)
+        log(f"[{name}] initialised from {init}")
+    else:
+        model = LlamaForCausalLM(cfg).to(device)
     model.config.use_cache = False
     nparams = sum(p.numel() for p in model.parameters())
     log(f"[{name}] {nparams / 1e6:.2f}M parameters, arch {arch}")
@@ -628,6 +639,10 @@ def check_args(args) -> None:
         if not which or any(w not in ("target", "draft") for w in which):
             raise ValueError(f"--which: got {args.which!r}; expected target, draft or target,draft")
         args.which = which
+        if args.init and which != ["target"]:
+            raise ValueError(f"--init: continues the target only; got --which {','.join(which)} (use --which target)")
+        if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
+            raise ValueError(f"--init: {args.init!r} is not a saved LM directory (no config.json)")
         args.target_arch = _arch(TARGET_ARCH, args.target_arch, "--target-arch")
         args.draft_arch = _arch(DRAFT_ARCH, args.draft_arch, "--draft-arch")
 
@@ -672,6 +687,8 @@ def main(argv=None) -> None:
     s.add_argument("--draft-minutes", type=float, default=1.5)
     s.add_argument("--kd-weight", type=float, default=0.5, help="weight of KL(target || draft) in the draft's loss")
     s.add_argument("--eval-every", type=int, default=200)
+    s.add_argument("--init", default=None, help="start the target from this saved LM dir (same shape; e.g. a phase "
+                   "trained at shorter windows) instead of a fresh init; --which target only")
     s = sub.add_parser("glide", help="train the GLIDE draft with specdec.ref.train_glide")
     s.add_argument("--target", default="shared/assets/default/target")
     s.add_argument("--data", default="runs/default_data")

@@ -361,6 +361,33 @@ def test_lm_max_positions_and_per_source_logs(tmp_path, stdlib, td):
     assert open(os.path.join(out, "target", "tokenizer.json")).read() == open(os.path.join(TOKENIZER, "tokenizer.json")).read()
 
 
+def test_lm_init_continues_a_saved_target_at_longer_windows(tmp_path, stdlib, td):
+    """Two phases (short windows, then longer ones from the first phase's weights): with --lr 0 the second
+    phase saves exactly the weights it loaded, now with the longer --max-positions; bad --init is refused."""
+    data = str(tmp_path / "data")
+    td.pack(TOKENIZER, data, root=stdlib["root"])
+    tiny = '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1}'
+    common = ["--data", data, "--tokenizer", TOKENIZER, "--device", "cpu", "--which", "target", "--batch", "2",
+              "--warmup", "1", "--eval-every", "2", "--eval-tokens", "200", "--target-arch", tiny]
+    short, long_ = str(tmp_path / "short"), str(tmp_path / "long")
+    td.main(["lm", *common, "--out", short, "--steps", "2", "--seq", "64", "--max-positions", "64"])
+    td.main(["lm", *common, "--out", long_, "--steps", "2", "--seq", "128", "--max-positions", "256", "--lr", "0",
+             "--init", os.path.join(short, "target")])
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(short, "target", "model.safetensors"))
+    b = load_file(os.path.join(long_, "target", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(os.path.join(long_, "target", "config.json")))["max_position_embeddings"] == 256
+    with pytest.raises(ValueError, match="--init: continues the target only"):
+        td.main(["lm", *common[:-6], "--which", "target,draft", "--out", long_, "--init", os.path.join(short, "target")])
+    with pytest.raises(ValueError, match="is not a saved LM directory"):
+        td.main(["lm", *common, "--out", long_, "--init", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--init: .* has shape"):
+        td.main(["lm", *common[:-1], tiny.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'), "--out", long_,
+                 "--steps", "1", "--seq", "64", "--init", os.path.join(short, "target")])
+
+
 # ---------------------------------------------------------------------------------------------
 # this machine
 # ---------------------------------------------------------------------------------------------
