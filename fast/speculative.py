@@ -2,6 +2,11 @@
 every draft step (M = 1) and every verification (M = gamma + 1) is a CUDA-graph replay, and greedy
 drafts stay on the device until the round's single synchronisation.
 
+Greedy rounds can also run fused (:attr:`FastDraftModelDrafter.fuse_rounds`, off until measured on a GPU):
+the draft's catch-up, its ``gamma`` steps, the target's verification and the device-side acceptance + KV
+compaction as ONE function of device tensors (:meth:`FastDraftModelDrafter.fused_round`), captured as one
+CUDA graph per catch-up length -- one host-to-device copy, one replay and one read-back per round.
+
 Same algorithm and arguments as :mod:`specdec.ref.speculative` (read that file for the steps);
 must match :func:`specdec.ref.speculative.speculative_generate` token for token (greedy). Keyed
 sampling: the draft proposes the keyed choice of its own logits at each draft position, as the reference.
@@ -10,11 +15,13 @@ sampling: the draft proposes the keyed choice of its own logits at each draft po
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
-from specdec.fast.engine import FastDrafter, check_drafts_fit, run_speculative_fast
-from specdec.fast.model import MAX_TREE_NODES, FastModel, as_fast_model, prefill, run_step
+from specdec.fast.engine import FastDrafter, FusedRound, check_drafts_fit, run_speculative_fast, verify_and_accept
+from specdec.fast.graphs import capture
+from specdec.fast.model import MAX_TREE_NODES, FastModel, StaticKVCache, as_fast_model, prefill, run_step, step_forward
 from specdec.shared.batch import longest_prompt
 from specdec.shared.keyed import keyed_choice
 from specdec.shared.result import GenerationResult
@@ -26,8 +33,33 @@ from specdec.shared.validate import check_positive_int, check_same_vocab
 __all__ = ["FastDraftModelDrafter", "speculative_generate"]
 
 
+@dataclass
+class _FusedBody:
+    """The static buffers of one fused round shape (catch-up length ``k``) and, on CUDA, its graph.
+
+    ``pack`` (long [2 + k]): the draft cache's verified length ``base`` (= the first catch-up token's
+    position), the number of draft levels ``d`` that may be accepted this round, then the ``k`` catch-up
+    tokens (the last one is the root). ``out`` = ``(packed, logits, node_tokens)`` as the body returns them.
+    ``owners``: the objects the graph reads by address (models, caches, RoPE tables); a graph is reused
+    only while every one of them is the same object."""
+
+    pack: torch.Tensor
+    out: tuple
+    graph: object
+    owners: tuple
+    chain: tuple
+    """The chain's device tensors (parents, depth, ancestor mask, node index) and the catch-up's causal mask
+    and offsets, made once outside the graph."""
+    seed: torch.Tensor | None
+    """fp32 [V]: the root's draft logits when the catch-up ran before the round (:meth:`FastDraftModelDrafter._feed`)."""
+
+
 class FastDraftModelDrafter(FastDrafter):
     """Chain of ``gamma`` drafts from a fast draft model whose static cache is rolled back, not rebuilt."""
+
+    fuse_rounds: bool = False
+    """Offer :meth:`fused_round` to the engine. Off by default until the fused round's speed and its
+    CUDA-graph capture are measured on a GPU (tests turn it on; without CUDA its body runs eagerly)."""
 
     def __init__(self, draft: FastModel, gamma: int, capacity: int, name: str = "draft") -> None:
         self.model = draft
@@ -35,6 +67,21 @@ class FastDraftModelDrafter(FastDrafter):
         self.cache = draft.ensure_cache(1, capacity, name=name)   # one cache per drafter (per batch row)
         self.cached: list[int] = []  # tokens whose KV is in the draft cache
         self.pending: torch.Tensor | None = None  # drafts fed last round, still on the device
+
+    def _catch_up_plan(self, state: RoundState) -> list[int]:
+        """Step 1's host part: learn last round's drafts, roll the draft cache back to the longest prefix
+        that still matches ``state.tokens`` (re-feeding at least the root) and return the tokens to feed."""
+        if self.pending is not None:
+            self.cached += self.pending.tolist()
+            self.pending = None
+        keep = 0
+        for seen, real in zip(self.cached, state.tokens):
+            if seen != real:
+                break
+            keep += 1
+        keep = min(keep, len(state.tokens) - 1)
+        self.cache.set_length(keep)
+        return state.tokens[keep:]
 
     def _feed(self, new: list[int]) -> torch.Tensor:
         """Append ``new`` tokens to the draft cache; logits [V] after the last one."""
@@ -53,17 +100,7 @@ class FastDraftModelDrafter(FastDrafter):
         p = state.params
         gamma = min(self.gamma, state.max_drafts)
         # 1. Catch up: roll back to the longest still-right prefix (re-feeding at least the root).
-        if self.pending is not None:
-            self.cached += self.pending.tolist()
-            self.pending = None
-        keep = 0
-        for seen, real in zip(self.cached, state.tokens):
-            if seen != real:
-                break
-            keep += 1
-        keep = min(keep, len(state.tokens) - 1)
-        self.cache.set_length(keep)
-        logits = self._feed(state.tokens[keep:])
+        logits = self._feed(self._catch_up_plan(state))
         self.cached = list(state.tokens)
         # 2. Draft gamma tokens; greedy drafts never leave the device.
         dev = self.model.device
@@ -93,6 +130,109 @@ class FastDraftModelDrafter(FastDrafter):
         if qs:
             q_all = torch.stack([torch.zeros_like(qs[0])] + qs)
         return Draft(tokens=tokens, tree=Tree.chain(len(drafts)), q=q_all)
+
+    # -- fused greedy rounds -------------------------------------------------------------------------
+
+    def fused_round(self, state: RoundState, tree_size: int) -> FusedRound | None:
+        """A whole greedy round -- catch-up, ``gamma`` draft steps, verification, acceptance and KV
+        compaction -- as ONE function of device tensors (:meth:`_body`), a CUDA graph per catch-up shape.
+
+        The same drafts and tokens as :meth:`propose` + the engine's verification: the catch-up follows
+        :meth:`_feed`'s rule -- a short one (at most ``gamma + 1`` tokens onto a non-empty cache) is one
+        :func:`~specdec.fast.model.step_forward` pass inside the round, as ``run_step`` would run it; the
+        prompt (or a longer one) is fed by :meth:`_feed` itself before the round, whose graph then starts
+        from those logits -- then the same one-token draft steps and the engine's
+        :func:`~specdec.fast.engine.verify_and_accept`. The last rounds (fewer tokens left than ``gamma``)
+        replay the full chain with acceptance limited to the first ``d`` drafts. None when fusing is off,
+        the size is not ``gamma + 1`` or either model is split over ranks."""
+        if not (self.fuse_rounds and tree_size == self.gamma + 1 and self.model.tp is None and state.target.tp is None):
+            return None
+        target, cache = state.target, state.target_cache
+        if cache.length + tree_size > cache.capacity:
+            raise ValueError(f"KV cache overflow: {cache.length} + {tree_size} rows > capacity {cache.capacity}")
+        new = self._catch_up_plan(state)
+        d = min(self.gamma, state.max_drafts)
+        fed = self.cache.length == 0 or len(new) > self.gamma + 1
+        if fed:      # _feed's own pass (a prefill for the prompt); the round starts from its logits
+            seed = self._feed(new)
+            pack = torch.tensor([self.cache.length - 1, d, new[-1]], dtype=torch.long)
+        else:
+            seed = None
+            pack = torch.tensor([self.cache.length, d, *new], dtype=torch.long)
+        body = self._fused_body(target, cache, pack, seed)
+        body.pack.copy_(pack, non_blocking=True)
+        if seed is not None:
+            body.seed.copy_(seed)
+        if body.graph is not None:
+            body.graph.replay()
+            packed, logits, node_tokens = body.out
+        else:
+            packed, logits, node_tokens = self._body(target, cache, body.pack, body.chain, body.seed)
+        self.cached = list(state.tokens)
+        self.pending = node_tokens[1:self.gamma]   # drafts 1..gamma-1 went into the draft cache
+        return FusedRound(packed, logits, 1 + d)
+
+    def _fused_body(self, target: FastModel, cache: StaticKVCache, pack: torch.Tensor, seed: torch.Tensor | None) -> _FusedBody:
+        """The buffers (and on CUDA the graph) of the fused round for ``pack``'s catch-up length (``seed``:
+        the round starts from given logits, no catch-up pass), kept in the draft model's ``graphs`` (dropped
+        with the draft cache) and reused across calls while the models, both caches and both RoPE tables are
+        the same objects. A capture runs the body three times on THIS round's ``pack`` and ``seed``: its
+        draft-cache writes are the round's own, and the target's length and tree rows are put back
+        afterwards (the round itself is the replay that follows)."""
+        dm, g, dev = self.model, self.gamma, self.model.device
+        k = pack.numel() - 2
+        use_graphs = dm.use_graphs and target.use_graphs and dm.rope_table is not None and target.rope_table is not None
+        owners = (target, cache, dm.rope_table, target.rope_table)
+        key = (id(self.cache), "fused-draft-round", k, g, seed is not None)
+        body = dm.graphs.get(key)
+        if body is not None and (body.graph is not None) == use_graphs and all(a is b for a, b in zip(body.owners, owners)):
+            return body
+        chain = Tree.chain(g)
+        chain_t = (torch.tensor(chain.parents, dtype=torch.long, device=dev), torch.tensor(chain.depth, dtype=torch.long, device=dev),
+                   chain.ancestor_mask().to(dev), torch.arange(g + 1, device=dev),
+                   torch.ones(1, k, k, dtype=torch.bool, device=dev).tril_(), torch.arange(k, device=dev))
+        static = pack.to(dev, copy=True)
+        static_seed = None if seed is None else seed.detach().clone()
+        if not use_graphs:
+            body = _FusedBody(static, (), None, owners, chain_t, static_seed)
+        else:
+            with cache.restored_tree_rows(g + 1):
+                graph, out = capture(lambda: self._body(target, cache, static, chain_t, static_seed), device=dev, warmup=2)
+            body = _FusedBody(static, out, graph, owners, chain_t, static_seed)
+        dm.graphs[key] = body
+        return body
+
+    def _body(self, target: FastModel, cache: StaticKVCache, pack: torch.Tensor, chain_t: tuple,
+              seed: torch.Tensor | None) -> tuple:
+        """The fused round on device tensors only (graph-capturable; shapes fixed by ``k`` and gamma).
+
+        Reads ``pack`` (:class:`_FusedBody`); writes the ``k`` catch-up rows (unless ``seed`` holds the
+        root's draft logits already) and drafts 1..gamma-1 into the draft cache at their positions (row =
+        position), verifies ``[root, d_1..d_gamma]`` against the target cache from ``cache.length_t`` and
+        accepts greedily among the first ``1 + d`` nodes. Returns ``(packed, target logits [gamma + 1, V],
+        node tokens [gamma + 1])``."""
+        dm, g = self.model, self.gamma
+        parents, depth, ancestor, node_index, causal, ar = chain_t
+        k = ar.numel()
+        base, d = pack[0:1], pack[1]
+        tokens = pack[2:][None]                                               # [1, k]; the root last
+        if seed is None:
+            # 1. catch-up: the k tokens at positions [base, base + k) in one pass; the last row's logits
+            logits = step_forward(dm, self.cache, tokens, (base + ar)[None], causal, base.to(torch.int32))[0, -1]
+        else:
+            logits = seed
+        nodes = [tokens[0, k - 1:]]
+        for i in range(g):
+            # 2. draft i + 1 = the draft's argmax (as propose); drafts 1..gamma-1 are fed back one by one
+            x = torch.argmax(logits, dim=-1, keepdim=True)
+            nodes.append(x)
+            if i + 1 < g:
+                at = base + k + i
+                logits = step_forward(dm, self.cache, x[None], at[None], causal[:, :1, :1], at.to(torch.int32))[0, -1]
+        node_tokens = torch.cat(nodes)                                        # [gamma + 1]: root, d_1..d_gamma
+        # 3-4. verify the chain, accept greedily among its first 1 + d nodes, compact the target's KV
+        vlogits, packed = verify_and_accept(target, cache, node_tokens, parents, depth, ancestor, node_index <= d)
+        return packed, vlogits, node_tokens
 
 
 def speculative_generate(

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Draft-model speculative decoding with and without the fused greedy round (issue 20 item 4).
+
+    python3 scripts/probes/fused_draft_round.py --questions 10 --max-new-tokens 128 --out $OUT/fused_draft.jsonl
+
+The embedded target and its draft LM on the fast path (bf16 on CUDA, fp32 on CPU), greedy, the first
+``--questions`` prompts of the shipped ``stdlib_code`` set. Per prompt, interleaved after one warm-up of each:
+fast vanilla, ``speculative_generate`` with the unfused rounds (:meth:`FastDraftModelDrafter.propose` + the
+engine's verification) and with :attr:`FastDraftModelDrafter.fuse_rounds` on (one graph per round). Checks
+that both outputs equal vanilla's and that the fused rounds drafted exactly what the unfused ones did (same
+accept lengths), then prints decode tokens/s (median over prompts) and the speedup over vanilla; one JSONL
+record per (prompt, mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from tabulate import tabulate
+
+import specdec.fast as fast
+from specdec.fast.speculative import FastDraftModelDrafter
+from specdec.shared.tokenizer import encode_prompt, load_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = os.path.join(HERE, "..", "..", "shared", "assets", "prompts", "stdlib_code.jsonl")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--questions", type=int, default=10)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--gamma", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.questions < 1 or a.max_new_tokens < 1 or a.gamma < 1:
+        raise SystemExit("--questions, --max-new-tokens and --gamma must be >= 1")
+    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+    tok = load_tokenizer("default")
+    target = fast.load_model("default", dtype=dtype, device=a.device)
+    draft = fast.load_model("default-draft", dtype=dtype, device=a.device)
+    with open(PROMPTS) as f:
+        texts = [json.loads(line)["turns"][0] for line in f if line.strip()][: a.questions]
+    prompts = [torch.tensor([encode_prompt(tok, t)], device=a.device) for t in texts]
+
+    def run(mode: str, ids: torch.Tensor):
+        kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=a.max_new_tokens, eos_id=[])
+        if mode == "vanilla":
+            return fast.vanilla_generate(target, **kw)
+        FastDraftModelDrafter.fuse_rounds = mode == "fused"
+        try:
+            return fast.speculative_generate(target, draft, gamma=a.gamma, **kw)
+        finally:
+            FastDraftModelDrafter.fuse_rounds = False
+
+    modes = ["vanilla", "unfused", "fused"]
+    for mode in modes:                       # warm-up: kernels, graphs (the fused ones per catch-up length)
+        run(mode, prompts[0])
+    records = []
+    for q, ids in enumerate(prompts):
+        res = {mode: run(mode, ids) for mode in modes}
+        van = res["vanilla"].output_ids
+        for mode in ("unfused", "fused"):
+            if not torch.equal(res[mode].output_ids, van):
+                raise SystemExit(f"question {q}: {mode} output differs from vanilla")
+        if res["fused"].accept_lengths != res["unfused"].accept_lengths:
+            raise SystemExit(f"question {q}: the fused rounds drafted differently from the unfused ones")
+        for mode in modes:
+            r = res[mode]
+            n = r.output_ids.shape[1]
+            records.append({"question": q, "mode": mode, "new_tokens": n, "tokens_per_s": n / r.elapsed_time,
+                            "tau": n / r.num, "device": a.device, "dtype": str(dtype)})
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    rows = []
+    for mode in modes:
+        mine = [r for r in records if r["mode"] == mode]
+        speed = [r["tokens_per_s"] / v["tokens_per_s"] for r, v in
+                 zip(mine, [r for r in records if r["mode"] == "vanilla"])]
+        rows.append([mode, statistics.median(r["tokens_per_s"] for r in mine), statistics.median(speed),
+                     statistics.median(r["tau"] for r in mine)])
+    print(f"{a.device} {dtype}, {len(prompts)} prompts x {a.max_new_tokens} tokens, gamma {a.gamma}; outputs == vanilla, "
+          "fused drafts == unfused drafts")
+    print(tabulate(rows, headers=["mode", "tok/s (median)", "speedup (median)", "tau (median)"], floatfmt=".2f"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The draft-model speculative decoder's fused greedy round (:meth:`FastDraftModelDrafter.fused_round`).
+
+It must give exactly what the unfused round gives -- the same drafts (so the same accept lengths, round by
+round) and the same tokens as the reference and vanilla -- through the prompt's first round (catch-up fed
+before the round), short catch-ups inside the round (1 to gamma + 1 tokens), the last rounds (fewer tokens
+left than gamma) and an EOS. On CPU the body runs eagerly under the Triton interpreter; ``-m gpu`` runs it as
+CUDA graphs in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec.fast as fast
+import specdec.ref as ref
+from lossless import tiny_model
+from specdec.fast.speculative import FastDraftModelDrafter
+
+VOCAB = 64
+REPETITIVE = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
+
+
+def _model(family, seed, device="cpu", dtype=torch.float32):
+    m = tiny_model(family, vocab=VOCAB, layers=1, hidden=128, heads=2, kv_heads=1, seed=seed, init_std=0.3, max_pos=2048)
+    m.weights = {k: v.to(device=device, dtype=dtype) for k, v in m.weights.items()}
+    return m
+
+
+def _count_bodies(monkeypatch):
+    """Turn fusing on and count the fused bodies run eagerly and the unfused proposals."""
+    calls = {"body": 0, "propose": 0}
+    body, propose = FastDraftModelDrafter._body, FastDraftModelDrafter.propose
+
+    def counted_body(self, *a, **kw):
+        calls["body"] += 1
+        return body(self, *a, **kw)
+
+    def counted_propose(self, *a, **kw):
+        calls["propose"] += 1
+        return propose(self, *a, **kw)
+
+    monkeypatch.setattr(FastDraftModelDrafter, "fuse_rounds", True)
+    monkeypatch.setattr(FastDraftModelDrafter, "_body", counted_body)
+    monkeypatch.setattr(FastDraftModelDrafter, "propose", counted_propose)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("prompt,gamma,max_gen_len", [(REPETITIVE, 3, 11), (REPETITIVE[:3], 4, 9), (REPETITIVE[:1], 2, 7)],
+                         ids=["long-prompt", "short-prompt", "one-token"])
+def test_fused_round_equals_unfused_reference_and_vanilla(family, prompt, gamma, max_gen_len, monkeypatch):
+    target, draft = _model(family, 1), _model(family, 2)
+    ft, fd = fast.as_fast_model(target), fast.as_fast_model(draft)
+    ids = torch.tensor([prompt])
+    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=max_gen_len, eos_id=[])
+    vanilla = ref.vanilla_generate(target, **kw).output_ids
+    want = ref.speculative_generate(target, draft, gamma=gamma, **kw)
+    unfused = fast.speculative_generate(ft, fd, gamma=gamma, **kw)
+    calls = _count_bodies(monkeypatch)
+    fused = fast.speculative_generate(ft, fd, gamma=gamma, **kw)
+    assert calls["propose"] == 0 and calls["body"] == fused.num - 1    # every round after the first token fused
+    assert torch.equal(want.output_ids, vanilla) and torch.equal(unfused.output_ids, vanilla)
+    assert torch.equal(fused.output_ids, vanilla)
+    assert fused.accept_lengths == unfused.accept_lengths == want.accept_lengths   # the same drafts, round by round
+    assert fused.count == unfused.count and fused.num == unfused.num
+
+
+def test_fused_round_full_acceptance_and_eos(monkeypatch):
+    """The target as its own draft: every draft is accepted, so each catch-up is gamma + 1 tokens (the
+    longest one inside the round); an EOS emitted mid-chain stops the output exactly where vanilla stops."""
+    target = _model("llama", 3)
+    ft = fast.as_fast_model(target)
+    ids = torch.tensor([REPETITIVE[:6]])
+    kw = dict(input_ids=ids, prompt_length=6, max_gen_len=12, eos_id=[])
+    vanilla = ref.vanilla_generate(target, **kw).output_ids
+    calls = _count_bodies(monkeypatch)
+    res = fast.speculative_generate(ft, ft, gamma=3, **kw)
+    assert torch.equal(res.output_ids, vanilla) and calls["body"] >= 2
+    assert res.accept_lengths[1:-1] == [4] * (len(res.accept_lengths) - 2)   # rounds accept all 3 drafts + 1
+    eos = int(vanilla[0, 6 + 5])
+    kw_eos = dict(kw, eos_id=[eos])
+    want = ref.vanilla_generate(target, **kw_eos).output_ids
+    assert torch.equal(fast.speculative_generate(ft, ft, gamma=3, **kw_eos).output_ids, want)
+
+
+def test_fused_rounds_are_off_by_default():
+    """Until measured on a GPU the engine runs the unfused rounds (the flag is the only switch)."""
+    assert FastDraftModelDrafter.fuse_rounds is False
+    ft = fast.as_fast_model(_model("llama", 4))
+    d = FastDraftModelDrafter(ft, 3, 64)
+    assert d.fused_round(None, 4) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_fused_round_graphs_equal_unfused(dtype, monkeypatch):
+    """On CUDA the fused round is one graph per catch-up shape: same output and accept lengths as the unfused
+    rounds (bf16 too: the decode phase is row-invariant), graphs reused by a second call."""
+    target, draft = _model("llama", 1, "cuda", dtype), _model("llama", 2, "cuda", dtype)
+    ft, fd = fast.as_fast_model(target), fast.as_fast_model(draft)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (1, 300), generator=g).cuda()
+    kw = dict(input_ids=ids, prompt_length=300, max_gen_len=64, eos_id=[])
+    vanilla = fast.vanilla_generate(ft, **kw).output_ids
+    unfused = fast.speculative_generate(ft, fd, gamma=4, **kw)
+    monkeypatch.setattr(FastDraftModelDrafter, "fuse_rounds", True)
+    fused = fast.speculative_generate(ft, fd, gamma=4, **kw)
+    assert torch.equal(unfused.output_ids, vanilla) and torch.equal(fused.output_ids, vanilla)
+    assert fused.accept_lengths == unfused.accept_lengths
+    bodies = [b for key, b in fd.graphs.items() if isinstance(key, tuple) and "fused-draft-round" in key]
+    assert bodies and all(b.graph is not None for b in bodies)
+    before = {id(b.graph) for b in bodies}
+    again = fast.speculative_generate(ft, fd, gamma=4, **kw)
+    assert torch.equal(again.output_ids, vanilla) and again.accept_lengths == fused.accept_lengths
+    after = {id(b.graph) for key, b in fd.graphs.items() if isinstance(key, tuple) and "fused-draft-round" in key}
+    assert before <= after                                       # the first call's graphs were replayed, not recaptured
