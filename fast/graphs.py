@@ -7,7 +7,9 @@ as a ``torch.cuda.CUDAGraph``. Every graph of the fast path is made by it:
 * :class:`CapturedFn` -- a function of named device tensors with static copies of the inputs
   (the engine's greedy acceptance + KV compaction);
 * the target's step graph per (cache, B, M) (:class:`specdec.fast.model._Graph`);
-* the GLIDE round per catch-up length (:meth:`specdec.fast.glide.FastGlideDrafter._capture`).
+* the GLIDE round per catch-up length (:meth:`specdec.fast.glide.FastGlideDrafter._capture`);
+* :class:`StaticRound` -- a drafter's fused greedy round per shape (the draft-model and MagicDec drafters),
+  kept in a model's ``graphs`` and reused while the objects it reads are the same.
 
 The function must be graph-safe: no host synchronisation, no allocation that depends on values,
 fixed shapes. A graph reads every tensor it was captured with by address: the caller keeps them
@@ -16,11 +18,13 @@ alive (and in place) for as long as it replays the graph.
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import torch
 
-__all__ = ["CapturedFn", "capture"]
+__all__ = ["CapturedFn", "StaticRound", "capture"]
 
 T = TypeVar("T")
 
@@ -67,3 +71,52 @@ class CapturedFn:
             self.inputs[name].copy_(t, non_blocking=True)
         self.graph.replay()
         return self.outputs
+
+
+@dataclass
+class StaticRound:
+    """A function of static device tensors -- a drafter's fused round for one shape -- and, on CUDA, its graph.
+
+    ``inputs``: the static tensors the body reads (the caller copies each round's values in with
+    :meth:`run`); ``out``: what the body returned during the capture (rewritten by each replay); ``graph``:
+    None where graphs are off (the body then runs eagerly on ``inputs``); ``owners``: the objects the graph
+    reads by address (models, caches, RoPE tables) -- :meth:`get` reuses an entry only while every one of
+    them is the same object."""
+
+    body: Callable[..., tuple]
+    inputs: tuple
+    out: tuple
+    graph: object
+    owners: tuple
+
+    @classmethod
+    def get(cls, store: dict, key: tuple, owners: tuple, make_body: Callable[[], Callable[..., tuple]], inputs: tuple,
+            use_graphs: bool, restore: Callable[[], contextlib.AbstractContextManager]) -> "StaticRound":
+        """The entry ``store[key]``, made if missing or stale: ``body = make_body()`` (which may build its
+        constant tensors; the body must read nothing that ``key`` and ``owners`` do not pin), static copies
+        of ``inputs`` (THIS round's values: a capture runs ``body`` three times on them, so its idempotent
+        writes are the round's own) and, with ``use_graphs``, the graph captured inside ``restore()`` (which
+        puts back what a round must not keep, e.g. the target cache's length and tree rows). ``key[0]``
+        should be the id of the cache whose reallocation must drop the entry
+        (:meth:`specdec.fast.model.FastModel.ensure_cache`)."""
+        entry = store.get(key)
+        if entry is not None and (entry.graph is not None) == use_graphs and len(entry.owners) == len(owners) \
+                and all(a is b for a, b in zip(entry.owners, owners)):
+            return entry
+        body = make_body()
+        static = tuple(t.detach().clone() for t in inputs)
+        graph, out = None, ()
+        if use_graphs:
+            with restore():
+                graph, out = capture(lambda: body(*static), device=static[0].device, warmup=2)
+        entry = store[key] = cls(body, static, out, graph, owners)
+        return entry
+
+    def run(self, *inputs: torch.Tensor) -> tuple:
+        """Copy this round's ``inputs`` into the static ones, then replay the graph (or run the body eagerly)."""
+        for dst, src in zip(self.inputs, inputs):
+            dst.copy_(src, non_blocking=True)
+        if self.graph is None:
+            return self.body(*self.inputs)
+        self.graph.replay()
+        return self.out

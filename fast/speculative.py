@@ -15,12 +15,11 @@ sampling: the draft proposes the keyed choice of its own logits at each draft po
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 
 from specdec.fast.engine import FastDrafter, FusedRound, check_drafts_fit, run_speculative_fast, verify_and_accept
-from specdec.fast.graphs import capture
+from specdec.fast.graphs import StaticRound
 from specdec.fast.model import MAX_TREE_NODES, FastModel, StaticKVCache, as_fast_model, prefill, run_step, step_forward
 from specdec.shared.batch import longest_prompt
 from specdec.shared.keyed import keyed_choice
@@ -31,27 +30,6 @@ from specdec.shared.tree import Tree
 from specdec.shared.validate import check_positive_int, check_same_vocab
 
 __all__ = ["FastDraftModelDrafter", "speculative_generate"]
-
-
-@dataclass
-class _FusedBody:
-    """The static buffers of one fused round shape (catch-up length ``k``) and, on CUDA, its graph.
-
-    ``pack`` (long [2 + k]): the draft cache's verified length ``base`` (= the first catch-up token's
-    position), the number of draft levels ``d`` that may be accepted this round, then the ``k`` catch-up
-    tokens (the last one is the root). ``out`` = ``(packed, logits, node_tokens)`` as the body returns them.
-    ``owners``: the objects the graph reads by address (models, caches, RoPE tables); a graph is reused
-    only while every one of them is the same object."""
-
-    pack: torch.Tensor
-    out: tuple
-    graph: object
-    owners: tuple
-    chain: tuple
-    """The chain's device tensors (parents, depth, ancestor mask, node index) and the catch-up's causal mask
-    and offsets, made once outside the graph."""
-    seed: torch.Tensor | None
-    """fp32 [V]: the root's draft logits when the catch-up ran before the round (:meth:`FastDraftModelDrafter._feed`)."""
 
 
 class FastDraftModelDrafter(FastDrafter):
@@ -159,56 +137,37 @@ class FastDraftModelDrafter(FastDrafter):
         else:
             seed = None
             pack = torch.tensor([self.cache.length, d, *new], dtype=torch.long)
-        body = self._fused_body(target, cache, pack, seed)
-        body.pack.copy_(pack, non_blocking=True)
-        if seed is not None:
-            body.seed.copy_(seed)
-        if body.graph is not None:
-            body.graph.replay()
-            packed, logits, node_tokens = body.out
-        else:
-            packed, logits, node_tokens = self._body(target, cache, body.pack, body.chain, body.seed)
+        dm = self.model
+        key = (id(self.cache), "fused-draft-round", pack.numel() - 2, self.gamma, fed)
+        use_graphs = dm.use_graphs and target.use_graphs and dm.rope_table is not None and target.rope_table is not None
+        inputs = (pack.to(dm.device), seed) if fed else (pack.to(dm.device),)
+        round_ = StaticRound.get(dm.graphs, key, (target, cache, dm.rope_table, target.rope_table),
+                                 lambda: self._make_body(target, cache, pack.numel() - 2), inputs, use_graphs,
+                                 lambda: cache.restored_tree_rows(self.gamma + 1))
+        packed, logits, node_tokens = round_.run(*inputs)
         self.cached = list(state.tokens)
         self.pending = node_tokens[1:self.gamma]   # drafts 1..gamma-1 went into the draft cache
         return FusedRound(packed, logits, 1 + d)
 
-    def _fused_body(self, target: FastModel, cache: StaticKVCache, pack: torch.Tensor, seed: torch.Tensor | None) -> _FusedBody:
-        """The buffers (and on CUDA the graph) of the fused round for ``pack``'s catch-up length (``seed``:
-        the round starts from given logits, no catch-up pass), kept in the draft model's ``graphs`` (dropped
-        with the draft cache) and reused across calls while the models, both caches and both RoPE tables are
-        the same objects. A capture runs the body three times on THIS round's ``pack`` and ``seed``: its
-        draft-cache writes are the round's own, and the target's length and tree rows are put back
-        afterwards (the round itself is the replay that follows)."""
-        dm, g, dev = self.model, self.gamma, self.model.device
-        k = pack.numel() - 2
-        use_graphs = dm.use_graphs and target.use_graphs and dm.rope_table is not None and target.rope_table is not None
-        owners = (target, cache, dm.rope_table, target.rope_table)
-        key = (id(self.cache), "fused-draft-round", k, g, seed is not None)
-        body = dm.graphs.get(key)
-        if body is not None and (body.graph is not None) == use_graphs and all(a is b for a, b in zip(body.owners, owners)):
-            return body
+    def _make_body(self, target: FastModel, cache: StaticKVCache, k: int):
+        """The fused round's body for ``k`` catch-up tokens (:class:`~specdec.fast.graphs.StaticRound`), with its
+        constant tensors: the chain's parents, depth, ancestor mask and node index, the catch-up's causal mask
+        and offsets."""
+        g, dev = self.gamma, self.model.device
         chain = Tree.chain(g)
         chain_t = (torch.tensor(chain.parents, dtype=torch.long, device=dev), torch.tensor(chain.depth, dtype=torch.long, device=dev),
                    chain.ancestor_mask().to(dev), torch.arange(g + 1, device=dev),
                    torch.ones(1, k, k, dtype=torch.bool, device=dev).tril_(), torch.arange(k, device=dev))
-        static = pack.to(dev, copy=True)
-        static_seed = None if seed is None else seed.detach().clone()
-        if not use_graphs:
-            body = _FusedBody(static, (), None, owners, chain_t, static_seed)
-        else:
-            with cache.restored_tree_rows(g + 1):
-                graph, out = capture(lambda: self._body(target, cache, static, chain_t, static_seed), device=dev, warmup=2)
-            body = _FusedBody(static, out, graph, owners, chain_t, static_seed)
-        dm.graphs[key] = body
-        return body
+        return lambda pack, seed=None: self._body(target, cache, pack, chain_t, seed)
 
     def _body(self, target: FastModel, cache: StaticKVCache, pack: torch.Tensor, chain_t: tuple,
               seed: torch.Tensor | None) -> tuple:
         """The fused round on device tensors only (graph-capturable; shapes fixed by ``k`` and gamma).
 
-        Reads ``pack`` (:class:`_FusedBody`); writes the ``k`` catch-up rows (unless ``seed`` holds the
-        root's draft logits already) and drafts 1..gamma-1 into the draft cache at their positions (row =
-        position), verifies ``[root, d_1..d_gamma]`` against the target cache from ``cache.length_t`` and
+        Reads ``pack`` -- the draft cache's verified length ``base`` (the first catch-up token's position), the
+        number ``d`` of drafts that may be accepted, then the ``k`` catch-up tokens (the root last); writes the
+        ``k`` catch-up rows (unless ``seed`` holds the root's draft logits already) and drafts 1..gamma-1 into
+        the draft cache at their positions (row = position), verifies ``[root, d_1..d_gamma]`` against the target cache from ``cache.length_t`` and
         accepts greedily among the first ``1 + d`` nodes. Returns ``(packed, target logits [gamma + 1, V],
         node tokens [gamma + 1])``."""
         dm, g = self.model, self.gamma
