@@ -8,6 +8,11 @@ steps draft at the true positions ``L, L + 1, ...`` (keys keep their RoPE positi
 rows together changes nothing). Greedy drafts stay on the device; the full-cache verification is
 :func:`specdec.fast.engine.run_speculative_fast`. Keyed sampling: each draft is the compressed
 view's keyed choice at its position, as the reference.
+
+Greedy rounds can also run fused (:attr:`FastMagicDecDrafter.fuse_rounds`, off until measured on a GPU): the
+gather, the ``gamma`` draft steps, the verification and the device-side acceptance + KV compaction as ONE
+function of device tensors (:meth:`FastMagicDecDrafter.fused_round`), a CUDA graph once the view is full
+(``sink_tokens + window`` rows: one shape from then on).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import torch
 
 from einops import rearrange
 
-from specdec.fast.engine import FastDrafter, check_drafts_fit, run_speculative_fast
-from specdec.fast.model import FastModel, StaticKVCache, as_fast_model, run_step
+from specdec.fast.engine import FastDrafter, FusedRound, check_drafts_fit, run_speculative_fast, verify_and_accept
+from specdec.fast.graphs import StaticRound
+from specdec.fast.model import FastModel, StaticKVCache, as_fast_model, run_step, step_forward
 from specdec.shared.keyed import keyed_choice
 from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundRecord, RoundState
@@ -32,6 +38,10 @@ __all__ = ["magicdec_generate"]
 
 
 class FastMagicDecDrafter(FastDrafter):
+    fuse_rounds: bool = False
+    """Offer :meth:`fused_round` to the engine. Off by default until the fused round's speed and its
+    CUDA-graph capture are measured on a GPU (tests turn it on; without CUDA its body runs eagerly)."""
+
     def __init__(self, target: FastModel, gamma: int, sink_tokens: int, window: int):
         self.gamma, self.sink_tokens, self.window = gamma, sink_tokens, window
         self.target = target
@@ -69,6 +79,74 @@ class FastMagicDecDrafter(FastDrafter):
         tokens = torch.cat([torch.tensor([state.tokens[-1]], dtype=torch.long, device=dev)] + drafts)
         q_all = torch.stack([torch.zeros_like(qs[0])] + qs) if qs else None
         return Draft(tokens, Tree.chain(gamma), q_all)
+
+    # -- fused greedy rounds -------------------------------------------------------------------------
+
+    def fused_round(self, state: RoundState, tree_size: int) -> FusedRound | None:
+        """A whole greedy round -- the compressed view's gather, ``gamma`` draft steps, the verification,
+        acceptance and KV compaction -- as ONE function of device tensors (:meth:`_body`): the same drafts
+        as :meth:`propose` (the same rows gathered, the same one-token steps at the same positions) and the
+        engine's :func:`~specdec.fast.engine.verify_and_accept`. A CUDA graph once the view holds its full
+        ``sink_tokens + window`` rows (one shape from then on); before that (a short prompt) the same body
+        runs eagerly. The last rounds replay the full chain with acceptance limited to the first ``d``
+        drafts. None when fusing is off, the size is not ``gamma + 1`` or the target is split over ranks."""
+        if not (self.fuse_rounds and tree_size == self.gamma + 1 and state.target.tp is None):
+            return None
+        fm, main = self.target, state.target_cache
+        L = main.length
+        if L + tree_size > main.capacity:
+            raise ValueError(f"KV cache overflow: {L} + {tree_size} rows > capacity {main.capacity}")
+        rows = streaming_rows(L, self.sink_tokens, self.window)
+        s = rows.numel()
+        d = min(self.gamma, state.max_drafts)
+        pack = torch.cat([torch.tensor([L, d, state.tokens[-1]], dtype=torch.long), rows]).to(fm.device)
+        if s < self.sink_tokens + self.window:     # the view still grows: a new shape each round, run eagerly
+            packed, logits, _ = self._make_body(main, s)(pack)
+        else:
+            key = (id(main), "fused-magicdec-round", s, self.gamma)
+            use_graphs = fm.use_graphs and fm.rope_table is not None
+            round_ = StaticRound.get(fm.graphs, key, (self.scratch, fm.rope_table), lambda: self._make_body(main, s), (pack,),
+                                     use_graphs, lambda: main.restored_tree_rows(self.gamma + 1))
+            packed, logits, _ = round_.run(pack)
+        return FusedRound(packed, logits, 1 + d)
+
+    def _make_body(self, main: StaticKVCache, s: int):
+        """The fused round's body for a view of ``s`` rows (:class:`~specdec.fast.graphs.StaticRound`), with its
+        constant tensors: the chain's parents, depth, ancestor mask and node index, and each draft step's
+        prefix length in the scratch cache (``s + i``)."""
+        g, dev = self.gamma, self.target.device
+        chain = Tree.chain(g)
+        chain_t = (torch.tensor(chain.parents, dtype=torch.long, device=dev), torch.tensor(chain.depth, dtype=torch.long, device=dev),
+                   chain.ancestor_mask().to(dev), torch.arange(g + 1, device=dev),
+                   torch.arange(s, s + g, dtype=torch.int32, device=dev)[:, None])
+        return lambda pack: self._body(main, pack, chain_t)
+
+    def _body(self, main: StaticKVCache, pack: torch.Tensor, chain_t: tuple) -> tuple:
+        """The fused round on device tensors only (graph-capturable; shapes fixed by the view's size and gamma).
+
+        ``pack``: the verified length ``L``, the number ``d`` of drafts that may be accepted, the root token,
+        then the view's ``s`` cache rows (:func:`specdec.shared.streaming.streaming_rows`). Gathers those rows
+        of every layer into the scratch cache, drafts ``gamma`` tokens at positions ``L, L + 1, ...`` over it
+        (greedy, as :meth:`propose`), verifies ``[root, d_1..d_gamma]`` against ``main`` and accepts greedily
+        among the first ``1 + d`` nodes. Returns ``(packed, target logits [gamma + 1, V], node tokens)``."""
+        fm, scratch, g = self.target, self.scratch, self.gamma
+        parents, depth, ancestor, node_index, prefix = chain_t
+        L, d, token = pack[0:1], pack[1], pack[2:3][None]
+        rows = pack[3:]
+        s = rows.numel()
+        # 1. the compressed view: sink rows + recent window of every layer
+        scratch.k[:, :, :, :s] = main.k[:, :, :, rows]
+        scratch.v[:, :, :, :s] = main.v[:, :, :, rows]
+        nodes = [token[0]]
+        for i in range(g):
+            # 2. draft i + 1: one step over the view at the true position L + i, then its argmax
+            logits = step_forward(fm, scratch, token, (L + i)[None], ancestor[None, :1, :1], prefix[i])[0, -1]
+            token = torch.argmax(logits)[None, None]
+            nodes.append(token[0])
+        node_tokens = torch.cat(nodes)                                        # [gamma + 1]: root, d_1..d_gamma
+        # 3-4. verify the chain on the full cache, accept among its first 1 + d nodes, compact
+        vlogits, packed = verify_and_accept(fm, main, node_tokens, parents, depth, ancestor, node_index <= d)
+        return packed, vlogits, node_tokens
 
     @classmethod
     def propose_rows(cls, drafters: list["FastMagicDecDrafter"], rows: list[int], states: list[RoundState],

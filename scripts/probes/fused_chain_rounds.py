@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Draft-model speculative decoding with and without the fused greedy round (issue 20 item 4).
+"""The chain drafters with and without their fused greedy rounds (issue 20 item 4).
 
-    python3 scripts/probes/fused_draft_round.py --questions 10 --max-new-tokens 128 --out $OUT/fused_draft.jsonl
+    python3 scripts/probes/fused_chain_rounds.py --questions 10 --max-new-tokens 128 --out $OUT/fused_chain.jsonl
 
 The embedded target and its draft LM on the fast path (bf16 on CUDA, fp32 on CPU), greedy, the first
 ``--questions`` prompts of the shipped ``stdlib_code`` set. Per prompt, interleaved after one warm-up of each:
-fast vanilla, ``speculative_generate`` with the unfused rounds (:meth:`FastDraftModelDrafter.propose` + the
-engine's verification) and with :attr:`FastDraftModelDrafter.fuse_rounds` on (one graph per round). Checks
-that both outputs equal vanilla's and that the fused rounds drafted exactly what the unfused ones did (same
-accept lengths), then prints decode tokens/s (median over prompts) and the speedup over vanilla; one JSONL
-record per (prompt, mode).
+fast vanilla; ``speculative_generate`` (draft LM, ``--gamma``) and ``magicdec_generate`` (the library's
+defaults) each with the unfused rounds (``propose`` + the engine's verification) and with the drafter's
+``fuse_rounds`` on (one graph per round). Checks that every output equals vanilla's and that the fused
+rounds drafted exactly what the unfused ones did (same accept lengths), then prints decode tokens/s
+(median over prompts) and the speedup over vanilla; one JSONL record per (prompt, mode).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from tabulate import tabulate
 
 import specdec.fast as fast
+from specdec.fast.magicdec import FastMagicDecDrafter
 from specdec.fast.speculative import FastDraftModelDrafter
 from specdec.shared.tokenizer import encode_prompt, load_tokenizer
 
@@ -52,24 +53,29 @@ def main(argv=None) -> None:
         kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=a.max_new_tokens, eos_id=[])
         if mode == "vanilla":
             return fast.vanilla_generate(target, **kw)
-        FastDraftModelDrafter.fuse_rounds = mode == "fused"
+        method, how = mode.split("-")
+        cls = FastDraftModelDrafter if method == "speculative" else FastMagicDecDrafter
+        cls.fuse_rounds = how == "fused"
         try:
-            return fast.speculative_generate(target, draft, gamma=a.gamma, **kw)
+            if method == "speculative":
+                return fast.speculative_generate(target, draft, gamma=a.gamma, **kw)
+            return fast.magicdec_generate(target, **kw)
         finally:
-            FastDraftModelDrafter.fuse_rounds = False
+            cls.fuse_rounds = False
 
-    modes = ["vanilla", "unfused", "fused"]
-    for mode in modes:                       # warm-up: kernels, graphs (the fused ones per catch-up length)
+    modes = ["vanilla", "speculative-unfused", "speculative-fused", "magicdec-unfused", "magicdec-fused"]
+    for mode in modes:                       # warm-up: kernels, graphs (the fused ones per shape)
         run(mode, prompts[0])
     records = []
     for q, ids in enumerate(prompts):
         res = {mode: run(mode, ids) for mode in modes}
         van = res["vanilla"].output_ids
-        for mode in ("unfused", "fused"):
+        for mode in modes[1:]:
             if not torch.equal(res[mode].output_ids, van):
                 raise SystemExit(f"question {q}: {mode} output differs from vanilla")
-        if res["fused"].accept_lengths != res["unfused"].accept_lengths:
-            raise SystemExit(f"question {q}: the fused rounds drafted differently from the unfused ones")
+        for method in ("speculative", "magicdec"):
+            if res[f"{method}-fused"].accept_lengths != res[f"{method}-unfused"].accept_lengths:
+                raise SystemExit(f"question {q}: {method}'s fused rounds drafted differently from the unfused ones")
         for mode in modes:
             r = res[mode]
             n = r.output_ids.shape[1]

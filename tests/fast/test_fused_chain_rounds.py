@@ -1,9 +1,11 @@
-"""The draft-model speculative decoder's fused greedy round (:meth:`FastDraftModelDrafter.fused_round`).
+"""The fused greedy rounds of the chain drafters: draft-model speculative decoding
+(:meth:`FastDraftModelDrafter.fused_round`) and MagicDec (:meth:`FastMagicDecDrafter.fused_round`).
 
 It must give exactly what the unfused round gives -- the same drafts (so the same accept lengths, round by
 round) and the same tokens as the reference and vanilla -- through the prompt's first round (catch-up fed
 before the round), short catch-ups inside the round (1 to gamma + 1 tokens), the last rounds (fewer tokens
-left than gamma) and an EOS. On CPU the body runs eagerly under the Triton interpreter; ``-m gpu`` runs it as
+left than gamma) and an EOS; MagicDec's while its StreamingLLM view still grows (run eagerly) and once it is
+full (one shape). On CPU the body runs eagerly under the Triton interpreter; ``-m gpu`` runs it as
 CUDA graphs in bf16.
 """
 
@@ -15,6 +17,7 @@ import torch
 import specdec.fast as fast
 import specdec.ref as ref
 from lossless import tiny_model
+from specdec.fast.magicdec import FastMagicDecDrafter
 from specdec.fast.speculative import FastDraftModelDrafter
 
 VOCAB = 64
@@ -86,10 +89,34 @@ def test_fused_round_full_acceptance_and_eos(monkeypatch):
 
 def test_fused_rounds_are_off_by_default():
     """Until measured on a GPU the engine runs the unfused rounds (the flag is the only switch)."""
-    assert FastDraftModelDrafter.fuse_rounds is False
+    assert FastDraftModelDrafter.fuse_rounds is False and FastMagicDecDrafter.fuse_rounds is False
     ft = fast.as_fast_model(_model("llama", 4))
-    d = FastDraftModelDrafter(ft, 3, 64)
-    assert d.fused_round(None, 4) is None
+    assert FastDraftModelDrafter(ft, 3, 64).fused_round(None, 4) is None
+    assert FastMagicDecDrafter(ft, 3, 2, 6).fused_round(None, 4) is None
+
+
+@pytest.mark.parametrize("prompt,max_gen_len", [(REPETITIVE, 12), (REPETITIVE[:2], 10)], ids=["view-full", "view-growing"])
+def test_fused_magicdec_round_equals_unfused_reference_and_vanilla(prompt, max_gen_len, monkeypatch):
+    """sink 2 + window 6: a 17-token prompt has a full view from the first round (one shape); a 2-token one
+    grows its view round by round (eager) before it fills."""
+    target = _model("llama", 5)
+    ft = fast.as_fast_model(target)
+    ids = torch.tensor([prompt])
+    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=max_gen_len, eos_id=[], gamma=3, sink_tokens=2, window=6)
+    vanilla = ref.vanilla_generate(target, ids, ids.shape[1], max_gen_len=max_gen_len, eos_id=[]).output_ids
+    want = ref.magicdec_generate(target, **kw)
+    unfused = fast.magicdec_generate(ft, **kw)
+    calls = {"body": 0, "propose": 0}
+    body, propose = FastMagicDecDrafter._body, FastMagicDecDrafter.propose
+    monkeypatch.setattr(FastMagicDecDrafter, "fuse_rounds", True)
+    monkeypatch.setattr(FastMagicDecDrafter, "_body", lambda self, *a: (calls.__setitem__("body", calls["body"] + 1), body(self, *a))[1])
+    monkeypatch.setattr(FastMagicDecDrafter, "propose", lambda self, *a: (calls.__setitem__("propose", calls["propose"] + 1),
+                                                                        propose(self, *a))[1])
+    fused = fast.magicdec_generate(ft, **kw)
+    assert calls["propose"] == 0 and calls["body"] == fused.num - 1
+    assert torch.equal(want.output_ids, vanilla) and torch.equal(unfused.output_ids, vanilla)
+    assert torch.equal(fused.output_ids, vanilla)
+    assert fused.accept_lengths == unfused.accept_lengths == want.accept_lengths
 
 
 @pytest.mark.gpu
@@ -115,3 +142,21 @@ def test_gpu_fused_round_graphs_equal_unfused(dtype, monkeypatch):
     assert torch.equal(again.output_ids, vanilla) and again.accept_lengths == fused.accept_lengths
     after = {id(b.graph) for key, b in fd.graphs.items() if isinstance(key, tuple) and "fused-draft-round" in key}
     assert before <= after                                       # the first call's graphs were replayed, not recaptured
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_fused_magicdec_round_graph_equals_unfused(dtype, monkeypatch):
+    """On CUDA the full-view MagicDec round is one graph: same output and accept lengths as unfused rounds."""
+    ft = fast.as_fast_model(_model("llama", 5, "cuda", dtype))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (1, 400), generator=g).cuda()
+    kw = dict(input_ids=ids, prompt_length=400, max_gen_len=64, eos_id=[], gamma=3, sink_tokens=4, window=64)
+    vanilla = fast.vanilla_generate(ft, ids, 400, max_gen_len=64, eos_id=[]).output_ids
+    unfused = fast.magicdec_generate(ft, **kw)
+    monkeypatch.setattr(FastMagicDecDrafter, "fuse_rounds", True)
+    fused = fast.magicdec_generate(ft, **kw)
+    assert torch.equal(unfused.output_ids, vanilla) and torch.equal(fused.output_ids, vanilla)
+    assert fused.accept_lengths == unfused.accept_lengths
+    bodies = [b for key, b in ft.graphs.items() if isinstance(key, tuple) and "fused-magicdec-round" in key]
+    assert len(bodies) == 1 and bodies[0].graph is not None
