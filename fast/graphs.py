@@ -94,9 +94,10 @@ class StaticRound:
             use_graphs: bool, restore: Callable[[], contextlib.AbstractContextManager]) -> "StaticRound":
         """The entry ``store[key]``, made if missing or stale: ``body = make_body()`` (which may build its
         constant tensors; the body must read nothing that ``key`` and ``owners`` do not pin), static copies
-        of ``inputs`` (THIS round's values: a capture runs ``body`` three times on them, so its idempotent
-        writes are the round's own) and, with ``use_graphs``, the graph captured inside ``restore()`` (which
-        puts back what a round must not keep, e.g. the target cache's length and tree rows). ``key[0]``
+        of ``inputs`` (THIS round's values: the warm-ups run ``body`` twice on them, so its idempotent writes
+        are the round's own) and, with ``use_graphs``, the graph: two eager warm-ups, each inside
+        ``restore()`` (which puts back what a round must not keep, e.g. the target cache's length and tree
+        rows, so each starts from the round's state and stays inside the cache), then the capture. ``key[0]``
         should be the id of the cache whose reallocation must drop the entry
         (:meth:`specdec.fast.model.FastModel.ensure_cache`)."""
         entry = store.get(key)
@@ -107,8 +108,11 @@ class StaticRound:
         static = tuple(t.detach().clone() for t in inputs)
         graph, out = None, ()
         if use_graphs:
-            with restore():
-                graph, out = capture(lambda: body(*static), device=static[0].device, warmup=2)
+            for _ in range(2):   # eager warm-ups (they compile the kernels), each from the round's own state
+                with restore():
+                    body(*static)
+            # the capture records and runs nothing, so the state it starts from is the round's
+            graph, out = capture(lambda: body(*static), device=static[0].device, warmup=0)
         entry = store[key] = cls(body, static, out, graph, owners)
         return entry
 
