@@ -49,9 +49,9 @@ def _count_bodies(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("family,prompt,gamma,max_gen_len", [("llama", REPETITIVE, 3, 11), ("qwen2", REPETITIVE, 3, 11),
-                                                              ("llama", REPETITIVE[:3], 4, 9), ("llama", REPETITIVE[:1], 2, 7)],
-                         ids=["long-prompt", "long-prompt-qwen2", "short-prompt", "one-token"])
+@pytest.mark.parametrize("family,prompt,gamma,max_gen_len", [("qwen2", REPETITIVE, 3, 11), ("llama", REPETITIVE[:3], 4, 9),
+                                                              ("llama", REPETITIVE[:1], 2, 7)],
+                         ids=["long-prompt-qwen2", "short-prompt", "one-token"])
 def test_fused_round_equals_unfused_reference_and_vanilla(family, prompt, gamma, max_gen_len, monkeypatch):
     target, draft = _model(family, 1), _model(family, 2)
     ft, fd = fast.as_fast_model(target), fast.as_fast_model(draft)
