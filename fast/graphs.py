@@ -91,10 +91,10 @@ class StaticRound:
 
     @classmethod
     def get(cls, store: dict, key: tuple, owners: tuple, make_body: Callable[[], Callable[..., tuple]], inputs: tuple,
-            use_graphs: bool, restore: Callable[[], contextlib.AbstractContextManager]) -> "StaticRound":
+            device: torch.device, use_graphs: bool, restore: Callable[[], contextlib.AbstractContextManager]) -> "StaticRound":
         """The entry ``store[key]``, made if missing or stale: ``body = make_body()`` (which may build its
         constant tensors; the body must read nothing that ``key`` and ``owners`` do not pin), static copies
-        of ``inputs`` (THIS round's values: the warm-ups run ``body`` twice on them, so its idempotent writes
+        of ``inputs`` on ``device`` (THIS round's values, from wherever they are: the warm-ups run ``body`` twice on them, so its idempotent writes
         are the round's own) and, with ``use_graphs``, the graph: two eager warm-ups, each inside
         ``restore()`` (which puts back what a round must not keep, e.g. the target cache's length and tree
         rows, so each starts from the round's state and stays inside the cache), then the capture. ``key[0]``
@@ -105,19 +105,20 @@ class StaticRound:
                 and all(a is b for a, b in zip(entry.owners, owners)):
             return entry
         body = make_body()
-        static = tuple(t.detach().clone() for t in inputs)
+        static = tuple(t.detach().to(device, copy=True) for t in inputs)
         graph, out = None, ()
         if use_graphs:
             for _ in range(2):   # eager warm-ups (they compile the kernels), each from the round's own state
                 with restore():
                     body(*static)
             # the capture records and runs nothing, so the state it starts from is the round's
-            graph, out = capture(lambda: body(*static), device=static[0].device, warmup=0)
+            graph, out = capture(lambda: body(*static), device=device, warmup=0)
         entry = store[key] = cls(body, static, out, graph, owners)
         return entry
 
     def run(self, *inputs: torch.Tensor) -> tuple:
-        """Copy this round's ``inputs`` into the static ones, then replay the graph (or run the body eagerly)."""
+        """Copy this round's ``inputs`` (host or device tensors) into the static ones, then replay the graph (or
+        run the body eagerly)."""
         for dst, src in zip(self.inputs, inputs):
             dst.copy_(src, non_blocking=True)
         if self.graph is None:

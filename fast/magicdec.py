@@ -23,7 +23,7 @@ import torch
 
 from einops import rearrange
 
-from specdec.fast.engine import FastDrafter, FusedRound, check_drafts_fit, run_speculative_fast, verify_and_accept
+from specdec.fast.engine import FastDrafter, FusedRound, TreeTensors, check_drafts_fit, run_speculative_fast, verify_and_accept
 from specdec.fast.graphs import StaticRound
 from specdec.fast.model import FastModel, StaticKVCache, as_fast_model, run_step, step_forward
 from specdec.shared.keyed import keyed_choice
@@ -99,29 +99,26 @@ class FastMagicDecDrafter(FastDrafter):
         rows = streaming_rows(L, self.sink_tokens, self.window)
         s = rows.numel()
         d = min(self.gamma, state.max_drafts)
-        pack = torch.cat([torch.tensor([L, d, state.tokens[-1]], dtype=torch.long), rows]).to(fm.device)
+        pack = torch.cat([torch.tensor([L, d, state.tokens[-1]], dtype=torch.long), rows])
         if s < self.sink_tokens + self.window:     # the view still grows: a new shape each round, run eagerly
-            packed, logits, _ = self._make_body(main, s)(pack)
+            packed, logits, _ = self._make_body(main, s)(pack.to(fm.device))
         else:
             key = (id(main), "fused-magicdec-round", s, self.gamma)
             use_graphs = fm.use_graphs and fm.rope_table is not None
             round_ = StaticRound.get(fm.graphs, key, (self.scratch, fm.rope_table), lambda: self._make_body(main, s), (pack,),
-                                     use_graphs, lambda: main.restored_tree_rows(self.gamma + 1))
+                                     fm.device, use_graphs, lambda: main.restored_tree_rows(self.gamma + 1))
             packed, logits, _ = round_.run(pack)
         return FusedRound(packed, logits, 1 + d)
 
     def _make_body(self, main: StaticKVCache, s: int):
         """The fused round's body for a view of ``s`` rows (:class:`~specdec.fast.graphs.StaticRound`), with its
-        constant tensors: the chain's parents, depth, ancestor mask and node index, and each draft step's
-        prefix length in the scratch cache (``s + i``)."""
+        constant tensors: the chain's (its own :class:`~specdec.fast.engine.TreeTensors`, which the graph reads
+        by address) and each draft step's prefix length in the scratch cache (``s + i``)."""
         g, dev = self.gamma, self.target.device
-        chain = Tree.chain(g)
-        chain_t = (torch.tensor(chain.parents, dtype=torch.long, device=dev), torch.tensor(chain.depth, dtype=torch.long, device=dev),
-                   chain.ancestor_mask().to(dev), torch.arange(g + 1, device=dev),
-                   torch.arange(s, s + g, dtype=torch.int32, device=dev)[:, None])
-        return lambda pack: self._body(main, pack, chain_t)
+        consts = (TreeTensors(Tree.chain(g), g + 1, dev), torch.arange(s, s + g, dtype=torch.int32, device=dev)[:, None])
+        return lambda pack: self._body(main, pack, consts)
 
-    def _body(self, main: StaticKVCache, pack: torch.Tensor, chain_t: tuple) -> tuple:
+    def _body(self, main: StaticKVCache, pack: torch.Tensor, consts: tuple) -> tuple:
         """The fused round on device tensors only (graph-capturable; shapes fixed by the view's size and gamma).
 
         ``pack``: the verified length ``L``, the number ``d`` of drafts that may be accepted, the root token,
@@ -130,7 +127,7 @@ class FastMagicDecDrafter(FastDrafter):
         (greedy, as :meth:`propose`), verifies ``[root, d_1..d_gamma]`` against ``main`` and accepts greedily
         among the first ``1 + d`` nodes. Returns ``(packed, target logits [gamma + 1, V], node tokens)``."""
         fm, scratch, g = self.target, self.scratch, self.gamma
-        parents, depth, ancestor, node_index, prefix = chain_t
+        chain, prefix = consts
         L, d, token = pack[0:1], pack[1], pack[2:3][None]
         rows = pack[3:]
         s = rows.numel()
@@ -140,12 +137,12 @@ class FastMagicDecDrafter(FastDrafter):
         nodes = [token[0]]
         for i in range(g):
             # 2. draft i + 1: one step over the view at the true position L + i, then its argmax
-            logits = step_forward(fm, scratch, token, (L + i)[None], ancestor[None, :1, :1], prefix[i])[0, -1]
+            logits = step_forward(fm, scratch, token, (L + i)[None], chain.mask[:, :1, :1], prefix[i])[0, -1]
             token = torch.argmax(logits)[None, None]
             nodes.append(token[0])
         node_tokens = torch.cat(nodes)                                        # [gamma + 1]: root, d_1..d_gamma
         # 3-4. verify the chain on the full cache, accept among its first 1 + d nodes, compact
-        vlogits, packed = verify_and_accept(fm, main, node_tokens, parents, depth, ancestor, node_index <= d)
+        vlogits, packed = verify_and_accept(fm, main, node_tokens, chain.parents, chain.depth, chain.ancestor, chain.depth <= d)
         return packed, vlogits, node_tokens
 
     @classmethod

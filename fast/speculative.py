@@ -18,7 +18,7 @@ import itertools
 
 import torch
 
-from specdec.fast.engine import FastDrafter, FusedRound, check_drafts_fit, run_speculative_fast, verify_and_accept
+from specdec.fast.engine import FastDrafter, FusedRound, TreeTensors, check_drafts_fit, run_speculative_fast, verify_and_accept
 from specdec.fast.graphs import StaticRound
 from specdec.fast.model import MAX_TREE_NODES, FastModel, StaticKVCache, as_fast_model, prefill, run_step, step_forward
 from specdec.shared.batch import longest_prompt
@@ -137,12 +137,12 @@ class FastDraftModelDrafter(FastDrafter):
         else:
             seed = None
             pack = torch.tensor([self.cache.length, d, *new], dtype=torch.long)
-        dm = self.model
-        key = (id(self.cache), "fused-draft-round", pack.numel() - 2, self.gamma, fed)
+        dm, k = self.model, pack.numel() - 2
+        key = (id(self.cache), "fused-draft-round", k, self.gamma, fed)
         use_graphs = dm.use_graphs and target.use_graphs and dm.rope_table is not None and target.rope_table is not None
-        inputs = (pack.to(dm.device), seed) if fed else (pack.to(dm.device),)
+        inputs = (pack, seed) if fed else (pack,)
         round_ = StaticRound.get(dm.graphs, key, (target, cache, dm.rope_table, target.rope_table),
-                                 lambda: self._make_body(target, cache, pack.numel() - 2), inputs, use_graphs,
+                                 lambda: self._make_body(target, cache, k), inputs, dm.device, use_graphs,
                                  lambda: cache.restored_tree_rows(self.gamma + 1))
         packed, logits, node_tokens = round_.run(*inputs)
         self.cached = list(state.tokens)
@@ -151,16 +151,14 @@ class FastDraftModelDrafter(FastDrafter):
 
     def _make_body(self, target: FastModel, cache: StaticKVCache, k: int):
         """The fused round's body for ``k`` catch-up tokens (:class:`~specdec.fast.graphs.StaticRound`), with its
-        constant tensors: the chain's parents, depth, ancestor mask and node index, the catch-up's causal mask
-        and offsets."""
+        constant tensors: the chain's (its own :class:`~specdec.fast.engine.TreeTensors`, which the graph reads
+        by address), the catch-up's causal mask and offsets."""
         g, dev = self.gamma, self.model.device
-        chain = Tree.chain(g)
-        chain_t = (torch.tensor(chain.parents, dtype=torch.long, device=dev), torch.tensor(chain.depth, dtype=torch.long, device=dev),
-                   chain.ancestor_mask().to(dev), torch.arange(g + 1, device=dev),
-                   torch.ones(1, k, k, dtype=torch.bool, device=dev).tril_(), torch.arange(k, device=dev))
-        return lambda pack, seed=None: self._body(target, cache, pack, chain_t, seed)
+        consts = (TreeTensors(Tree.chain(g), g + 1, dev), torch.ones(1, k, k, dtype=torch.bool, device=dev).tril_(),
+                  torch.arange(k, device=dev))
+        return lambda pack, seed=None: self._body(target, cache, pack, consts, seed)
 
-    def _body(self, target: FastModel, cache: StaticKVCache, pack: torch.Tensor, chain_t: tuple,
+    def _body(self, target: FastModel, cache: StaticKVCache, pack: torch.Tensor, consts: tuple,
               seed: torch.Tensor | None) -> tuple:
         """The fused round on device tensors only (graph-capturable; shapes fixed by ``k`` and gamma).
 
@@ -171,7 +169,7 @@ class FastDraftModelDrafter(FastDrafter):
         accepts greedily among the first ``1 + d`` nodes. Returns ``(packed, target logits [gamma + 1, V],
         node tokens [gamma + 1])``."""
         dm, g = self.model, self.gamma
-        parents, depth, ancestor, node_index, causal, ar = chain_t
+        chain, causal, ar = consts
         k = ar.numel()
         base, d = pack[0:1], pack[1]
         tokens = pack[2:][None]                                               # [1, k]; the root last
@@ -190,7 +188,7 @@ class FastDraftModelDrafter(FastDrafter):
                 logits = step_forward(dm, self.cache, x[None], at[None], causal[:, :1, :1], at.to(torch.int32))[0, -1]
         node_tokens = torch.cat(nodes)                                        # [gamma + 1]: root, d_1..d_gamma
         # 3-4. verify the chain, accept greedily among its first 1 + d nodes, compact the target's KV
-        vlogits, packed = verify_and_accept(target, cache, node_tokens, parents, depth, ancestor, node_index <= d)
+        vlogits, packed = verify_and_accept(target, cache, node_tokens, chain.parents, chain.depth, chain.ancestor, chain.depth <= d)
         return packed, vlogits, node_tokens
 
 

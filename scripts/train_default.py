@@ -337,7 +337,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
 
     torch.manual_seed(args.seed)
     cfg = make_config(arch, tok, args.max_positions, args.rope_theta)
-    init = getattr(args, "init", None) if teacher is None else None
+    init = args.init if name == "target" else None
     if init:  # continue a saved target (e.g. a short-window phase) at this run's windows and positions
         model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
         got = {k: getattr(model.config, k) for k in arch}
