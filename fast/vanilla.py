@@ -1,16 +1,20 @@
 """Fast plain decoding: static cache, chunked prefill, one CUDA-graph replay per token.
 
 Must match :func:`specdec.ref.vanilla.vanilla_generate` token for token (greedy, fp32).
-The loop keeps the next token on the device; the host reads it once per step only to check EOS.
-Greedy under tensor parallelism (:mod:`specdec.fast.tp`) takes the argmax over the ranks' vocabulary
-slices without gathering the logits.
+The loop keeps the next token on the device; the host reads the new tokens once per step (the EOS
+check). Greedy under tensor parallelism (:mod:`specdec.fast.tp`) takes the argmax over the ranks'
+vocabulary slices without gathering the logits.
 ``sampling="keyed"``: the token at position t of row b is the keyed choice (seed, b, t), exactly as
 the reference (:func:`specdec.shared.keyed.sample_next`).
 
-A batch (docs/design.md §11) takes every input form of :mod:`specdec.shared.batch`. Rows of equal
-prompt length decode together in one static-cache batch; prompts of different lengths are decoded
-one length group after another (the static cache keeps one length for all its rows), each row
-keeping its own sequence id, so every row's tokens are the reference's.
+A batch (docs/design.md §11) takes every input form of :mod:`specdec.shared.batch` and decodes ALL its
+rows together, whatever their prompt lengths: each row is prefilled alone into its slice of one static
+[B] cache, whose per-row lengths live in ``cache.length_t`` (the decode attention reads a [B]
+``prefix_len``), and every step is ONE target pass (one graph replay) that feeds each unfinished row its
+last token at its own position. A row that finished (EOS or ``max_gen_len``) stays in the pass as a
+dummy whose prefix length is 0, so it reads none of its cache. The decode phase is row-invariant
+(§8), so each row's tokens are the prompt's decoded alone; rejection sampling draws the unfinished
+rows from the one generator in one call per step, as the reference does.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from specdec.fast.model import FastModel, as_fast_model, prefill, run_step
 from specdec.shared.batch import normalize_prompts
 from specdec.shared.keyed import resolve_sampling, sample_next
-from specdec.shared.result import GenerationResult, finalize_output, normalize_eos, sync
+from specdec.shared.result import GenerationResult, normalize_eos, sync
 from specdec.shared.sampling import SamplingParams
 from specdec.shared.validate import check_generator
 
@@ -50,50 +54,63 @@ def vanilla_generate(
     check_generator(generator)
     sp, generator = resolve_sampling(sp, generator, fm.device)
     eos = normalize_eos(eos_id, fm.config.eos_token_ids, fm.config.vocab_size)
-    out: list[list[int]] = [[] for _ in range(batch.size)]
-    num, elapsed, prefill_time = 0, 0.0, 0.0
-    for n in sorted(set(batch.lengths)):  # one static-cache batch per prompt length
-        rows = [b for b, m in enumerate(batch.lengths) if m == n]
-        steps, e, pt = _decode_group(fm, torch.stack([batch.rows[b] for b in rows]), rows, max_gen_len, eos, sp, generator)
-        for i, b in enumerate(rows):
-            out[b] = [int(s[i]) for s in steps]
-        num, elapsed, prefill_time = num + len(steps), elapsed + e, prefill_time + pt
-    # Each row is cut after its first EOS (its group may have run on for other rows); one pass per token.
-    rows_out = [finalize_output(o, [False] * len(o), eos, max_gen_len)[0] for o in out]
-    return GenerationResult.from_batch(rows_out, [[False] * len(r) for r in rows_out], eos, max_gen_len, num, elapsed,
-                                       prefill_time, [[1] * len(r) for r in rows_out])
+    dev, b, lengths = fm.device, batch.size, list(batch.lengths)
+    cache = fm.ensure_cache(b, max(lengths) + max_gen_len + 1)
 
-
-def _decode_group(fm: FastModel, prompt: torch.Tensor, seq_ids: list[int], max_gen_len: int, eos: list[int],
-                  sp: SamplingParams, generator) -> tuple[list[torch.Tensor], float, float]:
-    """Decode prompts of one length [b, t] together; row i is keyed sampling's sequence ``seq_ids[i]``.
-    Returns (one [b] token tensor per target pass, decode seconds, prefill seconds)."""
-    eos_t = torch.tensor(eos, dtype=torch.long, device=fm.device)
-    b, t = prompt.shape
-    cache = fm.ensure_cache(b, t + max_gen_len + 1)
-
+    # 1. Prefill: every row alone into its slice of the batch cache (its own length); row b's last prompt
+    #    position predicts its first token, at position len_b.
     t0 = time.perf_counter()
-    logits = prefill(fm, cache, prompt)
-    token = sample_next(logits, sp, generator, t, seq_ids=seq_ids)  # [B], the token at position t
-    sync(fm.device)
+    last = []
+    for r in range(b):
+        view = cache.row(r, 0)
+        last.append(prefill(fm, view, batch.rows[r][None])[0])
+        view.set_length(lengths[r])
+    token = sample_next(torch.stack(last), sp, generator, lengths)   # [B]
+    out = [[t] for t in token.tolist()]
+    sync(dev)
     prefill_time = time.perf_counter() - t0
-    generated = [token]
-    done = torch.isin(token, eos_t)
-    mask = torch.ones(b, 1, 1, dtype=torch.bool, device=fm.device)
+    num = 1
 
-    # Greedy under tensor parallelism: the argmax is taken across the ranks' vocabulary slices (one int64
-    # key per row and rank exchanged) instead of gathering every rank's logits.
+    def finished(r: int) -> bool:
+        return len(out[r]) >= max_gen_len or out[r][-1] in eos
+
+    # 2. Decode: one target pass per token for all rows; each row reads its own prefix (cache.length_t[r])
+    #    and writes its new K/V there. Greedy under tensor parallelism: the argmax across the ranks'
+    #    vocabulary slices (one int64 key per row and rank exchanged) instead of gathering the logits.
     sharded_argmax = fm.tp is not None and sp.greedy
+    mask = torch.ones(b, 1, 1, dtype=torch.bool, device=dev)
+    active = list(range(b))
     t1 = time.perf_counter()
-    while len(generated) < max_gen_len and not bool(done.all()):  # one host sync per token (EOS check)
-        pos = torch.full((b, 1), cache.length, dtype=torch.long, device=fm.device)
-        logits = run_step(fm, cache, token[:, None], pos, mask, gather=not sharded_argmax)
-        cache.set_length(cache.length + 1)
+    while True:
+        still = [r for r in active if not finished(r)]
+        if not still:
+            break
+        if len(still) < len(active):   # rows that finished read no cache from now on (prefix length 0)
+            gone = torch.tensor([r for r in active if r not in still], device=dev)
+            cache.length_t[gone] = 0
+            active = still
+        cache.length = max(lengths[r] + len(out[r]) - 1 for r in active)   # the longest row (the overflow check)
+        positions = cache.length_t.long()[:, None]   # row r's fed token sits at position len_r + emitted - 1
+        logits = run_step(fm, cache, token[:, None], positions, mask, gather=not sharded_argmax)[:, -1]
+        rows = None if len(active) == b else torch.tensor(active, device=dev)
+        cache.length_t[rows if rows is not None else slice(None)] += 1
         if sharded_argmax:
-            token = fm.tp.argmax(logits[:, -1], fm.config.vocab_size)
+            new = fm.tp.argmax(logits, fm.config.vocab_size)
+            new = new if rows is None else new[rows]
         else:
-            token = sample_next(logits[:, -1], sp, generator, t + len(generated), seq_ids=seq_ids)
-        generated.append(token)
-        done |= torch.isin(token, eos_t)
-    sync(fm.device)
-    return generated, time.perf_counter() - t1, prefill_time
+            new = sample_next(logits if rows is None else logits[rows], sp, generator,
+                              [lengths[r] + len(out[r]) for r in active], seq_ids=active)
+        if rows is None:
+            token = new
+        else:
+            token = token.clone()
+            token[rows] = new
+        num += 1
+        for r, t in zip(active, new.tolist()):   # the step's one read-back
+            out[r].append(t)
+    sync(dev)
+    elapsed = time.perf_counter() - t1
+
+    # 3. Each row is cut after its first EOS (finished rows padded with it); one target pass per token.
+    return GenerationResult.from_batch(out, [[False] * len(o) for o in out], eos, max_gen_len, num, elapsed,
+                                       prefill_time, [[1] * len(o) for o in out])

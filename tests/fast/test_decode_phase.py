@@ -167,8 +167,8 @@ def test_cache_memory_check_names_the_largest_batch_that_fits():
 
 @pytest.mark.gpu
 def test_gpu_a_row_never_depends_on_its_batch_mates_prefill_included():
-    """The embedded default model in bf16, a batch with prompts of EQUAL lengths (vanilla decodes a length
-    group together) and of other lengths: every row of batched vanilla == that prompt decoded alone, and
+    """The embedded default model in bf16, a batch with prompts of EQUAL lengths and of other lengths (vanilla
+    decodes all of them in one batch): every row of batched vanilla == that prompt decoded alone, and
     batched tree speculation and MagicDec == batched vanilla, bitwise. Equal-length rows once shared one
     prefill whose GEMMs rounded differently from a lone prompt's (BENCHMARKS "batched decoding": B = 32)."""
     import specdec.fast as fast

@@ -43,10 +43,27 @@ def test_fast_vanilla_ragged_batch_equals_ref_and_alone(pair):
         ff = fast.vanilla_generate(ftarget, *form, **kw)
         assert torch.equal(ff.output_ids, rr.output_ids), form
         assert ff.row_lengths == rr.row_lengths and ff.row_nums == rr.row_nums
+        # ONE batch whatever the prompt lengths: one target pass per step for all rows (not one per length group)
+        assert ff.num == rr.num == max(rr.row_lengths), (ff.num, rr.num)
     assert rr.row_lengths[2] <= 3 and rr.output_ids[2, rr.row_lengths[2] - 1] == eos
     for b, p in enumerate(PROMPTS):
         one = ref.vanilla_generate(target, [p], len(p), **kw)
         assert torch.equal(rr.row(b).output_ids, one.output_ids), b
+
+
+def test_fast_vanilla_ragged_batch_draws_like_the_reference(pair):
+    """Rejection sampling over a ragged batch: every step draws the unfinished rows from the one generator in
+    one call, as the reference does -- so with the same generator seed fast == ref token for token (fp32),
+    including after a row has finished early and left the draws."""
+    target, ftarget = pair
+    kw = dict(max_gen_len=7, temperature=1.0, top_k=8)
+    first = ref.vanilla_generate(target, PROMPTS, None, eos_id=[], generator=torch.Generator().manual_seed(3), **kw)
+    eos = int(first.output_ids[1, 1])   # row 1 finishes at its second token, the others draw on without it
+    rr = ref.vanilla_generate(target, PROMPTS, None, eos_id=[eos], generator=torch.Generator().manual_seed(3), **kw)
+    ff = fast.vanilla_generate(ftarget, PROMPTS, None, eos_id=[eos], generator=torch.Generator().manual_seed(3), **kw)
+    assert rr.row_lengths[1] == 2 and max(rr.row_lengths) == 7
+    assert torch.equal(ff.output_ids, rr.output_ids)
+    assert ff.row_lengths == rr.row_lengths and ff.num == rr.num
 
 
 def test_fast_vanilla_keyed_rows_keep_their_sequence_ids(pair):
@@ -54,7 +71,7 @@ def test_fast_vanilla_keyed_rows_keep_their_sequence_ids(pair):
     kw = dict(max_gen_len=5, eos_id=[], temperature=1.0, sampling="keyed", seed=11)
     rr = ref.vanilla_generate(target, PROMPTS, None, **kw)
     ff = fast.vanilla_generate(ftarget, PROMPTS, None, **kw)
-    assert torch.equal(ff.output_ids, rr.output_ids)  # groups by length, but row b is still sequence b
+    assert torch.equal(ff.output_ids, rr.output_ids)  # one batch, and row b is still sequence b
     assert torch.equal(ff.row(0).output_ids, fast.vanilla_generate(ftarget, [PROMPTS[0]], None, **kw).output_ids)
 
 
