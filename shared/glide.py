@@ -61,6 +61,7 @@ from typing import Any
 import torch
 
 from specdec.shared.config import ModelConfig
+from specdec.shared.sampling import TIE_SLACK, stable_topk
 from specdec.shared.tree_search import AcceptanceStats, acceptance_file_for
 from specdec.shared.weights import iter_checkpoint, one_line_repr, resolve_dtype
 
@@ -454,8 +455,6 @@ def init_glide_weights(
     return Glide(cfg, weights, source="init")
 
 
-TIE_SLACK = 16
-"""Extra candidates :func:`beam_level` ranks beyond ``k`` before it checks for a tie at the cut."""
 
 
 def beam_level(cum_logprob: torch.Tensor, draft_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -484,21 +483,14 @@ def beam_level(cum_logprob: torch.Tensor, draft_logprobs: torch.Tensor, k: int) 
     scores2d = cum_logprob.float()[:, None] + draft_logprobs.float()  # [n, V]
     scores2d = torch.where(torch.isnan(scores2d), float("-inf"), scores2d)  # NaN counts as -inf
     scores = scores2d.reshape(-1)  # [n * V], node-major: flat index = node * V + token
-    # The k best of n * V pairs: take a few more than k with topk (fast, no full sort), then order those
-    # by score with a stable sort over ascending flat index -- equal scores keep flat-index order.
+    # The k best of n * V pairs in stable order (equal scores keep flat-index order), without a full sort.
     kk = min(k + TIE_SLACK, n * v)
+    cand = None
     if n > 1 and kk < v:
         # two stages (same set): every pair among the kk best overall is among its own row's kk best,
         # and n row-wise top-kk's run in parallel where one top-kk over n * V runs on one block
         row_best = torch.topk(scores2d, kk, dim=1)
         flat = (row_best.indices + torch.arange(n, device=scores.device)[:, None] * v).reshape(-1)
         cand = flat[torch.topk(row_best.values.reshape(-1), kk).indices]
-    else:
-        cand = torch.topk(scores, kk).indices
-    cand = torch.sort(cand).values
-    order = cand[torch.sort(-scores[cand], stable=True).indices[:k]]
-    if kk < n * v and bool(scores[cand].min() == scores[order[-1]]):
-        # the k-th score also ends the kk candidates: pairs tied with it may have been cut by topk (which
-        # breaks ties arbitrarily) -- rank every pair instead (rare: only with many exactly equal scores)
-        order = torch.sort(-scores, stable=True).indices[:k]
+    order = stable_topk(scores, k, candidates=cand)
     return order // v, order % v, scores[order]

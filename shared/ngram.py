@@ -71,7 +71,11 @@ class NgramPool:
 
     def continuation(self, ngram: Sequence[int], limit: int | None = None) -> list[int]:
         """Tokens that followed the latest occurrence of ``ngram`` (up to ``limit`` or num_pred_tokens); [] if unseen."""
-        e = self._end.get(tuple(int(t) for t in ngram))
+        return self._follow(tuple(int(t) for t in ngram), limit)
+
+    def _follow(self, key: tuple[int, ...], limit: int | None) -> list[int]:
+        """:meth:`continuation` of an l-gram given as a tuple of ints."""
+        e = self._end.get(key)
         if e is None:
             return []
         k = self.num_pred_tokens if limit is None else min(limit, self.num_pred_tokens)
@@ -79,9 +83,9 @@ class NgramPool:
 
     def lookup(self, query: Sequence[int], limit: int | None = None) -> list[int]:
         """Continuation of the longest suffix of ``query`` (length max_ngram_size .. 1) found in the pool."""
-        q = [int(t) for t in query[-self.max_ngram_size:]]  # only the suffix matters: O(1) in the context length
-        for l in range(min(self.max_ngram_size, len(q)), 0, -1):
-            cont = self.continuation(q[-l:], limit)
+        q = tuple(int(t) for t in query[-self.max_ngram_size:])  # only the suffix matters: O(1) in the context length
+        for l in range(len(q), 0, -1):
+            cont = self._follow(q[-l:], limit)
             if cont:
                 return cont
         return []

@@ -18,9 +18,10 @@ import torch
 
 from specdec.shared.ngram import NgramPool, Trie
 from specdec.shared.round import Draft, RoundState
+from specdec.shared.sampling import stable_topk
 from specdec.shared.tree import Tree
 
-__all__ = ["PromptLookupDrafter", "LogitSpecDrafter", "guess_branch_length"]
+__all__ = ["PromptLookupDrafter", "LogitSpecDrafter", "guess_branch_length", "guess_order"]
 
 
 class PromptLookupDrafter:
@@ -46,6 +47,18 @@ def guess_branch_length(rank: int) -> int:
     return 1
 
 
+def guess_order(last_logits: torch.Tensor, capacity: int) -> list[int]:
+    """The token ids LogitSpec may try as guesses, best logit first (equal logits: lower id first; a NaN logit
+    ranks as -inf): the first ``capacity + 1`` of that order -- all a tree of ``capacity`` drafts can use.
+    Each guess adds its token as a new child of the root unless it is the root's own token or the first token
+    of branch 0 (which then already gave the tree a node), so ``capacity + 1`` guesses fill the tree. Exactly
+    the prefix of a full stable sort (:func:`specdec.shared.sampling.stable_topk`) without sorting the whole
+    vocabulary; the logits stay where they are (on the GPU only the candidates are read back)."""
+    scores = last_logits.float().reshape(-1)
+    scores = torch.where(torch.isnan(scores), float("-inf"), scores)
+    return stable_topk(scores, capacity + 1).tolist()
+
+
 class LogitSpecDrafter:
     """Draft trees from the n-gram pool and the last logit's next-next-token guesses."""
 
@@ -62,9 +75,10 @@ class LogitSpecDrafter:
         trie = Trie(root)
         # 2. Branch 0: continuation of the longest suffix of (context + root).
         trie.insert(self.pool.lookup(tokens, limit=depth), max_new_nodes=capacity)
-        # 3-4. Guess branches from the same last logit, best first, until the tree is full.
-        if state.last_logits is not None:
-            order = torch.sort(state.last_logits.float().cpu(), descending=True, stable=True).indices.tolist()
+        # 3-4. Guess branches from the same last logit, best first (ties: lower id first), until the tree is full.
+        if state.last_logits is not None and capacity > 0:
+            order = guess_order(state.last_logits, capacity)
+            suffix = tokens[-self.pool.max_ngram_size:]  # all the pool looks at (no copy of the whole context)
             rank = 0
             for g in order:
                 if trie.num_drafts >= capacity:
@@ -73,7 +87,6 @@ class LogitSpecDrafter:
                     continue
                 rank += 1
                 keep = min(guess_branch_length(rank), depth)
-                suffix = tokens[-self.pool.max_ngram_size:]  # all the pool looks at (no copy of the whole context)
                 branch = [g] + (self.pool.lookup(suffix + [g], limit=keep - 1) if keep > 1 else [])
                 trie.insert(branch, max_new_nodes=capacity - trie.num_drafts)
         node_tokens, parents = trie.bfs()

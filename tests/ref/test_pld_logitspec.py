@@ -119,6 +119,42 @@ def test_logitspec_draft_tree_shape():
     assert LogitSpecDrafter(3, 20, 64).propose(state).tree.size == 1
 
 
+def test_logitspec_guesses_need_only_the_top_capacity_plus_one(monkeypatch):
+    """The drafter ranks only the first capacity + 1 logits (guess_order) instead of sorting the whole
+    vocabulary: its trees are exactly those of a full stable sort, for tie-heavy logits, every small capacity,
+    the root and branch 0's first token at the top of the order (the two guesses that add no root child), a
+    draft depth of one (every other guess adds exactly one node, so the tree fills at the last guess ranked),
+    with and without a branch 0, and a NaN logit (ranked as -inf)."""
+    import specdec.shared.retrieval as retrieval
+
+    def full_order(last_logits, capacity):   # the definition: every id, stable descending, NaN as -inf
+        s = last_logits.float().reshape(-1)
+        s = torch.where(torch.isnan(s), float("-inf"), s)
+        return torch.sort(s, descending=True, stable=True).indices.tolist()
+
+    model = tiny_model("llama", vocab=100, seed=0, layers=1, hidden=16, heads=2, kv_heads=1)
+    text = list(range(10, 40)) + list(range(40, 70)) + [10, 11]   # root 11; the pool continues it with 12, 13, ...
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for trial in range(6):
+        logits = torch.randint(0, 3, (100,), generator=g).float()   # three values: ties everywhere
+        if trial % 2 == 0:
+            logits[11], logits[12] = 9.0, 8.0                       # root first, then branch 0's first token
+        if trial == 4:
+            logits[50] = float("nan")
+        cases.append(logits)
+    no_branch0 = list(range(10, 70)) + [99]   # root 99 never occurred before: branch 0 is empty
+    for logits in cases:
+        for capacity, budget, ctx in [(c, b, t) for c in (1, 2, 3, 5, 17, 64) for b in (100, 2) for t in (text, no_branch0)]:
+            state = RoundState(ctx, model, new_cache(model), logits, SamplingParams(), None, budget=budget)
+            fast_d = LogitSpecDrafter(3, 20, capacity).propose(state)
+            with monkeypatch.context() as m:
+                m.setattr(retrieval, "guess_order", full_order)
+                want = LogitSpecDrafter(3, 20, capacity).propose(state)
+            assert fast_d.tokens.tolist() == want.tokens.tolist() and fast_d.tree == want.tree, capacity
+            assert fast_d.tree.size - 1 == capacity
+
+
 # ---------------------------------------------------------------------------------------------
 # Greedy: identical to vanilla
 # ---------------------------------------------------------------------------------------------

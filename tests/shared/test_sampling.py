@@ -24,6 +24,8 @@ from specdec.shared.sampling import (
     sample_from_probs,
     top_k_filter,
     top_p_filter,
+    TIE_SLACK,
+    stable_topk,
 )
 
 V = 50
@@ -302,3 +304,35 @@ def test_vanilla_first_token_distribution(tiny_model):
     freq = torch.bincount(res.output_ids[:, 0], minlength=probs.shape[0]).float() / n
     assert (freq[probs == 0] == 0).all()
     assert 0.5 * (freq - probs).abs().sum() < 0.05
+
+
+def _full_stable_order(scores: torch.Tensor, k: int) -> list[int]:
+    return torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
+
+
+@pytest.mark.parametrize("kind", ["random", "few_values", "all_equal", "tie_at_cut", "with_inf"])
+@pytest.mark.parametrize("k", [0, 1, 5, 40, 70, 200])
+def test_stable_topk_is_the_prefix_of_a_stable_sort(kind, k):
+    """Exactly the first k of a stable descending sort (equal scores: lower index first), whatever the ties --
+    including more ties at the cut than TIE_SLACK, where topk alone would pick arbitrary tied indices."""
+    g = torch.Generator().manual_seed(7)
+    n = 100
+    if kind == "random":
+        scores = torch.randn(n, generator=g)
+    elif kind == "few_values":
+        scores = torch.randint(0, 4, (n,), generator=g).float()
+    elif kind == "all_equal":
+        scores = torch.zeros(n)
+    elif kind == "tie_at_cut":   # 10 clear winners, then 60 equal scores, then lower ones
+        scores = torch.cat([torch.arange(10, 0, -1).float() + 5, torch.full((60,), 3.0), torch.rand(30, generator=g)])
+        scores = scores[torch.randperm(n, generator=g)]
+    else:
+        scores = torch.randn(n, generator=g)
+        scores[::3] = float("-inf")
+    got = stable_topk(scores, k).tolist()
+    assert got == _full_stable_order(scores, k)
+    assert len(got) == min(k, n)
+    # the caller may hand in the candidates (any order): same answer
+    kk = min(k + TIE_SLACK, n)
+    cand = torch.topk(scores, kk).indices.flip(0)
+    assert stable_topk(scores, k, candidates=cand).tolist() == got
