@@ -36,6 +36,13 @@ class SlidingCache:
         self.n = 0
         self.base = 0
 
+    @classmethod
+    def from_buffers(cls, k: torch.Tensor, v: torch.Tensor, window: int) -> "SlidingCache":
+        """A cache over given K/V buffers [B, Hkv, rows, D] (a batched round's stacked row caches), empty."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.window, cache.n, cache.base = k, v, window, 0, 0
+        return cache
+
     def make_room(self, count: int) -> None:
         """Ensure ``count`` more prefix rows fit in ``2 * window`` rows by dropping unreachable ones."""
         if self.n + count <= 2 * self.window:

@@ -131,6 +131,21 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         self._ahead_buf: CapturedRound | None = None  # the device-driven round of this call (graph or eager buffers)
         self._seq_ready = False  # seq holds this call's tokens
 
+    batch_rounds: bool = True
+    """Draft the rows of a batch together (:mod:`specdec.fast.glide.batch`: one draft-layer pass per step for all
+    rows) where :func:`~specdec.fast.glide.batch.can_batch` allows; off: row after row (for A/B measurements)."""
+
+    @classmethod
+    def propose_rows(cls, drafters: list["FastGlideDrafter"], rows: list[int], states: list[RoundState],
+                     cache) -> list[Draft]:
+        """Step 1 for several batch rows: one batched round (:func:`specdec.fast.glide.batch.propose_batch`)
+        when :attr:`batch_rounds` is on and the rows allow it, else each row's :meth:`propose` in turn."""
+        from specdec.fast.glide.batch import can_batch, propose_batch
+
+        if cls.batch_rounds and can_batch(drafters, states):
+            return propose_batch(drafters, rows, states, cache)
+        return [d.propose(st) for d, st in zip(drafters, states)]
+
     def _scores(self, hidden: torch.Tensor, keyed: tuple[float, int, float] | None, u: dict[str, torch.Tensor],
                 level: int) -> torch.Tensor | ShardedLogprobs:
         """What the beam ranks for the children of the nodes whose draft hidden states are ``hidden`` [n, H]:

@@ -42,19 +42,21 @@ __all__ = ["glide_layer"]
 def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.Tensor, positions: torch.Tensor,
                 rows: torch.Tensor, target_k: torch.Tensor, target_v: torch.Tensor, bounds: GlideBounds,
                 tree_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The draft layer on new tokens [1, T]; matches :func:`specdec.ref.glide.glide_layer` with the
-    masks the reference builds. Returns hidden [1, T, H].
+    """The draft layer on new tokens [B, T]; matches :func:`specdec.ref.glide.glide_layer` with the
+    masks the reference builds. Returns hidden [B, T, H].
 
-    ``positions`` [T] are the tokens' true positions (RoPE); their K/V are written to buffer rows
-    ``rows`` [1, T] (int32). ``bounds`` says which keys every query sees (see :class:`GlideBounds`);
-    with ``tree_mask`` [1, T, n_tree] the tree block (rows ``[tree_start, tree_start + n_tree)``)
-    is masked by ancestry. The same fused kernels as a target layer (:mod:`.kernels.fused`):
+    ``positions`` ([T], or [B, T] for rows at different positions) are the tokens' true positions (RoPE);
+    their K/V are written to buffer rows ``rows`` [B, T] (int32) of ``cache`` ([B] rows: a batched round,
+    :mod:`specdec.fast.glide.batch`). ``bounds`` says which keys every query sees (see :class:`GlideBounds`:
+    [B] / [B, T] tensors); with ``tree_mask`` [B, T, n_tree] the tree block (rows
+    ``[tree_start, tree_start + n_tree)``) is masked by ancestry; ``target_k``/``target_v`` hold the B rows'
+    target caches. The same fused kernels as a target layer (:mod:`.kernels.fused`):
 
         embed_rms_norm -> wqkv GEMM -> rope_qkv_write (k, v into the sliding cache) -> windowed
         self-attention -> wo GEMM -> add_rms_norm -> wq_x GEMM -> rope_q -> cross-attention over the
         target cache -> wo_x GEMM -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> + residual
 
-    or, when the layer's weights are small enough to re-read per row (:func:`_gemv_rows_ok`), every projection is one GEMV with the norm
+    or, for one sequence (B = 1) when the layer's weights are small enough to re-read per row (:func:`_gemv_rows_ok`), every projection is one GEMV with the norm
     before it or the residual add after it folded in, and the q|k|v one also does RoPE and the K/V
     write (:mod:`.kernels.gemv`): no norm, RoPE-write, SwiGLU or add kernels.
 
@@ -67,8 +69,10 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
 
     kern = _kernels()
     eps = g.config.rms_norm_eps
-    cos, sin = _cos_sin(fm, positions)  # [T, D], true positions (the target's table: no host sync)
-    cos, sin = cos[None].to(g.dtype), sin[None].to(g.dtype)
+    cos, sin = _cos_sin(fm, positions)  # [T, D] or [B, T, D], true positions (the target's table: no host sync)
+    if positions.dim() == 1:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos.to(g.dtype), sin.to(g.dtype)
 
     def self_attention(q):  # over the sliding cache (+ the tree block), [1, H, T, D] -> [1, T, H * D]
         o = split_attention(q, cache.k, cache.v, span_lo=bounds.self_lo, span_hi=bounds.self_hi,
@@ -92,7 +96,8 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
 
     # The embedding is the target's frozen one (the ids come from the round's own pack or beam
     # kernels: no host-side range check).
-    if _gemv_rows_ok([g.w[n] for n in ("wqkv", "wo", "wq_x", "wo_x", "w13", "w2")], tokens.numel(), tokens.device):
+    if tokens.shape[0] == 1 and _gemv_rows_ok([g.w[n] for n in ("wqkv", "wo", "wq_x", "wo_x", "w13", "w2")], tokens.numel(),
+                                              tokens.device):
         x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)
         # 1. Self-attention. 2. Cross-attention (query projected + rotated only). 3. SwiGLU MLP.
         q = kern.gemv_qkv_rope(x, g.w["wqkv"], g.w["bqkv"], cos, sin, cache.k, cache.v, rows,

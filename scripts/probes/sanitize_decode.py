@@ -7,7 +7,8 @@ Covers :func:`specdec.fast.kernels.decode_attention` (a tree straddling a tile a
 a ragged batch, head dims 80 and 256, K/V as views of a larger cache) and
 :func:`specdec.fast.kernels.row_linear` (plain, norm + residual, SwiGLU, a fixed K split),
 :func:`specdec.fast.kernels.keyed.keyed_noise` (issue 22), then one
-decode step of a tiny model end to end. Prints one line per case; the sanitizer prints its summary.
+decode step of a tiny model end to end, and a batched GLIDE beam tree over ragged rows (issue 19:
+the draft layer's kernels with [B] key ranges, ``beam_select`` on row views). Prints one line per case; the sanitizer prints its summary.
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ def main() -> None:
     logits = step_forward(fm, cache, torch.randint(0, 256, (1, 5), device=dev), pos, mask, cache.length_t)
     torch.cuda.synchronize()
     print(f"step_forward tree of 5: finite={bool(torch.isfinite(logits).all())}")
+    # a batched GLIDE round (fast/glide/batch.py): three ragged rows, one finishing early, eager (no graphs)
+    import specdec.fast as fast
+    from specdec.shared.glide import init_glide_weights
+
+    glide = init_glide_weights(fm.config, seed=3, std=0.3, dtype=torch.bfloat16, device=dev)
+    prompts = [torch.randint(0, 256, (n,)) for n in (70, 1, 33)]
+    res = fast.tree_spec_generate(fm, glide, prompts, None, tree_shape=(3, 4, 2), max_gen_len=12, eos_id=[])
+    torch.cuda.synchronize()
+    print(f"batched GLIDE tree (3 rows): rows={res.output_ids.shape[0]} tokens={res.row_lengths}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Fast ``vanilla_generate`` decodes a batch of prompts of different lengths (row by row equal to the
 reference's batch and to each prompt alone, keyed sampling too); so do the fast speculative, PLD,
-LogitSpec, MagicDec and GLIDE chain / tree decoders (the engine's batched round; GLIDE drafts row by row
-on the device). CPU: the kernels run under the Triton interpreter, so the models are tiny.
+LogitSpec, MagicDec and GLIDE chain / tree decoders (the engine's batched round; GLIDE drafts all rows in
+one draft-layer pass per step, fast/glide/batch.py). CPU: the kernels run under the Triton interpreter, so the models are tiny.
 """
 
 from __future__ import annotations
@@ -206,3 +206,45 @@ def test_fast_finished_rows_read_none_of_their_cache(pair, monkeypatch):
     assert got.row_lengths[2] <= stop + 1 < 8 == min(got.row_lengths[b] for b in (0, 1, 3))
     assert all(x > 0 for x in prefixes[0])                            # the first round: every row running
     assert any(p[2] == 0 and all(p[b] > 0 for b in (0, 1, 3)) for p in prefixes)   # row 2 done, reads nothing
+
+
+def test_fast_glide_batch_drafts_every_row_in_one_pass_per_step(pair, monkeypatch):
+    """One batched GLIDE round (fast/glide/batch.py): the catch-up and every beam level are ONE draft-layer pass
+    over all B rows, never a row's own round -- and every row drafts exactly the trees it drafts row by row
+    (batch_rounds off), round by round: ragged catch-ups, a one-token prompt, a row that finishes at an early
+    EOS (then a dummy in the pass), the last rounds' shorter shapes, a truncated draft vocabulary."""
+    import specdec.fast.glide.batch as gbatch
+    from specdec.fast.glide.drafter import FastGlideDrafter
+    from specdec.shared.glide import init_glide_weights, with_draft_vocab
+
+    target, ftarget = pair
+    glide = init_glide_weights(target.config, seed=3, std=0.3)
+    small = with_draft_vocab(glide, torch.arange(0, VOCAB, 2))      # 32 of the 64 ids
+    prompts = PROMPTS + [[30, 31, 30, 31, 30]]
+    alone = [ref.vanilla_generate(target, [p], None, max_gen_len=7, eos_id=[]).output_ids for p in prompts]
+    kw = dict(max_gen_len=7, eos_id=[int(alone[1][0, 2])])           # the one-token prompt stops early
+    passes, own_rounds = [], []
+    real_layer = gbatch.glide_layer
+    monkeypatch.setattr(gbatch, "glide_layer", lambda fm, g, cache, tokens, *a, **k: passes.append(tokens.shape[0]) or
+                        real_layer(fm, g, cache, tokens, *a, **k))
+    real_propose = FastGlideDrafter.propose
+    monkeypatch.setattr(FastGlideDrafter, "propose", lambda self, st: own_rounds.append(1) or real_propose(self, st))
+    for draft in (glide, small):
+        for shape in ((2, 3), (1, 1, 1, 1)):
+            runs = {}
+            for batched in (True, False):
+                monkeypatch.setattr(FastGlideDrafter, "batch_rounds", batched)
+                passes.clear(), own_rounds.clear()
+                seen = []
+                res = fast.tree_spec_generate(ftarget, draft, prompts, None, tree_shape=shape,
+                                              on_round=lambda r: seen.append((r.row, r.draft.tokens.tolist(),
+                                                                              list(r.draft.tree.parents), r.path)), **kw)
+                runs[batched] = (res, sorted(seen), list(passes), len(own_rounds))
+            (bres, bseen, bpasses, bown), (rres, rseen, rpasses, rown) = runs[True], runs[False]
+            assert torch.equal(bres.output_ids, rres.output_ids) and bseen == rseen, (shape, draft is small)
+            assert bres.row_accept_lengths == rres.row_accept_lengths
+            want = ref.vanilla_generate(target, prompts, None, **kw).output_ids
+            assert torch.equal(bres.output_ids, want)
+            assert bpasses and set(bpasses) == {len(prompts)} and rpasses == []   # every pass: all B rows
+            assert bown < rown    # row by row: every row its own rounds; batched: only a lone last row
+            assert bres.row_lengths[1] < max(bres.row_lengths)   # a row finished early and rode along

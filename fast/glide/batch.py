@@ -1,0 +1,193 @@
+"""One GLIDE round for every row of a batch at once: :func:`propose_batch` (issue 19).
+
+Row by row, a batch of B rows costs B draft rounds, each a chain of small launches; here every step of the
+round -- the catch-up and each beam level -- is ONE draft-layer pass over all B rows (the layer's kernels
+take per-row key ranges), and only the beam choice runs per row (:func:`specdec.fast.kernels.beam_select`,
+one launch per row and level). The trees are those :meth:`FastGlideDrafter.propose
+<specdec.fast.glide.drafter.FastGlideDrafter.propose>` drafts row by row: same catch-up, same levels, same
+beam rule, same keys seen by every query (the reference is :class:`specdec.ref.glide.GlideDrafter`).
+
+How the rows fit one pass:
+
+* **Sliding caches.** Each row keeps its own :class:`~specdec.fast.glide.cache.SlidingCache`. A round stacks
+  them into one [B, Hkv, R, D] buffer (one copy), runs on it, and copies them back (one multi-tensor copy):
+  the catch-up's K/V rows persist, the tree rows are scratch.
+* **Ragged catch-up.** Row b catches up on its last k_b emitted positions (k_b <= levels + 1); rows with
+  fewer are padded at the front with copies of their first query (same token, position, cache row and keys:
+  the copy writes the same K/V row with the same values and its output is dropped).
+* **Finished rows** (not drafting this round) ride along as dummies: one token at position 0 over a zero
+  scratch cache and the first row of their target cache; their outputs are dropped and nothing of theirs is
+  written back. So the pass keeps the batch cache's B rows and its target K/V need no gather.
+* **Last rounds.** A row with fewer tokens left than levels takes the first levels of the full tree: the levels
+  are chosen one after another, so they are the tree the shorter shape drafts (as the fused rounds do).
+
+Plain log-probabilities (greedy and rejection sampling: the GLIDE candidates are deterministic), the full
+or a truncated draft vocabulary, one process. Keyed sampling (per-row sequence keys) and tensor parallelism
+draft row by row (:meth:`FastGlideDrafter.propose_rows <specdec.fast.glide.drafter.FastGlideDrafter.propose_rows>`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from specdec.fast.engine import DeviceTree
+from specdec.fast.glide.cache import GlideBounds, SlidingCache
+from specdec.fast.glide.layer import glide_layer
+from specdec.fast.model import StaticKVCache, _kernels
+from specdec.shared.round import Draft, RoundState
+
+__all__ = ["propose_batch", "can_batch"]
+
+
+def can_batch(drafters: list, states: list[RoundState]) -> bool:
+    """Whether :func:`propose_batch` serves these rows (else they draft one after another): two or more
+    rows, plain log-probabilities (not keyed), no tensor parallelism, one draft and one tree shape."""
+    d0 = drafters[0]
+    return (len(drafters) > 1 and not states[0].params.keyed and d0.target.tp is None and d0.glide.tp is None
+            and all(d.glide is d0.glide and d.target is d0.target and d.tree_shape == d0.tree_shape for d in drafters))
+
+
+class _Ints:
+    """Named int lists -> ONE int32 host-to-device copy, read back as [B] / [B, T] views."""
+
+    def __init__(self):
+        self.fields: dict[str, list] = {}
+
+    def add(self, name: str, rows: list) -> None:
+        self.fields[name] = rows
+
+    def to(self, device) -> dict[str, torch.Tensor]:
+        flat, spans = [], {}
+        for name, rows in self.fields.items():
+            nested = isinstance(rows[0], list)
+            values = [x for r in rows for x in r] if nested else list(rows)
+            spans[name] = (len(flat), len(rows), len(rows[0]) if nested else None)
+            flat += values + [0] * (-len(values) % 4)   # 16-byte aligned views (Triton specialises on alignment)
+        t = torch.tensor(flat, dtype=torch.int32).to(device)
+        out = {}
+        for name, (o, b, w) in spans.items():
+            out[name] = t[o : o + b] if w is None else t[o : o + b * w].view(b, w)
+        return out
+
+
+def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cache: StaticKVCache) -> list[Draft]:
+    """The drafts of batch rows ``rows`` (``drafters[i]`` and ``states[i]`` for row ``rows[i]``) from one
+    draft-layer pass per catch-up and per beam level over all B rows of ``cache`` (the batch's target
+    cache, [B] rows). Returns one :class:`~specdec.shared.round.Draft` per drafting row, a
+    :class:`~specdec.fast.engine.DeviceTree` of that row's levels."""
+    d0 = drafters[0]
+    fm, g = d0.target, d0.glide
+    dev, w = g.device, g.window
+    B = cache.k.shape[1]
+    shape = d0.tree_shape
+    levels_of = [d._levels_left(st.budget) for d, st in zip(drafters, states)]
+    levels = max(levels_of)
+    run = shape[:levels]                      # the levels drafted this round (each row keeps its first levels_of)
+    k_max = len(shape) + 1
+    target_k, target_v = cache.k[-1], cache.v[-1]   # [B, Hkv, capacity, D]: every row's last layer
+
+    # 1. Host side, per drafting row: the prompt's long catch-up (first round, window-sized chunks, on the row's
+    #    own cache), room in the sliding cache, and this round's catch-up of the last k_b emitted positions.
+    row_of = dict(zip(rows, range(len(rows))))
+    ints = _Ints()
+    tokens, pos, crow, row_lo, row_hi, cross_row, self_lo, self_hi, cross_hi, lvl_lo = ([] for _ in range(10))
+    k_pad = 1
+    per_row = {}
+    for d, st in zip(drafters, states):
+        L = st.target_cache.length
+        k = min(L + 1 - d.processed, k_max)
+        d._catch_up_prefix(st.tokens, L + 1 - k, st.target_cache.k[-1], st.target_cache.v[-1])
+        d.cache.make_room(k)
+        per_row[id(d)] = (L, k)
+        k_pad = max(k_pad, k)
+    for b in range(B):
+        i = row_of.get(b)
+        if i is None:   # a finished row: dummy queries at position 0 (row 0 of a zero cache, target row 0)
+            zero, one = [0] * k_pad, [1] * k_pad
+            tokens.append(zero); pos.append(zero); crow.append(zero); row_lo.append(zero); row_hi.append(one)
+            cross_row.append(one); self_lo.append(0); self_hi.append(1); cross_hi.append(1)
+            lvl_lo.append([0] * max(len(run), 1))
+            continue
+        d, st = drafters[i], states[i]
+        L, k = per_row[id(d)]
+        base = d.cache.base
+        first = L + 1 - k
+        ps = [first] * (k_pad - k) + list(range(first, L + 1))      # front padding: copies of the first query
+        rs = [p - base for p in ps]
+        tokens.append([st.tokens[p] for p in ps]); pos.append(ps); crow.append(rs)
+        row_lo.append([max(r - w + 1, 0) for r in rs]); row_hi.append([r + 1 for r in rs]); cross_row.append(ps)
+        n = L + 1 - base                                              # prefix rows after the catch-up (root last)
+        self_lo.append(max(rs[0] - w + 1, 0)); self_hi.append(n); cross_hi.append(L)
+        lvl_lo.append([max(n + lv - w + 1, 0) for lv in range(max(len(run), 1))])
+        d.cache.n = n
+        d.processed = L + 1
+    for name, val in (("tokens", tokens), ("pos", pos), ("rows", crow), ("row_lo", row_lo), ("row_hi", row_hi),
+                      ("cross_row_hi", cross_row), ("self_lo", self_lo), ("self_hi", self_hi), ("cross_hi", cross_hi), ("level_lo", lvl_lo)):
+        ints.add(name, val)
+    u = ints.to(dev)
+    cross_span = max(cross_hi) + 1
+
+    # 2. The rows' sliding caches as one [B, Hkv, R, D] buffer (finished rows: zeros).
+    zeros = torch.zeros_like(d0.cache.k)
+    ks = [drafters[row_of[b]].cache.k if b in row_of else zeros for b in range(B)]
+    vs = [drafters[row_of[b]].cache.v if b in row_of else zeros for b in range(B)]
+    stacked = SlidingCache.from_buffers(torch.cat(ks), torch.cat(vs), w)
+
+    # 3. Catch-up: ONE pass over every row's last k emitted positions (query at position t sees draft rows
+    #    (t - window, t] and target rows < t); the last query of each row is its root.
+    bounds = GlideBounds(self_lo=u["self_lo"], self_hi=u["self_hi"], cross_hi=u["cross_hi"], cross_span=cross_span,
+                         self_row_lo=u["row_lo"], self_row_hi=u["row_hi"], cross_row_lo=torch.zeros_like(u["pos"]),
+                         cross_row_hi=u["cross_row_hi"])
+    h = glide_layer(fm, g, stacked, u["tokens"], u["pos"].long(), u["rows"], target_k, target_v, bounds)
+    lm_head = d0.lm_head
+    vocab = lm_head.shape[0]
+    logprobs = torch.log_softmax(F.linear(h[:, -1:].to(fm.dtype), lm_head), dim=-1, dtype=torch.float32)  # [B, 1, V]
+
+    # 4. The beam levels: the choice per row (one beam_select launch each), the draft forward over all rows.
+    m = 1 + sum(run)
+    out_tokens = torch.zeros(B, m, dtype=torch.long, device=dev)
+    out_parents = torch.full((B, m), -1, dtype=torch.long, device=dev)
+    full = torch.zeros(B, m, m, dtype=torch.bool, device=dev)
+    full[:, 0, 0] = True
+    out_tokens[:, 0] = u["tokens"][:, -1]
+    cums = torch.zeros(B, 2, -(-max(run, default=1) // 4) * 4, dtype=torch.float32, device=dev)
+    roots = u["tokens"][:, -1:].long()
+    n_pref_t = u["self_hi"]
+    L_t = u["cross_hi"]
+    prev_first, prev_n, first = 0, 1, 1
+    kern = _kernels()
+    for level, width in enumerate(run):
+        n = min(width, prev_n * vocab)
+        for b in rows:
+            kern.beam_select(cums[b, (level + 1) % 2, :prev_n] if level else None, logprobs[b], n, out_tokens[b],
+                             out_parents[b], cums[b, level % 2], node_offset=first, parent_offset=prev_first,
+                             ancestor=full[b], root_token=roots[b] if level == 0 else None)
+        if g.vocab_map is not None:   # draft ids -> target ids (truncated vocabulary)
+            out_tokens[:, first : first + n] = g.vocab_map[out_tokens[:, first : first + n]]
+        if level == len(run) - 1:
+            break
+        # one draft forward over this level's nodes of every row (all at position L_b + level + 1): the
+        # prefix rows (row - window, n_b) of the row's cache and its ancestors among the tree rows n_b + j
+        lo = first - 1
+        positions = (L_t + level + 1).long()[:, None].expand(B, n)
+        tree_rows = n_pref_t[:, None] + torch.arange(lo, lo + n, dtype=torch.int32, device=dev)[None, :]
+        lb = GlideBounds(self_lo=u["level_lo"][:, level].contiguous(), self_hi=n_pref_t, cross_hi=L_t,
+                         cross_span=cross_span, tree_start=n_pref_t)
+        h = glide_layer(fm, g, stacked, out_tokens[:, first : first + n], positions, tree_rows, target_k, target_v, lb,
+                        tree_mask=full[:, first : first + n, 1 : first + n])
+        logprobs = torch.log_softmax(F.linear(h.to(fm.dtype), lm_head), dim=-1, dtype=torch.float32)   # [B, n, V]
+        prev_first, prev_n, first = first, n, first + n
+
+    # 5. The catch-up rows persist: every drafting row's cache back from the stacked buffer (one multi-tensor copy).
+    idx = [row_of[b] for b in rows]
+    torch._foreach_copy_([drafters[i].cache.k for i in idx] + [drafters[i].cache.v for i in idx],
+                         [stacked.k[b : b + 1] for b in rows] + [stacked.v[b : b + 1] for b in rows])
+
+    # 6. Row b's draft: the nodes of its first levels_of[b] levels (a prefix of the node order).
+    out = []
+    for i, (b, d) in enumerate(zip(rows, drafters)):
+        sub = shape[: levels_of[i]]
+        mb = 1 + sum(sub)
+        depth = d._depth_tensor(sub)
+        out.append(Draft(out_tokens[b, :mb], DeviceTree(out_parents[b, :mb], depth, full[b, :mb, :mb])))
+    return out
