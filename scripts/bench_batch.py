@@ -16,7 +16,8 @@ Three parts (``--parts``, default all):
 * ``methods`` -- every decoder on the embedded default model (``--model``, bf16) at B in ``--method-batches``:
   the first B prompts of ``--bench``, ``--max-new-tokens`` each, one batched call per method; tokens/s
   (emitted tokens / decode time) and speedup over batched vanilla at the same B; and whether every row
-  equals batched vanilla's row (bitwise, the decode phase is row-invariant).
+  equals batched vanilla's row (bitwise, the decode phase is row-invariant). ``tree_spec rows apart`` is the
+  GLIDE tree with its rows drafting one after another instead of in one batched round (the A/B).
 
 A configuration that does not fit the device's memory is reported as skipped (the library's own memory
 check names the largest batch that fits). Prints tables and writes JSONL (``--out``).
@@ -156,6 +157,17 @@ def part_magicdec(fm, args, bw, rows_out):
                                     "compact ms", "round ms", "round / step", "t_step / t_round"], tablefmt="github")
 
 
+def _rows_apart(call):
+    """``call()`` with the GLIDE rows drafting one after another (the A/B of fast/glide/batch.py's batched rounds)."""
+    from specdec.fast.glide.drafter import FastGlideDrafter
+
+    FastGlideDrafter.batch_rounds = False
+    try:
+        return call()
+    finally:
+        FastGlideDrafter.batch_rounds = True
+
+
 def part_methods(args, rows_out):
     import specdec.fast as fast
     from specdec.bench import load_questions
@@ -174,6 +186,7 @@ def part_methods(args, rows_out):
         "speculative": lambda p, **kw: fast.speculative_generate(target, draft, p, None, **kw),
         "spec": lambda p, **kw: fast.spec_generate(target, glide, p, None, **kw),
         "tree_spec": lambda p, **kw: fast.tree_spec_generate(target, glide, p, None, **kw),
+        "tree_spec rows apart": lambda p, **kw: _rows_apart(lambda: fast.tree_spec_generate(target, glide, p, None, **kw)),
         "logitspec": lambda p, **kw: fast.logitspec_generate(target, p, None, **kw),
         "magicdec": lambda p, **kw: fast.magicdec_generate(target, p, None, **kw),
         "pld": lambda p, **kw: fast.pld_generate(target, p, None, **kw),

@@ -21,9 +21,10 @@ How the rows fit one pass:
 * **Last rounds.** A row with fewer tokens left than levels takes the first levels of the full tree: the levels
   are chosen one after another, so they are the tree the shorter shape drafts (as the fused rounds do).
 
-Plain log-probabilities (greedy and rejection sampling: the GLIDE candidates are deterministic), the full
-or a truncated draft vocabulary, one process. Keyed sampling (per-row sequence keys) and tensor parallelism
-draft row by row (:meth:`FastGlideDrafter.propose_rows <specdec.fast.glide.drafter.FastGlideDrafter.propose_rows>`).
+Greedy and rejection sampling (the GLIDE candidates are deterministic: plain log-probabilities) and keyed
+sampling (each row's beam ranked with its own sequence's keyed noise), the full or a truncated draft
+vocabulary, one process; under tensor parallelism the rows draft one after another
+(:meth:`FastGlideDrafter.propose_rows <specdec.fast.glide.drafter.FastGlideDrafter.propose_rows>`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from specdec.fast.engine import DeviceTree
 from specdec.fast.glide.cache import GlideBounds, SlidingCache
 from specdec.fast.glide.layer import glide_layer
 from specdec.fast.model import StaticKVCache, _kernels
+from specdec.shared.keyed import keyed_logprobs, sequence_key
 from specdec.shared.round import Draft, RoundState
 
 __all__ = ["propose_batch", "can_batch"]
@@ -41,9 +43,9 @@ __all__ = ["propose_batch", "can_batch"]
 
 def can_batch(drafters: list, states: list[RoundState]) -> bool:
     """Whether :func:`propose_batch` serves these rows (else they draft one after another): two or more
-    rows, plain log-probabilities (not keyed), no tensor parallelism, one draft and one tree shape."""
+    rows, no tensor parallelism, one draft and one tree shape."""
     d0 = drafters[0]
-    return (len(drafters) > 1 and not states[0].params.keyed and d0.target.tp is None and d0.glide.tp is None
+    return (len(drafters) > 1 and d0.target.tp is None and d0.glide.tp is None
             and all(d.glide is d0.glide and d.target is d0.target and d.tree_shape == d0.tree_shape for d in drafters))
 
 
@@ -141,7 +143,24 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
     h = glide_layer(fm, g, stacked, u["tokens"], u["pos"].long(), u["rows"], target_k, target_v, bounds)
     lm_head = d0.lm_head
     vocab = lm_head.shape[0]
-    logprobs = torch.log_softmax(F.linear(h[:, -1:].to(fm.dtype), lm_head), dim=-1, dtype=torch.float32)  # [B, 1, V]
+    params = states[0].params
+    keys = {b: sequence_key(params.seed, st.seq_id) for b, st in zip(rows, states)} if params.keyed else None
+
+    def scores(hidden: torch.Tensor, offset: int) -> torch.Tensor:
+        """What the beam ranks for the children of nodes with draft hidden states ``hidden`` [B, n, H], at
+        position L_b + offset: the draft's log-probs, or (keyed) each row's processed log-probs plus its own
+        sequence's keyed noise -- :meth:`FastGlideDrafter._scores` row by row."""
+        logits = F.linear(hidden.to(fm.dtype), lm_head)   # no final norm
+        if keys is None:
+            return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        out = torch.zeros(logits.shape, dtype=torch.float32, device=dev)
+        vmap = {} if g.vocab_map is None else {"token_ids": g.vocab_map}
+        for b in rows:
+            where = (u["cross_hi"][b] + offset).long().expand(logits.shape[1])
+            out[b] = keyed_logprobs(logits[b], params.temperature, params.top_k, params.top_p, keys[b], where, **vmap)
+        return out
+
+    logprobs = scores(h[:, -1:], 1)   # [B, 1, V]: the root's children, at L_b + 1
 
     # 4. The beam levels: the choice per row (one beam_select launch each), the draft forward over all rows.
     m = 1 + sum(run)
@@ -175,7 +194,7 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
                          cross_span=cross_span, tree_start=n_pref_t)
         h = glide_layer(fm, g, stacked, out_tokens[:, first : first + n], positions, tree_rows, target_k, target_v, lb,
                         tree_mask=full[:, first : first + n, 1 : first + n])
-        logprobs = torch.log_softmax(F.linear(h.to(fm.dtype), lm_head), dim=-1, dtype=torch.float32)   # [B, n, V]
+        logprobs = scores(h, level + 2)   # [B, n, V]: this level's children, at L_b + level + 2
         prev_first, prev_n, first = first, n, first + n
 
     # 5. The catch-up rows persist: every drafting row's cache back from the stacked buffer (one multi-tensor copy).

@@ -157,7 +157,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         * ``keyed = (temperature, top_k, top_p)``: the processed log-probabilities plus the keyed Gumbel noise
           of the children's absolute position (:func:`specdec.shared.keyed.keyed_logprobs`): the root's
           children (``level`` 0) at L + 1, the children of level ``level - 1``'s nodes at L + level + 1 --
-          ``u["level_pos"][level]``. The position and the sequence key (``u["noise_key"]``, sequence 0) are
+          ``u["level_pos"][level]``. The position and the row's sequence key (``u["noise_key"]``) are
           read from the round's device pack, never on the host: the same captured graph serves every
           round and every seed. With a truncated vocabulary draft id i gets the noise of target token
           ``vocab_map[i]``.
@@ -246,14 +246,15 @@ class FastGlideDrafter(FastDrafter, RunAhead):
             self._sync_seq(state)
 
     def _pack(self, tokens: list[int], L: int, k: int, shape: tuple[int, ...], scratch: bool = False,
-              depth_limit: int | None = None, params: SamplingParams | None = None):
+              depth_limit: int | None = None, params: SamplingParams | None = None, seq_id: int = 0):
         """Every integer of one round, for ONE host-to-device copy: ``(flat list, layout)`` of :func:`pack_ints`.
 
         ``scratch=True`` builds a stand-in round whose catch-up rows lie past the prefix (rows the
         tree overwrites every round), for capturing graphs of other catch-up lengths harmlessly.
         ``depth_limit`` (default: every level) is the deepest level a fused round may accept.
-        Keyed ``params`` (seed resolved) add ``noise_key``: the 32-bit key of sequence 0
-        (:func:`specdec.shared.keyed.sequence_key`) as an int32's bits, which :meth:`_scores` reads.
+        Keyed ``params`` (seed resolved) add ``noise_key``: the 32-bit key of sequence ``seq_id`` -- the batch
+        row's own sequence, whose noise the reference ranks the row's beam with
+        (:func:`specdec.shared.keyed.sequence_key`) -- as an int32's bits, which :meth:`_scores` reads.
         """
         window, base = self.glide.window, self.cache.base
         n = L + 1 - base  # prefix rows in the sliding cache after the catch-up (root included)
@@ -271,7 +272,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         max_depth = [levels if depth_limit is None else depth_limit]
         segments = dict(segments, level_lo=level_lo, level_pos=level_pos, tree_rows=tree_rows, max_depth=max_depth)
         if params is not None and params.keyed:
-            key = sequence_key(params.seed, 0)
+            key = sequence_key(params.seed, seq_id)
             segments["noise_key"] = [key - (1 << 32) if key >= 1 << 31 else key]  # the same 32 bits as an int32
         return pack_ints(segments)
 
@@ -336,7 +337,8 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
         self._catch_up_prefix(state.tokens, L + 1 - k, target_k, target_v)
         cache.make_room(k)
-        pack, layout = self._pack(state.tokens, L, k, shape, depth_limit=depth_limit, params=state.params)
+        pack, layout = self._pack(state.tokens, L, k, shape, depth_limit=depth_limit, params=state.params,
+                                  seq_id=state.seq_id)
         cache.n = L + 1 - cache.base
         self.processed = L + 1
         # one set of graphs per (target cache allocation, RoPE table): the graphs read both by address

@@ -114,7 +114,7 @@ def test_fast_batched_keyed_rows_equal_keyed_vanilla(pair):
         assert torch.equal(f(PROMPTS[:3], None, **kw).output_ids, want), method
 
 
-def test_fast_glide_decoders_batch_ragged_rows_like_ref(pair):
+def test_fast_glide_decoders_batch_ragged_rows_like_ref(pair, monkeypatch):
     """The GLIDE chain and beam tree batched on the fast path (each row drafts on its row of the batch cache,
     one batched verification): every row equals the reference batch's row and ref vanilla's, with the same
     acceptance per round; a row alone gives the same tokens; keyed sampling gives keyed vanilla's tokens."""
@@ -141,10 +141,21 @@ def test_fast_glide_decoders_batch_ragged_rows_like_ref(pair):
         assert sorted(seen["fast"]) == sorted(seen["ref"]) and len({r[0] for r in seen["ref"]}) == len(PROMPTS), method
         one = call(fast, [PROMPTS[0]], None, **kw)
         assert torch.equal(ff.row(0).output_ids, one.output_ids), method
-    keyed = dict(max_gen_len=5, eos_id=[], temperature=1.0, sampling="keyed", seed=5)
-    want = ref.vanilla_generate(target, PROMPTS[:3], None, **keyed).output_ids
+    keyed = dict(max_gen_len=7, eos_id=[], temperature=1.0, sampling="keyed", seed=5)
+    prompts = PROMPTS + [[30, 31, 30, 31, 30]]
+    want = ref.vanilla_generate(target, prompts, None, **keyed).output_ids
+    from specdec.fast.glide.drafter import FastGlideDrafter
+
+    monkeypatch.setattr(FastGlideDrafter, "batch_rounds", False)   # rows apart (together == apart: the next test)
     for method, call in calls:
-        assert torch.equal(call(fast, PROMPTS[:3], None, **keyed).output_ids, want), method
+        seen = {"ref": [], "fast": []}
+
+        def rec(name):   # each row's beam is ranked with ITS OWN sequence's keyed noise (row b is sequence b)
+            return lambda r: seen[name].append((r.row, r.draft.tokens.tolist(), list(r.draft.tree.parents), r.path))
+
+        assert torch.equal(call(fast, prompts, None, on_round=rec("fast"), **keyed).output_ids, want), method
+        call(ref, prompts, None, on_round=rec("ref"), **keyed)
+        assert sorted(seen["fast"]) == sorted(seen["ref"]), method
 
 
 def test_fast_bad_lengths_name_the_argument(pair):
@@ -212,7 +223,8 @@ def test_fast_glide_batch_drafts_every_row_in_one_pass_per_step(pair, monkeypatc
     """One batched GLIDE round (fast/glide/batch.py): the catch-up and every beam level are ONE draft-layer pass
     over all B rows, never a row's own round -- and every row drafts exactly the trees it drafts row by row
     (batch_rounds off), round by round: ragged catch-ups, a one-token prompt, a row that finishes at an early
-    EOS (then a dummy in the pass), the last rounds' shorter shapes, a truncated draft vocabulary."""
+    EOS (then a dummy in the pass), the last rounds' shorter shapes, a truncated draft vocabulary, keyed
+    sampling (each row's beam under its own sequence's noise)."""
     import specdec.fast.glide.batch as gbatch
     from specdec.fast.glide.drafter import FastGlideDrafter
     from specdec.shared.glide import init_glide_weights, with_draft_vocab
@@ -229,22 +241,24 @@ def test_fast_glide_batch_drafts_every_row_in_one_pass_per_step(pair, monkeypatc
                         real_layer(fm, g, cache, tokens, *a, **k))
     real_propose = FastGlideDrafter.propose
     monkeypatch.setattr(FastGlideDrafter, "propose", lambda self, st: own_rounds.append(1) or real_propose(self, st))
-    for draft in (glide, small):
-        for shape in ((2, 3), (1, 1, 1, 1)):
-            runs = {}
-            for batched in (True, False):
-                monkeypatch.setattr(FastGlideDrafter, "batch_rounds", batched)
-                passes.clear(), own_rounds.clear()
-                seen = []
-                res = fast.tree_spec_generate(ftarget, draft, prompts, None, tree_shape=shape,
-                                              on_round=lambda r: seen.append((r.row, r.draft.tokens.tolist(),
-                                                                              list(r.draft.tree.parents), r.path)), **kw)
-                runs[batched] = (res, sorted(seen), list(passes), len(own_rounds))
-            (bres, bseen, bpasses, bown), (rres, rseen, rpasses, rown) = runs[True], runs[False]
-            assert torch.equal(bres.output_ids, rres.output_ids) and bseen == rseen, (shape, draft is small)
-            assert bres.row_accept_lengths == rres.row_accept_lengths
-            want = ref.vanilla_generate(target, prompts, None, **kw).output_ids
-            assert torch.equal(bres.output_ids, want)
-            assert bpasses and set(bpasses) == {len(prompts)} and rpasses == []   # every pass: all B rows
-            assert bown < rown    # row by row: every row its own rounds; batched: only a lone last row
+    keyed = dict(temperature=1.0, sampling="keyed", seed=5)
+    for draft, shape, sampling in ((glide, (2, 3), {}), (small, (1, 1, 1, 1), {}), (glide, (2, 3), keyed)):
+        runs = {}
+        for batched in (True, False):
+            monkeypatch.setattr(FastGlideDrafter, "batch_rounds", batched)
+            passes.clear(), own_rounds.clear()
+            seen = []
+            res = fast.tree_spec_generate(ftarget, draft, prompts, None, tree_shape=shape,
+                                          on_round=lambda r: seen.append((r.row, r.draft.tokens.tolist(),
+                                                                          list(r.draft.tree.parents), r.path)),
+                                          **kw, **sampling)
+            runs[batched] = (res, sorted(seen), list(passes), len(own_rounds))
+        (bres, bseen, bpasses, bown), (rres, rseen, rpasses, rown) = runs[True], runs[False]
+        assert torch.equal(bres.output_ids, rres.output_ids) and bseen == rseen, (shape, draft is small)
+        assert bres.row_accept_lengths == rres.row_accept_lengths
+        want = ref.vanilla_generate(target, prompts, None, **kw, **sampling).output_ids
+        assert torch.equal(bres.output_ids, want)   # lossless (keyed: exactly keyed vanilla's tokens)
+        assert bpasses and set(bpasses) == {len(prompts)} and rpasses == []   # every pass: all B rows
+        assert bown < rown    # row by row: every row its own rounds; batched: only a lone last row
+        if not sampling:
             assert bres.row_lengths[1] < max(bres.row_lengths)   # a row finished early and rode along
