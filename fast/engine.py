@@ -255,6 +255,24 @@ def _sharded_greedy(target: FastModel, params: SamplingParams, drafters: list[Fa
     return target.tp is not None and params.greedy and not any(d.reads_last_logits for d in drafters)
 
 
+def _read_drafts(drafts: dict[int, Draft]) -> dict[int, tuple[list[int], Tree]]:
+    """Every row's draft on the host as ``(tokens, Tree)``: the device-side drafts (GLIDE's device trees)
+    come back in ONE device-to-host copy for all rows (their tokens and parents concatenated), not two per row."""
+    out, dev_rows, parts = {}, [], []
+    for b, draft in drafts.items():
+        if isinstance(draft.tree, Tree):
+            out[b] = (draft.tokens.tolist(), draft.tree)
+        else:
+            dev_rows.append((b, draft.tree.size))
+            parts += [draft.tokens.long(), draft.tree.parents.long()]
+    if parts:
+        flat, at = torch.cat(parts).tolist(), 0
+        for b, m in dev_rows:
+            out[b] = (flat[at : at + m], Tree.from_parents(flat[at + m : at + 2 * m]))
+            at += 2 * m
+    return out
+
+
 def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_len: int, eos: set[int],
                params: SamplingParams, generator, method: str, tree_size: int, first_target: bool,
                skip_sample_adjustment: bool, on_round) -> GenerationResult:
@@ -336,11 +354,10 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         src = torch.zeros(B, T, dtype=torch.int32)
         n_acc = torch.zeros(B, dtype=torch.int32)
         dst = torch.tensor(lengths, dtype=torch.int32)
+        read = _read_drafts(drafts)   # the device trees: ONE read-back for all rows, after the argmax's (no wait)
         for b, draft in drafts.items():
-            # a device tree is read back here, after the round's argmax read-back (no extra wait)
-            tree = draft.tree if isinstance(draft.tree, Tree) else Tree.from_parents(draft.tree.parents.tolist())
+            draft_tokens, tree = read[b]
             m, L = tree.size, lengths[b]
-            draft_tokens = draft.tokens.tolist()
             if amax is not None:
                 best = int(greedy_best_node(tree.ancestor_mask("cpu"), tree.depth_tensor("cpu"),
                                             torch.tensor(draft_tokens), torch.tensor(amax[b][:m]),
