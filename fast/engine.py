@@ -329,14 +329,22 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
                 raise RuntimeError(f"drafter bug: a draft of {draft.tree.size} nodes exceeds the fixed tree size {T}")
         # 2. Verify: every row padded to T nodes (a finished row: T dummy roots that see only
         #    themselves), one target pass with per-row prefix lengths.
-        node_tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
-        positions = torch.tensor(lengths, dtype=torch.long, device=dev)[:, None].repeat(1, T)
-        masks = eye[None].repeat(B, 1, 1)
-        for b, draft in drafts.items():
-            tt = tree_tensors(draft.tree, T, dev)
-            node_tokens[b, : draft.tree.size] = draft.tokens.to(dev)
-            positions[b] = tt.depth + lengths[b]
-            masks[b] = tt.mask[0]
+        lengths_t = torch.tensor(lengths, dtype=torch.long, device=dev)
+        if len(drafts) == B and all(d.tree.size == T for d in drafts.values()):
+            # every row drafts a full-size tree (GLIDE's batched rounds): one stack per input, not B copies each
+            tts = [tree_tensors(drafts[b].tree, T, dev) for b in range(B)]
+            node_tokens = torch.stack([drafts[b].tokens.to(device=dev, dtype=torch.long) for b in range(B)])
+            positions = torch.stack([tt.depth for tt in tts]) + lengths_t[:, None]
+            masks = torch.stack([tt.mask[0] for tt in tts])
+        else:
+            node_tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
+            positions = lengths_t[:, None].repeat(1, T)
+            masks = eye[None].repeat(B, 1, 1)
+            for b, draft in drafts.items():
+                tt = tree_tensors(draft.tree, T, dev)
+                node_tokens[b, : draft.tree.size] = draft.tokens.to(dev)
+                positions[b] = tt.depth + lengths[b]
+                masks[b] = tt.mask[0]
         cache.length = max(lengths)
         # A finished row's dummy roots see only themselves: its prefix length is 0 for this pass, so the
         # attention reads none of its cache (they write rows [0, T) of it, which nothing reads again), and a
