@@ -5,7 +5,8 @@
 * :func:`kernel_totals` -- ``torch.profiler`` GPU time per kernel name of a callable, per call;
 * :data:`MODEL_SHAPES` -- the reference architectures (random weights: cost does not depend on values);
 * :func:`random_model` -- a :class:`~specdec.shared.weights.Model` of such a shape with random weights
-  created directly on the device (no checkpoint, no Hugging Face model).
+  created directly on the device (no checkpoint, no Hugging Face model);
+* :func:`report` -- print a result table and write the records as JSONL.
 """
 
 from __future__ import annotations
@@ -18,7 +19,22 @@ import torch
 from specdec.shared.config import ModelConfig
 from specdec.shared.weights import Model, expected_shapes
 
-__all__ = ["copy_bandwidth", "cuda_time_ms", "kernel_totals", "MODEL_SHAPES", "random_model"]
+__all__ = ["copy_bandwidth", "cuda_time_ms", "kernel_totals", "MODEL_SHAPES", "random_model", "report"]
+
+
+def report(rows: list[list], headers: list[str], records: list[dict], out: str | None) -> None:
+    """Print ``rows`` as a GitHub table under ``headers``; write ``records`` to ``out`` (JSONL), if given."""
+    import json
+    import os
+
+    from tabulate import tabulate
+
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
 
 def kernel_totals(fn: Callable[[], object], reps: int = 5, warmup: int = 2, width: int = 70) -> tuple[float, list[list]]:
     """GPU kernel time of one ``fn()`` call, from ``torch.profiler`` over ``reps`` calls.

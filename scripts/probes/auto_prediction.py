@@ -13,13 +13,12 @@ numbers count the same thing. Prints a table, writes JSONL.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
-from tabulate import tabulate
 
 from specdec import ref
 from specdec.bench import load_questions
+from specdec.benchutil import report
 from specdec.shared.round import max_drafts
 from specdec.shared.tokenizer import encode_prompt, load_tokenizer
 from specdec.shared.tree_search import acceptance_of
@@ -59,12 +58,7 @@ def main() -> int:
         records.append(dict(shape=list(shape), predicted=pred, measured=measured, rounds=len(got),
                             prompts=[args.begin, args.end], max_new_tokens=args.max_new_tokens))
         rows.append([",".join(map(str, shape)), f"{pred:.2f}", f"{measured:.2f}", f"{pred / measured - 1:+.1%}", len(got)])
-    print(tabulate(rows, headers=["shape", "predicted tokens/round", "measured (full rounds)", "over-prediction", "rounds"],
-                   tablefmt="github"))
-    if args.out:
-        with open(args.out, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+    report(rows, ["shape", "predicted tokens/round", "measured (full rounds)", "over-prediction", "rounds"], records, args.out)
     return 0
 
 

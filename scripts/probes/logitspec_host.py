@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 
 import torch
-from tabulate import tabulate
 
 import specdec.shared.retrieval as retrieval
 from specdec import ref
 from specdec.bench import load_questions
+from specdec.benchutil import report
 from specdec.shared.tokenizer import encode_prompt, load_tokenizer
 
 
@@ -116,12 +115,7 @@ def main() -> int:
                 records.append(dict(part="order", order=name, vocab=vocab, device=dev, us=us, same_prefix=same))
                 rows.append([f"guess order alone, V {vocab}", name, dev, f"{us:.0f}", "", same])
 
-    print(tabulate(rows, headers=["what", "order", "device", "median us / round", "mean us", "same drafts / prefix"],
-                   tablefmt="github"))
-    if args.out:
-        with open(args.out, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+    report(rows, ["what", "order", "device", "median us / round", "mean us", "same drafts / prefix"], records, args.out)
     return 0
 
 
