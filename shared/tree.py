@@ -120,12 +120,14 @@ class Tree:
     def ancestor_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
         """``[M, M]`` bool, ``mask[i, j]`` True iff ``j`` is ``i`` or an ancestor of ``i``."""
         m = self.size
-        mask = torch.zeros(m, m, dtype=torch.bool)
-        for i in range(m):
-            mask[i, i] = True
-            p = self.parents[i]
-            if p >= 0:
-                mask[i] |= mask[p]  # parents come first, so row p is already complete
+        # Row i = its parent's row (complete: parents come first) with column i set. Built as bytes and turned
+        # into a tensor once -- two tensor ops per node cost ~0.4 ms for a 65-node tree on the host, every round.
+        rows: list[bytearray] = []
+        for i, p in enumerate(self.parents):
+            row = bytearray(rows[p]) if p >= 0 else bytearray(m)
+            row[i] = 1
+            rows.append(row)
+        mask = torch.frombuffer(bytearray(b"".join(rows)), dtype=torch.bool).view(m, m).clone()
         return mask.to(device) if device is not None else mask
 
     def path(self, node: int) -> list[int]:

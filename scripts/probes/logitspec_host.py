@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """LogitSpec's host-side drafting cost per round: the guess order from a full stable sort of the vocabulary
 (the rule as first written) against :func:`specdec.shared.retrieval.guess_order` (only the first
-``capacity + 1`` ids, :func:`specdec.shared.sampling.stable_topk`), measured in the same run (issue 20 item 4).
+``capacity + 1`` ids, :func:`specdec.shared.sampling.stable_topk`), and the host-side tree setup of the
+fast engine per round (the ancestor mask per node vs from byte rows), measured in the same run (issue 20 item 4).
 
     python3 scripts/probes/logitspec_host.py --questions 3 --max-new-tokens 128 --out runs/logitspec_host.jsonl
 
@@ -75,6 +76,34 @@ def replay(states: list, order_fn, reps: int) -> tuple[list[float], list]:
         retrieval.guess_order = saved
 
 
+def per_node_ancestor_mask(tree) -> torch.Tensor:
+    """The first ``Tree.ancestor_mask``: two tensor ops per node (row i = its parent's row | column i)."""
+    m = tree.size
+    mask = torch.zeros(m, m, dtype=torch.bool)
+    for i in range(m):
+        mask[i, i] = True
+        if tree.parents[i] >= 0:
+            mask[i] |= mask[tree.parents[i]]
+    return mask
+
+
+def time_masks(drafts: list, reps: int) -> dict[str, float]:
+    """Mean us per round of each tree's ancestor mask (before / now) and of the fast engine's
+    whole host-side tree setup (``TreeTensors``: mask, depths, parents, padding)."""
+    from specdec.fast.engine import TreeTensors
+
+    out = {}
+    for name, fn in (("mask, per node (before)", per_node_ancestor_mask), ("mask, byte rows (now)", lambda t: t.ancestor_mask()),
+                     ("TreeTensors (now)", lambda t: TreeTensors(t, 65, torch.device("cpu")))):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for d in drafts:
+                fn(d.tree)
+        out[name] = (time.perf_counter() - t0) / (reps * len(drafts)) * 1e6
+    assert all(torch.equal(per_node_ancestor_mask(d.tree), d.tree.ancestor_mask()) for d in drafts)
+    return out
+
+
 def time_order(fn, logits: torch.Tensor, capacity: int, reps: int) -> float:
     for _ in range(3):
         fn(logits, capacity)
@@ -103,6 +132,10 @@ def main() -> int:
                  mean_us=statistics.mean(t) * 1e6, same_drafts=same)
         records.append(r)
         rows.append(["propose (embedded model, V 4096)", name, "cpu", f"{r['median_us']:.0f}", f"{r['mean_us']:.0f}", same])
+
+    for name, us in time_masks(d_new, args.reps).items():
+        records.append(dict(part="tree", what=name, us=us, rounds=len(d_new)))
+        rows.append([f"host tree setup per round: {name}", "", "cpu", f"{us:.0f}", "", True])
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     g = torch.Generator().manual_seed(0)

@@ -165,3 +165,19 @@ def test_invalid_tree_shape(shape, err, match):
         validate_tree_shape(shape)
     with pytest.raises(err, match=match):
         tree_shape_num_nodes(shape)
+
+
+def test_ancestor_mask_is_the_paths_on_random_trees():
+    """mask[i, j] iff j lies on the root-to-i path, for random trees up to the fast path's 128 nodes (the mask is
+    built from byte rows, not per-node tensor ops)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        m = rng.randint(1, 128)
+        t = Tree.from_parents([-1] + [rng.randint(max(0, i - rng.randint(1, 8)), i - 1) for i in range(1, m)])
+        want = torch.zeros(m, m, dtype=torch.bool)
+        for i in range(m):
+            want[i, t.path(i)] = True
+        got = t.ancestor_mask()
+        assert got.dtype == torch.bool and got.shape == (m, m) and torch.equal(got, want)
