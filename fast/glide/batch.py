@@ -91,8 +91,6 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
     # 1. Host side, per drafting row: the prompt's long catch-up (first round, window-sized chunks, on the row's
     #    own cache), room in the sliding cache, and this round's catch-up of the last k_b emitted positions.
     row_of = dict(zip(rows, range(len(rows))))
-    ints = _Ints()
-    tokens, pos, crow, row_lo, row_hi, cross_row, self_lo, self_hi, cross_hi, lvl_lo = ([] for _ in range(10))
     k_pad = 1
     per_row = {}
     for d, st in zip(drafters, states):
@@ -102,13 +100,21 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
         d.cache.make_room(k)
         per_row[id(d)] = (L, k)
         k_pad = max(k_pad, k)
+    # Every integer of the round, one list per batch row: the catch-up's queries ([B, k_pad]: tokens, positions,
+    # cache rows, each query's draft-row window and target rows < its position), each row's key ranges ([B]) and
+    # the first draft row each level's window reaches ([B, levels]).
+    per_query = ("tokens", "pos", "rows", "row_lo", "row_hi", "cross_row_hi")
+    per_batch_row = ("self_lo", "self_hi", "cross_hi", "level_lo")
+    f: dict[str, list] = {name: [] for name in per_query + per_batch_row}
+    n_levels = max(len(run), 1)
     for b in range(B):
         i = row_of.get(b)
         if i is None:   # a finished row: dummy queries at position 0 (row 0 of a zero cache, target row 0)
-            zero, one = [0] * k_pad, [1] * k_pad
-            tokens.append(zero); pos.append(zero); crow.append(zero); row_lo.append(zero); row_hi.append(one)
-            cross_row.append(one); self_lo.append(0); self_hi.append(1); cross_hi.append(1)
-            lvl_lo.append([0] * max(len(run), 1))
+            q = dict(tokens=0, pos=0, rows=0, row_lo=0, row_hi=1, cross_row_hi=1)
+            for name in per_query:
+                f[name].append([q[name]] * k_pad)
+            for name, value in (("self_lo", 0), ("self_hi", 1), ("cross_hi", 1), ("level_lo", [0] * n_levels)):
+                f[name].append(value)
             continue
         d, st = drafters[i], states[i]
         L, k = per_row[id(d)]
@@ -116,18 +122,19 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
         first = L + 1 - k
         ps = [first] * (k_pad - k) + list(range(first, L + 1))      # front padding: copies of the first query
         rs = [p - base for p in ps]
-        tokens.append([st.tokens[p] for p in ps]); pos.append(ps); crow.append(rs)
-        row_lo.append([max(r - w + 1, 0) for r in rs]); row_hi.append([r + 1 for r in rs]); cross_row.append(ps)
         n = L + 1 - base                                              # prefix rows after the catch-up (root last)
-        self_lo.append(max(rs[0] - w + 1, 0)); self_hi.append(n); cross_hi.append(L)
-        lvl_lo.append([max(n + lv - w + 1, 0) for lv in range(max(len(run), 1))])
+        for name, value in (("tokens", [st.tokens[p] for p in ps]), ("pos", ps), ("rows", rs),
+                            ("row_lo", [max(r - w + 1, 0) for r in rs]), ("row_hi", [r + 1 for r in rs]),
+                            ("cross_row_hi", ps), ("self_lo", max(rs[0] - w + 1, 0)), ("self_hi", n), ("cross_hi", L),
+                            ("level_lo", [max(n + lv - w + 1, 0) for lv in range(n_levels)])):
+            f[name].append(value)
         d.cache.n = n
         d.processed = L + 1
-    for name, val in (("tokens", tokens), ("pos", pos), ("rows", crow), ("row_lo", row_lo), ("row_hi", row_hi),
-                      ("cross_row_hi", cross_row), ("self_lo", self_lo), ("self_hi", self_hi), ("cross_hi", cross_hi), ("level_lo", lvl_lo)):
-        ints.add(name, val)
+    ints = _Ints()
+    for name, values in f.items():
+        ints.add(name, values)
     u = ints.to(dev)
-    cross_span = max(cross_hi) + 1
+    cross_span = max(f["cross_hi"]) + 1
 
     # 2. The rows' sliding caches as one [B, Hkv, R, D] buffer (finished rows: zeros).
     zeros = torch.zeros_like(d0.cache.k)
