@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from specdec.fast.graphs import CapturedFn
 from specdec.fast.model import FastModel, MAX_TREE_NODES, StaticKVCache, commit, prefill, run_step, step_forward
@@ -313,7 +314,8 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
     def finished(b: int) -> bool:
         return len(emitted[b]) >= max_gen_len or bool(eos & set(emitted[b]))
 
-    eye = torch.eye(T, dtype=torch.bool, device=dev)
+    # a finished row: T dummy roots (token 0 at its length, each seeing only itself)
+    eye, zeros = torch.eye(T, dtype=torch.bool, device=dev), torch.zeros(T, dtype=torch.long, device=dev)
     tp_local = _sharded_greedy(target, params, drafters)
     t1 = time.perf_counter()
     active = [b for b in range(B) if not finished(b)]
@@ -329,22 +331,12 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
                 raise RuntimeError(f"drafter bug: a draft of {draft.tree.size} nodes exceeds the fixed tree size {T}")
         # 2. Verify: every row padded to T nodes (a finished row: T dummy roots that see only
         #    themselves), one target pass with per-row prefix lengths.
-        lengths_t = torch.tensor(lengths, dtype=torch.long, device=dev)
-        if len(drafts) == B and all(d.tree.size == T for d in drafts.values()):
-            # every row drafts a full-size tree (GLIDE's batched rounds): one stack per input, not B copies each
-            tts = [tree_tensors(drafts[b].tree, T, dev) for b in range(B)]
-            node_tokens = torch.stack([drafts[b].tokens.to(device=dev, dtype=torch.long) for b in range(B)])
-            positions = torch.stack([tt.depth for tt in tts]) + lengths_t[:, None]
-            masks = torch.stack([tt.mask[0] for tt in tts])
-        else:
-            node_tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
-            positions = lengths_t[:, None].repeat(1, T)
-            masks = eye[None].repeat(B, 1, 1)
-            for b, draft in drafts.items():
-                tt = tree_tensors(draft.tree, T, dev)
-                node_tokens[b, : draft.tree.size] = draft.tokens.to(dev)
-                positions[b] = tt.depth + lengths[b]
-                masks[b] = tt.mask[0]
+        tts = {b: tree_tensors(d.tree, T, dev) for b, d in drafts.items()}   # each tree padded to T nodes
+        node_tokens = torch.stack([F.pad(drafts[b].tokens.to(device=dev, dtype=torch.long), (0, T - drafts[b].tree.size))
+                                   if b in drafts else zeros for b in range(B)])
+        positions = torch.stack([tts[b].depth if b in drafts else zeros for b in range(B)]) \
+            + torch.tensor(lengths, dtype=torch.long, device=dev)[:, None]
+        masks = torch.stack([tts[b].mask[0] if b in drafts else eye for b in range(B)])
         cache.length = max(lengths)
         # A finished row's dummy roots see only themselves: its prefix length is 0 for this pass, so the
         # attention reads none of its cache (they write rows [0, T) of it, which nothing reads again), and a

@@ -80,31 +80,24 @@ def vanilla_generate(
     sharded_argmax = fm.tp is not None and sp.greedy
     mask = torch.ones(b, 1, 1, dtype=torch.bool, device=dev)
     active = list(range(b))
+    sel: slice | torch.Tensor = slice(None)   # the unfinished rows as an index (all rows until one finishes)
     t1 = time.perf_counter()
     while True:
         still = [r for r in active if not finished(r)]
         if not still:
             break
         if len(still) < len(active):   # rows that finished read no cache from now on (prefix length 0)
-            gone = torch.tensor([r for r in active if r not in still], device=dev)
-            cache.length_t[gone] = 0
-            active = still
+            cache.length_t[torch.tensor([r for r in active if r not in still], device=dev)] = 0
+            active, sel = still, torch.tensor(still, device=dev)
         cache.length = max(lengths[r] + len(out[r]) - 1 for r in active)   # the longest row (the overflow check)
         positions = cache.length_t.long()[:, None]   # row r's fed token sits at position len_r + emitted - 1
         logits = run_step(fm, cache, token[:, None], positions, mask, gather=not sharded_argmax)[:, -1]
-        rows = None if len(active) == b else torch.tensor(active, device=dev)
-        cache.length_t[rows if rows is not None else slice(None)] += 1
+        cache.length_t[sel] += 1
         if sharded_argmax:
-            new = fm.tp.argmax(logits, fm.config.vocab_size)
-            new = new if rows is None else new[rows]
+            new = fm.tp.argmax(logits, fm.config.vocab_size)[sel]
         else:
-            new = sample_next(logits if rows is None else logits[rows], sp, generator,
-                              [lengths[r] + len(out[r]) for r in active], seq_ids=active)
-        if rows is None:
-            token = new
-        else:
-            token = token.clone()
-            token[rows] = new
+            new = sample_next(logits[sel], sp, generator, [lengths[r] + len(out[r]) for r in active], seq_ids=active)
+        token[sel] = new
         num += 1
         for r, t in zip(active, new.tolist()):   # the step's one read-back
             out[r].append(t)

@@ -15,7 +15,7 @@ How the rows fit one pass:
 * **Ragged catch-up.** Row b catches up on its last k_b emitted positions (k_b <= levels + 1); rows with
   fewer are padded at the front with copies of their first query (same token, position, cache row and keys:
   the copy writes the same K/V row with the same values and its output is dropped).
-* **Finished rows** (not drafting this round) ride along as dummies: one token at position 0 over a zero
+* **Finished rows** (not drafting this round) ride along as dummies: one token at position 1 over a zero
   scratch cache and the first row of their target cache; their outputs are dropped and nothing of theirs is
   written back. So the pass keeps the batch cache's B rows and its target K/V need no gather.
 * **Last rounds.** A row with fewer tokens left than levels takes the first levels of the full tree: the levels
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from specdec.fast.engine import DeviceTree
 from specdec.fast.glide.cache import GlideBounds, SlidingCache
 from specdec.fast.glide.layer import glide_layer
+from specdec.fast.glide.packing import catch_up_glide_bounds, catch_up_segments, level_window_lo
 from specdec.fast.model import StaticKVCache, _kernels
 from specdec.shared.keyed import keyed_logprobs, sequence_key
 from specdec.shared.round import Draft, RoundState
@@ -85,51 +86,32 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
     levels_of = [d._levels_left(st.budget) for d, st in zip(drafters, states)]
     levels = max(levels_of)
     run = shape[:levels]                      # the levels drafted this round (each row keeps its first levels_of)
-    k_max = len(shape) + 1
     target_k, target_v = cache.k[-1], cache.v[-1]   # [B, Hkv, capacity, D]: every row's last layer
 
-    # 1. Host side, per drafting row: the prompt's long catch-up (first round, window-sized chunks, on the row's
-    #    own cache), room in the sliding cache, and this round's catch-up of the last k_b emitted positions.
+    # 1. Host side, per drafting row: the prompt's long catch-up (first round, on the row's own cache), room in
+    #    the sliding cache, and this round's catch-up of the last k_b emitted positions (FastGlideDrafter's rule).
     row_of = dict(zip(rows, range(len(rows))))
-    k_pad = 1
-    per_row = {}
-    for d, st in zip(drafters, states):
-        L = st.target_cache.length
-        k = min(L + 1 - d.processed, k_max)
-        d._catch_up_prefix(st.tokens, L + 1 - k, st.target_cache.k[-1], st.target_cache.v[-1])
-        d.cache.make_room(k)
-        per_row[id(d)] = (L, k)
-        k_pad = max(k_pad, k)
-    # Every integer of the round, one list per batch row: the catch-up's queries ([B, k_pad]: tokens, positions,
-    # cache rows, each query's draft-row window and target rows < its position), each row's key ranges ([B]) and
-    # the first draft row each level's window reaches ([B, levels]).
-    per_query = ("tokens", "pos", "rows", "row_lo", "row_hi", "cross_row_hi")
-    per_batch_row = ("self_lo", "self_hi", "cross_hi", "level_lo")
-    f: dict[str, list] = {name: [] for name in per_query + per_batch_row}
-    n_levels = max(len(run), 1)
+    starts = [d._start_round(st) for d, st in zip(drafters, states)]
+    k_pad = max(k for _, k in starts)
+    # Every integer of the round: per batch row, its catch-up's segments (catch_up_segments: [k_pad] per query,
+    # padded at the front with copies of the first query -- same row, same values written) and the first prefix
+    # row each level's window reaches. A finished row rides along as a dummy: token 0 at position 1 over row 0 of
+    # a zero cache (L = 1, base 1), seeing its target row 0.
+    per_query = ("tokens", "rows", "row_lo", "row_hi", "pos", "zeros")
+    f: dict[str, list] = {}
     for b in range(B):
         i = row_of.get(b)
-        if i is None:   # a finished row: dummy queries at position 0 (row 0 of a zero cache, target row 0)
-            q = dict(tokens=0, pos=0, rows=0, row_lo=0, row_hi=1, cross_row_hi=1)
-            for name in per_query:
-                f[name].append([q[name]] * k_pad)
-            for name, value in (("self_lo", 0), ("self_hi", 1), ("cross_hi", 1), ("level_lo", [0] * n_levels)):
-                f[name].append(value)
-            continue
-        d, st = drafters[i], states[i]
-        L, k = per_row[id(d)]
-        base = d.cache.base
-        first = L + 1 - k
-        ps = [first] * (k_pad - k) + list(range(first, L + 1))      # front padding: copies of the first query
-        rs = [p - base for p in ps]
-        n = L + 1 - base                                              # prefix rows after the catch-up (root last)
-        for name, value in (("tokens", [st.tokens[p] for p in ps]), ("pos", ps), ("rows", rs),
-                            ("row_lo", [max(r - w + 1, 0) for r in rs]), ("row_hi", [r + 1 for r in rs]),
-                            ("cross_row_hi", ps), ("self_lo", max(rs[0] - w + 1, 0)), ("self_hi", n), ("cross_hi", L),
-                            ("level_lo", [max(n + lv - w + 1, 0) for lv in range(n_levels)])):
-            f[name].append(value)
-        d.cache.n = n
-        d.processed = L + 1
+        if i is None:
+            (L, k), base, toks = (1, 1), 1, [0]
+        else:
+            (L, k), base = starts[i], drafters[i].cache.base
+            toks = states[i].tokens[L + 1 - k : L + 1]
+        seg = catch_up_segments(toks, L + 1 - k, base, w)
+        for name, values in seg.items():
+            f.setdefault(name, []).append(values[:1] * (k_pad - k) + values if name in per_query else values[0])
+        f.setdefault("level_lo", []).append(level_window_lo(L + 1 - base, max(len(run), 1), w))
+        if i is not None:
+            drafters[i]._caught_up(L)
     ints = _Ints()
     for name, values in f.items():
         ints.add(name, values)
@@ -144,9 +126,7 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
 
     # 3. Catch-up: ONE pass over every row's last k emitted positions (query at position t sees draft rows
     #    (t - window, t] and target rows < t); the last query of each row is its root.
-    bounds = GlideBounds(self_lo=u["self_lo"], self_hi=u["self_hi"], cross_hi=u["cross_hi"], cross_span=cross_span,
-                         self_row_lo=u["row_lo"], self_row_hi=u["row_hi"], cross_row_lo=torch.zeros_like(u["pos"]),
-                         cross_row_hi=u["cross_row_hi"])
+    bounds = catch_up_glide_bounds(u, cross_span)
     h = glide_layer(fm, g, stacked, u["tokens"], u["pos"].long(), u["rows"], target_k, target_v, bounds)
     lm_head = d0.lm_head
     vocab = lm_head.shape[0]
@@ -205,8 +185,7 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
         prev_first, prev_n, first = first, n, first + n
 
     # 5. The catch-up rows persist: every drafting row's cache back from the stacked buffer (one multi-tensor copy).
-    idx = [row_of[b] for b in rows]
-    torch._foreach_copy_([drafters[i].cache.k for i in idx] + [drafters[i].cache.v for i in idx],
+    torch._foreach_copy_([d.cache.k for d in drafters] + [d.cache.v for d in drafters],
                          [stacked.k[b : b + 1] for b in rows] + [stacked.v[b : b + 1] for b in rows])
 
     # 6. Row b's draft: the nodes of its first levels_of[b] levels (a prefix of the node order).

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from specdec.fast.engine import DeviceTree, FastDrafter, FusedRound, RunAhead
 from specdec.fast.glide.cache import GlideBounds, SlidingCache
 from specdec.fast.glide.layer import glide_layer
-from specdec.fast.glide.packing import catch_up_glide_bounds, catch_up_segments, pack_ints, unpack_ints
+from specdec.fast.glide.packing import catch_up_glide_bounds, catch_up_segments, level_window_lo, pack_ints, unpack_ints
 from specdec.fast.glide.state import AHEAD, CapturedRound, GlideRuntime, GraphKey, RoundBuffers, Verify
 from specdec.fast.glide.weights import FastGlide
 from specdec.fast.graphs import capture
@@ -262,7 +262,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         levels = len(shape)
         # tree level l (depth l + 1, position L + l + 1, query row n + l) sees prefix rows
         # (n + l - window, n) and the tree rows n + j of its ancestors
-        level_lo = [max(n + lv - window + 1, 0) for lv in range(levels)]
+        level_lo = level_window_lo(n, levels, window)
         level_pos = [L + lv + 1 for lv in range(levels)]
         tree_rows = [n + j for j in range(sum(shape))]
         segments = catch_up_segments([0] * k if scratch else tokens[L + 1 - k :], first, base, window)
@@ -328,23 +328,32 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         :class:`~specdec.fast.glide.state.GraphKey` (target cache allocation, RoPE table, ``k``, shape,
         and the keyed sampling constants when the beam is keyed).
         """
-        cache = self.cache
-        L = state.target_cache.length
         target_k = state.target_cache.k[-1]  # [1, Hkv, capacity, D]: rows [0, L) are verified
         target_v = state.target_cache.v[-1]
         shape = self._shape(state) if shape is None else shape
-        # Long catch-ups (the prompt) run in chunks; the last <= depth + 1 tokens go into the round body.
-        k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
-        self._catch_up_prefix(state.tokens, L + 1 - k, target_k, target_v)
-        cache.make_room(k)
+        L, k = self._start_round(state)
         pack, layout = self._pack(state.tokens, L, k, shape, depth_limit=depth_limit, params=state.params,
                                   seq_id=state.seq_id)
-        cache.n = L + 1 - cache.base
-        self.processed = L + 1
+        self._caught_up(L)
         # one set of graphs per (target cache allocation, RoPE table): the graphs read both by address
         table = self.target.rope_table[0].data_ptr() if self.target.rope_table is not None else 0
         key = GraphKey(target_k.data_ptr(), tuple(target_k.shape), table, k, shape, sampling=self._keyed(state.params))
         return k, shape, pack, layout, target_k, target_v, key
+
+    def _start_round(self, state: RoundState) -> tuple[int, int]:
+        """The host side of a round's start: ``(L, k)`` -- the verified length and the number of last positions
+        (root included, at most levels + 1) the round's body catches up on. Longer catch-ups (the prompt) run
+        here first, in window-sized chunks; the sliding cache gets room for the k rows."""
+        L = state.target_cache.length
+        k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
+        self._catch_up_prefix(state.tokens, L + 1 - k, state.target_cache.k[-1], state.target_cache.v[-1])
+        self.cache.make_room(k)
+        return L, k
+
+    def _caught_up(self, L: int) -> None:
+        """After a round's catch-up (packed or run): positions [0, L] are in the draft's cache."""
+        self.cache.n = L + 1 - self.cache.base
+        self.processed = L + 1
 
     def _levels_left(self, budget: int) -> int:
         """Levels a round may accept when ``budget`` tokens may still be emitted (one is the bonus token).

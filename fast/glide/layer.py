@@ -56,9 +56,10 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
         self-attention -> wo GEMM -> add_rms_norm -> wq_x GEMM -> rope_q -> cross-attention over the
         target cache -> wo_x GEMM -> add_rms_norm -> w13 GEMM -> silu_mul -> w2 GEMM -> + residual
 
-    or, for one sequence (B = 1) when the layer's weights are small enough to re-read per row (:func:`_gemv_rows_ok`), every projection is one GEMV with the norm
-    before it or the residual add after it folded in, and the q|k|v one also does RoPE and the K/V
-    write (:mod:`.kernels.gemv`): no norm, RoPE-write, SwiGLU or add kernels.
+    or, for one sequence (B = 1) when the layer's weights are small enough to re-read per row
+    (:func:`_gemv_rows_ok`), every projection is one GEMV with the norm before it or the residual add after
+    it folded in, and the q|k|v one also does RoPE and the K/V write (:mod:`.kernels.gemv`): no norm,
+    RoPE-write, SwiGLU or add kernels.
 
     Under tensor parallelism (``g.tp``: the rank's heads and MLP slice, :func:`specdec.fast.glide.shard_glide`)
     the attentions run over the rank's heads -- the cross-attention over the target cache's heads this rank
@@ -74,7 +75,7 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
         cos, sin = cos[None], sin[None]
     cos, sin = cos.to(g.dtype), sin.to(g.dtype)
 
-    def self_attention(q):  # over the sliding cache (+ the tree block), [1, H, T, D] -> [1, T, H * D]
+    def self_attention(q):  # over the sliding cache (+ the tree block), [B, H, T, D] -> [B, T, H * D]
         o = split_attention(q, cache.k, cache.v, span_lo=bounds.self_lo, span_hi=bounds.self_hi,
                             max_span=g.window + q.shape[2], row_lo=bounds.self_row_lo, row_hi=bounds.self_row_hi,
                             tree_start=bounds.tree_start if tree_mask is not None else None, tree_mask=tree_mask)
@@ -96,8 +97,8 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
 
     # The embedding is the target's frozen one (the ids come from the round's own pack or beam
     # kernels: no host-side range check).
-    if tokens.shape[0] == 1 and _gemv_rows_ok([g.w[n] for n in ("wqkv", "wo", "wq_x", "wo_x", "w13", "w2")], tokens.numel(),
-                                              tokens.device):
+    weights = [g.w[n] for n in ("wqkv", "wo", "wq_x", "wo_x", "w13", "w2")]
+    if tokens.shape[0] == 1 and _gemv_rows_ok(weights, tokens.numel(), tokens.device):
         x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)
         # 1. Self-attention. 2. Cross-attention (query projected + rotated only). 3. SwiGLU MLP.
         q = kern.gemv_qkv_rope(x, g.w["wqkv"], g.w["bqkv"], cos, sin, cache.k, cache.v, rows,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from specdec.fast.glide.cache import GlideBounds
 
-__all__ = ["catch_up_segments", "catch_up_glide_bounds", "pack_ints", "unpack_ints"]
+__all__ = ["catch_up_segments", "catch_up_glide_bounds", "level_window_lo", "pack_ints", "unpack_ints"]
 
 
 def catch_up_segments(tokens: list[int], first: int, base: int, window: int) -> dict[str, list[int]]:
@@ -31,11 +31,20 @@ def catch_up_segments(tokens: list[int], first: int, base: int, window: int) -> 
                 self_lo=[min(lo)], self_hi=[max(hi)], cross_hi=[max(positions)])
 
 
+def level_window_lo(n: int, levels: int, window: int) -> list[int]:
+    """The first prefix row each tree level's window reaches: level l (depth l + 1, query row n + l, after ``n``
+    prefix rows) sees prefix rows ``(n + l - window, n)`` (and the tree rows of its ancestors)."""
+    return [max(n + lv - window + 1, 0) for lv in range(levels)]
+
+
 def catch_up_glide_bounds(u: dict[str, torch.Tensor], cross_span: int) -> GlideBounds:
-    """The :class:`GlideBounds` of a catch-up from the device views of :func:`catch_up_segments`."""
+    """The :class:`GlideBounds` of a catch-up from the device views of :func:`catch_up_segments`: one
+    sequence's ([T] per-query views, [1] ranges) or a batch's ([B, T] and [B]:
+    :func:`specdec.fast.glide.batch.propose_batch`)."""
+    per_query = (lambda t: t[None]) if u["pos"].dim() == 1 else (lambda t: t)
     return GlideBounds(self_lo=u["self_lo"], self_hi=u["self_hi"], cross_hi=u["cross_hi"], cross_span=cross_span,
-                       self_row_lo=u["row_lo"][None], self_row_hi=u["row_hi"][None],
-                       cross_row_lo=u["zeros"][None], cross_row_hi=u["pos"][None])
+                       self_row_lo=per_query(u["row_lo"]), self_row_hi=per_query(u["row_hi"]),
+                       cross_row_lo=per_query(u["zeros"]), cross_row_hi=per_query(u["pos"]))
 
 
 def pack_ints(segments: dict[str, list[int]]) -> tuple[list[int], dict[str, tuple[int, int]]]:
