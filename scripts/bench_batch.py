@@ -16,8 +16,8 @@ Three parts (``--parts``, default all):
 * ``methods`` -- every decoder on the embedded default model (``--model``, bf16) at B in ``--method-batches``:
   the first B prompts of ``--bench``, ``--max-new-tokens`` each, one batched call per method; tokens/s
   (emitted tokens / decode time) and speedup over batched vanilla at the same B; and whether every row
-  equals batched vanilla's row (bitwise, the decode phase is row-invariant). ``tree_spec rows apart`` is the
-  GLIDE tree with its rows drafting one after another instead of in one batched round (the A/B).
+  equals batched vanilla's row (bitwise, the decode phase is row-invariant). ``tree_spec rows together`` is the
+  GLIDE tree with its rows drafting in one batched round instead of one after another (the A/B).
 
 A configuration that does not fit the device's memory is reported as skipped (the library's own memory
 check names the largest batch that fits). Prints tables and writes JSONL (``--out``).
@@ -157,15 +157,17 @@ def part_magicdec(fm, args, bw, rows_out):
                                     "compact ms", "round ms", "round / step", "t_step / t_round"], tablefmt="github")
 
 
-def _rows_apart(call):
-    """``call()`` with the GLIDE rows drafting one after another (the A/B of fast/glide/batch.py's batched rounds)."""
+def _rows_together(call):
+    """``call()`` with the GLIDE rows drafting together (fast/glide/batch.py's batched rounds; the default drafts
+    them one after another): the A/B of the two."""
     from specdec.fast.glide.drafter import FastGlideDrafter
 
-    FastGlideDrafter.batch_rounds = False
+    saved = FastGlideDrafter.batch_rounds
+    FastGlideDrafter.batch_rounds = True
     try:
         return call()
     finally:
-        FastGlideDrafter.batch_rounds = True
+        FastGlideDrafter.batch_rounds = saved
 
 
 def part_methods(args, rows_out):
@@ -186,7 +188,7 @@ def part_methods(args, rows_out):
         "speculative": lambda p, **kw: fast.speculative_generate(target, draft, p, None, **kw),
         "spec": lambda p, **kw: fast.spec_generate(target, glide, p, None, **kw),
         "tree_spec": lambda p, **kw: fast.tree_spec_generate(target, glide, p, None, **kw),
-        "tree_spec rows apart": lambda p, **kw: _rows_apart(lambda: fast.tree_spec_generate(target, glide, p, None, **kw)),
+        "tree_spec rows together": lambda p, **kw: _rows_together(lambda: fast.tree_spec_generate(target, glide, p, None, **kw)),
         "logitspec": lambda p, **kw: fast.logitspec_generate(target, p, None, **kw),
         "magicdec": lambda p, **kw: fast.magicdec_generate(target, p, None, **kw),
         "pld": lambda p, **kw: fast.pld_generate(target, p, None, **kw),

@@ -131,9 +131,12 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         self._ahead_buf: CapturedRound | None = None  # the device-driven round of this call (graph or eager buffers)
         self._seq_ready = False  # seq holds this call's tokens
 
-    batch_rounds: bool = True
+    batch_rounds: bool = False
     """Draft the rows of a batch together (:mod:`specdec.fast.glide.batch`: one draft-layer pass per step for all
-    rows) where :func:`~specdec.fast.glide.batch.can_batch` allows; off: row after row (for A/B measurements)."""
+    rows) where :func:`~specdec.fast.glide.batch.can_batch` allows; off (the default): row after row. Off by
+    default because measured slower on an H200 (BENCHMARKS "Batched decoding", session 14: tree_spec at B = 8
+    2119 vs 4042 tok/s row by row): the batched round runs eagerly -- ~130 launches and a beam choice per row
+    and level -- while a row's own round replays one CUDA graph. Equal trees either way (tested)."""
 
     @classmethod
     def propose_rows(cls, drafters: list["FastGlideDrafter"], rows: list[int], states: list[RoundState],
