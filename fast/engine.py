@@ -34,12 +34,13 @@ drafter logic (checked by the tests, never by importing the reference).
 **Batches** (B > 1, prompts of any lengths; docs/design.md §11): :func:`_run_batch` -- one drafter per
 row, every row's draft padded to the fixed tree size and verified in ONE target pass over the static
 [B, ...] cache with per-row prefix lengths (``cache.length_t``), ragged acceptance, every row's
-accepted rows compacted in ONE :func:`specdec.fast.kernels.compact_kv` launch (per-row destinations),
-one host synchronisation per greedy round (the [B, M] argmax). A finished row stays in the batch as a
+accepted rows compacted in ONE :func:`specdec.fast.kernels.compact_kv` launch (per-row destinations);
+greedy rounds accept and compact every row on the device (:func:`accept_rows_greedy`) and synchronise once
+per round (a [B, 2] read-back: each row's best node and next token). A finished row stays in the batch as a
 masked dummy (its verification rows are scratch; its prefix length is 0 for the pass, so its attention
 reads none of its cache) and stops being drafted for and emitted. Drafters
 that build device trees (GLIDE) draft row by row, each on its row of the batch cache, and join the ONE
-batched verification; their trees are read back with the round's argmax (the fused single-graph round
+batched verification; their trees are read back right after it, in one copy (the fused single-graph round
 and run-ahead of a batch of one are not used for B > 1). With the decode phase's
 row-invariant kernels (docs/design.md §8) a row's tokens do not depend on its batch-mates.
 """
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 
 from specdec.fast.graphs import CapturedFn
 from specdec.fast.model import FastModel, MAX_TREE_NODES, StaticKVCache, commit, prefill, run_step, step_forward
-from specdec.shared.acceptance import greedy_best_node
+from specdec.shared.acceptance import greedy_best_nodes
 from specdec.shared.batch import PromptBatch, normalize_prompts
 from specdec.shared.keyed import resolve_sampling, sample_next
 from specdec.shared.result import GenerationResult, normalize_eos, sync
@@ -316,6 +317,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
 
     # a finished row: T dummy roots (token 0 at its length, each seeing only itself)
     eye, zeros = torch.eye(T, dtype=torch.bool, device=dev), torch.zeros(T, dtype=torch.long, device=dev)
+    no_nodes = torch.zeros(T, dtype=torch.bool, device=dev)
     tp_local = _sharded_greedy(target, params, drafters)
     t1 = time.perf_counter()
     active = [b for b in range(B) if not finished(b)]
@@ -346,28 +348,30 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
             cache.length_t[finished_rows] = 0
         logits = run_step(target, cache, node_tokens, positions, masks, gather=not tp_local)   # [B, T, V (or V')]
         num += 1
-        if params.greedy:                                                    # the round's one read-back
-            amax = (target.tp.argmax(logits, target.config.vocab_size) if tp_local else torch.argmax(logits, dim=-1)).tolist()
+        # 3. Accept; 4. compact every row's accepted rows in one launch; 5. emit. Greedy: acceptance and
+        #    compaction of all rows on the device, then the round's one read-back ([B, 2]: best node, next token).
+        if params.greedy:
+            amax = target.tp.argmax(logits, target.config.vocab_size) if tp_local else torch.argmax(logits, dim=-1)
+            parents = torch.stack([tts[b].parents if b in drafts else zeros for b in range(B)])
+            depth = torch.stack([tts[b].depth if b in drafts else zeros for b in range(B)])
+            valid = torch.stack([tts[b].valid if b in drafts else no_nodes for b in range(B)])
+            chosen = accept_rows_greedy(cache, amax, node_tokens, parents, depth, masks, valid, lengths,
+                                        [b in drafts for b in range(B)]).tolist()
         else:
-            amax = None
-        # 3. Accept per row; 4. compact every row's accepted rows in one launch; 5. emit.
-        src = torch.zeros(B, T, dtype=torch.int32)
-        n_acc = torch.zeros(B, dtype=torch.int32)
-        dst = torch.tensor(lengths, dtype=torch.int32)
+            src = torch.zeros(B, T, dtype=torch.int32)
+            n_acc = torch.zeros(B, dtype=torch.int32)
+            dst = torch.tensor(lengths, dtype=torch.int32)
         read = _read_drafts(drafts)   # the device trees: ONE read-back for all rows, after the argmax's (no wait)
         for b, draft in drafts.items():
             draft_tokens, tree = read[b]
             m, L = tree.size, lengths[b]
-            if amax is not None:
-                best = int(greedy_best_node(tree.ancestor_mask("cpu"), tree.depth_tensor("cpu"),
-                                            torch.tensor(draft_tokens), torch.tensor(amax[b][:m]),
-                                            torch.tensor(tree.parents, dtype=torch.long)))
-                path, next_token = tree.path(best), int(amax[b][best])
+            if params.greedy:
+                path, next_token = tree.path(chosen[b][0]), chosen[b][1]
             else:
                 path, next_token = accept_draft(Draft(torch.tensor(draft_tokens), tree, draft.q), logits[b, :m], params,
                                                 generator, skip_sample_adjustment, root_position=L, seq_id=ids[b])
-            src[b, : len(path)] = torch.tensor(path, dtype=torch.int32) + L
-            n_acc[b] = len(path)
+                src[b, : len(path)] = torch.tensor(path, dtype=torch.int32) + L
+                n_acc[b] = len(path)
             lengths[b] = L + len(path)
             accepted = [draft_tokens[j] for j in path[1:]]
             emitted[b] += accepted + [next_token]
@@ -377,15 +381,42 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
             last_logits[b] = None if tp_local else logits[b, path[-1]]
             if on_round is not None:
                 on_round(RoundRecord(Draft(torch.tensor(draft_tokens), tree, draft.q), path, next_token, b))
-        from specdec.fast import kernels as K
+        if not params.greedy:
+            from specdec.fast import kernels as K
 
-        K.compact_kv(cache.k, cache.v, src.to(dev), dst.to(dev), n_accept=n_acc.to(dev))
+            K.compact_kv(cache.k, cache.v, src.to(dev), dst.to(dev), n_accept=n_acc.to(dev))
         cache.length_t.copy_(torch.tensor(lengths, dtype=torch.int32))
         active = [b for b in active if not finished(b)]
     sync(dev)
     elapsed = time.perf_counter() - t1
     row_nums = [len(a) for a in accept_lengths]
     return GenerationResult.from_batch(emitted, spec, eos, max_gen_len, num, elapsed, prefill_time, accept_lengths, row_nums)
+
+
+def accept_rows_greedy(cache, amax: torch.Tensor, node_tokens: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor,
+                       ancestor: torch.Tensor, valid: torch.Tensor, lengths: list[int], drafting: list[bool]) -> torch.Tensor:
+    """Greedy acceptance and KV compaction of a verified batch, every row at once on the device (no host sync).
+
+    Shapes: ``amax``, ``node_tokens``, ``parents``, ``depth``, ``valid`` [B, T] (each row's tree padded to T nodes;
+    ``valid`` marks real nodes), ``ancestor`` [B, T, T] bool; ``lengths[b]`` is row b's verified length L_b,
+    its tree verified at cache rows ``[L_b, L_b + T)``; ``drafting[b]`` False for a finished row (nothing of it
+    is accepted or moved). Applies :func:`specdec.shared.acceptance.greedy_best_nodes` (padding never
+    accepted), then moves each row's accepted path -- its nodes in index order, which is root-to-leaf order --
+    to rows ``[L_b, L_b + n_b)`` in every layer with ONE :func:`specdec.fast.kernels.compact_kv` launch.
+    ``cache.length_t`` is left to the caller. Returns [B, 2] long: the best node and the target's next token
+    (its argmax after the best node), per row. Must match the batch-of-one rule
+    (:func:`accept_and_compact`) row by row."""
+    from specdec.fast import kernels as K
+
+    dev, (b, t) = amax.device, amax.shape
+    best = greedy_best_nodes(ancestor, depth, torch.where(valid, node_tokens, torch.full_like(node_tokens, -1)), amax, parents)
+    on_path = ancestor.gather(1, best[:, None, None].expand(b, 1, t))[:, 0]          # [B, T]: ancestors-or-self of best
+    idx = torch.arange(t, device=dev)
+    order = torch.argsort(torch.where(on_path, idx, idx + t), dim=1, stable=True)    # the path's nodes first
+    starts = torch.tensor(lengths, dtype=torch.int32, device=dev)
+    n = torch.where(torch.tensor(drafting, device=dev), on_path.sum(dim=1), 0).to(torch.int32)
+    K.compact_kv(cache.k, cache.v, (order + starts[:, None]).to(torch.int32), starts, n_accept=n)
+    return torch.stack([best, amax.gather(1, best[:, None])[:, 0]], dim=1)
 
 
 def check_drafts_fit(name: str, drafts: int) -> None:

@@ -36,6 +36,7 @@ from specdec.shared.tree import Tree
 __all__ = [
     "greedy_best_node",
     "greedy_accept",
+    "greedy_best_nodes",
     "chain_rejection_accept",
     "tree_sampling_accept",
     "uniform",
@@ -53,8 +54,34 @@ def uniform(generator: torch.Generator | None, device: torch.device | str = "cpu
 # ---------------------------------------------------------------------------------------------
 
 
+def greedy_best_nodes(ancestor_mask: torch.Tensor, depth: torch.Tensor, tokens: torch.Tensor, target_argmax: torch.Tensor,
+                      parents: torch.Tensor) -> torch.Tensor:
+    """The greedy rule for B trees at once (no host synchronisation): each tree's deepest fully-correct node,
+    a [B] long tensor.
+
+    Args:
+        ancestor_mask: [B, M, M] bool, ancestor-or-self.
+        depth: [B, M] long.
+        tokens: [B, M] long, node tokens (node 0 = root); a node that must never be accepted (a padding
+            dummy) carries a token no argmax equals, e.g. -1.
+        target_argmax: [B, M] long, the target's argmax after each node.
+        parents: [B, M] long, parent index (root: -1).
+    """
+    m = tokens.shape[-1]
+    # 1. A node is right when its token is the target's choice after its parent (the root always is).
+    parent_choice = target_argmax.gather(-1, parents.clamp(min=0))
+    right = (tokens == parent_choice) | (parents < 0)
+    # 2. A path is right when every node on it is: no wrong node among the ancestors-or-self.
+    path_ok = ~(ancestor_mask & ~right[..., None, :]).any(dim=-1)
+    # 3. Deepest right path wins; among equals, the lowest index.
+    idx = torch.arange(m, device=tokens.device)
+    score = torch.where(path_ok, depth * (m + 1) + (m - idx), torch.full_like(depth, -1))
+    return torch.argmax(score, dim=-1)
+
+
 def greedy_best_node(ancestor_mask: torch.Tensor, depth: torch.Tensor, tokens: torch.Tensor, target_argmax: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-    """Device-friendly greedy rule: index of the deepest fully-correct node (a 0-d long tensor).
+    """Device-friendly greedy rule: index of the deepest fully-correct node (a 0-d long tensor) --
+    :func:`greedy_best_nodes` for one tree.
 
     Args:
         ancestor_mask: [M, M] bool, ancestor-or-self.
@@ -63,16 +90,7 @@ def greedy_best_node(ancestor_mask: torch.Tensor, depth: torch.Tensor, tokens: t
         target_argmax: [M] long, the target's argmax after each node.
         parents: [M] long, parent index (root: -1).
     """
-    m = tokens.shape[0]
-    # 1. A node is right when its token is the target's choice after its parent (the root always is).
-    parent_choice = target_argmax[parents.clamp(min=0)]
-    right = (tokens == parent_choice) | (parents < 0)
-    # 2. A path is right when every node on it is: no wrong node among the ancestors-or-self.
-    path_ok = ~(ancestor_mask & ~right[None, :]).any(dim=1)
-    # 3. Deepest right path wins; among equals, the lowest index.
-    idx = torch.arange(m, device=tokens.device)
-    score = torch.where(path_ok, depth * (m + 1) + (m - idx), torch.full_like(depth, -1))
-    return torch.argmax(score)
+    return greedy_best_nodes(ancestor_mask[None], depth[None], tokens[None], target_argmax[None], parents[None])[0]
 
 
 def greedy_accept(tree: Tree, tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[list[int], int]:
