@@ -146,6 +146,32 @@ def test_measure_cost_model_times_each_shape():
     assert ts.calibration_shapes(8) == [(1,), (3,), (7,), (1, 1, 1, 1), (1,) * 8]  # level 1 <= 8, level 2 <= 8 x level 1
 
 
+def test_measure_cost_model_keeps_the_fastest_repeat_and_round_timer_the_median_gap(monkeypatch):
+    """Interference only adds time: a shape's cost is its fastest repeat (a slowed call does not move the fitted
+    level cost), and within a call the median gap between full-depth rounds (a slowed round does not either)."""
+    slow = iter([5.0, 1.2, 1.4 + 9.0, 1.4, 1.6, 1.6 + 3.0])   # (1,): slowed, plain; (1, 1): slowed, plain; (1, 1, 1)
+
+    def time_round(shape):
+        return next(slow)
+
+    c = ts.measure_cost_model(time_round, [(1,), (1, 1), (1, 1, 1)], reps=2)
+    assert c.verify_time(2) == pytest.approx(1.2) and c.level_fixed == pytest.approx(0.2) and c.level_per_node == 0.0
+
+    clock = iter([0.0, 1.0, 2.0, 9.0, 10.0, 11.0])           # gaps 1, 1, 7 (a slowed round), 1, 1
+
+    class Rec:
+        def __init__(self, depth):
+            self.draft = type("D", (), {"tree": type("T", (), {"depth": [0] + [depth]})()})()
+
+    def generate(ids, p, tree_shape, max_gen_len, eos_id, on_round):
+        for _ in range(6):
+            on_round(Rec(len(tree_shape)))
+        return type("R", (), {"elapsed_time": 99.0, "num": 7})()
+
+    monkeypatch.setattr(ts.time, "perf_counter", lambda: next(clock))
+    assert ts.round_timer(generate, 16, 64, stamps=True, prompt_length=8, max_gen_len=4)((1,)) == 1.0
+
+
 def test_cost_cache_per_process_and_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(ts, "_PROCESS_COSTS", {})
