@@ -58,7 +58,6 @@ import torch.nn.functional as F
 
 from specdec.fast.graphs import CapturedFn
 from specdec.fast.model import FastModel, MAX_TREE_NODES, StaticKVCache, commit, prefill, run_step, step_forward
-from specdec.shared.acceptance import greedy_best_nodes
 from specdec.shared.batch import PromptBatch, normalize_prompts
 from specdec.shared.keyed import resolve_sampling, sample_next
 from specdec.shared.result import GenerationResult, normalize_eos, sync
@@ -355,13 +354,12 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
             parents = torch.stack([tts[b].parents if b in drafts else zeros for b in range(B)])
             depth = torch.stack([tts[b].depth if b in drafts else zeros for b in range(B)])
             valid = torch.stack([tts[b].valid if b in drafts else no_nodes for b in range(B)])
-            chosen = accept_rows_greedy(cache, amax, node_tokens, parents, depth, masks, valid, lengths,
-                                        [b in drafts for b in range(B)]).tolist()
+            chosen = accept_rows_greedy(cache, amax, node_tokens, parents, depth, masks, valid, lengths).tolist()
         else:
             src = torch.zeros(B, T, dtype=torch.int32)
             n_acc = torch.zeros(B, dtype=torch.int32)
             dst = torch.tensor(lengths, dtype=torch.int32)
-        read = _read_drafts(drafts)   # the device trees: ONE read-back for all rows, after the argmax's (no wait)
+        read = _read_drafts(drafts)   # the device trees: ONE read-back for all rows, after the round's (no wait)
         for b, draft in drafts.items():
             draft_tokens, tree = read[b]
             m, L = tree.size, lengths[b]
@@ -394,27 +392,21 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
 
 
 def accept_rows_greedy(cache, amax: torch.Tensor, node_tokens: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor,
-                       ancestor: torch.Tensor, valid: torch.Tensor, lengths: list[int], drafting: list[bool]) -> torch.Tensor:
+                       ancestor: torch.Tensor, valid: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """Greedy acceptance and KV compaction of a verified batch, every row at once on the device (no host sync).
 
     Shapes: ``amax``, ``node_tokens``, ``parents``, ``depth``, ``valid`` [B, T] (each row's tree padded to T nodes;
-    ``valid`` marks real nodes), ``ancestor`` [B, T, T] bool; ``lengths[b]`` is row b's verified length L_b,
-    its tree verified at cache rows ``[L_b, L_b + T)``; ``drafting[b]`` False for a finished row (nothing of it
-    is accepted or moved). Applies :func:`specdec.shared.acceptance.greedy_best_nodes` (padding never
-    accepted), then moves each row's accepted path -- its nodes in index order, which is root-to-leaf order --
-    to rows ``[L_b, L_b + n_b)`` in every layer with ONE :func:`specdec.fast.kernels.compact_kv` launch.
-    ``cache.length_t`` is left to the caller. Returns [B, 2] long: the best node and the target's next token
-    (its argmax after the best node), per row. Must match the batch-of-one rule
-    (:func:`accept_and_compact`) row by row."""
+    ``valid`` marks real nodes -- none for a finished row, which then moves nothing), ``ancestor`` [B, T, T]
+    bool; ``lengths[b]`` is row b's verified length L_b, its tree verified at cache rows ``[L_b, L_b + T)``.
+    :func:`specdec.fast.kernels.greedy_paths` (the batch-of-one rule of :func:`accept_and_compact`, row by row)
+    gives each row's accepted path, whose rows ONE :func:`specdec.fast.kernels.compact_kv` launch moves to
+    ``[L_b, L_b + n_b)`` in every layer. ``cache.length_t`` is left to the caller. Returns [B, 2] long: the best
+    node and the target's next token (its argmax after the best node), per row."""
     from specdec.fast import kernels as K
 
-    dev, (b, t) = amax.device, amax.shape
-    best = greedy_best_nodes(ancestor, depth, torch.where(valid, node_tokens, torch.full_like(node_tokens, -1)), amax, parents)
-    on_path = ancestor.gather(1, best[:, None, None].expand(b, 1, t))[:, 0]          # [B, T]: ancestors-or-self of best
-    idx = torch.arange(t, device=dev)
-    order = torch.argsort(torch.where(on_path, idx, idx + t), dim=1, stable=True)    # the path's nodes first
-    starts = torch.tensor(lengths, dtype=torch.int32, device=dev)
-    n = torch.where(torch.tensor(drafting, device=dev), on_path.sum(dim=1), 0).to(torch.int32)
+    best, on_path, order = K.greedy_paths(amax, node_tokens, parents, depth, ancestor, valid)
+    starts = torch.tensor(lengths, dtype=torch.int32, device=amax.device)
+    n = (on_path.sum(dim=1) * valid[:, 0]).to(torch.int32)                       # a finished row: 0 rows
     K.compact_kv(cache.k, cache.v, (order + starts[:, None]).to(torch.int32), starts, n_accept=n)
     return torch.stack([best, amax.gather(1, best[:, None])[:, 0]], dim=1)
 

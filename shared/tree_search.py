@@ -87,7 +87,7 @@ ACCEPTANCE_FILE = "acceptance.json"
 """Where a GLIDE checkpoint directory keeps its :class:`AcceptanceStats` (next to the weights)."""
 
 ACCEPTANCE_FORMAT = "specdec_acceptance/1"
-COST_FORMAT = "specdec_cost/2"   # /2: timed as the fastest of the repeats (session 14); /1 models are measured again
+COST_FORMAT = "specdec_cost/2"   # /2: each shape the fastest of its repeats; cached /1 models are measured again
 
 MAX_AUTO_NODES = 127
 """Draft nodes an automatic shape may use: the fast path verifies at most 128 nodes (root included)."""
@@ -682,11 +682,8 @@ def measure_cost_model(time_round: Callable[[tuple[int, ...]], float], shapes: S
     ``warmup`` untimed calls then the FASTEST of ``reps``, and fit a :class:`CostModel`.
 
     The fastest, not the median: other work on the machine only ever adds time, and the level costs are fitted
-    from small differences between shapes, so one slowed call moved them several-fold. On a 2-core CPU three
-    calibrations of the default model with the median of 2 calls and the mean round gap fitted a level cost
-    of 0.36 to 2.92 ms and chose (3, 5), (2, 2, 1) and (3, 2, 1, 1, 1, 1, 1, 1); with the fastest of 2 and the
-    median gap, 1.67 to 2.57 ms and (3, 3, 2, 2), (3, 3, 3), (3, 3, 2, 2) (BENCHMARKS "Session 14: calibrating
-    `auto`")."""
+    from small differences between shapes, so one slowed call moved them several-fold (measured: BENCHMARKS
+    "Session 14: calibrating `auto`")."""
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
         raise ValueError(f"reps must be an int >= 1, got {reps!r}")
     rows = []

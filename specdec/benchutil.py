@@ -36,6 +36,7 @@ def report(rows: list[list], headers: list[str], records: list[dict], out: str |
             for r in records:
                 f.write(json.dumps(r) + "\n")
 
+
 def kernel_totals(fn: Callable[[], object], reps: int = 5, warmup: int = 2, width: int = 70) -> tuple[float, list[list]]:
     """GPU kernel time of one ``fn()`` call, from ``torch.profiler`` over ``reps`` calls.
 

@@ -35,7 +35,7 @@ from .glide_attention import (
     glide_self_attention,
     glide_self_attention_ref,
 )
-from .accept import greedy_accept, greedy_accept_ref, row_argmax
+from .accept import greedy_accept, greedy_accept_ref, greedy_paths, row_argmax
 from .beam import beam_select, beam_topk
 from .gemv import gemv, gemv_qkv_rope, gemv_qkv_rope_ref, gemv_ref, gemv_silu, gemv_silu_ref
 from .kv_compact import compact_kv, compact_kv_ref
@@ -64,6 +64,7 @@ __all__ = [
     "row_argmax",
     "greedy_accept",
     "greedy_accept_ref",
+    "greedy_paths",
     "round_pack",
     "round_pack_ref",
     "keyed_noise",

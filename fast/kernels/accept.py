@@ -24,8 +24,8 @@
 Shapes: tokens, parents (root -1), depth [M] int64; ancestor [M, M] bool (ancestor-or-self, unit
 column stride); valid [M] bool; length_t [>= 1] int32. Graph-capturable (no host synchronisation).
 
-Reference (must match): :func:`greedy_accept_ref`, the same outputs from torch ops and
-:func:`specdec.shared.acceptance.greedy_best_node`.
+Reference (must match): :func:`greedy_accept_ref`, the same outputs from torch ops (:func:`greedy_paths`
+over :func:`specdec.shared.acceptance.greedy_best_nodes`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._common import check_device, check_int_tensor, next_pow2
 
-__all__ = ["row_argmax", "greedy_accept", "greedy_accept_ref"]
+__all__ = ["row_argmax", "greedy_accept", "greedy_accept_ref", "greedy_paths"]
 
 MAX_NODES = 128
 
@@ -164,17 +164,28 @@ def greedy_accept(target_argmax, tokens, parents, depth, ancestor, valid, length
     return packed, src, dst, n
 
 
-def greedy_accept_ref(target_argmax, tokens, parents, depth, ancestor, valid, length_t, seq=None):
-    """Reference for :func:`greedy_accept`: torch ops and :func:`specdec.shared.acceptance.greedy_best_node`."""
-    from specdec.shared.acceptance import greedy_best_node
+def greedy_paths(target_argmax, tokens, parents, depth, ancestor, valid):
+    """The greedy rule in torch ops for B trees at once, and what compaction needs from it: ``(best [B],
+    on_path [B, M] bool, order [B, M])`` -- each tree's accepted node
+    (:func:`specdec.shared.acceptance.greedy_best_nodes`; ``valid`` False never accepted), its
+    ancestors-or-self, and the node indices with the path's first (index order = root-to-leaf order), the
+    rest after. Shapes as :func:`greedy_accept`'s with a leading B. No host synchronisation."""
+    from specdec.shared.acceptance import greedy_best_nodes
 
-    m = tokens.shape[0]
-    accept_tokens = torch.where(valid, tokens, torch.full_like(tokens, -1))
-    best = greedy_best_node(ancestor, depth, accept_tokens, target_argmax, parents).reshape(1)
-    on_path = ancestor.index_select(0, best)[0]
-    n = on_path.sum().to(torch.int32).reshape(1)
+    b, m = tokens.shape
+    best = greedy_best_nodes(ancestor, depth, torch.where(valid, tokens, torch.full_like(tokens, -1)), target_argmax, parents)
+    on_path = ancestor.gather(1, best[:, None, None].expand(b, 1, m))[:, 0]
     idx = torch.arange(m, device=tokens.device)
-    order = torch.argsort(torch.where(on_path, idx, idx + m), stable=True)
+    order = torch.argsort(torch.where(on_path, idx, idx + m), dim=1, stable=True)
+    return best, on_path, order
+
+
+def greedy_accept_ref(target_argmax, tokens, parents, depth, ancestor, valid, length_t, seq=None):
+    """Reference for :func:`greedy_accept`: torch ops (:func:`greedy_paths` on a batch of one tree)."""
+    best, on_path, order = (t[0] for t in greedy_paths(target_argmax[None], tokens[None], parents[None], depth[None],
+                                                       ancestor[None], valid[None]))
+    best = best.reshape(1)
+    n = on_path.sum().to(torch.int32).reshape(1)
     L = length_t[:1].clone()
     src = (L.long() + order).to(torch.int32)
     length_t[:1] += n

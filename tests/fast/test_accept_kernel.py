@@ -127,11 +127,14 @@ def test_accept_rows_greedy_equals_each_row_alone():
     """The batched engine's greedy step (fast/engine.py ``accept_rows_greedy``): B trees of different sizes padded
     to one T, accepted and compacted on the device at once, give each row what the batch-of-one kernel gives it
     alone (best node, next token, the rows moved to [L_b, L_b + n_b) in every layer) -- and a finished row
-    (``drafting`` False) moves nothing. Cache rows outside the accepted ranges keep their poison."""
+    (no valid node, as the engine passes it) moves nothing. Cache rows outside the accepted ranges keep their
+    poison."""
     from specdec.fast.engine import accept_rows_greedy
 
     T, reals, lengths, drafting = 9, [9, 4, 1, 6], [5, 11, 0, 20], [True, True, False, True]
     cases = [_case(T, r, seed=40 + i) for i, r in enumerate(reals)]
+    for c, d in zip(cases, drafting):
+        c[5] = c[5] & d                                         # a finished row: valid all False
     amax, tokens, parents, depth, anc, valid = (torch.stack([c[j] for c in cases]) for j in range(6))
     layers, hkv, d, cap = 2, 2, 4, 40
     g = torch.Generator().manual_seed(0)
@@ -141,10 +144,10 @@ def test_accept_rows_greedy_equals_each_row_alone():
     class Cache:   # what accept_rows_greedy reads of a cache: its K/V tensors
         k, v = k0.clone(), v0.clone()
 
-    got = accept_rows_greedy(Cache, amax, tokens, parents, depth, anc, valid, lengths, drafting).tolist()
+    got = accept_rows_greedy(Cache, amax, tokens, parents, depth, anc, valid, lengths).tolist()
     for b, c in enumerate(cases):
         length = torch.tensor([lengths[b]], dtype=torch.int32, device=DEV)
-        packed, src, _, n = K.greedy_accept_ref(*c, length)
+        packed, src, _, n = K.greedy_accept(*c, length)        # the batch-of-one kernel
         want_k, want_v = k0[:, b].clone(), v0[:, b].clone()
         if drafting[b]:
             assert got[b] == packed[:2].tolist(), b
