@@ -157,17 +157,19 @@ def part_magicdec(fm, args, bw, rows_out):
                                     "compact ms", "round ms", "round / step", "t_step / t_round"], tablefmt="github")
 
 
-def _rows_together(call):
-    """``call()`` with the GLIDE rows drafting together (fast/glide/batch.py's batched rounds; the default drafts
-    them one after another): the A/B of the two."""
+def _rows_together(call, capture: bool = True):
+    """``call()`` with the GLIDE rows drafting together (fast/glide/batch.py's batched rounds, replayed as CUDA
+    graphs where every row drafts the full tree, or with ``capture=False`` all eager; the default drafts the rows
+    one after another): the A/B of the three."""
+    import specdec.fast.glide.batch as gbatch
     from specdec.fast.glide.drafter import FastGlideDrafter
 
-    saved = FastGlideDrafter.batch_rounds
-    FastGlideDrafter.batch_rounds = True
+    saved = FastGlideDrafter.batch_rounds, gbatch.CAPTURE
+    FastGlideDrafter.batch_rounds, gbatch.CAPTURE = True, capture
     try:
         return call()
     finally:
-        FastGlideDrafter.batch_rounds = saved
+        FastGlideDrafter.batch_rounds, gbatch.CAPTURE = saved
 
 
 def part_methods(args, rows_out):
@@ -189,6 +191,9 @@ def part_methods(args, rows_out):
         "spec": lambda p, **kw: fast.spec_generate(target, glide, p, None, **kw),
         "tree_spec": lambda p, **kw: fast.tree_spec_generate(target, glide, p, None, **kw),
         "tree_spec rows together": lambda p, **kw: _rows_together(lambda: fast.tree_spec_generate(target, glide, p, None, **kw)),
+        "tree_spec rows together eager": lambda p, **kw: _rows_together(
+            lambda: fast.tree_spec_generate(target, glide, p, None, **kw), capture=False),
+        "spec rows together": lambda p, **kw: _rows_together(lambda: fast.spec_generate(target, glide, p, None, **kw)),
         "logitspec": lambda p, **kw: fast.logitspec_generate(target, p, None, **kw),
         "magicdec": lambda p, **kw: fast.magicdec_generate(target, p, None, **kw),
         "pld": lambda p, **kw: fast.pld_generate(target, p, None, **kw),

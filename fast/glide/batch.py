@@ -29,6 +29,8 @@ vocabulary, one process; under tensor parallelism the rows draft one after anoth
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from specdec.fast.engine import DeviceTree
@@ -39,7 +41,11 @@ from specdec.fast.model import StaticKVCache, _kernels
 from specdec.shared.keyed import keyed_logprobs, sequence_key
 from specdec.shared.round import Draft, RoundState
 
-__all__ = ["propose_batch", "can_batch"]
+__all__ = ["propose_batch", "can_batch", "CAPTURE"]
+
+CAPTURE = True
+"""On CUDA, replay a captured graph for every batched round in which all rows draft the full tree with plain
+log-probabilities (False: every batched round runs eagerly -- for A/B measurements and tests)."""
 
 
 def can_batch(drafters: list, states: list[RoundState]) -> bool:
@@ -59,33 +65,56 @@ class _Ints:
     def add(self, name: str, rows: list) -> None:
         self.fields[name] = rows
 
-    def to(self, device) -> dict[str, torch.Tensor]:
+    def flat(self) -> tuple[list[int], dict[str, tuple[int, int, int | None]]]:
+        """The flat int list (16-byte aligned segments: Triton specialises on alignment) and each field's
+        ``(offset, rows, width or None)``; equal fields give an equal layout (a captured round's key)."""
         flat, spans = [], {}
         for name, rows in self.fields.items():
             nested = isinstance(rows[0], list)
             values = [x for r in rows for x in r] if nested else list(rows)
             spans[name] = (len(flat), len(rows), len(rows[0]) if nested else None)
-            flat += values + [0] * (-len(values) % 4)   # 16-byte aligned views (Triton specialises on alignment)
-        t = torch.tensor(flat, dtype=torch.int32).to(device)
-        out = {}
-        for name, (o, b, w) in spans.items():
-            out[name] = t[o : o + b] if w is None else t[o : o + b * w].view(b, w)
-        return out
+            flat += values + [0] * (-len(values) % 4)
+        return flat, spans
+
+    @staticmethod
+    def views(t: torch.Tensor, spans: dict[str, tuple[int, int, int | None]]) -> dict[str, torch.Tensor]:
+        """The fields' [B] / [B, T] views of the device copy ``t`` of :meth:`flat`."""
+        return {name: t[o : o + b] if w is None else t[o : o + b * w].view(b, w) for name, (o, b, w) in spans.items()}
+
+    def to(self, device) -> dict[str, torch.Tensor]:
+        flat, spans = self.flat()
+        return self.views(torch.tensor(flat, dtype=torch.int32).to(device), spans)
+
+
+@dataclass
+class _BatchGraph:
+    """A batched greedy round of full shape captured as a CUDA graph (one per batch size, catch-up length,
+    target cache, RoPE table and set of row caches): its static pack and outputs."""
+
+    graph: torch.cuda.CUDAGraph
+    pack: torch.Tensor        # int32 device copy of the round's integers (refilled before each replay)
+    host: torch.Tensor        # pinned staging buffer of the pack
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # tokens [B, M], parents [B, M], ancestor [B, M, M]
+    keep: tuple               # what the graph reads by address and nothing else holds (the stacked buffers)
 
 
 def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cache: StaticKVCache) -> list[Draft]:
     """The drafts of batch rows ``rows`` (``drafters[i]`` and ``states[i]`` for row ``rows[i]``) from one
     draft-layer pass per catch-up and per beam level over all B rows of ``cache`` (the batch's target
     cache, [B] rows). Returns one :class:`~specdec.shared.round.Draft` per drafting row, a
-    :class:`~specdec.fast.engine.DeviceTree` of that row's levels."""
+    :class:`~specdec.fast.engine.DeviceTree` of that row's levels.
+
+    On CUDA a round in which every row drafts the full tree with plain log-probabilities (greedy, or rejection
+    sampling's deterministic GLIDE candidates) replays ONE CUDA graph (:func:`_round_body` captured per batch
+    size and catch-up length: one host-to-device copy, one launch); other rounds -- a finished row riding
+    along, the last rounds' shorter shapes, keyed sampling -- run the same body eagerly."""
     d0 = drafters[0]
     fm, g = d0.target, d0.glide
     dev, w = g.device, g.window
     B = cache.k.shape[1]
     shape = d0.tree_shape
     levels_of = [d._levels_left(st.budget) for d, st in zip(drafters, states)]
-    levels = max(levels_of)
-    run = shape[:levels]                      # the levels drafted this round (each row keeps its first levels_of)
+    run = shape[: max(levels_of)]             # the levels drafted this round (each row keeps its first levels_of)
     target_k, target_v = cache.k[-1], cache.v[-1]   # [B, Hkv, capacity, D]: every row's last layer
 
     # 1. Host side, per drafting row: the prompt's long catch-up (first round, on the row's own cache), room in
@@ -115,23 +144,64 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
     ints = _Ints()
     for name, values in f.items():
         ints.add(name, values)
-    u = ints.to(dev)
-    cross_span = max(f["cross_hi"]) + 1
+    params = states[0].params
+    keys = {b: sequence_key(params.seed, st.seq_id) for b, st in zip(rows, states)} if params.keyed else None
 
-    # 2. The rows' sliding caches as one [B, Hkv, R, D] buffer (finished rows: zeros).
-    zeros = torch.zeros_like(d0.cache.k)
-    ks = [drafters[row_of[b]].cache.k if b in row_of else zeros for b in range(B)]
-    vs = [drafters[row_of[b]].cache.v if b in row_of else zeros for b in range(B)]
-    stacked = SlidingCache.from_buffers(torch.cat(ks), torch.cat(vs), w)
+    if CAPTURE and d0.use_graphs and keys is None and run == shape and rows == list(range(B)):
+        # 2'. Every row drafts the full tree: replay the captured round (captured on first use).
+        flat, spans = ints.flat()
+        table = fm.rope_table[0].data_ptr() if fm.rope_table is not None else 0
+        key = (target_k.data_ptr(), tuple(target_k.shape), table, B, k_pad, shape, tuple(spans.items()),
+               tuple(d.cache.k.data_ptr() for d in drafters))
+        graphs = d0.runtime.batch_graphs
+        if key not in graphs:
+            graphs[key] = _capture(drafters, flat, spans, target_k, target_v)
+        bg = graphs[key]
+        bg.host.numpy()[:] = flat   # pinned staging buffer: the previous round's copy has completed
+        bg.pack.copy_(bg.host, non_blocking=True)
+        bg.graph.replay()
+        out_tokens, out_parents, full = bg.out
+    else:
+        # 2. The rows' sliding caches as one [B, Hkv, R, D] buffer (finished rows: zeros), then the round.
+        u = ints.to(dev)
+        zeros = torch.zeros_like(d0.cache.k)
+        ks = [drafters[row_of[b]].cache.k if b in row_of else zeros for b in range(B)]
+        vs = [drafters[row_of[b]].cache.v if b in row_of else zeros for b in range(B)]
+        stacked = SlidingCache.from_buffers(torch.cat(ks), torch.cat(vs), w)
+        out_tokens, out_parents, full = _round_body(d0, stacked, u, target_k, target_v, run, rows,
+                                                    max(f["cross_hi"]) + 1, keys, params)
+        # 5. The catch-up rows persist: every drafting row's cache back from the stacked buffer (one multi-tensor copy).
+        torch._foreach_copy_([d.cache.k for d in drafters] + [d.cache.v for d in drafters],
+                             [stacked.k[b : b + 1] for b in rows] + [stacked.v[b : b + 1] for b in rows])
 
+    # 6. Row b's draft: the nodes of its first levels_of[b] levels (a prefix of the node order).
+    out = []
+    for i, (b, d) in enumerate(zip(rows, drafters)):
+        sub = shape[: levels_of[i]]
+        mb = 1 + sum(sub)
+        depth = d._depth_tensor(sub)
+        out.append(Draft(out_tokens[b, :mb], DeviceTree(out_parents[b, :mb], depth, full[b, :mb, :mb])))
+    return out
+
+
+def _round_body(d0, stacked: SlidingCache, u: dict[str, torch.Tensor], target_k: torch.Tensor, target_v: torch.Tensor,
+                run: tuple[int, ...], rows: list[int], cross_span: int, keys: dict | None = None,
+                params=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 3-4 of a batched round on the device (graph-capturable without ``keys``): the catch-up of every
+    row's last emitted positions and the beam levels ``run``, all B rows of ``stacked`` in each draft-layer pass,
+    the beam choice for batch rows ``rows``. ``u``: the round's integers (:class:`_Ints` views); ``cross_span``
+    bounds the cross-attention's key count (its split count). Returns the trees' tokens [B, M], parents [B, M]
+    and ancestor-or-self masks [B, M, M] (M = 1 + sum(run)). ``keys`` (keyed sampling): row b's sequence key, with
+    the :class:`~specdec.shared.sampling.SamplingParams` ``params``; None: plain log-probabilities."""
+    fm, g = d0.target, d0.glide
+    dev = g.device
+    B = stacked.k.shape[0]
     # 3. Catch-up: ONE pass over every row's last k emitted positions (query at position t sees draft rows
     #    (t - window, t] and target rows < t); the last query of each row is its root.
     bounds = catch_up_glide_bounds(u, cross_span)
     h = glide_layer(fm, g, stacked, u["tokens"], u["pos"].long(), u["rows"], target_k, target_v, bounds)
     lm_head = d0.lm_head
     vocab = lm_head.shape[0]
-    params = states[0].params
-    keys = {b: sequence_key(params.seed, st.seq_id) for b, st in zip(rows, states)} if params.keyed else None
 
     def scores(hidden: torch.Tensor, offset: int) -> torch.Tensor:
         """What the beam ranks for the children of nodes with draft hidden states ``hidden`` [B, n, H], at
@@ -140,11 +210,12 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
         logits = F.linear(hidden.to(fm.dtype), lm_head)   # no final norm
         if keys is None:
             return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        p = params
         out = torch.zeros(logits.shape, dtype=torch.float32, device=dev)
         vmap = {} if g.vocab_map is None else {"token_ids": g.vocab_map}
         for b in rows:
             where = (u["cross_hi"][b] + offset).long().expand(logits.shape[1])
-            out[b] = keyed_logprobs(logits[b], params.temperature, params.top_k, params.top_p, keys[b], where, **vmap)
+            out[b] = keyed_logprobs(logits[b], p.temperature, p.top_k, p.top_p, keys[b], where, **vmap)
         return out
 
     logprobs = scores(h[:, -1:], 1)   # [B, 1, V]: the root's children, at L_b + 1
@@ -183,16 +254,33 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
                         tree_mask=full[:, first : first + n, 1 : first + n])
         logprobs = scores(h, level + 2)   # [B, n, V]: this level's children, at L_b + level + 2
         prev_first, prev_n, first = first, n, first + n
+    return out_tokens, out_parents, full
 
-    # 5. The catch-up rows persist: every drafting row's cache back from the stacked buffer (one multi-tensor copy).
-    torch._foreach_copy_([d.cache.k for d in drafters] + [d.cache.v for d in drafters],
-                         [stacked.k[b : b + 1] for b in rows] + [stacked.v[b : b + 1] for b in rows])
 
-    # 6. Row b's draft: the nodes of its first levels_of[b] levels (a prefix of the node order).
-    out = []
-    for i, (b, d) in enumerate(zip(rows, drafters)):
-        sub = shape[: levels_of[i]]
-        mb = 1 + sum(sub)
-        depth = d._depth_tensor(sub)
-        out.append(Draft(out_tokens[b, :mb], DeviceTree(out_parents[b, :mb], depth, full[b, :mb, :mb])))
-    return out
+def _capture(drafters: list, flat: list[int], spans: dict, target_k: torch.Tensor, target_v: torch.Tensor) -> _BatchGraph:
+    """Capture a full-shape round of all B rows (``drafters[b]`` drafting row b) for this pack layout: the rows'
+    sliding caches copied into one stacked buffer, :func:`_round_body` (cross-attention split for the whole
+    capacity, so any length fits), the caches copied back. The warm-up runs re-write the catch-up rows with the
+    values they get anyway (the same pack), and the tree rows are scratch."""
+    from specdec.fast.graphs import capture
+
+    d0 = drafters[0]
+    dev, B = d0.glide.device, len(drafters)
+    pack = torch.tensor(flat, dtype=torch.int32, device=dev)
+    u = _Ints.views(pack, spans)
+    stacked = SlidingCache.from_buffers(torch.empty((B,) + tuple(d0.cache.k.shape[1:]), dtype=d0.cache.k.dtype, device=dev),
+                                        torch.empty((B,) + tuple(d0.cache.v.shape[1:]), dtype=d0.cache.v.dtype, device=dev),
+                                        d0.glide.window)
+    caches_k, caches_v = [d.cache.k for d in drafters], [d.cache.v for d in drafters]
+    slices_k, slices_v = [stacked.k[b : b + 1] for b in range(B)], [stacked.v[b : b + 1] for b in range(B)]
+    run = d0.tree_shape
+
+    def body():
+        torch._foreach_copy_(slices_k + slices_v, caches_k + caches_v)
+        out = _round_body(d0, stacked, u, target_k, target_v, run, list(range(B)), target_k.shape[-2])
+        torch._foreach_copy_(caches_k + caches_v, slices_k + slices_v)
+        return out
+
+    graph, out = capture(body, device=dev, warmup=2)
+    host = torch.empty(len(flat), dtype=torch.int32).pin_memory()
+    return _BatchGraph(graph, pack, host, out, (stacked, slices_k, slices_v))

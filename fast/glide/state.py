@@ -137,5 +137,9 @@ class GlideRuntime:
     """The ``(base, end)`` last written to :attr:`ctl` (skips a copy when unchanged)."""
     seq: torch.Tensor | None = None
     """int32 [capacity + 8]: the sequence by position on the device (greedy fused rounds)."""
+    batch_graphs: dict = field(default_factory=dict)
+    """Batched rounds of every row at once captured as CUDA graphs (:mod:`specdec.fast.glide.batch`; kept on row
+    0's runtime), keyed by the target cache, RoPE table, batch size, catch-up length, shape, pack layout and the
+    rows' sliding caches -- everything they read by address or bake in."""
     seq_key: tuple[int, int] | None = None
     """The target cache :attr:`seq` was sized for: ``(k.data_ptr(), capacity)``."""

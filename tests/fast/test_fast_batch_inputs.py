@@ -262,3 +262,62 @@ def test_fast_glide_batch_drafts_every_row_in_one_pass_per_step(pair, monkeypatc
         assert bown < rown    # row by row: every row its own rounds; batched: only a lone last row
         if not sampling:
             assert bres.row_lengths[1] < max(bres.row_lengths)   # a row finished early and rode along
+
+
+@pytest.mark.gpu
+def test_gpu_batched_glide_rounds_replay_one_graph(monkeypatch):
+    """On CUDA a batched GLIDE round in which every row drafts the full tree is ONE captured graph
+    (fast/glide/batch.py): the embedded model in bf16, 5 real prompts of different lengths, one stopping at an
+    early EOS (later rounds run eagerly with a dummy row). Outputs == batched vanilla bitwise; every round before
+    the early stop replayed a graph; and round by round the graphs drafted exactly the trees the same body drafts
+    eagerly (with the capture's cross-attention split: the split count steers the fp32 merge order)."""
+    import specdec.fast.glide.batch as gbatch
+    from specdec.bench import load_questions
+    from specdec.fast.glide.drafter import FastGlideDrafter
+    from specdec.shared.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("default")
+    target = fast.load_model("default", dtype=torch.bfloat16, device="cuda")
+    glide = fast.load_glide("default-glide", target)
+    qs = load_questions("stdlib_code")
+    prompts = [tok.encode(q["turns"][0])[:n] for q, n in zip(qs[10:15], (300, 41, 512, 97, 180))]
+    kw = dict(max_gen_len=64, eos_id=[])
+    eos = int(fast.vanilla_generate(target, prompts, None, **kw).output_ids[1, 20])
+    kw["eos_id"] = [eos]
+    want = fast.vanilla_generate(target, prompts, None, **kw).output_ids
+    stop = want[1].tolist().index(eos) + 1                        # row 1's tokens
+
+    replays = []
+    real_capture, real_body = gbatch._capture, gbatch._round_body
+
+    class Counting:   # the captured graph, its replays counted
+        def __init__(self, graph):
+            self.graph = graph
+
+        def replay(self):
+            replays.append(1)
+            self.graph.replay()
+
+    def counting_capture(*a, **k):
+        bg = real_capture(*a, **k)
+        bg.graph = Counting(bg.graph)
+        return bg
+
+    monkeypatch.setattr(gbatch, "_capture", counting_capture)
+    # every batched round split like the capture (the whole capacity), so eager and replayed rounds compute alike
+    monkeypatch.setattr(gbatch, "_round_body", lambda d0, st, u, tk, tv, run, rows, span, *a:
+                        real_body(d0, st, u, tk, tv, run, rows, tk.shape[-2], *a))
+    runs = {}
+    for name, batched, capture in (("graphs", True, True), ("eager", True, False), ("rows", False, True)):
+        monkeypatch.setattr(FastGlideDrafter, "batch_rounds", batched)
+        monkeypatch.setattr(gbatch, "CAPTURE", capture)
+        seen = []
+        res = fast.tree_spec_generate(target, glide, prompts, None, tree_shape=(4, 8, 8, 4),
+                                      on_round=lambda r: seen.append((r.row, r.draft.tokens.tolist(),
+                                                                      list(r.draft.tree.parents), r.path)), **kw)
+        runs[name] = (res, seen)
+        assert torch.equal(res.output_ids, want), name
+        if name == "graphs":
+            # row 1 emits `stop` tokens at <= 5 a round: that many rounds with every row drafting the full tree
+            assert len(replays) >= -(-stop // 5), (len(replays), stop)
+    assert runs["graphs"][1] == runs["eager"][1]
