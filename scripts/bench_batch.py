@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Issue 19's benchmarks: batched decoding on the fast path (one process, one device).
 
-Three parts (``--parts``, default all):
+Four parts (``--parts``, default all):
 
 * ``vanilla`` -- a batched vanilla decode step of a random-weight model (default the Llama-3-8B shape, bf16)
   for B in ``--batches`` x context in ``--contexts``: ms per step (CUDA-graph replay), tokens/s = B / step,
@@ -13,6 +13,14 @@ Three parts (``--parts``, default all):
   the (gamma + 1)-row verification, the KV compaction, the round ``gather + gamma x draft + verify + compact``
   and the efficiency ``t_step / t_round`` (the speedup is tau times this). The floor of a draft step is
   one read of the weights: reported as ``weights / copy bandwidth``.
+* ``finished`` -- what a finished row costs (issue 19: "masked at near-zero cost or compacted -- measure which"):
+  the fast engine keeps a finished row in the batch as a masked dummy (prefix length 0: it reads none of its KV
+  cache, but its T tokens still run through every GEMM). For B in ``--finished-batches`` x ``--contexts`` x
+  M in ``--finished-m`` (tokens per row and pass: 1 = vanilla, gamma + 1 = a chain, a tree's size): the M-row
+  pass over B running rows, over B rows of which half are masked, and over the B/2 running rows alone (what
+  compacting the batch would run), and the copy that compaction costs once (the running rows' KV moved into a
+  B/2-row cache; a new batch size also captures its step graphs once, not counted) -- so the steps after which
+  compacting would pay = copy / (masked - half).
 * ``methods`` -- every decoder on the embedded default model (``--model``, bf16) at B in ``--method-batches``:
   the first B prompts of ``--bench``, ``--max-new-tokens`` each, one batched call per method; tokens/s
   (emitted tokens / decode time) and speedup over batched vanilla at the same B; and whether every row
@@ -172,6 +180,43 @@ def _rows_together(call, capture: bool = True):
         FastGlideDrafter.batch_rounds, gbatch.CAPTURE = saved
 
 
+def part_finished(fm, args, bw, rows_out):
+    table = []
+    for ctx in args.contexts:
+        for b in args.finished_batches:
+            half_b = b // 2
+            for m in args.finished_m:
+                full = filled_cache(fm, b, ctx, m + 8, "main")
+                half = filled_cache(fm, half_b, ctx, m + 8, "half") if full is not None else None
+                if full is None or half is None:
+                    table.append([b, ctx, m, "does not fit", "", "", "", ""])
+                    fm.caches.clear(); fm.graphs.clear()
+                    continue
+                t_all = step_ms(fm, full, m)
+                full.length_t[half_b:] = 0               # the finished half: masked dummies reading no prefix
+                t_masked = step_ms(fm, full, m)
+                t_half = step_ms(fm, half, m)
+
+                def compact():   # the running rows' verified prefix into the smaller cache (every layer)
+                    half.k[:, :, :, :ctx].copy_(full.k[:, :half_b, :, :ctx])
+                    half.v[:, :, :, :ctx].copy_(full.v[:, :half_b, :, :ctx])
+
+                t_copy = timed_ms(compact, fm.device)
+                saving = t_masked - t_half
+                r = dict(part="finished", batch=b, context=ctx, m=m, all_running_ms=t_all, half_masked_ms=t_masked,
+                         half_alone_ms=t_half, compact_copy_ms=t_copy,
+                         pays_after_steps=(t_copy / saving) if saving > 0 else None)
+                rows_out.append(r)
+                print(json.dumps(r), flush=True)
+                table.append([b, ctx, m, f"{t_all:.3f}", f"{t_masked:.3f}", f"{t_half:.3f}", f"{t_copy:.3f}",
+                              f"{r['pays_after_steps']:.1f}" if saving > 0 else "never"])
+                fm.caches.clear(); fm.graphs.clear()
+                if fm.device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return tabulate(table, headers=["B", "context", "M", "all running ms", "half masked ms", "B/2 alone ms",
+                                    "compaction copy ms", "compaction pays after (steps)"], tablefmt="github")
+
+
 def part_methods(args, rows_out):
     import specdec.fast as fast
     from specdec.bench import load_questions
@@ -220,7 +265,7 @@ def part_methods(args, rows_out):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="vanilla,magicdec,methods")
+    ap.add_argument("--parts", default="vanilla,magicdec,finished,methods")
     ap.add_argument("--shape", default="llama3-8b", help="random-weight shape of the vanilla and magicdec parts")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192])
@@ -229,6 +274,8 @@ def main() -> int:
     ap.add_argument("--gamma", type=int, default=3)
     ap.add_argument("--sink-tokens", type=int, default=4)
     ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--finished-batches", nargs="+", type=int, default=[8, 32])
+    ap.add_argument("--finished-m", nargs="+", type=int, default=[1, 4, 32])
     ap.add_argument("--method-batches", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--model", default="default")
     ap.add_argument("--glide", default="default-glide")
@@ -241,13 +288,14 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench_batch.jsonl")
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    bad = set(parts) - {"vanilla", "magicdec", "methods"}
+    bad = set(parts) - {"vanilla", "magicdec", "finished", "methods"}
     if bad:
-        ap.error(f"--parts takes vanilla, magicdec, methods; got {sorted(bad)}")
+        ap.error(f"--parts takes vanilla, magicdec, finished, methods; got {sorted(bad)}")
     if args.smoke:
         args.shape, args.batches, args.contexts = SMOKE_SHAPE, [1, 3], [64]
         args.magic_batches, args.magic_contexts, args.window, args.gamma = [1, 3], [96], 16, 2
         args.method_batches, args.max_new_tokens, args.max_prompt_tokens = [1, 2], 8, 64
+        args.finished_batches, args.finished_m = [4], [1, 3]
     dev = torch.device(args.device)
     rows_out, tables = [], []
     if dev.type == "cuda":
@@ -255,7 +303,7 @@ def main() -> int:
         print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     else:
         bw = 20e9   # nominal (a CPU run only checks that the script works)
-    if {"vanilla", "magicdec"} & set(parts):
+    if {"vanilla", "magicdec", "finished"} & set(parts):
         fm = as_fast_model(random_model(args.shape, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
                                         device=str(dev)))
         if "vanilla" in parts:
@@ -263,6 +311,8 @@ def main() -> int:
         if "magicdec" in parts:
             tables.append((f"MagicDec round (gamma {args.gamma}, {args.sink_tokens} sinks + {args.window} window)",
                            part_magicdec(fm, args, bw, rows_out)))
+        if "finished" in parts:
+            tables.append(("a finished row: masked vs the batch compacted", part_finished(fm, args, bw, rows_out)))
         del fm
     if "methods" in parts:
         tables.append(("every method on the embedded model", part_methods(args, rows_out)))
