@@ -679,20 +679,25 @@ def calibration_shapes(vocab_size: int, max_nodes: int = MAX_AUTO_NODES,
 def measure_cost_model(time_round: Callable[[tuple[int, ...]], float], shapes: Sequence[Sequence[int]],
                        reps: int = 2, warmup: int = 0, meta: Mapping | None = None) -> CostModel:
     """Time rounds of each shape with ``time_round(shape) -> seconds per round`` (a path runs its decoder),
-    ``warmup`` untimed calls then the FASTEST of ``reps``, and fit a :class:`CostModel`.
+    ``warmup`` untimed calls each, then ``reps`` passes over all the shapes, and fit a :class:`CostModel` to each
+    shape's FASTEST call.
 
     The fastest, not the median: other work on the machine only ever adds time, and the level costs are fitted
-    from small differences between shapes, so one slowed call moved them several-fold (measured: BENCHMARKS
-    "Session 14: calibrating `auto`")."""
+    from small differences between shapes, so one slowed call moved them several-fold. Passes, not a shape's
+    repeats back to back: a slow spell of the machine then slows one call of several shapes rather than every call
+    of one (measured: BENCHMARKS "Session 14: calibrating `auto`" and "Session 15")."""
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
         raise ValueError(f"reps must be an int >= 1, got {reps!r}")
-    rows = []
+    shapes = [validate_tree_shape(s) for s in shapes]
     for shape in shapes:
-        shape = validate_tree_shape(shape)
         for _ in range(warmup):
             time_round(shape)
-        rows.append((shape, min(time_round(shape) for _ in range(reps))))
-    return CostModel.fit(rows, meta)
+    best: dict[tuple[int, ...], float] = {}
+    for _ in range(reps):
+        for shape in shapes:
+            t = time_round(shape)
+            best[shape] = min(best.get(shape, t), t)
+    return CostModel.fit([(s, best[s]) for s in shapes], meta)
 
 
 def round_timer(generate: Callable[..., Any], vocab_size: int, max_position: int, stamps: bool = False,

@@ -148,13 +148,17 @@ def test_measure_cost_model_times_each_shape():
 
 def test_measure_cost_model_keeps_the_fastest_repeat_and_round_timer_the_median_gap(monkeypatch):
     """Interference only adds time: a shape's cost is its fastest repeat (a slowed call does not move the fitted
-    level cost), and within a call the median gap between full-depth rounds (a slowed round does not either)."""
-    slow = iter([5.0, 1.2, 1.4 + 9.0, 1.4, 1.6, 1.6 + 3.0])   # (1,): slowed, plain; (1, 1): slowed, plain; (1, 1, 1)
+    level cost), and within a call the median gap between full-depth rounds (a slowed round does not either).
+    The repeats are passes over all shapes: a slow spell hits one call of each shape, not every call of one."""
+    order = []
+    slow = iter([5.0, 1.4 + 9.0, 1.6, 1.2, 1.4, 1.6 + 3.0])   # pass 1: (1,) (1, 1) slowed, (1, 1, 1); pass 2
 
     def time_round(shape):
+        order.append(shape)
         return next(slow)
 
     c = ts.measure_cost_model(time_round, [(1,), (1, 1), (1, 1, 1)], reps=2)
+    assert order == [(1,), (1, 1), (1, 1, 1)] * 2
     assert c.verify_time(2) == pytest.approx(1.2) and c.level_fixed == pytest.approx(0.2) and c.level_per_node == 0.0
 
     clock = iter([0.0, 1.0, 2.0, 9.0, 10.0, 11.0])           # gaps 1, 1, 7 (a slowed round), 1, 1
