@@ -147,7 +147,7 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
     params = states[0].params
     keys = {b: sequence_key(params.seed, st.seq_id) for b, st in zip(rows, states)} if params.keyed else None
 
-    if CAPTURE and d0.use_graphs and keys is None and run == shape and rows == list(range(B)):
+    if _captures(d0) and keys is None and run == shape and rows == list(range(B)):
         # 2'. Every row drafts the full tree: replay the captured round (captured on first use).
         flat, spans = ints.flat()
         table = fm.rope_table[0].data_ptr() if fm.rope_table is not None else 0
@@ -182,6 +182,11 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
         depth = d._depth_tensor(sub)
         out.append(Draft(out_tokens[b, :mb], DeviceTree(out_parents[b, :mb], depth, full[b, :mb, :mb])))
     return out
+
+
+def _captures(d0) -> bool:
+    """Whether batched rounds may replay captured graphs: :data:`CAPTURE` and the target's CUDA graphs on."""
+    return CAPTURE and d0.use_graphs
 
 
 def _round_body(d0, stacked: SlidingCache, u: dict[str, torch.Tensor], target_k: torch.Tensor, target_v: torch.Tensor,
@@ -282,5 +287,7 @@ def _capture(drafters: list, flat: list[int], spans: dict, target_k: torch.Tenso
         return out
 
     graph, out = capture(body, device=dev, warmup=2)
-    host = torch.empty(len(flat), dtype=torch.int32).pin_memory()
+    host = torch.empty(len(flat), dtype=torch.int32)
+    if pack.is_cuda:
+        host = host.pin_memory()
     return _BatchGraph(graph, pack, host, out, (stacked, slices_k, slices_v))

@@ -264,6 +264,57 @@ def test_fast_glide_batch_drafts_every_row_in_one_pass_per_step(pair, monkeypatc
             assert bres.row_lengths[1] < max(bres.row_lengths)   # a row finished early and rode along
 
 
+def test_fast_glide_batched_capture_path_on_static_buffers(pair, monkeypatch):
+    """The capture path of a batched GLIDE round (fast/glide/batch.py: static pack refilled each round, the rows'
+    caches copied into a static stacked buffer and back, static outputs) run on the CPU with a stand-in for
+    the CUDA graph: its replay re-runs the captured body and writes the captured outputs in place, as a replay
+    does. Round by round the same trees as the eager batched round, outputs == vanilla, and a capture per
+    catch-up length, reused across rounds and calls."""
+    import specdec.fast.glide.batch as gbatch
+    import specdec.fast.graphs as graphs
+    from specdec.fast.glide.drafter import FastGlideDrafter
+    from specdec.shared.glide import init_glide_weights
+
+    target, ftarget = pair
+    glide = fast.glide.as_fast_glide(init_glide_weights(target.config, seed=3, std=0.3))
+    captures, replays = [], []
+
+    class StandIn:   # what a replay does: the captured work again, into the captured outputs
+        def __init__(self, body, out):
+            self.body, self.out = body, out
+
+        def replay(self):
+            replays.append(1)
+            for static, new in zip(self.out, self.body()):
+                static.copy_(new)
+
+    def capture(body, device=None, warmup=2, pool=None):
+        for _ in range(warmup):
+            body()
+        out = body()
+        captures.append(1)
+        return StandIn(body, out), out
+
+    monkeypatch.setattr(graphs, "capture", capture)
+    kw = dict(max_gen_len=7, eos_id=[])
+    want = ref.vanilla_generate(target, PROMPTS, None, **kw).output_ids
+    monkeypatch.setattr(FastGlideDrafter, "batch_rounds", True)
+    runs = []
+    for static in (True, True, False):   # captured (twice: the second call replays the first's), then eager
+        monkeypatch.setattr(gbatch, "_captures", lambda d0, on=static: on)
+        seen = []
+        res = fast.tree_spec_generate(ftarget, glide, PROMPTS, None, tree_shape=(2, 3),
+                                      on_round=lambda r: seen.append((r.row, r.draft.tokens.tolist(),
+                                                                      list(r.draft.tree.parents), r.path)), **kw)
+        assert torch.equal(res.output_ids, want), static
+        runs.append(seen)
+        if len(runs) == 1:
+            first_captures = len(captures)
+    assert runs[0] == runs[1] == runs[2]    # the eager batched round == row by row: the test above
+    assert 1 <= first_captures == len(captures) <= len((2, 3)) + 1   # one per catch-up length, none in call 2
+    assert len(replays) > len(captures)
+
+
 @pytest.mark.gpu
 def test_gpu_batched_glide_rounds_replay_one_graph(monkeypatch):
     """On CUDA a batched GLIDE round in which every row drafts the full tree is ONE captured graph
