@@ -203,6 +203,16 @@ class FastDrafter(abc.ABC):
         whose draft steps are target passes overrides it to draft every row in ONE pass per step (MagicDec)."""
         return [d.propose(st) for d, st in zip(drafters, states)]
 
+    @classmethod
+    def fused_rows(cls, drafters: list["FastDrafter"], rows: list[int], states: list[RoundState], cache: StaticKVCache,
+                   tree_size: int) -> torch.Tensor | None:
+        """Steps 1-4 of a greedy round for every row of a batch as ONE graph launch (as :meth:`propose_rows`'s
+        arguments, all B rows drafting), or None where this round cannot be fused (the loop then drafts with
+        :meth:`propose_rows` and verifies itself). Returns [B, 2 + 2M] long: per row the accepted node, the
+        target's next token, the tree's M tokens and parents; ``cache.length_t`` advanced on the device and the
+        accepted rows compacted. Only called when greedy without tensor parallelism."""
+        return None
+
 
 class HostDrafter(FastDrafter):
     """A :class:`specdec.shared.round.Drafter` (``propose`` only) seen as a :class:`FastDrafter`.
@@ -321,10 +331,32 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
     t1 = time.perf_counter()
     active = [b for b in range(B) if not finished(b)]
     while active:
-        # 1. Draft: every unfinished row proposes a tree rooted at its last token -- a host Tree, or a
-        #    DeviceTree (GLIDE: built on the device); row by row, or all rows at once (propose_rows).
         states = [RoundState(tokens[b], target, cache.row(b, lengths[b]), last_logits[b], params, generator,
                              max_gen_len - len(emitted[b]), ids[b]) for b in active]
+        # 0. A drafter may run the whole greedy round of every row as one graph (fused_rows): then one read-back.
+        fused = None
+        if params.greedy and not tp_local and len(active) == B:
+            cache.length = max(lengths)
+            fused = type(drafters[active[0]]).fused_rows([drafters[b] for b in active], active, states, cache, T)
+        if fused is not None:
+            num += 1
+            for b, row in enumerate(fused.tolist()):
+                tree = Tree.from_parents(row[2 + T :])
+                path, next_token = tree.path(row[0]), row[1]
+                draft_tokens = row[2 : 2 + T]
+                lengths[b] += len(path)
+                accepted = [draft_tokens[j] for j in path[1:]]
+                emitted[b] += accepted + [next_token]
+                spec[b] += [True] * len(accepted) + [False]
+                tokens[b] += accepted + [next_token]
+                accept_lengths[b].append(len(accepted) + 1)
+                last_logits[b] = None
+                if on_round is not None:
+                    on_round(RoundRecord(Draft(torch.tensor(draft_tokens), tree), path, next_token, b))
+            active = [b for b in active if not finished(b)]
+            continue
+        # 1. Draft: every unfinished row proposes a tree rooted at its last token -- a host Tree, or a
+        #    DeviceTree (GLIDE: built on the device); row by row, or all rows at once (propose_rows).
         drafts: dict[int, Draft] = dict(zip(active, type(drafters[active[0]]).propose_rows(
             [drafters[b] for b in active], active, states, cache)))
         for draft in drafts.values():

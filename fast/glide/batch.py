@@ -41,7 +41,7 @@ from specdec.fast.model import StaticKVCache, _kernels
 from specdec.shared.keyed import keyed_logprobs, sequence_key
 from specdec.shared.round import Draft, RoundState
 
-__all__ = ["propose_batch", "can_batch", "CAPTURE"]
+__all__ = ["propose_batch", "can_batch", "can_fuse_batch", "fused_batch_round", "CAPTURE"]
 
 CAPTURE = True
 """On CUDA, replay a captured graph for every batched round in which all rows draft the full tree with plain
@@ -94,8 +94,62 @@ class _BatchGraph:
     graph: torch.cuda.CUDAGraph
     pack: torch.Tensor        # int32 device copy of the round's integers (refilled before each replay)
     host: torch.Tensor        # pinned staging buffer of the pack
-    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # tokens [B, M], parents [B, M], ancestor [B, M, M]
+    out: tuple[torch.Tensor, ...]   # tokens [B, M], parents [B, M], ancestor [B, M, M]; fused: ([B, 2 + 2M],)
     keep: tuple               # what the graph reads by address and nothing else holds (the stacked buffers)
+
+
+def _pack_round(drafters: list, rows: list[int], states: list[RoundState], B: int, run: tuple[int, ...]) -> tuple[_Ints, int, int]:
+    """Step 1 of a batched round, on the host: per drafting row the prompt's long catch-up (first round, on the
+    row's own cache), room in the sliding cache, and this round's catch-up of the last k_b emitted positions
+    (FastGlideDrafter's rule); then every integer of the round in one :class:`_Ints`. Returns ``(ints, k_pad,
+    cross_span)``: the padded catch-up length and the eager cross-attention's key bound."""
+    w = drafters[0].glide.window
+    row_of = dict(zip(rows, range(len(rows))))
+    starts = [d._start_round(st) for d, st in zip(drafters, states)]
+    k_pad = max(k for _, k in starts)
+    # Per batch row, its catch-up's segments (catch_up_segments: [k_pad] per query, padded at the front with copies
+    # of the first query -- same row, same values written) and the first prefix row each level's window reaches.
+    # A finished row rides along as a dummy: token 0 at position 1 over row 0 of a zero cache (L = 1, base 1),
+    # seeing its target row 0.
+    per_query = ("tokens", "rows", "row_lo", "row_hi", "pos", "zeros")
+    f: dict[str, list] = {}
+    for b in range(B):
+        i = row_of.get(b)
+        if i is None:
+            (L, k), base, toks = (1, 1), 1, [0]
+        else:
+            (L, k), base = starts[i], drafters[i].cache.base
+            toks = states[i].tokens[L + 1 - k : L + 1]
+        seg = catch_up_segments(toks, L + 1 - k, base, w)
+        for name, values in seg.items():
+            f.setdefault(name, []).append(values[:1] * (k_pad - k) + values if name in per_query else values[0])
+        f.setdefault("level_lo", []).append(level_window_lo(L + 1 - base, max(len(run), 1), w))
+        if i is not None:
+            drafters[i]._caught_up(L)
+    ints = _Ints()
+    for name, values in f.items():
+        ints.add(name, values)
+    return ints, k_pad, max(f["cross_hi"]) + 1
+
+
+def _replay(d0, drafters: list, ints: _Ints, k_pad: int, target_k: torch.Tensor, target_v: torch.Tensor,
+            verify: StaticKVCache | None = None) -> tuple[torch.Tensor, ...]:
+    """Refill and replay the captured full-shape round of all B rows for this pack layout (captured on first use;
+    with ``verify`` the fused round, :func:`_fused_body`). Returns its static outputs."""
+    fm = d0.target
+    flat, spans = ints.flat()
+    table = fm.rope_table[0].data_ptr() if fm.rope_table is not None else 0
+    key = (target_k.data_ptr(), tuple(target_k.shape), table, len(drafters), k_pad, d0.tree_shape, tuple(spans.items()),
+           tuple(d.cache.k.data_ptr() for d in drafters),
+           None if verify is None else (id(verify), verify.length_t.data_ptr()))
+    graphs = d0.runtime.batch_graphs
+    if key not in graphs:
+        graphs[key] = _capture(drafters, flat, spans, target_k, target_v, verify)
+    bg = graphs[key]
+    bg.host.numpy()[:] = flat   # the staging buffer: the previous round's copy has completed
+    bg.pack.copy_(bg.host, non_blocking=True)
+    bg.graph.replay()
+    return bg.out
 
 
 def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cache: StaticKVCache) -> list[Draft]:
@@ -116,51 +170,14 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
     levels_of = [d._levels_left(st.budget) for d, st in zip(drafters, states)]
     run = shape[: max(levels_of)]             # the levels drafted this round (each row keeps its first levels_of)
     target_k, target_v = cache.k[-1], cache.v[-1]   # [B, Hkv, capacity, D]: every row's last layer
-
-    # 1. Host side, per drafting row: the prompt's long catch-up (first round, on the row's own cache), room in
-    #    the sliding cache, and this round's catch-up of the last k_b emitted positions (FastGlideDrafter's rule).
     row_of = dict(zip(rows, range(len(rows))))
-    starts = [d._start_round(st) for d, st in zip(drafters, states)]
-    k_pad = max(k for _, k in starts)
-    # Every integer of the round: per batch row, its catch-up's segments (catch_up_segments: [k_pad] per query,
-    # padded at the front with copies of the first query -- same row, same values written) and the first prefix
-    # row each level's window reaches. A finished row rides along as a dummy: token 0 at position 1 over row 0 of
-    # a zero cache (L = 1, base 1), seeing its target row 0.
-    per_query = ("tokens", "rows", "row_lo", "row_hi", "pos", "zeros")
-    f: dict[str, list] = {}
-    for b in range(B):
-        i = row_of.get(b)
-        if i is None:
-            (L, k), base, toks = (1, 1), 1, [0]
-        else:
-            (L, k), base = starts[i], drafters[i].cache.base
-            toks = states[i].tokens[L + 1 - k : L + 1]
-        seg = catch_up_segments(toks, L + 1 - k, base, w)
-        for name, values in seg.items():
-            f.setdefault(name, []).append(values[:1] * (k_pad - k) + values if name in per_query else values[0])
-        f.setdefault("level_lo", []).append(level_window_lo(L + 1 - base, max(len(run), 1), w))
-        if i is not None:
-            drafters[i]._caught_up(L)
-    ints = _Ints()
-    for name, values in f.items():
-        ints.add(name, values)
+    ints, k_pad, cross_span = _pack_round(drafters, rows, states, B, run)   # 1. host side
     params = states[0].params
     keys = {b: sequence_key(params.seed, st.seq_id) for b, st in zip(rows, states)} if params.keyed else None
 
     if _captures(d0) and keys is None and run == shape and rows == list(range(B)):
         # 2'. Every row drafts the full tree: replay the captured round (captured on first use).
-        flat, spans = ints.flat()
-        table = fm.rope_table[0].data_ptr() if fm.rope_table is not None else 0
-        key = (target_k.data_ptr(), tuple(target_k.shape), table, B, k_pad, shape, tuple(spans.items()),
-               tuple(d.cache.k.data_ptr() for d in drafters))
-        graphs = d0.runtime.batch_graphs
-        if key not in graphs:
-            graphs[key] = _capture(drafters, flat, spans, target_k, target_v)
-        bg = graphs[key]
-        bg.host.numpy()[:] = flat   # pinned staging buffer: the previous round's copy has completed
-        bg.pack.copy_(bg.host, non_blocking=True)
-        bg.graph.replay()
-        out_tokens, out_parents, full = bg.out
+        out_tokens, out_parents, full = _replay(d0, drafters, ints, k_pad, target_k, target_v)
     else:
         # 2. The rows' sliding caches as one [B, Hkv, R, D] buffer (finished rows: zeros), then the round.
         u = ints.to(dev)
@@ -168,8 +185,7 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
         ks = [drafters[row_of[b]].cache.k if b in row_of else zeros for b in range(B)]
         vs = [drafters[row_of[b]].cache.v if b in row_of else zeros for b in range(B)]
         stacked = SlidingCache.from_buffers(torch.cat(ks), torch.cat(vs), w)
-        out_tokens, out_parents, full = _round_body(d0, stacked, u, target_k, target_v, run, rows,
-                                                    max(f["cross_hi"]) + 1, keys, params)
+        out_tokens, out_parents, full = _round_body(d0, stacked, u, target_k, target_v, run, rows, cross_span, keys, params)
         # 5. The catch-up rows persist: every drafting row's cache back from the stacked buffer (one multi-tensor copy).
         torch._foreach_copy_([d.cache.k for d in drafters] + [d.cache.v for d in drafters],
                              [stacked.k[b : b + 1] for b in rows] + [stacked.v[b : b + 1] for b in rows])
@@ -182,6 +198,52 @@ def propose_batch(drafters: list, rows: list[int], states: list[RoundState], cac
         depth = d._depth_tensor(sub)
         out.append(Draft(out_tokens[b, :mb], DeviceTree(out_parents[b, :mb], depth, full[b, :mb, :mb])))
     return out
+
+
+def can_fuse_batch(drafters: list, rows: list[int], states: list[RoundState], cache: StaticKVCache, tree_size: int) -> bool:
+    """Whether :func:`fused_batch_round` serves this round: greedy, every one of the B rows drafting the full tree
+    (no finished row, no last round's shorter shape) of ``tree_size`` nodes, captured rounds on."""
+    d0 = drafters[0]
+    B = cache.k.shape[1]
+    return (_captures(d0) and states[0].params.greedy and rows == list(range(B)) and can_batch(drafters, states)
+            and tree_size == 1 + sum(d0.tree_shape)
+            and all(d._levels_left(st.budget) == len(d0.tree_shape) for d, st in zip(drafters, states)))
+
+
+def fused_batch_round(drafters: list, rows: list[int], states: list[RoundState], cache: StaticKVCache) -> torch.Tensor:
+    """A whole greedy round of every row -- the batched draft, the verification of all B trees in one target
+    pass, greedy acceptance and KV compaction of every row -- as ONE graph replay (:func:`_fused_body`; call only
+    when :func:`can_fuse_batch` says so). ``cache.length_t`` advances on the device. Returns [B, 2 + 2M] long
+    (static: read it before the next round): per row the accepted node, the target's next token, the tree's
+    tokens and parents -- the round's one read-back."""
+    d0 = drafters[0]
+    B = cache.k.shape[1]
+    ints, k_pad, _ = _pack_round(drafters, rows, states, B, d0.tree_shape)
+    return _replay(d0, drafters, ints, k_pad, cache.k[-1], cache.v[-1], verify=cache)[0]
+
+
+def _fused_body(d0, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cache: StaticKVCache) -> torch.Tensor:
+    """Verification, greedy acceptance and compaction of the B full trees ``out`` (tokens, parents, ancestor) drafted
+    by :func:`_round_body` (graph-capturable): node j of row b at position ``length_t[b] + depth(j)``, written to
+    cache row ``length_t[b] + j``; :func:`specdec.fast.kernels.greedy_paths` row by row (the batch-of-one rule);
+    the accepted rows moved to ``[L_b, L_b + n_b)`` by one :func:`~specdec.fast.kernels.compact_kv`; ``length_t``
+    advanced. Returns [B, 2 + 2M] long: best node, next token, tokens, parents."""
+    from specdec.fast import kernels as K
+    from specdec.fast.model import step_forward
+
+    fm = d0.target
+    tokens, parents, full = out
+    b, m = tokens.shape
+    depth = d0._depth_tensor(d0.tree_shape)[None].expand(b, m)
+    starts = cache.length_t
+    logits = step_forward(fm, cache, tokens, depth + starts[:, None].long(), full, starts)   # [B, M, V]
+    amax = (K.row_argmax(logits.view(b * m, -1)) if logits.is_cuda else torch.argmax(logits, dim=-1)).view(b, m)
+    valid = torch.ones(b, m, dtype=torch.bool, device=tokens.device)
+    best, on_path, order = K.greedy_paths(amax, tokens, parents, depth, full, valid)
+    n = on_path.sum(dim=1).to(torch.int32)
+    K.compact_kv(cache.k, cache.v, (order + starts[:, None].long()).to(torch.int32), starts, n_accept=n)
+    starts += n
+    return torch.cat([best[:, None], amax.gather(1, best[:, None]), tokens, parents], dim=1)
 
 
 def _captures(d0) -> bool:
@@ -262,11 +324,15 @@ def _round_body(d0, stacked: SlidingCache, u: dict[str, torch.Tensor], target_k:
     return out_tokens, out_parents, full
 
 
-def _capture(drafters: list, flat: list[int], spans: dict, target_k: torch.Tensor, target_v: torch.Tensor) -> _BatchGraph:
+def _capture(drafters: list, flat: list[int], spans: dict, target_k: torch.Tensor, target_v: torch.Tensor,
+             verify: StaticKVCache | None = None) -> _BatchGraph:
     """Capture a full-shape round of all B rows (``drafters[b]`` drafting row b) for this pack layout: the rows'
     sliding caches copied into one stacked buffer, :func:`_round_body` (cross-attention split for the whole
-    capacity, so any length fits), the caches copied back. The warm-up runs re-write the catch-up rows with the
-    values they get anyway (the same pack), and the tree rows are scratch."""
+    capacity, so any length fits), the caches copied back -- and with ``verify`` (the target cache) the
+    verification, acceptance and compaction of :func:`_fused_body`. The warm-up runs re-write the catch-up rows
+    with the values they get anyway (the same pack) and the tree rows are scratch; a fused round's warm-ups also
+    verify and compact (only rows past each row's length, which nothing reads before it is written again) and
+    advance ``length_t``, which is put back afterwards."""
     from specdec.fast.graphs import capture
 
     d0 = drafters[0]
@@ -284,9 +350,12 @@ def _capture(drafters: list, flat: list[int], spans: dict, target_k: torch.Tenso
         torch._foreach_copy_(slices_k + slices_v, caches_k + caches_v)
         out = _round_body(d0, stacked, u, target_k, target_v, run, list(range(B)), target_k.shape[-2])
         torch._foreach_copy_(caches_k + caches_v, slices_k + slices_v)
-        return out
+        return out if verify is None else (_fused_body(d0, out, verify),)
 
+    lengths = verify.length_t.clone() if verify is not None else None
     graph, out = capture(body, device=dev, warmup=2)
+    if verify is not None:
+        verify.length_t.copy_(lengths)
     host = torch.empty(len(flat), dtype=torch.int32)
     if pack.is_cuda:
         host = host.pin_memory()

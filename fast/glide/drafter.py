@@ -149,6 +149,18 @@ class FastGlideDrafter(FastDrafter, RunAhead):
             return propose_batch(drafters, rows, states, cache)
         return [d.propose(st) for d, st in zip(drafters, states)]
 
+    @classmethod
+    def fused_rows(cls, drafters: list["FastGlideDrafter"], rows: list[int], states: list[RoundState], cache,
+                   tree_size: int):
+        """With :attr:`batch_rounds` on: a greedy round of every row -- the batched draft, one verification
+        pass, acceptance and compaction -- as ONE CUDA graph (:func:`specdec.fast.glide.batch.fused_batch_round`)
+        where :func:`~specdec.fast.glide.batch.can_fuse_batch` allows; else None."""
+        from specdec.fast.glide.batch import can_fuse_batch, fused_batch_round
+
+        if cls.batch_rounds and can_fuse_batch(drafters, rows, states, cache, tree_size):
+            return fused_batch_round(drafters, rows, states, cache)
+        return None
+
     def _scores(self, hidden: torch.Tensor, keyed: tuple[float, int, float] | None, u: dict[str, torch.Tensor],
                 level: int) -> torch.Tensor | ShardedLogprobs:
         """What the beam ranks for the children of the nodes whose draft hidden states are ``hidden`` [n, H]:

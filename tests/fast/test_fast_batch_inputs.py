@@ -265,11 +265,13 @@ def test_fast_glide_batch_drafts_every_row_in_one_pass_per_step(pair, monkeypatc
 
 
 def test_fast_glide_batched_capture_path_on_static_buffers(pair, monkeypatch):
-    """The capture path of a batched GLIDE round (fast/glide/batch.py: static pack refilled each round, the rows'
+    """The capture paths of batched GLIDE rounds (fast/glide/batch.py: static pack refilled each round, the rows'
     caches copied into a static stacked buffer and back, static outputs) run on the CPU with a stand-in for
     the CUDA graph: its replay re-runs the captured body and writes the captured outputs in place, as a replay
-    does. Round by round the same trees as the eager batched round, outputs == vanilla, and a capture per
-    catch-up length, reused across rounds and calls."""
+    does. Greedy rounds in which every row drafts the full tree run FUSED (draft + verification + acceptance +
+    compaction, fused_batch_round), the last rounds the captured draft alone. Round by round the same trees,
+    paths and tokens as the eager batched round (== vanilla), at most one capture per catch-up length and
+    kind, reused across rounds and calls."""
     import specdec.fast.glide.batch as gbatch
     import specdec.fast.graphs as graphs
     from specdec.fast.glide.drafter import FastGlideDrafter
@@ -284,7 +286,7 @@ def test_fast_glide_batched_capture_path_on_static_buffers(pair, monkeypatch):
             self.body, self.out = body, out
 
         def replay(self):
-            replays.append(1)
+            replays.append("fused" if len(self.out) == 1 else "draft")
             for static, new in zip(self.out, self.body()):
                 static.copy_(new)
 
@@ -300,19 +302,22 @@ def test_fast_glide_batched_capture_path_on_static_buffers(pair, monkeypatch):
     want = ref.vanilla_generate(target, PROMPTS, None, **kw).output_ids
     monkeypatch.setattr(FastGlideDrafter, "batch_rounds", True)
     runs = []
-    for static in (True, True, False):   # captured (twice: the second call replays the first's), then eager
+    fused_rows = FastGlideDrafter.fused_rows
+    # captured and fused (twice: the second call replays the first's), captured draft only, eager
+    for static, fuse in ((True, True), (True, True), (True, False), (False, False)):
         monkeypatch.setattr(gbatch, "_captures", lambda d0, on=static: on)
+        monkeypatch.setattr(FastGlideDrafter, "fused_rows", fused_rows if fuse else classmethod(lambda *a: None))
         seen = []
         res = fast.tree_spec_generate(ftarget, glide, PROMPTS, None, tree_shape=(2, 3),
                                       on_round=lambda r: seen.append((r.row, r.draft.tokens.tolist(),
                                                                       list(r.draft.tree.parents), r.path)), **kw)
-        assert torch.equal(res.output_ids, want), static
+        assert torch.equal(res.output_ids, want), (static, fuse)
         runs.append(seen)
-        if len(runs) == 1:
-            first_captures = len(captures)
-    assert runs[0] == runs[1] == runs[2]    # the eager batched round == row by row: the test above
-    assert 1 <= first_captures == len(captures) <= len((2, 3)) + 1   # one per catch-up length, none in call 2
-    assert len(replays) > len(captures)
+        if len(runs) == 2:
+            fused_captures, fused_replays = len(captures), len(replays)
+    assert runs[0] == runs[1] == runs[2] == runs[3]    # the eager batched round == row by row: the test above
+    assert 1 <= fused_captures <= len((2, 3)) + 1 < fused_replays        # one per catch-up length, reused
+    assert set(replays[:fused_replays]) == {"fused"} and set(replays[fused_replays:]) == {"draft"}
 
 
 @pytest.mark.gpu
