@@ -25,7 +25,9 @@ Four parts (``--parts``, default all):
   the first B prompts of ``--bench``, ``--max-new-tokens`` each, one batched call per method; tokens/s
   (emitted tokens / decode time) and speedup over batched vanilla at the same B; and whether every row
   equals batched vanilla's row (bitwise, the decode phase is row-invariant). ``tree_spec rows together`` is the
-  GLIDE tree with its rows drafting in one batched round instead of one after another (the A/B).
+  GLIDE tree with its rows drafting in one batched round instead of one after another -- greedy rounds of the
+  full tree fused into one graph with the verification and acceptance; ``draft graph``: the draft alone
+  captured; ``eager``: nothing captured (the A/B) -- and the same for the smaller tree (4, 8, 8, 4).
 
 A configuration that does not fit the device's memory is reported as skipped (the library's own memory
 check names the largest batch that fits). Prints tables and writes JSONL (``--out``).
@@ -165,19 +167,19 @@ def part_magicdec(fm, args, bw, rows_out):
                                     "compact ms", "round ms", "round / step", "t_step / t_round"], tablefmt="github")
 
 
-def _rows_together(call, capture: bool = True):
-    """``call()`` with the GLIDE rows drafting together (fast/glide/batch.py's batched rounds, replayed as CUDA
-    graphs where every row drafts the full tree, or with ``capture=False`` all eager; the default drafts the rows
-    one after another): the A/B of the three."""
+def _rows_together(call, capture: bool = True, fuse: bool = True):
+    """``call()`` with the GLIDE rows drafting together (fast/glide/batch.py's batched rounds: where every row
+    drafts the full tree one CUDA graph of the whole greedy round, or with ``fuse=False`` of the draft alone, or
+    with ``capture=False`` all eager; the default drafts the rows one after another): the A/B of the four."""
     import specdec.fast.glide.batch as gbatch
     from specdec.fast.glide.drafter import FastGlideDrafter
 
-    saved = FastGlideDrafter.batch_rounds, gbatch.CAPTURE
-    FastGlideDrafter.batch_rounds, gbatch.CAPTURE = True, capture
+    saved = FastGlideDrafter.batch_rounds, gbatch.CAPTURE, gbatch.FUSE
+    FastGlideDrafter.batch_rounds, gbatch.CAPTURE, gbatch.FUSE = True, capture, fuse
     try:
         return call()
     finally:
-        FastGlideDrafter.batch_rounds, gbatch.CAPTURE = saved
+        FastGlideDrafter.batch_rounds, gbatch.CAPTURE, gbatch.FUSE = saved
 
 
 def part_finished(fm, args, bw, rows_out):
@@ -236,13 +238,23 @@ def part_methods(args, rows_out):
         "spec": lambda p, **kw: fast.spec_generate(target, glide, p, None, **kw),
         "tree_spec": lambda p, **kw: fast.tree_spec_generate(target, glide, p, None, **kw),
         "tree_spec rows together": lambda p, **kw: _rows_together(lambda: fast.tree_spec_generate(target, glide, p, None, **kw)),
+        "tree_spec rows together, draft graph": lambda p, **kw: _rows_together(
+            lambda: fast.tree_spec_generate(target, glide, p, None, **kw), fuse=False),
         "tree_spec rows together eager": lambda p, **kw: _rows_together(
             lambda: fast.tree_spec_generate(target, glide, p, None, **kw), capture=False),
+        "tree_spec (4, 8, 8, 4) rows together": lambda p, **kw: _rows_together(
+            lambda: fast.tree_spec_generate(target, glide, p, None, tree_shape=(4, 8, 8, 4), **kw)),
+        "tree_spec (4, 8, 8, 4)": lambda p, **kw: fast.tree_spec_generate(target, glide, p, None, tree_shape=(4, 8, 8, 4), **kw),
         "spec rows together": lambda p, **kw: _rows_together(lambda: fast.spec_generate(target, glide, p, None, **kw)),
         "logitspec": lambda p, **kw: fast.logitspec_generate(target, p, None, **kw),
         "magicdec": lambda p, **kw: fast.magicdec_generate(target, p, None, **kw),
         "pld": lambda p, **kw: fast.pld_generate(target, p, None, **kw),
     }
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(calls))
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; choose from {sorted(calls)}")
+        calls = {name: call for name, call in calls.items() if name == "vanilla" or name in args.methods}
     table = []
     kw = dict(max_gen_len=args.max_new_tokens, eos_id=[])
     for b in args.method_batches:
@@ -277,6 +289,7 @@ def main() -> int:
     ap.add_argument("--finished-batches", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--finished-m", nargs="+", type=int, default=[1, 4, 32])
     ap.add_argument("--method-batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--methods", nargs="+", default=None, help="methods part: only these rows (vanilla always runs: the base)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--glide", default="default-glide")
     ap.add_argument("--draft", default="default-draft")

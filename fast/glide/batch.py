@@ -41,11 +41,15 @@ from specdec.fast.model import StaticKVCache, _kernels
 from specdec.shared.keyed import keyed_logprobs, sequence_key
 from specdec.shared.round import Draft, RoundState
 
-__all__ = ["propose_batch", "can_batch", "can_fuse_batch", "fused_batch_round", "CAPTURE"]
+__all__ = ["propose_batch", "can_batch", "can_fuse_batch", "fused_batch_round", "CAPTURE", "FUSE"]
 
 CAPTURE = True
 """On CUDA, replay a captured graph for every batched round in which all rows draft the full tree with plain
 log-probabilities (False: every batched round runs eagerly -- for A/B measurements and tests)."""
+
+FUSE = True
+"""With :data:`CAPTURE`: a greedy round of every row drafting the full tree also verifies, accepts and compacts
+inside its graph (:func:`fused_batch_round`); False: the graph drafts only (A/B measurements)."""
 
 
 def can_batch(drafters: list, states: list[RoundState]) -> bool:
@@ -205,7 +209,7 @@ def can_fuse_batch(drafters: list, rows: list[int], states: list[RoundState], ca
     (no finished row, no last round's shorter shape) of ``tree_size`` nodes, captured rounds on."""
     d0 = drafters[0]
     B = cache.k.shape[1]
-    return (_captures(d0) and states[0].params.greedy and rows == list(range(B)) and can_batch(drafters, states)
+    return (FUSE and _captures(d0) and states[0].params.greedy and rows == list(range(B)) and can_batch(drafters, states)
             and tree_size == 1 + sum(d0.tree_shape)
             and all(d._levels_left(st.budget) == len(d0.tree_shape) for d, st in zip(drafters, states)))
 

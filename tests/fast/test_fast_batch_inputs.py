@@ -302,11 +302,10 @@ def test_fast_glide_batched_capture_path_on_static_buffers(pair, monkeypatch):
     want = ref.vanilla_generate(target, PROMPTS, None, **kw).output_ids
     monkeypatch.setattr(FastGlideDrafter, "batch_rounds", True)
     runs = []
-    fused_rows = FastGlideDrafter.fused_rows
     # captured and fused (twice: the second call replays the first's), captured draft only, eager
     for static, fuse in ((True, True), (True, True), (True, False), (False, False)):
         monkeypatch.setattr(gbatch, "_captures", lambda d0, on=static: on)
-        monkeypatch.setattr(FastGlideDrafter, "fused_rows", fused_rows if fuse else classmethod(lambda *a: None))
+        monkeypatch.setattr(gbatch, "FUSE", fuse)
         seen = []
         res = fast.tree_spec_generate(ftarget, glide, PROMPTS, None, tree_shape=(2, 3),
                                       on_round=lambda r: seen.append((r.row, r.draft.tokens.tolist(),
