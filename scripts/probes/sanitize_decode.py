@@ -8,7 +8,8 @@ a ragged batch, head dims 80 and 256, K/V as views of a larger cache) and
 :func:`specdec.fast.kernels.row_linear` (plain, norm + residual, SwiGLU, a fixed K split),
 :func:`specdec.fast.kernels.keyed.keyed_noise` (issue 22), then one
 decode step of a tiny model end to end, and a batched GLIDE beam tree over ragged rows (issue 19:
-the draft layer's kernels with [B] key ranges, ``beam_select`` on row views). Prints one line per case; the sanitizer prints its summary.
+the draft layer's kernels with [B] key ranges, ``beam_select`` on row views; eager, then as captured fused rounds).
+Prints one line per case; the sanitizer prints its summary.
 """
 
 from __future__ import annotations
@@ -88,6 +89,14 @@ def main() -> None:
     res = fast.tree_spec_generate(fm, glide, prompts, None, tree_shape=(3, 4, 2), max_gen_len=12, eos_id=[])
     torch.cuda.synchronize()
     print(f"batched GLIDE tree (3 rows): rows={res.output_ids.shape[0]} tokens={res.row_lengths}")
+    # the same rows drafting together with CUDA graphs: greedy rounds of the full tree fused into one graph
+    # (draft + verification + acceptance + compaction), the last rounds the captured or eager draft
+    from specdec.fast.glide.drafter import FastGlideDrafter
+
+    fm.use_graphs, FastGlideDrafter.batch_rounds = True, True
+    fused = fast.tree_spec_generate(fm, glide, prompts, None, tree_shape=(3, 4, 2), max_gen_len=12, eos_id=[])
+    torch.cuda.synchronize()
+    print(f"batched GLIDE tree, fused graphs: same tokens as eager={torch.equal(fused.output_ids, res.output_ids)}")
 
 
 if __name__ == "__main__":
