@@ -271,7 +271,7 @@ def test_fast_glide_batched_capture_path_on_static_buffers(pair, monkeypatch):
     does. Greedy rounds in which every row drafts the full tree run FUSED (draft + verification + acceptance +
     compaction, fused_batch_round), the last rounds the captured draft alone. Round by round the same trees,
     paths and tokens as the eager batched round (== vanilla), at most one capture per catch-up length and
-    kind, reused across rounds and calls."""
+    kind, reused across rounds."""
     import specdec.fast.glide.batch as gbatch
     import specdec.fast.graphs as graphs
     from specdec.fast.glide.drafter import FastGlideDrafter
@@ -298,23 +298,24 @@ def test_fast_glide_batched_capture_path_on_static_buffers(pair, monkeypatch):
         return StandIn(body, out), out
 
     monkeypatch.setattr(graphs, "capture", capture)
-    kw = dict(max_gen_len=7, eos_id=[])
-    want = ref.vanilla_generate(target, PROMPTS, None, **kw).output_ids
+    prompts = PROMPTS[:3]                  # ragged: 9, 1 and 5 tokens
+    kw = dict(max_gen_len=8, eos_id=[])
+    want = ref.vanilla_generate(target, prompts, None, **kw).output_ids
     monkeypatch.setattr(FastGlideDrafter, "batch_rounds", True)
     runs = []
-    # captured and fused (twice: the second call replays the first's), captured draft only, eager
-    for static, fuse in ((True, True), (True, True), (True, False), (False, False)):
+    # captured and fused, captured draft only, eager
+    for static, fuse in ((True, True), (True, False), (False, False)):
         monkeypatch.setattr(gbatch, "_captures", lambda d0, on=static: on)
         monkeypatch.setattr(gbatch, "FUSE", fuse)
         seen = []
-        res = fast.tree_spec_generate(ftarget, glide, PROMPTS, None, tree_shape=(2, 3),
+        res = fast.tree_spec_generate(ftarget, glide, prompts, None, tree_shape=(2, 3),
                                       on_round=lambda r: seen.append((r.row, r.draft.tokens.tolist(),
                                                                       list(r.draft.tree.parents), r.path)), **kw)
         assert torch.equal(res.output_ids, want), (static, fuse)
         runs.append(seen)
-        if len(runs) == 2:
+        if len(runs) == 1:
             fused_captures, fused_replays = len(captures), len(replays)
-    assert runs[0] == runs[1] == runs[2] == runs[3]    # the eager batched round == row by row: the test above
+    assert runs[0] == runs[1] == runs[2]    # the eager batched round == row by row: the test above
     assert 1 <= fused_captures <= len((2, 3)) + 1 < fused_replays        # one per catch-up length, reused
     assert set(replays[:fused_replays]) == {"fused"} and set(replays[fused_replays:]) == {"draft"}
 
