@@ -21,6 +21,14 @@ How the rows fit one pass:
 * **Last rounds.** A row with fewer tokens left than levels takes the first levels of the full tree: the levels
   are chosen one after another, so they are the tree the shorter shape drafts (as the fused rounds do).
 
+* **Graphs.** On CUDA a round in which every row drafts the full tree with plain log-probabilities replays ONE
+  captured graph of all of the above (:func:`_capture`, per batch size, catch-up length, target cache and row
+  caches; the pack refilled through a pinned buffer). A greedy round of that kind goes further
+  (:func:`fused_batch_round`, the engine's ``FastDrafter.fused_rows``): the same graph also verifies the B trees in
+  one target pass, accepts every row's path (:func:`specdec.fast.kernels.greedy_paths`, the batch-of-one rule) and
+  compacts the accepted rows, so a round is one launch and one [B, 2 + 2M] read-back. The reference of every
+  tree, path and token is the eager round here (tested equal on the CPU through a stand-in graph, and on the GPU).
+
 Greedy and rejection sampling (the GLIDE candidates are deterministic: plain log-probabilities) and keyed
 sampling (each row's beam ranked with its own sequence's keyed noise), the full or a truncated draft
 vocabulary, one process; under tensor parallelism the rows draft one after another
