@@ -324,6 +324,19 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
     def finished(b: int) -> bool:
         return len(emitted[b]) >= max_gen_len or bool(eos & set(emitted[b]))
 
+    def emit(b: int, draft_tokens: list[int], tree: Tree, q, path: list[int], next_token: int, row_logits) -> None:
+        """5. Row b emits its accepted drafts and the extra token (its next root); its verified length grows by
+        the path. ``row_logits``: the target's logits after the accepted node (what the next round's drafter may read)."""
+        lengths[b] += len(path)
+        accepted = [draft_tokens[j] for j in path[1:]]
+        emitted[b] += accepted + [next_token]
+        spec[b] += [True] * len(accepted) + [False]
+        tokens[b] += accepted + [next_token]
+        accept_lengths[b].append(len(accepted) + 1)
+        last_logits[b] = row_logits
+        if on_round is not None:
+            on_round(RoundRecord(Draft(torch.tensor(draft_tokens), tree, q), path, next_token, b))
+
     # a finished row: T dummy roots (token 0 at its length, each seeing only itself)
     eye, zeros = torch.eye(T, dtype=torch.bool, device=dev), torch.zeros(T, dtype=torch.long, device=dev)
     no_nodes = torch.zeros(T, dtype=torch.bool, device=dev)
@@ -342,17 +355,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
             num += 1
             for b, row in enumerate(fused.tolist()):
                 tree = Tree.from_parents(row[2 + T :])
-                path, next_token = tree.path(row[0]), row[1]
-                draft_tokens = row[2 : 2 + T]
-                lengths[b] += len(path)
-                accepted = [draft_tokens[j] for j in path[1:]]
-                emitted[b] += accepted + [next_token]
-                spec[b] += [True] * len(accepted) + [False]
-                tokens[b] += accepted + [next_token]
-                accept_lengths[b].append(len(accepted) + 1)
-                last_logits[b] = None
-                if on_round is not None:
-                    on_round(RoundRecord(Draft(torch.tensor(draft_tokens), tree), path, next_token, b))
+                emit(b, row[2 : 2 + T], tree, None, tree.path(row[0]), row[1], None)
             active = [b for b in active if not finished(b)]
             continue
         # 1. Draft: every unfinished row proposes a tree rooted at its last token -- a host Tree, or a
@@ -402,15 +405,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
                                                 generator, skip_sample_adjustment, root_position=L, seq_id=ids[b])
                 src[b, : len(path)] = torch.tensor(path, dtype=torch.int32) + L
                 n_acc[b] = len(path)
-            lengths[b] = L + len(path)
-            accepted = [draft_tokens[j] for j in path[1:]]
-            emitted[b] += accepted + [next_token]
-            spec[b] += [True] * len(accepted) + [False]
-            tokens[b] += accepted + [next_token]
-            accept_lengths[b].append(len(accepted) + 1)
-            last_logits[b] = None if tp_local else logits[b, path[-1]]
-            if on_round is not None:
-                on_round(RoundRecord(Draft(torch.tensor(draft_tokens), tree, draft.q), path, next_token, b))
+            emit(b, draft_tokens, tree, draft.q, path, next_token, None if tp_local else logits[b, path[-1]])
         if not params.greedy:
             from specdec.fast import kernels as K
 
