@@ -175,8 +175,12 @@ def greedy_paths(target_argmax, tokens, parents, depth, ancestor, valid):
     b, m = tokens.shape
     best = greedy_best_nodes(ancestor, depth, torch.where(valid, tokens, torch.full_like(tokens, -1)), target_argmax, parents)
     on_path = ancestor.gather(1, best[:, None, None].expand(b, 1, m))[:, 0]
-    idx = torch.arange(m, device=tokens.device)
-    order = torch.argsort(torch.where(on_path, idx, idx + m), dim=1, stable=True)
+    # each node's place in the order: the path's nodes first (index order), then the others (index order) --
+    # a stable partition by counting, no sort (every op here is CUDA-graph safe)
+    n = on_path.sum(dim=1, keepdim=True)
+    place = torch.where(on_path, on_path.cumsum(dim=1) - 1, n + (~on_path).cumsum(dim=1) - 1)
+    idx = torch.arange(m, device=tokens.device).expand(b, m)
+    order = torch.empty((b, m), dtype=torch.long, device=tokens.device).scatter_(1, place, idx)
     return best, on_path, order
 
 
