@@ -349,11 +349,10 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         # 0. A drafter may run the whole greedy round of every row as one graph (fused_rows): then one read-back.
         fused = None
         if params.greedy and not tp_local and len(active) == B:
-            cache.length = max(lengths)
             fused = type(drafters[active[0]]).fused_rows([drafters[b] for b in active], active, states, cache, T)
         if fused is not None:
             num += 1
-            for b, row in enumerate(fused.tolist()):
+            for b, row in enumerate(fused.tolist()):   # every row is active: batch row b
                 tree = Tree.from_parents(row[2 + T :])
                 emit(b, row[2 : 2 + T], tree, None, tree.path(row[0]), row[1], None)
             active = [b for b in active if not finished(b)]
@@ -389,7 +388,8 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
             parents = torch.stack([tts[b].parents if b in drafts else zeros for b in range(B)])
             depth = torch.stack([tts[b].depth if b in drafts else zeros for b in range(B)])
             valid = torch.stack([tts[b].valid if b in drafts else no_nodes for b in range(B)])
-            chosen = accept_rows_greedy(cache, amax, node_tokens, parents, depth, masks, valid, lengths).tolist()
+            starts = torch.tensor(lengths, dtype=torch.int32, device=dev)
+            chosen = accept_rows_greedy(cache, amax, node_tokens, parents, depth, masks, valid, starts)[0].tolist()
         else:
             src = torch.zeros(B, T, dtype=torch.int32)
             n_acc = torch.zeros(B, dtype=torch.int32)
@@ -419,23 +419,23 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
 
 
 def accept_rows_greedy(cache, amax: torch.Tensor, node_tokens: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor,
-                       ancestor: torch.Tensor, valid: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Greedy acceptance and KV compaction of a verified batch, every row at once on the device (no host sync).
+                       ancestor: torch.Tensor, valid: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy acceptance and KV compaction of a verified batch, every row at once on the device (no host sync;
+    graph-capturable): the batched engine's stepwise round and the fused batched GLIDE round both call it.
 
     Shapes: ``amax``, ``node_tokens``, ``parents``, ``depth``, ``valid`` [B, T] (each row's tree padded to T nodes;
     ``valid`` marks real nodes -- none for a finished row, which then moves nothing), ``ancestor`` [B, T, T]
-    bool; ``lengths[b]`` is row b's verified length L_b, its tree verified at cache rows ``[L_b, L_b + T)``.
+    bool; ``starts`` [B] int32: row b's verified length L_b, its tree verified at cache rows ``[L_b, L_b + T)``.
     :func:`specdec.fast.kernels.greedy_paths` (the batch-of-one rule of :func:`accept_and_compact`, row by row)
     gives each row's accepted path, whose rows ONE :func:`specdec.fast.kernels.compact_kv` launch moves to
-    ``[L_b, L_b + n_b)`` in every layer. ``cache.length_t`` is left to the caller. Returns [B, 2] long: the best
-    node and the target's next token (its argmax after the best node), per row."""
+    ``[L_b, L_b + n_b)`` in every layer. ``cache.length_t`` is left to the caller. Returns ``([B, 2] long: the best
+    node and the target's next token (its argmax after the best node), [B] int32: the rows kept n_b)``."""
     from specdec.fast import kernels as K
 
     best, on_path, order = K.greedy_paths(amax, node_tokens, parents, depth, ancestor, valid)
-    starts = torch.tensor(lengths, dtype=torch.int32, device=amax.device)
     n = (on_path.sum(dim=1) * valid[:, 0]).to(torch.int32)                       # a finished row: 0 rows
     K.compact_kv(cache.k, cache.v, (order + starts[:, None]).to(torch.int32), starts, n_accept=n)
-    return torch.stack([best, amax.gather(1, best[:, None])[:, 0]], dim=1)
+    return torch.stack([best, amax.gather(1, best[:, None])[:, 0]], dim=1), n
 
 
 def check_drafts_fit(name: str, drafts: int) -> None:

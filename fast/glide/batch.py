@@ -239,23 +239,22 @@ def _fused_body(d0, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cache:
     by :func:`_round_body` (graph-capturable): node j of row b at position ``length_t[b] + depth(j)``, written to
     cache row ``length_t[b] + j``; :func:`specdec.fast.kernels.greedy_paths` row by row (the batch-of-one rule);
     the accepted rows moved to ``[L_b, L_b + n_b)`` by one :func:`~specdec.fast.kernels.compact_kv`; ``length_t``
-    advanced. Returns [B, 2 + 2M] long: best node, next token, tokens, parents."""
+    advanced (:func:`specdec.fast.engine.accept_rows_greedy`, the stepwise round's acceptance). Returns
+    [B, 2 + 2M] long: best node, next token, tokens, parents."""
     from specdec.fast import kernels as K
+    from specdec.fast.engine import accept_rows_greedy
     from specdec.fast.model import step_forward
 
-    fm = d0.target
     tokens, parents, full = out
     b, m = tokens.shape
     depth = d0._depth_tensor(d0.tree_shape)[None].expand(b, m)
     starts = cache.length_t
-    logits = step_forward(fm, cache, tokens, depth + starts[:, None].long(), full, starts)   # [B, M, V]
+    logits = step_forward(d0.target, cache, tokens, depth + starts[:, None].long(), full, starts)   # [B, M, V]
     amax = (K.row_argmax(logits.view(b * m, -1)) if logits.is_cuda else torch.argmax(logits, dim=-1)).view(b, m)
     valid = torch.ones(b, m, dtype=torch.bool, device=tokens.device)
-    best, on_path, order = K.greedy_paths(amax, tokens, parents, depth, full, valid)
-    n = on_path.sum(dim=1).to(torch.int32)
-    K.compact_kv(cache.k, cache.v, (order + starts[:, None].long()).to(torch.int32), starts, n_accept=n)
+    chosen, n = accept_rows_greedy(cache, amax, tokens, parents, depth, full, valid, starts)
     starts += n
-    return torch.cat([best[:, None], amax.gather(1, best[:, None]), tokens, parents], dim=1)
+    return torch.cat([chosen, tokens, parents], dim=1)
 
 
 def _captures(d0) -> bool:
@@ -289,12 +288,11 @@ def _round_body(d0, stacked: SlidingCache, u: dict[str, torch.Tensor], target_k:
         logits = F.linear(hidden.to(fm.dtype), lm_head)   # no final norm
         if keys is None:
             return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        p = params
         out = torch.zeros(logits.shape, dtype=torch.float32, device=dev)
         vmap = {} if g.vocab_map is None else {"token_ids": g.vocab_map}
         for b in rows:
             where = (u["cross_hi"][b] + offset).long().expand(logits.shape[1])
-            out[b] = keyed_logprobs(logits[b], p.temperature, p.top_k, p.top_p, keys[b], where, **vmap)
+            out[b] = keyed_logprobs(logits[b], params.temperature, params.top_k, params.top_p, keys[b], where, **vmap)
         return out
 
     logprobs = scores(h[:, -1:], 1)   # [B, 1, V]: the root's children, at L_b + 1

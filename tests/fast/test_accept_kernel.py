@@ -144,7 +144,8 @@ def test_accept_rows_greedy_equals_each_row_alone():
     class Cache:   # what accept_rows_greedy reads of a cache: its K/V tensors
         k, v = k0.clone(), v0.clone()
 
-    got = accept_rows_greedy(Cache, amax, tokens, parents, depth, anc, valid, lengths).tolist()
+    got = accept_rows_greedy(Cache, amax, tokens, parents, depth, anc, valid,
+                             torch.tensor(lengths, dtype=torch.int32, device=DEV))[0].tolist()
     for b, c in enumerate(cases):
         length = torch.tensor([lengths[b]], dtype=torch.int32, device=DEV)
         packed, src, _, n = K.greedy_accept(*c, length)        # the batch-of-one kernel
