@@ -11,6 +11,7 @@ among its token 4-grams). Prints a table and writes JSONL.
     python scripts/measure_front_door.py                                   # questions 0-9 of stdlib_code
     python scripts/measure_front_door.py --configs "auto=" "seed=--tree-shape 4,16,16,16,16" --begin 0 --end 10
     python scripts/measure_front_door.py --method spec --configs "auto=" "gamma4=--gamma 4"
+    python scripts/measure_front_door.py --method logitspec --configs "auto=" "seed64=--draft-tree-capacity 64"
 
 ``--configs NAME=FLAGS`` (repeatable): extra CLI flags per configuration (empty = the CLI's defaults); the
 configurations are interleaved prompt by prompt. The CLI caches the loaded models in-process, so only the
@@ -80,13 +81,14 @@ def main() -> int:
                 rec = dict(config=name, question_id=q["question_id"], prompt_tokens=obj["prompt_tokens"],
                            tokens_per_s=obj["tokens_per_s"], vanilla_tokens_per_s=obj["vanilla"]["tokens_per_s"],
                            speedup=obj["speedup"], tau=obj["tau"], same_output_as_vanilla=obj["same_output_as_vanilla"],
-                           tree_shape=obj.get("tree_shape"), distinct_4grams=distinct_4gram_share(obj["output_ids"]),
+                           tree_shape=obj.get("tree_shape"), draft_tree_capacity=obj.get("draft_tree_capacity"),
+                           distinct_4grams=distinct_4gram_share(obj["output_ids"]),
                            call_s=wall, completion=obj["completion"])
                 records.append(rec)
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 print(f"[{i + 1}/{len(questions)}] {name}: q{q['question_id']} {rec['prompt_tokens']} tokens, speedup "
-                      f"{rec['speedup']:.2f}x (tau {rec['tau']:.2f}, shape {rec['tree_shape']}), same as vanilla: "
+                      f"{rec['speedup']:.2f}x (tau {rec['tau']:.2f}, shape {rec['tree_shape'] or rec['draft_tree_capacity']}), same as vanilla: "
                       f"{rec['same_output_as_vanilla']}, call {wall:.1f} s", file=sys.stderr, flush=True)
     rows = []
     for name, _ in configs:
@@ -98,9 +100,10 @@ def main() -> int:
                      f"{statistics.median(r['vanilla_tokens_per_s'] for r in rs):.1f}",
                      sum(r["same_output_as_vanilla"] for r in rs),
                      f"{statistics.median(r['distinct_4grams'] for r in rs):.2f}",
-                     ",".join(sorted({str(tuple(r['tree_shape'])) if r['tree_shape'] else '-' for r in rs}))])
+                     ",".join(sorted({str(tuple(r['tree_shape'])) if r['tree_shape'] else str(r['draft_tree_capacity'] or '-')
+                                      for r in rs}))])
     print(tabulate(rows, headers=["config", "prompts", "median speedup", "range", "median tau", "method tok/s",
-                                  "vanilla tok/s", "same as vanilla", "distinct 4-grams", "tree shapes"], tablefmt="github"))
+                                  "vanilla tok/s", "same as vanilla", "distinct 4-grams", "tree shapes / capacities"], tablefmt="github"))
     return 0
 
 

@@ -129,18 +129,22 @@ class Trie:
             node = nxt
         return added
 
-    def bfs(self) -> tuple[list[int], list[int]]:
-        """(tokens, parents) re-numbered breadth-first: parents first, levels contiguous, sibling order kept."""
+    def bfs_order(self) -> list[int]:
+        """The nodes in breadth-first order, as insertion indices (root 0, then 1, 2, ... in the order
+        :meth:`insert` created them): entry j is the insertion index of node j of :meth:`bfs`."""
         children: list[list[int]] = [[] for _ in self.tokens]
         for i, p in enumerate(self.parents[1:], start=1):
             children[p].append(i)
-        order, new_index = [0], {0: 0}
-        head = 0
+        order, head = [0], 0
         while head < len(order):
-            for c in children[order[head]]:
-                new_index[c] = len(order)
-                order.append(c)
+            order.extend(children[order[head]])
             head += 1
+        return order
+
+    def bfs(self) -> tuple[list[int], list[int]]:
+        """(tokens, parents) re-numbered breadth-first: parents first, levels contiguous, sibling order kept."""
+        order = self.bfs_order()
+        new_index = {old: j for j, old in enumerate(order)}
         tokens = [self.tokens[i] for i in order]
         parents = [-1] + [new_index[self.parents[i]] for i in order[1:]]
         return tokens, parents

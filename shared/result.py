@@ -18,7 +18,8 @@
 Extra fields: ``prefill_time`` (time to first token), ``accept_lengths`` (tokens emitted by each
 target pass, the prefill's 1 first; with B > 1 summed over the rows the pass served), ``tree_shape``
 (the GLIDE decoders: the beam shape the rounds used -- what ``tree_shape="auto"`` / ``gamma="auto"``
-chose; None for the other decoders), and :attr:`tau` = tokens emitted / target passes per row.
+chose; None for the other decoders), ``draft_tree_capacity`` (LogitSpec: the capacity that ran -- what
+``draft_tree_capacity="auto"`` chose; None for the other decoders), and :attr:`tau` = tokens emitted / target passes per row.
 
 Per row b (docs/design.md §11): ``row_lengths[b]`` tokens emitted, ``row_counts[b]`` accepted
 drafts, ``row_nums[b]`` target passes that served the row, ``row_accept_lengths[b]`` tokens each of
@@ -50,6 +51,7 @@ class GenerationResult:
     row_counts: list[int] | None = None
     row_nums: list[int] | None = None
     row_accept_lengths: list[list[int]] | None = None
+    draft_tree_capacity: int | None = None
 
     def __post_init__(self) -> None:
         # A result built directly (one row, the old constructor): its per-row fields follow from the totals.
@@ -108,7 +110,7 @@ class GenerationResult:
         n = self.row_lengths[b]
         out, mask = self.output_ids[b : b + 1, :n].clone(), self.spec_mask[b : b + 1, :n].clone()
         return GenerationResult(out, self.row_counts[b], self.row_nums[b], self.elapsed_time, mask, self.prefill_time,
-                                list(self.row_accept_lengths[b]), self.tree_shape)
+                                list(self.row_accept_lengths[b]), self.tree_shape, draft_tree_capacity=self.draft_tree_capacity)
 
     @classmethod
     def from_batch(cls, emitted: list[list[int]], spec: list[list[bool]], eos_ids, max_gen_len: int, num: int,

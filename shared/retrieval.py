@@ -65,6 +65,10 @@ class LogitSpecDrafter:
     def __init__(self, max_ngram_size: int = 3, num_pred_tokens: int = 20, draft_tree_capacity: int = 64) -> None:
         self.pool = NgramPool(max_ngram_size, num_pred_tokens)
         self.capacity = draft_tree_capacity
+        # The last draft's nodes as insertion indices (node j of the draft was the insertion_ids[j]-th node the
+        # trie created; root 0): the tree of capacity c < capacity is exactly its nodes with index <= c
+        # (specdec.shared.capacity, which measures every smaller capacity from one run).
+        self.insertion_ids: list[int] = [0]
 
     def propose(self, state: RoundState) -> Draft:
         tokens, root = state.tokens, state.tokens[-1]
@@ -90,4 +94,5 @@ class LogitSpecDrafter:
                 branch = [g] + (self.pool.lookup(suffix + [g], limit=keep - 1) if keep > 1 else [])
                 trie.insert(branch, max_new_nodes=capacity - trie.num_drafts)
         node_tokens, parents = trie.bfs()
+        self.insertion_ids = trie.bfs_order()
         return Draft(tokens=torch.tensor(node_tokens, dtype=torch.long), tree=Tree.from_parents(parents))

@@ -412,6 +412,20 @@ def _tree_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _capacity(text: str) -> int | str:
+    """argparse type of ``--draft-tree-capacity``: an int >= 1 or 'auto'."""
+    t = str(text).strip().lower()
+    if t == "auto":
+        return "auto"
+    try:
+        n = int(t)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}")
+    return n
+
+
 def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--bench", default="stdlib_code",
                     help="prompt set: question.jsonl file, folder holding one, or a shipped set "
@@ -459,7 +473,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="tree_spec beam shape, e.g. 4,16,16,16,16")
     g.add_argument("--max-ngram-size", type=int, default=None, help="logitspec / pld / hf_pld (3)")
     g.add_argument("--num-pred-tokens", type=int, default=None, help="logitspec (20), pld and hf_pld (10)")
-    g.add_argument("--draft-tree-capacity", type=int, default=None, help="logitspec (64)")
+    g.add_argument("--draft-tree-capacity", type=_capacity, default=None, help="logitspec (64), or auto (chosen for this device)")
     g.add_argument("--sink-tokens", type=int, default=None, help="magicdec")
     g.add_argument("--window", type=int, default=None, help="magicdec")
     g.add_argument("--hf-assistant-tokens", type=int, default=None,

@@ -197,9 +197,13 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="GLIDE tree nodes per level, e.g. 4,16,16,16,16 (the Python API's default), or auto (the CLI's "
                         "default): the shape with the most expected tokens per second on this device, from the draft's "
                         "measured acceptance and a one-time cost calibration cached per device and model (printed)")
-    p.add_argument("--gamma", type=_gamma_arg, default=None,
+    p.add_argument("--gamma", type=_int_or_auto, default=None,
                    help="draft chain length (speculative, spec, magicdec; default: the decoder's, auto for spec); "
                         "auto: the GLIDE chain length with the most expected tokens per second (spec only)")
+    p.add_argument("--draft-tree-capacity", type=_int_or_auto, default=None, metavar="N|auto",
+                   help="logitspec: draft nodes per round (the Python API's default: 64), or auto (the CLI's default): the "
+                        "capacity with the most expected tokens per second on this device, from the target's measured "
+                        "acceptance and a one-time cost calibration cached per device and model (printed)")
     p.add_argument("--opt", "-O", action="append", default=[], metavar="KEY=VALUE", help="extra decoder keyword argument, e.g. -O num_pred_tokens=20 (repeatable)")
     p.add_argument("--eos", default=None, help="comma-separated EOS ids ('' = never stop; default: the model's)")
     p.add_argument("--sampling", default="rejection", choices=["rejection", "keyed"],
@@ -217,8 +221,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--echo", action="store_true", help="print the prompt (dimmed on a terminal) before the completion; --json: a 'prompt' field")
 
 
-def _gamma_arg(text: str) -> int | str:
-    """--gamma: an int, or 'auto' (the GLIDE chain length with the most expected tokens per second)."""
+def _int_or_auto(text: str) -> int | str:
+    """--gamma / --draft-tree-capacity: an int, or 'auto' (chosen for the most expected tokens per second)."""
     if text.strip().lower() == "auto":
         return "auto"
     try:
@@ -238,6 +242,8 @@ def _check_generate_args(a: argparse.Namespace) -> None:
         raise CLIError(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.gamma is not None and a.gamma != "auto" and a.gamma < 1:
         raise CLIError(f"--gamma must be >= 1, got {a.gamma}")
+    if a.draft_tree_capacity is not None and a.draft_tree_capacity != "auto" and a.draft_tree_capacity < 1:
+        raise CLIError(f"--draft-tree-capacity must be >= 1, got {a.draft_tree_capacity}")
     if a.gamma == "auto" and a.method != "spec":
         raise CLIError(f"--gamma auto applies to --method spec, not {a.method}")
     if a.warmup is not None and a.warmup < 0:
@@ -253,7 +259,7 @@ def _check_generate_args(a: argparse.Namespace) -> None:
     if a.max_context is not None and a.max_context < 2:
         raise CLIError(f"--max-context must be >= 2 positions, got {a.max_context}")
     a.tree_shape = parse_tree_shape(a.tree_shape) if a.tree_shape is not None else None
-    for flag, knob in (("--tree-shape", "tree_shape"), ("--gamma", "gamma")):
+    for flag, knob in (("--tree-shape", "tree_shape"), ("--gamma", "gamma"), ("--draft-tree-capacity", "draft_tree_capacity")):
         if getattr(a, knob) is not None and knob not in METHODS[a.method].options:
             raise CLIError(f"{flag} applies to --method {_or_list(methods_taking(knob))}, not {a.method}")
     # The CLI's default for the GLIDE decoders is the shape that fits this device (the Python API keeps
@@ -263,9 +269,11 @@ def _check_generate_args(a: argparse.Namespace) -> None:
         a.tree_shape = "auto"
     if a.method == "spec" and a.gamma is None and a.tp == 1:
         a.gamma = "auto"
-    if a.tp > 1 and "auto" in (a.tree_shape, a.gamma):
-        raise CLIError("--tree-shape/--gamma auto is not supported with --tp (every rank must run the same shape); "
-                       "give an explicit shape, e.g. --tree-shape 4,16,16,16,16")
+    if a.method == "logitspec" and a.draft_tree_capacity is None and a.tp == 1:
+        a.draft_tree_capacity = "auto"
+    if a.tp > 1 and "auto" in (a.tree_shape, a.gamma, a.draft_tree_capacity):
+        raise CLIError("--tree-shape/--gamma/--draft-tree-capacity auto is not supported with --tp (every rank must run the "
+                       "same shape); give an explicit shape, e.g. --tree-shape 4,16,16,16,16")
     a.opts = dict(_parse_opt(o) for o in a.opt)
 
 
@@ -564,6 +572,7 @@ def _stats(method: str, backend: str, res) -> dict[str, Any]:
         "decode_s": round(float(res.elapsed_time), 4),
         "total_s": round(float(res.elapsed_time) + float(res.prefill_time), 4),
         **({"tree_shape": list(res.tree_shape)} if res.tree_shape else {}),
+        **({"draft_tree_capacity": res.draft_tree_capacity} if res.draft_tree_capacity is not None else {}),
     }
 
 
@@ -634,6 +643,8 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
         kwargs["gamma"] = a.gamma
     if a.tree_shape is not None:
         kwargs["tree_shape"] = a.tree_shape
+    if a.draft_tree_capacity is not None:
+        kwargs["draft_tree_capacity"] = a.draft_tree_capacity
     kwargs.update(a.opts)
     limit, source = min(limits)
     if a.max_context is not None:
@@ -714,6 +725,8 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
         shape = rows[0]["tree_shape"]
         chosen = str(len(shape)) if a.gamma == "auto" else ",".join(map(str, shape))
         stdout.write(f"{what} (auto, chosen for this device): {chosen}\n")
+    if "draft_tree_capacity" in rows[0] and a.draft_tree_capacity == "auto":
+        stdout.write(f"draft tree capacity (auto, chosen for this device): {rows[0]['draft_tree_capacity']}\n")
     if speedup is not None:
         stdout.write(f"speedup over vanilla: {speedup:.2f}x ({backend}, {device}, {dtype_name})\n")
     if color:

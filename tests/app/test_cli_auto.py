@@ -91,3 +91,25 @@ def test_cli_auto_follows_the_cost_curve(capsys, flat_costs):
     rc = main(["generate", "--backend", "ref", "--method", "tree_spec", "-n", "6", "--json", PROMPT])
     obj = json.loads(capsys.readouterr().out)
     assert rc == 0 and 1 + sum(obj["tree_shape"]) > 20, obj["tree_shape"]
+
+
+def test_logitspec_capacity_auto_is_the_cli_default_and_printed(capsys):
+    """LogitSpec: the CLI's default capacity is auto (printed, in --json); under CPU-like costs it is smaller than
+    the API's 64; an explicit capacity runs as given; a bad one or one for another method is one line, exit 2."""
+    rc = main(["generate", "--backend", "ref", "--method", "logitspec", "-n", "8", PROMPT])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    cap = int(_auto_line(out, "draft tree capacity"))
+    assert 1 <= cap < 64
+    rc = main(["generate", "--backend", "ref", "--method", "logitspec", "-n", "8", "--json", PROMPT])
+    obj = json.loads(capsys.readouterr().out)
+    assert rc == 0 and obj["draft_tree_capacity"] == cap
+    rc = main(["generate", "--backend", "ref", "--method", "logitspec", "--draft-tree-capacity", "9", "-n", "8", "--json", PROMPT])
+    obj = json.loads(capsys.readouterr().out)
+    assert rc == 0 and obj["draft_tree_capacity"] == 9
+    for argv, fragment in ((["--method", "logitspec", "--draft-tree-capacity", "0"], "--draft-tree-capacity must be >= 1"),
+                           (["--method", "logitspec", "--draft-tree-capacity", "wide"], "--draft-tree-capacity"),
+                           (["--method", "pld", "--draft-tree-capacity", "8"], "--draft-tree-capacity applies to --method logitspec")):
+        rc = main(["generate", "--backend", "ref", "-n", "4", *argv, PROMPT])
+        err = capsys.readouterr().err
+        assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
