@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
 
@@ -27,13 +28,18 @@ from specdec.shared.tokenizer import encode_prompt, load_tokenizer
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--capacities", nargs="+", type=int, default=[8, 16, 32, 64])
+    ap.add_argument("--capacities", nargs="+", default=["8", "16", "32", "64"],
+                    help="capacities to run (ints >= 1), and/or auto (the capacity draft_tree_capacity='auto' picks)")
     ap.add_argument("--questions", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--backend", choices=["ref", "fast"], default="ref")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if any(c < 1 for c in args.capacities):
+    try:
+        args.capacities = [c if c == "auto" else int(c) for c in args.capacities]
+    except ValueError:
+        ap.error(f"--capacities: ints >= 1 or auto, got {args.capacities}")
+    if any(c != "auto" and c < 1 for c in args.capacities):
         ap.error("--capacities: each must be >= 1")
     if args.backend == "ref":
         from specdec import ref as path
@@ -51,7 +57,12 @@ def main() -> int:
     kw = dict(max_gen_len=args.max_new_tokens, eos_id=[])
     configs = {"vanilla": lambda ids: path.vanilla_generate(target, ids, ids.shape[1], **kw)}
     for cap in args.capacities:
-        configs[f"logitspec {cap}"] = (lambda c: lambda ids: path.logitspec_generate(
+        label = f"logitspec {cap}"
+        if cap == "auto":   # resolved once, before anything is timed (its first call calibrates the device)
+            cap = path.logitspec_generate(target, prompts[0], prompts[0].shape[1], draft_tree_capacity="auto", max_gen_len=2).draft_tree_capacity
+            print(f"auto -> capacity {cap}", file=sys.stderr)
+            label = f"logitspec {cap} (auto)"
+        configs[label] = (lambda c: lambda ids: path.logitspec_generate(
             target, ids, ids.shape[1], draft_tree_capacity=c, **kw))(cap)
     if args.backend == "fast":
         for run in configs.values():
