@@ -54,7 +54,11 @@ def device_capacity_cost(target, cache: bool = True) -> CostModel:
 def resolve_capacity(target, draft_tree_capacity: int | str = "auto", stats: CapacityStats | None = None,
                      cost: CostModel | None = None, cache: bool = True) -> int:
     """Same contract as :func:`specdec.ref.logitspec.resolve_capacity`, with this path's round costs
-    (:func:`device_capacity_cost`) and at most 127 drafts."""
+    (:func:`device_capacity_cost`) and at most 127 drafts. ``"auto"`` is refused on a tensor-parallel target:
+    every rank must verify the same tree size, and sizes chosen from per-process timings could differ."""
+    if tree_search.is_auto("draft_tree_capacity", draft_tree_capacity) and getattr(target, "tp", None) is not None:
+        raise ValueError(f"draft_tree_capacity='auto' is not supported on a tensor-parallel target ({target.tp}): the ranks "
+                         f"could choose different capacities from their own timings; pass an explicit draft_tree_capacity")
     return choose_capacity(draft_tree_capacity, target, stats, cost, lambda: device_capacity_cost(target, cache=cache),
                            max_capacity=MAX_TREE_NODES - 1)
 

@@ -175,6 +175,8 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, keep: list[i
                            out["tree"])
         with pytest.raises(ValueError, match="tree_shape='auto' is not supported on a tensor-parallel target"):
             fast.tree_spec_generate(fm, glides[0], tree_shape="auto", **kw)
+        with pytest.raises(ValueError, match="draft_tree_capacity='auto' is not supported on a tensor-parallel target"):
+            fast.logitspec_generate(fm, draft_tree_capacity="auto", **kw)
         with pytest.raises(ValueError, match=f"rank {rank}'s slice of a 2-way split; the target is not split"):
             fast.glide.as_fast_glide(fg)
         torch.save((out, trees), os.path.join(out_dir, f"rank{rank}.pt"))
