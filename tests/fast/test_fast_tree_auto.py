@@ -73,3 +73,23 @@ def test_fast_cost_measurement_runs_the_decoder(tmp_path, monkeypatch):
     cost = fdec.measure_cost_model(ftarget, glide, reps=1, shapes=[(3,), (1, 1)], max_gen_len=2, prompt_length=8)
     assert [n for n, _ in cost.verify] == [4] and cost.meta["path"] == "fast"
     assert cost.round_time((1, 1)) > 0
+
+
+def test_fast_logitspec_capacity_auto_is_lossless_and_matches_ref(monkeypatch):
+    """LogitSpec with draft_tree_capacity="auto" on the fast path: the capacity both paths choose from the same
+    costs (a steep curve -> a small tree), reported on the result, and vanilla's tokens."""
+    import specdec.fast.logitspec as flog
+    import specdec.ref.logitspec as rlog
+
+    steep = CostModel([(2, 1.0), (5, 1.3), (17, 4.0), (65, 16.0), (128, 32.0)])
+    monkeypatch.setattr(flog, "device_capacity_cost", lambda target, cache=True: steep)
+    monkeypatch.setattr(rlog, "device_capacity_cost", lambda target, cache=True: steep)
+    target, ftarget, _ = _models(seed=3)
+    base = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(4))
+    ids = torch.cat([base, base, base[:3]])[None]
+    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=10, eos_id=[])
+    res = fast.logitspec_generate(ftarget, draft_tree_capacity="auto", **kw)
+    want = ref.logitspec_generate(target, draft_tree_capacity="auto", **kw)
+    assert res.draft_tree_capacity == want.draft_tree_capacity < 16
+    assert torch.equal(res.output_ids, want.output_ids)
+    assert torch.equal(res.output_ids, ref.vanilla_generate(target, **kw).output_ids)
