@@ -56,6 +56,7 @@ streamer (``transformers`` calls ``streamer.put`` once per round with the tokens
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -554,9 +555,13 @@ def _make_runner(method: str, models: _Models, args, eos_ids: list[int], pad_id:
         spec = METHODS[method]
         extra = models.get(spec.needs) if spec.needs else None
         opts = _method_options(method, args)
+        if opts.get("draft_tree_capacity") == "auto":   # resolved once (calibrating on first use): every turn runs it
+            opts["draft_tree_capacity"] = importlib.import_module(models.lib.__name__ + ".logitspec").resolve_capacity(
+                models.get("target"), "auto")
         runner = SpecdecRunner(method, models.lib, models.get("target"), extra, opts, sampling, eos_ids, models.device,
                                mode=args.sampling)
         meta = {"function": spec.function, "backend": models.backend, "options": _effective_options(runner.fn, opts),
+                **({"auto": ["draft_tree_capacity"]} if getattr(args, "draft_tree_capacity", None) == "auto" and "draft_tree_capacity" in opts else {}),
                 "draft": models.draft_path if spec.needs == "draft" else None,
                 "glide": models.glide_path if spec.needs == "glide" else None}
         return runner, meta

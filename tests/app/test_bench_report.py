@@ -225,3 +225,19 @@ def test_bench_and_report_end_to_end_embedded_cpu(tmp_path, capsys):
     assert bench.bench_main(["--bench", qfile, "--methods", "vanilla", "--backend", "ref",
                              "--min-prompt-tokens", "100000", "--out-dir", str(tmp_path / "none"), "--no-progress"]) == 2
     assert "no question left" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _embedded("default"), reason="the embedded default model is not shipped in shared/assets/default yet")
+def test_bench_logitspec_capacity_auto_is_resolved_once_and_recorded(tmp_path, fixed_cost_model):
+    """--draft-tree-capacity auto: chosen once before the turns (from the fixed, CPU-like cost curve of
+    tests/app/conftest.py: a small tree), recorded as the concrete capacity with an 'auto' marker; lossless."""
+    short = min(bench.load_questions("stdlib_code"), key=lambda q: q["prompt_tokens"])
+    qfile, out = _write(tmp_path / "q.jsonl", [short]), tmp_path / "out"
+    assert bench.bench_main(["--bench", qfile, "--methods", "logitspec", "--backend", "ref", "--draft-tree-capacity", "auto",
+                             "--max-new-tokens", "6", "--out-dir", str(out), "--no-progress"]) == 0
+    rec = report.load_answers(str(out / "logitspec.jsonl"))[0]
+    cap = rec["meta"]["options"]["draft_tree_capacity"]
+    assert isinstance(cap, int) and 1 <= cap < 64 and rec["meta"]["auto"] == ["draft_tree_capacity"]
+    assert rec["choices"][0]["output_ids"] == report.load_answers(str(out / "vanilla.jsonl"))[0]["choices"][0]["output_ids"]
+    with pytest.raises(SystemExit):
+        bench.bench_main(["--bench", qfile, "--methods", "logitspec", "--draft-tree-capacity", "wide", "--out-dir", str(out)])
