@@ -49,8 +49,9 @@ def pld_generate(
     identical to it, sampling has the same distribution.
     """
     check_ngram_args(max_ngram_size, num_pred_tokens)
-    # One drafter (its own n-gram pool) per row; every row's chain is padded to num_pred_tokens + 1
-    # nodes with masked dummy nodes, so each round verifies one fixed shape.
+    # One drafter (its own n-gram pool) per row; a round verifies the rows' chains padded only to the
+    # round's longest (a round whose lookups all miss verifies the roots alone). The fast path pads every
+    # round to num_pred_tokens + 1 for its fixed-shape CUDA graphs; the tokens are the same.
     return run_speculative(target, lambda: PromptLookupDrafter(max_ngram_size, num_pred_tokens), input_ids, prompt_length,
                            max_gen_len, eos_id, temperature, top_k, top_p, generator, method="prompt lookup decoding",
-                           sampling=sampling, seed=seed, tree_size=num_pred_tokens + 1)
+                           sampling=sampling, seed=seed)
