@@ -39,8 +39,10 @@ __all__ = ["magicdec_generate"]
 
 class FastMagicDecDrafter(FastDrafter):
     fuse_rounds: bool = False
-    """Offer :meth:`fused_round` to the engine. Off by default until the fused round's speed and its
-    CUDA-graph capture are measured on a GPU (tests turn it on; without CUDA its body runs eagerly)."""
+    """Offer :meth:`fused_round` to the engine. Off by default: measured on an H100 the fused round was
+    slower than the stepwise one (0.70x vs 0.89x vanilla at B = 1, ``scripts/probes/fused_chain_rounds.py``).
+    Tests turn it on; without CUDA its body runs
+    eagerly."""
 
     def __init__(self, target: FastModel, gamma: int, sink_tokens: int, window: int):
         self.gamma, self.sink_tokens, self.window = gamma, sink_tokens, window

@@ -55,13 +55,14 @@ def main(argv=None) -> None:
             return fast.vanilla_generate(target, **kw)
         method, how = mode.split("-")
         cls = FastDraftModelDrafter if method == "speculative" else FastMagicDecDrafter
+        default = cls.fuse_rounds
         cls.fuse_rounds = how == "fused"
         try:
             if method == "speculative":
                 return fast.speculative_generate(target, draft, gamma=a.gamma, **kw)
             return fast.magicdec_generate(target, **kw)
         finally:
-            cls.fuse_rounds = False
+            cls.fuse_rounds = default
 
     modes = ["vanilla", "speculative-unfused", "speculative-fused", "magicdec-unfused", "magicdec-fused"]
     for mode in modes:                       # warm-up: kernels, graphs (the fused ones per shape)

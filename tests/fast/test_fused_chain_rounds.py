@@ -87,10 +87,12 @@ def test_fused_round_full_acceptance_and_eos(monkeypatch):
     assert torch.equal(fast.speculative_generate(ft, ft, gamma=3, **kw_eos).output_ids, want)
 
 
-def test_fused_rounds_are_off_by_default():
-    """Until measured on a GPU the engine runs the unfused rounds (the flag is the only switch)."""
-    assert FastDraftModelDrafter.fuse_rounds is False and FastMagicDecDrafter.fuse_rounds is False
+def test_fused_round_defaults_follow_the_gpu_measurement(monkeypatch):
+    """The draft-model chain fuses by default (faster on the GPU), MagicDec does not (slower there); the
+    flag is the only switch: off, no fused round is offered."""
+    assert FastDraftModelDrafter.fuse_rounds is True and FastMagicDecDrafter.fuse_rounds is False
     ft = fast.as_fast_model(_model("llama", 4))
+    monkeypatch.setattr(FastDraftModelDrafter, "fuse_rounds", False)
     assert FastDraftModelDrafter(ft, 3, 64).fused_round(None, 4) is None
     assert FastMagicDecDrafter(ft, 3, 2, 6).fused_round(None, 4) is None
 
