@@ -228,6 +228,36 @@ def test_bench_and_report_end_to_end_embedded_cpu(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not _embedded("default"), reason="the embedded default model is not shipped in shared/assets/default yet")
+def test_bench_prompt_warmup_prefills_every_first_turn_before_any_timed_call(tmp_path, monkeypatch):
+    """With a warm-up, every question's first-turn prompt is run once (one new token) before the first
+    method's warm-up and timed turns, so no method pays per-length setup alone; --warmup 0 skips it."""
+    calls = []
+    real = bench.SpecdecRunner.generate
+
+    def spy(self, prompt_ids, max_new_tokens, seed):
+        calls.append((self.method, list(prompt_ids), max_new_tokens))
+        return real(self, prompt_ids, max_new_tokens, seed)
+
+    monkeypatch.setattr(bench.SpecdecRunner, "generate", spy)
+    qs = sorted(bench.load_questions("stdlib_code"), key=lambda q: q["prompt_tokens"])[:2]
+    qs.append({"question_id": 99, "category": "chat", "turns": ["def add(a, b):", "\ndef mul(a, b):"]})
+    qfile = _write(tmp_path / "q.jsonl", qs)
+    args = ["--bench", qfile, "--methods", "pld", "--backend", "ref", "--max-new-tokens", "4", "--no-progress"]
+    assert bench.bench_main(args + ["--out-dir", str(tmp_path / "a")]) == 0
+    from specdec.shared.tokenizer import encode_prompt, load_tokenizer
+
+    tok = load_tokenizer("default")
+    firsts = [encode_prompt(tok, bench.conversation_prompt(tok, q["turns"], [], None)) for q in qs]
+    assert calls[:3] == [("vanilla", ids, 1) for ids in firsts]
+    assert all(n > 1 or m != "vanilla" or ids not in firsts for m, ids, n in calls[3:])   # never again
+    timed = report.load_answers(str(tmp_path / "a" / "pld.jsonl"))
+    assert timed[0]["choices"][0]["output_ids"] == report.load_answers(str(tmp_path / "a" / "vanilla.jsonl"))[0]["choices"][0]["output_ids"]
+    calls.clear()
+    assert bench.bench_main(args + ["--out-dir", str(tmp_path / "b"), "--warmup", "0"]) == 0
+    assert all(n == 4 for _, _, n in calls) and len(calls) == 2 * 4   # vanilla + pld: 2 + 2 turns each, timed only
+
+
+@pytest.mark.skipif(not _embedded("default"), reason="the embedded default model is not shipped in shared/assets/default yet")
 def test_bench_logitspec_capacity_auto_is_resolved_once_and_recorded(tmp_path, fixed_cost_model):
     """--draft-tree-capacity auto: chosen once before the turns (from the fixed, CPU-like cost curve of
     tests/app/conftest.py: a small tree), recorded as the concrete capacity with an 'auto' marker; lossless."""
