@@ -89,8 +89,8 @@ class FastMagicDecDrafter(FastDrafter):
         acceptance and KV compaction -- as ONE function of device tensors (:meth:`_body`): the same drafts
         as :meth:`propose` (the same rows gathered, the same one-token steps at the same positions) and the
         engine's :func:`~specdec.fast.engine.verify_and_accept`. A CUDA graph once the view holds its full
-        ``sink_tokens + window`` rows (one shape from then on); before that (a short prompt) the same body
-        runs eagerly. The last rounds replay the full chain with acceptance limited to the first ``d``
+        ``sink_tokens + window`` rows (one shape from then on); before that (a short prompt) None: the
+        stepwise round. The last rounds replay the full chain with acceptance limited to the first ``d``
         drafts. None when fusing is off, the size is not ``gamma + 1`` or the target is split over ranks."""
         if not (self.fuse_rounds and tree_size == self.gamma + 1 and state.target.tp is None):
             return None
@@ -100,16 +100,18 @@ class FastMagicDecDrafter(FastDrafter):
             raise ValueError(f"KV cache overflow: {L} + {tree_size} rows > capacity {main.capacity}")
         rows = streaming_rows(L, self.sink_tokens, self.window)
         s = rows.numel()
+        if s < self.sink_tokens + self.window:
+            # the view still grows (a prompt shorter than it): a new shape every round, so no graph to replay --
+            # the stepwise round (its one-token steps are graphs) instead of this body run eagerly (on an H100 the
+            # eager body ran such prompts at 85-456 tok/s against 750-1870 stepwise; BENCHMARKS "Session 17")
+            return None
         d = min(self.gamma, state.max_drafts)
         pack = torch.cat([torch.tensor([L, d, state.tokens[-1]], dtype=torch.long), rows])
-        if s < self.sink_tokens + self.window:     # the view still grows: a new shape each round, run eagerly
-            packed, logits, _ = self._make_body(main, s)(pack.to(fm.device))
-        else:
-            key = (id(main), "fused-magicdec-round", s, self.gamma)
-            use_graphs = fm.use_graphs and fm.rope_table is not None
-            round_ = StaticRound.get(fm.graphs, key, (self.scratch, fm.rope_table), lambda: self._make_body(main, s), (pack,),
-                                     fm.device, use_graphs, lambda: main.restored_tree_rows(self.gamma + 1))
-            packed, logits, _ = round_.run(pack)
+        key = (id(main), "fused-magicdec-round", s, self.gamma)
+        use_graphs = fm.use_graphs and fm.rope_table is not None
+        round_ = StaticRound.get(fm.graphs, key, (self.scratch, fm.rope_table), lambda: self._make_body(main, s), (pack,),
+                                 fm.device, use_graphs, lambda: main.restored_tree_rows(self.gamma + 1))
+        packed, logits, _ = round_.run(pack)
         return FusedRound(packed, logits, 1 + d)
 
     def _make_body(self, main: StaticKVCache, s: int):

@@ -62,7 +62,9 @@ def test_fused_round_equals_unfused_reference_and_vanilla(family, prompt, gamma,
     unfused = fast.speculative_generate(ft, fd, gamma=gamma, **kw)
     calls = _count_bodies(monkeypatch)
     fused = fast.speculative_generate(ft, fd, gamma=gamma, **kw)
-    assert calls["propose"] == 0 and calls["body"] == fused.num - 1    # every round after the first token fused
+    growing = sum(1 for n in _round_lengths(ids.shape[1], unfused.accept_lengths) if n < 2 + 6)
+    assert calls["propose"] == growing and calls["body"] == fused.num - 1 - growing
+    assert calls["body"] > 0 and (growing > 0) == (ids.shape[1] < 8)    # every round after the first token fused
     assert torch.equal(want.output_ids, vanilla) and torch.equal(unfused.output_ids, vanilla)
     assert torch.equal(fused.output_ids, vanilla)
     assert fused.accept_lengths == unfused.accept_lengths == want.accept_lengths   # the same drafts, round by round
@@ -97,10 +99,19 @@ def test_fused_round_defaults_follow_the_gpu_measurement(monkeypatch):
     assert FastMagicDecDrafter(ft, 3, 2, 6).fused_round(None, 4) is None
 
 
+def _round_lengths(prompt_len: int, accept_lengths: list[int]) -> list[int]:
+    """The verified length L at the start of each round (the first accept length is the prefill's token)."""
+    out, L = [], prompt_len
+    for a in accept_lengths[1:]:
+        out.append(L)
+        L += a
+    return out
+
+
 @pytest.mark.parametrize("prompt,max_gen_len", [(REPETITIVE, 12), (REPETITIVE[:2], 10)], ids=["view-full", "view-growing"])
 def test_fused_magicdec_round_equals_unfused_reference_and_vanilla(prompt, max_gen_len, monkeypatch):
-    """sink 2 + window 6: a 17-token prompt has a full view from the first round (one shape); a 2-token one
-    grows its view round by round (eager) before it fills."""
+    """sink 2 + window 6: a 17-token prompt has a full view from the first round (one shape, every round
+    fused); a 2-token one grows its view round by round, those rounds stepwise, then fuses once it fills."""
     target = _model("llama", 5)
     ft = fast.as_fast_model(target)
     ids = torch.tensor([prompt])
@@ -115,7 +126,9 @@ def test_fused_magicdec_round_equals_unfused_reference_and_vanilla(prompt, max_g
     monkeypatch.setattr(FastMagicDecDrafter, "propose", lambda self, *a: (calls.__setitem__("propose", calls["propose"] + 1),
                                                                         propose(self, *a))[1])
     fused = fast.magicdec_generate(ft, **kw)
-    assert calls["propose"] == 0 and calls["body"] == fused.num - 1
+    growing = sum(1 for n in _round_lengths(ids.shape[1], unfused.accept_lengths) if n < 2 + 6)
+    assert calls["propose"] == growing and calls["body"] == fused.num - 1 - growing
+    assert calls["body"] > 0 and (growing > 0) == (ids.shape[1] < 8)
     assert torch.equal(want.output_ids, vanilla) and torch.equal(unfused.output_ids, vanilla)
     assert torch.equal(fused.output_ids, vanilla)
     assert fused.accept_lengths == unfused.accept_lengths == want.accept_lengths
