@@ -2,8 +2,8 @@
 every draft step (M = 1) and every verification (M = gamma + 1) is a CUDA-graph replay, and greedy
 drafts stay on the device until the round's single synchronisation.
 
-Greedy rounds run fused by default (:attr:`FastDraftModelDrafter.fuse_rounds`; measured on an H100: 1.22x
-vanilla fused vs 0.50x unfused, BENCHMARKS "Session 17"):
+Greedy rounds run fused by default (:attr:`FastDraftModelDrafter.fuse_rounds`; measured on an H100 in steady
+state: 1.35x vanilla fused vs 1.09x unfused, BENCHMARKS "Session 17"):
 the draft's catch-up, its ``gamma`` steps, the target's verification and the device-side acceptance + KV
 compaction as ONE function of device tensors (:meth:`FastDraftModelDrafter.fused_round`), captured as one
 CUDA graph per catch-up length -- one host-to-device copy, one replay and one read-back per round.
@@ -38,8 +38,8 @@ class FastDraftModelDrafter(FastDrafter):
 
     fuse_rounds: bool = True
     """Offer :meth:`fused_round` to the engine (greedy rounds of a full chain, no tensor parallelism). On by
-    default: on an H100 the fused rounds ran 1.22x vanilla where the unfused ones ran 0.50x
-    (``scripts/probes/fused_chain_rounds.py``). Without CUDA the body runs eagerly. ``False`` restores the
+    default: on an H100 in steady state the fused rounds ran 1.35x vanilla where the unfused ones ran 1.09x,
+    faster on every prompt (``scripts/probes/fused_chain_rounds.py``). Without CUDA the body runs eagerly. ``False`` restores the
     stepwise rounds (``propose`` + the engine's verification)."""
 
     def __init__(self, draft: FastModel, gamma: int, capacity: int, name: str = "draft") -> None:
