@@ -39,8 +39,8 @@ class FastDraftModelDrafter(FastDrafter):
     fuse_rounds: bool = True
     """Offer :meth:`fused_round` to the engine (greedy rounds of a full chain, no tensor parallelism). On by
     default: on an H100 in steady state the fused rounds ran 1.35x vanilla where the unfused ones ran 1.09x,
-    faster on every prompt (``scripts/probes/fused_chain_rounds.py``). Without CUDA the body runs eagerly. ``False`` restores the
-    stepwise rounds (``propose`` + the engine's verification)."""
+    faster on every prompt (``scripts/probes/fused_chain_rounds.py``). Without CUDA the body runs eagerly.
+    ``False`` restores the stepwise rounds (``propose`` + the engine's verification)."""
 
     def __init__(self, draft: FastModel, gamma: int, capacity: int, name: str = "draft") -> None:
         self.model = draft

@@ -27,6 +27,7 @@ with the largest ``E(c) / t(c)``; ties go to the smaller tree.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from dataclasses import dataclass, field
@@ -55,15 +56,7 @@ CALIBRATION_CAPACITIES: tuple[int, ...] = (1, 4, 16, 64, 127)
 def accepted_by_capacity(insertion_ids: Sequence[int], capacities: Sequence[int]) -> list[int]:
     """Drafts a round would have accepted at each capacity: ``insertion_ids`` are the accepted drafts'
     insertion indices along the path (root excluded, increasing), so capacity ``c`` keeps those ``<= c``."""
-    out = []
-    for c in capacities:
-        n = 0
-        for i in insertion_ids:
-            if i > c:
-                break
-            n += 1
-        out.append(n)
-    return out
+    return [bisect.bisect_right(insertion_ids, c) for c in capacities]
 
 
 @dataclass(frozen=True)

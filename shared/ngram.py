@@ -141,9 +141,10 @@ class Trie:
             head += 1
         return order
 
-    def bfs(self) -> tuple[list[int], list[int]]:
-        """(tokens, parents) re-numbered breadth-first: parents first, levels contiguous, sibling order kept."""
-        order = self.bfs_order()
+    def bfs(self, order: list[int] | None = None) -> tuple[list[int], list[int]]:
+        """(tokens, parents) re-numbered breadth-first: parents first, levels contiguous, sibling order kept.
+        ``order``: :meth:`bfs_order` when the caller has it already (it is not computed twice)."""
+        order = self.bfs_order() if order is None else order
         new_index = {old: j for j, old in enumerate(order)}
         tokens = [self.tokens[i] for i in order]
         parents = [-1] + [new_index[self.parents[i]] for i in order[1:]]

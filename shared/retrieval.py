@@ -93,6 +93,6 @@ class LogitSpecDrafter:
                 keep = min(guess_branch_length(rank), depth)
                 branch = [g] + (self.pool.lookup(suffix + [g], limit=keep - 1) if keep > 1 else [])
                 trie.insert(branch, max_new_nodes=capacity - trie.num_drafts)
-        node_tokens, parents = trie.bfs()
         self.insertion_ids = trie.bfs_order()
+        node_tokens, parents = trie.bfs(self.insertion_ids)
         return Draft(tokens=torch.tensor(node_tokens, dtype=torch.long), tree=Tree.from_parents(parents))

@@ -671,9 +671,10 @@ def run_bench(args) -> dict[str, str]:
     target = models.get("target")
     eos_ids = list(target.config.eos_token_ids) or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
     ctx = target.config.max_position_embeddings
-    kept, short, too_long = [], 0, 0
+    kept, first_ids, short, too_long = [], [], 0, 0   # first_ids[i]: kept question i's first-turn prompt
     for q in questions:
-        n = len(encode_prompt(tok, conversation_prompt(tok, q["turns"], [], args.family)))
+        ids = encode_prompt(tok, conversation_prompt(tok, q["turns"], [], args.family))
+        n = len(ids)
         if n < args.min_prompt_tokens:
             short += 1
         elif n + args.max_new_tokens > ctx:
@@ -681,6 +682,7 @@ def run_bench(args) -> dict[str, str]:
             _log(f"[bench] skipping question {q['question_id']}: {_too_long(n, args.max_new_tokens, ctx, args.max_context)}")
         else:
             kept.append(q)
+            first_ids.append(ids)
     if short or too_long:
         _log(f"[bench] kept {len(kept)}/{len(questions)} questions: {short} shorter than --min-prompt-tokens "
              f"{args.min_prompt_tokens}, {too_long} longer than the context ({ctx} positions"
@@ -701,13 +703,13 @@ def run_bench(args) -> dict[str, str]:
         pass
 
     # longest prompt the run can see (turn k also holds the earlier answers), for the warm-up
-    longest = max(questions, key=lambda q: len(encode_prompt(tok, conversation_prompt(tok, q["turns"], [], args.family))))
-    longest_ids = encode_prompt(tok, conversation_prompt(tok, longest["turns"], [], args.family))
+    i_longest = max(range(len(questions)), key=lambda i: len(first_ids[i]))
+    longest, longest_ids = questions[i_longest], first_ids[i_longest]
     extra_turns = sum(len(tok(t)["input_ids"]) + args.max_new_tokens + 32 for t in longest["turns"][1:])
     warm_len = min(len(longest_ids) + extra_turns, ctx - args.max_new_tokens)
 
     if args.warmup:
-        _warm_prompts(models, args, tok, questions, eos_ids, ctx)
+        _warm_prompts(models, args, tok, first_ids, eos_ids)
 
     paths, failed, nothing, skipped = {}, [], [], {}
     for method in methods:
@@ -758,25 +760,21 @@ def _too_long(n: int, max_new: int, ctx: int, max_context: int | None, turn: int
     return f"{what} is {n} tokens + --max-new-tokens {max_new} = {n + max_new} > the context of {ctx} positions{hint}"
 
 
-def _warm_prompts(models, args, tok, questions, eos_ids, ctx) -> int:
-    """The prompt warm-up (untimed): prefill every question's first-turn prompt once, with one new token, on
-    the target through specdec's vanilla decoder; returns how many prompts it ran.
+def _warm_prompts(models, args, tok, prompts: list[list[int]], eos_ids) -> int:
+    """The prompt warm-up (untimed): prefill every question's first-turn prompt (``prompts``, each known to
+    fit the context) once, with one new token, on the target through specdec's vanilla decoder; returns how
+    many prompts it ran.
 
     Setup that depends on the prompt's length -- on CUDA the cuDNN attention plans of the prefill's blocks,
     Triton's specialisations of length arguments -- is otherwise paid inside the timed call of the first
     method that meets each length, i.e. by vanilla alone, which then looks slower than it is (BENCHMARKS
     "Session 17"). Later turns' prompts hold the answers, so only the first turns are known before the run."""
-    from specdec.shared.tokenizer import encode_prompt
-
     runner, _ = _make_runner("vanilla", models, args, eos_ids, tok.pad_token_id)
-    t0, n = time.perf_counter(), 0
-    for q in questions:
-        ids = encode_prompt(tok, conversation_prompt(tok, q["turns"], [], args.family))
-        if ctx is None or len(ids) + 1 <= ctx:
-            runner.generate(ids, 1, args.seed)
-            n += 1
-    _log(f"[bench] prompt warm-up: {n} first-turn prompt(s) prefilled once, untimed ({time.perf_counter() - t0:.1f}s)")
-    return n
+    t0 = time.perf_counter()
+    for ids in prompts:
+        runner.generate(ids, 1, args.seed)
+    _log(f"[bench] prompt warm-up: {len(prompts)} first-turn prompt(s) prefilled once, untimed ({time.perf_counter() - t0:.1f}s)")
+    return len(prompts)
 
 
 def _run_method(method, models, args, tok, questions, eos_ids, model_id, common, longest_ids, warm_len, ctx) -> str:
