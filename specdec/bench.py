@@ -3,12 +3,13 @@
 What it does, per method (``--methods``, vanilla included by default)::
 
     load target (+ draft model / GLIDE draft when the method needs one)
-    prompt warm-up, once before any method (untimed; --warmup 0 skips it): every question's first-turn
-        prompt prefilled with one new token, so that the per-prompt-length setup (cuDNN attention plans,
-        kernel specialisations) is paid by none of the methods -- without it the FIRST method timed
-        (vanilla) pays it alone on every new length and looks slower than it is
-    warm up per method (untimed): one short generation, then one at the longest prompt the run will see,
-        so that caches, CUDA graphs and Triton kernels are built before the clock starts
+    warm up per method (untimed; --warmup 0 skips it): one short generation, then one at the longest
+        prompt the run will see, so that caches, CUDA graphs and Triton kernels are built before the clock
+        starts; then the method on every question's first-turn prompt with a few new tokens, so that the
+        per-prompt-length setup of EVERY model the method runs (cuDNN attention plans of the target's and a
+        draft model's prefills, kernel specialisations) is paid before timing -- without it the first
+        method timed paid the target's alone (vanilla looked 2x slower) and a draft model's prefill paid
+        its own inside the first round (the draft-model chain looked 2x slower; BENCHMARKS "Session 18")
     for each question of the prompt set (tqdm progress bar):
         for each turn: prompt = the conversation so far (turn k sees the model's own answers to
             turns < k), encoded once; synchronize; t0; generate; synchronize; wall = now - t0
@@ -708,14 +709,12 @@ def run_bench(args) -> dict[str, str]:
     extra_turns = sum(len(tok(t)["input_ids"]) + args.max_new_tokens + 32 for t in longest["turns"][1:])
     warm_len = min(len(longest_ids) + extra_turns, ctx - args.max_new_tokens)
 
-    if args.warmup:
-        _warm_prompts(models, args, tok, first_ids, eos_ids)
 
     paths, failed, nothing, skipped = {}, [], [], {}
     for method in methods:
         try:
             paths[method], skipped[method] = _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
-                                                         longest_ids, warm_len, ctx)
+                                                         longest_ids, warm_len, ctx, first_ids)
         except _NothingRan as e:  # every question skipped (reasons logged one per line): no answer file
             if len(methods) == 1:
                 raise
@@ -760,41 +759,44 @@ def _too_long(n: int, max_new: int, ctx: int, max_context: int | None, turn: int
     return f"{what} is {n} tokens + --max-new-tokens {max_new} = {n + max_new} > the context of {ctx} positions{hint}"
 
 
-def _warm_prompts(models, args, tok, prompts: list[list[int]], eos_ids) -> int:
-    """The prompt warm-up (untimed): prefill every question's first-turn prompt (``prompts``, each known to
-    fit the context) once, with one new token, on the target through specdec's vanilla decoder; returns how
-    many prompts it ran.
+PROMPT_WARMUP_TOKENS = 8
+"""New tokens per first-turn prompt in a method's prompt warm-up: enough for a speculative method's first
+rounds, which prefill its draft model on the prompt (the target's prefill alone is one token)."""
 
-    Setup that depends on the prompt's length -- on CUDA the cuDNN attention plans of the prefill's blocks,
-    Triton's specialisations of length arguments -- is otherwise paid inside the timed call of the first
-    method that meets each length, i.e. by vanilla alone, which then looks slower than it is (BENCHMARKS
-    "Session 17"). Later turns' prompts hold the answers, so only the first turns are known before the run."""
-    runner, _ = _make_runner("vanilla", models, args, eos_ids, tok.pad_token_id)
-    t0 = time.perf_counter()
+
+def _warm_prompts(runner, prompts: list[list[int]], args) -> None:
+    """A method's prompt warm-up (untimed): ``runner`` on every question's first-turn prompt (``prompts``, each
+    known to fit the context) with :data:`PROMPT_WARMUP_TOKENS` new tokens (fewer if --max-new-tokens is smaller).
+
+    Setup that depends on the prompt's length -- on CUDA the cuDNN attention plans of a prefill's blocks,
+    Triton's specialisations of length arguments -- is per model and per length, and otherwise paid inside a
+    timed call: by the first method that meets a length for the target (vanilla looked 2x slower on an H100,
+    BENCHMARKS "Session 17"), and inside the first round for a draft model's own prefill of the prompt (the
+    draft-model chain looked 2x slower, "Session 18"). Later turns' prompts hold the answers, so only the first
+    turns are known before the run."""
+    n_new = min(PROMPT_WARMUP_TOKENS, args.max_new_tokens)
     for ids in prompts:
-        runner.generate(ids, 1, args.seed)
-    _log(f"[bench] prompt warm-up: {len(prompts)} first-turn prompt(s) prefilled once, untimed ({time.perf_counter() - t0:.1f}s)")
-    return len(prompts)
+        runner.generate(ids, n_new, args.seed)
 
 
-def _run_method(method, models, args, tok, questions, eos_ids, model_id, common, longest_ids, warm_len, ctx) -> str:
-    from specdec.shared.tokenizer import encode_prompt
-
+def _run_method(method, models, args, tok, questions, eos_ids, model_id, common, longest_ids, warm_len, ctx,
+                first_ids: list[list[int]]) -> str:
     runner, meta = _make_runner(method, models, args, eos_ids, tok.pad_token_id)
     meta = {"method": method, **meta, **common}
     t_warm = time.perf_counter()
     if args.warmup:
         _log(f"[bench] {method} ({meta['backend']}): warming up (untimed, {args.warmup} round(s), prompts up to {warm_len} tokens) ...")
     for _ in range(args.warmup):
-        first_ids = encode_prompt(tok, conversation_prompt(tok, questions[0]["turns"], [], args.family))
-        runner.generate(first_ids, min(args.max_new_tokens, 32), args.seed)
-        if warm_len > len(first_ids):
+        runner.generate(first_ids[0], min(args.max_new_tokens, 32), args.seed)
+        if warm_len > len(first_ids[0]):
             # size the caches (and capture their CUDA graphs) for the longest prompt the run will see: a prompt
             # of warm_len + max_new - 16 tokens and 16 new ones needs the same capacity at a fraction of the cost
             n_new = min(16, args.max_new_tokens)
             n = min(warm_len + args.max_new_tokens - n_new, ctx - n_new)
             ids = (longest_ids * (-(-n // len(longest_ids))))[:n]
             runner.generate(ids, n_new, args.seed)
+    if args.warmup:
+        _warm_prompts(runner, first_ids, args)
     _log(f"[bench] {method} ({meta['backend']}): warm-up {time.perf_counter() - t_warm:.1f}s")
     path = os.path.join(args.out_dir, f"{method}.jsonl")
     from tqdm import tqdm

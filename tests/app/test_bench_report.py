@@ -228,33 +228,46 @@ def test_bench_and_report_end_to_end_embedded_cpu(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not _embedded("default"), reason="the embedded default model is not shipped in shared/assets/default yet")
-def test_bench_prompt_warmup_prefills_every_first_turn_before_any_timed_call(tmp_path, monkeypatch):
-    """With a warm-up, every question's first-turn prompt is run once (one new token) before the first
-    method's warm-up and timed turns, so no method pays per-length setup alone; --warmup 0 skips it."""
+def test_bench_prompt_warmup_runs_every_method_on_every_first_turn_before_timing(tmp_path, monkeypatch):
+    """With a warm-up, each method runs on every question's first-turn prompt (PROMPT_WARMUP_TOKENS new tokens)
+    before its first timed turn, so neither the target's nor a draft model's per-length setup is timed;
+    --warmup 0 skips every warm-up call."""
     calls = []
-    real = bench.SpecdecRunner.generate
+    real, real_question = bench.SpecdecRunner.generate, bench._run_question
 
     def spy(self, prompt_ids, max_new_tokens, seed):
         calls.append((self.method, list(prompt_ids), max_new_tokens))
         return real(self, prompt_ids, max_new_tokens, seed)
 
+    def timed(runner, *a, **k):
+        calls.append(("timed", runner.method, None))
+        return real_question(runner, *a, **k)
+
     monkeypatch.setattr(bench.SpecdecRunner, "generate", spy)
+    monkeypatch.setattr(bench, "_run_question", timed)
     qs = sorted(bench.load_questions("stdlib_code"), key=lambda q: q["prompt_tokens"])[:2]
     qs.append({"question_id": 99, "category": "chat", "turns": ["def add(a, b):", "\ndef mul(a, b):"]})
     qfile = _write(tmp_path / "q.jsonl", qs)
-    args = ["--bench", qfile, "--methods", "pld", "--backend", "ref", "--max-new-tokens", "4", "--no-progress"]
+    n_new, n_warm = 12, bench.PROMPT_WARMUP_TOKENS
+    assert n_warm < n_new
+    args = ["--bench", qfile, "--methods", "speculative", "--backend", "ref", "--max-new-tokens", str(n_new), "--no-progress"]
     assert bench.bench_main(args + ["--out-dir", str(tmp_path / "a")]) == 0
     from specdec.shared.tokenizer import encode_prompt, load_tokenizer
 
     tok = load_tokenizer("default")
     firsts = [encode_prompt(tok, bench.conversation_prompt(tok, q["turns"], [], None)) for q in qs]
-    assert calls[:3] == [("vanilla", ids, 1) for ids in firsts]
-    assert all(n > 1 or m != "vanilla" or ids not in firsts for m, ids, n in calls[3:])   # never again
-    timed = report.load_answers(str(tmp_path / "a" / "pld.jsonl"))
-    assert timed[0]["choices"][0]["output_ids"] == report.load_answers(str(tmp_path / "a" / "vanilla.jsonl"))[0]["choices"][0]["output_ids"]
+    for method in ("vanilla", "speculative"):
+        mine = [c for c in calls if c[1 if c[0] == "timed" else 0] == method]
+        first_timed = mine.index(("timed", method, None))
+        warm = [(ids, n) for m, ids, n in mine[:first_timed]]
+        assert all((ids, n_warm) in warm for ids in firsts), method
+        assert not any(n == n_warm for m, ids, n in mine[first_timed:] if m != "timed"), method   # never timed
+    timed_out = report.load_answers(str(tmp_path / "a" / "speculative.jsonl"))
+    assert timed_out[0]["choices"][0]["output_ids"] == report.load_answers(str(tmp_path / "a" / "vanilla.jsonl"))[0]["choices"][0]["output_ids"]
     calls.clear()
     assert bench.bench_main(args + ["--out-dir", str(tmp_path / "b"), "--warmup", "0"]) == 0
-    assert all(n == 4 for _, _, n in calls) and len(calls) == 2 * 4   # vanilla + pld: 2 + 2 turns each, timed only
+    generated = [n for m, _, n in calls if m != "timed"]
+    assert generated == [n_new] * (2 * 4)   # vanilla + speculative: 2 + 2 turns each, timed only
 
 
 @pytest.mark.skipif(not _embedded("default"), reason="the embedded default model is not shipped in shared/assets/default yet")
