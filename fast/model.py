@@ -539,30 +539,16 @@ def power_of_two_blocks(length: int) -> list[tuple[int, int]]:
     return blocks
 
 
-def merge_attention_into(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Fold one more disjoint key block into a running softmax-attention result, in place.
-
-    ``acc`` [..., n, D] fp32 and ``acc_lse`` [..., n] fp32 hold attention normalised over the keys folded so
-    far and their natural log-sum-exp; ``out`` [..., n, D] (any float dtype) and ``lse`` [..., n] are the new
-    block's. Afterwards ``acc`` is normalised over both key sets and ``acc_lse`` is their joint log-sum-exp:
-    ``acc = exp(acc_lse - L) acc + exp(lse - L) out`` with ``L = logaddexp(acc_lse, lse)`` -- the rule of
-    :func:`specdec.ref.attention.merge_attention`, which it must match (every block here has at least one
-    visible key per row, so no -inf case arises). No temporary of ``acc``'s size is made."""
-    joint = torch.logaddexp(acc_lse, lse)
-    acc.mul_(torch.exp(acc_lse - joint).unsqueeze(-1))
-    acc.addcmul_(out, torch.exp(lse - joint).unsqueeze(-1))
-    acc_lse.copy_(joint)
-
-
 def _prefill_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend) -> torch.Tensor:
     """:func:`_prefill_attention` (same shapes and meaning) as few fixed-shape calls merged by log-sum-exp.
 
     The chunk's n queries see (1) its own n keys ``[p0, T)`` -- a square block, plain causal (for a square
     block top-left and bottom-right alignment agree) -- and (2) every key of the prefix ``[0, p0)``, split
     into :func:`power_of_two_blocks`, each seen whole (no mask). ``attend(q, k, v, causal) -> (out, lse)``
-    runs one block; each block is folded into one fp32 running result as soon as it is computed
-    (:func:`merge_attention_into`), so the call holds the fp32 result, one block's output and the final
-    cast beyond its inputs, whatever the number of blocks. Why: cuDNN's fused attention is ~1.6-2x faster
+    runs one block; each block is folded into one fp32 running result as soon as it is computed, by the
+    Triton kernel :func:`~specdec.fast.kernels.merge_attention` (one launch per merge; the last one writes
+    q's dtype), so the call holds the fp32 result, one block's output and the result beyond its inputs,
+    whatever the number of blocks. Why: cuDNN's fused attention is ~1.6-2x faster
     than the flash kernel on Hopper but builds an execution plan per shape and aligns ``is_causal`` top-left
     when n < T; this way a prefill needs only ~log2(T) + 2 shapes, each planned once per process."""
     n, t = q.shape[2], k.shape[2]
@@ -570,13 +556,22 @@ def _prefill_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out, lse = attend(q, k[:, :, p0:], v[:, :, p0:], True)
     if p0 == 0:
         return out
-    acc, acc_lse = out.float(), lse.float()
-    del out
-    for lo, hi in power_of_two_blocks(p0):
+    blocks = power_of_two_blocks(p0)
+    acc, acc_lse = out, lse                   # the diagonal block's result: the first running result
+    del out, lse                              # (freed by the first merge, which writes a new result)
+    for i, (lo, hi) in enumerate(blocks):
         block_out, block_lse = attend(q, k[:, :, lo:hi], v[:, :, lo:hi], False)
-        merge_attention_into(acc, acc_lse, block_out, block_lse)
+        # one Triton launch per merge, fp32 arithmetic: the last merge writes q's dtype, the first of several
+        # a fresh fp32 running result, the ones between update it in place (the log-sum-exp always in place)
+        if i == len(blocks) - 1:
+            dst = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        elif i == 0:
+            dst = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        else:
+            dst = acc
+        acc, acc_lse = _kernels().merge_attention(acc, acc_lse, block_out, block_lse, dst, acc_lse)
         del block_out
-    return acc.to(q.dtype)
+    return acc
 
 
 def _try_cudnn_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:

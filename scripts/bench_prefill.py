@@ -6,6 +6,9 @@ fp32 on CPU), batch 1, for each context (ascending; a fresh cache of ``context +
 
 * ``blocks`` -- the opt-in blocked attention (``SPECDEC_PREFILL_ATTENTION=cudnn-blocks``: the chunk's square
   block + power-of-two prefix blocks on cuDNN, merged by log-sum-exp; ``--paths old new blocks``);
+* ``blocks-eager`` -- ``blocks`` with the merge it had until session 18 (:func:`eager_blocks` below: six eager
+  torch ops per merge on an fp32 copy of the first block, cast back at the end) instead of the Triton
+  :func:`specdec.fast.kernels.merge_attention` -- the A/B of that kernel;
 * ``old`` -- :func:`specdec.fast.model.prefill` with the attention it had before issue 20 patched in
   (:func:`old_prefill_attention` below, reachable only from this script: the KV heads repeated for their
   query heads, a dense boolean [n, T] mask built once per chunk, SDPA on EFFICIENT / FLASH / MATH);
@@ -58,6 +61,7 @@ TINY = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_si
             num_kv_heads=2, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
 SHAPES = {**MODEL_SHAPES, "tiny": TINY}
 
+PATHS = ["old", "new", "blocks", "blocks-eager"]
 GOALS = "goals (issue 20 item 1, Llama-3-8B on one H200): TTFT <= 1.2 s at 32k, <= 10 s at 128k; peak at 128k <= 44.8 GiB"
 
 
@@ -95,16 +99,41 @@ def old_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def eager_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend) -> torch.Tensor:
+    """``_prefill_attention_blocks`` as it was until session 18 (commit 805a684): the same blocks, each folded
+    into an fp32 copy of the first by eager torch ops (logaddexp, two exps, mul_, addcmul_, copy_), the
+    result cast back to q's dtype at the end."""
+    n, t = q.shape[2], k.shape[2]
+    p0 = t - n
+    out, lse = attend(q, k[:, :, p0:], v[:, :, p0:], True)
+    if p0 == 0:
+        return out
+    acc, acc_lse = out.float(), lse.float()
+    del out
+    for lo, hi in fast_model.power_of_two_blocks(p0):
+        block_out, block_lse = attend(q, k[:, :, lo:hi], v[:, :, lo:hi], False)
+        joint = torch.logaddexp(acc_lse, block_lse)
+        acc.mul_(torch.exp(acc_lse - joint).unsqueeze(-1))
+        acc.addcmul_(block_out, torch.exp(block_lse - joint).unsqueeze(-1))
+        acc_lse.copy_(joint)
+        del block_out
+    return acc.to(q.dtype)
+
+
 @contextlib.contextmanager
 def attention_path(name: str):
     """Run the library's prefill with the ``old`` attention patched in, as it is (``new``: flash), or with
     ``SPECDEC_PREFILL_ATTENTION=cudnn-blocks`` (``blocks``: power-of-two prefix blocks on cuDNN, LSE-merged)."""
-    if name in ("new", "blocks"):
+    if name in ("new", "blocks", "blocks-eager"):
         saved_env = os.environ.get("SPECDEC_PREFILL_ATTENTION")
-        os.environ["SPECDEC_PREFILL_ATTENTION"] = "cudnn-blocks" if name == "blocks" else "flash"
+        os.environ["SPECDEC_PREFILL_ATTENTION"] = "flash" if name == "new" else "cudnn-blocks"
+        saved_blocks = fast_model._prefill_attention_blocks
+        if name == "blocks-eager":
+            fast_model._prefill_attention_blocks = eager_blocks
         try:
             yield
         finally:
+            fast_model._prefill_attention_blocks = saved_blocks
             if saved_env is None:
                 os.environ.pop("SPECDEC_PREFILL_ATTENTION")
             else:
@@ -252,11 +281,12 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--contexts", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk_size (the library's default: 2048)")
-    ap.add_argument("--paths", nargs="+", default=["old", "new"], choices=["old", "new", "blocks"],
-                    help="blocks: the cuDNN blocked attention (CUDA fp16/bf16; SPECDEC_PREFILL_ATTENTION=cudnn-blocks)")
+    ap.add_argument("--paths", nargs="+", default=["old", "new"], choices=PATHS,
+                    help="blocks: the cuDNN blocked attention (CUDA fp16/bf16; SPECDEC_PREFILL_ATTENTION=cudnn-blocks); "
+                         "blocks-eager: the same with its merge before the Triton kernel")
     ap.add_argument("--reps", type=int, default=1, help="timed prefills per path and context (the fastest is reported)")
     ap.add_argument("--no-anchors", action="store_true", help="skip the attention / GEMM anchors")
-    ap.add_argument("--profile", nargs="*", choices=["old", "new", "blocks"], default=None,
+    ap.add_argument("--profile", nargs="*", choices=PATHS, default=None,
                     help="profile one prefill per named path (default: new) at --profile-context")
     ap.add_argument("--profile-context", type=int, default=None, help="default: 32768 if among --contexts, else the smallest")
     ap.add_argument("--top", type=int, default=20, help="kernels listed by --profile")
@@ -330,10 +360,14 @@ def main() -> None:
                 r = ttft(fm, cache, ids, args.chunk_size, path, args.reps)
                 results[path] = r
                 extra = {}
-                if path in ("new", "blocks") and "old" in results:
+                if path in ("new", "blocks", "blocks-eager") and "old" in results:
                     extra = dict(max_abs_dlogits=float((r["logits"] - results["old"]["logits"]).abs().max()),
                                  same_first_token=r["first_token"] == results["old"]["first_token"],
                                  speedup_vs_old=results["old"]["ttft_s"] / r["ttft_s"])
+                other = "blocks-eager" if path == "blocks" else "blocks" if path == "blocks-eager" else None
+                if other in results:   # the merge kernel's A/B: same attention, the logits within rounding
+                    extra.update(max_abs_dlogits_vs_other_merge=float((r["logits"] - results[other]["logits"]).abs().max()),
+                                 same_first_token_as_other_merge=r["first_token"] == results[other]["first_token"])
                 record(dict(context=ctx, path=path, **{k: v for k, v in r.items() if k != "logits"}, **extra))
             fm.caches.clear()
             del cache

@@ -13,6 +13,9 @@
   :func:`specdec.shared.glide.beam_level`) written straight into the draft tree's buffers;
 * :func:`row_argmax`, :func:`greedy_accept` -- greedy acceptance of a verified tree in two launches
   (matches :func:`specdec.shared.acceptance.greedy_best_node`);
+* :func:`merge_attention` -- fold one more key block's partial attention into a running result by
+  log-sum-exp, one launch (the blocked prefill's merge; matches :func:`merge_attention_ref` and
+  :func:`specdec.ref.attention.merge_attention`);
 * :func:`compact_kv` -- move the accepted tree rows of every layer's KV cache into place, one launch;
 * :func:`gemv`, :func:`gemv_silu` -- one-row (decode) projections streaming the weight once, the
   second with the SwiGLU activation in its epilogue; either may fold in the RMSNorm before it, and
@@ -39,6 +42,7 @@ from .accept import greedy_accept, greedy_accept_ref, greedy_paths, row_argmax
 from .beam import beam_select, beam_topk
 from .gemv import gemv, gemv_qkv_rope, gemv_qkv_rope_ref, gemv_ref, gemv_silu, gemv_silu_ref
 from .kv_compact import compact_kv, compact_kv_ref
+from .attention_merge import merge_attention, merge_attention_ref
 from .round_pack import round_pack, round_pack_ref
 from .keyed import keyed_noise
 from .tree_attention import tree_attention
@@ -57,6 +61,8 @@ __all__ = [
     "glide_self_attention_ref",
     "glide_cross_attention",
     "glide_cross_attention_ref",
+    "merge_attention",
+    "merge_attention_ref",
     "compact_kv",
     "compact_kv_ref",
     "beam_select",

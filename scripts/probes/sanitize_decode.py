@@ -8,7 +8,8 @@ a ragged batch, head dims 80 and 256, K/V as views of a larger cache) and
 :func:`specdec.fast.kernels.row_linear` (plain, norm + residual, SwiGLU, a fixed K split),
 :func:`specdec.fast.kernels.keyed.keyed_noise` (issue 22), then one
 decode step of a tiny model end to end, and a batched GLIDE beam tree over ragged rows (issue 19:
-the draft layer's kernels with [B] key ranges, ``beam_select`` on row views; eager, then as captured fused rounds).
+the draft layer's kernels with [B] key ranges, ``beam_select`` on row views; eager, then as captured fused rounds),
+and :func:`specdec.fast.kernels.merge_attention` alone and inside the blocked (cuDNN) prefill attention.
 Prints one line per case; the sanitizer prints its summary.
 """
 
@@ -97,6 +98,29 @@ def main() -> None:
     fused = fast.tree_spec_generate(fm, glide, prompts, None, tree_shape=(3, 4, 2), max_gen_len=12, eos_id=[])
     torch.cuda.synchronize()
     print(f"batched GLIDE tree, fused graphs: same tokens as eager={torch.equal(fused.output_ids, res.output_ids)}")
+    FastGlideDrafter.batch_rounds = False
+    # the blocked prefill's merge kernel (session 18): on cuDNN's [B, n, H, D] layout views, in place and into
+    # bf16, n not a multiple of the row tile, head dims 80 and 128; then the blocked prefill attention itself
+    from specdec.fast.kernels import merge_attention
+    from specdec.fast.model import _prefill_attention
+
+    for n, d in ((37, 80), (2048, 128)):
+        acc = torch.randn(1, n, 8, d, device=dev).transpose(1, 2)
+        out = torch.randn(1, n + 5, 8, d, device=dev, dtype=torch.bfloat16)[:, :n].transpose(1, 2)
+        acc_lse, lse = (torch.randn(1, 8, n + 3, device=dev)[..., :n] for _ in range(2))
+        merge_attention(acc, acc_lse, out, lse)
+        res16 = merge_attention(acc, acc_lse, out, lse, torch.empty(1, 8, n, d, device=dev, dtype=torch.bfloat16),
+                                torch.empty(1, 8, n, device=dev))[0]
+        torch.cuda.synchronize()
+        print(f"merge_attention n={n} d={d}: finite={bool(torch.isfinite(res16).all())}")
+    import os
+
+    os.environ["SPECDEC_PREFILL_ATTENTION"] = "cudnn-blocks"
+    q = torch.randn(1, 8, 48, 128, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(2, 1, 2, 48 + 208, 128, device=dev, dtype=torch.bfloat16)   # p0 = 208: blocks 128, 64, 16
+    o = _prefill_attention(q, kv[0], kv[1])
+    torch.cuda.synchronize()
+    print(f"blocked prefill attention p0=208 n=48: finite={bool(torch.isfinite(o).all())}")
 
 
 if __name__ == "__main__":

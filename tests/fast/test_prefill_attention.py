@@ -265,13 +265,17 @@ def test_cuda_bf16_chunked_cudnn_blocks_stay_within_bf16_rounding_of_fp32(monkey
 # --- the blocked design (SPECDEC_PREFILL_ATTENTION=cudnn-blocks): power-of-two prefix blocks merged by LSE ---
 
 
+KDEV = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the blocked design's tests run: its merge is a Triton kernel (CUDA, or the interpreter on CPU)."""
+
+
 def _explicit_attend(q, k, v, causal):
-    """One block's (out, natural lse) on the CPU: the reference's attention_with_lse (the cuDNN call's stand-in)."""
+    """One block's (out, natural lse): the reference's attention_with_lse (the cuDNN call's stand-in)."""
     from specdec.ref.attention import attention_with_lse
 
     n, s = q.shape[2], k.shape[2]
-    mask = torch.ones(n, s, dtype=torch.bool).tril() if causal else torch.ones(n, s, dtype=torch.bool)
-    return attention_with_lse(q, k, v, mask)
+    mask = torch.ones(n, s, dtype=torch.bool, device=q.device)
+    return attention_with_lse(q, k, v, mask.tril() if causal else mask)
 
 
 def test_power_of_two_blocks_cover_the_prefix_with_few_sizes():
@@ -296,9 +300,9 @@ def test_power_of_two_blocks_cover_the_prefix_with_few_sizes():
 def test_blocked_prefill_attention_equals_masked_softmax(hq, hkv, p0, n):
     from specdec.fast.model import _prefill_attention_blocks
 
-    q, k, v = _qkv(2, hq, hkv, p0, n, dtype=torch.float64)
-    got = _prefill_attention_blocks(q, k, v, _explicit_attend)       # blocks in fp64, merged in fp32
-    torch.testing.assert_close(got.double(), _attention_ref(q, k, v), atol=1e-6, rtol=1e-6)
+    q, k, v = _qkv(2, hq, hkv, p0, n, device=KDEV, dtype=torch.float32)
+    got = _prefill_attention_blocks(q, k, v, _explicit_attend)       # blocks in fp32, merged by the Triton kernel
+    torch.testing.assert_close(got.double(), _attention_ref(q.double(), k.double(), v.double()), atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_attention_mode_is_checked(monkeypatch):
@@ -317,7 +321,7 @@ def test_auto_mode_picks_blocks_on_hopper_and_falls_back_once(monkeypatch):
     an explicit ``cudnn-blocks`` raises it; ``flash`` never tries."""
     import specdec.fast.model as fmod
 
-    q, k, v = _qkv(1, 4, 2, 40, 8)
+    q, k, v = _qkv(1, 4, 2, 40, 8, device=KDEV)
     monkeypatch.setattr(fmod, "_CUDNN_UNUSABLE", set())
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
     cap = {"major": 9}
@@ -342,7 +346,7 @@ def test_auto_mode_picks_blocks_on_hopper_and_falls_back_once(monkeypatch):
     monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "auto")
     with pytest.warns(UserWarning, match=r"cuDNN attention refused torch.float32 head dim 16 .*no valid execution plans built\)"):
         assert fmod._try_cudnn_blocks(q, k, v) is None
-    assert fmod._CUDNN_UNUSABLE == {(None, torch.float32, 16)}
+    assert fmod._CUDNN_UNUSABLE == {(q.device.index, torch.float32, 16)}
     assert not fmod._use_cudnn_blocks(q)            # remembered: no second try, no second warning
     monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "flash")
     assert fmod._try_cudnn_blocks(q, k, v) is None
