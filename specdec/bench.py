@@ -387,8 +387,10 @@ def _method_options(method: str, args) -> dict:
     opts = {}
     for name in METHODS[method].options:
         v = getattr(args, name, None)
+        if name == "gamma" and v == "auto" and method not in GAMMA_AUTO_METHODS:
+            continue   # --gamma auto chooses the GLIDE chain's length; the other chains keep their defaults
         if v is not None:
-            opts[name] = tuple(v) if name == "tree_shape" else v
+            opts[name] = tuple(v) if name == "tree_shape" and v != "auto" else v
     return opts
 
 
@@ -407,19 +409,25 @@ def _effective_options(fn: Callable, given: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tree_shape(text: str) -> tuple[int, ...]:
-    """argparse type of ``--tree-shape``: '4,16,16' -> (4, 16, 16), a clear message otherwise."""
+def _tree_shape(text: str) -> tuple[int, ...] | str:
+    """argparse type of ``--tree-shape``: '4,16,16' -> (4, 16, 16), 'auto' stays 'auto', a clear message otherwise."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
     try:
         shape = tuple(int(x) for x in str(text).replace(" ", "").split(",") if x != "")
     except ValueError:
         shape = ()
     if not shape or any(n < 1 for n in shape):
-        raise argparse.ArgumentTypeError(f"expected comma-separated node counts >= 1 per level, like 4,16,16,16,16; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated node counts >= 1 per level, like 4,16,16,16,16, or auto; got {text!r}")
     return shape
 
 
+GAMMA_AUTO_METHODS = ("spec",)
+"""The methods whose ``--gamma auto`` is chosen per device (the GLIDE chain); others keep their own default."""
+
+
 def _capacity(text: str) -> int | str:
-    """argparse type of ``--draft-tree-capacity``: an int >= 1 or 'auto'."""
+    """argparse type of ``--draft-tree-capacity`` and ``--gamma``: an int >= 1 or 'auto'."""
     t = str(text).strip().lower()
     if t == "auto":
         return "auto"
@@ -474,9 +482,13 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                          "group shares one seed and row b is sequence b")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (it is shown only when stderr is a terminal)")
     g = ap.add_argument_group("method options (each method's own default when not given)")
-    g.add_argument("--gamma", type=int, default=None, help="draft length: speculative (5), spec (4), magicdec (4)")
-    g.add_argument("--tree-shape", type=_tree_shape, default=None,
-                   help="tree_spec beam shape, e.g. 4,16,16,16,16")
+    g.add_argument("--gamma", type=_capacity, default=None, metavar="N|auto",
+                   help="draft length: speculative (5), spec (4), magicdec (4); auto: spec's GLIDE chain length with the "
+                        "most expected tokens per second on this device (as `specdec generate` picks it; the other "
+                        "chains keep their defaults)")
+    g.add_argument("--tree-shape", type=_tree_shape, default=None, metavar="SHAPE|auto",
+                   help="tree_spec beam shape, e.g. 4,16,16,16,16 (the Python API's default), or auto: the shape with the "
+                        "most expected tokens per second on this device (`specdec generate`'s default), chosen once")
     g.add_argument("--max-ngram-size", type=int, default=None, help="logitspec / pld / hf_pld (3)")
     g.add_argument("--num-pred-tokens", type=int, default=None, help="logitspec (20), pld and hf_pld (10)")
     g.add_argument("--draft-tree-capacity", type=_capacity, default=None, help="logitspec (64), or auto (chosen for this device)")
@@ -560,13 +572,21 @@ def _make_runner(method: str, models: _Models, args, eos_ids: list[int], pad_id:
         spec = METHODS[method]
         extra = models.get(spec.needs) if spec.needs else None
         opts = _method_options(method, args)
-        if opts.get("draft_tree_capacity") == "auto":   # resolved once (calibrating on first use): every turn runs it
+        # "auto" knobs are resolved once (calibrating this device on first use) and every turn runs the choice
+        auto = [name for name, v in opts.items() if v == "auto"]
+        if "draft_tree_capacity" in auto:
             opts["draft_tree_capacity"] = importlib.import_module(models.lib.__name__ + ".logitspec").resolve_capacity(
                 models.get("target"), "auto")
+        if "tree_shape" in auto or "gamma" in auto:
+            glide_lib = importlib.import_module(models.lib.__name__ + ".glide")
+            if "tree_shape" in auto:
+                opts["tree_shape"] = tuple(glide_lib.resolve_tree_shape(models.get("target"), extra, "auto"))
+            if "gamma" in auto:
+                opts["gamma"] = int(glide_lib.resolve_gamma(models.get("target"), extra, "auto"))
         runner = SpecdecRunner(method, models.lib, models.get("target"), extra, opts, sampling, eos_ids, models.device,
                                mode=args.sampling)
         meta = {"function": spec.function, "backend": models.backend, "options": _effective_options(runner.fn, opts),
-                **({"auto": ["draft_tree_capacity"]} if getattr(args, "draft_tree_capacity", None) == "auto" and "draft_tree_capacity" in opts else {}),
+                **({"auto": auto} if auto else {}),
                 "draft": models.draft_path if spec.needs == "draft" else None,
                 "glide": models.glide_path if spec.needs == "glide" else None}
         return runner, meta

@@ -41,7 +41,7 @@ from specdec.fast.glide.packing import catch_up_glide_bounds, catch_up_segments,
 from specdec.fast.glide.layer import glide_layer  # noqa: F401
 from specdec.fast.glide.state import CapturedRound, GlideRuntime, GraphKey, RoundBuffers, Verify  # noqa: F401
 from specdec.fast.glide.drafter import FastGlideDrafter  # noqa: F401
-from specdec.fast.glide.decoders import spec_generate, tree_spec_generate  # noqa: F401
+from specdec.fast.glide.decoders import resolve_gamma, resolve_tree_shape, spec_generate, tree_spec_generate  # noqa: F401
 from specdec.fast.engine import DeviceTree  # noqa: F401 -- kernels.beam's docstring names it here
 
 __all__ = ["FastGlide", "SlidingCache", "as_fast_glide", "load_glide", "spec_generate", "tree_spec_generate"]

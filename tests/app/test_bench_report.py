@@ -271,6 +271,46 @@ def test_bench_prompt_warmup_runs_every_method_on_every_first_turn_before_timing
 
 
 @pytest.mark.skipif(not _embedded("default"), reason="the embedded default model is not shipped in shared/assets/default yet")
+def test_bench_tree_shape_and_gamma_auto_are_resolved_once_and_recorded(tmp_path, fixed_cost_model, monkeypatch):
+    """--tree-shape auto / --gamma auto: chosen once per method (from the fixed CPU-like cost curve) as the CLI
+    chooses them, recorded as concrete options with an 'auto' marker, passed concrete to every turn; --gamma auto
+    leaves the draft-model chain at its default; lossless."""
+    import specdec.ref.glide as ref_glide
+
+    short = min(bench.load_questions("stdlib_code"), key=lambda q: q["prompt_tokens"])
+    qfile, out = _write(tmp_path / "q.jsonl", [short]), tmp_path / "out"
+    chosen, real_shape, real_gamma = [], ref_glide.resolve_tree_shape, ref_glide.resolve_gamma
+    # the decoders resolve their concrete knob too (a validation): count the calls that choose
+    monkeypatch.setattr(ref_glide, "resolve_tree_shape", lambda *a, **k: (a[2] == "auto" and chosen.append("shape")) or real_shape(*a, **k))
+    monkeypatch.setattr(ref_glide, "resolve_gamma", lambda *a, **k: (a[2] == "auto" and chosen.append("gamma")) or real_gamma(*a, **k))
+    seen = []
+    real_generate = bench.SpecdecRunner.generate
+
+    def spy(self, prompt_ids, max_new_tokens, seed):
+        seen.append((self.method, dict(self.options)))
+        return real_generate(self, prompt_ids, max_new_tokens, seed)
+
+    monkeypatch.setattr(bench.SpecdecRunner, "generate", spy)
+    assert bench.bench_main(["--bench", qfile, "--methods", "tree_spec,spec,speculative", "--backend", "ref", "--tree-shape", "auto",
+                             "--gamma", "auto", "--max-new-tokens", "6", "--out-dir", str(out), "--no-progress"]) == 0
+    assert sorted(chosen) == ["gamma", "shape"]                                     # once each, not per turn
+    tree = report.load_answers(str(out / "tree_spec.jsonl"))[0]
+    shape = tree["meta"]["options"]["tree_shape"]
+    assert tree["meta"]["auto"] == ["tree_shape"] and all(isinstance(n, int) and n >= 1 for n in shape)
+    assert shape != [4, 16, 16, 16, 16]                                             # the steep curve picks a small tree
+    spec = report.load_answers(str(out / "spec.jsonl"))[0]
+    assert spec["meta"]["auto"] == ["gamma"] and isinstance(spec["meta"]["options"]["gamma"], int)
+    speculative = report.load_answers(str(out / "speculative.jsonl"))[0]
+    assert "auto" not in speculative["meta"] and speculative["meta"]["options"]["gamma"] == 5
+    assert all(o.get("tree_shape") != "auto" and o.get("gamma") != "auto" for _, o in seen)
+    vanilla_ids = report.load_answers(str(out / "vanilla.jsonl"))[0]["choices"][0]["output_ids"]
+    for rec in (tree, spec, speculative):
+        assert rec["choices"][0]["output_ids"] == vanilla_ids
+    with pytest.raises(SystemExit):
+        bench.bench_main(["--bench", qfile, "--methods", "tree_spec", "--tree-shape", "4,x", "--out-dir", str(out)])
+
+
+@pytest.mark.skipif(not _embedded("default"), reason="the embedded default model is not shipped in shared/assets/default yet")
 def test_bench_logitspec_capacity_auto_is_resolved_once_and_recorded(tmp_path, fixed_cost_model):
     """--draft-tree-capacity auto: chosen once before the turns (from the fixed, CPU-like cost curve of
     tests/app/conftest.py: a small tree), recorded as the concrete capacity with an 'auto' marker; lossless."""
