@@ -15,6 +15,7 @@ context (1k, 32k; 128k for Llama-3-8B) it measures, in one process:
   catch-up + root + beam levels, the 69-node verification, acceptance + KV compaction, and the
   efficiency ``t_vanilla_step / t_round`` (the speedup is tau times this); and the whole greedy round as
   the engine runs it (``fused_round``: draft + verification + acceptance in one CUDA graph, one read-back);
+  with ``--draft-vocab 0 32768`` once per draft vocabulary size (a truncated GLIDE vocabulary, issue 20);
 * optionally (``--hf``) ``transformers`` eager ``generate`` tokens/s on the same weights at 1k.
 
 Prints a table and writes JSONL (``--out``).
@@ -98,15 +99,28 @@ def hf_generate_tps(model, ctx: int, new_tokens: int = 32) -> float:
     return (new_tokens - 1) / max(total - t_prefill, 1e-9)
 
 
-def glide_drafter(fm, cache):
+def random_draft_vocab(vocab_size: int, n: int, seed: int = 2) -> torch.Tensor:
+    """A draft vocabulary of ``n`` distinct target ids (sorted), as ``specdec draft-vocab`` would write one; for
+    timing only (which ids does not change the cost)."""
+    if not 1 <= n <= vocab_size:
+        raise ValueError(f"--draft-vocab sizes must be in [1, {vocab_size}] (0 = the full vocabulary), got {n}")
+    return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def glide_drafter(fm, cache, draft_vocab: int = 0):
     """A random GLIDE draft for ``fm`` caught up on ``cache``'s context: ``(drafter, state, draft_round)``,
-    where ``draft_round()`` runs one typical round's draft (catch up on the root, then the beam levels)."""
+    where ``draft_round()`` runs one typical round's draft (catch up on the root, then the beam levels).
+    ``draft_vocab`` > 0: the draft proposes only that many target ids (a truncated draft vocabulary, its
+    output layer those rows of the target's lm_head)."""
     from specdec.fast.glide import FastGlideDrafter, as_fast_glide
     from specdec.ref.engine import RoundState
-    from specdec.shared.glide import init_glide_weights
+    from specdec.shared.glide import init_glide_weights, with_draft_vocab
     from specdec.shared.sampling import SamplingParams
 
-    glide = as_fast_glide(init_glide_weights(fm.config, seed=1, dtype=fm.dtype, device=fm.device), tp=fm.tp)
+    glide = init_glide_weights(fm.config, seed=1, dtype=fm.dtype, device=fm.device)
+    if draft_vocab:
+        glide = with_draft_vocab(glide, random_draft_vocab(fm.config.vocab_size, draft_vocab))
+    glide = as_fast_glide(glide, tp=fm.tp)
     drafter = FastGlideDrafter(fm, glide, (4, 16, 16, 16, 16))
     tokens = torch.randint(0, fm.config.vocab_size, (cache.length + 1,), generator=torch.Generator().manual_seed(1)).tolist()
     state = RoundState(tokens, fm, cache, None, SamplingParams(), None, budget=1000)
@@ -120,14 +134,15 @@ def glide_drafter(fm, cache):
     return drafter, state, draft_round
 
 
-def glide_round_ms(fm, cache, tree: Tree, ms_verify: float) -> dict:
-    """Time the phases of one GLIDE tree round at the current cache length (random GLIDE weights)."""
+def glide_round_ms(fm, cache, tree: Tree, ms_verify: float, draft_vocab: int = 0) -> dict:
+    """Time the phases of one GLIDE tree round at the current cache length (random GLIDE weights; ``draft_vocab``
+    as in :func:`glide_drafter`)."""
     from specdec.fast.engine import accept_and_compact
     from specdec.fast.graphs import CapturedFn
 
     dev = fm.device
     L = cache.length
-    drafter, state, draft_round = glide_drafter(fm, cache)
+    drafter, state, draft_round = glide_drafter(fm, cache, draft_vocab)
     ms_draft = cuda_time_ms(draft_round, reps=20)
     tt = TreeTensors.get(tree, tree.size, dev)
     logits = torch.randn(tree.size, fm.config.vocab_size, device=dev)
@@ -162,8 +177,15 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=131072, help="extra context for llama3-8b (0 = skip)")
     ap.add_argument("--hf", action="store_true", help="also time transformers eager generate at 1k")
     ap.add_argument("--glide", action="store_true", help="also break a GLIDE tree round down")
+    ap.add_argument("--draft-vocab", nargs="+", type=int, default=[0], metavar="N",
+                    help="with --glide: the GLIDE draft's vocabulary sizes to time, one round breakdown each (0 = the "
+                         "full vocabulary; e.g. 0 32768 for issue 20's truncated-vocabulary A/B in one run)")
     ap.add_argument("--out", default="runs/bench_fast.jsonl")
     args = ap.parse_args()
+    for shape in args.shapes:
+        vocab = MODEL_SHAPES[shape]["vocab_size"]
+        if any(not 0 <= n <= vocab for n in args.draft_vocab):
+            ap.error(f"--draft-vocab sizes must be in [0, {vocab}] for {shape} (0 = the full vocabulary), got {args.draft_vocab}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
@@ -203,25 +225,28 @@ def main() -> None:
                            verify69_ms=ms_tree, verify69_over_step=ms_tree / ms_step,
                            peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, copy_bw_tbs=bw / 1e12,
                            device=torch.cuda.get_device_name())
-                if args.glide:
-                    row.update(glide_round_ms(fm, cache, tree, ms_tree))
-                    row["efficiency"] = ms_step / row["glide_round_ms"]
-                    row["efficiency_fused"] = ms_step / row["glide_fused_round_ms"]
                 if args.hf and ctx == min(args.contexts):
                     fm.caches.clear(); fm.graphs.clear(); torch.cuda.empty_cache()
                     row["hf_generate_tok_s"] = hf_generate_tps(model, ctx)
-                rows.append(row)
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-                print(json.dumps(row), flush=True)
+                for n_vocab in (args.draft_vocab if args.glide else [None]):
+                    r = dict(row)
+                    if n_vocab is not None:   # one GLIDE round breakdown per draft vocabulary size
+                        r["draft_vocab"] = n_vocab or c.vocab_size
+                        r.update(glide_round_ms(fm, cache, tree, ms_tree, n_vocab))
+                        r["efficiency"] = ms_step / r["glide_round_ms"]
+                        r["efficiency_fused"] = ms_step / r["glide_fused_round_ms"]
+                    rows.append(r)
+                    out.write(json.dumps(r) + "\n")
+                    out.flush()
+                    print(json.dumps(r), flush=True)
             fm.caches.clear(); fm.graphs.clear()
             del fm, model
             torch.cuda.empty_cache()
     headers = ["shape", "context", "prefill s", "step ms", "tok/s", "GB/step", "% copy BW", "verify-69 ms", "69/1",
-               "draft ms", "accept+compact ms", "t_step/t_round", "fused round ms", "t_step/t_fused", "peak GiB", "HF tok/s"]
+               "draft vocab", "draft ms", "accept+compact ms", "t_step/t_round", "fused round ms", "t_step/t_fused", "peak GiB", "HF tok/s"]
     table = [[r["shape"], r["context"], f"{r['prefill_s']:.2f}", f"{r['step_ms']:.2f}", f"{r['tok_s']:.1f}",
               f"{r['bytes_per_step_gb']:.2f}", f"{100 * r['bw_frac']:.0f}%", f"{r['verify69_ms']:.2f}",
-              f"{r['verify69_over_step']:.2f}x", f"{r.get('glide_draft_ms', float('nan')):.2f}",
+              f"{r['verify69_over_step']:.2f}x", r.get("draft_vocab", "-"), f"{r.get('glide_draft_ms', float('nan')):.2f}",
               f"{r.get('glide_accept_compact_ms', float('nan')):.2f}", f"{r.get('efficiency', float('nan')):.2f}",
               f"{r.get('glide_fused_round_ms', float('nan')):.2f}", f"{r.get('efficiency_fused', float('nan')):.2f}",
               f"{r['peak_mem_gib']:.1f}",
