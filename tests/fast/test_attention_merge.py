@@ -39,7 +39,7 @@ def _outside_untouched(before: torch.Tensor, after: torch.Tensor, view: torch.Te
 
 
 @pytest.mark.parametrize("b,h,n,d", [(1, 2, 5, 16), (2, 3, 17, 64), (1, 1, 33, 80), (1, 4, 1, 128)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("permute", [False, True], ids=["bhnd", "bnhd"])
 def test_merge_equals_eager_and_reference_and_touches_only_its_views(b, h, n, d, dtype, permute):
     shape, lshape = (b, h, n, d), (b, h, n)
