@@ -547,8 +547,9 @@ def _prefill_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     into :func:`power_of_two_blocks`, each seen whole (no mask). ``attend(q, k, v, causal) -> (out, lse)``
     runs one block; each block is folded into one fp32 running result as soon as it is computed, by the
     Triton kernel :func:`~specdec.fast.kernels.merge_attention` (one launch per merge; the last one writes
-    q's dtype), so the call holds the fp32 result, one block's output and the result beyond its inputs,
-    whatever the number of blocks. Why: cuDNN's fused attention is ~1.6-2x faster
+    q's dtype), so beyond its inputs the call holds at most the fp32 running result, one block's output and
+    one more output-sized tensor (the diagonal block's through the first merge, the result through the
+    last) -- four bf16 outputs' worth -- whatever the number of blocks. Why: cuDNN's fused attention is ~1.6-2x faster
     than the flash kernel on Hopper but builds an execution plan per shape and aligns ``is_causal`` top-left
     when n < T; this way a prefill needs only ~log2(T) + 2 shapes, each planned once per process."""
     n, t = q.shape[2], k.shape[2]

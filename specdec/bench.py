@@ -426,7 +426,7 @@ GAMMA_AUTO_METHODS = ("spec",)
 """The methods whose ``--gamma auto`` is chosen per device (the GLIDE chain); others keep their own default."""
 
 
-def _capacity(text: str) -> int | str:
+def _int_or_auto(text: str) -> int | str:
     """argparse type of ``--draft-tree-capacity`` and ``--gamma``: an int >= 1 or 'auto'."""
     t = str(text).strip().lower()
     if t == "auto":
@@ -482,7 +482,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                          "group shares one seed and row b is sequence b")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (it is shown only when stderr is a terminal)")
     g = ap.add_argument_group("method options (each method's own default when not given)")
-    g.add_argument("--gamma", type=_capacity, default=None, metavar="N|auto",
+    g.add_argument("--gamma", type=_int_or_auto, default=None, metavar="N|auto",
                    help="draft length: speculative (5), spec (4), magicdec (4); auto: spec's GLIDE chain length with the "
                         "most expected tokens per second on this device (as `specdec generate` picks it; the other "
                         "chains keep their defaults)")
@@ -491,7 +491,7 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "most expected tokens per second on this device (`specdec generate`'s default), chosen once")
     g.add_argument("--max-ngram-size", type=int, default=None, help="logitspec / pld / hf_pld (3)")
     g.add_argument("--num-pred-tokens", type=int, default=None, help="logitspec (20), pld and hf_pld (10)")
-    g.add_argument("--draft-tree-capacity", type=_capacity, default=None, help="logitspec (64), or auto (chosen for this device)")
+    g.add_argument("--draft-tree-capacity", type=_int_or_auto, default=None, help="logitspec (64), or auto (chosen for this device)")
     g.add_argument("--sink-tokens", type=int, default=None, help="magicdec")
     g.add_argument("--window", type=int, default=None, help="magicdec")
     g.add_argument("--hf-assistant-tokens", type=int, default=None,
