@@ -734,7 +734,7 @@ def run_bench(args) -> dict[str, str]:
     for method in methods:
         try:
             paths[method], skipped[method] = _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
-                                                         longest_ids, warm_len, ctx, first_ids)
+                                                         warm_len, ctx, first_ids)
         except _NothingRan as e:  # every question skipped (reasons logged one per line): no answer file
             if len(methods) == 1:
                 raise
@@ -799,7 +799,7 @@ def _warm_prompts(runner, prompts: list[list[int]], args) -> None:
         runner.generate(ids, n_new, args.seed)
 
 
-def _run_method(method, models, args, tok, questions, eos_ids, model_id, common, longest_ids, warm_len, ctx,
+def _run_method(method, models, args, tok, questions, eos_ids, model_id, common, warm_len, ctx,
                 first_ids: list[list[int]]) -> str:
     runner, meta = _make_runner(method, models, args, eos_ids, tok.pad_token_id)
     meta = {"method": method, **meta, **common}
@@ -813,6 +813,7 @@ def _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
             # of warm_len + max_new - 16 tokens and 16 new ones needs the same capacity at a fraction of the cost
             n_new = min(16, args.max_new_tokens)
             n = min(warm_len + args.max_new_tokens - n_new, ctx - n_new)
+            longest_ids = max(first_ids, key=len)
             ids = (longest_ids * (-(-n // len(longest_ids))))[:n]
             runner.generate(ids, n_new, args.seed)
     if args.warmup:

@@ -118,14 +118,17 @@ def merge_attention(acc: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
     for t in (acc, acc_lse, out, lse, dst, dst_lse):
         if any(s < 0 for s in t.stride()):
             raise ValueError("merge_attention takes tensors with non-negative strides")
-    for oname, o, ins in (("dst", dst, (("acc", acc, True), ("out", out, False), ("acc_lse", acc_lse, False),
-                                        ("lse", lse, False), ("dst_lse", dst_lse, False))),
-                          ("dst_lse", dst_lse, (("acc_lse", acc_lse, True), ("lse", lse, False), ("acc", acc, False),
-                                                ("out", out, False)))):
-        for iname, i, may_be_same in ins:
-            if _overlap(o, i) and not (may_be_same and _same_view(o, i)):
-                raise ValueError(f"{oname} overlaps {iname}; it may only be {iname} itself (in place)"
-                                 if may_be_same else f"{oname} must not overlap {iname}")
+    # an output may be its own running input exactly (in place) and must not touch any other tensor
+    named = {"acc": acc, "acc_lse": acc_lse, "out": out, "lse": lse, "dst": dst, "dst_lse": dst_lse}
+    for oname, in_place in (("dst", "acc"), ("dst_lse", "acc_lse")):
+        for iname, t in named.items():
+            if iname == oname or (oname, iname) == ("dst_lse", "dst") or not _overlap(named[oname], t):
+                continue
+            if iname == in_place:
+                if not _same_view(named[oname], t):
+                    raise ValueError(f"{oname} overlaps {iname}; it may only be {iname} itself (in place)")
+            else:
+                raise ValueError(f"{oname} must not overlap {iname}")
     check_device(("acc", acc), ("acc_lse", acc_lse), ("out", out), ("lse", lse), ("dst", dst), ("dst_lse", dst_lse))
     if acc.numel() == 0:
         return dst, dst_lse

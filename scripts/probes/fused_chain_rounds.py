@@ -26,10 +26,9 @@ from tabulate import tabulate
 import specdec.fast as fast
 from specdec.fast.magicdec import FastMagicDecDrafter
 from specdec.fast.speculative import FastDraftModelDrafter
+from specdec.bench import load_questions
 from specdec.shared.tokenizer import encode_prompt, load_tokenizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PROMPTS = os.path.join(HERE, "..", "..", "shared", "assets", "prompts", "stdlib_code.jsonl")
 
 
 def main(argv=None) -> None:
@@ -48,8 +47,7 @@ def main(argv=None) -> None:
     tok = load_tokenizer("default")
     target = fast.load_model("default", dtype=dtype, device=a.device)
     draft = fast.load_model("default-draft", dtype=dtype, device=a.device)
-    with open(PROMPTS) as f:
-        texts = [json.loads(line)["turns"][0] for line in f if line.strip()][: a.questions]
+    texts = [q["turns"][0] for q in load_questions("stdlib_code", end=a.questions)]
     prompts = [torch.tensor([encode_prompt(tok, t)], device=a.device) for t in texts]
 
     def run(mode: str, ids: torch.Tensor):

@@ -13,8 +13,6 @@ on the bench's conversation prompt, and fast vanilla through the runner; prints 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -25,8 +23,6 @@ import specdec.fast as fast
 from specdec import bench
 from specdec.shared.tokenizer import encode_prompt, load_tokenizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PROMPTS = os.path.join(HERE, "..", "..", "shared", "assets", "prompts", "stdlib_code.jsonl")
 
 
 def main(argv=None) -> None:
@@ -39,8 +35,7 @@ def main(argv=None) -> None:
     tok = load_tokenizer("default")
     target = fast.load_model("default", dtype=dtype, device=a.device)
     draft = fast.load_model("default-draft", dtype=dtype, device=a.device)
-    with open(PROMPTS) as f:
-        qs = [json.loads(line) for line in f if line.strip()][: a.questions]
+    qs = bench.load_questions("stdlib_code", end=a.questions)
     eos = list(target.config.eos_token_ids)
     runners = {m: bench.SpecdecRunner(m, fast, target, draft if m == "speculative" else None, {"gamma": 5} if m == "speculative" else {},
                                       {"temperature": 0.0, "top_k": 0, "top_p": 1.0}, eos, a.device) for m in ("speculative", "vanilla")}
