@@ -32,13 +32,8 @@ import time
 from tabulate import tabulate
 
 from specdec.bench import load_questions
+from specdec.benchutil import distinct_ngram_share
 from specdec.cli import main as cli_main
-
-
-def distinct_4gram_share(ids: list[int]) -> float:
-    """Distinct 4-grams / all 4-grams of a token sequence (1.0 = never repeats a 4-gram)."""
-    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
-    return len(set(grams)) / len(grams) if grams else 1.0
 
 
 def run_cli(argv: list[str]) -> tuple[dict, float]:
@@ -82,7 +77,7 @@ def main() -> int:
                            tokens_per_s=obj["tokens_per_s"], vanilla_tokens_per_s=obj["vanilla"]["tokens_per_s"],
                            speedup=obj["speedup"], tau=obj["tau"], same_output_as_vanilla=obj["same_output_as_vanilla"],
                            tree_shape=obj.get("tree_shape"), draft_tree_capacity=obj.get("draft_tree_capacity"),
-                           distinct_4grams=distinct_4gram_share(obj["output_ids"]),
+                           distinct_4grams=distinct_ngram_share(obj["output_ids"], 4),
                            call_s=wall, completion=obj["completion"])
                 records.append(rec)
                 f.write(json.dumps(rec) + "\n")

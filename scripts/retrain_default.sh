@@ -55,10 +55,13 @@
 # MAXPOS=8192, TARGET_MIN=6, TARGET_SEQ1 (unset: one target phase at SEQ; e.g. 1024: a first phase at those
 # windows for TARGET_FRAC1=0.75 of TARGET_MIN, then SEQ-token windows from its weights at TARGET_LR2=6e-4 -- less
 # long-window copying, still real 8192 positions), DRAFT_MIN=2, GLIDE_SHORT_MIN=2.5,
-# GLIDE_LONG_MIN=2, TARGET_STEPS/DRAFT_STEPS/GLIDE_SHORT_STEPS/GLIDE_LONG_STEPS (0: from the minutes),
+# GLIDE_LONG_MIN=2, GLIDE_MORE_MIN=0 (> 0: a third GLIDE phase, 1024-token windows, distill 1.0, lr 6e-4, from the
+# long phase's weights; `ship` then ships it), TARGET_STEPS/DRAFT_STEPS/GLIDE_SHORT_STEPS/GLIDE_LONG_STEPS/GLIDE_MORE_STEPS
+# (0: from the minutes; TARGET_STEPS1/TARGET_STEPS2 fix the two phases' counts when TARGET_SEQ1 is set),
 # EVAL_TOKENS=262144 (held-out tokens per source evaluated during training; `eval` uses all),
 # TARGET_ARCH/DRAFT_ARCH (JSON overrides of the shapes; the 24 MiB budget leaves ~0.6M parameters of room),
-# DEVICE (default: cuda if available). $OUT (the device's return folder), when set, receives everything
+# LM_TOKENS=32768 / GLIDE_TOKENS=16384 (tokens per optimizer step of the LMs / the GLIDE draft; batch = tokens / window),
+# GLIDE_SEQ1=1024 (the GLIDE's short windows), DEVICE (default: cuda if available). $OUT (the device's return folder), when set, receives everything
 # under $RUN except the token streams and ship/ as one tar in 15 MiB parts, $OUT/retrain_state.tar.partNN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +82,13 @@ TARGET_STEPS=${TARGET_STEPS:-0}
 DRAFT_STEPS=${DRAFT_STEPS:-0}
 GLIDE_SHORT_STEPS=${GLIDE_SHORT_STEPS:-0}
 GLIDE_LONG_STEPS=${GLIDE_LONG_STEPS:-0}
+GLIDE_MORE_MIN=${GLIDE_MORE_MIN:-0}
+GLIDE_MORE_STEPS=${GLIDE_MORE_STEPS:-0}
+TARGET_STEPS1=${TARGET_STEPS1:-0}
+LM_TOKENS=${LM_TOKENS:-32768}
+GLIDE_TOKENS=${GLIDE_TOKENS:-16384}
+GLIDE_SEQ1=${GLIDE_SEQ1:-1024}
+TARGET_STEPS2=${TARGET_STEPS2:-0}
 EVAL_TOKENS=${EVAL_TOKENS:-262144}
 TOK=shared/assets/default/target
 ASSETS=${ASSETS:-shared/assets/default}  # (overridable for a dry run)
@@ -135,6 +145,14 @@ stdlib_root() {
   fi
 }
 
+glide_more() {  # 1 when a third GLIDE phase is asked for (GLIDE_MORE_MIN or GLIDE_MORE_STEPS > 0)
+  $PY -c "print(int(float('$GLIDE_MORE_MIN') > 0 or int('$GLIDE_MORE_STEPS') > 0))"
+}
+
+last_glide() {  # the GLIDE checkpoint the acceptance and ship stages use: the last phase that ran
+  if [ -d "$RUN/glide_more/glide" ]; then echo "$RUN/glide_more/glide"; else echo "$RUN/glide_long/glide"; fi
+}
+
 size_check() {  # size_check DIR: sum of every file's size <= 24 MiB
   $PY - "$1" "$BUDGET_BYTES" <<'PY'
 import os, sys
@@ -177,32 +195,40 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
     target)
       if [ -z "$TARGET_SEQ1" ]; then  # one phase at $SEQ
         step target $TD lm --which target --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} \
-          --seq "$SEQ" --max-positions "$MAXPOS" --batch $((32768 / SEQ)) --lr 2e-3 --warmup 100 \
+          --seq "$SEQ" --max-positions "$MAXPOS" --batch $((LM_TOKENS / SEQ)) --lr 2e-3 --warmup 100 \
           --target-minutes "$TARGET_MIN" --steps "$TARGET_STEPS" --eval-every 250 --eval-tokens "$EVAL_TOKENS"
       else  # phase 1 at $TARGET_SEQ1 for TARGET_FRAC1 of the time, phase 2 at $SEQ from its weights
         m1=$($PY -c "print(round($TARGET_MIN * $TARGET_FRAC1, 2))"); m2=$($PY -c "print(round($TARGET_MIN * (1 - $TARGET_FRAC1), 2))")
         step target_phase1 $TD lm --which target --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm_phase1" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
-          ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$TARGET_SEQ1" --max-positions "$TARGET_SEQ1" --batch $((32768 / TARGET_SEQ1)) \
-          --lr 2e-3 --warmup 100 --target-minutes "$m1" --eval-every 250 --eval-tokens "$EVAL_TOKENS"
+          ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$TARGET_SEQ1" --max-positions "$TARGET_SEQ1" --batch $((LM_TOKENS / TARGET_SEQ1)) \
+          --lr 2e-3 --warmup 100 --target-minutes "$m1" --steps "$TARGET_STEPS1" --eval-every 250 --eval-tokens "$EVAL_TOKENS"
         cp "$RUN/lm_phase1/summary.json" "$RUN/lm_phase1/target_summary.json"
         step target $TD lm --which target --init "$RUN/lm_phase1/target" --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" \
           ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" \
-          --batch $((32768 / SEQ)) --lr "$TARGET_LR2" --warmup 20 --target-minutes "$m2" --eval-every 250 --eval-tokens "$EVAL_TOKENS"
+          --batch $((LM_TOKENS / SEQ)) --lr "$TARGET_LR2" --warmup 20 --target-minutes "$m2" --steps "$TARGET_STEPS2" --eval-every 250 \
+          --eval-tokens "$EVAL_TOKENS"
       fi
       cp "$RUN/lm/summary.json" "$RUN/lm/target_summary.json"; mirror ;;
     draft)
       step draft $TD lm --which draft --teacher "$RUN/lm/target" --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" \
-        ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" --batch $((32768 / SEQ)) \
+        ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" --batch $((LM_TOKENS / SEQ)) \
         --draft-lr 3e-3 --warmup 100 --kd-weight 0.5 --draft-minutes "$DRAFT_MIN" --draft-steps "$DRAFT_STEPS" \
         --eval-every 250 --eval-tokens "$EVAL_TOKENS"
       cp "$RUN/lm/summary.json" "$RUN/lm/draft_summary.json"; mirror ;;
     glide)
       step glide_short $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_short" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
-        --seq 1024 --batch 16 --lr 1e-3 --warmup 50 --distill 0.5 --minutes "$GLIDE_SHORT_MIN" --steps "$GLIDE_SHORT_STEPS" \
+        --seq "$GLIDE_SEQ1" --batch $((GLIDE_TOKENS / GLIDE_SEQ1)) --lr 1e-3 --warmup 50 --distill 0.5 --minutes "$GLIDE_SHORT_MIN" --steps "$GLIDE_SHORT_STEPS" \
         --eval-every 500 --eval-tokens $((EVAL_TOKENS / 2))
       step glide_long $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_long" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
-        --init "$RUN/glide_short/glide" --seq "$SEQ" --batch $((16384 / SEQ)) --lr 6e-4 --warmup 50 --distill 1.0 \
-        --minutes "$GLIDE_LONG_MIN" --steps "$GLIDE_LONG_STEPS" --eval-every 250 --eval-tokens $((EVAL_TOKENS / 2)) ;;
+        --init "$RUN/glide_short/glide" --seq "$SEQ" --batch $((GLIDE_TOKENS / SEQ)) --lr 6e-4 --warmup 50 --distill 1.0 \
+        --minutes "$GLIDE_LONG_MIN" --steps "$GLIDE_LONG_STEPS" --eval-every 250 --eval-tokens $((EVAL_TOKENS / 2))
+      if [ "$(glide_more)" = 1 ]; then
+        step glide_more $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_more" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
+          --init "$RUN/glide_long/glide" --seq "$GLIDE_SEQ1" --batch $((GLIDE_TOKENS / GLIDE_SEQ1)) --lr 6e-4 --warmup 50 --distill 1.0 --minutes "$GLIDE_MORE_MIN" \
+          --steps "$GLIDE_MORE_STEPS" --eval-every 1000 --eval-tokens $((EVAL_TOKENS / 2))
+      else
+        rm -rf "$RUN/glide_more"   # a stale third phase must not be shipped with this run's first two
+      fi ;;
     eval)
       : > "$RUN/eval.jsonl"
       step eval_1024 $TD eval ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} --data "$RUN/data" --seq 1024 \
@@ -211,18 +237,19 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       grep -h '^{"model"' "$RUN/logs/eval_1024.log" "$RUN/logs/eval_long.log" >> "$RUN/eval.jsonl"
       cat "$RUN/eval.jsonl"; mirror ;;
     acceptance)
-      step acceptance $PY scripts/measure_acceptance.py --target "$RUN/lm/target" --glide "$RUN/glide_long/glide" \
+      step acceptance $PY scripts/measure_acceptance.py --target "$RUN/lm/target" --glide "$(last_glide)" \
         --bench stdlib_code --begin 10 --end 50 --max-new-tokens 96 --tree 32,32,32,32,32,32,32,32 ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ;;
     ship)
       ship="$RUN/ship"
       rm -rf "$ship"; mkdir -p "$ship/logs"
       cp -r "$RUN/lm/target" "$ship/target"
       cp -r "$RUN/lm/draft" "$ship/draft"
-      cp -r "$RUN/glide_long/glide" "$ship/glide"
+      cp -r "$(last_glide)" "$ship/glide"
       cp "$RUN/lm/target_log.jsonl" "$RUN/lm/draft_log.jsonl" "$ship/logs/"
       if [ -f "$RUN/lm_phase1/target_log.jsonl" ]; then cp "$RUN/lm_phase1/target_log.jsonl" "$ship/logs/target_phase1_log.jsonl"; fi
       cp "$RUN/glide_short/glide_log.jsonl" "$ship/logs/glide_log.jsonl"
       cp "$RUN/glide_long/glide_log.jsonl" "$ship/logs/glide_long_log.jsonl"
+      if [ -f "$RUN/glide_more/glide_log.jsonl" ]; then cp "$RUN/glide_more/glide_log.jsonl" "$ship/logs/glide_more_log.jsonl"; fi
       cp "$RUN/data/manifest.json" "$ship/logs/corpus_manifest.json"
       $PY - "$RUN" "$ship/logs/summary.json" <<'PY'
 import json, os, sys
@@ -231,7 +258,9 @@ def load(p):
     return json.load(open(p)) if os.path.isfile(p) else None
 s = [x for p in ("lm_phase1/target_summary.json", "lm/target_summary.json", "lm/draft_summary.json")
      for x in (load(os.path.join(run, p)) or [])]
-for p, what in (("glide_short/glide_summary.json", ""), ("glide_long/glide_summary.json", ", shipped")):
+more = load(os.path.join(run, "glide_more/glide_summary.json"))
+phases = [("glide_short/glide_summary.json", ""), ("glide_long/glide_summary.json", "" if more else ", shipped")]
+for p, what in phases + ([("glide_more/glide_summary.json", ", distilled further, shipped")] if more else []):
     g = load(os.path.join(run, p))
     if g:
         s.append({**g, "model": f"glide ({g['seq']}-token windows{what})"})

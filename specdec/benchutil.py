@@ -6,7 +6,8 @@
 * :data:`MODEL_SHAPES` -- the reference architectures (random weights: cost does not depend on values);
 * :func:`random_model` -- a :class:`~specdec.shared.weights.Model` of such a shape with random weights
   created directly on the device (no checkpoint, no Hugging Face model);
-* :func:`report` -- print a result table and write the records as JSONL.
+* :func:`report` -- print a result table and write the records as JSONL;
+* :func:`distinct_ngram_share` -- how repetitive a completion is (issue 21's distinct 4-gram measure).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from specdec.shared.config import ModelConfig
 from specdec.shared.weights import Model, expected_shapes
 
-__all__ = ["copy_bandwidth", "cuda_time_ms", "kernel_totals", "MODEL_SHAPES", "random_model", "report"]
+__all__ = ["copy_bandwidth", "cuda_time_ms", "kernel_totals", "MODEL_SHAPES", "random_model", "report",
+           "distinct_ngram_share"]
 
 
 def report(rows: list[list], headers: list[str], records: list[dict], out: str | None) -> None:
@@ -110,3 +112,12 @@ def random_model(shape: str | dict, dtype: torch.dtype = torch.bfloat16, device:
     if cfg.tie_word_embeddings:
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     return Model(cfg, weights, source=f"random:{shape if isinstance(shape, str) else 'custom'}")
+
+
+def distinct_ngram_share(ids: list[int], n: int = 4) -> float:
+    """Distinct n-grams / all n-grams of a token sequence (1.0: no n-gram repeats; a greedy loop drives it
+    towards 0). Sequences shorter than ``n`` count as 1.0."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0

@@ -1,0 +1,19 @@
+"""specdec.benchutil's repetition measure (issue 21's distinct 4-gram share of greedy completions)."""
+
+import pytest
+
+from specdec.benchutil import distinct_ngram_share
+
+
+def test_distinct_ngram_share_counts_repeated_ngrams():
+    assert distinct_ngram_share(list(range(10))) == 1.0                       # 7 4-grams, all distinct
+    loop = [1, 2, 3] * 8                                                       # 21 4-grams, 3 distinct
+    assert distinct_ngram_share(loop) == pytest.approx(3 / 21)
+    assert distinct_ngram_share([5] * 6, n=1) == pytest.approx(1 / 6)
+    assert distinct_ngram_share([1, 2, 1, 2], n=2) == pytest.approx(2 / 3)   # (1,2) (2,1) (1,2)
+
+
+def test_distinct_ngram_share_short_sequences_and_bad_n():
+    assert distinct_ngram_share([1, 2, 3]) == 1.0 and distinct_ngram_share([]) == 1.0
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        distinct_ngram_share([1, 2, 3], n=0)
