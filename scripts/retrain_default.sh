@@ -14,7 +14,9 @@
 #   draft       the 2-layer draft LM distilled from it, $DRAFT_MIN minutes (or $DRAFT_STEPS)
 #   glide       the GLIDE draft: 1024-token windows with anchor-offset positions up to 8192, distill 0.5,
 #               $GLIDE_SHORT_MIN min; then 8192-token windows (real long-context cross-attention), distill 1.0,
-#               $GLIDE_LONG_MIN min, from the first phase's weights
+#               $GLIDE_LONG_MIN min, from the first phase's weights (and the third phase when GLIDE_MORE_MIN/STEPS > 0)
+#   glide-more  only the third GLIDE phase (1024-token windows, distill 1.0, $GLIDE_MORE_MIN min) from $RUN/glide_long's
+#               weights: more training for an existing run's draft (carry runs/retrain/{lm,glide_short,glide_long})
 #   eval        held-out loss per source: shipped and new target/draft at 1024-token windows (today's
 #               measure), new ones at 8192 -> $RUN/eval.jsonl
 #   acceptance  the new GLIDE's measured acceptance (scripts/measure_acceptance.py, 40 prompts) -> its
@@ -38,6 +40,11 @@
 # Each call returns $RUN (no token streams, no ship/) as $OUT/retrain_state.tar.partNN. If the machine went
 # cold between calls, start the next one with `setup corpus` (packing is deterministic) and carry the
 # unpacked runs/retrain/lm (and glide_*) back: carry replaces those paths there.
+# Session 19 ran the same three calls on an H100 with STDLIB_REPEAT=6 TARGET_SEQ1=1024 (TARGET_MIN=7.12; BENCHMARKS
+# "Session 19: a second retrain"): the target qualified, its GLIDE draft (4.7 min) accepted less than the shipped one.
+# More GLIDE training for that run, one call (carry runs/stdlib_py311.tar.xz runs/retrain/lm runs/retrain/glide_short
+# runs/retrain/glide_long; ~82 s packing + the minutes + ~70 s acceptance):
+#   STDLIB_REPEAT=6 scripts/retrain_default.sh setup corpus; GLIDE_MORE_MIN=7 scripts/retrain_default.sh glide-more acceptance
 #
 # Token counts, ESTIMATED from the shipped run (H100, 1024-token windows: target 62.8 ms per 32k-token step
 # with evaluations, draft 37 ms, GLIDE 51.8 / 63.9 ms per 16k-token step plain / distilled; see
@@ -108,10 +115,10 @@ for a in "$@"; do
   case "$a" in
     --install) install=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
-    prep|setup|corpus|target|draft|glide|eval|acceptance|ship|ship-only) stages+=("$a") ;;
+    prep|setup|corpus|target|draft|glide|glide-more|eval|acceptance|ship|ship-only) stages+=("$a") ;;
     all) stages+=(setup corpus target draft glide eval ship) ;;
     *) echo "retrain_default.sh: unknown stage or flag '$a'; expected --install and stages among" \
-            "prep setup corpus target draft glide eval acceptance ship ship-only all" >&2; exit 2 ;;
+            "prep setup corpus target draft glide glide-more eval acceptance ship ship-only all" >&2; exit 2 ;;
   esac
 done
 [ ${#stages[@]} -gt 0 ] || { echo "usage: scripts/retrain_default.sh [--install] STAGE... (--help)" >&2; exit 2; }
@@ -147,6 +154,12 @@ stdlib_root() {
 
 glide_more() {  # 1 when a third GLIDE phase is asked for (GLIDE_MORE_MIN or GLIDE_MORE_STEPS > 0)
   $PY -c "print(int(float('$GLIDE_MORE_MIN') > 0 or int('$GLIDE_MORE_STEPS') > 0))"
+}
+
+run_glide_more() {  # the third GLIDE phase: 1024-token windows (GLIDE_SEQ1), distill 1.0, from the long phase
+  step glide_more $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_more" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
+    --init "$RUN/glide_long/glide" --seq "$GLIDE_SEQ1" --batch $((GLIDE_TOKENS / GLIDE_SEQ1)) --lr 6e-4 --warmup 50 --distill 1.0 \
+    --minutes "$GLIDE_MORE_MIN" --steps "$GLIDE_MORE_STEPS" --eval-every 1000 --eval-tokens $((EVAL_TOKENS / 2))
 }
 
 last_glide() {  # the GLIDE checkpoint the acceptance and ship stages use: the last phase that ran
@@ -222,13 +235,13 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       step glide_long $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_long" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
         --init "$RUN/glide_short/glide" --seq "$SEQ" --batch $((GLIDE_TOKENS / SEQ)) --lr 6e-4 --warmup 50 --distill 1.0 \
         --minutes "$GLIDE_LONG_MIN" --steps "$GLIDE_LONG_STEPS" --eval-every 250 --eval-tokens $((EVAL_TOKENS / 2))
-      if [ "$(glide_more)" = 1 ]; then
-        step glide_more $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_more" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
-          --init "$RUN/glide_long/glide" --seq "$GLIDE_SEQ1" --batch $((GLIDE_TOKENS / GLIDE_SEQ1)) --lr 6e-4 --warmup 50 --distill 1.0 --minutes "$GLIDE_MORE_MIN" \
-          --steps "$GLIDE_MORE_STEPS" --eval-every 1000 --eval-tokens $((EVAL_TOKENS / 2))
-      else
-        rm -rf "$RUN/glide_more"   # a stale third phase must not be shipped with this run's first two
+      if [ "$(glide_more)" = 1 ]; then run_glide_more
+      else rm -rf "$RUN/glide_more"   # a stale third phase must not be shipped with this run's first two
       fi ;;
+    glide-more)
+      [ "$(glide_more)" = 1 ] || { echo "glide-more needs GLIDE_MORE_MIN or GLIDE_MORE_STEPS > 0" >&2; exit 2; }
+      [ -d "$RUN/glide_long/glide" ] || { echo "glide-more continues $RUN/glide_long/glide, which is missing" >&2; exit 2; }
+      run_glide_more ;;
     eval)
       : > "$RUN/eval.jsonl"
       step eval_1024 $TD eval ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} --data "$RUN/data" --seq 1024 \

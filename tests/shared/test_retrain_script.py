@@ -48,7 +48,7 @@ def tiny_stdlib(tmp_path):
     return str(root)
 
 
-def _run(tmp_path, stdlib: str, *stages: str, **env: str) -> str:
+def _run(tmp_path, stdlib: str, *stages: str, rc: int = 0, **env: str) -> str:
     e = dict(os.environ, PYTHON=sys.executable, RUN=str(tmp_path / "run"), SOURCES="stdlib", STDLIB_ROOT=stdlib,
              SEQ="128", MAXPOS="128", TARGET_SEQ1="64", TARGET_STEPS1="2", TARGET_STEPS2="2", DRAFT_STEPS="2",
              GLIDE_SHORT_STEPS="2", GLIDE_LONG_STEPS="1", LM_TOKENS="256", GLIDE_TOKENS="256", GLIDE_SEQ1="64",
@@ -56,8 +56,8 @@ def _run(tmp_path, stdlib: str, *stages: str, **env: str) -> str:
              DEVICE="cpu", OMP_NUM_THREADS="1", **env)
     e.pop("OUT", None)
     p = subprocess.run(["bash", SCRIPT, *stages], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
+    assert p.returncode == rc, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout + p.stderr
 
 
 def _same_weights(a: str, b: str) -> bool:
@@ -90,3 +90,10 @@ def test_retrain_stages_wire_phases_and_ship_the_last_glide(tmp_path, tiny_stdli
     assert _same_weights(ship / "glide", run / "glide_long" / "glide")
     names = [s["model"] for s in json.load(open(ship / "logs" / "summary.json"))]
     assert names[-1] == "glide (128-token windows, shipped)", names
+    # the third phase alone, on the existing run (more training for a draft already trained)
+    long_before = load_file(str(run / "glide_long" / "glide" / "model.safetensors"))
+    _run(tmp_path, tiny_stdlib, "glide-more", "ship", GLIDE_MORE_STEPS="1")
+    assert _same_weights(ship / "glide", run / "glide_more" / "glide")
+    after = load_file(str(run / "glide_long" / "glide" / "model.safetensors"))
+    assert all((long_before[k] == after[k]).all() for k in after)   # the long phase itself is untouched
+    assert "glide-more needs GLIDE_MORE_MIN" in _run(tmp_path, tiny_stdlib, "glide-more", rc=2)
