@@ -13,7 +13,8 @@ benchmarks the same prompts whatever its Python version::
   train on (the held-out rule of ``scripts/default_corpus.py``): a file's opening lines, or the
   code before a ``def ...:`` line, to be continued;
 * ``stdlib_long``: the held-out files concatenated (``# ===== path =====`` headers) into prompts of
-  about 4k, 16k and 32k tokens, ending at a ``def ...:`` line.
+  about 4k, 16k and 32k tokens, and (appended later, so the older question ids stay) three of about 7.5k
+  tokens (category ``long_8k``: 7.5k + 512 new tokens fill an 8192-position model), ending at a ``def ...:`` line.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _def_lines(lines: list[str]) -> list[int]:
 
 
 def build_stdlib_prompt_sets(out_dir: str = PROMPTS_DIR, tokenizer: str = "default", root: str | None = None,
-                             long_lengths: Sequence[tuple[int, int]] = ((4096, 3), (16384, 2), (32768, 2)),
+                             long_lengths: Sequence[tuple[int, int]] = ((4096, 3), (16384, 2), (32768, 2), (7680, 3)),
                              context_tokens: int = 768) -> dict[str, int]:
     """Write ``stdlib_code.jsonl`` and ``stdlib_long.jsonl`` from the held-out stdlib files.
 
@@ -119,7 +120,7 @@ def build_stdlib_prompt_sets(out_dir: str = PROMPTS_DIR, tokenizer: str = "defau
                     files.append(f"{h}:1-{cut - 1}")
                     break
             text = "".join(parts)
-            longs.append({"question_id": qid, "category": f"long_{target_len // 1024}k", "turns": [text],
+            longs.append({"question_id": qid, "category": f"long_{round(target_len / 1024)}k", "turns": [text],
                           "source": {"files": files}, "prompt_tokens": ntok(text), "python": pyver})
             qid += 1
 

@@ -25,7 +25,8 @@ or the name of a set shipped in ``specdec/shared/assets/prompts/`` (see :data:`S
   train on (the held-out rule of ``scripts/default_corpus.py``): a file's opening lines, or the
   code before a ``def ...:`` line, to be continued;
 * ``stdlib_long``: the held-out files concatenated (``# ===== path =====`` headers) into prompts of
-  about 4k, 16k and 32k tokens, ending at a ``def ...:`` line. The embedded model was trained at
+  about 4k, 16k and 32k tokens (questions 0-6) and 7.5k (``long_8k``, questions 7-9), ending at a
+  ``def ...:`` line. The embedded model was trained at
   2048 positions: run it with ``--max-context`` (RoPE past its training length; speed is still
   meaningful, acceptance falls).
 

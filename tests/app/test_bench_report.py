@@ -174,9 +174,10 @@ def test_shipped_prompt_sets_are_held_out_and_small():
     assert all(q["prompt_tokens"] <= 1024 for q in code)  # fit the embedded model's 2048 positions with room to generate
     longs = bench.load_questions("stdlib_long")
     for q in longs:
-        n = int(q["category"].split("_")[1][:-1]) * 1024
+        n = 7680 if q["category"] == "long_8k" else int(q["category"].split("_")[1][:-1]) * 1024  # the build's target
         assert 0.9 * n <= q["prompt_tokens"] <= n
-    assert {q["category"] for q in longs} == {"long_4k", "long_16k", "long_32k"}
+    assert [q["category"] for q in longs] == ["long_4k"] * 3 + ["long_16k"] * 2 + ["long_32k"] * 2 + ["long_8k"] * 3
+    assert all(q["prompt_tokens"] + 512 <= 8192 for q in longs if q["category"] == "long_8k")  # room to generate
 
 
 # ---------------------------------------------------------------------------------------------
