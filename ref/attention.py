@@ -33,6 +33,7 @@ from einops import repeat
 
 __all__ = [
     "masked_attention",
+    "fused_masked_attention",
     "tree_attention",
     "tree_attention_full",
     "tree_attention_merged",
@@ -50,6 +51,40 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     out, _ = attention_with_lse(q, k, v, mask, sm_scale)
     return out
+
+
+def fused_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+    """:func:`masked_attention`, evaluated by torch's fused ``scaled_dot_product_attention``.
+
+    The same function (same shapes, GQA, a row with no visible key returns zeros), but the kernel never
+    holds the [B, Hq, T, S] score tensor: a prompt of 7.4k tokens costs ~0.35 s per layer on two CPU
+    cores instead of ~2.5 s (and ~1 GB of scores). The rounding differs from the explicit softmax
+    (fp32: ~1e-6), so the reference uses it only where no exactness rule looks: the prefill, which
+    vanilla and every speculative decoder share, and a draft model's catch-up (drafts are only
+    proposals). Every decode-phase pass -- steps and verifications -- keeps :func:`masked_attention`.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    k = repeat(k, "b h s d -> b (h g) s d", g=hq // hkv)
+    v = repeat(v, "b h s d -> b (h g) s d", g=hq // hkv)
+    t, s = q.shape[2], k.shape[2]
+    if t == s and torch.equal(mask, torch.ones(t, s, dtype=torch.bool, device=mask.device).tril().expand_as(mask)):
+        # A plain causal mask (one prompt, or prompts of one length): the kernel's own causal mode skips
+        # the key tiles above the diagonal (~3x faster than the same mask given as a tensor).
+        out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=sm_scale)
+        return out.to(q.dtype)
+    # SDPA has no defined output for a row with no visible key: give such a row one visible (zeroed)
+    # key so the kernel stays finite, then zero the row as masked_attention does.
+    empty = ~mask.any(dim=-1)                                                    # [B, T]
+    safe = mask.clone()
+    safe[..., 0] |= empty
+    unseen = ~mask.any(dim=-2)[:, None, :, None]                                 # keys no row may see
+    k, v = k.masked_fill(unseen, 0), v.masked_fill(unseen, 0)                    # (e.g. padding) carry nothing
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=safe[:, None], scale=sm_scale)
+    out = out.masked_fill(empty[:, None, :, None], 0)
+    return out.to(q.dtype)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

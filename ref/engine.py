@@ -107,7 +107,8 @@ def prefill_batch(target: Model, cache: KVCache, prompts: list[torch.Tensor]) ->
     # Causal, and only over the row's own tokens: padding is never a key of a real token.
     real = torch.arange(t, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]   # [B, T]
     mask = causal_mask(0, t, dev)[None] & rearrange(real, "b s -> b 1 s")                   # [B, T, T]
-    return forward_step(target, ids, cache, mask=mask)
+    # The prefill is shared by vanilla and every speculative decoder, so it may use the fused kernel.
+    return forward_step(target, ids, cache, mask=mask, fused_attention=True)
 
 
 def compact_batch(cache: KVCache, keep: list[torch.Tensor]) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from specdec.ref.attention import masked_attention
+from specdec.ref.attention import fused_masked_attention, masked_attention
 from specdec.shared.rope import apply_rope, rope_cos_sin
 from specdec.shared.weights import Model, load_checkpoint, model_from_hf
 
@@ -131,10 +131,13 @@ def swiglu_mlp(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str) -> torc
     return linear(F.silu(gate) * up, w, prefix + "down_proj")
 
 
-def attention_layer(model: Model, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, mask: torch.Tensor) -> torch.Tensor:
+def attention_layer(model: Model, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, mask: torch.Tensor,
+                    fused: bool = False) -> torch.Tensor:
     """Layer ``i``'s self-attention for new tokens x [B, T, H]; appends their K/V to ``cache``.
 
     ``mask`` is [B, T, S] (or [T, S]) over all S = past + T cache columns after the append.
+    ``fused``: evaluate the attention with :func:`fused_masked_attention` (the prefill) instead of the
+    written-out :func:`masked_attention`.
     """
     c, w, p = model.config, model.weights, f"layers.{i}.self_attn."
     # 1. Project to queries, keys and values and split the heads.
@@ -148,7 +151,7 @@ def attention_layer(model: Model, i: int, x: torch.Tensor, cos: torch.Tensor, si
         cache.k[i] = torch.cat([cache.k[i], k], dim=2)
         cache.v[i] = torch.cat([cache.v[i], v], dim=2)
         k, v = cache.k[i], cache.v[i]
-    out = masked_attention(q, k, v, mask)
+    out = (fused_masked_attention if fused else masked_attention)(q, k, v, mask)
     # 4. Merge heads and project back.
     return linear(rearrange(out, "b h t d -> b t (h d)"), w, p + "o_proj")
 
@@ -165,6 +168,7 @@ def forward_step(
     positions: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     return_hidden: bool = False,
+    fused_attention: bool = False,
 ):
     """Run new tokens through the model, appending their K/V to ``cache``.
 
@@ -174,6 +178,9 @@ def forward_step(
         positions: [T] or [B, T] RoPE positions; default ``past + arange(T)``.
         mask: [T, past + T] or [B, T, past + T] bool (True = attend); default causal.
         return_hidden: also return the final normed hidden states [B, T, H].
+        fused_attention: attend with torch's fused SDPA (:func:`fused_masked_attention`: the same
+            function without the [T, S] scores, rounded differently) -- for a prefill only; every
+            decode-phase pass uses the written-out softmax, so its rows keep one arithmetic.
 
     Returns:
         logits [B, T, V] in fp32 (and hidden states when asked).
@@ -189,7 +196,8 @@ def forward_step(
     x = embed(model, input_ids)
     for i in range(c.num_layers):
         p = f"layers.{i}."
-        x = x + attention_layer(model, i, rms_norm(x, w[p + "input_layernorm.weight"], c.rms_norm_eps), cos, sin, cache, mask)
+        x = x + attention_layer(model, i, rms_norm(x, w[p + "input_layernorm.weight"], c.rms_norm_eps), cos, sin, cache, mask,
+                                fused=fused_attention)
         x = x + swiglu_mlp(rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps), w, p + "mlp.")
     x = rms_norm(x, w["norm.weight"], c.rms_norm_eps)
     logits = F.linear(x, w["lm_head.weight"]).float()

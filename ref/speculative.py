@@ -71,7 +71,9 @@ class DraftModelDrafter:
         keep = min(keep, len(tokens) - 1)
         self.cache.truncate(keep)
         new = torch.tensor(tokens[keep:], dtype=torch.long, device=self.model.device)
-        logits = forward_step(self.model, rearrange(new, "t -> 1 t"), self.cache)
+        # (The draft model only proposes; verification decides. So its catch-up -- the whole prompt at
+        # first -- may take the fused attention kernel.)
+        logits = forward_step(self.model, rearrange(new, "t -> 1 t"), self.cache, fused_attention=True)
         self.cached = list(tokens)
         return logits[0, -1]
 

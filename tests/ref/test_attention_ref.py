@@ -15,7 +15,7 @@ import torch
 
 from helpers import make_hf_model
 from specdec.ref import forward, forward_step, masked_attention, tree_attention, tree_attention_full, tree_attention_merged
-from specdec.ref.attention import attention_with_lse, merge_attention
+from specdec.ref.attention import attention_with_lse, fused_masked_attention, merge_attention
 from specdec.ref.model import new_cache
 from specdec.shared.tree import Tree
 from specdec.shared.weights import model_from_hf
@@ -174,6 +174,54 @@ def test_masked_attention_matches_sdpa(hq, hkv):
     assert torch.allclose(masked_attention(q, k, v, mask), expected, atol=1e-5)
     # a [T, S] mask broadcasts over the batch
     assert torch.allclose(masked_attention(q, k, v, mask[0]), masked_attention(q, k, v, mask[0].expand(2, 5, 9)))
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (4, 1)])
+@pytest.mark.parametrize("kind", ["causal", "ragged", "random"])
+def test_fused_masked_attention_is_masked_attention(hq, hkv, kind):
+    """The prefill's fused evaluation computes the written-out function: causal masks (the kernel's own
+    causal mode), a ragged batch's causal-and-real mask, and arbitrary masks with rows that see no key
+    (zeros, as masked_attention) -- with inf/NaN poison in keys no row may see."""
+    g = torch.Generator().manual_seed(hq * 7 + hkv)
+    t = 12
+    q, k, v = (torch.randn(3, h, t, 16, generator=g) for h in (hq, hkv, hkv))
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    if kind == "causal":
+        mask = causal.expand(3, t, t)
+    elif kind == "ragged":
+        real = torch.arange(t)[None, :] < torch.tensor([12, 7, 1])[:, None]
+        mask = causal[None] & real[:, None, :]
+    else:
+        mask = torch.rand(3, t, t, generator=g) > 0.5
+        mask[1, 4] = False                                   # a row that sees nothing
+        mask[:, :, 9] = False                                # a key no row sees: poison it
+        k[:, :, 9] = float("nan")
+        v[:, :, 9] = float("inf")
+    want = masked_attention(q, k, v, mask)
+    got = fused_masked_attention(q, k, v, mask)
+    assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-5)
+    if kind == "random":
+        assert torch.equal(got[1, :, 4], torch.zeros_like(got[1, :, 4]))
+    # a [T, S] mask broadcasts; 16-bit inputs come back in their dtype
+    assert torch.allclose(fused_masked_attention(q, k, v, mask[0]), masked_attention(q, k, v, mask[0]), atol=1e-5)
+    got16 = fused_masked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert got16.dtype == torch.bfloat16 and torch.allclose(got16.float(), masked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float(), atol=2e-2)
+
+
+def test_prefill_uses_the_fused_attention_and_decode_passes_do_not(monkeypatch):
+    """The rule of fused_masked_attention's docstring: the ref prefill (and a draft model's catch-up) take
+    it, every decode-phase pass -- steps, verifications -- takes the written-out masked_attention."""
+    import specdec.ref.model as ref_model
+    from specdec.ref import vanilla_generate
+
+    calls = []
+    real_fused, real_plain = ref_model.fused_masked_attention, ref_model.masked_attention
+    monkeypatch.setattr(ref_model, "fused_masked_attention", lambda q, *a: calls.append(("fused", q.shape[2])) or real_fused(q, *a))
+    monkeypatch.setattr(ref_model, "masked_attention", lambda q, *a: calls.append(("plain", q.shape[2])) or real_plain(q, *a))
+    model = model_from_hf(make_hf_model("llama", seed=3, vocab=64, kv_heads=1))
+    layers = model.config.num_layers
+    vanilla_generate(model, torch.tensor([[3, 4, 5, 6, 7]]), 5, max_gen_len=3, eos_id=[])
+    assert calls == [("fused", 5)] * layers + [("plain", 1)] * (2 * layers)
 
 
 # ---------------------------------------------------------------------------------------------
