@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from specdec.ref.attention import masked_attention
+from specdec.ref.attention import fused_masked_attention, masked_attention
 from specdec.ref.engine import run_speculative
 from specdec.ref.model import Model, embed, linear, rms_norm, swiglu_mlp
 from specdec.shared.glide import GLIDE_WINDOW, Glide, GlideConfig, beam_level, load_glide_weights
@@ -156,6 +156,7 @@ def glide_layer(
     target_k: torch.Tensor,
     target_v: torch.Tensor,
     cross_mask: torch.Tensor,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The draft layer on new tokens, masks given explicitly (decoding, trees, training, tests).
 
@@ -165,6 +166,8 @@ def glide_layer(
         self_mask: [T, P + T] or [B, T, P + T] bool over (past rows, new rows).
         target_k, target_v: [B, Hkv, N, D] the target's last-layer cache (post-RoPE), as stored.
         cross_mask: [T, N] or [B, T, N] bool over target rows.
+        fused: both attentions through :func:`~specdec.ref.attention.fused_masked_attention` (the same
+            function without the score tensors; for catching up over a prompt, and training).
 
     Returns:
         (hidden [B, T, H] before the lm_head, k_new, v_new [B, Hkv, T, D] the new tokens' draft K/V).
@@ -182,14 +185,15 @@ def glide_layer(
     q, k_new = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
     k = k_new if past_k is None else torch.cat([past_k.to(k_new.dtype), k_new], dim=2)
     v = v_new if past_v is None else torch.cat([past_v.to(v_new.dtype), v_new], dim=2)
-    o = masked_attention(q, k, v, self_mask)
+    attend = fused_masked_attention if fused else masked_attention
+    o = attend(q, k, v, self_mask)
     x = x + linear(rearrange(o, "b h t d -> b t (h d)"), w, "self_attn.o_proj")
 
     # 3. Cross-attention: only the query is projected (and rotated at its own position); keys and
     #    values are the target's last-layer cache exactly as stored.
     h = rms_norm(x, w["post_self_attention_layernorm.weight"], c.rms_norm_eps)
     q = apply_rope(rearrange(linear(h, w, "cross_attn.q_proj"), "b t (h d) -> b h t d", d=c.head_dim), cos, sin)
-    o = masked_attention(q, target_k, target_v, cross_mask)
+    o = attend(q, target_k, target_v, cross_mask)
     x = x + linear(rearrange(o, "b h t d -> b t (h d)"), w, "cross_attn.o_proj")
 
     # 4. SwiGLU MLP.
@@ -227,6 +231,7 @@ def glide_full_forward(
     positions: torch.Tensor | None = None,
     lag: int | torch.Tensor = 1,
     window: int | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Brute-force draft logits over whole sequences, no cache: the definition the incremental
     decoding must match, and the training forward.
@@ -235,6 +240,7 @@ def glide_full_forward(
     rows j <= i - lag (decoding = lag 1: target positions < t). ``lag`` is an int or a [B] tensor.
     ``target_k``/``target_v`` [B, Hkv, T, D] are the target's last-layer K/V over the same tokens.
     Returns logits [B, T, V] fp32 ([B, T, N] over the draft vocabulary when ``glide`` has one).
+    ``fused``: attend through the fused kernel (training; see :func:`glide_layer`).
     """
     b, t = input_ids.shape
     dev = input_ids.device
@@ -247,7 +253,8 @@ def glide_full_forward(
     lag_t = torch.as_tensor(lag, device=dev).reshape(-1, 1, 1)
     cross_mask = (idx[None, :, None] - idx[None, None, :]) >= lag_t  # [B or 1, T, T]
     cross_mask = cross_mask.expand(b, t, t)
-    hidden, _, _ = glide_layer(target, glide, input_ids, positions, None, None, self_mask, target_k, target_v, cross_mask)
+    hidden, _, _ = glide_layer(target, glide, input_ids, positions, None, None, self_mask, target_k, target_v, cross_mask,
+                               fused=fused)
     return glide_logits(target, hidden, glide)
 
 
@@ -311,7 +318,9 @@ class GlideDrafter:
             self_mask = window_mask(pos, torch.cat([self.cache.pos, pos]), window)
             # Cross: a query at position t sees target positions < t (all of [0, L) for the root).
             cross_mask = torch.arange(L, device=dev)[None, :] < pos[:, None]
-            h, k, v = glide_layer(self.target, self.glide, ids, pos, self.cache.k, self.cache.v, self_mask, target_k, target_v, cross_mask)
+            # (The draft only proposes, so catching up over a prompt may take the fused attention.)
+            h, k, v = glide_layer(self.target, self.glide, ids, pos, self.cache.k, self.cache.v, self_mask, target_k, target_v,
+                                  cross_mask, fused=True)
             self.cache.append(k, v, pos)
             hidden = h[0, -1]
         self.processed = L + 1

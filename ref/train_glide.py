@@ -162,7 +162,8 @@ def target_last_layer_kv(target: Model, input_ids: torch.Tensor, positions: torc
     x = embed(target, input_ids)
     for i in range(c.num_layers - 1):
         p = f"layers.{i}."
-        x = x + attention_layer(target, i, rms_norm(x, w[p + "input_layernorm.weight"], c.rms_norm_eps), cos, sin, None, mask)
+        x = x + attention_layer(target, i, rms_norm(x, w[p + "input_layernorm.weight"], c.rms_norm_eps), cos, sin, None, mask,
+                                fused=True)   # as the prefill computes it
         x = x + swiglu_mlp(rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps), w, p + "mlp.")
     p = f"layers.{c.num_layers - 1}."
     h = rms_norm(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
@@ -181,7 +182,7 @@ def target_kv_and_logits(target: Model, input_ids: torch.Tensor, positions: torc
     """A full causal pass of the target at ``positions``: its last layer's keys and values
     [B, Hkv, T, D] (as :func:`target_last_layer_kv`) and its logits [B, T, V] (fp32)."""
     cache = new_cache(target, input_ids.shape[0])
-    logits = forward_step(target, input_ids, cache, positions=positions)
+    logits = forward_step(target, input_ids, cache, positions=positions, fused_attention=True)   # a prefill
     return cache.k[-1], cache.v[-1], logits
 
 
@@ -209,7 +210,7 @@ def glide_loss(target: Model, glide: Glide, input_ids: torch.Tensor, positions: 
         tk, tv, target_logits = target_kv_and_logits(target, input_ids, positions)
     else:
         tk, tv = target_last_layer_kv(target, input_ids, positions)
-    logits = glide_full_forward(target, glide, input_ids, tk, tv, positions=positions, lag=lag)  # [B, T, V or N]
+    logits = glide_full_forward(target, glide, input_ids, tk, tv, positions=positions, lag=lag, fused=True)  # [B, T, V or N]
     # 1. Cross-entropy: the draft's logits at t against the text's token t + 1 (as a draft id; tokens
     #    outside a truncated vocabulary are -100 and skipped).
     draft = rearrange(logits[:, :-1], "b t v -> (b t) v").float()

@@ -196,6 +196,35 @@ def test_greedy_tree_and_chain_equal_vanilla(family, seed):
         assert res.tolist() == want, gamma
 
 
+def test_catch_up_and_training_take_the_fused_attention_tree_levels_do_not(monkeypatch):
+    """The draft's catch-up over emitted tokens (a whole prompt at first) and the training forward attend
+    through fused_masked_attention; the tree levels through the written-out masked_attention. The fused
+    catch-up gives the written-out one's hidden states (the same function, rounded differently)."""
+    import specdec.ref.glide as ref_glide
+
+    target, glide = _pair("llama", 3, vocab=12, window=6)
+    prompt = _prompt(12, 15, 3)
+    calls = []
+    real_fused, real_plain = ref_glide.fused_masked_attention, ref_glide.masked_attention
+    monkeypatch.setattr(ref_glide, "fused_masked_attention", lambda q, *a: calls.append(("fused", q.shape[2])) or real_fused(q, *a))
+    monkeypatch.setattr(ref_glide, "masked_attention", lambda q, *a: calls.append(("plain", q.shape[2])) or real_plain(q, *a))
+    tree_spec_generate(target, glide, prompt, prompt.shape[1], tree_shape=(2, 2, 1), max_gen_len=12, eos_id=[])
+    # first round: the catch-up over positions 0..15 in window-sized chunks (6, 6, 4), self + cross each;
+    # then the two tree levels that need a draft forward (the beam keeps 2 nodes each), self + cross each
+    assert calls[:6] == [("fused", 6)] * 2 + [("fused", 6)] * 2 + [("fused", 4)] * 2
+    assert calls[6:10] == [("plain", 2)] * 4
+    assert calls[10][0] == "fused"   # the next round starts with a catch-up over what was accepted
+    calls.clear()
+    ids = prompt[:, :12]
+    cache = new_cache(target, 1)
+    forward_step(target, ids, cache)
+    tk, tv = cache.k[-1], cache.v[-1]
+    fused = glide_full_forward(target, glide, ids, tk, tv, fused=True)
+    assert calls == [("fused", 12)] * 2
+    plain = glide_full_forward(target, glide, ids, tk, tv)
+    assert torch.allclose(fused, plain, atol=1e-4)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_greedy_many_seeds_and_eos(seed):
     family = ("llama", "qwen2")[seed % 2]
