@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 
 __all__ = [
     "masked_attention",
@@ -95,22 +95,26 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     """
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    # 1. Give every query head its KV head (GQA: groups of Hq // Hkv query heads share one).
-    k = repeat(k, "b h s d -> b (h g) s d", g=hq // hkv)
-    v = repeat(v, "b h s d -> b (h g) s d", g=hq // hkv)
+    # 1. Group the query heads by the KV head they read (GQA: groups of Hq // Hkv query heads share one),
+    #    so K and V are used as stored, never copied per query head.
+    qg = rearrange(q.float(), "b (h g) t d -> b h g t d", g=hq // hkv)
     # 2. Scores in fp32, masked to -inf where the mask forbids.
-    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scale
+    scores = torch.einsum("bhgtd,bhsd->bhgts", qg, k.float()) * scale
     if mask.dim() == 2:
         mask = mask.unsqueeze(0)
-    scores = scores.masked_fill(~mask[:, None, :, :], float("-inf"))
-    # Rows no query may see (e.g. unused cache rows of a ragged batch) must not leak NaN/inf via 0 * v.
-    v = v.masked_fill(~mask.any(dim=-2)[:, None, :, None], 0)
+    scores = scores.masked_fill(~rearrange(mask, "b t s -> b 1 1 t s"), float("-inf"))
+    # Keys no query may see (e.g. unused cache rows of a ragged batch) must not leak NaN/inf via 0 * v.
+    unseen = ~mask.any(dim=-2)                                                   # [B, S]
+    v = v.float()
+    if unseen.any():
+        v = v.masked_fill(rearrange(unseen, "b s -> b 1 s 1"), 0)
     # 3. Log-sum-exp per row and the normalised weights (a fully masked row gets weight 0).
     lse = torch.logsumexp(scores, dim=-1)
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     weights = torch.exp(scores - safe_lse[..., None])
-    out = torch.einsum("bhts,bhsd->bhtd", weights, v.float())
-    return out.to(q.dtype), lse
+    out = torch.einsum("bhgts,bhsd->bhgtd", weights, v)
+    out = rearrange(out, "b h g t d -> b (h g) t d")
+    return out.to(q.dtype), rearrange(lse, "b h g t -> b (h g) t")
 
 
 def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
