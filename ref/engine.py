@@ -114,12 +114,16 @@ def prefill_batch(target: Model, cache: KVCache, prompts: list[torch.Tensor]) ->
 def compact_batch(cache: KVCache, keep: list[torch.Tensor]) -> None:
     """Step 4 for a batch: row b keeps the cache columns ``keep[b]`` (1-D long, in order) in EVERY
     layer; rows shorter than the longest are padded by repeating column 0 (never attended)."""
-    width = max(int(k.shape[0]) for k in keep)
-    idx = torch.stack([torch.cat([k, k.new_zeros(width - k.shape[0])]) for k in keep])  # [B, width]
+    # Columns [0, m) that every row keeps where they are (the shortest row's verified prefix) are kept
+    # as a slice; only the columns after them are gathered (a round's accepted path, a few rows).
+    m = min(int((k == torch.arange(k.shape[0], device=k.device)).cumprod(0).sum()) for k in keep)
+    tails = [k[m:] for k in keep]
+    width = max(int(t.shape[0]) for t in tails)
+    idx = torch.stack([torch.cat([t, t.new_zeros(width - t.shape[0])]) for t in tails])  # [B, width]
     idx = rearrange(idx, "b s -> b 1 s 1")
     gather = lambda t: torch.gather(t, 2, idx.expand(-1, t.shape[1], -1, t.shape[3]))  # noqa: E731
-    cache.k = [gather(t) for t in cache.k]
-    cache.v = [gather(t) for t in cache.v]
+    cache.k = [torch.cat([t[:, :, :m], gather(t)], dim=2) for t in cache.k]
+    cache.v = [torch.cat([t[:, :, :m], gather(t)], dim=2) for t in cache.v]
 
 
 def select_rows(cache: KVCache, rows: list[int]) -> None:

@@ -155,3 +155,27 @@ def test_tree_sampling_lossless_and_test_has_power(monkeypatch):
     monkeypatch.setattr(round_rules, "tree_sampling_accept", broken)
     res = chi_square_test(collect_samples(decode, p, 400, 3, 1.0, seed=1), exact)
     assert res.pvalue < 1e-6, res
+
+
+def test_compact_batch_equals_a_gather_of_every_kept_column():
+    """compact_batch keeps the common in-place prefix as a slice and gathers the rest: the result equals
+    a plain gather of every kept column (ragged rows padded with column 0), in every layer."""
+    from einops import rearrange
+
+    from specdec.ref.engine import compact_batch
+    from specdec.ref.model import KVCache
+
+    g = torch.Generator().manual_seed(0)
+    layers, b, h, s, d = 2, 3, 2, 12, 4
+    k = [torch.randn(b, h, s, d, generator=g) for _ in range(layers)]
+    v = [torch.randn(b, h, s, d, generator=g) for _ in range(layers)]
+    for keep in ([torch.tensor([0, 1, 2, 3, 8, 10]), torch.tensor([0, 1, 8, 9]), torch.tensor([0, 1, 2, 8])],   # ragged prefixes
+                 [torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11])] * 3,                                           # one long prefix
+                 [torch.tensor([5, 6]), torch.tensor([0, 1]), torch.tensor([0])]):                              # none in place
+        width = max(len(x) for x in keep)
+        idx = torch.stack([torch.cat([x, x.new_zeros(width - len(x))]) for x in keep])
+        want = lambda t: torch.gather(t, 2, rearrange(idx, "b s -> b 1 s 1").expand(-1, h, -1, d))  # noqa: E731
+        cache = KVCache(k=list(k), v=list(v))
+        compact_batch(cache, keep)
+        assert all(torch.equal(a, want(t)) for a, t in zip(cache.k, k))
+        assert all(torch.equal(a, want(t)) for a, t in zip(cache.v, v))
