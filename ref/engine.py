@@ -113,17 +113,17 @@ def prefill_batch(target: Model, cache: KVCache, prompts: list[torch.Tensor]) ->
 
 def compact_batch(cache: KVCache, keep: list[torch.Tensor]) -> None:
     """Step 4 for a batch: row b keeps the cache columns ``keep[b]`` (1-D long, in order) in EVERY
-    layer; rows shorter than the longest are padded by repeating column 0 (never attended)."""
-    # Columns [0, m) that every row keeps where they are (the shortest row's verified prefix) are kept
-    # as a slice; only the columns after them are gathered (a round's accepted path, a few rows).
-    m = min(int((k == torch.arange(k.shape[0], device=k.device)).cumprod(0).sum()) for k in keep)
-    tails = [k[m:] for k in keep]
-    width = max(int(t.shape[0]) for t in tails)
-    idx = torch.stack([torch.cat([t, t.new_zeros(width - t.shape[0])]) for t in tails])  # [B, width]
-    idx = rearrange(idx, "b s -> b 1 s 1")
-    gather = lambda t: torch.gather(t, 2, idx.expand(-1, t.shape[1], -1, t.shape[3]))  # noqa: E731
-    cache.k = [torch.cat([t[:, :, :m], gather(t)], dim=2) for t in cache.k]
-    cache.v = [torch.cat([t[:, :, :m], gather(t)], dim=2) for t in cache.v]
+    layer. The kept columns move to the front of the row, in place, and the cache is cut to the longest
+    row; a shorter row's columns after its own length hold stale values (never attended: every mask
+    hides a row's columns past its length)."""
+    for b, cols in enumerate(keep):
+        # The columns a row keeps where they already are (its verified prefix) stay untouched; only the
+        # ones after them -- a round's accepted path, a few columns -- are copied forward.
+        m = int((cols == torch.arange(cols.shape[0], device=cols.device)).cumprod(0).sum())
+        if m < cols.shape[0]:
+            for t in cache.k + cache.v:
+                t[b, :, m : cols.shape[0]] = t[b, :, cols[m:]]   # the right side is gathered before the write
+    cache.truncate(max(int(cols.shape[0]) for cols in keep))
 
 
 def select_rows(cache: KVCache, rows: list[int]) -> None:

@@ -158,10 +158,9 @@ def test_tree_sampling_lossless_and_test_has_power(monkeypatch):
 
 
 def test_compact_batch_equals_a_gather_of_every_kept_column():
-    """compact_batch keeps the common in-place prefix as a slice and gathers the rest: the result equals
-    a plain gather of every kept column (ragged rows padded with column 0), in every layer."""
-    from einops import rearrange
-
+    """compact_batch moves each row's kept columns to its front in place (copying only those after the
+    row's in-place prefix): every row's first len(keep[b]) columns equal a plain gather of its kept
+    columns, in every layer, and the cache is cut to the longest row."""
     from specdec.ref.engine import compact_batch
     from specdec.ref.model import KVCache
 
@@ -171,11 +170,11 @@ def test_compact_batch_equals_a_gather_of_every_kept_column():
     v = [torch.randn(b, h, s, d, generator=g) for _ in range(layers)]
     for keep in ([torch.tensor([0, 1, 2, 3, 8, 10]), torch.tensor([0, 1, 8, 9]), torch.tensor([0, 1, 2, 8])],   # ragged prefixes
                  [torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11])] * 3,                                           # one long prefix
-                 [torch.tensor([5, 6]), torch.tensor([0, 1]), torch.tensor([0])]):                              # none in place
-        width = max(len(x) for x in keep)
-        idx = torch.stack([torch.cat([x, x.new_zeros(width - len(x))]) for x in keep])
-        want = lambda t: torch.gather(t, 2, rearrange(idx, "b s -> b 1 s 1").expand(-1, h, -1, d))  # noqa: E731
-        cache = KVCache(k=list(k), v=list(v))
+                 [torch.tensor([5, 6]), torch.tensor([0, 1]), torch.tensor([0])],                               # none in place
+                 [torch.tensor([0, 3, 1, 2])] * 3):                                                             # a column moves back
+        cache = KVCache(k=[t.clone() for t in k], v=[t.clone() for t in v])
         compact_batch(cache, keep)
-        assert all(torch.equal(a, want(t)) for a, t in zip(cache.k, k))
-        assert all(torch.equal(a, want(t)) for a, t in zip(cache.v, v))
+        assert cache.length == max(len(x) for x in keep)
+        for got, src in zip(cache.k + cache.v, k + v):
+            for row, cols in enumerate(keep):
+                assert torch.equal(got[row, :, : len(cols)], src[row, :, cols])
