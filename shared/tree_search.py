@@ -87,8 +87,8 @@ ACCEPTANCE_FILE = "acceptance.json"
 """Where a GLIDE checkpoint directory keeps its :class:`AcceptanceStats` (next to the weights)."""
 
 ACCEPTANCE_FORMAT = "specdec_acceptance/1"
-COST_FORMAT = "specdec_cost/3"   # /2: each shape the fastest of its repeats; /3: the reference attention without
-# per-head K/V copies (session 19) changed the ref costs. Bump it whenever a path's costs change: cached models of an
+COST_FORMAT = "specdec_cost/4"   # /2: each shape the fastest of its repeats; /3: the reference attention without
+# per-head K/V copies (session 19) changed the ref costs; /4: the ref's in-place compaction (session 20). Bump it whenever a path's costs change: cached models of an
 # older format are measured again.
 
 MAX_AUTO_NODES = 127
