@@ -66,13 +66,13 @@ def fused_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     hq, hkv = q.shape[1], k.shape[1]
     if mask.dim() == 2:
         mask = mask.unsqueeze(0)
-    k = repeat(k, "b h s d -> b (h g) s d", g=hq // hkv)
-    v = repeat(v, "b h s d -> b (h g) s d", g=hq // hkv)
+    gqa = hq != hkv        # the kernel reads KV head h // (Hq // Hkv) itself: K and V are never copied per query head
     t, s = q.shape[2], k.shape[2]
     if t == s and torch.equal(mask, torch.ones(t, s, dtype=torch.bool, device=mask.device).tril().expand_as(mask)):
         # A plain causal mask (one prompt, or prompts of one length): the kernel's own causal mode skips
         # the key tiles above the diagonal (~3x faster than the same mask given as a tensor).
-        out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=sm_scale)
+        out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=sm_scale,
+                                                               enable_gqa=gqa)
         return out.to(q.dtype)
     # SDPA has no defined output for a row with no visible key: give such a row one visible (zeroed)
     # key so the kernel stays finite, then zero the row as masked_attention does.
@@ -80,9 +80,10 @@ def fused_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     safe = mask.clone()
     safe[..., 0] |= empty
     unseen = ~mask.any(dim=-2)[:, None, :, None]                                 # keys no row may see
-    k, v = k.masked_fill(unseen, 0), v.masked_fill(unseen, 0)                    # (e.g. padding) carry nothing
+    if unseen.any():                                                             # (e.g. padding) carry nothing
+        k, v = k.masked_fill(unseen, 0), v.masked_fill(unseen, 0)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), attn_mask=safe[:, None], scale=sm_scale)
+        q.float(), k.float(), v.float(), attn_mask=safe[:, None], scale=sm_scale, enable_gqa=gqa)
     out = out.masked_fill(empty[:, None, :, None], 0)
     return out.to(q.dtype)
 
