@@ -167,7 +167,8 @@ def glide_layer(
         target_k, target_v: [B, Hkv, N, D] the target's last-layer cache (post-RoPE), as stored.
         cross_mask: [T, N] or [B, T, N] bool over target rows.
         fused: both attentions through :func:`~specdec.ref.attention.fused_masked_attention` (the same
-            function without the score tensors; for catching up over a prompt, and training).
+            function without the score tensors, rounded differently): the drafter's passes (catch-up and
+            beam levels: drafts are only proposals) and training; the written-out form is the definition.
 
     Returns:
         (hidden [B, T, H] before the lm_head, k_new, v_new [B, Hkv, T, D] the new tokens' draft K/V).
@@ -388,7 +389,9 @@ class GlideDrafter:
             cross_mask = torch.ones(n, L, dtype=torch.bool, device=dev)
             past_k = self.cache.k if tree_k is None else torch.cat([self.cache.k, tree_k], dim=2)
             past_v = self.cache.v if tree_v is None else torch.cat([self.cache.v, tree_v], dim=2)
-            h, k, v = glide_layer(self.target, self.glide, new_tokens.to(dev)[None], pos, past_k, past_v, self_mask, target_k, target_v, cross_mask)
+            #    (a draft pass, like the catch-up: it may take the fused attention)
+            h, k, v = glide_layer(self.target, self.glide, new_tokens.to(dev)[None], pos, past_k, past_v, self_mask, target_k, target_v,
+                                  cross_mask, fused=True)
             tree_k = k if tree_k is None else torch.cat([tree_k, k], dim=2)
             tree_v = v if tree_v is None else torch.cat([tree_v, v], dim=2)
             logprobs = self._scores(glide_logits(self.target, h[0], self.glide), state, L + level + 2)  # [n, V or N]

@@ -196,10 +196,11 @@ def test_greedy_tree_and_chain_equal_vanilla(family, seed):
         assert res.tolist() == want, gamma
 
 
-def test_catch_up_and_training_take_the_fused_attention_tree_levels_do_not(monkeypatch):
-    """The draft's catch-up over emitted tokens (a whole prompt at first) and the training forward attend
-    through fused_masked_attention; the tree levels through the written-out masked_attention. The fused
-    catch-up gives the written-out one's hidden states (the same function, rounded differently)."""
+def test_every_drafter_pass_and_training_take_the_fused_attention(monkeypatch):
+    """The draft's catch-up over emitted tokens (a whole prompt at first), its tree levels and the training
+    forward attend through fused_masked_attention (drafts are only proposals); the written-out
+    masked_attention stays the definition (glide_full_forward's default), which the fused forward matches
+    (the same function, rounded differently)."""
     import specdec.ref.glide as ref_glide
 
     target, glide = _pair("llama", 3, vocab=12, window=6)
@@ -212,7 +213,7 @@ def test_catch_up_and_training_take_the_fused_attention_tree_levels_do_not(monke
     # first round: the catch-up over positions 0..15 in window-sized chunks (6, 6, 4), self + cross each;
     # then the two tree levels that need a draft forward (the beam keeps 2 nodes each), self + cross each
     assert calls[:6] == [("fused", 6)] * 2 + [("fused", 6)] * 2 + [("fused", 4)] * 2
-    assert calls[6:10] == [("plain", 2)] * 4
+    assert calls[6:10] == [("fused", 2)] * 4
     assert calls[10][0] == "fused"   # the next round starts with a catch-up over what was accepted
     calls.clear()
     ids = prompt[:, :12]
