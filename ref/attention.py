@@ -59,9 +59,9 @@ def fused_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     The same function (same shapes, GQA, a row with no visible key returns zeros), but the kernel never
     holds the [B, Hq, T, S] score tensor: a prompt of 7.4k tokens costs ~0.35 s per layer on two CPU
     cores instead of ~2.5 s (and ~1 GB of scores). The rounding differs from the explicit softmax
-    (fp32: ~1e-6), so the reference uses it only where no exactness rule looks (the prefill, drafters'
-    catch-ups, GLIDE training: docs/design.md §6 lists them). Every decode-phase pass -- steps and
-    verifications -- keeps :func:`masked_attention`.
+    (fp32: ~1e-6), so the reference uses it only where no exactness rule looks (the prefill, every
+    pass of a drafter, GLIDE training: docs/design.md §6 lists them). Every decode-phase pass of the
+    target -- steps and verifications -- keeps :func:`masked_attention`.
     """
     hq, hkv = q.shape[1], k.shape[1]
     if mask.dim() == 2:

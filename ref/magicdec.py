@@ -70,11 +70,13 @@ class MagicDecDrafter:
         rows = streaming_rows(L, self.sink_tokens, self.window, dev)
         scratch = KVCache(k=[k.index_select(2, rows) for k in cache.k], v=[v.index_select(2, rows) for v in cache.v])
 
-        # 2. Draft gamma tokens one by one at their true positions L, L + 1, ...
+        # 2. Draft gamma tokens one by one at their true positions L, L + 1, ... (draft passes: only
+        #    proposals, so they may take the fused attention)
         tokens = [state.tokens[-1]]
         qs = [torch.zeros(target.config.vocab_size, device=dev)]  # q of the root: unused
         for i in range(gamma):
-            logits = forward_step(target, torch.tensor([[tokens[-1]]], device=dev), scratch, positions=torch.tensor([L + i], device=dev))[0, -1]
+            logits = forward_step(target, torch.tensor([[tokens[-1]]], device=dev), scratch, positions=torch.tensor([L + i], device=dev),
+                                  fused_attention=True)[0, -1]
             if p.greedy:
                 tokens.append(int(torch.argmax(logits)))
             elif p.keyed:  # the compressed view's own keyed choice for position L + i + 1

@@ -179,8 +179,9 @@ def forward_step(
         mask: [T, past + T] or [B, T, past + T] bool (True = attend); default causal.
         return_hidden: also return the final normed hidden states [B, T, H].
         fused_attention: attend with torch's fused SDPA (:func:`fused_masked_attention`: the same
-            function without the [T, S] scores, rounded differently) -- for a prefill only; every
-            decode-phase pass uses the written-out softmax, so its rows keep one arithmetic.
+            function without the [T, S] scores, rounded differently) -- for a prefill and a drafter's
+            passes only; every decode-phase pass of the target (steps, verifications) uses the
+            written-out softmax, so its rows keep one arithmetic.
 
     Returns:
         logits [B, T, V] in fp32 (and hidden states when asked).

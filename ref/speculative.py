@@ -71,8 +71,8 @@ class DraftModelDrafter:
         keep = min(keep, len(tokens) - 1)
         self.cache.truncate(keep)
         new = torch.tensor(tokens[keep:], dtype=torch.long, device=self.model.device)
-        # (The draft model only proposes; verification decides. So its catch-up -- the whole prompt at
-        # first -- may take the fused attention kernel.)
+        # (The draft model only proposes; verification decides. So its passes -- this catch-up, the whole
+        # prompt at first, and the draft steps below -- may take the fused attention kernel.)
         logits = forward_step(self.model, rearrange(new, "t -> 1 t"), self.cache, fused_attention=True)
         self.cached = list(tokens)
         return logits[0, -1]
@@ -98,7 +98,7 @@ class DraftModelDrafter:
                 qs.append(q)
             if i + 1 < gamma:  # the last draft's logits are never needed
                 step = torch.tensor([[x]], dtype=torch.long, device=self.model.device)
-                logits = forward_step(self.model, step, self.cache)[0, -1]
+                logits = forward_step(self.model, step, self.cache, fused_attention=True)[0, -1]
                 self.cached.append(x)
         # The root's row of q is never used (the root is not a draft); keep it zero.
         vocab = self.model.config.vocab_size

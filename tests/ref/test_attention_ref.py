@@ -224,6 +224,31 @@ def test_prefill_uses_the_fused_attention_and_decode_passes_do_not(monkeypatch):
     assert calls == [("fused", 5)] * layers + [("plain", 1)] * (2 * layers)
 
 
+def test_draft_model_passes_take_the_fused_attention_and_verifications_do_not(monkeypatch):
+    """A draft model's passes (its catch-up and its draft steps) and MagicDec's draft steps are proposals:
+    they take fused_masked_attention; the target's verification of their drafts takes masked_attention."""
+    import specdec.ref.model as ref_model
+    from specdec.ref import magicdec_generate, speculative_generate
+
+    calls = []
+    real_fused, real_plain = ref_model.fused_masked_attention, ref_model.masked_attention
+    monkeypatch.setattr(ref_model, "fused_masked_attention", lambda q, *a: calls.append(("fused", q.shape[2])) or real_fused(q, *a))
+    monkeypatch.setattr(ref_model, "masked_attention", lambda q, *a: calls.append(("plain", q.shape[2])) or real_plain(q, *a))
+    target = model_from_hf(make_hf_model("llama", seed=3, vocab=64, kv_heads=1))
+    draft = model_from_hf(make_hf_model("llama", seed=4, vocab=64, kv_heads=1))
+    layers = target.config.num_layers
+    prompt = torch.tensor([[3, 4, 5, 6, 7]])
+    speculative_generate(target, draft, prompt, 5, gamma=3, max_gen_len=8, eos_id=[])
+    # target prefill (5 rows); the draft's catch-up over the prompt and first token (6), its two draft steps
+    # (the third draft needs no forward), all fused; then the target verifies root + 3 drafts, written out
+    assert calls[: 4 * layers] == [("fused", 5)] * layers + [("fused", 6)] * layers + [("fused", 1)] * (2 * layers)
+    assert calls[4 * layers : 5 * layers] == [("plain", 4)] * layers
+    calls.clear()
+    magicdec_generate(target, prompt, 5, gamma=2, sink_tokens=1, window=2, max_gen_len=8, eos_id=[])
+    # target prefill; the two draft steps over the compressed cache; the verification of root + 2 drafts
+    assert calls[: 4 * layers] == [("fused", 5)] * layers + [("fused", 1)] * (2 * layers) + [("plain", 3)] * layers
+
+
 # ---------------------------------------------------------------------------------------------
 # Tree verification through the model: every node's logits equal its root-to-node path run causally
 # ---------------------------------------------------------------------------------------------
