@@ -27,7 +27,8 @@ PROMPT = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8]
 
 
 def _pair(seed):
-    m = tiny_model("llama", vocab=VOCAB, layers=1, hidden=128, heads=2, kv_heads=1, seed=seed, init_std=0.3, max_pos=2048)
+    # hidden 64 (head_dim 32): the interpreter's work per pass is half of hidden 128's
+    m = tiny_model("llama", vocab=VOCAB, layers=1, hidden=64, heads=2, kv_heads=1, seed=seed, init_std=0.3, max_pos=2048)
     return m, fast.as_fast_model(m)
 
 
@@ -109,7 +110,7 @@ GLIDE_PROMPTS = [
 def flat_models():
     """A vocabulary-16 target and GLIDE draft with small weights (flat distributions): keyed drafts are
     accepted often, unkeyed ones rarely -- what the coupling tests need to see a difference."""
-    target = tiny_model("llama", vocab=16, layers=1, hidden=128, heads=2, kv_heads=1, seed=1, init_std=0.05, max_pos=2048)
+    target = tiny_model("llama", vocab=16, layers=1, hidden=64, heads=2, kv_heads=1, seed=1, init_std=0.05, max_pos=2048)
     glide = init_glide_weights(target.config, window=8, seed=3, std=0.05)
     return target, fast.as_fast_model(target), glide
 
@@ -221,7 +222,7 @@ def test_fast_longspec_classes_pass_sampling_and_seed(tmp_path):
     from specdec.shared.glide import save_glide
 
     target_dir = make_tiny_model_dir(tmp_path, family="llama", vocab=VOCAB, layers=1, heads=2, kv_heads=1,
-                                     hidden=128, head_dim=64, seed=7)
+                                     hidden=64, head_dim=32, seed=7)
     glide_dir = save_glide(init_glide_weights(ref.load_model(target_dir).config, seed=8, std=0.3), tmp_path / "glide")
     model = fast.LlamaGlide(None, target_dir, str(glide_dir))
     ids = torch.tensor([PROMPT])

@@ -25,7 +25,8 @@ REPETITIVE = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
 
 
 def _model(family, seed, device="cpu", dtype=torch.float32):
-    m = tiny_model(family, vocab=VOCAB, layers=1, hidden=128, heads=2, kv_heads=1, seed=seed, init_std=0.3, max_pos=2048)
+    hidden = 64 if device == "cpu" else 128   # the Triton interpreter's work per pass halves at hidden 64 (head_dim 32)
+    m = tiny_model(family, vocab=VOCAB, layers=1, hidden=hidden, heads=2, kv_heads=1, seed=seed, init_std=0.3, max_pos=2048)
     m.weights = {k: v.to(device=device, dtype=dtype) for k, v in m.weights.items()}
     return m
 
@@ -110,8 +111,9 @@ def _round_lengths(prompt_len: int, accept_lengths: list[int]) -> list[int]:
 @pytest.mark.parametrize("prompt,max_gen_len", [(REPETITIVE, 12), (REPETITIVE[:2], 10)], ids=["view-full", "view-growing"])
 def test_fused_magicdec_round_equals_unfused_reference_and_vanilla(prompt, max_gen_len, monkeypatch):
     """sink 2 + window 6: a 17-token prompt has a full view from the first round (one shape, every round
-    fused); a 2-token one grows its view round by round, those rounds stepwise, then fuses once it fills."""
-    target = _model("llama", 5)
+    fused); a 2-token one grows its view round by round, those rounds stepwise, then fuses once it fills.
+    Seed 20: the full view's rounds accept 3, 0, 1, 1, 0, 0 drafts (catch-ups of 4, 1 and 2 tokens)."""
+    target = _model("llama", 20)
     ft = fast.as_fast_model(target)
     ids = torch.tensor([prompt])
     kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=max_gen_len, eos_id=[], gamma=3, sink_tokens=2, window=6)

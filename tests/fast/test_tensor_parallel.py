@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 
 from lossless import tiny_hf_model, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; the ranks run on one thread each too
+
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
 NEW = 6
 
@@ -57,7 +59,10 @@ def _decoders(fast, draft, glides=None, trees=None):
     }
 
 
-TARGET = dict(vocab=67, layers=2, hidden=128, heads=4, kv_heads=2, seed=1, init_std=0.3, max_pos=256, intermediate=256)
+# head_dim 16 and MLP 128 (the CPU interpreter's cost grows with the widths); still two layers: one layer's
+# all-reduced output feeds the next, and GLIDE reads the last layer's per-rank cache
+TARGET = dict(vocab=67, layers=2, hidden=64, heads=4, kv_heads=2, seed=1, init_std=0.3, max_pos=256, intermediate=128)
+HEAD_DIM = TARGET["hidden"] // TARGET["heads"]
 
 
 def _target_hf():
@@ -66,9 +71,9 @@ def _target_hf():
 
 
 def _models():
-    # 4 query heads, 2 KV heads, MLP 256: divisible by 2 ranks; qwen2 for the q/k/v biases
+    # 4 query heads, 2 KV heads, MLP 128: divisible by 2 ranks; qwen2 for the q/k/v biases
     target = tiny_model("qwen2", **TARGET)   # vocab 67: the lm_head shards are padded
-    draft = tiny_model("llama", vocab=67, layers=1, hidden=128, heads=2, kv_heads=1, seed=2, init_std=0.3, max_pos=256)
+    draft = tiny_model("llama", vocab=67, layers=1, hidden=64, heads=2, kv_heads=1, seed=2, init_std=0.3, max_pos=256)
     return target, draft
 
 
@@ -154,10 +159,10 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, keep: list[i
         tp = TensorParallel(rank=rank, world=world)
         _check_reductions(tp)
         fm = fast.as_fast_model(target, tp=tp)
-        assert fm.w["layers.0.wqkv"].shape[0] == (4 + 2 * 2) * 32 // world      # this rank's heads only
+        assert fm.w["layers.0.wqkv"].shape[0] == (4 + 2 * 2) * HEAD_DIM // world      # this rank's heads only
         glides, trees = _glides(target, keep), {}
         fg = fast.glide.as_fast_glide(glides[0], tp=tp)
-        assert fg.w["wqkv"].shape[0] == fg.w["wq_x"].shape[0] * 2 == (4 + 2 * 2) * 32 // world   # the draft's too
+        assert fg.w["wqkv"].shape[0] == fg.w["wq_x"].shape[0] * 2 == (4 + 2 * 2) * HEAD_DIM // world   # the draft's too
         loaded = fast.load_glide(os.path.join(out_dir, "glide"), fm, window=8)           # from disk: the same slice
         assert loaded.tp is tp and loaded.w.keys() == fg.w.keys() and all(torch.equal(loaded.w[k], fg.w[k]) for k in fg.w)
         ids = torch.tensor([PROMPT])
@@ -192,17 +197,28 @@ def test_tp2_gives_tp1_tokens_for_every_decoder():
     kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=NEW, eos_id=[])
     trees: dict = {}
     keep = fast.vanilla_generate(target, **kw, **KEYED).output_ids[0].tolist()     # the small vocabulary holds these
-    want = {name: run(target, kw).output_ids for name, run in _decoders(fast, draft, _glides(target, keep), trees).items()}
-    assert all(torch.equal(want[k], want["vanilla"]) for k in ("speculative", "pld", "logitspec", "magicdec", "spec", "tree"))
-    assert torch.equal(want["magicdec keyed"], want["vanilla keyed"])               # lossless
-    assert torch.equal(want["tree keyed small vocab"], want["vanilla keyed"])
     with tempfile.TemporaryDirectory() as tmp:
         from specdec.shared.glide import save_glide
 
         save_glide(_glides(target, keep)[0], os.path.join(tmp, "glide"))
         _target_hf().save_pretrained(os.path.join(tmp, "target"))
-        mp.start_processes(_rank_main, args=(2, os.path.join(tmp, "init"), tmp, keep), nprocs=2, join=True, start_method="spawn")
+        # the two ranks decode while this process computes the TP = 1 reference (three one-thread processes
+        # share the cores instead of the reference running first with the ranks' share idle)
+        ctx = mp.start_processes(_rank_main, args=(2, os.path.join(tmp, "init"), tmp, keep), nprocs=2, join=False,
+                                 start_method="spawn")
+        try:
+            want = {name: run(target, kw).output_ids for name, run in _decoders(fast, draft, _glides(target, keep), trees).items()}
+        except BaseException:
+            for p in ctx.processes:
+                p.terminate()
+                p.join()
+            raise
+        while not ctx.join():
+            pass
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    assert all(torch.equal(want[k], want["vanilla"]) for k in ("speculative", "pld", "logitspec", "magicdec", "spec", "tree"))
+    assert torch.equal(want["magicdec keyed"], want["vanilla keyed"])               # lossless
+    assert torch.equal(want["tree keyed small vocab"], want["vanilla keyed"])
     for name, tokens in want.items():
         if name == "vanilla keyed":   # the TP = 1 reference of the keyed decoders only
             continue
