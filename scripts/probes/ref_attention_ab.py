@@ -3,8 +3,14 @@
 
     python3 scripts/probes/ref_attention_ab.py --rev a12d267 --contexts 1024 7400 --rows 1 21 \
         --out runs/ref_attention_ab.jsonl
+    # the fused kernel's wrapper against an older revision's, on a drafter's shapes and a prefill
+    python3 scripts/probes/ref_attention_ab.py --rev 486d2c3 --function fused_masked_attention --contexts 768 --rows 3
+    # written-out against fused in this checkout (the baseline is another function of the same revision)
+    python3 scripts/probes/ref_attention_ab.py --rev HEAD --baseline-function masked_attention \
+        --function fused_masked_attention --contexts 515 1024 --rows 3 8
 
-``attention_with_lse`` of both versions (the old one loaded from ``git show REV:ref/attention.py``) on the
+``--function`` (default ``attention_with_lse``) of this checkout against ``--baseline-function`` (default: the same
+name) of the revision, both versions (the old one loaded from ``git show REV:ref/attention.py``) on the
 shapes one decode-phase pass of the embedded model's layer sees: Hq 4, Hkv 2, head dim 64, fp32, M query
 rows (1: a step; 21: the ``auto`` tree (3, 2, 2)) at the end of a causal cache of S keys. The two are
 interleaved, best of ``--repeats`` x 20 calls, CPU with ``--threads`` torch threads; also the largest
@@ -57,10 +63,16 @@ def main() -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 21])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--function", default="attention_with_lse", help="the function of this checkout's ref/attention.py to time")
+    ap.add_argument("--baseline-function", default=None, help="the revision's function to time against (default: --function)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    base_name = args.baseline_function or args.function
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731  (attention_with_lse returns (out, lse))
+    new_fn = lambda *a: first(getattr(new_attention, args.function)(*a))  # noqa: E731
     torch.set_num_threads(args.threads)
     old = load_old(args.rev)
+    old_fn = lambda *a: first(getattr(old, base_name)(*a))  # noqa: E731
     g = torch.Generator().manual_seed(0)
     rows, records = [], []
     for s in args.contexts:
@@ -68,16 +80,15 @@ def main() -> int:
             q = torch.randn(1, 4, m, 64, generator=g)
             k, v = torch.randn(1, 2, s, 64, generator=g), torch.randn(1, 2, s, 64, generator=g)
             mask = torch.arange(s)[None, :] <= torch.arange(s - m, s)[:, None]          # [M, S] causal at the end
-            o_old, _ = old.attention_with_lse(q, k, v, mask)
-            o_new, _ = new_attention.attention_with_lse(q, k, v, mask)
+            o_old, o_new = old_fn(q, k, v, mask), new_fn(q, k, v, mask)
             t_old = t_new = float("inf")
             for _ in range(2):   # interleaved
-                t_old = min(t_old, best_ms(lambda: old.attention_with_lse(q, k, v, mask), args.repeats))
-                t_new = min(t_new, best_ms(lambda: new_attention.attention_with_lse(q, k, v, mask), args.repeats))
+                t_old = min(t_old, best_ms(lambda: old_fn(q, k, v, mask), args.repeats))
+                t_new = min(t_new, best_ms(lambda: new_fn(q, k, v, mask), args.repeats))
             diff = (o_old - o_new).abs().max().item()
-            records.append(dict(rev=args.rev, keys=s, rows=m, old_ms=t_old, new_ms=t_new, max_abs_diff=diff, threads=args.threads))
+            records.append(dict(rev=args.rev, baseline=base_name, function=args.function, keys=s, rows=m, old_ms=t_old, new_ms=t_new, max_abs_diff=diff, threads=args.threads))
             rows.append([s, m, f"{t_old:.3f}", f"{t_new:.3f}", f"{t_old / t_new:.2f}x", f"{diff:.1e}"])
-    report(rows, ["keys", "query rows", f"{args.rev} ms", "this checkout ms", "speedup", "max |out diff|"], records, args.out)
+    report(rows, ["keys", "query rows", f"{args.rev} {base_name} ms", f"this checkout {args.function} ms", "speedup", "max |out diff|"], records, args.out)
     return 0
 
 
