@@ -136,8 +136,8 @@ def attention_layer(model: Model, i: int, x: torch.Tensor, cos: torch.Tensor, si
     """Layer ``i``'s self-attention for new tokens x [B, T, H]; appends their K/V to ``cache``.
 
     ``mask`` is [B, T, S] (or [T, S]) over all S = past + T cache columns after the append.
-    ``fused``: evaluate the attention with :func:`fused_masked_attention` (the prefill) instead of the
-    written-out :func:`masked_attention`.
+    ``fused``: evaluate the attention with :func:`fused_masked_attention` (a prefill, a drafter's passes)
+    instead of the written-out :func:`masked_attention`.
     """
     c, w, p = model.config, model.weights, f"layers.{i}.self_attn."
     # 1. Project to queries, keys and values and split the heads.

@@ -87,9 +87,10 @@ ACCEPTANCE_FILE = "acceptance.json"
 """Where a GLIDE checkpoint directory keeps its :class:`AcceptanceStats` (next to the weights)."""
 
 ACCEPTANCE_FORMAT = "specdec_acceptance/1"
-COST_FORMAT = "specdec_cost/4"   # /2: each shape the fastest of its repeats; /3: the reference attention without
-# per-head K/V copies (session 19) changed the ref costs; /4: the ref's in-place compaction (session 20). Bump it whenever a path's costs change: cached models of an
-# older format are measured again.
+COST_FORMAT = "specdec_cost/4"
+# Bump it whenever a path's round costs change: cached cost models of an older format are measured again.
+# /2: each shape the fastest of its repeats; /3: the reference attention without per-head K/V copies (session 19);
+# /4: the reference's in-place compaction and fused drafter passes (session 20).
 
 MAX_AUTO_NODES = 127
 """Draft nodes an automatic shape may use: the fast path verifies at most 128 nodes (root included)."""

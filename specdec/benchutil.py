@@ -7,7 +7,8 @@
 * :func:`random_model` -- a :class:`~specdec.shared.weights.Model` of such a shape with random weights
   created directly on the device (no checkpoint, no Hugging Face model);
 * :func:`report` -- print a result table and write the records as JSONL;
-* :func:`distinct_ngram_share` -- how repetitive a completion is (issue 21's distinct 4-gram measure).
+* :func:`distinct_ngram_share` -- how repetitive a completion is (issue 21's distinct 4-gram measure);
+* :func:`question_prompts` -- a prompt set's questions with their first turn tokenised for the embedded model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from specdec.shared.config import ModelConfig
 from specdec.shared.weights import Model, expected_shapes
 
 __all__ = ["copy_bandwidth", "cuda_time_ms", "kernel_totals", "MODEL_SHAPES", "random_model", "report",
-           "distinct_ngram_share"]
+           "distinct_ngram_share", "question_prompts"]
 
 
 def report(rows: list[list], headers: list[str], records: list[dict], out: str | None) -> None:
@@ -121,3 +122,13 @@ def distinct_ngram_share(ids: list[int], n: int = 4) -> float:
         raise ValueError(f"n must be >= 1, got {n}")
     grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def question_prompts(bench: str = "stdlib_code", begin: int = 0, end: int | None = None) -> list[tuple[dict, torch.Tensor]]:
+    """Questions ``[begin, end)`` of a prompt set, each with its first turn encoded by the embedded default
+    model's tokenizer as ``input_ids`` [1, T] -- the prompts the CPU front-door probes decode."""
+    from specdec.bench import load_questions
+    from specdec.shared.tokenizer import encode_prompt, load_tokenizer
+
+    tok = load_tokenizer("default")
+    return [(q, torch.tensor([encode_prompt(tok, q["turns"][0])])) for q in load_questions(bench, begin, end)]

@@ -31,6 +31,8 @@ def worker(args: argparse.Namespace) -> None:
     """One arm on one prompt: print one JSON line."""
     import torch
 
+    # (only APIs that older revisions have too: this runs inside the old arm's package; so not
+    # benchutil.question_prompts, which is newer)
     from specdec import ref
     from specdec.bench import load_questions
     from specdec.shared.tokenizer import encode_prompt, load_tokenizer

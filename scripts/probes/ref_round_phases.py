@@ -18,8 +18,7 @@ import torch
 import specdec.ref.engine as engine
 import specdec.ref.glide as ref_glide
 from specdec import ref
-from specdec.bench import load_questions
-from specdec.shared.tokenizer import encode_prompt, load_tokenizer
+from specdec.benchutil import question_prompts
 
 PHASES = [(ref_glide.GlideDrafter, "propose", "draft"), (ref_glide.GlideDrafter, "_catch_up", "catch-up"),
           (ref_glide, "glide_layer", "draft layer"), (engine, "verify_batch", "verify"), (engine, "accept_draft", "accept"),
@@ -51,10 +50,8 @@ def main() -> int:
     shape = tuple(int(x) for x in args.tree_shape.split(","))
     target = ref.load_model("default")
     glide = ref.load_glide("default-glide", target=target)
-    tok = load_tokenizer("default")
     n = args.max_new_tokens
-    for q in load_questions("stdlib_code", args.begin, args.end):
-        ids = torch.tensor([encode_prompt(tok, q["turns"][0])])
+    for q, ids in question_prompts("stdlib_code", args.begin, args.end):
         t = ids.shape[1]
         ref.tree_spec_generate(target, glide, ids, t, tree_shape=shape, max_gen_len=8)   # warm-up
         rv = ref.vanilla_generate(target, ids, t, max_gen_len=n)

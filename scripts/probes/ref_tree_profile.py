@@ -15,8 +15,7 @@ import pstats
 import torch
 
 from specdec import ref
-from specdec.bench import load_questions
-from specdec.shared.tokenizer import encode_prompt, load_tokenizer
+from specdec.benchutil import question_prompts
 
 
 def main() -> int:
@@ -31,8 +30,7 @@ def main() -> int:
     shape = tuple(int(x) for x in args.tree_shape.split(","))
     target = ref.load_model("default")
     glide = ref.load_glide("default-glide", target=target)
-    q = load_questions("stdlib_code", args.question, args.question + 1)[0]
-    ids = torch.tensor([encode_prompt(load_tokenizer("default"), q["turns"][0])])
+    _, ids = question_prompts("stdlib_code", args.question, args.question + 1)[0]
     ref.tree_spec_generate(target, glide, ids, ids.shape[1], tree_shape=shape, max_gen_len=16)   # warm-up
     prof = cProfile.Profile()
     prof.enable()
