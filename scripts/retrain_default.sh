@@ -15,6 +15,9 @@
 #   glide       the GLIDE draft: 1024-token windows with anchor-offset positions up to 8192, distill 0.5,
 #               $GLIDE_SHORT_MIN min; then 8192-token windows (real long-context cross-attention), distill 1.0,
 #               $GLIDE_LONG_MIN min, from the first phase's weights (and the third phase when GLIDE_MORE_MIN/STEPS > 0)
+#   target-more continue $RUN/lm/target (from any earlier session: carry runs/retrain/lm) at $SEQ-token windows for
+#               $TARGET_MORE_MIN minutes (or $TARGET_MORE_STEPS) at lr $TARGET_LR2; the result replaces $RUN/lm/target
+#               (its log: $RUN/lm/target_more_log.jsonl). Its drafts then need `draft glide` again.
 #   glide-more  only the third GLIDE phase (1024-token windows, distill 1.0, $GLIDE_MORE_MIN min) from $RUN/glide_long's
 #               weights: more training for an existing run's draft (carry runs/retrain/{lm,glide_short,glide_long})
 #   eval        held-out loss per source: shipped and new target/draft at 1024-token windows (today's
@@ -62,7 +65,7 @@
 # MAXPOS=8192, TARGET_MIN=6, TARGET_SEQ1 (unset: one target phase at SEQ; e.g. 1024: a first phase at those
 # windows for TARGET_FRAC1=0.75 of TARGET_MIN, then SEQ-token windows from its weights at TARGET_LR2=6e-4 -- less
 # long-window copying, still real 8192 positions), DRAFT_MIN=2, GLIDE_SHORT_MIN=2.5,
-# GLIDE_LONG_MIN=2, GLIDE_MORE_MIN=0 (> 0: a third GLIDE phase, 1024-token windows, distill 1.0, lr 6e-4, from the
+# GLIDE_LONG_MIN=2, TARGET_MORE_MIN=0 / TARGET_MORE_STEPS=0 (the target-more stage's length), GLIDE_MORE_MIN=0 (> 0: a third GLIDE phase, 1024-token windows, distill 1.0, lr 6e-4, from the
 # long phase's weights; `ship` then ships it), TARGET_STEPS/DRAFT_STEPS/GLIDE_SHORT_STEPS/GLIDE_LONG_STEPS/GLIDE_MORE_STEPS
 # (0: from the minutes; TARGET_STEPS1/TARGET_STEPS2 fix the two phases' counts when TARGET_SEQ1 is set),
 # EVAL_TOKENS=262144 (held-out tokens per source evaluated during training; `eval` uses all),
@@ -90,6 +93,8 @@ DRAFT_STEPS=${DRAFT_STEPS:-0}
 GLIDE_SHORT_STEPS=${GLIDE_SHORT_STEPS:-0}
 GLIDE_LONG_STEPS=${GLIDE_LONG_STEPS:-0}
 GLIDE_MORE_MIN=${GLIDE_MORE_MIN:-0}
+TARGET_MORE_MIN=${TARGET_MORE_MIN:-0}
+TARGET_MORE_STEPS=${TARGET_MORE_STEPS:-0}
 GLIDE_MORE_STEPS=${GLIDE_MORE_STEPS:-0}
 TARGET_STEPS1=${TARGET_STEPS1:-0}
 LM_TOKENS=${LM_TOKENS:-32768}
@@ -115,10 +120,10 @@ for a in "$@"; do
   case "$a" in
     --install) install=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
-    prep|setup|corpus|target|draft|glide|glide-more|eval|acceptance|ship|ship-only) stages+=("$a") ;;
+    prep|setup|corpus|target|target-more|draft|glide|glide-more|eval|acceptance|ship|ship-only) stages+=("$a") ;;
     all) stages+=(setup corpus target draft glide eval ship) ;;
     *) echo "retrain_default.sh: unknown stage or flag '$a'; expected --install and stages among" \
-            "prep setup corpus target draft glide glide-more eval acceptance ship ship-only all" >&2; exit 2 ;;
+            "prep setup corpus target target-more draft glide glide-more eval acceptance ship ship-only all" >&2; exit 2 ;;
   esac
 done
 [ ${#stages[@]} -gt 0 ] || { echo "usage: scripts/retrain_default.sh [--install] STAGE... (--help)" >&2; exit 2; }
@@ -222,6 +227,22 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
           --eval-tokens "$EVAL_TOKENS"
       fi
       cp "$RUN/lm/summary.json" "$RUN/lm/target_summary.json"; mirror ;;
+    target-more)
+      $PY -c "import sys; sys.exit(0 if float('$TARGET_MORE_MIN') > 0 or int('$TARGET_MORE_STEPS') > 0 else 1)" ||
+        { echo "target-more needs TARGET_MORE_MIN or TARGET_MORE_STEPS > 0" >&2; exit 2; }
+      [ -d "$RUN/lm/target" ] || { echo "target-more continues $RUN/lm/target, which is missing" >&2; exit 2; }
+      rm -rf "$RUN/lm_more"
+      step target_more $TD lm --which target --init "$RUN/lm/target" --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm_more" \
+        ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" \
+        --batch $((LM_TOKENS / SEQ)) --lr "$TARGET_LR2" --warmup 20 --target-minutes "$TARGET_MORE_MIN" --steps "$TARGET_MORE_STEPS" \
+        --eval-every 250 --eval-tokens "$EVAL_TOKENS"
+      # the continued target replaces the run's target; its drafts were trained for the old one
+      rm -rf "$RUN/lm/target"; mv "$RUN/lm_more/target" "$RUN/lm/target"
+      cp "$RUN/lm_more/target_log.jsonl" "$RUN/lm/target_more_log.jsonl"
+      cp "$RUN/lm_more/summary.json" "$RUN/lm/target_more_summary.json"
+      rm -rf "$RUN/lm_more"
+      echo "target-more: $RUN/lm/target continued; retrain its drafts (stages draft glide) before shipping" >&2
+      mirror ;;
     draft)
       step draft $TD lm --which draft --teacher "$RUN/lm/target" --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" \
         ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" --batch $((LM_TOKENS / SEQ)) \
@@ -259,6 +280,7 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       cp -r "$RUN/lm/draft" "$ship/draft"
       cp -r "$(last_glide)" "$ship/glide"
       cp "$RUN/lm/target_log.jsonl" "$RUN/lm/draft_log.jsonl" "$ship/logs/"
+      if [ -f "$RUN/lm/target_more_log.jsonl" ]; then cp "$RUN/lm/target_more_log.jsonl" "$ship/logs/"; fi
       if [ -f "$RUN/lm_phase1/target_log.jsonl" ]; then cp "$RUN/lm_phase1/target_log.jsonl" "$ship/logs/target_phase1_log.jsonl"; fi
       cp "$RUN/glide_short/glide_log.jsonl" "$ship/logs/glide_log.jsonl"
       cp "$RUN/glide_long/glide_log.jsonl" "$ship/logs/glide_long_log.jsonl"
@@ -269,7 +291,7 @@ import json, os, sys
 run, out = sys.argv[1:]
 def load(p):
     return json.load(open(p)) if os.path.isfile(p) else None
-s = [x for p in ("lm_phase1/target_summary.json", "lm/target_summary.json", "lm/draft_summary.json")
+s = [x for p in ("lm_phase1/target_summary.json", "lm/target_summary.json", "lm/target_more_summary.json", "lm/draft_summary.json")
      for x in (load(os.path.join(run, p)) or [])]
 more = load(os.path.join(run, "glide_more/glide_summary.json"))
 phases = [("glide_short/glide_summary.json", ""), ("glide_long/glide_summary.json", "" if more else ", shipped")]
