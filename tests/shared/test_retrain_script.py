@@ -97,3 +97,15 @@ def test_retrain_stages_wire_phases_and_ship_the_last_glide(tmp_path, tiny_stdli
     after = load_file(str(run / "glide_long" / "glide" / "model.safetensors"))
     assert all((long_before[k] == after[k]).all() for k in after)   # the long phase itself is untouched
     assert "glide-more needs GLIDE_MORE_MIN" in _run(tmp_path, tiny_stdlib, "glide-more", rc=2)
+    # the target continued (target-more): the run's target changes, the log and summary ship with it
+    target_before = load_file(str(run / "lm" / "target" / "model.safetensors"))
+    _run(tmp_path, tiny_stdlib, "target-more", "ship", TARGET_MORE_STEPS="2")
+    more = json.load(open(run / "lm" / "target_more_summary.json"))[0]
+    assert (more["steps"], more["seq"], more["max_positions"]) == (2, 128, 128)
+    target_after = load_file(str(run / "lm" / "target" / "model.safetensors"))
+    assert target_after.keys() == target_before.keys()
+    assert not all((target_before[k] == target_after[k]).all() for k in target_after)
+    assert not (run / "lm_more").exists()
+    assert _same_weights(ship / "target", run / "lm" / "target")
+    assert (ship / "logs" / "target_more_log.jsonl").is_file()
+    assert "target-more needs TARGET_MORE_MIN" in _run(tmp_path, tiny_stdlib, "target-more", rc=2)
