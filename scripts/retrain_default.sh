@@ -93,9 +93,9 @@ DRAFT_STEPS=${DRAFT_STEPS:-0}
 GLIDE_SHORT_STEPS=${GLIDE_SHORT_STEPS:-0}
 GLIDE_LONG_STEPS=${GLIDE_LONG_STEPS:-0}
 GLIDE_MORE_MIN=${GLIDE_MORE_MIN:-0}
+GLIDE_MORE_STEPS=${GLIDE_MORE_STEPS:-0}
 TARGET_MORE_MIN=${TARGET_MORE_MIN:-0}
 TARGET_MORE_STEPS=${TARGET_MORE_STEPS:-0}
-GLIDE_MORE_STEPS=${GLIDE_MORE_STEPS:-0}
 TARGET_STEPS1=${TARGET_STEPS1:-0}
 LM_TOKENS=${LM_TOKENS:-32768}
 GLIDE_TOKENS=${GLIDE_TOKENS:-16384}
@@ -157,8 +157,12 @@ stdlib_root() {
   fi
 }
 
+asked() {  # asked MINUTES STEPS: 1 when a phase is given a length (minutes or steps > 0), else 0
+  $PY -c "print(int(float('$1') > 0 or int('$2') > 0))"
+}
+
 glide_more() {  # 1 when a third GLIDE phase is asked for (GLIDE_MORE_MIN or GLIDE_MORE_STEPS > 0)
-  $PY -c "print(int(float('$GLIDE_MORE_MIN') > 0 or int('$GLIDE_MORE_STEPS') > 0))"
+  asked "$GLIDE_MORE_MIN" "$GLIDE_MORE_STEPS"
 }
 
 run_glide_more() {  # the third GLIDE phase: 1024-token windows (GLIDE_SEQ1), distill 1.0, from the long phase
@@ -228,7 +232,7 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       fi
       cp "$RUN/lm/summary.json" "$RUN/lm/target_summary.json"; mirror ;;
     target-more)
-      $PY -c "import sys; sys.exit(0 if float('$TARGET_MORE_MIN') > 0 or int('$TARGET_MORE_STEPS') > 0 else 1)" ||
+      [ "$(asked "$TARGET_MORE_MIN" "$TARGET_MORE_STEPS")" = 1 ] ||
         { echo "target-more needs TARGET_MORE_MIN or TARGET_MORE_STEPS > 0" >&2; exit 2; }
       [ -d "$RUN/lm/target" ] || { echo "target-more continues $RUN/lm/target, which is missing" >&2; exit 2; }
       rm -rf "$RUN/lm_more"
