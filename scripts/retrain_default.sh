@@ -185,6 +185,25 @@ sys.exit(0 if total <= budget else 1)
 PY
 }
 
+ship_log() {  # ship_log SRC DST: copy a training log into the ship, thinned to <= SHIP_LOG_LINES lines when longer
+  # (the GLIDE trainer logs every step: 12k steps are 1.8 MB, 7 % of the 24 MiB budget). Kept: every
+  # evaluation line, every k-th step line and the last one; the whole log stays in $RUN.
+  $PY - "$1" "$2" "${SHIP_LOG_LINES:-2000}" <<'PY'
+import json, sys
+src, dst, cap = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lines = [l for l in open(src) if l.strip()]
+if len(lines) <= cap:
+    open(dst, "w").writelines(lines)
+    sys.exit(0)
+evals = {i for i, l in enumerate(lines) if any(k.startswith(("eval", "heldout")) for k in json.loads(l))}
+k = -(-(len(lines) - len(evals)) // max(1, cap - len(evals) - 1))
+steps = [i for i in range(len(lines)) if i not in evals]
+keep = evals | set(steps[::k]) | {steps[-1]} if steps else evals
+open(dst, "w").writelines(lines[i] for i in sorted(keep))
+print(f"ship: {dst}: {len(keep)} of {len(lines)} lines (every evaluation, every k = {k} step lines; the whole log: {src})")
+PY
+}
+
 install_ship() {  # install_ship DIR: replace shared/assets/default/{target,draft,glide,logs} with DIR's
   local src=$1
   for sub in target draft glide logs; do
@@ -283,12 +302,13 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       cp -r "$RUN/lm/target" "$ship/target"
       cp -r "$RUN/lm/draft" "$ship/draft"
       cp -r "$(last_glide)" "$ship/glide"
-      cp "$RUN/lm/target_log.jsonl" "$RUN/lm/draft_log.jsonl" "$ship/logs/"
-      if [ -f "$RUN/lm/target_more_log.jsonl" ]; then cp "$RUN/lm/target_more_log.jsonl" "$ship/logs/"; fi
-      if [ -f "$RUN/lm_phase1/target_log.jsonl" ]; then cp "$RUN/lm_phase1/target_log.jsonl" "$ship/logs/target_phase1_log.jsonl"; fi
-      cp "$RUN/glide_short/glide_log.jsonl" "$ship/logs/glide_log.jsonl"
-      cp "$RUN/glide_long/glide_log.jsonl" "$ship/logs/glide_long_log.jsonl"
-      if [ -f "$RUN/glide_more/glide_log.jsonl" ]; then cp "$RUN/glide_more/glide_log.jsonl" "$ship/logs/glide_more_log.jsonl"; fi
+      ship_log "$RUN/lm/target_log.jsonl" "$ship/logs/target_log.jsonl"
+      ship_log "$RUN/lm/draft_log.jsonl" "$ship/logs/draft_log.jsonl"
+      if [ -f "$RUN/lm/target_more_log.jsonl" ]; then ship_log "$RUN/lm/target_more_log.jsonl" "$ship/logs/target_more_log.jsonl"; fi
+      if [ -f "$RUN/lm_phase1/target_log.jsonl" ]; then ship_log "$RUN/lm_phase1/target_log.jsonl" "$ship/logs/target_phase1_log.jsonl"; fi
+      ship_log "$RUN/glide_short/glide_log.jsonl" "$ship/logs/glide_log.jsonl"
+      ship_log "$RUN/glide_long/glide_log.jsonl" "$ship/logs/glide_long_log.jsonl"
+      if [ -f "$RUN/glide_more/glide_log.jsonl" ]; then ship_log "$RUN/glide_more/glide_log.jsonl" "$ship/logs/glide_more_log.jsonl"; fi
       cp "$RUN/data/manifest.json" "$ship/logs/corpus_manifest.json"
       $PY - "$RUN" "$ship/logs/summary.json" <<'PY'
 import json, os, sys

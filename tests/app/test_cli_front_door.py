@@ -20,7 +20,10 @@ from specdec.shared.assets import ASSETS_DIR, EMBEDDED_MODELS
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 PROMPT = "import os\n\n\ndef list_files(root):\n"
-LONG = "x = 1\n" * 1200  # about 4800 tokens: over the embedded model's 2048 positions
+# the embedded target's trained context (8192 positions since session 22's model; 2048 before)
+with open(os.path.join(ASSETS_DIR, "default", "target", "config.json")) as _f:
+    MAXPOS = json.load(_f)["max_position_embeddings"]
+LONG = "x = 1\n" * (MAXPOS // 3)  # 4 tokens a line: ~1.3x the embedded model's context
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -106,8 +109,8 @@ def test_long_prompt_is_one_line_naming_limit_tokens_and_flags(capsys):
     line = one_error_line(err)
     assert rc == 2 and out == ""
     n = int(line.split("the prompt is ")[1].split()[0])
-    assert n > 2048
-    for frag in ("2048", "max_position_embeddings", "--max-new-tokens is 8", "--truncate left", "--max-context"):
+    assert n > MAXPOS
+    for frag in (str(MAXPOS), "max_position_embeddings", "--max-new-tokens is 8", "--truncate left", "--max-context"):
         assert frag in line, (frag, line)
 
 
@@ -139,13 +142,14 @@ def test_truncate_left_keeps_the_last_tokens_that_fit(capsys):
 def test_max_context_raises_the_limit(capsys):
     from specdec import cli
 
-    rc, out, err = run(capsys, "--method", "vanilla", "-n", "2", "--max-context", "4096", "--json", PROMPT)
+    raised = 2 * MAXPOS
+    rc, out, err = run(capsys, "--method", "vanilla", "-n", "2", "--max-context", str(raised), "--json", PROMPT)
     assert rc == 0, err
-    models = [m for k, m in cli._MODEL_CACHE.items() if k[:2] == ("ref", "model") and k[4] == 4096]
-    assert models and all(m.config.max_position_embeddings == 4096 for m in models)
+    models = [m for k, m in cli._MODEL_CACHE.items() if k[:2] == ("ref", "model") and k[4] == raised]
+    assert models and all(m.config.max_position_embeddings == raised for m in models)
     # the cached model without --max-context keeps the trained limit
     rc, out, err = run(capsys, "--method", "vanilla", "-n", "8", LONG)
-    assert rc == 2 and "2048" in err
+    assert rc == 2 and str(MAXPOS) in err
     rc, out, err = run(capsys, "--method", "vanilla", "-n", "2", "--max-context", "1", PROMPT)
     assert rc == 2 and "--max-context" in one_error_line(err)
 
@@ -168,7 +172,7 @@ def test_bench_skips_questions_over_the_context(tmp_path, capsys):
         {"question_id": "ok", "category": "c", "turns": ["def add(a, b):"]},
         {"question_id": "long", "category": "c", "turns": [LONG]},
         # turn 2 (with turn 1 and its answer) exceeds the context: found while running
-        {"question_id": "grows", "category": "c", "turns": ["def mul(a, b):", LONG[: 6 * 600]]},
+        {"question_id": "grows", "category": "c", "turns": ["def mul(a, b):", LONG]},
     ])
     out = tmp_path / "out"
     rc = main(["bench", "--bench", qfile, "--methods", "vanilla", "--backend", "ref", "--max-new-tokens", "2",
@@ -177,7 +181,7 @@ def test_bench_skips_questions_over_the_context(tmp_path, capsys):
     assert rc == 0, err
     assert [r["question_id"] for r in report.load_answers(str(out / "vanilla.jsonl"))] == ["ok"]
     long_lines = [ln for ln in err.splitlines() if "question long" in ln]
-    assert len(long_lines) == 1 and "context of 2048" in long_lines[0] and "--max-context" in long_lines[0]
+    assert len(long_lines) == 1 and f"context of {MAXPOS}" in long_lines[0] and "--max-context" in long_lines[0]
     grows = [ln for ln in err.splitlines() if "question grows" in ln]
     assert len(grows) == 1 and "turn 2" in grows[0]
     assert "Traceback" not in err
@@ -193,7 +197,7 @@ def test_bench_skips_questions_over_the_context(tmp_path, capsys):
     assert len(errors) == 1 and "no question left" in errors[0]
     assert not (tmp_path / "none" / "vanilla.jsonl").exists()
 
-    qfile = _questions(tmp_path / "q3.jsonl", [{"question_id": "grows", "category": "c", "turns": ["def mul(a, b):", LONG[: 6 * 600]]}])
+    qfile = _questions(tmp_path / "q3.jsonl", [{"question_id": "grows", "category": "c", "turns": ["def mul(a, b):", LONG]}])
     rc = main(["bench", "--bench", qfile, "--methods", "vanilla", "--backend", "ref", "--max-new-tokens", "2",
                "--warmup", "0", "--out-dir", str(tmp_path / "none")])
     err = capsys.readouterr().err

@@ -108,7 +108,9 @@ def test_specdec_and_transformers_logits_match(tok):
         ours = R.forward(ref_model, ids)
         theirs = hf(input_ids=ids).logits.float()
     diff = (ours - theirs).abs().max().item()
-    assert diff <= 1e-4, f"max |logit diff| = {diff}"
+    # fp32 through 14 layers, two attention implementations: ~1e-5 of the logits' scale (|logit| ~ 20 here)
+    bound = 2e-5 * max(1.0, theirs.abs().max().item())
+    assert diff <= bound, f"max |logit diff| = {diff} > {bound}"
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     # The model is trained: held-out next-token loss well under uniform (ln 4096 = 8.3 nats).
     loss = torch.nn.functional.cross_entropy(ours[0, :-1], ids[0, 1:]).item()
