@@ -3,7 +3,8 @@
 
 The corpus is Python source (``scripts/default_corpus.py``: sources ``stdlib`` -- the standard library --
 and ``packages`` -- the installed distributions' own ``.py`` files -- with their fixed held-out rules).
-Stages, each a subcommand (the defaults reproduce the shipped 2048-position stdlib model)::
+Stages, each a subcommand (the defaults reproduce the first, 2048-position stdlib model, shipped until session 22;
+the shipped one is scripts/retrain_default.sh's)::
 
     # 1. byte-level BPE tokenizer (CPU, ~1 min) -> tokenizer.json + tokenizer_config.json
     python scripts/train_default.py tokenizer --vocab 4096 --out shared/assets/default/target

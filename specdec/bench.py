@@ -26,9 +26,9 @@ or the name of a set shipped in ``specdec/shared/assets/prompts/`` (see :data:`S
   code before a ``def ...:`` line, to be continued;
 * ``stdlib_long``: the held-out files concatenated (``# ===== path =====`` headers) into prompts of
   about 4k, 16k and 32k tokens (questions 0-6) and 7.5k (``long_8k``, questions 7-9), ending at a
-  ``def ...:`` line. The embedded model was trained at
-  2048 positions: run it with ``--max-context`` (RoPE past its training length; speed is still
-  meaningful, acceptance falls).
+  ``def ...:`` line. The embedded model has 8192
+  positions (since session 22; the questions up to 7.7k tokens fit); for the 16k and 32k prompts use
+  ``--max-context`` (RoPE past its training length; speed is still meaningful, acceptance falls).
 
 Both are committed files, built once in a source checkout by ``scripts/build_prompt_sets.py``.
 
