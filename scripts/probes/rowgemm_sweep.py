@@ -16,6 +16,10 @@ Prints a table, writes ``$OUT/probe_rowgemm.jsonl``.
                                                        # row operand, x rows as its columns (16 at M = 1, 128 at
                                                        # M = 69: the weight read once) -- against the library's
                                                        # config, the GEMV and cuBLAS; rows bitwise equal across
+    python3 scripts/probes/rowgemm_sweep.py serial     # (session 22) the library's config with its K splits run
+                                                       # inside each program (SERIAL, no fp32 workspace) against
+                                                       # the workspace path at M = 1 / 5 / 17 / 69 / 128, cuBLAS
+                                                       # at each M; rows bitwise equal to the workspace path's
     python3 scripts/probes/rowgemm_sweep.py m69        # M = 69 with one 128-row tile (the weight read once),
                                                        # against cuBLAS at M = 1 / 69 / 128 (padding every
                                                        # decode pass to 128 rows is the other invariant design)
@@ -196,7 +200,52 @@ def main_swap() -> None:
                                   "cuBLAS M=69 us", "M=69 us", "/cuBLAS"]))
 
 
+def main_serial() -> None:
+    """SERIAL (the K splits inside each program, same sums) vs the workspace split-K path, per row count."""
+    rows = []
+    jsonl = open(os.path.join(OUT, "probe_rowgemm_serial.jsonl"), "w")   # written as it goes
+    for name, (n, k, silu) in SHAPES.items():
+        f = n // 2 if silu else n
+        if row_linear_config(f, k, torch.bfloat16, 69)[5] == 1:
+            continue   # no K split to run serially (the vocabulary heads)
+        ws = weight_copies(name, n, k)
+        calls = 2 * len(ws)
+        nw = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
+        xs = torch.randn(128, k, device="cuda", dtype=torch.bfloat16)
+
+        def lin(x, w):
+            y = F.linear(x, w)
+            if silu:
+                g, u = y.chunk(2, -1)
+                y = F.silu(g) * u
+            return y
+
+        for m in (1, 5, 17, 69, 128):
+            x = xs[:m].contiguous()
+            cfg = row_linear_config(f, k, torch.bfloat16, m)
+            work, ser = tuple(cfg) + (0,), tuple(cfg) + (1,)
+            same = torch.equal(row_linear(x, ws[0], silu=silu, norm_weight=nw, config=ser),
+                               row_linear(x, ws[0], silu=silu, norm_weight=nw, config=work))
+            tw = graph_ms(lambda: [row_linear(x, ws[i % len(ws)], silu=silu, config=work) for i in range(calls)]) / calls
+            ts = graph_ms(lambda: [row_linear(x, ws[i % len(ws)], silu=silu, config=ser) for i in range(calls)]) / calls
+            tc = graph_ms(lambda: [lin(x, ws[i % len(ws)]) for i in range(calls)]) / calls
+            gbs = n * k * 2 / (min(tw, ts) * 1e-3) / 1e9
+            rows.append([name, m, "x".join(map(str, cfg)), same, f"{tc * 1e3:.1f}", f"{tw * 1e3:.1f}", f"{ts * 1e3:.1f}",
+                         f"{tw / ts:.2f}", f"{gbs:.0f}"])
+            jsonl.write(json.dumps(dict(shape=name, m=m, config=cfg, bitwise_equal=same, cublas_ms=tc, workspace_ms=tw,
+                                        serial_ms=ts)) + "\n")
+            jsonl.flush()
+            print(" ".join(map(str, rows[-1])), flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    jsonl.close()
+    print(tabulate(rows, headers=["weight", "M", "config", "serial == workspace", "cuBLAS us", "workspace us",
+                                  "serial us", "workspace / serial", "best GB/s"]))
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "serial":
+        return main_serial()
     if len(sys.argv) > 1 and sys.argv[1] == "swap":
         return main_swap()
     if len(sys.argv) > 1 and sys.argv[1] == "m69":
