@@ -43,6 +43,26 @@ CONFIGS = [(16, 32, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 1
            (16, 32, 512, 4, 3), (32, 32, 128, 4, 4), (16, 128, 128, 8, 3), (64, 64, 64, 4, 4)]
 
 
+def emit(jsonl, rows: list, row: list, record: dict) -> None:
+    """One measured configuration: a table row (printed at once) and a JSONL record (flushed: a timed-out
+    run keeps what it measured)."""
+    rows.append(row)
+    jsonl.write(json.dumps(record) + "\n")
+    jsonl.flush()
+    print(" ".join(map(str, row)), flush=True)
+
+
+def eager_linear(silu: bool):
+    """cuBLAS's ``F.linear`` (with the eager SwiGLU for a w13 weight): the reference timing of a pass."""
+    def lin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, w)
+        if silu:
+            g, u = y.chunk(2, -1)
+            y = F.silu(g) * u
+        return y
+    return lin
+
+
 def invariant(w: torch.Tensor, silu: bool, cfg) -> bool:
     """Rows of M = 69 and M = 128 calls equal the same rows at M = 1 and M = 5, bit for bit."""
     k = w.shape[1]
@@ -68,12 +88,7 @@ def main_m69() -> None:
         ws = weight_copies(name, n, k)
         calls = 2 * len(ws)
 
-        def lin(x, w):
-            y = F.linear(x, w)
-            if silu:
-                g, u = y.chunk(2, -1)
-                y = F.silu(g) * u
-            return y
+        lin = eager_linear(silu)
 
         xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in (1, 69, 128)}
         cub = {m: graph_ms(lambda: [lin(xs[m], ws[i % len(ws)]) for i in range(calls)]) / calls for m in xs}
@@ -113,12 +128,7 @@ def main_split() -> None:
         x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         x69 = torch.randn(69, k, device="cuda", dtype=torch.bfloat16)
 
-        def lin(x, w):
-            y = F.linear(x, w)
-            if silu:
-                g, u = y.chunk(2, -1)
-                y = F.silu(g) * u
-            return y
+        lin = eager_linear(silu)
 
         g1 = graph_ms(lambda: [(gemv_silu if silu else gemv)(x1, ws[i % len(ws)]) for i in range(calls)]) / calls
         c69 = graph_ms(lambda: [lin(x69, ws[i % len(ws)]) for i in range(calls)]) / calls
@@ -162,12 +172,7 @@ def main_swap() -> None:
         x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         x69 = torch.randn(69, k, device="cuda", dtype=torch.bfloat16)
 
-        def lin(x, w):
-            y = F.linear(x, w)
-            if silu:
-                g, u = y.chunk(2, -1)
-                y = F.silu(g) * u
-            return y
+        lin = eager_linear(silu)
 
         def timed(x, cfg):
             return graph_ms(lambda: [row_linear(x, ws[i % len(ws)], silu=silu, config=cfg) for i in range(calls)]) / calls
@@ -187,12 +192,10 @@ def main_swap() -> None:
             except Exception as e:
                 print(f"{name} {label}: {type(e).__name__}: {str(e)[:100]}")
                 continue
-            rows.append([name, label, same, f"{g1 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{t1 / g1:.2f}",
-                         f"{c69 * 1e3:.1f}", f"{t69 * 1e3:.1f}", f"{t69 / c69:.2f}"])
-            jsonl.write(json.dumps(dict(shape=name, label=label, config_1=c1, config_69=c69cfg, rows_equal=same,
-                                        gemv_1_ms=g1, row_1_ms=t1, cublas_69_ms=c69, row_69_ms=t69)) + "\n")
-            jsonl.flush()
-            print(" ".join(map(str, rows[-1])), flush=True)
+            emit(jsonl, rows, [name, label, same, f"{g1 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{t1 / g1:.2f}",
+                               f"{c69 * 1e3:.1f}", f"{t69 * 1e3:.1f}", f"{t69 / c69:.2f}"],
+                 dict(shape=name, label=label, config_1=c1, config_69=c69cfg, rows_equal=same,
+                      gemv_1_ms=g1, row_1_ms=t1, cublas_69_ms=c69, row_69_ms=t69))
         del ws
         torch.cuda.empty_cache()
     jsonl.close()
@@ -213,12 +216,7 @@ def main_serial() -> None:
         nw = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
         xs = torch.randn(128, k, device="cuda", dtype=torch.bfloat16)
 
-        def lin(x, w):
-            y = F.linear(x, w)
-            if silu:
-                g, u = y.chunk(2, -1)
-                y = F.silu(g) * u
-            return y
+        lin = eager_linear(silu)
 
         for m in (1, 5, 17, 69, 128):
             x = xs[:m].contiguous()
@@ -230,12 +228,9 @@ def main_serial() -> None:
             ts = graph_ms(lambda: [row_linear(x, ws[i % len(ws)], silu=silu, config=ser) for i in range(calls)]) / calls
             tc = graph_ms(lambda: [lin(x, ws[i % len(ws)]) for i in range(calls)]) / calls
             gbs = n * k * 2 / (min(tw, ts) * 1e-3) / 1e9
-            rows.append([name, m, "x".join(map(str, cfg)), same, f"{tc * 1e3:.1f}", f"{tw * 1e3:.1f}", f"{ts * 1e3:.1f}",
-                         f"{tw / ts:.2f}", f"{gbs:.0f}"])
-            jsonl.write(json.dumps(dict(shape=name, m=m, config=cfg, bitwise_equal=same, cublas_ms=tc, workspace_ms=tw,
-                                        serial_ms=ts)) + "\n")
-            jsonl.flush()
-            print(" ".join(map(str, rows[-1])), flush=True)
+            emit(jsonl, rows, [name, m, "x".join(map(str, cfg)), same, f"{tc * 1e3:.1f}", f"{tw * 1e3:.1f}",
+                               f"{ts * 1e3:.1f}", f"{tw / ts:.2f}", f"{gbs:.0f}"],
+                 dict(shape=name, m=m, config=cfg, bitwise_equal=same, cublas_ms=tc, workspace_ms=tw, serial_ms=ts))
         del ws
         torch.cuda.empty_cache()
     jsonl.close()
@@ -263,12 +258,7 @@ def main() -> None:
         def run(fn, x):
             return lambda: [fn(x, ws[i % len(ws)]) for i in range(calls)]
 
-        def lin(x, w):
-            y = F.linear(x, w)
-            if silu:
-                g, u = y.chunk(2, -1)
-                y = F.silu(g) * u
-            return y
+        lin = eager_linear(silu)
 
         base = {
             "gemv_1": graph_ms(run(gemv_silu if silu else gemv, x1)) / calls,
