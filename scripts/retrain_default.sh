@@ -19,6 +19,8 @@
 #               $TARGET_MORE_MIN minutes (or $TARGET_MORE_STEPS) at lr $TARGET_LR2; the result replaces $RUN/lm/target
 #               (its log: $RUN/lm/target_more_log.jsonl). Its drafts then need `draft glide` again.
 #   glide-more  only the third GLIDE phase (1024-token windows, distill 1.0, $GLIDE_MORE_MIN min) from $RUN/glide_long's
+#               (GLIDE_MORE_FROM=last: from the last third phase instead, which is kept as $RUN/glide_more.N -- more
+#               training that adds up across sessions; carry runs/retrain/glide_more too)
 #               weights: more training for an existing run's draft (carry runs/retrain/{lm,glide_short,glide_long})
 #   eval        held-out loss per source: shipped and new target/draft at 1024-token windows (today's
 #               measure), new ones at 8192 -> $RUN/eval.jsonl
@@ -45,9 +47,16 @@
 # unpacked runs/retrain/lm (and glide_*) back: carry replaces those paths there.
 # Session 19 ran the same three calls on an H100 with STDLIB_REPEAT=6 TARGET_SEQ1=1024 (TARGET_MIN=7.12; BENCHMARKS
 # "Session 19: a second retrain"): the target qualified, its GLIDE draft (4.7 min) accepted less than the shipped one.
-# More GLIDE training for that run, one call (carry runs/stdlib_py311.tar.xz runs/retrain/lm runs/retrain/glide_short
-# runs/retrain/glide_long; ~82 s packing + the minutes + ~70 s acceptance):
-#   STDLIB_REPEAT=6 scripts/retrain_default.sh setup corpus; GLIDE_MORE_MIN=7 scripts/retrain_default.sh glide-more acceptance
+# Session 22 continued it and shipped it (BENCHMARKS "Session 22: the retrained model"), three calls on one warm H100
+# (carry runs/stdlib_py311.tar.xz runs/retrain/lm runs/retrain/glide_short runs/retrain/glide_long):
+#   export STDLIB_REPEAT=6
+#   scripts/retrain_default.sh setup corpus; TARGET_MORE_MIN=6.4 scripts/retrain_default.sh target-more      (391 s)
+#   DRAFT_MIN=1.8 scripts/retrain_default.sh draft; GLIDE_MORE_MIN=4.9 scripts/retrain_default.sh glide-more acceptance   (544 s)
+#   scripts/retrain_default.sh eval; then on the CPU: ship, SHIP_DIR=runs/retrain/ship ... --install ship-only
+# More GLIDE training for the shipped draft, adding up (one call; carry the same plus runs/retrain/glide_more;
+# ~82 s packing + the minutes + ~60 s acceptance):
+#   STDLIB_REPEAT=6 scripts/retrain_default.sh setup corpus
+#   GLIDE_MORE_FROM=last GLIDE_MORE_MIN=7 scripts/retrain_default.sh glide-more acceptance
 #
 # Token counts, ESTIMATED from the shipped run (H100, 1024-token windows: target 62.8 ms per 32k-token step
 # with evaluations, draft 37 ms, GLIDE 51.8 / 63.9 ms per 16k-token step plain / distilled; see
@@ -66,7 +75,8 @@
 # windows for TARGET_FRAC1=0.75 of TARGET_MIN, then SEQ-token windows from its weights at TARGET_LR2=6e-4 -- less
 # long-window copying, still real 8192 positions), DRAFT_MIN=2, GLIDE_SHORT_MIN=2.5,
 # GLIDE_LONG_MIN=2, TARGET_MORE_MIN=0 / TARGET_MORE_STEPS=0 (the target-more stage's length), GLIDE_MORE_MIN=0 (> 0: a third GLIDE phase, 1024-token windows, distill 1.0, lr 6e-4, from the
-# long phase's weights; `ship` then ships it), TARGET_STEPS/DRAFT_STEPS/GLIDE_SHORT_STEPS/GLIDE_LONG_STEPS/GLIDE_MORE_STEPS
+# long phase's weights; `ship` then ships it), GLIDE_MORE_FROM=long (or last: the third phase continues the previous
+# third phase, kept as $RUN/glide_more.N and shipped with its log), TARGET_STEPS/DRAFT_STEPS/GLIDE_SHORT_STEPS/GLIDE_LONG_STEPS/GLIDE_MORE_STEPS
 # (0: from the minutes; TARGET_STEPS1/TARGET_STEPS2 fix the two phases' counts when TARGET_SEQ1 is set),
 # EVAL_TOKENS=262144 (held-out tokens per source evaluated during training; `eval` uses all),
 # TARGET_ARCH/DRAFT_ARCH (JSON overrides of the shapes; the 24 MiB budget leaves ~0.6M parameters of room),
@@ -94,6 +104,8 @@ GLIDE_SHORT_STEPS=${GLIDE_SHORT_STEPS:-0}
 GLIDE_LONG_STEPS=${GLIDE_LONG_STEPS:-0}
 GLIDE_MORE_MIN=${GLIDE_MORE_MIN:-0}
 GLIDE_MORE_STEPS=${GLIDE_MORE_STEPS:-0}
+GLIDE_MORE_FROM=${GLIDE_MORE_FROM:-long}
+case "$GLIDE_MORE_FROM" in long|last) ;; *) echo "GLIDE_MORE_FROM must be long or last, got '$GLIDE_MORE_FROM'" >&2; exit 2 ;; esac
 TARGET_MORE_MIN=${TARGET_MORE_MIN:-0}
 TARGET_MORE_STEPS=${TARGET_MORE_STEPS:-0}
 TARGET_STEPS1=${TARGET_STEPS1:-0}
@@ -165,9 +177,19 @@ glide_more() {  # 1 when a third GLIDE phase is asked for (GLIDE_MORE_MIN or GLI
   asked "$GLIDE_MORE_MIN" "$GLIDE_MORE_STEPS"
 }
 
-run_glide_more() {  # the third GLIDE phase: 1024-token windows (GLIDE_SEQ1), distill 1.0, from the long phase
+run_glide_more() {  # the third GLIDE phase: 1024-token windows (GLIDE_SEQ1), distill 1.0, from the long phase -- or
+  # (GLIDE_MORE_FROM=last) from the previous third phase, moved to the next free $RUN/glide_more.N and shipped's history
+  local init="$RUN/glide_long/glide" n=1
+  if [ "$GLIDE_MORE_FROM" = last ] && [ -d "$RUN/glide_more/glide" ]; then
+    while [ -d "$RUN/glide_more.$n" ]; do n=$((n + 1)); done
+    mv "$RUN/glide_more" "$RUN/glide_more.$n"
+    init="$RUN/glide_more.$n/glide"
+  else
+    rm -rf "$RUN/glide_more" "$RUN"/glide_more.[0-9]*   # from the long phase: earlier continuations are stale
+  fi
+  echo "glide-more: from $init"
   step glide_more $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_more" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
-    --init "$RUN/glide_long/glide" --seq "$GLIDE_SEQ1" --batch $((GLIDE_TOKENS / GLIDE_SEQ1)) --lr 6e-4 --warmup 50 --distill 1.0 \
+    --init "$init" --seq "$GLIDE_SEQ1" --batch $((GLIDE_TOKENS / GLIDE_SEQ1)) --lr 6e-4 --warmup 50 --distill 1.0 \
     --minutes "$GLIDE_MORE_MIN" --steps "$GLIDE_MORE_STEPS" --eval-every 1000 --eval-tokens $((EVAL_TOKENS / 2))
 }
 
@@ -279,9 +301,8 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       step glide_long $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_long" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
         --init "$RUN/glide_short/glide" --seq "$SEQ" --batch $((GLIDE_TOKENS / SEQ)) --lr 6e-4 --warmup 50 --distill 1.0 \
         --minutes "$GLIDE_LONG_MIN" --steps "$GLIDE_LONG_STEPS" --eval-every 250 --eval-tokens $((EVAL_TOKENS / 2))
-      if [ "$(glide_more)" = 1 ]; then run_glide_more
-      else rm -rf "$RUN/glide_more"   # a stale third phase must not be shipped with this run's first two
-      fi ;;
+      rm -rf "$RUN/glide_more" "$RUN"/glide_more.[0-9]*   # stale third phases must not ship with this run's first two
+      if [ "$(glide_more)" = 1 ]; then GLIDE_MORE_FROM=long run_glide_more; fi ;;
     glide-more)
       [ "$(glide_more)" = 1 ] || { echo "glide-more needs GLIDE_MORE_MIN or GLIDE_MORE_STEPS > 0" >&2; exit 2; }
       [ -d "$RUN/glide_long/glide" ] || { echo "glide-more continues $RUN/glide_long/glide, which is missing" >&2; exit 2; }
@@ -308,6 +329,13 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       if [ -f "$RUN/lm_phase1/target_log.jsonl" ]; then ship_log "$RUN/lm_phase1/target_log.jsonl" "$ship/logs/target_phase1_log.jsonl"; fi
       ship_log "$RUN/glide_short/glide_log.jsonl" "$ship/logs/glide_log.jsonl"
       ship_log "$RUN/glide_long/glide_log.jsonl" "$ship/logs/glide_long_log.jsonl"
+      n=1
+      while [ -d "$RUN/glide_more.$n" ]; do   # earlier third phases (GLIDE_MORE_FROM=last), oldest first
+        if [ -f "$RUN/glide_more.$n/glide_log.jsonl" ]; then
+          ship_log "$RUN/glide_more.$n/glide_log.jsonl" "$ship/logs/glide_more.${n}_log.jsonl"
+        fi
+        n=$((n + 1))
+      done
       if [ -f "$RUN/glide_more/glide_log.jsonl" ]; then ship_log "$RUN/glide_more/glide_log.jsonl" "$ship/logs/glide_more_log.jsonl"; fi
       cp "$RUN/data/manifest.json" "$ship/logs/corpus_manifest.json"
       $PY - "$RUN" "$ship/logs/summary.json" <<'PY'
@@ -318,7 +346,10 @@ def load(p):
 s = [x for p in ("lm_phase1/target_summary.json", "lm/target_summary.json", "lm/target_more_summary.json", "lm/draft_summary.json")
      for x in (load(os.path.join(run, p)) or [])]
 more = load(os.path.join(run, "glide_more/glide_summary.json"))
+earlier = sorted((d for d in os.listdir(run) if d.startswith("glide_more.") and d.split(".", 1)[1].isdigit()),
+                 key=lambda d: int(d.split(".", 1)[1]))   # earlier third phases, continued by the next
 phases = [("glide_short/glide_summary.json", ""), ("glide_long/glide_summary.json", "" if more else ", shipped")]
+phases += [(f"{d}/glide_summary.json", f", distilled further ({d})") for d in earlier]
 for p, what in phases + ([("glide_more/glide_summary.json", ", distilled further, shipped")] if more else []):
     g = load(os.path.join(run, p))
     if g:

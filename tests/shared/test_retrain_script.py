@@ -97,6 +97,26 @@ def test_retrain_stages_wire_phases_and_ship_the_last_glide(tmp_path, tiny_stdli
     after = load_file(str(run / "glide_long" / "glide" / "model.safetensors"))
     assert all((long_before[k] == after[k]).all() for k in after)   # the long phase itself is untouched
     assert "glide-more needs GLIDE_MORE_MIN" in _run(tmp_path, tiny_stdlib, "glide-more", rc=2)
+    # GLIDE_MORE_FROM=last continues that third phase (kept as glide_more.1, its log shipped), twice in a row
+    first = load_file(str(run / "glide_more" / "glide" / "model.safetensors"))
+    out = _run(tmp_path, tiny_stdlib, "glide-more", "ship", GLIDE_MORE_STEPS="1", GLIDE_MORE_FROM="last")
+    assert "from " + str(run / "glide_more.1" / "glide") in out
+    kept = load_file(str(run / "glide_more.1" / "glide" / "model.safetensors"))
+    assert all((first[k] == kept[k]).all() for k in first)
+    assert not _same_weights(run / "glide_more" / "glide", run / "glide_more.1" / "glide")
+    assert json.load(open(run / "glide_more" / "glide_summary.json"))["init"] == str(run / "glide_more.1" / "glide")
+    _run(tmp_path, tiny_stdlib, "glide-more", "ship", GLIDE_MORE_STEPS="1", GLIDE_MORE_FROM="last")
+    assert (run / "glide_more.2").is_dir() and _same_weights(ship / "glide", run / "glide_more" / "glide")
+    assert (ship / "logs" / "glide_more.1_log.jsonl").is_file() and (ship / "logs" / "glide_more.2_log.jsonl").is_file()
+    names = [s["model"] for s in json.load(open(ship / "logs" / "summary.json"))]
+    assert names[-3:] == ["glide (64-token windows, distilled further (glide_more.1))",
+                          "glide (64-token windows, distilled further (glide_more.2))",
+                          "glide (64-token windows, distilled further, shipped)"], names
+    # from the long phase again (the default): the continuations are dropped
+    _run(tmp_path, tiny_stdlib, "glide-more", GLIDE_MORE_STEPS="1")
+    assert not (run / "glide_more.1").exists() and not (run / "glide_more.2").exists()
+    assert json.load(open(run / "glide_more" / "glide_summary.json"))["init"] == str(run / "glide_long" / "glide")
+    assert "GLIDE_MORE_FROM must be long or last" in _run(tmp_path, tiny_stdlib, "glide-more", rc=2, GLIDE_MORE_FROM="x")
     # the target continued (target-more): the run's target changes, the log and summary ship with it
     target_before = load_file(str(run / "lm" / "target" / "model.safetensors"))
     _run(tmp_path, tiny_stdlib, "target-more", "ship", TARGET_MORE_STEPS="2")
