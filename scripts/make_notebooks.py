@@ -58,7 +58,7 @@ from specdec.shared.assets import ASSETS_DIR, EMBEDDED_MODELS, resolve_model_pat
 from specdec.shared.tokenizer import load_tokenizer
 
 tok = load_tokenizer("default")       # the embedded byte-level BPE tokenizer (4096 tokens)
-target = ref.load_model("default")    # the embedded target: a small Llama trained on the Python stdlib
+target = ref.load_model("default")    # the embedded target: a small Llama trained on Python code (stdlib + packages)
 print(target)
 '''
 
