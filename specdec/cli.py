@@ -14,9 +14,9 @@ Methods (the table in :mod:`specdec.methods`): vanilla, speculative (draft LM ch
 chain), tree_spec (GLIDE beam tree), logitspec, magicdec, pld. ``--backend auto`` = ``fast`` when
 CUDA is available and :mod:`specdec.fast` imports, else ``ref``. ``--backend fast`` on the CPU would run
 the Triton kernels under the Triton interpreter (a test tool, minutes per call): it is refused unless
-``--force-interpreter`` is given. Without ``--target`` the embedded default (a small
-Python-code Llama trained on the standard library) is used, with its draft LM and GLIDE draft. The
-prompt is used raw (a base code model has no chat template); ``--template`` picks one. Stdin is read
+``--force-interpreter`` is given. Without ``--target`` the embedded default (a small Python-code
+Llama, 8192 positions, trained on the standard library and packages' sources) is used, with its draft
+LM and GLIDE draft. The prompt is used raw (a base code model has no chat template); ``--template`` picks one. Stdin is read
 as UTF-8 bytes. ``--echo`` prints the prompt first (and adds ``prompt`` to ``--json``).
 
 Long prompts: prompt tokens + ``--max-new-tokens`` must fit the model's context (its config's
