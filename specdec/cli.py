@@ -213,6 +213,10 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=list(_DTYPES), help="auto = fp32 on CPU, bf16 on CUDA")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--template", default="raw", help="prompt format: raw (default: the text as is), auto (the tokenizer's chat template), or vicuna/llama2/llama3/qwen2")
+    p.add_argument("--keep-newline", action="store_true",
+                   help="keep a raw prompt's trailing newlines (dropped by default, with a note: a prompt ending in a bare "
+                        "newline token steers a code model to column 0 or to the end of the file -- `echo 'def f(x):' |` "
+                        "would get no function body; the model writes the newline and indentation itself)")
     p.add_argument("--system", default=None, help="system prompt (with --template other than raw)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on the fast backend on CUDA, else 0)")
     p.add_argument("--compare", action="store_true", help="also run vanilla decoding and print the speedup")
@@ -411,6 +415,25 @@ def _read_prompt(a: argparse.Namespace, stdin) -> str:
     return text
 
 
+def _drop_trailing_newlines(texts: list[str], keep: bool) -> tuple[list[str], str | None]:
+    """Raw prompts without their trailing newlines (unless ``keep``), and the stderr note that says so (None when
+    nothing was dropped; printed once the run has succeeded, so an error stays one line).
+
+    Byte-level BPE tokenizers merge a newline with the indentation after it ("\\n   " + " return"), so a
+    prompt that ends in a bare newline token looks like a line followed by column-0 text or the end of a
+    file: after ``def f(x):\\n`` the embedded model writes another ``def`` or stops. Without the newline it
+    continues the function, emitting the newline and indentation as the tokens it was trained on. The
+    same prompt then goes to every decoder, so vanilla and speculation still see identical inputs."""
+    out = [t if keep else t.rstrip("\n") for t in texts]
+    if any(not t for t in out):
+        raise CLIError("empty prompt: it is only newlines (give some text, or --keep-newline)")
+    changed = sum(a != b for a, b in zip(texts, out))
+    if not changed:
+        return out, None
+    which = "the prompt's trailing newline" if len(texts) == 1 else f"the trailing newlines of {changed} prompt(s)"
+    return out, f"specdec: note: dropped {which}: the model writes the newline and indentation itself (--keep-newline keeps it)"
+
+
 def _read_prompts_file(path: str) -> list[str]:
     """The prompts of ``--prompts-file``: one per non-empty line, or per JSONL record ('prompt', 'text' or
     the first of Spec-Bench's 'turns')."""
@@ -468,6 +491,8 @@ def _generate_batch(a, texts: list[str], tok, decoder, mod, args, kwargs, limit:
     for _ in range(warmup):
         run(decoder, args, kwargs)
     res = run(decoder, args, kwargs)
+    if a.newline_note:
+        print(a.newline_note, file=sys.stderr)
     vanilla = None
     if a.compare and a.method != "vanilla":
         base_kw = {k: v for k, v in kwargs.items() if k in ("max_gen_len", "temperature", "top_k", "top_p", "eos_id", "sampling", "seed")}
@@ -606,6 +631,13 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     # Inputs and models (read the prompt first: a missing prompt should not wait for model loading).
     texts = _read_prompts_file(a.prompts_file) if a.prompts_file is not None else None
     text = _read_prompt(a, stdin) if texts is None else texts[0]
+    a.newline_note = None
+    if a.template == "raw":   # (a chat template ends the prompt with its own assistant header)
+        if texts is not None:
+            texts, a.newline_note = _drop_trailing_newlines(texts, a.keep_newline)
+            text = texts[0]
+        else:
+            (text,), a.newline_note = _drop_trailing_newlines([text], a.keep_newline)
     embedded = a.target == "default"
     target_dir = _check_dir("--target", a.target)
     from specdec.shared.tokenizer import encode_prompt, format_prompt, load_tokenizer
@@ -668,6 +700,8 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     for _ in range(warmup):
         run(decoder, args, kwargs)
     res = run(decoder, args, kwargs)
+    if a.newline_note:
+        print(a.newline_note, file=sys.stderr)
     rows = [_stats(a.method, backend, res)]
     vanilla = None
     if a.compare and a.method == "vanilla":  # the baseline itself: run and print it once

@@ -19,7 +19,7 @@ from specdec.shared.assets import ASSETS_DIR, EMBEDDED_MODELS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-PROMPT = "import os\n\n\ndef list_files(root):\n"
+PROMPT = "import os\n\n\ndef list_files(root):"
 # the embedded target's trained context (8192 positions since session 22's model; 2048 before)
 with open(os.path.join(ASSETS_DIR, "default", "target", "config.json")) as _f:
     MAXPOS = json.load(_f)["max_position_embeddings"]
@@ -116,7 +116,7 @@ def test_long_prompt_is_one_line_naming_limit_tokens_and_flags(capsys):
 
 def test_truncate_left_keeps_the_last_tokens_that_fit(capsys):
     # a lowered limit keeps this fast: 40 positions, 4 new tokens -> 36 prompt tokens kept (the BOS first)
-    text = "".join(f"x{i} = {i}\n" for i in range(30))
+    text = "\n".join(f"x{i} = {i}" for i in range(30))
     rc, out, err = run(capsys, "--method", "vanilla", "-n", "4", "--max-context", "40", "--json", text)
     line = one_error_line(err)
     assert rc == 2 and "context of 40 (--max-context)" in line
@@ -302,6 +302,28 @@ def test_non_utf8_stdin_is_one_line(capsys, monkeypatch):
     rc, out, err = run(capsys, "--method", "vanilla", "-n", "2", "--json", "--echo")
     assert rc == 0, err
     assert json.loads(out)["prompt"] == PROMPT
+
+
+def test_trailing_newline_is_dropped_with_a_note_unless_kept(capsys, monkeypatch):
+    """`echo 'def f(x):' | specdec generate`: the newline echo adds is dropped (a bare newline token would steer
+    the model to column 0 / the end of the file), so stdin gives the argument's tokens; the note comes after a
+    successful run only; --keep-newline keeps it; a prompt of newlines alone is one error line."""
+    rc, out, err = run(capsys, "--method", "vanilla", "-n", "6", "--json", PROMPT)
+    plain = json.loads(out)
+    assert rc == 0 and "newline" not in err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO((PROMPT + "\n").encode()), encoding="utf-8"))
+    rc, out, err = run(capsys, "--method", "vanilla", "-n", "6", "--json")
+    piped = json.loads(out)
+    assert rc == 0 and piped["output_ids"] == plain["output_ids"] and piped["prompt_tokens"] == plain["prompt_tokens"]
+    assert "dropped the prompt's trailing newline" in one_error_line(err) and "--keep-newline" in err
+    rc, out, err = run(capsys, "--method", "vanilla", "-n", "6", "--json", "--keep-newline", PROMPT + "\n\n")
+    kept = json.loads(out)
+    assert rc == 0 and err == "" and kept["prompt_tokens"] > plain["prompt_tokens"]
+    # a long prompt over the context still fails with ONE line (the note is not printed before an error)
+    rc, out, err = run(capsys, "--method", "vanilla", "-n", "8", LONG + "\n")
+    assert rc == 2 and "newline" not in one_error_line(err)
+    rc, out, err = run(capsys, "-n", "2", "\n\n")
+    assert rc == 2 and "only newlines" in one_error_line(err)
 
 
 def test_non_utf8_prompt_argument_is_one_line(capsys):
