@@ -7,9 +7,7 @@ on CUDA cores in a different order than any tensor-core GEMM -- so neither can s
 kernels use ONE tile configuration per weight shape (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, warps,
 stages and the K split chosen from ``N``, ``K`` and the dtype, never from M) and the K loop in one
 fixed order; a K split (for weights with few output tiles) stores fp32 partials that the last
-program to arrive sums in split order, so the split never changes with M either. (The same split sums can
-also run inside one program, split after split -- ``SERIAL``, an execution choice with no workspace; bitwise
-the same, ``tests/fast/test_rowgemm.py``.) Rows are padded up to ``BLOCK_M`` with masked loads instead of switching kernels, and
+program to arrive sums in split order, so the split never changes with M either. Rows are padded up to ``BLOCK_M`` with masked loads instead of switching kernels, and
 tensor-core MMAs never mix rows, so a row's result depends only on that row's inputs.
 
 Grid ``(cdiv(M, BLOCK_M), programs over N)``, the M tiles varying fastest so the programs sharing
@@ -110,12 +108,39 @@ def _epilogue(y, u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stri
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _k_span(x_ptr, w_g, w_u, G, rstd, m_ok, n_ok, offs_k, k_lo, k_hi, acc, acc_u,
-            NORM: tl.constexpr, SILU: tl.constexpr, EVEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-            SWAP: tl.constexpr, CODE: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    """The weight stream over one K range ``[k_lo, k_hi)``, k in one fixed order:
-    ``acc[m, n] += x[m, k-tile] @ w[n, k-tile]^T`` (and ``acc_u`` with the up rows for SILU); returns both."""
+@triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym", "stride_rm", "rows_pad"])
+def _row_linear_kernel(
+    X, W, Bias, Y, G, Rstd, Res, WS, Count,
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps, rows_pad, n_pad, k_split,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    pid_m = tl.program_id(0)   # fastest: the M tiles of one weight tile run side by side
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)   # the K split (a fixed number per weight shape)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_ok = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    if NORM:   # the rows' RMSNorm scales, from _row_rstd_kernel
+        rstd = tl.load(Rstd + offs_m, mask=m_ok, other=0.0)
+
+    # -- the weight stream over this split's K range [k_lo, k_hi), k in one fixed order -------------
+    #    acc[m, n] += x[m, k-tile] @ w[n, k-tile]^T
+    k_lo = pid_s * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+    x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_g = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]          # gate (or plain) rows
+    w_u = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]    # up rows (SILU)
+    if SWAP:   # accumulate the transposed tile: acc[n, m]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         # EVEN (N a multiple of BLOCK_N, every split a whole number of full K tiles): no K / N masks
         # on the weight stream -- the same values as the masked loads, so the same arithmetic.
@@ -140,58 +165,11 @@ def _k_span(x_ptr, w_g, w_u, G, rstd, m_ok, n_ok, offs_k, k_lo, k_hi, acc, acc_u
             else:
                 uk = tl.load(w_u + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc_u = _mma_tile(xk, uk, acc_u, IEEE, UPCAST, SWAP)
-    return acc, acc_u
-
-
-@triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym", "stride_rm", "rows_pad"])
-def _row_linear_kernel(
-    X, W, Bias, Y, G, Rstd, Res, WS, Count,
-    M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps, rows_pad, n_pad, k_split,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr,
-    SERIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-):
-    pid_m = tl.program_id(0)   # fastest: the M tiles of one weight tile run side by side
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)   # the K split (a fixed number per weight shape)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    m_ok = offs_m < M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-
-    if NORM:   # the rows' RMSNorm scales, from _row_rstd_kernel
-        rstd = tl.load(Rstd + offs_m, mask=m_ok, other=0.0)
-    else:
-        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-    x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_g = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]          # gate (or plain) rows
-    w_u = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]    # up rows (SILU)
-    if SWAP:   # accumulate the transposed tile: acc[n, m]
-        zero = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # -- the weight stream over this split's K range [k_lo, k_hi) ---------------------------------------
-    k_lo = pid_s * k_split
-    acc, acc_u = _k_span(x_ptr, w_g, w_u, G, rstd, m_ok, n_ok, offs_k, k_lo, tl.minimum(K, k_lo + k_split),
-                         zero, zero, NORM, SILU, EVEN, IEEE, UPCAST, SWAP, CODE, BLOCK_K, STAGES)
-    if SERIAL:
-        # -- the SAME split-K arithmetic run by one program (grid dim 2 is 1): every split's partial
-        #    starts from zero over its own K range, and the partials are added in split order 0, 1, ...
-        #    -- exactly the sums of the workspace path below, without its fp32 partials in memory. An
-        #    execution choice only (rows -> enough output tiles to fill the device), never arithmetic.
-        for s in range(1, SPLIT):
-            lo = s * k_split
-            part, part_u = _k_span(x_ptr, w_g, w_u, G, rstd, m_ok, n_ok, offs_k, lo, tl.minimum(K, lo + k_split),
-                                   zero, zero, NORM, SILU, EVEN, IEEE, UPCAST, SWAP, CODE, BLOCK_K, STAGES)
-            acc += part
-            acc_u += part_u
     if SWAP:
         acc = tl.trans(acc)
         acc_u = tl.trans(acc_u)
 
-    if SPLIT == 1 or SERIAL:
+    if SPLIT == 1:
         _epilogue(acc, acc_u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stride_rm,
                   HAS_BIAS, SILU, RESID, CODE)
     else:
@@ -279,11 +257,9 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         residual: [..., N] in x's dtype, added after the projection (not with ``silu``).
         silu: return ``silu(gate) * up`` [..., F] of the two halves of the product.
         config: a tile configuration to use instead of :func:`row_linear_config` (probes and sweeps):
-            ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT[, SWAP[, SERIAL]]])``; SWAP = 1 runs the
-            weight tile as the MMA's row operand (``w @ x^T``; see ``scripts/probes/rowgemm_sweep.py swap``);
-            SERIAL = 1 runs the SPLIT K splits inside each program, in split order, instead of one program
-            per split with an fp32 workspace -- the same sums bit for bit, without the workspace's
-            traffic (a design under measurement for many-row verifications: ``rowgemm_sweep.py serial``).
+            ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT[, SWAP]])``; SWAP = 1 runs the
+            weight tile as the MMA's row operand (``w @ x^T``; a design under measurement, see
+            ``scripts/probes/rowgemm_sweep.py swap``).
     Returns [..., N] (or [..., F]) in x's dtype. CUDA-graph capturable (host-only checks).
     """
     x2, w, bias, norm_weight, r2, out, y2, n, k, rows = linear_operands(
@@ -294,14 +270,12 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     bm, bn, bk, warps, stages = cfg[:5]
     split = cfg[5] if len(cfg) > 5 else 1
     swap = bool(cfg[6]) if len(cfg) > 6 else False
-    serial = bool(cfg[7]) if len(cfg) > 7 else False
     # K splits of a whole number of K tiles each; fewer splits if K is short (still fixed per shape)
     k_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
     split = triton.cdiv(k, k_split)
-    serial = serial and split > 1
     m_tiles, n_tiles = triton.cdiv(rows, bm), triton.cdiv(n, bn)
     rows_pad, n_pad = m_tiles * bm, n_tiles * bn
-    if split > 1 and not serial:
+    if split > 1:
         ws = torch.empty((split, rows_pad, 2 * n_pad if silu else n_pad), dtype=torch.float32, device=x.device)
         count = _counters(x.device, m_tiles * n_tiles)
     else:
@@ -310,7 +284,7 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     if norm_weight is not None:   # the rows' RMSNorm scales, once per call (one program per row)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         _row_rstd_kernel[(rows,)](x2, rstd, k, x2.stride(0), float(eps), BLOCK_K=min(4096, next_pow2(k)), num_warps=4)
-    _row_linear_kernel[(m_tiles, n_tiles, 1 if serial else split)](
+    _row_linear_kernel[(m_tiles, n_tiles, split)](
         x2, w, bias if bias is not None else w, y2,
         norm_weight if norm_weight is not None else w, rstd, r2 if r2 is not None else y2, ws, count,
         rows, n, k, x2.stride(0), w.stride(0), y2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps),
@@ -318,7 +292,7 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None, RESID=residual is not None,
         CODE=_DTYPE_CODE[x.dtype], IEEE=x.dtype == torch.float32,
         UPCAST=interpreter_active() and x.dtype != torch.float32, SPLIT=split,
-        EVEN=(n % bn == 0 and k % k_split == 0), SWAP=swap, SERIAL=serial,
+        EVEN=(n % bn == 0 and k % k_split == 0), SWAP=swap,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
     )
     return out

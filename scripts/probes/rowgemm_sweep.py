@@ -16,10 +16,6 @@ Prints a table, writes ``$OUT/probe_rowgemm.jsonl``.
                                                        # row operand, x rows as its columns (16 at M = 1, 128 at
                                                        # M = 69: the weight read once) -- against the library's
                                                        # config, the GEMV and cuBLAS; rows bitwise equal across
-    python3 scripts/probes/rowgemm_sweep.py serial     # (session 22) the library's config with its K splits run
-                                                       # inside each program (SERIAL, no fp32 workspace) against
-                                                       # the workspace path at M = 1 / 5 / 17 / 69 / 128, cuBLAS
-                                                       # at each M; rows bitwise equal to the workspace path's
     python3 scripts/probes/rowgemm_sweep.py m69        # M = 69 with one 128-row tile (the weight read once),
                                                        # against cuBLAS at M = 1 / 69 / 128 (padding every
                                                        # decode pass to 128 rows is the other invariant design)
@@ -41,26 +37,6 @@ from specdec.fast.kernels.rowgemm import row_linear, row_linear_config
 OUT = os.environ.get("OUT", "/tmp")
 CONFIGS = [(16, 32, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 16, 256, 4, 4), (16, 64, 256, 4, 3),
            (16, 32, 512, 4, 3), (32, 32, 128, 4, 4), (16, 128, 128, 8, 3), (64, 64, 64, 4, 4)]
-
-
-def emit(jsonl, rows: list, row: list, record: dict) -> None:
-    """One measured configuration: a table row (printed at once) and a JSONL record (flushed: a timed-out
-    run keeps what it measured)."""
-    rows.append(row)
-    jsonl.write(json.dumps(record) + "\n")
-    jsonl.flush()
-    print(" ".join(map(str, row)), flush=True)
-
-
-def eager_linear(silu: bool):
-    """cuBLAS's ``F.linear`` (with the eager SwiGLU for a w13 weight): the reference timing of a pass."""
-    def lin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, w)
-        if silu:
-            g, u = y.chunk(2, -1)
-            y = F.silu(g) * u
-        return y
-    return lin
 
 
 def invariant(w: torch.Tensor, silu: bool, cfg) -> bool:
@@ -88,7 +64,12 @@ def main_m69() -> None:
         ws = weight_copies(name, n, k)
         calls = 2 * len(ws)
 
-        lin = eager_linear(silu)
+        def lin(x, w):
+            y = F.linear(x, w)
+            if silu:
+                g, u = y.chunk(2, -1)
+                y = F.silu(g) * u
+            return y
 
         xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in (1, 69, 128)}
         cub = {m: graph_ms(lambda: [lin(xs[m], ws[i % len(ws)]) for i in range(calls)]) / calls for m in xs}
@@ -128,7 +109,12 @@ def main_split() -> None:
         x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         x69 = torch.randn(69, k, device="cuda", dtype=torch.bfloat16)
 
-        lin = eager_linear(silu)
+        def lin(x, w):
+            y = F.linear(x, w)
+            if silu:
+                g, u = y.chunk(2, -1)
+                y = F.silu(g) * u
+            return y
 
         g1 = graph_ms(lambda: [(gemv_silu if silu else gemv)(x1, ws[i % len(ws)]) for i in range(calls)]) / calls
         c69 = graph_ms(lambda: [lin(x69, ws[i % len(ws)]) for i in range(calls)]) / calls
@@ -172,7 +158,12 @@ def main_swap() -> None:
         x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         x69 = torch.randn(69, k, device="cuda", dtype=torch.bfloat16)
 
-        lin = eager_linear(silu)
+        def lin(x, w):
+            y = F.linear(x, w)
+            if silu:
+                g, u = y.chunk(2, -1)
+                y = F.silu(g) * u
+            return y
 
         def timed(x, cfg):
             return graph_ms(lambda: [row_linear(x, ws[i % len(ws)], silu=silu, config=cfg) for i in range(calls)]) / calls
@@ -192,10 +183,12 @@ def main_swap() -> None:
             except Exception as e:
                 print(f"{name} {label}: {type(e).__name__}: {str(e)[:100]}")
                 continue
-            emit(jsonl, rows, [name, label, same, f"{g1 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{t1 / g1:.2f}",
-                               f"{c69 * 1e3:.1f}", f"{t69 * 1e3:.1f}", f"{t69 / c69:.2f}"],
-                 dict(shape=name, label=label, config_1=c1, config_69=c69cfg, rows_equal=same,
-                      gemv_1_ms=g1, row_1_ms=t1, cublas_69_ms=c69, row_69_ms=t69))
+            rows.append([name, label, same, f"{g1 * 1e3:.1f}", f"{t1 * 1e3:.1f}", f"{t1 / g1:.2f}",
+                         f"{c69 * 1e3:.1f}", f"{t69 * 1e3:.1f}", f"{t69 / c69:.2f}"])
+            jsonl.write(json.dumps(dict(shape=name, label=label, config_1=c1, config_69=c69cfg, rows_equal=same,
+                                        gemv_1_ms=g1, row_1_ms=t1, cublas_69_ms=c69, row_69_ms=t69)) + "\n")
+            jsonl.flush()
+            print(" ".join(map(str, rows[-1])), flush=True)
         del ws
         torch.cuda.empty_cache()
     jsonl.close()
@@ -203,44 +196,7 @@ def main_swap() -> None:
                                   "cuBLAS M=69 us", "M=69 us", "/cuBLAS"]))
 
 
-def main_serial() -> None:
-    """SERIAL (the K splits inside each program, same sums) vs the workspace split-K path, per row count."""
-    rows = []
-    jsonl = open(os.path.join(OUT, "probe_rowgemm_serial.jsonl"), "w")   # written as it goes
-    for name, (n, k, silu) in SHAPES.items():
-        f = n // 2 if silu else n
-        if row_linear_config(f, k, torch.bfloat16, 69)[5] == 1:
-            continue   # no K split to run serially (the vocabulary heads)
-        ws = weight_copies(name, n, k)
-        calls = 2 * len(ws)
-        nw = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
-        xs = torch.randn(128, k, device="cuda", dtype=torch.bfloat16)
-
-        lin = eager_linear(silu)
-
-        for m in (1, 5, 17, 69, 128):
-            x = xs[:m].contiguous()
-            cfg = row_linear_config(f, k, torch.bfloat16, m)
-            work, ser = tuple(cfg) + (0,), tuple(cfg) + (1,)
-            same = torch.equal(row_linear(x, ws[0], silu=silu, norm_weight=nw, config=ser),
-                               row_linear(x, ws[0], silu=silu, norm_weight=nw, config=work))
-            tw = graph_ms(lambda: [row_linear(x, ws[i % len(ws)], silu=silu, config=work) for i in range(calls)]) / calls
-            ts = graph_ms(lambda: [row_linear(x, ws[i % len(ws)], silu=silu, config=ser) for i in range(calls)]) / calls
-            tc = graph_ms(lambda: [lin(x, ws[i % len(ws)]) for i in range(calls)]) / calls
-            gbs = n * k * 2 / (min(tw, ts) * 1e-3) / 1e9
-            emit(jsonl, rows, [name, m, "x".join(map(str, cfg)), same, f"{tc * 1e3:.1f}", f"{tw * 1e3:.1f}",
-                               f"{ts * 1e3:.1f}", f"{tw / ts:.2f}", f"{gbs:.0f}"],
-                 dict(shape=name, m=m, config=cfg, bitwise_equal=same, cublas_ms=tc, workspace_ms=tw, serial_ms=ts))
-        del ws
-        torch.cuda.empty_cache()
-    jsonl.close()
-    print(tabulate(rows, headers=["weight", "M", "config", "serial == workspace", "cuBLAS us", "workspace us",
-                                  "serial us", "workspace / serial", "best GB/s"]))
-
-
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "serial":
-        return main_serial()
     if len(sys.argv) > 1 and sys.argv[1] == "swap":
         return main_swap()
     if len(sys.argv) > 1 and sys.argv[1] == "m69":
@@ -258,7 +214,12 @@ def main() -> None:
         def run(fn, x):
             return lambda: [fn(x, ws[i % len(ws)]) for i in range(calls)]
 
-        lin = eager_linear(silu)
+        def lin(x, w):
+            y = F.linear(x, w)
+            if silu:
+                g, u = y.chunk(2, -1)
+                y = F.silu(g) * u
+            return y
 
         base = {
             "gemv_1": graph_ms(run(gemv_silu if silu else gemv, x1)) / calls,

@@ -105,51 +105,6 @@ def test_split_k_is_reduced_in_a_fixed_order_and_leaves_the_counts_at_zero():
     assert all(int(c.abs().sum()) == 0 for c in rowgemm._COUNTERS.values())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_serial_split_k_gives_the_workspace_path_bits(dtype):
-    """SERIAL runs a shape's K splits inside one program, in split order: every variant (plain, bias,
-    RMSNorm + residual, SiLU, swapped operands, masked and even tiles, a short last split) gives the
-    workspace path's bits exactly -- so it may be picked by row count without touching any row."""
-    from specdec.fast.kernels import rowgemm
-
-    x, w, b, nw, res = _data(dtype, m=37, k=160)
-    w13 = torch.cat([w, w.flip(0) * 0.5])
-    calls = {
-        "plain": lambda xx, cfg, rr: row_linear(xx, w, config=cfg),
-        "bias_norm_resid": lambda xx, cfg, rr: row_linear(xx, w, b, norm_weight=nw, eps=1e-5, residual=res[rr], config=cfg),
-        "silu_norm": lambda xx, cfg, rr: row_linear(xx, w13, silu=True, norm_weight=nw, eps=1e-5, config=cfg),
-    }
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT, SWAP): K = 160 = 5 tiles of 32 in 2 splits (3 + 2
-    # tiles) or 4 asked (-> 2 + 2 + 1), and the swapped-operand variant. Splits of several tiles each, so
-    # split-then-add rounds differently from one running sum (the test fails for a SERIAL that did that).
-    for base in ((16, 32, 32, 4, 1, 2, 0), (16, 64, 32, 4, 1, 4, 0), (16, 32, 32, 4, 1, 2, 1)):
-        for name, call in calls.items():
-            rr = slice(0, 37)
-            workspace = call(x, base + (0,), rr)
-            serial = call(x, base + (1,), rr)
-            assert torch.equal(serial, workspace), (base, name)
-            assert torch.equal(call(x[9:10], base + (1,), slice(9, 10)), workspace[9:10]), (base, name)
-    assert all(int(c.abs().sum()) == 0 for c in rowgemm._COUNTERS.values())
-
-
-def test_serial_split_k_reads_nothing_past_its_operands():
-    """SERIAL over a ragged K (72 = a split of 64 + a split of 8) and N (24 in tiles of 32): x, w and the
-    norm weight are views of NaN-padded buffers (rows past M, columns past K, weight rows past N), so
-    any read outside them would poison the result; it is finite and the workspace path's bits."""
-    x, w, b, nw, res = _data(torch.float32, m=6, k=72, n=24)
-    xb = torch.full((9, 96), float("nan"))
-    xb[:6, :72] = x
-    wb = torch.full((30, 100), float("nan"))
-    wb[:24, :72] = w
-    gb = torch.full((80,), float("nan"))
-    gb[:72] = nw
-    xv, wv, gv = xb[:6, :72], wb[:24, :72], gb[:72]
-    for cfg in ((16, 32, 32, 4, 1, 2, 0), (16, 32, 32, 4, 1, 2, 1)):
-        got = row_linear(xv, wv, b, norm_weight=gv, eps=1e-5, residual=res, config=cfg + (1,))
-        assert torch.isfinite(got).all(), cfg
-        assert torch.equal(got, row_linear(x, w, b, norm_weight=nw, eps=1e-5, residual=res, config=cfg + (0,))), cfg
-
-
 def test_config_depends_on_rows_only_through_block_m():
     """What a row's arithmetic depends on (BLOCK_N, BLOCK_K, warps, stages, the K split) is the same
     for every row count; only BLOCK_M follows the rows."""
@@ -198,24 +153,6 @@ def test_gpu_rows_bitwise_across_m_llama3_8b_shapes(n, k, silu):
     for r in (3, 68, 127):
         assert torch.equal(run(slice(r, r + 1)), full[r:r + 1]), r
     assert torch.equal(run(slice(0, 512))[:128], full)   # a batch of 512 rows
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n,k,silu", [s for s in LLAMA_SHAPES if s[0] < 100000])
-def test_gpu_serial_split_k_is_the_workspace_path_bitwise(n, k, silu):
-    """On the tensor cores too: the library's config with its K splits run in one program (SERIAL) gives
-    the workspace path's bits, at 1, 69 and 128 rows, with the RMSNorm folded in."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    w = torch.randn(n, k, generator=g, device="cuda").to(torch.bfloat16) * 0.02
-    x = torch.randn(128, k, generator=g, device="cuda").to(torch.bfloat16)
-    nw = (torch.rand(k, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
-    f = n // 2 if silu else n
-    for m in (1, 69, 128):
-        cfg = row_linear_config(f, k, torch.bfloat16, m)
-        assert cfg[5] > 1   # these shapes split K
-        work = row_linear(x[:m], w, silu=silu, norm_weight=nw, eps=1e-5, config=tuple(cfg) + (0,))
-        ser = row_linear(x[:m], w, silu=silu, norm_weight=nw, eps=1e-5, config=tuple(cfg) + (1,))
-        assert torch.equal(ser, work), m
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
