@@ -173,6 +173,10 @@ asked() {  # asked MINUTES STEPS: 1 when a phase is given a length (minutes or s
   $PY -c "print(int(float('$1') > 0 or int('$2') > 0))"
 }
 
+drop_glide_more() {  # remove the run's third GLIDE phase and its earlier continuations ($RUN/glide_more.N)
+  rm -rf "$RUN/glide_more" "$RUN"/glide_more.[0-9]*
+}
+
 glide_more() {  # 1 when a third GLIDE phase is asked for (GLIDE_MORE_MIN or GLIDE_MORE_STEPS > 0)
   asked "$GLIDE_MORE_MIN" "$GLIDE_MORE_STEPS"
 }
@@ -185,7 +189,7 @@ run_glide_more() {  # the third GLIDE phase: 1024-token windows (GLIDE_SEQ1), di
     mv "$RUN/glide_more" "$RUN/glide_more.$n"
     init="$RUN/glide_more.$n/glide"
   else
-    rm -rf "$RUN/glide_more" "$RUN"/glide_more.[0-9]*   # from the long phase: earlier continuations are stale
+    drop_glide_more   # from the long phase: earlier continuations are stale
   fi
   echo "glide-more: from $init"
   step glide_more $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_more" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
@@ -220,7 +224,7 @@ if len(lines) <= cap:
 evals = {i for i, l in enumerate(lines) if any(k.startswith(("eval", "heldout")) for k in json.loads(l))}
 k = -(-(len(lines) - len(evals)) // max(1, cap - len(evals) - 1))
 steps = [i for i in range(len(lines)) if i not in evals]
-keep = evals | set(steps[::k]) | {steps[-1]} if steps else evals
+keep = (evals | set(steps[::k]) | {steps[-1]}) if steps else evals
 open(dst, "w").writelines(lines[i] for i in sorted(keep))
 print(f"ship: {dst}: {len(keep)} of {len(lines)} lines (every evaluation, every k = {k} step lines; the whole log: {src})")
 PY
@@ -301,7 +305,7 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       step glide_long $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_long" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
         --init "$RUN/glide_short/glide" --seq "$SEQ" --batch $((GLIDE_TOKENS / SEQ)) --lr 6e-4 --warmup 50 --distill 1.0 \
         --minutes "$GLIDE_LONG_MIN" --steps "$GLIDE_LONG_STEPS" --eval-every 250 --eval-tokens $((EVAL_TOKENS / 2))
-      rm -rf "$RUN/glide_more" "$RUN"/glide_more.[0-9]*   # stale third phases must not ship with this run's first two
+      drop_glide_more   # stale third phases must not ship with this run's first two
       if [ "$(glide_more)" = 1 ]; then GLIDE_MORE_FROM=long run_glide_more; fi ;;
     glide-more)
       [ "$(glide_more)" = 1 ] || { echo "glide-more needs GLIDE_MORE_MIN or GLIDE_MORE_STEPS > 0" >&2; exit 2; }
@@ -346,8 +350,9 @@ def load(p):
 s = [x for p in ("lm_phase1/target_summary.json", "lm/target_summary.json", "lm/target_more_summary.json", "lm/draft_summary.json")
      for x in (load(os.path.join(run, p)) or [])]
 more = load(os.path.join(run, "glide_more/glide_summary.json"))
-earlier = sorted((d for d in os.listdir(run) if d.startswith("glide_more.") and d.split(".", 1)[1].isdigit()),
-                 key=lambda d: int(d.split(".", 1)[1]))   # earlier third phases, continued by the next
+earlier = []   # earlier third phases glide_more.1, .2, ... (numbered without gaps), each continued by the next
+while os.path.isdir(os.path.join(run, f"glide_more.{len(earlier) + 1}")):
+    earlier.append(f"glide_more.{len(earlier) + 1}")
 phases = [("glide_short/glide_summary.json", ""), ("glide_long/glide_summary.json", "" if more else ", shipped")]
 phases += [(f"{d}/glide_summary.json", f", distilled further ({d})") for d in earlier]
 for p, what in phases + ([("glide_more/glide_summary.json", ", distilled further, shipped")] if more else []):

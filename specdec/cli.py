@@ -631,13 +631,10 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     # Inputs and models (read the prompt first: a missing prompt should not wait for model loading).
     texts = _read_prompts_file(a.prompts_file) if a.prompts_file is not None else None
     text = _read_prompt(a, stdin) if texts is None else texts[0]
-    a.newline_note = None
+    a.newline_note = None   # printed after a successful run (here and in _generate_batch)
     if a.template == "raw":   # (a chat template ends the prompt with its own assistant header)
-        if texts is not None:
-            texts, a.newline_note = _drop_trailing_newlines(texts, a.keep_newline)
-            text = texts[0]
-        else:
-            (text,), a.newline_note = _drop_trailing_newlines([text], a.keep_newline)
+        prompts, a.newline_note = _drop_trailing_newlines(texts if texts is not None else [text], a.keep_newline)
+        text, texts = prompts[0], (prompts if texts is not None else None)
     embedded = a.target == "default"
     target_dir = _check_dir("--target", a.target)
     from specdec.shared.tokenizer import encode_prompt, format_prompt, load_tokenizer

@@ -35,6 +35,12 @@ from specdec.shared.tokenizer import encode_prompt, load_tokenizer
 GOAL = 0.6   # issue 21: median distinct 4-gram share of short held-out prompts' greedy completions
 
 
+def summary_row(name: str, where: str, shares: list[float]) -> list:
+    """One table row: the median and mean distinct-4-gram share and how many reach the goal."""
+    return [name, where, len(shares), f"{statistics.median(shares):.3f}", f"{statistics.mean(shares):.3f}",
+            f"{sum(s >= GOAL for s in shares)} / {len(shares)}"]
+
+
 def reference_continuation(tok, question: dict, n: int) -> list[int]:
     """The ``n`` tokens that follow a ``stdlib_code`` prompt in its source file (this interpreter's stdlib),
     or all of them where the file ends sooner."""
@@ -83,15 +89,13 @@ def main() -> int:
             shares.append(share)
             records.append(dict(model=name, path=path, question_id=q["question_id"], category=q["category"],
                                 prompt_tokens=ids.shape[1], new_tokens=len(gen), distinct_4grams=share))
-        rows.append([name, path, len(shares), f"{statistics.median(shares):.3f}", f"{statistics.mean(shares):.3f}",
-                     f"{sum(s >= GOAL for s in shares)} / {len(shares)}"])
+        rows.append(summary_row(name, path, shares))
     if args.reference:
         conts = [reference_continuation(tok, q, args.max_new_tokens) for q in questions]
         shares = [distinct_ngram_share(c, 4) for c in conts]
         records += [dict(model="reference", path=q["source"]["file"], question_id=q["question_id"], category=q["category"],
                          new_tokens=len(c), distinct_4grams=sh) for q, c, sh in zip(questions, conts, shares)]
-        rows.append(["reference", "the held-out files' own text", len(shares), f"{statistics.median(shares):.3f}",
-                     f"{statistics.mean(shares):.3f}", f"{sum(s >= GOAL for s in shares)} / {len(shares)}"])
+        rows.append(summary_row("reference", "the held-out files' own text", shares))
     report(rows, ["model", "dir", "prompts", "median distinct 4-grams", "mean", f">= {GOAL}"], records, args.out)
     return 0
 
