@@ -36,6 +36,14 @@ How (one launch plus the merge of :mod:`.tree_attention`):
   never mix rows, so a row's bits do not depend on which branch, which other rows or which BLOCK_M.
   Row sums that feed the softmax are taken by the MMA too (``p @ 1``), never by a register
   reduction whose order would follow the tile's layout; the running max is exact in any order.
+* **No FMA contraction.** The kernel is compiled with ``enable_fp_fusion=False``. With contraction on,
+  the compiler fuses ``s * qk_scale - m`` (and ``acc * alpha`` into what follows) on the shared-tile path,
+  where ``s`` flows straight on, but not on the per-node path, where ``s`` first goes through a
+  ``tl.where`` -- so the same row rounded differently in a verification whose tree starts below a split
+  boundary (its last tile of that split on the per-node path) and in the one-token step at its position
+  (the same tile on the shared path): a 1-2 ulp difference that flipped a bf16 near-tie of the embedded
+  model (``tests/fast/test_decode_attention.py::test_gpu_rows_across_a_split_boundary``). The interpreter
+  never contracts, so only the GPU test can show it.
 
 Rows are packed as in :mod:`.tree_attention`: ``row = node * G + g`` for the ``G = Hq // Hkv``
 query heads of one KV head. The tests (``tests/fast/test_decode_attention.py``) check the values
@@ -364,5 +372,6 @@ def decode_attention(
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
         IS_FP32=q.dtype == torch.float32, UPCAST=q.dtype != torch.float32 and q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        enable_fp_fusion=False,   # one rounding per op on both tile paths (module docstring, "No FMA contraction")
     )
     return merge_partials(o_part, l_part, out, hkv, group)
