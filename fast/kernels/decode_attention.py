@@ -36,14 +36,15 @@ How (one launch plus the merge of :mod:`.tree_attention`):
   never mix rows, so a row's bits do not depend on which branch, which other rows or which BLOCK_M.
   Row sums that feed the softmax are taken by the MMA too (``p @ 1``), never by a register
   reduction whose order would follow the tile's layout; the running max is exact in any order.
-* **No FMA contraction.** The kernel is compiled with ``enable_fp_fusion=False``. With contraction on,
-  the compiler fuses ``s * qk_scale - m`` (and ``acc * alpha`` into what follows) on the shared-tile path,
-  where ``s`` flows straight on, but not on the per-node path, where ``s`` first goes through a
-  ``tl.where`` -- so the same row rounded differently in a verification whose tree starts below a split
-  boundary (its last tile of that split on the per-node path) and in the one-token step at its position
-  (the same tile on the shared path): a 1-2 ulp difference that flipped a bf16 near-tie of the embedded
-  model (``tests/fast/test_decode_attention.py::test_gpu_rows_across_a_split_boundary``). The interpreter
-  never contracts, so only the GPU test can show it.
+* **No FMA contraction.** The kernel is compiled with ``enable_fp_fusion=False``, so every multiply and
+  add rounds once, as written, on both tile paths. With contraction on, the compiler was free to fuse
+  the two paths differently (on the shared path ``s`` flows straight into ``s - m``; on the per-node
+  path it first passes through a ``tl.where``), and on the H100 a row of a tree that starts below a
+  split boundary -- its last tile of that split on the per-node path -- came out a few ulp away from the
+  one-token step at its position, whose same tile is on the shared path. That flipped a bf16 near-tie
+  of the embedded model (session 23, BENCHMARKS "Exactness: the split-boundary rows"); the GPU test
+  ``test_gpu_rows_across_a_split_boundary`` pins it. The interpreter never contracts: only the GPU
+  shows it.
 
 Rows are packed as in :mod:`.tree_attention`: ``row = node * G + g`` for the ``G = Hq // Hkv``
 query heads of one KV head. The tests (``tests/fast/test_decode_attention.py``) check the values
