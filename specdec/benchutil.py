@@ -8,7 +8,10 @@
   created directly on the device (no checkpoint, no Hugging Face model);
 * :func:`report` -- print a result table and write the records as JSONL;
 * :func:`distinct_ngram_share` -- how repetitive a completion is (issue 21's distinct 4-gram measure);
-* :func:`question_prompts` -- a prompt set's questions with their first turn tokenised for the embedded model.
+* :func:`question_prompts` -- a prompt set's questions with their first turn tokenised for the embedded model;
+* :func:`exactness_prompts` / :func:`fast_greedy_decoders` -- the prompts and the decoders of the GPU exactness
+  test (``tests/fast/test_exact_dtypes.py``), shared with the probe that locates a divergence
+  (``scripts/probes/exact_divergence.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from specdec.shared.config import ModelConfig
 from specdec.shared.weights import Model, expected_shapes
 
 __all__ = ["copy_bandwidth", "cuda_time_ms", "kernel_totals", "MODEL_SHAPES", "random_model", "report",
-           "distinct_ngram_share", "question_prompts"]
+           "distinct_ngram_share", "question_prompts", "exactness_prompts", "fast_greedy_decoders"]
 
 
 def report(rows: list[list], headers: list[str], records: list[dict], out: str | None) -> None:
@@ -132,3 +135,37 @@ def question_prompts(bench: str = "stdlib_code", begin: int = 0, end: int | None
 
     tok = load_tokenizer("default")
     return [(q, torch.tensor([encode_prompt(tok, q["turns"][0])])) for q in load_questions(bench, begin, end)]
+
+
+def exactness_prompts(n: int = 20, prompt_tokens: int = 192, min_tokens: int = 64) -> list[torch.Tensor]:
+    """The first ``n`` held-out stdlib code prompts of at least ``min_tokens`` tokens, each cut to its first
+    ``prompt_tokens`` tokens, as ``[1, T]`` ids -- the prompts the exactness contract is checked on."""
+    from specdec.bench import load_questions
+    from specdec.shared.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("default")
+    out = []
+    for q in load_questions("stdlib_code"):
+        ids = tok.encode(q["turns"][0])
+        if len(ids) >= min_tokens:
+            out.append(torch.tensor([ids[:prompt_tokens]]))
+        if len(out) == n:
+            break
+    if len(out) < n:
+        raise ValueError(f"n={n}: only {len(out)} stdlib_code prompts have >= {min_tokens} tokens")
+    return out
+
+
+def fast_greedy_decoders(target, draft, glide) -> dict[str, Callable]:
+    """Every fast speculative decoder with its defaults, as ``name -> run(ids, kwargs)`` (a GenerationResult);
+    ``target`` / ``draft`` are fast models, ``glide`` a fast GLIDE draft of ``target``."""
+    import specdec.fast as fast
+
+    return {
+        "speculative": lambda ids, kw: fast.speculative_generate(target, draft, ids, ids.shape[1], **kw),
+        "spec": lambda ids, kw: fast.spec_generate(target, glide, ids, ids.shape[1], **kw),
+        "tree_spec": lambda ids, kw: fast.tree_spec_generate(target, glide, ids, ids.shape[1], **kw),
+        "pld": lambda ids, kw: fast.pld_generate(target, ids, ids.shape[1], **kw),
+        "logitspec": lambda ids, kw: fast.logitspec_generate(target, ids, ids.shape[1], **kw),
+        "magicdec": lambda ids, kw: fast.magicdec_generate(target, ids, ids.shape[1], **kw),
+    }

@@ -21,21 +21,6 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def test_prompts(n: int = 20, prompt_tokens: int = 192) -> list[torch.Tensor]:
-    from specdec.bench import load_questions
-    from specdec.shared.tokenizer import load_tokenizer
-
-    tok = load_tokenizer("default")
-    out = []
-    for q in load_questions("stdlib_code"):
-        ids = tok.encode(q["turns"][0])
-        if len(ids) >= 64:
-            out.append(torch.tensor([ids[:prompt_tokens]]))
-        if len(out) == n:
-            break
-    return out
-
-
 class Recorder:
     """Wraps every module-level ``step_forward`` of the fast path; records (positions, tokens, logits) per call."""
 
@@ -93,21 +78,15 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["speculative", "logitspec"])
     args = ap.parse_args()
     import specdec.fast as fast
+    from specdec.benchutil import exactness_prompts, fast_greedy_decoders
 
     dt = DTYPES[args.dtype]
     target = fast.load_model("default", dtype=dt, device="cuda")
     draft = fast.load_model("default-draft", dtype=dt, device="cuda")
     glide = fast.load_glide("default-glide", target=target)
-    methods = {
-        "speculative": lambda ids, kw: fast.speculative_generate(target, draft, ids, ids.shape[1], **kw),
-        "spec": lambda ids, kw: fast.spec_generate(target, glide, ids, ids.shape[1], **kw),
-        "tree_spec": lambda ids, kw: fast.tree_spec_generate(target, glide, ids, ids.shape[1], **kw),
-        "pld": lambda ids, kw: fast.pld_generate(target, ids, ids.shape[1], **kw),
-        "logitspec": lambda ids, kw: fast.logitspec_generate(target, ids, ids.shape[1], **kw),
-        "magicdec": lambda ids, kw: fast.magicdec_generate(target, ids, ids.shape[1], **kw),
-    }
+    methods = fast_greedy_decoders(target, draft, glide)
     kw = dict(max_gen_len=128, eos_id=[])
-    prompts = test_prompts()
+    prompts = exactness_prompts()
     todo = range(len(prompts)) if args.prompts is None else args.prompts
     for p in todo:
         ids = prompts[p]
