@@ -206,3 +206,24 @@ def test_gpu_rows_across_a_split_boundary(dtype, hq, hkv, dim):
             bad += [(L, i) for i in range(9)
                     if not torch.equal(out[:, :, i:i + 1], _one_token_steps(q, k, v, mask, plen, 0, i))]
     assert bad == []
+
+
+def test_compiled_without_fma_contraction(monkeypatch):
+    """The GPU fix above, guarded where CI can see it: the kernel is launched with ``enable_fp_fusion=False``
+    (the interpreter never contracts, so no CPU run can show the rounding difference itself)."""
+    import importlib
+
+    mod = importlib.import_module("specdec.fast.kernels.decode_attention")   # the module, not the function
+    seen = []
+    kernel = mod._decode_attention_kernel
+    run = kernel.run
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("enable_fp_fusion"))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", spy)
+    q, k, v, mask, plen = _case(1, 4, 2, 64, [10], [[-1, 0, 1]], torch.float32, "cpu")
+    out = decode_attention(q, k, v, plen, mask)
+    assert seen == [False]
+    torch.testing.assert_close(out, masked_attention_ref(q, k, v, _dense_mask(mask, plen, k.shape[2])), atol=2e-5, rtol=2e-5)
