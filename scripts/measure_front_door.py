@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -66,6 +67,7 @@ def main() -> int:
         configs.append((name, shlex.split(flags)))
     questions = load_questions(args.bench, args.begin, args.end)
     records = []
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         for i, q in enumerate(questions):
             prompt = q["turns"][0]
