@@ -8,7 +8,9 @@ The prompts are tests/fast/test_exact_dtypes.py's (held-out stdlib prompts of >=
 then re-runs both decoders eagerly (no CUDA graphs) with every ``step_forward`` call recorded, and compares the
 row that decided token ``j`` (position ``P + j - 1``, fed token ``out[j - 1]``) with vanilla's one-token step at
 the same position: bitwise equal or not, the largest difference, and the top two logits of each (a tie or a
-near-tie at the top is where a last-bit difference changes the token).
+near-tie at the top is where a last-bit difference changes the token). Before that it lists the first positions
+along vanilla's path where no row of the method equals vanilla's step bitwise, with the call, its M, its prefix
+length and the node -- the row where the arithmetic first parted, usually long before the token that flips.
 """
 
 from __future__ import annotations
@@ -75,8 +77,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--prompts", type=int, nargs="*", default=None, help="indices into the test's 20 prompts (default all)")
-    ap.add_argument("--methods", nargs="+", default=["speculative", "logitspec"])
+    ap.add_argument("--methods", nargs="+", default=["speculative", "logitspec"],
+                    choices=["speculative", "spec", "tree_spec", "pld", "logitspec", "magicdec"])
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device (the contract it probes is the GPU's bf16/fp16 decode phase)")
     import specdec.fast as fast
     from specdec.benchutil import exactness_prompts, fast_greedy_decoders
 
