@@ -81,6 +81,22 @@ def test_tree_rows_equal_one_token_steps(family, dtype):
     _check_tree(fm, prompt, parents, tokens, nodes=sorted({0, deepest, 6}))
 
 
+@pytest.mark.gpu
+def test_gpu_tree_across_the_first_split_boundary():
+    """A chain and a tree whose prefix ends just below the first 256-key attention split and whose nodes
+    reach past it (the case that differed on the H100 until decode_attention lost FMA contraction, session
+    23): every node's row == its one-token steps, bf16, the whole model. (GPU only: the interpreter never
+    contracts, and this ran in 60 s there.)"""
+    from specdec.fast.kernels.decode_attention import SPLIT_KEYS
+
+    fm = _fast("llama", torch.bfloat16, "cuda", vocab=64, layers=2, hidden=128, heads=4, kv_heads=2, max_pos=512)
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 64, (SPLIT_KEYS - 4,), generator=gen).tolist()
+    for parents in ([-1, 0, 1, 2, 3, 4, 5, 6], random_tree(8, gen)):
+        tokens = torch.randint(0, 64, (8,), generator=gen).tolist()
+        _check_tree(fm, prompt, parents, tokens, nodes=range(8))
+
+
 def test_batch_rows_do_not_depend_on_each_other():
     fm = _fast("llama", torch.bfloat16, "cpu", vocab=64, layers=2, hidden=128, heads=4, kv_heads=2, max_pos=512)
     gen = torch.Generator().manual_seed(2)
