@@ -193,13 +193,14 @@ def test_gpu_128_rows_and_batch_of_8():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("hq,hkv,dim", [(4, 2, 64), (32, 8, 128)])
 def test_gpu_rows_across_a_split_boundary(dtype, hq, hkv, dim):
-    """A tree that starts below the first split boundary and reaches past it: its last tile of split 0 runs
+    """A tree that starts below a split boundary and reaches past it: its last tile below the boundary runs
     the per-node path, while the one-token step at a row's position runs the same tile on the shared path.
     Each row must still equal that step bitwise (with FMA contraction on, differences of a few ulp appeared --
     the embedded model's bf16 near-tie that made the draft-model chain and LogitSpec differ from vanilla)."""
     gen = torch.Generator().manual_seed(hq + dim)
     bad = []
-    for L in range(SPLIT_KEYS - 9, SPLIT_KEYS + 1):
+    # the first split boundary (256), and the first tier boundary (4096: 256-key splits give way to 1024)
+    for L in [*range(SPLIT_KEYS - 9, SPLIT_KEYS + 1), 4096 - 8, 4096 - 4, 4096 - 1]:
         for parents in ([-1, 0, 1, 2, 3, 4, 5, 6, 7], random_tree(9, gen)):
             q, k, v, mask, plen = _case(1, hq, hkv, dim, [L], [parents], dtype, "cuda", seed=L)
             out = decode_attention(q, k, v, plen, mask)
