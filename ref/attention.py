@@ -70,7 +70,8 @@ def fused_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     t, s = q.shape[2], k.shape[2]
     if bool(mask.all()):
         # A mask that hides nothing (a drafter's query over the whole verified prefix): no mask at all, so the
-        # kernel adds none (3 % of README command 1's CPU round: BENCHMARKS "Session 23").
+        # kernel adds none (README command 1 on a CPU: +2-3 %, BENCHMARKS "Session 23: README command 1 on another
+        # 2-core CPU").
         out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=sm_scale, enable_gqa=gqa)
         return out.to(q.dtype)
     if t == s and torch.equal(mask, torch.ones(t, s, dtype=torch.bool, device=mask.device).tril().expand_as(mask)):
