@@ -157,15 +157,17 @@ def exactness_prompts(n: int = 20, prompt_tokens: int = 192, min_tokens: int = 6
 
 
 def fast_greedy_decoders(target, draft, glide) -> dict[str, Callable]:
-    """Every fast speculative decoder with its defaults, as ``name -> run(ids, kwargs)`` (a GenerationResult);
-    ``target`` / ``draft`` are fast models, ``glide`` a fast GLIDE draft of ``target``."""
+    """Every fast speculative decoder of :data:`specdec.methods.METHODS` with its defaults, as
+    ``name -> run(ids, kwargs)`` (a GenerationResult); ``target`` / ``draft`` are fast models, ``glide`` a fast
+    GLIDE draft of ``target`` -- each decoder gets the one its table entry ``needs``."""
     import specdec.fast as fast
+    from specdec.methods import METHODS
 
-    return {
-        "speculative": lambda ids, kw: fast.speculative_generate(target, draft, ids, ids.shape[1], **kw),
-        "spec": lambda ids, kw: fast.spec_generate(target, glide, ids, ids.shape[1], **kw),
-        "tree_spec": lambda ids, kw: fast.tree_spec_generate(target, glide, ids, ids.shape[1], **kw),
-        "pld": lambda ids, kw: fast.pld_generate(target, ids, ids.shape[1], **kw),
-        "logitspec": lambda ids, kw: fast.logitspec_generate(target, ids, ids.shape[1], **kw),
-        "magicdec": lambda ids, kw: fast.magicdec_generate(target, ids, ids.shape[1], **kw),
-    }
+    drafts = {"draft": draft, "glide": glide}
+
+    def runner(method):
+        fn = getattr(fast, method.function)
+        models = (target,) if method.needs is None else (target, drafts[method.needs])
+        return lambda ids, kw: fn(*models, ids, ids.shape[1], **kw)
+
+    return {name: runner(m) for name, m in METHODS.items() if name != "vanilla"}

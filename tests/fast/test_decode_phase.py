@@ -86,7 +86,7 @@ def test_gpu_tree_across_the_first_split_boundary():
     """A chain and a tree whose prefix ends just below the first 256-key attention split and whose nodes
     reach past it (the case that differed on the H100 until decode_attention lost FMA contraction, session
     23): every node's row == its one-token steps, bf16, the whole model. (GPU only: the interpreter never
-    contracts, and this ran in 60 s there.)"""
+    contracts, and on it this test took 60 s.)"""
     from specdec.fast.kernels.decode_attention import SPLIT_KEYS
 
     fm = _fast("llama", torch.bfloat16, "cuda", vocab=64, layers=2, hidden=128, heads=4, kv_heads=2, max_pos=512)
