@@ -238,10 +238,22 @@ install_ship() {  # install_ship DIR: replace shared/assets/default/{target,draf
   [ -f "$src/glide/acceptance.json" ] || echo "WARNING: $src/glide has no acceptance.json (run the acceptance stage):" \
       "tests/shared/test_tree_search.py expects the shipped draft to carry one" >&2
   size_check "$src" || { echo "install: $src is over budget; nothing installed" >&2; exit 1; }
+  # LogitSpec's measured tokens per round belong to the target's weights: keep them when the weights are the same
+  # bytes (a GLIDE-only retrain), else say they must be measured again.
+  local stats="$ASSETS/target/logitspec_acceptance.json" kept=""
+  if [ -f "$stats" ] && [ ! -f "$src/target/logitspec_acceptance.json" ]; then
+    if cmp -s "$src/target/model.safetensors" "$ASSETS/target/model.safetensors"; then
+      kept=$(mktemp); cp "$stats" "$kept"
+    else
+      echo "NOTE: a new target: measure LogitSpec's acceptance again (scripts/measure_logitspec_acceptance.py," \
+           "BENCHMARKS 'Session 22: the retrained model')" >&2
+    fi
+  fi
   for sub in target draft glide logs; do
     rm -rf "${ASSETS:?}/$sub"
     cp -r "$src/$sub" "$ASSETS/$sub"
   done
+  if [ -n "$kept" ]; then cp "$kept" "$stats"; rm -f "$kept"; echo "kept $stats (same target weights)"; fi
   size_check "$ASSETS"
   echo "installed $src into $ASSETS (record the run in BENCHMARKS.md; rebuild prompt sets / tau tables as needed)"
 }
