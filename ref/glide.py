@@ -90,6 +90,7 @@ __all__ = [
     "load_glide",
     "check_glide_matches",
     "glide_layer",
+    "glide_kv",
     "glide_logits",
     "draft_lm_head",
     "glide_full_forward",
@@ -180,10 +181,8 @@ def glide_layer(
 
     # 2. Self-attention over the draft's own (windowed) K/V; RoPE at the true positions.
     h = rms_norm(x, w["input_layernorm.weight"], c.rms_norm_eps)
-    q = rearrange(linear(h, w, "self_attn.q_proj"), "b t (h d) -> b h t d", d=c.head_dim)
-    k_new = rearrange(linear(h, w, "self_attn.k_proj"), "b t (h d) -> b h t d", d=c.head_dim)
-    v_new = rearrange(linear(h, w, "self_attn.v_proj"), "b t (h d) -> b h t d", d=c.head_dim)
-    q, k_new = apply_rope(q, cos, sin), apply_rope(k_new, cos, sin)
+    q = apply_rope(rearrange(linear(h, w, "self_attn.q_proj"), "b t (h d) -> b h t d", d=c.head_dim), cos, sin)
+    k_new, v_new = _self_kv(glide, h, cos, sin)
     k = k_new if past_k is None else torch.cat([past_k.to(k_new.dtype), k_new], dim=2)
     v = v_new if past_v is None else torch.cat([past_v.to(v_new.dtype), v_new], dim=2)
     attend = fused_masked_attention if fused else masked_attention
@@ -200,6 +199,23 @@ def glide_layer(
     # 4. SwiGLU MLP.
     x = x + swiglu_mlp(rms_norm(x, w["post_cross_attention_layernorm.weight"], c.rms_norm_eps), w, "mlp.")
     return x, k_new, v_new
+
+
+def _self_kv(glide: Glide, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The self-attention keys (rotated) and values [B, Hkv, T, D] of normed inputs ``h`` [B, T, H]."""
+    c, w = glide.config, glide.weights
+    k = rearrange(linear(h, w, "self_attn.k_proj"), "b t (h d) -> b h t d", d=c.head_dim)
+    v = rearrange(linear(h, w, "self_attn.v_proj"), "b t (h d) -> b h t d", d=c.head_dim)
+    return apply_rope(k, cos, sin), v
+
+
+def glide_kv(target: Model, glide: Glide, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draft K/V of tokens ``input_ids`` [B, T] at ``positions`` -- exactly the ``k_new, v_new`` that
+    :func:`glide_layer` returns for them. They are projections of the tokens' normed embeddings, so they
+    depend on the tokens and positions alone: never on the draft's past or on the target's cache."""
+    cos, sin = rope_cos_sin(target.config, positions, dtype=glide.dtype)
+    x = embed(target, input_ids).to(glide.dtype)
+    return _self_kv(glide, rms_norm(x, glide.weights["input_layernorm.weight"], glide.config.rms_norm_eps), cos, sin)
 
 
 def draft_lm_head(target: Model, glide: Glide | None = None) -> torch.Tensor:
@@ -306,26 +322,31 @@ class GlideDrafter:
         self.processed = 0  # positions [0, processed) have been run through the draft layer
 
     def _catch_up(self, tokens: list[int], target_k: torch.Tensor, target_v: torch.Tensor) -> torch.Tensor:
-        """Run positions [processed, L] (emitted since last round; L = the root) through the layer,
-        in chunks of at most ``window`` so memory stays bounded. Returns the root's hidden [H]."""
+        """Bring the draft's cache up to the root L (positions emitted since last round, or the prompt) and
+        run the root through the layer. Returns the root's hidden [H].
+
+        Of the positions before the root only their draft K/V are ever read (the root's and later nodes'
+        self-attention), and those depend on the tokens alone (:func:`glide_kv`): no cross-attention or MLP
+        runs for them. Only the last ``window - 1`` can be read, so a long prompt costs one window."""
         dev, window = self.glide.device, self.glide.window
         L = len(tokens) - 1
-        hidden = None
-        for start in range(self.processed, L + 1, window):
-            stop = min(start + window, L + 1)
-            ids = torch.tensor(tokens[start:stop], dtype=torch.long, device=dev)[None]
-            pos = torch.arange(start, stop, device=dev)
-            # Self: window over (cache rows + new rows); causal among the new rows.
-            self_mask = window_mask(pos, torch.cat([self.cache.pos, pos]), window)
-            # Cross: a query at position t sees target positions < t (all of [0, L) for the root).
-            cross_mask = torch.arange(L, device=dev)[None, :] < pos[:, None]
-            # (The draft only proposes, so catching up over a prompt may take the fused attention.)
-            h, k, v = glide_layer(self.target, self.glide, ids, pos, self.cache.k, self.cache.v, self_mask, target_k, target_v,
-                                  cross_mask, fused=True)
-            self.cache.append(k, v, pos)
-            hidden = h[0, -1]
+        # 1. Draft K/V of positions [first, L): the ones the root's window reaches that are not cached yet.
+        first = max(self.processed, L - window + 1)
+        if first < L:
+            pos = torch.arange(first, L, device=dev)
+            ids = torch.tensor(tokens[first:L], dtype=torch.long, device=dev)[None]
+            self.cache.append(*glide_kv(self.target, self.glide, ids, pos), pos)
+        # 2. The root at position L: the whole layer. Self: the window over the cache and itself; cross: the
+        #    verified prefix, every target position < L.
+        pos = torch.tensor([L], device=dev)
+        self_mask = window_mask(pos, torch.cat([self.cache.pos, pos]), window)
+        cross_mask = torch.ones(1, L, dtype=torch.bool, device=dev)
+        # (The draft only proposes, so the drafter's passes may take the fused attention.)
+        h, k, v = glide_layer(self.target, self.glide, torch.tensor([[tokens[L]]], device=dev), pos, self.cache.k, self.cache.v,
+                              self_mask, target_k, target_v, cross_mask, fused=True)
+        self.cache.append(k, v, pos)
         self.processed = L + 1
-        return hidden
+        return h[0, -1]
 
     def _scores(self, logits: torch.Tensor, state: RoundState, position: int) -> torch.Tensor:
         """What the beam ranks for the tokens after a level's nodes [n, V] (or [n, N] over a truncated draft

@@ -3,6 +3,7 @@
 verification, acceptance, compaction -- against a vanilla step on the same prompt.
 
     python3 scripts/probes/ref_round_phases.py                      # shipped pair, stdlib_code 0-4, (3, 2, 2), 128 tokens
+    python3 scripts/probes/ref_round_phases.py --bench stdlib_long --begin 7 --end 8 --tree-shape 2,2,2 --max-new-tokens 32
 
 Each phase's function is wrapped with a wall-clock timer (no profiler, so the figures are the real ones); per prompt
 one untimed warm-up, then vanilla and the tree back to back. Prints one line per prompt (ms per round and per step).
@@ -27,6 +28,7 @@ PHASES = [(ref_glide.GlideDrafter, "propose", "draft"), (ref_glide.GlideDrafter,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", default="stdlib_code", help="shipped prompt set (stdlib_long: the 7.4-7.7k prompts are 7-9)")
     ap.add_argument("--begin", type=int, default=0)
     ap.add_argument("--end", type=int, default=5)
     ap.add_argument("--tree-shape", default="3,2,2")
@@ -51,7 +53,7 @@ def main() -> int:
     target = ref.load_model("default")
     glide = ref.load_glide("default-glide", target=target)
     n = args.max_new_tokens
-    for q, ids in question_prompts("stdlib_code", args.begin, args.end):
+    for q, ids in question_prompts(args.bench, args.begin, args.end):
         t = ids.shape[1]
         ref.tree_spec_generate(target, glide, ids, t, tree_shape=shape, max_gen_len=8)   # warm-up
         rv = ref.vanilla_generate(target, ids, t, max_gen_len=n)

@@ -12,6 +12,7 @@ from specdec.ref.engine import RoundState, run_speculative
 from specdec.ref.glide import (
     GlideDrafter,
     glide_full_forward,
+    glide_kv,
     glide_layer,
     glide_logits,
     load_glide,
@@ -159,6 +160,25 @@ def test_window_cache_matches_brute_force_and_stays_bounded(family):
     assert not torch.allclose(wide[40], ref[40], atol=1e-3)
 
 
+def test_catch_up_caches_exactly_the_layers_kv_of_the_window():
+    """The catch-up fills the draft cache with glide_kv (no layer pass for positions before the root):
+    the very K/V the whole layer returns for those tokens, bitwise, and only the root's window of them."""
+    target, glide = _pair("llama", 2, vocab=16, window=8)
+    seq = _prompt(16, 30, 7)
+    cache = new_cache(target)
+    forward_step(target, seq, cache)
+    tk, tv = cache.k[-1], cache.v[-1]
+    pos = torch.arange(30)
+    _, k_all, v_all = glide_layer(target, glide, seq, pos, None, None, window_mask(pos, pos, 8), tk, tv,
+                                  pos[None, :] < pos[:, None])
+    k_kv, v_kv = glide_kv(target, glide, seq, pos)
+    assert torch.equal(k_kv, k_all) and torch.equal(v_kv, v_all)
+    drafter = GlideDrafter(target, glide, (1,))
+    drafter._catch_up(seq[0].tolist(), tk[:, :, :29], tv[:, :, :29])      # root at 29: a window of 8
+    assert drafter.cache.pos.tolist() == list(range(22, 30))
+    assert torch.equal(drafter.cache.k[:, :, :-1], k_all[:, :, 22:29]) and torch.equal(drafter.cache.v[:, :, :-1], v_all[:, :, 22:29])
+
+
 def test_draft_cache_does_not_grow_with_context():
     target, glide = _pair("llama", 2, vocab=16, window=8)
     drafter = GlideDrafter(target, glide, (2, 2))
@@ -210,11 +230,12 @@ def test_every_drafter_pass_and_training_take_the_fused_attention(monkeypatch):
     monkeypatch.setattr(ref_glide, "fused_masked_attention", lambda q, *a: calls.append(("fused", q.shape[2])) or real_fused(q, *a))
     monkeypatch.setattr(ref_glide, "masked_attention", lambda q, *a: calls.append(("plain", q.shape[2])) or real_plain(q, *a))
     tree_spec_generate(target, glide, prompt, prompt.shape[1], tree_shape=(2, 2, 1), max_gen_len=12, eos_id=[])
-    # first round: the catch-up over positions 0..15 in window-sized chunks (6, 6, 4), self + cross each;
-    # then the two tree levels that need a draft forward (the beam keeps 2 nodes each), self + cross each
-    assert calls[:6] == [("fused", 6)] * 2 + [("fused", 6)] * 2 + [("fused", 4)] * 2
-    assert calls[6:10] == [("fused", 2)] * 4
-    assert calls[10][0] == "fused"   # the next round starts with a catch-up over what was accepted
+    # first round: the catch-up runs only the root (position 15) through the layer, self + cross (the
+    # positions before it need only their K/V, glide_kv); then the two tree levels that need a draft forward
+    # (the beam keeps 2 nodes each), self + cross each
+    assert calls[:2] == [("fused", 1)] * 2
+    assert calls[2:6] == [("fused", 2)] * 4
+    assert calls[6] == ("fused", 1)   # the next round starts with a catch-up: again the root alone
     calls.clear()
     ids = prompt[:, :12]
     cache = new_cache(target, 1)
