@@ -319,7 +319,7 @@ class GlideDrafter:
         self.target, self.glide = target, glide
         self.tree_shape = validate_tree_shape(tree_shape)
         self.cache = GlideCache.empty(glide)
-        self.processed = 0  # positions [0, processed) have been run through the draft layer
+        self.processed = 0  # positions [0, processed) are in the draft cache (or already out of its window)
 
     def _catch_up(self, tokens: list[int], target_k: torch.Tensor, target_v: torch.Tensor) -> torch.Tensor:
         """Bring the draft's cache up to the root L (positions emitted since last round, or the prompt) and
