@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Probe (session 24): what an fp32 ``F.linear`` costs on this CPU by row count, at the embedded default model's
 weight shapes -- does a verification's extra rows cost compute (the time grows with M at near-peak FLOP/s) or only
-per-call overhead? Median-free: mean over ``--reps`` calls after 50 warm-up calls, ``--threads`` threads.
+per-call overhead? The mean over ``--reps`` calls after 50 warm-up calls, ``--threads`` threads.
 
     python3 scripts/probes/cpu_linear_rows.py            # 2 threads, M = 1 2 8 15 16 32
 """
