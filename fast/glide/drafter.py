@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from specdec.fast.engine import DeviceTree, FastDrafter, FusedRound, RunAhead
 from specdec.fast.glide.cache import GlideBounds, SlidingCache
-from specdec.fast.glide.layer import glide_layer
+from specdec.fast.glide.layer import glide_kv_write, glide_layer
 from specdec.fast.glide.packing import catch_up_glide_bounds, catch_up_segments, level_window_lo, pack_ints, unpack_ints
 from specdec.fast.glide.state import AHEAD, CapturedRound, GlideRuntime, GraphKey, RoundBuffers, Verify
 from specdec.fast.glide.weights import FastGlide
@@ -238,17 +238,25 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         return (params.temperature, params.top_k, params.top_p) if params.keyed else None
 
     def _catch_up_prefix(self, tokens: list[int], stop_at: int, target_k, target_v) -> None:
-        """Run positions [processed, stop_at) through the layer in window-sized chunks (the prompt)."""
+        """Write the draft K/V of positions [processed, stop_at) (the prompt, or a catch-up longer than a round's)
+        into the sliding cache. Only their K/V are ever read -- the round's own catch-up runs the whole layer
+        for the rows whose hidden states it uses -- and only the last ``window`` of them can be (a query at
+        t >= stop_at sees (t - window, t]), so no more are written (:func:`~specdec.fast.glide.layer.glide_kv_write`,
+        the K/V the layer would write; as :meth:`specdec.ref.glide.GlideDrafter._catch_up`). ``target_k`` /
+        ``target_v`` are not read: the K/V do not depend on the target."""
         dev, window, cache = self.glide.device, self.glide.window, self.cache
-        for start in range(self.processed, stop_at, window):
-            stop = min(start + window, stop_at)
-            cache.make_room(stop - start)
-            flat, layout = pack_ints(catch_up_segments(tokens[start:stop], start, cache.base, window))
-            u = unpack_ints(torch.tensor(flat, dtype=torch.int32).to(dev), layout)
-            glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], target_k, target_v,
-                        catch_up_glide_bounds(u, cross_span=stop))
-            cache.n = stop - cache.base
-        self.processed = max(self.processed, stop_at)
+        start = max(self.processed, stop_at - window)
+        if start >= stop_at:
+            return
+        if start > self.processed:
+            # every cached row and every skipped position lie before any later query's window: start afresh at `start`
+            cache.n, cache.base = 0, start
+        cache.make_room(stop_at - start)
+        rows = torch.arange(start - cache.base, stop_at - cache.base, dtype=torch.int32, device=dev)
+        ids = torch.tensor(tokens[start:stop_at], dtype=torch.long, device=dev)
+        glide_kv_write(self.target, self.glide, cache, ids[None], torch.arange(start, stop_at, device=dev), rows[None])
+        cache.n = stop_at - cache.base
+        self.processed = stop_at
 
     def prefill(self, state: RoundState) -> None:
         """The draft's pass over the prompt, called by the engine during the prefill (so it counts in the
