@@ -237,13 +237,13 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         :class:`~specdec.fast.glide.state.GraphKey`), or None when the beam ranks plain log-probabilities."""
         return (params.temperature, params.top_k, params.top_p) if params.keyed else None
 
-    def _catch_up_prefix(self, tokens: list[int], stop_at: int, target_k, target_v) -> None:
+    def _catch_up_prefix(self, tokens: list[int], stop_at: int) -> None:
         """Write the draft K/V of positions [processed, stop_at) (the prompt, or a catch-up longer than a round's)
         into the sliding cache. Only their K/V are ever read -- the round's own catch-up runs the whole layer
         for the rows whose hidden states it uses -- and only the last ``window`` of them can be (a query at
         t >= stop_at sees (t - window, t]), so no more are written (:func:`~specdec.fast.glide.layer.glide_kv_write`,
-        the K/V the layer would write; as :meth:`specdec.ref.glide.GlideDrafter._catch_up`). ``target_k`` /
-        ``target_v`` are not read: the K/V do not depend on the target."""
+        the K/V the layer would write; as :meth:`specdec.ref.glide.GlideDrafter._catch_up`). The target's
+        cache is not read: the K/V do not depend on it."""
         dev, window, cache = self.glide.device, self.glide.window, self.cache
         start = max(self.processed, stop_at - window)
         if start >= stop_at:
@@ -264,7 +264,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         first round catches up on; greedy calls also copy the sequence to the device (``seq``)."""
         cache = state.target_cache
         k = len(self.tree_shape) + 1
-        self._catch_up_prefix(state.tokens, max(cache.length + 1 - k, 0), cache.k[-1], cache.v[-1])
+        self._catch_up_prefix(state.tokens, max(cache.length + 1 - k, 0))
         if state.params.greedy and self.fuse_rounds:
             self._sync_seq(state)
 
@@ -369,7 +369,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         here first, in window-sized chunks; the sliding cache gets room for the k rows."""
         L = state.target_cache.length
         k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
-        self._catch_up_prefix(state.tokens, L + 1 - k, state.target_cache.k[-1], state.target_cache.v[-1])
+        self._catch_up_prefix(state.tokens, L + 1 - k)
         self.cache.make_room(k)
         return L, k
 

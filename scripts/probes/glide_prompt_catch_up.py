@@ -75,7 +75,6 @@ def main() -> int:
     dtype = torch.float32 if tiny else torch.bfloat16
     fm = as_fast_model(random_model(TINY if tiny else args.shape, dtype=dtype, device=args.device))
     glide = as_fast_glide(init_glide_weights(fm.config, seed=1, dtype=fm.dtype, device=fm.device, **({"window": 8} if tiny else {})))
-    library = FastGlideDrafter._catch_up_prefix
     rows = []
     with open(args.out, "w") as f:
         for n in args.contexts:
@@ -85,15 +84,13 @@ def main() -> int:
             tk, tv = cache.k[-1], cache.v[-1]
             k = 6   # the first round of a (4, 16, 16, 16, 16) tree catches up on the last levels + 1 positions itself
             result = {}
-            for name, impl in (("previous", previous_catch_up_prefix), ("library", library)):
+            runs = (("previous", lambda d: previous_catch_up_prefix(d, tokens, n + 1 - k, tk, tv)),
+                    ("library", lambda d: d._catch_up_prefix(tokens, n + 1 - k)))
+            for name, run in runs:
                 times = []
                 for _ in range(args.reps):
                     d = FastGlideDrafter(fm, glide, (4, 16, 16, 16, 16))
-                    FastGlideDrafter._catch_up_prefix = impl
-                    try:
-                        times.append(timed(lambda: d._catch_up_prefix(tokens, n + 1 - k, tk, tv), args.device))
-                    finally:
-                        FastGlideDrafter._catch_up_prefix = library
+                    times.append(timed(lambda: run(d), args.device))
                 w = d.glide.window
                 lo = n + 1 - k - w - d.cache.base
                 # (drafters of one GLIDE share its runtime's sliding cache: copy the rows out)

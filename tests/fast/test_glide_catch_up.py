@@ -70,16 +70,16 @@ def test_prompt_catch_up_writes_only_the_window(pair):
     fm, g = fast.as_fast_model(m), as_fast_glide(glide)
     d = FastGlideDrafter(fm, g, (2, 2))
     tokens = [int(t) for t in torch.randint(3, 64, (40,), generator=torch.Generator().manual_seed(7))]
-    d._catch_up_prefix(tokens, 37, None, None)          # positions [0, 37): only [29, 37) can still be read
+    d._catch_up_prefix(tokens, 37)          # positions [0, 37): only [29, 37) can still be read
     assert (d.processed, d.cache.base, d.cache.n) == (37, 29, 8)
     k_ref, v_ref = glide_kv(m, glide, torch.tensor([tokens[29:37]], device=DEV), torch.arange(29, 37, device=DEV))
     torch.testing.assert_close(d.cache.k[:, :, :8], k_ref.to(d.cache.k.dtype), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(d.cache.v[:, :, :8], v_ref.to(d.cache.v.dtype), atol=1e-4, rtol=1e-4)
     # a later, contiguous catch-up appends after them
-    d._catch_up_prefix(tokens, 39, None, None)
+    d._catch_up_prefix(tokens, 39)
     assert (d.processed, d.cache.base, d.cache.n) == (39, 29, 10)
     # one that is already done writes nothing
-    d._catch_up_prefix(tokens, 38, None, None)
+    d._catch_up_prefix(tokens, 38)
     assert (d.processed, d.cache.n) == (39, 10)
 
 
