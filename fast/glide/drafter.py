@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from specdec.fast.engine import DeviceTree, FastDrafter, FusedRound, RunAhead
 from specdec.fast.glide.cache import GlideBounds, SlidingCache
-from specdec.fast.glide.layer import glide_layer
+from specdec.fast.glide.layer import glide_kv_write, glide_layer
 from specdec.fast.glide.packing import catch_up_glide_bounds, catch_up_segments, level_window_lo, pack_ints, unpack_ints
 from specdec.fast.glide.state import AHEAD, CapturedRound, GlideRuntime, GraphKey, RoundBuffers, Verify
 from specdec.fast.glide.weights import FastGlide
@@ -237,18 +237,26 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         :class:`~specdec.fast.glide.state.GraphKey`), or None when the beam ranks plain log-probabilities."""
         return (params.temperature, params.top_k, params.top_p) if params.keyed else None
 
-    def _catch_up_prefix(self, tokens: list[int], stop_at: int, target_k, target_v) -> None:
-        """Run positions [processed, stop_at) through the layer in window-sized chunks (the prompt)."""
+    def _catch_up_prefix(self, tokens: list[int], stop_at: int) -> None:
+        """Write the draft K/V of positions [processed, stop_at) (the prompt, or a catch-up longer than a round's)
+        into the sliding cache. Only their K/V are ever read -- the round's own catch-up runs the whole layer
+        for the rows whose hidden states it uses -- and only the last ``window`` of them can be (a query at
+        t >= stop_at sees (t - window, t]), so no more are written (:func:`~specdec.fast.glide.layer.glide_kv_write`,
+        the K/V the layer would write; as :meth:`specdec.ref.glide.GlideDrafter._catch_up`). The target's
+        cache is not read: the K/V do not depend on it."""
         dev, window, cache = self.glide.device, self.glide.window, self.cache
-        for start in range(self.processed, stop_at, window):
-            stop = min(start + window, stop_at)
-            cache.make_room(stop - start)
-            flat, layout = pack_ints(catch_up_segments(tokens[start:stop], start, cache.base, window))
-            u = unpack_ints(torch.tensor(flat, dtype=torch.int32).to(dev), layout)
-            glide_layer(self.target, self.glide, cache, u["tokens"][None], u["pos"], u["rows"][None], target_k, target_v,
-                        catch_up_glide_bounds(u, cross_span=stop))
-            cache.n = stop - cache.base
-        self.processed = max(self.processed, stop_at)
+        start = max(self.processed, stop_at - window)
+        if start >= stop_at:
+            return
+        if start > self.processed:
+            # every cached row and every skipped position lie before any later query's window: start afresh at `start`
+            cache.n, cache.base = 0, start
+        cache.make_room(stop_at - start)
+        rows = torch.arange(start - cache.base, stop_at - cache.base, dtype=torch.int32, device=dev)
+        ids = torch.tensor(tokens[start:stop_at], dtype=torch.long, device=dev)
+        glide_kv_write(self.target, self.glide, cache, ids[None], torch.arange(start, stop_at, device=dev), rows[None])
+        cache.n = stop_at - cache.base
+        self.processed = stop_at
 
     def prefill(self, state: RoundState) -> None:
         """The draft's pass over the prompt, called by the engine during the prefill (so it counts in the
@@ -256,7 +264,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         first round catches up on; greedy calls also copy the sequence to the device (``seq``)."""
         cache = state.target_cache
         k = len(self.tree_shape) + 1
-        self._catch_up_prefix(state.tokens, max(cache.length + 1 - k, 0), cache.k[-1], cache.v[-1])
+        self._catch_up_prefix(state.tokens, max(cache.length + 1 - k, 0))
         if state.params.greedy and self.fuse_rounds:
             self._sync_seq(state)
 
@@ -361,7 +369,7 @@ class FastGlideDrafter(FastDrafter, RunAhead):
         here first, in window-sized chunks; the sliding cache gets room for the k rows."""
         L = state.target_cache.length
         k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
-        self._catch_up_prefix(state.tokens, L + 1 - k, state.target_cache.k[-1], state.target_cache.v[-1])
+        self._catch_up_prefix(state.tokens, L + 1 - k)
         self.cache.make_room(k)
         return L, k
 

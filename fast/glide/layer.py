@@ -36,7 +36,42 @@ def _gemv_rows_ok(weights: Iterable[torch.Tensor], rows: int, device: torch.devi
     return rows * max(t.numel() * t.element_size() for t in weights) <= GEMV_ROWS_MAX_BYTES
 
 
-__all__ = ["glide_layer"]
+__all__ = ["glide_layer", "glide_kv_write"]
+
+
+def _use_gemv(g: FastGlide, tokens: torch.Tensor) -> bool:
+    """Does a :func:`glide_layer` call on ``tokens`` [B, T] take the per-row GEMVs (one sequence, weights
+    small enough to re-read per row) rather than norm kernels + GEMMs?"""
+    weights = [g.w[n] for n in ("wqkv", "wo", "wq_x", "wo_x", "w13", "w2")]
+    return tokens.shape[0] == 1 and _gemv_rows_ok(weights, tokens.numel(), tokens.device)
+
+
+def _qkv_write(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               rows: torch.Tensor, gemv: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's first projection: normed embeddings -> q (rotated, returned) and K/V (rotated, written to
+    buffer rows ``rows`` of ``cache``). Returns ``(q, x)``, x the embeddings (the residual stream).
+
+    The embedding is the target's frozen one (the ids come from the round's own pack or beam kernels: no
+    host-side range check)."""
+    kern = _kernels()
+    eps = g.config.rms_norm_eps
+    if gemv:   # one GEMV with the norm folded in, which also does RoPE and the K/V write
+        x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)
+        return kern.gemv_qkv_rope(x, g.w["wqkv"], g.w["bqkv"], cos, sin, cache.k, cache.v, rows,
+                                  norm_weight=g.w["norm1"], eps=eps, check_rows=False), x
+    h, x = kern.embed_rms_norm(tokens, fm.w["embed"], g.w["norm1"], eps, dtype=g.dtype, check_ids=False)
+    return kern.rope_qkv_write(F.linear(h, g.w["wqkv"], g.w["bqkv"]), cos, sin, cache.k, cache.v, rows, check_rows=False), x
+
+
+def glide_kv_write(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.Tensor, positions: torch.Tensor,
+                   rows: torch.Tensor) -> None:
+    """Write the draft K/V of ``tokens`` [1, T] at ``positions`` [T] to buffer rows ``rows`` [1, T] (int32) of
+    ``cache`` -- the very values :func:`glide_layer` writes for them (the same kernels, chosen by the same
+    rule), without the rest of the layer. Matches :func:`specdec.ref.glide.glide_kv`: the K/V depend on the
+    tokens and positions alone."""
+    cos, sin = _cos_sin(fm, positions)
+    cos, sin = cos[None].to(g.dtype), sin[None].to(g.dtype)
+    _qkv_write(fm, g, cache, tokens, cos, sin, rows, _use_gemv(g, tokens))
 
 
 def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -95,21 +130,15 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
                             row_lo=bounds.cross_row_lo, row_hi=bounds.cross_row_hi)
         return rearrange(o, "b h t d -> b t (h d)")
 
-    # The embedding is the target's frozen one (the ids come from the round's own pack or beam
-    # kernels: no host-side range check).
-    weights = [g.w[n] for n in ("wqkv", "wo", "wq_x", "wo_x", "w13", "w2")]
-    if tokens.shape[0] == 1 and _gemv_rows_ok(weights, tokens.numel(), tokens.device):
-        x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)
-        # 1. Self-attention. 2. Cross-attention (query projected + rotated only). 3. SwiGLU MLP.
-        q = kern.gemv_qkv_rope(x, g.w["wqkv"], g.w["bqkv"], cos, sin, cache.k, cache.v, rows,
-                               norm_weight=g.w["norm1"], eps=eps, check_rows=False)
+    gemv = _use_gemv(g, tokens)
+    # 1. Self-attention over the sliding cache (+ the tree block): q, with the new K/V written to the cache
+    q, x = _qkv_write(fm, g, cache, tokens, cos, sin, rows, gemv)
+    if gemv:
+        # 2. Cross-attention (query projected + rotated only). 3. SwiGLU MLP.
         x = row_parallel(self_attention(q), "wo", x)
         q = kern.rope_q(kern.gemv(x, g.w["wq_x"], g.w["bq_x"], norm_weight=g.w["norm2"], eps=eps), cos, sin)
         x = row_parallel(cross_attention(q), "wo_x", x)
         return row_parallel(kern.gemv_silu(x, g.w["w13"], norm_weight=g.w["norm3"], eps=eps), "w2", x)
-    # 1. Self-attention over the sliding cache (+ the tree block)
-    h, x = kern.embed_rms_norm(tokens, fm.w["embed"], g.w["norm1"], eps, dtype=g.dtype, check_ids=False)
-    q = kern.rope_qkv_write(F.linear(h, g.w["wqkv"], g.w["bqkv"]), cos, sin, cache.k, cache.v, rows, check_rows=False)
     h, x = kern.add_rms_norm(reduce(F.linear(self_attention(q), g.w["wo"])), x, g.w["norm2"], eps)
     # 2. Cross-attention over the target's last-layer cache, as stored (query projected + rotated only).
     q = kern.rope_q(F.linear(h, g.w["wq_x"], g.w["bq_x"]), cos, sin)

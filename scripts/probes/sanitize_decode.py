@@ -90,6 +90,13 @@ def main() -> None:
     res = fast.tree_spec_generate(fm, glide, prompts, None, tree_shape=(3, 4, 2), max_gen_len=12, eos_id=[])
     torch.cuda.synchronize()
     print(f"batched GLIDE tree (3 rows): rows={res.output_ids.shape[0]} tokens={res.row_lengths}")
+    # one row whose prompt is longer than the draft's window: the prompt catch-up writes only the draft K/V of the
+    # last window positions (glide_kv_write), then the rounds read them
+    glide16 = init_glide_weights(fm.config, window=16, seed=4, std=0.3, dtype=torch.bfloat16, device=dev)
+    long_prompt = torch.randint(0, 256, (16 * 3 + 5,))
+    one = fast.tree_spec_generate(fm, glide16, long_prompt, None, tree_shape=(3, 4, 2), max_gen_len=12, eos_id=[])
+    torch.cuda.synchronize()
+    print(f"GLIDE tree, prompt of {long_prompt.numel()} > window 16: tokens={one.output_ids.shape[-1]}")
     # the same rows drafting together with CUDA graphs: greedy rounds of the full tree fused into one graph
     # (draft + verification + acceptance + compaction), the last rounds the captured or eager draft
     from specdec.fast.glide.drafter import FastGlideDrafter
