@@ -9,7 +9,7 @@ vanilla's, the tree shape that ran, and how repetitive the completion is (the sh
 among its token 4-grams). Prints a table and writes JSONL.
 
     python scripts/measure_front_door.py                                   # questions 0-9 of stdlib_code
-    python scripts/measure_front_door.py --configs "auto=" "seed=--tree-shape 4,16,16,16,16" --begin 0 --end 10
+    python scripts/measure_front_door.py --method tree_spec --configs "auto=" "seed=--tree-shape 4,16,16,16,16" --begin 0 --end 10
     python scripts/measure_front_door.py --method spec --configs "auto=" "gamma4=--gamma 4"
     python scripts/measure_front_door.py --method logitspec --configs "auto=" "seed64=--draft-tree-capacity 64"
 
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--bench", default="stdlib_code", help="prompt set (Spec-Bench question.jsonl, folder or shipped name)")
     ap.add_argument("--begin", type=int, default=0)
     ap.add_argument("--end", type=int, default=10)
-    ap.add_argument("--method", default="tree_spec")
+    ap.add_argument("--method", default="speculative", help="README command 1's method (speculative since session 25)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="README command 1's default (128)")
     ap.add_argument("--configs", nargs="+", default=["cli-default="], metavar="NAME=FLAGS")
     ap.add_argument("--out", default="runs/front_door.jsonl")
