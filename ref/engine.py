@@ -1,5 +1,9 @@
 """The speculative round, written once. Every speculative decoder is a *drafter* plugged into it.
 
+Before the first round the target reads the prompt (the *prefill*) and picks the first token; a
+drafter with a pass of its own over the prompt (a draft model's cache) makes it right after, in the
+prefill's time (the optional ``prefill`` hook of :class:`specdec.shared.round.Drafter`).
+
 One round, step by step:
 
 1. **Draft.** The drafter proposes a token tree. Node 0 is the *root*: the last emitted token,
@@ -207,6 +211,9 @@ def run_speculative(
     cache = new_cache(target, B)
     num = 0
 
+    def finished(b: int) -> bool:
+        return len(emitted[b]) >= max_gen_len or bool(eos & set(emitted[b]))
+
     # 0. Prefill (all rows in one padded pass). With first_target (default) the target reads each
     #    prompt and picks its first token, the row's first root. Without it, the prompt's last token
     #    is the first root and the prefill reads the tokens before it.
@@ -223,11 +230,15 @@ def run_speculative(
             spec[b].append(False)
             accept_lengths[b].append(1)
         num = 1
+    # A drafter with a pass of its own over the prompt (a draft model's cache) makes it here, so the
+    # prefill time counts every pass over the prompt, as the fast engine's does. The hook is optional.
+    for b in range(B):
+        drafter_prefill = getattr(drafters[b], "prefill", None)
+        if drafter_prefill is not None and not finished(b):
+            drafter_prefill(RoundState(tokens[b], target, row_view(cache, b, lengths[b]), last_logits[b], params,
+                                       generator, max_gen_len - len(emitted[b]), ids[b]))
     sync(target.device)
     prefill_time = time.perf_counter() - t0
-
-    def finished(b: int) -> bool:
-        return len(emitted[b]) >= max_gen_len or bool(eos & set(emitted[b]))
 
     active = [b for b in range(B) if not finished(b)]          # batch position i holds row active[i]
     select_rows(cache, active)

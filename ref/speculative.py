@@ -77,6 +77,17 @@ class DraftModelDrafter:
         self.cached = list(tokens)
         return logits[0, -1]
 
+    def prefill(self, state: RoundState) -> None:
+        """Step 0, timed with the target's prefill: the draft model reads every token before the root.
+
+        The first round's catch-up then feeds the root alone."""
+        before_root = state.tokens[:-1]
+        self.cache.truncate(0)
+        if before_root:
+            ids = torch.tensor(before_root, dtype=torch.long, device=self.model.device)
+            forward_step(self.model, rearrange(ids, "t -> 1 t"), self.cache, fused_attention=True)
+        self.cached = list(before_root)
+
     def propose(self, state: RoundState) -> Draft:
         p = state.params
         # Never draft more than can still be emitted (the round adds one token of its own).

@@ -99,6 +99,10 @@ class Drafter(Protocol):
 
     The root must be the last emitted token (the loops check it) and the tree must not be
     deeper than :attr:`RoundState.max_drafts`.
+
+    Optional hook ``prefill(state)``: a drafter with a pass of its own over the prompt (a draft
+    model filling its cache) defines it. Both loops call it once per row, right after the target's
+    prefill, and count it in ``prefill_time``. ``state`` is the first round's.
     """
 
     def propose(self, state: RoundState) -> Draft: ...

@@ -239,10 +239,11 @@ def test_draft_model_passes_take_the_fused_attention_and_verifications_do_not(mo
     layers = target.config.num_layers
     prompt = torch.tensor([[3, 4, 5, 6, 7]])
     speculative_generate(target, draft, prompt, 5, gamma=3, max_gen_len=8, eos_id=[])
-    # target prefill (5 rows); the draft's catch-up over the prompt and first token (6), its two draft steps
-    # (the third draft needs no forward), all fused; then the target verifies root + 3 drafts, written out
-    assert calls[: 4 * layers] == [("fused", 5)] * layers + [("fused", 6)] * layers + [("fused", 1)] * (2 * layers)
-    assert calls[4 * layers : 5 * layers] == [("plain", 4)] * layers
+    # target prefill (5 rows); the draft's own prefill over the prompt (5); in the first round its catch-up
+    # (the root, 1) and two draft steps (the third draft needs no forward), all fused; then the target
+    # verifies root + 3 drafts, written out
+    assert calls[: 5 * layers] == [("fused", 5)] * (2 * layers) + [("fused", 1)] * (3 * layers)
+    assert calls[5 * layers : 6 * layers] == [("plain", 4)] * layers
     calls.clear()
     magicdec_generate(target, prompt, 5, gamma=2, sink_tokens=1, window=2, max_gen_len=8, eos_id=[])
     # target prefill; the two draft steps over the compressed cache; the verification of root + 2 drafts
