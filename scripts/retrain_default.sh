@@ -81,7 +81,9 @@
 # EVAL_TOKENS=262144 (held-out tokens per source evaluated during training; `eval` uses all),
 # TARGET_ARCH/DRAFT_ARCH (JSON overrides of the shapes; the 24 MiB budget leaves ~0.6M parameters of room),
 # LM_TOKENS=32768 / GLIDE_TOKENS=16384 (tokens per optimizer step of the LMs / the GLIDE draft; batch = tokens / window),
-# GLIDE_SEQ1=1024 (the GLIDE's short windows), DEVICE (default: cuda if available). $OUT (the device's return folder), when set, receives everything
+# GLIDE_SEQ1=1024 (the GLIDE's short windows), TARGET_UL (unset: off; a weight, e.g. 1.0: the target stages add the
+# token-level unlikelihood term of train_default.py --unlikelihood, negatives the distinct tokens of the last
+# TARGET_UL_WINDOW=64 context tokens -- against greedy loops, issue 21), DEVICE (default: cuda if available). $OUT (the device's return folder), when set, receives everything
 # under $RUN except the token streams and ship/ as one tar in 15 MiB parts, $OUT/retrain_state.tar.partNN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -125,6 +127,9 @@ if [ -n "${DEVICE:-}" ]; then DEV_FLAG=(--device "$DEVICE"); fi
 ARCH_FLAGS=()
 if [ -n "${TARGET_ARCH:-}" ]; then ARCH_FLAGS+=(--target-arch "$TARGET_ARCH"); fi
 if [ -n "${DRAFT_ARCH:-}" ]; then ARCH_FLAGS+=(--draft-arch "$DRAFT_ARCH"); fi
+# the target's token-level unlikelihood term (train_default.py --unlikelihood / --ul-window), every target stage
+UL_FLAGS=()
+if [ -n "${TARGET_UL:-}" ]; then UL_FLAGS+=(--unlikelihood "$TARGET_UL" --ul-window "${TARGET_UL_WINDOW:-64}"); fi
 
 install=0
 stages=()
@@ -273,17 +278,17 @@ for st in "${stages[@]}"; do
 print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']), 'packages', t); print(json.dumps(m['tokens']))" ;;
     target)
       if [ -z "$TARGET_SEQ1" ]; then  # one phase at $SEQ
-        step target $TD lm --which target --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} \
+        step target $TD lm --which target --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} ${UL_FLAGS[@]+"${UL_FLAGS[@]}"} \
           --seq "$SEQ" --max-positions "$MAXPOS" --batch $((LM_TOKENS / SEQ)) --lr 2e-3 --warmup 100 \
           --target-minutes "$TARGET_MIN" --steps "$TARGET_STEPS" --eval-every 250 --eval-tokens "$EVAL_TOKENS"
       else  # phase 1 at $TARGET_SEQ1 for TARGET_FRAC1 of the time, phase 2 at $SEQ from its weights
         m1=$($PY -c "print(round($TARGET_MIN * $TARGET_FRAC1, 2))"); m2=$($PY -c "print(round($TARGET_MIN * (1 - $TARGET_FRAC1), 2))")
         step target_phase1 $TD lm --which target --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm_phase1" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \
-          ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$TARGET_SEQ1" --max-positions "$TARGET_SEQ1" --batch $((LM_TOKENS / TARGET_SEQ1)) \
+          ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} ${UL_FLAGS[@]+"${UL_FLAGS[@]}"} --seq "$TARGET_SEQ1" --max-positions "$TARGET_SEQ1" --batch $((LM_TOKENS / TARGET_SEQ1)) \
           --lr 2e-3 --warmup 100 --target-minutes "$m1" --steps "$TARGET_STEPS1" --eval-every 250 --eval-tokens "$EVAL_TOKENS"
         cp "$RUN/lm_phase1/summary.json" "$RUN/lm_phase1/target_summary.json"
         step target $TD lm --which target --init "$RUN/lm_phase1/target" --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" \
-          ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" \
+          ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} ${UL_FLAGS[@]+"${UL_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" \
           --batch $((LM_TOKENS / SEQ)) --lr "$TARGET_LR2" --warmup 20 --target-minutes "$m2" --steps "$TARGET_STEPS2" --eval-every 250 \
           --eval-tokens "$EVAL_TOKENS"
       fi
@@ -294,7 +299,7 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       [ -d "$RUN/lm/target" ] || { echo "target-more continues $RUN/lm/target, which is missing" >&2; exit 2; }
       rm -rf "$RUN/lm_more"
       step target_more $TD lm --which target --init "$RUN/lm/target" --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm_more" \
-        ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" \
+        ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} ${UL_FLAGS[@]+"${UL_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" \
         --batch $((LM_TOKENS / SEQ)) --lr "$TARGET_LR2" --warmup 20 --target-minutes "$TARGET_MORE_MIN" --steps "$TARGET_MORE_STEPS" \
         --eval-every 250 --eval-tokens "$EVAL_TOKENS"
       # the continued target replaces the run's target; its drafts were trained for the old one

@@ -331,6 +331,34 @@ def _loss_record(losses: dict[str, float]) -> dict[str, float]:
     return rec
 
 
+def unlikelihood_loss(logits: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor, window: int) -> torch.Tensor:
+    """Token-level unlikelihood (Welleck et al., 2019, "Neural text generation with unlikelihood training"),
+    restricted to a recent window: at each position t the *negative candidates* are the distinct tokens among
+    the last ``window`` context tokens ``inp[:, t - window + 1 : t + 1]`` other than the true next token
+    ``tgt[:, t]``; the loss is ``-sum_c log(1 - p(c | context))`` over them, averaged over positions.
+
+    It pushes down the probability of repeating a recent token where the data does not repeat it -- the
+    training-time counterpart of the loops greedy decoding falls into; decoding itself stays plain greedy.
+
+    Shapes: ``logits`` [B, T, V], ``inp`` / ``tgt`` [B, T] (``tgt[:, t]`` is the token after ``inp[:, t]``).
+    """
+    if window < 1:
+        raise ValueError(f"window: got {window}; expected an integer >= 1")
+    b, t = inp.shape
+    logp = torch.log_softmax(logits.float(), -1)                                  # [B, T, V]
+    pos = torch.arange(t, device=inp.device)
+    k = torch.arange(min(window, t), device=inp.device)
+    src = pos[:, None] - k[None, :]                                               # [T, K]: the candidate's position
+    cand = inp[:, src.clamp(min=0)]                                               # [B, T, K]
+    valid = (src >= 0)[None] & (cand != tgt[..., None])
+    # each distinct token once: drop a candidate already seen at a nearer offset
+    dup = (cand[..., :, None] == cand[..., None, :]) & (k[:, None] > k[None, :])[None, None]   # [B, T, K, K]
+    valid &= ~dup.any(-1)
+    p = logp.gather(-1, cand).exp()                                               # [B, T, K]
+    nll = -torch.log1p(-p.clamp(max=1 - 1e-6))
+    return (nll * valid).sum() / (b * t)
+
+
 def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor], args, device, teacher=None) -> tuple[object, dict]:
     """Train one LM on random ``args.seq``-token windows of ``train_s`` (module docstring); returns the
     best held-out checkpoint (by the mean over ``held``'s streams) and a summary."""
@@ -394,6 +422,10 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
             logits = model(input_ids=inp).logits
         ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
         loss = ce
+        ul = None
+        if teacher is None and args.unlikelihood > 0:   # the target only: the drafts imitate it
+            ul = unlikelihood_loss(logits, inp, tgt, args.ul_window)
+            loss = ce + args.unlikelihood * ul
         if teacher is not None:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 t_logits = teacher(input_ids=inp).logits
@@ -410,6 +442,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
             losses = heldout_losses(model, held, args.seq, device, max_tokens=args.eval_tokens)
             hl = losses["mean"]
             rec = {"model": name, "step": step, "total_steps": total, "tokens": tokens_seen, "lr": cur, "train_ce": float(ce.detach()),
+                   **({"train_ul": float(ul.detach())} if ul is not None else {}),
                    **_loss_record(losses), "elapsed_s": round(time.time() - t_start, 1)}
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
@@ -423,6 +456,8 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
     summary = {"model": name, "params": nparams, "steps": total, "tokens": tokens_seen, "best_heldout_loss": best,
                "train_minutes": round((time.time() - t_start) / 60, 2), "arch": arch, "batch": args.batch, "seq": args.seq, "lr": lr,
                "max_positions": args.max_positions, "rope_theta": args.rope_theta}
+    if teacher is None and args.unlikelihood > 0:
+        summary["unlikelihood"] = {"weight": args.unlikelihood, "window": args.ul_window}
     if best_losses is not None and len(best_losses) > 2:
         summary["best_heldout_loss_by_source"] = {k: v for k, v in best_losses.items() if k != "mean"}
     log(f"[{name}] done: {json.dumps(summary)}")
@@ -644,6 +679,10 @@ def check_args(args) -> None:
             raise ValueError(f"--init: continues the target only; got --which {','.join(which)} (use --which target)")
         if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
             raise ValueError(f"--init: {args.init!r} is not a saved LM directory (no config.json)")
+        if not (args.unlikelihood >= 0 and math.isfinite(args.unlikelihood)):
+            raise ValueError(f"--unlikelihood: got {args.unlikelihood}; expected a finite weight >= 0 (0: off)")
+        if args.ul_window < 1:
+            raise ValueError(f"--ul-window: got {args.ul_window}; expected an integer >= 1")
         args.target_arch = _arch(TARGET_ARCH, args.target_arch, "--target-arch")
         args.draft_arch = _arch(DRAFT_ARCH, args.draft_arch, "--draft-arch")
 
@@ -687,6 +726,11 @@ def main(argv=None) -> None:
     s.add_argument("--target-minutes", type=float, default=5.0)
     s.add_argument("--draft-minutes", type=float, default=1.5)
     s.add_argument("--kd-weight", type=float, default=0.5, help="weight of KL(target || draft) in the draft's loss")
+    s.add_argument("--unlikelihood", type=float, default=0.0, help="weight of the token-level unlikelihood loss in the "
+                   "target's loss (0: plain cross-entropy; e.g. 1.0): recent context tokens the data does not repeat are "
+                   "pushed down, against greedy loops")
+    s.add_argument("--ul-window", type=int, default=64, help="the unlikelihood's negative candidates: the distinct tokens "
+                   "among this many most recent context tokens")
     s.add_argument("--eval-every", type=int, default=200)
     s.add_argument("--init", default=None, help="start the target from this saved LM dir (same shape; e.g. a phase "
                    "trained at shorter windows) instead of a fresh init; --which target only")

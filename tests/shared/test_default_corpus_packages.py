@@ -325,12 +325,42 @@ def test_eval_windows(td):
     assert td.window_starts(s, 100, max_tokens=5000) == td.window_starts(s, 100)
 
 
+def test_unlikelihood_loss_equals_its_definition(td):
+    """The vectorised loss == the definition written out: at position t, -sum log(1 - p(c)) over the DISTINCT
+    tokens c among the last `window` context tokens, the true next token excluded, averaged over positions;
+    and its gradient lowers exactly those candidates' logits."""
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    b, t, v = 2, 9, 7
+    logits = torch.randn(b, t, v, generator=g, requires_grad=True)
+    x = torch.randint(0, 4, (b, t + 1), generator=g)       # few distinct tokens: repeats and duplicates in windows
+    inp, tgt = x[:, :-1], x[:, 1:]
+    for window in (1, 3, 50):
+        got = td.unlikelihood_loss(logits, inp, tgt, window)
+        logp = torch.log_softmax(logits.detach(), -1)
+        want = 0.0
+        for r in range(b):
+            for i in range(t):
+                cands = set(inp[r, max(0, i - window + 1): i + 1].tolist()) - {int(tgt[r, i])}
+                want += sum(-math.log(1 - math.exp(float(logp[r, i, c]))) for c in cands)
+        assert float(got) == pytest.approx(want / (b * t), rel=1e-5)
+    logits.grad = None
+    td.unlikelihood_loss(logits, inp, tgt, 1).backward()
+    r, i = next((r, i) for r in range(b) for i in range(t) if inp[r, i] != tgt[r, i])
+    c = int(inp[r, i])   # window 1: the only candidate is the current token
+    assert logits.grad[r, i, c] > 0 and all(logits.grad[r, i, u] <= 0 for u in range(v) if u != c)
+    with pytest.raises(ValueError, match="window"):
+        td.unlikelihood_loss(logits, inp, tgt, 0)
+
+
 def test_lm_flags_rejected(td):
     base = ["lm", "--data", "nowhere"]
     for extra, flag in ((["--seq", "4096"], "--seq"), (["--seq", "8192", "--max-positions", "4096"], "--seq"),
                         (["--max-positions", "1"], "--max-positions"), (["--which", "glide"], "--which"),
                         (["--target-arch", '{"layers": 3}'], "--target-arch"), (["--eval-tokens", "-1"], "--eval-tokens"),
-                        (["--draft-arch", "[1"], "--draft-arch")):
+                        (["--draft-arch", "[1"], "--draft-arch"), (["--unlikelihood", "-0.5"], "--unlikelihood"),
+                        (["--unlikelihood", "nan"], "--unlikelihood"), (["--ul-window", "0"], "--ul-window")):
         with pytest.raises(ValueError, match=flag):
             td.main(base + extra)
 
@@ -347,7 +377,8 @@ def test_lm_max_positions_and_per_source_logs(tmp_path, stdlib, td):
     tiny = '{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1}'
     td.main(["lm", "--data", data, "--tokenizer", TOKENIZER, "--out", out, "--device", "cpu", "--steps", "3", "--draft-steps", "3",
              "--seq", "96", "--max-positions", "128", "--batch", "2", "--eval-every", "3", "--warmup", "1", "--eval-tokens", "200",
-             "--target-arch", tiny, "--draft-arch", tiny.replace('"num_hidden_layers": 2', '"num_hidden_layers": 1')])
+             "--target-arch", tiny, "--draft-arch", tiny.replace('"num_hidden_layers": 2', '"num_hidden_layers": 1'),
+             "--unlikelihood", "1.0", "--ul-window", "8"])
     for name in ("target", "draft"):
         cfg = json.load(open(os.path.join(out, name, "config.json")))
         assert cfg["max_position_embeddings"] == 128 and cfg["hidden_size"] == 64
@@ -355,7 +386,11 @@ def test_lm_max_positions_and_per_source_logs(tmp_path, stdlib, td):
         rec = json.loads(open(os.path.join(out, f"{name}_log.jsonl")).read().splitlines()[-1])
         assert {"heldout_loss_stdlib", "heldout_loss_packages"} <= set(rec)
         assert rec["heldout_loss"] == pytest.approx((rec["heldout_loss_stdlib"] + rec["heldout_loss_packages"]) / 2)
+    # the unlikelihood term trains the target only (the draft imitates the target)
+    last = {n: json.loads(open(os.path.join(out, f"{n}_log.jsonl")).read().splitlines()[-1]) for n in ("target", "draft")}
+    assert last["target"]["train_ul"] > 0 and "train_ul" not in last["draft"]
     summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary[0]["unlikelihood"] == {"weight": 1.0, "window": 8} and "unlikelihood" not in summary[1]
     assert summary[0]["max_positions"] == 128 and set(summary[0]["best_heldout_loss_by_source"]) == {"stdlib", "packages"}
     # the tokenizer itself is the shipped one
     assert open(os.path.join(out, "target", "tokenizer.json")).read() == open(os.path.join(TOKENIZER, "tokenizer.json")).read()
