@@ -82,11 +82,8 @@ class DraftModelDrafter:
 
         The first round's catch-up then feeds the root alone."""
         before_root = state.tokens[:-1]
-        self.cache.truncate(0)
-        if before_root:
-            ids = torch.tensor(before_root, dtype=torch.long, device=self.model.device)
-            forward_step(self.model, rearrange(ids, "t -> 1 t"), self.cache, fused_attention=True)
-        self.cached = list(before_root)
+        if before_root:   # Step 1's catch-up, on the tokens before the root (the cache is empty: all of them)
+            self._catch_up(before_root)
 
     def propose(self, state: RoundState) -> Draft:
         p = state.params

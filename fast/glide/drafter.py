@@ -365,8 +365,9 @@ class FastGlideDrafter(FastDrafter, RunAhead):
 
     def _start_round(self, state: RoundState) -> tuple[int, int]:
         """The host side of a round's start: ``(L, k)`` -- the verified length and the number of last positions
-        (root included, at most levels + 1) the round's body catches up on. Longer catch-ups (the prompt) run
-        here first, in window-sized chunks; the sliding cache gets room for the k rows."""
+        (root included, at most levels + 1) the round's body catches up on. The positions before those (a catch-up
+        longer than a round's) get their draft K/V here first (:meth:`_catch_up_prefix`); the sliding cache gets
+        room for the k rows."""
         L = state.target_cache.length
         k = min(L + 1 - self.processed, len(self.tree_shape) + 1)
         self._catch_up_prefix(state.tokens, L + 1 - k)
