@@ -82,10 +82,9 @@ class FastDraftModelDrafter(FastDrafter):
         the target's): the draft model reads every token before the root, one :func:`prefill` pass; the first
         round's catch-up then feeds the root alone. Matches ``ref.speculative.DraftModelDrafter.prefill``."""
         before_root = state.tokens[:-1]
-        self.cache.set_length(0)
-        self.pending = None
+        self.cache.set_length(0)   # a fresh drafter (its named cache may hold an earlier call's rows)
         if before_root:
-            prefill(self.model, self.cache, torch.tensor([before_root], dtype=torch.long, device=self.model.device))
+            self._feed(before_root)   # onto an empty cache: one prefill pass
         self.cached = list(before_root)
 
     def propose(self, state: RoundState) -> Draft:
