@@ -77,6 +77,16 @@ class FastDraftModelDrafter(FastDrafter):
         cache.set_length(cache.length + n)
         return logits[0, -1]
 
+    def prefill(self, state: RoundState) -> None:
+        """Step 0, called by the engine during the prefill (so it counts in the time to first token, like
+        the target's): the draft model reads every token before the root, one :func:`prefill` pass; the first
+        round's catch-up then feeds the root alone. Matches ``ref.speculative.DraftModelDrafter.prefill``."""
+        before_root = state.tokens[:-1]
+        self.cache.set_length(0)   # a fresh drafter (its named cache may hold an earlier call's rows)
+        if before_root:
+            self._feed(before_root)   # onto an empty cache: one prefill pass
+        self.cached = list(before_root)
+
     def propose(self, state: RoundState) -> Draft:
         p = state.params
         gamma = min(self.gamma, state.max_drafts)

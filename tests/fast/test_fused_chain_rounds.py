@@ -88,6 +88,52 @@ def test_fused_round_full_acceptance_and_eos(monkeypatch):
     assert torch.equal(fast.speculative_generate(ft, ft, gamma=3, **kw_eos).output_ids, want)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "stepwise"])
+def test_draft_model_reads_the_prompt_in_the_prefill(fuse, monkeypatch):
+    """Both paths' draft-model drafters read the prompt in their ``prefill`` hook (timed with the prefill):
+    called once, it leaves exactly the tokens before the first root in the draft cache, so the first round's
+    catch-up feeds the root alone; outputs and accept lengths stay the reference's and vanilla's."""
+    from specdec.ref.speculative import DraftModelDrafter
+
+    target, draft = _model("llama", 1), _model("llama", 2)
+    ft, fd = fast.as_fast_model(target), fast.as_fast_model(draft)
+    ids = torch.tensor([REPETITIVE])
+    kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=9, eos_id=[], gamma=3)
+    seen = {"fast prefill": [], "fast plans": [], "ref prefill": [], "ref feeds": []}
+    f_prefill, f_plan = FastDraftModelDrafter.prefill, FastDraftModelDrafter._catch_up_plan
+    r_prefill, r_catch_up = DraftModelDrafter.prefill, DraftModelDrafter._catch_up
+
+    def fast_prefill(self, state):
+        f_prefill(self, state)
+        seen["fast prefill"].append((self.cache.length, list(self.cached)))
+
+    def ref_prefill(self, state):
+        r_prefill(self, state)
+        seen["ref prefill"].append((self.cache.length, list(self.cached)))
+
+    def ref_catch_up(self, tokens):
+        before = self.cache.length
+        out = r_catch_up(self, tokens)
+        seen["ref feeds"].append(self.cache.length - before)
+        return out
+
+    monkeypatch.setattr(FastDraftModelDrafter, "fuse_rounds", fuse)
+    monkeypatch.setattr(FastDraftModelDrafter, "prefill", fast_prefill)
+    monkeypatch.setattr(FastDraftModelDrafter, "_catch_up_plan", lambda self, st: seen["fast plans"].append(f_plan(self, st)) or seen["fast plans"][-1])
+    monkeypatch.setattr(DraftModelDrafter, "prefill", ref_prefill)
+    monkeypatch.setattr(DraftModelDrafter, "_catch_up", ref_catch_up)
+    got = fast.speculative_generate(ft, fd, **kw)
+    want = ref.speculative_generate(target, draft, **kw)
+    vanilla = ref.vanilla_generate(target, ids, ids.shape[1], max_gen_len=9, eos_id=[]).output_ids
+    prompt = REPETITIVE
+    assert seen["fast prefill"] == [(len(prompt), prompt)] and seen["ref prefill"] == [(len(prompt), prompt)]
+    first_root = int(vanilla[0, 0])
+    # (the reference's prefill hook is its catch-up on the prompt: its first feed is the prompt, then the root)
+    assert seen["fast plans"][0] == [first_root] and seen["ref feeds"][:2] == [len(prompt), 1]
+    assert torch.equal(got.output_ids, vanilla) and torch.equal(want.output_ids, vanilla)
+    assert got.accept_lengths == want.accept_lengths
+
+
 def test_fused_round_defaults_follow_the_gpu_measurement(monkeypatch):
     """Both chain drafters fuse by default (faster on the GPU); the flag is the only switch: off, no fused
     round is offered."""
