@@ -83,7 +83,10 @@
 # LM_TOKENS=32768 / GLIDE_TOKENS=16384 (tokens per optimizer step of the LMs / the GLIDE draft; batch = tokens / window),
 # GLIDE_SEQ1=1024 (the GLIDE's short windows), TARGET_UL (unset: off; a weight, e.g. 1.0: the target stages add the
 # token-level unlikelihood term of train_default.py --unlikelihood, negatives the distinct tokens of the last
-# TARGET_UL_WINDOW=64 context tokens -- against greedy loops, issue 21), DEVICE (default: cuda if available). $OUT (the device's return folder), when set, receives everything
+# TARGET_UL_WINDOW=64 context tokens -- against greedy loops, issue 21), TARGET_SEQ_UL (unset: off; a weight, e.g. 1.0:
+# the sequence-level term -- every TARGET_SEQ_UL_EVERY=4 steps TARGET_SEQ_UL_BATCH=64 prefixes of TARGET_SEQ_UL_PREFIX=32
+# training tokens continued greedily by the target for TARGET_SEQ_UL_LEN=96 tokens, their repeated 4-grams pushed down),
+# DRAFT_LR=3e-3 (the draft stage's peak learning rate), TARGET_KEEP=best (target-more saves the best held-out checkpoint; last: the last step's), DRAFT_INIT (unset: the draft LM from a fresh init; a saved draft dir, e.g. shared/assets/default/draft: continue it), DEVICE (default: cuda if available). $OUT (the device's return folder), when set, receives everything
 # under $RUN except the token streams and ship/ as one tar in 15 MiB parts, $OUT/retrain_state.tar.partNN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -130,6 +133,12 @@ if [ -n "${DRAFT_ARCH:-}" ]; then ARCH_FLAGS+=(--draft-arch "$DRAFT_ARCH"); fi
 # the target's token-level unlikelihood term (train_default.py --unlikelihood / --ul-window), every target stage
 UL_FLAGS=()
 if [ -n "${TARGET_UL:-}" ]; then UL_FLAGS+=(--unlikelihood "$TARGET_UL" --ul-window "${TARGET_UL_WINDOW:-64}"); fi
+# and its sequence-level term (--seq-unlikelihood: the target's own greedy continuations, their repeated 4-grams)
+if [ -n "${TARGET_SEQ_UL:-}" ]; then UL_FLAGS+=(--seq-unlikelihood "$TARGET_SEQ_UL" --seq-ul-every "${TARGET_SEQ_UL_EVERY:-4}"
+  --seq-ul-batch "${TARGET_SEQ_UL_BATCH:-64}" --seq-ul-prefix "${TARGET_SEQ_UL_PREFIX:-32}" --seq-ul-len "${TARGET_SEQ_UL_LEN:-96}"); fi
+# the draft LM: from a fresh init (default) or continued from a saved draft (DRAFT_INIT=DIR, e.g. the shipped one)
+DRAFT_INIT_FLAGS=()
+if [ -n "${DRAFT_INIT:-}" ]; then DRAFT_INIT_FLAGS+=(--draft-init "$DRAFT_INIT"); fi
 
 install=0
 stages=()
@@ -301,7 +310,7 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
       step target_more $TD lm --which target --init "$RUN/lm/target" --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm_more" \
         ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} ${UL_FLAGS[@]+"${UL_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" \
         --batch $((LM_TOKENS / SEQ)) --lr "$TARGET_LR2" --warmup 20 --target-minutes "$TARGET_MORE_MIN" --steps "$TARGET_MORE_STEPS" \
-        --eval-every 250 --eval-tokens "$EVAL_TOKENS"
+        --eval-every 250 --eval-tokens "$EVAL_TOKENS" --keep "${TARGET_KEEP:-best}"
       # the continued target replaces the run's target; its drafts were trained for the old one
       rm -rf "$RUN/lm/target"; mv "$RUN/lm_more/target" "$RUN/lm/target"
       cp "$RUN/lm_more/target_log.jsonl" "$RUN/lm/target_more_log.jsonl"
@@ -312,8 +321,8 @@ print('python', m['python'], 'stdlib from', m.get('stdlib_python', m['python']),
     draft)
       step draft $TD lm --which draft --teacher "$RUN/lm/target" --data "$RUN/data" --tokenizer "$TOK" --out "$RUN/lm" \
         ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} ${ARCH_FLAGS[@]+"${ARCH_FLAGS[@]}"} --seq "$SEQ" --max-positions "$MAXPOS" --batch $((LM_TOKENS / SEQ)) \
-        --draft-lr 3e-3 --warmup 100 --kd-weight 0.5 --draft-minutes "$DRAFT_MIN" --draft-steps "$DRAFT_STEPS" \
-        --eval-every 250 --eval-tokens "$EVAL_TOKENS"
+        --draft-lr "${DRAFT_LR:-3e-3}" --warmup 100 --kd-weight 0.5 --draft-minutes "$DRAFT_MIN" --draft-steps "$DRAFT_STEPS" \
+        --eval-every 250 --eval-tokens "$EVAL_TOKENS" ${DRAFT_INIT_FLAGS[@]+"${DRAFT_INIT_FLAGS[@]}"}
       cp "$RUN/lm/summary.json" "$RUN/lm/draft_summary.json"; mirror ;;
     glide)
       step glide_short $TD glide --target "$RUN/lm/target" --data "$RUN/data" --out "$RUN/glide_short" ${DEV_FLAG[@]+"${DEV_FLAG[@]}"} \

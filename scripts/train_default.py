@@ -359,6 +359,70 @@ def unlikelihood_loss(logits: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor
     return (nll * valid).sum() / (b * t)
 
 
+def repeated_ngram_mask(seq: torch.Tensor, start: int, n: int = 4) -> torch.Tensor:
+    """Where a greedy continuation repeats itself: ``[B, L]`` bool, True at each position ``t >= start`` that
+    lies inside an ``n``-gram of the continuation ``seq[:, start:]`` which already occurred earlier in that
+    continuation (every token of the repeat is marked, as in Welleck et al.'s sequence-level candidates). The
+    prompt ``seq[:, :start]`` is never marked and its n-grams do not count: the same measure as issue 21's
+    distinct-4-gram share of a completion."""
+    if n < 1:
+        raise ValueError(f"n: got {n}; expected an integer >= 1")
+    b, length = seq.shape
+    mask = torch.zeros(b, length, dtype=torch.bool, device=seq.device)
+    cont = seq[:, start:]
+    g = cont.shape[1] - n + 1                                                     # n-grams in the continuation
+    if g < 2:
+        return mask
+    grams = cont.unfold(1, n, 1)                                                  # [B, G, n]
+    same = (grams[:, :, None, :] == grams[:, None, :, :]).all(-1)                 # [B, G, G]: gram j == gram i
+    earlier = torch.ones(g, g, dtype=torch.bool, device=seq.device).tril(-1)      # [j, i]: i < j
+    repeat = (same & earlier).any(-1)                                             # [B, G]: gram j seen before
+    for k in range(n):
+        mask[:, start + k: start + k + g] |= repeat
+    return mask
+
+
+@torch.no_grad()
+def greedy_continue(model, prefix: torch.Tensor, n_new: int, use_amp: bool) -> torch.Tensor:
+    """``prefix`` [B, P] followed by the model's own greedy continuation of ``n_new`` tokens (KV cache, no EOS
+    stop): ``[B, P + n_new]``. The model is put back in training mode."""
+    import inspect
+
+    # transformers renamed the cache argument (``past_key_values`` -> ``cache``); use whichever this version has
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    model.eval()
+    seq = prefix
+    past = None
+    nxt = prefix
+    for _ in range(n_new):
+        with torch.autocast(prefix.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(input_ids=nxt, use_cache=True, **({key: past} if past is not None else {}))
+        past = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        nxt = out.logits[:, -1].float().argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    model.train()
+    return seq
+
+
+def seq_unlikelihood_loss(model, prefix: torch.Tensor, n_new: int, n: int, use_amp: bool) -> tuple[torch.Tensor, float]:
+    """Sequence-level unlikelihood (Welleck et al., 2019, section 5.2): continue ``prefix`` greedily for
+    ``n_new`` tokens with the model itself, mark the continuation's tokens that lie in a repeated ``n``-gram
+    (:func:`repeated_ngram_mask`), and return ``-sum log(1 - p(x_t | x_<t))`` over the marked tokens divided by
+    ``B * n_new``, with the share of marked continuation tokens (how much the model loops right now).
+
+    It trains on the model's own loops -- the degeneration greedy decoding shows -- where the token-level term
+    only sees the data's contexts; decoding itself stays plain greedy."""
+    seq = greedy_continue(model, prefix, n_new, use_amp)
+    start = prefix.shape[1]
+    mask = repeated_ngram_mask(seq, start, n)[:, 1:]                              # [B, L-1]: is token t+1 a negative
+    with torch.autocast(prefix.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        logits = model(input_ids=seq[:, :-1]).logits
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, seq[:, 1:, None]).squeeze(-1)   # [B, L-1]
+    nll = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
+    share = float(mask.sum()) / (seq.shape[0] * n_new)
+    return (nll * mask).sum() / (seq.shape[0] * n_new), share
+
+
 def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor], args, device, teacher=None) -> tuple[object, dict]:
     """Train one LM on random ``args.seq``-token windows of ``train_s`` (module docstring); returns the
     best held-out checkpoint (by the mean over ``held``'s streams) and a summary."""
@@ -366,13 +430,14 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
 
     torch.manual_seed(args.seed)
     cfg = make_config(arch, tok, args.max_positions, args.rope_theta)
-    init = args.init if name == "target" else None
-    if init:  # continue a saved target (e.g. a short-window phase) at this run's windows and positions
+    init = args.init if name == "target" else args.draft_init
+    if init:  # continue a saved LM (a short-window phase; a draft for a changed target) at this run's windows and positions
         model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
         got = {k: getattr(model.config, k) for k in arch}
         if got != dict(arch) or model.config.vocab_size != cfg.vocab_size:
-            raise ValueError(f"--init: {init} has shape {got} and vocabulary {model.config.vocab_size}; this run trains "
-                             f"{dict(arch)} over {cfg.vocab_size} tokens (give the same --target-arch)")
+            flag = "--init" if name == "target" else "--draft-init"
+            raise ValueError(f"{flag}: {init} has shape {got} and vocabulary {model.config.vocab_size}; this run trains "
+                             f"{dict(arch)} over {cfg.vocab_size} tokens (give the same --{name}-arch)")
         model.config.max_position_embeddings = args.max_positions
         model = model.to(device)
         log(f"[{name}] initialised from {init}")
@@ -387,6 +452,8 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     gen = torch.Generator().manual_seed(args.seed + (0 if teacher is None else 1))
+    seq_gen = torch.Generator().manual_seed(args.seed + 2)   # the sequence-level prefixes: the CE batches stay as without them
+    seq_rep = None
     fixed_steps = args.steps if teacher is None else args.draft_steps
     minutes = args.target_minutes if teacher is None else args.draft_minutes
     total = fixed_steps or 10**9
@@ -426,6 +493,11 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
         if teacher is None and args.unlikelihood > 0:   # the target only: the drafts imitate it
             ul = unlikelihood_loss(logits, inp, tgt, args.ul_window)
             loss = ce + args.unlikelihood * ul
+        sul = None
+        if teacher is None and args.seq_unlikelihood > 0 and step % args.seq_ul_every == 0:
+            prefix = get_batch(train_s, args.seq_ul_batch, args.seq_ul_prefix - 1, seq_gen, device)
+            sul, seq_rep = seq_unlikelihood_loss(model, prefix, args.seq_ul_len, 4, use_amp)
+            loss = loss + args.seq_unlikelihood * sul
         if teacher is not None:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 t_logits = teacher(input_ids=inp).logits
@@ -443,6 +515,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
             hl = losses["mean"]
             rec = {"model": name, "step": step, "total_steps": total, "tokens": tokens_seen, "lr": cur, "train_ce": float(ce.detach()),
                    **({"train_ul": float(ul.detach())} if ul is not None else {}),
+                   **({"seq_rep": seq_rep} if seq_rep is not None else {}),
                    **_loss_record(losses), "elapsed_s": round(time.time() - t_start, 1)}
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
@@ -451,13 +524,17 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
                 best, best_losses = hl, losses
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     logf.close()
-    if best_state is not None:
+    if best_state is not None and args.keep == "best":
         model.load_state_dict(best_state)
-    summary = {"model": name, "params": nparams, "steps": total, "tokens": tokens_seen, "best_heldout_loss": best,
+    summary = {"model": name, "params": nparams, "steps": total, "tokens": tokens_seen, "best_heldout_loss": best, "kept": args.keep,
+               **({"last_heldout_loss": hl} if args.keep == "last" else {}),
                "train_minutes": round((time.time() - t_start) / 60, 2), "arch": arch, "batch": args.batch, "seq": args.seq, "lr": lr,
                "max_positions": args.max_positions, "rope_theta": args.rope_theta}
     if teacher is None and args.unlikelihood > 0:
         summary["unlikelihood"] = {"weight": args.unlikelihood, "window": args.ul_window}
+    if teacher is None and args.seq_unlikelihood > 0:
+        summary["seq_unlikelihood"] = {"weight": args.seq_unlikelihood, "every": args.seq_ul_every, "batch": args.seq_ul_batch,
+                                       "prefix": args.seq_ul_prefix, "new_tokens": args.seq_ul_len, "ngram": 4}
     if best_losses is not None and len(best_losses) > 2:
         summary["best_heldout_loss_by_source"] = {k: v for k, v in best_losses.items() if k != "mean"}
     log(f"[{name}] done: {json.dumps(summary)}")
@@ -679,10 +756,23 @@ def check_args(args) -> None:
             raise ValueError(f"--init: continues the target only; got --which {','.join(which)} (use --which target)")
         if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
             raise ValueError(f"--init: {args.init!r} is not a saved LM directory (no config.json)")
+        if args.draft_init and "draft" not in which:
+            raise ValueError(f"--draft-init: continues the draft LM; got --which {','.join(which)} (add draft)")
+        if args.draft_init and not os.path.isfile(os.path.join(args.draft_init, "config.json")):
+            raise ValueError(f"--draft-init: {args.draft_init!r} is not a saved LM directory (no config.json)")
         if not (args.unlikelihood >= 0 and math.isfinite(args.unlikelihood)):
             raise ValueError(f"--unlikelihood: got {args.unlikelihood}; expected a finite weight >= 0 (0: off)")
         if args.ul_window < 1:
             raise ValueError(f"--ul-window: got {args.ul_window}; expected an integer >= 1")
+        if not (args.seq_unlikelihood >= 0 and math.isfinite(args.seq_unlikelihood)):
+            raise ValueError(f"--seq-unlikelihood: got {args.seq_unlikelihood}; expected a finite weight >= 0 (0: off)")
+        for flag, v, lo in (("--seq-ul-every", args.seq_ul_every, 1), ("--seq-ul-batch", args.seq_ul_batch, 1),
+                            ("--seq-ul-prefix", args.seq_ul_prefix, 1), ("--seq-ul-len", args.seq_ul_len, 5)):
+            if v < lo:
+                raise ValueError(f"{flag}: got {v}; expected an integer >= {lo}")
+        if args.seq_unlikelihood > 0 and args.seq_ul_prefix + args.seq_ul_len > args.max_positions:
+            raise ValueError(f"--seq-ul-prefix + --seq-ul-len: got {args.seq_ul_prefix + args.seq_ul_len}; expected "
+                             f"<= --max-positions ({args.max_positions})")
         args.target_arch = _arch(TARGET_ARCH, args.target_arch, "--target-arch")
         args.draft_arch = _arch(DRAFT_ARCH, args.draft_arch, "--draft-arch")
 
@@ -731,7 +821,20 @@ def main(argv=None) -> None:
                    "pushed down, against greedy loops")
     s.add_argument("--ul-window", type=int, default=64, help="the unlikelihood's negative candidates: the distinct tokens "
                    "among this many most recent context tokens")
+    s.add_argument("--seq-unlikelihood", type=float, default=0.0, help="weight of the sequence-level unlikelihood "
+                   "loss (0: off; e.g. 1.0): every --seq-ul-every steps the target continues --seq-ul-batch prefixes of "
+                   "--seq-ul-prefix training tokens greedily for --seq-ul-len tokens and the tokens of its repeated 4-grams are "
+                   "pushed down, against greedy loops")
+    s.add_argument("--seq-ul-every", type=int, default=4)
+    s.add_argument("--seq-ul-batch", type=int, default=16)
+    s.add_argument("--seq-ul-prefix", type=int, default=32)
+    s.add_argument("--seq-ul-len", type=int, default=96)
     s.add_argument("--eval-every", type=int, default=200)
+    s.add_argument("--keep", choices=("best", "last"), default="best", help="the checkpoint saved: the best held-out "
+                   "loss among the evaluations (default) or the last step's (e.g. when an unlikelihood term trades a little "
+                   "loss for less repetition)")
+    s.add_argument("--draft-init", default=None, help="start the draft LM from this saved LM dir (same shape; e.g. the "
+                   "shipped draft, distilled again for a fine-tuned target) instead of a fresh init")
     s.add_argument("--init", default=None, help="start the target from this saved LM dir (same shape; e.g. a phase "
                    "trained at shorter windows) instead of a fresh init; --which target only")
     s = sub.add_parser("glide", help="train the GLIDE draft with specdec.ref.train_glide")

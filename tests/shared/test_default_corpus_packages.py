@@ -354,12 +354,78 @@ def test_unlikelihood_loss_equals_its_definition(td):
         td.unlikelihood_loss(logits, inp, tgt, 0)
 
 
+def test_repeated_ngram_mask_equals_its_definition(td):
+    """The vectorised mask == the definition written out: position t >= start is marked iff some n-gram of the
+    continuation seq[start:] that covers t also starts at an earlier position of the continuation; the prompt is
+    never marked and its n-grams do not count."""
+    g = torch.Generator().manual_seed(1)
+    for n, start in ((4, 5), (2, 0), (3, 7)):
+        seq = torch.randint(0, 3, (3, 30), generator=g)      # three symbols: many repeats
+        seq[0, start:] = torch.tensor([1, 2, 1, 2] * 10)[: 30 - start]   # a pure loop
+        got = td.repeated_ngram_mask(seq, start, n)
+        for r in range(seq.shape[0]):
+            c = seq[r, start:].tolist()
+            grams = [tuple(c[i:i + n]) for i in range(len(c) - n + 1)]
+            want = [False] * seq.shape[1]
+            for j, gram in enumerate(grams):
+                if gram in grams[:j]:
+                    for k in range(n):
+                        want[start + j + k] = True
+            assert got[r].tolist() == want
+        assert not got[:, :start].any()
+    # the pure loop: after its first n+1 tokens every token is part of a repeat
+    loop = td.repeated_ngram_mask(torch.tensor([[9, 9] + [1, 2] * 8]), 2, 4)[0, 2:]
+    assert loop.tolist() == [False, False] + [True] * 14
+    assert not td.repeated_ngram_mask(torch.arange(20)[None], 3, 4).any()      # nothing repeats
+    with pytest.raises(ValueError, match="n: got 0"):
+        td.repeated_ngram_mask(torch.arange(5)[None], 0, 0)
+
+
+def test_seq_unlikelihood_pushes_down_the_models_own_loop(td):
+    """A tiny Llama that loops: the loss is -sum log(1 - p) over the marked tokens of its own greedy continuation
+    (recomputed here from the definition), the share is the marked fraction, and one gradient step on the loss
+    lowers the probability of the looped tokens."""
+    import math
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    prefix = torch.tensor([[1, 2, 3], [4, 0, 1]])
+    seq = td.greedy_continue(model, prefix, 12, use_amp=False)
+    assert seq.shape == (2, 15) and torch.equal(seq[:, :3], prefix) and model.training
+    with torch.no_grad():   # the continuation is the model's greedy one, token by token without a cache
+        for t in range(3, 15):
+            assert torch.equal(model(input_ids=seq[:, :t]).logits[:, -1].argmax(-1), seq[:, t])
+    loss, share = td.seq_unlikelihood_loss(model, prefix, 12, 4, use_amp=False)
+    mask = td.repeated_ngram_mask(seq, 3, 4)
+    assert share == pytest.approx(float(mask.sum()) / (2 * 12)) and share > 0   # a 5-token vocabulary loops
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=seq[:, :-1]).logits, -1)
+    want = sum(-math.log(1 - math.exp(float(logp[r, t - 1, seq[r, t]])))
+               for r in range(2) for t in range(15) if mask[r, t]) / (2 * 12)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    marked = [(r, t) for r in range(2) for t in range(15) if mask[r, t]]
+    before = sum(float(logp[r, t - 1, seq[r, t]].exp()) for r, t in marked)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+        logp2 = torch.log_softmax(model(input_ids=seq[:, :-1]).logits, -1)
+    assert sum(float(logp2[r, t - 1, seq[r, t]].exp()) for r, t in marked) < before
+
+
 def test_lm_flags_rejected(td):
     base = ["lm", "--data", "nowhere"]
     for extra, flag in ((["--seq", "4096"], "--seq"), (["--seq", "8192", "--max-positions", "4096"], "--seq"),
                         (["--max-positions", "1"], "--max-positions"), (["--which", "glide"], "--which"),
                         (["--target-arch", '{"layers": 3}'], "--target-arch"), (["--eval-tokens", "-1"], "--eval-tokens"),
-                        (["--draft-arch", "[1"], "--draft-arch"), (["--unlikelihood", "-0.5"], "--unlikelihood"),
+                        (["--draft-arch", "[1"], "--draft-arch"), (["--unlikelihood", "-0.5"], "--unlikelihood"), (["--seq-unlikelihood", "nan"], "--seq-unlikelihood"),
+                        (["--seq-ul-len", "4"], "--seq-ul-len"), (["--seq-ul-every", "0"], "--seq-ul-every"),
+                        (["--seq-unlikelihood", "1", "--seq-ul-prefix", "4001", "--max-positions", "4096", "--seq", "512"],
+                         "--seq-ul-prefix"),
                         (["--unlikelihood", "nan"], "--unlikelihood"), (["--ul-window", "0"], "--ul-window")):
         with pytest.raises(ValueError, match=flag):
             td.main(base + extra)
@@ -378,7 +444,8 @@ def test_lm_max_positions_and_per_source_logs(tmp_path, stdlib, td):
     td.main(["lm", "--data", data, "--tokenizer", TOKENIZER, "--out", out, "--device", "cpu", "--steps", "3", "--draft-steps", "3",
              "--seq", "96", "--max-positions", "128", "--batch", "2", "--eval-every", "3", "--warmup", "1", "--eval-tokens", "200",
              "--target-arch", tiny, "--draft-arch", tiny.replace('"num_hidden_layers": 2', '"num_hidden_layers": 1'),
-             "--unlikelihood", "1.0", "--ul-window", "8"])
+             "--unlikelihood", "1.0", "--ul-window", "8", "--seq-unlikelihood", "0.5", "--seq-ul-every", "2",
+             "--seq-ul-batch", "2", "--seq-ul-prefix", "8", "--seq-ul-len", "16"])
     for name in ("target", "draft"):
         cfg = json.load(open(os.path.join(out, name, "config.json")))
         assert cfg["max_position_embeddings"] == 128 and cfg["hidden_size"] == 64
@@ -391,6 +458,10 @@ def test_lm_max_positions_and_per_source_logs(tmp_path, stdlib, td):
     assert last["target"]["train_ul"] > 0 and "train_ul" not in last["draft"]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary[0]["unlikelihood"] == {"weight": 1.0, "window": 8} and "unlikelihood" not in summary[1]
+    # so does the sequence-level term, which logs how much the target's own continuations repeat
+    assert 0 <= last["target"]["seq_rep"] <= 1 and "seq_rep" not in last["draft"]
+    assert summary[0]["seq_unlikelihood"] == {"weight": 0.5, "every": 2, "batch": 2, "prefix": 8, "new_tokens": 16, "ngram": 4}
+    assert "seq_unlikelihood" not in summary[1]
     assert summary[0]["max_positions"] == 128 and set(summary[0]["best_heldout_loss_by_source"]) == {"stdlib", "packages"}
     # the tokenizer itself is the shipped one
     assert open(os.path.join(out, "target", "tokenizer.json")).read() == open(os.path.join(TOKENIZER, "tokenizer.json")).read()
@@ -421,6 +492,20 @@ def test_lm_init_continues_a_saved_target_at_longer_windows(tmp_path, stdlib, td
     with pytest.raises(ValueError, match=r"--init: .* has shape"):
         td.main(["lm", *common[:-1], tiny.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'), "--out", long_,
                  "--steps", "1", "--seq", "64", "--init", os.path.join(short, "target")])
+    # --draft-init: the draft LM continues a saved one (here the short phase's target as a same-shape draft)
+    dcommon = [*common[:6], *common[8:-2], "--which", "draft", "--teacher", os.path.join(short, "target"), "--draft-arch", tiny]
+    td.main(["lm", *dcommon, "--out", long_, "--draft-steps", "2", "--seq", "64", "--max-positions", "64", "--draft-lr", "0",
+             "--draft-init", os.path.join(short, "target")])
+    c = load_file(os.path.join(long_, "draft", "model.safetensors"))
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ValueError, match="--draft-init: continues the draft LM"):
+        td.main(["lm", *common, "--out", long_, "--draft-init", os.path.join(short, "target")])
+    with pytest.raises(ValueError, match="--draft-init: .* is not a saved LM directory"):
+        td.main(["lm", *dcommon, "--out", long_, "--draft-init", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--draft-init: .* has shape"):
+        td.main(["lm", *dcommon, "--out", long_, "--draft-steps", "1", "--seq", "64", "--max-positions", "64",
+                 "--draft-arch", tiny.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'),
+                 "--draft-init", os.path.join(short, "target")])
 
 
 # ---------------------------------------------------------------------------------------------
