@@ -423,9 +423,14 @@ def seq_unlikelihood_loss(model, prefix: torch.Tensor, n_new: int, n: int, use_a
     return (nll * mask).sum() / (seq.shape[0] * n_new), share
 
 
-def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor], args, device, teacher=None) -> tuple[object, dict]:
+def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor], args, device, teacher=None,
+             anchor=None) -> tuple[object, dict]:
     """Train one LM on random ``args.seq``-token windows of ``train_s`` (module docstring); returns the
-    best held-out checkpoint (by the mean over ``held``'s streams) and a summary."""
+    best held-out checkpoint (by the mean over ``held``'s streams) and a summary.
+
+    ``teacher``: the draft's distillation target (``--kd-weight``). ``anchor``: for the target, a frozen copy of
+    the model it continues (``--anchor-weight`` w): the data term becomes ``(1 - w) CE + w KL(anchor || model)``,
+    so an unlikelihood fine-tune keeps the anchor's distribution where the data does not loop."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(args.seed)
@@ -489,10 +494,17 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
             logits = model(input_ids=inp).logits
         ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
         loss = ce
+        akl = None
+        if anchor is not None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                a_logits = anchor(input_ids=inp).logits
+            akl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1).flatten(0, 1),
+                                             torch.log_softmax(a_logits.float(), -1).flatten(0, 1), log_target=True, reduction="batchmean")
+            loss = (1 - args.anchor_weight) * ce + args.anchor_weight * akl
         ul = None
         if teacher is None and args.unlikelihood > 0:   # the target only: the drafts imitate it
             ul = unlikelihood_loss(logits, inp, tgt, args.ul_window)
-            loss = ce + args.unlikelihood * ul
+            loss = loss + args.unlikelihood * ul
         sul = None
         if teacher is None and args.seq_unlikelihood > 0 and step % args.seq_ul_every == 0:
             prefix = get_batch(train_s, args.seq_ul_batch, args.seq_ul_prefix - 1, seq_gen, device)
@@ -516,6 +528,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
             rec = {"model": name, "step": step, "total_steps": total, "tokens": tokens_seen, "lr": cur, "train_ce": float(ce.detach()),
                    **({"train_ul": float(ul.detach())} if ul is not None else {}),
                    **({"seq_rep": seq_rep} if seq_rep is not None else {}),
+                   **({"train_anchor_kl": float(akl.detach())} if akl is not None else {}),
                    **_loss_record(losses), "elapsed_s": round(time.time() - t_start, 1)}
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
@@ -532,6 +545,8 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
                "max_positions": args.max_positions, "rope_theta": args.rope_theta}
     if teacher is None and args.unlikelihood > 0:
         summary["unlikelihood"] = {"weight": args.unlikelihood, "window": args.ul_window}
+    if anchor is not None:
+        summary["anchor"] = {"weight": args.anchor_weight, "model": args.init}
     if teacher is None and args.seq_unlikelihood > 0:
         summary["seq_unlikelihood"] = {"weight": args.seq_unlikelihood, "every": args.seq_ul_every, "batch": args.seq_ul_batch,
                                        "prefix": args.seq_ul_prefix, "new_tokens": args.seq_ul_len, "ngram": 4}
@@ -581,7 +596,14 @@ def cmd_lm(args) -> None:
     summaries = []
     target = None
     if "target" in args.which:
-        target, s = train_lm("target", args.target_arch, tok, train_s, held, args, device)
+        anchor = None
+        if args.anchor_weight > 0:   # a frozen copy of the model the target continues
+            from transformers import LlamaForCausalLM
+
+            anchor = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(device).eval()
+            for p in anchor.parameters():
+                p.requires_grad_(False)
+        target, s = train_lm("target", args.target_arch, tok, train_s, held, args, device, anchor=anchor)
         summaries.append(s)
         save_lm(target, tok, os.path.join(args.out, "target"))
     if "draft" in args.which:
@@ -764,6 +786,10 @@ def check_args(args) -> None:
             raise ValueError(f"--unlikelihood: got {args.unlikelihood}; expected a finite weight >= 0 (0: off)")
         if args.ul_window < 1:
             raise ValueError(f"--ul-window: got {args.ul_window}; expected an integer >= 1")
+        if not 0 <= args.anchor_weight <= 1:
+            raise ValueError(f"--anchor-weight: got {args.anchor_weight}; expected a weight in [0, 1] (0: off)")
+        if args.anchor_weight > 0 and not args.init:
+            raise ValueError("--anchor-weight: anchors the target to the model it continues; give --init")
         if not (args.seq_unlikelihood >= 0 and math.isfinite(args.seq_unlikelihood)):
             raise ValueError(f"--seq-unlikelihood: got {args.seq_unlikelihood}; expected a finite weight >= 0 (0: off)")
         for flag, v, lo in (("--seq-ul-every", args.seq_ul_every, 1), ("--seq-ul-batch", args.seq_ul_batch, 1),
@@ -825,6 +851,9 @@ def main(argv=None) -> None:
                    "loss (0: off; e.g. 1.0): every --seq-ul-every steps the target continues --seq-ul-batch prefixes of "
                    "--seq-ul-prefix training tokens greedily for --seq-ul-len tokens and the tokens of its repeated 4-grams are "
                    "pushed down, against greedy loops")
+    s.add_argument("--anchor-weight", type=float, default=0.0, help="with --init: the target's data term is (1 - w) CE + "
+                   "w KL(init || target), a frozen copy of the --init model as the anchor (0: plain CE; e.g. 1.0 for a "
+                   "fine-tune that should change only what the unlikelihood terms push)")
     s.add_argument("--seq-ul-every", type=int, default=4)
     s.add_argument("--seq-ul-batch", type=int, default=16)
     s.add_argument("--seq-ul-prefix", type=int, default=32)

@@ -492,6 +492,19 @@ def test_lm_init_continues_a_saved_target_at_longer_windows(tmp_path, stdlib, td
     with pytest.raises(ValueError, match=r"--init: .* has shape"):
         td.main(["lm", *common[:-1], tiny.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'), "--out", long_,
                  "--steps", "1", "--seq", "64", "--init", os.path.join(short, "target")])
+    # --anchor-weight 1: the data term is KL(init || target) alone -- exactly 0 on the first step, where the target
+    # is still the init, and > 0 once the unlikelihood term has moved it
+    anc = str(tmp_path / "anchored")
+    td.main(["lm", *common[:-4], "--eval-tokens", "200", "--target-arch", tiny, "--out", anc, "--steps", "2", "--seq", "64",
+             "--max-positions", "64", "--eval-every", "1", "--lr", "1e-2", "--init", os.path.join(short, "target"),
+             "--anchor-weight", "1", "--unlikelihood", "1", "--ul-window", "8"])
+    recs = [json.loads(line) for line in open(os.path.join(anc, "target_log.jsonl"))]
+    assert recs[0]["train_anchor_kl"] == 0 and recs[1]["train_anchor_kl"] > 0
+    assert json.load(open(os.path.join(anc, "summary.json")))[0]["anchor"] == {"weight": 1.0, "model": os.path.join(short, "target")}
+    with pytest.raises(ValueError, match="--anchor-weight: anchors the target to the model it continues; give --init"):
+        td.main(["lm", *common, "--out", anc, "--anchor-weight", "0.5"])
+    with pytest.raises(ValueError, match=r"--anchor-weight: got 1.5; expected a weight in \[0, 1\]"):
+        td.main(["lm", *common, "--out", anc, "--anchor-weight", "1.5", "--init", os.path.join(short, "target")])
     # --draft-init: the draft LM continues a saved one (here the short phase's target as a same-shape draft)
     dcommon = [*common[:6], *common[8:-2], "--which", "draft", "--teacher", os.path.join(short, "target"), "--draft-arch", tiny]
     td.main(["lm", *dcommon, "--out", long_, "--draft-steps", "2", "--seq", "64", "--max-positions", "64", "--draft-lr", "0",
