@@ -397,7 +397,9 @@ def greedy_continue(model, prefix: torch.Tensor, n_new: int, use_amp: bool) -> t
     for _ in range(n_new):
         with torch.autocast(prefix.device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(input_ids=nxt, use_cache=True, **({key: past} if past is not None else {}))
-        past = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        past = out.get("cache", None)
+        if past is None:
+            past = out.past_key_values
         nxt = out.logits[:, -1].float().argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
     model.train()
