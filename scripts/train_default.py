@@ -425,6 +425,16 @@ def seq_unlikelihood_loss(model, prefix: torch.Tensor, n_new: int, n: int, use_a
     return (nll * mask).sum() / (seq.shape[0] * n_new), share
 
 
+def kl_to_frozen(frozen, inp: torch.Tensor, logits: torch.Tensor, use_amp: bool) -> torch.Tensor:
+    """``KL(frozen || model)`` per token (mean over the ``B * T`` positions): the frozen model's next-token
+    distribution on ``inp`` [B, T] against the trained model's ``logits`` [B, T, V] -- the draft's distillation
+    toward its teacher and the target's anchor to the model it continues."""
+    with torch.no_grad(), torch.autocast(inp.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        f_logits = frozen(input_ids=inp).logits
+    return torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1).flatten(0, 1),
+                                      torch.log_softmax(f_logits.float(), -1).flatten(0, 1), log_target=True, reduction="batchmean")
+
+
 def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor], args, device, teacher=None,
              anchor=None) -> tuple[object, dict]:
     """Train one LM on random ``args.seq``-token windows of ``train_s`` (module docstring); returns the
@@ -498,10 +508,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
         loss = ce
         akl = None
         if anchor is not None:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                a_logits = anchor(input_ids=inp).logits
-            akl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1).flatten(0, 1),
-                                             torch.log_softmax(a_logits.float(), -1).flatten(0, 1), log_target=True, reduction="batchmean")
+            akl = kl_to_frozen(anchor, inp, logits, use_amp)
             loss = (1 - args.anchor_weight) * ce + args.anchor_weight * akl
         ul = None
         if teacher is None and args.unlikelihood > 0:   # the target only: the drafts imitate it
@@ -513,10 +520,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
             sul, seq_rep = seq_unlikelihood_loss(model, prefix, args.seq_ul_len, 4, use_amp)
             loss = loss + args.seq_unlikelihood * sul
         if teacher is not None:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                t_logits = teacher(input_ids=inp).logits
-            kd = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1).flatten(0, 1),
-                                            torch.log_softmax(t_logits.float(), -1).flatten(0, 1), log_target=True, reduction="batchmean")
+            kd = kl_to_frozen(teacher, inp, logits, use_amp)
             loss = (1 - args.kd_weight) * ce + args.kd_weight * kd
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
