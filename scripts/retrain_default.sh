@@ -85,7 +85,8 @@
 # token-level unlikelihood term of train_default.py --unlikelihood, negatives the distinct tokens of the last
 # TARGET_UL_WINDOW=64 context tokens -- against greedy loops, issue 21), TARGET_SEQ_UL (unset: off; a weight, e.g. 1.0:
 # the sequence-level term -- every TARGET_SEQ_UL_EVERY=4 steps TARGET_SEQ_UL_BATCH=64 prefixes of TARGET_SEQ_UL_PREFIX=32
-# training tokens continued greedily by the target for TARGET_SEQ_UL_LEN=96 tokens, their repeated 4-grams pushed down),
+# training tokens (TARGET_SEQ_UL_SOURCE=all of the stream, or one source, e.g. stdlib) continued greedily by the target
+# for TARGET_SEQ_UL_LEN=96 tokens, their repeated 4-grams pushed down),
 # DRAFT_LR=3e-3 (the draft stage's peak learning rate), TARGET_KEEP=best (target-more saves the best held-out checkpoint; last: the last step's), DRAFT_INIT (unset: the draft LM from a fresh init; a saved draft dir, e.g. shared/assets/default/draft: continue it), DEVICE (default: cuda if available). $OUT (the device's return folder), when set, receives everything
 # under $RUN except the token streams and ship/ as one tar in 15 MiB parts, $OUT/retrain_state.tar.partNN.
 set -euo pipefail
@@ -135,7 +136,8 @@ UL_FLAGS=()
 if [ -n "${TARGET_UL:-}" ]; then UL_FLAGS+=(--unlikelihood "$TARGET_UL" --ul-window "${TARGET_UL_WINDOW:-64}"); fi
 # and its sequence-level term (--seq-unlikelihood: the target's own greedy continuations, their repeated 4-grams)
 if [ -n "${TARGET_SEQ_UL:-}" ]; then UL_FLAGS+=(--seq-unlikelihood "$TARGET_SEQ_UL" --seq-ul-every "${TARGET_SEQ_UL_EVERY:-4}"
-  --seq-ul-batch "${TARGET_SEQ_UL_BATCH:-64}" --seq-ul-prefix "${TARGET_SEQ_UL_PREFIX:-32}" --seq-ul-len "${TARGET_SEQ_UL_LEN:-96}"); fi
+  --seq-ul-batch "${TARGET_SEQ_UL_BATCH:-64}" --seq-ul-prefix "${TARGET_SEQ_UL_PREFIX:-32}" --seq-ul-len "${TARGET_SEQ_UL_LEN:-96}"
+  --seq-ul-source "${TARGET_SEQ_UL_SOURCE:-all}"); fi
 # the draft LM: from a fresh init (default) or continued from a saved draft (DRAFT_INIT=DIR, e.g. the shipped one)
 DRAFT_INIT_FLAGS=()
 if [ -n "${DRAFT_INIT:-}" ]; then DRAFT_INIT_FLAGS+=(--draft-init "$DRAFT_INIT"); fi

@@ -241,6 +241,25 @@ def load_streams(data: str) -> tuple[torch.Tensor, torch.Tensor]:
     return tr, he
 
 
+def source_train_stream(data: str, train_s: torch.Tensor, source: str) -> torch.Tensor:
+    """The part of a ``pack`` directory's training stream that ``source`` contributed (one copy of the stdlib's
+    when ``--stdlib-repeat`` > 1), located from ``meta.json``'s per-source token counts: ``pack`` concatenates the
+    sources in order, the stdlib's stream repeated. ``"all"``: the whole stream."""
+    if source == "all":
+        return train_s
+    with open(os.path.join(data, "meta.json")) as f:
+        meta = json.load(f)
+    per, order = meta.get("per_source", {}), meta.get("sources", [])
+    if source not in per or source not in order:
+        raise ValueError(f"--seq-ul-source: {source!r} is not a source of {data} (it has: all, {', '.join(order)})")
+    copies = {s: meta.get("stdlib_repeat", 1) if s == "stdlib" else 1 for s in order}
+    sizes = [per[s]["train"]["tokens"] * copies[s] for s in order]
+    if sum(sizes) != train_s.numel():
+        raise ValueError(f"--seq-ul-source: {data}/meta.json counts {sum(sizes)} training tokens, train.pt has {train_s.numel()}")
+    start = sum(sizes[: order.index(source)])
+    return train_s[start: start + per[source]["train"]["tokens"]]
+
+
 def load_heldout_sources(data: str) -> dict[str, torch.Tensor]:
     """The per-source held-out streams of a ``pack`` directory ({source: int64 stream}, non-empty ones,
     in source order); ``{"heldout": heldout.pt}`` for a directory packed before per-source streams existed."""
@@ -436,13 +455,14 @@ def kl_to_frozen(frozen, inp: torch.Tensor, logits: torch.Tensor, use_amp: bool)
 
 
 def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor], args, device, teacher=None,
-             anchor=None) -> tuple[object, dict]:
+             anchor=None, prefix_s=None) -> tuple[object, dict]:
     """Train one LM on random ``args.seq``-token windows of ``train_s`` (module docstring); returns the
     best held-out checkpoint (by the mean over ``held``'s streams) and a summary.
 
     ``teacher``: the draft's distillation target (``--kd-weight``). ``anchor``: for the target, a frozen copy of
     the model it continues (``--anchor-weight`` w): the data term becomes ``(1 - w) CE + w KL(anchor || model)``,
-    so an unlikelihood fine-tune keeps the anchor's distribution where the data does not loop."""
+    so an unlikelihood fine-tune keeps the anchor's distribution where the data does not loop. ``prefix_s``: the
+    stream the sequence-level term's prefixes come from (default ``train_s``)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(args.seed)
@@ -516,7 +536,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
             loss = loss + args.unlikelihood * ul
         sul = None
         if teacher is None and args.seq_unlikelihood > 0 and step % args.seq_ul_every == 0:
-            prefix = get_batch(train_s, args.seq_ul_batch, args.seq_ul_prefix - 1, seq_gen, device)
+            prefix = get_batch(train_s if prefix_s is None else prefix_s, args.seq_ul_batch, args.seq_ul_prefix - 1, seq_gen, device)
             sul, seq_rep = seq_unlikelihood_loss(model, prefix, args.seq_ul_len, 4, use_amp)
             loss = loss + args.seq_unlikelihood * sul
         if teacher is not None:
@@ -555,7 +575,8 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
         summary["anchor"] = {"weight": args.anchor_weight, "model": args.init}
     if teacher is None and args.seq_unlikelihood > 0:
         summary["seq_unlikelihood"] = {"weight": args.seq_unlikelihood, "every": args.seq_ul_every, "batch": args.seq_ul_batch,
-                                       "prefix": args.seq_ul_prefix, "new_tokens": args.seq_ul_len, "ngram": 4}
+                                       "prefix": args.seq_ul_prefix, "new_tokens": args.seq_ul_len, "ngram": 4,
+                                       "source": args.seq_ul_source}
     if best_losses is not None and len(best_losses) > 2:
         summary["best_heldout_loss_by_source"] = {k: v for k, v in best_losses.items() if k != "mean"}
     log(f"[{name}] done: {json.dumps(summary)}")
@@ -609,7 +630,8 @@ def cmd_lm(args) -> None:
             anchor = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(device).eval()
             for p in anchor.parameters():
                 p.requires_grad_(False)
-        target, s = train_lm("target", args.target_arch, tok, train_s, held, args, device, anchor=anchor)
+        prefix_s = source_train_stream(args.data, train_s, args.seq_ul_source) if args.seq_unlikelihood > 0 else None
+        target, s = train_lm("target", args.target_arch, tok, train_s, held, args, device, anchor=anchor, prefix_s=prefix_s)
         summaries.append(s)
         save_lm(target, tok, os.path.join(args.out, "target"))
     if "draft" in args.which:
@@ -864,6 +886,9 @@ def main(argv=None) -> None:
     s.add_argument("--seq-ul-batch", type=int, default=16)
     s.add_argument("--seq-ul-prefix", type=int, default=32)
     s.add_argument("--seq-ul-len", type=int, default=96)
+    s.add_argument("--seq-ul-source", default="all", help="where the sequence-level prefixes come from: all (the whole "
+                   "training stream) or one source of the pack (e.g. stdlib: the prompts greedy_repetition.py scores are "
+                   "stdlib file openings)")
     s.add_argument("--eval-every", type=int, default=200)
     s.add_argument("--keep", choices=("best", "last"), default="best", help="the checkpoint saved: the best held-out "
                    "loss among the evaluations (default) or the last step's (e.g. when an unlikelihood term trades a little "

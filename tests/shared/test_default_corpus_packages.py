@@ -445,7 +445,16 @@ def test_lm_max_positions_and_per_source_logs(tmp_path, stdlib, td):
              "--seq", "96", "--max-positions", "128", "--batch", "2", "--eval-every", "3", "--warmup", "1", "--eval-tokens", "200",
              "--target-arch", tiny, "--draft-arch", tiny.replace('"num_hidden_layers": 2', '"num_hidden_layers": 1'),
              "--unlikelihood", "1.0", "--ul-window", "8", "--seq-unlikelihood", "0.5", "--seq-ul-every", "2",
-             "--seq-ul-batch", "2", "--seq-ul-prefix", "8", "--seq-ul-len", "16"])
+             "--seq-ul-batch", "2", "--seq-ul-prefix", "8", "--seq-ul-len", "16", "--seq-ul-source", "packages"])
+    # each source's slice of the training stream: the stdlib's (first) and the packages' (after it) add up to it
+    train_s = td.load_streams(data)[0]
+    std, pkg = (td.source_train_stream(data, train_s, src) for src in ("stdlib", "packages"))
+    assert torch.equal(torch.cat([std, pkg]), train_s) and std.numel() > 0 and pkg.numel() > 0
+    assert td.source_train_stream(data, train_s, "all") is train_s
+    with pytest.raises(ValueError, match="--seq-ul-source: 'docs' is not a source of .*it has: all, stdlib, packages"):
+        td.source_train_stream(data, train_s, "docs")
+    with pytest.raises(ValueError, match="train.pt has"):
+        td.source_train_stream(data, train_s[:-1], "packages")
     for name in ("target", "draft"):
         cfg = json.load(open(os.path.join(out, name, "config.json")))
         assert cfg["max_position_embeddings"] == 128 and cfg["hidden_size"] == 64
@@ -460,7 +469,8 @@ def test_lm_max_positions_and_per_source_logs(tmp_path, stdlib, td):
     assert summary[0]["unlikelihood"] == {"weight": 1.0, "window": 8} and "unlikelihood" not in summary[1]
     # so does the sequence-level term, which logs how much the target's own continuations repeat
     assert 0 <= last["target"]["seq_rep"] <= 1 and "seq_rep" not in last["draft"]
-    assert summary[0]["seq_unlikelihood"] == {"weight": 0.5, "every": 2, "batch": 2, "prefix": 8, "new_tokens": 16, "ngram": 4}
+    assert summary[0]["seq_unlikelihood"] == {"weight": 0.5, "every": 2, "batch": 2, "prefix": 8, "new_tokens": 16, "ngram": 4,
+                                              "source": "packages"}
     assert "seq_unlikelihood" not in summary[1]
     assert summary[0]["max_positions"] == 128 and set(summary[0]["best_heldout_loss_by_source"]) == {"stdlib", "packages"}
     # the tokenizer itself is the shipped one
