@@ -57,6 +57,17 @@
 # ~82 s packing + the minutes + ~60 s acceptance):
 #   STDLIB_REPEAT=6 scripts/retrain_default.sh setup corpus
 #   GLIDE_MORE_FROM=last GLIDE_MORE_MIN=7 scripts/retrain_default.sh glide-more acceptance
+# Session 26 (BENCHMARKS "sequence-level unlikelihood"): the shipped target continued against greedy loops, then both
+# drafts continued for it, in ONE call (H100, 503 s). The shipped model is the starting point: copy
+# shared/assets/default/target to $RUN/lm/target and shared/assets/default/glide to $RUN/glide_more/glide rather than
+# carry them (carry runs/stdlib_py311.tar.xz runs/retrain/glide_long only):
+#   STDLIB_REPEAT=6 scripts/retrain_default.sh setup corpus
+#   TARGET_SEQ_UL=1.0 TARGET_SEQ_UL_EVERY=2 TARGET_SEQ_UL_BATCH=32 TARGET_LR2=3e-4 TARGET_KEEP=last TARGET_MORE_MIN=3.4 \
+#     scripts/retrain_default.sh target-more
+#   OUT= DRAFT_INIT=shared/assets/default/draft DRAFT_LR=1e-3 DRAFT_MIN=1.6 scripts/retrain_default.sh draft &   # beside:
+#   OUT= GLIDE_MORE_FROM=last GLIDE_MORE_MIN=2.0 scripts/retrain_default.sh glide-more; wait; (tar $RUN to $OUT); eval
+# Its target did not qualify (stdlib 1.473 > 1.45; median distinct 4-grams 0.462 < 0.6); the sequence-level term
+# costs ~7.7x the step time (733 vs ~95 ms), so more CE minutes need a longer call or fewer, larger updates.
 #
 # Token counts, ESTIMATED from the shipped run (H100, 1024-token windows: target 62.8 ms per 32k-token step
 # with evaluations, draft 37 ms, GLIDE 51.8 / 63.9 ms per 16k-token step plain / distilled; see
