@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import default_corpus  # noqa: E402
 
 SPECIALS = ["<s>", "</s>", "<pad>"]
+SEQ_UL_NGRAM = 4   # the sequence-level unlikelihood's repeats: 4-grams, issue 21's distinct-4-gram measure
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Architectures (Llama, tied embeddings, head_dim 64 so the fast kernels apply).
@@ -534,10 +535,9 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
         if teacher is None and args.unlikelihood > 0:   # the target only: the drafts imitate it
             ul = unlikelihood_loss(logits, inp, tgt, args.ul_window)
             loss = loss + args.unlikelihood * ul
-        sul = None
         if teacher is None and args.seq_unlikelihood > 0 and step % args.seq_ul_every == 0:
             prefix = get_batch(train_s if prefix_s is None else prefix_s, args.seq_ul_batch, args.seq_ul_prefix - 1, seq_gen, device)
-            sul, seq_rep = seq_unlikelihood_loss(model, prefix, args.seq_ul_len, 4, use_amp)
+            sul, seq_rep = seq_unlikelihood_loss(model, prefix, args.seq_ul_len, SEQ_UL_NGRAM, use_amp)
             loss = loss + args.seq_unlikelihood * sul
         if teacher is not None:
             kd = kl_to_frozen(teacher, inp, logits, use_amp)
@@ -575,7 +575,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
         summary["anchor"] = {"weight": args.anchor_weight, "model": args.init}
     if teacher is None and args.seq_unlikelihood > 0:
         summary["seq_unlikelihood"] = {"weight": args.seq_unlikelihood, "every": args.seq_ul_every, "batch": args.seq_ul_batch,
-                                       "prefix": args.seq_ul_prefix, "new_tokens": args.seq_ul_len, "ngram": 4,
+                                       "prefix": args.seq_ul_prefix, "new_tokens": args.seq_ul_len, "ngram": SEQ_UL_NGRAM,
                                        "source": args.seq_ul_source}
     if best_losses is not None and len(best_losses) > 2:
         summary["best_heldout_loss_by_source"] = {k: v for k, v in best_losses.items() if k != "mean"}
@@ -606,6 +606,19 @@ def save_lm(model, tok, out: str) -> None:
                 json.dump(tcfg, f, indent=2)
 
 
+def frozen(model, device):
+    """A teacher or anchor: ``model`` (a LlamaForCausalLM, or the saved LM directory to load it from) in fp32 on
+    ``device``, in eval mode, every parameter without gradients."""
+    if isinstance(model, str):
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32)
+    model = model.to(device=device, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def cmd_lm(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -623,28 +636,16 @@ def cmd_lm(args) -> None:
     summaries = []
     target = None
     if "target" in args.which:
-        anchor = None
-        if args.anchor_weight > 0:   # a frozen copy of the model the target continues
-            from transformers import LlamaForCausalLM
-
-            anchor = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(device).eval()
-            for p in anchor.parameters():
-                p.requires_grad_(False)
+        anchor = frozen(args.init, device) if args.anchor_weight > 0 else None   # the model the target continues
         prefix_s = source_train_stream(args.data, train_s, args.seq_ul_source) if args.seq_unlikelihood > 0 else None
         target, s = train_lm("target", args.target_arch, tok, train_s, held, args, device, anchor=anchor, prefix_s=prefix_s)
         summaries.append(s)
         save_lm(target, tok, os.path.join(args.out, "target"))
     if "draft" in args.which:
-        if target is None:
-            from transformers import LlamaForCausalLM
-
-            target = LlamaForCausalLM.from_pretrained(args.teacher or os.path.join(args.out, "target"), dtype=torch.float32).to(device)
-        target = target.to(torch.float32).eval()
+        target = frozen(target if target is not None else args.teacher or os.path.join(args.out, "target"), device)
         if args.seq > target.config.max_position_embeddings:
             raise ValueError(f"--seq: {args.seq} exceeds the teacher's max_position_embeddings ({target.config.max_position_embeddings}); "
                              "train the draft at --seq <= it (or give --teacher a longer-context target)")
-        for p in target.parameters():
-            p.requires_grad_(False)
         draft, s = train_lm("draft", args.draft_arch, tok, train_s, held, args, device, teacher=target if args.kd_weight > 0 else None)
         summaries.append(s)
         save_lm(draft, tok, os.path.join(args.out, "draft"))

@@ -12,15 +12,14 @@ vanilla's. The hook moves work between the two phases; the total should not chan
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 
 import torch
-from tabulate import tabulate
 
 import specdec.ref as ref
 from specdec.bench import load_questions
+from specdec.benchutil import report
 from specdec.ref.speculative import DraftModelDrafter
 from specdec.shared.tokenizer import encode_prompt, load_tokenizer
 
@@ -52,18 +51,15 @@ def main() -> None:
                    "vanilla_prefill_s": van.prefill_time, "vanilla_decode_s": van.elapsed_time,
                    "same_as_vanilla": bool(torch.equal(r.output_ids, van.output_ids))}
             recs.append(rec)
-    with open(args.out, "w") as f:
-        for rec in recs:
-            f.write(json.dumps(rec) + "\n")
     for form in ("hook", "in round"):
         rs = [r for r in recs if r["form"] == form]
         med = lambda k: statistics.median(r[k] for r in rs)
-        rows.append([form, len(rs), med("prefill_s"), med("decode_s"), statistics.median(r["prefill_s"] + r["decode_s"] for r in rs),
-                     med("vanilla_prefill_s"), med("vanilla_decode_s"),
-                     statistics.median(r["vanilla_decode_s"] / r["decode_s"] for r in rs), med("tau"),
-                     sum(r["same_as_vanilla"] for r in rs)])
-    print(tabulate(rows, headers=["draft's prompt pass", "prompts", "prefill s", "decode s", "total s", "vanilla prefill s",
-                                  "vanilla decode s", "decode speedup", "tau", "== vanilla"], floatfmt=".3f"))
+        rows.append([form, len(rs), *(f"{x:.3f}" for x in (
+            med("prefill_s"), med("decode_s"), statistics.median(r["prefill_s"] + r["decode_s"] for r in rs),
+            med("vanilla_prefill_s"), med("vanilla_decode_s"), statistics.median(r["vanilla_decode_s"] / r["decode_s"] for r in rs),
+            med("tau"))), sum(r["same_as_vanilla"] for r in rs)])
+    report(rows, ["draft's prompt pass", "prompts", "prefill s", "decode s", "total s", "vanilla prefill s",
+                  "vanilla decode s", "decode speedup", "tau", "== vanilla"], recs, args.out)
 
 
 if __name__ == "__main__":
