@@ -44,6 +44,37 @@ def interpreter_active() -> bool:
     return type(_split_attention_kernel).__name__ == "InterpretedFunction"
 
 
+def make_interpreter_dot_row_invariant() -> bool:
+    """Under the Triton interpreter, compute ``tl.dot`` one output row at a time; True if installed.
+
+    The interpreter runs ``tl.dot`` as one ``numpy.matmul`` of the whole tile, i.e. the BLAS library's
+    GEMM, whose micro-kernel may compute a tile's rows by different instruction sequences (seen with
+    OpenBLAS 0.3.31 on an AMD EPYC: rows 6-15 of a 16-row product differ in the last bit from the same rows
+    computed first). On the GPU an MMA gives every row the same arithmetic wherever it sits in the tile,
+    which is what the decode phase's row invariance rests on (docs/design.md §8); for the CPU tests to check
+    that property, a row's product here must not depend on its place in the tile either. So each row is
+    multiplied alone -- the same [1, K] x [K, N] call for every row -- and the rows stacked. Only the
+    interpreter changes (a test tool, slow anyway); GPU kernels are untouched. Idempotent."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_row_invariant", False):
+        return True
+    tile_dot = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a_data, b_data = a.data, b.data
+        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8 or a_data.ndim < 2:
+            return tile_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        rows = [np.matmul(a_data[..., i:i + 1, :], b_data, dtype=d.data.dtype) for i in range(a_data.shape[-2])]
+        return interpreter.TensorHandle(np.concatenate(rows, axis=-2) + d.data, d.dtype.scalar)
+
+    create_dot._row_invariant = True
+    builder.create_dot = create_dot
+    return True
+
+
 def check_tensor(name: str, t, ndim: int) -> None:
     """``t`` is a tensor of rank ``ndim`` with a supported floating dtype."""
     if not isinstance(t, torch.Tensor):
