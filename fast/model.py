@@ -498,18 +498,20 @@ def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bo
     return False, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-PREFILL_ATTENTION_CHOICES = ("auto", "flash", "cudnn-blocks")
+PREFILL_ATTENTION_CHOICES = ("auto", "flash", "cudnn-blocks", "cudnn-prompt")
 _CUDNN_UNUSABLE: set[tuple] = set()   # (device index, dtype, head dim) where "auto" saw cuDNN refuse the inputs
 
 
 def prefill_attention_mode() -> str:
     """How CUDA fp16/bf16 prefills run their attention: ``SPECDEC_PREFILL_ATTENTION`` =
 
-    * ``auto`` (default): ``cudnn-blocks`` on a Hopper-or-newer GPU with cuDNN (measured there: 1.50 vs
-      1.57 s TTFT at 32k, 11.2 vs 16.1 s at 128k, BENCHMARKS "Long-context prefill"), ``flash`` elsewhere,
-      and ``flash`` from then on for inputs cuDNN refuses (one warning);
-    * ``flash``: one flash call per chunk, bottom-right causal;
-    * ``cudnn-blocks``: :func:`_prefill_attention_blocks` on cuDNN, errors raised as they come."""
+    * ``auto`` (default): on a Hopper-or-newer GPU with cuDNN, ``cudnn-prompt`` for a prompt prefilled onto an
+      empty cache and ``cudnn-blocks`` for a prompt appended to cached rows; ``flash`` elsewhere, and from then on
+      for inputs cuDNN refuses (one warning). (Measured: BENCHMARKS "Long-context prefill".)
+    * ``flash``: chunk-major, one flash call per chunk, bottom-right causal;
+    * ``cudnn-blocks``: chunk-major, :func:`_prefill_attention_blocks` on cuDNN, errors raised as they come;
+    * ``cudnn-prompt``: layer-major (:func:`_prefill_by_layer`), one whole-prompt causal cuDNN call per layer
+      when the cache is empty (``cudnn-blocks`` otherwise), errors raised as they come."""
     mode = os.environ.get("SPECDEC_PREFILL_ATTENTION", "auto")
     if mode not in PREFILL_ATTENTION_CHOICES:
         raise ValueError(f"SPECDEC_PREFILL_ATTENTION must be one of {PREFILL_ATTENTION_CHOICES}, got {mode!r}")
@@ -520,7 +522,12 @@ def _use_cudnn_blocks(q: torch.Tensor) -> bool:
     """Whether this CUDA fp16/bf16 chunk runs :func:`_prefill_attention_blocks` (:func:`prefill_attention_mode`)."""
     mode = prefill_attention_mode()
     if mode != "auto":
-        return mode == "cudnn-blocks"
+        return mode in ("cudnn-blocks", "cudnn-prompt")
+    return _cudnn_usable(q)
+
+
+def _cudnn_usable(q: torch.Tensor) -> bool:
+    """``auto``'s test: a Hopper-or-newer GPU with cuDNN that has not refused q's (device, dtype, head dim)."""
     return (torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(q.device)[0] >= 9
             and (q.device.index, q.dtype, q.shape[-1]) not in _CUDNN_UNUSABLE)
 
@@ -691,10 +698,105 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
     if start + t > cache.capacity:
         raise ValueError(f"KV cache overflow: {start} + {t} prompt rows > capacity {cache.capacity}")
     if b > 1:
-        outs = [_prefill_rows(fm, cache.row(i), tokens[i:i + 1], chunk_size, all_logits) for i in range(b)]
+        outs = [_prefill_one(fm, cache.row(i), tokens[i:i + 1], chunk_size, all_logits) for i in range(b)]
         cache.set_length(start + t)
         return torch.cat(outs, dim=0)
-    return _prefill_rows(fm, cache, tokens, chunk_size, all_logits)
+    return _prefill_one(fm, cache, tokens, chunk_size, all_logits)
+
+
+def _prefill_one(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int, all_logits: bool) -> torch.Tensor:
+    """One row's prefill: layer-major (:func:`_prefill_by_layer`) when :func:`_use_prompt_attention` says so,
+    else chunk-major (:func:`_prefill_rows`). Under ``auto`` a cuDNN refusal of the layer-major path marks the
+    inputs unusable with one warning and reruns the prompt chunk-major (on flash): the cache rows it wrote are
+    beyond ``cache.length`` and are written again."""
+    if not _use_prompt_attention(fm, cache):
+        return _prefill_rows(fm, cache, tokens, chunk_size, all_logits)
+    try:
+        return _prefill_by_layer(fm, cache, tokens, chunk_size, all_logits, _cudnn_prompt_attend)
+    except RuntimeError as err:                    # cuDNN has no kernel for these inputs
+        if prefill_attention_mode() != "auto":
+            raise
+        key = (fm.device.index, fm.dtype, fm.config.head_dim)
+        _CUDNN_UNUSABLE.add(key)
+        warnings.warn(f"prefill: cuDNN attention refused {fm.dtype} head dim {fm.config.head_dim} on {fm.device} "
+                      f"({str(err).splitlines()[0][:120]}); using flash attention for these from now on")
+        return _prefill_rows(fm, cache, tokens, chunk_size, all_logits)
+
+
+def _use_prompt_attention(fm: FastModel, cache: StaticKVCache) -> bool:
+    """Whether a prefill onto ``cache`` runs layer-major with whole-prompt cuDNN attention: CUDA, fp16/bf16, an
+    empty cache, and ``SPECDEC_PREFILL_ATTENTION`` = ``cudnn-prompt``, or ``auto`` where cuDNN is usable
+    (:func:`prefill_attention_mode`)."""
+    if fm.device.type != "cuda" or fm.dtype not in (torch.float16, torch.bfloat16) or cache.length != 0:
+        return False
+    mode = prefill_attention_mode()
+    if mode != "auto":
+        return mode == "cudnn-prompt"
+    probe = torch.empty(0, fm.config.head_dim, device=fm.device, dtype=fm.dtype)
+    return _cudnn_usable(probe)
+
+
+PROMPT_ATTENTION_GRANULE = 1024
+""":func:`_prefill_by_layer` pads the prompt's attention to a multiple of this many rows (capped by the cache), so
+cuDNN plans one shape per 1024 prompt lengths instead of one per length (a plan build costs ~0.06 s, design §8)."""
+
+
+def _cudnn_prompt_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Whole-prompt causal attention on cuDNN: q [1, Hq, T, D], k/v [1, Hkv, T, D] (square, so cuDNN's top-left
+    causal mask is the prompt's own); grouped KV heads read in place; returns [1, Hq, T, D]."""
+    return _cudnn_attend(q, k, v, True)[0]
+
+
+def _prefill_by_layer(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int, all_logits: bool,
+                      attend) -> torch.Tensor:
+    """:func:`prefill` of one row [1, T] onto an EMPTY cache, layer by layer: each layer's attention is ONE
+    causal call over the whole prompt, ``attend(q [1, Hq, Tp, D], k, v [1, Hkv, Tp, D]) -> [1, Hq, Tp, D]``
+    (:func:`_cudnn_prompt_attend` on CUDA), instead of one call per chunk against the cache so far.
+
+    Per layer: (1) chunk by chunk, the q|k|v projection of the layer's normed input ``h``, RoPE, k/v written to
+    cache rows [s, s + n) and q into a whole-prompt buffer; (2) the attention of all Tp rows at once;
+    (3) chunk by chunk, the rest of the layer (:func:`_finish_layer`), which writes the next layer's ``h`` and
+    the residual stream ``x`` back in place. The GEMMs and norms see the same chunks as :func:`_prefill_rows`;
+    only the attention's order differs (one call per layer, not chunks merged over blocks), so the result equals
+    the chunk-major prefill up to rounding (tests/fast/test_prefill_attention.py).
+
+    ``Tp`` = T rounded up to :data:`PROMPT_ATTENTION_GRANULE` (at most the cache's capacity): the extra query
+    rows are zeros and the extra key/value rows -- cache rows [T, Tp), beyond the cache's length -- are zeroed
+    first, so no stale or non-finite value can reach a real row (a causal row never weighs a later key, but
+    0 * NaN would still be NaN); the extra outputs are dropped.
+
+    Memory beyond the chunk-major prefill: h, x, q and the attention output for the whole prompt -- four
+    [T, hidden] tensors (4 GiB at 128k for Llama-3-8B in bf16), the price of attention at whole-prompt speed."""
+    c = fm.config
+    t = tokens.shape[1]
+    tp = min(_round_up(t, PROMPT_ATTENTION_GRANULE), cache.capacity)
+    dev = tokens.device
+    fused = tokens.is_cuda
+    positions = torch.arange(t, device=dev)[None]
+    rows = torch.arange(t, dtype=torch.int32, device=dev)[None]
+    cos, sin = _cos_sin(fm, positions)
+    x = F.embedding(tokens, fm.w["embed"])               # [1, T, H] the residual stream
+    h = _first_norm(fm, x, fused)                        # [1, T, H] its norm: the next layer's input
+    hq = c.num_heads // fm.world                         # this rank's query heads (all of them without TP)
+    q_all = torch.zeros(1, hq, tp, c.head_dim, device=dev, dtype=fm.dtype)
+    chunks = [(s, min(s + chunk_size, t)) for s in range(0, t, chunk_size)]
+    for i in range(c.num_layers):
+        for s, e in chunks:                              # (1) projections, RoPE, k/v into the cache
+            qkv = F.linear(h[:, s:e], fm.w[f"layers.{i}.wqkv"], fm.w.get(f"layers.{i}.bqkv"))
+            q_all[:, :, s:e] = _rope_write(fm, i, qkv, cos[:, s:e], sin[:, s:e], cache, rows[:, s:e], fused)
+        if tp > t:                                       # the padding's keys and values: zeros, not stale rows
+            cache.k[i, :, :, t:tp].zero_()
+            cache.v[i, :, :, t:tp].zero_()
+        attn = attend(q_all, cache.k[i, :, :, :tp], cache.v[i, :, :, :tp])   # (2) the whole prompt at once
+        for s, e in chunks:                              # (3) the rest of the layer, back into h and x
+            h_c, x_c = _finish_layer(fm, i, x[:, s:e], attn[:, :, s:e], fused)
+            h[:, s:e] = h_c
+            x[:, s:e] = x_c
+        del attn
+    cache.set_length(t)
+    if all_logits:
+        return torch.cat([_logits(fm, h[:, s:e]) for s, e in chunks], dim=1)
+    return _logits(fm, h[:, -1:])[:, 0]
 
 
 def _prefill_rows(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int, all_logits: bool) -> torch.Tensor:

@@ -9,6 +9,8 @@ fp32 on CPU), batch 1, for each context (ascending; a fresh cache of ``context +
 * ``blocks-eager`` -- ``blocks`` with the merge it had until session 18 (:func:`eager_blocks` below: six eager
   torch ops per merge on an fp32 copy of the first block, cast back at the end) instead of the Triton
   :func:`specdec.fast.kernels.merge_attention` -- the A/B of that kernel;
+* ``prompt`` -- the layer-major prefill (``SPECDEC_PREFILL_ATTENTION=cudnn-prompt``: per layer, the projections in
+  chunks, then ONE whole-prompt causal cuDNN attention, then the rest of the layer in chunks);
 * ``old`` -- :func:`specdec.fast.model.prefill` with the attention it had before issue 20 patched in
   (:func:`old_prefill_attention` below, reachable only from this script: the KV heads repeated for their
   query heads, a dense boolean [n, T] mask built once per chunk, SDPA on EFFICIENT / FLASH / MATH);
@@ -61,7 +63,7 @@ TINY = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_si
             num_kv_heads=2, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
 SHAPES = {**MODEL_SHAPES, "tiny": TINY}
 
-PATHS = ["old", "new", "blocks", "blocks-eager"]
+PATHS = ["old", "new", "blocks", "blocks-eager", "prompt"]
 GOALS = "goals (issue 20 item 1, Llama-3-8B on one H200): TTFT <= 1.2 s at 32k, <= 10 s at 128k; peak at 128k <= 44.8 GiB"
 
 
@@ -122,11 +124,12 @@ def eager_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend) -> t
 
 @contextlib.contextmanager
 def attention_path(name: str):
-    """Run the library's prefill with the ``old`` attention patched in, as it is (``new``: flash), or with
-    ``SPECDEC_PREFILL_ATTENTION=cudnn-blocks`` (``blocks``: power-of-two prefix blocks on cuDNN, LSE-merged)."""
-    if name in ("new", "blocks", "blocks-eager"):
+    """Run the library's prefill with the ``old`` attention patched in, as it is (``new``: flash), with
+    ``SPECDEC_PREFILL_ATTENTION=cudnn-blocks`` (``blocks``: power-of-two prefix blocks on cuDNN, LSE-merged), or
+    with ``cudnn-prompt`` (``prompt``: layer-major, one whole-prompt cuDNN attention per layer)."""
+    if name in ("new", "blocks", "blocks-eager", "prompt"):
         saved_env = os.environ.get("SPECDEC_PREFILL_ATTENTION")
-        os.environ["SPECDEC_PREFILL_ATTENTION"] = "flash" if name == "new" else "cudnn-blocks"
+        os.environ["SPECDEC_PREFILL_ATTENTION"] = {"new": "flash", "prompt": "cudnn-prompt"}.get(name, "cudnn-blocks")
         saved_blocks = fast_model._prefill_attention_blocks
         if name == "blocks-eager":
             fast_model._prefill_attention_blocks = eager_blocks
@@ -283,7 +286,8 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk_size (the library's default: 2048)")
     ap.add_argument("--paths", nargs="+", default=["old", "new"], choices=PATHS,
                     help="blocks: the cuDNN blocked attention (CUDA fp16/bf16; SPECDEC_PREFILL_ATTENTION=cudnn-blocks); "
-                         "blocks-eager: the same with its merge before the Triton kernel")
+                         "blocks-eager: the same with its merge before the Triton kernel; prompt: layer-major, one "
+                         "whole-prompt cuDNN attention per layer (SPECDEC_PREFILL_ATTENTION=cudnn-prompt)")
     ap.add_argument("--reps", type=int, default=1, help="timed prefills per path and context (the fastest is reported)")
     ap.add_argument("--no-anchors", action="store_true", help="skip the attention / GEMM anchors")
     ap.add_argument("--profile", nargs="*", choices=PATHS, default=None,
@@ -364,6 +368,11 @@ def main() -> None:
                     extra = dict(max_abs_dlogits=float((r["logits"] - results["old"]["logits"]).abs().max()),
                                  same_first_token=r["first_token"] == results["old"]["first_token"],
                                  speedup_vs_old=results["old"]["ttft_s"] / r["ttft_s"])
+                first = args.paths[0]
+                if path != first and first != "old":   # every path against the first one named, within rounding
+                    extra.update(max_abs_dlogits_vs_first=float((r["logits"] - results[first]["logits"]).abs().max()),
+                                 same_first_token_as_first=r["first_token"] == results[first]["first_token"],
+                                 speedup_vs_first=results[first]["ttft_s"] / r["ttft_s"])
                 other = "blocks-eager" if path == "blocks" else "blocks" if path == "blocks-eager" else None
                 if other in results:   # the merge kernel's A/B: same attention, the logits within rounding
                     extra.update(max_abs_dlogits_vs_other_merge=float((r["logits"] - results[other]["logits"]).abs().max()),
@@ -393,14 +402,17 @@ def main() -> None:
     print(f"{info['device']}, torch {info['torch']}, {args.shape} {info['dtype']}, chunk {args.chunk_size}\n")
     table = []
     for r in rows:
-        old = next((o for o in rows if o["context"] == r["context"] and o["path"] == "old"), None)
+        old = next((o for o in rows if o["context"] == r["context"] and o["path"] == args.paths[0]), None)
         table.append([r["context"], r["path"],
                       "-" if r.get("ttft_s") is None else f"{r['ttft_s']:.3f}",
                       "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}",
                       "-" if r.get("transient_gib") is None else f"{r['transient_gib']:.2f}",
                       "-" if old is None or r.get("ttft_s") is None else f"{r['ttft_s'] / old['ttft_s']:.2f}",
-                      "-" if "max_abs_dlogits" not in r else f"{r['max_abs_dlogits']:.2e}"])
-    print(tabulate(table, headers=["context", "path", "TTFT s (anchors: s)", "peak GiB", "transient GiB", "/ old", "max |dlogits|"]))
+                      "-" if "max_abs_dlogits" not in r and "max_abs_dlogits_vs_first" not in r
+                      else f"{r.get('max_abs_dlogits', r.get('max_abs_dlogits_vs_first')):.2e}",
+                      "-" if r.get("ttft_all_s") is None else " ".join(f"{x:.3f}" for x in r["ttft_all_s"])])
+    print(tabulate(table, headers=["context", "path", "TTFT s (anchors: s)", "peak GiB", "transient GiB",
+                                   f"/ {args.paths[0]}", f"max |dlogits| vs {args.paths[0]}", "every rep s"]))
 
 
 if __name__ == "__main__":
