@@ -13,7 +13,9 @@ for speed the way gpt-fast is:
   through the Triton :func:`~specdec.fast.kernels.tree_attention` kernel, and on CUDA is
   captured once per (model, M) as a CUDA graph and replayed with new inputs;
 * long prompts prefill in chunks (SDPA over the cache so far), so peak activation memory is
-  bounded by the chunk, and only the last position goes through ``lm_head``.
+  bounded by the chunk, and only the last position goes through ``lm_head``; on Hopper a prompt onto
+  an empty cache runs layer-major instead (:func:`_prefill_by_layer`: one whole-prompt cuDNN attention
+  per layer, four [T, hidden] activations held).
 
 RoPE comes from :mod:`specdec.shared.rope` (one source of truth): a cos/sin table is built once
 for the whole capacity (``dynamic`` scaling, whose frequencies depend on the call's length, is
@@ -671,7 +673,9 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
     position's logits [B, V] fp32 (or every position's [B, T, V] with ``all_logits``).
 
     The prompt runs in chunks of ``chunk_size`` positions, so the largest activation is one chunk, never
-    the whole prompt. For the chunk at positions [p0, p0 + n), each layer writes the chunk's K/V into
+    the whole prompt -- except on the layer-major path (:func:`_prefill_by_layer`; on Hopper by default for a
+    prompt onto an empty cache, :func:`prefill_attention_mode`), which holds four [T, hidden] tensors to run
+    each layer's attention as one whole-prompt call. For the chunk at positions [p0, p0 + n), each layer writes the chunk's K/V into
     cache rows [p0, p0 + n) and its queries attend to that layer's rows [0, p0 + n) -- the prefix
     already cached (by earlier chunks, or by an earlier call: a prompt may be prefilled in pieces) and the
     chunk itself -- through :func:`_prefill_attention` (causal, bottom-right aligned; on CUDA in
