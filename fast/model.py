@@ -747,8 +747,10 @@ cuDNN plans one shape per 1024 prompt lengths instead of one per length (a plan 
 
 def _cudnn_prompt_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Whole-prompt causal attention on cuDNN: q [1, Hq, T, D], k/v [1, Hkv, T, D] (square, so cuDNN's top-left
-    causal mask is the prompt's own); grouped KV heads read in place; returns [1, Hq, T, D]."""
-    return _cudnn_attend(q, k, v, True)[0]
+    causal mask is the prompt's own); grouped KV heads read in place; returns [1, Hq, T, D]. No log-sum-exp is
+    asked for (nothing merges this result), which lets cuDNN pick its inference kernel."""
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False,
+                                                              scale=q.shape[-1] ** -0.5)[0]
 
 
 def _prefill_by_layer(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int, all_logits: bool,

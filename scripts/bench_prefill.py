@@ -11,6 +11,8 @@ fp32 on CPU), batch 1, for each context (ascending; a fresh cache of ``context +
   :func:`specdec.fast.kernels.merge_attention` -- the A/B of that kernel;
 * ``prompt`` -- the layer-major prefill (``SPECDEC_PREFILL_ATTENTION=cudnn-prompt``: per layer, the projections in
   chunks, then ONE whole-prompt causal cuDNN attention, then the rest of the layer in chunks);
+* ``prompt-lse`` -- ``prompt`` with its cuDNN call asking for the log-sum-exp too (as the session-27 first
+  version did; cuDNN then picks another kernel) -- the A/B of that flag;
 * ``old`` -- :func:`specdec.fast.model.prefill` with the attention it had before issue 20 patched in
   (:func:`old_prefill_attention` below, reachable only from this script: the KV heads repeated for their
   query heads, a dense boolean [n, T] mask built once per chunk, SDPA on EFFICIENT / FLASH / MATH);
@@ -63,7 +65,7 @@ TINY = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_si
             num_kv_heads=2, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
 SHAPES = {**MODEL_SHAPES, "tiny": TINY}
 
-PATHS = ["old", "new", "blocks", "blocks-eager", "prompt"]
+PATHS = ["old", "new", "blocks", "blocks-eager", "prompt", "prompt-lse"]
 GOALS = "goals (issue 20 item 1, Llama-3-8B on one H200): TTFT <= 1.2 s at 32k, <= 10 s at 128k; peak at 128k <= 44.8 GiB"
 
 
@@ -127,16 +129,19 @@ def attention_path(name: str):
     """Run the library's prefill with the ``old`` attention patched in, as it is (``new``: flash), with
     ``SPECDEC_PREFILL_ATTENTION=cudnn-blocks`` (``blocks``: power-of-two prefix blocks on cuDNN, LSE-merged), or
     with ``cudnn-prompt`` (``prompt``: layer-major, one whole-prompt cuDNN attention per layer)."""
-    if name in ("new", "blocks", "blocks-eager", "prompt"):
+    if name in ("new", "blocks", "blocks-eager", "prompt", "prompt-lse"):
         saved_env = os.environ.get("SPECDEC_PREFILL_ATTENTION")
-        os.environ["SPECDEC_PREFILL_ATTENTION"] = {"new": "flash", "prompt": "cudnn-prompt"}.get(name, "cudnn-blocks")
-        saved_blocks = fast_model._prefill_attention_blocks
+        os.environ["SPECDEC_PREFILL_ATTENTION"] = {"new": "flash", "prompt": "cudnn-prompt",
+                                                   "prompt-lse": "cudnn-prompt"}.get(name, "cudnn-blocks")
+        saved_blocks, saved_prompt = fast_model._prefill_attention_blocks, fast_model._cudnn_prompt_attend
         if name == "blocks-eager":
             fast_model._prefill_attention_blocks = eager_blocks
+        if name == "prompt-lse":
+            fast_model._cudnn_prompt_attend = lambda q, k, v: fast_model._cudnn_attend(q, k, v, True)[0]
         try:
             yield
         finally:
-            fast_model._prefill_attention_blocks = saved_blocks
+            fast_model._prefill_attention_blocks, fast_model._cudnn_prompt_attend = saved_blocks, saved_prompt
             if saved_env is None:
                 os.environ.pop("SPECDEC_PREFILL_ATTENTION")
             else:

@@ -497,6 +497,7 @@ def test_cuda_auto_prefill_falls_back_to_chunk_major_flash_when_cudnn_refuses(mo
         raise RuntimeError("cuDNN Frontend error: no valid execution plans built")
 
     monkeypatch.setattr(fmod, "_cudnn_attend", refuse)
+    monkeypatch.setattr(fmod, "_cudnn_prompt_attend", refuse)
     monkeypatch.setattr(fmod, "_CUDNN_UNUSABLE", set())
     monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn-prompt")
     with pytest.raises(RuntimeError, match="no valid execution plans"):
