@@ -11,6 +11,14 @@ CUDA graph per catch-up length -- one host-to-device copy, one replay and one re
 Same algorithm and arguments as :mod:`specdec.ref.speculative` (read that file for the steps);
 must match :func:`specdec.ref.speculative.speculative_generate` token for token (greedy). Keyed
 sampling: the draft proposes the keyed choice of its own logits at each draft position, as the reference.
+
+``draft_window=W``: the reference's rule, which this path must match (the same drafts, so the same tokens and
+accept lengths): the prefill feeds only the last ``W`` tokens before the root, at draft positions
+``0..W-1``, and remembers ``offset = max(0, len(before_root) - W)``; the catch-up rolls the draft cache
+back to ``keep - offset`` rows. Everything after -- :meth:`~FastDraftModelDrafter._feed`, the draft
+steps, the fused round's :meth:`~FastDraftModelDrafter._body` -- takes its positions from the draft
+cache's length (row = position), never from the token's index in the sequence; keyed sampling's keys
+stay on the absolute positions. The draft cache then needs ``min(prompt, W) + max_gen_len + gamma + 2`` rows.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundState
 from specdec.shared.sampling import logits_to_probs, sample_from_probs
 from specdec.shared.tree import Tree
-from specdec.shared.validate import check_positive_int, check_same_vocab
+from specdec.shared.validate import check_draft_window, check_positive_int, check_same_vocab
 
 __all__ = ["FastDraftModelDrafter", "speculative_generate"]
 
@@ -42,11 +50,16 @@ class FastDraftModelDrafter(FastDrafter):
     faster on every prompt (``scripts/probes/fused_chain_rounds.py``). Without CUDA the body runs eagerly.
     ``False`` restores the stepwise rounds (``propose`` + the engine's verification)."""
 
-    def __init__(self, draft: FastModel, gamma: int, capacity: int, name: str = "draft") -> None:
+    def __init__(self, draft: FastModel, gamma: int, capacity: int, name: str = "draft",
+                 draft_window: int | None = None) -> None:
         self.model = draft
         self.gamma = gamma
+        self.window = draft_window   # None: the whole prompt; W: its last W tokens (the reference's rule)
         self.cache = draft.ensure_cache(1, capacity, name=name)   # one cache per drafter (per batch row)
-        self.cached: list[int] = []  # tokens whose KV is in the draft cache
+        # tokens accounted for (absolute); the first `offset` lie before the window and have no cache rows:
+        # cache row i holds cached[offset + i], at draft position i
+        self.cached: list[int] = []
+        self.offset = 0
         self.pending: torch.Tensor | None = None  # drafts fed last round, still on the device
 
     def _catch_up_plan(self, state: RoundState) -> list[int]:
@@ -61,11 +74,12 @@ class FastDraftModelDrafter(FastDrafter):
                 break
             keep += 1
         keep = min(keep, len(state.tokens) - 1)
-        self.cache.set_length(keep)
+        self.cache.set_length(keep - self.offset)   # the rows of tokens offset..keep-1 (keep >= offset)
         return state.tokens[keep:]
 
     def _feed(self, new: list[int]) -> torch.Tensor:
-        """Append ``new`` tokens to the draft cache; logits [V] after the last one."""
+        """Append ``new`` tokens to the draft cache at the draft positions ``cache.length, ...`` (row = position,
+        whatever the window's offset); logits [V] after the last one."""
         dev = self.model.device
         cache = self.cache
         if cache.length == 0 or len(new) > MAX_TREE_NODES:
@@ -79,12 +93,14 @@ class FastDraftModelDrafter(FastDrafter):
 
     def prefill(self, state: RoundState) -> None:
         """Step 0, called by the engine during the prefill (so it counts in the time to first token, like
-        the target's): the draft model reads every token before the root, one :func:`prefill` pass; the first
-        round's catch-up then feeds the root alone. Matches ``ref.speculative.DraftModelDrafter.prefill``."""
+        the target's): the draft model reads the tokens before the root -- all of them, or with a window ``W``
+        only the last ``W``, at draft positions ``0..W-1`` -- in one :func:`prefill` pass; the first round's
+        catch-up then feeds the root alone. Matches ``ref.speculative.DraftModelDrafter.prefill``."""
         before_root = state.tokens[:-1]
+        self.offset = 0 if self.window is None else max(0, len(before_root) - self.window)
         self.cache.set_length(0)   # a fresh drafter (its named cache may hold an earlier call's rows)
         if before_root:
-            self._feed(before_root)   # onto an empty cache: one prefill pass
+            self._feed(before_root[self.offset:])   # onto an empty cache: one prefill pass
         self.cached = list(before_root)
 
     def propose(self, state: RoundState) -> Draft:
@@ -221,18 +237,25 @@ def speculative_generate(
     skip_sample_adjustment: bool = False,
     sampling: str = "rejection",
     seed: int | None = None,
+    draft_window: int | None = None,
 ) -> GenerationResult:
-    """Same contract as :func:`specdec.ref.speculative_generate` (``gamma`` <= 127 on the fast path)."""
+    """Same contract as :func:`specdec.ref.speculative_generate` (``gamma`` <= 127 on the fast path),
+    ``draft_window`` included: the draft reads only the last ``W`` prompt tokens, exactly as the reference."""
     tm, dm = as_fast_model(target), as_fast_model(draft_model)
     check_same_vocab(tm.config, dm.config)
     check_positive_int("gamma", gamma)
     check_drafts_fit("gamma", gamma)
-    capacity = longest_prompt(input_ids) + max_gen_len + gamma + 2
+    check_draft_window(draft_window)
+    # the draft cache holds at most the window (or the prompt), then the generated tokens and one chain
+    prompt_rows = longest_prompt(input_ids)
+    if draft_window is not None:
+        prompt_rows = min(prompt_rows, draft_window)
+    capacity = prompt_rows + max_gen_len + gamma + 2
     rows = itertools.count()
 
     def drafter():   # one per batch row, each with its own draft cache ("draft", "draft1", ...)
         i = next(rows)
-        return FastDraftModelDrafter(dm, gamma, capacity, name="draft" if i == 0 else f"draft{i}")
+        return FastDraftModelDrafter(dm, gamma, capacity, name="draft" if i == 0 else f"draft{i}", draft_window=draft_window)
 
     return run_speculative_fast(
         tm, drafter, input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p, generator,

@@ -24,6 +24,16 @@ each draft position (keyed by the row's sequence id) (:func:`specdec.shared.keye
 that position gets), no ``q``; step 3 accepts a draft iff it is the target's keyed choice there
 (:func:`specdec.shared.round.accept_draft`). The output is exactly vanilla keyed sampling's.
 
+**The draft's window** (``draft_window=W``; default None = the whole prompt). On a long prompt the draft
+model's own prefill of every prompt token can cost as much as its drafts save. With a window, step 0 feeds
+the draft only the last ``W`` tokens before the root, as a fresh context at draft positions ``0..W-1`` (a
+draft cache row index IS its position), and remembers ``offset = max(0, len(before_root) - W)``, the
+tokens it never reads. Step 1's rollback then keeps ``keep - offset`` cache rows (``keep`` = the longest
+common prefix, as without a window). The window does not slide: every token after the prompt is fed, so
+the draft needs at most ``W + max_gen_len + gamma`` positions. Only the drafts change (they come from less
+context); verification does not, so the output is unchanged (greedy: exactly vanilla's). Keyed sampling's
+keys stay on the ABSOLUTE positions of the sequence. ``W >= len(before_root)`` is the whole prompt.
+
 A batch (docs/design.md §11): every row has its own drafter and draft-model cache (a per-row loop
 for steps 1-2); the target verifies all rows' chains in one pass and each row accepts its own
 number of drafts (:func:`specdec.ref.engine.run_speculative`).
@@ -45,19 +55,27 @@ from specdec.shared.result import GenerationResult
 from specdec.shared.round import Draft, RoundState
 from specdec.shared.sampling import logits_to_probs, sample_from_probs
 from specdec.shared.tree import Tree
-from specdec.shared.validate import check_positive_int, check_same_vocab
+from specdec.shared.validate import check_draft_window, check_positive_int, check_same_vocab
 
 __all__ = ["DraftModelDrafter", "speculative_generate"]
 
 
 class DraftModelDrafter:
-    """Proposes a chain of ``gamma`` tokens sampled from a draft model, with its own rolled-back KV cache."""
+    """Proposes a chain of ``gamma`` tokens sampled from a draft model, with its own rolled-back KV cache.
 
-    def __init__(self, draft_model: Model, gamma: int) -> None:
+    ``draft_window``: None (the draft reads the whole prompt) or ``W >= 1``: it reads only the last ``W``
+    tokens before the first root (see the module docstring)."""
+
+    def __init__(self, draft_model: Model, gamma: int, draft_window: int | None = None) -> None:
         self.model = draft_model
         self.gamma = gamma
+        self.window = draft_window
         self.cache = new_cache(draft_model, 1)
-        self.cached: list[int] = []  # the tokens whose KV is in self.cache, in order
+        # The tokens the drafter has accounted for, in order (absolute: cached[j] is the sequence's token j).
+        # The first `offset` of them lie before the draft's window and were never fed; cache row i holds the
+        # KV of cached[offset + i], computed at draft position i.
+        self.cached: list[int] = []
+        self.offset = 0
 
     def _catch_up(self, tokens: list[int]) -> torch.Tensor:
         """Step 1: roll the draft cache back to what is still right and feed the rest; logits after tokens[-1]."""
@@ -69,20 +87,29 @@ class DraftModelDrafter:
             keep += 1
         # ... but always re-feed at least the root: we need the logits after it.
         keep = min(keep, len(tokens) - 1)
-        self.cache.truncate(keep)
+        # Roll back: the first `keep` tokens stay, i.e. the cache rows of tokens offset..keep-1. (keep >= offset:
+        # the prompt before the window never changes.)
+        self.cache.truncate(keep - self.offset)
         new = torch.tensor(tokens[keep:], dtype=torch.long, device=self.model.device)
         # (The draft model only proposes; verification decides. So its passes -- this catch-up, the whole
-        # prompt at first, and the draft steps below -- may take the fused attention kernel.)
+        # prompt at first, and the draft steps below -- may take the fused attention kernel. Their positions
+        # default to the cache length: the draft positions, counted from the window's start.)
         logits = forward_step(self.model, rearrange(new, "t -> 1 t"), self.cache, fused_attention=True)
         self.cached = list(tokens)
         return logits[0, -1]
 
     def prefill(self, state: RoundState) -> None:
-        """Step 0, timed with the target's prefill: the draft model reads every token before the root.
+        """Step 0, timed with the target's prefill: the draft model reads the tokens before the root -- all
+        of them, or with a window ``W`` only the last ``W``, at draft positions ``0..W-1`` (a fresh context).
 
         The first round's catch-up then feeds the root alone."""
         before_root = state.tokens[:-1]
-        if before_root:   # Step 1's catch-up, on the tokens before the root (the cache is empty: all of them)
+        # The window's offset: the tokens before the window count as seen, without being read ...
+        self.offset = 0 if self.window is None else max(0, len(before_root) - self.window)
+        self.cached = before_root[: self.offset]
+        # ... so Step 1's catch-up on the tokens before the root keeps those `offset` tokens (no cache rows)
+        # and feeds the rest -- the window -- onto the empty cache, at draft positions 0, 1, ...
+        if before_root:
             self._catch_up(before_root)
 
     def propose(self, state: RoundState) -> Draft:
@@ -131,6 +158,7 @@ def speculative_generate(
     skip_sample_adjustment: bool = False,
     sampling: str = "rejection",
     seed: int | None = None,
+    draft_window: int | None = None,
 ) -> GenerationResult:
     """Speculative decoding of a batch of prompts with a draft model.
 
@@ -150,15 +178,20 @@ def speculative_generate(
         sampling: ``"rejection"`` (default) or ``"keyed"``: position-keyed sampling, the output equals
             :func:`specdec.ref.vanilla_generate` with the same ``sampling="keyed"`` and ``seed``.
         seed: the key of keyed sampling (None: the generator's initial seed, else torch's global RNG).
+        draft_window: None (default: the draft model reads the whole prompt) or an int ``W >= 1``: it reads
+            only the last ``W`` tokens before the first root, at draft positions ``0..W-1``, then every
+            token after them (each batch row its own window). The output does not change (greedy: exactly
+            vanilla's); the drafts may. The draft then needs ``W + max_gen_len + gamma`` positions at most.
 
     Returns:
         :class:`~specdec.shared.result.GenerationResult` (``output_ids, count, num, elapsed_time, spec_mask``).
     """
     check_same_vocab(target.config, draft_model.config)
     check_positive_int("gamma", gamma)
-    # One drafter (with its own draft-model cache) per row of the batch.
+    check_draft_window(draft_window)
+    # One drafter (with its own draft-model cache and window offset) per row of the batch.
     return run_speculative(
-        target, lambda: DraftModelDrafter(draft_model, gamma), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p, generator,
+        target, lambda: DraftModelDrafter(draft_model, gamma, draft_window), input_ids, prompt_length, max_gen_len, eos_id, temperature, top_k, top_p, generator,
         method="speculative decoding", first_target=first_target, skip_sample_adjustment=skip_sample_adjustment,
         sampling=sampling, seed=seed,
     )

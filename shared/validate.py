@@ -9,7 +9,8 @@ import torch
 from specdec.shared.batch import normalize_prompts
 from specdec.shared.config import ModelConfig
 
-__all__ = ["check_prompt", "check_prompt_length", "check_generator", "check_positive_int", "check_batch_one", "check_same_vocab"]
+__all__ = ["check_prompt", "check_prompt_length", "check_generator", "check_positive_int", "check_batch_one", "check_same_vocab",
+           "check_draft_window"]
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -18,6 +19,19 @@ def check_positive_int(name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_draft_window(draft_window) -> int | None:
+    """``draft_window`` of the draft-model decoders: None (the draft reads the whole prompt) or an int >= 1
+    (the last prompt tokens it reads); a bool or any other type is a TypeError, an int < 1 a ValueError."""
+    accepted = "None (the whole prompt) or an int >= 1 (the last prompt tokens the draft model reads)"
+    if draft_window is None:
+        return None
+    if isinstance(draft_window, bool) or not isinstance(draft_window, int):
+        raise TypeError(f"draft_window must be {accepted}, got {type(draft_window).__name__} {draft_window!r}")
+    if draft_window < 1:
+        raise ValueError(f"draft_window must be {accepted}, got {draft_window}")
+    return draft_window
 
 
 def check_prompt_length(prompt_length) -> int:

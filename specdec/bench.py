@@ -441,6 +441,17 @@ def _int_or_auto(text: str) -> int | str:
     return n
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of ``--draft-window``: an int >= 1."""
+    try:
+        n = int(str(text).strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
 def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--bench", default="stdlib_code",
                     help="prompt set: question.jsonl file, folder holding one, or a shipped set "
@@ -487,6 +498,8 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="draft length: speculative (5), spec (4), magicdec (4); auto: spec's GLIDE chain length with the "
                         "most expected tokens per second on this device (as `specdec generate` picks it; the other "
                         "chains keep their defaults)")
+    g.add_argument("--draft-window", type=_positive_int, default=None, metavar="N",
+                   help="speculative: the draft model reads only the last N prompt tokens (default: the whole prompt)")
     g.add_argument("--tree-shape", type=_tree_shape, default=None, metavar="SHAPE|auto",
                    help="tree_spec beam shape, e.g. 4,16,16,16,16 (the Python API's default), or auto: the shape with the "
                         "most expected tokens per second on this device (`specdec generate`'s default), chosen once")

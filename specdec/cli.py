@@ -200,6 +200,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=_int_or_auto, default=None,
                    help="draft chain length (speculative, spec, magicdec; default: the decoder's, auto for spec); "
                         "auto: the GLIDE chain length with the most expected tokens per second (spec only)")
+    p.add_argument("--draft-window", type=int, default=None, metavar="N",
+                   help="speculative: the draft model reads only the last N prompt tokens (default: the whole prompt; "
+                        "faster on long prompts, the output is unchanged)")
     p.add_argument("--draft-tree-capacity", type=_int_or_auto, default=None, metavar="N|auto",
                    help="logitspec: draft nodes per round (the Python API's default: 64), or auto (the CLI's default): the "
                         "capacity with the most expected tokens per second on this device, from the target's measured "
@@ -248,6 +251,8 @@ def _check_generate_args(a: argparse.Namespace) -> None:
         raise CLIError(f"--gamma must be >= 1, got {a.gamma}")
     if a.draft_tree_capacity is not None and a.draft_tree_capacity != "auto" and a.draft_tree_capacity < 1:
         raise CLIError(f"--draft-tree-capacity must be >= 1, got {a.draft_tree_capacity}")
+    if a.draft_window is not None and a.draft_window < 1:
+        raise CLIError(f"--draft-window must be an integer >= 1 (prompt tokens the draft model reads), got {a.draft_window}")
     if a.gamma == "auto" and a.method != "spec":
         raise CLIError(f"--gamma auto applies to --method spec, not {a.method}")
     if a.warmup is not None and a.warmup < 0:
@@ -263,7 +268,8 @@ def _check_generate_args(a: argparse.Namespace) -> None:
     if a.max_context is not None and a.max_context < 2:
         raise CLIError(f"--max-context must be >= 2 positions, got {a.max_context}")
     a.tree_shape = parse_tree_shape(a.tree_shape) if a.tree_shape is not None else None
-    for flag, knob in (("--tree-shape", "tree_shape"), ("--gamma", "gamma"), ("--draft-tree-capacity", "draft_tree_capacity")):
+    for flag, knob in (("--tree-shape", "tree_shape"), ("--gamma", "gamma"), ("--draft-tree-capacity", "draft_tree_capacity"),
+                       ("--draft-window", "draft_window")):
         if getattr(a, knob) is not None and knob not in METHODS[a.method].options:
             raise CLIError(f"{flag} applies to --method {_or_list(methods_taking(knob))}, not {a.method}")
     # The CLI's default for the GLIDE decoders is the shape that fits this device (the Python API keeps
@@ -655,7 +661,10 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
         draft_dir = _check_dir("--draft", a.draft or "default-draft")
         args.append(_cached((backend, "model", dtype_name, device, a.max_context) + _model_key(draft_dir),
                             lambda: _with_context(mod.load_model(draft_dir, dtype=dtype, device=device), a.max_context)))
-        limits.append((args[-1].config.max_position_embeddings, "the draft model's max_position_embeddings"))
+        draft_ctx = args[-1].config.max_position_embeddings
+        # the draft reads min(prompt, --draft-window) + new tokens: a window that fits lifts its limit on the prompt
+        if a.draft_window is None or a.draft_window + a.max_new_tokens > draft_ctx:
+            limits.append((draft_ctx, "the draft model's max_position_embeddings"))
     elif needs == "glide":
         if a.glide is None and not embedded:
             raise CLIError(f"--method {a.method} needs --glide PATH (a GLIDE draft trained for this target)")
@@ -674,6 +683,8 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
         kwargs["tree_shape"] = a.tree_shape
     if a.draft_tree_capacity is not None:
         kwargs["draft_tree_capacity"] = a.draft_tree_capacity
+    if a.draft_window is not None:
+        kwargs["draft_window"] = a.draft_window
     kwargs.update(a.opts)
     limit, source = min(limits)
     if a.max_context is not None:

@@ -6,7 +6,7 @@ under that name, with the signature ``fn(target, [draft | glide,] input_ids, pro
 
     name         function              drafts with   command-line knobs
     vanilla      vanilla_generate      -             -
-    speculative  speculative_generate  draft         gamma
+    speculative  speculative_generate  draft         gamma, draft_window
     spec         spec_generate         glide         gamma
     tree_spec    tree_spec_generate    glide         tree_shape
     logitspec    logitspec_generate    -             max_ngram_size, num_pred_tokens, draft_tree_capacity
@@ -54,7 +54,7 @@ def _m(function: str, needs: str | None, options: tuple[str, ...], summary: str)
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     _m("vanilla_generate", None, (), "plain autoregressive decoding (the baseline)"),
-    _m("speculative_generate", "draft", ("gamma",), "draft LM chain"),
+    _m("speculative_generate", "draft", ("gamma", "draft_window"), "draft LM chain"),
     _m("spec_generate", "glide", ("gamma",), "GLIDE chain"),
     _m("tree_spec_generate", "glide", ("tree_shape",), "GLIDE beam tree"),
     _m("logitspec_generate", None, ("max_ngram_size", "num_pred_tokens", "draft_tree_capacity"),

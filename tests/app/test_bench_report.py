@@ -212,7 +212,7 @@ def test_bench_and_report_end_to_end_embedded_cpu(tmp_path, capsys):
             assert sum(ch["accept_lengths"]) == sum(ch["new_tokens"]) and sum(ch["decoding_steps"]) == len(ch["accept_lengths"])
             assert all(w >= p > 0 for w, p in zip(ch["wall_time"], ch["prefill_time"]))
             assert ch["output_ids"] == b["choices"][0]["output_ids"]  # greedy: lossless, and transformers agrees
-    assert report.load_answers(str(out / "speculative.jsonl"))[0]["meta"]["options"] == {"gamma": 5}
+    assert report.load_answers(str(out / "speculative.jsonl"))[0]["meta"]["options"] == {"gamma": 5, "draft_window": None}
     ch = base[1]["choices"][0]
     assert len(ch["turns"]) == 2 and len(ch["new_tokens"]) == 2
     assert ch["prompt_tokens"][1] >= ch["prompt_tokens"][0] + ch["new_tokens"][0]  # turn 1's prompt + its answer + turn 2
