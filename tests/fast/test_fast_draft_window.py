@@ -74,3 +74,26 @@ def test_fast_bad_draft_window_raises(models, bad):
     _, _, ft, fd = models
     with pytest.raises((ValueError, TypeError), match="draft_window"):
         fast.speculative_generate(ft, fd, torch.tensor([[1, 2, 3]]), 3, max_gen_len=2, draft_window=bad)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_window_equals_vanilla_on_the_default_model():
+    """CUDA, bf16, the embedded models, fused greedy rounds on CUDA graphs: with the draft reading only the last
+    256 prompt tokens, every output is fast vanilla's token for token (the exactness contract, docs/design.md §8),
+    on held-out prompts longer than the window, and the draft still gets drafts accepted."""
+    from specdec.bench import load_questions
+    from specdec.shared.tokenizer import encode_prompt, load_tokenizer
+
+    tok = load_tokenizer("default")
+    target = fast.load_model("default", dtype=torch.bfloat16, device="cuda")
+    draft = fast.load_model("default-draft", dtype=torch.bfloat16, device="cuda")
+    taus = []
+    for q in load_questions("stdlib_long")[:3]:
+        ids = torch.tensor([encode_prompt(tok, q["turns"][0])], device="cuda")
+        assert ids.shape[1] > 256
+        kw = dict(input_ids=ids, prompt_length=ids.shape[1], max_gen_len=64, eos_id=[])
+        want = fast.vanilla_generate(target, **kw).output_ids
+        got = fast.speculative_generate(target, draft, gamma=4, draft_window=256, **kw)
+        assert torch.equal(got.output_ids, want)
+        taus.append(got.tau)
+    assert max(taus) > 1.5, taus
