@@ -13,9 +13,8 @@ for speed the way gpt-fast is:
   through the Triton :func:`~specdec.fast.kernels.tree_attention` kernel, and on CUDA is
   captured once per (model, M) as a CUDA graph and replayed with new inputs;
 * long prompts prefill in chunks (SDPA over the cache so far), so peak activation memory is
-  bounded by the chunk, and only the last position goes through ``lm_head``; on Hopper a prompt onto
-  an empty cache runs layer-major instead (:func:`_prefill_by_layer`: one whole-prompt cuDNN attention
-  per layer, four [T, hidden] activations held).
+  bounded by the chunk, and only the last position goes through ``lm_head`` (opt-in alternative:
+  :func:`_prefill_by_layer`, layer-major with one whole-prompt cuDNN attention per layer).
 
 RoPE comes from :mod:`specdec.shared.rope` (one source of truth): a cos/sin table is built once
 for the whole capacity (``dynamic`` scaling, whose frequencies depend on the call's length, is
@@ -507,13 +506,15 @@ _CUDNN_UNUSABLE: set[tuple] = set()   # (device index, dtype, head dim) where "a
 def prefill_attention_mode() -> str:
     """How CUDA fp16/bf16 prefills run their attention: ``SPECDEC_PREFILL_ATTENTION`` =
 
-    * ``auto`` (default): on a Hopper-or-newer GPU with cuDNN, ``cudnn-prompt`` for a prompt prefilled onto an
-      empty cache and ``cudnn-blocks`` for a prompt appended to cached rows; ``flash`` elsewhere, and from then on
-      for inputs cuDNN refuses (one warning). (Measured: BENCHMARKS "Long-context prefill".)
+    * ``auto`` (default): ``cudnn-blocks`` on a Hopper-or-newer GPU with cuDNN (measured there: 1.50 vs
+      1.57 s TTFT at 32k, 11.2 vs 16.1 s at 128k, BENCHMARKS "Long-context prefill"), ``flash`` elsewhere,
+      and ``flash`` from then on for inputs cuDNN refuses (one warning);
     * ``flash``: chunk-major, one flash call per chunk, bottom-right causal;
     * ``cudnn-blocks``: chunk-major, :func:`_prefill_attention_blocks` on cuDNN, errors raised as they come;
-    * ``cudnn-prompt``: layer-major (:func:`_prefill_by_layer`), one whole-prompt causal cuDNN call per layer
-      when the cache is empty (``cudnn-blocks`` otherwise), errors raised as they come."""
+    * ``cudnn-prompt`` (opt-in): layer-major (:func:`_prefill_by_layer`), one whole-prompt causal cuDNN call per
+      layer when the cache is empty (``cudnn-blocks`` otherwise), errors raised as they come. Not the default: on
+      an H200 and an H100 it was within 2 % of ``cudnn-blocks`` at 32k and 4-5 % slower at 128k, holding 4 GiB
+      more (BENCHMARKS "Session 27")."""
     mode = os.environ.get("SPECDEC_PREFILL_ATTENTION", "auto")
     if mode not in PREFILL_ATTENTION_CHOICES:
         raise ValueError(f"SPECDEC_PREFILL_ATTENTION must be one of {PREFILL_ATTENTION_CHOICES}, got {mode!r}")
@@ -525,11 +526,6 @@ def _use_cudnn_blocks(q: torch.Tensor) -> bool:
     mode = prefill_attention_mode()
     if mode != "auto":
         return mode in ("cudnn-blocks", "cudnn-prompt")
-    return _cudnn_usable(q)
-
-
-def _cudnn_usable(q: torch.Tensor) -> bool:
-    """``auto``'s test: a Hopper-or-newer GPU with cuDNN that has not refused q's (device, dtype, head dim)."""
     return (torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(q.device)[0] >= 9
             and (q.device.index, q.dtype, q.shape[-1]) not in _CUDNN_UNUSABLE)
 
@@ -673,9 +669,9 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
     position's logits [B, V] fp32 (or every position's [B, T, V] with ``all_logits``).
 
     The prompt runs in chunks of ``chunk_size`` positions, so the largest activation is one chunk, never
-    the whole prompt -- except on the layer-major path (:func:`_prefill_by_layer`; on Hopper by default for a
-    prompt onto an empty cache, :func:`prefill_attention_mode`), which holds four [T, hidden] tensors to run
-    each layer's attention as one whole-prompt call. For the chunk at positions [p0, p0 + n), each layer writes the chunk's K/V into
+    the whole prompt -- except on the opt-in layer-major path (:func:`_prefill_by_layer`,
+    ``SPECDEC_PREFILL_ATTENTION=cudnn-prompt``), which holds four [T, hidden] tensors to run each layer's
+    attention as one whole-prompt call. For the chunk at positions [p0, p0 + n), each layer writes the chunk's K/V into
     cache rows [p0, p0 + n) and its queries attend to that layer's rows [0, p0 + n) -- the prefix
     already cached (by earlier chunks, or by an earlier call: a prompt may be prefilled in pieces) and the
     chunk itself -- through :func:`_prefill_attention` (causal, bottom-right aligned; on CUDA in
@@ -710,34 +706,18 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
 
 def _prefill_one(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int, all_logits: bool) -> torch.Tensor:
     """One row's prefill: layer-major (:func:`_prefill_by_layer`) when :func:`_use_prompt_attention` says so,
-    else chunk-major (:func:`_prefill_rows`). Under ``auto`` a cuDNN refusal of the layer-major path marks the
-    inputs unusable with one warning and reruns the prompt chunk-major (on flash): the cache rows it wrote are
-    beyond ``cache.length`` and are written again."""
-    if not _use_prompt_attention(fm, cache):
-        return _prefill_rows(fm, cache, tokens, chunk_size, all_logits)
-    try:
+    else chunk-major (:func:`_prefill_rows`)."""
+    if _use_prompt_attention(fm, cache):
         return _prefill_by_layer(fm, cache, tokens, chunk_size, all_logits, _cudnn_prompt_attend)
-    except RuntimeError as err:                    # cuDNN has no kernel for these inputs
-        if prefill_attention_mode() != "auto":
-            raise
-        key = (fm.device.index, fm.dtype, fm.config.head_dim)
-        _CUDNN_UNUSABLE.add(key)
-        warnings.warn(f"prefill: cuDNN attention refused {fm.dtype} head dim {fm.config.head_dim} on {fm.device} "
-                      f"({str(err).splitlines()[0][:120]}); using flash attention for these from now on")
-        return _prefill_rows(fm, cache, tokens, chunk_size, all_logits)
+    return _prefill_rows(fm, cache, tokens, chunk_size, all_logits)
 
 
 def _use_prompt_attention(fm: FastModel, cache: StaticKVCache) -> bool:
     """Whether a prefill onto ``cache`` runs layer-major with whole-prompt cuDNN attention: CUDA, fp16/bf16, an
-    empty cache, and ``SPECDEC_PREFILL_ATTENTION`` = ``cudnn-prompt``, or ``auto`` where cuDNN is usable
-    (:func:`prefill_attention_mode`)."""
+    empty cache, and ``SPECDEC_PREFILL_ATTENTION=cudnn-prompt`` (opt-in, :func:`prefill_attention_mode`)."""
     if fm.device.type != "cuda" or fm.dtype not in (torch.float16, torch.bfloat16) or cache.length != 0:
         return False
-    mode = prefill_attention_mode()
-    if mode != "auto":
-        return mode == "cudnn-prompt"
-    probe = torch.empty(0, fm.config.head_dim, device=fm.device, dtype=fm.dtype)
-    return _cudnn_usable(probe)
+    return prefill_attention_mode() == "cudnn-prompt"
 
 
 PROMPT_ATTENTION_GRANULE = 1024

@@ -483,9 +483,9 @@ def test_cuda_bf16_prompt_prefill_matches_chunk_major(t, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_auto_prefill_falls_back_to_chunk_major_flash_when_cudnn_refuses(monkeypatch):
-    """``auto`` on Hopper: a cuDNN refusal inside the layer-major prefill costs one warning and gives exactly the
-    flash chunk-major result; an explicit ``cudnn-prompt`` raises instead."""
+def test_cuda_prompt_prefill_raises_a_refusal_and_auto_falls_back_to_flash(monkeypatch):
+    """An explicit ``cudnn-prompt`` raises a cuDNN refusal of its whole-prompt call; ``auto`` (chunk-major, blocked
+    on Hopper) turns the refusal into one warning and exactly the flash chunk-major result."""
     import specdec.fast.model as fmod
 
     fm = _cuda_heads_model()
