@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "run_generate",
     "kernel_device",
     "FAMILIES",
     "make_hf_config",
@@ -263,3 +264,12 @@ def kernel_device() -> str:
     if not kernels.interpreter_active():
         pytest.skip("specdec.fast.kernels was imported without TRITON_INTERPRET=1 and there is no CUDA", allow_module_level=True)
     return "cpu"
+
+
+def run_generate(capsys, *argv: str) -> tuple[int, str, str]:
+    """``specdec generate --backend ref *argv`` in-process: ``(exit code, stdout, stderr)`` (pytest's capsys)."""
+    from specdec.cli import main
+
+    rc = main(["generate", "--backend", "ref", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -11,6 +11,7 @@ import torch
 
 from specdec import cli
 from specdec.cli import main
+from helpers import run_generate
 
 PROMPT = "import os\n\n\ndef list_files(root):\n"
 # method -> the reference module that implements it (its tests are skipped until it exists)
@@ -34,10 +35,7 @@ def need(method: str) -> None:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(["generate", "--backend", "ref", *argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_generate   # tests/helpers.py
 
 
 @pytest.mark.parametrize("method", list(METHOD_MODULES))

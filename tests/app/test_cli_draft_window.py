@@ -11,16 +11,14 @@ import pytest
 from specdec import bench, cli, report
 from specdec.cli import main
 from specdec.shared.assets import resolve_model_path
+from helpers import run_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 PROMPT = "import os\n\n\ndef list_files(root):\n"
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(["generate", "--backend", "ref", *argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_generate   # tests/helpers.py
 
 
 def one_line(err: str) -> str:

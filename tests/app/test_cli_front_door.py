@@ -16,6 +16,7 @@ import torch
 from specdec import bench, report
 from specdec.cli import main
 from specdec.shared.assets import ASSETS_DIR, EMBEDDED_MODELS
+from helpers import run_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -26,10 +27,7 @@ with open(os.path.join(ASSETS_DIR, "default", "target", "config.json")) as _f:
 LONG = "x = 1\n" * (MAXPOS // 3)  # 4 tokens a line: ~1.3x the embedded model's context
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(["generate", "--backend", "ref", *argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_generate   # tests/helpers.py
 
 
 def one_error_line(err: str) -> str:

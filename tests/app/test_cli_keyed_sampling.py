@@ -7,17 +7,14 @@ import json
 
 import pytest
 
-from specdec.cli import main
+from helpers import run_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 PROMPT = "import os\n\n\ndef list_files(root):\n"
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(["generate", "--backend", "ref", *argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_generate   # tests/helpers.py
 
 
 def test_keyed_generate_equals_vanilla_and_follows_the_seed(capsys):
