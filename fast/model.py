@@ -378,6 +378,14 @@ def _rope_write(fm: FastModel, i: int, qkv: torch.Tensor, cos, sin, cache: Stati
     return apply_rope(q, cos, sin)
 
 
+def _project_qkv(fm: FastModel, i: int, h: torch.Tensor, cos, sin, cache: StaticKVCache, rows: torch.Tensor,
+                 fused: bool) -> torch.Tensor:
+    """A prefill's attention input for layer ``i``: the q|k|v projection of the normed input h [B, T, H] (+bias),
+    RoPE, k/v written into ``cache`` rows ``rows`` [B, T]; returns q [B, Hq, T, D] (:func:`_rope_write`)."""
+    qkv = F.linear(h, fm.w[f"layers.{i}.wqkv"], fm.w.get(f"layers.{i}.bqkv"))
+    return _rope_write(fm, i, qkv, cos, sin, cache, rows, fused)
+
+
 def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual stream x [B, T, H] + attention output attn [B, Hq, T, D] through the rest of layer i.
 
@@ -744,7 +752,8 @@ def _prefill_by_layer(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor,
     (3) chunk by chunk, the rest of the layer (:func:`_finish_layer`), which writes the next layer's ``h`` and
     the residual stream ``x`` back in place. The GEMMs and norms see the same chunks as :func:`_prefill_rows`;
     only the attention's order differs (one call per layer, not chunks merged over blocks), so the result equals
-    the chunk-major prefill up to rounding (tests/fast/test_prefill_attention.py).
+    the chunk-major prefill -- and so :func:`specdec.ref.model.forward` -- up to rounding
+    (tests/fast/test_prefill_attention.py).
 
     ``Tp`` = T rounded up to :data:`PROMPT_ATTENTION_GRANULE` (at most the cache's capacity): the extra query
     rows are zeros and the extra key/value rows -- cache rows [T, Tp), beyond the cache's length -- are zeroed
@@ -768,8 +777,7 @@ def _prefill_by_layer(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor,
     chunks = [(s, min(s + chunk_size, t)) for s in range(0, t, chunk_size)]
     for i in range(c.num_layers):
         for s, e in chunks:                              # (1) projections, RoPE, k/v into the cache
-            qkv = F.linear(h[:, s:e], fm.w[f"layers.{i}.wqkv"], fm.w.get(f"layers.{i}.bqkv"))
-            q_all[:, :, s:e] = _rope_write(fm, i, qkv, cos[:, s:e], sin[:, s:e], cache, rows[:, s:e], fused)
+            q_all[:, :, s:e] = _project_qkv(fm, i, h[:, s:e], cos[:, s:e], sin[:, s:e], cache, rows[:, s:e], fused)
         if tp > t:                                       # the padding's keys and values: zeros, not stale rows
             cache.k[i, :, :, t:tp].zero_()
             cache.v[i, :, :, t:tp].zero_()
@@ -801,8 +809,7 @@ def _prefill_rows(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chu
         x = F.embedding(chunk, fm.w["embed"])
         h = _first_norm(fm, x, fused)
         for i in range(fm.config.num_layers):
-            qkv = F.linear(h, fm.w[f"layers.{i}.wqkv"], fm.w.get(f"layers.{i}.bqkv"))
-            q = _rope_write(fm, i, qkv, cos, sin, cache, rows, fused)
+            q = _project_qkv(fm, i, h, cos, sin, cache, rows, fused)
             attn = _prefill_attention(q, cache.k[i, :, :, : p0 + n], cache.v[i, :, :, : p0 + n])
             h, x = _finish_layer(fm, i, x, attn, fused)
         h_last = h[:, -1:]

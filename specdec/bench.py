@@ -427,20 +427,6 @@ GAMMA_AUTO_METHODS = ("spec",)
 """The methods whose ``--gamma auto`` is chosen per device (the GLIDE chain); others keep their own default."""
 
 
-def _int_or_auto(text: str) -> int | str:
-    """argparse type of ``--draft-tree-capacity`` and ``--gamma``: an int >= 1 or 'auto'."""
-    t = str(text).strip().lower()
-    if t == "auto":
-        return "auto"
-    try:
-        n = int(t)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}")
-    return n
-
-
 def _positive_int(text: str) -> int:
     """argparse type of ``--draft-window``: an int >= 1."""
     try:
@@ -450,6 +436,16 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return n
+
+
+def _int_or_auto(text: str) -> int | str:
+    """argparse type of ``--draft-tree-capacity`` and ``--gamma``: an int >= 1 or 'auto'."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
 
 
 def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
