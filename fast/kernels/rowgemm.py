@@ -39,6 +39,11 @@ from ._common import interpreter_active, next_pow2
 from .fused import _DTYPE_CODE, _round_to
 from .gemv import linear_operands
 
+try:   # Hopper tensor descriptors (Triton >= 3.4); without them every load goes through pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
 __all__ = ["MAX_ROWS", "row_linear", "row_linear_config"]
 
 MAX_ROWS = 8192
@@ -110,11 +115,11 @@ def _epilogue(y, u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stri
 
 @triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym", "stride_rm", "rows_pad"])
 def _row_linear_kernel(
-    X, W, Bias, Y, G, Rstd, Res, WS, Count,
+    X, W, DX, DW, Bias, Y, G, Rstd, Res, WS, Count,
     M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps, rows_pad, n_pad, k_split,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)   # fastest: the M tiles of one weight tile run side by side
     pid_n = tl.program_id(1)
@@ -144,8 +149,12 @@ def _row_linear_kernel(
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         # EVEN (N a multiple of BLOCK_N, every split a whole number of full K tiles): no K / N masks
         # on the weight stream -- the same values as the masked loads, so the same arithmetic.
+        # TMA (Hopper): both tiles come through tensor descriptors; rows past M and columns past K arrive
+        # as zeros, the values the masked loads give, so the loads change no bit of the arithmetic.
         k_ok = k0 + offs_k < k_hi
-        if EVEN:
+        if TMA:
+            xk = DX.load([pid_m * BLOCK_M, k0])
+        elif EVEN:
             xk = tl.load(x_ptr + k0, mask=m_ok[:, None], other=0.0)
         else:
             xk = tl.load(x_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -154,13 +163,17 @@ def _row_linear_kernel(
             g = tl.load(G + k0 + offs_k, mask=k_ok, other=0.0)
             xn = _round_to(xk.to(tl.float32) * rstd[:, None], CODE)
             xk = (g.to(tl.float32) * xn).to(xk.dtype)
-        if EVEN:
+        if TMA:
+            wk = DW.load([pid_n * BLOCK_N, k0])
+        elif EVEN:
             wk = tl.load(w_g + k0)
         else:
             wk = tl.load(w_g + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _mma_tile(xk, wk, acc, IEEE, UPCAST, SWAP)
         if SILU:
-            if EVEN:
+            if TMA:   # (SILU with TMA only when N is a multiple of BLOCK_N: no gate tile runs into the up rows)
+                uk = DW.load([pid_n * BLOCK_N + N, k0])
+            elif EVEN:
                 uk = tl.load(w_u + k0)
             else:
                 uk = tl.load(w_u + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -213,35 +226,60 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
 
 
 def row_linear_config(n: int, k: int, dtype: torch.dtype, rows: int = 1) -> tuple[int, ...]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT, SWAP)`` for a weight of N output rows
-    and K columns. What a row's arithmetic depends on -- BLOCK_N, BLOCK_K, the K split, the operand
-    order (SWAP) and the instruction type -- is a function of the weight's shape and dtype only, NEVER
-    of the number of rows; ``SPLIT`` K splits are reduced in a fixed order, so they too are part of that
-    fixed arithmetic. Only BLOCK_M (how many rows share one MMA, which never mixes rows) follows ``rows``
-    so that a verification reads each weight tile few times (bitwise-checked at M = 1..128 on the GPU:
-    ``tests/fast/test_decode_phase.py``, ``tests/fast/test_rowgemm.py``).
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT, SWAP, TMA)`` for a weight of N output rows
+    and K columns. What a row's arithmetic depends on -- the K split, the operand order (SWAP), the tile's
+    K extent and the instruction type -- is a function of the weight's shape and dtype only, NEVER of the
+    number of rows; ``SPLIT`` K splits are reduced in a fixed order, so they too are part of that fixed
+    arithmetic. Only BLOCK_M (how many rows share one MMA, which never mixes rows) follows ``rows`` so that a
+    verification reads each weight tile few times (bitwise-checked at M = 1..128 on the GPU:
+    ``tests/fast/test_decode_phase.py``, ``tests/fast/test_rowgemm.py``). ``TMA = 1`` loads the operand tiles
+    through tensor descriptors where the device and the operands allow it (:func:`_tma_ok`); it changes how
+    the tiles arrive, never their values.
 
-    Short weights (N < 8192: wqkv, wo, w2) keep the session-8 sweep's choice (BENCHMARKS "a row-invariant
-    GEMM"): 64 x 64 tiles with enough K splits to give ~512 programs at one row. Tall weights (w13 and
-    lm_head) run SWAPPED -- the weight tile is the MMA's row operand and the x rows its columns, so up to
-    128 rows share one weight tile -- in 64 x 64 tiles with 4 K splits (N < 32768) or 128 x 64 tiles
-    without a split (vocabulary heads). Session 10's sweep (BENCHMARKS "SWAP for the tall weights")
-    measured this no slower at one row and 1.3-2.5x faster at 69 rows than the unswapped tiles."""
+    16-bit weights run SWAPPED: the weight tile is the MMA's row operand and the x rows its columns, so up
+    to 128 rows share one weight tile. Short weights (N < 8192: wqkv, wo, w2) take 128 x 64 tiles with
+    K splits giving ~128 programs at one row (session 28's TMA sweep, BENCHMARKS "a TMA row GEMM": as fast
+    as the GEMV at one row and ~2x the pointer-load tiles at 69 rows); tall weights (w13, lm_head) 64 x 64
+    tiles with 4 K splits (N < 32768) or 128 x 64 tiles without a split (vocabulary heads), session 10's
+    SWAP sweep. fp32 (the IEEE products) keeps session 8's unswapped pointer-load tiles: 64 x 64 with K
+    splits for ~512 programs, or 32 x 64 unsplit from N = 8192."""
     if interpreter_active():   # programs run one by one: few, big tiles (still fixed per shape)
-        return 16, min(64, max(16, next_pow2(n))), 32, 4, 1, 2, 0   # two K splits: CI checks the split path
-    if n >= 8192 and dtype != torch.float32:
+        return 16, min(64, max(16, next_pow2(n))), 32, 4, 1, 2, 0, 1   # two K splits: CI checks the split path
+    if dtype != torch.float32:
         bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
-        bn, bk, split = (128, 64, 1) if n >= 32768 else (64, 64, 4)
-        return bm, bn, min(bk, max(16, next_pow2(k))), 4, 4, split, 1
+        bk = min(64, max(16, next_pow2(k)))
+        if n >= 32768:
+            bn, split = 128, 1
+        elif n >= 8192:
+            bn, split = 64, 4
+        else:
+            bn = min(128, max(16, next_pow2(n)))
+            split = max(1, min(8, round(128 / triton.cdiv(n, bn)), triton.cdiv(k, 2 * bk)))
+        return bm, bn, bk, 4, 4, split, 1, 1
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
     if n >= 8192:
-        bn, bk, split = 32, 128, 1
+        bn, bk, split = 32, 64, 1
     else:
         bn, bk = 64, 64
         split = max(1, min(8, 512 // triton.cdiv(n, bn), triton.cdiv(k, 2 * bk)))
-    if dtype == torch.float32:
-        bk = min(bk, 64)
-    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), 4, 4, split, 0
+    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), 4, 4, split, 0, 0
+
+
+def _tma_ok(x2: torch.Tensor, w: torch.Tensor, n: int, bn: int, silu: bool) -> bool:
+    """Whether the operand tiles may come through TMA tensor descriptors: a Hopper-or-newer GPU (or the
+    interpreter, which emulates them), the descriptor class importable, 16-byte aligned bases and row
+    strides, and with ``silu`` N a multiple of BLOCK_N (a gate tile must not run into the up rows). When
+    False the kernel loads the same values through pointers: the same arithmetic, bit for bit."""
+    if TensorDescriptor is None:
+        return False
+    if x2.is_cuda:
+        if torch.cuda.get_device_capability(x2.device)[0] < 9:
+            return False
+    elif not interpreter_active():
+        return False
+    size = x2.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0 for t in (x2, w))
+    return aligned and (not silu or n % bn == 0)
 
 
 def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -257,9 +295,9 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         residual: [..., N] in x's dtype, added after the projection (not with ``silu``).
         silu: return ``silu(gate) * up`` [..., F] of the two halves of the product.
         config: a tile configuration to use instead of :func:`row_linear_config` (probes and sweeps):
-            ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT[, SWAP]])``; SWAP = 1 runs the
-            weight tile as the MMA's row operand (``w @ x^T``; a design under measurement, see
-            ``scripts/probes/rowgemm_sweep.py swap``).
+            ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT[, SWAP[, TMA]]])``; SWAP = 1 runs
+            the weight tile as the MMA's row operand (``w @ x^T``), TMA = 1 loads the tiles through tensor
+            descriptors where :func:`_tma_ok` allows (the same values either way).
     Returns [..., N] (or [..., F]) in x's dtype. CUDA-graph capturable (host-only checks).
     """
     x2, w, bias, norm_weight, r2, out, y2, n, k, rows = linear_operands(
@@ -270,6 +308,7 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     bm, bn, bk, warps, stages = cfg[:5]
     split = cfg[5] if len(cfg) > 5 else 1
     swap = bool(cfg[6]) if len(cfg) > 6 else False
+    tma = bool(cfg[7]) if len(cfg) > 7 else False
     # K splits of a whole number of K tiles each; fewer splits if K is short (still fixed per shape)
     k_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
     split = triton.cdiv(k, k_split)
@@ -284,15 +323,18 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     if norm_weight is not None:   # the rows' RMSNorm scales, once per call (one program per row)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         _row_rstd_kernel[(rows,)](x2, rstd, k, x2.stride(0), float(eps), BLOCK_K=min(4096, next_pow2(k)), num_warps=4)
+    tma = tma and _tma_ok(x2, w, n, bn, silu)
+    dx = TensorDescriptor.from_tensor(x2, [bm, bk]) if tma else x2
+    dw = TensorDescriptor.from_tensor(w, [bn, bk]) if tma else w
     _row_linear_kernel[(m_tiles, n_tiles, split)](
-        x2, w, bias if bias is not None else w, y2,
+        x2, w, dx, dw, bias if bias is not None else w, y2,
         norm_weight if norm_weight is not None else w, rstd, r2 if r2 is not None else y2, ws, count,
         rows, n, k, x2.stride(0), w.stride(0), y2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps),
         rows_pad, n_pad, k_split,
         HAS_BIAS=bias is not None, SILU=silu, NORM=norm_weight is not None, RESID=residual is not None,
         CODE=_DTYPE_CODE[x.dtype], IEEE=x.dtype == torch.float32,
         UPCAST=interpreter_active() and x.dtype != torch.float32, SPLIT=split,
-        EVEN=(n % bn == 0 and k % k_split == 0), SWAP=swap,
+        EVEN=(n % bn == 0 and k % k_split == 0), SWAP=swap, TMA=tma,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
     )
     return out

@@ -5,7 +5,7 @@
 
 Covers :func:`specdec.fast.kernels.decode_attention` (a tree straddling a tile and a split boundary,
 a ragged batch, head dims 80 and 256, K/V as views of a larger cache) and
-:func:`specdec.fast.kernels.row_linear` (plain, norm + residual, SwiGLU, a fixed K split),
+:func:`specdec.fast.kernels.row_linear` (plain, norm + residual, SwiGLU, a fixed K split, TMA tiles),
 :func:`specdec.fast.kernels.keyed.keyed_noise` (issue 22), then one
 decode step of a tiny model end to end, and a batched GLIDE beam tree over ragged rows (issue 19:
 the draft layer's kernels with [B] key ranges, ``beam_select`` on row views; eager, then as captured fused rounds),
@@ -51,7 +51,8 @@ def main() -> None:
             args.update(residual=torch.randn(37, n, generator=g).to(torch.bfloat16).to(dev))
         if kw.get("silu"):
             args.update(silu=True)
-        for cfg in (None, (16, 32, 32, 4, 2, 2), (16, 32, 32, 4, 2, 2, 1)):
+        for cfg in (None, (16, 32, 32, 4, 2, 2), (16, 32, 32, 4, 2, 2, 1), (64, 32, 32, 4, 2, 2, 1, 1),
+                    (128, 64, 64, 4, 3, 1, 1, 1)):   # the last two: TMA tiles (a K tail, partial M tiles)
             y = row_linear(x, w, config=cfg, **args)
             torch.cuda.synchronize()
             print(f"row_linear n={n} k={k_} {kw} config={cfg}: finite={bool(torch.isfinite(y).all())}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Probe (session 10): one decode step (M = 1) and one 69-node verification of the fast target under two
-``row_linear`` tile rules in the same process -- the session-8/9 rule (every weight unswapped) and the
-library's current ``row_linear_config`` -- timed as CUDA graphs (gemv_sweep.graph_ms, median of 30).
+``row_linear`` tile rules in the same process -- the session-8/9 rule (every weight unswapped), the
+sessions 10-27 rule (tall weights swapped), the library's current ``row_linear_config`` with pointer loads
+and as it is (session 28: TMA tiles) -- timed as CUDA graphs (gemv_sweep.graph_ms, median of 30).
 Also checks the property the rule must keep: the verification's root row equals the one-token step's
 logits bit for bit. Prints a table, writes ``$OUT/probe_step_config_ab.jsonl``.
 
@@ -40,6 +41,21 @@ def unswapped_rule(n, k, dtype, rows=1):
     return bm, min(bn, max(16, triton.next_power_of_2(n))), min(bk, max(16, triton.next_power_of_2(k))), 4, 4, split
 
 
+def s27_rule(n, k, dtype, rows=1):
+    """The rule of sessions 10-27: SWAP 64 x 64 (4 K splits) / 128 x 64 tiles from N = 8192 (16-bit), the
+    unswapped session-8/9 tiles below; pointer loads."""
+    if n >= 8192 and dtype != torch.float32:
+        bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+        bn, bk, split = (128, 64, 1) if n >= 32768 else (64, 64, 4)
+        return bm, bn, min(bk, max(16, triton.next_power_of_2(k))), 4, 4, split, 1
+    return unswapped_rule(n, k, dtype, rows)
+
+
+def no_tma_rule(n, k, dtype, rows=1):
+    """The library's rule with pointer loads (TMA off): the same bits, another load path."""
+    return LIBRARY_RULE(n, k, dtype, rows)[:7] + (0,)
+
+
 def main() -> None:
     args = sys.argv[1:]
     ctx = 1024
@@ -58,7 +74,8 @@ def main() -> None:
         toks69 = torch.randint(0, fm.config.vocab_size, (1, 69), device="cuda")
         one = mask69[:, :1, :1].contiguous()
         res = {}
-        for label, rule in (("unswapped (s9)", unswapped_rule), ("library", LIBRARY_RULE)):
+        for label, rule in (("unswapped (s9)", unswapped_rule), ("SWAP tall (s10-s27)", s27_rule),
+                            ("library, pointer loads", no_tma_rule), ("library", LIBRARY_RULE)):
             RG.row_linear_config = rule
             try:
                 step = lambda: step_forward(fm, cache, toks69[:, :1], pos69[:, :1], one, cache.length_t)

@@ -114,6 +114,53 @@ def test_config_depends_on_rows_only_through_block_m():
             assert len(cfgs) == 1, (n, k, dtype, cfgs)
 
 
+@pytest.mark.parametrize("variant", ["plain", "norm_resid", "silu"])
+def test_tma_loads_give_the_pointer_loads_bits(variant):
+    """TMA (tensor-descriptor) tiles carry the same values as the masked pointer loads -- zeros past M and
+    past K, never the NaN poison around the operands -- so the product is bit for bit the pointer path's.
+    K = 40 leaves a K tail inside a 32-wide tile; N = 24 a partial N tile (plain / norm_resid)."""
+    from specdec.fast.kernels.rowgemm import TensorDescriptor
+
+    if TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
+    n = 32 if variant == "silu" else 24   # SILU takes TMA only when N is a multiple of BLOCK_N (32 here)
+    x, w, b, nw, res = _data(torch.bfloat16, m=6, k=40, n=n)
+    if variant == "silu":
+        w = torch.cat([w, w.flip(0) * 0.5])
+    xb = torch.full((6, 48), float("nan"), dtype=torch.bfloat16)   # row stride 96 B: TMA-aligned
+    xb[:, :40] = x
+    wb = torch.full((w.shape[0], 56), float("nan"), dtype=torch.bfloat16)
+    wb[:, :40] = w
+    xv, wv = xb[:, :40], wb[:, :40]
+    cfg = row_linear_config(n, 40, torch.bfloat16, 6)
+    assert cfg[7] == 1
+    kw = {"plain": dict(bias=b), "norm_resid": dict(bias=b, norm_weight=nw, eps=1e-5, residual=res),
+          "silu": dict(silu=True, norm_weight=nw, eps=1e-5)}[variant]
+    tma = row_linear(xv, wv, config=cfg, **kw)
+    ptr = row_linear(xv, wv, config=cfg[:7] + (0,), **kw)
+    assert torch.isfinite(tma.float()).all()
+    assert torch.equal(tma, ptr)
+    # and the same rows alone (a 1-row descriptor) as in the 6-row call
+    kw1 = dict(kw, residual=res[3:4]) if variant == "norm_resid" else kw
+    assert torch.equal(row_linear(xv[3:4], wv, config=cfg, **kw1), tma[3:4])
+
+
+def test_tma_needs_aligned_operands_and_falls_back_with_the_same_bits():
+    """A row stride that is not a multiple of 16 bytes cannot feed a tensor descriptor: the call falls back
+    to pointer loads, with the same bits as an aligned copy of the same rows through TMA."""
+    from specdec.fast.kernels import rowgemm
+
+    if rowgemm.TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
+    x, w, b, _, _ = _data(torch.bfloat16, m=5, k=40, n=24)
+    xb = torch.zeros(5, 44, dtype=torch.bfloat16)   # row stride 88 B: not TMA-aligned
+    xb[:, :40] = x
+    assert not rowgemm._tma_ok(xb[:, :40], w, 24, 16, False)
+    assert rowgemm._tma_ok(x, w, 24, 16, False)
+    assert not rowgemm._tma_ok(x, torch.cat([w, w]), 24, 16, True)    # SILU with N = 24 % 16 != 0
+    assert torch.equal(row_linear(xb[:, :40], w, b), row_linear(x.clone(), w, b))
+
+
 def test_bad_input():
     x, w, b, nw, res = _data(torch.float32, m=4)
     with pytest.raises(ValueError, match="MAX_ROWS"):
