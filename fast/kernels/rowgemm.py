@@ -113,7 +113,7 @@ def _epilogue(y, u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stri
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym", "stride_rm", "rows_pad"])
+@triton.jit(do_not_specialize=["M", "stride_xm", "stride_rm"])
 def _row_linear_kernel(
     X, W, DX, DW, Bias, Y, G, Rstd, Res, WS, Count,
     M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps, rows_pad, n_pad, k_split,
@@ -191,23 +191,24 @@ def _row_linear_kernel(
         #    -- the same order whichever program that is -- then runs the epilogue and resets the count.
         #    WS is [SPLIT, rows_pad, n_pad] (twice n_pad with SILU: gate partials, then up partials);
         #    the padding makes every tile's store in bounds without a mask.
+        #    Only the real rows travel through it (rows past M are masked out, not written as zeros).
         n_ws = 2 * n_pad if SILU else n_pad
         tile = WS + (pid_s * rows_pad + offs_m)[:, None] * n_ws + offs_n[None, :]
-        tl.store(tile, acc)
+        tl.store(tile, acc, mask=m_ok[:, None])
         if SILU:
-            tl.store(tile + n_pad, acc_u)
+            tl.store(tile + n_pad, acc_u, mask=m_ok[:, None])
         count_ptr = Count + pid_n * tl.num_programs(0) + pid_m
         arrived = tl.atomic_add(count_ptr, 1)          # acq_rel: this split's stores are visible first
         if arrived == SPLIT - 1:
             base = WS + offs_m[:, None] * n_ws + offs_n[None, :]
-            y = tl.load(base, cache_modifier=".cg")
+            y = tl.load(base, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
             u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if SILU:
-                u = tl.load(base + n_pad, cache_modifier=".cg")
+                u = tl.load(base + n_pad, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
             for s in tl.static_range(1, SPLIT):
-                y += tl.load(base + s * rows_pad * n_ws, cache_modifier=".cg")
+                y += tl.load(base + s * rows_pad * n_ws, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
                 if SILU:
-                    u += tl.load(base + s * rows_pad * n_ws + n_pad, cache_modifier=".cg")
+                    u += tl.load(base + s * rows_pad * n_ws + n_pad, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
             tl.store(count_ptr, 0)                        # ready for the next call (and graph replays)
             _epilogue(y, u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stride_rm,
                       HAS_BIAS, SILU, RESID, CODE)
@@ -225,7 +226,7 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
     return buf
 
 
-def row_linear_config(n: int, k: int, dtype: torch.dtype, rows: int = 1) -> tuple[int, ...]:
+def row_linear_config(n: int, k: int, dtype: torch.dtype, rows: int = 1, silu: bool = False) -> tuple[int, ...]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT, SWAP, TMA)`` for a weight of N output rows
     and K columns. What a row's arithmetic depends on -- the K split, the operand order (SWAP), the tile's
     K extent and the instruction type -- is a function of the weight's shape and dtype only, NEVER of the
@@ -240,20 +241,28 @@ def row_linear_config(n: int, k: int, dtype: torch.dtype, rows: int = 1) -> tupl
     to 128 rows share one weight tile. Short weights (N < 8192: wqkv, wo, w2) take 128 x 64 tiles with
     K splits giving ~128 programs at one row (session 28's TMA sweep, BENCHMARKS "a TMA row GEMM": as fast
     as the GEMV at one row and ~2x the pointer-load tiles at 69 rows); tall weights (w13, lm_head) 64 x 64
-    tiles with 4 K splits (N < 32768) or 128 x 64 tiles without a split (vocabulary heads), session 10's
-    SWAP sweep. fp32 (the IEEE products) keeps session 8's unswapped pointer-load tiles: 64 x 64 with K
-    splits for ~512 programs, or 32 x 64 unsplit from N = 8192."""
+    tiles (N < 32768) or 128 x 64 tiles (vocabulary heads), without a K split (session 28: through TMA the
+    unsplit w13 is faster than 4 splits at both 1 and 69 rows). With ``silu`` (two weight tiles and two
+    accumulators per program) short weights take 64-wide tiles too. fp32 (the IEEE products) keeps session
+    8's unswapped pointer-load tiles: 64 x 64 with K splits for ~512 programs, or 32 x 64 unsplit from
+    N = 8192."""
     if interpreter_active():   # programs run one by one: few, big tiles (still fixed per shape)
         return 16, min(64, max(16, next_pow2(n))), 32, 4, 1, 2, 0, 1   # two K splits: CI checks the split path
+    return _gpu_config(n, k, dtype, rows, silu)
+
+
+def _gpu_config(n: int, k: int, dtype: torch.dtype, rows: int, silu: bool) -> tuple[int, ...]:
+    """The GPU rule of :func:`row_linear_config` (a pure function of its arguments, so the CPU tests check
+    that it depends on ``rows`` only through BLOCK_M)."""
     if dtype != torch.float32:
         bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
         bk = min(64, max(16, next_pow2(k)))
         if n >= 32768:
             bn, split = 128, 1
         elif n >= 8192:
-            bn, split = 64, 4
-        else:
-            bn = min(128, max(16, next_pow2(n)))
+            bn, split = 64, 1
+        else:   # (SwiGLU: 64-wide tiles, as w13's -- two weight tiles and two accumulators per program)
+            bn = min(64 if silu else 128, max(16, next_pow2(n)))
             split = max(1, min(8, round(128 / triton.cdiv(n, bn)), triton.cdiv(k, 2 * bk)))
         return bm, bn, bk, 4, 4, split, 1, 1
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
@@ -304,7 +313,7 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         x, w, bias, silu, norm_weight, eps, residual, max_rows=MAX_ROWS, who="row_linear (a decode-phase pass, MAX_ROWS)")
     if rows == 0:
         return out
-    cfg = tuple(config) if config is not None else row_linear_config(n, k, x.dtype, rows)
+    cfg = tuple(config) if config is not None else row_linear_config(n, k, x.dtype, rows, silu)
     bm, bn, bk, warps, stages = cfg[:5]
     split = cfg[5] if len(cfg) > 5 else 1
     swap = bool(cfg[6]) if len(cfg) > 6 else False

@@ -160,7 +160,7 @@ def main_lib(shapes: list[str], budget_s: float) -> None:
             old = (64, 64, max(1, min(8, 512 // triton.cdiv(f, 64), triton.cdiv(k, 128))))
         sw = 1 if f >= 8192 else 0
         cands = {"s27 (pointer)": old + (sw, 0), "s27 tiles + TMA": old + (1, 1)}
-        lib = row_linear_config(f, k, torch.bfloat16, 69)
+        lib = row_linear_config(f, k, torch.bfloat16, 69, silu)
         cands["library"] = lib[1:3] + (lib[5], lib[6], lib[7])
         for bn in (64, 128):
             sp = max(1, min(8, round(128 / triton.cdiv(f, bn)), triton.cdiv(k, 128)))

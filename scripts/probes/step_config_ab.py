@@ -28,7 +28,7 @@ OUT = os.environ.get("OUT", "/tmp")
 LIBRARY_RULE = RG.row_linear_config
 
 
-def unswapped_rule(n, k, dtype, rows=1):
+def unswapped_rule(n, k, dtype, rows=1, silu=False):
     """The session-8/9 rule: 64 x 64 split-K tiles below N = 8192, 32 x 128 tiles above, never swapped."""
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
     if n >= 8192:
@@ -41,7 +41,7 @@ def unswapped_rule(n, k, dtype, rows=1):
     return bm, min(bn, max(16, triton.next_power_of_2(n))), min(bk, max(16, triton.next_power_of_2(k))), 4, 4, split
 
 
-def s27_rule(n, k, dtype, rows=1):
+def s27_rule(n, k, dtype, rows=1, silu=False):
     """The rule of sessions 10-27: SWAP 64 x 64 (4 K splits) / 128 x 64 tiles from N = 8192 (16-bit), the
     unswapped session-8/9 tiles below; pointer loads."""
     if n >= 8192 and dtype != torch.float32:
@@ -51,9 +51,9 @@ def s27_rule(n, k, dtype, rows=1):
     return unswapped_rule(n, k, dtype, rows)
 
 
-def no_tma_rule(n, k, dtype, rows=1):
+def no_tma_rule(n, k, dtype, rows=1, silu=False):
     """The library's rule with pointer loads (TMA off): the same bits, another load path."""
-    return LIBRARY_RULE(n, k, dtype, rows)[:7] + (0,)
+    return LIBRARY_RULE(n, k, dtype, rows, silu)[:7] + (0,)
 
 
 def main() -> None:

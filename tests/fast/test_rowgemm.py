@@ -105,13 +105,20 @@ def test_split_k_is_reduced_in_a_fixed_order_and_leaves_the_counts_at_zero():
     assert all(int(c.abs().sum()) == 0 for c in rowgemm._COUNTERS.values())
 
 
-def test_config_depends_on_rows_only_through_block_m():
-    """What a row's arithmetic depends on (BLOCK_N, BLOCK_K, warps, stages, the K split) is the same
-    for every row count; only BLOCK_M follows the rows."""
-    for n, k in ((4096, 4096), (6144, 4096), (128256, 4096), (768, 256), (80, 96)):
-        for dtype in (torch.bfloat16, torch.float32):
-            cfgs = {row_linear_config(n, k, dtype, rows)[1:] for rows in (1, 5, 16, 17, 69, 128, 4096)}
-            assert len(cfgs) == 1, (n, k, dtype, cfgs)
+@pytest.mark.parametrize("rule", ["here", "cuda-rule"])  # (not "gpu": that id would read as the marker)
+def test_config_depends_on_rows_only_through_block_m(rule):
+    """What a row's arithmetic depends on (BLOCK_N, BLOCK_K, warps, stages, the K split, SWAP, TMA) is the
+    same for every row count; only BLOCK_M follows the rows -- for this machine's rule and the GPU's."""
+    from specdec.fast.kernels import rowgemm
+
+    config = row_linear_config if rule == "here" else rowgemm._gpu_config
+    for n, k in ((4096, 4096), (6144, 4096), (4096, 14336), (14336, 4096), (128256, 4096), (768, 256), (80, 96)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for silu in (False, True):
+                cfgs = {config(n, k, dtype, rows, silu)[1:] for rows in (1, 5, 16, 17, 69, 128, 4096)}
+                assert len(cfgs) == 1, (n, k, dtype, silu, cfgs)
+                bm = {config(n, k, dtype, rows, silu)[0] for rows in (1, 69, 4096)}
+                assert all(b in (16, 32, 64, 128) for b in bm)
 
 
 @pytest.mark.parametrize("variant", ["plain", "norm_resid", "silu"])
