@@ -3,7 +3,7 @@
 # on one H100/H200, plus the start of the machine). Every GPU test file is in exactly one part; a file added
 # to tests/ without being listed here makes the script refuse (so no GPU test is silently left out).
 #
-#   scripts/gpu_tests.sh a      # the kernels, the reference, the app, the shared layer (~260 s on an H100)
+#   scripts/gpu_tests.sh a      # the kernels, the reference, the app, the shared layer (260 s on an H100, session 28)
 #   scripts/gpu_tests.sh b      # bf16 / fp16 / fp32 exactness of every fast decoder against fast vanilla
 #   scripts/gpu_tests.sh c      # the decode phase, batches, sampling, prefill and the other fast decoder tests
 #   scripts/gpu_tests.sh list   # which files each part runs
