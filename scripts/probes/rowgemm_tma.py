@@ -18,6 +18,9 @@ reports whether they also equal the library's rows).
     python3 scripts/probes/rowgemm_tma.py --lib --shapes "llama w13" "llama lm_head" ...
     # the library's row_linear per weight: the sessions 10-27 tiles (pointer loads), the same tiles through
     # TMA, the current rule, TMA candidates; $OUT/probe_rowgemm_tma_lib.jsonl
+    python3 scripts/probes/rowgemm_tma.py --tail --shapes "llama wo" "llama wqkv" "llama w2" "llama w13"
+    # 69 rows as 64 + 16 MMA columns (a row tail sharing each weight tile) against one 128-row tile;
+    # $OUT/probe_rowgemm_tma_tail.jsonl
 """
 from __future__ import annotations
 
@@ -42,77 +45,101 @@ SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is
 
 
 @triton.jit
-def _tma_row_linear_kernel(dx, dw, Y, WS, Count, M, N, K, stride_ym, rows_pad, n_pad, k_split,
+def _sum_splits(offs_m, m_ok, offs_n, n_ok, Y, WS, stride_ym, rows_pad, n_pad, SPLIT: tl.constexpr):
+    base = WS + offs_m[:, None] * n_pad + offs_n[None, :]
+    y = tl.load(base, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLIT):
+        y += tl.load(base + s * rows_pad * n_pad, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _tma_row_linear_kernel(dx, dxt, dw, Y, WS, Count, M, N, K, stride_ym, rows_pad, n_pad, k_split,
                            SPLIT: tl.constexpr, SWAP: tl.constexpr, WSPEC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_M: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            STAGES: tl.constexpr):
     """Y[m, n] = sum_k x[m, k] w[n, k] (fp32 accumulation, one rounding); x tile [BLOCK_M, BLOCK_K] and w
-    tile [BLOCK_N, BLOCK_K] by TMA; SWAP accumulates acc[n, m] = w @ x^T. Grid (m tiles, n tiles, splits)."""
+    tile [BLOCK_N, BLOCK_K] by TMA; SWAP accumulates acc[n, m] = w @ x^T. Grid (m tiles, n tiles, splits).
+    TAIL > 0 (SWAP only): a program takes BLOCK_M + TAIL rows as two tiles sharing each weight tile -- 69 rows
+    as 64 + 16 MMA columns instead of one 128-column tile (a row's MMA shape then depends on where it sits, which
+    the bitwise checks across BLOCK_M cover)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
+    ROWS: tl.constexpr = BLOCK_M + TAIL
     k_lo = pid_s * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     if SWAP:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_N, TAIL if TAIL > 0 else 16], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES, warp_specialize=WSPEC):
-        xk = dx.load([pid_m * BLOCK_M, k0])
+        xk = dx.load([pid_m * ROWS, k0])
         wk = dw.load([pid_n * BLOCK_N, k0])
         if SWAP:
             acc = tl.dot(wk, xk.T, acc)
         else:
             acc = tl.dot(xk, wk.T, acc)
+        if TAIL > 0:
+            xt = dxt.load([pid_m * ROWS + BLOCK_M, k0])
+            acc_t = tl.dot(wk, xt.T, acc_t)
     if SWAP:
         acc = tl.trans(acc)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    m_ok = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    offs_m = (pid_m * ROWS + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_ok = offs_m < M
+    offs_t = (pid_m * ROWS + BLOCK_M + tl.arange(0, TAIL if TAIL > 0 else 16)).to(tl.int64)
+    t_ok = offs_t < M
     if SPLIT == 1:
         tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
+        if TAIL > 0:
+            tl.store(Y + offs_t[:, None] * stride_ym + offs_n[None, :], tl.trans(acc_t).to(Y.dtype.element_ty),
+                     mask=t_ok[:, None] & n_ok[None, :])
     else:
-        tile = WS + (pid_s * rows_pad + offs_m)[:, None] * n_pad + offs_n[None, :]
-        tl.store(tile, acc, mask=m_ok[:, None])
+        tl.store(WS + (pid_s * rows_pad + offs_m)[:, None] * n_pad + offs_n[None, :], acc, mask=m_ok[:, None])
+        if TAIL > 0:
+            tl.store(WS + (pid_s * rows_pad + offs_t)[:, None] * n_pad + offs_n[None, :], tl.trans(acc_t),
+                     mask=t_ok[:, None])
         count_ptr = Count + pid_n * tl.num_programs(0) + pid_m
         arrived = tl.atomic_add(count_ptr, 1)
         if arrived == SPLIT - 1:
-            base = WS + offs_m[:, None] * n_pad + offs_n[None, :]
-            y = tl.load(base, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLIT):
-                y += tl.load(base + s * rows_pad * n_pad, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+            _sum_splits(offs_m, m_ok, offs_n, n_ok, Y, WS, stride_ym, rows_pad, n_pad, SPLIT)
+            if TAIL > 0:
+                _sum_splits(offs_t, t_ok, offs_n, n_ok, Y, WS, stride_ym, rows_pad, n_pad, SPLIT)
             tl.store(count_ptr, 0)
-            tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
 
 
 _COUNT: dict = {}
 
 
-def tma_row_linear(x: torch.Tensor, w: torch.Tensor, cfg: dict, bm: int):
-    """A launcher for ``x [M, K] @ w[N, K]^T`` with configuration ``cfg`` and BLOCK_M ``bm``; returns a
-    zero-argument callable (the descriptors and the workspace are built once, as a graph would keep them)."""
+def tma_row_linear(x: torch.Tensor, w: torch.Tensor, cfg: dict, bm: int, tail: int = 0):
+    """A launcher for ``x [M, K] @ w[N, K]^T`` with configuration ``cfg``, BLOCK_M ``bm`` and a ``tail`` tile
+    of that many more rows per program (0: none); returns a zero-argument callable (the descriptors and the
+    workspace are built once, as a graph would keep them)."""
     m, k = x.shape
     n = w.shape[0]
     bn, bk, split = cfg["bn"], cfg["bk"], cfg["split"]
     k_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
     split = triton.cdiv(k, k_split)
-    m_tiles, n_tiles = triton.cdiv(m, bm), triton.cdiv(n, bn)
-    rows_pad, n_pad = m_tiles * bm, n_tiles * bn
+    m_tiles, n_tiles = triton.cdiv(m, bm + tail), triton.cdiv(n, bn)
+    rows_pad, n_pad = m_tiles * (bm + tail), n_tiles * bn
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws = torch.empty((split, rows_pad, n_pad), dtype=torch.float32, device=x.device) if split > 1 else y
     count = _COUNT.get("c")
     if count is None:
         count = _COUNT["c"] = torch.zeros(1 << 16, dtype=torch.int32, device=x.device)
     dx = TensorDescriptor.from_tensor(x, [bm, bk])
+    dxt = TensorDescriptor.from_tensor(x, [tail, bk]) if tail else dx
     dw = TensorDescriptor.from_tensor(w, [bn, bk])
 
     def launch():
         _tma_row_linear_kernel[(m_tiles, n_tiles, split)](
-            dx, dw, y, ws, count, m, n, k, y.stride(0), rows_pad, n_pad, k_split,
-            SPLIT=split, SWAP=cfg["swap"], WSPEC=cfg["ws"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            dx, dxt, dw, y, ws, count, m, n, k, y.stride(0), rows_pad, n_pad, k_split,
+            SPLIT=split, SWAP=cfg["swap"], WSPEC=cfg["ws"], BLOCK_M=bm, TAIL=tail, BLOCK_N=bn, BLOCK_K=bk,
             STAGES=cfg["stages"], num_warps=cfg["warps"])
         return y
     return launch
@@ -190,13 +217,55 @@ def main_lib(shapes: list[str], budget_s: float) -> None:
                                   "cuBLAS M=69 us", "M=69 us", "/cuBLAS"]))
 
 
+def main_tail(shapes: list[str], budget_s: float) -> None:
+    """69 rows as one 128-column tile vs a 64-row tile plus a 16-row tail sharing each weight tile (the
+    probe kernel, the library's tiles and splits for each weight), with 64 rows in one 64-row tile for scale;
+    the tail's rows must equal the 128-row tile's bit for bit."""
+    t0 = time.time()
+    rows, jsonl = [], open(os.path.join(OUT, "probe_rowgemm_tma_tail.jsonl"), "w")
+    for name in shapes:
+        n, k, silu = SHAPES[name]
+        if silu:
+            name += " (plain)"
+        if time.time() - t0 > budget_s:
+            break
+        lib = row_linear_config(n, k, torch.bfloat16, 69)
+        cfg = dict(swap=1, bn=lib[1], bk=lib[2], split=lib[5], warps=lib[3], stages=lib[4], ws=False)
+        ws = weight_copies(name, n, k)
+        calls = 2 * len(ws)
+        x = torch.randn(128, k, device="cuda", dtype=torch.bfloat16)
+        res = {}
+        for label, m, bm, tail in (("64 rows, BM 64", 64, 64, 0), ("69 rows, BM 128", 69, 128, 0),
+                                   ("69 rows, BM 64 + tail 16", 69, 64, 16), ("80 rows, BM 64 + tail 16", 80, 64, 16),
+                                   ("96 rows, BM 64 + tail 32", 96, 64, 32), ("96 rows, BM 128", 96, 128, 0)):
+            try:
+                ls = [tma_row_linear(x[:m], w, cfg, bm, tail) for w in ws]
+                res[label] = ls[0]().clone()
+                t = graph_ms(lambda: [ls[i % len(ws)]() for i in range(calls)]) / calls
+            except Exception as e:
+                print(f"{name} {label}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            same = torch.equal(res[label], tma_row_linear(x[:m], ws[0], cfg, 128 if m <= 128 else bm)()) if tail else ""
+            rows.append([name, label, same, f"{t * 1e3:.1f}"])
+            jsonl.write(json.dumps(dict(shape=name, design=label, rows=m, bm=bm, tail=tail, config=cfg,
+                                        equal_to_bm128=same, us=t * 1e3)) + "\n")
+            jsonl.flush()
+            print(rows[-1], flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    print(tabulate(rows, headers=["weight", "rows and tiles", "== one 128-row tile", "us per call"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting new configurations after this")
     ap.add_argument("--shapes", nargs="*", default=["llama wo", "llama wqkv", "llama w2", "vicuna wqkv"])
     ap.add_argument("--warp-specialize", action="store_true", help="also time each shape's best config with WS")
     ap.add_argument("--lib", action="store_true", help="time the library's row_linear rules instead (main_lib)")
+    ap.add_argument("--tail", action="store_true", help="time a 64-row tile + a row tail against one 128-row tile")
     args = ap.parse_args()
+    if args.tail:
+        return main_tail(args.shapes, args.budget_s)
     if args.lib:
         return main_lib(args.shapes, args.budget_s)
     t0 = time.time()
