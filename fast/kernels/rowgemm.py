@@ -11,7 +11,9 @@ program to arrive sums in split order, so the split never changes with M either.
 tensor-core MMAs never mix rows, so a row's result depends only on that row's inputs.
 
 Grid ``(cdiv(M, BLOCK_M), programs over N)``, the M tiles varying fastest so the programs sharing
-a weight tile run together and read it from L2 once it has been streamed from memory.
+a weight tile run together and read it from L2 once it has been streamed from memory. On Hopper the
+operand tiles arrive through TMA tensor descriptors (:func:`_tma_ok`): zero-filled past M and K, the
+values the masked pointer loads give, so the load path is not part of a row's arithmetic.
 
 * :func:`row_linear` ``(x [..., K], w [N, K], bias [N] | None) -> [..., N]`` -- ``F.linear``;
   fp32 accumulation, bias added in fp32, one rounding to x's dtype. With ``norm_weight`` (+ ``eps``)

@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 
 import torch
 from tabulate import tabulate
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_kernels import graphed, time_ms  # noqa: E402  (the kernel benchmark's timers)
 
 from specdec.fast.kernels import decode_attention
 from specdec.fast.kernels.decode_attention import ancestor_table, decode_attention_config
@@ -31,25 +34,9 @@ HQ, HKV, D = 32, 8, 128
 
 
 def graph_ms(fn, flush: torch.Tensor, reps: int) -> float:
-    """Median ms of one replay of ``fn`` captured as a CUDA graph, L2 flushed (a 256 MiB memset) before each."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ts = []
-    for _ in range(reps + 2):
-        flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts[2:])
+    """Median ms of one replay of ``fn`` captured as a CUDA graph, L2 flushed before each (the kernel
+    benchmark's timers: scripts/bench_kernels.py)."""
+    return time_ms(graphed(fn), flush, reps)
 
 
 def main() -> None:
