@@ -115,56 +115,127 @@ def _epilogue(y, u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stri
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _x_tile(x_ptr, ok, DX, G, rstd, row0, k0, k_hi, offs_k, NORM: tl.constexpr, CODE: tl.constexpr,
+            TMA: tl.constexpr, EVEN: tl.constexpr):
+    """The x tile of the rows at ``x_ptr`` (pointers to their first BLOCK_K columns; ``ok``: the rows below M,
+    starting at ``row0``) and columns [k0, k0 + BLOCK_K): zeros past M and past the split's K end ``k_hi``;
+    with NORM, rms_norm_ref's arithmetic on it -- (x_f32 * rstd) rounded to the dtype, times the norm weight,
+    rounded (``rstd``: the rows' scales)."""
+    k_ok = k0 + offs_k < k_hi
+    # TMA (Hopper): the tile comes through a tensor descriptor; rows past M and columns past K arrive as
+    # zeros, the values the masked loads give, so the load path changes no bit of the arithmetic.
+    # EVEN (every split a whole number of full K tiles): no K mask -- the same values.
+    if TMA:
+        xk = DX.load([row0, k0])
+    elif EVEN:
+        xk = tl.load(x_ptr + k0, mask=ok[:, None], other=0.0)
+    else:
+        xk = tl.load(x_ptr + k0, mask=ok[:, None] & k_ok[None, :], other=0.0)
+    if NORM:
+        g = tl.load(G + k0 + offs_k, mask=k_ok, other=0.0)
+        xn = _round_to(xk.to(tl.float32) * rstd[:, None], CODE)
+        xk = (g.to(tl.float32) * xn).to(xk.dtype)
+    return xk
+
+
+@triton.jit
+def _store_partials(WS, acc, acc_u, pid_s, rows_pad, offs_m, m_ok, offs_n, n_ws, n_pad, SILU: tl.constexpr):
+    """This split's fp32 partials of rows ``offs_m`` into the workspace (only the real rows)."""
+    tile = WS + (pid_s * rows_pad + offs_m)[:, None] * n_ws + offs_n[None, :]
+    tl.store(tile, acc, mask=m_ok[:, None])
+    if SILU:
+        tl.store(tile + n_pad, acc_u, mask=m_ok[:, None])
+
+
+@triton.jit
+def _sum_partials(WS, rows_pad, offs_m, m_ok, offs_n, n_ws, n_pad, SPLIT: tl.constexpr, SILU: tl.constexpr,
+                  R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The partials of rows ``offs_m`` summed in split order 0, 1, ..., SPLIT - 1 (gate / plain, and up)."""
+    base = WS + offs_m[:, None] * n_ws + offs_n[None, :]
+    y = tl.load(base, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+    u = tl.zeros([R, BLOCK_N], dtype=tl.float32)
+    if SILU:
+        u = tl.load(base + n_pad, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLIT):
+        y += tl.load(base + s * rows_pad * n_ws, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+        if SILU:
+            u += tl.load(base + s * rows_pad * n_ws + n_pad, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+    return y, u
+
+
 @triton.jit(do_not_specialize=["M", "stride_xm", "stride_rm"])
 def _row_linear_kernel(
-    X, W, DX, DW, Bias, Y, G, Rstd, Res, WS, Count,
+    X, W, DX, DXT, DW, Bias, Y, G, Rstd, Res, WS, Count,
     M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps, rows_pad, n_pad, k_split,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr, CODE: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr, SWAP: tl.constexpr,
-    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_M: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
+    # A program takes BLOCK_M + TAIL rows: a BLOCK_M tile and (TAIL > 0) a second, smaller tile of TAIL rows
+    # that shares every weight tile -- 69 rows as 64 + 16 MMA columns instead of one 128-row tile. Each row
+    # is in exactly one MMA and an MMA never mixes rows, so a row's bits do not depend on which tile it is in.
     pid_m = tl.program_id(0)   # fastest: the M tiles of one weight tile run side by side
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)   # the K split (a fixed number per weight shape)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    TR: tl.constexpr = TAIL if TAIL > 0 else 16    # (the tail's shapes when there is none: never used)
+    row0 = pid_m * (BLOCK_M + TAIL)
+    offs_m = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_ok = offs_m < M
+    if TAIL > 0:
+        offs_t = (row0 + BLOCK_M + tl.arange(0, TR)).to(tl.int64)
+        t_ok = offs_t < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
+    rstd = Rstd      # (a placeholder without NORM: never read)
+    rstd_t = Rstd
     if NORM:   # the rows' RMSNorm scales, from _row_rstd_kernel
         rstd = tl.load(Rstd + offs_m, mask=m_ok, other=0.0)
+        if TAIL > 0:
+            rstd_t = tl.load(Rstd + offs_t, mask=t_ok, other=0.0)
 
     # -- the weight stream over this split's K range [k_lo, k_hi), k in one fixed order -------------
     #    acc[m, n] += x[m, k-tile] @ w[n, k-tile]^T
     k_lo = pid_s * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     x_ptr = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+    if TAIL > 0:
+        xt_ptr = X + offs_t[:, None] * stride_xm + offs_k[None, :]
     w_g = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]          # gate (or plain) rows
     w_u = W + (offs_n + N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]    # up rows (SILU)
-    if SWAP:   # accumulate the transposed tile: acc[n, m]
+    if SWAP:   # accumulate the transposed tiles: acc[n, m]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if TAIL > 0:
+            acc_t = tl.zeros([BLOCK_N, TR], dtype=tl.float32)
+            acc_ut = tl.zeros([BLOCK_N, TR], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if TAIL > 0:
+            acc_t = tl.zeros([TR, BLOCK_N], dtype=tl.float32)
+            acc_ut = tl.zeros([TR, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         # EVEN (N a multiple of BLOCK_N, every split a whole number of full K tiles): no K / N masks
         # on the weight stream -- the same values as the masked loads, so the same arithmetic.
-        # TMA (Hopper): both tiles come through tensor descriptors; rows past M and columns past K arrive
-        # as zeros, the values the masked loads give, so the loads change no bit of the arithmetic.
         k_ok = k0 + offs_k < k_hi
+        # the main tile: _x_tile's code written out (the CPU interpreter charges every helper call, and this
+        # one runs at every K step of every call); the tail tile calls _x_tile itself
         if TMA:
-            xk = DX.load([pid_m * BLOCK_M, k0])
+            xk = DX.load([row0, k0])
         elif EVEN:
             xk = tl.load(x_ptr + k0, mask=m_ok[:, None], other=0.0)
         else:
             xk = tl.load(x_ptr + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM:
-            # rms_norm_ref's arithmetic: (x_f32 * rstd) rounded to the dtype, times the weight, rounded
             g = tl.load(G + k0 + offs_k, mask=k_ok, other=0.0)
             xn = _round_to(xk.to(tl.float32) * rstd[:, None], CODE)
             xk = (g.to(tl.float32) * xn).to(xk.dtype)
+        if TAIL > 0:
+            xt = _x_tile(xt_ptr, t_ok, DXT, G, rstd_t, row0 + BLOCK_M, k0, k_hi, offs_k, NORM, CODE, TMA, EVEN)
         if TMA:
             wk = DW.load([pid_n * BLOCK_N, k0])
         elif EVEN:
@@ -172,6 +243,8 @@ def _row_linear_kernel(
         else:
             wk = tl.load(w_g + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _mma_tile(xk, wk, acc, IEEE, UPCAST, SWAP)
+        if TAIL > 0:
+            acc_t = _mma_tile(xt, wk, acc_t, IEEE, UPCAST, SWAP)
         if SILU:
             if TMA:   # (SILU with TMA only when N is a multiple of BLOCK_N: no gate tile runs into the up rows)
                 uk = DW.load([pid_n * BLOCK_N + N, k0])
@@ -180,40 +253,43 @@ def _row_linear_kernel(
             else:
                 uk = tl.load(w_u + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc_u = _mma_tile(xk, uk, acc_u, IEEE, UPCAST, SWAP)
+            if TAIL > 0:
+                acc_ut = _mma_tile(xt, uk, acc_ut, IEEE, UPCAST, SWAP)
     if SWAP:
         acc = tl.trans(acc)
         acc_u = tl.trans(acc_u)
+        if TAIL > 0:
+            acc_t = tl.trans(acc_t)
+            acc_ut = tl.trans(acc_ut)
 
     if SPLIT == 1:
         _epilogue(acc, acc_u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stride_rm,
                   HAS_BIAS, SILU, RESID, CODE)
+        if TAIL > 0:
+            _epilogue(acc_t, acc_ut, Bias, Res, Y, offs_t, t_ok, offs_n, n_ok, N, stride_ym, stride_rm,
+                      HAS_BIAS, SILU, RESID, CODE)
     else:
-        # -- fixed-order split-K: every split stores its fp32 partial; the LAST program to arrive at
+        # -- fixed-order split-K: every split stores its fp32 partials; the LAST program to arrive at
         #    this output tile (an atomic count) sums the partials in split order 0, 1, ..., SPLIT - 1
         #    -- the same order whichever program that is -- then runs the epilogue and resets the count.
         #    WS is [SPLIT, rows_pad, n_pad] (twice n_pad with SILU: gate partials, then up partials);
-        #    the padding makes every tile's store in bounds without a mask.
-        #    Only the real rows travel through it (rows past M are masked out, not written as zeros).
+        #    only the real rows travel through it (rows past M are masked out, not written as zeros).
         n_ws = 2 * n_pad if SILU else n_pad
-        tile = WS + (pid_s * rows_pad + offs_m)[:, None] * n_ws + offs_n[None, :]
-        tl.store(tile, acc, mask=m_ok[:, None])
-        if SILU:
-            tl.store(tile + n_pad, acc_u, mask=m_ok[:, None])
+        _store_partials(WS, acc, acc_u, pid_s, rows_pad, offs_m, m_ok, offs_n, n_ws, n_pad, SILU)
+        if TAIL > 0:
+            _store_partials(WS, acc_t, acc_ut, pid_s, rows_pad, offs_t, t_ok, offs_n, n_ws, n_pad, SILU)
         count_ptr = Count + pid_n * tl.num_programs(0) + pid_m
         arrived = tl.atomic_add(count_ptr, 1)          # acq_rel: this split's stores are visible first
         if arrived == SPLIT - 1:
-            base = WS + offs_m[:, None] * n_ws + offs_n[None, :]
-            y = tl.load(base, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
-            u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if SILU:
-                u = tl.load(base + n_pad, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLIT):
-                y += tl.load(base + s * rows_pad * n_ws, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
-                if SILU:
-                    u += tl.load(base + s * rows_pad * n_ws + n_pad, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+            y, u = _sum_partials(WS, rows_pad, offs_m, m_ok, offs_n, n_ws, n_pad, SPLIT, SILU, BLOCK_M, BLOCK_N)
+            if TAIL > 0:
+                yt, ut = _sum_partials(WS, rows_pad, offs_t, t_ok, offs_n, n_ws, n_pad, SPLIT, SILU, TR, BLOCK_N)
             tl.store(count_ptr, 0)                        # ready for the next call (and graph replays)
             _epilogue(y, u, Bias, Res, Y, offs_m, m_ok, offs_n, n_ok, N, stride_ym, stride_rm,
                       HAS_BIAS, SILU, RESID, CODE)
+            if TAIL > 0:
+                _epilogue(yt, ut, Bias, Res, Y, offs_t, t_ok, offs_n, n_ok, N, stride_ym, stride_rm,
+                          HAS_BIAS, SILU, RESID, CODE)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -306,9 +382,11 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         residual: [..., N] in x's dtype, added after the projection (not with ``silu``).
         silu: return ``silu(gate) * up`` [..., F] of the two halves of the product.
         config: a tile configuration to use instead of :func:`row_linear_config` (probes and sweeps):
-            ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT[, SWAP[, TMA]]])``; SWAP = 1 runs
-            the weight tile as the MMA's row operand (``w @ x^T``), TMA = 1 loads the tiles through tensor
-            descriptors where :func:`_tma_ok` allows (the same values either way).
+            ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT[, SWAP[, TMA[, TAIL]]]])``; SWAP = 1
+            runs the weight tile as the MMA's row operand (``w @ x^T``), TMA = 1 loads the tiles through
+            tensor descriptors where :func:`_tma_ok` allows (the same values either way), TAIL = 16/32/64
+            gives every program a second x tile of that many rows sharing its weight tiles (BLOCK_M + TAIL
+            rows per program; a design under measurement: ``scripts/probes/rowgemm_tma.py --tail``).
     Returns [..., N] (or [..., F]) in x's dtype. CUDA-graph capturable (host-only checks).
     """
     x2, w, bias, norm_weight, r2, out, y2, n, k, rows = linear_operands(
@@ -320,11 +398,14 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     split = cfg[5] if len(cfg) > 5 else 1
     swap = bool(cfg[6]) if len(cfg) > 6 else False
     tma = bool(cfg[7]) if len(cfg) > 7 else False
+    tail = int(cfg[8]) if len(cfg) > 8 else 0
+    if tail not in (0, 16, 32, 64) or tail >= bm and tail:
+        raise ValueError(f"config's TAIL must be 0, 16, 32 or 64 and below BLOCK_M = {bm}, got {tail}")
     # K splits of a whole number of K tiles each; fewer splits if K is short (still fixed per shape)
     k_split = triton.cdiv(triton.cdiv(k, bk), split) * bk
     split = triton.cdiv(k, k_split)
-    m_tiles, n_tiles = triton.cdiv(rows, bm), triton.cdiv(n, bn)
-    rows_pad, n_pad = m_tiles * bm, n_tiles * bn
+    m_tiles, n_tiles = triton.cdiv(rows, bm + tail), triton.cdiv(n, bn)
+    rows_pad, n_pad = m_tiles * (bm + tail), n_tiles * bn
     if split > 1:
         ws = torch.empty((split, rows_pad, 2 * n_pad if silu else n_pad), dtype=torch.float32, device=x.device)
         count = _counters(x.device, m_tiles * n_tiles)
@@ -336,9 +417,10 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         _row_rstd_kernel[(rows,)](x2, rstd, k, x2.stride(0), float(eps), BLOCK_K=min(4096, next_pow2(k)), num_warps=4)
     tma = tma and _tma_ok(x2, w, n, bn, silu)
     dx = TensorDescriptor.from_tensor(x2, [bm, bk]) if tma else x2
+    dxt = TensorDescriptor.from_tensor(x2, [tail, bk]) if tma and tail else dx
     dw = TensorDescriptor.from_tensor(w, [bn, bk]) if tma else w
     _row_linear_kernel[(m_tiles, n_tiles, split)](
-        x2, w, dx, dw, bias if bias is not None else w, y2,
+        x2, w, dx, dxt, dw, bias if bias is not None else w, y2,
         norm_weight if norm_weight is not None else w, rstd, r2 if r2 is not None else y2, ws, count,
         rows, n, k, x2.stride(0), w.stride(0), y2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps),
         rows_pad, n_pad, k_split,
@@ -346,6 +428,6 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         CODE=_DTYPE_CODE[x.dtype], IEEE=x.dtype == torch.float32,
         UPCAST=interpreter_active() and x.dtype != torch.float32, SPLIT=split,
         EVEN=(n % bn == 0 and k % k_split == 0), SWAP=swap, TMA=tma,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
+        BLOCK_M=bm, TAIL=tail, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
     )
     return out

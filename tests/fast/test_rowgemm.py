@@ -152,6 +152,40 @@ def test_tma_loads_give_the_pointer_loads_bits(variant):
     assert torch.equal(row_linear(xv[3:4], wv, config=cfg, **kw1), tma[3:4])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "norm_resid", "silu"])
+@pytest.mark.parametrize("split,tma", [(1, 1), (2, 1), (2, 0)])
+def test_a_tail_tile_gives_every_row_the_same_bits(dtype, variant, split, tma):
+    """TAIL: a program takes BLOCK_M + TAIL rows as two MMA tiles sharing each weight tile. Every row must
+    come out bit for bit as in one plain tile and as computed alone -- 53 rows with BLOCK_M 32 + TAIL 16: rows
+    0-31 in the first program's main tile, 32-47 in its tail, 48-52 in the second program's partial main tile
+    (and its tail empty)."""
+    n = 32 if variant == "silu" else 24
+    x, w, b, nw, res = _data(dtype, m=53, k=40, n=n)
+    if variant == "silu":
+        w = torch.cat([w, w.flip(0) * 0.5])
+    kw = {"plain": dict(bias=b), "norm_resid": dict(bias=b, norm_weight=nw, eps=1e-5, residual=res),
+          "silu": dict(silu=True, norm_weight=nw, eps=1e-5)}[variant]
+    plain = (16, 32, 32, 4, 1, split, 1, tma)   # SWAP, as the GPU rule runs 16-bit weights
+    tail = plain + (16,)
+    whole = row_linear(x, w, config=(64,) + plain[1:], **kw)
+    got = row_linear(x, w, config=(32,) + tail[1:], **kw)
+    assert torch.equal(got, whole)
+    for r in (0, 31, 32, 47, 48, 52):
+        one = dict(kw, residual=res[r:r + 1]) if variant == "norm_resid" else kw
+        assert torch.equal(row_linear(x[r:r + 1], w, config=plain, **one), got[r:r + 1]), r
+    from specdec.fast.kernels import rowgemm
+    assert all(int(c.abs().sum()) == 0 for c in rowgemm._COUNTERS.values())
+
+
+def test_a_tail_must_be_smaller_than_the_main_tile():
+    x, w, b, _, _ = _data(torch.float32, m=4)
+    with pytest.raises(ValueError, match="TAIL must be 0, 16, 32 or 64 and below BLOCK_M = 16"):
+        row_linear(x, w, config=(16, 32, 32, 4, 1, 1, 1, 1, 16))
+    with pytest.raises(ValueError, match="TAIL"):
+        row_linear(x, w, config=(64, 32, 32, 4, 1, 1, 1, 1, 24))
+
+
 def test_tma_needs_aligned_operands_and_falls_back_with_the_same_bits():
     """A row stride that is not a multiple of 16 bytes cannot feed a tensor descriptor: the call falls back
     to pointer loads, with the same bits as an aligned copy of the same rows through TMA."""
