@@ -271,17 +271,33 @@ def ancestor_table(tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return anc, depth
 
 
-def decode_attention_config(rows: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for ``rows = M * G`` packed query rows. BLOCK_M follows the rows (an MMA never mixes
-    rows, and nothing here reduces across a tile's layout, so it does not change a row's bits);
-    BLOCK_N is fixed per dtype (lanes are positions: it is part of every row's arithmetic)."""
+MIN_PROGRAMS = 1024
+"""16-bit BLOCK_M rule: the largest tile (<= 64 rows) whose grid still has this many programs (about eight
+waves of an H100/H200's 132 SMs); below it, the smallest tile. Session 29 (BENCHMARKS "the verification's
+attention tile"): the 69-node Llama-3-8B verification was fastest at BLOCK_M 16 / 32 / 64 at a 1k / 4k / 32k
+prefix -- 5, 17 and 45 key splits -- which this rule picks."""
+
+
+def decode_attention_config(rows: int, head_dim: int, dtype: torch.dtype, programs_per_tile: int = 1) -> dict:
+    """Tile sizes for ``rows = M * G`` packed query rows, ``programs_per_tile`` = key splits x B x Hkv (the
+    grid's other two axes). BLOCK_M follows the rows and the grid (an MMA never mixes rows, and nothing here
+    reduces across a tile's layout, so it does not change a row's bits); BLOCK_N is fixed per dtype (lanes are
+    positions: it is part of every row's arithmetic)."""
     if interpreter_active():
         return dict(block_m=16, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(block_m=min(max(16, next_pow2(rows)), 32), block_n=32, num_warps=4, num_stages=2)
-    # at most 64 rows: a tile that reaches the tree costs two dots per node of the program
+    return dict(block_m=_gpu_block_m(rows, programs_per_tile), block_n=64, num_warps=4, num_stages=2)
+
+
+def _gpu_block_m(rows: int, programs_per_tile: int) -> int:
+    """The 16-bit BLOCK_M of :func:`decode_attention_config` on the GPU (pure, so the CPU tests check it):
+    at most 64 rows (a tile that reaches the tree costs two dots per node of the program), halved while the
+    grid would have fewer than :data:`MIN_PROGRAMS` programs (short prefixes: few key splits), at least 16."""
     block_m = min(max(16, next_pow2(rows)), 64)
-    return dict(block_m=block_m, block_n=64, num_warps=4, num_stages=2)
+    while block_m > 16 and triton.cdiv(rows, block_m) * programs_per_tile < MIN_PROGRAMS:
+        block_m //= 2
+    return block_m
 
 
 def decode_attention(
@@ -350,13 +366,13 @@ def decode_attention(
         return out
     group = hq // hkv
     rows = m * group
-    cfg = dict(decode_attention_config(rows, d, q.dtype))
+    num_splits = num_splits_for(hi + 1)
+    cfg = dict(decode_attention_config(rows, d, q.dtype, num_splits * b * hkv))
     if config:
         cfg.update(config)
     if SPLIT_KEYS % cfg["block_n"]:
         raise ValueError(f"block_n={cfg['block_n']} must divide SPLIT_KEYS={SPLIT_KEYS}")
     block_d = next_pow2(d)
-    num_splits = num_splits_for(hi + 1)
     anc, depth = ancestor_table(tree_mask) if ancestors is None else ancestors
     o_part = torch.empty((b * hkv, num_splits, rows, d), device=q.device, dtype=torch.float32)
     l_part = torch.empty((b * hkv, num_splits, rows), device=q.device, dtype=torch.float32)

@@ -305,12 +305,12 @@ def _counters(device: torch.device, needed: int) -> torch.Tensor:
 
 
 def row_linear_config(n: int, k: int, dtype: torch.dtype, rows: int = 1, silu: bool = False) -> tuple[int, ...]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT, SWAP, TMA)`` for a weight of N output rows
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT, SWAP, TMA, TAIL)`` for a weight of N output rows
     and K columns. What a row's arithmetic depends on -- the K split, the operand order (SWAP), the tile's
     K extent and the instruction type -- is a function of the weight's shape and dtype only, NEVER of the
     number of rows; ``SPLIT`` K splits are reduced in a fixed order, so they too are part of that fixed
-    arithmetic. Only BLOCK_M (how many rows share one MMA, which never mixes rows) follows ``rows`` so that a
-    verification reads each weight tile few times (bitwise-checked at M = 1..128 on the GPU:
+    arithmetic. Only BLOCK_M and TAIL (how many rows share one MMA, which never mixes rows) follow ``rows`` so
+    that a verification reads each weight tile few times (bitwise-checked at M = 1..128 on the GPU:
     ``tests/fast/test_decode_phase.py``, ``tests/fast/test_rowgemm.py``). ``TMA = 1`` loads the operand tiles
     through tensor descriptors where the device and the operands allow it (:func:`_tma_ok`); it changes how
     the tiles arrive, never their values.
@@ -321,19 +321,24 @@ def row_linear_config(n: int, k: int, dtype: torch.dtype, rows: int = 1, silu: b
     as the GEMV at one row and ~2x the pointer-load tiles at 69 rows); tall weights (w13, lm_head) 64 x 64
     tiles (N < 32768) or 128 x 64 tiles (vocabulary heads), without a K split (session 28: through TMA the
     unsplit w13 is faster than 4 splits at both 1 and 69 rows). With ``silu`` (two weight tiles and two
-    accumulators per program) short weights take 64-wide tiles too. fp32 (the IEEE products) keeps session
+    accumulators per program) short weights take 64-wide tiles too. 65-80 rows (a 69-node tree's verification)
+    run as a 64-row tile plus a 16-row TAIL tile that share each weight tile (session 29: 80 MMA columns instead
+    of 128; every row's bits the same as in one tile, CPU- and GPU-tested). fp32 (the IEEE products) keeps session
     8's unswapped pointer-load tiles: 64 x 64 with K splits for ~512 programs, or 32 x 64 unsplit from
     N = 8192."""
     if interpreter_active():   # programs run one by one: few, big tiles (still fixed per shape)
-        return 16, min(64, max(16, next_pow2(n))), 32, 4, 1, 2, 0, 1   # two K splits: CI checks the split path
+        return 16, min(64, max(16, next_pow2(n))), 32, 4, 1, 2, 0, 1, 0   # two K splits: CI checks the split path
     return _gpu_config(n, k, dtype, rows, silu)
 
 
 def _gpu_config(n: int, k: int, dtype: torch.dtype, rows: int, silu: bool) -> tuple[int, ...]:
     """The GPU rule of :func:`row_linear_config` (a pure function of its arguments, so the CPU tests check
-    that it depends on ``rows`` only through BLOCK_M)."""
+    that it depends on ``rows`` only through BLOCK_M and TAIL)."""
     if dtype != torch.float32:
         bm = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+        # 65-80 rows (the 69-node verification): a 64-row tile plus a 16-row tail sharing each weight tile --
+        # 80 MMA columns instead of 128 (session 29, BENCHMARKS "a tail tile": 69 rows 7-19 % faster per weight)
+        bm, tail = (64, 16) if 64 < rows <= 80 else (bm, 0)
         bk = min(64, max(16, next_pow2(k)))
         if n >= 32768:
             bn, split = 128, 1
@@ -342,14 +347,14 @@ def _gpu_config(n: int, k: int, dtype: torch.dtype, rows: int, silu: bool) -> tu
         else:   # (SwiGLU: 64-wide tiles, as w13's -- two weight tiles and two accumulators per program)
             bn = min(64 if silu else 128, max(16, next_pow2(n)))
             split = max(1, min(8, round(128 / triton.cdiv(n, bn)), triton.cdiv(k, 2 * bk)))
-        return bm, bn, bk, 4, 4, split, 1, 1
+        return bm, bn, bk, 4, 4, split, 1, 1, tail
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
     if n >= 8192:
         bn, bk, split = 32, 64, 1
     else:
         bn, bk = 64, 64
         split = max(1, min(8, 512 // triton.cdiv(n, bn), triton.cdiv(k, 2 * bk)))
-    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), 4, 4, split, 0, 0
+    return bm, min(bn, max(16, next_pow2(n))), min(bk, max(16, next_pow2(k))), 4, 4, split, 0, 0, 0
 
 
 def _tma_ok(x2: torch.Tensor, w: torch.Tensor, n: int, bn: int, silu: bool) -> bool:

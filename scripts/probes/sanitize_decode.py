@@ -52,7 +52,8 @@ def main() -> None:
         if kw.get("silu"):
             args.update(silu=True)
         for cfg in (None, (16, 32, 32, 4, 2, 2), (16, 32, 32, 4, 2, 2, 1), (64, 32, 32, 4, 2, 2, 1, 1),
-                    (128, 64, 64, 4, 3, 1, 1, 1)):   # the last two: TMA tiles (a K tail, partial M tiles)
+                    (128, 64, 64, 4, 3, 1, 1, 1),    # the last two: TMA tiles (a K tail, partial M tiles)
+                    (32, 32, 32, 4, 2, 2, 1, 1, 16), (32, 32, 32, 4, 2, 1, 1, 0, 16)):   # TAIL tiles (TMA, pointers)
             y = row_linear(x, w, config=cfg, **args)
             torch.cuda.synchronize()
             print(f"row_linear n={n} k={k_} {kw} config={cfg}: finite={bool(torch.isfinite(y).all())}")

@@ -53,7 +53,14 @@ def s27_rule(n, k, dtype, rows=1, silu=False):
 
 def no_tma_rule(n, k, dtype, rows=1, silu=False):
     """The library's rule with pointer loads (TMA off): the same bits, another load path."""
-    return LIBRARY_RULE(n, k, dtype, rows, silu)[:7] + (0,)
+    cfg = LIBRARY_RULE(n, k, dtype, rows, silu)
+    return cfg[:7] + (0,) + cfg[8:]
+
+
+def s28_rule(n, k, dtype, rows=1, silu=False):
+    """The session-28 rule: the library's tiles without the 16-row TAIL tile (69 rows in one 128-row tile)."""
+    cfg = LIBRARY_RULE(n, k, dtype, rows, silu)
+    return (128 if cfg[8] else cfg[0],) + cfg[1:8] + (0,)
 
 
 def main() -> None:
@@ -75,7 +82,8 @@ def main() -> None:
         one = mask69[:, :1, :1].contiguous()
         res = {}
         for label, rule in (("unswapped (s9)", unswapped_rule), ("SWAP tall (s10-s27)", s27_rule),
-                            ("library, pointer loads", no_tma_rule), ("library", LIBRARY_RULE)):
+                            ("library, pointer loads", no_tma_rule), ("session 28 (no tail)", s28_rule),
+                            ("library", LIBRARY_RULE)):
             RG.row_linear_config = rule
             try:
                 step = lambda: step_forward(fm, cache, toks69[:, :1], pos69[:, :1], one, cache.length_t)

@@ -139,6 +139,23 @@ def test_ancestor_table():
     assert anc[0, 5, :3].tolist() == [0, 2, 5]
 
 
+def test_gpu_block_m_follows_the_grid():
+    """The GPU's 16-bit BLOCK_M (not part of any row's arithmetic: ``test_gpu_rows_equal_one_token_steps``
+    checks every tile height gives the same bits) is the largest tile that keeps >= MIN_PROGRAMS programs.
+    Llama-3-8B's 69-node verification (276 packed rows, 8 KV heads) gets the tiles session 29 measured fastest:
+    16 at a 1k prefix (5 key splits), 32 at 4k (17), 64 at 32k (45); one row always 16; never above 64."""
+    from specdec.fast.kernels.decode_attention import MIN_PROGRAMS, _gpu_block_m, num_splits_for
+
+    assert [_gpu_block_m(69 * 4, num_splits_for(ctx + 69) * 8) for ctx in (1024, 4096, 32768)] == [16, 32, 64]
+    assert _gpu_block_m(4, 10**6) == 16 and _gpu_block_m(4, 1) == 16
+    for rows in (1, 4, 20, 64, 65, 276, 512):
+        for per_tile in (1, 8, 40, 136, 360, 10**4):
+            bm = _gpu_block_m(rows, per_tile)
+            assert bm in (16, 32, 64)
+            assert bm == 16 or -(-rows // bm) * per_tile >= MIN_PROGRAMS, (rows, per_tile, bm)
+            assert bm == min(64, max(16, 1 << (rows - 1).bit_length())) or -(-rows // (2 * bm)) * per_tile < MIN_PROGRAMS
+
+
 def test_bad_input():
     q, k, v, mask, plen = _case(1, 4, 2, 64, [10], [[-1, 0]], torch.float32, "cpu")
     with pytest.raises(ValueError, match="head dim"):

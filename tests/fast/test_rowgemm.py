@@ -106,19 +106,26 @@ def test_split_k_is_reduced_in_a_fixed_order_and_leaves_the_counts_at_zero():
 
 
 @pytest.mark.parametrize("rule", ["here", "cuda-rule"])  # (not "gpu": that id would read as the marker)
-def test_config_depends_on_rows_only_through_block_m(rule):
+def test_config_depends_on_rows_only_through_block_m_and_tail(rule):
     """What a row's arithmetic depends on (BLOCK_N, BLOCK_K, warps, stages, the K split, SWAP, TMA) is the
-    same for every row count; only BLOCK_M follows the rows -- for this machine's rule and the GPU's."""
+    same for every row count; only BLOCK_M and TAIL follow the rows -- for this machine's rule and the GPU's.
+    On the GPU a 69-row verification of 16-bit weights takes a 64-row tile plus a 16-row tail."""
     from specdec.fast.kernels import rowgemm
 
     config = row_linear_config if rule == "here" else rowgemm._gpu_config
     for n, k in ((4096, 4096), (6144, 4096), (4096, 14336), (14336, 4096), (128256, 4096), (768, 256), (80, 96)):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for silu in (False, True):
-                cfgs = {config(n, k, dtype, rows, silu)[1:] for rows in (1, 5, 16, 17, 69, 128, 4096)}
+                rows_all = (1, 5, 16, 17, 64, 65, 69, 80, 81, 128, 4096)
+                cfgs = {config(n, k, dtype, rows, silu)[1:8] for rows in rows_all}
                 assert len(cfgs) == 1, (n, k, dtype, silu, cfgs)
-                bm = {config(n, k, dtype, rows, silu)[0] for rows in (1, 69, 4096)}
-                assert all(b in (16, 32, 64, 128) for b in bm)
+                for rows in rows_all:
+                    cfg = config(n, k, dtype, rows, silu)
+                    assert len(cfg) == 9 and cfg[0] in (16, 32, 64, 128) and cfg[8] in (0, 16), (rows, cfg)
+                    assert cfg[8] < cfg[0], (rows, cfg)
+                tails = {rows: config(n, k, dtype, rows, silu)[8] for rows in rows_all}
+                want = 16 if rule == "cuda-rule" and dtype != torch.float32 else 0
+                assert [r for r, t in tails.items() if t] == ([65, 69, 80] if want else []), tails
 
 
 @pytest.mark.parametrize("variant", ["plain", "norm_resid", "silu"])
