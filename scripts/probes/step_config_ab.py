@@ -2,7 +2,9 @@
 """Probe (session 10): one decode step (M = 1) and one 69-node verification of the fast target under two
 ``row_linear`` tile rules in the same process -- the session-8/9 rule (every weight unswapped), the
 sessions 10-27 rule (tall weights swapped), the library's current ``row_linear_config`` with pointer loads
-and as it is (session 28: TMA tiles) -- timed as CUDA graphs (gemv_sweep.graph_ms, median of 30).
+and as it is (session 28: TMA tiles; session 29: a 16-row TAIL tile for 65-80 rows, and the attention's
+BLOCK_M following the grid -- "library, s28 attention tiles" runs it with the old BLOCK_M 64) -- timed as
+CUDA graphs (gemv_sweep.graph_ms, median of 30).
 Also checks the property the rule must keep: the verification's root row equals the one-token step's
 logits bit for bit. Prints a table, writes ``$OUT/probe_step_config_ab.jsonl``.
 
@@ -19,6 +21,7 @@ import triton
 from tabulate import tabulate
 
 from gemv_sweep import graph_ms   # the sibling probe (this folder is sys.path[0])
+import specdec.fast.kernels.decode_attention as DA
 import specdec.fast.kernels.rowgemm as RG
 from specdec.benchutil import random_model
 from specdec.fast.model import as_fast_model, prefill, step_forward
@@ -83,8 +86,11 @@ def main() -> None:
         res = {}
         for label, rule in (("unswapped (s9)", unswapped_rule), ("SWAP tall (s10-s27)", s27_rule),
                             ("library, pointer loads", no_tma_rule), ("session 28 (no tail)", s28_rule),
-                            ("library", LIBRARY_RULE)):
+                            ("library, s28 attention tiles", LIBRARY_RULE), ("library", LIBRARY_RULE)):
             RG.row_linear_config = rule
+            min_programs = DA.MIN_PROGRAMS
+            if "s28 attention" in label:
+                DA.MIN_PROGRAMS = 0   # BLOCK_M = min(64, rows): the session-28 rule
             try:
                 step = lambda: step_forward(fm, cache, toks69[:, :1], pos69[:, :1], one, cache.length_t)
                 verify = lambda: step_forward(fm, cache, toks69, pos69, mask69, cache.length_t)
@@ -93,6 +99,7 @@ def main() -> None:
                 t69 = min(graph_ms(verify, reps=30) for _ in range(2))
             finally:
                 RG.row_linear_config = LIBRARY_RULE
+                DA.MIN_PROGRAMS = min_programs
             res[label] = (t1, t69)
             rows.append([shape, ctx, label, same, f"{t1:.3f}", f"{t69:.3f}", f"{t69 / t1:.2f}"])
             log.append(dict(shape=shape, ctx=ctx, rule=label, root_row_equals_step=same, step_ms=t1, verify69_ms=t69))
