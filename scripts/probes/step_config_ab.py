@@ -21,7 +21,8 @@ import triton
 from tabulate import tabulate
 
 from gemv_sweep import graph_ms   # the sibling probe (this folder is sys.path[0])
-import specdec.fast.kernels.decode_attention as DA
+import importlib
+DA = importlib.import_module("specdec.fast.kernels.decode_attention")   # (the package re-exports a function of that name)
 import specdec.fast.kernels.rowgemm as RG
 from specdec.benchutil import random_model
 from specdec.fast.model import as_fast_model, prefill, step_forward
