@@ -13,7 +13,9 @@ tensor-core MMAs never mix rows, so a row's result depends only on that row's in
 Grid ``(cdiv(M, BLOCK_M), programs over N)``, the M tiles varying fastest so the programs sharing
 a weight tile run together and read it from L2 once it has been streamed from memory. On Hopper the
 operand tiles arrive through TMA tensor descriptors (:func:`_tma_ok`): zero-filled past M and K, the
-values the masked pointer loads give, so the load path is not part of a row's arithmetic.
+values the masked pointer loads give, so the load path is not part of a row's arithmetic. With a TAIL
+(65-80 rows on the GPU) a program takes BLOCK_M + TAIL rows as two MMA tiles that share each weight tile
+(each row's K loop the same), so a 69-row verification multiplies 80 columns instead of 128.
 
 * :func:`row_linear` ``(x [..., K], w [N, K], bias [N] | None) -> [..., N]`` -- ``F.linear``;
   fp32 accumulation, bias added in fp32, one rounding to x's dtype. With ``norm_weight`` (+ ``eps``)
@@ -391,7 +393,7 @@ def row_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
             runs the weight tile as the MMA's row operand (``w @ x^T``), TMA = 1 loads the tiles through
             tensor descriptors where :func:`_tma_ok` allows (the same values either way), TAIL = 16/32/64
             gives every program a second x tile of that many rows sharing its weight tiles (BLOCK_M + TAIL
-            rows per program; a design under measurement: ``scripts/probes/rowgemm_tma.py --tail``).
+            rows per program; the GPU rule uses 64 + 16 for 65-80 rows of 16-bit weights).
     Returns [..., N] (or [..., F]) in x's dtype. CUDA-graph capturable (host-only checks).
     """
     x2, w, bias, norm_weight, r2, out, y2, n, k, rows = linear_operands(
