@@ -168,7 +168,8 @@ def bm_for(rows: int, swap: int) -> int:
 
 def main_lib(shapes: list[str], budget_s: float) -> None:
     """The library's ``row_linear`` (fused epilogues included) per weight: the sessions 10-27 tiles with pointer
-    loads, the same tiles through TMA, the current rule, and TMA candidates for the tall weights."""
+    loads, the same tiles through TMA, session 28's rule (69 rows in one 128-row tile), the current rule (a
+    64-row tile + a 16-row tail since session 29), and TMA candidates."""
     t0 = time.time()
     rows, jsonl = [], open(os.path.join(OUT, "probe_rowgemm_tma_lib.jsonl"), "w")
     for name in shapes:
@@ -188,8 +189,8 @@ def main_lib(shapes: list[str], budget_s: float) -> None:
         sw = 1 if f >= 8192 else 0
         cands = {"s27 (pointer)": old + (sw, 0), "s27 tiles + TMA": old + (1, 1)}
         lib = row_linear_config(f, k, torch.bfloat16, 69, silu)
-        cands["library"] = lib[1:3] + (lib[5], lib[6], lib[7])
-        cands["library, 69 rows as 64 + tail 16"] = lib[1:3] + (lib[5], lib[6], lib[7], 16)
+        cands["session 28 (one 128-row tile)"] = lib[1:3] + (lib[5], lib[6], lib[7])
+        cands["library (69 rows as 64 + tail 16)"] = lib[1:3] + (lib[5], lib[6], lib[7], lib[8] or 16)
         for bn in (64, 128):
             sp = max(1, min(8, round(128 / triton.cdiv(f, bn)), triton.cdiv(k, 128)))
             cands[f"swap {bn}x64 s{sp} TMA"] = (bn, 64, sp, 1, 1)
