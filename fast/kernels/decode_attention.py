@@ -273,8 +273,8 @@ def ancestor_table(tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 MIN_PROGRAMS = 1024
 """16-bit BLOCK_M rule: the largest tile (<= 64 rows) whose grid still has this many programs (about eight
-waves of an H100/H200's 132 SMs); below it, the smallest tile. Session 29 (BENCHMARKS "the verification's
-attention tile"): the 69-node Llama-3-8B verification was fastest at BLOCK_M 16 / 32 / 64 at a 1k / 4k / 32k
+waves of an H100/H200's 132 SMs); below it, the smallest tile. BENCHMARKS "Session 29: a 16-row tail tile
+..., and the attention's BLOCK_M": the 69-node Llama-3-8B verification was fastest at BLOCK_M 16 / 32 / 64 at a 1k / 4k / 32k
 prefix -- 5, 17 and 45 key splits -- which this rule picks."""
 
 

@@ -12,6 +12,7 @@ logits bit for bit. Prints a table, writes ``$OUT/probe_step_config_ab.jsonl``.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -21,14 +22,13 @@ import triton
 from tabulate import tabulate
 
 from gemv_sweep import graph_ms   # the sibling probe (this folder is sys.path[0])
-import importlib
-DA = importlib.import_module("specdec.fast.kernels.decode_attention")   # (the package re-exports a function of that name)
 import specdec.fast.kernels.rowgemm as RG
 from specdec.benchutil import random_model
 from specdec.fast.model import as_fast_model, prefill, step_forward
 from specdec.shared.tree import Tree
 
 OUT = os.environ.get("OUT", "/tmp")
+DA = importlib.import_module("specdec.fast.kernels.decode_attention")   # (the package re-exports a function of that name)
 LIBRARY_RULE = RG.row_linear_config
 
 
