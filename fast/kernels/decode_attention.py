@@ -215,38 +215,43 @@ def _decode_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # The split's tiles [s_lo, s_hi) in position order, as two loops: first the tiles wholly below L (the
+    # verified prefix), then those that reach the tree. Two branch-free loops instead of one loop with a
+    # branch per tile: the prefix loop's loads have no condition around them, so the compiler can pipeline
+    # them (num_stages); the tiles, their order and each tile's instructions are the same as one loop's.
     s_lo, s_end = _split_range(pid_s)
     s_hi = tl.minimum(s_end, hi + 1)
-    for n0 in range(s_lo, s_hi, BLOCK_N):
+    tree_lo = tl.maximum(s_lo, (L // BLOCK_N) * BLOCK_N)     # the first tile with n0 + BLOCK_N > L
+    for n0 in range(s_lo, tl.minimum(s_hi, tree_lo), BLOCK_N):
+        # == a tile of the verified prefix: every row sees every lane; one K/V tile for all rows ==
         offs_n = n0 + arange_n
-        if n0 + BLOCK_N <= L:
-            # == a tile of the verified prefix: every row sees every lane; one K/V tile for all rows ==
-            kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
-            s = _qk(q, kT, IS_FP32, UPCAST) * qk_scale
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, ones, IS_FP32, UPCAST, V.dtype.element_ty)
-            acc = _pv(p, v, acc * alpha[:, None], IS_FP32, UPCAST)
-        else:
-            # == a tile that reaches the tree: lane t holds cache row t (t < L) or the row's ancestor at
-            #    depth t - L; built per node, each node's rows kept, the other rows discarded ==========
-            in_prefix = offs_n < L
-            t = offs_n - L
-            s = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
-            for j in range(first, last + 1):
-                src, lane_ok = _node_lanes(Depth, a_base, b64 * stride_db, j, stride_ai, offs_n, t, in_prefix, L)
-                kT = tl.load(k_base + src[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                             mask=lane_ok[None, :] & d_ok[:, None], other=0.0)
-                s_j = _qk(q, kT, IS_FP32, UPCAST) * qk_scale
-                s = tl.where((node == j)[:, None] & lane_ok[None, :], s_j, s)
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, ones, IS_FP32, UPCAST, V.dtype.element_ty)
-            acc_scaled = acc * alpha[:, None]
-            acc = acc_scaled
-            for j in range(first, last + 1):
-                src, lane_ok = _node_lanes(Depth, a_base, b64 * stride_db, j, stride_ai, offs_n, t, in_prefix, L)
-                v = tl.load(v_base + src[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                            mask=lane_ok[:, None] & d_ok[None, :], other=0.0)
-                acc_j = _pv(p, v, acc_scaled, IS_FP32, UPCAST)
-                acc = tl.where((node == j)[:, None], acc_j, acc)
+        kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
+        s = _qk(q, kT, IS_FP32, UPCAST) * qk_scale
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, ones, IS_FP32, UPCAST, V.dtype.element_ty)
+        acc = _pv(p, v, acc * alpha[:, None], IS_FP32, UPCAST)
+    for n0 in range(tree_lo, s_hi, BLOCK_N):
+        # == a tile that reaches the tree: lane t holds cache row t (t < L) or the row's ancestor at
+        #    depth t - L; built per node, each node's rows kept, the other rows discarded ==========
+        offs_n = n0 + arange_n
+        in_prefix = offs_n < L
+        t = offs_n - L
+        s = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
+        for j in range(first, last + 1):
+            src, lane_ok = _node_lanes(Depth, a_base, b64 * stride_db, j, stride_ai, offs_n, t, in_prefix, L)
+            kT = tl.load(k_base + src[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=lane_ok[None, :] & d_ok[:, None], other=0.0)
+            s_j = _qk(q, kT, IS_FP32, UPCAST) * qk_scale
+            s = tl.where((node == j)[:, None] & lane_ok[None, :], s_j, s)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, ones, IS_FP32, UPCAST, V.dtype.element_ty)
+        acc_scaled = acc * alpha[:, None]
+        acc = acc_scaled
+        for j in range(first, last + 1):
+            src, lane_ok = _node_lanes(Depth, a_base, b64 * stride_db, j, stride_ai, offs_n, t, in_prefix, L)
+            v = tl.load(v_base + src[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=lane_ok[:, None] & d_ok[None, :], other=0.0)
+            acc_j = _pv(p, v, acc_scaled, IS_FP32, UPCAST)
+            acc = tl.where((node == j)[:, None], acc_j, acc)
 
     # -- partial: normalised o and base-2 lse; a row that saw nothing in this split -> (0, -inf) ----
     seen = l_i > 0.0

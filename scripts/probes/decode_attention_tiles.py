@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Probe (session 30): the decode-phase attention's whole tile configuration, one-token step and 69-node verification.
+
+``decode_attention`` fixes BLOCK_N / num_warps / num_stages per dtype (BLOCK_N is part of every row's arithmetic:
+lanes are positions) and lets only BLOCK_M follow the rows. Session 29 measured the 69-row verification at a 32k
+prefix at 2.99x the one-token step with the library's 64-key tiles and 4 warps. This probe times every setting of
+(BLOCK_N, num_warps, num_stages) for the step (M = 1) and the verification (M = 69, each BLOCK_M), at the
+Llama-3-8B attention shape (32 query heads, 8 KV heads, D 128, bf16), as CUDA-graph replays with L2 flushed, and
+checks the exactness each setting must keep: the verification's rows are bitwise the same at every BLOCK_M, and
+node 5 (depth 2) equals the one-token step at its position computed with the same setting.
+
+    python3 scripts/probes/decode_attention_tiles.py [--contexts 1024 32768 131072] [--reps 20]
+    # table on stdout, JSONL in $OUT/probe_decode_attention_tiles.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import os
+import sys
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_kernels import graphed, time_ms  # noqa: E402  (the kernel benchmark's timers)
+
+from specdec.fast.kernels.decode_attention import ancestor_table, decode_attention_config
+from specdec.shared.tree import Tree
+
+OUT = os.environ.get("OUT", "/tmp")
+HQ, HKV, D = 32, 8, 128
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="*", default=[32768, 131072, 1024])
+    ap.add_argument("--block-n", type=int, nargs="*", default=[64, 128])
+    ap.add_argument("--warps", type=int, nargs="*", default=[4, 8])
+    ap.add_argument("--stages", type=int, nargs="*", default=[2, 3])
+    ap.add_argument("--block-m", type=int, nargs="*", default=[16, 32, 64, 128])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--impl", nargs="*", default=["decode_attention"], help="kernel modules of specdec.fast.kernels to "
+                    "time side by side (e.g. a copy of another commit's decode_attention.py); rows compared bitwise "
+                    "against the first")
+    args = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    parents = [-1] + [max(0, (i - 1) // 4) for i in range(1, 69)]   # 1 + 4 + 16 + 48: the default-like tree
+    mask = Tree.from_parents(parents).ancestor_mask(dev)[None]
+    anc = ancestor_table(mask)
+    depth = mask.sum(-1)[0] - 1
+    one_mask = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
+    node = 5
+    path = [i for i in range(69) if mask[0, node, i]]
+    rows, log = [], []
+    for ctx in args.contexts:
+        g = torch.Generator(device=dev).manual_seed(ctx)
+        k = torch.randn(1, HKV, ctx + 128, D, device=dev, dtype=dt, generator=g)
+        v = torch.randn(1, HKV, ctx + 128, D, device=dev, dtype=dt, generator=g)
+        q = torch.randn(1, HQ, 69, D, device=dev, dtype=dt, generator=g)
+        plen = torch.tensor([ctx], dtype=torch.int32, device=dev)
+        k1, v1 = k.clone(), v.clone()        # node 5's one-token step: ancestors at ctx, ctx + 1, itself at ctx + 2
+        for d, i in enumerate(path):
+            k1[:, :, ctx + d] = k[:, :, ctx + i]
+            v1[:, :, ctx + d] = v[:, :, ctx + i]
+        plen1 = torch.tensor([ctx + int(depth[node])], dtype=torch.int32, device=dev)
+        lib = decode_attention_config(69 * HQ // HKV, D, dt)
+        first_out = {}
+        for bn, w, st, impl in itertools.product(args.block_n, args.warps, args.stages, args.impl):
+            decode_attention = importlib.import_module(f"specdec.fast.kernels.{impl}").decode_attention
+            base = dict(lib, block_n=bn, num_warps=w, num_stages=st)
+            try:
+                step_cfg = dict(base, block_m=16)
+                t1 = time_ms(graphed(lambda: decode_attention(q[:, :, :1], k, v, plen, one_mask, max_prefix=ctx,
+                                                              config=step_cfg)), flush, args.reps)
+                one = decode_attention(q[:, :, node:node + 1], k1, v1, plen1, one_mask, config=step_cfg)
+            except Exception as e:   # a tile the compiler refuses is reported, not fatal
+                print(f"ctx {ctx} {base}: step failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            ref = None
+            best = None
+            for bm in args.block_m:
+                cfg = dict(base, block_m=bm)
+                try:
+                    out = decode_attention(q, k, v, plen, mask, ancestors=anc, max_prefix=ctx, config=cfg)
+                    t = time_ms(graphed(lambda: decode_attention(q, k, v, plen, mask, ancestors=anc, max_prefix=ctx,
+                                                                 config=cfg)), flush, args.reps)
+                except Exception as e:
+                    print(f"ctx {ctx} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                ref = out if ref is None else ref
+                same_impl = torch.equal(out, first_out.setdefault((bn, w, st), out))
+                rec = dict(context=ctx, impl=impl, block_n=bn, num_warps=w, num_stages=st, block_m=bm,
+                           rows_equal_first_impl=same_impl,
+                           rows_equal_across_block_m=torch.equal(out, ref),
+                           node5_equals_step=torch.equal(one[:, :, 0], out[:, :, node]), m1_ms=t1, m69_ms=t,
+                           library=(bn, w, st) == (lib["block_n"], lib["num_warps"], lib["num_stages"]))
+                log.append(rec)
+                print(json.dumps(rec), flush=True)
+                if best is None or t < best["m69_ms"]:
+                    best = rec
+            if best is not None:
+                same = all(r["rows_equal_across_block_m"] and r["node5_equals_step"] and r["rows_equal_first_impl"]
+                           for r in log if (r["context"], r["impl"], r["block_n"], r["num_warps"], r["num_stages"])
+                           == (ctx, impl, bn, w, st))
+                kv_bytes = 2 * HKV * ctx * D * k.element_size()          # the step reads every K and V once
+                flops = 4 * 69 * HQ * ctx * D                              # the verification's q K^T and p V
+                rows.append([ctx, impl, bn, w, st, "*" if best["library"] else "", f"{t1 * 1e3:.1f}",
+                             f"{kv_bytes / (t1 * 1e-3) / 1e12:.2f}", best["block_m"], f"{best['m69_ms'] * 1e3:.1f}",
+                             f"{flops / (best['m69_ms'] * 1e-3) / 1e12:.0f}", f"{best['m69_ms'] / t1:.2f}", same])
+        del k, v, k1, v1
+        torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "probe_decode_attention_tiles.jsonl"), "w") as f:
+        for r in log:
+            f.write(json.dumps(r) + "\n")
+    print(tabulate(rows, headers=["context", "kernel", "BLOCK_N", "warps", "stages", "library", "M=1 us", "M=1 KV TB/s",
+                                  "best BLOCK_M", "M=69 us", "M=69 TFLOP/s", "69 / 1", "exact (rows, node 5, = first kernel)"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
