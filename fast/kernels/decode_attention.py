@@ -62,6 +62,11 @@ import triton.language as tl
 from ._common import check_device, check_int_tensor, check_tensor, graph_capturing, interpreter_active, next_pow2
 from .tree_attention import LOG2E, merge_partials
 
+try:   # Hopper tensor descriptors (Triton >= 3.4); without them the prefix tiles load through pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
 __all__ = ["decode_attention", "ancestor_table", "SPLIT_KEYS", "SPLIT_TIERS", "MAX_HEAD_DIM", "decode_attention_config",
            "split_bounds", "num_splits_for"]
 
@@ -168,7 +173,7 @@ def _softmax_step(s, m_i, l_i, ones, IS_FP32: tl.constexpr, UPCAST: tl.constexpr
 @triton.jit(do_not_specialize=["stride_ab", "stride_ai", "stride_db", "M", "NUM_SPLITS", "stride_pz", "stride_pp",
                                "stride_lz", "stride_lp"])
 def _decode_attention_kernel(
-    Q, K, V, O_part, L_part, PrefixLen, Anc, Depth,
+    Q, K, V, DK, DV, O_part, L_part, PrefixLen, Anc, Depth,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -178,7 +183,7 @@ def _decode_attention_kernel(
     qk_scale, H_KV, M, NUM_SPLITS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    IS_FP32: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)   # a block of packed rows (row = node * GROUP + g)
     pid_s = tl.program_id(1)   # split s: key positions _split_range(s)
@@ -224,9 +229,13 @@ def _decode_attention_kernel(
     tree_lo = tl.maximum(s_lo, (L // BLOCK_N) * BLOCK_N)     # the first tile with n0 + BLOCK_N > L
     for n0 in range(s_lo, tl.minimum(s_hi, tree_lo), BLOCK_N):
         # == a tile of the verified prefix: every row sees every lane; one K/V tile for all rows ==
-        offs_n = n0 + arange_n
-        kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=d_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
+        if TMA:   # the same values as the pointer loads (zeros past HEAD_DIM), through tensor descriptors
+            kT = tl.trans(DK.load([b, hkv, n0, 0]).reshape(BLOCK_N, BLOCK_D))
+            v = DV.load([b, hkv, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            offs_n = n0 + arange_n
+            kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
         s = _qk(q, kT, IS_FP32, UPCAST) * qk_scale
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, ones, IS_FP32, UPCAST, V.dtype.element_ty)
         acc = _pv(p, v, acc * alpha[:, None], IS_FP32, UPCAST)
@@ -305,6 +314,22 @@ def _gpu_block_m(rows: int, programs_per_tile: int) -> int:
     return block_m
 
 
+def _tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the prefix tiles may come through TMA tensor descriptors: a Hopper-or-newer GPU (or the
+    interpreter, which emulates them), the descriptor class importable, unit stride along D and 16-byte
+    aligned bases and strides. When False the kernel loads the same values through pointers."""
+    if TensorDescriptor is None:
+        return False
+    if k.is_cuda:
+        if torch.cuda.get_device_capability(k.device)[0] < 9:
+            return False
+    elif not interpreter_active():
+        return False
+    size = k.element_size()
+    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride()[:3])
+               for t in (k, v))
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -325,8 +350,10 @@ def decode_attention(
         prefix_len: [B] integer tensor, each in [0, N - M].
         tree_mask: [B, M, M] bool ancestor-or-self mask, nodes in topological order.
         sm_scale: softmax scale, default 1/sqrt(D).
-        config: tile override (block_m, block_n, num_warps, num_stages) -- for tests and sweeps;
-            block_n must divide :data:`SPLIT_KEYS`. Changing block_n changes the lanes, hence the bits.
+        config: tile override (block_m, block_n, num_warps, num_stages, tma) -- for tests and sweeps;
+            block_n must divide :data:`SPLIT_KEYS`. Changing block_n changes the lanes, hence the bits;
+            ``tma`` loads the prefix tiles through tensor descriptors where :func:`_tma_ok` allows (the same
+            values, hence the same bits).
         ancestors: ``ancestor_table(tree_mask)`` when the caller has it already (one per step, shared by
             every layer); not checked against the mask.
         max_prefix: the largest ``prefix_len`` when the caller has checked the range already (one check per
@@ -383,8 +410,11 @@ def decode_attention(
     l_part = torch.empty((b * hkv, num_splits, rows), device=q.device, dtype=torch.float32)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     grid = (triton.cdiv(rows, cfg["block_m"]), num_splits, b * hkv)
+    tma = bool(cfg.get("tma", False)) and q.dtype != torch.float32 and _tma_ok(k, v)   # 16-bit only (fp32: pointers)
+    dk = TensorDescriptor.from_tensor(k, [1, 1, cfg["block_n"], block_d]) if tma else k
+    dv = TensorDescriptor.from_tensor(v, [1, 1, cfg["block_n"], block_d]) if tma else v
     _decode_attention_kernel[grid](
-        q, k, v, o_part, l_part, plen, anc, depth,
+        q, k, v, dk, dv, o_part, l_part, plen, anc, depth,
         *q.stride(), *k.stride(), *v.stride(),
         anc.stride(0), anc.stride(1), depth.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
@@ -392,7 +422,7 @@ def decode_attention(
         scale * LOG2E, hkv, m, num_splits,
         GROUP=group, HEAD_DIM=d,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
-        IS_FP32=q.dtype == torch.float32, UPCAST=q.dtype != torch.float32 and q.device.type == "cpu",
+        IS_FP32=q.dtype == torch.float32, UPCAST=q.dtype != torch.float32 and q.device.type == "cpu", TMA=tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         enable_fp_fusion=False,   # one rounding per op on both tile paths (module docstring, "No FMA contraction")
     )

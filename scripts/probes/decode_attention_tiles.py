@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, nargs="*", default=[64, 128])
     ap.add_argument("--warps", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="*", default=[2, 3])
+    ap.add_argument("--tma", type=int, nargs="*", default=[0], help="0/1: the prefix tiles through tensor descriptors")
     ap.add_argument("--block-m", type=int, nargs="*", default=[16, 32, 64, 128])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--impl", nargs="*", default=["decode_attention"], help="kernel modules of specdec.fast.kernels to "
@@ -69,9 +70,13 @@ def main() -> None:
         plen1 = torch.tensor([ctx + int(depth[node])], dtype=torch.int32, device=dev)
         lib = decode_attention_config(69 * HQ // HKV, D, dt)
         first_out = {}
-        for bn, w, st, impl in itertools.product(args.block_n, args.warps, args.stages, args.impl):
-            decode_attention = importlib.import_module(f"specdec.fast.kernels.{impl}").decode_attention
-            base = dict(lib, block_n=bn, num_warps=w, num_stages=st)
+        for bn, w, st, impl, tma in itertools.product(args.block_n, args.warps, args.stages, args.impl, args.tma):
+            module = importlib.import_module(f"specdec.fast.kernels.{impl}")
+            if tma and not hasattr(module, "_tma_ok"):   # a kernel without the TMA option
+                continue
+            decode_attention = module.decode_attention
+            base = dict(lib, block_n=bn, num_warps=w, num_stages=st, **({"tma": True} if tma else {}))
+            impl_name = impl + (" +TMA" if tma else "")
             try:
                 step_cfg = dict(base, block_m=16)
                 t1 = time_ms(graphed(lambda: decode_attention(q[:, :, :1], k, v, plen, one_mask, max_prefix=ctx,
@@ -93,7 +98,7 @@ def main() -> None:
                     continue
                 ref = out if ref is None else ref
                 same_impl = torch.equal(out, first_out.setdefault((bn, w, st), out))
-                rec = dict(context=ctx, impl=impl, block_n=bn, num_warps=w, num_stages=st, block_m=bm,
+                rec = dict(context=ctx, impl=impl_name, block_n=bn, num_warps=w, num_stages=st, block_m=bm,
                            rows_equal_first_impl=same_impl,
                            rows_equal_across_block_m=torch.equal(out, ref),
                            node5_equals_step=torch.equal(one[:, :, 0], out[:, :, node]), m1_ms=t1, m69_ms=t,
@@ -105,10 +110,10 @@ def main() -> None:
             if best is not None:
                 same = all(r["rows_equal_across_block_m"] and r["node5_equals_step"] and r["rows_equal_first_impl"]
                            for r in log if (r["context"], r["impl"], r["block_n"], r["num_warps"], r["num_stages"])
-                           == (ctx, impl, bn, w, st))
+                           == (ctx, impl_name, bn, w, st))
                 kv_bytes = 2 * HKV * ctx * D * k.element_size()          # the step reads every K and V once
                 flops = 4 * 69 * HQ * ctx * D                              # the verification's q K^T and p V
-                rows.append([ctx, impl, bn, w, st, "*" if best["library"] else "", f"{t1 * 1e3:.1f}",
+                rows.append([ctx, impl_name, bn, w, st, "*" if best["library"] else "", f"{t1 * 1e3:.1f}",
                              f"{kv_bytes / (t1 * 1e-3) / 1e12:.2f}", best["block_m"], f"{best['m69_ms'] * 1e3:.1f}",
                              f"{flops / (best['m69_ms'] * 1e-3) / 1e12:.0f}", f"{best['m69_ms'] / t1:.2f}", same])
         del k, v, k1, v1
