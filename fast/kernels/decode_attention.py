@@ -296,12 +296,13 @@ def decode_attention_config(rows: int, head_dim: int, dtype: torch.dtype, progra
     """Tile sizes for ``rows = M * G`` packed query rows, ``programs_per_tile`` = key splits x B x Hkv (the
     grid's other two axes). BLOCK_M follows the rows and the grid (an MMA never mixes rows, and nothing here
     reduces across a tile's layout, so it does not change a row's bits); BLOCK_N is fixed per dtype (lanes are
-    positions: it is part of every row's arithmetic)."""
+    positions: it is part of every row's arithmetic). 16-bit prefix tiles come through TMA where the device
+    has it (``tma``: the same values as pointer loads)."""
     if interpreter_active():
         return dict(block_m=16, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(block_m=min(max(16, next_pow2(rows)), 32), block_n=32, num_warps=4, num_stages=2)
-    return dict(block_m=_gpu_block_m(rows, programs_per_tile), block_n=64, num_warps=4, num_stages=2)
+    return dict(block_m=_gpu_block_m(rows, programs_per_tile), block_n=64, num_warps=4, num_stages=2, tma=True)
 
 
 def _gpu_block_m(rows: int, programs_per_tile: int) -> int:
