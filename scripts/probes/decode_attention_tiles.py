@@ -75,7 +75,7 @@ def main() -> None:
             if tma and not hasattr(module, "_tma_ok"):   # a kernel without the TMA option
                 continue
             decode_attention = module.decode_attention
-            base = dict(lib, block_n=bn, num_warps=w, num_stages=st, **({"tma": True} if tma else {}))
+            base = dict(lib, block_n=bn, num_warps=w, num_stages=st, tma=bool(tma))
             impl_name = impl + (" +TMA" if tma else "")
             try:
                 step_cfg = dict(base, block_m=16)
@@ -102,7 +102,7 @@ def main() -> None:
                            rows_equal_first_impl=same_impl,
                            rows_equal_across_block_m=torch.equal(out, ref),
                            node5_equals_step=torch.equal(one[:, :, 0], out[:, :, node]), m1_ms=t1, m69_ms=t,
-                           library=(bn, w, st) == (lib["block_n"], lib["num_warps"], lib["num_stages"]))
+                           library=(bn, w, st, bool(tma)) == (lib["block_n"], lib["num_warps"], lib["num_stages"], lib.get("tma", False)))
                 log.append(rec)
                 print(json.dumps(rec), flush=True)
                 if best is None or t < best["m69_ms"]:
