@@ -40,7 +40,6 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, nargs="*", default=[64, 128])
     ap.add_argument("--warps", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="*", default=[2, 3])
-    ap.add_argument("--tma", type=int, nargs="*", default=[0], help="0/1: the prefix tiles through tensor descriptors")
     ap.add_argument("--block-m", type=int, nargs="*", default=[16, 32, 64, 128])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--impl", nargs="*", default=["decode_attention"], help="kernel modules of specdec.fast.kernels to "
@@ -70,13 +69,10 @@ def main() -> None:
         plen1 = torch.tensor([ctx + int(depth[node])], dtype=torch.int32, device=dev)
         lib = decode_attention_config(69 * HQ // HKV, D, dt)
         first_out = {}
-        for bn, w, st, impl, tma in itertools.product(args.block_n, args.warps, args.stages, args.impl, args.tma):
-            module = importlib.import_module(f"specdec.fast.kernels.{impl}")
-            if tma and not hasattr(module, "_tma_ok"):   # a kernel without the TMA option
-                continue
-            decode_attention = module.decode_attention
-            base = dict(lib, block_n=bn, num_warps=w, num_stages=st, tma=bool(tma))
-            impl_name = impl + (" +TMA" if tma else "")
+        for bn, w, st, impl in itertools.product(args.block_n, args.warps, args.stages, args.impl):
+            decode_attention = importlib.import_module(f"specdec.fast.kernels.{impl}").decode_attention
+            base = dict(lib, block_n=bn, num_warps=w, num_stages=st)
+            impl_name = impl
             try:
                 step_cfg = dict(base, block_m=16)
                 t1 = time_ms(graphed(lambda: decode_attention(q[:, :, :1], k, v, plen, one_mask, max_prefix=ctx,
@@ -102,7 +98,7 @@ def main() -> None:
                            rows_equal_first_impl=same_impl,
                            rows_equal_across_block_m=torch.equal(out, ref),
                            node5_equals_step=torch.equal(one[:, :, 0], out[:, :, node]), m1_ms=t1, m69_ms=t,
-                           library=(bn, w, st, bool(tma)) == (lib["block_n"], lib["num_warps"], lib["num_stages"], lib.get("tma", False)))
+                           library=(bn, w, st) == (lib["block_n"], lib["num_warps"], lib["num_stages"]))
                 log.append(rec)
                 print(json.dumps(rec), flush=True)
                 if best is None or t < best["m69_ms"]:

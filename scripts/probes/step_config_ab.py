@@ -3,8 +3,7 @@
 ``row_linear`` tile rules in the same process -- the session-8/9 rule (every weight unswapped), the
 sessions 10-27 rule (tall weights swapped), the library's current ``row_linear_config`` with pointer loads
 and as it is (session 28: TMA tiles; session 29: a 16-row TAIL tile for 65-80 rows, and the attention's
-BLOCK_M following the grid -- "library, s28 attention tiles" runs it with the old BLOCK_M 64; session 30: the
-attention's prefix tiles through TMA -- "library, attention pointer loads" runs them without) -- timed as
+BLOCK_M following the grid -- "library, s28 attention tiles" runs it with the old BLOCK_M 64) -- timed as
 CUDA graphs (gemv_sweep.graph_ms, median of 30).
 Also checks the property the rule must keep: the verification's root row equals the one-token step's
 logits bit for bit. Prints a table, writes ``$OUT/probe_step_config_ab.jsonl``.
@@ -31,7 +30,6 @@ from specdec.shared.tree import Tree
 OUT = os.environ.get("OUT", "/tmp")
 DA = importlib.import_module("specdec.fast.kernels.decode_attention")   # (the package re-exports a function of that name)
 LIBRARY_RULE = RG.row_linear_config
-ATTENTION_RULE = DA.decode_attention_config
 
 
 def unswapped_rule(n, k, dtype, rows=1, silu=False):
@@ -89,14 +87,11 @@ def main() -> None:
         res = {}
         for label, rule in (("unswapped (s9)", unswapped_rule), ("SWAP tall (s10-s27)", s27_rule),
                             ("library, pointer loads", no_tma_rule), ("session 28 (no tail)", s28_rule),
-                            ("library, s28 attention tiles", LIBRARY_RULE),
-                            ("library, attention pointer loads", LIBRARY_RULE), ("library", LIBRARY_RULE)):
+                            ("library, s28 attention tiles", LIBRARY_RULE), ("library", LIBRARY_RULE)):
             RG.row_linear_config = rule
             min_programs = DA.MIN_PROGRAMS
             if "s28 attention" in label:
                 DA.MIN_PROGRAMS = 0   # BLOCK_M = min(64, rows): the session-28 rule
-            if "attention pointer loads" in label:   # session 30: the prefix tiles without TMA
-                DA.decode_attention_config = lambda *a, **k: dict(ATTENTION_RULE(*a, **k), tma=False)
             try:
                 step = lambda: step_forward(fm, cache, toks69[:, :1], pos69[:, :1], one, cache.length_t)
                 verify = lambda: step_forward(fm, cache, toks69, pos69, mask69, cache.length_t)
@@ -106,7 +101,6 @@ def main() -> None:
             finally:
                 RG.row_linear_config = LIBRARY_RULE
                 DA.MIN_PROGRAMS = min_programs
-                DA.decode_attention_config = ATTENTION_RULE
             res[label] = (t1, t69)
             rows.append([shape, ctx, label, same, f"{t1:.3f}", f"{t69:.3f}", f"{t69 / t1:.2f}"])
             log.append(dict(shape=shape, ctx=ctx, rule=label, root_row_equals_step=same, step_ms=t1, verify69_ms=t69))
