@@ -25,12 +25,12 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_kernels import graphed, time_ms  # noqa: E402  (the kernel benchmark's timers)
 
+from decode_attention_tiles import D, HKV, HQ, NODE, tree_case  # noqa: E402  (the sibling probe's case)
+
 from specdec.fast.kernels import decode_attention
-from specdec.fast.kernels.decode_attention import ancestor_table, decode_attention_config
-from specdec.shared.tree import Tree
+from specdec.fast.kernels.decode_attention import decode_attention_config
 
 OUT = os.environ.get("OUT", "/tmp")
-HQ, HKV, D = 32, 8, 128
 
 
 def graph_ms(fn, flush: torch.Tensor, reps: int) -> float:
@@ -46,29 +46,14 @@ def main() -> None:
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
-    parents = [-1] + [max(0, (i - 1) // 4) for i in range(1, 69)]   # 1 + 4 + 16 + 48: the default-like tree
-    mask = Tree.from_parents(parents).ancestor_mask(dev)[None]
-    anc = ancestor_table(mask)
-    depth = mask.sum(-1)[0] - 1
     rows, log = [], []
     for ctx in args.contexts:
-        g = torch.Generator(device=dev).manual_seed(ctx)
-        k = torch.randn(1, HKV, ctx + 128, D, device=dev, dtype=dt, generator=g)
-        v = torch.randn(1, HKV, ctx + 128, D, device=dev, dtype=dt, generator=g)
-        q = torch.randn(1, HQ, 69, D, device=dev, dtype=dt, generator=g)
-        plen = torch.tensor([ctx], dtype=torch.int32, device=dev)
+        c = tree_case(ctx, dev, dt)   # the 69-node tree and node 5's one-token step (decode_attention_tiles.py)
+        q, k, v, mask, anc, plen = c["q"], c["k"], c["v"], c["mask"], c["anc"], c["plen"]
         lib = decode_attention_config(69 * HQ // HKV, D, dt)
         ref = decode_attention(q, k, v, plen, mask, ancestors=anc, max_prefix=ctx, config=dict(lib, block_m=64))
-        # the one-token step of node 5 (depth 2): its ancestors' K/V written at positions ctx, ctx + 1, itself at ctx + 2
-        node = 5
-        path = [i for i in range(69) if mask[0, node, i]]
-        k1, v1 = k.clone(), v.clone()
-        for d, i in enumerate(path):
-            k1[:, :, ctx + d] = k[:, :, ctx + i]
-            v1[:, :, ctx + d] = v[:, :, ctx + i]
-        one = decode_attention(q[:, :, node:node + 1], k1, v1, torch.tensor([ctx + int(depth[node])], dtype=torch.int32,
-                               device=dev), torch.ones(1, 1, 1, dtype=torch.bool, device=dev))
-        step_same = torch.equal(one[:, :, 0], ref[:, :, node])
+        one = decode_attention(q[:, :, NODE:NODE + 1], c["k1"], c["v1"], c["plen1"], c["one_mask"])
+        step_same = torch.equal(one[:, :, 0], ref[:, :, NODE])
         t1 = graph_ms(lambda: decode_attention(q[:, :, :1], k, v, plen, torch.ones(1, 1, 1, dtype=torch.bool, device=dev),
                                                max_prefix=ctx), flush, args.reps)
         for bm in (16, 32, 64):
@@ -87,7 +72,7 @@ def main() -> None:
             print(json.dumps(rec), flush=True)
             rows.append([ctx, bm, "*" if bm == lib["block_m"] else "", same, step_same, f"{t1 * 1e3:.1f}",
                          f"{t * 1e3:.1f}", f"{t / t1:.2f}"])
-        del k, v, k1, v1
+        del c, k, v
         torch.cuda.empty_cache()
     with open(os.path.join(OUT, "probe_decode_attention_blockm.jsonl"), "w") as f:
         for r in log:

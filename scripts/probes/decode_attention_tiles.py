@@ -32,6 +32,28 @@ from specdec.shared.tree import Tree
 
 OUT = os.environ.get("OUT", "/tmp")
 HQ, HKV, D = 32, 8, 128
+NODE = 5   # the node (depth 2) whose one-token step the probes compare against
+
+
+def tree_case(ctx: int, dev: str = "cuda", dt: torch.dtype = torch.bfloat16) -> dict:
+    """The probes' verification case: a 69-node tree (1 + 4 + 16 + 48, the default-like shape) over a
+    ``ctx``-token prefix at the Llama-3-8B attention shape, random K/V with room for the tree, and node
+    :data:`NODE`'s one-token step -- its ancestors' K/V written at positions ctx, ctx + 1, itself at ctx + 2
+    (``k1``, ``v1``, ``plen1``)."""
+    parents = [-1] + [max(0, (i - 1) // 4) for i in range(1, 69)]
+    mask = Tree.from_parents(parents).ancestor_mask(dev)[None]
+    depth = mask.sum(-1)[0] - 1
+    g = torch.Generator(device=dev).manual_seed(ctx)
+    k = torch.randn(1, HKV, ctx + 128, D, device=dev, dtype=dt, generator=g)
+    v = torch.randn(1, HKV, ctx + 128, D, device=dev, dtype=dt, generator=g)
+    q = torch.randn(1, HQ, 69, D, device=dev, dtype=dt, generator=g)
+    k1, v1 = k.clone(), v.clone()
+    for d, i in enumerate(i for i in range(69) if mask[0, NODE, i]):
+        k1[:, :, ctx + d] = k[:, :, ctx + i]
+        v1[:, :, ctx + d] = v[:, :, ctx + i]
+    return dict(q=q, k=k, v=v, mask=mask, anc=ancestor_table(mask), plen=torch.tensor([ctx], dtype=torch.int32, device=dev),
+                k1=k1, v1=v1, plen1=torch.tensor([ctx + int(depth[NODE])], dtype=torch.int32, device=dev),
+                one_mask=torch.ones(1, 1, 1, dtype=torch.bool, device=dev))
 
 
 def main() -> None:
@@ -48,31 +70,17 @@ def main() -> None:
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
-    parents = [-1] + [max(0, (i - 1) // 4) for i in range(1, 69)]   # 1 + 4 + 16 + 48: the default-like tree
-    mask = Tree.from_parents(parents).ancestor_mask(dev)[None]
-    anc = ancestor_table(mask)
-    depth = mask.sum(-1)[0] - 1
-    one_mask = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
-    node = 5
-    path = [i for i in range(69) if mask[0, node, i]]
+    node = NODE
     rows, log = [], []
     for ctx in args.contexts:
-        g = torch.Generator(device=dev).manual_seed(ctx)
-        k = torch.randn(1, HKV, ctx + 128, D, device=dev, dtype=dt, generator=g)
-        v = torch.randn(1, HKV, ctx + 128, D, device=dev, dtype=dt, generator=g)
-        q = torch.randn(1, HQ, 69, D, device=dev, dtype=dt, generator=g)
-        plen = torch.tensor([ctx], dtype=torch.int32, device=dev)
-        k1, v1 = k.clone(), v.clone()        # node 5's one-token step: ancestors at ctx, ctx + 1, itself at ctx + 2
-        for d, i in enumerate(path):
-            k1[:, :, ctx + d] = k[:, :, ctx + i]
-            v1[:, :, ctx + d] = v[:, :, ctx + i]
-        plen1 = torch.tensor([ctx + int(depth[node])], dtype=torch.int32, device=dev)
+        c = tree_case(ctx, dev, dt)
+        q, k, v, mask, anc, plen = c["q"], c["k"], c["v"], c["mask"], c["anc"], c["plen"]
+        k1, v1, plen1, one_mask = c["k1"], c["v1"], c["plen1"], c["one_mask"]
         lib = decode_attention_config(69 * HQ // HKV, D, dt)
         first_out = {}
         for bn, w, st, impl in itertools.product(args.block_n, args.warps, args.stages, args.impl):
             decode_attention = importlib.import_module(f"specdec.fast.kernels.{impl}").decode_attention
             base = dict(lib, block_n=bn, num_warps=w, num_stages=st)
-            impl_name = impl
             try:
                 step_cfg = dict(base, block_m=16)
                 t1 = time_ms(graphed(lambda: decode_attention(q[:, :, :1], k, v, plen, one_mask, max_prefix=ctx,
@@ -94,7 +102,7 @@ def main() -> None:
                     continue
                 ref = out if ref is None else ref
                 same_impl = torch.equal(out, first_out.setdefault((bn, w, st), out))
-                rec = dict(context=ctx, impl=impl_name, block_n=bn, num_warps=w, num_stages=st, block_m=bm,
+                rec = dict(context=ctx, impl=impl, block_n=bn, num_warps=w, num_stages=st, block_m=bm,
                            rows_equal_first_impl=same_impl,
                            rows_equal_across_block_m=torch.equal(out, ref),
                            node5_equals_step=torch.equal(one[:, :, 0], out[:, :, node]), m1_ms=t1, m69_ms=t,
@@ -106,13 +114,13 @@ def main() -> None:
             if best is not None:
                 same = all(r["rows_equal_across_block_m"] and r["node5_equals_step"] and r["rows_equal_first_impl"]
                            for r in log if (r["context"], r["impl"], r["block_n"], r["num_warps"], r["num_stages"])
-                           == (ctx, impl_name, bn, w, st))
+                           == (ctx, impl, bn, w, st))
                 kv_bytes = 2 * HKV * ctx * D * k.element_size()          # the step reads every K and V once
                 flops = 4 * 69 * HQ * ctx * D                              # the verification's q K^T and p V
-                rows.append([ctx, impl_name, bn, w, st, "*" if best["library"] else "", f"{t1 * 1e3:.1f}",
+                rows.append([ctx, impl, bn, w, st, "*" if best["library"] else "", f"{t1 * 1e3:.1f}",
                              f"{kv_bytes / (t1 * 1e-3) / 1e12:.2f}", best["block_m"], f"{best['m69_ms'] * 1e3:.1f}",
                              f"{flops / (best['m69_ms'] * 1e-3) / 1e12:.0f}", f"{best['m69_ms'] / t1:.2f}", same])
-        del k, v, k1, v1
+        del c, k, v, k1, v1
         torch.cuda.empty_cache()
     with open(os.path.join(OUT, "probe_decode_attention_tiles.jsonl"), "w") as f:
         for r in log:
