@@ -33,7 +33,7 @@ How (one launch plus the merge of :mod:`.tree_attention`):
   program (one ``q @ K^T`` for the packed ``BLOCK_M`` rows); a tile that reaches the tree is built
   per node (a loop over the program's nodes, each with its own gathered K and V, the rows of other
   nodes discarded). Both run the same instructions on the same lane contents, and tensor-core MMAs
-  never mix rows, so a row's bits do not depend on which branch, which other rows or which BLOCK_M.
+  never mix rows, so a row's bits do not depend on which tile path, which other rows or which BLOCK_M.
   Row sums that feed the softmax are taken by the MMA too (``p @ 1``), never by a register
   reduction whose order would follow the tile's layout; the running max is exact in any order.
 * **Two loops per split.** A split's prefix tiles run in one loop and its tree-reaching tiles (the last
@@ -220,10 +220,8 @@ def _decode_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # The split's tiles [s_lo, s_hi) in position order, as two loops: first the tiles wholly below L (the
-    # verified prefix), then those that reach the tree. Two branch-free loops instead of one loop with a
-    # branch per tile: the prefix loop's loads have no condition around them, so the compiler can pipeline
-    # them (num_stages); the tiles, their order and each tile's instructions are the same as one loop's.
+    # the split's tiles [s_lo, s_hi) in position order: the prefix tiles, then those that reach the tree
+    # (module docstring, "Two loops per split")
     s_lo, s_end = _split_range(pid_s)
     s_hi = tl.minimum(s_end, hi + 1)
     tree_lo = tl.maximum(s_lo, (L // BLOCK_N) * BLOCK_N)     # the first tile with n0 + BLOCK_N > L
