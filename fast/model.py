@@ -41,7 +41,7 @@ from specdec.shared.config import ModelConfig
 from specdec.shared.rope import apply_rope, rope_cos_sin
 from specdec.shared.weights import Model, load_checkpoint, model_from_hf, model_summary, one_line_repr, resolve_dtype
 
-__all__ = ["FastModel", "StaticKVCache", "alloc_cache", "check_cache_fits", "load_model", "as_fast_model", "step_forward", "prefill", "run_step", "commit", "MAX_TREE_NODES"]
+__all__ = ["FastModel", "StaticKVCache", "alloc_cache", "check_cache_fits", "free_gpu_bytes", "load_model", "as_fast_model", "step_forward", "prefill", "run_step", "commit", "MAX_TREE_NODES"]
 
 MAX_TREE_NODES = 128  # the Triton tree kernel is validated up to M = 128
 
@@ -168,11 +168,19 @@ def alloc_cache(fm: FastModel, batch: int, capacity: int) -> StaticKVCache:
     shape = (c.num_layers, batch, fm.local_kv_heads, capacity, c.head_dim)
     need = 2 * torch.Size(shape).numel() * torch.finfo(fm.dtype).bits // 8
     if fm.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(fm.device)
-        check_cache_fits(need, batch, capacity, free)
+        check_cache_fits(need, batch, capacity, free_gpu_bytes(fm.device))
     k = torch.zeros(shape, dtype=fm.dtype, device=fm.device)
     v = torch.zeros(shape, dtype=fm.dtype, device=fm.device)
     return StaticKVCache(k, v, 0, torch.zeros(batch, dtype=torch.int32, device=fm.device))
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """Bytes a new allocation on the CUDA ``device`` may use: the driver's free memory plus what PyTorch's caching
+    allocator holds reserved but unused (freed tensors, e.g. a cache dropped with ``fm.caches.clear()``). The
+    allocator hands those blocks back to the driver before it reports out of memory, so they count as free;
+    ``torch.cuda.mem_get_info`` alone does not see them."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def check_cache_fits(need: int, batch: int, capacity: int, free: int) -> None:

@@ -182,6 +182,23 @@ def test_cache_memory_check_names_the_largest_batch_that_fits():
 
 
 @pytest.mark.gpu
+def test_gpu_memory_check_counts_blocks_the_allocator_holds_free():
+    """A freed tensor stays reserved by PyTorch's caching allocator, which ``mem_get_info`` reports as used; the
+    cache's memory check counts it as free (a bench that cleared a 64 GiB batch was once told only 15 rows fit)."""
+    from specdec.fast.model import free_gpu_bytes
+
+    dev = torch.device("cuda")
+    torch.cuda.empty_cache()
+    before = free_gpu_bytes(dev)
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)     # 1 GiB
+    assert free_gpu_bytes(dev) <= before - (1 << 30) + (64 << 20)
+    del x                                                          # back to the allocator, not to the driver
+    driver_free, _ = torch.cuda.mem_get_info(dev)
+    assert free_gpu_bytes(dev) >= driver_free + (1 << 30)
+    assert free_gpu_bytes(dev) >= before - (64 << 20)
+
+
+@pytest.mark.gpu
 def test_gpu_a_row_never_depends_on_its_batch_mates_prefill_included():
     """The embedded default model in bf16, a batch with prompts of EQUAL lengths and of other lengths (vanilla
     decodes all of them in one batch): every row of batched vanilla == that prompt decoded alone, and
