@@ -148,7 +148,7 @@ if [ -n "${TARGET_UL:-}" ]; then UL_FLAGS+=(--unlikelihood "$TARGET_UL" --ul-win
 # and its sequence-level term (--seq-unlikelihood: the target's own greedy continuations, their repeated 4-grams)
 if [ -n "${TARGET_SEQ_UL:-}" ]; then UL_FLAGS+=(--seq-unlikelihood "$TARGET_SEQ_UL" --seq-ul-every "${TARGET_SEQ_UL_EVERY:-4}"
   --seq-ul-batch "${TARGET_SEQ_UL_BATCH:-64}" --seq-ul-prefix "${TARGET_SEQ_UL_PREFIX:-32}" --seq-ul-len "${TARGET_SEQ_UL_LEN:-96}"
-  --seq-ul-source "${TARGET_SEQ_UL_SOURCE:-all}"); fi
+  --seq-ul-source "${TARGET_SEQ_UL_SOURCE:-all}" --seq-ul-marks "${TARGET_SEQ_UL_MARKS:-all}"); fi
 # the draft LM: from a fresh init (default) or continued from a saved draft (DRAFT_INIT=DIR, e.g. the shipped one)
 DRAFT_INIT_FLAGS=()
 if [ -n "${DRAFT_INIT:-}" ]; then DRAFT_INIT_FLAGS+=(--draft-init "$DRAFT_INIT"); fi

@@ -379,14 +379,19 @@ def unlikelihood_loss(logits: torch.Tensor, inp: torch.Tensor, tgt: torch.Tensor
     return (nll * valid).sum() / (b * t)
 
 
-def repeated_ngram_mask(seq: torch.Tensor, start: int, n: int = 4) -> torch.Tensor:
-    """Where a greedy continuation repeats itself: ``[B, L]`` bool, True at each position ``t >= start`` that
-    lies inside an ``n``-gram of the continuation ``seq[:, start:]`` which already occurred earlier in that
-    continuation (every token of the repeat is marked, as in Welleck et al.'s sequence-level candidates). The
-    prompt ``seq[:, :start]`` is never marked and its n-grams do not count: the same measure as issue 21's
-    distinct-4-gram share of a completion."""
+def repeated_ngram_mask(seq: torch.Tensor, start: int, n: int = 4, marks: str = "all") -> torch.Tensor:
+    """Where a greedy continuation repeats itself: ``[B, L]`` bool over positions ``t >= start`` of the continuation
+    ``seq[:, start:]``. An n-gram of the continuation is a *repeat* when it already occurred earlier in the
+    continuation. The prompt ``seq[:, :start]`` is never marked and its n-grams do not count: the same measure as
+    issue 21's distinct-4-gram share of a completion.
+
+    ``marks="all"``: every token inside a repeat is marked (Welleck et al.'s sequence-level candidates).
+    ``marks="entry"``: only a loop's entry -- for each maximal run of consecutive repeats, the token that completes
+    the run's first one (the choice that closed the first repeated n-gram); the loop's later tokens are not pushed."""
     if n < 1:
         raise ValueError(f"n: got {n}; expected an integer >= 1")
+    if marks not in ("all", "entry"):
+        raise ValueError(f"marks: got {marks!r}; expected 'all' or 'entry'")
     b, length = seq.shape
     mask = torch.zeros(b, length, dtype=torch.bool, device=seq.device)
     cont = seq[:, start:]
@@ -397,6 +402,11 @@ def repeated_ngram_mask(seq: torch.Tensor, start: int, n: int = 4) -> torch.Tens
     same = (grams[:, :, None, :] == grams[:, None, :, :]).all(-1)                 # [B, G, G]: gram j == gram i
     earlier = torch.ones(g, g, dtype=torch.bool, device=seq.device).tril(-1)      # [j, i]: i < j
     repeat = (same & earlier).any(-1)                                             # [B, G]: gram j seen before
+    if marks == "entry":
+        first = repeat.clone()
+        first[:, 1:] &= ~repeat[:, :-1]                                           # gram j repeats, gram j-1 did not
+        mask[:, start + n - 1: start + n - 1 + g] = first                        # the gram's last token closed it
+        return mask
     for k in range(n):
         mask[:, start + k: start + k + g] |= repeat
     return mask
@@ -426,17 +436,18 @@ def greedy_continue(model, prefix: torch.Tensor, n_new: int, use_amp: bool) -> t
     return seq
 
 
-def seq_unlikelihood_loss(model, prefix: torch.Tensor, n_new: int, n: int, use_amp: bool) -> tuple[torch.Tensor, float]:
+def seq_unlikelihood_loss(model, prefix: torch.Tensor, n_new: int, n: int, use_amp: bool,
+                          marks: str = "all") -> tuple[torch.Tensor, float]:
     """Sequence-level unlikelihood (Welleck et al., 2019, section 5.2): continue ``prefix`` greedily for
     ``n_new`` tokens with the model itself, mark the continuation's tokens that lie in a repeated ``n``-gram
-    (:func:`repeated_ngram_mask`), and return ``-sum log(1 - p(x_t | x_<t))`` over the marked tokens divided by
+    (:func:`repeated_ngram_mask` with ``marks``), and return ``-sum log(1 - p(x_t | x_<t))`` over the marked tokens divided by
     ``B * n_new``, with the share of marked continuation tokens (how much the model loops right now).
 
     It trains on the model's own loops -- the degeneration greedy decoding shows -- where the token-level term
     only sees the data's contexts; decoding itself stays plain greedy."""
     seq = greedy_continue(model, prefix, n_new, use_amp)
     start = prefix.shape[1]
-    mask = repeated_ngram_mask(seq, start, n)[:, 1:]                              # [B, L-1]: is token t+1 a negative
+    mask = repeated_ngram_mask(seq, start, n, marks)[:, 1:]                       # [B, L-1]: is token t+1 a negative
     with torch.autocast(prefix.device.type, dtype=torch.bfloat16, enabled=use_amp):
         logits = model(input_ids=seq[:, :-1]).logits
     logp = torch.log_softmax(logits.float(), -1).gather(-1, seq[:, 1:, None]).squeeze(-1)   # [B, L-1]
@@ -537,7 +548,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
             loss = loss + args.unlikelihood * ul
         if teacher is None and args.seq_unlikelihood > 0 and step % args.seq_ul_every == 0:
             prefix = get_batch(train_s if prefix_s is None else prefix_s, args.seq_ul_batch, args.seq_ul_prefix - 1, seq_gen, device)
-            sul, seq_rep = seq_unlikelihood_loss(model, prefix, args.seq_ul_len, SEQ_UL_NGRAM, use_amp)
+            sul, seq_rep = seq_unlikelihood_loss(model, prefix, args.seq_ul_len, SEQ_UL_NGRAM, use_amp, args.seq_ul_marks)
             loss = loss + args.seq_unlikelihood * sul
         if teacher is not None:
             kd = kl_to_frozen(teacher, inp, logits, use_amp)
@@ -576,7 +587,7 @@ def train_lm(name: str, arch: dict, tok, train_s, held: dict[str, torch.Tensor],
     if teacher is None and args.seq_unlikelihood > 0:
         summary["seq_unlikelihood"] = {"weight": args.seq_unlikelihood, "every": args.seq_ul_every, "batch": args.seq_ul_batch,
                                        "prefix": args.seq_ul_prefix, "new_tokens": args.seq_ul_len, "ngram": SEQ_UL_NGRAM,
-                                       "source": args.seq_ul_source}
+                                       "source": args.seq_ul_source, "marks": args.seq_ul_marks}
     if best_losses is not None and len(best_losses) > 2:
         summary["best_heldout_loss_by_source"] = {k: v for k, v in best_losses.items() if k != "mean"}
     log(f"[{name}] done: {json.dumps(summary)}")
@@ -887,6 +898,8 @@ def main(argv=None) -> None:
     s.add_argument("--seq-ul-batch", type=int, default=16)
     s.add_argument("--seq-ul-prefix", type=int, default=32)
     s.add_argument("--seq-ul-len", type=int, default=96)
+    s.add_argument("--seq-ul-marks", choices=("all", "entry"), default="all", help="the sequence-level negatives: "
+                   "all (every token of a repeated 4-gram) or entry (only the token that closes a loop's first repeat)")
     s.add_argument("--seq-ul-source", default="all", help="where the sequence-level prefixes come from: all (the whole "
                    "training stream) or one source of the pack (e.g. stdlib: the prompts greedy_repetition.py scores are "
                    "stdlib file openings)")

@@ -381,6 +381,31 @@ def test_repeated_ngram_mask_equals_its_definition(td):
         td.repeated_ngram_mask(torch.arange(5)[None], 0, 0)
 
 
+def test_repeated_ngram_mask_entry_marks_each_loops_closing_token(td):
+    """``marks="entry"`` == the definition written out: for every repeated n-gram j whose predecessor j-1 is not a
+    repeat (or j is the first n-gram), its last token start+j+n-1 is marked and nothing else; a subset of "all"."""
+    g = torch.Generator().manual_seed(2)
+    for n, start in ((4, 5), (2, 0), (3, 7)):
+        seq = torch.randint(0, 3, (3, 30), generator=g)
+        seq[0, start:] = torch.tensor([1, 2, 1, 2] * 10)[: 30 - start]
+        got = td.repeated_ngram_mask(seq, start, n, marks="entry")
+        for r in range(seq.shape[0]):
+            c = seq[r, start:].tolist()
+            grams = [tuple(c[i:i + n]) for i in range(len(c) - n + 1)]
+            rep = [gram in grams[:j] for j, gram in enumerate(grams)]
+            want = [False] * seq.shape[1]
+            for j in range(len(grams)):
+                if rep[j] and (j == 0 or not rep[j - 1]):
+                    want[start + j + n - 1] = True
+            assert got[r].tolist() == want
+        assert not (got & ~td.repeated_ngram_mask(seq, start, n)).any()
+    # a pure loop 1 2 1 2 ... after two 9s: the 4-gram at offset 2 (1 2 1 2) repeats first, closed by offset 5
+    loop = td.repeated_ngram_mask(torch.tensor([[9, 9] + [1, 2] * 8]), 2, 4, marks="entry")[0, 2:]
+    assert loop.tolist() == [False] * 5 + [True] + [False] * 10
+    with pytest.raises(ValueError, match="marks: got 'some'"):
+        td.repeated_ngram_mask(torch.arange(5)[None], 0, 4, marks="some")
+
+
 def test_seq_unlikelihood_pushes_down_the_models_own_loop(td):
     """A tiny Llama that loops: the loss is -sum log(1 - p) over the marked tokens of its own greedy continuation
     (recomputed here from the definition), the share is the marked fraction, and one gradient step on the loss
