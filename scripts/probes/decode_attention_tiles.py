@@ -10,7 +10,7 @@ checks the exactness each setting must keep: the verification's rows are bitwise
 node 5 (depth 2) equals the one-token step at its position computed with the same setting.
 
     python3 scripts/probes/decode_attention_tiles.py [--contexts 32768 131072 1024] [--block-n 64 128] [--warps 4 8]
-        [--stages 2 3] [--impl decode_attention ...] [--reps 20]
+        [--stages 2 3] [--impl decode_attention ...] [--reps 20] [--layers 1]
     # table on stdout, JSONL in $OUT/probe_decode_attention_tiles.jsonl
 """
 from __future__ import annotations
@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="*", default=[2, 3])
     ap.add_argument("--block-m", type=int, nargs="*", default=[16, 32, 64, 128])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=1, help="time a graph of this many back-to-back calls, each on its "
+                    "own K/V copy (as a model step's layers run), and report the time per call: a lone call's time "
+                    "includes the graph launch and the cold start that a step's layers overlap")
     ap.add_argument("--impl", nargs="*", default=["decode_attention"], help="kernel modules of specdec.fast.kernels to "
                     "time side by side (e.g. a copy of another commit's decode_attention.py); rows compared bitwise "
                     "against the first")
@@ -76,6 +79,11 @@ def main() -> None:
         c = tree_case(ctx, dev, dt)
         q, k, v, mask, anc, plen = c["q"], c["k"], c["v"], c["mask"], c["anc"], c["plen"]
         k1, v1, plen1, one_mask = c["k1"], c["v1"], c["plen1"], c["one_mask"]
+        kvs = [(k, v)] + [(k.clone(), v.clone()) for _ in range(args.layers - 1)]   # every call its own K/V
+
+        def timed(call) -> float:   # ms per call: one graph of len(kvs) calls, L2 flushed before it
+            return time_ms(graphed(lambda: [call(kk, vv) for kk, vv in kvs]), flush, args.reps) / len(kvs)
+
         lib = decode_attention_config(69 * HQ // HKV, D, dt)
         first_out = {}
         for bn, w, st, impl in itertools.product(args.block_n, args.warps, args.stages, args.impl):
@@ -83,8 +91,8 @@ def main() -> None:
             base = dict(lib, block_n=bn, num_warps=w, num_stages=st)
             try:
                 step_cfg = dict(base, block_m=16)
-                t1 = time_ms(graphed(lambda: decode_attention(q[:, :, :1], k, v, plen, one_mask, max_prefix=ctx,
-                                                              config=step_cfg)), flush, args.reps)
+                t1 = timed(lambda kk, vv: decode_attention(q[:, :, :1], kk, vv, plen, one_mask, max_prefix=ctx,
+                                                           config=step_cfg))
                 one = decode_attention(q[:, :, NODE:NODE + 1], k1, v1, plen1, one_mask, config=step_cfg)
             except Exception as e:   # a tile the compiler refuses is reported, not fatal
                 print(f"ctx {ctx} {base}: step failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -95,14 +103,14 @@ def main() -> None:
                 cfg = dict(base, block_m=bm)
                 try:
                     out = decode_attention(q, k, v, plen, mask, ancestors=anc, max_prefix=ctx, config=cfg)
-                    t = time_ms(graphed(lambda: decode_attention(q, k, v, plen, mask, ancestors=anc, max_prefix=ctx,
-                                                                 config=cfg)), flush, args.reps)
+                    t = timed(lambda kk, vv: decode_attention(q, kk, vv, plen, mask, ancestors=anc, max_prefix=ctx,
+                                                              config=cfg))
                 except Exception as e:
                     print(f"ctx {ctx} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
                 ref = out if ref is None else ref
                 same_impl = torch.equal(out, first_out.setdefault((bn, w, st), out))
-                rec = dict(context=ctx, impl=impl, block_n=bn, num_warps=w, num_stages=st, block_m=bm,
+                rec = dict(context=ctx, layers=args.layers, impl=impl, block_n=bn, num_warps=w, num_stages=st, block_m=bm,
                            rows_equal_first_impl=same_impl,
                            rows_equal_across_block_m=torch.equal(out, ref),
                            node5_equals_step=torch.equal(one[:, :, 0], out[:, :, NODE]), m1_ms=t1, m69_ms=t,
@@ -118,7 +126,7 @@ def main() -> None:
                 rows.append([ctx, impl, bn, w, st, "*" if best["library"] else "", f"{t1 * 1e3:.1f}",
                              f"{kv_bytes / (t1 * 1e-3) / 1e12:.2f}", best["block_m"], f"{best['m69_ms'] * 1e3:.1f}",
                              f"{flops / (best['m69_ms'] * 1e-3) / 1e12:.0f}", f"{best['m69_ms'] / t1:.2f}", exact])
-        del c, k, v, k1, v1
+        del c, k, v, k1, v1, kvs
         torch.cuda.empty_cache()
     with open(os.path.join(OUT, "probe_decode_attention_tiles.jsonl"), "w") as f:
         for r in log:
