@@ -87,6 +87,17 @@ def filled_cache(fm, batch: int, context: int, extra: int, name: str):
     return cache
 
 
+def release(fm) -> None:
+    """Drop the model's caches and graphs and hand the freed blocks back to the driver. The caller must hold
+    no reference to a cache either: a cache still referenced stays allocated, and the next configuration's
+    memory check then reports the wrong largest batch (session 31: B = 16 x 32k "did not fit" beside a
+    finished B = 8 x 32k cache)."""
+    fm.caches.clear()
+    fm.graphs.clear()
+    if fm.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def step_ms(fm, cache, m: int) -> float:
     """One M-row pass (a chain of M nodes per row) against ``cache``, per-row positions from its length."""
     b, dev = cache.k.shape[1], fm.device
@@ -112,7 +123,8 @@ def part_vanilla(fm, args, bw, rows_out):
             rows_out.append(r)
             print(json.dumps(r), flush=True)
             table.append([b, ctx, f"{ms:.3f}", f"{r['tokens_per_s']:.0f}", f"{moved / 1e9:.2f}", f"{r['pct_copy_bw']:.0f}%"])
-    fm.caches.clear(); fm.graphs.clear()
+            del cache                    # no reference left: the next size's memory check sees this memory free
+            release(fm)
     return tabulate(table, headers=["B", "context", "step ms", "tokens/s", "GB moved", "% copy BW"], tablefmt="github")
 
 
@@ -160,9 +172,8 @@ def part_magicdec(fm, args, bw, rows_out):
             table.append([b, ctx, f"{t_step:.2f}", f"{t_draft:.2f} ({t_draft / floor_ms:.2f}x floor)", f"{t_gather:.3f}",
                           f"{t_verify:.2f}", f"{t_compact:.3f}", f"{t_round:.2f}", f"{t_round / t_step:.2f}",
                           f"{t_step / t_round:.2f}"])
-            fm.caches.clear(); fm.graphs.clear()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            del main, scratch, idx
+            release(fm)
     return tabulate(table, headers=["B", "context", "vanilla step ms", "draft step ms", "gather ms", f"verify {gamma + 1} ms",
                                     "compact ms", "round ms", "round / step", "t_step / t_round"], tablefmt="github")
 
@@ -192,7 +203,8 @@ def part_finished(fm, args, bw, rows_out):
                 half = filled_cache(fm, half_b, ctx, m + 8, "half") if full is not None else None
                 if full is None or half is None:
                     table.append([b, ctx, m, "does not fit", "", "", "", ""])
-                    fm.caches.clear(); fm.graphs.clear()
+                    full = half = None
+                    release(fm)
                     continue
                 t_all = step_ms(fm, full, m)
                 full.length_t[half_b:] = 0               # the finished half: masked dummies reading no prefix
@@ -212,9 +224,8 @@ def part_finished(fm, args, bw, rows_out):
                 print(json.dumps(r), flush=True)
                 table.append([b, ctx, m, f"{t_all:.3f}", f"{t_masked:.3f}", f"{t_half:.3f}", f"{t_copy:.3f}",
                               f"{r['pays_after_steps']:.1f}" if saving > 0 else "never"])
-                fm.caches.clear(); fm.graphs.clear()
-                if fm.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                del full, half
+                release(fm)
     return tabulate(table, headers=["B", "context", "M", "all running ms", "half masked ms", "B/2 alone ms",
                                     "compaction copy ms", "compaction pays after (steps)"], tablefmt="github")
 
