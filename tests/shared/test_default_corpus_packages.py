@@ -495,7 +495,7 @@ def test_lm_max_positions_and_per_source_logs(tmp_path, stdlib, td):
     # so does the sequence-level term, which logs how much the target's own continuations repeat
     assert 0 <= last["target"]["seq_rep"] <= 1 and "seq_rep" not in last["draft"]
     assert summary[0]["seq_unlikelihood"] == {"weight": 0.5, "every": 2, "batch": 2, "prefix": 8, "new_tokens": 16, "ngram": 4,
-                                              "source": "packages"}
+                                              "source": "packages", "marks": "all"}
     assert "seq_unlikelihood" not in summary[1]
     assert summary[0]["max_positions"] == 128 and set(summary[0]["best_heldout_loss_by_source"]) == {"stdlib", "packages"}
     # the tokenizer itself is the shipped one
