@@ -178,7 +178,8 @@ def free_gpu_bytes(device: torch.device) -> int:
     """Bytes a new allocation on the CUDA ``device`` may use: the driver's free memory plus what PyTorch's caching
     allocator holds reserved but unused (freed tensors, e.g. a cache dropped with ``fm.caches.clear()``). The
     allocator hands those blocks back to the driver before it reports out of memory, so they count as free;
-    ``torch.cuda.mem_get_info`` alone does not see them."""
+    ``torch.cuda.mem_get_info`` alone does not see them. (Free blocks of a live CUDA graph's private pool count too,
+    though only that graph reuses them: the 10 % margin of :func:`check_cache_fits` is for such slack.)"""
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 

@@ -72,6 +72,8 @@ def main() -> None:
                     "time side by side (e.g. a copy of another commit's decode_attention.py); rows compared bitwise "
                     "against the first")
     args = ap.parse_args()
+    if args.layers < 1:
+        ap.error(f"--layers: got {args.layers}; expected an integer >= 1")
     dev, dt = "cuda", torch.bfloat16
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
     rows, log = [], []
