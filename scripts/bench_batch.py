@@ -87,17 +87,6 @@ def filled_cache(fm, batch: int, context: int, extra: int, name: str):
     return cache
 
 
-def release(fm) -> None:
-    """Drop the model's caches and graphs and hand the freed blocks back to the driver. The caller must hold
-    no reference to a cache either: a cache still referenced stays allocated, and the next configuration's
-    memory check then reports the wrong largest batch (session 31: B = 16 x 32k "did not fit" beside a
-    finished B = 8 x 32k cache)."""
-    fm.caches.clear()
-    fm.graphs.clear()
-    if fm.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def step_ms(fm, cache, m: int) -> float:
     """One M-row pass (a chain of M nodes per row) against ``cache``, per-row positions from its length."""
     b, dev = cache.k.shape[1], fm.device
@@ -123,8 +112,8 @@ def part_vanilla(fm, args, bw, rows_out):
             rows_out.append(r)
             print(json.dumps(r), flush=True)
             table.append([b, ctx, f"{ms:.3f}", f"{r['tokens_per_s']:.0f}", f"{moved / 1e9:.2f}", f"{r['pct_copy_bw']:.0f}%"])
-            del cache                    # no reference left: the next size's memory check sees this memory free
-            release(fm)
+            del cache                    # no reference left (FastModel.drop_caches): the next size's check sees it free
+            fm.drop_caches()
     return tabulate(table, headers=["B", "context", "step ms", "tokens/s", "GB moved", "% copy BW"], tablefmt="github")
 
 
@@ -173,7 +162,7 @@ def part_magicdec(fm, args, bw, rows_out):
                           f"{t_verify:.2f}", f"{t_compact:.3f}", f"{t_round:.2f}", f"{t_round / t_step:.2f}",
                           f"{t_step / t_round:.2f}"])
             del main, scratch, idx
-            release(fm)
+            fm.drop_caches()
     return tabulate(table, headers=["B", "context", "vanilla step ms", "draft step ms", "gather ms", f"verify {gamma + 1} ms",
                                     "compact ms", "round ms", "round / step", "t_step / t_round"], tablefmt="github")
 
@@ -204,7 +193,7 @@ def part_finished(fm, args, bw, rows_out):
                 if full is None or half is None:
                     table.append([b, ctx, m, "does not fit", "", "", "", ""])
                     full = half = None
-                    release(fm)
+                    fm.drop_caches()
                     continue
                 t_all = step_ms(fm, full, m)
                 full.length_t[half_b:] = 0               # the finished half: masked dummies reading no prefix
@@ -225,7 +214,7 @@ def part_finished(fm, args, bw, rows_out):
                 table.append([b, ctx, m, f"{t_all:.3f}", f"{t_masked:.3f}", f"{t_half:.3f}", f"{t_copy:.3f}",
                               f"{r['pays_after_steps']:.1f}" if saving > 0 else "never"])
                 del full, half
-                release(fm)
+                fm.drop_caches()
     return tabulate(table, headers=["B", "context", "M", "all running ms", "half masked ms", "B/2 alone ms",
                                     "compaction copy ms", "compaction pays after (steps)"], tablefmt="github")
 

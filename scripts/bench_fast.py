@@ -226,7 +226,7 @@ def main() -> None:
                            peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, copy_bw_tbs=bw / 1e12,
                            device=torch.cuda.get_device_name())
                 if args.hf and ctx == min(args.contexts):
-                    fm.caches.clear(); fm.graphs.clear(); torch.cuda.empty_cache()
+                    fm.drop_caches()
                     row["hf_generate_tok_s"] = hf_generate_tps(model, ctx)
                 for n_vocab in (args.draft_vocab if args.glide else [None]):
                     r = dict(row)
@@ -239,7 +239,7 @@ def main() -> None:
                     out.write(json.dumps(r) + "\n")
                     out.flush()
                     print(json.dumps(r), flush=True)
-            fm.caches.clear(); fm.graphs.clear()
+            fm.drop_caches()
             del fm, model
             torch.cuda.empty_cache()
     headers = ["shape", "context", "prefill s", "step ms", "tok/s", "GB/step", "% copy BW", "verify-69 ms", "69/1",

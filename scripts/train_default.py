@@ -54,6 +54,7 @@ import default_corpus  # noqa: E402
 
 SPECIALS = ["<s>", "</s>", "<pad>"]
 SEQ_UL_NGRAM = 4   # the sequence-level unlikelihood's repeats: 4-grams, issue 21's distinct-4-gram measure
+SEQ_UL_MARKS = ("all", "entry")   # which tokens of a repeat it pushes down (repeated_ngram_mask's ``marks``)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Architectures (Llama, tied embeddings, head_dim 64 so the fast kernels apply).
@@ -390,8 +391,8 @@ def repeated_ngram_mask(seq: torch.Tensor, start: int, n: int = 4, marks: str = 
     the run's first one (the choice that closed the first repeated n-gram); the loop's later tokens are not pushed."""
     if n < 1:
         raise ValueError(f"n: got {n}; expected an integer >= 1")
-    if marks not in ("all", "entry"):
-        raise ValueError(f"marks: got {marks!r}; expected 'all' or 'entry'")
+    if marks not in SEQ_UL_MARKS:
+        raise ValueError(f"marks: got {marks!r}; expected one of {SEQ_UL_MARKS}")
     b, length = seq.shape
     mask = torch.zeros(b, length, dtype=torch.bool, device=seq.device)
     cont = seq[:, start:]
@@ -898,7 +899,7 @@ def main(argv=None) -> None:
     s.add_argument("--seq-ul-batch", type=int, default=16)
     s.add_argument("--seq-ul-prefix", type=int, default=32)
     s.add_argument("--seq-ul-len", type=int, default=96)
-    s.add_argument("--seq-ul-marks", choices=("all", "entry"), default="all", help="the sequence-level negatives: "
+    s.add_argument("--seq-ul-marks", choices=SEQ_UL_MARKS, default="all", help="the sequence-level negatives: "
                    "all (every token of a repeated 4-gram) or entry (only the token that closes a loop's first repeat)")
     s.add_argument("--seq-ul-source", default="all", help="where the sequence-level prefixes come from: all (the whole "
                    "training stream) or one source of the pack (e.g. stdlib: the prompts greedy_repetition.py scores are "

@@ -52,9 +52,10 @@ def tree_case(ctx: int, dev: str = "cuda", dt: torch.dtype = torch.bfloat16) -> 
     for d, i in enumerate(i for i in range(69) if mask[0, NODE, i]):
         k1[:, :, ctx + d] = k[:, :, ctx + i]
         v1[:, :, ctx + d] = v[:, :, ctx + i]
+    one_mask = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
     return dict(q=q, k=k, v=v, mask=mask, anc=ancestor_table(mask), plen=torch.tensor([ctx], dtype=torch.int32, device=dev),
                 k1=k1, v1=v1, plen1=torch.tensor([ctx + int(depth[NODE])], dtype=torch.int32, device=dev),
-                one_mask=(one_mask := torch.ones(1, 1, 1, dtype=torch.bool, device=dev)), one_anc=ancestor_table(one_mask))
+                one_mask=one_mask, one_anc=ancestor_table(one_mask))
 
 
 def main() -> None:
