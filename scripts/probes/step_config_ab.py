@@ -9,6 +9,11 @@ Also checks the property the rule must keep: the verification's root row equals 
 logits bit for bit. Prints a table, writes ``$OUT/probe_step_config_ab.jsonl``.
 
     python3 scripts/probes/step_config_ab.py [shape ...] [--ctx N]     # default: llama3-8b, ctx 1024
+    python3 scripts/probes/step_config_ab.py --ctx 32768 --library-only --attention-impl decode_attention_main
+
+``--attention-impl MODULE`` adds a row: the library's rule with the decode attention of
+``specdec.fast.kernels.MODULE`` (e.g. a copy of another commit's ``decode_attention.py``) swapped in;
+``--library-only`` skips the historical GEMM rules.
 """
 from __future__ import annotations
 
@@ -72,7 +77,15 @@ def main() -> None:
     ctx = 1024
     if "--ctx" in args:
         i = args.index("--ctx"); ctx = int(args[i + 1]); del args[i:i + 2]
+    impls = []
+    while "--attention-impl" in args:
+        i = args.index("--attention-impl"); impls.append(args[i + 1]); del args[i:i + 2]
+    library_only = "--library-only" in args
+    if library_only:
+        args.remove("--library-only")
     shapes = args or ["llama3-8b"]
+    import specdec.fast.kernels as kern
+    library_attention = kern.decode_attention
     rows, log = [], []
     for shape in shapes:
         fm = as_fast_model(random_model(shape))
@@ -85,10 +98,15 @@ def main() -> None:
         toks69 = torch.randint(0, fm.config.vocab_size, (1, 69), device="cuda")
         one = mask69[:, :1, :1].contiguous()
         res = {}
-        for label, rule in (("unswapped (s9)", unswapped_rule), ("SWAP tall (s10-s27)", s27_rule),
-                            ("library, pointer loads", no_tma_rule), ("session 28 (no tail)", s28_rule),
-                            ("library, s28 attention tiles", LIBRARY_RULE), ("library", LIBRARY_RULE)):
+        rules = [("unswapped (s9)", unswapped_rule), ("SWAP tall (s10-s27)", s27_rule),
+                 ("library, pointer loads", no_tma_rule), ("session 28 (no tail)", s28_rule),
+                 ("library, s28 attention tiles", LIBRARY_RULE)] if not library_only else []
+        rules += [(f"library, attention {impl}", LIBRARY_RULE) for impl in impls] + [("library", LIBRARY_RULE)]
+        for label, rule in rules:
             RG.row_linear_config = rule
+            if label.startswith("library, attention "):
+                impl = label[len("library, attention "):]
+                kern.decode_attention = importlib.import_module(f"specdec.fast.kernels.{impl}").decode_attention
             min_programs = DA.MIN_PROGRAMS
             if "s28 attention" in label:
                 DA.MIN_PROGRAMS = 0   # BLOCK_M = min(64, rows): the session-28 rule
@@ -101,6 +119,7 @@ def main() -> None:
             finally:
                 RG.row_linear_config = LIBRARY_RULE
                 DA.MIN_PROGRAMS = min_programs
+                kern.decode_attention = library_attention
             res[label] = (t1, t69)
             rows.append([shape, ctx, label, same, f"{t1:.3f}", f"{t69:.3f}", f"{t69 / t1:.2f}"])
             log.append(dict(shape=shape, ctx=ctx, rule=label, root_row_equals_step=same, step_ms=t1, verify69_ms=t69))
