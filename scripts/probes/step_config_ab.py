@@ -27,6 +27,7 @@ import triton
 from tabulate import tabulate
 
 from gemv_sweep import graph_ms   # the sibling probe (this folder is sys.path[0])
+import specdec.fast.kernels as kern
 import specdec.fast.kernels.rowgemm as RG
 from specdec.benchutil import random_model
 from specdec.fast.model import as_fast_model, prefill, step_forward
@@ -84,8 +85,8 @@ def main() -> None:
     if library_only:
         args.remove("--library-only")
     shapes = args or ["llama3-8b"]
-    import specdec.fast.kernels as kern
     library_attention = kern.decode_attention
+    swapped = {impl: importlib.import_module(f"specdec.fast.kernels.{impl}").decode_attention for impl in impls}
     rows, log = [], []
     for shape in shapes:
         fm = as_fast_model(random_model(shape))
@@ -98,15 +99,14 @@ def main() -> None:
         toks69 = torch.randint(0, fm.config.vocab_size, (1, 69), device="cuda")
         one = mask69[:, :1, :1].contiguous()
         res = {}
-        rules = [("unswapped (s9)", unswapped_rule), ("SWAP tall (s10-s27)", s27_rule),
-                 ("library, pointer loads", no_tma_rule), ("session 28 (no tail)", s28_rule),
-                 ("library, s28 attention tiles", LIBRARY_RULE)] if not library_only else []
-        rules += [(f"library, attention {impl}", LIBRARY_RULE) for impl in impls] + [("library", LIBRARY_RULE)]
-        for label, rule in rules:
+        rules = [("unswapped (s9)", unswapped_rule, None), ("SWAP tall (s10-s27)", s27_rule, None),
+                 ("library, pointer loads", no_tma_rule, None), ("session 28 (no tail)", s28_rule, None),
+                 ("library, s28 attention tiles", LIBRARY_RULE, None)] if not library_only else []
+        rules += [(f"library, attention {impl}", LIBRARY_RULE, fn) for impl, fn in swapped.items()]
+        rules += [("library", LIBRARY_RULE, None)]
+        for label, rule, attention in rules:
             RG.row_linear_config = rule
-            if label.startswith("library, attention "):
-                impl = label[len("library, attention "):]
-                kern.decode_attention = importlib.import_module(f"specdec.fast.kernels.{impl}").decode_attention
+            kern.decode_attention = attention or library_attention
             min_programs = DA.MIN_PROGRAMS
             if "s28 attention" in label:
                 DA.MIN_PROGRAMS = 0   # BLOCK_M = min(64, rows): the session-28 rule
