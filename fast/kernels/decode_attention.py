@@ -41,6 +41,11 @@ How (one launch plus the merge of :mod:`.tree_attention`):
   under no condition and the compiler pipelines them (``num_stages``). Same tiles, same order, same
   instructions per tile, so the same bits (BENCHMARKS "Session 30: the decode attention's prefix loop
   without a branch": the 69-row verification 25-33 % faster at 32k-128k on the H200).
+* **The largest splits start first.** The grid runs the splits outermost and in reverse (the last split, then
+  the long-context tiers' long splits, down to the 256-key ones), so the GPU's block scheduler starts the
+  programs with the most tiles first and fills the SMs' remaining time with the short ones, instead of
+  leaving an SM to finish three long splits after the others are done. Which program runs when is not
+  part of any row's arithmetic: same bits.
 * **No FMA contraction.** The kernel is compiled with ``enable_fp_fusion=False``, so every multiply and
   add rounds once, as written, on both tile paths. With contraction on, the compiler was free to fuse
   the two paths differently (on the shared path ``s`` flows straight into ``s - m``; on the per-node
@@ -186,8 +191,8 @@ def _decode_attention_kernel(
     IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)   # a block of packed rows (row = node * GROUP + g)
-    pid_s = tl.program_id(1)   # split s: key positions _split_range(s)
-    pid_z = tl.program_id(2)   # b * H_KV + kv head
+    pid_z = tl.program_id(1)   # b * H_KV + kv head
+    pid_s = NUM_SPLITS - 1 - tl.program_id(2)   # split s: key positions _split_range(s), the last split first
     b = pid_z // H_KV
     hkv = pid_z % H_KV
     b64 = b.to(tl.int64)
@@ -385,7 +390,7 @@ def decode_attention(
     o_part = torch.empty((b * hkv, num_splits, rows, d), device=q.device, dtype=torch.float32)
     l_part = torch.empty((b * hkv, num_splits, rows), device=q.device, dtype=torch.float32)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    grid = (triton.cdiv(rows, cfg["block_m"]), num_splits, b * hkv)
+    grid = (triton.cdiv(rows, cfg["block_m"]), b * hkv, num_splits)   # splits outermost, last first
     _decode_attention_kernel[grid](
         q, k, v, o_part, l_part, plen, anc, depth,
         *q.stride(), *k.stride(), *v.stride(),
