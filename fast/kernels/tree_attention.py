@@ -449,11 +449,13 @@ def split_attention(
     return merge_partials(o_part, l_part, out, hkv, group)
 
 
-def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, hkv: int, group: int) -> torch.Tensor:
+def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, hkv: int, group: int,
+                   stages: int = 3) -> torch.Tensor:
     """Launch :func:`_merge_kernel`: the partials ``o_part`` [B*Hkv, parts, rows, D] / ``l_part`` [B*Hkv, parts,
     rows] (base-2 lse) merged in part order into ``out`` [B, Hq, M, D]; returns ``out``. 8 rows per program,
-    partials streamed through a 3-deep pipeline (measured on H100, BENCHMARKS "Session 6": 2-9 us faster per
-    call than one [parts, rows, D] tile per program)."""
+    partials streamed through a ``stages``-deep pipeline (3: measured on H100, BENCHMARKS "Session 6": 2-9 us
+    faster per call than one [parts, rows, D] tile per program). The depth changes when a partial's loads are
+    issued, never the arithmetic: the same bits at any depth."""
     rows, d = o_part.shape[2], o_part.shape[3]
     block_r = 8
     _merge_kernel[(triton.cdiv(rows, block_r), o_part.shape[0])](
@@ -462,7 +464,7 @@ def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor
         l_part.stride(0), l_part.stride(1),
         *out.stride(),
         hkv, rows, o_part.shape[1],
-        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=next_pow2(d), STAGES=3,
+        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=next_pow2(d), STAGES=stages,
         num_warps=4,
     )
     return out

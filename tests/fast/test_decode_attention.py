@@ -194,6 +194,29 @@ def test_gpu_rows_equal_one_token_steps(dtype, hq, hkv, dim):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("parts,rows", [(45, 4), (69, 4), (69, 276)])
+def test_gpu_merge_depth_is_not_part_of_the_bits(parts, rows):
+    """The merge's pipeline depth (``merge_partials(stages=...)``) only changes when the partials' loads are
+    issued: the same bits at every depth, empty partials (lse -inf) included. Only the GPU pipelines the loop;
+    the interpreter ignores the depth, so this runs on CUDA only. 45 / 69 parts: a 32k / 128k step's splits."""
+    from specdec.fast.kernels.tree_attention import merge_partials
+
+    g = torch.Generator().manual_seed(parts + rows)
+    o_part = torch.randn(8, parts, rows, 128, generator=g).cuda()
+    l_part = (torch.randn(8, parts, rows, generator=g) * 4).cuda()
+    l_part[:, -3:, : rows // 2] = float("-inf")   # trailing empty splits, as a shallow row of a deep tree sees
+    outs = []
+    for stages in (1, 3, 6, 10, 16):
+        out = torch.full((1, 32, rows // 4, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+        outs.append(merge_partials(o_part, l_part, out, 8, 4, stages=stages))
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    w = torch.softmax(l_part * torch.log(torch.tensor(2.0)), dim=1)           # base-2 lse -> weights per part
+    want = (w[..., None] * o_part).sum(1).reshape(1, 8, rows // 4, 4, 128).permute(0, 1, 3, 2, 4).reshape(1, 32, rows // 4, 128)
+    torch.testing.assert_close(outs[0].float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
 def test_gpu_128_rows_and_batch_of_8():
     gen = torch.Generator().manual_seed(11)
     parents = [random_tree(128, gen) for _ in range(8)]
