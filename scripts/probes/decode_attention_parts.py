@@ -53,7 +53,9 @@ def _merge_chunked_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     P_MAX: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """The second merge design: max over all partials (one [P_MAX, R] load), then CHUNK partials per iteration."""
+    """The second merge design: max over all partials (one [P_MAX, R] load), then CHUNK partials per iteration.
+    Its row mapping and output store are :func:`specdec.fast.kernels.tree_attention._merge_kernel`'s, written out
+    here only while the design is a candidate; if it wins, it replaces that kernel's loop rather than sitting beside it."""
     pid_r = tl.program_id(0)
     pid_z = tl.program_id(1)
     b = pid_z // H_KV
@@ -138,45 +140,44 @@ def main() -> None:
             def call(kk, vv):
                 return da.decode_attention(q, kk, vv, plen, mask, ancestors=anc, max_prefix=ctx)
 
-            def timed(fn) -> float:   # us per call
-                return time_ms(graphed(lambda: [fn(kk, vv) for kk, vv in kvs]), flush, args.reps) / len(kvs) * 1e3
+            def per_call_us(calls) -> float:   # ``calls()`` runs len(kvs) calls: one graph of them, us per call
+                return time_ms(graphed(calls), flush, args.reps) / len(kvs) * 1e3
 
-            full = timed(call)
+            full = per_call_us(lambda: [call(kk, vv) for kk, vv in kvs])
             real_merge = da.merge_partials
             da.merge_partials = lambda o_part, l_part, out, hkv, group: out   # the split kernel alone
             try:
-                split = timed(call)
+                split = per_call_us(lambda: [call(kk, vv) for kk, vv in kvs])
             finally:
                 da.merge_partials = real_merge
-            rows = m * (HQ // HKV)
+            group = HQ // HKV
             parts = da.num_splits_for(ctx + m)
-            o_part = torch.randn(HKV, parts, rows, D, device=dev, dtype=torch.float32, generator=g)
-            l_part = torch.randn(HKV, parts, rows, device=dev, dtype=torch.float32, generator=g)
+            o_part = torch.randn(HKV, parts, m * group, D, device=dev, dtype=torch.float32, generator=g)
+            l_part = torch.randn(HKV, parts, m * group, device=dev, dtype=torch.float32, generator=g)
             outs = [torch.empty(1, HQ, m, D, device=dev, dtype=dt) for _ in kvs]
-            merges, first = {}, None
+            stage_us, stage_same, first = {}, {}, None     # the library merge at each pipeline depth
             for st in args.merge_stages:
-                merges[st] = time_ms(graphed(lambda: [merge_partials(o_part, l_part, o, HKV, HQ // HKV, stages=st)
-                                                      for o in outs]), flush, args.reps) / len(outs) * 1e3
+                stage_us[st] = per_call_us(lambda: [merge_partials(o_part, l_part, o, HKV, group, stages=st) for o in outs])
                 first = outs[0].clone() if first is None else first
-                merges[f"equal_{st}"] = torch.equal(outs[0], first)
-            merge = merges[args.merge_stages[0]]
+                stage_same[st] = torch.equal(outs[0], first)
+            chunk_us, chunk_ok = {}, {}                    # the second design: close to the library, trailing-empty exact
             for ch in args.chunks:
-                t = time_ms(graphed(lambda: [merge_chunked(o_part, l_part, o, HKV, HQ // HKV, chunk=ch) for o in outs]),
-                            flush, args.reps) / len(outs) * 1e3
-                close = torch.allclose(outs[0].float(), first.float(), atol=2e-2, rtol=2e-2)
-                merges[f"chunk{ch}"] = t
-                merges[f"equal_chunk{ch}"] = close and chunked_trailing_empty_ok(o_part, l_part, HKV, HQ // HKV, ch)
-            kv_bytes = 2 * HKV * ctx * D * 2
+                chunk_us[ch] = per_call_us(lambda: [merge_chunked(o_part, l_part, o, HKV, group, chunk=ch) for o in outs])
+                chunk_ok[ch] = (torch.allclose(outs[0].float(), first.float(), atol=2e-2, rtol=2e-2)
+                                and chunked_trailing_empty_ok(o_part, l_part, HKV, group, ch))
+            merge = stage_us[args.merge_stages[0]]
+            kv_bytes = 2 * HKV * ctx * D * kvs[0][0].element_size()
+            pct = {name: 100 * kv_bytes / (us * 1e-6) / bw for name, us in (("full", full), ("split", split))}
             rec = dict(context=ctx, m=m, splits=parts, full_us=full, split_only_us=split, merge_only_us=merge,
-                       merge_by_stages={str(k): v for k, v in merges.items()},
-                       kv_read_pct_of_copy=100 * kv_bytes / (full * 1e-6) / bw, copy_gbs=bw / 1e9)
+                       merge_us_by_stages=stage_us, merge_same_bits_by_stages=stage_same,
+                       chunked_merge_us=chunk_us, chunked_merge_ok=chunk_ok,
+                       kv_read_pct_of_copy=pct["full"], copy_gbs=bw / 1e9)
             log.append(rec)
             print(json.dumps(rec), flush=True)
             table.append([ctx, m, parts, f"{full:.1f}", f"{split:.1f}", f"{merge:.1f}",
-                          f"{100 * kv_bytes / (full * 1e-6) / bw:.0f} %", f"{100 * kv_bytes / (split * 1e-6) / bw:.0f} %",
-                          " ".join(f"{st}:{merges[st]:.1f}{'' if merges[f'equal_{st}'] else '!'}" for st in args.merge_stages),
-                          " ".join(f"{ch}:{merges[f'chunk{ch}']:.1f}{'' if merges[f'equal_chunk{ch}'] else '!'}"
-                                   for ch in args.chunks)])
+                          f"{pct['full']:.0f} %", f"{pct['split']:.0f} %",
+                          " ".join(f"{st}:{us:.1f}{'' if stage_same[st] else '!'}" for st, us in stage_us.items()),
+                          " ".join(f"{ch}:{us:.1f}{'' if chunk_ok[ch] else '!'}" for ch, us in chunk_us.items())])
         del kvs
         torch.cuda.empty_cache()
     with open(os.path.join(OUT, "probe_decode_attention_parts.jsonl"), "w") as f:
