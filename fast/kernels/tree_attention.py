@@ -27,9 +27,11 @@ How it runs (two launches):
      ``tree_mask[b, node, j]`` applied to the scores.
    * Each program runs an online softmax in fp32 and writes a partial ``(o, lse)`` in fp32:
      ``o`` already normalised, ``lse`` the log-sum-exp of its scores.
-2. ``_merge_kernel``, grid ``(row chunks, B * Hkv)``, the partials of 8 rows streamed through a
-   software pipeline with a running max: ``o = sum_p 2^(lse_p - max) o_p / sum_p 2^(lse_p - max)``,
-   written in q's dtype into ``[B, Hq, M, D]``.
+2. ``_merge_kernel``, grid ``(row blocks, B * Hkv, D blocks)``: ``o = sum_p 2^(lse_p - max) o_p /
+   sum_p 2^(lse_p - max)``, written in q's dtype into ``[B, Hq, M, D]``. Partial ``p`` goes to lane
+   ``p % 16``; each lane keeps a running max over its partials (16 loaded per iteration, software-
+   pipelined), then one fixed-shape reduction combines the lanes. The order is fixed by the partial
+   index alone, and trailing empty partials change no bit.
 
 Log base: EVERY lse stored or combined here is base 2. Scores are scaled by
 ``sm_scale * log2(e)`` once (so ``exp(s * sm_scale) = exp2(s * qk_scale)``) and all exponentials
@@ -250,38 +252,56 @@ def _merge_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H_KV, ROWS, NUM_PARTS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # A program merges BLOCK_R packed rows, one partial per iteration with a running base-2
-    # max (the online-softmax rule once more). The loads of an iteration do not depend on the
-    # previous one, so the loop is software-pipelined (STAGES partials in flight): the merge costs
-    # about one memory latency instead of one per partial, and the partial count is a runtime
-    # bound (no new compilation when the split count changes with the prompt length).
+    # A program merges BLOCK_R packed rows x BLOCK_D columns. Partial p goes to lane p % LANES;
+    # each lane runs the online-softmax rule (a running base-2 max) over its own partials, LANES
+    # partials loaded per iteration, so the dependent chain is ceil(parts / LANES) steps long, not
+    # parts (the merge is latency-bound: a 32k step merges 45 partials of 4 rows). Then the lanes'
+    # states are combined by one reduction over a [LANES, BLOCK_R, BLOCK_D] tile. Every constexpr and
+    # the warp count are the same for every launch, so the tile's layout -- and with it the order in
+    # which a row's partials are added -- depends on nothing but the partial index: a row's bits do
+    # not change with M, the batch or the other rows. A partial that is empty for a row (o = 0,
+    # lse = -inf) leaves its lane exactly as it was (alpha = 1, weight 0), and a lane that saw
+    # nothing adds exact zeros, so trailing empty partials (a deeper tree's extra splits) change no
+    # bit. The loads of an iteration do not depend on the previous one: the loop is
+    # software-pipelined (STAGES iterations in flight; the depth never changes the arithmetic).
     pid_r = tl.program_id(0)
     pid_z = tl.program_id(1)
+    pid_d = tl.program_id(2)
     b = pid_z // H_KV
     hkv = pid_z % H_KV
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < ROWS
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    l_base = L_part + pid_z.to(tl.int64) * stride_lz + offs_r                                   # [R]
-    o_base = O_part + pid_z.to(tl.int64) * stride_pz + offs_r[:, None] * stride_pr + offs_d[None, :]  # [R, D]
+    offs_w = tl.arange(0, LANES)
+    l_base = L_part + pid_z.to(tl.int64) * stride_lz + offs_r[None, :]                                   # [1, R]
+    o_base = (O_part + pid_z.to(tl.int64) * stride_pz + offs_r[None, :, None] * stride_pr
+              + offs_d[None, None, :])                                                                    # [1, R, D]
 
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)   # running max of the lse seen so far
-    wsum = tl.zeros([BLOCK_R], dtype=tl.float32)              # sum of 2^(lse_p - m)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)      # sum of 2^(lse_p - m) * o_p
-    for p in tl.range(0, NUM_PARTS, num_stages=STAGES):
-        lse = tl.load(l_base + p * stride_lp, mask=r_ok, other=float("-inf"))
-        o_p = tl.load(o_base + p * stride_pp, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.full([LANES, BLOCK_R], float("-inf"), dtype=tl.float32)   # each lane's running max of its lse
+    wsum = tl.zeros([LANES, BLOCK_R], dtype=tl.float32)              # sum of 2^(lse_p - m) over the lane
+    acc = tl.zeros([LANES, BLOCK_R, BLOCK_D], dtype=tl.float32)      # sum of 2^(lse_p - m) * o_p over the lane
+    for p0 in tl.range(0, NUM_PARTS, LANES, num_stages=STAGES):
+        p = p0 + offs_w
+        ok = (p < NUM_PARTS)[:, None] & r_ok[None, :]                                                    # [W, R]
+        lse = tl.load(l_base + p[:, None] * stride_lp, mask=ok, other=float("-inf"))
+        o_p = tl.load(o_base + p[:, None, None] * stride_pp, mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)
         m_new = tl.maximum(m, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # nothing seen yet: no -inf - -inf
         alpha = tl.math.exp2(m - m_safe)
         w = tl.math.exp2(lse - m_safe)                           # an empty partial (lse = -inf) weighs 0
-        acc = acc * alpha[:, None] + w[:, None] * o_p
+        acc = acc * alpha[:, :, None] + w[:, :, None] * o_p
         wsum = wsum * alpha + w
         m = m_new
-    out = acc / tl.where(wsum > 0.0, wsum, 1.0)[:, None]     # a row that saw no key at all -> 0
+    # -- combine the lanes: the max is exact in any order; the sums follow the fixed tile -----------
+    mx = tl.max(m, 0)                                                                                     # [R]
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    scale = tl.math.exp2(m - mx_safe[None, :])                      # [W, R]; a lane that saw nothing: 0
+    num = tl.sum(acc * scale[:, :, None], 0)
+    den = tl.sum(wsum * scale, 0)
+    out = num / tl.where(den > 0.0, den, 1.0)[:, None]              # a row that saw no key at all -> 0
 
     # -- write rows r = node * GROUP + g of [B, Hq, M, D] in the output dtype ---------------------
     node = offs_r // GROUP
@@ -449,23 +469,30 @@ def split_attention(
     return merge_partials(o_part, l_part, out, hkv, group)
 
 
+# The merge's one tile configuration (LANES, BLOCK_R, BLOCK_D, warps): fixed for every launch -- it decides a row's
+# summation order, so it may not follow M, the batch or the part count. Chosen on an H100 (BENCHMARKS "Session 34:
+# the merge in lanes"): 16 lanes x 4 rows x 32 columns, 2 warps was the fastest of eleven tiles over the 32k / 128k
+# step and 69-row merges taken together.
+MERGE_LANES, MERGE_BLOCK_R, MERGE_BLOCK_D, MERGE_WARPS = 16, 4, 32, 2
+
+
 def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, hkv: int, group: int,
-                   stages: int = 3) -> torch.Tensor:
+                   stages: int = 2) -> torch.Tensor:
     """Launch :func:`_merge_kernel`: the partials ``o_part`` [B*Hkv, parts, rows, D] / ``l_part`` [B*Hkv, parts,
-    rows] (base-2 lse) merged in part order into ``out`` [B, Hq, M, D]; returns ``out``. 8 rows per program,
-    partials streamed through a ``stages``-deep pipeline (3: measured on H100, BENCHMARKS "Session 6": 2-9 us
-    faster per call than one [parts, rows, D] tile per program). The depth changes when a partial's loads are
-    issued, never the arithmetic: the same bits at any depth."""
+    rows] (fp32, base-2 lse) merged into ``out`` [B, Hq, M, D] (``rows = M * group``, row ``node * group + g``);
+    returns ``out``. Matches the reference's log-sum-exp merge (:func:`specdec.ref.attention.merge_attention`)
+    within fp32 rounding; its own order is fixed by the partial index alone (see the kernel). Grid ``(row blocks,
+    B*Hkv, D blocks)``; ``stages`` iterations of LANES partials in flight (the depth changes when loads are
+    issued, never the arithmetic: the same bits at any depth)."""
     rows, d = o_part.shape[2], o_part.shape[3]
-    block_r = 8
-    _merge_kernel[(triton.cdiv(rows, block_r), o_part.shape[0])](
+    _merge_kernel[(triton.cdiv(rows, MERGE_BLOCK_R), o_part.shape[0], triton.cdiv(d, MERGE_BLOCK_D))](
         o_part, l_part, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         l_part.stride(0), l_part.stride(1),
         *out.stride(),
         hkv, rows, o_part.shape[1],
-        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=next_pow2(d), STAGES=stages,
-        num_warps=4,
+        GROUP=group, HEAD_DIM=d, BLOCK_R=MERGE_BLOCK_R, BLOCK_D=MERGE_BLOCK_D, LANES=MERGE_LANES, STAGES=stages,
+        num_warps=MERGE_WARPS, enable_fp_fusion=False,   # as measured; one rounding per multiply and add
     )
     return out
 

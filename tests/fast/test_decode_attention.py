@@ -193,6 +193,39 @@ def test_gpu_rows_equal_one_token_steps(dtype, hq, hkv, dim):
         assert torch.equal(decode_attention(q, k, v, plen, mask, config=cfg), out), block_m
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_merge_order_is_fixed_by_the_partial_index(out_dtype):
+    """``merge_partials``: the log-sum-exp merge's value, and a row's bits depend only on its own partials --
+    not on how many rows the launch merges, and not on trailing partials that are empty for it (a deeper tree
+    row at the same position has more splits than the one-token step). 21 parts: two iterations of the 16
+    lanes; D 48: a partial column block."""
+    from specdec.fast.kernels.tree_attention import merge_partials
+
+    hkv, group, parts, nodes, d = 2, 4, 21, 3, 48
+    rows = nodes * group
+    g = torch.Generator().manual_seed(5)
+    o_part = torch.randn(hkv, parts, rows, d, generator=g)
+    l_part = torch.randn(hkv, parts, rows, generator=g) * 4
+    o_part[:, 7, 2], l_part[:, 7, 2] = 0.0, float("-inf")        # a split empty for one row, as the kernel writes it
+
+    def merge(o, lse):
+        out = torch.full((1, hkv * group, o.shape[2] // group, d), float("nan"), dtype=out_dtype)
+        return merge_partials(o.contiguous(), lse.contiguous(), out, hkv, group)
+
+    out = merge(o_part, l_part)
+    w = torch.softmax(l_part * torch.log(torch.tensor(2.0)), dim=1)          # base-2 lse -> weights per part
+    want = ((w[..., None] * o_part).sum(1).reshape(1, hkv, nodes, group, d).permute(0, 1, 3, 2, 4)
+            .reshape(1, hkv * group, nodes, d))
+    torch.testing.assert_close(out.float(), want, atol=TOL[out_dtype], rtol=TOL[out_dtype])
+    for extra in (3, 17):   # trailing splits empty for every row: the same bits
+        o2 = torch.cat([o_part, torch.zeros(hkv, extra, rows, d)], 1)
+        l2 = torch.cat([l_part, torch.full((hkv, extra, rows), float("-inf"))], 1)
+        assert torch.equal(merge(o2, l2), out), extra
+    for node in range(nodes):   # each node's rows merged alone: the same bits
+        sl = slice(node * group, (node + 1) * group)
+        assert torch.equal(merge(o_part[:, :, sl], l_part[:, :, sl])[:, :, 0], out[:, :, node]), node
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("parts,rows", [(45, 4), (69, 4), (69, 276)])
 def test_gpu_merge_depth_is_not_part_of_the_bits(parts, rows):
