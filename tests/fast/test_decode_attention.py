@@ -198,7 +198,7 @@ def test_merge_order_is_fixed_by_the_partial_index(out_dtype):
     """``merge_partials``: the log-sum-exp merge's value, and a row's bits depend only on its own partials --
     not on how many rows the launch merges, and not on trailing partials that are empty for it (a deeper tree
     row at the same position has more splits than the one-token step). 21 parts: two iterations of the 16
-    lanes; D 48: a partial column block."""
+    lanes; D 48: a partial column block. Inputs and output also as strided views into NaN-poisoned buffers."""
     from specdec.fast.kernels.tree_attention import merge_partials
 
     hkv, group, parts, nodes, d = 2, 4, 21, 3, 48
@@ -224,6 +224,16 @@ def test_merge_order_is_fixed_by_the_partial_index(out_dtype):
     for node in range(nodes):   # each node's rows merged alone: the same bits
         sl = slice(node * group, (node + 1) * group)
         assert torch.equal(merge(o_part[:, :, sl], l_part[:, :, sl])[:, :, 0], out[:, :, node]), node
+    # strided views into NaN-poisoned buffers: only the views may be read (a NaN partial past the count would
+    # poison the row's max) or written (the padding stays NaN), and the bits are those of contiguous inputs
+    nan = float("nan")
+    o_buf = torch.full((hkv, parts + 2, rows + 3, d + 16), nan)
+    l_buf = torch.full((hkv, parts + 2, rows + 3), nan)
+    o_buf[:, :parts, :rows, :d], l_buf[:, :parts, :rows] = o_part, l_part
+    out_buf = torch.full((1, hkv * group, nodes + 1, d + 16), nan, dtype=out_dtype)
+    view = merge_partials(o_buf[:, :parts, :rows, :d], l_buf[:, :parts, :rows], out_buf[:, :, :nodes, :d], hkv, group)
+    assert torch.equal(view, out)
+    assert out_buf[:, :, nodes:].isnan().all() and out_buf[..., d:].isnan().all()
 
 
 @pytest.mark.gpu
