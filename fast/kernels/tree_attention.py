@@ -60,6 +60,7 @@ from ._common import (
     check_int_tensor,
     check_tensor,
     graph_capturing,
+    interpreter_active,
     next_pow2,
     sm_count,
 )
@@ -474,6 +475,10 @@ def split_attention(
 # the merge in lanes"): 16 lanes x 4 rows x 32 columns, 2 warps was the fastest of eleven tiles over the 32k / 128k
 # step and 69-row merges taken together.
 MERGE_LANES, MERGE_BLOCK_R, MERGE_BLOCK_D, MERGE_WARPS = 16, 4, 32, 2
+# Under the Triton interpreter (CPU) a launch costs per program, not per byte, so it takes one tile of 32 rows and
+# the whole head dim (the same lanes: the same algorithm, and again one fixed tile per head dim for every launch,
+# so the CPU tests check the same invariances); 2-4x fewer interpreted programs than the GPU tile on test shapes.
+MERGE_INTERPRETER_BLOCK_R = 32
 
 
 def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, hkv: int, group: int,
@@ -485,13 +490,15 @@ def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor
     B*Hkv, D blocks)``; ``stages`` iterations of LANES partials in flight (the depth changes when loads are
     issued, never the arithmetic: the same bits at any depth)."""
     rows, d = o_part.shape[2], o_part.shape[3]
-    _merge_kernel[(triton.cdiv(rows, MERGE_BLOCK_R), o_part.shape[0], triton.cdiv(d, MERGE_BLOCK_D))](
+    block_r, block_d = ((MERGE_INTERPRETER_BLOCK_R, next_pow2(d)) if interpreter_active()
+                        else (MERGE_BLOCK_R, MERGE_BLOCK_D))
+    _merge_kernel[(triton.cdiv(rows, block_r), o_part.shape[0], triton.cdiv(d, block_d))](
         o_part, l_part, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         l_part.stride(0), l_part.stride(1),
         *out.stride(),
         hkv, rows, o_part.shape[1],
-        GROUP=group, HEAD_DIM=d, BLOCK_R=MERGE_BLOCK_R, BLOCK_D=MERGE_BLOCK_D, LANES=MERGE_LANES, STAGES=stages,
+        GROUP=group, HEAD_DIM=d, BLOCK_R=block_r, BLOCK_D=block_d, LANES=MERGE_LANES, STAGES=stages,
         num_warps=MERGE_WARPS, enable_fp_fusion=False,   # as measured; one rounding per multiply and add
     )
     return out
