@@ -485,10 +485,11 @@ def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor
                    stages: int = 2) -> torch.Tensor:
     """Launch :func:`_merge_kernel`: the partials ``o_part`` [B*Hkv, parts, rows, D] / ``l_part`` [B*Hkv, parts,
     rows] (fp32, base-2 lse) merged into ``out`` [B, Hq, M, D] (``rows = M * group``, row ``node * group + g``);
-    returns ``out``. Matches the reference's log-sum-exp merge (:func:`specdec.ref.attention.merge_attention`)
-    within fp32 rounding; its own order is fixed by the partial index alone (see the kernel). Grid ``(row blocks,
-    B*Hkv, D blocks)``; ``stages`` iterations of LANES partials in flight (the depth changes when loads are
-    issued, never the arithmetic: the same bits at any depth)."""
+    returns ``out``. Matches folding the partials one by one through the reference's log-sum-exp merge
+    (:func:`specdec.ref.attention.merge_attention`, natural-log lse = base-2 lse x ln 2) within fp32 rounding; its
+    own order is fixed by the partial index alone (see the kernel). Grid ``(row blocks, B*Hkv, D blocks)``;
+    ``stages`` iterations of LANES partials in flight (the depth changes when loads are issued, never the
+    arithmetic: the same bits at any depth)."""
     rows, d = o_part.shape[2], o_part.shape[3]
     block_r, block_d = ((MERGE_INTERPRETER_BLOCK_R, next_pow2(d)) if interpreter_active()
                         else (MERGE_BLOCK_R, MERGE_BLOCK_D))
