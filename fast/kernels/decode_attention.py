@@ -28,8 +28,8 @@ How (one launch plus the merge of :mod:`.tree_attention`):
 * **Splits by absolute position.** Split s covers a FIXED range of positions (:data:`SPLIT_TIERS`:
   256 keys each below position 4096, 1024 below 32768, 4096 beyond), never chosen from M, the batch
   or the prompt length; a row's partials are merged in an order fixed by the split index alone
-  (:func:`.tree_attention.merge_partials`: split s in lane s % 16, the lanes combined by one fixed
-  tile; an empty split is an exact no-op in the merge).
+  (:func:`.tree_attention.merge_partials`: split s in lane s % ``MERGE_LANES``, the lanes combined by
+  one fixed tile; an empty split is an exact no-op in the merge).
 * **One arithmetic per tile.** A tile wholly below ``prefix_len`` is shared by all rows of the
   program (one ``q @ K^T`` for the packed ``BLOCK_M`` rows); a tile that reaches the tree is built
   per node (a loop over the program's nodes, each with its own gathered K and V, the rows of other

@@ -2,9 +2,9 @@
 """Probe (sessions 33-34): where the one-token step's decode attention spends its time -- the split kernel vs the merge.
 
 ``decode_attention`` is two launches: the split kernel (one program per row block x KV head x split, each writing
-an fp32 partial) and :func:`merge_partials` (the partials merged in split order). At the Llama-3-8B attention
-shape (32 query heads, 8 KV heads, D 128, bf16) this probe times, per call, as a CUDA graph of ``--layers``
-back-to-back calls each on its own K/V (L2 flushed before the graph):
+an fp32 partial) and :func:`merge_partials` (the partials merged in an order fixed by the split index). At the
+Llama-3-8B attention shape (32 query heads, 8 KV heads, D 128, bf16) this probe times, per call, as a CUDA graph of
+``--layers`` back-to-back calls each on its own K/V (L2 flushed before the graph):
 
 * ``full``: the library call (split kernel + merge);
 * ``split only``: the same call with the merge replaced by nothing (the partials are written, never merged);
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -35,8 +36,6 @@ from tabulate import tabulate
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_kernels import copy_bandwidth, graphed, time_ms  # noqa: E402  (the kernel benchmark's timers)
-
-import importlib
 
 da = importlib.import_module("specdec.fast.kernels.decode_attention")   # the module (the package exports the function)
 ta = importlib.import_module("specdec.fast.kernels.tree_attention")

@@ -193,6 +193,15 @@ def test_gpu_rows_equal_one_token_steps(dtype, hq, hkv, dim):
         assert torch.equal(decode_attention(q, k, v, plen, mask, config=cfg), out), block_m
 
 
+def _merged_want(o_part: torch.Tensor, l_part: torch.Tensor, hkv: int, group: int) -> torch.Tensor:
+    """What ``merge_partials`` computes, eagerly: the partials [hkv, parts, rows, D] weighted by the softmax of their
+    base-2 lse over the parts, as [1, hkv * group, rows // group, D] (row ``node * group + g``)."""
+    w = torch.softmax(l_part * torch.log(torch.tensor(2.0)), dim=1)          # base-2 lse -> weights per part
+    merged = (w[..., None] * o_part).sum(1)                                   # [hkv, rows, D]
+    nodes, d = o_part.shape[2] // group, o_part.shape[3]
+    return merged.reshape(1, hkv, nodes, group, d).permute(0, 1, 3, 2, 4).reshape(1, hkv * group, nodes, d)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_merge_order_is_fixed_by_the_partial_index(out_dtype):
     """``merge_partials``: the log-sum-exp merge's value, and a row's bits depend only on its own partials --
@@ -213,9 +222,7 @@ def test_merge_order_is_fixed_by_the_partial_index(out_dtype):
         return merge_partials(o.contiguous(), lse.contiguous(), out, hkv, group)
 
     out = merge(o_part, l_part)
-    w = torch.softmax(l_part * torch.log(torch.tensor(2.0)), dim=1)          # base-2 lse -> weights per part
-    want = ((w[..., None] * o_part).sum(1).reshape(1, hkv, nodes, group, d).permute(0, 1, 3, 2, 4)
-            .reshape(1, hkv * group, nodes, d))
+    want = _merged_want(o_part, l_part, hkv, group)
     torch.testing.assert_close(out.float(), want, atol=TOL[out_dtype], rtol=TOL[out_dtype])
     for extra in (3, 17):   # trailing splits empty for every row: the same bits
         o2 = torch.cat([o_part, torch.zeros(hkv, extra, rows, d)], 1)
@@ -254,9 +261,7 @@ def test_gpu_merge_depth_is_not_part_of_the_bits(parts, rows):
         outs.append(merge_partials(o_part, l_part, out, 8, 4, stages=stages))
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
-    w = torch.softmax(l_part * torch.log(torch.tensor(2.0)), dim=1)           # base-2 lse -> weights per part
-    want = (w[..., None] * o_part).sum(1).reshape(1, 8, rows // 4, 4, 128).permute(0, 1, 3, 2, 4).reshape(1, 32, rows // 4, 128)
-    torch.testing.assert_close(outs[0].float(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outs[0].float(), _merged_want(o_part, l_part, 8, 4), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
