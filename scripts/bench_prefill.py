@@ -23,7 +23,10 @@ fp32 on CPU), batch 1, for each context (ascending; a fresh cache of ``context +
   enable_gqa=True)`` under the cuDNN backend x num_layers (the best attention kernel at hand);
   ``attn_flash`` -- the same under the flash backend (the kernel the new path runs) x num_layers;
   ``gemm`` -- one chunk's four projections of layer 0 (wqkv, wo, w13, w2; cuBLAS) x num_layers x chunks;
-  ``cudnn+gemm`` -- their sum, roughly the attainable TTFT.
+  ``cudnn+gemm`` -- their sum, roughly the attainable TTFT;
+  ``skeleton`` -- the same calls (every layer's own weights) run back to back as one prefill runs them, nothing
+  else (:func:`anchor_skeleton`): what the anchors' kernels cost under a sustained load; ``skeleton_attn`` -- only
+  its attention calls, back to back.
 
 TTFT = prefill + the first token's argmax, synchronised, after a warm-up prefill of two chunks per path
 (kernels compiled, backends initialised); ``--reps`` timed runs, the fastest reported. Peak GiB =
@@ -245,6 +248,47 @@ def anchor_gemm(fm, ctx: int, chunk_size: int, dev: torch.device) -> float:
     return time_s(projections, dev, reps=5, warmup=2) * c.num_layers * math.ceil(ctx / n)
 
 
+def anchor_skeleton(fm, ctx: int, chunk_size: int, dev: torch.device, reps: int, gemms: bool = True) -> float | None:
+    """Seconds of the anchors' operations run BACK TO BACK as one prefill would run them, nothing else: per layer
+    (its own weights), every chunk's four projections (cuBLAS) and ONE whole-prompt causal cuDNN attention with
+    grouped KV heads; then the last row's lm_head. The ``attn_cudnn`` and ``gemm`` anchors time one call each,
+    alone, on an idle card, and multiply; this one runs the whole sequence of calls, so it also pays what a
+    sustained prefill pays (clocks under a long full load, caches evicted by the next layer's weights). With
+    ``gemms=False`` only the attention calls run, back to back. None when cuDNN refuses (no CUDA, or a build
+    without it)."""
+    if dev.type != "cuda":
+        return None
+    c, w = fm.config, fm.w
+    n = min(chunk_size, ctx)
+    g = torch.Generator(device=dev).manual_seed(2)
+    x = torch.randn(1, n, c.hidden_size, device=dev, dtype=fm.dtype, generator=g)
+    a = torch.randn(1, n, w["layers.0.wo"].shape[1], device=dev, dtype=fm.dtype, generator=g)
+    m = torch.randn(1, n, w["layers.0.w2"].shape[1], device=dev, dtype=fm.dtype, generator=g)
+    q = torch.randn(1, c.num_heads, ctx, c.head_dim, device=dev, dtype=fm.dtype, generator=g)
+    k = torch.randn(1, c.num_kv_heads, ctx, c.head_dim, device=dev, dtype=fm.dtype, generator=g)
+    v = torch.randn(1, c.num_kv_heads, ctx, c.head_dim, device=dev, dtype=fm.dtype, generator=g)
+    chunks = math.ceil(ctx / n)
+
+    def skeleton():
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            for _ in range(chunks if gemms else 0):
+                F.linear(x, w[p + "wqkv"])
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.num_heads != c.num_kv_heads)
+            for _ in range(chunks if gemms else 0):
+                F.linear(a, w[p + "wo"])
+                F.linear(x, w[p + "w13"])
+                F.linear(m, w[p + "w2"])
+        F.linear(x[:, -1:], w["lm_head"])
+
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return time_s(skeleton, dev, reps=reps, warmup=1)
+    except RuntimeError as e:   # cuDNN attention not available for these inputs on this build / device
+        print(f"  anchor skeleton: not available ({str(e).splitlines()[0][:120]})", flush=True)
+        return None
+
+
 def profile_prefill(fm, cache, ids: torch.Tensor, chunk_size: int, path: str, top: int) -> None:
     """Print the ``top`` kernels (CUDA) or ops (CPU) by device time of one prefill on ``path``."""
     from torch.profiler import ProfilerActivity, profile
@@ -400,6 +444,10 @@ def main() -> None:
                 if best_attn is not None:
                     record(dict(context=ctx, path="cudnn+gemm" if dev.type == "cuda" else "attn+gemm",
                                 ttft_s=best_attn + got["gemm"]))
+                for name, gemms in (("skeleton", True), ("skeleton_attn", False)):
+                    skeleton = anchor_skeleton(fm, ctx, args.chunk_size, dev, args.reps, gemms)
+                    if skeleton is not None:
+                        record(dict(context=ctx, path=name, ttft_s=skeleton))
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
 
