@@ -378,12 +378,14 @@ def _cos_sin(fm: FastModel, positions: torch.Tensor) -> tuple[torch.Tensor, torc
 # and the step ends with the final norm folded into the lm_head: no norm kernel at all.
 
 
-def _rope_write(fm: FastModel, i: int, qkv: torch.Tensor, cos, sin, cache: StaticKVCache, rows: torch.Tensor, fused: bool) -> torch.Tensor:
+def _rope_write(fm: FastModel, i: int, qkv: torch.Tensor, cos, sin, cache: StaticKVCache, rows: torch.Tensor, fused: bool,
+                q_out: torch.Tensor | None = None) -> torch.Tensor:
     """Layer ``i``'s q [B, Hq, T, D] (rotated) from its qkv projection [B, T, (Hq + 2 Hkv) D]; writes
-    k (rotated), v into ``cache`` rows ``rows`` [B, T] of layer i."""
+    k (rotated), v into ``cache`` rows ``rows`` [B, T] of layer i. With ``q_out`` (a [B, Hq, T, D] view, any
+    strides) q is written there and returned."""
     c = fm.config
     if fused:
-        return _kernels().rope_qkv_write(qkv, cos, sin, cache.k[i], cache.v[i], rows, check_rows=False)
+        return _kernels().rope_qkv_write(qkv, cos, sin, cache.k[i], cache.v[i], rows, check_rows=False, q_out=q_out)
     dkv = fm.local_kv_heads * c.head_dim     # this rank's heads (all of them without TP)
     dq = qkv.shape[-1] - 2 * dkv
     q, k, v = qkv.split([dq, dkv, dkv], dim=-1)
@@ -394,22 +396,26 @@ def _rope_write(fm: FastModel, i: int, qkv: torch.Tensor, cos, sin, cache: Stati
     for bi in range(qkv.shape[0]):  # cache[i, b, :, rows[b, j]] = k[b, :, j]
         cache.k[i, bi].index_copy_(1, rows[bi].long(), k[bi])
         cache.v[i, bi].index_copy_(1, rows[bi].long(), v[bi])
-    return apply_rope(q, cos, sin)
+    q = apply_rope(q, cos, sin)
+    return q if q_out is None else q_out.copy_(q)
 
 
 def _project_qkv(fm: FastModel, i: int, h: torch.Tensor, cos, sin, cache: StaticKVCache, rows: torch.Tensor,
-                 fused: bool) -> torch.Tensor:
+                 fused: bool, q_out: torch.Tensor | None = None) -> torch.Tensor:
     """A prefill's attention input for layer ``i``: the q|k|v projection of the normed input h [B, T, H] (+bias),
-    RoPE, k/v written into ``cache`` rows ``rows`` [B, T]; returns q [B, Hq, T, D] (:func:`_rope_write`)."""
+    RoPE, k/v written into ``cache`` rows ``rows`` [B, T]; returns q [B, Hq, T, D] (:func:`_rope_write`; into
+    ``q_out`` when given)."""
     qkv = F.linear(h, fm.w[f"layers.{i}.wqkv"], fm.w.get(f"layers.{i}.bqkv"))
-    return _rope_write(fm, i, qkv, cos, sin, cache, rows, fused)
+    return _rope_write(fm, i, qkv, cos, sin, cache, rows, fused, q_out)
 
 
-def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fused: bool,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual stream x [B, T, H] + attention output attn [B, Hq, T, D] through the rest of layer i.
 
     Returns ``(h, x)``: the new residual stream x and h = its norm for the next layer (the final
-    norm after the last layer).
+    norm after the last layer). With ``out = (h_out, x_out)`` (views of x's shape; ``x_out`` may be ``x``
+    itself) the two are written there and returned, with no copy on CUDA.
     """
     c, w, p = fm.config, fm.w, f"layers.{i}."
     eps = c.rms_norm_eps
@@ -419,11 +425,13 @@ def _finish_layer(fm: FastModel, i: int, x: torch.Tensor, attn: torch.Tensor, fu
         kern = _kernels()
         h, x = kern.add_rms_norm(o, x, w[p + "mlp_norm"], eps)
         d = _reduce(fm, F.linear(kern.silu_mul(F.linear(h, w[p + "w13"])), w[p + "w2"]))
-        return kern.add_rms_norm(d, x, next_norm, eps)
+        h_out, x_out = (None, None) if out is None else out
+        return kern.add_rms_norm(d, x, next_norm, eps, out=h_out, residual_out=x_out)
     x = x + o
     gate, up = F.linear(rms_norm(x, w[p + "mlp_norm"], eps), w[p + "w13"]).chunk(2, dim=-1)
     x = x + _reduce(fm, F.linear(F.silu(gate) * up, w[p + "w2"]))
-    return rms_norm(x, next_norm, eps), x
+    h = rms_norm(x, next_norm, eps)
+    return (h, x) if out is None else (out[0].copy_(h), out[1].copy_(x))
 
 
 def _reduce(fm: FastModel, partial: torch.Tensor) -> torch.Tensor:
@@ -792,19 +800,19 @@ def _prefill_by_layer(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor,
     x = F.embedding(tokens, fm.w["embed"])               # [1, T, H] the residual stream
     h = _first_norm(fm, x, fused)                        # [1, T, H] its norm: the next layer's input
     hq = c.num_heads // fm.world                         # this rank's query heads (all of them without TP)
-    q_all = torch.zeros(1, hq, tp, c.head_dim, device=dev, dtype=fm.dtype)
+    # q [1, Hq, Tp, D] stored token-major ([1, Tp, Hq, D] in memory): RoPE writes each chunk's rows in place, and
+    # cuDNN returns the attention in q's layout, so each chunk of it is already wo's [n, Hq D] input (no copy)
+    q_all = rearrange(torch.zeros(1, tp, hq, c.head_dim, device=dev, dtype=fm.dtype), "b t h d -> b h t d")
     chunks = [(s, min(s + chunk_size, t)) for s in range(0, t, chunk_size)]
     for i in range(c.num_layers):
-        for s, e in chunks:                              # (1) projections, RoPE, k/v into the cache
-            q_all[:, :, s:e] = _project_qkv(fm, i, h[:, s:e], cos[:, s:e], sin[:, s:e], cache, rows[:, s:e], fused)
+        for s, e in chunks:                              # (1) projections, RoPE, k/v into the cache, q into q_all
+            _project_qkv(fm, i, h[:, s:e], cos[:, s:e], sin[:, s:e], cache, rows[:, s:e], fused, q_out=q_all[:, :, s:e])
         if tp > t:                                       # the padding's keys and values: zeros, not stale rows
             cache.k[i, :, :, t:tp].zero_()
             cache.v[i, :, :, t:tp].zero_()
         attn = attend(q_all, cache.k[i, :, :, :tp], cache.v[i, :, :, :tp])   # (2) the whole prompt at once
-        for s, e in chunks:                              # (3) the rest of the layer, back into h and x
-            h_c, x_c = _finish_layer(fm, i, x[:, s:e], attn[:, :, s:e], fused)
-            h[:, s:e] = h_c
-            x[:, s:e] = x_c
+        for s, e in chunks:                              # (3) the rest of the layer, in place into h and x
+            _finish_layer(fm, i, x[:, s:e], attn[:, :, s:e], fused, out=(h[:, s:e], x[:, s:e]))
         del attn
     cache.set_length(t)
     if all_logits:

@@ -249,7 +249,25 @@ def _check_float(name: str, t) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _norm(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float):
+def _out_rows(name: str, t: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A norm's output [..., H]: ``t`` checked (shape, dtype, device, a [rows, H] view), or a new tensor."""
+    if t is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.shape != shape or t.dtype != dtype or t.device != device:
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}; "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    try:
+        t.view(-1, shape[-1])
+    except RuntimeError:
+        raise ValueError(f"{name} must be viewable as [rows, {shape[-1]}] (rows of one stride); got strides "
+                         f"{t.stride()}") from None
+    return t
+
+
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float,
+          out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
     _check_float("x", x)
     _check_float("weight", w)
     if w.dim() != 1 or w.shape[0] != x.shape[-1]:
@@ -265,8 +283,8 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: 
     if h > _MAX_NORM_COLS:
         raise ValueError(f"rms_norm supports rows of at most {_MAX_NORM_COLS} elements, got {h}")
     res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    out = torch.empty(x.shape, dtype=torch.promote_types(w.dtype, res_dtype), device=x.device)
-    new_res = None if residual is None else torch.empty(x.shape, dtype=res_dtype, device=x.device)
+    out = _out_rows("out", out, x.shape, torch.promote_types(w.dtype, res_dtype), x.device)
+    new_res = None if residual is None else _out_rows("residual_out", residual_out, x.shape, res_dtype, x.device)
     if x.numel() == 0:
         return out, new_res
     x2, o2 = _rows2d(x), out.view(-1, h)
@@ -357,18 +375,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _norm(x, None, weight, eps)[0]
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``new_residual = residual + x``; ``normed = rms_norm(new_residual)``, in one kernel.
 
     Args:
         x: [..., H] the branch output (attention or MLP projection), any strides.
         residual: [..., H] the residual stream, same shape.
         weight: [H]; eps: as :func:`rms_norm`.
-    Returns ``(normed, new_residual)``; matches :func:`add_rms_norm_ref`.
+        out, residual_out: optional tensors of x's shape and the results' dtypes that receive ``normed`` and
+            ``new_residual`` (e.g. row slices of whole-prompt buffers, so no copy follows). Each must be
+            viewable as [rows, H] (any row and column strides). ``residual_out`` may be ``residual`` itself
+            (an in-place update: a row is read whole before it is written); neither may overlap ``x``.
+    Returns ``(normed, new_residual)`` (``out`` and ``residual_out`` when given); matches
+    :func:`add_rms_norm_ref`.
     """
     if residual is None:
         raise TypeError("residual must be a tensor (use rms_norm without one)")
-    return _norm(x, residual, weight, eps)
+    return _norm(x, residual, weight, eps, out, residual_out)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -430,6 +454,7 @@ def rope_qkv_write(
     rows: torch.Tensor,
     *,
     check_rows: bool = True,
+    q_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate q and k of a fused projection, write k (rotated) and v to the cache; return rotated q.
 
@@ -440,15 +465,25 @@ def rope_qkv_write(
         k_cache, v_cache: [B, Hkv, capacity, D] one layer of the cache (views; any strides).
         rows: [B, M] integer cache rows, each in [0, capacity); rows of one batch entry distinct.
         check_rows: verify the rows range (a host sync; always skipped under graph capture).
+        q_out: optional [B, Hq, M, D] tensor of qkv's dtype (any strides, e.g. a slice of a whole-prompt
+            query buffer) that receives q instead of a new contiguous tensor.
 
-    Returns q [B, Hq, M, D] (contiguous, qkv's dtype). In place: ``k_cache[b, :, rows[b, m]] =
+    Returns q [B, Hq, M, D] (contiguous, qkv's dtype; ``q_out`` when given). In place: ``k_cache[b, :, rows[b, m]] =
     rope(k)[b, :, m]`` and ``v_cache[b, :, rows[b, m]] = v[b, :, m]``. Matches
     :func:`rope_qkv_write_ref`.
     """
     check_tensor("qkv", qkv, 3)
     b, m, hq, hkv, cap, d = _check_rope_qkv("qkv", qkv, qkv.shape[-1], "qkv's last dim", cos, sin, k_cache, v_cache, rows)
     dev = check_device(("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("rows", rows))
-    q = torch.empty((b, hq, m, d), dtype=qkv.dtype, device=dev)
+    if q_out is None:
+        q = torch.empty((b, hq, m, d), dtype=qkv.dtype, device=dev)
+    elif not isinstance(q_out, torch.Tensor):
+        raise TypeError(f"q_out must be a torch.Tensor or None, got {type(q_out).__name__}")
+    elif tuple(q_out.shape) != (b, hq, m, d) or q_out.dtype != qkv.dtype or q_out.device != dev:
+        raise ValueError(f"q_out must be a {qkv.dtype} tensor of shape {[b, hq, m, d]} on {dev}; "
+                         f"got {q_out.dtype} {list(q_out.shape)} on {q_out.device}")
+    else:
+        q = q_out
     if b == 0 or m == 0:
         return q
     if check_rows:

@@ -9,7 +9,8 @@ a ragged batch, head dims 80 and 256, K/V as views of a larger cache) and
 :func:`specdec.fast.kernels.keyed.keyed_noise` (issue 22), then one
 decode step of a tiny model end to end, and a batched GLIDE beam tree over ragged rows (issue 19:
 the draft layer's kernels with [B] key ranges, ``beam_select`` on row views; eager, then as captured fused rounds),
-and :func:`specdec.fast.kernels.merge_attention` alone and inside the blocked (cuDNN) prefill attention.
+and :func:`specdec.fast.kernels.merge_attention` alone and inside the blocked (cuDNN) prefill attention, then the
+layer-major prefill (its RoPE and norm kernels writing into whole-prompt buffers).
 Prints one line per case; the sanitizer prints its summary.
 """
 
@@ -130,6 +131,15 @@ def main() -> None:
     o = _prefill_attention(q, kv[0], kv[1])
     torch.cuda.synchronize()
     print(f"blocked prefill attention p0=208 n=48: finite={bool(torch.isfinite(o).all())}")
+    # the layer-major prefill (session 35): RoPE writes q into a token-major whole-prompt buffer, and each chunk's
+    # norm writes h and x in place (the kernels' q_out / out / residual_out); 1500 tokens = 2 chunks of 1024 + 476,
+    # padded to 2048 attention rows
+    os.environ["SPECDEC_PREFILL_ATTENTION"] = "cudnn-prompt"
+    fm.caches.clear()
+    cache = fm.ensure_cache(1, 2100)
+    logits = prefill(fm, cache, torch.randint(0, 256, (1, 1500), device=dev), chunk_size=1024)
+    torch.cuda.synchronize()
+    print(f"layer-major prefill of 1500 tokens: finite={bool(torch.isfinite(logits).all())}")
 
 
 if __name__ == "__main__":

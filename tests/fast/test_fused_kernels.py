@@ -133,6 +133,54 @@ def test_rms_norm_bad_inputs():
         K.rms_norm(x.long(), torch.ones(64, device=DEV), 1e-6)
 
 
+def _poisoned_rows(rows: int, h: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NaN-filled [rows + 2, h + 24] buffer and its [1, rows, h] interior view (row stride h + 24): an output
+    written there must fill the view and leave every NaN around it in place."""
+    buf = torch.full((rows + 2, h + 24), float("nan"), dtype=dtype, device=DEV)
+    return buf, buf[1 : rows + 1, 8 : 8 + h][None]
+
+
+def _outside_is_nan(buf: torch.Tensor, rows: int, h: int) -> bool:
+    inside = torch.zeros_like(buf, dtype=torch.bool)
+    inside[1 : rows + 1, 8 : 8 + h] = True
+    return bool(torch.isnan(buf[~inside]).all()) and not bool(torch.isnan(buf[inside]).any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_into_given_views(dtype):
+    """``out`` / ``residual_out``: the results land in strided views of NaN-poisoned buffers, equal to the
+    allocating call bit for bit; ``residual_out=residual`` updates the residual in place."""
+    rows, h = 5, 64
+    gen = _gen(11)
+    x = _strided((1, rows, h), dtype, gen, "slice")
+    r = _strided((1, rows, h), dtype, gen, "contig") * 4
+    w = (torch.rand(h, generator=gen) + 0.5).to(dtype).to(DEV)
+    want_n, want_r = K.add_rms_norm(x, r, w, 1e-5)
+    nbuf, n_view = _poisoned_rows(rows, h, dtype)
+    rbuf, r_view = _poisoned_rows(rows, h, dtype)
+    got_n, got_r = K.add_rms_norm(x, r, w, 1e-5, out=n_view, residual_out=r_view)
+    assert got_n.data_ptr() == n_view.data_ptr() and got_r.data_ptr() == r_view.data_ptr()
+    assert torch.equal(n_view, want_n) and torch.equal(r_view, want_r)
+    assert _outside_is_nan(nbuf, rows, h) and _outside_is_nan(rbuf, rows, h)
+    r_in_place = r.clone()
+    K.add_rms_norm(x, r_in_place, w, 1e-5, residual_out=r_in_place)
+    assert torch.equal(r_in_place, want_r)
+
+
+def test_add_rms_norm_bad_outputs():
+    x = torch.randn(1, 3, 64, device=DEV)
+    w = torch.ones(64, device=DEV)
+    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(1, 3, 64\)"):
+        K.add_rms_norm(x, x.clone(), w, 1e-6, out=torch.empty(1, 3, 32, device=DEV))
+    with pytest.raises(ValueError, match="residual_out must be a torch.float32"):
+        K.add_rms_norm(x, x.clone(), w, 1e-6, residual_out=torch.empty(1, 3, 64, device=DEV, dtype=torch.float16))
+    x2 = torch.randn(2, 3, 64, device=DEV)
+    with pytest.raises(ValueError, match=r"out must be viewable as \[rows, 64\]"):   # [2, 3, 64], rows of two strides
+        K.add_rms_norm(x2, x2.clone(), w, 1e-6, out=torch.empty(2, 64, 3, device=DEV).permute(0, 2, 1))
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        K.add_rms_norm(x, x.clone(), w, 1e-6, out=[0.0])
+
+
 # ---------------------------------------------------------------------------------------------
 # RoPE + KV write
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +261,34 @@ def test_rope_qkv_write_bad_inputs():
         K.rope_qkv_write(qkv[..., : 4 * 24], cos[..., :24], sin[..., :24], kc[..., :24], vc[..., :24], rows)   # not a multiple of 16
     with pytest.raises(TypeError, match="rows"):
         K.rope_qkv_write(qkv, cos, sin, kc, vc, rows.float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_qkv_write_into_a_token_major_buffer(dtype):
+    """``q_out``: q written into a chunk of a token-major [1, T, Hq, D] buffer seen as [1, Hq, T, D] (the
+    layer-major prefill's), NaN-poisoned around the chunk, equals the allocating call bit for bit and touches
+    nothing else; the cache writes are the same."""
+    b, m, hq, hkv, d, t, s0 = 1, 3, 4, 2, 64, 9, 4
+    gen = _gen(12)
+    qkv = _strided((b, m, (hq + 2 * hkv) * d), dtype, gen, "contig") * 3
+    cos, sin = _rope_tables(b, m, d, dtype, gen)
+    kc = torch.zeros(b, hkv, 16, d, dtype=dtype, device=DEV)
+    vc = torch.zeros_like(kc)
+    rows = torch.tensor([[5, 6, 7]], device=DEV)
+    want = K.rope_qkv_write(qkv, cos, sin, kc, vc, rows)
+    k_want, v_want = kc.clone(), vc.clone()
+    buf = torch.full((1, t, hq, d), float("nan"), dtype=dtype, device=DEV)
+    q_all = buf.permute(0, 2, 1, 3)                                     # [1, Hq, T, D], token-major in memory
+    got = K.rope_qkv_write(qkv, cos, sin, kc, vc, rows, q_out=q_all[:, :, s0 : s0 + m])
+    assert got.data_ptr() == q_all[:, :, s0:].data_ptr()
+    assert torch.equal(q_all[:, :, s0 : s0 + m], want)
+    outside = torch.cat([buf[:, :s0], buf[:, s0 + m :]], dim=1)
+    assert torch.isnan(outside).all()
+    assert torch.equal(kc, k_want) and torch.equal(vc, v_want)
+    with pytest.raises(ValueError, match=r"q_out must be a .* tensor of shape \[1, 4, 3, 64\]"):
+        K.rope_qkv_write(qkv, cos, sin, kc, vc, rows, q_out=q_all[:, :, :2])
+    with pytest.raises(TypeError, match="q_out must be a torch.Tensor"):
+        K.rope_qkv_write(qkv, cos, sin, kc, vc, rows, q_out="q")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
