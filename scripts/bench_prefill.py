@@ -68,7 +68,7 @@ TINY = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_si
             num_kv_heads=2, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
 SHAPES = {**MODEL_SHAPES, "tiny": TINY}
 
-PATHS = ["old", "new", "blocks", "blocks-eager", "prompt", "prompt-lse"]
+PATHS = ["old", "new", "blocks", "blocks-eager", "prompt", "prompt-lse", "auto"]
 GOALS = "goals (issue 20 item 1, Llama-3-8B on one H200): TTFT <= 1.2 s at 32k, <= 10 s at 128k; peak at 128k <= 44.8 GiB"
 
 
@@ -131,10 +131,11 @@ def eager_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attend) -> t
 def attention_path(name: str):
     """Run the library's prefill with the ``old`` attention patched in, as it is (``new``: flash), with
     ``SPECDEC_PREFILL_ATTENTION=cudnn-blocks`` (``blocks``: power-of-two prefix blocks on cuDNN, LSE-merged), or
-    with ``cudnn-prompt`` (``prompt``: layer-major, one whole-prompt cuDNN attention per layer)."""
-    if name in ("new", "blocks", "blocks-eager", "prompt", "prompt-lse"):
+    with ``cudnn-prompt`` (``prompt``: layer-major, one whole-prompt cuDNN attention per layer), or with ``auto``
+    (``auto``: the library's default choice)."""
+    if name in ("new", "blocks", "blocks-eager", "prompt", "prompt-lse", "auto"):
         saved_env = os.environ.get("SPECDEC_PREFILL_ATTENTION")
-        os.environ["SPECDEC_PREFILL_ATTENTION"] = {"new": "flash", "prompt": "cudnn-prompt",
+        os.environ["SPECDEC_PREFILL_ATTENTION"] = {"new": "flash", "prompt": "cudnn-prompt", "auto": "auto",
                                                    "prompt-lse": "cudnn-prompt"}.get(name, "cudnn-blocks")
         saved_blocks, saved_prompt = fast_model._prefill_attention_blocks, fast_model._cudnn_prompt_attend
         if name == "blocks-eager":
@@ -307,7 +308,7 @@ def profile_prefill(fm, cache, ids: torch.Tensor, chunk_size: int, path: str, to
     with profile(activities=activities) as prof:
         run()
     wall = time.perf_counter() - t
-    print(f"\nprofile: one {path} prefill of {ids.shape[1]} tokens (chunk {chunk_size}), wall {wall:.3f} s under the profiler")
+    print(f"\nprofile: one {path} prefill of {ids.shape[1]} tokens (chunk {chunk_size or 'per path'}), wall {wall:.3f} s under the profiler")
     if dev.type == "cuda":
         agg: dict[str, list] = {}
         for ev in prof.events():
@@ -332,7 +333,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--contexts", nargs="+", type=int, default=[32768, 131072])
-    ap.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk_size (the library's default: 2048)")
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="prefill chunk_size (default: the library's per path, PREFILL_CHUNK chunk-major and "
+                         "PROMPT_PREFILL_CHUNK layer-major; the GEMM anchors use the latter)")
     ap.add_argument("--paths", nargs="+", default=["old", "new"], choices=PATHS,
                     help="blocks: the cuDNN blocked attention (CUDA fp16/bf16; SPECDEC_PREFILL_ATTENTION=cudnn-blocks); "
                          "blocks-eager: the same with its merge before the Triton kernel; prompt: layer-major, one "
@@ -347,7 +350,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--out", default=None, help="JSONL path (default: $OUT/bench_prefill.jsonl, $OUT defaulting to /tmp)")
     args = ap.parse_args()
-    if args.chunk_size < 1 or args.reps < 1 or min(args.contexts) < 1:
+    if (args.chunk_size is not None and args.chunk_size < 1) or args.reps < 1 or min(args.contexts) < 1:
         ap.error("--chunk-size, --reps and every context must be >= 1")
 
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -379,7 +382,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
         # Which attention the library takes here, on a chunk-shaped call after a prefix.
-        probe_n = min(args.chunk_size, contexts[0])
+        probe_n = min(args.chunk_size or fast_model.PREFILL_CHUNK, contexts[0])
         q = torch.zeros(1, c.num_heads, probe_n, c.head_dim, device=dev, dtype=dtype)
         kv = torch.zeros(1, c.num_kv_heads, 2 * probe_n, c.head_dim, device=dev, dtype=dtype)
         flash, _ = fast_model._prefill_sdpa(q, kv, kv)
@@ -388,7 +391,7 @@ def main() -> None:
         del q, kv
 
         # Warm-up: two chunks per path (Triton kernels compiled, SDPA backends and cuBLAS initialised).
-        warm_len = min(2 * args.chunk_size, contexts[-1])
+        warm_len = min(2 * (args.chunk_size or fast_model.PREFILL_CHUNK), contexts[-1])
         cache = fm.ensure_cache(1, warm_len + 256)
         warm_ids = torch.randint(0, c.vocab_size, (1, warm_len), device=dev)
         for path in args.paths:
@@ -438,21 +441,22 @@ def main() -> None:
                 for name, backend in anchors:
                     got[name] = anchor_attention(c, ctx, dev, dtype, backend)
                     record(dict(context=ctx, path=name, ttft_s=got[name]))
-                got["gemm"] = anchor_gemm(fm, ctx, args.chunk_size, dev)
+                anchor_chunk = args.chunk_size or fast_model.PROMPT_PREFILL_CHUNK
+                got["gemm"] = anchor_gemm(fm, ctx, anchor_chunk, dev)
                 record(dict(context=ctx, path="gemm", ttft_s=got["gemm"]))
                 best_attn = got.get("attn_cudnn") or got.get("attn_default")
                 if best_attn is not None:
                     record(dict(context=ctx, path="cudnn+gemm" if dev.type == "cuda" else "attn+gemm",
                                 ttft_s=best_attn + got["gemm"]))
                 for name, gemms in (("skeleton", True), ("skeleton_attn", False)):
-                    skeleton = anchor_skeleton(fm, ctx, args.chunk_size, dev, args.reps, gemms)
+                    skeleton = anchor_skeleton(fm, ctx, anchor_chunk, dev, args.reps, gemms)
                     if skeleton is not None:
                         record(dict(context=ctx, path=name, ttft_s=skeleton))
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
 
     print(f"\nwrote {out_path}; {GOALS}")
-    print(f"{info['device']}, torch {info['torch']}, {args.shape} {info['dtype']}, chunk {args.chunk_size}\n")
+    print(f"{info['device']}, torch {info['torch']}, {args.shape} {info['dtype']}, chunk {args.chunk_size or 'per path (library default)'}\n")
     table = []
     for r in rows:
         old = next((o for o in rows if o["context"] == r["context"] and o["path"] == args.paths[0]), None)

@@ -449,7 +449,21 @@ def test_layer_major_prefill_is_never_chosen_on_the_cpu(monkeypatch):
     cache = alloc_cache(fm, 1, 16)
     for mode in ("cudnn-prompt", "auto", "cudnn-blocks", "flash"):
         monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", mode)
-        assert not fmod._use_prompt_attention(fm, cache)
+        assert not fmod._use_prompt_attention(fm, cache, 16, 8)
+
+
+def test_prefill_chunk_size_is_checked_and_defaults_per_path():
+    """``chunk_size``: None (each path's default) or an int >= 1; anything else is a ValueError naming it. On the
+    CPU (chunk-major) None means :data:`PREFILL_CHUNK` rows: the same logits as passing it."""
+    import specdec.fast.model as fmod
+
+    _, fm = _model(2)
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    for bad in (0, -4, 2.5, "8"):
+        with pytest.raises(ValueError, match=r"chunk_size must be None or an int >= 1"):
+            prefill(fm, alloc_cache(fm, 1, 12), ids, chunk_size=bad)
+    got = prefill(fm, alloc_cache(fm, 1, 12), ids)
+    assert torch.equal(got, prefill(fm, alloc_cache(fm, 1, 12), ids, chunk_size=fmod.PREFILL_CHUNK))
 
 
 def _cuda_heads_model(dtype=torch.bfloat16):
@@ -480,6 +494,39 @@ def test_cuda_bf16_prompt_prefill_matches_chunk_major(t, monkeypatch):
     torch.testing.assert_close(got, want, atol=6e-2, rtol=6e-2)
     assert torch.equal(got[:, -1].argmax(-1), want[:, -1].argmax(-1))
     torch.testing.assert_close(cache.k[:, :, :, :t].float(), want_cache.k[:, :, :, :t].float(), atol=6e-2, rtol=6e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_auto_takes_the_layer_major_prefill_when_it_fits(monkeypatch):
+    """``auto`` on Hopper: an empty cache runs layer-major (and allocates no more than
+    :func:`prompt_prefill_bytes` says), a cached prefix or too little free memory runs chunk-major."""
+    import specdec.fast.model as fmod
+
+    if torch.cuda.get_device_capability()[0] < 9 or not torch.backends.cudnn.is_available():
+        pytest.skip("auto takes the cuDNN paths on Hopper-or-newer GPUs with cuDNN only")
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "auto")
+    monkeypatch.setattr(fmod, "_CUDNN_UNUSABLE", set())
+    fm = _cuda_heads_model()
+    t = 3001
+    cache = alloc_cache(fm, 1, t + 100)
+    assert fmod._use_prompt_attention(fm, cache, t, fmod.PROMPT_PREFILL_CHUNK)
+    ids = torch.randint(0, 256, (1, t), generator=torch.Generator().manual_seed(1)).cuda()
+    calls = []
+    by_layer = fmod._prefill_by_layer
+    monkeypatch.setattr(fmod, "_prefill_by_layer", lambda *a: calls.append(a[3]) or by_layer(*a))
+    prefill(fm, cache, ids[:, :8])                                   # warm-up: kernels compiled, plans built
+    cache.set_length(0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    prefill(fm, cache, ids)
+    extra = torch.cuda.max_memory_allocated() - base
+    assert calls == [fmod.PROMPT_PREFILL_CHUNK] * 2                  # both prefills layer-major, default chunk
+    assert extra <= fmod.prompt_prefill_bytes(fm, t, fmod.PROMPT_PREFILL_CHUNK), extra
+    assert not fmod._use_prompt_attention(fm, cache, 5, fmod.PROMPT_PREFILL_CHUNK)        # a cached prefix
+    cache.set_length(0)
+    monkeypatch.setattr(fmod, "free_gpu_bytes", lambda dev: fmod.prompt_prefill_bytes(fm, t, 8192))
+    assert not fmod._use_prompt_attention(fm, cache, t, fmod.PROMPT_PREFILL_CHUNK)       # 90 % of it: too little
 
 
 @pytest.mark.gpu
