@@ -713,6 +713,11 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 PREFILL_CHUNK = 2048
 """The chunk-major prefill's default ``chunk_size``: its largest activation is one chunk's (0.3 GiB at Llama-3-8B)."""
 
+PROMPT_PREFILL_MAX_TOKENS = 65536
+"""``auto`` prefills prompts up to this length layer-major (:func:`_use_prompt_attention`), longer ones chunk-major:
+the layer-major path holds four [T, hidden] tensors (2 GiB at 64k for Llama-3-8B, growing with T), and at 128k
+it was no faster than the blocks (BENCHMARKS "Session 27")."""
+
 PROMPT_PREFILL_CHUNK = 8192
 """The layer-major prefill's default ``chunk_size`` (the rows of each projection GEMM). That path holds four
 [T, hidden] tensors anyway, so its chunk buys GEMM speed instead: at 32k on an H100, 1.20 s TTFT with 8192-row
@@ -771,8 +776,7 @@ def _prefill_one(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chun
     else chunk-major (:func:`_prefill_rows`). Under ``auto`` a cuDNN refusal of the layer-major attention marks
     those inputs unusable (one warning) and the row is prefilled chunk-major from the start: the cache's length
     is still 0, so its rows are simply written again."""
-    t = tokens.shape[1]
-    if _use_prompt_attention(fm, cache, t, chunk_size or PROMPT_PREFILL_CHUNK):
+    if _use_prompt_attention(fm, cache, tokens.shape[1]):
         try:
             return _prefill_by_layer(fm, cache, tokens, chunk_size or PROMPT_PREFILL_CHUNK, all_logits,
                                      _guarded_prompt_attend)
@@ -781,36 +785,21 @@ def _prefill_one(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chun
     return _prefill_rows(fm, cache, tokens, chunk_size or PREFILL_CHUNK, all_logits)
 
 
-def _use_prompt_attention(fm: FastModel, cache: StaticKVCache, t: int, chunk: int) -> bool:
+def _use_prompt_attention(fm: FastModel, cache: StaticKVCache, t: int) -> bool:
     """Whether a prefill of ``t`` tokens onto ``cache`` runs layer-major with whole-prompt cuDNN attention: CUDA,
     fp16/bf16, an empty cache, and ``SPECDEC_PREFILL_ATTENTION`` = ``cudnn-prompt``, or ``auto`` on a
     Hopper-or-newer GPU with cuDNN (:func:`prefill_attention_mode`) for a (device, dtype, head dim) cuDNN has not
-    refused and when the path's extra memory (:func:`prompt_prefill_bytes`) fits in 90 % of the free memory
-    (else ``auto`` takes the chunk-major path, whose transient memory is one chunk's)."""
+    refused and a prompt of at most :data:`PROMPT_PREFILL_MAX_TOKENS`.
+
+    The choice depends on nothing else -- not on the free memory -- so every decoder prefills a given prompt the
+    same way and gets the same bits (the exactness contract: a speculative decoder, which holds more memory than
+    vanilla, must see vanilla's prefill)."""
     if fm.device.type != "cuda" or fm.dtype not in (torch.float16, torch.bfloat16) or cache.length != 0:
         return False
     mode = prefill_attention_mode()
     if mode != "auto":
         return mode == "cudnn-prompt"
-    return (_cudnn_auto_usable(fm.device, fm.dtype, fm.config.head_dim)
-            and prompt_prefill_bytes(fm, t, chunk) <= 0.9 * free_gpu_bytes(fm.device))
-
-
-def prompt_prefill_bytes(fm: FastModel, t: int, chunk: int) -> int:
-    """An upper estimate of what :func:`_prefill_by_layer` allocates beyond the weights and the cache for a ``t``-token
-    prompt in ``chunk``-row chunks: four whole-prompt [Tp, hidden] tensors (the residual stream, its norm, the
-    queries, the attention output; Tp = t rounded up to :data:`PROMPT_ATTENTION_GRANULE`), the RoPE tables of
-    the prompt (fp32 at most), one chunk's activations (the q|k|v projection, the MLP's gate|up and its SwiGLU,
-    three [chunk, hidden] temporaries) and the last position's logits (fp32, twice)."""
-    c = fm.config
-    elt = torch.finfo(fm.dtype).bits // 8
-    hidden = c.num_heads * c.head_dim // fm.world
-    tp = _round_up(t, PROMPT_ATTENTION_GRANULE)
-    n = min(chunk, t)
-    mlp = fm.w["layers.0.w13"].shape[0]            # this rank's 2 x intermediate rows
-    qkv = fm.w["layers.0.wqkv"].shape[0]
-    return (elt * (4 * tp * max(hidden, c.hidden_size) + n * (qkv + mlp + mlp // 2 + 3 * c.hidden_size))
-            + 4 * (2 * tp * c.head_dim + 2 * c.vocab_size))
+    return t <= PROMPT_PREFILL_MAX_TOKENS and _cudnn_auto_usable(fm.device, fm.dtype, fm.config.head_dim)
 
 
 def _guarded_prompt_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -449,7 +449,7 @@ def test_layer_major_prefill_is_never_chosen_on_the_cpu(monkeypatch):
     cache = alloc_cache(fm, 1, 16)
     for mode in ("cudnn-prompt", "auto", "cudnn-blocks", "flash"):
         monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", mode)
-        assert not fmod._use_prompt_attention(fm, cache, 16, 8)
+        assert not fmod._use_prompt_attention(fm, cache, 16)
 
 
 def test_prefill_chunk_size_is_checked_and_defaults_per_path():
@@ -497,36 +497,32 @@ def test_cuda_bf16_prompt_prefill_matches_chunk_major(t, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_auto_takes_the_layer_major_prefill_when_it_fits(monkeypatch):
-    """``auto`` on Hopper: an empty cache runs layer-major (and allocates no more than
-    :func:`prompt_prefill_bytes` says), a cached prefix or too little free memory runs chunk-major."""
+def test_cuda_auto_takes_the_layer_major_prefill_onto_an_empty_cache(monkeypatch):
+    """``auto`` on Hopper: an empty cache runs layer-major with its own chunk (:data:`PROMPT_PREFILL_CHUNK`),
+    giving the explicit ``cudnn-prompt`` prefill's bits; a cached prefix, or a prompt longer than
+    :data:`PROMPT_PREFILL_MAX_TOKENS`, runs chunk-major; free memory plays no part."""
     import specdec.fast.model as fmod
 
     if torch.cuda.get_device_capability()[0] < 9 or not torch.backends.cudnn.is_available():
         pytest.skip("auto takes the cuDNN paths on Hopper-or-newer GPUs with cuDNN only")
-    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "auto")
     monkeypatch.setattr(fmod, "_CUDNN_UNUSABLE", set())
     fm = _cuda_heads_model()
     t = 3001
-    cache = alloc_cache(fm, 1, t + 100)
-    assert fmod._use_prompt_attention(fm, cache, t, fmod.PROMPT_PREFILL_CHUNK)
     ids = torch.randint(0, 256, (1, t), generator=torch.Generator().manual_seed(1)).cuda()
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn-prompt")
+    want = prefill(fm, alloc_cache(fm, 1, t + 100), ids, chunk_size=fmod.PROMPT_PREFILL_CHUNK)
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "auto")
+    cache = alloc_cache(fm, 1, t + 100)
     calls = []
     by_layer = fmod._prefill_by_layer
     monkeypatch.setattr(fmod, "_prefill_by_layer", lambda *a: calls.append(a[3]) or by_layer(*a))
-    prefill(fm, cache, ids[:, :8])                                   # warm-up: kernels compiled, plans built
+    monkeypatch.setattr(fmod, "free_gpu_bytes", lambda dev: 0)       # not consulted
+    assert torch.equal(prefill(fm, cache, ids), want)
+    assert calls == [fmod.PROMPT_PREFILL_CHUNK]
+    assert not fmod._use_prompt_attention(fm, cache, 5)                                  # a cached prefix
     cache.set_length(0)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    prefill(fm, cache, ids)
-    extra = torch.cuda.max_memory_allocated() - base
-    assert calls == [fmod.PROMPT_PREFILL_CHUNK] * 2                  # both prefills layer-major, default chunk
-    assert extra <= fmod.prompt_prefill_bytes(fm, t, fmod.PROMPT_PREFILL_CHUNK), extra
-    assert not fmod._use_prompt_attention(fm, cache, 5, fmod.PROMPT_PREFILL_CHUNK)        # a cached prefix
-    cache.set_length(0)
-    monkeypatch.setattr(fmod, "free_gpu_bytes", lambda dev: fmod.prompt_prefill_bytes(fm, t, 8192))
-    assert not fmod._use_prompt_attention(fm, cache, t, fmod.PROMPT_PREFILL_CHUNK)       # 90 % of it: too little
+    assert fmod._use_prompt_attention(fm, cache, fmod.PROMPT_PREFILL_MAX_TOKENS)
+    assert not fmod._use_prompt_attention(fm, cache, fmod.PROMPT_PREFILL_MAX_TOKENS + 1)
 
 
 @pytest.mark.gpu
