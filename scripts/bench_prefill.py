@@ -231,14 +231,21 @@ def anchor_attention(c, ctx: int, dev: torch.device, dtype: torch.dtype, backend
     return s * c.num_layers
 
 
+def _gemm_inputs(fm, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random inputs of one n-row chunk's projections: the normed hidden state (wqkv, w13), the attention output
+    (wo) and the SwiGLU output (w2)."""
+    c, w, dev = fm.config, fm.w, fm.device
+    x = torch.randn(1, n, c.hidden_size, device=dev, dtype=fm.dtype, generator=g)
+    a = torch.randn(1, n, w["layers.0.wo"].shape[1], device=dev, dtype=fm.dtype, generator=g)
+    m = torch.randn(1, n, w["layers.0.w2"].shape[1], device=dev, dtype=fm.dtype, generator=g)
+    return x, a, m
+
+
 def anchor_gemm(fm, ctx: int, chunk_size: int, dev: torch.device) -> float:
     """Seconds of the prefill's projections: one chunk's wqkv, wo, w13, w2 of layer 0 timed, x layers x chunks."""
     c, w = fm.config, fm.w
     n = min(chunk_size, ctx)
-    g = torch.Generator(device=dev).manual_seed(1)
-    x = torch.randn(1, n, c.hidden_size, device=dev, dtype=fm.dtype, generator=g)
-    a = torch.randn(1, n, w["layers.0.wo"].shape[1], device=dev, dtype=fm.dtype, generator=g)
-    m = torch.randn(1, n, w["layers.0.w2"].shape[1], device=dev, dtype=fm.dtype, generator=g)
+    x, a, m = _gemm_inputs(fm, n, torch.Generator(device=dev).manual_seed(1))
 
     def projections():
         F.linear(x, w["layers.0.wqkv"])
@@ -262,9 +269,7 @@ def anchor_skeleton(fm, ctx: int, chunk_size: int, dev: torch.device, reps: int,
     c, w = fm.config, fm.w
     n = min(chunk_size, ctx)
     g = torch.Generator(device=dev).manual_seed(2)
-    x = torch.randn(1, n, c.hidden_size, device=dev, dtype=fm.dtype, generator=g)
-    a = torch.randn(1, n, w["layers.0.wo"].shape[1], device=dev, dtype=fm.dtype, generator=g)
-    m = torch.randn(1, n, w["layers.0.w2"].shape[1], device=dev, dtype=fm.dtype, generator=g)
+    x, a, m = _gemm_inputs(fm, n, g)
     q = torch.randn(1, c.num_heads, ctx, c.head_dim, device=dev, dtype=fm.dtype, generator=g)
     k = torch.randn(1, c.num_kv_heads, ctx, c.head_dim, device=dev, dtype=fm.dtype, generator=g)
     v = torch.randn(1, c.num_kv_heads, ctx, c.head_dim, device=dev, dtype=fm.dtype, generator=g)
