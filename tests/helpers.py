@@ -273,3 +273,24 @@ def run_generate(capsys, *argv: str) -> tuple[int, str, str]:
     rc = main(["generate", "--backend", "ref", *argv])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def poisoned_view(shape, dtype, pad: int = 3, permute: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(buffer, view)``: a [B, H, n, D] (or any [B, H, n] / 3-D) view of random values inside a NaN buffer padded
+    on every dim, on :func:`kernel_device`; with ``permute`` the buffer is laid out [B, n, H, D] (token-major, cuDNN's
+    output layout). A kernel reading or writing past the view meets NaN (see :func:`outside_untouched`)."""
+    g = torch.Generator().manual_seed(seed)
+    order = (0, 2, 1, 3)[: len(shape)] if permute else tuple(range(len(shape)))
+    buf = torch.full([shape[o] + pad for o in order], float("nan"), dtype=dtype)
+    view = buf[tuple(slice(1, 1 + shape[o]) for o in order)].permute(*order)   # permute(order) is its own inverse
+    view.copy_((torch.randn(shape, generator=g) * 2).to(dtype))
+    buf = buf.to(kernel_device())
+    return buf, torch.as_strided(buf, view.shape, view.stride(), view.storage_offset())
+
+
+def outside_untouched(before: torch.Tensor, after: torch.Tensor, view: torch.Tensor) -> bool:
+    """Every element of the buffer outside ``view`` kept its bits (NaN stays NaN)."""
+    inside = torch.zeros(after.shape, dtype=torch.bool, device=after.device)
+    torch.as_strided(inside, view.shape, view.stride(), view.storage_offset()).fill_(True)
+    a, b = before[~inside], after[~inside]
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())

@@ -249,21 +249,29 @@ def _check_float(name: str, t) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _out_rows(name: str, t: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A norm's output [..., H]: ``t`` checked (shape, dtype, device, a [rows, H] view), or a new tensor."""
+def _given_out(name: str, t: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A kernel's output: ``t`` when given (checked: a tensor of this shape, dtype and device; any strides), else a
+    new contiguous tensor. ``shape`` is printed as passed."""
     if t is None:
-        return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.shape != shape or t.dtype != dtype or t.device != device:
-        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {device}; "
-                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
-    try:
-        t.view(-1, shape[-1])
-    except RuntimeError:
-        raise ValueError(f"{name} must be viewable as [rows, {shape[-1]}] (rows of one stride); got strides "
-                         f"{t.stride()}") from None
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {shape} on {device}; "
+                         f"got {t.dtype} {list(t.shape)} on {t.device}")
     return t
+
+
+def _out_rows(name: str, t: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A norm's output [..., H]: :func:`_given_out`, and a given one must also be viewable as [rows, H]."""
+    out = _given_out(name, t, tuple(shape), dtype, device)
+    if t is not None:
+        try:
+            out.view(-1, shape[-1])
+        except RuntimeError:
+            raise ValueError(f"{name} must be viewable as [rows, {shape[-1]}] (rows of one stride); got strides "
+                             f"{out.stride()}") from None
+    return out
 
 
 def _norm(x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float,
@@ -475,15 +483,7 @@ def rope_qkv_write(
     check_tensor("qkv", qkv, 3)
     b, m, hq, hkv, cap, d = _check_rope_qkv("qkv", qkv, qkv.shape[-1], "qkv's last dim", cos, sin, k_cache, v_cache, rows)
     dev = check_device(("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("rows", rows))
-    if q_out is None:
-        q = torch.empty((b, hq, m, d), dtype=qkv.dtype, device=dev)
-    elif not isinstance(q_out, torch.Tensor):
-        raise TypeError(f"q_out must be a torch.Tensor or None, got {type(q_out).__name__}")
-    elif tuple(q_out.shape) != (b, hq, m, d) or q_out.dtype != qkv.dtype or q_out.device != dev:
-        raise ValueError(f"q_out must be a {qkv.dtype} tensor of shape {[b, hq, m, d]} on {dev}; "
-                         f"got {q_out.dtype} {list(q_out.shape)} on {q_out.device}")
-    else:
-        q = q_out
+    q = _given_out("q_out", q_out, [b, hq, m, d], qkv.dtype, dev)
     if b == 0 or m == 0:
         return q
     if check_rows:

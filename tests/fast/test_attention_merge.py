@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import kernel_device
+from helpers import kernel_device, outside_untouched, poisoned_view
 
 from specdec.fast import kernels as K
 from specdec.ref.attention import attention_with_lse, merge_attention as ref_merge
@@ -18,37 +18,17 @@ from specdec.ref.attention import attention_with_lse, merge_attention as ref_mer
 DEV = kernel_device()
 
 
-def _poisoned_view(shape, dtype, pad=3, permute=False, seed=0):
-    """``(buffer, view)``: a [B, H, n, D] (or [B, H, n]) view of random values inside a NaN buffer padded on
-    every dim; with ``permute`` the buffer is laid out [B, n, H, D] (cuDNN's output layout)."""
-    g = torch.Generator().manual_seed(seed)
-    order = (0, 2, 1, 3)[: len(shape)] if permute else tuple(range(len(shape)))
-    buf = torch.full([shape[o] + pad for o in order], float("nan"), dtype=dtype)
-    view = buf[tuple(slice(1, 1 + shape[o]) for o in order)].permute(*order)   # permute(order) is its own inverse
-    view.copy_((torch.randn(shape, generator=g) * 2).to(dtype))
-    buf = buf.to(DEV)
-    return buf, torch.as_strided(buf, view.shape, view.stride(), view.storage_offset())
-
-
-def _outside_untouched(before: torch.Tensor, after: torch.Tensor, view: torch.Tensor) -> bool:
-    """Every element of the buffer outside ``view`` kept its bits (NaN stays NaN)."""
-    inside = torch.zeros(after.shape, dtype=torch.bool, device=after.device)
-    torch.as_strided(inside, view.shape, view.stride(), view.storage_offset()).fill_(True)
-    a, b = before[~inside], after[~inside]
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
 @pytest.mark.parametrize("b,h,n,d", [(1, 2, 5, 16), (2, 3, 17, 64), (1, 1, 33, 80), (1, 4, 1, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("permute", [False, True], ids=["bhnd", "bnhd"])
 def test_merge_equals_eager_and_reference_and_touches_only_its_views(b, h, n, d, dtype, permute):
     shape, lshape = (b, h, n, d), (b, h, n)
-    acc_buf, acc = _poisoned_view(shape, dtype, permute=permute, seed=1)
-    out_buf, out = _poisoned_view(shape, dtype, permute=permute, seed=2)
-    al_buf, acc_lse = _poisoned_view(lshape, torch.float32, seed=3)
-    l_buf, lse = _poisoned_view(lshape, torch.float32, seed=4)
-    dst_buf, dst = _poisoned_view(shape, torch.float32, seed=5)
-    dl_buf, dst_lse = _poisoned_view(lshape, torch.float32, seed=6)
+    acc_buf, acc = poisoned_view(shape, dtype, permute=permute, seed=1)
+    out_buf, out = poisoned_view(shape, dtype, permute=permute, seed=2)
+    al_buf, acc_lse = poisoned_view(lshape, torch.float32, seed=3)
+    l_buf, lse = poisoned_view(lshape, torch.float32, seed=4)
+    dst_buf, dst = poisoned_view(shape, torch.float32, seed=5)
+    dl_buf, dst_lse = poisoned_view(lshape, torch.float32, seed=6)
     inputs_before = [t.clone() for t in (acc_buf, out_buf, al_buf, l_buf)]
     dst_before, dl_before = dst_buf.clone(), dl_buf.clone()
     want, want_lse = K.merge_attention_ref(acc, acc_lse, out, lse)
@@ -62,7 +42,7 @@ def test_merge_equals_eager_and_reference_and_touches_only_its_views(b, h, n, d,
     # inputs unchanged (bitwise, NaN padding included); outputs changed only inside their views
     for before, after in zip(inputs_before, (acc_buf, out_buf, al_buf, l_buf)):
         assert torch.equal(before.isnan(), after.isnan()) and torch.equal(before.nan_to_num(), after.nan_to_num())
-    assert _outside_untouched(dst_before, dst_buf, dst) and _outside_untouched(dl_before, dl_buf, dst_lse)
+    assert outside_untouched(dst_before, dst_buf, dst) and outside_untouched(dl_before, dl_buf, dst_lse)
     assert not got.isnan().any() and not got_lse.isnan().any()
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import kernel_device
+from helpers import kernel_device, outside_untouched, poisoned_view
 
 from specdec.fast import kernels as K
 from specdec.shared.config import ModelConfig
@@ -133,19 +133,6 @@ def test_rms_norm_bad_inputs():
         K.rms_norm(x.long(), torch.ones(64, device=DEV), 1e-6)
 
 
-def _poisoned_rows(rows: int, h: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A NaN-filled [rows + 2, h + 24] buffer and its [1, rows, h] interior view (row stride h + 24): an output
-    written there must fill the view and leave every NaN around it in place."""
-    buf = torch.full((rows + 2, h + 24), float("nan"), dtype=dtype, device=DEV)
-    return buf, buf[1 : rows + 1, 8 : 8 + h][None]
-
-
-def _outside_is_nan(buf: torch.Tensor, rows: int, h: int) -> bool:
-    inside = torch.zeros_like(buf, dtype=torch.bool)
-    inside[1 : rows + 1, 8 : 8 + h] = True
-    return bool(torch.isnan(buf[~inside]).all()) and not bool(torch.isnan(buf[inside]).any())
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_rms_norm_into_given_views(dtype):
     """``out`` / ``residual_out``: the results land in strided views of NaN-poisoned buffers, equal to the
@@ -156,12 +143,13 @@ def test_add_rms_norm_into_given_views(dtype):
     r = _strided((1, rows, h), dtype, gen, "contig") * 4
     w = (torch.rand(h, generator=gen) + 0.5).to(dtype).to(DEV)
     want_n, want_r = K.add_rms_norm(x, r, w, 1e-5)
-    nbuf, n_view = _poisoned_rows(rows, h, dtype)
-    rbuf, r_view = _poisoned_rows(rows, h, dtype)
+    nbuf, n_view = poisoned_view((1, rows, h), dtype, seed=1)
+    rbuf, r_view = poisoned_view((1, rows, h), dtype, seed=2)
+    n_before, r_before = nbuf.clone(), rbuf.clone()
     got_n, got_r = K.add_rms_norm(x, r, w, 1e-5, out=n_view, residual_out=r_view)
     assert got_n.data_ptr() == n_view.data_ptr() and got_r.data_ptr() == r_view.data_ptr()
     assert torch.equal(n_view, want_n) and torch.equal(r_view, want_r)
-    assert _outside_is_nan(nbuf, rows, h) and _outside_is_nan(rbuf, rows, h)
+    assert outside_untouched(n_before, nbuf, n_view) and outside_untouched(r_before, rbuf, r_view)
     r_in_place = r.clone()
     K.add_rms_norm(x, r_in_place, w, 1e-5, residual_out=r_in_place)
     assert torch.equal(r_in_place, want_r)
@@ -277,13 +265,13 @@ def test_rope_qkv_write_into_a_token_major_buffer(dtype):
     rows = torch.tensor([[5, 6, 7]], device=DEV)
     want = K.rope_qkv_write(qkv, cos, sin, kc, vc, rows)
     k_want, v_want = kc.clone(), vc.clone()
-    buf = torch.full((1, t, hq, d), float("nan"), dtype=dtype, device=DEV)
-    q_all = buf.permute(0, 2, 1, 3)                                     # [1, Hq, T, D], token-major in memory
-    got = K.rope_qkv_write(qkv, cos, sin, kc, vc, rows, q_out=q_all[:, :, s0 : s0 + m])
-    assert got.data_ptr() == q_all[:, :, s0:].data_ptr()
-    assert torch.equal(q_all[:, :, s0 : s0 + m], want)
-    outside = torch.cat([buf[:, :s0], buf[:, s0 + m :]], dim=1)
-    assert torch.isnan(outside).all()
+    buf, q_all = poisoned_view((1, hq, t, d), dtype, permute=True)      # [1, Hq, T, D], token-major in memory
+    before = buf.clone()
+    chunk = q_all[:, :, s0 : s0 + m]
+    got = K.rope_qkv_write(qkv, cos, sin, kc, vc, rows, q_out=chunk)
+    assert got.data_ptr() == chunk.data_ptr()
+    assert torch.equal(chunk, want)
+    assert outside_untouched(before, buf, chunk)
     assert torch.equal(kc, k_want) and torch.equal(vc, v_want)
     with pytest.raises(ValueError, match=r"q_out must be a .* tensor of shape \[1, 4, 3, 64\]"):
         K.rope_qkv_write(qkv, cos, sin, kc, vc, rows, q_out=q_all[:, :, :2])
