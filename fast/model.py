@@ -541,16 +541,15 @@ _CUDNN_UNUSABLE: set[tuple] = set()   # (device index, dtype, head dim) where "a
 def prefill_attention_mode() -> str:
     """How CUDA fp16/bf16 prefills run their attention: ``SPECDEC_PREFILL_ATTENTION`` =
 
-    * ``auto`` (default): ``cudnn-blocks`` on a Hopper-or-newer GPU with cuDNN (measured there: 1.50 vs
-      1.57 s TTFT at 32k, 11.2 vs 16.1 s at 128k, BENCHMARKS "Long-context prefill"), ``flash`` elsewhere,
-      and ``flash`` from then on for inputs cuDNN refuses (one warning);
+    * ``auto`` (default): on a Hopper-or-newer GPU with cuDNN, ``cudnn-prompt`` onto an empty cache and
+      ``cudnn-blocks`` onto a cached prefix; ``flash`` elsewhere, and ``flash`` from then on for inputs cuDNN
+      refuses (one warning). Measured on an H100 at 32k: 1.20 s TTFT layer-major, 1.28 s blocked, 1.59 s
+      flash (BENCHMARKS "Long-context prefill", sessions 12 and 35);
     * ``flash``: chunk-major, one flash call per chunk, bottom-right causal;
     * ``cudnn-blocks``: chunk-major, :func:`_prefill_attention_blocks` on cuDNN, errors raised as they come;
-    * ``cudnn-prompt`` (opt-in): layer-major (:func:`_prefill_by_layer`), one whole-prompt causal cuDNN call per
-      layer when the cache is empty (``cudnn-blocks`` otherwise), errors raised as they come. It holds four
-      [T, hidden] tensors more than the chunk-major paths (4 GiB at 128k for Llama-3-8B). Since session 35 it
-      is the fastest at 32k on an H100 (1.20 s TTFT against the blocks' 1.28 s, BENCHMARKS "Session 35");
-      it becomes ``auto``'s choice once the GPU exactness suite has run with it (branch ``auto-layer-major``)."""
+    * ``cudnn-prompt``: layer-major (:func:`_prefill_by_layer`), one whole-prompt causal cuDNN call per layer
+      when the cache is empty (``cudnn-blocks`` otherwise), errors raised as they come. It holds four
+      [T, hidden] tensors more than the chunk-major paths (4 GiB at 128k for Llama-3-8B)."""
     mode = os.environ.get("SPECDEC_PREFILL_ATTENTION", "auto")
     if mode not in PREFILL_ATTENTION_CHOICES:
         raise ValueError(f"SPECDEC_PREFILL_ATTENTION must be one of {PREFILL_ATTENTION_CHOICES}, got {mode!r}")
@@ -562,8 +561,21 @@ def _use_cudnn_blocks(q: torch.Tensor) -> bool:
     mode = prefill_attention_mode()
     if mode != "auto":
         return mode in ("cudnn-blocks", "cudnn-prompt")
-    return (torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(q.device)[0] >= 9
-            and (q.device.index, q.dtype, q.shape[-1]) not in _CUDNN_UNUSABLE)
+    return _cudnn_auto_usable(q.device, q.dtype, q.shape[-1])
+
+
+def _cudnn_auto_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """``auto``'s rule for the cuDNN prefill paths: a Hopper-or-newer GPU, cuDNN present, and these inputs not
+    refused before (:func:`_mark_cudnn_unusable`)."""
+    return (torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
+            and (torch.device(device).index, dtype, head_dim) not in _CUDNN_UNUSABLE)
+
+
+def _mark_cudnn_unusable(q: torch.Tensor, err: BaseException) -> None:
+    """Remember that cuDNN refused q's (device, dtype, head dim) and say so once: ``auto`` uses flash for them."""
+    _CUDNN_UNUSABLE.add((q.device.index, q.dtype, q.shape[-1]))
+    warnings.warn(f"prefill: cuDNN attention refused {q.dtype} head dim {q.shape[-1]} on {q.device} "
+                  f"({str(err).splitlines()[0][:120]}); using flash attention for these from now on")
 
 
 def power_of_two_blocks(length: int) -> list[tuple[int, int]]:
@@ -627,9 +639,7 @@ def _try_cudnn_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     except RuntimeError as err:                    # cuDNN has no kernel for these inputs
         if prefill_attention_mode() != "auto":
             raise
-        _CUDNN_UNUSABLE.add((q.device.index, q.dtype, q.shape[-1]))
-        warnings.warn(f"prefill: cuDNN attention refused {q.dtype} head dim {q.shape[-1]} on {q.device} "
-                      f"({str(err).splitlines()[0][:120]}); using flash attention for these from now on")
+        _mark_cudnn_unusable(q, err)
         return None
 
 
@@ -703,6 +713,11 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 PREFILL_CHUNK = 2048
 """The chunk-major prefill's default ``chunk_size``: its largest activation is one chunk's (0.3 GiB at Llama-3-8B)."""
 
+PROMPT_PREFILL_MAX_TOKENS = 65536
+"""``auto`` prefills prompts up to this length layer-major (:func:`_use_prompt_attention`), longer ones chunk-major:
+the layer-major path holds four [T, hidden] tensors (2 GiB at 64k for Llama-3-8B, growing with T), and at 128k
+it was no faster than the blocks (BENCHMARKS "Session 27")."""
+
 PROMPT_PREFILL_CHUNK = 8192
 """The layer-major prefill's default ``chunk_size`` (the rows of each projection GEMM). That path holds four
 [T, hidden] tensors anyway, so its chunk buys GEMM speed instead: at 32k on an H100, 1.20 s TTFT with 8192-row
@@ -716,8 +731,8 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
 
     The prompt runs in chunks of ``chunk_size`` positions (None: :data:`PREFILL_CHUNK`, or
     :data:`PROMPT_PREFILL_CHUNK` on the layer-major path), so the largest activation is one chunk, never
-    the whole prompt -- except on the opt-in layer-major path (:func:`_prefill_by_layer`,
-    ``SPECDEC_PREFILL_ATTENTION=cudnn-prompt``), which holds four [T, hidden] tensors to run each layer's
+    the whole prompt -- except on the layer-major path (:func:`_prefill_by_layer`, the default on Hopper,
+    :func:`prefill_attention_mode`), which holds four [T, hidden] tensors to run each layer's
     attention as one whole-prompt call. For the chunk at positions [p0, p0 + n), each layer writes the chunk's K/V into
     cache rows [p0, p0 + n) and its queries attend to that layer's rows [0, p0 + n) -- the prefix
     already cached (by earlier chunks, or by an earlier call: a prompt may be prefilled in pieces) and the
@@ -751,22 +766,54 @@ def prefill(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_siz
     return _prefill_one(fm, cache, tokens, chunk_size, all_logits)
 
 
+class _PromptAttentionRefused(Exception):
+    """Raised out of :func:`_prefill_by_layer` under ``auto`` when cuDNN refuses the whole-prompt call."""
+
+
 def _prefill_one(fm: FastModel, cache: StaticKVCache, tokens: torch.Tensor, chunk_size: int | None,
                  all_logits: bool) -> torch.Tensor:
-    """One row's prefill: layer-major (:func:`_prefill_by_layer`, default chunk :data:`PROMPT_PREFILL_CHUNK`)
-    when :func:`_use_prompt_attention` says so, else chunk-major (:func:`_prefill_rows`, default chunk
-    :data:`PREFILL_CHUNK`)."""
-    if _use_prompt_attention(fm, cache):
-        return _prefill_by_layer(fm, cache, tokens, chunk_size or PROMPT_PREFILL_CHUNK, all_logits, _cudnn_prompt_attend)
+    """One row's prefill: layer-major (:func:`_prefill_by_layer`) when :func:`_use_prompt_attention` says so,
+    else chunk-major (:func:`_prefill_rows`). Under ``auto`` a cuDNN refusal of the layer-major attention marks
+    those inputs unusable (one warning) and the row is prefilled chunk-major from the start: the cache's length
+    is still 0, so its rows are simply written again."""
+    if _use_prompt_attention(fm, cache, tokens.shape[1]):
+        try:
+            return _prefill_by_layer(fm, cache, tokens, chunk_size or PROMPT_PREFILL_CHUNK, all_logits,
+                                     _guarded_prompt_attend)
+        except _PromptAttentionRefused:
+            pass
     return _prefill_rows(fm, cache, tokens, chunk_size or PREFILL_CHUNK, all_logits)
 
 
-def _use_prompt_attention(fm: FastModel, cache: StaticKVCache) -> bool:
-    """Whether a prefill onto ``cache`` runs layer-major with whole-prompt cuDNN attention: CUDA, fp16/bf16, an
-    empty cache, and ``SPECDEC_PREFILL_ATTENTION=cudnn-prompt`` (opt-in, :func:`prefill_attention_mode`)."""
+def _use_prompt_attention(fm: FastModel, cache: StaticKVCache, t: int) -> bool:
+    """Whether a prefill of ``t`` tokens onto ``cache`` runs layer-major with whole-prompt cuDNN attention: CUDA,
+    fp16/bf16, an empty cache, and ``SPECDEC_PREFILL_ATTENTION`` = ``cudnn-prompt``, or ``auto`` on a
+    Hopper-or-newer GPU with cuDNN (:func:`prefill_attention_mode`) for a (device, dtype, head dim) cuDNN has not
+    refused and a prompt of at most :data:`PROMPT_PREFILL_MAX_TOKENS`.
+
+    The choice depends on nothing else -- not on the free memory -- so every decoder prefills a given prompt the
+    same way and gets the same bits (the exactness contract: a speculative decoder, which holds more memory than
+    vanilla, must see vanilla's prefill)."""
     if fm.device.type != "cuda" or fm.dtype not in (torch.float16, torch.bfloat16) or cache.length != 0:
         return False
-    return prefill_attention_mode() == "cudnn-prompt"
+    mode = prefill_attention_mode()
+    if mode != "auto":
+        return mode == "cudnn-prompt"
+    return t <= PROMPT_PREFILL_MAX_TOKENS and _cudnn_auto_usable(fm.device, fm.dtype, fm.config.head_dim)
+
+
+def _guarded_prompt_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`_cudnn_prompt_attend`; under ``auto`` a cuDNN refusal becomes :class:`_PromptAttentionRefused`
+    (after :func:`_mark_cudnn_unusable`), under an explicit ``cudnn-prompt`` it propagates."""
+    try:
+        return _cudnn_prompt_attend(q, k, v)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:                    # cuDNN has no kernel for these inputs
+        if prefill_attention_mode() != "auto":
+            raise
+        _mark_cudnn_unusable(q, err)
+        raise _PromptAttentionRefused from err
 
 
 PROMPT_ATTENTION_GRANULE = 1024

@@ -449,7 +449,59 @@ def test_layer_major_prefill_is_never_chosen_on_the_cpu(monkeypatch):
     cache = alloc_cache(fm, 1, 16)
     for mode in ("cudnn-prompt", "auto", "cudnn-blocks", "flash"):
         monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", mode)
-        assert not fmod._use_prompt_attention(fm, cache)
+        assert not fmod._use_prompt_attention(fm, cache, 16)
+
+
+def test_auto_layer_major_refusal_restarts_the_row_chunk_major(monkeypatch):
+    """Under ``auto``, a refusal of the layer-major whole-prompt call (raised here by a stand-in on the CPU, where
+    the path is taken by force) warns once, marks the inputs unusable, and prefills the row chunk-major from the
+    start: exactly the chunk-major logits and cache. An explicit ``cudnn-prompt`` raises the refusal; the choice
+    itself reads the prompt length against :data:`PROMPT_PREFILL_MAX_TOKENS`, with the device queries stood in."""
+    import specdec.fast.model as fmod
+
+    _, fm = _model(2)
+    t = 23
+    ids = torch.randint(0, 64, (1, t), generator=torch.Generator().manual_seed(5))
+    want_cache = alloc_cache(fm, 1, t)
+    want = prefill(fm, want_cache, ids, chunk_size=8)
+
+    def refuse(*args):
+        raise RuntimeError("cuDNN Frontend error: no valid execution plans built")
+
+    monkeypatch.setattr(fmod, "_use_prompt_attention", lambda fm, cache, t: True)
+    monkeypatch.setattr(fmod, "_cudnn_prompt_attend", refuse)
+    monkeypatch.setattr(fmod, "_CUDNN_UNUSABLE", set())
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn-prompt")
+    with pytest.raises(RuntimeError, match="no valid execution plans"):
+        prefill(fm, alloc_cache(fm, 1, t), ids, chunk_size=8)
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "auto")
+    cache = alloc_cache(fm, 1, t)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    with pytest.warns(UserWarning, match="cuDNN attention refused torch.float32 head dim 16"):
+        got = prefill(fm, cache, ids, chunk_size=8)
+    assert torch.equal(got, want) and cache.length == t
+    for got_kv, want_kv in ((cache.k, want_cache.k), (cache.v, want_cache.v)):
+        assert torch.equal(got_kv[:, :, :, :t], want_kv[:, :, :, :t])
+    assert fmod._CUDNN_UNUSABLE == {(None, torch.float32, 16)}
+
+    monkeypatch.undo()                       # the real rule, on a stand-in CUDA device of compute capability 9
+    empty = alloc_cache(fm, 1, 16)
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "auto")
+    monkeypatch.setattr(fmod, "_CUDNN_UNUSABLE", set())
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(type(fm), "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(type(fm), "dtype", property(lambda self: torch.bfloat16))
+    assert fmod._use_prompt_attention(fm, empty, fmod.PROMPT_PREFILL_MAX_TOKENS)
+    assert not fmod._use_prompt_attention(fm, empty, fmod.PROMPT_PREFILL_MAX_TOKENS + 1)
+    empty.set_length(3)
+    assert not fmod._use_prompt_attention(fm, empty, 10)                    # a cached prefix: chunk-major
+    empty.set_length(0)
+    fmod._CUDNN_UNUSABLE.add((0, torch.bfloat16, 16))
+    assert not fmod._use_prompt_attention(fm, empty, 10)                    # refused before: chunk-major
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn-blocks")
+    assert not fmod._use_prompt_attention(fm, empty, 10)
 
 
 def test_prefill_chunk_size_is_checked_and_defaults_per_path():
@@ -494,6 +546,35 @@ def test_cuda_bf16_prompt_prefill_matches_chunk_major(t, monkeypatch):
     torch.testing.assert_close(got, want, atol=6e-2, rtol=6e-2)
     assert torch.equal(got[:, -1].argmax(-1), want[:, -1].argmax(-1))
     torch.testing.assert_close(cache.k[:, :, :, :t].float(), want_cache.k[:, :, :, :t].float(), atol=6e-2, rtol=6e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_auto_takes_the_layer_major_prefill_onto_an_empty_cache(monkeypatch):
+    """``auto`` on Hopper: an empty cache runs layer-major with its own chunk (:data:`PROMPT_PREFILL_CHUNK`),
+    giving the explicit ``cudnn-prompt`` prefill's bits; a cached prefix, or a prompt longer than
+    :data:`PROMPT_PREFILL_MAX_TOKENS`, runs chunk-major; free memory plays no part."""
+    import specdec.fast.model as fmod
+
+    if torch.cuda.get_device_capability()[0] < 9 or not torch.backends.cudnn.is_available():
+        pytest.skip("auto takes the cuDNN paths on Hopper-or-newer GPUs with cuDNN only")
+    monkeypatch.setattr(fmod, "_CUDNN_UNUSABLE", set())
+    fm = _cuda_heads_model()
+    t = 3001
+    ids = torch.randint(0, 256, (1, t), generator=torch.Generator().manual_seed(1)).cuda()
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "cudnn-prompt")
+    want = prefill(fm, alloc_cache(fm, 1, t + 100), ids, chunk_size=fmod.PROMPT_PREFILL_CHUNK)
+    monkeypatch.setenv("SPECDEC_PREFILL_ATTENTION", "auto")
+    cache = alloc_cache(fm, 1, t + 100)
+    calls = []
+    by_layer = fmod._prefill_by_layer
+    monkeypatch.setattr(fmod, "_prefill_by_layer", lambda *a: calls.append(a[3]) or by_layer(*a))
+    monkeypatch.setattr(fmod, "free_gpu_bytes", lambda dev: 0)       # not consulted
+    assert torch.equal(prefill(fm, cache, ids), want)
+    assert calls == [fmod.PROMPT_PREFILL_CHUNK]
+    assert not fmod._use_prompt_attention(fm, cache, 5)                                  # a cached prefix
+    cache.set_length(0)
+    assert fmod._use_prompt_attention(fm, cache, fmod.PROMPT_PREFILL_MAX_TOKENS)
+    assert not fmod._use_prompt_attention(fm, cache, fmod.PROMPT_PREFILL_MAX_TOKENS + 1)
 
 
 @pytest.mark.gpu
