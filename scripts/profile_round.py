@@ -15,6 +15,15 @@ prompt set:
 
     python3 scripts/profile_round.py --out runs/profile_round.jsonl
 
+``--frontier`` measures instead, for ``tree_spec_generate`` with each of ``--shapes`` (``auto`` and a spread of
+shapes by default), the tokens per round tau on the prompts, the round's wall time, and the GPU time of one
+replay of its fused round graph (draft + verification + acceptance, no host work): tau x vanilla's wall time per
+token / the replay time is the speedup that shape would reach if every round cost only its kernels -- what is
+left to gain on the host side; the largest over the shapes bounds the GLIDE tree with this draft and these kernels
+(issue 20's 2.5x goal):
+
+    python3 scripts/profile_round.py --frontier --prompts 10 --out runs/frontier.jsonl
+
 Prints each measurement as it is taken (and the profiler's kernel tables); one JSONL line per measurement.
 """
 
@@ -48,10 +57,11 @@ def timed(fn):
 
 
 @torch.inference_mode()
-def graph_replay_ms(target, glide, shape, which="k1", reps: int = 50) -> list[float]:
+def graph_replay_ms(target, glide, shape, which="k1", reps: int = 50, kernels: bool = False) -> list[float]:
     """Sorted CUDA-event times (ms) of replaying a fused greedy round graph of ``shape`` on the target's
     current cache: ``which="k1"`` the host-packed round of catch-up length 1, ``"ahead"`` the
-    device-driven round (its integers built on the device); [] when there is none."""
+    device-driven round (its integers built on the device); [] when there is none. ``kernels``: also
+    print the kernels of 5 replays under ``torch.profiler`` (count per replay, table by GPU time)."""
     cache = target.caches["main"]
     want = 1 if which == "k1" else "ahead"
     graphs = glide.runtime.graphs if glide.runtime is not None else {}
@@ -71,6 +81,18 @@ def graph_replay_ms(target, glide, shape, which="k1", reps: int = 50) -> list[fl
         end.synchronize()
         times.append(start.elapsed_time(end))
     cache.length_t.copy_(length)
+    if kernels:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                cache.length_t.copy_(length)
+                rec.graph.replay()
+            torch.cuda.synchronize()
+        cache.length_t.copy_(length)
+        evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(f"round graph {shape} ({which}): {len(evs) / 5:.0f} kernels per replay, "
+              f"{sum(e.device_time for e in evs) / 5e3:.3f} ms of kernels per replay", flush=True)
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=30), flush=True)
     return sorted(times)
 
 
@@ -108,6 +130,109 @@ class PhaseTimer:
         return lambda: (setattr(fe, "run_step", orig_step), setattr(F_.glide.FastGlideDrafter, "propose", orig_propose))
 
 
+FRONTIER_SHAPES = ("auto", "1", "3", "7", "15", "31", "63", "1,1,1,1", "2,2,1", "2,2,2,1", "3,3,2,1", "2,2,2,1,1", "3,3,2,1,1,1", "4,4,4,3",
+                   "4,8,8,8", "4,16,16,16,16")
+
+
+def parse_shape(text: str):
+    """``auto`` or comma-separated positive widths -> the tree_shape argument."""
+    if text == "auto":
+        return text
+    try:
+        shape = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--shapes: {text!r} is neither 'auto' nor comma-separated widths such as 2,2,1") from None
+    if not shape or min(shape) < 1:
+        raise SystemExit(f"--shapes: {text!r} needs one or more widths >= 1")
+    return shape
+
+
+@torch.inference_mode()
+def frontier(target, glide, ps, n: int, shapes) -> list[dict]:
+    """Per shape: tau, wall ms per round, GPU ms of one fused round replay, and the speedups they give
+    against vanilla's wall time per token on the same prompts (see the module docstring)."""
+    from tabulate import tabulate
+
+    def call(shape, ids):
+        x = torch.tensor([ids], device="cuda")
+        if shape is None:
+            return F_.vanilla_generate(target, x, len(ids), max_gen_len=n)
+        return F_.tree_spec_generate(target, glide, x, len(ids), tree_shape=shape, max_gen_len=n)
+
+    from specdec.fast.glide.decoders import device_cost_model, measure_cost_model
+    from specdec.shared.tree_search import acceptance_of, best_tree_shape
+
+    stats = acceptance_of(glide)
+    longest = max(ps, key=len)
+    out, rows = [], []
+    v_tok = v_wall = 0.0
+    for shape in [None, *shapes]:
+        call(shape, longest), call(shape, longest)  # warm-up: caches and graphs sized for every prompt
+        toks = rounds = 0
+        wall = 0.0
+        ran = shape
+        for ids in ps:
+            r = call(shape, ids)
+            toks, rounds, wall = toks + r.num_tokens, rounds + r.num, wall + r.elapsed_time
+            ran = getattr(r, "tree_shape", None) or shape
+        if shape is None:
+            # auto's cost model as `tree_shape="auto"` uses it (measured now, in this process), and one
+            # measured again with longer calls and more passes: how much of auto's choice is calibration noise
+            costs = {"auto": device_cost_model(target, glide),
+                     "auto, 96-token calls x 5": measure_cost_model(target, glide, reps=5, max_gen_len=96)}
+            for name, c in costs.items():
+                out.append(dict(kind="cost_model", name=name, **c.to_dict()))
+                print(f"cost model ({name}): verify {[(n, round(t * 1e3, 3)) for n, t in c.verify]} ms, "
+                      f"level {c.level_fixed * 1e3:.3f} ms + {c.level_per_node * 1e3:.4f} ms/node; its best shape "
+                      f"{best_tree_shape(stats, c, vocab_size=target.config.vocab_size) if stats else '-'}", flush=True)
+            v_tok, v_wall = toks, wall
+            line = dict(kind="frontier", shape="vanilla", tokens=toks, rounds=rounds, wall_s=wall,
+                        ms_per_token=wall / toks * 1e3)
+        else:
+            ran = tuple(ran)
+            replay = graph_replay_ms(target, glide, ran, "ahead") or graph_replay_ms(target, glide, ran, "k1")
+            tau = toks / rounds
+            t_v = v_wall / v_tok * 1e3
+            line = dict(kind="frontier", shape=str(shape) if shape == "auto" else ",".join(map(str, ran)),
+                        ran=list(ran), nodes=1 + sum(ran), tokens=toks, rounds=rounds, tau=tau,
+                        wall_ms_per_round=wall / rounds * 1e3,
+                        replay_ms=replay[len(replay) // 2] if replay else None,
+                        speedup=(toks / wall) / (v_tok / v_wall),
+                        speedup_if_kernels_only=tau * t_v / replay[len(replay) // 2] if replay else None)
+            if stats is not None:  # what `auto` predicts for this shape: its acceptance model and this device's cost model
+                line["tau_model"] = stats.expected_tokens(ran)
+                line["model_ms_per_round"] = {name: c.round_time(ran) * 1e3 for name, c in costs.items()}
+            rows.append([line["shape"], ",".join(map(str, ran)), line["nodes"], f"{tau:.2f}",
+                         f"{line.get('tau_model', float('nan')):.2f}",
+                         " / ".join(f"{v:.3f}" for v in line.get("model_ms_per_round", {}).values()),
+                         f"{line['wall_ms_per_round']:.3f}", f"{line['replay_ms']:.3f}" if replay else "-",
+                         f"{line['speedup']:.2f}x",
+                         f"{line['speedup_if_kernels_only']:.2f}x" if replay else "-"])
+        out.append(line)
+        print(line, flush=True)
+    # a third cost model: fitted to the graph replays above (kernels only; the one-level shapes give verify(n))
+    timed = [(tuple(x["ran"]), x["replay_ms"] / 1e3) for x in out if x.get("replay_ms")]
+    if stats is not None and any(len(s) == 1 for s, _ in timed):
+        from specdec.shared.tree_search import CostModel
+        c = CostModel.fit(timed, {"from": "graph replays"})
+        shape = best_tree_shape(stats, c, vocab_size=target.config.vocab_size)
+        t_v = v_wall / v_tok * 1e3
+        print(f"cost model (graph replays): verify {[(n, round(t * 1e3, 3)) for n, t in c.verify]} ms, level "
+              f"{c.level_fixed * 1e3:.3f} ms + {c.level_per_node * 1e3:.4f} ms/node; its best shape {shape}: "
+              f"tau (model) {stats.expected_tokens(shape):.2f}, {c.round_time(shape) * 1e3:.3f} ms/round, predicted "
+              f"{stats.expected_tokens(shape) / (c.round_time(shape) * 1e3) * t_v:.2f}x", flush=True)
+        out.append(dict(kind="cost_model", name="graph replays", best=list(shape), **c.to_dict()))
+    best = max((x for x in out if x.get("speedup_if_kernels_only")), key=lambda x: x["speedup"], default=None)
+    if best is not None:  # where the best shape's round goes: its graph's kernels
+        ran = tuple(best["ran"])
+        call(ran, longest)
+        graph_replay_ms(target, glide, ran, "ahead", reps=5, kernels=True) or graph_replay_ms(target, glide, ran, "k1", reps=5, kernels=True)
+    print(f"\nvanilla: {v_wall / v_tok * 1e3:.3f} ms per token (wall), {len(ps)} prompts x {n} new tokens")
+    print(tabulate(rows, headers=["shape", "ran", "nodes", "tau", "tau (model)", "ms/round (cost models)", "wall ms/round", "GPU ms/round (replay)",
+                                  "speedup", "speedup if kernels only"], tablefmt="github"))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="default")
@@ -116,6 +241,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--ab-reps", type=int, default=5, help="repetitions of the run-ahead on/off comparison")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--frontier", action="store_true", help="measure the shapes' frontier (see above) and nothing else")
+    ap.add_argument("--shapes", nargs="+", default=list(FRONTIER_SHAPES),
+                    help="tree shapes for --frontier: 'auto' or comma-separated widths, e.g. 2,2,1")
     args = ap.parse_args()
 
     target = F_.load_model(args.target)
@@ -124,6 +252,12 @@ def main() -> None:
     ps = prompts(args.prompts, tok)
     n = args.max_new_tokens
     lines = []
+    if args.frontier:
+        lines = frontier(target, glide, ps, n, [parse_shape(x) for x in args.shapes])
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.writelines(json.dumps(line) + "\n" for line in lines)
+        return
 
     def run(method, ids):
         x = torch.tensor([ids], device="cuda")
