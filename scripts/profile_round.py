@@ -130,7 +130,7 @@ class PhaseTimer:
         return lambda: (setattr(fe, "run_step", orig_step), setattr(F_.glide.FastGlideDrafter, "propose", orig_propose))
 
 
-FRONTIER_SHAPES = ("auto", "1", "3", "7", "15", "31", "63", "1,1,1,1", "2,2,1", "2,2,2,1", "3,3,2,1", "2,2,2,1,1", "3,3,2,1,1,1", "4,4,4,3",
+FRONTIER_SHAPES = ("auto", "1", "3", "7", "15", "16", "31", "32", "63", "64", "1,1,1,1", "2,2,1", "2,2,2,1", "3,3,2,1", "2,2,2,1,1", "3,3,2,1,1,1", "4,4,4,3",
                    "4,8,8,8", "4,16,16,16,16")
 
 

@@ -13,6 +13,7 @@ import torch
 from specdec.fast.engine import check_drafts_fit, run_speculative_fast
 from specdec.fast.glide.drafter import FastGlideDrafter
 from specdec.fast.glide.weights import as_fast_glide
+from specdec.fast.kernels.rowgemm import row_tile_limits
 from specdec.fast.model import as_fast_model
 from specdec.shared import tree_search
 from specdec.shared.result import GenerationResult
@@ -30,6 +31,20 @@ CPU_CALIBRATION_SHAPES = ((1,), (15,), (63,), (1, 1, 1, 1), (1, 16, 1))
 """Without CUDA the kernels run in the Triton interpreter (about a second per round): a reduced calibration."""
 
 
+def calibration_shapes(vocab_size: int, cpu: bool) -> list[tuple[int, ...]]:
+    """The shapes this path's :func:`measure_cost_model` times. On a CPU: :data:`CPU_CALIBRATION_SHAPES`. On
+    CUDA: :data:`~specdec.shared.tree_search.CALIBRATION_SHAPES` plus the one-level shapes verifying ``r`` and
+    ``r + 1`` nodes at every row-tile limit ``r`` of the row GEMM (:func:`~specdec.fast.kernels.rowgemm.row_tile_limits`):
+    past each limit every weight takes the next tile, so the verification's cost steps there. A cost model
+    interpolated between 32 and 64 nodes priced a 33-node tree's round 10 % low (BENCHMARKS "Session 36: the
+    GLIDE tree's frontier")."""
+    if cpu:
+        return tree_search.calibration_shapes(vocab_size, shapes=CPU_CALIBRATION_SHAPES)
+    steps = tuple((n - 1,) for r in row_tile_limits() for n in (r, r + 1))
+    shapes = tree_search.CALIBRATION_SHAPES + tuple(s for s in steps if s not in tree_search.CALIBRATION_SHAPES)
+    return tree_search.calibration_shapes(vocab_size, shapes=shapes)
+
+
 def measure_cost_model(target, glide, reps: int | None = None, shapes: Sequence[Sequence[int]] | None = None,
                        max_gen_len: int | None = None, prompt_length: int = 512) -> CostModel:
     """Time rounds of this path's :func:`tree_spec_generate` on the target's device (a random prompt of
@@ -39,7 +54,7 @@ def measure_cost_model(target, glide, reps: int | None = None, shapes: Sequence[
     fm, fg = _target_and_glide(target, glide, None)
     c, cpu = fm.config, fm.device.type == "cpu"
     if shapes is None:
-        shapes = tree_search.calibration_shapes(c.vocab_size, shapes=CPU_CALIBRATION_SHAPES if cpu else tree_search.CALIBRATION_SHAPES)
+        shapes = calibration_shapes(c.vocab_size, cpu)
     reps = reps or (1 if cpu else 3)
     gen = max_gen_len or (6 if cpu else 32)
     timer = tree_search.round_timer(lambda *a, **kw: tree_spec_generate(fm, fg, *a, **kw), c.vocab_size,
@@ -53,7 +68,7 @@ def device_cost_model(target, glide, cache: bool = True) -> CostModel:
     """:func:`measure_cost_model`, once per process and (``cache``) per device and model in
     ``$XDG_CACHE_HOME/specdec/cost_models.json`` (:func:`specdec.shared.tree_search.cached_cost_model`)."""
     fm, fg = _target_and_glide(target, glide, None)
-    extra = {"graphs": bool(fm.use_graphs)}
+    extra = {"graphs": bool(fm.use_graphs), "row_tiles": row_tile_limits()}  # (a new tile rule measures anew)
     if fg.vocab_map is not None:  # a smaller lm_head costs less
         extra["draft_vocab"] = fg.draft_vocab_size
     key = tree_search.cost_cache_key("fast.glide", fm.device, fm.dtype, fm.config, fg.config, extra)

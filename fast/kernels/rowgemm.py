@@ -48,9 +48,21 @@ try:   # Hopper tensor descriptors (Triton >= 3.4); without them every load goes
 except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
-__all__ = ["MAX_ROWS", "row_linear", "row_linear_config"]
+__all__ = ["MAX_ROWS", "ROW_TILES", "row_linear", "row_linear_config", "row_tile_limits"]
 
 MAX_ROWS = 8192
+
+ROW_TILES = ((16, 16, 0), (32, 32, 0), (64, 64, 0), (80, 64, 16))
+"""The GPU rule's row tiles for 16-bit weights: ``(most rows, BLOCK_M, TAIL)``, the first tier that holds the
+rows wins; more rows than the last take 128-row tiles. A verification just past a tier's limit pays for the next
+tile on every weight, so its cost steps up there (BENCHMARKS "Session 36: the GLIDE tree's frontier": 33 rows
+cost like 64); the fast GLIDE calibration times both sides of each limit (:func:`row_tile_limits`)."""
+
+
+def row_tile_limits() -> tuple[int, ...]:
+    """Row counts after which the GPU rule's 16-bit row tile grows (16, 32, 64, 80): a verification of
+    ``limit + 1`` rows costs a step more than one of ``limit`` rows."""
+    return tuple(most for most, _, _ in ROW_TILES)
 """The most rows one call may take: a decode-phase pass of B x M rows (M up to the fast path's tree limit
 of 128 per sequence). Rows are independent, so this bounds only the fp32 split-K workspace."""
 
@@ -339,8 +351,11 @@ def _gpu_config(n: int, k: int, dtype: torch.dtype, rows: int, silu: bool) -> tu
     if dtype != torch.float32:
         # 65-80 rows (the 69-node verification): a 64-row tile plus a 16-row tail sharing each weight tile --
         # 80 MMA columns instead of 128 (BENCHMARKS "Session 29: a 16-row tail tile": 7-19 % faster per weight)
-        bm, tail = ((16, 0) if rows <= 16 else (32, 0) if rows <= 32 else (64, 0) if rows <= 64
-                    else (64, 16) if rows <= 80 else (128, 0))
+        bm, tail = 128, 0
+        for most, tier_bm, tier_tail in ROW_TILES:
+            if rows <= most:
+                bm, tail = tier_bm, tier_tail
+                break
         bk = min(64, max(16, next_pow2(k)))
         if n >= 32768:
             bn, split = 128, 1

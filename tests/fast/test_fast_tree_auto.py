@@ -75,6 +75,21 @@ def test_fast_cost_measurement_runs_the_decoder(tmp_path, monkeypatch):
     assert cost.round_time((1, 1)) > 0
 
 
+def test_fast_calibration_times_both_sides_of_every_row_tile_limit():
+    """On CUDA the calibration verifies r and r + 1 nodes at each limit r of the row GEMM's tiles (the
+    verification's cost steps there, and interpolating across the step priced a 33-node tree's round 10 % low);
+    on a CPU the reduced set is unchanged. Every shape fits the search's node limit."""
+    from specdec.fast.kernels.rowgemm import row_tile_limits
+
+    gpu = fdec.calibration_shapes(4096, cpu=False)
+    verified = {1 + s[0] for s in gpu if len(s) == 1}
+    for r in row_tile_limits():
+        assert {r, r + 1} <= verified, (r, sorted(verified))
+    assert set(ts.CALIBRATION_SHAPES) <= set(gpu) and len(set(gpu)) == len(gpu)
+    assert all(sum(s) <= ts.MAX_AUTO_NODES for s in gpu)
+    assert fdec.calibration_shapes(4096, cpu=True) == list(fdec.CPU_CALIBRATION_SHAPES)
+
+
 def test_fast_logitspec_capacity_auto_is_lossless_and_matches_ref(monkeypatch):
     """LogitSpec with draft_tree_capacity="auto" on the fast path: the capacity both paths choose from the same
     costs (a steep curve -> a small tree), reported on the result, and vanilla's tokens."""

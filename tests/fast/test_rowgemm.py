@@ -105,6 +105,18 @@ def test_split_k_is_reduced_in_a_fixed_order_and_leaves_the_counts_at_zero():
     assert all(int(c.abs().sum()) == 0 for c in rowgemm._COUNTERS.values())
 
 
+def test_row_tile_limits_are_where_the_gpu_tile_grows():
+    """row_tile_limits() (what the fast GLIDE calibration times both sides of) are exactly the row counts after
+    which the GPU rule's 16-bit tile (BLOCK_M, TAIL) changes, for every weight shape."""
+    from specdec.fast.kernels import rowgemm
+
+    for n, k in ((4096, 4096), (14336, 4096), (128256, 4096), (768, 256)):
+        for dtype in (torch.bfloat16, torch.float16):
+            tile = [rowgemm._gpu_config(n, k, dtype, rows, False)[::8] for rows in range(1, 130)]  # (BLOCK_M, TAIL)
+            steps = tuple(r for r in range(1, 129) if tile[r - 1] != tile[r])
+            assert steps == rowgemm.row_tile_limits(), (n, k, dtype, steps)
+
+
 @pytest.mark.parametrize("rule", ["here", "cuda-rule"])  # (not "gpu": that id would read as the marker)
 def test_config_depends_on_rows_only_through_block_m_and_tail(rule):
     """What a row's arithmetic depends on (BLOCK_N, BLOCK_K, warps, stages, the K split, SWAP, TMA) is the
