@@ -31,6 +31,7 @@ import torch
 from tabulate import tabulate
 
 import specdec.fast as F_
+from specdec.benchutil import cuda_time_ms
 from specdec.fast.model import prefill, run_step
 
 GROUPS = (("attention", "_decode_attention"), ("merge", "_merge"), ("row GEMM", "_row_linear"),
@@ -53,19 +54,13 @@ def chain(m: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def step_ms(fn, reps: int, cuda: bool) -> float:
     """Median time of ``fn()`` in ms (CUDA events on a GPU, wall time on a CPU)."""
+    if cuda:
+        return cuda_time_ms(fn, reps=reps, warmup=0)
     times = []
     for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
 
