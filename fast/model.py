@@ -566,16 +566,21 @@ def _use_cudnn_blocks(q: torch.Tensor) -> bool:
 
 def _cudnn_auto_usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """``auto``'s rule for the cuDNN prefill paths: a Hopper-or-newer GPU, cuDNN present, and these inputs not
-    refused before (:func:`_mark_cudnn_unusable`)."""
+    refused before (:func:`_cudnn_auto_fallback`)."""
     return (torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
             and (torch.device(device).index, dtype, head_dim) not in _CUDNN_UNUSABLE)
 
 
-def _mark_cudnn_unusable(q: torch.Tensor, err: BaseException) -> None:
-    """Remember that cuDNN refused q's (device, dtype, head dim) and say so once: ``auto`` uses flash for them."""
+def _cudnn_auto_fallback(q: torch.Tensor, err: BaseException) -> bool:
+    """After cuDNN raised ``err`` on q's inputs: under ``auto``, remember that it refuses q's (device, dtype, head
+    dim), say so once (``auto`` uses flash for them from now on) and return True -- the caller falls back; under an
+    explicit cuDNN mode return False -- the caller re-raises."""
+    if prefill_attention_mode() != "auto":
+        return False
     _CUDNN_UNUSABLE.add((q.device.index, q.dtype, q.shape[-1]))
     warnings.warn(f"prefill: cuDNN attention refused {q.dtype} head dim {q.shape[-1]} on {q.device} "
                   f"({str(err).splitlines()[0][:120]}); using flash attention for these from now on")
+    return True
 
 
 def power_of_two_blocks(length: int) -> list[tuple[int, int]]:
@@ -637,9 +642,8 @@ def _try_cudnn_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     try:
         return _prefill_attention_blocks(q, k, v, _cudnn_attend)
     except RuntimeError as err:                    # cuDNN has no kernel for these inputs
-        if prefill_attention_mode() != "auto":
+        if not _cudnn_auto_fallback(q, err):
             raise
-        _mark_cudnn_unusable(q, err)
         return None
 
 
@@ -804,15 +808,14 @@ def _use_prompt_attention(fm: FastModel, cache: StaticKVCache, t: int) -> bool:
 
 def _guarded_prompt_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """:func:`_cudnn_prompt_attend`; under ``auto`` a cuDNN refusal becomes :class:`_PromptAttentionRefused`
-    (after :func:`_mark_cudnn_unusable`), under an explicit ``cudnn-prompt`` it propagates."""
+    (after :func:`_cudnn_auto_fallback`), under an explicit ``cudnn-prompt`` it propagates."""
     try:
         return _cudnn_prompt_attend(q, k, v)
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as err:                    # cuDNN has no kernel for these inputs
-        if prefill_attention_mode() != "auto":
+        if not _cudnn_auto_fallback(q, err):
             raise
-        _mark_cudnn_unusable(q, err)
         raise _PromptAttentionRefused from err
 
 

@@ -34,9 +34,12 @@ import json
 import time
 
 import torch
+from tabulate import tabulate
 
 import specdec.fast as F_
 from specdec.fast import engine as fe
+from specdec.fast.glide.decoders import device_cost_model, measure_cost_model
+from specdec.shared.tree_search import CostModel, acceptance_of, best_tree_shape
 import os
 
 from specdec.shared.assets import ASSETS_DIR
@@ -147,89 +150,90 @@ def parse_shape(text: str):
     return shape
 
 
+def describe_cost(name: str, c, best) -> str:
+    """One line for a cost model: its verify points, level terms and the shape it picks (``best``)."""
+    return (f"cost model ({name}): verify {[(n, round(t * 1e3, 3)) for n, t in c.verify]} ms, level "
+            f"{c.level_fixed * 1e3:.3f} ms + {c.level_per_node * 1e3:.4f} ms/node; its best shape {best}")
+
+
+def round_replay_ms(target, glide, shape, **kw) -> list[float]:
+    """:func:`graph_replay_ms` of the device-driven round graph of ``shape``, else of the host-packed one."""
+    return graph_replay_ms(target, glide, shape, "ahead", **kw) or graph_replay_ms(target, glide, shape, "k1", **kw)
+
+
 @torch.inference_mode()
 def frontier(target, glide, ps, n: int, shapes) -> list[dict]:
     """Per shape: tau, wall ms per round, GPU ms of one fused round replay, and the speedups they give
     against vanilla's wall time per token on the same prompts (see the module docstring)."""
-    from tabulate import tabulate
-
-    def call(shape, ids):
-        x = torch.tensor([ids], device="cuda")
-        if shape is None:
-            return F_.vanilla_generate(target, x, len(ids), max_gen_len=n)
-        return F_.tree_spec_generate(target, glide, x, len(ids), tree_shape=shape, max_gen_len=n)
-
-    from specdec.fast.glide.decoders import device_cost_model, measure_cost_model
-    from specdec.shared.tree_search import acceptance_of, best_tree_shape
-
     stats = acceptance_of(glide)
+    vocab = target.config.vocab_size
     longest = max(ps, key=len)
-    out, rows = [], []
-    v_tok = v_wall = 0.0
-    for shape in [None, *shapes]:
-        call(shape, longest), call(shape, longest)  # warm-up: caches and graphs sized for every prompt
-        toks = rounds = 0
-        wall = 0.0
-        ran = shape
-        for ids in ps:
-            r = call(shape, ids)
-            toks, rounds, wall = toks + r.num_tokens, rounds + r.num, wall + r.elapsed_time
-            ran = getattr(r, "tree_shape", None) or shape
-        if shape is None:
-            # auto's cost model as `tree_shape="auto"` uses it (measured now, in this process), and one
-            # measured again with longer calls and more passes: how much of auto's choice is calibration noise
-            costs = {"auto": device_cost_model(target, glide),
-                     "auto, 96-token calls x 5": measure_cost_model(target, glide, reps=5, max_gen_len=96)}
-            for name, c in costs.items():
-                out.append(dict(kind="cost_model", name=name, **c.to_dict()))
-                print(f"cost model ({name}): verify {[(n, round(t * 1e3, 3)) for n, t in c.verify]} ms, "
-                      f"level {c.level_fixed * 1e3:.3f} ms + {c.level_per_node * 1e3:.4f} ms/node; its best shape "
-                      f"{best_tree_shape(stats, c, vocab_size=target.config.vocab_size) if stats else '-'}", flush=True)
-            v_tok, v_wall = toks, wall
-            line = dict(kind="frontier", shape="vanilla", tokens=toks, rounds=rounds, wall_s=wall,
-                        ms_per_token=wall / toks * 1e3)
-        else:
-            ran = tuple(ran)
-            replay = graph_replay_ms(target, glide, ran, "ahead") or graph_replay_ms(target, glide, ran, "k1")
-            tau = toks / rounds
-            t_v = v_wall / v_tok * 1e3
-            line = dict(kind="frontier", shape=str(shape) if shape == "auto" else ",".join(map(str, ran)),
-                        ran=list(ran), nodes=1 + sum(ran), tokens=toks, rounds=rounds, tau=tau,
-                        wall_ms_per_round=wall / rounds * 1e3,
-                        replay_ms=replay[len(replay) // 2] if replay else None,
-                        speedup=(toks / wall) / (v_tok / v_wall),
-                        speedup_if_kernels_only=tau * t_v / replay[len(replay) // 2] if replay else None)
-            if stats is not None:  # what `auto` predicts for this shape: its acceptance model and this device's cost model
-                line["tau_model"] = stats.expected_tokens(ran)
-                line["model_ms_per_round"] = {name: c.round_time(ran) * 1e3 for name, c in costs.items()}
-            rows.append([line["shape"], ",".join(map(str, ran)), line["nodes"], f"{tau:.2f}",
-                         f"{line.get('tau_model', float('nan')):.2f}",
-                         " / ".join(f"{v:.3f}" for v in line.get("model_ms_per_round", {}).values()),
-                         f"{line['wall_ms_per_round']:.3f}", f"{line['replay_ms']:.3f}" if replay else "-",
-                         f"{line['speedup']:.2f}x",
-                         f"{line['speedup_if_kernels_only']:.2f}x" if replay else "-"])
+
+    def measure(shape):
+        """(tokens, rounds, decode seconds, the shape that ran) over the prompts; ``shape`` None: vanilla."""
+        def call(ids):
+            x = torch.tensor([ids], device="cuda")
+            if shape is None:
+                return F_.vanilla_generate(target, x, len(ids), max_gen_len=n)
+            return F_.tree_spec_generate(target, glide, x, len(ids), tree_shape=shape, max_gen_len=n)
+
+        call(longest), call(longest)  # warm-up: caches and graphs sized for every prompt
+        results = [call(ids) for ids in ps]
+        ran = None if shape is None else tuple(results[-1].tree_shape)
+        return (sum(r.num_tokens for r in results), sum(r.num for r in results),
+                sum(r.elapsed_time for r in results), ran)
+
+    v_tok, v_rounds, v_wall, _ = measure(None)
+    t_v = v_wall / v_tok * 1e3
+    # auto's cost model as `tree_shape="auto"` uses it (measured now, in this process), and one measured again with
+    # longer calls and more passes: how much of auto's choice is calibration noise
+    costs = {"auto": device_cost_model(target, glide),
+             "auto, 96-token calls x 5": measure_cost_model(target, glide, reps=5, max_gen_len=96)}
+    out = []
+    for name, c in costs.items():
+        out.append(dict(kind="cost_model", name=name, **c.to_dict()))
+        print(describe_cost(name, c, best_tree_shape(stats, c, vocab_size=vocab) if stats else "-"), flush=True)
+    out.append(dict(kind="frontier", shape="vanilla", tokens=v_tok, rounds=v_rounds, wall_s=v_wall, ms_per_token=t_v))
+    print(out[-1], flush=True)
+
+    rows = []
+    for shape in shapes:
+        toks, rounds, wall, ran = measure(shape)
+        replay = round_replay_ms(target, glide, ran)
+        replay_ms = replay[len(replay) // 2] if replay else None
+        tau = toks / rounds
+        line = dict(kind="frontier", shape="auto" if shape == "auto" else ",".join(map(str, ran)), ran=list(ran),
+                    nodes=1 + sum(ran), tokens=toks, rounds=rounds, tau=tau, wall_ms_per_round=wall / rounds * 1e3,
+                    replay_ms=replay_ms, speedup=(toks / wall) / (v_tok / v_wall),
+                    speedup_if_kernels_only=tau * t_v / replay_ms if replay else None)
+        if stats is not None:  # what `auto` predicts for this shape: its acceptance model and this device's cost models
+            line["tau_model"] = stats.expected_tokens(ran)
+            line["model_ms_per_round"] = {name: c.round_time(ran) * 1e3 for name, c in costs.items()}
+        rows.append([line["shape"], ",".join(map(str, ran)), line["nodes"], f"{tau:.2f}",
+                     f"{line.get('tau_model', float('nan')):.2f}",
+                     " / ".join(f"{v:.3f}" for v in line.get("model_ms_per_round", {}).values()),
+                     f"{line['wall_ms_per_round']:.3f}", f"{replay_ms:.3f}" if replay else "-",
+                     f"{line['speedup']:.2f}x", f"{line['speedup_if_kernels_only']:.2f}x" if replay else "-"])
         out.append(line)
         print(line, flush=True)
+
     # a third cost model: fitted to the graph replays above (kernels only; the one-level shapes give verify(n))
     timed = [(tuple(x["ran"]), x["replay_ms"] / 1e3) for x in out if x.get("replay_ms")]
     if stats is not None and any(len(s) == 1 for s, _ in timed):
-        from specdec.shared.tree_search import CostModel
         c = CostModel.fit(timed, {"from": "graph replays"})
-        shape = best_tree_shape(stats, c, vocab_size=target.config.vocab_size)
-        t_v = v_wall / v_tok * 1e3
-        print(f"cost model (graph replays): verify {[(n, round(t * 1e3, 3)) for n, t in c.verify]} ms, level "
-              f"{c.level_fixed * 1e3:.3f} ms + {c.level_per_node * 1e3:.4f} ms/node; its best shape {shape}: "
-              f"tau (model) {stats.expected_tokens(shape):.2f}, {c.round_time(shape) * 1e3:.3f} ms/round, predicted "
-              f"{stats.expected_tokens(shape) / (c.round_time(shape) * 1e3) * t_v:.2f}x", flush=True)
+        shape = best_tree_shape(stats, c, vocab_size=vocab)
+        e, t = stats.expected_tokens(shape), c.round_time(shape) * 1e3
+        print(describe_cost("graph replays", c, shape) + f": tau (model) {e:.2f}, {t:.3f} ms/round, predicted "
+              f"{e / t * t_v:.2f}x", flush=True)
         out.append(dict(kind="cost_model", name="graph replays", best=list(shape), **c.to_dict()))
     best = max((x for x in out if x.get("speedup_if_kernels_only")), key=lambda x: x["speedup"], default=None)
     if best is not None:  # where the best shape's round goes: its graph's kernels
-        ran = tuple(best["ran"])
-        call(ran, longest)
-        graph_replay_ms(target, glide, ran, "ahead", reps=5, kernels=True) or graph_replay_ms(target, glide, ran, "k1", reps=5, kernels=True)
-    print(f"\nvanilla: {v_wall / v_tok * 1e3:.3f} ms per token (wall), {len(ps)} prompts x {n} new tokens")
-    print(tabulate(rows, headers=["shape", "ran", "nodes", "tau", "tau (model)", "ms/round (cost models)", "wall ms/round", "GPU ms/round (replay)",
-                                  "speedup", "speedup if kernels only"], tablefmt="github"))
+        measure(tuple(best["ran"]))
+        round_replay_ms(target, glide, tuple(best["ran"]), reps=5, kernels=True)
+    print(f"\nvanilla: {t_v:.3f} ms per token (wall), {len(ps)} prompts x {n} new tokens")
+    print(tabulate(rows, headers=["shape", "ran", "nodes", "tau", "tau (model)", "ms/round (cost models)",
+                                  "wall ms/round", "GPU ms/round (replay)", "speedup", "speedup if kernels only"],
+                   tablefmt="github"))
     return out
 
 

@@ -51,20 +51,21 @@ except ImportError:  # pragma: no cover - older Triton
 __all__ = ["MAX_ROWS", "ROW_TILES", "row_linear", "row_linear_config", "row_tile_limits"]
 
 MAX_ROWS = 8192
+"""The most rows one call may take: a decode-phase pass of B x M rows (M up to the fast path's tree limit
+of 128 per sequence). Rows are independent, so this bounds only the fp32 split-K workspace."""
 
 ROW_TILES = ((16, 16, 0), (32, 32, 0), (64, 64, 0), (80, 64, 16))
 """The GPU rule's row tiles for 16-bit weights: ``(most rows, BLOCK_M, TAIL)``, the first tier that holds the
 rows wins; more rows than the last take 128-row tiles. A verification just past a tier's limit pays for the next
-tile on every weight, so its cost steps up there (BENCHMARKS "Session 36: the GLIDE tree's frontier": 33 rows
-cost like 64); the fast GLIDE calibration times both sides of each limit (:func:`row_tile_limits`)."""
+tile on every weight, so its cost steps up there (BENCHMARKS "Session 36: the GLIDE tree's frontier": a
+calibration interpolated between 32 and 64 rows priced a 33-node round 10 % low); the fast GLIDE calibration times
+both sides of each limit (:func:`row_tile_limits`)."""
 
 
 def row_tile_limits() -> tuple[int, ...]:
     """Row counts after which the GPU rule's 16-bit row tile grows (16, 32, 64, 80): a verification of
     ``limit + 1`` rows costs a step more than one of ``limit`` rows."""
     return tuple(most for most, _, _ in ROW_TILES)
-"""The most rows one call may take: a decode-phase pass of B x M rows (M up to the fast path's tree limit
-of 128 per sequence). Rows are independent, so this bounds only the fp32 split-K workspace."""
 
 
 @triton.jit
