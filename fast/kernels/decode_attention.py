@@ -74,7 +74,7 @@ from ._common import check_device, check_int_tensor, check_tensor, graph_capturi
 from .tree_attention import LOG2E, merge_partials
 
 __all__ = ["decode_attention", "ancestor_table", "SPLIT_KEYS", "SPLIT_TIERS", "MAX_HEAD_DIM", "decode_attention_config",
-           "split_bounds", "num_splits_for"]
+           "split_bounds", "num_splits_for", "FILL_PROGRAMS"]
 
 SPLIT_TIERS = ((4096, 256), (32768, 1024), (None, 4096))
 """The fixed partition of key positions into splits: 256-key splits below position 4096, 1024-key splits
@@ -188,18 +188,19 @@ def _decode_attention_kernel(
     stride_lz, stride_lp,
     qk_scale, H_KV, M, NUM_SPLITS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)   # a block of packed rows (row = node * GROUP + g)
+    pid_m = tl.program_id(0)   # a block of ROWS packed rows (row = node * GROUP + g) in a BLOCK_M-row tile
     pid_z = tl.program_id(1)   # b * H_KV + kv head
     pid_s = NUM_SPLITS - 1 - tl.program_id(2)   # split s: key positions _split_range(s), the last split first
     b = pid_z // H_KV
     hkv = pid_z % H_KV
     b64 = b.to(tl.int64)
 
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_r < M * GROUP
+    arange_m = tl.arange(0, BLOCK_M)
+    offs_r = pid_m * ROWS + arange_m
+    row_ok = (arange_m < ROWS) & (offs_r < M * GROUP)   # the tile's rows past ROWS are padding
     node = offs_r // GROUP
     head = hkv * GROUP + offs_r % GROUP
     offs_d = tl.arange(0, BLOCK_D)
@@ -211,8 +212,8 @@ def _decode_attention_kernel(
     depth = tl.load(Depth + b64 * stride_db + node, mask=row_ok, other=0)
     pos = L + depth
     hi = tl.max(tl.where(row_ok, pos, -1), 0)        # the block's last visible position
-    first = (pid_m * BLOCK_M) // GROUP
-    last = tl.minimum(M - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GROUP)
+    first = (pid_m * ROWS) // GROUP
+    last = tl.minimum(M - 1, (pid_m * ROWS + ROWS - 1) // GROUP)
 
     q_ptrs = (Q + b64 * stride_qb + head.to(tl.int64)[:, None] * stride_qh
               + node[:, None] * stride_qm + offs_d[None, :] * stride_qd)
@@ -292,16 +293,29 @@ waves of an H100/H200's 132 SMs); below it, the smallest tile. BENCHMARKS "Sessi
 prefix -- 5, 17 and 45 key splits -- which this rule picks."""
 
 
-def decode_attention_config(rows: int, head_dim: int, dtype: torch.dtype, programs_per_tile: int = 1) -> dict:
-    """Tile sizes for ``rows = M * G`` packed query rows, ``programs_per_tile`` = key splits x B x Hkv (the
-    grid's other two axes). BLOCK_M follows the rows and the grid (an MMA never mixes rows, and nothing here
-    reduces across a tile's layout, so it does not change a row's bits); BLOCK_N is fixed per dtype (lanes are
-    positions: it is part of every row's arithmetic)."""
+FILL_PROGRAMS = 256
+"""Nodes-per-program rule (16-bit, GPU): a program whose BLOCK_M tile is the smallest (16 rows) holds fewer nodes
+-- halving its rows while the grid stays within this many programs. Its tiles that reach the tree loop over the
+program's nodes (two gathered loads and two dots per node), so with few programs (short prefixes, small trees:
+the embedded model's verification) that loop is the kernel's critical path. BENCHMARKS "Session 37: fewer nodes
+per attention program"."""
+
+
+def decode_attention_config(rows: int, head_dim: int, dtype: torch.dtype, programs_per_tile: int = 1,
+                            group: int = 1) -> dict:
+    """Tile sizes for ``rows = M * G`` packed query rows (``group`` = G query heads per KV head),
+    ``programs_per_tile`` = key splits x B x Hkv (the grid's other two axes). BLOCK_M follows the rows and the
+    grid, and ``program_rows`` (the rows one program holds, <= BLOCK_M, the rest of its tile padding) follows
+    the grid too: an MMA never mixes rows, and nothing here reduces across a tile's layout, so neither changes a
+    row's bits. BLOCK_N is fixed per dtype (lanes are positions: it is part of every row's arithmetic)."""
     if interpreter_active():
-        return dict(block_m=16, block_n=32, num_warps=4, num_stages=1)
+        return dict(block_m=16, program_rows=16, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(block_m=min(max(16, next_pow2(rows)), 32), block_n=32, num_warps=4, num_stages=2)
-    return dict(block_m=_gpu_block_m(rows, programs_per_tile), block_n=64, num_warps=4, num_stages=2)
+        block_m = min(max(16, next_pow2(rows)), 32)
+        return dict(block_m=block_m, program_rows=block_m, block_n=32, num_warps=4, num_stages=2)
+    block_m = _gpu_block_m(rows, programs_per_tile)
+    return dict(block_m=block_m, program_rows=_gpu_program_rows(rows, group, block_m, programs_per_tile),
+                block_n=64, num_warps=4, num_stages=2)
 
 
 def _gpu_block_m(rows: int, programs_per_tile: int) -> int:
@@ -312,6 +326,18 @@ def _gpu_block_m(rows: int, programs_per_tile: int) -> int:
     while block_m > 16 and triton.cdiv(rows, block_m) * programs_per_tile < MIN_PROGRAMS:
         block_m //= 2
     return block_m
+
+
+def _gpu_program_rows(rows: int, group: int, block_m: int, programs_per_tile: int) -> int:
+    """The 16-bit ``program_rows`` of :func:`decode_attention_config` on the GPU (pure, so the CPU tests check it):
+    a whole BLOCK_M tile, except at the smallest tile (16 rows), where a program holds whole nodes -- as few as
+    keep the grid within :data:`FILL_PROGRAMS` programs, at least one."""
+    if block_m > 16 or group > block_m:
+        return block_m
+    nodes = block_m // group
+    while nodes > 1 and triton.cdiv(rows, (nodes // 2) * group) * programs_per_tile <= FILL_PROGRAMS:
+        nodes //= 2
+    return nodes * group
 
 
 def decode_attention(
@@ -334,8 +360,9 @@ def decode_attention(
         prefix_len: [B] integer tensor, each in [0, N - M].
         tree_mask: [B, M, M] bool ancestor-or-self mask, nodes in topological order.
         sm_scale: softmax scale, default 1/sqrt(D).
-        config: tile override (block_m, block_n, num_warps, num_stages) -- for tests and sweeps;
-            block_n must divide :data:`SPLIT_KEYS`. Changing block_n changes the lanes, hence the bits.
+        config: tile override (block_m, program_rows, block_n, num_warps, num_stages) -- for tests and sweeps;
+            block_n must divide :data:`SPLIT_KEYS`. Changing block_n changes the lanes, hence the bits; the
+            others never do. A block_m override without program_rows holds a whole tile per program.
         ancestors: ``ancestor_table(tree_mask)`` when the caller has it already (one per step, shared by
             every layer); not checked against the mask.
         max_prefix: the largest ``prefix_len`` when the caller has checked the range already (one check per
@@ -381,9 +408,11 @@ def decode_attention(
     group = hq // hkv
     rows = m * group
     num_splits = num_splits_for(hi + 1)
-    cfg = dict(decode_attention_config(rows, d, q.dtype, num_splits * b * hkv))
+    cfg = dict(decode_attention_config(rows, d, q.dtype, num_splits * b * hkv, group))
     if config:
         cfg.update(config)
+        if "block_m" in config and "program_rows" not in config:
+            cfg["program_rows"] = cfg["block_m"]   # a tile override holds a whole tile per program
     if SPLIT_KEYS % cfg["block_n"]:
         raise ValueError(f"block_n={cfg['block_n']} must divide SPLIT_KEYS={SPLIT_KEYS}")
     block_d = next_pow2(d)
@@ -391,7 +420,10 @@ def decode_attention(
     o_part = torch.empty((b * hkv, num_splits, rows, d), device=q.device, dtype=torch.float32)
     l_part = torch.empty((b * hkv, num_splits, rows), device=q.device, dtype=torch.float32)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    grid = (triton.cdiv(rows, cfg["block_m"]), b * hkv, num_splits)   # splits outermost, last first
+    program_rows = cfg["program_rows"]
+    if not 1 <= program_rows <= cfg["block_m"]:
+        raise ValueError(f"program_rows={program_rows} must be in [1, block_m={cfg['block_m']}]")
+    grid = (triton.cdiv(rows, program_rows), b * hkv, num_splits)   # splits outermost, last first
     _decode_attention_kernel[grid](
         q, k, v, o_part, l_part, plen, anc, depth,
         *q.stride(), *k.stride(), *v.stride(),
@@ -400,7 +432,7 @@ def decode_attention(
         l_part.stride(0), l_part.stride(1),
         scale * LOG2E, hkv, m, num_splits,
         GROUP=group, HEAD_DIM=d,
-        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
+        BLOCK_M=cfg["block_m"], ROWS=program_rows, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
         IS_FP32=q.dtype == torch.float32, UPCAST=q.dtype != torch.float32 and q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         enable_fp_fusion=False,   # one rounding per op on both tile paths (module docstring, "No FMA contraction")

@@ -42,6 +42,10 @@ def main() -> None:
         out = decode_attention(q, k, v, plen, mask)
         torch.cuda.synchronize()
         print(f"decode_attention hq={hq} hkv={hkv} d={d} {dtype}: finite={bool(torch.isfinite(out).all())}")
+        for rows in (1, hq // hkv, 3):   # programs holding fewer rows than their tile (padded rows), session 37
+            out_r = decode_attention(q, k, v, plen, mask, config=dict(block_m=16, program_rows=rows))
+            torch.cuda.synchronize()
+            print(f"  program_rows={rows}: == default {torch.equal(out_r, out)}")
     for n, k_, kw in ((96, 80, {}), (200, 64, {"norm": True, "resid": True}), (2 * 96, 128, {"silu": True})):
         x = torch.randn(37, k_, generator=g).to(torch.bfloat16).to(dev)
         w = (torch.randn(n, k_, generator=g) * 0.1).to(torch.bfloat16).to(dev)

@@ -101,6 +101,20 @@ def test_row_does_not_depend_on_batch_mates_or_m():
     assert torch.equal(first3, out[:, :, :3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_do_not_depend_on_the_nodes_a_program_holds(dtype):
+    """``program_rows`` (how many packed rows one program holds, padding the rest of its BLOCK_M tile) changes which
+    nodes share a program's per-node loop, never a row's bits -- also when a node's rows straddle two programs."""
+    gen = torch.Generator().manual_seed(11)
+    parents = [random_tree(9, gen), [-1, 0, 1, 2, 3, 4, 5, 6, 7]]
+    q, k, v, mask, plen = _case(2, 6, 2, 64, [29, 58], parents, dtype, "cpu", seed=12)
+    out = decode_attention(q, k, v, plen, mask)
+    for rows in (1, 3, 5, 6, 16):
+        assert torch.equal(decode_attention(q, k, v, plen, mask, config=dict(program_rows=rows)), out), rows
+    with pytest.raises(ValueError, match="program_rows=17 must be in"):
+        decode_attention(q, k, v, plen, mask, config=dict(program_rows=17))
+
+
 @pytest.mark.parametrize("L", [SPLIT_KEYS - 2, 4096 - 3])
 def test_splits_by_absolute_position(L):
     """A prefix longer than one split: the row of a long verification still equals its one-token step
@@ -156,6 +170,27 @@ def test_gpu_block_m_follows_the_grid():
             assert bm == min(64, max(16, 1 << (rows - 1).bit_length())) or -(-rows // (2 * bm)) * per_tile < MIN_PROGRAMS
 
 
+def test_gpu_program_rows_follow_the_grid():
+    """At the smallest tile (16 rows) a program holds whole nodes, as few as keep the grid within FILL_PROGRAMS
+    programs (the embedded model's verification: G = 2, 2 KV heads, 4 key splits); a larger tile is held whole
+    (long prefixes: Llama-3-8B's 69 nodes at 4k and 32k keep the tiles session 29 measured)."""
+    from specdec.fast.kernels.decode_attention import FILL_PROGRAMS, _gpu_block_m, _gpu_program_rows, num_splits_for
+
+    assert _gpu_program_rows(32 * 2, 2, 16, 4 * 2) == 2      # the embedded model's 32-node tree: one node each
+    assert _gpu_program_rows(1 * 2, 2, 16, 4 * 2) == 2       # a one-token step
+    for ctx in (4096, 32768):
+        per_tile = num_splits_for(ctx + 69) * 8
+        bm = _gpu_block_m(69 * 4, per_tile)
+        assert _gpu_program_rows(69 * 4, 4, bm, per_tile) == bm
+    for rows, group in ((2, 2), (64, 2), (138, 2), (276, 4), (7, 7), (40, 20)):
+        for per_tile in (1, 8, 40, 360):
+            pr = _gpu_program_rows(rows, group, 16, per_tile)
+            assert 1 <= pr <= 16 and (pr % group == 0 or pr == 16), (rows, group, per_tile, pr)
+            fewer = pr // 2 if (pr // group) % 2 == 0 else 0   # half as many nodes: over the fill, or not possible
+            assert pr == group or pr == 16 and group > 16 or not fewer or \
+                -(-rows // fewer) * per_tile > FILL_PROGRAMS, (rows, group, per_tile, pr)
+
+
 def test_bad_input():
     q, k, v, mask, plen = _case(1, 4, 2, 64, [10], [[-1, 0]], torch.float32, "cpu")
     with pytest.raises(ValueError, match="head dim"):
@@ -191,6 +226,11 @@ def test_gpu_rows_equal_one_token_steps(dtype, hq, hkv, dim):
     for block_m in (16, 32, 64):
         cfg = dict(block_m=block_m, num_warps=4)
         assert torch.equal(decode_attention(q, k, v, plen, mask, config=cfg), out), block_m
+    # ... and whatever rows a program holds: one node, two, a node's rows split over two programs
+    g = hq // hkv
+    for rows in sorted({g, 2 * g, 3, 16}):
+        if rows <= 16:
+            assert torch.equal(decode_attention(q, k, v, plen, mask, config=dict(block_m=16, program_rows=rows)), out), rows
 
 
 def _merged_want(o_part: torch.Tensor, l_part: torch.Tensor, hkv: int, group: int) -> torch.Tensor:
