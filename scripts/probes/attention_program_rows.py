@@ -82,7 +82,7 @@ def main() -> None:
         plen = torch.tensor([prefix], dtype=torch.int32, device=dev)
         max_prefix = cap - m   # as under graph capture: the splits sized for the whole cache
         splits = num_splits_for(max_prefix + m)
-        lib = decode_attention_config(m * g, d, dt, splits * hkv)
+        lib = decode_attention_config(m * g, d, dt, splits * hkv, g)   # what decode_attention itself picks
         lib_rows = lib.get("program_rows") or lib["block_m"]
 
         def call(cfg):
