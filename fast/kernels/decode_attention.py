@@ -57,6 +57,14 @@ How (one launch plus the merge of :mod:`.tree_attention`):
   ``test_gpu_rows_across_a_split_boundary`` pins it. The interpreter never contracts: only the GPU
   shows it.
 
+* **Few nodes per program when the grid is small.** A program holds ``program_rows`` packed rows in its
+  BLOCK_M tile (the rest padding, never stored). Its tree-reaching tiles loop over its nodes, two gathered
+  loads and two dots each, so with few programs (short prefixes, few KV heads: the embedded model) that loop
+  was the kernel's critical path; at the 16-row tile the rule (:data:`FILL_PROGRAMS`) gives each program as
+  few whole nodes as keep the grid within 256 programs. Which rows share a program is not part of a row's
+  arithmetic: same bits (BENCHMARKS "Session 37: fewer nodes per attention program": the embedded model's
+  32-node verification 19.1 -> 10.1 us per layer on an H100).
+
 Rows are packed as in :mod:`.tree_attention`: ``row = node * G + g`` for the ``G = Hq // Hkv``
 query heads of one KV head. The tests (``tests/fast/test_decode_attention.py``) check the values
 against :func:`specdec.fast.kernels._common.masked_attention_ref` and the row invariance bitwise.
