@@ -51,6 +51,9 @@ CASES = [  # (name, Hq, Hkv, D, prefix, capacity, tree widths)
     ("embedded (4,8,8,8)", 4, 2, 64, 600, 1024, (4, 8, 8, 8)),
     ("embedded (6,7,6,5,4,3)", 4, 2, 64, 600, 1024, (6, 7, 6, 5, 4, 3)),
     ("embedded (63,)", 4, 2, 64, 600, 1024, (63,)),
+    # a graph captured on a larger cache: the splits past the prefix are empty programs, but the rule counts them
+    ("embedded (6,7,6,5,4,3) cache 4k", 4, 2, 64, 600, 4096, (6, 7, 6, 5, 4, 3)),
+    ("embedded (6,7,6,5,4,3) cache 8k", 4, 2, 64, 600, 8192, (6, 7, 6, 5, 4, 3)),
     ("llama3-8b 69 @1k", 32, 8, 128, 1024, 1024 + 128, (4, 16, 48)),
     ("llama3-8b 69 @32k", 32, 8, 128, 32768, 32768 + 128, (4, 16, 48)),
 ]
