@@ -38,6 +38,7 @@ from tabulate import tabulate
 
 import specdec.fast as F_
 from specdec.fast import engine as fe
+from specdec.cli import CLIError, parse_tree_shape
 from specdec.fast.glide.decoders import device_cost_model, measure_cost_model
 from specdec.shared.tree_search import CostModel, acceptance_of, best_tree_shape
 import os
@@ -149,19 +150,6 @@ FRONTIER_SHAPES = ("auto", "1", "3", "7", "15", "16", "31", "32", "63", "64", "1
                    "4,8,8,8", "4,16,16,16,16")
 
 
-def parse_shape(text: str):
-    """``auto`` or comma-separated positive widths -> the tree_shape argument."""
-    if text == "auto":
-        return text
-    try:
-        shape = tuple(int(w) for w in text.split(","))
-    except ValueError:
-        raise SystemExit(f"--shapes: {text!r} is neither 'auto' nor comma-separated widths such as 2,2,1") from None
-    if not shape or min(shape) < 1:
-        raise SystemExit(f"--shapes: {text!r} needs one or more widths >= 1")
-    return shape
-
-
 def describe_cost(name: str, c, best) -> str:
     """One line for a cost model: its verify points, level terms and the shape it picks (``best``)."""
     return (f"cost model ({name}): verify {[(n, round(t * 1e3, 3)) for n, t in c.verify]} ms, level "
@@ -261,6 +249,10 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(FRONTIER_SHAPES),
                     help="tree shapes for --frontier: 'auto' or comma-separated widths, e.g. 2,2,1")
     args = ap.parse_args()
+    try:   # the CLI's own --tree-shape rule, checked before anything loads
+        shapes = [parse_tree_shape(x) for x in args.shapes]
+    except CLIError as err:
+        ap.error(str(err))
 
     target = F_.load_model(args.target)
     glide = F_.load_glide(args.glide, target)
@@ -269,7 +261,7 @@ def main() -> None:
     n = args.max_new_tokens
     lines = []
     if args.frontier:
-        lines = frontier(target, glide, ps, n, [parse_shape(x) for x in args.shapes])
+        lines = frontier(target, glide, ps, n, shapes)
         if args.out:
             with open(args.out, "w") as fh:
                 fh.writelines(json.dumps(line) + "\n" for line in lines)

@@ -86,7 +86,7 @@ def main() -> None:
         max_prefix = cap - m   # as under graph capture: the splits sized for the whole cache
         splits = num_splits_for(max_prefix + m)
         lib = decode_attention_config(m * g, d, dt, splits * hkv, g)   # what decode_attention itself picks
-        lib_rows = lib.get("program_rows") or lib["block_m"]
+        lib_rows = lib["program_rows"]
 
         def call(cfg):
             return [decode_attention(q, kk, vv, plen, mask, ancestors=anc, max_prefix=max_prefix, config=cfg)

@@ -33,6 +33,7 @@ from tabulate import tabulate
 import specdec.fast as F_
 from specdec.benchutil import cuda_time_ms
 from specdec.fast.model import prefill, run_step
+from specdec.shared.tree import Tree
 
 GROUPS = (("attention", "_decode_attention"), ("merge", "_merge"), ("row GEMM", "_row_linear"),
           ("norm", "_row_rstd"), ("rope", "_rope"), ("argmax/accept", "argmax"))
@@ -48,7 +49,7 @@ def chain(m: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor, torc
     g = torch.Generator().manual_seed(m)
     tokens = torch.randint(3, 4000, (1, m), generator=g).to(device)
     positions = (length + torch.arange(m))[None].to(device)
-    mask = torch.tril(torch.ones(m, m, dtype=torch.bool))[None].to(device)
+    mask = Tree.chain(m - 1).ancestor_mask(device)[None]
     return tokens, positions, mask
 
 
