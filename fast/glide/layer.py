@@ -93,8 +93,8 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
 
     or, for one sequence (B = 1) when the layer's weights are small enough to re-read per row
     (:func:`_gemv_rows_ok`), every projection is one GEMV with the norm before it or the residual add after
-    it folded in, and the q|k|v one also does RoPE and the K/V write (:mod:`.kernels.gemv`): no norm,
-    RoPE-write, SwiGLU or add kernels.
+    it folded in, the q|k|v one also does RoPE and the K/V write and the cross-attention's query projection
+    its RoPE (:mod:`.kernels.gemv`): no norm, RoPE, SwiGLU or add kernels.
 
     Under tensor parallelism (``g.tp``: the rank's heads and MLP slice, :func:`specdec.fast.glide.shard_glide`)
     the attentions run over the rank's heads -- the cross-attention over the target cache's heads this rank
@@ -136,7 +136,7 @@ def glide_layer(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.
     if gemv:
         # 2. Cross-attention (query projected + rotated only). 3. SwiGLU MLP.
         x = row_parallel(self_attention(q), "wo", x)
-        q = kern.rope_q(kern.gemv(x, g.w["wq_x"], g.w["bq_x"], norm_weight=g.w["norm2"], eps=eps), cos, sin)
+        q = kern.gemv_q_rope(x, g.w["wq_x"], g.w["bq_x"], cos, sin, norm_weight=g.w["norm2"], eps=eps)
         x = row_parallel(cross_attention(q), "wo_x", x)
         return row_parallel(kern.gemv_silu(x, g.w["w13"], norm_weight=g.w["norm3"], eps=eps), "w2", x)
     h, x = kern.add_rms_norm(reduce(F.linear(self_attention(q), g.w["wo"])), x, g.w["norm2"], eps)

@@ -27,12 +27,14 @@ variant also folds :func:`specdec.fast.kernels.silu_mul` into the ``w13`` produc
   fused q|k|v projection (with the folded norm) and :func:`specdec.fast.kernels.rope_qkv_write` in
   one launch: a program owns column pairs ``(j, j + D/2)`` of the heads, the halves RoPE mixes, so
   the rotation runs in the epilogue and q, k, v go straight to the attention input and the cache.
+  :func:`gemv_q_rope` ``(x, wq, bq, cos, sin) -> q`` is the same kernel with query heads only (the GLIDE
+  draft's cross-attention query): :func:`specdec.fast.kernels.rope_q` in the GEMV's epilogue.
 
 A decode step's layer is then four launches around attention: norm+wqkv+RoPE+KV write, wo+add,
 norm+w13+SwiGLU, w2+add. All three share one weight stream (``_stream_rows``).
 
 Must match: :func:`gemv_ref` (``F.linear`` with the optional ``rms_norm_ref`` before and residual
-add after), :func:`gemv_silu_ref` and :func:`gemv_qkv_rope_ref`, up to the summation order of the
+add after), :func:`gemv_silu_ref`, :func:`gemv_qkv_rope_ref` and :func:`gemv_q_rope_ref`, up to the summation order of the
 fp32 accumulation. Meant for one row (each row re-reads the weight): the model uses these for
 single-row steps, and for several rows only when the weights are small enough to re-read from L2
 (``specdec.fast.model._gemv_rows_ok``); verification, prefill and beams of large models keep cuBLAS.
@@ -48,9 +50,11 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_tensor, interpreter_active, next_pow2
-from .fused import _DTYPE_CODE, _check_cache_rows, _check_float, _check_rope_qkv, _round_to, rms_norm_ref, rope_qkv_write_ref
+from .fused import (_DTYPE_CODE, _check_cache_rows, _check_float, _check_rope_qkv, _round_to, rms_norm_ref, rope_q_ref,
+                    rope_qkv_write_ref)
 
-__all__ = ["gemv", "gemv_qkv_rope", "gemv_qkv_rope_ref", "gemv_ref", "gemv_silu", "gemv_silu_ref"]
+__all__ = ["gemv", "gemv_q_rope", "gemv_q_rope_ref", "gemv_qkv_rope", "gemv_qkv_rope_ref", "gemv_ref", "gemv_silu",
+           "gemv_silu_ref"]
 
 
 @triton.jit
@@ -143,10 +147,11 @@ def _gemv_qkv_rope_kernel(
     stride_rb, stride_rm,
     HQ, HKV,
     HALF: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, CODE: tl.constexpr, CDT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, KV: tl.constexpr,
 ):
     # A program owns BLOCK_N column PAIRS (j, j + HALF) of the fused q|k|v projection -- the two
-    # halves RoPE's rotate_half mixes -- for one token row r = b * M + m.
+    # halves RoPE's rotate_half mixes -- for one token row r = b * M + m. KV False: query heads only
+    # (gemv_q_rope: no K/V heads, no cache rows read, nothing written to the cache).
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # pair index in [0, N / 2)
@@ -183,6 +188,8 @@ def _gemv_qkv_rope_kernel(
     q_ptr = Q + b * stride_qb + hq * stride_qh + m * stride_qm + j * stride_qd
     tl.store(q_ptr, o1.to(Q.dtype.element_ty), mask=is_q)
     tl.store(q_ptr + HALF * stride_qd, o2.to(Q.dtype.element_ty), mask=is_q)
+    if not KV:
+        return
     row = tl.load(Rows + b * stride_rb + m * stride_rm).to(tl.int64)
     is_k = p_ok & (head >= HQ) & (head < HQ + HKV)
     hk = tl.where(is_k, head - HQ, 0).to(tl.int64)
@@ -412,9 +419,78 @@ def gemv_qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None
         *cos.stride(), *sin.stride(), *q.stride(), *k_cache.stride(), *v_cache.stride(), *rows.stride(),
         hq, hkv,
         HALF=d // 2, HAS_BIAS=bqkv is not None, NORM=norm_weight is not None, CODE=_DTYPE_CODE[x.dtype],
-        CDT=_DTYPE_CODE[cdt], BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps,
+        CDT=_DTYPE_CODE[cdt], BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, KV=True, num_warps=warps,
     )
     return q
+
+
+def gemv_q_rope(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, *,
+                norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """A query-only projection with RoPE in one launch (the GLIDE draft's cross-attention query):
+    :func:`specdec.fast.kernels.rope_q` ``(gemv(x, wq, bq, norm_weight=..., eps=...), cos, sin)``.
+
+    The kernel of :func:`gemv_qkv_rope` with no K/V heads: a program owns column pairs ``(j, j + D/2)`` of
+    the query heads and rotates them in its epilogue; nothing is written to a cache.
+
+    Args:
+        x: [B, M, K] (meant for B * M = 1: each row re-reads the weight); wq: [Hq * D, K] in x's dtype;
+            bq: [Hq * D] or None.
+        cos, sin: [B, M, D] RoPE tables of the M tokens (any strides), D a multiple of 16 up to 256.
+        norm_weight, eps: the RMSNorm before the projection, folded in (see :func:`gemv`).
+    Returns q [B, Hq, M, D] (contiguous, x's dtype). Matches :func:`gemv_q_rope_ref` up to the GEMV's fp32
+    summation order.
+    """
+    check_tensor("x", x, 3)
+    _check_float("wq", wq)
+    check_tensor("cos", cos, 3)
+    check_tensor("sin", sin, 3)
+    k = x.shape[-1]
+    if wq.dim() != 2 or wq.shape[1] != k:
+        raise ValueError(f"wq must be [Hq * D, K] with K = {k}, got {tuple(wq.shape)}")
+    if wq.dtype != x.dtype:
+        raise TypeError(f"x and wq must share one dtype, got {x.dtype} and {wq.dtype}")
+    b, m = x.shape[0], x.shape[1]
+    d = cos.shape[-1]
+    if d % 16 or not 16 <= d <= 256:
+        raise ValueError(f"head dim {d} is not supported: it must be a multiple of 16 in [16, 256]")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (b, m, d):
+            raise ValueError(f"{name} must have shape [B, M, D] = {[b, m, d]}, got {list(t.shape)}")
+    width = wq.shape[0]
+    if width % d or width == 0:
+        raise ValueError(f"wq's rows must be Hq * D with D = {d}, Hq >= 1; got {width}")
+    hq = width // d
+    bq = _checked_bias("bq", bq, width)
+    norm_weight = _checked_norm(norm_weight, eps, k)
+    named = [("x", x), ("wq", wq), ("cos", cos), ("sin", sin)]
+    named += [(nm, t) for nm, t in (("bq", bq), ("norm_weight", norm_weight)) if t is not None]
+    check_device(*named)
+    q = torch.empty((b, hq, m, d), dtype=x.dtype, device=x.device)
+    if b == 0 or m == 0:
+        return q
+    x2 = x.reshape(b * m, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if wq.stride(1) != 1:
+        wq = wq.contiguous()
+    n2 = width // 2
+    cdt = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+    bn, bk, warps, stages = _config(width, n2, k, norm=norm_weight is not None)
+    _gemv_qkv_rope_kernel[(triton.cdiv(n2, bn), b * m)](
+        x2, wq, bq if bq is not None else wq, norm_weight if norm_weight is not None else wq,
+        cos, sin, q, q, q, q,   # no cache and no rows: KV=False never touches them
+        n2, k, x2.stride(0), wq.stride(0), float(eps), m,
+        *cos.stride(), *sin.stride(), *q.stride(), *q.stride(), *q.stride(), 0, 0,
+        hq, 0,
+        HALF=d // 2, HAS_BIAS=bq is not None, NORM=norm_weight is not None, CODE=_DTYPE_CODE[x.dtype],
+        CDT=_DTYPE_CODE[cdt], BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, KV=False, num_warps=warps,
+    )
+    return q
+
+
+def gemv_q_rope_ref(x, wq, bq, cos, sin, *, norm_weight=None, eps: float = 1e-6) -> torch.Tensor:
+    """Eager :func:`gemv_q_rope`: :func:`gemv_ref` then :func:`specdec.fast.kernels.rope_q_ref`."""
+    return rope_q_ref(gemv_ref(x, wq, bq, norm_weight=norm_weight, eps=eps), cos, sin)
 
 
 def gemv_qkv_rope_ref(x, wqkv, bqkv, cos, sin, k_cache, v_cache, rows, *, norm_weight=None, eps: float = 1e-6) -> torch.Tensor:

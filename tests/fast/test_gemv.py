@@ -199,6 +199,43 @@ def test_gemv_qkv_rope_matches_projection_then_rope(dtype, b, m, hq, hkv, norm, 
     assert torch.equal(kc[~written], k0[~written]) and torch.equal(vc[~written], v0[~written])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,m,hq,norm,bias", [(1, 1, 2, True, True), (1, 1, 3, False, False), (2, 3, 4, True, False)])
+def test_gemv_q_rope_is_the_projection_then_rope_q(dtype, b, m, hq, norm, bias):
+    """The query-only form: bitwise the library's own two launches (gemv, then rope_q), and within rounding of the
+    eager reference. Query heads only: a q|k|v weight's query rows give gemv_qkv_rope's q."""
+    x, w, bq, cos, sin, kc, vc, rows, nw = _rope_case(dtype, b, m, hq, 1, bias=bias)
+    kw = dict(norm_weight=nw, eps=1e-5) if norm else {}
+    wq, bqq = w[: hq * 64], (bq[: hq * 64] if bias else None)
+    q = K.gemv_q_rope(x, wq, bqq, cos, sin, **kw)
+    assert q.shape == (b, hq, m, 64) and q.dtype == dtype and q.is_contiguous()
+    if not CUDA:   # the interpreter never contracts; on the GPU each kernel's compiler may fuse the rotation's FMAs
+        assert torch.equal(q, K.rope_q(K.gemv(x, wq, bqq, **kw), cos, sin))
+    assert torch.equal(q, K.gemv_qkv_rope(x, w, bq, cos, sin, kc, vc, rows, **kw))
+    want = K.gemv_q_rope_ref(x, wq, bqq, cos, sin, **kw)
+    tol = (8 if dtype != torch.float32 else 64) * torch.finfo(dtype).eps
+    assert (q.double() - want.double()).abs().max() <= tol * want.double().abs().max()
+
+
+def test_gemv_q_rope_bad_inputs():
+    x, w, bq, cos, sin, kc, vc, rows, nw = _rope_case(torch.float32)
+    wq = w[:128]
+    with pytest.raises(ValueError, match=r"wq's rows must be Hq \* D"):
+        K.gemv_q_rope(x, wq[:100], None, cos, sin)
+    with pytest.raises(ValueError, match="wq must be"):
+        K.gemv_q_rope(x, wq[:, :50], None, cos, sin)
+    with pytest.raises(ValueError, match=r"cos must have shape \[B, M, D\]"):
+        K.gemv_q_rope(x, wq, None, torch.cat([cos, cos], 1), sin)   # M = 2 for one token
+    with pytest.raises(ValueError, match="head dim"):
+        K.gemv_q_rope(x, wq[:120], None, cos[..., :40], sin[..., :40])   # not a multiple of 16
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        K.gemv_q_rope(x, wq, None, cos, sin, norm_weight=nw[:5])
+    with pytest.raises(ValueError, match="bq must be"):
+        K.gemv_q_rope(x, wq, bq[:7], cos, sin)
+    with pytest.raises(TypeError, match="share one dtype"):
+        K.gemv_q_rope(x.half(), wq, None, cos, sin)
+
+
 def test_gemv_qkv_rope_bad_inputs():
     x, w, bq, cos, sin, kc, vc, rows, nw = _rope_case(torch.float32)
     with pytest.raises(ValueError, match=r"wqkv's rows must be \(Hq \+ 2 Hkv\) \* D"):
