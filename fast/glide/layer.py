@@ -55,7 +55,11 @@ def _qkv_write(fm: FastModel, g: FastGlide, cache: SlidingCache, tokens: torch.T
     host-side range check)."""
     kern = _kernels()
     eps = g.config.rms_norm_eps
-    if gemv:   # one GEMV with the norm folded in, which also does RoPE and the K/V write
+    if gemv and fm.w["embed"].dtype == g.dtype:   # one GEMV with the embedding lookup and the norm folded in,
+        # which also does RoPE and the K/V write, and writes the embeddings (the residual stream)
+        return kern.embed_gemv_qkv_rope(tokens, fm.w["embed"], g.w["wqkv"], g.w["bqkv"], cos, sin, cache.k, cache.v,
+                                        rows, norm_weight=g.w["norm1"], eps=eps, check_rows=False)
+    if gemv:
         x = F.embedding(tokens, fm.w["embed"]).to(g.dtype)
         return kern.gemv_qkv_rope(x, g.w["wqkv"], g.w["bqkv"], cos, sin, cache.k, cache.v, rows,
                                   norm_weight=g.w["norm1"], eps=eps, check_rows=False), x

@@ -21,7 +21,8 @@
   second with the SwiGLU activation in its epilogue; either may fold in the RMSNorm before it, and
   :func:`gemv` the residual add after it (match :func:`gemv_ref` / :func:`gemv_silu_ref`);
   :func:`gemv_qkv_rope` -- the q|k|v projection with RoPE and the KV-cache write in its epilogue
-  (matches :func:`gemv_qkv_rope_ref`), :func:`gemv_q_rope` its query-only form (matches :func:`gemv_q_rope_ref`);
+  (matches :func:`gemv_qkv_rope_ref`), :func:`embed_gemv_qkv_rope` the same on token ids (the embedding lookup
+  in the launch), :func:`gemv_q_rope` its query-only form (matches :func:`gemv_q_rope_ref`);
 * :func:`round_pack` -- the integers of a device-driven GLIDE round from the cache length (matches
   ``FastGlideDrafter._pack``);
 * :func:`keyed_noise` -- keyed sampling's Gumbel noise in one launch (matches
@@ -40,7 +41,7 @@ from .glide_attention import (
 )
 from .accept import greedy_accept, greedy_accept_ref, greedy_paths, row_argmax
 from .beam import beam_select, beam_topk
-from .gemv import gemv, gemv_q_rope, gemv_q_rope_ref, gemv_qkv_rope, gemv_qkv_rope_ref, gemv_ref, gemv_silu, gemv_silu_ref
+from .gemv import embed_gemv_qkv_rope, gemv, gemv_q_rope, gemv_q_rope_ref, gemv_qkv_rope, gemv_qkv_rope_ref, gemv_ref, gemv_silu, gemv_silu_ref
 from .kv_compact import compact_kv, compact_kv_ref
 from .attention_merge import merge_attention, merge_attention_ref
 from .round_pack import round_pack, round_pack_ref
@@ -74,6 +75,7 @@ __all__ = [
     "round_pack",
     "round_pack_ref",
     "keyed_noise",
+    "embed_gemv_qkv_rope",
     "gemv",
     "gemv_q_rope",
     "gemv_q_rope_ref",

@@ -53,7 +53,7 @@ from ._common import check_device, check_tensor, interpreter_active, next_pow2
 from .fused import (_DTYPE_CODE, _check_cache_rows, _check_float, _check_rope_qkv, _round_to, rms_norm_ref, rope_q_ref,
                     rope_qkv_write_ref)
 
-__all__ = ["gemv", "gemv_q_rope", "gemv_q_rope_ref", "gemv_qkv_rope", "gemv_qkv_rope_ref", "gemv_ref", "gemv_silu",
+__all__ = ["embed_gemv_qkv_rope", "gemv", "gemv_q_rope", "gemv_q_rope_ref", "gemv_qkv_rope", "gemv_qkv_rope_ref", "gemv_ref", "gemv_silu",
            "gemv_silu_ref"]
 
 
@@ -138,7 +138,7 @@ def _gemv_kernel(
 
 @triton.jit(do_not_specialize=["N2", "K", "stride_xr", "M", "stride_rb"])
 def _gemv_qkv_rope_kernel(
-    X, W, Bias, G, Cos, Sin, Q, KC, VC, Rows,
+    X, W, Bias, G, Cos, Sin, Q, KC, VC, Rows, Ids, XOut,
     N2, K, stride_xr, stride_wn, eps, M,
     stride_cb, stride_cm, stride_cd, stride_sb, stride_sm, stride_sd,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -147,7 +147,7 @@ def _gemv_qkv_rope_kernel(
     stride_rb, stride_rm,
     HQ, HKV,
     HALF: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, CODE: tl.constexpr, CDT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, KV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, KV: tl.constexpr, GATHER: tl.constexpr,
 ):
     # A program owns BLOCK_N column PAIRS (j, j + HALF) of the fused q|k|v projection -- the two
     # halves RoPE's rotate_half mixes -- for one token row r = b * M + m. KV False: query heads only
@@ -161,7 +161,14 @@ def _gemv_qkv_rope_kernel(
     row_a = head * (2 * HALF) + j
     row_b = row_a + HALF
     offs_k = tl.arange(0, BLOCK_K)
-    x_row = X + pid_r.to(tl.int64) * stride_xr
+    if GATHER:   # X is an embedding table [V, K]: the row is token Ids[r]'s, and program 0 copies it to XOut[r]
+        x_row = X + tl.load(Ids + pid_r).to(tl.int64) * stride_xr
+        if pid_n == 0:
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = k0 + offs_k < K
+                tl.store(XOut + pid_r.to(tl.int64) * K + k0 + offs_k, tl.load(x_row + k0 + offs_k, mask=k_ok), mask=k_ok)
+    else:
+        x_row = X + pid_r.to(tl.int64) * stride_xr
     w_a = W + row_a.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     w_b = W + row_b.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     # -- the weight stream of both halves (with NORM: the RMSNorm folded in); bias; output rounding --
@@ -386,6 +393,14 @@ def gemv_qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None
     GEMV's fp32 summation order (and one fp32 rounding of the rotation, which may use FMA here).
     """
     check_tensor("x", x, 3)
+    hq, d, kv, bqkv, norm_weight = _checked_qkv_rope(x, wqkv, bqkv, cos, sin, k_cache, v_cache, rows, norm_weight, eps,
+                                                     check_rows)
+    return _launch_rope_gemv(x, wqkv, bqkv, cos, sin, hq, d, norm_weight, eps, kv)
+
+
+def _checked_qkv_rope(x, wqkv, bqkv, cos, sin, k_cache, v_cache, rows, norm_weight, eps, check_rows):
+    """The checks of :func:`gemv_qkv_rope` on x [B, M, K] (a tensor, or an embedding lookup's [B, M, K] view) ->
+    ``(Hq, D, (k_cache, v_cache, rows, Hkv), bias, norm_weight)``."""
     _check_float("wqkv", wqkv)
     k = x.shape[-1]
     if wqkv.dim() != 2 or wqkv.shape[1] != k:
@@ -401,25 +416,68 @@ def gemv_qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None
     check_device(*named)
     if check_rows:
         _check_cache_rows(rows, cap, x.device)
+    return hq, d, (k_cache, v_cache, rows, hkv), bqkv, norm_weight
+
+
+def embed_gemv_qkv_rope(tokens: torch.Tensor, embed: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
+                        cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        rows: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                        check_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gemv_qkv_rope` on the embeddings of ``tokens`` [B, M] (int), gathered from ``embed`` [V, K] inside
+    the same launch: ``(q, x)`` with ``x = F.embedding(tokens, embed)`` [B, M, K] (written by the launch too: the
+    layer's residual stream) -- no embedding-lookup kernel. The ids are trusted (they come from the round's own
+    buffers; ``F.embedding`` checks them on the device, this kernel does not). Matches
+    ``(gemv_qkv_rope_ref(F.embedding(tokens, embed), ...), F.embedding(tokens, embed))``."""
+    check_tensor("embed", embed, 2)
+    if isinstance(wqkv, torch.Tensor) and embed.dtype != wqkv.dtype:
+        raise TypeError(f"embed and wqkv must share one dtype, got {embed.dtype} and {wqkv.dtype}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("tokens must be an int32/int64 tensor [B, M]")
+    b, m = tokens.shape
+    x = torch.empty((b, m, embed.shape[1]), dtype=embed.dtype, device=embed.device)
+    hq, d, kv, bqkv, norm_weight = _checked_qkv_rope(x, wqkv, bqkv, cos, sin, k_cache, v_cache, rows, norm_weight, eps,
+                                                     check_rows)
+    check_device(("tokens", tokens), ("embed", embed))
+    ids = tokens if tokens.is_contiguous() else tokens.contiguous()
+    return _launch_rope_gemv(embed, wqkv, bqkv, cos, sin, hq, d, norm_weight, eps, kv, gather=(ids, x)), x
+
+
+def _launch_rope_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor,
+                      sin: torch.Tensor, hq: int, d: int, norm_weight: torch.Tensor | None, eps: float,
+                      kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None,
+                      gather: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One launch of ``_gemv_qkv_rope_kernel`` on checked operands -> q [B, Hq, M, D]; ``kv`` =
+    ``(k_cache, v_cache, rows, Hkv)`` for :func:`gemv_qkv_rope`, None for :func:`gemv_q_rope` (no cache);
+    ``gather`` = ``(ids [B, M], x_out [B, M, K])`` when ``x`` is an embedding table [V, K] whose rows ``ids``
+    are the input (copied to ``x_out``: :func:`embed_gemv_qkv_rope`)."""
+    if gather is None:
+        b, m, k = x.shape
+    else:
+        (b, m), k = gather[0].shape, x.shape[-1]
     q = torch.empty((b, hq, m, d), dtype=x.dtype, device=x.device)
     if b == 0 or m == 0:
         return q
-    x2 = x.reshape(b * m, k)
+    x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if wqkv.stride(1) != 1:
-        wqkv = wqkv.contiguous()
+    ids, x_out = gather if gather is not None else (q, q)   # GATHER=False never touches them
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    k_cache, v_cache, rows, hkv = kv if kv is not None else (q, q, q, 0)   # KV=False never touches them
+    rows_stride = rows.stride() if kv is not None else (0, 0)
+    width = w.shape[0]
     n2 = width // 2
     cdt = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
     bn, bk, warps, stages = _config(width, n2, k, norm=norm_weight is not None)
     _gemv_qkv_rope_kernel[(triton.cdiv(n2, bn), b * m)](
-        x2, wqkv, bqkv if bqkv is not None else wqkv, norm_weight if norm_weight is not None else wqkv,
-        cos, sin, q, k_cache, v_cache, rows,
-        n2, k, x2.stride(0), wqkv.stride(0), float(eps), m,
-        *cos.stride(), *sin.stride(), *q.stride(), *k_cache.stride(), *v_cache.stride(), *rows.stride(),
+        x2, w, bias if bias is not None else w, norm_weight if norm_weight is not None else w,
+        cos, sin, q, k_cache, v_cache, rows, ids, x_out,
+        n2, k, x2.stride(0), w.stride(0), float(eps), m,
+        *cos.stride(), *sin.stride(), *q.stride(), *k_cache.stride(), *v_cache.stride(), *rows_stride,
         hq, hkv,
-        HALF=d // 2, HAS_BIAS=bqkv is not None, NORM=norm_weight is not None, CODE=_DTYPE_CODE[x.dtype],
-        CDT=_DTYPE_CODE[cdt], BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, KV=True, num_warps=warps,
+        HALF=d // 2, HAS_BIAS=bias is not None, NORM=norm_weight is not None, CODE=_DTYPE_CODE[x.dtype],
+        CDT=_DTYPE_CODE[cdt], BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, KV=kv is not None, GATHER=gather is not None,
+        num_warps=warps,
     )
     return q
 
@@ -465,27 +523,7 @@ def gemv_q_rope(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, cos:
     named = [("x", x), ("wq", wq), ("cos", cos), ("sin", sin)]
     named += [(nm, t) for nm, t in (("bq", bq), ("norm_weight", norm_weight)) if t is not None]
     check_device(*named)
-    q = torch.empty((b, hq, m, d), dtype=x.dtype, device=x.device)
-    if b == 0 or m == 0:
-        return q
-    x2 = x.reshape(b * m, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if wq.stride(1) != 1:
-        wq = wq.contiguous()
-    n2 = width // 2
-    cdt = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
-    bn, bk, warps, stages = _config(width, n2, k, norm=norm_weight is not None)
-    _gemv_qkv_rope_kernel[(triton.cdiv(n2, bn), b * m)](
-        x2, wq, bq if bq is not None else wq, norm_weight if norm_weight is not None else wq,
-        cos, sin, q, q, q, q,   # no cache and no rows: KV=False never touches them
-        n2, k, x2.stride(0), wq.stride(0), float(eps), m,
-        *cos.stride(), *sin.stride(), *q.stride(), *q.stride(), *q.stride(), 0, 0,
-        hq, 0,
-        HALF=d // 2, HAS_BIAS=bq is not None, NORM=norm_weight is not None, CODE=_DTYPE_CODE[x.dtype],
-        CDT=_DTYPE_CODE[cdt], BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, KV=False, num_warps=warps,
-    )
-    return q
+    return _launch_rope_gemv(x, wq, bq, cos, sin, hq, d, norm_weight, eps, None)
 
 
 def gemv_q_rope_ref(x, wq, bq, cos, sin, *, norm_weight=None, eps: float = 1e-6) -> torch.Tensor:

@@ -217,6 +217,39 @@ def test_gemv_q_rope_is_the_projection_then_rope_q(dtype, b, m, hq, norm, bias):
     assert (q.double() - want.double()).abs().max() <= tol * want.double().abs().max()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,m,hq,hkv,norm,bias", [(1, 1, 2, 1, True, True), (1, 4, 2, 2, True, False), (2, 3, 4, 2, False, True)])
+def test_embed_gemv_qkv_rope_is_the_lookup_then_gemv_qkv_rope(dtype, b, m, hq, hkv, norm, bias):
+    """The embedding lookup inside the launch: the same q, the same cache writes, bit for bit, as F.embedding then
+    gemv_qkv_rope, and the embeddings themselves returned (int64 and int32 ids)."""
+    x, w, bq, cos, sin, kc, vc, rows, nw = _rope_case(dtype, b, m, hq, hkv, bias=bias)
+    g = torch.Generator().manual_seed(3)
+    embed = torch.randn(50, x.shape[-1], generator=g).to(dtype).to(DEV)
+    tokens = torch.randint(0, 50, (b, m), generator=g).to(DEV)
+    kw = dict(norm_weight=nw, eps=1e-5) if norm else {}
+    kc2, vc2 = kc.clone(), vc.clone()
+    want_x = F.embedding(tokens, embed)
+    want_q = K.gemv_qkv_rope(want_x, w, bq, cos, sin, kc2, vc2, rows, **kw)
+    for ids in (tokens, tokens.to(torch.int32)):
+        q, got_x = K.embed_gemv_qkv_rope(ids, embed, w, bq, cos, sin, kc, vc, rows, **kw)
+        assert torch.equal(got_x, want_x) and torch.equal(q, want_q)
+        assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def test_embed_gemv_qkv_rope_bad_inputs():
+    x, w, bq, cos, sin, kc, vc, rows, nw = _rope_case(torch.float32)
+    embed = torch.randn(50, x.shape[-1], device=DEV)
+    tokens = torch.zeros(1, 1, dtype=torch.long, device=DEV)
+    with pytest.raises(TypeError, match="tokens must be an int32/int64 tensor"):
+        K.embed_gemv_qkv_rope(tokens.float(), embed, w, bq, cos, sin, kc, vc, rows)
+    with pytest.raises(TypeError, match="embed and wqkv must share one dtype"):
+        K.embed_gemv_qkv_rope(tokens, embed.half(), w, bq, cos, sin, kc, vc, rows)
+    with pytest.raises(ValueError, match="wqkv must be"):
+        K.embed_gemv_qkv_rope(tokens, embed[:, :50], w, bq, cos, sin, kc, vc, rows)
+    with pytest.raises(ValueError, match=r"cos must have shape \[B, M, D\]"):
+        K.embed_gemv_qkv_rope(torch.zeros(1, 2, dtype=torch.long, device=DEV), embed, w, bq, cos, sin, kc, vc, rows)
+
+
 def test_gemv_q_rope_bad_inputs():
     x, w, bq, cos, sin, kc, vc, rows, nw = _rope_case(torch.float32)
     wq = w[:128]
