@@ -6,7 +6,8 @@
 Covers :func:`specdec.fast.kernels.decode_attention` (a tree straddling a tile and a split boundary,
 a ragged batch, head dims 80 and 256, K/V as views of a larger cache) and
 :func:`specdec.fast.kernels.row_linear` (plain, norm + residual, SwiGLU, a fixed K split, TMA tiles),
-:func:`specdec.fast.kernels.keyed.keyed_noise` (issue 22), then one
+:func:`specdec.fast.kernels.embed_gemv_qkv_rope` and :func:`~specdec.fast.kernels.gemv_q_rope` (the GLIDE draft's
+rope GEMVs, session 37), :func:`specdec.fast.kernels.keyed.keyed_noise` (issue 22), then one
 decode step of a tiny model end to end, and a batched GLIDE beam tree over ragged rows (issue 19:
 the draft layer's kernels with [B] key ranges, ``beam_select`` on row views; eager, then as captured fused rounds),
 and :func:`specdec.fast.kernels.merge_attention` alone and inside the blocked (cuDNN) prefill attention, then the
@@ -62,6 +63,26 @@ def main() -> None:
             y = row_linear(x, w, config=cfg, **args)
             torch.cuda.synchronize()
             print(f"row_linear n={n} k={k_} {kw} config={cfg}: finite={bool(torch.isfinite(y).all())}")
+    # the GLIDE draft's rope GEMVs (session 37): query-only, and with the embedding lookup in the launch (a K that
+    # is not a multiple of the K tile: the embedding copy's masked tail); the caches are views of larger buffers
+    from specdec.fast.kernels import embed_gemv_qkv_rope, gemv_q_rope
+
+    for hq, hkv, d, k_ in ((4, 2, 64, 256), (3, 1, 80, 200)):
+        w = (torch.randn((hq + 2 * hkv) * d, k_, generator=g) * 0.1).to(torch.bfloat16).to(dev)
+        embed = torch.randn(300, k_, generator=g).to(torch.bfloat16).to(dev)
+        tokens = torch.tensor([[0, 299, 7]], device=dev)
+        ang = torch.rand(1, 3, d // 2, generator=g)
+        cos = torch.cat([ang.cos(), ang.cos()], -1).to(torch.bfloat16).to(dev)
+        sin = torch.cat([ang.sin(), ang.sin()], -1).to(torch.bfloat16).to(dev)
+        kc = torch.zeros(1, hkv, 20, d + 16, dtype=torch.bfloat16, device=dev)[..., :d]
+        vc = torch.zeros(1, hkv, 20, d + 16, dtype=torch.bfloat16, device=dev)[..., :d]
+        rows = torch.tensor([[0, 19, 5]], dtype=torch.int32, device=dev)
+        nw = torch.ones(k_, dtype=torch.bfloat16, device=dev)
+        q, x_e = embed_gemv_qkv_rope(tokens, embed, w, None, cos, sin, kc, vc, rows, norm_weight=nw, eps=1e-6)
+        q2 = gemv_q_rope(x_e, w[: hq * d], None, cos, sin, norm_weight=nw, eps=1e-6)
+        torch.cuda.synchronize()
+        print(f"embed_gemv_qkv_rope / gemv_q_rope hq={hq} hkv={hkv} d={d} k={k_}: "
+              f"finite={bool(torch.isfinite(q).all() and torch.isfinite(q2).all())} q equal={torch.equal(q, q2)}")
     # the keyed-noise kernel (issue 22): a vocabulary over one block and not a multiple of it, token ids
     from specdec.fast.kernels.keyed import keyed_noise
     from specdec.shared.keyed import sequence_key
