@@ -57,13 +57,18 @@ How (one launch plus the merge of :mod:`.tree_attention`):
   ``test_gpu_rows_across_a_split_boundary`` pins it. The interpreter never contracts: only the GPU
   shows it.
 
-* **Few nodes per program when the grid is small.** A program holds ``program_rows`` packed rows in its
-  BLOCK_M tile (the rest padding, never stored). Its tree-reaching tiles loop over its nodes, two gathered
-  loads and two dots each, so with few programs (short prefixes, few KV heads: the embedded model) that loop
-  was the kernel's critical path; at the 16-row tile the rule (:data:`FILL_PROGRAMS`) gives each program as
-  few whole nodes as keep the grid within 256 programs. Which rows share a program is not part of a row's
-  arithmetic: same bits (BENCHMARKS "Session 37: fewer nodes per attention program": the embedded model's
-  32-node verification 19.1 -> 10.1 us per layer on an H100).
+* **The split that holds L runs narrow programs.** Only the split holding position ``L`` (the prefix's end) has
+  tiles that reach the tree, and those tiles loop over the program's nodes, two gathered loads and two dots
+  each. With few KV heads (the embedded model) that loop was the kernel's critical path. So that split's
+  programs hold ``program_rows`` packed rows each (whole nodes, :data:`FILL_PROGRAMS`; the rest of the BLOCK_M
+  tile padding), while every other split's programs hold BLOCK_M rows and share each prefix tile among them as
+  before. The split is found in the kernel from ``L`` (``_split_of``), so a CUDA graph captured on a large cache
+  needs no more programs than one on a small cache. Grid: ``(B x Hkv, program)``, where the first
+  ``cdiv(M G, program_rows)`` programs take the split that holds L, and the rest take the other splits, last
+  split first, ``cdiv(M G, BLOCK_M)`` programs each. When L is at or past 4096 (1024- and 4096-key splits), that
+  split's prefix tiles would be re-read by every narrow program, so its first programs hold BLOCK_M rows too and
+  the others idle. Which rows share a program is not part of a row's arithmetic: same bits (BENCHMARKS "Session
+  37: fewer nodes per attention program").
 
 Rows are packed as in :mod:`.tree_attention`: ``row = node * G + g`` for the ``G = Hq // Hkv``
 query heads of one KV head. The tests (``tests/fast/test_decode_attention.py``) check the values
@@ -82,7 +87,7 @@ from ._common import check_device, check_int_tensor, check_tensor, graph_capturi
 from .tree_attention import LOG2E, merge_partials
 
 __all__ = ["decode_attention", "ancestor_table", "SPLIT_KEYS", "SPLIT_TIERS", "MAX_HEAD_DIM", "decode_attention_config",
-           "split_bounds", "num_splits_for", "FILL_PROGRAMS"]
+           "split_bounds", "split_of", "num_splits_for", "FILL_PROGRAMS"]
 
 SPLIT_TIERS = ((4096, 256), (32768, 1024), (None, 4096))
 """The fixed partition of key positions into splits: 256-key splits below position 4096, 1024-key splits
@@ -101,6 +106,17 @@ def split_bounds(s: int) -> tuple[int, int]:
         if count is None or s < count:
             return lo + s * size, lo + (s + 1) * size
         s -= count
+        lo = end
+    raise AssertionError("unreachable")
+
+
+def split_of(t: int) -> int:
+    """The split holding key position ``t`` (host mirror of the kernel's ``_split_of``)."""
+    s, lo = 0, 0
+    for end, size in SPLIT_TIERS:
+        if end is None or t < end:
+            return s + (t - lo) // size
+        s += (end - lo) // size
         lo = end
     raise AssertionError("unreachable")
 
@@ -132,6 +148,18 @@ def _split_range(s):
         lo = 32768 + (s - 44) * 4096
         hi = lo + 4096
     return lo, hi
+
+
+@triton.jit
+def _split_of(t):
+    """The split holding key position t (the inverse of :func:`_split_range`; host mirror :func:`split_of`)."""
+    if t < 4096:
+        s = t // 256
+    elif t < 32768:
+        s = 16 + (t - 4096) // 1024
+    else:
+        s = 44 + (t - 32768) // 4096
+    return s
 
 
 @triton.jit
@@ -184,8 +212,8 @@ def _softmax_step(s, m_i, l_i, ones, IS_FP32: tl.constexpr, UPCAST: tl.constexpr
     return p, alpha, m_new, l_new
 
 
-@triton.jit(do_not_specialize=["stride_ab", "stride_ai", "stride_db", "M", "NUM_SPLITS", "stride_pz", "stride_pp",
-                               "stride_lz", "stride_lp"])
+@triton.jit(do_not_specialize=["stride_ab", "stride_ai", "stride_db", "M", "NUM_SPLITS", "NARROW_GROUPS", "WIDE_GROUPS",
+                               "stride_pz", "stride_pp", "stride_lz", "stride_lp"])
 def _decode_attention_kernel(
     Q, K, V, O_part, L_part, PrefixLen, Anc, Depth,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -194,21 +222,33 @@ def _decode_attention_kernel(
     stride_ab, stride_ai, stride_db,
     stride_pz, stride_pp, stride_pr,
     stride_lz, stride_lp,
-    qk_scale, H_KV, M, NUM_SPLITS,
+    qk_scale, H_KV, M, NUM_SPLITS, NARROW_GROUPS, WIDE_GROUPS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, NARROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)   # a block of ROWS packed rows (row = node * GROUP + g) in a BLOCK_M-row tile
-    pid_z = tl.program_id(1)   # b * H_KV + kv head
-    pid_s = NUM_SPLITS - 1 - tl.program_id(2)   # split s: key positions _split_range(s), the last split first
+    pid_z = tl.program_id(0)   # b * H_KV + kv head
+    pid = tl.program_id(1)     # which split and which rows (module docstring, "The split that holds L")
     b = pid_z // H_KV
     hkv = pid_z % H_KV
     b64 = b.to(tl.int64)
+    L = tl.load(PrefixLen + b)
+
+    # -- this program's split and rows: programs [0, NARROW_GROUPS) take the split s_L that holds position L,
+    #    NARROW rows each when s_L is a 256-key split (else BLOCK_M rows, the programs past WIDE_GROUPS idle);
+    #    the others take the other splits, last split first, BLOCK_M rows each ------------------------------
+    s_L = _split_of(L)
+    narrow = s_L < 16
+    is_l = pid < NARROW_GROUPS
+    w = pid - NARROW_GROUPS
+    s_w = NUM_SPLITS - 2 - w // tl.maximum(WIDE_GROUPS, 1)
+    pid_s = tl.where(is_l, s_L, s_w + (s_w >= s_L).to(s_w.dtype))
+    row0 = tl.where(is_l, pid * tl.where(narrow, NARROW, BLOCK_M), (w % tl.maximum(WIDE_GROUPS, 1)) * BLOCK_M)
+    nrows = tl.where(is_l, tl.where(narrow, NARROW, tl.where(pid < WIDE_GROUPS, BLOCK_M, 0)), BLOCK_M)
 
     arange_m = tl.arange(0, BLOCK_M)
-    offs_r = pid_m * ROWS + arange_m
-    row_ok = (arange_m < ROWS) & (offs_r < M * GROUP)   # the tile's rows past ROWS are padding
+    offs_r = row0 + arange_m
+    row_ok = (arange_m < nrows) & (offs_r < M * GROUP)   # the tile's rows past nrows are padding
     node = offs_r // GROUP
     head = hkv * GROUP + offs_r % GROUP
     offs_d = tl.arange(0, BLOCK_D)
@@ -216,12 +256,11 @@ def _decode_attention_kernel(
     arange_n = tl.arange(0, BLOCK_N)
 
     # -- this block's rows: positions p = L + depth, the block's nodes [first, last] ---------------
-    L = tl.load(PrefixLen + b)
     depth = tl.load(Depth + b64 * stride_db + node, mask=row_ok, other=0)
     pos = L + depth
-    hi = tl.max(tl.where(row_ok, pos, -1), 0)        # the block's last visible position
-    first = (pid_m * ROWS) // GROUP
-    last = tl.minimum(M - 1, (pid_m * ROWS + ROWS - 1) // GROUP)
+    hi = tl.max(tl.where(row_ok, pos, -1), 0)        # the block's last visible position (-1: no rows)
+    first = row0 // GROUP
+    last = tl.minimum(M - 1, (row0 + nrows - 1) // GROUP)
 
     q_ptrs = (Q + b64 * stride_qb + head.to(tl.int64)[:, None] * stride_qh
               + node[:, None] * stride_qm + offs_d[None, :] * stride_qd)
@@ -302,27 +341,29 @@ prefix -- 5, 17 and 45 key splits -- which this rule picks."""
 
 
 FILL_PROGRAMS = 256
-"""Nodes-per-program rule (16-bit, GPU): a program whose BLOCK_M tile is the smallest (16 rows) holds fewer nodes
--- halving its rows while the grid stays within this many programs. Its tiles that reach the tree loop over the
-program's nodes (two gathered loads and two dots per node), so with few programs (short prefixes, small trees:
-the embedded model's verification) that loop is the kernel's critical path. BENCHMARKS "Session 37: fewer nodes
-per attention program"."""
+"""Narrow-program rule (16-bit, GPU): the programs of the split that holds L (below position 4096) hold as few
+whole nodes as keep their count -- B x Hkv x row groups -- within this many. Their tiles that reach the tree loop
+over the program's nodes (two gathered loads and two dots per node), so with few KV heads (the embedded model)
+that loop is the kernel's critical path. The other splits' programs are not counted: they hold BLOCK_M rows
+whatever this rule picks, and only the split that holds L has programs per row group. BENCHMARKS "Session 37:
+fewer nodes per attention program"."""
 
 
 def decode_attention_config(rows: int, head_dim: int, dtype: torch.dtype, programs_per_tile: int = 1,
-                            group: int = 1) -> dict:
+                            group: int = 1, heads: int = 1) -> dict:
     """Tile sizes for ``rows = M * G`` packed query rows (``group`` = G query heads per KV head),
-    ``programs_per_tile`` = key splits x B x Hkv (the grid's other two axes). BLOCK_M follows the rows and the
-    grid, and ``program_rows`` (the rows one program holds, <= BLOCK_M, the rest of its tile padding) follows
-    the grid too: an MMA never mixes rows, and nothing here reduces across a tile's layout, so neither changes a
-    row's bits. BLOCK_N is fixed per dtype (lanes are positions: it is part of every row's arithmetic)."""
+    ``programs_per_tile`` = key splits x B x Hkv (the grid's other two axes), ``heads`` = B x Hkv. BLOCK_M
+    follows the rows and the grid, and ``program_rows`` (the rows of one program of the split that holds L, <=
+    BLOCK_M, the rest of its tile padding) follows the heads: an MMA never mixes rows, and nothing here reduces
+    across a tile's layout, so neither changes a row's bits. BLOCK_N is fixed per dtype (lanes are positions:
+    it is part of every row's arithmetic)."""
     if interpreter_active():
         return dict(block_m=16, program_rows=16, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         block_m = min(max(16, next_pow2(rows)), 32)
         return dict(block_m=block_m, program_rows=block_m, block_n=32, num_warps=4, num_stages=2)
     block_m = _gpu_block_m(rows, programs_per_tile)
-    return dict(block_m=block_m, program_rows=_gpu_program_rows(rows, group, block_m, programs_per_tile),
+    return dict(block_m=block_m, program_rows=_gpu_program_rows(rows, group, block_m, heads),
                 block_n=64, num_warps=4, num_stages=2)
 
 
@@ -336,14 +377,15 @@ def _gpu_block_m(rows: int, programs_per_tile: int) -> int:
     return block_m
 
 
-def _gpu_program_rows(rows: int, group: int, block_m: int, programs_per_tile: int) -> int:
+def _gpu_program_rows(rows: int, group: int, block_m: int, heads: int) -> int:
     """The 16-bit ``program_rows`` of :func:`decode_attention_config` on the GPU (pure, so the CPU tests check it):
-    a whole BLOCK_M tile, except at the smallest tile (16 rows), where a program holds whole nodes -- as few as
-    keep the grid within :data:`FILL_PROGRAMS` programs, at least one."""
+    a whole BLOCK_M tile, except at the smallest tile (16 rows), where the programs of the split that holds L
+    hold whole nodes -- as few as keep ``heads`` (B x Hkv) x their row groups within :data:`FILL_PROGRAMS`, at
+    least one."""
     if block_m > 16 or group > block_m:
         return block_m
     nodes = block_m // group
-    while nodes > 1 and triton.cdiv(rows, (nodes // 2) * group) * programs_per_tile <= FILL_PROGRAMS:
+    while nodes > 1 and triton.cdiv(rows, (nodes // 2) * group) * heads <= FILL_PROGRAMS:
         nodes //= 2
     return nodes * group
 
@@ -416,7 +458,7 @@ def decode_attention(
     group = hq // hkv
     rows = m * group
     num_splits = num_splits_for(hi + 1)
-    cfg = dict(decode_attention_config(rows, d, q.dtype, num_splits * b * hkv, group))
+    cfg = dict(decode_attention_config(rows, d, q.dtype, num_splits * b * hkv, group, b * hkv))
     if config:
         cfg.update(config)
         if "block_m" in config and "program_rows" not in config:
@@ -431,16 +473,23 @@ def decode_attention(
     program_rows = cfg["program_rows"]
     if not 1 <= program_rows <= cfg["block_m"]:
         raise ValueError(f"program_rows={program_rows} must be in [1, block_m={cfg['block_m']}]")
-    grid = (triton.cdiv(rows, program_rows), b * hkv, num_splits)   # splits outermost, last first
+    narrow_groups, wide_groups = triton.cdiv(rows, program_rows), triton.cdiv(rows, cfg["block_m"])
+    programs = narrow_groups + (num_splits - 1) * wide_groups
+    if programs > 65535:
+        raise ValueError(f"{m} rows over {num_splits} key splits need {programs} programs per KV head, over the "
+                         f"grid's 65535: verify fewer nodes at a time or raise config['program_rows']")
+    # axis 0 the (batch, KV head) pairs, so every head's programs of one split are dispatched together: the split
+    # that holds L first, then the others last split first (module docstring)
+    grid = (b * hkv, programs)
     _decode_attention_kernel[grid](
         q, k, v, o_part, l_part, plen, anc, depth,
         *q.stride(), *k.stride(), *v.stride(),
         anc.stride(0), anc.stride(1), depth.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         l_part.stride(0), l_part.stride(1),
-        scale * LOG2E, hkv, m, num_splits,
+        scale * LOG2E, hkv, m, num_splits, narrow_groups, wide_groups,
         GROUP=group, HEAD_DIM=d,
-        BLOCK_M=cfg["block_m"], ROWS=program_rows, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
+        BLOCK_M=cfg["block_m"], NARROW=program_rows, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
         IS_FP32=q.dtype == torch.float32, UPCAST=q.dtype != torch.float32 and q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         enable_fp_fusion=False,   # one rounding per op on both tile paths (module docstring, "No FMA contraction")

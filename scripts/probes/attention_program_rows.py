@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Probe (session 37): how many tree nodes should one program of the decode-phase attention hold?
 
-A program of ``decode_attention`` holds ``program_rows`` packed query rows (``row = node * G + g``) in a BLOCK_M-row
-tile. Its tiles that reach the tree run a loop over the program's nodes, two gathered loads and two dots per node
-(the K side, then the V side). With the embedded model's G = 2 and BLOCK_M 16 a program holds 8 nodes, and the
-verification of M >= 9 nodes costs about twice the one-token step's attention (``verify_growth.py``, session 37).
-Fewer nodes per program shorten that loop at the price of more programs re-reading the shared prefix tiles.
+A program of ``decode_attention`` for the key split that holds the prefix's end L holds ``program_rows`` packed
+query rows (``row = node * G + g``) in a BLOCK_M-row tile; the other splits' programs hold BLOCK_M rows. The tiles
+that reach the tree run a loop over the program's nodes, two gathered loads and two dots per node (the K side,
+then the V side). With the embedded model's G = 2 and BLOCK_M 16 a program held 8 nodes, and the verification of
+M >= 9 nodes cost about twice the one-token step's attention (``verify_growth.py``, session 37). Fewer nodes per
+program shorten that loop at the price of more programs re-reading that split's prefix tiles.
 
 For each case (the embedded model's attention shape over a 600-token prefix, and the Llama-3-8B shape's 69-node
 tree at 1k and 32k) and each (BLOCK_M, nodes per program), it times ``--layers`` back-to-back calls captured as one
@@ -85,7 +86,7 @@ def main() -> None:
         plen = torch.tensor([prefix], dtype=torch.int32, device=dev)
         max_prefix = cap - m   # as under graph capture: the splits sized for the whole cache
         splits = num_splits_for(max_prefix + m)
-        lib = decode_attention_config(m * g, d, dt, splits * hkv, g)   # what decode_attention itself picks
+        lib = decode_attention_config(m * g, d, dt, splits * hkv, g, hkv)   # what decode_attention itself picks
         lib_rows = lib["program_rows"]
 
         def call(cfg):
@@ -101,7 +102,7 @@ def main() -> None:
             out = call(cfg)
             equal = all(torch.equal(a, b) for a, b in zip(out, ref))
             t = time_ms(graphed(lambda cfg=cfg: call(cfg)), flush, args.reps) / args.layers
-            programs = -(-(m * g) // pr) * hkv * splits
+            programs = hkv * (-(-(m * g) // pr) + (splits - 1) * -(-(m * g) // bm))   # the grid (decode_attention)
             rec = dict(case=name, m=m, group=g, prefix=prefix, splits=splits, block_m=bm, program_rows=pr,
                        nodes_per_program=pr / g, programs=programs, us_per_call=t * 1e3, equal_to_library=equal,
                        library=(bm, pr) == (lib["block_m"], lib_rows))

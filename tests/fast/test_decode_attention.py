@@ -115,6 +115,21 @@ def test_rows_do_not_depend_on_the_nodes_a_program_holds(dtype):
         decode_attention(q, k, v, plen, mask, config=dict(program_rows=17))
 
 
+def test_narrow_programs_past_the_first_tier():
+    """A prefix end at or past position 4096 (a 1024-key split holds it): the programs of that split hold whole
+    tiles and the surplus ones idle; a batch whose rows straddle 4096 mixes both kinds in one launch. Every
+    row == its one-token step, and == the whole-tile launch."""
+    parents = [[-1, 0, 1, 1, 3], [-1, 0, 0, 1, 2]]
+    q, k, v, mask, plen = _case(2, 4, 2, 16, [4100, 4090], parents, torch.float32, "cpu", seed=13)
+    out = decode_attention(q, k, v, plen, mask, config=dict(program_rows=2))
+    assert torch.equal(decode_attention(q, k, v, plen, mask, config=dict(program_rows=16)), out)
+    want = masked_attention_ref(q, k, v, _dense_mask(mask, plen, k.shape[2]))
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    for bi in range(2):
+        for i in range(5):
+            assert torch.equal(out[bi:bi + 1, :, i:i + 1], _one_token_steps(q, k, v, mask, plen, bi, i)), (bi, i)
+
+
 @pytest.mark.parametrize("L", [SPLIT_KEYS - 2, 4096 - 3])
 def test_splits_by_absolute_position(L):
     """A prefix longer than one split: the row of a long verification still equals its one-token step
@@ -170,25 +185,36 @@ def test_gpu_block_m_follows_the_grid():
             assert bm == min(64, max(16, 1 << (rows - 1).bit_length())) or -(-rows // (2 * bm)) * per_tile < MIN_PROGRAMS
 
 
-def test_gpu_program_rows_follow_the_grid():
-    """At the smallest tile (16 rows) a program holds whole nodes, as few as keep the grid within FILL_PROGRAMS
-    programs (the embedded model's verification: G = 2, 2 KV heads, 4 key splits); a larger tile is held whole
-    (long prefixes: Llama-3-8B's 69 nodes at 4k and 32k keep the tiles session 29 measured)."""
+def test_gpu_program_rows_follow_the_heads():
+    """At the smallest tile (16 rows) the programs of the split that holds L hold whole nodes, as few as keep B x
+    Hkv x their row groups within FILL_PROGRAMS -- however many key splits the cache has (the other splits hold
+    BLOCK_M rows); a larger tile is held whole (long prefixes: Llama-3-8B's 69 nodes at 4k and 32k keep the tiles
+    session 29 measured)."""
     from specdec.fast.kernels.decode_attention import FILL_PROGRAMS, _gpu_block_m, _gpu_program_rows, num_splits_for
 
-    assert _gpu_program_rows(32 * 2, 2, 16, 4 * 2) == 2      # the embedded model's 32-node tree: one node each
-    assert _gpu_program_rows(1 * 2, 2, 16, 4 * 2) == 2       # a one-token step
+    assert _gpu_program_rows(32 * 2, 2, 16, 2) == 2      # the embedded model's 32-node tree: one node each
+    assert _gpu_program_rows(1 * 2, 2, 16, 2) == 2       # a one-token step
+    assert _gpu_program_rows(32 * 2, 2, 16, 8 * 2) == 4  # a batch of 8 rows of it: two nodes each
+    assert _gpu_program_rows(69 * 4, 4, 16, 8) == 16     # Llama-3-8B's 69 nodes at 1k: the whole tile, as before
     for ctx in (4096, 32768):
         per_tile = num_splits_for(ctx + 69) * 8
         bm = _gpu_block_m(69 * 4, per_tile)
-        assert _gpu_program_rows(69 * 4, 4, bm, per_tile) == bm
+        assert _gpu_program_rows(69 * 4, 4, bm, 8) == bm
     for rows, group in ((2, 2), (64, 2), (138, 2), (276, 4), (7, 7), (40, 20)):
-        for per_tile in (1, 8, 40, 360):
-            pr = _gpu_program_rows(rows, group, 16, per_tile)
-            assert 1 <= pr <= 16 and (pr % group == 0 or pr == 16), (rows, group, per_tile, pr)
+        for heads in (1, 2, 8, 64):
+            pr = _gpu_program_rows(rows, group, 16, heads)
+            assert 1 <= pr <= 16 and (pr % group == 0 or pr == 16), (rows, group, heads, pr)
             fewer = pr // 2 if (pr // group) % 2 == 0 else 0   # half as many nodes: over the fill, or not possible
             assert pr == group or pr == 16 and group > 16 or not fewer or \
-                -(-rows // fewer) * per_tile > FILL_PROGRAMS, (rows, group, per_tile, pr)
+                -(-rows // fewer) * heads > FILL_PROGRAMS, (rows, group, heads, pr)
+
+
+def test_split_of_inverts_split_bounds():
+    from specdec.fast.kernels.decode_attention import split_of
+
+    for s in range(70):
+        lo, hi = split_bounds(s)
+        assert split_of(lo) == s and split_of(hi - 1) == s, s
 
 
 def test_bad_input():
