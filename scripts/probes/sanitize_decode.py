@@ -47,6 +47,18 @@ def main() -> None:
             out_r = decode_attention(q, k, v, plen, mask, config=dict(block_m=16, program_rows=rows))
             torch.cuda.synchronize()
             print(f"  program_rows={rows}: == default {torch.equal(out_r, out)}")
+    # narrow programs past the first split tier: the split holding L runs whole tiles and its surplus programs idle;
+    # a batch whose prefixes straddle position 4096 mixes both kinds in one launch
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, 21)]
+    mask = torch.stack([tree_mask(parents)] * 2).to(dev)
+    k = torch.randn(2, 2, 4200, 64, generator=g).to(torch.bfloat16).to(dev)
+    v = torch.randn(2, 2, 4200, 64, generator=g).to(torch.bfloat16).to(dev)
+    q = torch.randn(2, 8, 21, 64, generator=g).to(torch.bfloat16).to(dev)
+    plen = torch.tensor([4100, 4090], dtype=torch.int32, device=dev)
+    whole = decode_attention(q, k, v, plen, mask, config=dict(block_m=16, program_rows=16))
+    narrow = decode_attention(q, k, v, plen, mask, config=dict(block_m=16, program_rows=4))
+    torch.cuda.synchronize()
+    print(f"decode_attention across 4096, narrow == whole tiles: {torch.equal(narrow, whole)}")
     for n, k_, kw in ((96, 80, {}), (200, 64, {"norm": True, "resid": True}), (2 * 96, 128, {"silu": True})):
         x = torch.randn(37, k_, generator=g).to(torch.bfloat16).to(dev)
         w = (torch.randn(n, k_, generator=g) * 0.1).to(torch.bfloat16).to(dev)
