@@ -246,7 +246,9 @@ def add_report_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--markdown", action="store_true", help="GitHub markdown tables (for BENCHMARKS.md)")
     ap.add_argument("--json", action="store_true", help="print the report data as JSON instead of tables")
     ap.add_argument("--hist-max", type=int, default=8, help="histogram columns 1..N-1 and >=N")
-    ap.add_argument("--no-per-category", action="store_true", help="only the overall tables")
+    ap.add_argument("--no-per-category", action="store_true",
+                    help="leave out each category's full table (the overall table, the compact speedup (tau) matrix "
+                         "by category and the histogram stay)")
     return ap
 
 
