@@ -13,6 +13,8 @@ What it does, per method (``--methods``, vanilla included by default)::
     for each question of the prompt set (tqdm progress bar):
         for each turn: prompt = the conversation so far (turn k sees the model's own answers to
             turns < k), encoded once; synchronize; t0; generate; synchronize; wall = now - t0
+            (--repeats N: the turn N times in a row, the median-wall run recorded, every wall kept and
+            the N outputs compared)
     write <out-dir>/<method>.jsonl: one line per FINISHED question (a question whose prompt + new
         tokens would not fit the context is skipped, one stderr line each, and counted in the summary;
         a method that finishes no question leaves no file)
@@ -40,7 +42,9 @@ Answer file (Spec-Bench compatible: its ``evaluation/speed.py`` reads it), one l
                   "prefill_time": [s, time to first token], "decode_time": [s, wall - prefill],
                   "prompt_tokens": [...], "decoding_steps": [target passes per turn],
                   "accept_lengths": [tokens per target pass, all turns, prefill's 1 included],
-                  "output_ids": [[token ids per turn]]}],
+                  "output_ids": [[token ids per turn]],
+                  with --repeats N > 1 also "wall_time_repeats": [[N walls] per turn],
+                  "repeats_equal": [bool per turn]}],
      "meta": {method, function, backend, device, dtype, target, draft, glide, options, sampling, ...}}
 
 ``accept_lengths`` are the decoder's own per-round counts, clipped so that they sum to
@@ -484,6 +488,10 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="raise the models' context limit to this many positions (RoPE past the trained length)")
     ap.add_argument("--family", default=None, help="prompt template family (vicuna, llama2, llama3, qwen2, raw); default: the tokenizer's")
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (0 = none, and no prompt warm-up: see the module docstring)")
+    ap.add_argument("--repeats", type=int, default=1, metavar="N",
+                    help="time every turn N times in a row and record the median-wall run (its wall, prefill and decode "
+                         "times; all N walls in wall_time_repeats). The N outputs must be equal: a turn whose repeats "
+                         "differ is reported on stderr and counted in the summary line")
     ap.add_argument("--batch-size", type=int, default=1, metavar="N",
                     help="decode N questions at once (each turn of a group of N questions in one batched call; specdec "
                          "methods only). A batched turn's wall time is the whole batch's; with --sampling keyed the "
@@ -678,6 +686,8 @@ def run_bench(args) -> dict[str, str]:
         raise ValueError("--max-new-tokens must be >= 1")
     if getattr(args, "batch_size", 1) < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "repeats", 1) < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.sampling == "keyed" and args.seed < 0:
         raise ValueError(f"--seed must be >= 0 with --sampling keyed, got {args.seed}")
     if args.backend == "fast":
@@ -726,7 +736,7 @@ def run_bench(args) -> dict[str, str]:
     common = {"model_id": model_id, "target": args.target, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
               "bench": args.bench, "max_new_tokens": args.max_new_tokens,
               "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "mode": args.sampling},
-              "seed": args.seed,
+              "seed": args.seed, "repeats": getattr(args, "repeats", 1),
               "max_context": args.max_context, **_versions()}
     try:
         common["gpu_name"] = torch.cuda.get_device_name() if device.startswith("cuda") else None
@@ -836,7 +846,7 @@ def _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
     bar = tqdm(total=len(questions), desc=method, unit="q", file=sys.stderr, dynamic_ncols=True,
                disable=True if args.no_progress else None)
     tokens = wall = 0.0
-    passes = done = skipped = 0
+    passes = done = skipped = differ = 0
     try:
         with open(path, "w", encoding="utf-8") as f:
             size = max(1, getattr(args, "batch_size", 1))
@@ -861,6 +871,11 @@ def _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
                     f.flush()
                     done += 1
                     ch = rec["choices"][0]
+                    for k, same in enumerate(ch.get("repeats_equal", [])):
+                        if not same:
+                            differ += 1
+                            tqdm.write(f"[bench] {method}: question {q['question_id']} turn {k}: the {args.repeats} repeats "
+                                       "gave different outputs (the recorded one is the median-wall run's)", file=sys.stderr)
                     tokens += sum(ch["new_tokens"])
                     passes += len(ch["accept_lengths"])
                     if size == 1:
@@ -873,6 +888,10 @@ def _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
             os.remove(path)  # never leave an empty answer file
     if not done:
         raise _NothingRan(f"no question finished ({skipped} skipped, see above); no answer file written")
+    repeats = getattr(args, "repeats", 1)
+    if repeats > 1:
+        _log(f"[bench] {method}: every turn timed {repeats} times (median-wall run recorded); "
+             f"{'outputs equal across the repeats' if not differ else f'{differ} turn(s) with different outputs'}")
     _log(f"[bench] {method}: {done} question(s){f' ({skipped} skipped)' if skipped else ''}, {int(tokens)} tokens in {wall:.2f}s "
          f"({tokens / max(wall, 1e-9):.1f} tok/s pooled, tau {tokens / max(passes, 1):.2f}) -> {path}")
     return path, skipped
@@ -888,8 +907,9 @@ def _run_question(runner, tok, q: dict, args, qi: int, ctx: int | None = None) -
         ids = encode_prompt(tok, conversation_prompt(tok, q["turns"], answers, args.family))
         if ctx is not None and len(ids) + args.max_new_tokens > ctx:
             raise _Skip(_too_long(len(ids), args.max_new_tokens, ctx, args.max_context, turn=k))
-        r = runner.generate(ids, args.max_new_tokens, args.seed + 1000 * qi + k)
-        answers.append(_add_turn(ch, tok, ids, r))
+        seed = args.seed + 1000 * qi + k
+        runs = [runner.generate(ids, args.max_new_tokens, seed) for _ in range(getattr(args, "repeats", 1))]
+        answers.append(_add_turn(ch, tok, ids, *_median_run(runs)))
     return {"question_id": q["question_id"], "category": q["category"], "tstamp": time.time(),
             "choices": [{"index": 0, **ch}]}
 
@@ -900,8 +920,24 @@ def _new_choice() -> dict[str, list]:
                             "decoding_steps", "accept_lengths", "output_ids")}
 
 
-def _add_turn(ch: dict[str, list], tok, ids: list[int], r: TurnResult) -> str:
-    """Record one answered turn (prompt ``ids``, result ``r``) in ``ch``; returns the answer for the next turn."""
+def _median_run(runs: list[TurnResult]) -> tuple[TurnResult, list[float] | None, bool]:
+    """``--repeats``: the run of ``runs`` (one turn, timed ``len(runs)`` times) with the median wall time (the lower
+    median for an even count), every run's wall time (None for a single run), and whether all outputs are equal."""
+    if len(runs) == 1:
+        return runs[0], None, True
+    order = sorted(range(len(runs)), key=lambda i: runs[i].wall_time)
+    same = all(r.output_ids == runs[0].output_ids for r in runs[1:])
+    return runs[order[(len(runs) - 1) // 2]], [r.wall_time for r in runs], same
+
+
+def _add_turn(ch: dict[str, list], tok, ids: list[int], r: TurnResult, walls: list[float] | None = None,
+              same: bool = True) -> str:
+    """Record one answered turn (prompt ``ids``, result ``r``) in ``ch``; returns the answer for the next turn.
+    With ``--repeats``: ``walls`` (every repeat's wall time, kept in ``wall_time_repeats``) and ``same`` (the
+    repeats' outputs were equal; kept in ``repeats_equal``)."""
+    if walls is not None:
+        ch.setdefault("wall_time_repeats", []).append(walls)
+        ch.setdefault("repeats_equal", []).append(same)
     text = tok.decode(r.output_ids, skip_special_tokens=True)
     ch["turns"].append(text)
     ch["new_tokens"].append(len(r.output_ids))
@@ -949,8 +985,10 @@ def _run_group(runner, tok, qs: list[dict], args, q0: int, ctx: int | None = Non
             prompts.append(ids)
         if not rows:
             continue
-        for i, ids, r in zip(rows, prompts, runner.generate_batch(prompts, args.max_new_tokens, args.seed + 1000 * q0 + k)):
-            answers[i].append(_add_turn(chs[i], tok, ids, r))
+        seed = args.seed + 1000 * q0 + k
+        runs = [runner.generate_batch(prompts, args.max_new_tokens, seed) for _ in range(getattr(args, "repeats", 1))]
+        for j, (i, ids) in enumerate(zip(rows, prompts)):
+            answers[i].append(_add_turn(chs[i], tok, ids, *_median_run([run[j] for run in runs])))
     return [o if o is not None else {"question_id": q["question_id"], "category": q["category"], "tstamp": time.time(),
                                      "batch_size": len(qs), "choices": [{"index": 0, **ch}]}
             for q, o, ch in zip(qs, out, chs)]
