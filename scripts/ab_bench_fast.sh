@@ -14,10 +14,12 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1
 python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/ab_oldpkg "$OLD" >/dev/null 2>&1 || { echo "installing $OLD failed"; exit 2; }
 for side in ${AB_ORDER:-old new}; do
   if [ "$side" = old ]; then
-    (cd "$OLD" && PYTHONPATH=/tmp/ab_oldpkg python3 -c "import specdec; print('old: specdec from', specdec.__file__)" \
-      && PYTHONPATH=/tmp/ab_oldpkg python3 scripts/bench_fast.py "$@" --out "$OUT/ab_old.jsonl" > "$OUT/ab_old.log" 2>&1)
+    # the check runs outside the source tree: python3 -c puts the working directory first on sys.path, where the
+    # tree's own specdec/ (the app package alone) would shadow the installed one
+    (cd /tmp && PYTHONPATH=/tmp/ab_oldpkg python3 -c "import specdec.fast.kernels as k; print('old: specdec.fast from', k.__file__)") \
+      && (cd "$OLD" && PYTHONPATH=/tmp/ab_oldpkg python3 scripts/bench_fast.py "$@" --out "$OUT/ab_old.jsonl" > "$OUT/ab_old.log" 2>&1)
   else
-    python3 -c "import specdec; print('new: specdec from', specdec.__file__)"
+    (cd /tmp && python3 -c "import specdec.fast.kernels as k; print('new: specdec.fast from', k.__file__)")
     python3 scripts/bench_fast.py "$@" --out "$OUT/ab_new.jsonl" > "$OUT/ab_new.log" 2>&1
   fi
   echo "== $side"; tail -4 "$OUT/ab_$side.log"
