@@ -771,9 +771,22 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
         stdout.write(f"draft tree capacity (auto, chosen for this device): {rows[0]['draft_tree_capacity']}\n")
     if speedup is not None:
         stdout.write(f"speedup over vanilla: {speedup:.2f}x ({backend}, {device}, {dtype_name})\n")
+    if vanilla is not None:
+        stdout.write(f"same output as vanilla: {_same_output_note(vanilla.output_ids[0].tolist() == out_ids, a)}\n")
     if color:
         stdout.write(f"{_GREEN}green{_RESET}: draft tokens the target accepted ({rows[0]['accepted_drafts']} of {rows[0]['tokens']})\n")
     return 0
+
+
+def _same_output_note(same: bool, a) -> str:
+    """``--compare``'s last line: whether the method's tokens are vanilla's, and why they may differ -- rejection
+    sampling draws its own tokens (same distribution); greedy and keyed sampling must give vanilla's tokens."""
+    if same:
+        return "yes"
+    if a.temperature > 0 and a.sampling != "keyed":
+        return ("no (rejection sampling draws its own tokens from the same distribution; --sampling keyed gives "
+                "vanilla's tokens)")
+    return "NO -- greedy and keyed decoding must reproduce vanilla's tokens: please report this prompt"
 
 
 register_subcommand("generate", _add_generate_args, run_generate, help="generate a completion with a speculative decoder")

@@ -82,6 +82,7 @@ def test_compare_prints_speedup_and_is_lossless(capsys):
     rc, out, err = run(capsys, "--method", "tree_spec", "-n", "8", "--compare", PROMPT)
     assert rc == 0, err
     assert "speedup over vanilla:" in out and "vanilla" in out
+    assert out.rstrip("\n").endswith("same output as vanilla: yes")   # the table's proof line (greedy)
     rc, out, err = run(capsys, "--method", "tree_spec", "-n", "8", "--compare", "--json", PROMPT)
     obj = json.loads(out)
     assert obj["speedup"] > 0 and obj["vanilla"]["method"] == "vanilla"
@@ -181,3 +182,19 @@ def test_help_and_no_command(capsys):
     assert main(["--help"]) == 0
     assert "generate" in capsys.readouterr().out
     assert main([]) == 2
+
+
+def test_same_output_note_says_why_tokens_may_differ():
+    """``--compare``'s last line: "yes"; under rejection sampling a difference is expected (same distribution, own
+    draws) and said so; under greedy or keyed decoding a difference is a bug and is flagged."""
+    from types import SimpleNamespace
+
+    from specdec.cli import _same_output_note
+
+    greedy = SimpleNamespace(temperature=0.0, sampling="rejection")
+    sampled = SimpleNamespace(temperature=0.8, sampling="rejection")
+    keyed = SimpleNamespace(temperature=0.8, sampling="keyed")
+    assert _same_output_note(True, greedy) == _same_output_note(True, sampled) == "yes"
+    assert _same_output_note(False, sampled).startswith("no (rejection sampling")
+    for a in (greedy, keyed):
+        assert _same_output_note(False, a).startswith("NO -- greedy and keyed decoding must reproduce")

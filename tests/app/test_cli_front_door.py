@@ -242,7 +242,7 @@ def test_vanilla_compare_prints_vanilla_once(capsys, monkeypatch):
     assert rc == 0 and len(calls) == 1
     table = out.split("\n\n", 1)[1]
     assert sum(ln.startswith("vanilla") for ln in table.splitlines()) == 1
-    assert "speedup over vanilla" not in out
+    assert "speedup over vanilla" not in out and "same output as vanilla" not in out
     rc, out, err = run(capsys, "--method", "vanilla", "--compare", "-n", "3", "--json", PROMPT)
     obj = json.loads(out)
     assert obj["speedup"] == 1.0 and obj["same_output_as_vanilla"] is True and "vanilla" not in obj
