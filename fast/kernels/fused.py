@@ -445,6 +445,22 @@ def _check_rope_qkv(src_name: str, src: torch.Tensor, width: int, width_what: st
     return b, m, width // d - 2 * hkv, hkv, cap, d
 
 
+def _check_rope_q(b: int, m: int, width: int, width_what: str, cos, sin) -> tuple[int, int]:
+    """Shape checks shared by :func:`rope_q` and :func:`~specdec.fast.kernels.gemv_q_rope`: query heads of
+    ``width`` = Hq * D columns for [B, M] tokens, D = cos's last dim. Returns (hq, d)."""
+    check_tensor("cos", cos, 3)
+    check_tensor("sin", sin, 3)
+    d = cos.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {d} is not supported: it must be a multiple of 16 in [16, 256]")
+    if width % d or width == 0:
+        raise ValueError(f"{width_what} must be Hq * D with D = {d}, Hq >= 1; got {width}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (b, m, d):
+            raise ValueError(f"{name} must have shape [B, M, D] = {[b, m, d]}, got {list(t.shape)}")
+    return width // d, d
+
+
 def _check_cache_rows(rows: torch.Tensor, capacity: int, device: torch.device) -> None:
     """Cache rows in [0, capacity) (a host sync; skipped under graph capture, where it cannot run)."""
     if rows.numel() and not graph_capturing(device):
@@ -520,19 +536,9 @@ def rope_q(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     Returns q [B, Hq, M, D] (contiguous, x's dtype); matches :func:`rope_q_ref`.
     """
     check_tensor("x", x, 3)
-    check_tensor("cos", cos, 3)
-    check_tensor("sin", sin, 3)
     b, m, width = x.shape
-    d = cos.shape[-1]
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported: it must be a multiple of 16 in [16, 256]")
-    if width % d or width == 0:
-        raise ValueError(f"x's last dim must be Hq * D with D = {d}, Hq >= 1; got {width}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) != (b, m, d):
-            raise ValueError(f"{name} must have shape [B, M, D] = {[b, m, d]}, got {list(t.shape)}")
+    hq, d = _check_rope_q(b, m, width, "x's last dim", cos, sin)
     dev = check_device(("x", x), ("cos", cos), ("sin", sin))
-    hq = width // d
     q = torch.empty((b, hq, m, d), dtype=x.dtype, device=dev)
     if b == 0 or m == 0:
         return q

@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, check_tensor, interpreter_active, next_pow2
-from .fused import (_DTYPE_CODE, _check_cache_rows, _check_float, _check_rope_qkv, _round_to, rms_norm_ref, rope_q_ref,
-                    rope_qkv_write_ref)
+from .fused import (_DTYPE_CODE, _check_cache_rows, _check_float, _check_rope_q, _check_rope_qkv, _round_to, rms_norm_ref,
+                    rope_q_ref, rope_qkv_write_ref)
 
 __all__ = ["embed_gemv_qkv_rope", "gemv", "gemv_q_rope", "gemv_q_rope_ref", "gemv_qkv_rope", "gemv_qkv_rope_ref", "gemv_ref", "gemv_silu",
            "gemv_silu_ref"]
@@ -500,24 +500,13 @@ def gemv_q_rope(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, cos:
     """
     check_tensor("x", x, 3)
     _check_float("wq", wq)
-    check_tensor("cos", cos, 3)
-    check_tensor("sin", sin, 3)
     k = x.shape[-1]
     if wq.dim() != 2 or wq.shape[1] != k:
         raise ValueError(f"wq must be [Hq * D, K] with K = {k}, got {tuple(wq.shape)}")
     if wq.dtype != x.dtype:
         raise TypeError(f"x and wq must share one dtype, got {x.dtype} and {wq.dtype}")
-    b, m = x.shape[0], x.shape[1]
-    d = cos.shape[-1]
-    if d % 16 or not 16 <= d <= 256:
-        raise ValueError(f"head dim {d} is not supported: it must be a multiple of 16 in [16, 256]")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) != (b, m, d):
-            raise ValueError(f"{name} must have shape [B, M, D] = {[b, m, d]}, got {list(t.shape)}")
     width = wq.shape[0]
-    if width % d or width == 0:
-        raise ValueError(f"wq's rows must be Hq * D with D = {d}, Hq >= 1; got {width}")
-    hq = width // d
+    hq, d = _check_rope_q(x.shape[0], x.shape[1], width, "wq's rows", cos, sin)
     bq = _checked_bias("bq", bq, width)
     norm_weight = _checked_norm(norm_weight, eps, k)
     named = [("x", x), ("wq", wq), ("cos", cos), ("sin", sin)]
