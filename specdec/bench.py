@@ -686,7 +686,8 @@ def run_bench(args) -> dict[str, str]:
         raise ValueError("--max-new-tokens must be >= 1")
     if getattr(args, "batch_size", 1) < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if getattr(args, "repeats", 1) < 1:
+    args.repeats = getattr(args, "repeats", 1)   # a namespace built before --repeats existed: one run per turn
+    if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.sampling == "keyed" and args.seed < 0:
         raise ValueError(f"--seed must be >= 0 with --sampling keyed, got {args.seed}")
@@ -736,7 +737,7 @@ def run_bench(args) -> dict[str, str]:
     common = {"model_id": model_id, "target": args.target, "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
               "bench": args.bench, "max_new_tokens": args.max_new_tokens,
               "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "mode": args.sampling},
-              "seed": args.seed, "repeats": getattr(args, "repeats", 1),
+              "seed": args.seed, "repeats": args.repeats,
               "max_context": args.max_context, **_versions()}
     try:
         common["gpu_name"] = torch.cuda.get_device_name() if device.startswith("cuda") else None
@@ -888,9 +889,8 @@ def _run_method(method, models, args, tok, questions, eos_ids, model_id, common,
             os.remove(path)  # never leave an empty answer file
     if not done:
         raise _NothingRan(f"no question finished ({skipped} skipped, see above); no answer file written")
-    repeats = getattr(args, "repeats", 1)
-    if repeats > 1:
-        _log(f"[bench] {method}: every turn timed {repeats} times (median-wall run recorded); "
+    if args.repeats > 1:
+        _log(f"[bench] {method}: every turn timed {args.repeats} times (median-wall run recorded); "
              f"{'outputs equal across the repeats' if not differ else f'{differ} turn(s) with different outputs'}")
     _log(f"[bench] {method}: {done} question(s){f' ({skipped} skipped)' if skipped else ''}, {int(tokens)} tokens in {wall:.2f}s "
          f"({tokens / max(wall, 1e-9):.1f} tok/s pooled, tau {tokens / max(passes, 1):.2f}) -> {path}")
@@ -908,7 +908,7 @@ def _run_question(runner, tok, q: dict, args, qi: int, ctx: int | None = None) -
         if ctx is not None and len(ids) + args.max_new_tokens > ctx:
             raise _Skip(_too_long(len(ids), args.max_new_tokens, ctx, args.max_context, turn=k))
         seed = args.seed + 1000 * qi + k
-        runs = [runner.generate(ids, args.max_new_tokens, seed) for _ in range(getattr(args, "repeats", 1))]
+        runs = [runner.generate(ids, args.max_new_tokens, seed) for _ in range(args.repeats)]
         answers.append(_add_turn(ch, tok, ids, *_median_run(runs)))
     return {"question_id": q["question_id"], "category": q["category"], "tstamp": time.time(),
             "choices": [{"index": 0, **ch}]}
@@ -986,7 +986,7 @@ def _run_group(runner, tok, qs: list[dict], args, q0: int, ctx: int | None = Non
         if not rows:
             continue
         seed = args.seed + 1000 * q0 + k
-        runs = [runner.generate_batch(prompts, args.max_new_tokens, seed) for _ in range(getattr(args, "repeats", 1))]
+        runs = [runner.generate_batch(prompts, args.max_new_tokens, seed) for _ in range(args.repeats)]
         for j, (i, ids) in enumerate(zip(rows, prompts)):
             answers[i].append(_add_turn(chs[i], tok, ids, *_median_run([run[j] for run in runs])))
     return [o if o is not None else {"question_id": q["question_id"], "category": q["category"], "tstamp": time.time(),

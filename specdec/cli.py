@@ -724,6 +724,7 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
     mask = res.spec_mask[0].tolist()
     completion = tok.decode(out_ids, skip_special_tokens=True)
     speedup = None
+    same = vanilla.output_ids[0].tolist() == out_ids if vanilla is not None else None
     if vanilla is not None:
         v_tps, m_tps = rows[1]["tokens_per_s"], rows[0]["tokens_per_s"]
         if v_tps > 0 and m_tps > 0:
@@ -744,7 +745,7 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
         if vanilla is not None:
             obj["vanilla"] = rows[1]
             obj["speedup"] = speedup
-            obj["same_output_as_vanilla"] = vanilla.output_ids[0].tolist() == out_ids
+            obj["same_output_as_vanilla"] = same
         elif a.compare:  # --method vanilla: it is its own baseline
             obj["speedup"] = 1.0
             obj["same_output_as_vanilla"] = True
@@ -771,8 +772,8 @@ def run_generate(a: argparse.Namespace, stdin=None, stdout=None) -> int:
         stdout.write(f"draft tree capacity (auto, chosen for this device): {rows[0]['draft_tree_capacity']}\n")
     if speedup is not None:
         stdout.write(f"speedup over vanilla: {speedup:.2f}x ({backend}, {device}, {dtype_name})\n")
-    if vanilla is not None:
-        stdout.write(f"same output as vanilla: {_same_output_note(vanilla.output_ids[0].tolist() == out_ids, a)}\n")
+    if same is not None:
+        stdout.write(f"same output as vanilla: {_same_output_note(same, a)}\n")
     if color:
         stdout.write(f"{_GREEN}green{_RESET}: draft tokens the target accepted ({rows[0]['accepted_drafts']} of {rows[0]['tokens']})\n")
     return 0
