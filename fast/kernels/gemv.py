@@ -398,19 +398,25 @@ def gemv_qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None
     return _launch_rope_gemv(x, wqkv, bqkv, cos, sin, hq, d, norm_weight, eps, kv)
 
 
+def _check_rope_weight(name: str, w: torch.Tensor, x: torch.Tensor, rows_what: str) -> int:
+    """A rope GEMV's weight ``w``: a float [rows, K] tensor with x's K and dtype (``rows_what`` names the rows in
+    the message). Returns its row count."""
+    _check_float(name, w)
+    k = x.shape[-1]
+    if w.dim() != 2 or w.shape[1] != k:
+        raise ValueError(f"{name} must be [{rows_what}, K] with K = {k}, got {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"x and {name} must share one dtype, got {x.dtype} and {w.dtype}")
+    return w.shape[0]
+
+
 def _checked_qkv_rope(x, wqkv, bqkv, cos, sin, k_cache, v_cache, rows, norm_weight, eps, check_rows):
     """The checks of :func:`gemv_qkv_rope` on x [B, M, K] (a tensor, or an embedding lookup's [B, M, K] view) ->
     ``(Hq, D, (k_cache, v_cache, rows, Hkv), bias, norm_weight)``."""
-    _check_float("wqkv", wqkv)
-    k = x.shape[-1]
-    if wqkv.dim() != 2 or wqkv.shape[1] != k:
-        raise ValueError(f"wqkv must be [(Hq + 2 Hkv) * D, K] with K = {k}, got {tuple(wqkv.shape)}")
-    if wqkv.dtype != x.dtype:
-        raise TypeError(f"x and wqkv must share one dtype, got {x.dtype} and {wqkv.dtype}")
-    width = wqkv.shape[0]
+    width = _check_rope_weight("wqkv", wqkv, x, "(Hq + 2 Hkv) * D")
     b, m, hq, hkv, cap, d = _check_rope_qkv("x", x, width, "wqkv's rows", cos, sin, k_cache, v_cache, rows)
     bqkv = _checked_bias("bqkv", bqkv, width)
-    norm_weight = _checked_norm(norm_weight, eps, k)
+    norm_weight = _checked_norm(norm_weight, eps, x.shape[-1])
     named = [("x", x), ("wqkv", wqkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache), ("rows", rows)]
     named += [(nm, t) for nm, t in (("bqkv", bqkv), ("norm_weight", norm_weight)) if t is not None]
     check_device(*named)
@@ -499,16 +505,10 @@ def gemv_q_rope(x: torch.Tensor, wq: torch.Tensor, bq: torch.Tensor | None, cos:
     summation order.
     """
     check_tensor("x", x, 3)
-    _check_float("wq", wq)
-    k = x.shape[-1]
-    if wq.dim() != 2 or wq.shape[1] != k:
-        raise ValueError(f"wq must be [Hq * D, K] with K = {k}, got {tuple(wq.shape)}")
-    if wq.dtype != x.dtype:
-        raise TypeError(f"x and wq must share one dtype, got {x.dtype} and {wq.dtype}")
-    width = wq.shape[0]
+    width = _check_rope_weight("wq", wq, x, "Hq * D")
     hq, d = _check_rope_q(x.shape[0], x.shape[1], width, "wq's rows", cos, sin)
     bq = _checked_bias("bq", bq, width)
-    norm_weight = _checked_norm(norm_weight, eps, k)
+    norm_weight = _checked_norm(norm_weight, eps, x.shape[-1])
     named = [("x", x), ("wq", wq), ("cos", cos), ("sin", sin)]
     named += [(nm, t) for nm, t in (("bq", bq), ("norm_weight", norm_weight)) if t is not None]
     check_device(*named)
