@@ -480,8 +480,11 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="specdec methods at --temperature > 0: rejection (generator draws) or keyed (position-keyed: "
                          "every method emits vanilla's tokens for the turn's seed); the transformers peers always draw")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--question-begin", type=int, default=None)
-    ap.add_argument("--question-end", type=int, default=None)
+    ap.add_argument("--question-begin", type=int, default=None,
+                    help="first question (0-based), as Spec-Bench slices the set: questions[begin:end]; a negative "
+                         "value counts from the end")
+    ap.add_argument("--question-end", type=int, default=None,
+                    help="one past the last question (questions[begin:end]; negative counts from the end)")
     ap.add_argument("--min-prompt-tokens", type=int, default=0,
                     help="skip questions whose first-turn prompt is shorter (LongSpec's filter for long-context sets)")
     ap.add_argument("--max-context", type=int, default=None,
