@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A="tests/fast/test_accept_kernel.py tests/fast/test_attention_merge.py tests/fast/test_beam_kernel.py
-   tests/fast/test_fused_kernels.py tests/fast/test_gemv.py tests/fast/test_kernels.py tests/fast/test_keyed_kernel.py
+   tests/fast/test_fused_kernels.py tests/fast/test_gemv.py tests/fast/test_kernels.py tests/fast/test_keyed_kernel.py tests/fast/test_log_softmax.py
    tests/fast/test_rowgemm.py tests/fast/test_glide_catch_up.py tests/fast/test_round_pack.py tests/ref tests/app tests/shared"
 B="tests/fast/test_exact_dtypes.py tests/fast/test_fast_decoders.py"
 C="tests/fast/test_decode_attention.py tests/fast/test_decode_phase.py tests/fast/test_fast_batch_inputs.py

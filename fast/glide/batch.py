@@ -286,8 +286,8 @@ def _round_body(d0, stacked: SlidingCache, u: dict[str, torch.Tensor], target_k:
         position L_b + offset: the draft's log-probs, or (keyed) each row's processed log-probs plus its own
         sequence's keyed noise -- :meth:`FastGlideDrafter._scores` row by row."""
         logits = F.linear(hidden.to(fm.dtype), lm_head)   # no final norm
-        if keys is None:
-            return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        if keys is None:   # as FastGlideDrafter._scores: the same kernel, row by row the same bits
+            return _kernels().logprobs_f32(logits)
         out = torch.zeros(logits.shape, dtype=torch.float32, device=dev)
         vmap = {} if g.vocab_map is None else {"token_ids": g.vocab_map}
         for b in rows:

@@ -25,6 +25,8 @@
   in the launch), :func:`gemv_q_rope` its query-only form (matches :func:`gemv_q_rope_ref`);
 * :func:`round_pack` -- the integers of a device-driven GLIDE round from the cache length (matches
   ``FastGlideDrafter._pack``);
+* :func:`log_softmax_f32` -- fp32 log-softmax of 16-bit logits in one launch (matches ``torch.log_softmax`` of the
+  fp32 cast within fp32 rounding); :func:`logprobs_f32` picks it for 16-bit CUDA logits (the GLIDE beam's scores);
 * :func:`keyed_noise` -- keyed sampling's Gumbel noise in one launch (matches
   :func:`specdec.shared.keyed.keyed_noise` bit for bit; not yet used by the decoders).
 
@@ -46,6 +48,7 @@ from .kv_compact import compact_kv, compact_kv_ref
 from .attention_merge import merge_attention, merge_attention_ref
 from .round_pack import round_pack, round_pack_ref
 from .keyed import keyed_noise
+from .log_softmax import log_softmax_f32, logprobs_f32
 from .tree_attention import tree_attention
 from .decode_attention import ancestor_table, decode_attention
 from .rowgemm import row_linear
@@ -75,6 +78,8 @@ __all__ = [
     "round_pack",
     "round_pack_ref",
     "keyed_noise",
+    "log_softmax_f32",
+    "logprobs_f32",
     "embed_gemv_qkv_rope",
     "gemv",
     "gemv_q_rope",

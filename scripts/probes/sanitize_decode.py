@@ -7,7 +7,8 @@ Covers :func:`specdec.fast.kernels.decode_attention` (a tree straddling a tile a
 a ragged batch, head dims 80 and 256, K/V as views of a larger cache) and
 :func:`specdec.fast.kernels.row_linear` (plain, norm + residual, SwiGLU, a fixed K split, TMA tiles),
 :func:`specdec.fast.kernels.embed_gemv_qkv_rope` and :func:`~specdec.fast.kernels.gemv_q_rope` (the GLIDE draft's
-rope GEMVs, session 37), :func:`specdec.fast.kernels.keyed.keyed_noise` (issue 22), then one
+rope GEMVs, session 37), :func:`specdec.fast.kernels.log_softmax_f32` (the beam's scores, session 38),
+:func:`specdec.fast.kernels.keyed.keyed_noise` (issue 22), then one
 decode step of a tiny model end to end, and a batched GLIDE beam tree over ragged rows (issue 19:
 the draft layer's kernels with [B] key ranges, ``beam_select`` on row views; eager, then as captured fused rounds),
 and :func:`specdec.fast.kernels.merge_attention` alone and inside the blocked (cuDNN) prefill attention, then the
@@ -95,6 +96,17 @@ def main() -> None:
         torch.cuda.synchronize()
         print(f"embed_gemv_qkv_rope / gemv_q_rope hq={hq} hkv={hkv} d={d} k={k_}: "
               f"finite={bool(torch.isfinite(q).all() and torch.isfinite(q2).all())} q equal={torch.equal(q, q2)}")
+    # the fp32 log-softmax of bf16 logits (the GLIDE beam's scores, session 38): one tile, several tiles with a
+    # tail, rows of a wider buffer, the output a view of a larger one
+    from specdec.fast.kernels import log_softmax_f32
+
+    for p_, v_, block in ((7, 4096, None), (3, 5000, None), (2, 300, 64)):
+        buf = torch.randn(p_, v_ + 24, generator=g).to(torch.bfloat16).to(dev)
+        out = torch.empty(p_ + 1, v_ + 8, dtype=torch.float32, device=dev)[1:, 4 : 4 + v_]
+        y = log_softmax_f32(buf[:, :v_], out=out, block=block)
+        torch.cuda.synchronize()
+        close = torch.allclose(y, torch.log_softmax(buf[:, :v_].float(), dim=-1), rtol=1e-6, atol=2e-5)
+        print(f"log_softmax_f32 P={p_} V={v_} block={block}: finite={bool(torch.isfinite(y).all())} close to torch={close}")
     # the keyed-noise kernel (issue 22): a vocabulary over one block and not a multiple of it, token ids
     from specdec.fast.kernels.keyed import keyed_noise
     from specdec.shared.keyed import sequence_key
