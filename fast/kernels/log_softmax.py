@@ -25,11 +25,24 @@ import triton.language as tl
 
 from ._common import check_device, next_pow2
 
-__all__ = ["log_softmax_f32", "logprobs_f32", "LOG_SOFTMAX_BLOCK"]
+__all__ = ["log_softmax_f32", "logprobs_f32", "LOG_SOFTMAX_BLOCK", "KERNEL_MAX_V", "uses_log_softmax_kernel"]
 
 LOG_SOFTMAX_BLOCK = 4096
 """The widest tile a program reads at once (a power of two). A row of V <= this many entries is read once per
 pass in one tile."""
+
+KERNEL_MAX_V = 32768
+"""The widest vocabulary :func:`logprobs_f32` sends to the kernel. One program walks a whole row, so a long row
+is read by one SM: on an H100 the kernel takes 2.2-2.4 us for 1-16 rows of 4096 columns (PyTorch's cast +
+softmax: 5.2-5.5 us), 10.6 us for 16 rows of 32768 (10.9), but 43-44 us for 1-16 rows of 128256 (PyTorch:
+32-37 us), BENCHMARKS "Session 39: the draft's log-softmax in one launch". Wider rows keep PyTorch's two
+launches."""
+
+
+def uses_log_softmax_kernel(v: int, dtype: torch.dtype, is_cuda: bool) -> bool:
+    """Whether :func:`logprobs_f32` runs :func:`log_softmax_f32` for logits of ``v`` columns: 16-bit logits on
+    CUDA with ``1 <= v <=`` :data:`KERNEL_MAX_V`."""
+    return is_cuda and dtype in (torch.bfloat16, torch.float16) and 1 <= v <= KERNEL_MAX_V
 
 
 @triton.jit(do_not_specialize=["stride_x", "stride_y", "V"])
@@ -94,9 +107,9 @@ def log_softmax_f32(x: torch.Tensor, out: torch.Tensor | None = None, block: int
 
 def logprobs_f32(logits: torch.Tensor) -> torch.Tensor:
     """fp32 log-probabilities over the last dim of ``logits`` [..., V]: :func:`log_softmax_f32` (one launch) for
-    bf16 / fp16 logits on CUDA, else ``torch.log_softmax(logits, dim=-1, dtype=torch.float32)`` -- so fp32 logits
-    (the reference's dtype) and the CPU keep PyTorch's values bit for bit."""
-    if logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16) and logits.dim() >= 1 and logits.shape[-1] >= 1:
+    bf16 / fp16 logits on CUDA up to :data:`KERNEL_MAX_V` columns, else ``torch.log_softmax(logits, dim=-1,
+    dtype=torch.float32)`` -- so fp32 logits (the reference's dtype) and the CPU keep PyTorch's values bit for bit."""
+    if logits.dim() >= 1 and uses_log_softmax_kernel(logits.shape[-1], logits.dtype, logits.is_cuda):
         flat = logits.reshape(-1, logits.shape[-1])
         if flat.stride(-1) == 1:
             return log_softmax_f32(flat).view(logits.shape)

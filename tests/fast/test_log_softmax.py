@@ -117,6 +117,19 @@ def test_logprobs_f32_keeps_torch_bits_off_cuda_and_for_fp32():
     assert torch.equal(K.logprobs_f32(x3), torch.log_softmax(x3, dim=-1))
 
 
+def test_the_kernel_serves_16_bit_cuda_logits_up_to_the_measured_width():
+    """logprobs_f32's rule: the kernel for bf16 / fp16 on CUDA up to KERNEL_MAX_V columns (a 32k draft vocabulary);
+    a full 128k vocabulary, fp32, or the CPU keep PyTorch's log-softmax."""
+    from specdec.fast.kernels.log_softmax import KERNEL_MAX_V, uses_log_softmax_kernel
+
+    assert KERNEL_MAX_V == 32768
+    for dtype in (torch.bfloat16, torch.float16):
+        assert uses_log_softmax_kernel(4096, dtype, True) and uses_log_softmax_kernel(32768, dtype, True)
+        assert not uses_log_softmax_kernel(32769, dtype, True) and not uses_log_softmax_kernel(128256, dtype, True)
+        assert not uses_log_softmax_kernel(4096, dtype, False) and not uses_log_softmax_kernel(0, dtype, True)
+    assert not uses_log_softmax_kernel(4096, torch.float32, True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("v", [4096, 32768, 128256])
