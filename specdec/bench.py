@@ -493,8 +493,9 @@ def add_bench_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (0 = none, and no prompt warm-up: see the module docstring)")
     ap.add_argument("--repeats", type=int, default=1, metavar="N",
                     help="time every turn N times in a row and record the median-wall run (its wall, prefill and decode "
-                         "times; all N walls in wall_time_repeats). The N outputs must be equal: a turn whose repeats "
-                         "differ is reported on stderr and counted in the summary line")
+                         "times; all N walls in wall_time_repeats, which `specdec report` turns into a 'repeat spread' column). "
+                         "The N outputs must be equal: a turn whose repeats differ is reported on stderr and counted in "
+                         "the summary line")
     ap.add_argument("--batch-size", type=int, default=1, metavar="N",
                     help="decode N questions at once (each turn of a group of N questions in one batched call; specdec "
                          "methods only). A batched turn's wall time is the whole batch's; with --sampling keyed the "

@@ -17,6 +17,8 @@ Per category and overall, over the questions present in BOTH the base file and t
     decode   = sum(tokens - 1) / sum(decode_time)              steady-state tokens/s after the first token
     ttft     = mean prefill_time                               time to first token
     same     = share of turns whose output ids equal the base file's (greedy runs: losslessness)
+    spread   = median over turns of (max - min) / median of the turn's N walls     (``bench --repeats N``:
+                                                                run-to-run noise; shown only when recorded)
 
 How Spec-Bench's ``evaluation/speed.py`` differs: it counts the method's tokens from the recorded
 ``new_tokens`` but the baseline's by RE-TOKENISING the baseline's decoded text
@@ -104,6 +106,7 @@ def question_stats(rec: dict) -> dict:
     dec = ch.get("decode_time") or []
     al = ch.get("accept_lengths")
     return {
+        "repeat_spreads": [x for x in map(_spread, ch.get("wall_time_repeats") or []) if x is not None],
         "question_id": rec["question_id"],
         "category": rec.get("category", "default"),
         "tokens": tokens,
@@ -122,6 +125,23 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _median(xs: Sequence[float]) -> float | None:
+    """The median (the mean of the middle two for an even count); None for no values."""
+    if not xs:
+        return None
+    ys, k = sorted(xs), len(xs) // 2
+    return ys[k] if len(ys) % 2 else (ys[k - 1] + ys[k]) / 2
+
+
+def _spread(walls) -> float | None:
+    """One turn's run-to-run spread from its repeats' walls: ``(max - min) / median``; None for fewer than two
+    walls, a non-list or a non-positive median (nothing to say)."""
+    if not isinstance(walls, list) or len(walls) < 2 or not all(isinstance(w, (int, float)) for w in walls):
+        return None
+    mid = _median([float(w) for w in walls])
+    return (max(walls) - min(walls)) / mid if mid and mid > 0 else None
+
+
 def aggregate(stats: list[dict]) -> dict:
     """Metrics of a group of questions (one method, one category)."""
     lens = [a for s in stats for a in (s["accept_lengths"] or [])]
@@ -138,6 +158,7 @@ def aggregate(stats: list[dict]) -> dict:
         "hist": dict(sorted(Counter(lens).items())) if have_al else None,
         "decode_tok_s": (sum(s["decode_tokens"] for s in stats) / dt) if dt > 0 else None,
         "ttft_ms": 1e3 * _mean(pre) if pre else None,
+        "repeat_spread": _median([x for s in stats for x in s["repeat_spreads"]]),
     }
 
 
@@ -188,6 +209,10 @@ def format_report(data: dict, markdown: bool = False, hist_max: int = 8, per_cat
 
     fmt = "github" if markdown else "simple"
     head = ["method", "q", "tokens/q", "tok/s", "speedup", "tau", "decode tok/s", "TTFT ms", "same out"]
+    # the run-to-run spread column only when some file recorded repeats (bench --repeats N)
+    spread = any(m.get("repeat_spread") is not None for c in data["categories"].values() for m in c.values())
+    if spread:
+        head = head + ["repeat spread"]
     blocks = []
 
     def table(cat: str) -> str:
@@ -196,7 +221,8 @@ def format_report(data: dict, markdown: bool = False, hist_max: int = 8, per_cat
             rows.append([name, m["questions"], _f(m["tokens_per_question"], ".1f"), _f(m["tok_s"], ".1f"),
                          _f(m["speedup"], ".2f") + ("x" if m["speedup"] is not None else ""), _f(m["tau"], ".2f"),
                          _f(m["decode_tok_s"], ".1f"), _f(m["ttft_ms"], ".1f"),
-                         "-" if m["same_output"] is None else f"{100 * m['same_output']:.0f}%"])
+                         "-" if m["same_output"] is None else f"{100 * m['same_output']:.0f}%"]
+                        + (["-" if m.get("repeat_spread") is None else f"{100 * m['repeat_spread']:.1f}%"] if spread else []))
         return tabulate(rows, headers=head, tablefmt=fmt, disable_numparse=True)
 
     cats = [c for c in data["categories"] if c != OVERALL and data["categories"][c]]

@@ -99,6 +99,24 @@ def test_report_unmatched_questions_left_out():
     assert "not in both files" in report.format_report(data)
 
 
+def test_report_repeat_spread_from_bench_repeats():
+    """bench --repeats N records every turn's N walls; the report gives the median over turns of (max - min) /
+    median, and shows the column only when some file has repeats."""
+    meth = [dict(r, choices=[dict(r["choices"][0])]) for r in METHOD]
+    meth[0]["choices"][0]["wall_time_repeats"] = [[0.5, 0.6, 0.4]]               # spread 0.2 / 0.5 = 0.4
+    meth[1]["choices"][0]["wall_time_repeats"] = [[0.5, 0.5, 0.55]]              # 0.05 / 0.5 = 0.1
+    meth[2]["choices"][0]["wall_time_repeats"] = [[0.5, 0.52, 0.48], [0.5]]      # 0.04 / 0.5 = 0.08; one wall: none
+    data = report.compare(BASE, {"tree_spec": meth}, base_name="vanilla")
+    o = data["categories"]["overall"]
+    assert o["tree_spec"]["repeat_spread"] == pytest.approx(0.1)                  # median of 0.4, 0.1, 0.08
+    assert data["categories"]["A"]["tree_spec"]["repeat_spread"] == pytest.approx(0.25)   # median of 0.4, 0.1
+    assert o["vanilla"]["repeat_spread"] is None
+    text = report.format_report(data)
+    assert "repeat spread" in text and "10.0%" in text
+    assert "repeat spread" not in report.format_report(report.compare(BASE, {"tree_spec": METHOD}))
+    assert report._spread([1.0]) is None and report._spread("x") is None and report._spread([0.0, 0.0]) is None
+
+
 def test_report_cli_tables_markdown_and_json(tmp_path, capsys):
     bp, mp = _write(tmp_path / "vanilla.jsonl", BASE), _write(tmp_path / "tree.jsonl", METHOD)
     assert report.report_main(["--base", bp, mp, "--markdown"]) == 0
