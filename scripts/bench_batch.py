@@ -277,28 +277,33 @@ def part_methods(args, rows_out):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="vanilla,magicdec,finished,methods")
+    ap.add_argument("--parts", default="vanilla,magicdec,finished,methods",
+                    help="comma-separated parts to run (module docstring): vanilla, magicdec, finished, methods")
     ap.add_argument("--shape", default="llama3-8b", help="random-weight shape of the vanilla and magicdec parts")
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
-    ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192])
-    ap.add_argument("--magic-batches", nargs="+", type=int, default=[1, 8, 16, 32])
-    ap.add_argument("--magic-contexts", nargs="+", type=int, default=[8192, 32768])
-    ap.add_argument("--gamma", type=int, default=3)
-    ap.add_argument("--sink-tokens", type=int, default=4)
-    ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--finished-batches", nargs="+", type=int, default=[8, 32])
-    ap.add_argument("--finished-m", nargs="+", type=int, default=[1, 4, 32])
-    ap.add_argument("--method-batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64], help="vanilla part: batch sizes")
+    ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192],
+                    help="vanilla and finished parts: cached tokens per row")
+    ap.add_argument("--magic-batches", nargs="+", type=int, default=[1, 8, 16, 32], help="magicdec part: batch sizes")
+    ap.add_argument("--magic-contexts", nargs="+", type=int, default=[8192, 32768],
+                    help="magicdec part: cached tokens per row")
+    ap.add_argument("--gamma", type=int, default=3, help="magicdec part: draft steps per round")
+    ap.add_argument("--sink-tokens", type=int, default=4, help="magicdec part: StreamingLLM sink tokens of the draft cache")
+    ap.add_argument("--window", type=int, default=256, help="magicdec part: StreamingLLM window of the draft cache")
+    ap.add_argument("--finished-batches", nargs="+", type=int, default=[8, 32],
+                    help="finished part: batch sizes (half the rows finished)")
+    ap.add_argument("--finished-m", nargs="+", type=int, default=[1, 4, 32],
+                    help="finished part: tokens per row and pass (1 = a step, gamma + 1 = a chain, a tree's size)")
+    ap.add_argument("--method-batches", nargs="+", type=int, default=[1, 8, 32], help="methods part: batch sizes")
     ap.add_argument("--methods", nargs="+", default=None, help="methods part: only these rows (vanilla always runs: the base)")
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--glide", default="default-glide")
-    ap.add_argument("--draft", default="default-draft")
-    ap.add_argument("--bench", default="stdlib_code")
-    ap.add_argument("--max-prompt-tokens", type=int, default=1024)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="default", help="methods part: the target (embedded name or HF dir)")
+    ap.add_argument("--glide", default="default-glide", help="methods part: the GLIDE draft")
+    ap.add_argument("--draft", default="default-draft", help="methods part: the draft LM of speculative decoding")
+    ap.add_argument("--bench", default="stdlib_code", help="methods part: the prompt set (as specdec bench --bench)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=1024, help="methods part: keep each prompt's last N tokens")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="methods part: new tokens per row")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda when available")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and sizes (checks the script runs, any device)")
-    ap.add_argument("--out", default="runs/bench_batch.jsonl")
+    ap.add_argument("--out", default="runs/bench_batch.jsonl", help="JSONL of every measured row")
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = set(parts) - {"vanilla", "magicdec", "finished", "methods"}
