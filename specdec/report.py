@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from collections import Counter
 from typing import Any, Sequence
@@ -106,7 +107,6 @@ def question_stats(rec: dict) -> dict:
     dec = ch.get("decode_time") or []
     al = ch.get("accept_lengths")
     return {
-        "repeat_spreads": [x for x in map(_spread, ch.get("wall_time_repeats") or []) if x is not None],
         "question_id": rec["question_id"],
         "category": rec.get("category", "default"),
         "tokens": tokens,
@@ -118,6 +118,7 @@ def question_stats(rec: dict) -> dict:
         "decode_time": sum(float(d) for d in dec if d is not None),
         "accept_lengths": [int(a) for a in al] if al else None,
         "output_ids": ch.get("output_ids"),
+        "repeat_spreads": [x for x in map(_spread, ch.get("wall_time_repeats") or []) if x is not None],
     }
 
 
@@ -125,21 +126,13 @@ def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _median(xs: Sequence[float]) -> float | None:
-    """The median (the mean of the middle two for an even count); None for no values."""
-    if not xs:
-        return None
-    ys, k = sorted(xs), len(xs) // 2
-    return ys[k] if len(ys) % 2 else (ys[k - 1] + ys[k]) / 2
-
-
 def _spread(walls) -> float | None:
     """One turn's run-to-run spread from its repeats' walls: ``(max - min) / median``; None for fewer than two
     walls, a non-list or a non-positive median (nothing to say)."""
     if not isinstance(walls, list) or len(walls) < 2 or not all(isinstance(w, (int, float)) for w in walls):
         return None
-    mid = _median([float(w) for w in walls])
-    return (max(walls) - min(walls)) / mid if mid and mid > 0 else None
+    mid = statistics.median(walls)
+    return (max(walls) - min(walls)) / mid if mid > 0 else None
 
 
 def aggregate(stats: list[dict]) -> dict:
@@ -148,6 +141,7 @@ def aggregate(stats: list[dict]) -> dict:
     have_al = all(s["accept_lengths"] is not None for s in stats)
     pre = [p for s in stats for p in s["prefill"]]
     dt = sum(s["decode_time"] for s in stats)
+    spreads = [x for s in stats for x in s["repeat_spreads"]]
     return {
         "questions": len(stats),
         "tokens": sum(s["tokens"] for s in stats),
@@ -158,7 +152,7 @@ def aggregate(stats: list[dict]) -> dict:
         "hist": dict(sorted(Counter(lens).items())) if have_al else None,
         "decode_tok_s": (sum(s["decode_tokens"] for s in stats) / dt) if dt > 0 else None,
         "ttft_ms": 1e3 * _mean(pre) if pre else None,
-        "repeat_spread": _median([x for s in stats for x in s["repeat_spreads"]]),
+        "repeat_spread": statistics.median(spreads) if spreads else None,
     }
 
 
@@ -210,7 +204,7 @@ def format_report(data: dict, markdown: bool = False, hist_max: int = 8, per_cat
     fmt = "github" if markdown else "simple"
     head = ["method", "q", "tokens/q", "tok/s", "speedup", "tau", "decode tok/s", "TTFT ms", "same out"]
     # the run-to-run spread column only when some file recorded repeats (bench --repeats N)
-    spread = any(m.get("repeat_spread") is not None for c in data["categories"].values() for m in c.values())
+    spread = any(m["repeat_spread"] is not None for c in data["categories"].values() for m in c.values())
     if spread:
         head = head + ["repeat spread"]
     blocks = []
@@ -222,7 +216,7 @@ def format_report(data: dict, markdown: bool = False, hist_max: int = 8, per_cat
                          _f(m["speedup"], ".2f") + ("x" if m["speedup"] is not None else ""), _f(m["tau"], ".2f"),
                          _f(m["decode_tok_s"], ".1f"), _f(m["ttft_ms"], ".1f"),
                          "-" if m["same_output"] is None else f"{100 * m['same_output']:.0f}%"]
-                        + (["-" if m.get("repeat_spread") is None else f"{100 * m['repeat_spread']:.1f}%"] if spread else []))
+                        + (["-" if m["repeat_spread"] is None else f"{100 * m['repeat_spread']:.1f}%"] if spread else []))
         return tabulate(rows, headers=head, tablefmt=fmt, disable_numparse=True)
 
     cats = [c for c in data["categories"] if c != OVERALL and data["categories"][c]]

@@ -112,17 +112,6 @@ def split_bounds(s: int) -> tuple[int, int]:
     raise AssertionError("unreachable")
 
 
-def split_of(t: int) -> int:
-    """The split holding key position ``t`` (host mirror of the kernel's ``_split_of``)."""
-    s, lo = 0, 0
-    for end, size in SPLIT_TIERS:
-        if end is None or t < end:
-            return s + (t - lo) // size
-        s += (end - lo) // size
-        lo = end
-    raise AssertionError("unreachable")
-
-
 def num_splits_for(positions: int) -> int:
     """Splits covering key positions ``[0, positions)``."""
     s, lo = 0, 0
@@ -132,6 +121,12 @@ def num_splits_for(positions: int) -> int:
         s += (end - lo) // size
         lo = end
     raise AssertionError("unreachable")
+
+
+def split_of(t: int) -> int:
+    """The split holding key position ``t`` (host mirror of the kernel's ``_split_of``): the last of the splits
+    covering ``[0, t]``."""
+    return num_splits_for(t + 1) - 1
 
 MAX_HEAD_DIM = 256
 """Head dims: any multiple of 16 up to this (the tile is padded to the next power of two)."""

@@ -14,7 +14,8 @@ How: one program per row. Pass 1 walks the row in BLOCK-wide tiles keeping a run
 that row alone (nothing is reduced across rows, the tile walk is fixed by V), so a row's bits do not depend
 on how many rows the call holds -- batched and single drafts rank alike.
 
-Reference (must match within fp32 rounding): ``torch.log_softmax(x.float(), dim=-1)``.
+Reference (must match within fp32 rounding): ``torch.log_softmax(x.float(), dim=-1)``, what the reference
+drafter's :meth:`specdec.ref.glide.GlideDrafter._scores` computes on its fp32 logits.
 """
 
 from __future__ import annotations
