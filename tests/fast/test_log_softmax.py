@@ -17,6 +17,7 @@ import torch
 from helpers import kernel_device
 
 from specdec.fast import kernels as K
+from specdec.fast.kernels.log_softmax import KERNEL_MAX_V
 
 DEV = kernel_device()
 CUDA = DEV == "cuda"
@@ -120,7 +121,7 @@ def test_logprobs_f32_keeps_torch_bits_off_cuda_and_for_fp32():
 def test_the_kernel_serves_16_bit_cuda_logits_up_to_the_measured_width():
     """logprobs_f32's rule: the kernel for bf16 / fp16 on CUDA up to KERNEL_MAX_V columns (a 32k draft vocabulary);
     a full 128k vocabulary, fp32, or the CPU keep PyTorch's log-softmax."""
-    from specdec.fast.kernels.log_softmax import KERNEL_MAX_V, uses_log_softmax_kernel
+    from specdec.fast.kernels.log_softmax import uses_log_softmax_kernel
 
     assert KERNEL_MAX_V == 32768
     for dtype in (torch.bfloat16, torch.float16):
@@ -138,9 +139,11 @@ def test_gpu_draft_vocabularies(v):
     got = K.log_softmax_f32(x)
     _check(got, x)
     assert torch.equal(got, K.log_softmax_f32(x.clone()))   # run to run the same bits (several tiles past 4096)
-    # logprobs_f32 takes the kernel for 16-bit CUDA logits, any leading shape, and stays graph-capturable
+    # logprobs_f32 takes the kernel for 16-bit CUDA logits up to KERNEL_MAX_V columns (any leading shape), PyTorch's
+    # log-softmax past it; the kernel stays graph-capturable at every width
     x3 = x.view(1, 7, v)
-    assert torch.equal(K.logprobs_f32(x3), got.view(1, 7, v))
+    want = got if v <= KERNEL_MAX_V else torch.log_softmax(x, dim=-1, dtype=torch.float32)
+    assert torch.equal(K.logprobs_f32(x3), want.view(1, 7, v))
     out = torch.empty_like(got)
     K.log_softmax_f32(x, out=out)   # compile outside the capture
     g = torch.cuda.CUDAGraph()
