@@ -392,6 +392,20 @@ def test_gpu_batched_glide_rounds_replay_one_graph(monkeypatch):
     assert runs["graphs"][1] == runs["eager"][1]
 
 
+def _record_widths(monkeypatch) -> list[int]:
+    """The batch width (cache slots) of every verification pass the engine runs from now on, in order."""
+    import specdec.fast.engine as engine
+
+    widths, real = [], engine.run_step
+
+    def recording(fm, cache, *a, **k):
+        widths.append(cache.k.shape[1])
+        return real(fm, cache, *a, **k)
+
+    monkeypatch.setattr(engine, "run_step", recording)
+    return widths
+
+
 def _early_stops(alone, early, late, within, skip=0):
     """EOS ids that stop each row of ``early`` within its first ``within`` tokens (one of its tokens ``skip`` to
     ``within``) and never appear in the rows of ``late`` (``alone``: each prompt's own output), or None when this
@@ -410,18 +424,9 @@ def test_fast_finished_rows_leave_the_batch(pair, monkeypatch):
     """Once at most half of a batch's slots still run, the running rows move into the lowest slots and the
     rounds run on half the slots (engine.compact_slots): rows 0 and 1 stop early, rows 2 and 3 move to slots 0
     and 1 and run on a 2-row batch -- every row still equals batched vanilla's, greedy and keyed."""
-    import specdec.fast.engine as engine
-
     target, ftarget = pair
     ids, lengths = _padded(PROMPTS)
-    widths = []
-    real = engine.run_step
-
-    def recording(fm, cache, *a, **k):
-        widths.append(cache.k.shape[1])
-        return real(fm, cache, *a, **k)
-
-    monkeypatch.setattr(engine, "run_step", recording)
+    widths = _record_widths(monkeypatch)
     for sampling in (dict(), dict(temperature=1.0, sampling="keyed", seed=7)):
         alone = [ref.vanilla_generate(target, [p], None, max_gen_len=10, eos_id=[], **sampling).output_ids for p in PROMPTS]
         stops = _early_stops(alone, early=(0, 1), late=(2, 3), within=3)
@@ -482,7 +487,6 @@ def test_fast_glide_rows_leave_the_batch(narrow_pair, monkeypatch, together):
     """The GLIDE chain and tree when finished rows leave the batch: rows 2 and 3 move to slots 0 and 1 and draft
     there (each row's sliding cache stays its own; with ``together`` the rows draft in one batched round over the
     narrower batch), and every row still equals batched vanilla's."""
-    import specdec.fast.engine as engine
     from specdec.fast.glide.drafter import FastGlideDrafter
     from specdec.shared.glide import init_glide_weights
 
@@ -495,10 +499,7 @@ def test_fast_glide_rows_leave_the_batch(narrow_pair, monkeypatch, together):
     assert stops is not None, "the fixture's rows no longer offer early stops for rows 0 and 1"
     kw = dict(max_gen_len=8, eos_id=stops)
     want = ref.vanilla_generate(target, ids, lengths, **kw)
-    widths = []
-    real = engine.run_step
-    monkeypatch.setattr(engine, "run_step", lambda fm, cache, *a, **k: widths.append(cache.k.shape[1]) or
-                        real(fm, cache, *a, **k))
+    widths = _record_widths(monkeypatch)
     for method, call in (("tree_spec", lambda: fast.tree_spec_generate(ftarget, glide, ids, lengths, tree_shape=(2, 3), **kw)),
                          ("spec", lambda: fast.spec_generate(ftarget, glide, ids, lengths, gamma=3, **kw))):
         widths.clear()
@@ -512,7 +513,6 @@ def test_gpu_finished_rows_leave_the_batch_bitwise(monkeypatch):
     """Compaction on the GPU in bf16 (the embedded model, 4 real prompts of different lengths): rows 0 and 1 stop
     at an early EOS, rows 2 and 3 move to slots 0 and 1 and run on a 2-slot batch (new step graphs; a GLIDE row's
     graphs captured again for its new slot), and every decoder's rows equal batched vanilla's bit for bit."""
-    import specdec.fast.engine as engine
     from specdec.bench import load_questions
     from specdec.methods import METHODS
     from specdec.shared.tokenizer import load_tokenizer
@@ -530,14 +530,7 @@ def test_gpu_finished_rows_leave_the_batch_bitwise(monkeypatch):
     kw["eos_id"] = stops
     want = fast.vanilla_generate(target, prompts, None, **kw)
     assert max(want.row_lengths[:2]) <= 26 and min(want.row_lengths[2:]) == 64, want.row_lengths
-    widths = []
-    real = engine.run_step
-
-    def recording(fm, cache, *a, **k):
-        widths.append(cache.k.shape[1])
-        return real(fm, cache, *a, **k)
-
-    monkeypatch.setattr(engine, "run_step", recording)
+    widths = _record_widths(monkeypatch)
     for name, m in METHODS.items():
         if name == "vanilla":
             continue
