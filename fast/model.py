@@ -167,6 +167,18 @@ class FastModel(TPShard):
             self.graphs.clear()  # captured graphs read the old table
         return cache
 
+    def ensure_rows(self, batch: int, capacity: int, name: str) -> StaticKVCache:
+        """A batch-of-``batch`` cache called ``name``, emptied: the leading rows (:meth:`StaticKVCache.leading`) of
+        the existing one when it has at least ``batch`` rows and ``capacity`` room, else :meth:`ensure_cache`. For a
+        per-round scratch cache whose batch narrows within a call (MagicDec's views once finished rows leave the
+        batch): no reallocation, and the graphs of each width are captured once."""
+        cache = self.caches.get(name)
+        if cache is not None and cache.k.shape[1] >= batch and cache.capacity >= capacity:
+            view = cache.leading(batch)
+            view.set_length(0)
+            return view
+        return self.ensure_cache(batch, capacity, name)
+
     @property
     def cache(self) -> StaticKVCache | None:
         return self.caches.get("main")

@@ -440,6 +440,8 @@ def test_fast_finished_rows_leave_the_batch(pair, monkeypatch):
             assert torch.equal(got.output_ids, want.output_ids), (method, sampling)
             # 4 slots, then 2 once rows 0 and 1 are done (then 1 when one of rows 2, 3 finishes a round earlier)
             assert widths[0] == 4 and 2 in widths and widths == sorted(widths, reverse=True), (method, widths)
+            if method == "magicdec":   # the narrower batch drafts on the leading rows of the same scratch cache
+                assert ftarget.caches["magicdec_batch"].k.shape[1] == 4
 
 
 def test_compacted_width_halves_while_the_running_rows_fit():
@@ -467,6 +469,17 @@ def test_compact_slots_moves_only_rows_past_the_width():
     assert torch.equal(cache.k[:, 1], k[:, 1])                 # row 1 stays where it was
     with pytest.raises(ValueError, match="3 running rows do not fit 2 slots"):
         compact_slots(cache, slot, [0, 1, 3], lengths, 2)
+
+
+def test_ensure_rows_narrows_without_reallocating(pair):
+    _, ftarget = pair
+    four = ftarget.ensure_rows(4, 12, name="rows_test")
+    two = ftarget.ensure_rows(2, 10, name="rows_test")
+    assert two is four.leading(2) and two.k.data_ptr() == four.k.data_ptr() and two.length == 0
+    assert ftarget.ensure_rows(4, 12, name="rows_test") is four
+    wider = ftarget.ensure_rows(6, 12, name="rows_test")           # more rows than it has: a new allocation
+    assert wider.k.shape[1] == 6 and ftarget.caches["rows_test"] is wider
+    ftarget.drop_caches("rows_test")
 
 
 def test_leading_views_are_kept_and_share_memory():
