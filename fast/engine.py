@@ -36,9 +36,11 @@ row, every row's draft padded to the fixed tree size and verified in ONE target 
 [B, ...] cache with per-row prefix lengths (``cache.length_t``), ragged acceptance, every row's
 accepted rows compacted in ONE :func:`specdec.fast.kernels.compact_kv` launch (per-row destinations);
 greedy rounds accept and compact every row on the device (:func:`accept_rows_greedy`) and synchronise once
-per round (a [B, 2] read-back: each row's best node and next token). A finished row stays in the batch as a
-masked dummy (its verification rows are scratch; its prefix length is 0 for the pass, so its attention
-reads none of its cache) and stops being drafted for and emitted. Drafters
+per round (a [B, 2] read-back: each row's best node and next token). A finished row stops being drafted for
+and emitted; its slot rides along as a masked dummy (its verification rows are scratch; its prefix length is 0 for
+the pass, so its attention reads none of its cache) until at most half the slots still run: then the running rows
+move into the lowest slots (:func:`compact_slots`) and the rounds run on half the width (:func:`compacted_width`,
+``cache.leading``), since a verification's masked rows still cost their GEMM rows. Drafters
 that build device trees (GLIDE) draft row by row, each on its row of the batch cache, and join the ONE
 batched verification; their trees are read back right after it, in one copy (the fused single-graph round
 and run-ahead of a batch of one are not used for B > 1). With the decode phase's
@@ -341,81 +343,125 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
     eye, zeros = torch.eye(T, dtype=torch.bool, device=dev), torch.zeros(T, dtype=torch.long, device=dev)
     no_nodes = torch.zeros(T, dtype=torch.bool, device=dev)
     tp_local = _sharded_greedy(target, params, drafters)
+    slot = list(range(B))    # row b's slot of the batch cache; compaction moves running rows to lower slots
+    width = B                # the rounds run on slots [0, width): cache.leading(width)
     t1 = time.perf_counter()
     active = [b for b in range(B) if not finished(b)]
     while active:
-        states = [RoundState(tokens[b], target, cache.row(b, lengths[b]), last_logits[b], params, generator,
+        # 0. Finished rows leave: once at most half the slots still run, the running rows move into the lowest
+        #    slots and the rounds run on fewer (a verification's finished rows would still cost their T GEMM rows).
+        narrower = compacted_width(len(active), width)
+        if narrower < width:
+            compact_slots(cache, slot, active, lengths, narrower)
+            width = narrower
+        work = cache.leading(width)
+        owner: list[int | None] = [None] * width       # the running row in each slot (None: finished or empty)
+        for b in active:
+            owner[slot[b]] = b
+        states = [RoundState(tokens[b], target, work.row(slot[b], lengths[b]), last_logits[b], params, generator,
                              max_gen_len - len(emitted[b]), ids[b]) for b in active]
-        # 0. A drafter may run the whole greedy round of every row as one graph (fused_rows): then one read-back.
+        rows = [slot[b] for b in active]
+        # 0'. A drafter may run the whole greedy round of every slot as one graph (fused_rows): then one read-back.
+        #     Rows stay in row order everywhere else (sampling draws from one generator in that order).
         fused = None
-        if params.greedy and not tp_local and len(active) == B:
-            fused = type(drafters[active[0]]).fused_rows([drafters[b] for b in active], active, states, cache, T)
+        if params.greedy and not tp_local and len(active) == width:
+            by_slot = sorted(range(len(active)), key=rows.__getitem__)
+            fused = type(drafters[active[0]]).fused_rows([drafters[active[i]] for i in by_slot], sorted(rows),
+                                                         [states[i] for i in by_slot], work, T)
         if fused is not None:
             num += 1
-            for b, row in enumerate(fused.tolist()):   # every row is active: batch row b
+            for s_, row in enumerate(fused.tolist()):   # every slot holds a running row
                 tree = Tree.from_parents(row[2 + T :])
-                emit(b, row[2 : 2 + T], tree, None, tree.path(row[0]), row[1], None)
+                emit(owner[s_], row[2 : 2 + T], tree, None, tree.path(row[0]), row[1], None)
             active = [b for b in active if not finished(b)]
             continue
         # 1. Draft: every unfinished row proposes a tree rooted at its last token -- a host Tree, or a
         #    DeviceTree (GLIDE: built on the device); row by row, or all rows at once (propose_rows).
         drafts: dict[int, Draft] = dict(zip(active, type(drafters[active[0]]).propose_rows(
-            [drafters[b] for b in active], active, states, cache)))
+            [drafters[b] for b in active], rows, states, work)))
         for draft in drafts.values():
             if draft.tree.size > T:
                 raise RuntimeError(f"drafter bug: a draft of {draft.tree.size} nodes exceeds the fixed tree size {T}")
-        # 2. Verify: every row padded to T nodes (a finished row: T dummy roots that see only
-        #    themselves), one target pass with per-row prefix lengths.
+        # 2. Verify: every slot's tree padded to T nodes (a slot without a running row: T dummy roots that see
+        #    only themselves), one target pass with per-slot prefix lengths.
         tts = {b: tree_tensors(d.tree, T, dev) for b, d in drafts.items()}   # each tree padded to T nodes
-        node_tokens = torch.stack([F.pad(drafts[b].tokens.to(device=dev, dtype=torch.long), (0, T - drafts[b].tree.size))
-                                   if b in drafts else zeros for b in range(B)])
-        positions = torch.stack([tts[b].depth if b in drafts else zeros for b in range(B)]) \
-            + torch.tensor(lengths, dtype=torch.long, device=dev)[:, None]
-        masks = torch.stack([tts[b].mask[0] if b in drafts else eye for b in range(B)])
-        cache.length = max(lengths)
-        # A finished row's dummy roots see only themselves: its prefix length is 0 for this pass, so the
-        # attention reads none of its cache (they write rows [0, T) of it, which nothing reads again), and a
-        # finished row costs only its T GEMM rows. The lengths are put back after the round.
-        finished_rows = [b for b in range(B) if b not in drafts]
-        if finished_rows:
-            cache.length_t[finished_rows] = 0
-        logits = run_step(target, cache, node_tokens, positions, masks, gather=not tp_local)   # [B, T, V (or V')]
+        starts_h = [0 if b is None else lengths[b] for b in owner]            # each slot's verified length
+        node_tokens = torch.stack([zeros if b is None else F.pad(drafts[b].tokens.to(device=dev, dtype=torch.long),
+                                                                  (0, T - drafts[b].tree.size)) for b in owner])
+        positions = torch.stack([zeros if b is None else tts[b].depth for b in owner]) \
+            + torch.tensor(starts_h, dtype=torch.long, device=dev)[:, None]
+        masks = torch.stack([eye if b is None else tts[b].mask[0] for b in owner])
+        work.length = max(starts_h)
+        # A slot without a running row has prefix length 0 for this pass, so its attention reads none of the
+        # cache (its dummy roots write rows [0, T) of the slot, which nothing reads again): it costs only its T
+        # GEMM rows. The lengths are put back after the round.
+        work.length_t.copy_(torch.tensor(starts_h, dtype=torch.int32))
+        logits = run_step(target, work, node_tokens, positions, masks, gather=not tp_local)   # [width, T, V (or V')]
         num += 1
         # 3. Accept; 4. compact every row's accepted rows in one launch; 5. emit. Greedy: acceptance and
-        #    compaction of all rows on the device, then the round's one read-back ([B, 2]: best node, next token).
+        #    compaction of all rows on the device, then the round's one read-back ([width, 2]: best node, next token).
         if params.greedy:
             amax = target.tp.argmax(logits, target.config.vocab_size) if tp_local else torch.argmax(logits, dim=-1)
-            parents = torch.stack([tts[b].parents if b in drafts else zeros for b in range(B)])
-            depth = torch.stack([tts[b].depth if b in drafts else zeros for b in range(B)])
-            valid = torch.stack([tts[b].valid if b in drafts else no_nodes for b in range(B)])
-            starts = torch.tensor(lengths, dtype=torch.int32, device=dev)
-            chosen = accept_rows_greedy(cache, amax, node_tokens, parents, depth, masks, valid, starts)[0].tolist()
+            parents = torch.stack([zeros if b is None else tts[b].parents for b in owner])
+            depth = torch.stack([zeros if b is None else tts[b].depth for b in owner])
+            valid = torch.stack([no_nodes if b is None else tts[b].valid for b in owner])
+            starts = torch.tensor(starts_h, dtype=torch.int32, device=dev)
+            chosen = accept_rows_greedy(work, amax, node_tokens, parents, depth, masks, valid, starts)[0].tolist()
         else:
-            src = torch.zeros(B, T, dtype=torch.int32)
-            n_acc = torch.zeros(B, dtype=torch.int32)
-            dst = torch.tensor(lengths, dtype=torch.int32)
+            src = torch.zeros(width, T, dtype=torch.int32)
+            n_acc = torch.zeros(width, dtype=torch.int32)
+            dst = torch.tensor(starts_h, dtype=torch.int32)
         read = _read_drafts(drafts)   # the device trees: ONE read-back for all rows, after the round's (no wait)
         for b, draft in drafts.items():
             draft_tokens, tree = read[b]
-            m, L = tree.size, lengths[b]
+            m, L, s_ = tree.size, lengths[b], slot[b]
             if params.greedy:
-                path, next_token = tree.path(chosen[b][0]), chosen[b][1]
+                path, next_token = tree.path(chosen[s_][0]), chosen[s_][1]
             else:
-                path, next_token = accept_draft(Draft(torch.tensor(draft_tokens), tree, draft.q), logits[b, :m], params,
+                path, next_token = accept_draft(Draft(torch.tensor(draft_tokens), tree, draft.q), logits[s_, :m], params,
                                                 generator, skip_sample_adjustment, root_position=L, seq_id=ids[b])
-                src[b, : len(path)] = torch.tensor(path, dtype=torch.int32) + L
-                n_acc[b] = len(path)
-            emit(b, draft_tokens, tree, draft.q, path, next_token, None if tp_local else logits[b, path[-1]])
+                src[s_, : len(path)] = torch.tensor(path, dtype=torch.int32) + L
+                n_acc[s_] = len(path)
+            emit(b, draft_tokens, tree, draft.q, path, next_token, None if tp_local else logits[s_, path[-1]])
         if not params.greedy:
             from specdec.fast import kernels as K
 
-            K.compact_kv(cache.k, cache.v, src.to(dev), dst.to(dev), n_accept=n_acc.to(dev))
-        cache.length_t.copy_(torch.tensor(lengths, dtype=torch.int32))
+            K.compact_kv(work.k, work.v, src.to(dev), dst.to(dev), n_accept=n_acc.to(dev))
+        work.length_t.copy_(torch.tensor([0 if b is None else lengths[b] for b in owner], dtype=torch.int32))
         active = [b for b in active if not finished(b)]
     sync(dev)
     elapsed = time.perf_counter() - t1
     row_nums = [len(a) for a in accept_lengths]
     return GenerationResult.from_batch(emitted, spec, eos, max_gen_len, num, elapsed, prefill_time, accept_lengths, row_nums)
+
+
+def compacted_width(running: int, width: int) -> int:
+    """The slots a batch's rounds run on once ``running`` of its ``width`` slots still hold unfinished rows:
+    ``width`` halved (rounded down) while the running rows fit in half of it -- so a batch of B runs on B, B // 2,
+    B // 4, ... slots, one CUDA graph per width. A verification's finished rows cost their T GEMM rows each
+    (BENCHMARKS "Session 40: what a finished row costs": at T = 4 compaction pays back its copy within 1-14
+    passes, at T = 32 within one), so a batch halves as soon as it can."""
+    if not 0 <= running <= width:
+        raise ValueError(f"running must be in [0, {width}] (the current width), got {running}")
+    while width > 1 and running <= width // 2:
+        width //= 2
+    return width
+
+
+def compact_slots(cache: StaticKVCache, slot: list[int], running: list[int], lengths: list[int], width: int) -> None:
+    """Move every running row whose slot is at or past ``width`` into a free slot below it (the slot of a finished
+    row): its verified rows ``[0, L_b)`` of every layer are copied and ``slot[b]`` updated in place. Rows below
+    ``width`` stay where they are. The decode phase's kernels compute a row the same in any slot and beside any
+    batch-mates (docs/design.md §8), so a moved row's tokens do not change."""
+    if len(running) > width:
+        raise ValueError(f"{len(running)} running rows do not fit {width} slots")
+    taken = {slot[b] for b in running if slot[b] < width}
+    free = [s for s in range(width) if s not in taken]
+    for b, dst in zip([b for b in running if slot[b] >= width], free):
+        src, n = slot[b], lengths[b]
+        cache.k[:, dst, :, :n].copy_(cache.k[:, src, :, :n])
+        cache.v[:, dst, :, :n].copy_(cache.v[:, src, :, :n])
+        slot[b] = dst
 
 
 def accept_rows_greedy(cache, amax: torch.Tensor, node_tokens: torch.Tensor, parents: torch.Tensor, depth: torch.Tensor,

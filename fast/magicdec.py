@@ -170,7 +170,7 @@ class FastMagicDecDrafter(FastDrafter):
             raise ValueError("propose_rows: the rows' MagicDec drafters must share the target, sink_tokens and window")
         n_layers, B, hkv, _, head_dim = cache.k.shape
         gammas = [min(d.gamma, st.max_drafts) for d, st in zip(drafters, states)]
-        scratch = fm.ensure_cache(B, d0.sink_tokens + d0.window + max(d.gamma for d in drafters) + 1, name="magicdec_batch")
+        scratch = fm.ensure_rows(B, d0.sink_tokens + d0.window + max(d.gamma for d in drafters) + 1, name="magicdec_batch")
         # 1. Every drafting row's compressed view, in ONE gather per K and V: row b's view rows, padded with
         #    row 0 (past its length: never attended, and overwritten by its draft rows). Other rows: empty.
         views = {b: streaming_rows(st.target_cache.length, d0.sink_tokens, d0.window) for b, st in zip(rows, states)}

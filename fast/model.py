@@ -64,6 +64,8 @@ class StaticKVCache:
     v: torch.Tensor
     length: int = 0
     length_t: torch.Tensor | None = None
+    views: dict = field(default_factory=dict, repr=False, compare=False)
+    """The :meth:`leading` views made so far (kept, so CUDA graphs keyed by a view's ``id`` stay valid)."""
 
     @property
     def capacity(self) -> int:
@@ -78,6 +80,22 @@ class StaticKVCache:
         writes land in this cache's memory (its ``length_t[b]`` included; its host ``length`` is not touched)."""
         return StaticKVCache(self.k[:, b:b + 1], self.v[:, b:b + 1], self.length if length is None else length,
                              self.length_t[b:b + 1])
+
+    def leading(self, n: int) -> "StaticKVCache":
+        """Rows ``[0, n)`` of the batch as a batch-of-``n`` cache: views of this cache's memory (``length_t``
+        included), made once per ``n`` and kept, so the CUDA graphs captured on one (keyed by its ``id``) are
+        reused by every later round of that width and dropped with this cache (:meth:`FastModel.drop_caches`).
+        ``leading(B)`` of a B-row cache is the cache itself."""
+        b = self.k.shape[1]
+        if not 1 <= n <= b:
+            raise ValueError(f"leading(n): n must be in [1, {b}] (this cache's batch), got {n}")
+        if n == b:
+            return self
+        view = self.views.get(n)
+        if view is None:
+            view = self.views[n] = StaticKVCache(self.k[:, :n], self.v[:, :n], self.length, self.length_t[:n])
+        view.length = self.length
+        return view
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -149,6 +167,18 @@ class FastModel(TPShard):
             self.graphs.clear()  # captured graphs read the old table
         return cache
 
+    def ensure_rows(self, batch: int, capacity: int, name: str) -> StaticKVCache:
+        """A batch-of-``batch`` cache called ``name``, emptied: the leading rows (:meth:`StaticKVCache.leading`) of
+        the existing one when it has at least ``batch`` rows and ``capacity`` room, else :meth:`ensure_cache`. For a
+        per-round scratch cache whose batch narrows within a call (MagicDec's views once finished rows leave the
+        batch): no reallocation, and the graphs of each width are captured once."""
+        cache = self.caches.get(name)
+        if cache is not None and cache.k.shape[1] >= batch and cache.capacity >= capacity:
+            view = cache.leading(batch)
+            view.set_length(0)
+            return view
+        return self.ensure_cache(batch, capacity, name)
+
     @property
     def cache(self) -> StaticKVCache | None:
         return self.caches.get("main")
@@ -161,8 +191,9 @@ class FastModel(TPShard):
             self.caches.clear()
             self.graphs.clear()
         elif name in self.caches:
-            gone = id(self.caches.pop(name))
-            self.graphs = {k: g for k, g in self.graphs.items() if k[0] != gone}
+            cache = self.caches.pop(name)
+            gone = {id(cache)} | {id(view) for view in cache.views.values()}   # graphs of its leading views too
+            self.graphs = {k: g for k, g in self.graphs.items() if k[0] not in gone}
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -390,3 +390,165 @@ def test_gpu_batched_glide_rounds_replay_one_graph(monkeypatch):
             assert len(captures) + len(replays) >= -(-stop // 5), (len(captures), len(replays), stop)
             assert 1 <= len(captures) <= 2 * 5 and len(replays) >= 1, (len(captures), len(replays))
     assert runs["graphs"][1] == runs["eager"][1]
+
+
+def _record_widths(monkeypatch) -> list[int]:
+    """The batch width (cache slots) of every verification pass the engine runs from now on, in order."""
+    import specdec.fast.engine as engine
+
+    widths, real = [], engine.run_step
+
+    def recording(fm, cache, *a, **k):
+        widths.append(cache.k.shape[1])
+        return real(fm, cache, *a, **k)
+
+    monkeypatch.setattr(engine, "run_step", recording)
+    return widths
+
+
+def _early_stops(alone, early, late, within, skip=0):
+    """EOS ids that stop each row of ``early`` within its first ``within`` tokens (one of its tokens ``skip`` to
+    ``within``) and never appear in the rows of ``late`` (``alone``: each prompt's own output), or None when this
+    model's outputs offer none."""
+    late_tokens = {int(t) for b in late for t in alone[b][0]}
+    stops = []
+    for b in early:
+        t = next((int(x) for x in alone[b][0, skip:within] if int(x) not in late_tokens), None)
+        if t is None:
+            return None
+        stops.append(t)
+    return stops
+
+
+def test_fast_finished_rows_leave_the_batch(pair, monkeypatch):
+    """Once at most half of a batch's slots still run, the running rows move into the lowest slots and the
+    rounds run on half the slots (engine.compact_slots): rows 0 and 1 stop early, rows 2 and 3 move to slots 0
+    and 1 and run on a 2-row batch -- every row still equals batched vanilla's, greedy and keyed."""
+    target, ftarget = pair
+    ids, lengths = _padded(PROMPTS)
+    widths = _record_widths(monkeypatch)
+    for sampling in (dict(), dict(temperature=1.0, sampling="keyed", seed=7)):
+        alone = [ref.vanilla_generate(target, [p], None, max_gen_len=10, eos_id=[], **sampling).output_ids for p in PROMPTS]
+        stops = _early_stops(alone, early=(0, 1), late=(2, 3), within=3)
+        assert stops is not None, "the fixture's rows no longer offer early stops for rows 0 and 1"
+        kw = dict(max_gen_len=10, eos_id=stops, **sampling)
+        want = ref.vanilla_generate(target, ids, lengths, **kw)
+        assert max(want.row_lengths[:2]) <= 3 and min(want.row_lengths[2:]) == 10
+        for method, f, _ in _spec_calls(target, ftarget):
+            widths.clear()
+            got = f(ids, lengths, **kw)
+            assert torch.equal(got.output_ids, want.output_ids), (method, sampling)
+            # 4 slots, then 2 once rows 0 and 1 are done (then 1 when one of rows 2, 3 finishes a round earlier)
+            assert widths[0] == 4 and 2 in widths and widths == sorted(widths, reverse=True), (method, widths)
+            if method == "magicdec":   # the narrower batch drafts on the leading rows of the same scratch cache
+                assert ftarget.caches["magicdec_batch"].k.shape[1] == 4
+
+
+def test_compacted_width_halves_while_the_running_rows_fit():
+    from specdec.fast.engine import compacted_width
+
+    assert [compacted_width(r, 8) for r in range(9)] == [1, 1, 2, 4, 4, 8, 8, 8, 8]
+    assert compacted_width(4, 6) == 6 and compacted_width(3, 6) == 3 and compacted_width(2, 6) == 3
+    assert compacted_width(1, 3) == 1
+    assert compacted_width(1, 1) == 1
+    with pytest.raises(ValueError, match=r"running must be in \[0, 4\]"):
+        compacted_width(5, 4)
+
+
+def test_compact_slots_moves_only_rows_past_the_width():
+    from specdec.fast.engine import compact_slots
+    from specdec.fast.model import StaticKVCache
+
+    k = torch.arange(2 * 4 * 1 * 6 * 2, dtype=torch.float32).view(2, 4, 1, 6, 2)
+    cache = StaticKVCache(k.clone(), -k.clone(), 0, torch.zeros(4, dtype=torch.int32))
+    slot, lengths = [0, 1, 2, 3], [6, 5, 4, 3]
+    compact_slots(cache, slot, [1, 3], lengths, 2)        # rows 0 and 2 finished; row 3 moves into row 0's slot
+    assert slot == [0, 1, 2, 0]
+    assert torch.equal(cache.k[:, 0, :, :3], k[:, 3, :, :3]) and torch.equal(cache.v[:, 0, :, :3], -k[:, 3, :, :3])
+    assert torch.equal(cache.k[:, 0, :, 3:], k[:, 0, :, 3:])   # only the moved row's verified rows are copied
+    assert torch.equal(cache.k[:, 1], k[:, 1])                 # row 1 stays where it was
+    with pytest.raises(ValueError, match="3 running rows do not fit 2 slots"):
+        compact_slots(cache, slot, [0, 1, 3], lengths, 2)
+
+
+def test_ensure_rows_narrows_without_reallocating(pair):
+    _, ftarget = pair
+    four = ftarget.ensure_rows(4, 12, name="rows_test")
+    two = ftarget.ensure_rows(2, 10, name="rows_test")
+    assert two is four.leading(2) and two.k.data_ptr() == four.k.data_ptr() and two.length == 0
+    assert ftarget.ensure_rows(4, 12, name="rows_test") is four
+    wider = ftarget.ensure_rows(6, 12, name="rows_test")           # more rows than it has: a new allocation
+    assert wider.k.shape[1] == 6 and ftarget.caches["rows_test"] is wider
+    ftarget.drop_caches("rows_test")
+
+
+def test_leading_views_are_kept_and_share_memory():
+    from specdec.fast.model import StaticKVCache
+
+    cache = StaticKVCache(torch.zeros(1, 4, 1, 3, 2), torch.zeros(1, 4, 1, 3, 2), 2, torch.zeros(4, dtype=torch.int32))
+    two = cache.leading(2)
+    assert cache.leading(2) is two and cache.leading(4) is cache and two.length == 2
+    two.k[0, 1, 0, 0, 0] = 5.0
+    two.length_t[1] = 7
+    assert cache.k[0, 1, 0, 0, 0] == 5.0 and cache.length_t[1] == 7
+    with pytest.raises(ValueError, match=r"n must be in \[1, 4\]"):
+        cache.leading(0)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_fast_glide_rows_leave_the_batch(narrow_pair, monkeypatch, together):
+    """The GLIDE chain and tree when finished rows leave the batch: rows 2 and 3 move to slots 0 and 1 and draft
+    there (each row's sliding cache stays its own; with ``together`` the rows draft in one batched round over the
+    narrower batch), and every row still equals batched vanilla's."""
+    from specdec.fast.glide.drafter import FastGlideDrafter
+    from specdec.shared.glide import init_glide_weights
+
+    target, ftarget = narrow_pair
+    glide = init_glide_weights(target.config, seed=3, std=0.3)
+    monkeypatch.setattr(FastGlideDrafter, "batch_rounds", together)
+    ids, lengths = _padded(PROMPTS)
+    alone = [ref.vanilla_generate(target, [p], None, max_gen_len=8, eos_id=[]).output_ids for p in PROMPTS]
+    stops = _early_stops(alone, early=(0, 1), late=(2, 3), within=3)
+    assert stops is not None, "the fixture's rows no longer offer early stops for rows 0 and 1"
+    kw = dict(max_gen_len=8, eos_id=stops)
+    want = ref.vanilla_generate(target, ids, lengths, **kw)
+    widths = _record_widths(monkeypatch)
+    for method, call in (("tree_spec", lambda: fast.tree_spec_generate(ftarget, glide, ids, lengths, tree_shape=(2, 3), **kw)),
+                         ("spec", lambda: fast.spec_generate(ftarget, glide, ids, lengths, gamma=3, **kw))):
+        widths.clear()
+        got = call()
+        assert torch.equal(got.output_ids, want.output_ids), method
+        assert widths and widths[0] == 4 and 2 in widths, (method, widths)
+
+
+@pytest.mark.gpu
+def test_gpu_finished_rows_leave_the_batch_bitwise(monkeypatch):
+    """Compaction on the GPU in bf16 (the embedded model, 4 real prompts of different lengths): rows 0 and 1 stop
+    at an early EOS, rows 2 and 3 move to slots 0 and 1 and run on a 2-slot batch (new step graphs; a GLIDE row's
+    graphs captured again for its new slot), and every decoder's rows equal batched vanilla's bit for bit."""
+    from specdec.bench import load_questions
+    from specdec.methods import METHODS
+    from specdec.shared.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("default")
+    target = fast.load_model("default", dtype=torch.bfloat16, device="cuda")
+    models = {"draft": fast.load_model("default-draft", dtype=torch.bfloat16, device="cuda"),
+              "glide": fast.load_glide("default-glide", target)}
+    qs = load_questions("stdlib_code")
+    prompts = [tok.encode(q["turns"][0])[:n] for q, n in zip(qs[20:24], (220, 64, 400, 150))]
+    kw = dict(max_gen_len=64, eos_id=[])
+    alone = [fast.vanilla_generate(target, [p], None, **kw).output_ids for p in prompts]
+    stops = _early_stops(alone, early=(0, 1), late=(2, 3), within=26, skip=6)
+    assert stops is not None, "these prompts no longer offer early stops for rows 0 and 1"
+    kw["eos_id"] = stops
+    want = fast.vanilla_generate(target, prompts, None, **kw)
+    assert max(want.row_lengths[:2]) <= 26 and min(want.row_lengths[2:]) == 64, want.row_lengths
+    widths = _record_widths(monkeypatch)
+    for name, m in METHODS.items():
+        if name == "vanilla":
+            continue
+        widths.clear()
+        args = (target,) if m.needs is None else (target, models[m.needs])
+        got = getattr(fast, m.function)(*args, prompts, None, **kw)
+        assert torch.equal(got.output_ids, want.output_ids), name
+        assert widths and widths[0] == 4 and 2 in widths, (name, widths)
