@@ -339,7 +339,7 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         if on_round is not None:
             on_round(RoundRecord(Draft(torch.tensor(draft_tokens), tree, q), path, next_token, b))
 
-    # a finished row: T dummy roots (token 0 at its length, each seeing only itself)
+    # a slot without a running row: T dummy roots (token 0 at position 0, each seeing only itself)
     eye, zeros = torch.eye(T, dtype=torch.bool, device=dev), torch.zeros(T, dtype=torch.long, device=dev)
     no_nodes = torch.zeros(T, dtype=torch.bool, device=dev)
     tp_local = _sharded_greedy(target, params, drafters)
@@ -358,6 +358,13 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         owner: list[int | None] = [None] * width       # the running row in each slot (None: finished or empty)
         for b in active:
             owner[slot[b]] = b
+        # Each slot's verified length, on the host and in ``length_t`` (which a fused round reads on the device),
+        # written once per round and after any compaction. A slot without a running row gets 0: the verification's
+        # dummy roots in it then read none of the cache (they write rows [0, T) of the slot, which nothing reads
+        # again), so such a slot costs only its T GEMM rows.
+        starts_h = [0 if b is None else lengths[b] for b in owner]
+        work.length = max(starts_h)
+        work.length_t.copy_(torch.tensor(starts_h, dtype=torch.int32))
         states = [RoundState(tokens[b], target, work.row(slot[b], lengths[b]), last_logits[b], params, generator,
                              max_gen_len - len(emitted[b]), ids[b]) for b in active]
         rows = [slot[b] for b in active]
@@ -385,17 +392,11 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         # 2. Verify: every slot's tree padded to T nodes (a slot without a running row: T dummy roots that see
         #    only themselves), one target pass with per-slot prefix lengths.
         tts = {b: tree_tensors(d.tree, T, dev) for b, d in drafts.items()}   # each tree padded to T nodes
-        starts_h = [0 if b is None else lengths[b] for b in owner]            # each slot's verified length
         node_tokens = torch.stack([zeros if b is None else F.pad(drafts[b].tokens.to(device=dev, dtype=torch.long),
                                                                   (0, T - drafts[b].tree.size)) for b in owner])
         positions = torch.stack([zeros if b is None else tts[b].depth for b in owner]) \
             + torch.tensor(starts_h, dtype=torch.long, device=dev)[:, None]
         masks = torch.stack([eye if b is None else tts[b].mask[0] for b in owner])
-        work.length = max(starts_h)
-        # A slot without a running row has prefix length 0 for this pass, so its attention reads none of the
-        # cache (its dummy roots write rows [0, T) of the slot, which nothing reads again): it costs only its T
-        # GEMM rows. The lengths are put back after the round.
-        work.length_t.copy_(torch.tensor(starts_h, dtype=torch.int32))
         logits = run_step(target, work, node_tokens, positions, masks, gather=not tp_local)   # [width, T, V (or V')]
         num += 1
         # 3. Accept; 4. compact every row's accepted rows in one launch; 5. emit. Greedy: acceptance and
@@ -427,7 +428,6 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
             from specdec.fast import kernels as K
 
             K.compact_kv(work.k, work.v, src.to(dev), dst.to(dev), n_accept=n_acc.to(dev))
-        work.length_t.copy_(torch.tensor([0 if b is None else lengths[b] for b in owner], dtype=torch.int32))
         active = [b for b in active if not finished(b)]
     sync(dev)
     elapsed = time.perf_counter() - t1

@@ -24,8 +24,9 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_kernels import copy_bandwidth, graphed, time_ms  # noqa: E402  (the kernel benchmark's timers)
+from bench_kernels import graphed, time_ms  # noqa: E402  (the kernel benchmark's timers)
 
+from specdec.benchutil import copy_bandwidth  # noqa: E402
 from specdec.fast.kernels.decode_attention import (ancestor_table, decode_attention,  # noqa: E402
                                                    decode_attention_config, num_splits_for)
 
@@ -45,7 +46,7 @@ def main() -> None:
         ap.error("needs a CUDA device")
     dev, dt = "cuda", torch.bfloat16
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
-    bw = copy_bandwidth(flush) * 1e9
+    bw = copy_bandwidth(dev)   # bytes / s, read + write
     rows, log = [], []
     for ctx, b in itertools.product(args.contexts, args.batches):
         g = torch.Generator(device=dev).manual_seed(ctx + b)

@@ -273,21 +273,12 @@ def test_fast_glide_batch_drafts_every_row_in_one_pass_per_step(narrow_pair, mon
             assert bres.row_lengths[1] < max(bres.row_lengths)   # a row finished early and rode along
 
 
-def test_fast_glide_batched_capture_path_on_static_buffers(pair, monkeypatch):
-    """The capture paths of batched GLIDE rounds (fast/glide/batch.py: static pack refilled each round, the rows'
-    caches copied into a static stacked buffer and back, static outputs) run on the CPU with a stand-in for
-    the CUDA graph: its replay re-runs the captured body and writes the captured outputs in place, as a replay
-    does. Greedy rounds in which every row drafts the full tree run FUSED (draft + verification + acceptance +
-    compaction, fused_batch_round), the last rounds the captured draft alone. Round by round the same trees,
-    paths and tokens as the eager batched round (== vanilla), at most one capture per catch-up length and
-    kind, reused across rounds."""
-    import specdec.fast.glide.batch as gbatch
+def _stand_in_captures(monkeypatch) -> tuple[list, list]:
+    """CUDA-graph captures on the CPU: a stand-in graph whose replay re-runs the captured body and writes the
+    captured outputs in place, as a replay does. Returns the lists the captures and replays ("fused" / "draft")
+    are counted in."""
     import specdec.fast.graphs as graphs
-    from specdec.fast.glide.drafter import FastGlideDrafter
-    from specdec.shared.glide import init_glide_weights
 
-    target, ftarget = pair
-    glide = fast.glide.as_fast_glide(init_glide_weights(target.config, seed=3, std=0.3))
     captures, replays = [], []
 
     class StandIn:   # what a replay does: the captured work again, into the captured outputs
@@ -307,6 +298,24 @@ def test_fast_glide_batched_capture_path_on_static_buffers(pair, monkeypatch):
         return StandIn(body, out), out
 
     monkeypatch.setattr(graphs, "capture", capture)
+    return captures, replays
+
+
+def test_fast_glide_batched_capture_path_on_static_buffers(pair, monkeypatch):
+    """The capture paths of batched GLIDE rounds (fast/glide/batch.py: static pack refilled each round, the rows'
+    caches copied into a static stacked buffer and back, static outputs) run on the CPU with a stand-in for
+    the CUDA graph: its replay re-runs the captured body and writes the captured outputs in place, as a replay
+    does. Greedy rounds in which every row drafts the full tree run FUSED (draft + verification + acceptance +
+    compaction, fused_batch_round), the last rounds the captured draft alone. Round by round the same trees,
+    paths and tokens as the eager batched round (== vanilla), at most one capture per catch-up length and
+    kind, reused across rounds."""
+    import specdec.fast.glide.batch as gbatch
+    from specdec.fast.glide.drafter import FastGlideDrafter
+    from specdec.shared.glide import init_glide_weights
+
+    target, ftarget = pair
+    glide = fast.glide.as_fast_glide(init_glide_weights(target.config, seed=3, std=0.3))
+    captures, replays = _stand_in_captures(monkeypatch)
     prompts = PROMPTS[:3]                  # ragged: 9, 1 and 5 tokens
     kw = dict(max_gen_len=8, eos_id=[])
     want = ref.vanilla_generate(target, prompts, None, **kw).output_ids
@@ -552,3 +561,32 @@ def test_gpu_finished_rows_leave_the_batch_bitwise(monkeypatch):
         got = getattr(fast, m.function)(*args, prompts, None, **kw)
         assert torch.equal(got.output_ids, want.output_ids), name
         assert widths and widths[0] == 4 and 2 in widths, (name, widths)
+
+
+def test_fast_glide_fused_rounds_after_compaction(narrow_pair, monkeypatch):
+    """GLIDE's fused batched rounds (stand-in graphs on the CPU) read each slot's length from ``length_t`` on the
+    device: after rows 0 and 1 finish and rows 2 and 3 move to slots 0 and 1, the fused rounds of the 2-slot batch
+    must see the moved rows' lengths, and every row still equals batched vanilla's."""
+    import specdec.fast.glide.batch as gbatch
+    from specdec.fast.glide.drafter import FastGlideDrafter
+    from specdec.shared.glide import init_glide_weights
+
+    target, ftarget = narrow_pair
+    glide = fast.glide.as_fast_glide(init_glide_weights(target.config, seed=3, std=0.3))
+    _, replays = _stand_in_captures(monkeypatch)
+    monkeypatch.setattr(FastGlideDrafter, "batch_rounds", True)
+    monkeypatch.setattr(gbatch, "_captures", lambda d0: True)
+    ids, lengths = _padded(PROMPTS)
+    alone = [ref.vanilla_generate(target, [p], None, max_gen_len=8, eos_id=[]).output_ids for p in PROMPTS]
+    stops = _early_stops(alone, early=(0, 1), late=(2, 3), within=3)
+    assert stops is not None, "the fixture's rows no longer offer early stops for rows 0 and 1"
+    kw = dict(max_gen_len=8, eos_id=stops)
+    want = ref.vanilla_generate(target, ids, lengths, **kw)
+    widths = _record_widths(monkeypatch)
+    fused_at = []
+    real_fused = gbatch.fused_batch_round
+    monkeypatch.setattr(gbatch, "fused_batch_round", lambda d, rows, st, cache: fused_at.append(cache.k.shape[1]) or
+                        real_fused(d, rows, st, cache))
+    got = fast.tree_spec_generate(ftarget, glide, ids, lengths, tree_shape=(2, 3), **kw)
+    assert torch.equal(got.output_ids, want.output_ids)
+    assert 4 in widths and 2 in fused_at, (widths, fused_at)   # a fused round ran on the compacted batch
