@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Issue 19's benchmarks: batched decoding on the fast path (one process, one device).
 
-Four parts (``--parts``, default all):
+Five parts (``--parts``, default the first four):
 
 * ``vanilla`` -- a batched vanilla decode step of a random-weight model (default the Llama-3-8B shape, bf16)
   for B in ``--batches`` x context in ``--contexts``: ms per step (CUDA-graph replay), tokens/s = B / step,
@@ -28,6 +28,11 @@ Four parts (``--parts``, default all):
   GLIDE tree with its rows drafting in one batched round instead of one after another -- greedy rounds of the
   full tree fused into one graph with the verification and acceptance; ``draft graph``: the draft alone
   captured; ``eager``: nothing captured (the A/B) -- and the same for the smaller tree (4, 8, 8, 4).
+* ``compaction`` -- what compaction of finished rows buys end to end: the speculative decoders on the embedded model
+  at B in ``--method-batches``, with the model's own EOS (rows stop when they answer, as requests do), each run with
+  the engine's compaction (default: the batch halves once half its slots have finished) and without it (the width
+  kept, finished rows masked: ``fast.engine.compacted_width`` replaced for the run). Tokens/s of both, their ratio,
+  how many rows stopped before ``--max-new-tokens``, and whether the two runs' rows are identical (bitwise).
 
 A configuration that does not fit the device's memory is reported as skipped (the library's own memory
 check names the largest batch that fits). Prints tables and writes JSONL (``--out``).
@@ -219,7 +224,10 @@ def part_finished(fm, args, bw, rows_out):
                                     "compaction copy ms", "compaction pays after (steps)"], tablefmt="github")
 
 
-def part_methods(args, rows_out):
+def _embedded_methods(args):
+    """``(prompts, calls)`` of the methods and compaction parts: the first prompts of ``--bench`` (each cut to its
+    last ``--max-prompt-tokens``) and every plain decoder on the embedded model (bf16 on CUDA, fp32 on the CPU) as
+    ``call(prompts, **kw) -> GenerationResult``."""
     import specdec.fast as fast
     from specdec.bench import load_questions
     from specdec.shared.tokenizer import encode_prompt, load_tokenizer
@@ -237,18 +245,28 @@ def part_methods(args, rows_out):
         "speculative": lambda p, **kw: fast.speculative_generate(target, draft, p, None, **kw),
         "spec": lambda p, **kw: fast.spec_generate(target, glide, p, None, **kw),
         "tree_spec": lambda p, **kw: fast.tree_spec_generate(target, glide, p, None, **kw),
-        "tree_spec rows together": lambda p, **kw: _rows_together(lambda: fast.tree_spec_generate(target, glide, p, None, **kw)),
-        "tree_spec rows together, draft graph": lambda p, **kw: _rows_together(
-            lambda: fast.tree_spec_generate(target, glide, p, None, **kw), fuse=False),
-        "tree_spec rows together eager": lambda p, **kw: _rows_together(
-            lambda: fast.tree_spec_generate(target, glide, p, None, **kw), capture=False),
-        "tree_spec (4, 8, 8, 4) rows together": lambda p, **kw: _rows_together(
-            lambda: fast.tree_spec_generate(target, glide, p, None, tree_shape=(4, 8, 8, 4), **kw)),
         "tree_spec (4, 8, 8, 4)": lambda p, **kw: fast.tree_spec_generate(target, glide, p, None, tree_shape=(4, 8, 8, 4), **kw),
-        "spec rows together": lambda p, **kw: _rows_together(lambda: fast.spec_generate(target, glide, p, None, **kw)),
         "logitspec": lambda p, **kw: fast.logitspec_generate(target, p, None, **kw),
         "magicdec": lambda p, **kw: fast.magicdec_generate(target, p, None, **kw),
         "pld": lambda p, **kw: fast.pld_generate(target, p, None, **kw),
+    }
+    return prompts, calls
+
+
+def part_methods(args, rows_out):
+    prompts, plain = _embedded_methods(args)
+    calls = {
+        **{name: plain[name] for name in ("vanilla", "speculative", "spec", "tree_spec")},
+        "tree_spec rows together": lambda p, **kw: _rows_together(lambda: plain["tree_spec"](p, **kw)),
+        "tree_spec rows together, draft graph": lambda p, **kw: _rows_together(lambda: plain["tree_spec"](p, **kw),
+                                                                               fuse=False),
+        "tree_spec rows together eager": lambda p, **kw: _rows_together(lambda: plain["tree_spec"](p, **kw),
+                                                                        capture=False),
+        "tree_spec (4, 8, 8, 4) rows together": lambda p, **kw: _rows_together(
+            lambda: plain["tree_spec (4, 8, 8, 4)"](p, **kw)),
+        "tree_spec (4, 8, 8, 4)": plain["tree_spec (4, 8, 8, 4)"],
+        "spec rows together": lambda p, **kw: _rows_together(lambda: plain["spec"](p, **kw)),
+        **{name: plain[name] for name in ("logitspec", "magicdec", "pld")},
     }
     if args.methods:
         unknown = sorted(set(args.methods) - set(calls))
@@ -275,10 +293,54 @@ def part_methods(args, rows_out):
     return tabulate(table, headers=["B", "method", "tokens/s", "vs batched vanilla", "tau", "rows == vanilla"], tablefmt="github")
 
 
+def _no_compaction(call):
+    """``call()`` with the fast engine's batch compaction off: every round keeps the batch's width, finished rows
+    masked (the A/B of :func:`part_compaction`)."""
+    import specdec.fast.engine as engine
+
+    saved = engine.compacted_width
+    engine.compacted_width = lambda running, width: width
+    try:
+        return call()
+    finally:
+        engine.compacted_width = saved
+
+
+def part_compaction(args, rows_out):
+    prompts, plain = _embedded_methods(args)
+    calls = {name: plain[name] for name in ("speculative", "spec", "tree_spec", "logitspec", "magicdec", "pld")}
+    if args.methods:
+        calls = {name: call for name, call in calls.items() if name in args.methods}
+    table = []
+    kw = dict(max_gen_len=args.max_new_tokens)      # eos_id None: the model's own EOS ends a row
+    for b in args.method_batches:
+        if b < 2:
+            continue
+        batch = prompts[:b]
+        for name, call in calls.items():
+            legs = {}
+            for leg, run in (("compacted", lambda: call(batch, **kw)), ("masked", lambda: _no_compaction(lambda: call(batch, **kw)))):
+                run()                                   # warm-up: compilation, graph capture (every width)
+                res = run()
+                legs[leg] = (res, sum(res.row_lengths) / res.elapsed_time)
+            (rc, tc), (rm, tm) = legs["compacted"], legs["masked"]
+            early = sum(1 for n in rc.row_lengths if n < args.max_new_tokens)
+            same = torch.equal(rc.output_ids, rm.output_ids)
+            r = dict(part="compaction", batch=b, method=name, compacted_tokens_per_s=tc, masked_tokens_per_s=tm,
+                     ratio=tc / tm, rows_stopped_early=early, rows=b, tau=rc.tau, same_rows=same,
+                     compacted_elapsed_s=rc.elapsed_time, masked_elapsed_s=rm.elapsed_time)
+            rows_out.append(r)
+            print(json.dumps(r), flush=True)
+            table.append([b, name, f"{early}/{b}", f"{tm:.0f}", f"{tc:.0f}", f"{tc / tm:.2f}x", f"{rc.tau:.2f}", same])
+    return tabulate(table, headers=["B", "method", "rows stopped early", "masked tokens/s", "compacted tokens/s",
+                                    "compacted / masked", "tau", "rows identical"], tablefmt="github")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="vanilla,magicdec,finished,methods",
-                    help="comma-separated parts to run (module docstring): vanilla, magicdec, finished, methods")
+                    help="comma-separated parts to run (module docstring): vanilla, magicdec, finished, methods, "
+                         "compaction")
     ap.add_argument("--shape", default="llama3-8b", help="random-weight shape of the vanilla and magicdec parts")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64], help="vanilla part: batch sizes")
     ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192],
@@ -306,9 +368,9 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench_batch.jsonl", help="JSONL of every measured row")
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    bad = set(parts) - {"vanilla", "magicdec", "finished", "methods"}
+    bad = set(parts) - {"vanilla", "magicdec", "finished", "methods", "compaction"}
     if bad:
-        ap.error(f"--parts takes vanilla, magicdec, finished, methods; got {sorted(bad)}")
+        ap.error(f"--parts takes vanilla, magicdec, finished, methods, compaction; got {sorted(bad)}")
     if args.smoke:
         args.shape, args.batches, args.contexts = SMOKE_SHAPE, [1, 3], [64]
         args.magic_batches, args.magic_contexts, args.window, args.gamma = [1, 3], [96], 16, 2
@@ -334,6 +396,9 @@ def main() -> int:
         del fm
     if "methods" in parts:
         tables.append(("every method on the embedded model", part_methods(args, rows_out)))
+    if "compaction" in parts:
+        tables.append(("finished rows end to end: the batch compacted vs masked (embedded model, its own EOS)",
+                       part_compaction(args, rows_out)))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         for r in rows_out:
