@@ -253,6 +253,17 @@ def _embedded_methods(args):
     return prompts, calls
 
 
+def _chosen(calls: dict, names: list[str] | None, always: str | None = None) -> dict:
+    """The entries of ``calls`` that ``--methods`` names (all when it names none), plus ``always`` (the baseline);
+    an unknown name stops the run with the choices."""
+    if not names:
+        return calls
+    unknown = sorted(set(names) - set(calls))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {sorted(calls)}")
+    return {name: call for name, call in calls.items() if name == always or name in names}
+
+
 def part_methods(args, rows_out):
     prompts, plain = _embedded_methods(args)
     calls = {
@@ -268,11 +279,7 @@ def part_methods(args, rows_out):
         "spec rows together": lambda p, **kw: _rows_together(lambda: plain["spec"](p, **kw)),
         **{name: plain[name] for name in ("logitspec", "magicdec", "pld")},
     }
-    if args.methods:
-        unknown = sorted(set(args.methods) - set(calls))
-        if unknown:
-            raise SystemExit(f"--methods: unknown {unknown}; choose from {sorted(calls)}")
-        calls = {name: call for name, call in calls.items() if name == "vanilla" or name in args.methods}
+    calls = _chosen(calls, args.methods, always="vanilla")
     table = []
     kw = dict(max_gen_len=args.max_new_tokens, eos_id=[])
     for b in args.method_batches:
@@ -309,8 +316,7 @@ def _no_compaction(call):
 def part_compaction(args, rows_out):
     prompts, plain = _embedded_methods(args)
     calls = {name: plain[name] for name in ("speculative", "spec", "tree_spec", "logitspec", "magicdec", "pld")}
-    if args.methods:
-        calls = {name: call for name, call in calls.items() if name in args.methods}
+    calls = _chosen(calls, args.methods)
     table = []
     kw = dict(max_gen_len=args.max_new_tokens)      # eos_id None: the model's own EOS ends a row
     for b in args.method_batches:
