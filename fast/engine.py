@@ -371,10 +371,10 @@ def _run_batch(target: FastModel, drafters: list, batch: PromptBatch, max_gen_le
         # 0'. A drafter may run the whole greedy round of every slot as one graph (fused_rows): then one read-back.
         #     Rows stay in row order everywhere else (sampling draws from one generator in that order).
         fused = None
-        if params.greedy and not tp_local and len(active) == width:
-            by_slot = sorted(range(len(active)), key=rows.__getitem__)
-            fused = type(drafters[active[0]]).fused_rows([drafters[active[i]] for i in by_slot], sorted(rows),
-                                                         [states[i] for i in by_slot], work, T)
+        if params.greedy and not tp_local and len(active) == width:   # every slot holds a running row: owner[s]
+            state_of = dict(zip(active, states))
+            fused = type(drafters[active[0]]).fused_rows([drafters[b] for b in owner], list(range(width)),
+                                                         [state_of[b] for b in owner], work, T)
         if fused is not None:
             num += 1
             for s_, row in enumerate(fused.tolist()):   # every slot holds a running row

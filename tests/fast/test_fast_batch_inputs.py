@@ -429,19 +429,27 @@ def _early_stops(alone, early, late, within, skip=0):
     return stops
 
 
+def _early_stop_batch(target, max_gen_len, **sampling):
+    """PROMPTS as one padded batch whose rows 0 and 1 stop at an early EOS (within their first 3 tokens) while rows 2
+    and 3 never meet it: ``(ids, lengths, kw, want)``, ``kw`` the generate arguments and ``want`` the reference's
+    batched vanilla result under them."""
+    ids, lengths = _padded(PROMPTS)
+    alone = [ref.vanilla_generate(target, [p], None, max_gen_len=max_gen_len, eos_id=[], **sampling).output_ids
+             for p in PROMPTS]
+    stops = _early_stops(alone, early=(0, 1), late=(2, 3), within=3)
+    assert stops is not None, "the fixture's rows no longer offer early stops for rows 0 and 1"
+    kw = dict(max_gen_len=max_gen_len, eos_id=stops, **sampling)
+    return ids, lengths, kw, ref.vanilla_generate(target, ids, lengths, **kw)
+
+
 def test_fast_finished_rows_leave_the_batch(pair, monkeypatch):
     """Once at most half of a batch's slots still run, the running rows move into the lowest slots and the
     rounds run on half the slots (engine.compact_slots): rows 0 and 1 stop early, rows 2 and 3 move to slots 0
     and 1 and run on a 2-row batch -- every row still equals batched vanilla's, greedy and keyed."""
     target, ftarget = pair
-    ids, lengths = _padded(PROMPTS)
     widths = _record_widths(monkeypatch)
     for sampling in (dict(), dict(temperature=1.0, sampling="keyed", seed=7)):
-        alone = [ref.vanilla_generate(target, [p], None, max_gen_len=10, eos_id=[], **sampling).output_ids for p in PROMPTS]
-        stops = _early_stops(alone, early=(0, 1), late=(2, 3), within=3)
-        assert stops is not None, "the fixture's rows no longer offer early stops for rows 0 and 1"
-        kw = dict(max_gen_len=10, eos_id=stops, **sampling)
-        want = ref.vanilla_generate(target, ids, lengths, **kw)
+        ids, lengths, kw, want = _early_stop_batch(target, 10, **sampling)
         assert max(want.row_lengths[:2]) <= 3 and min(want.row_lengths[2:]) == 10
         for method, f, _ in _spec_calls(target, ftarget):
             widths.clear()
@@ -515,12 +523,7 @@ def test_fast_glide_rows_leave_the_batch(narrow_pair, monkeypatch, together):
     target, ftarget = narrow_pair
     glide = init_glide_weights(target.config, seed=3, std=0.3)
     monkeypatch.setattr(FastGlideDrafter, "batch_rounds", together)
-    ids, lengths = _padded(PROMPTS)
-    alone = [ref.vanilla_generate(target, [p], None, max_gen_len=8, eos_id=[]).output_ids for p in PROMPTS]
-    stops = _early_stops(alone, early=(0, 1), late=(2, 3), within=3)
-    assert stops is not None, "the fixture's rows no longer offer early stops for rows 0 and 1"
-    kw = dict(max_gen_len=8, eos_id=stops)
-    want = ref.vanilla_generate(target, ids, lengths, **kw)
+    ids, lengths, kw, want = _early_stop_batch(target, 8)
     widths = _record_widths(monkeypatch)
     for method, call in (("tree_spec", lambda: fast.tree_spec_generate(ftarget, glide, ids, lengths, tree_shape=(2, 3), **kw)),
                          ("spec", lambda: fast.spec_generate(ftarget, glide, ids, lengths, gamma=3, **kw))):
@@ -576,12 +579,7 @@ def test_fast_glide_fused_rounds_after_compaction(narrow_pair, monkeypatch):
     _, replays = _stand_in_captures(monkeypatch)
     monkeypatch.setattr(FastGlideDrafter, "batch_rounds", True)
     monkeypatch.setattr(gbatch, "_captures", lambda d0: True)
-    ids, lengths = _padded(PROMPTS)
-    alone = [ref.vanilla_generate(target, [p], None, max_gen_len=8, eos_id=[]).output_ids for p in PROMPTS]
-    stops = _early_stops(alone, early=(0, 1), late=(2, 3), within=3)
-    assert stops is not None, "the fixture's rows no longer offer early stops for rows 0 and 1"
-    kw = dict(max_gen_len=8, eos_id=stops)
-    want = ref.vanilla_generate(target, ids, lengths, **kw)
+    ids, lengths, kw, want = _early_stop_batch(target, 8)
     widths = _record_widths(monkeypatch)
     fused_at = []
     real_fused = gbatch.fused_batch_round
